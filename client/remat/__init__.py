@@ -1,0 +1,1 @@
+"""remat SDK (being built)."""

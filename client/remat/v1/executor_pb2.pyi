@@ -1,0 +1,192 @@
+from remat.v1 import graph_pb2 as _graph_pb2
+from remat.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GraphRef(_message.Message):
+    __slots__ = ("graph", "graph_id")
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    graph_id: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ...) -> None: ...
+
+class RegisterGraphRequest(_message.Message):
+    __slots__ = ("graph",)
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ...) -> None: ...
+
+class RegisterGraphResponse(_message.Message):
+    __slots__ = ("graph_id",)
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    graph_id: str
+    def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
+
+class StoreAll(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Policy(_message.Message):
+    __slots__ = ("name", "store_all")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STORE_ALL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    store_all: StoreAll
+    def __init__(self, name: _Optional[str] = ..., store_all: _Optional[_Union[StoreAll, _Mapping]] = ...) -> None: ...
+
+class RunRequest(_message.Message):
+    __slots__ = ("graph", "inputs", "fetch", "wrt", "loss", "cotangents", "policy")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class CotangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    graph: GraphRef
+    inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    fetch: _containers.RepeatedScalarFieldContainer[str]
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    loss: str
+    cotangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    policy: Policy
+    def __init__(self, graph: _Optional[_Union[GraphRef, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., fetch: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ...) -> None: ...
+
+class Metrics(_message.Message):
+    __slots__ = ("peak_bytes", "predicted_peak_bytes", "forward_seconds", "backward_seconds", "recompute_seconds", "plan_seconds", "total_seconds", "nodes_computed", "recomputed_nodes", "flops", "recompute_flops")
+    PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NODES_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_NODES_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    peak_bytes: int
+    predicted_peak_bytes: int
+    forward_seconds: float
+    backward_seconds: float
+    recompute_seconds: float
+    plan_seconds: float
+    total_seconds: float
+    nodes_computed: int
+    recomputed_nodes: int
+    flops: int
+    recompute_flops: int
+    def __init__(self, peak_bytes: _Optional[int] = ..., predicted_peak_bytes: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., recompute_seconds: _Optional[float] = ..., plan_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., nodes_computed: _Optional[int] = ..., recomputed_nodes: _Optional[int] = ..., flops: _Optional[int] = ..., recompute_flops: _Optional[int] = ...) -> None: ...
+
+class RunResponse(_message.Message):
+    __slots__ = ("outputs", "grads", "metrics", "warnings")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class GradsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    grads: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    metrics: Metrics
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DifferentiateRequest(_message.Message):
+    __slots__ = ("graph", "wrt", "loss", "input_shapes")
+    class InputShapesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _graph_pb2.IntList
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_graph_pb2.IntList, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPES_FIELD_NUMBER: _ClassVar[int]
+    graph: GraphRef
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    loss: str
+    input_shapes: _containers.MessageMap[str, _graph_pb2.IntList]
+    def __init__(self, graph: _Optional[_Union[GraphRef, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., input_shapes: _Optional[_Mapping[str, _graph_pb2.IntList]] = ...) -> None: ...
+
+class DifferentiateResponse(_message.Message):
+    __slots__ = ("graph",)
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ...) -> None: ...
+
+class ListOpsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AttrInfo(_message.Message):
+    __slots__ = ("name", "type", "required", "doc")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    required: bool
+    doc: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., required: _Optional[bool] = ..., doc: _Optional[str] = ...) -> None: ...
+
+class OpInfo(_message.Message):
+    __slots__ = ("name", "family", "min_inputs", "max_inputs", "attrs", "differentiable", "residuals", "doc")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    MIN_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTRS_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENTIABLE_FIELD_NUMBER: _ClassVar[int]
+    RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: str
+    min_inputs: int
+    max_inputs: int
+    attrs: _containers.RepeatedCompositeFieldContainer[AttrInfo]
+    differentiable: _containers.RepeatedScalarFieldContainer[bool]
+    residuals: str
+    doc: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., min_inputs: _Optional[int] = ..., max_inputs: _Optional[int] = ..., attrs: _Optional[_Iterable[_Union[AttrInfo, _Mapping]]] = ..., differentiable: _Optional[_Iterable[bool]] = ..., residuals: _Optional[str] = ..., doc: _Optional[str] = ...) -> None: ...
+
+class ListOpsResponse(_message.Message):
+    __slots__ = ("ops",)
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    ops: _containers.RepeatedCompositeFieldContainer[OpInfo]
+    def __init__(self, ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ...) -> None: ...

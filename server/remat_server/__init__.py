@@ -1,0 +1,1 @@
+"""remat's server: graph IR, op library, autodiff, checkpoint planners, executor, service."""

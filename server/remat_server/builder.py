@@ -1,0 +1,134 @@
+"""Append validated nodes to a graph; the one place attrs are checked and shapes inferred.
+
+Used twice: `build.build_graph` feeds it a client's nodes, and autodiff feeds it the
+backward nodes that VJP rules emit through a `Sym`/`Emitter` pair, so both pass the
+same checks.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import dtypes
+from .errors import InvalidArgument, ShapeError, where
+from .ir import INPUT_OP, Graph, Node, TensorType
+from .limits import Limits, check_shape
+from .ops import registry
+from .ops.registry import NODE_NAME, Attr
+
+
+def _coerce(attr: Attr, value: Any) -> Any:
+    """Return `value` as the attr's type, or raise TypeError naming what was expected."""
+    kind = attr.type
+    if kind == "int" and type(value) is int:
+        return value
+    if kind == "float" and type(value) in (int, float):
+        return float(value)
+    if kind == "string" and isinstance(value, str):
+        return value
+    if kind == "bool" and type(value) is bool:
+        return value
+    if kind == "ints" and isinstance(value, (tuple, list)) and all(type(v) is int for v in value):
+        return tuple(value)
+    if kind == "floats" and isinstance(value, (tuple, list)) and all(
+            type(v) in (int, float) for v in value):
+        return tuple(float(v) for v in value)
+    if kind == "tensor" and isinstance(value, np.ndarray):
+        return value
+    raise TypeError(f"expected {kind}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return "tensor"
+    if isinstance(value, (tuple, list)):
+        return "list"
+    return {bool: "bool", int: "int", float: "float", str: "string"}.get(type(value), "?")
+
+
+def complete_attrs(op: registry.OpDef, given: dict[str, Any], node: str, label: str) -> dict:
+    """Check `given` against the op's attr table and fill in defaults."""
+    unknown = sorted(set(given) - set(op.attrs))
+    if unknown:
+        takes = ", ".join(sorted(op.attrs)) or "no attributes"
+        raise InvalidArgument(f"{label}: unexpected attribute '{unknown[0]}' ({op.name} takes {takes})")
+    attrs = {}
+    for attr_name, attr in op.attrs.items():
+        if attr_name not in given:
+            if attr.required:
+                raise InvalidArgument(f"{label}: missing required attribute '{attr_name}' ({attr.type})")
+            attrs[attr_name] = node if attr.default is NODE_NAME else attr.default
+            continue
+        try:
+            value = _coerce(attr, given[attr_name])
+        except TypeError as exc:
+            raise InvalidArgument(f"{label}: attribute '{attr_name}': {exc}") from None
+        if attr.check is not None and not attr.check(value):
+            raise InvalidArgument(f"{label}: attribute '{attr_name}' = {value!r}: {attr.requirement}")
+        attrs[attr_name] = value
+    return attrs
+
+
+class GraphBuilder:
+    """An ordered, growing set of validated nodes."""
+
+    def __init__(self, name: str, limits: Limits, base: Graph | None = None):
+        self.name = name
+        self.limits = limits
+        self.nodes: dict[str, Node] = dict(base.nodes) if base is not None else {}
+        self._suffix: dict[str, int] = {}
+
+    def fresh_name(self, base: str) -> str:
+        """`base`, or `base.1`, `base.2`... whichever is not taken yet (deterministic)."""
+        if base not in self.nodes:
+            return base
+        k = self._suffix.get(base, 0)
+        while True:
+            k += 1
+            candidate = f"{base}.{k}"
+            if candidate not in self.nodes:
+                self._suffix[base] = k
+                return candidate
+
+    def add_input(self, name: str, type_: TensorType, source: str = "") -> Node:
+        label = where(name, "input", source)
+        if type_.dtype not in dtypes.NUMPY:
+            raise InvalidArgument(f"{label}: unsupported dtype '{type_.dtype}'")
+        check_shape(type_.shape, self.limits, label)
+        node = Node(name, INPUT_OP, (), {}, type_, source)
+        self.nodes[name] = node
+        return node
+
+    def add(self, op_name: str, inputs: Iterable[str], attrs: dict[str, Any] | None = None,
+            name: str = "", source: str = "") -> Node:
+        """Validate and append one node; its inputs must already be present."""
+        inputs = tuple(inputs)
+        label = where(name, op_name, source)
+        op = registry.get(op_name)
+        if op is None:
+            raise InvalidArgument(f"{label}: unknown op '{op_name}' (ListOps lists the known ones)")
+        if len(inputs) < op.min_inputs or (op.max_inputs >= 0 and len(inputs) > op.max_inputs):
+            expected = (str(op.min_inputs) if op.min_inputs == op.max_inputs else
+                        f"at least {op.min_inputs}" if op.max_inputs < 0 else
+                        f"{op.min_inputs} to {op.max_inputs}")
+            raise InvalidArgument(f"{label}: takes {expected} inputs, got {len(inputs)}")
+        for source_name in inputs:
+            if source_name not in self.nodes:
+                raise InvalidArgument(f"{label}: input '{source_name}' is not defined in the graph")
+        full = complete_attrs(op, dict(attrs or {}), name, label)
+        types = [self.nodes[i].type for i in inputs]
+        try:
+            if op.normalize is not None:
+                full = op.normalize(*types, **full)
+            out = op.infer(*types, **full)
+        except ShapeError as exc:
+            raise InvalidArgument(f"{label}: {exc}") from None
+        check_shape(out.shape, self.limits, label)
+        node = Node(name, op_name, inputs, MappingProxyType(full), out, source)
+        self.nodes[name] = node
+        return node
+
+    def graph(self, outputs: dict[str, str]) -> Graph:
+        return Graph(self.name, self.nodes, outputs)

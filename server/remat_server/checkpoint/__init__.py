@@ -1,0 +1,1 @@
+"""Store-versus-recompute: schedules, the simulator and the planners that emit them."""

@@ -1,0 +1,73 @@
+"""Dry-run a schedule: check it is valid and predict its memory and FLOPs.
+
+No kernel runs. The executor's accounted peak equals `peak_bytes` here exactly,
+because both count the same `TensorType.nbytes` at the same steps.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..errors import RematError
+from ..ir import Graph
+from ..ops import registry
+from .schedule import Compute, Free, Schedule
+
+
+class InvalidSchedule(RematError):
+    """A planner produced a schedule that cannot run (a bug in the planner)."""
+
+
+@dataclass(frozen=True)
+class Simulation:
+    peak_bytes: int
+    timeline: tuple[int, ...]  # live bytes after each step
+    flops: int
+    recompute_flops: int
+    evaluations: Counter = field(default_factory=Counter)  # node -> times computed
+
+    @property
+    def recomputed_nodes(self) -> int:
+        return sum(count - 1 for count in self.evaluations.values() if count > 1)
+
+
+def node_flops(graph: Graph, name: str) -> int:
+    node = graph[name]
+    op = registry.get(node.op)
+    return int(op.cost(node.type, *(graph[i].type for i in node.inputs), **node.attrs))
+
+
+def simulate(graph: Graph, schedule: Schedule) -> Simulation:
+    live = {node.name for node in graph.inputs}
+    live_bytes = sum(graph[name].type.nbytes for name in live)
+    peak, timeline, flops, recompute_flops = live_bytes, [], 0, 0
+    evaluations: Counter = Counter()
+    for index, step in enumerate(schedule.steps):
+        name = step.node
+        if name not in graph:
+            raise InvalidSchedule(f"step {index}: unknown node '{name}'")
+        if isinstance(step, Compute):
+            missing = [i for i in graph[name].inputs if i not in live]
+            if missing:
+                raise InvalidSchedule(f"step {index}: computing '{name}' needs '{missing[0]}', "
+                                      "which is not live")
+            if name in live:
+                raise InvalidSchedule(f"step {index}: '{name}' is computed while live")
+            cost = node_flops(graph, name)
+            flops += cost
+            if evaluations[name]:
+                recompute_flops += cost
+            evaluations[name] += 1
+            live.add(name)
+            live_bytes += graph[name].type.nbytes
+            peak = max(peak, live_bytes)
+        elif isinstance(step, Free):
+            if name not in live:
+                raise InvalidSchedule(f"step {index}: freeing '{name}', which is not live")
+            live.discard(name)
+            live_bytes -= graph[name].type.nbytes
+        timeline.append(live_bytes)
+    missing = sorted(schedule.results - live)
+    if missing:
+        raise InvalidSchedule(f"the schedule ends without '{missing[0]}' live")
+    return Simulation(peak, tuple(timeline), flops, recompute_flops, evaluations)

@@ -1,0 +1,158 @@
+"""The engine: validate, differentiate, plan, simulate, execute. No gRPC in here.
+
+Example:
+    >>> import numpy as np
+    >>> from remat_server.ir import GraphSpec, InputSpec, NodeSpec
+    >>> spec = GraphSpec("g", (InputSpec("x", (3,), "float64"),),
+    ...                  (NodeSpec("y", "square", ("x",)), NodeSpec("s", "sum", ("y",))),
+    ...                  (("loss", "s"),))
+    >>> result = Engine().run(RunRequest(spec, {"x": np.array([1.0, 2.0, 3.0])},
+    ...                                  wrt=("x",), loss="loss"))
+    >>> result.outputs["loss"].item(), result.grads["x"].tolist()
+    (14.0, [2.0, 4.0, 6.0])
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from . import dtypes
+from .autodiff import JointGraph, differentiate
+from .build import build_graph
+from .checkpoint.planners import get_planner
+from .checkpoint.simulate import simulate
+from .errors import InvalidArgument, ResourceExhausted
+from .executor import execute
+from .ir import Graph, GraphSpec
+from .limits import Limits
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    graph: GraphSpec
+    inputs: Mapping[str, np.ndarray]
+    fetch: tuple[str, ...] = ()
+    wrt: tuple[str, ...] = ()
+    loss: str = ""
+    cotangents: Mapping[str, np.ndarray] = field(default_factory=dict)
+    policy: str = "store_all"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    peak_bytes: int = 0
+    predicted_peak_bytes: int = 0
+    forward_seconds: float = 0.0
+    backward_seconds: float = 0.0
+    recompute_seconds: float = 0.0
+    plan_seconds: float = 0.0
+    total_seconds: float = 0.0
+    nodes_computed: int = 0
+    recomputed_nodes: int = 0
+    flops: int = 0
+    recompute_flops: int = 0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outputs: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray]
+    metrics: Metrics
+    warnings: tuple[str, ...] = ()
+
+
+class Engine:
+    def __init__(self, limits: Limits | None = None):
+        self.limits = limits or Limits()
+
+    def differentiate(self, spec: GraphSpec, wrt: tuple[str, ...], loss: str = "",
+                      input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> JointGraph:
+        """The joint graph; without `loss`, every float output gets a cotangent input."""
+        graph = build_graph(spec, self.limits, input_shapes)
+        cotangents = [] if loss else [name for name, node in graph.outputs.items()
+                                      if dtypes.is_float(graph[node].dtype)]
+        return differentiate(graph, self.limits, list(wrt), loss, cotangents)
+
+    def run(self, request: RunRequest,
+            should_stop: Callable[[], bool] | None = None) -> RunResult:
+        start = time.perf_counter()
+        graph = build_graph(request.graph, self.limits, _input_shapes(request.graph, request.inputs))
+        _check_inputs(graph, request.inputs)
+        fetch = request.fetch or tuple(graph.outputs)
+        for name in fetch:
+            if name not in graph.outputs:
+                raise InvalidArgument(f"fetch: '{name}' is not an output of the graph "
+                                      f"(outputs: {', '.join(graph.outputs) or 'none'})")
+        feeds = dict(request.inputs)
+        joint = JointGraph(graph, frozenset(graph.nodes), {}, {})
+        if request.wrt:
+            joint = differentiate(graph, self.limits, list(request.wrt), request.loss,
+                                  list(request.cotangents))
+            feeds.update(_cotangent_feeds(joint, request.cotangents))
+        graph = joint.graph
+        wanted = {name: graph.outputs[name] for name in fetch}
+        wanted.update({f"grad:{w}": graph.outputs[out] for w, out in joint.grad_outputs.items()})
+        schedule = get_planner(request.policy)(graph, frozenset(wanted.values()))
+        simulation = simulate(graph, schedule)
+        if simulation.peak_bytes > self.limits.max_request_bytes:
+            raise ResourceExhausted(
+                f"the plan's predicted peak is {simulation.peak_bytes} bytes, over the "
+                f"per-request limit of {self.limits.max_request_bytes} (server flag "
+                "--max-request-bytes); try a recomputing policy or a smaller batch")
+        plan_seconds = time.perf_counter() - start
+        run = execute(graph, schedule, feeds, joint.forward_nodes, should_stop)
+        outputs = {name: run.values[graph.outputs[name]] for name in fetch}
+        grads = {w: run.values[graph.outputs[out]] for w, out in joint.grad_outputs.items()}
+        metrics = Metrics(
+            peak_bytes=run.peak_bytes, predicted_peak_bytes=simulation.peak_bytes,
+            forward_seconds=run.forward_seconds, backward_seconds=run.backward_seconds,
+            recompute_seconds=run.recompute_seconds, plan_seconds=plan_seconds,
+            total_seconds=time.perf_counter() - start, nodes_computed=run.nodes_computed,
+            recomputed_nodes=run.recomputed_nodes, flops=simulation.flops,
+            recompute_flops=simulation.recompute_flops)
+        warnings = _nonfinite("input", request.inputs) + _nonfinite("output", outputs) \
+            + _nonfinite("gradient", grads)
+        return RunResult(outputs, grads, metrics, tuple(warnings))
+
+
+def _input_shapes(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> dict:
+    declared = {item.name for item in spec.inputs}
+    extra = sorted(set(inputs) - declared)
+    if extra:
+        raise InvalidArgument(f"inputs: '{extra[0]}' is not an input of the graph")
+    missing = [name for name in declared if name not in inputs]
+    if missing:
+        raise InvalidArgument(f"inputs: no tensor given for input '{missing[0]}'")
+    return {name: tuple(array.shape) for name, array in inputs.items()}
+
+
+def _check_inputs(graph: Graph, inputs: Mapping[str, np.ndarray]) -> None:
+    for name, array in inputs.items():
+        expected = graph[name].dtype
+        if array.dtype != dtypes.NUMPY[expected]:
+            raise InvalidArgument(f"inputs: '{name}' is declared {expected} but the tensor "
+                                  f"is {array.dtype}")
+
+
+def _cotangent_feeds(joint: JointGraph, cotangents: Mapping[str, np.ndarray]) -> dict:
+    feeds = {}
+    for out_name, input_name in joint.cotangent_inputs.items():
+        array, node = cotangents[out_name], joint.graph[input_name]
+        if array.shape != node.shape or array.dtype != dtypes.NUMPY[node.dtype]:
+            raise InvalidArgument(f"cotangents: '{out_name}' must be {node.dtype}{list(node.shape)}"
+                                  f" like its output, got {array.dtype}{list(array.shape)}")
+        feeds[input_name] = array
+    return feeds
+
+
+def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:
+    found = []
+    for name, array in arrays.items():
+        if dtypes.is_float(array.dtype.name):
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                found.append(f"{kind} '{name}' has {bad} NaN or Inf values")
+    return found

@@ -1,0 +1,46 @@
+"""Domain errors. The servicer maps each class to one gRPC status code.
+
+Domain code raises these; it never imports grpc. Messages are written for the
+person who built the graph: they name the node (and where the SDK built it).
+"""
+from __future__ import annotations
+
+
+class RematError(Exception):
+    """Base class; `code` is the gRPC status name the servicer will use."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(RematError):
+    code = "INVALID_ARGUMENT"
+
+
+class ResourceExhausted(RematError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class NotFound(RematError):
+    code = "NOT_FOUND"
+
+
+class Cancelled(RematError):
+    code = "CANCELLED"
+
+
+class DeadlineExceeded(RematError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Unimplemented(RematError):
+    code = "UNIMPLEMENTED"
+
+
+class ShapeError(ValueError):
+    """Raised by an op's shape rule; the graph builder adds the node's name."""
+
+
+def where(name: str, op: str = "", source: str = "") -> str:
+    """Describe a node for an error message: "node 'h1' (matmul, built at m.py:3)"."""
+    details = [part for part in (op, f"built at {source}" if source else "") if part]
+    return f"node '{name}'" + (f" ({', '.join(details)})" if details else "")

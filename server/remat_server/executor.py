@@ -1,0 +1,81 @@
+"""Run a schedule with NumPy, timing each phase and accounting live bytes.
+
+Phases: the first evaluation of a forward node is forward time, a repeat evaluation
+is recompute time, every other node is backward time. Cancellation is checked
+between steps, so a cancelled request stops within one step; its values are
+dropped with the executor's frame.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .checkpoint.schedule import Compute, Schedule
+from .errors import Cancelled, InvalidArgument, RematError, ResourceExhausted, where
+from .ir import Graph, Node
+from .ops import registry
+
+
+@dataclass
+class Execution:
+    values: dict[str, np.ndarray]  # the schedule's results
+    peak_bytes: int
+    forward_seconds: float
+    backward_seconds: float
+    recompute_seconds: float
+    nodes_computed: int
+    recomputed_nodes: int
+
+
+def execute(graph: Graph, schedule: Schedule, inputs: Mapping[str, np.ndarray],
+            forward_nodes: frozenset[str],
+            should_stop: Callable[[], bool] | None = None) -> Execution:
+    values: dict[str, np.ndarray] = dict(inputs)
+    live_bytes = sum(graph[name].type.nbytes for name in values)
+    peak = live_bytes
+    seconds = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
+    computed: set[str] = set()
+    nodes_computed = recomputed = 0
+    with np.errstate(all="ignore"):  # NaN and Inf pass through; they are reported, not raised
+        for step in schedule.steps:
+            if should_stop is not None and should_stop():
+                raise Cancelled("the request was cancelled or its deadline passed; "
+                                f"stopped after {nodes_computed} node evaluations")
+            name = step.node
+            if not isinstance(step, Compute):
+                live_bytes -= graph[name].type.nbytes
+                del values[name]
+                continue
+            node = graph[name]
+            phase = ("recompute" if name in computed else "forward") \
+                if name in forward_nodes else "backward"
+            start = time.perf_counter()
+            values[name] = _run_node(node, values)
+            seconds[phase] += time.perf_counter() - start
+            live_bytes += node.type.nbytes
+            peak = max(peak, live_bytes)
+            nodes_computed += 1
+            recomputed += phase == "recompute"
+            computed.add(name)
+    results = {name: values[name] for name in schedule.results}
+    return Execution(results, peak, seconds["forward"], seconds["backward"],
+                     seconds["recompute"], nodes_computed, recomputed)
+
+
+def _run_node(node: Node, values: dict[str, np.ndarray]) -> np.ndarray:
+    op = registry.get(node.op)
+    try:
+        result = op.forward(*(values[i] for i in node.inputs), **node.attrs)
+    except (IndexError, ValueError) as exc:  # data-dependent errors, e.g. an index out of range
+        raise InvalidArgument(f"{where(node.name, node.op, node.source)}: {exc}") from None
+    except MemoryError:
+        raise ResourceExhausted(f"{where(node.name, node.op, node.source)}: out of memory "
+                                f"allocating {node.type.nbytes} bytes") from None
+    result = np.asarray(result)
+    if result.shape != node.shape or result.dtype.name != node.dtype:
+        raise RematError(f"{where(node.name, node.op)}: produced {result.dtype}{result.shape}, "
+                         f"but its shape rule says {node.dtype}{node.shape} (a bug in remat)")
+    return result

@@ -1,0 +1,52 @@
+"""Matrix multiplication, batched and broadcasting exactly as np.matmul."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import dtypes
+from ..errors import ShapeError
+from ..ir import TensorType
+from . import rules
+from .registry import register
+
+
+def _matmul_infer(a: TensorType, b: TensorType) -> TensorType:
+    dtype = rules.same_dtype(a, b)
+    rules.require_dtype(a, rules.NUMERIC)
+    if not a.shape or not b.shape:
+        raise ShapeError("matmul needs inputs of rank >= 1, got a scalar")
+    a2 = a.shape if len(a.shape) > 1 else (1,) + a.shape
+    b2 = b.shape if len(b.shape) > 1 else b.shape + (1,)
+    if a2[-1] != b2[-2]:
+        raise ShapeError(f"inner dimensions differ: {a.shape} @ {b.shape} "
+                         f"({a2[-1]} != {b2[-2]})")
+    batch = rules.broadcast_shapes(a2[:-2], b2[:-2])
+    shape = batch + (a2[-2] if len(a.shape) > 1 else None, b2[-1] if len(b.shape) > 1 else None)
+    return TensorType(tuple(d for d in shape if d is not None), dtype)
+
+
+def _matmul_cost(out, a, b) -> int:
+    return 2 * out.size * (a.shape[-1])
+
+
+def _matmul_vjp(e, g, out, a, b):
+    """Promote 1-D operands to matrices, differentiate, then undo the promotion."""
+    a2 = a if a.ndim > 1 else e.reshape(a, shape=(1,) + a.shape)
+    b2 = b if b.ndim > 1 else e.reshape(b, shape=b.shape + (1,))
+    g2 = e.reshape(g, shape=_matmul_infer(a2.node.type, b2.node.type).shape)
+    da = e.sum_to(g2 @ _swap_last(e, b2), a2.shape)
+    db = e.sum_to(_swap_last(e, a2) @ g2, b2.shape)
+    return [e.reshape(da, shape=a.shape) if da.shape != a.shape else da,
+            e.reshape(db, shape=b.shape) if db.shape != b.shape else db]
+
+
+def _swap_last(e, x):
+    axes = tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2)
+    return e.transpose(x, axes=axes)
+
+
+register("matmul", family="linalg", inputs=2, infer=_matmul_infer, forward=np.matmul,
+         vjp=_matmul_vjp, residuals="inputs", cost=_matmul_cost,
+         doc="Matrix product with np.matmul's batching, broadcasting and 1-D rules.")
