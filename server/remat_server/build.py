@@ -14,6 +14,7 @@ from .builder import GraphBuilder
 from .errors import InvalidArgument, where
 from .ir import Graph, GraphSpec, TensorType
 from .limits import Limits
+from .ops import registry
 
 
 def build_graph(spec: GraphSpec, limits: Limits,
@@ -46,6 +47,20 @@ def build_graph(spec: GraphSpec, limits: Limits,
                                   "which is not defined in the graph")
         outputs[out_name] = node_name
     return builder.graph(outputs)
+
+
+def validate_spec(spec: GraphSpec, limits: Limits) -> None:
+    """Validate without running: fully when every input shape is static; with a -1
+    batch dimension, only what does not depend on it (names, edges, cycles, ops)."""
+    if any(i.shape and i.shape[0] == -1 for i in spec.inputs):
+        _check_counts(spec, limits)
+        _topological_order(spec, _index_names(spec))
+        for node in spec.nodes:
+            if registry.get(node.op) is None:
+                raise InvalidArgument(f"{where(node.name, node.op, node.source)}: unknown op "
+                                      f"'{node.op}' (ListOps lists the known ones)")
+    else:
+        build_graph(spec, limits)
 
 
 def _check_counts(spec: GraphSpec, limits: Limits) -> None:

@@ -144,10 +144,19 @@ class DifferentiateRequest(_message.Message):
     def __init__(self, graph: _Optional[_Union[GraphRef, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., input_shapes: _Optional[_Mapping[str, _graph_pb2.IntList]] = ...) -> None: ...
 
 class DifferentiateResponse(_message.Message):
-    __slots__ = ("graph",)
+    __slots__ = ("graph", "grad_outputs")
+    class GradOutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     GRAPH_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ...) -> None: ...
+    grad_outputs: _containers.ScalarMap[str, str]
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., grad_outputs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListOpsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,101 @@
+"""The SDK's wire layer: NumPy and Graph <-> protobuf. The only SDK module (with the
+client) that touches generated types."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .graph import Graph, InputDef, NodeDef
+from .results import AttrInfo, Metrics, OpInfo
+from .v1 import executor_pb2, graph_pb2, tensor_pb2
+
+_DTYPES = {"float32": tensor_pb2.FLOAT32, "float64": tensor_pb2.FLOAT64,
+           "int32": tensor_pb2.INT32, "int64": tensor_pb2.INT64, "bool": tensor_pb2.BOOL}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def array_to_tensor(value: Any, dtype: str | None = None) -> tensor_pb2.Tensor:
+    array = np.asarray(value, dtype=dtype)
+    if array.dtype.name not in _DTYPES:
+        raise TypeError(f"dtype {array.dtype} is not supported; use one of {', '.join(_DTYPES)}")
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    return tensor_pb2.Tensor(dtype=_DTYPES[array.dtype.name], shape=array.shape, data=data)
+
+
+def tensor_to_array(tensor: tensor_pb2.Tensor) -> np.ndarray:
+    dtype = np.dtype(_NAMES[tensor.dtype]).newbyteorder("<")
+    # Copy: the message's buffer is read-only and users expect writable arrays.
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape)).astype(
+        dtype.newbyteorder("="), copy=True)
+
+
+def attr_to_proto(value: Any) -> graph_pb2.AttrValue:
+    if isinstance(value, (bool, np.bool_)):
+        return graph_pb2.AttrValue(b=bool(value))
+    if isinstance(value, (int, np.integer)):
+        return graph_pb2.AttrValue(i=int(value))
+    if isinstance(value, (float, np.floating)):
+        return graph_pb2.AttrValue(f=float(value))
+    if isinstance(value, str):
+        return graph_pb2.AttrValue(s=value)
+    if isinstance(value, np.ndarray):
+        return graph_pb2.AttrValue(tensor=array_to_tensor(value))
+    if isinstance(value, (tuple, list)):
+        if any(isinstance(v, (float, np.floating)) for v in value):
+            return graph_pb2.AttrValue(floats=graph_pb2.FloatList(values=[float(v) for v in value]))
+        return graph_pb2.AttrValue(ints=graph_pb2.IntList(values=[int(v) for v in value]))
+    raise TypeError(f"cannot send attribute value {value!r} ({type(value).__name__})")
+
+
+def attr_from_proto(value: graph_pb2.AttrValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "ints":
+        return tuple(value.ints.values)
+    if kind == "floats":
+        return tuple(value.floats.values)
+    if kind == "tensor":
+        return tensor_to_array(value.tensor)
+    return getattr(value, kind) if kind else None
+
+
+def graph_to_proto(graph: Graph) -> graph_pb2.Graph:
+    message = graph_pb2.Graph(name=graph.name)
+    for item in graph.inputs:
+        message.inputs.add(name=item.name, shape=item.shape, dtype=_DTYPES[item.dtype],
+                           source=item.source)
+    for node in graph.nodes:
+        entry = message.nodes.add(name=node.name, op=node.op, inputs=node.inputs,
+                                  source=node.source)
+        for key, value in node.attrs.items():
+            entry.attrs[key].CopyFrom(attr_to_proto(value))
+    for name, node in graph.outputs.items():
+        message.outputs.add(name=name, node=node)
+    return message
+
+
+def graph_from_proto(message: graph_pb2.Graph) -> Graph:
+    graph = Graph(message.name)
+    inputs = [InputDef(i.name, tuple(i.shape), _NAMES.get(i.dtype, "float32"), i.source)
+              for i in message.inputs]
+    nodes = [NodeDef(n.name, n.op, tuple(n.inputs),
+                     {k: attr_from_proto(v) for k, v in n.attrs.items()}, n.source)
+             for n in message.nodes]
+    graph._restore(inputs, nodes, {o.name: o.node for o in message.outputs})
+    return graph
+
+
+def metrics_from_proto(message: executor_pb2.Metrics) -> Metrics:
+    return Metrics(**{f: getattr(message, f) for f in Metrics.__dataclass_fields__})
+
+
+def op_info_from_proto(message: executor_pb2.OpInfo) -> OpInfo:
+    attrs = tuple(AttrInfo(a.name, a.type, a.required, a.doc) for a in message.attrs)
+    return OpInfo(message.name, message.family, message.min_inputs, message.max_inputs, attrs,
+                  tuple(message.differentiable), message.residuals, message.doc)
+
+
+def policy_to_proto(policy) -> executor_pb2.Policy:
+    if policy.name == "store_all":
+        return executor_pb2.Policy(store_all=executor_pb2.StoreAll())
+    return executor_pb2.Policy(name=policy.name)

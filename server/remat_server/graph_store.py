@@ -1,0 +1,42 @@
+"""Registered graphs by content id: an LRU bounded in bytes."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from .errors import NotFound
+from .ir import GraphSpec
+
+
+class GraphStore:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[GraphSpec, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, graph_id: str, spec: GraphSpec, size: int) -> None:
+        with self._lock:
+            if graph_id in self._entries:
+                self._entries.move_to_end(graph_id)
+                return
+            self._entries[graph_id] = (spec, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self._bytes -= evicted
+
+    def get(self, graph_id: str) -> GraphSpec:
+        with self._lock:
+            if graph_id not in self._entries:
+                raise NotFound(f"graph '{graph_id}' is not registered on this server "
+                               "(it may have been evicted); send the graph again")
+            self._entries.move_to_end(graph_id)
+            return self._entries[graph_id][0]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes

@@ -1,0 +1,101 @@
+"""The gRPC servicer: decode, call the engine, encode. Nothing else lives here.
+
+Domain errors become gRPC statuses in one place (`_status`); anything unexpected is
+INTERNAL with the exception's message, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from remat.v1 import executor_pb2, executor_pb2_grpc
+
+from . import codec
+from .build import validate_spec
+from .engine import Engine, RunRequest
+from .errors import InvalidArgument, RematError
+from .graph_store import GraphStore
+from .ir import GraphSpec
+from .ops import REGISTRY
+
+log = logging.getLogger(__name__)
+
+
+def _status(method):
+    """Run a handler, turning RematError into its status code and bugs into INTERNAL."""
+    @functools.wraps(method)
+    def handler(self, request, context):
+        try:
+            return method(self, request, context)
+        except RematError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except RecursionError:  # defensive: every algorithm is iterative
+            log.exception("recursion in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error: recursion too deep")
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
+            log.exception("unexpected error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    return handler
+
+
+def _policy_name(policy: executor_pb2.Policy) -> str:
+    kind = policy.WhichOneof("kind")
+    if kind is None:
+        return "store_all"
+    return policy.name if kind == "name" else kind
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
+    def __init__(self, engine: Engine, store: GraphStore):
+        self.engine = engine
+        self.store = store
+
+    def _graph(self, ref: executor_pb2.GraphRef) -> GraphSpec:
+        kind = ref.WhichOneof("kind")
+        if kind == "graph_id":
+            return self.store.get(ref.graph_id)
+        if kind is None:
+            raise InvalidArgument("graph: send a graph inline or a graph_id")
+        return codec.graph_from_proto(ref.graph, self.engine.limits)
+
+    @_status
+    def RegisterGraph(self, request, context):
+        spec = codec.graph_from_proto(request.graph, self.engine.limits)
+        validate_spec(spec, self.engine.limits)
+        graph_id = codec.content_id(request.graph)
+        self.store.put(graph_id, spec, request.graph.ByteSize())
+        return executor_pb2.RegisterGraphResponse(graph_id=graph_id)
+
+    @_status
+    def Run(self, request, context):
+        limits = self.engine.limits
+        run = RunRequest(
+            graph=self._graph(request.graph),
+            inputs=codec.tensors_to_arrays(request.inputs, limits, "input"),
+            fetch=tuple(request.fetch), wrt=tuple(request.wrt), loss=request.loss,
+            cotangents=codec.tensors_to_arrays(request.cotangents, limits, "cotangent"),
+            policy=_policy_name(request.policy))
+        result = self.engine.run(run, should_stop=lambda: not context.is_active())
+        response = executor_pb2.RunResponse(metrics=codec.metrics_to_proto(result.metrics),
+                                            warnings=result.warnings)
+        for name, array in result.outputs.items():
+            response.outputs[name].CopyFrom(codec.array_to_tensor(array))
+        for name, array in result.grads.items():
+            response.grads[name].CopyFrom(codec.array_to_tensor(array))
+        return response
+
+    @_status
+    def Differentiate(self, request, context):
+        shapes = {name: tuple(dims.values) for name, dims in request.input_shapes.items()}
+        joint = self.engine.differentiate(self._graph(request.graph), tuple(request.wrt),
+                                          request.loss, shapes)
+        return executor_pb2.DifferentiateResponse(graph=codec.graph_to_proto(joint.graph),
+                                                  grad_outputs=joint.grad_outputs)
+
+    @_status
+    def ListOps(self, request, context):
+        ops = [codec.op_to_proto(op) for _, op in sorted(REGISTRY.items())]
+        return executor_pb2.ListOpsResponse(ops=ops)
+

@@ -1,0 +1,69 @@
+"""Test helpers: build one-op graphs and check gradients against centered differences.
+
+The loss is sum(out * R) with a fixed random R, so every output element carries a
+distinct weight and a wrong gradient cannot hide behind symmetry.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from remat_server.engine import Engine, RunRequest
+from remat_server.ir import GraphSpec, InputSpec, NodeSpec
+
+ENGINE = Engine()
+
+
+def op_graph(op: str, inputs: dict[str, np.ndarray], attrs: dict | None = None,
+             weight_seed: int = 7) -> tuple[GraphSpec, dict[str, np.ndarray]]:
+    """Graph: out = op(*inputs, **attrs); loss = sum(out * R). Returns (spec, feeds)."""
+    specs = tuple(InputSpec(name, a.shape, a.dtype.name) for name, a in inputs.items())
+    out = ENGINE.run(RunRequest(GraphSpec("probe", specs, (NodeSpec("out", op, tuple(inputs),
+                                                                     attrs or {}),),
+                                          (("out", "out"),)), inputs)).outputs["out"]
+    feeds = dict(inputs)
+    nodes = [NodeSpec("out", op, tuple(inputs), attrs or {})]
+    if np.issubdtype(out.dtype, np.floating):
+        rng = np.random.default_rng(weight_seed)
+        weight = rng.standard_normal(out.shape).astype(out.dtype)
+        specs = specs + (InputSpec("__weight", weight.shape, weight.dtype.name),)
+        feeds["__weight"] = weight
+        nodes += [NodeSpec("__weighted", "mul", ("out", "__weight")),
+                  NodeSpec("__loss", "sum", ("__weighted",))]
+    outputs = (("out", "out"),) + ((("loss", "__loss"),) if len(nodes) > 1 else ())
+    return GraphSpec("probe", specs, tuple(nodes), outputs), feeds
+
+
+def loss_value(spec: GraphSpec, feeds: dict[str, np.ndarray], loss: str = "loss") -> float:
+    return float(ENGINE.run(RunRequest(spec, feeds, fetch=(loss,))).outputs[loss])
+
+
+def numeric_grad(spec, feeds, name, loss="loss", h=1e-6) -> np.ndarray:
+    """Centered differences (f(x+h) - f(x-h)) / 2h, one element at a time, in float64."""
+    base = feeds[name]
+    grad = np.zeros(base.shape, dtype=np.float64)
+    for index in np.ndindex(base.shape):
+        values = []
+        for sign in (1.0, -1.0):
+            bumped = base.copy()
+            bumped[index] += sign * h
+            values.append(loss_value(spec, {**feeds, name: bumped}, loss))
+        grad[index] = (values[0] - values[1]) / (2 * h)
+    return grad
+
+
+def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
+    """Norm-wise: max |a - n| / max |n| (absolute when the gradient is ~0)."""
+    scale = max(float(np.max(np.abs(numeric), initial=0.0)), 1e-3)
+    return float(np.max(np.abs(analytic - numeric), initial=0.0)) / scale
+
+
+def check_grads(spec, feeds, wrt, loss="loss", tol=1e-6) -> dict[str, float]:
+    """Assert autodiff matches centered differences for every `wrt` input; return errors."""
+    result = ENGINE.run(RunRequest(spec, feeds, wrt=tuple(wrt), loss=loss))
+    errors = {}
+    for name in wrt:
+        assert result.grads[name].shape == feeds[name].shape, name
+        assert result.grads[name].dtype == feeds[name].dtype, name
+        errors[name] = relative_error(result.grads[name], numeric_grad(spec, feeds, name, loss))
+        assert errors[name] <= tol, f"gradient of {name}: relative error {errors[name]:.3g}"
+    return errors
