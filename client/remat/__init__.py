@@ -8,7 +8,7 @@
     ...     print(client.run(g, {"x": np.ones(3)}, wrt=["x"], loss="loss").grads["x"])
     [2. 2. 2.]
 """
-from . import policies
+from . import models, policies
 from .client import Client
 from .errors import (
     CancelledError, DeadlineExceededError, InternalError, InvalidArgumentError, NotFoundError,
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # graphs and the client
-    "Graph", "Node", "Client", "RunResult", "Metrics", "OpInfo", "policies",
+    "Graph", "Node", "Client", "RunResult", "Metrics", "OpInfo", "policies", "models",
     "gradcheck", "numeric_gradient",
     # errors
     "RematError", "InvalidArgumentError", "ResourceExhaustedError", "NotFoundError",
