@@ -117,6 +117,13 @@ class GraphBuilder:
         for source_name in inputs:
             if source_name not in self.nodes:
                 raise InvalidArgument(f"{label}: input '{source_name}' is not defined in the graph")
+        for attr_name, value in (attrs or {}).items():
+            # Every list attribute is per-axis, so the rank limit bounds its length;
+            # checked before any rule does arithmetic on a hostile list.
+            if isinstance(value, (tuple, list)) and len(value) > self.limits.max_rank:
+                raise InvalidArgument(f"{label}: attribute '{attr_name}' has {len(value)} entries;"
+                                      f" the rank limit is {self.limits.max_rank} "
+                                      "(server flag --max-rank)")
         full = complete_attrs(op, dict(attrs or {}), name, label)
         types = [self.nodes[i].type for i in inputs]
         try:
