@@ -24,7 +24,10 @@ def op_graph(op: str, inputs: dict[str, np.ndarray], attrs: dict | None = None,
     nodes = [NodeSpec("out", op, tuple(inputs), attrs or {})]
     if np.issubdtype(out.dtype, np.floating):
         rng = np.random.default_rng(weight_seed)
-        weight = rng.standard_normal(out.shape).astype(out.dtype)
+        # Magnitudes in [0.5, 1.5] with random signs: no weight is tiny enough to hide
+        # an error, and no symmetry makes a wrong gradient look right.
+        weight = (rng.uniform(0.5, 1.5, out.shape) * rng.choice([-1.0, 1.0], out.shape)
+                  ).astype(out.dtype)
         specs = specs + (InputSpec("__weight", weight.shape, weight.dtype.name),)
         feeds["__weight"] = weight
         nodes += [NodeSpec("__weighted", "mul", ("out", "__weight")),
