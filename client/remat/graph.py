@@ -17,6 +17,7 @@ Python scalars in `x * 2` become constants of `x`'s dtype).
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -110,6 +111,14 @@ class Node:
     def __lt__(self, other): return self._binary("lt", other)
     def __le__(self, other): return self._binary("le", other)
     def __neg__(self): return self.graph.add("neg", (self,))
+
+    def __rpow__(self, base):
+        """`2.0 ** x` as exp(x * log(base)); the base must be a positive number."""
+        if not isinstance(base, (int, float, np.number)) or base <= 0:
+            raise ValueError(f"a scalar base of ** must be a positive number, got {base!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise TypeError(f"scalar ** node needs a float node, {self.name!r} is {self.dtype}")
+        return self.graph.add("exp", (self._binary("mul", math.log(base)),))
 
     def __pow__(self, exponent):
         if isinstance(exponent, Node):

@@ -86,8 +86,8 @@ def differentiate(graph: Graph, limits: Limits, wrt: list[str], loss: str = "",
         out_name = _free_output_name(outputs, name)
         outputs[out_name] = g.name
         grad_outputs[name] = out_name
-    return JointGraph(builder.graph(outputs), frozenset(graph.nodes), grad_outputs,
-                      cotangent_inputs)
+    return JointGraph(_prune(builder.graph(outputs), graph), frozenset(graph.nodes),
+                      grad_outputs, cotangent_inputs)
 
 
 def _check_wrt(graph: Graph, wrt: list[str]) -> None:
@@ -153,6 +153,15 @@ def _fit(e: Emitter, g: Sym, target: TensorType) -> Sym:
     """Un-broadcast `g` to the input's shape; cast if a rule produced another float."""
     g = e.sum_to(g, target.shape)
     return g if g.dtype == target.dtype else e.cast(g, dtype=target.dtype)
+
+
+def _prune(joint: Graph, original: Graph) -> Graph:
+    """Drop backward nodes no output reads (a VJP rule emits gradients for every input,
+    even those not in `wrt`); the original graph's nodes and all inputs stay."""
+    keep = joint.ancestors(set(joint.outputs.values()))
+    nodes = {name: node for name, node in joint.nodes.items()
+             if name in keep or name in original or node.is_input}
+    return Graph(joint.name, nodes, joint.outputs)
 
 
 def _free_output_name(outputs: dict[str, str], name: str) -> str:

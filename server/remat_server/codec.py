@@ -15,7 +15,7 @@ from remat.v1 import executor_pb2, graph_pb2, tensor_pb2
 
 from . import dtypes
 from .engine import Metrics
-from .errors import InvalidArgument
+from .errors import InvalidArgument, where
 from .ir import Graph, GraphSpec, InputSpec, NodeSpec
 from .limits import Limits, check_shape
 from .ops.registry import OpDef
@@ -93,11 +93,12 @@ def attr_to_proto(value: Any) -> graph_pb2.AttrValue:
 # --- graphs ------------------------------------------------------------------------------
 def graph_from_proto(graph: graph_pb2.Graph, limits: Limits) -> GraphSpec:
     inputs = tuple(
-        InputSpec(i.name, tuple(i.shape), _dtype_name(i.dtype, f"input '{i.name}'"), i.source)
+        InputSpec(i.name, tuple(i.shape), _dtype_name(i.dtype, where(i.name, "input", i.source)),
+                  i.source)
         for i in graph.inputs)
     nodes = tuple(
         NodeSpec(n.name, n.op, tuple(n.inputs),
-                 {k: attr_from_proto(v, limits, f"node '{n.name}' attribute '{k}'")
+                 {k: attr_from_proto(v, limits, f"{where(n.name, n.op, n.source)}: attribute '{k}'")
                   for k, v in n.attrs.items()}, n.source)
         for n in graph.nodes)
     outputs = tuple((o.name, o.node) for o in graph.outputs)

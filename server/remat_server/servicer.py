@@ -55,6 +55,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def _graph(self, ref: executor_pb2.GraphRef) -> GraphSpec:
         kind = ref.WhichOneof("kind")
         if kind == "graph_id":
+            if not ref.graph_id:  # set but empty: a malformed request, not a missing graph
+                raise InvalidArgument("graph: graph_id is empty")
             return self.store.get(ref.graph_id)
         if kind is None:
             raise InvalidArgument("graph: send a graph inline or a graph_id")

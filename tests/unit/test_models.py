@@ -86,7 +86,8 @@ def test_gradcheck_tiny_float64(client, name):
     report = remat.gradcheck(client, model.graph, inputs, wrt=model.wrt, loss=model.loss)
     assert set(report) == set(model.wrt)
     worst = max(report, key=report.get)
-    assert report[worst] <= 1e-6, f"{name}: gradient of {worst} has relative error {report[worst]:.3g}"
+    assert report[worst] <= 1e-6, \
+        f"{name}: gradient of {worst} has relative error {report[worst]:.3g}"
 
 
 @pytest.mark.parametrize("call, message", [

@@ -37,7 +37,8 @@ def torch_mlp(t, widths, l2):
 
 def torch_logistic_regression(t, l2):
     z = t["x"] @ t["w"] + t["b"]
-    bce = torch.maximum(z, torch.zeros_like(z)) - z * t["y"] + torch.log(1.0 + torch.exp(-torch.abs(z)))
+    relu_z = torch.maximum(z, torch.zeros_like(z))
+    bce = relu_z - z * t["y"] + torch.log(1.0 + torch.exp(-torch.abs(z)))
     return torch.mean(bce) + torch.sum(t["w"] * t["w"]) * l2
 
 
