@@ -1,7 +1,7 @@
 """Reverse-mode autodiff, symbol to symbol: graph in, joint forward+backward graph out.
 
 For each node in reverse topological order, the incoming gradient contributions are
-summed (in the fixed order they were produced), the op's VJP rule emits the nodes of
+summed as they arrive (in a fixed order), the op's VJP rule emits the nodes of
 its local backward, and each resulting gradient is summed down to its input's shape
 (un-broadcasting) before it joins that input's contributions. Only nodes on a path
 from a `wrt` input to a target carry gradients; only float values carry them.
@@ -49,14 +49,16 @@ def differentiate(graph: Graph, limits: Limits, wrt: list[str], loss: str = "",
     builder = GraphBuilder(graph.name, limits, base=graph)
     e = Emitter(builder)
     seeds, cotangent_inputs = _seeds(graph, builder, e, loss, cotangent_outputs or [])
-    pending: dict[str, list[Sym]] = {name: [g] for name, g in seeds}
+    # Each node's gradient is accumulated as contributions arrive (a left fold in a
+    # fixed order), so at most one partial sum per node is live, not one per consumer.
+    total: dict[str, Sym] = {}
+    for name, g in seeds:
+        total[name] = g
     relevant = graph.descendants(set(wrt)) & graph.ancestors({name for name, _ in seeds})
 
     for node in reversed(list(graph)):
-        contributions = pending.pop(node.name, None)
-        if contributions is None or node.is_input or not dtypes.is_float(node.dtype):
-            if contributions is not None:
-                pending[node.name] = contributions  # inputs keep theirs for the end
+        g = total.get(node.name)
+        if g is None or node.is_input or not dtypes.is_float(node.dtype):
             continue
         op = registry.get(node.op)
         targets = [i for i, name in enumerate(node.inputs)
@@ -65,7 +67,6 @@ def differentiate(graph: Graph, limits: Limits, wrt: list[str], loss: str = "",
         if not targets:
             continue
         e.at(node)
-        g = _total(e, contributions)
         inputs = [e.wrap(graph[name]) for name in node.inputs]
         grads = op.vjp(e, g, e.wrap(node), *inputs, **node.attrs)
         if len(grads) != len(node.inputs):
@@ -74,15 +75,16 @@ def differentiate(graph: Graph, limits: Limits, wrt: list[str], loss: str = "",
         for i in targets:
             if grads[i] is not None:
                 source = graph[node.inputs[i]]
-                pending.setdefault(source.name, []).append(_fit(e, grads[i], source.type))
+                contribution = _fit(e, grads[i], source.type)
+                previous = total.get(source.name)
+                total[source.name] = contribution if previous is None else previous + contribution
 
     outputs = dict(graph.outputs)
     grad_outputs: dict[str, str] = {}
     for name in wrt:
         source = graph[name]
         e.prefix, e.source = f"grad/{name}", ""
-        contributions = pending.get(name)
-        g = _total(e, contributions) if contributions else e.zeros(source.shape, source.dtype)
+        g = total[name] if name in total else e.zeros(source.shape, source.dtype)
         out_name = _free_output_name(outputs, name)
         outputs[out_name] = g.name
         grad_outputs[name] = out_name
@@ -140,13 +142,6 @@ def _seeds(graph, builder, e, loss, cotangent_outputs):
         seeds.append((node.name, e.wrap(builder.add_input(input_name, node.type))))
         inputs[out_name] = input_name
     return seeds, inputs
-
-
-def _total(e: Emitter, contributions: list[Sym]) -> Sym:
-    total = contributions[0]
-    for more in contributions[1:]:
-        total = total + more
-    return total
 
 
 def _fit(e: Emitter, g: Sym, target: TensorType) -> Sym:

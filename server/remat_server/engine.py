@@ -22,7 +22,9 @@ import numpy as np
 from . import dtypes
 from .autodiff import JointGraph, differentiate
 from .build import build_graph
-from .checkpoint.planners import get_planner
+from .checkpoint import policies
+from .checkpoint.planners import plan
+from .checkpoint.problem import Problem
 from .checkpoint.simulate import simulate
 from .errors import InvalidArgument, ResourceExhausted
 from .executor import execute
@@ -38,7 +40,8 @@ class RunRequest:
     wrt: tuple[str, ...] = ()
     loss: str = ""
     cotangents: Mapping[str, np.ndarray] = field(default_factory=dict)
-    policy: str = "store_all"
+    # A policy object, or the name of a parameterless one ("store_all", "sqrt", ...).
+    policy: policies.Policy | str = "store_all"
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class Engine:
     def differentiate(self, spec: GraphSpec, wrt: tuple[str, ...], loss: str = "",
                       input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> JointGraph:
         """The joint graph; without `loss`, every float output gets a cotangent input."""
+        unknown = sorted(set(input_shapes or {}) - {i.name for i in spec.inputs})
+        if unknown:
+            raise InvalidArgument(f"input_shapes: '{unknown[0]}' is not an input of the graph")
         graph = build_graph(spec, self.limits, input_shapes)
         cotangents = [] if loss else [name for name, node in graph.outputs.items()
                                       if dtypes.is_float(graph[node].dtype)]
@@ -88,6 +94,9 @@ class Engine:
                                       f"(outputs: {', '.join(graph.outputs) or 'none'})")
         feeds = dict(request.inputs)
         joint = JointGraph(graph, frozenset(graph.nodes), {}, {})
+        if request.loss and not request.wrt:
+            raise InvalidArgument(f"loss '{request.loss}' is given but wrt is empty; name the "
+                                  "inputs to differentiate with respect to")
         if request.wrt:
             joint = differentiate(graph, self.limits, list(request.wrt), request.loss,
                                   list(request.cotangents))
@@ -95,7 +104,9 @@ class Engine:
         graph = joint.graph
         wanted = {name: graph.outputs[name] for name in fetch}
         wanted.update({f"grad:{w}": graph.outputs[out] for w, out in joint.grad_outputs.items()})
-        schedule = get_planner(request.policy)(graph, frozenset(wanted.values()))
+        policy = (policies.by_name(request.policy) if isinstance(request.policy, str)
+                  else request.policy)
+        schedule = plan(Problem(graph, frozenset(wanted.values()), joint.forward_nodes), policy)
         simulation = simulate(graph, schedule)
         if simulation.peak_bytes > self.limits.max_request_bytes:
             raise ResourceExhausted(

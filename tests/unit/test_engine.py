@@ -1,7 +1,7 @@
 """Engine, store-all planner, simulator and executor, without gRPC: schedules are valid,
 accounted memory equals the prediction (and a hand count), deep chains need no
 recursion, metrics are filled in, NaN/Inf pass through with a warning, cancellation
-stops the run, unused inputs are dropped at once, and fetch is checked."""
+stops the run, inputs stay live, and fetch is checked."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +10,7 @@ import pytest
 from remat_server.autodiff import differentiate
 from remat_server.build import build_graph
 from remat_server.checkpoint.planners.store_all import plan_store_all
+from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.schedule import Compute, Free, Schedule
 from remat_server.checkpoint.simulate import InvalidSchedule, simulate
 from remat_server.engine import Engine, RunRequest
@@ -66,7 +67,7 @@ def joint_and_schedule(spec, wrt, loss="loss"):
     graph = build_graph(spec, Limits())
     joint = differentiate(graph, Limits(), list(wrt), loss)
     results = frozenset(joint.graph.outputs.values())
-    return joint, plan_store_all(joint.graph, results)
+    return joint, plan_store_all(Problem(joint.graph, results, joint.forward_nodes))
 
 
 # --- store-all and the simulator --------------------------------------------------------
@@ -81,8 +82,10 @@ def test_store_all_schedule_is_valid_and_computes_each_node_once(net):
     assert set(sim.evaluations) == {n for n in needed if not joint.graph[n].is_input}
     assert set(sim.evaluations.values()) == {1}
     assert sim.recomputed_nodes == 0 and sim.recompute_flops == 0
-    # Every intermediate is freed by the end: only the results stay live.
-    assert sim.timeline[-1] == sum(joint.graph[r].type.nbytes for r in schedule.results)
+    # Every intermediate is freed by the end: only the results and the inputs (held by the
+    # request) stay live.
+    held = set(schedule.results) | {n.name for n in joint.graph.inputs}
+    assert sim.timeline[-1] == sum(joint.graph[r].type.nbytes for r in held)
     assert sim.peak_bytes == max(sim.timeline + (sum(n.type.nbytes for n in joint.graph.inputs),))
 
 
@@ -116,25 +119,23 @@ def test_peak_of_a_tiny_chain_by_hand():
     spec = spec_of(feeds, [N("y", "matmul", "x", "w"), N("z", "tanh", "y"),
                            N("s", "sum", "z")], [("s", "s")])
     x, w, y, z, s = 20 * F64, 15 * F64, 12 * F64, 12 * F64, 1 * F64  # 160, 120, 96, 96, 8
-    # Store-all: inputs live at the start; each value is freed right after its last use.
+    # Store-all: inputs stay live (the request holds them); each computed value is freed
+    # right after its last use.
     expected_timeline = [
-        x + w + y,  # compute y  -> 376, the peak
-        w + y,      # free x
-        y,          # free w
-        y + z,      # compute z
-        z,          # free y
-        z + s,      # compute s
-        s,          # free z
+        x + w + y,          # compute y  -> 376
+        x + w + y + z,      # compute z  -> 472, the peak
+        x + w + z,          # free y
+        x + w + z + s,      # compute s
+        x + w + s,          # free z
     ]
     graph = build_graph(spec, Limits())
-    schedule = plan_store_all(graph, frozenset({"s"}))
-    assert schedule.steps == (Compute("y"), Free("x"), Free("w"), Compute("z"), Free("y"),
-                              Compute("s"), Free("z"))
+    schedule = plan_store_all(Problem(graph, frozenset({"s"}), frozenset(graph.nodes)))
+    assert schedule.steps == (Compute("y"), Compute("z"), Free("y"), Compute("s"), Free("z"))
     sim = simulate(graph, schedule)
     assert list(sim.timeline) == expected_timeline
-    assert sim.peak_bytes == x + w + y == 376
+    assert sim.peak_bytes == x + w + y + z == 472
     metrics = Engine().run(RunRequest(spec, feeds)).metrics
-    assert metrics.peak_bytes == metrics.predicted_peak_bytes == 376
+    assert metrics.peak_bytes == metrics.predicted_peak_bytes == 472
     # FLOPs by hand: matmul 2*4*3*5, tanh 10 per element, sum one per input element.
     assert metrics.flops == 2 * 4 * 3 * 5 + 10 * 12 + 12
 
@@ -152,12 +153,12 @@ def test_peak_of_a_tiny_chain_with_gradient_by_hand():
     assert [n.op for n in joint.graph] == ["input", "exp", "sum", "constant", "reshape",
                                             "broadcast_to", "mul"]
     vec, scalar = 3 * F64, F64
-    # x (24) -> +e (48) -> free x (24) -> +loss (32) -> +one (40) -> +r (48) -> free one (40)
-    # -> +b (64) -> free r (56) -> +g (80), the peak -> free e, b (32: loss and g stay).
+    # x (24, held by the request throughout) -> +e (48) -> +loss (56) -> +one (64) -> +r (72)
+    # -> free one (64) -> +b (88) -> free r (80) -> +g (104), the peak -> free e, b (56).
     sim = simulate(joint.graph, schedule)
-    assert sim.timeline == (48, 24, 32, 40, 48, 40, 64, 56, 80, 56, 32)
-    assert sim.peak_bytes == 3 * vec + scalar == 80  # e, b, g and loss
-    assert result.metrics.peak_bytes == result.metrics.predicted_peak_bytes == 80
+    assert sim.timeline == (48, 56, 64, 72, 64, 88, 80, 104, 80, 56)
+    assert sim.peak_bytes == 4 * vec + scalar == 104  # x, e, b, g and loss
+    assert result.metrics.peak_bytes == result.metrics.predicted_peak_bytes == 104
 
 
 # --- deep graphs -------------------------------------------------------------------------
@@ -265,32 +266,21 @@ def test_should_stop_is_polled_once_per_step_when_never_true():
     assert set(result.grads) == set(params)
 
 
-# --- unused inputs ----------------------------------------------------------------------------
-def test_unused_inputs_are_freed_at_the_start():
+# --- inputs ---------------------------------------------------------------------------------
+def test_inputs_stay_live_for_the_whole_schedule():
+    # The request message holds the input bytes for the whole call, so no planner frees
+    # them, not even unused ones: the accounting matches what the process really holds.
     feeds = {"x": np.ones(100), "u": np.ones(50), "v": np.ones((2, 3))}
     spec = spec_of(feeds, [N("y", "tanh", "x"), N("z", "exp", "y")], [("z", "z")])
     graph = build_graph(spec, Limits())
-    schedule = plan_store_all(graph, frozenset({"z"}))
-    assert schedule.steps[:2] == (Free("u"), Free("v"))
+    schedule = plan_store_all(Problem(graph, frozenset({"z"}), frozenset(graph.nodes)))
+    assert schedule.steps == (Compute("y"), Compute("z"), Free("y"))
     x, u, v = 800, 400, 48
     sim = simulate(graph, schedule)
-    assert sim.timeline[:2] == (x + v, x)  # u and v go before anything is computed
-    # Had u and v stayed, computing y would reach x + u + v + y = 2048. Freed: the initial
-    # set (1248) and x + y, y + z (1600) are all there is.
-    assert sim.peak_bytes == x + x == 1600
+    assert sim.timeline == (x + u + v + x, x + u + v + 2 * x, x + u + v + x)
+    assert sim.peak_bytes == x + u + v + 2 * x == 2848
     metrics = Engine().run(RunRequest(spec, feeds)).metrics
-    assert metrics.peak_bytes == metrics.predicted_peak_bytes == 1600
-
-
-def test_unused_inputs_count_only_in_the_initial_live_set():
-    feeds = {"x": np.ones(10), "big": np.ones(1000)}
-    spec = spec_of(feeds, [N("y", "tanh", "x"), N("loss", "sum", "y")], [("loss", "loss")])
-    result = Engine().run(RunRequest(spec, feeds, wrt=("x",), loss="loss"))
-    # The initial live set (80 + 8000) is the peak; after big is dropped nothing comes close.
-    assert result.metrics.peak_bytes == result.metrics.predicted_peak_bytes == 80 + 8000
-    joint, schedule = joint_and_schedule(spec, ("x",))
-    assert schedule.steps[0] == Free("big")
-    assert max(simulate(joint.graph, schedule).timeline) < 8000
+    assert metrics.peak_bytes == metrics.predicted_peak_bytes == 2848
 
 
 # --- fetch -----------------------------------------------------------------------------------

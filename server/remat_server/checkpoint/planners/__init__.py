@@ -1,17 +1,29 @@
-"""Planners: each takes (joint graph, options) and returns a Schedule.
+"""Planners: each takes a Problem and its policy and returns a Schedule.
 
-Only store-all exists so far; recomputing policies are added by name here.
+    >>> from remat_server.checkpoint.policies import Sqrt
+    >>> # schedule = plan(problem, Sqrt())
 """
 from __future__ import annotations
 
-from ...errors import InvalidArgument
+from ..policies import (Checkpoints, EveryK, Policy, RecomputeAll, Revolve, SaveOps, Sqrt,
+                        StoreAll)
+from ..problem import Problem
+from ..schedule import Schedule
+from .heuristics import (plan_checkpoints, plan_every_k, plan_recompute_all, plan_save_ops,
+                         plan_sqrt)
+from .revolve import plan_revolve
 from .store_all import plan_store_all
 
-PLANNERS = {"store_all": plan_store_all}
+PLANNERS = {
+    StoreAll: plan_store_all,
+    RecomputeAll: plan_recompute_all,
+    EveryK: plan_every_k,
+    Sqrt: plan_sqrt,
+    Checkpoints: plan_checkpoints,
+    SaveOps: plan_save_ops,
+    Revolve: plan_revolve,
+}
 
 
-def get_planner(name: str):
-    if name not in PLANNERS:
-        raise InvalidArgument(f"policy '{name}' is not available on this server; "
-                              f"known policies: {', '.join(sorted(PLANNERS))}")
-    return PLANNERS[name]
+def plan(problem: Problem, policy: Policy) -> Schedule:
+    return PLANNERS[type(policy)](problem, policy)

@@ -1,0 +1,47 @@
+"""The fixed checkpoint heuristics: each picks which forward values to keep and lets
+`recompute.schedule_with_checkpoints` do the rest."""
+from __future__ import annotations
+
+import math
+
+from ...errors import InvalidArgument
+from ...ops import registry
+from ..policies import Checkpoints, EveryK, SaveOps
+from ..problem import Problem
+from ..recompute import schedule_with_checkpoints
+from ..schedule import Schedule
+
+
+def plan_recompute_all(problem: Problem, policy) -> Schedule:
+    return schedule_with_checkpoints(problem, frozenset(), "recompute_all", mode="drop")
+
+
+def plan_every_k(problem: Problem, policy: EveryK) -> Schedule:
+    if policy.k < 1:
+        raise InvalidArgument(f"policy every_k: k must be >= 1, got {policy.k}")
+    kept = frozenset(problem.boundaries[policy.k - 1::policy.k])
+    return schedule_with_checkpoints(problem, kept, f"every_k({policy.k})")
+
+
+def plan_sqrt(problem: Problem, policy) -> Schedule:
+    k = max(1, round(math.sqrt(len(problem.boundaries))))
+    kept = frozenset(problem.boundaries[k - 1::k])
+    return schedule_with_checkpoints(problem, kept, "sqrt")
+
+
+def plan_checkpoints(problem: Problem, policy: Checkpoints) -> Schedule:
+    for name in policy.names:
+        if name not in problem.graph or not (problem.is_forward(name)
+                                             or problem.graph[name].is_input):
+            raise InvalidArgument(f"policy checkpoints: '{name}' is not a node of the "
+                                  "forward graph")
+    return schedule_with_checkpoints(problem, frozenset(policy.names), "checkpoints")
+
+
+def plan_save_ops(problem: Problem, policy: SaveOps) -> Schedule:
+    unknown = [op for op in policy.ops if registry.get(op) is None]
+    if unknown:
+        raise InvalidArgument(f"policy save_ops: unknown op '{unknown[0]}'")
+    ops = set(policy.ops)
+    kept = frozenset(n for n in problem.forward_order if problem.graph[n].op in ops)
+    return schedule_with_checkpoints(problem, kept, f"save_ops({','.join(policy.ops)})")

@@ -1,0 +1,80 @@
+"""What a planner plans: the joint graph, what must be live at the end, and which
+nodes are forward (recomputable) values. Plus the chain structure planners share:
+a forward order and its segment boundaries.
+
+A boundary is a forward node every later forward computation reaches only through
+it (inputs aside): after it, nothing computed before it is needed by the forward
+pass. Boundaries cut the forward pass into a chain of segments, the structure that
+every-k, sqrt and revolve checkpoint along.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from ..ir import Graph
+
+
+@dataclass(frozen=True)
+class Problem:
+    graph: Graph
+    results: frozenset[str]
+    forward_nodes: frozenset[str]  # names of the original (differentiated) graph's nodes
+
+    @cached_property
+    def needed(self) -> frozenset[str]:
+        return frozenset(self.graph.ancestors(self.results))
+
+    @cached_property
+    def position(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.graph.nodes)}
+
+    def is_forward(self, name: str) -> bool:
+        return name in self.forward_nodes and not self.graph[name].is_input
+
+    @cached_property
+    def backward(self) -> tuple[str, ...]:
+        """Needed non-forward, non-input nodes, in topological order."""
+        return tuple(n for n in self.graph.nodes if n in self.needed and not self.is_forward(n)
+                     and not self.graph[n].is_input)
+
+    @cached_property
+    def forward_order(self) -> tuple[str, ...]:
+        """Needed forward nodes, each placed as late as its consumers allow (iterative
+        DFS post-order from the forward values the rest of the plan reads), so side
+        branches such as a weight penalty sit next to their use, not across the chain."""
+        graph, needed = self.graph, self.needed
+        roots = [n for n in graph.nodes if self.is_forward(n) and n in needed and (
+            n in self.results or any(not self.is_forward(c) for c in graph.consumers(n)))]
+        order, done = [], set()
+        for root in roots:
+            stack = [(root, False)]
+            while stack:
+                name, expanded = stack.pop()
+                if name in done:
+                    continue
+                if expanded:
+                    done.add(name)
+                    order.append(name)
+                    continue
+                stack.append((name, True))
+                stack.extend((i, False) for i in reversed(graph[name].inputs)
+                             if self.is_forward(i) and i not in done)
+        return tuple(order)
+
+    @cached_property
+    def boundaries(self) -> tuple[str, ...]:
+        """Forward nodes in `forward_order` that no earlier forward value reaches past."""
+        order = self.forward_order
+        index = {name: i for i, name in enumerate(order)}
+        last_use = [i for i in range(len(order))]
+        for i, name in enumerate(order):
+            for source in self.graph[name].inputs:
+                if source in index:
+                    last_use[index[source]] = max(last_use[index[source]], i)
+        result, reach = [], -1
+        for i, name in enumerate(order):
+            if reach <= i:
+                result.append(name)
+            reach = max(reach, last_use[i])
+        return tuple(result)

@@ -1,0 +1,129 @@
+"""Turn a set of kept forward values into a schedule that recomputes the rest.
+
+Forward phase: compute the needed forward nodes once, in `forward_order`; drop each
+value after its last forward use unless it is kept (a checkpoint) or a result.
+Backward phase: before each backward node, recompute the forward values it reads
+that are not live, from the nearest live ancestors; intermediates that no backward
+node reads are dropped as soon as the recomputation has used them. Then, in
+
+* "hold" mode, a recomputed value the backward pass reads stays live until its last
+  backward reader (Chen et al.: a segment is recomputed once, then held);
+* "drop" mode, it is freed as soon as the node it was recomputed for has run
+  (the minimal-memory extreme: every read recomputes from the checkpoints).
+
+Kept values stay live until the last backward node whose recomputation could start
+from them. With every forward value kept, hold mode gives store-all's schedule.
+Graph inputs are never freed (the request message holds them anyway).
+"""
+from __future__ import annotations
+
+from .problem import Problem
+from .schedule import Compute, Free, Schedule, Step
+from .simulate import InvalidSchedule
+
+
+def schedule_with_checkpoints(problem: Problem, kept: frozenset[str], policy: str,
+                              mode: str = "hold") -> Schedule:
+    return _Builder(problem, kept, mode == "drop").build(policy)
+
+
+class _Builder:
+    def __init__(self, problem: Problem, kept: frozenset[str], drop: bool):
+        self.problem, self.kept, self.drop = problem, kept, drop
+        self.graph = problem.graph
+        self.steps: list[Step] = []
+        self.live = {node.name for node in self.graph.inputs}
+        # last_read: last backward position reading a value directly (forward or backward).
+        # last_need: for kept values, last position whose recomputation may start there.
+        self.last_read: dict[str, int] = {}
+        self.last_need: dict[str, int] = {}
+        for p, b in enumerate(problem.backward):
+            for source in self.graph[b].inputs:
+                self.last_read[source] = p
+            for name in _closure(problem, b, kept):
+                if name in kept:
+                    self.last_need[name] = p
+
+    def free(self, name: str) -> None:
+        if name in self.live and name not in self.problem.results \
+                and not self.graph[name].is_input:
+            self.live.discard(name)
+            self.steps.append(Free(name))
+
+    def compute(self, name: str) -> None:
+        self.steps.append(Compute(name))
+        self.live.add(name)
+
+    def held_after(self, name: str, position: int) -> bool:
+        """Must `name` stay live once backward position `position` has run?"""
+        if name in self.kept:
+            return self.last_need.get(name, -1) > position
+        if self.drop and self.problem.is_forward(name):
+            return False
+        return self.last_read.get(name, -1) > position
+
+    def build(self, policy: str) -> Schedule:
+        order = self.problem.forward_order
+        index = {name: i for i, name in enumerate(order)}
+        last_forward_use = dict(index)
+        for i, name in enumerate(order):
+            for source in self.graph[name].inputs:
+                if source in index:
+                    last_forward_use[source] = i
+        drop_after: dict[int, list[str]] = {}
+        for name in order:  # only checkpoints survive the forward phase
+            if not (name in self.kept and self.last_need.get(name, -1) >= 0):
+                drop_after.setdefault(last_forward_use[name], []).append(name)
+        for i, name in enumerate(order):  # forward phase
+            self.compute(name)
+            for done in drop_after.get(i, ()):
+                self.free(done)
+        for p, b in enumerate(self.problem.backward):  # backward phase
+            recomputed = self.recompute(self.graph[b].inputs, p)
+            self.compute(b)
+            for name in (*self.graph[b].inputs, *recomputed):
+                if not self.held_after(name, p):
+                    self.free(name)
+        return Schedule(tuple(self.steps), self.problem.results, policy)
+
+    def recompute(self, wanted, position: int) -> list[str]:
+        """Compute every non-live ancestor of `wanted` in topological order, dropping
+        intermediates once this recomputation and the backward pass are done with them."""
+        graph, missing = self.graph, set()
+        stack = [w for w in wanted if w not in self.live]
+        while stack:
+            name = stack.pop()
+            if name in missing or name in self.live:
+                continue
+            if not self.problem.is_forward(name):
+                raise InvalidSchedule(f"'{name}' is needed again after it was freed")
+            missing.add(name)
+            stack.extend(i for i in graph[name].inputs if i not in self.live)
+        order = sorted(missing, key=self.problem.position.__getitem__)
+        last_local = {}
+        for i, name in enumerate(order):
+            for source in graph[name].inputs:
+                last_local[source] = i
+        wanted = set(wanted)
+        for i, name in enumerate(order):
+            self.compute(name)
+            for source in graph[name].inputs:
+                if source in missing and last_local[source] == i and source not in wanted \
+                        and not self.held_after(source, position - 1):
+                    self.free(source)
+        return order
+
+
+def _closure(problem: Problem, node: str, kept: frozenset[str]) -> set[str]:
+    """Forward values `node` reads, plus (through values that are not kept) what
+    recomputing them reads, up to kept values and inputs."""
+    graph, seen = problem.graph, set()
+    stack = [i for i in graph[node].inputs if problem.is_forward(i)]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name not in kept:
+            stack.extend(i for i in graph[name].inputs if problem.is_forward(i))
+    return seen
