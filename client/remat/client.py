@@ -90,9 +90,9 @@ class Client:
             graph=executor_pb2.GraphRef(graph=graph.to_proto()), fetch=list(fetch or ()),
             wrt=list(wrt), loss=loss or "", policy=wire.policy_to_proto(policies.resolve(policy)))
         for name, value in inputs.items():
-            request.inputs[name].CopyFrom(wire.array_to_tensor(value, _dtype_for(value, declared.get(name))))
+            wire.fill_tensor(request.inputs[name], value, _dtype_for(value, declared.get(name)))
         for name, value in (cotangents or {}).items():
-            request.cotangents[name].CopyFrom(wire.array_to_tensor(value))
+            wire.fill_tensor(request.cotangents[name], value)
         response = self._call("Run", request, timeout)
         return RunResult(
             outputs={k: wire.tensor_to_array(v) for k, v in response.outputs.items()},

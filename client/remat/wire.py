@@ -15,12 +15,20 @@ _DTYPES = {"float32": tensor_pb2.FLOAT32, "float64": tensor_pb2.FLOAT64,
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def array_to_tensor(value: Any, dtype: str | None = None) -> tensor_pb2.Tensor:
+def fill_tensor(message: tensor_pb2.Tensor, value: Any, dtype: str | None = None) -> None:
+    """Write `value` into `message` in place (no intermediate message to copy)."""
     array = np.asarray(value, dtype=dtype)
     if array.dtype.name not in _DTYPES:
         raise TypeError(f"dtype {array.dtype} is not supported; use one of {', '.join(_DTYPES)}")
-    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    return tensor_pb2.Tensor(dtype=_DTYPES[array.dtype.name], shape=array.shape, data=data)
+    message.dtype = _DTYPES[array.dtype.name]
+    message.shape[:] = array.shape
+    message.data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def array_to_tensor(value: Any, dtype: str | None = None) -> tensor_pb2.Tensor:
+    message = tensor_pb2.Tensor()
+    fill_tensor(message, value, dtype)
+    return message
 
 
 def tensor_to_array(tensor: tensor_pb2.Tensor) -> np.ndarray:

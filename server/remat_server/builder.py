@@ -71,6 +71,20 @@ def complete_attrs(op: registry.OpDef, given: dict[str, Any], node: str, label: 
     return attrs
 
 
+class _Label:
+    """A node's description for error messages, built only when one is raised."""
+
+    __slots__ = ("name", "op", "source")
+
+    def __init__(self, name: str, op: str, source: str):
+        self.name, self.op, self.source = name, op, source
+
+    def __str__(self) -> str:
+        return where(self.name, self.op, self.source)
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+
 class GraphBuilder:
     """An ordered, growing set of validated nodes."""
 
@@ -105,7 +119,7 @@ class GraphBuilder:
             name: str = "", source: str = "") -> Node:
         """Validate and append one node; its inputs must already be present."""
         inputs = tuple(inputs)
-        label = where(name, op_name, source)
+        label = _Label(name, op_name, source)  # formatted only if an error is raised
         op = registry.get(op_name)
         if op is None:
             raise InvalidArgument(f"{label}: unknown op '{op_name}' (ListOps lists the known ones)")

@@ -48,10 +48,18 @@ def tensor_to_array(tensor: tensor_pb2.Tensor, limits: Limits, what: str) -> np.
     return np.frombuffer(tensor.data, dtype=dtypes.NUMPY[dtype]).reshape(shape)
 
 
-def array_to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
+def fill_tensor(message: tensor_pb2.Tensor, array: np.ndarray) -> None:
+    """Write `array` into `message` in place (no intermediate message to copy)."""
     name = dtypes.of_array(array)
-    data = np.ascontiguousarray(array, dtype=dtypes.NUMPY[name]).tobytes()
-    return tensor_pb2.Tensor(dtype=_DTYPE_TO_ENUM[name], shape=array.shape, data=data)
+    message.dtype = _DTYPE_TO_ENUM[name]
+    message.shape[:] = array.shape
+    message.data = np.ascontiguousarray(array, dtype=dtypes.NUMPY[name]).tobytes()
+
+
+def array_to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
+    message = tensor_pb2.Tensor()
+    fill_tensor(message, array)
+    return message
 
 
 def tensors_to_arrays(tensors, limits: Limits, what: str) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from . import dtypes
 from .checkpoint.schedule import Compute, Schedule
 from .errors import Cancelled, InvalidArgument, RematError, ResourceExhausted, where
 from .ir import Graph, Node
@@ -75,7 +76,7 @@ def _run_node(node: Node, values: dict[str, np.ndarray]) -> np.ndarray:
         raise ResourceExhausted(f"{where(node.name, node.op, node.source)}: out of memory "
                                 f"allocating {node.type.nbytes} bytes") from None
     result = np.asarray(result)
-    if result.shape != node.shape or result.dtype.name != node.dtype:
+    if result.shape != node.shape or result.dtype != dtypes.NUMPY[node.dtype]:
         raise RematError(f"{where(node.name, node.op)}: produced {result.dtype}{result.shape}, "
                          f"but its shape rule says {node.dtype}{node.shape} (a bug in remat)")
     return result

@@ -83,9 +83,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         response = executor_pb2.RunResponse(metrics=codec.metrics_to_proto(result.metrics),
                                             warnings=result.warnings)
         for name, array in result.outputs.items():
-            response.outputs[name].CopyFrom(codec.array_to_tensor(array))
+            codec.fill_tensor(response.outputs[name], array)
         for name, array in result.grads.items():
-            response.grads[name].CopyFrom(codec.array_to_tensor(array))
+            codec.fill_tensor(response.grads[name], array)
         return response
 
     @_status

@@ -27,8 +27,16 @@ register("div", family="elementwise", inputs=2, infer=rules.binary(FLOAT), forwa
          residuals="inputs+output", cost=elementwise_cost(1))
 register("neg", family="elementwise", infer=rules.unary(NUMERIC), forward=np.negative,
          vjp=lambda e, g, out, x: [-g], residuals="none", cost=elementwise_cost(1))
+def _pow(x, exponent):
+    """x ** exponent, with the common exponents on fast paths (np.power's general
+    path costs ~60 ms per million float32 elements)."""
+    fast = {1.0: lambda: x.copy(), 2.0: lambda: x * x, 3.0: lambda: x * x * x,
+            0.5: lambda: np.sqrt(x), -1.0: lambda: 1.0 / x, -2.0: lambda: 1.0 / (x * x)}
+    return fast[exponent]() if exponent in fast else np.power(x, exponent)
+
+
 register("pow", family="elementwise", infer=rules.unary(FLOAT),
-         forward=lambda x, exponent: np.power(x, exponent),
+         forward=_pow,
          vjp=lambda e, g, out, x, exponent: [g * (exponent * e.pow(x, exponent=exponent - 1.0))],
          residuals="inputs", cost=elementwise_cost(10),
          attrs={"exponent": Attr("float", check=math.isfinite, requirement="must be finite")},
@@ -66,7 +74,8 @@ def _sigmoid(x):
 
 
 def _gelu(x):
-    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x ** 3)))
+    # x * x * x, not x ** 3: NumPy's general power path is ~300x slower.
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * (x * x * x))))
 
 
 def _gelu_vjp(e, g, out, x):

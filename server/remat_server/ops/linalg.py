@@ -37,7 +37,14 @@ def _matmul_vjp(e, g, out, a, b):
     b2 = b if b.ndim > 1 else e.reshape(b, shape=b.shape + (1,))
     g2 = e.reshape(g, shape=_matmul_infer(a2.node.type, b2.node.type).shape)
     da = e.sum_to(g2 @ _swap_last(e, b2), a2.shape)
-    db = e.sum_to(_swap_last(e, a2) @ g2, b2.shape)
+    if b2.ndim == 2 and a2.ndim > 2:
+        # A weight shared across a batch: one (K, M*) @ (M*, N) product instead of a
+        # batched product and a sum (which would hold batch x weight-size temporaries).
+        rows = math.prod(a2.shape[:-1])
+        db = _swap_last(e, e.reshape(a2, shape=(rows, a2.shape[-1]))) @ \
+            e.reshape(g2, shape=(rows, g2.shape[-1]))
+    else:
+        db = e.sum_to(_swap_last(e, a2) @ g2, b2.shape)
     return [e.reshape(da, shape=a.shape) if da.shape != a.shape else da,
             e.reshape(db, shape=b.shape) if db.shape != b.shape else db]
 

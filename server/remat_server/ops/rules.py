@@ -24,6 +24,8 @@ def same_dtype(*types: TensorType) -> str:
 
 
 def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    if all(s == shapes[0] for s in shapes[1:]):  # the common case, without NumPy's overhead
+        return tuple(shapes[0])
     try:
         return tuple(np.broadcast_shapes(*shapes))
     except ValueError:
