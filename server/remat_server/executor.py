@@ -4,6 +4,10 @@ Phases: the first evaluation of a forward node is forward time, a repeat evaluat
 is recompute time, every other node is backward time. Cancellation is checked
 between steps, so a cancelled request stops within one step; its values are
 dropped with the executor's frame.
+
+Accounting follows `checkpoint.memory`: a result the model calls "new" is made a
+fresh C-contiguous buffer (copied in the rare case an op returned a view or an
+odd layout), so what NumPy holds is what the simulator predicted.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from . import dtypes
+from .checkpoint.memory import LiveBytes, MemoryModel, memory_model
 from .checkpoint.schedule import Compute, Schedule
 from .errors import Cancelled, InvalidArgument, RematError, ResourceExhausted, where
 from .ir import Graph, Node
@@ -33,10 +38,11 @@ class Execution:
 
 def execute(graph: Graph, schedule: Schedule, inputs: Mapping[str, np.ndarray],
             forward_nodes: frozenset[str],
-            should_stop: Callable[[], bool] | None = None) -> Execution:
+            should_stop: Callable[[], bool] | None = None,
+            model: MemoryModel | None = None) -> Execution:
+    model = model or memory_model(graph)
     values: dict[str, np.ndarray] = dict(inputs)
-    live_bytes = sum(graph[name].type.nbytes for name in values)
-    peak = live_bytes
+    accounting = LiveBytes(model, values)
     seconds = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
     computed: set[str] = set()
     nodes_computed = recomputed = 0
@@ -47,29 +53,30 @@ def execute(graph: Graph, schedule: Schedule, inputs: Mapping[str, np.ndarray],
                                 f"stopped after {nodes_computed} node evaluations")
             name = step.node
             if not isinstance(step, Compute):
-                live_bytes -= graph[name].type.nbytes
+                accounting.remove(name)
                 del values[name]
                 continue
             node = graph[name]
             phase = ("recompute" if name in computed else "forward") \
                 if name in forward_nodes else "backward"
             start = time.perf_counter()
-            values[name] = _run_node(node, values)
+            values[name] = _run_node(node, values, fresh=not model.is_view(name)
+                                     and model.nbytes[name] > 0)
             seconds[phase] += time.perf_counter() - start
-            live_bytes += node.type.nbytes
-            peak = max(peak, live_bytes)
+            accounting.add(name)
             nodes_computed += 1
             recomputed += phase == "recompute"
             computed.add(name)
     results = {name: values[name] for name in schedule.results}
-    return Execution(results, peak, seconds["forward"], seconds["backward"],
+    return Execution(results, accounting.peak, seconds["forward"], seconds["backward"],
                      seconds["recompute"], nodes_computed, recomputed)
 
 
-def _run_node(node: Node, values: dict[str, np.ndarray]) -> np.ndarray:
+def _run_node(node: Node, values: dict[str, np.ndarray], fresh: bool) -> np.ndarray:
     op = registry.get(node.op)
+    arguments = [values[i] for i in node.inputs]
     try:
-        result = op.forward(*(values[i] for i in node.inputs), **node.attrs)
+        result = op.forward(*arguments, **node.attrs)
     except (IndexError, ValueError) as exc:  # data-dependent errors, e.g. an index out of range
         raise InvalidArgument(f"{where(node.name, node.op, node.source)}: {exc}") from None
     except MemoryError:
@@ -79,4 +86,7 @@ def _run_node(node: Node, values: dict[str, np.ndarray]) -> np.ndarray:
     if result.shape != node.shape or result.dtype != dtypes.NUMPY[node.dtype]:
         raise RematError(f"{where(node.name, node.op)}: produced {result.dtype}{result.shape}, "
                          f"but its shape rule says {node.dtype}{node.shape} (a bug in remat)")
+    if fresh and (not result.flags.c_contiguous
+                  or any(np.may_share_memory(result, a) for a in arguments)):
+        result = np.array(result, order="C")  # the memory model promised a new buffer
     return result

@@ -214,9 +214,11 @@ CASES = [
          run(mlp_graph(), XW_FEEDS, policy=executor_pb2.Policy(name="telepathy")), ("telepathy",)),
     Case("plan_over_request_bytes",
          # Twelve 32 MiB outputs from a 1-element input: 384 MiB predicted, 256 MiB allowed.
+         # (broadcast_to alone is a view and costs nothing; neg allocates.)
          run(graph([inp("one", [1])],
-                   [node(f"b{k}", "broadcast_to", ["one"], shape=ints(2048, 2048)) for k in range(12)],
-                   {f"o{k}": f"b{k}" for k in range(12)}), {"one": np.ones(1)}),
+                   [node(f"b{k}", "broadcast_to", ["one"], shape=ints(2048, 2048)) for k in range(12)]
+                   + [node(f"n{k}", "neg", [f"b{k}"]) for k in range(12)],
+                   {f"o{k}": f"n{k}" for k in range(12)}), {"one": np.ones(1)}),
          ("peak", "max-request-bytes"), code=grpc.StatusCode.RESOURCE_EXHAUSTED, fast=True),
     # The same validation guards RegisterGraph and Differentiate.
     Case("register_unknown_op",

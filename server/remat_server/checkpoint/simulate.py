@@ -1,7 +1,7 @@
 """Dry-run a schedule: check it is valid and predict its memory and FLOPs.
 
 No kernel runs. The executor's accounted peak equals `peak_bytes` here exactly,
-because both count the same `TensorType.nbytes` at the same steps.
+because both account buffers through the same `memory.LiveBytes` at the same steps.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ..errors import RematError
 from ..ir import Graph
 from ..ops import registry
+from .memory import LiveBytes, MemoryModel, memory_model
 from .schedule import Compute, Free, Schedule
 
 
@@ -37,10 +38,10 @@ def node_flops(graph: Graph, name: str) -> int:
     return int(op.cost(node.type, *(graph[i].type for i in node.inputs), **node.attrs))
 
 
-def simulate(graph: Graph, schedule: Schedule) -> Simulation:
+def simulate(graph: Graph, schedule: Schedule, model: MemoryModel | None = None) -> Simulation:
     live = {node.name for node in graph.inputs}
-    live_bytes = sum(graph[name].type.nbytes for name in live)
-    peak, timeline, flops, recompute_flops = live_bytes, [], 0, 0
+    accounting = LiveBytes(model or memory_model(graph), live)
+    timeline, flops, recompute_flops = [], 0, 0
     evaluations: Counter = Counter()
     for index, step in enumerate(schedule.steps):
         name = step.node
@@ -59,15 +60,14 @@ def simulate(graph: Graph, schedule: Schedule) -> Simulation:
                 recompute_flops += cost
             evaluations[name] += 1
             live.add(name)
-            live_bytes += graph[name].type.nbytes
-            peak = max(peak, live_bytes)
+            accounting.add(name)
         elif isinstance(step, Free):
             if name not in live:
                 raise InvalidSchedule(f"step {index}: freeing '{name}', which is not live")
             live.discard(name)
-            live_bytes -= graph[name].type.nbytes
-        timeline.append(live_bytes)
+            accounting.remove(name)
+        timeline.append(accounting.total)
     missing = sorted(schedule.results - live)
     if missing:
         raise InvalidSchedule(f"the schedule ends without '{missing[0]}' live")
-    return Simulation(peak, tuple(timeline), flops, recompute_flops, evaluations)
+    return Simulation(accounting.peak, tuple(timeline), flops, recompute_flops, evaluations)

@@ -149,4 +149,5 @@ def _constant_infer(value: np.ndarray) -> TensorType:
 
 register("constant", family="elementwise", inputs=0, infer=_constant_infer,
          forward=lambda value: value, vjp=lambda e, g, out, value: [], residuals="none",
-         cost=free, attrs={"value": Attr("tensor")}, doc="A tensor fixed in the graph.")
+         cost=free, memory="external", attrs={"value": Attr("tensor")},
+         doc="A tensor fixed in the graph.")

@@ -14,6 +14,11 @@ Signatures (attrs are passed as keyword arguments, already validated and complet
 
 A VJP may return a gradient in the broadcast (output) shape; autodiff sums it down
 to the input's shape. `None` means "no gradient flows to this input".
+
+`memory` says what the forward's result costs: "new" (a fresh buffer, the default),
+"view" (shares input 0's buffer: transpose, broadcast_to, slice), "view_if_contiguous"
+(reshape: a view of a C-contiguous input, else a copy) or "external" (constant: its
+bytes belong to the request). Planners, simulator and executor account by it.
 """
 from __future__ import annotations
 
@@ -58,30 +63,36 @@ class OpDef:
     no_grad: tuple[int, ...] = ()
     normalize: Callable[..., dict] | None = None
     doc: str = ""
+    memory: str = "new"
 
     def differentiable(self, position: int) -> bool:
         return self.vjp is not None and position not in self.no_grad
 
 
 RESIDUALS = ("none", "inputs", "output", "inputs+output")
+MEMORY_KINDS = ("new", "view", "view_if_contiguous", "external")
 REGISTRY: dict[str, OpDef] = {}
 
 
 def register(name: str, *, family: str, infer, forward, vjp, residuals: str, cost,
              inputs: int | tuple[int, int] = 1, attrs: dict[str, Attr] | None = None,
-             no_grad: tuple[int, ...] = (), normalize=None, doc: str = "") -> OpDef:
+             no_grad: tuple[int, ...] = (), normalize=None, doc: str = "",
+             memory: str = "new") -> OpDef:
     """Add one op to the registry. `inputs` is an arity or (min, max); max -1 is variadic."""
     if name in REGISTRY:
         raise ValueError(f"op {name!r} is registered twice")
     if residuals not in RESIDUALS:
         raise ValueError(f"op {name!r}: residuals must be one of {RESIDUALS}")
+    if memory not in MEMORY_KINDS:
+        raise ValueError(f"op {name!r}: memory must be one of {MEMORY_KINDS}")
     low, high = (inputs, inputs) if isinstance(inputs, int) else inputs
     for attr_name, attr in (attrs or {}).items():
         if attr.type not in ATTR_TYPES:
             raise ValueError(f"op {name!r}: attr {attr_name!r} has unknown type {attr.type!r}")
     op = OpDef(name=name, family=family, infer=infer, forward=forward, vjp=vjp,
                residuals=residuals, cost=cost, min_inputs=low, max_inputs=high,
-               attrs=dict(attrs or {}), no_grad=no_grad, normalize=normalize, doc=doc)
+               attrs=dict(attrs or {}), no_grad=no_grad, normalize=normalize, doc=doc,
+               memory=memory)
     REGISTRY[name] = op
     return op
 

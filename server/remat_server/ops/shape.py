@@ -27,7 +27,7 @@ register("transpose", family="shape", normalize=_transpose_normalize,
          infer=lambda x, axes: TensorType(tuple(x.shape[a] for a in axes), x.dtype),
          forward=lambda x, axes: np.transpose(x, axes),
          vjp=lambda e, g, out, x, axes: [e.transpose(g, axes=tuple(np.argsort(axes).tolist()))],
-         residuals="none", cost=free,
+         residuals="none", cost=free, memory="view",
          attrs={"axes": Attr("ints", default=None, doc="Permutation; absent reverses.")})
 
 
@@ -51,7 +51,8 @@ register("reshape", family="shape", normalize=_reshape_normalize,
          infer=lambda x, shape: TensorType(shape, x.dtype),
          forward=lambda x, shape: np.reshape(x, shape),
          vjp=lambda e, g, out, x, shape: [e.reshape(g, shape=x.shape)],
-         residuals="none", cost=free, attrs={"shape": Attr("ints", doc="One entry may be -1.")})
+         residuals="none", cost=free, memory="view_if_contiguous",
+         attrs={"shape": Attr("ints", doc="One entry may be -1.")})
 
 
 def _broadcast_to_infer(x, shape):
@@ -68,7 +69,7 @@ def _broadcast_to_infer(x, shape):
 register("broadcast_to", family="shape", infer=_broadcast_to_infer,
          forward=lambda x, shape: np.broadcast_to(x, shape),
          # The gradient arrives in the output's shape; autodiff's sum_to reduces it.
-         vjp=lambda e, g, out, x, shape: [g], residuals="none", cost=free,
+         vjp=lambda e, g, out, x, shape: [g], residuals="none", cost=free, memory="view",
          attrs={"shape": Attr("ints", check=rules.non_negative, requirement="sizes must be >= 0")})
 
 
@@ -144,7 +145,7 @@ register("slice", family="shape", normalize=_slice_normalize,
          forward=lambda x, starts, stops, steps: x[_index(starts, stops, steps)],
          vjp=lambda e, g, out, x, starts, stops, steps: [e.slice_scatter(
              g, shape=x.shape, starts=starts, stops=stops, steps=steps)],
-         residuals="none", cost=free, attrs=SLICE_ATTRS,
+         residuals="none", cost=free, attrs=SLICE_ATTRS, memory="view",
          doc="x[start:stop:step, ...] per axis.")
 
 
