@@ -78,3 +78,12 @@ class Problem:
                 result.append(name)
             reach = max(reach, last_use[i])
         return tuple(result)
+
+    @cached_property
+    def candidates(self) -> tuple[str, ...]:
+        """Boundaries worth checkpointing: those the backward pass reads anyway (a layer's
+        activation), so keeping one costs no memory its segment would not hold. Falls
+        back to all boundaries when fewer than two are read."""
+        read = {source for b in self.backward for source in self.graph[b].inputs}
+        chosen = tuple(b for b in self.boundaries if b in read)
+        return chosen if len(chosen) >= 2 else self.boundaries

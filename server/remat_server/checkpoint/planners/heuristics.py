@@ -19,13 +19,13 @@ def plan_recompute_all(problem: Problem, policy) -> Schedule:
 def plan_every_k(problem: Problem, policy: EveryK) -> Schedule:
     if policy.k < 1:
         raise InvalidArgument(f"policy every_k: k must be >= 1, got {policy.k}")
-    kept = frozenset(problem.boundaries[policy.k - 1::policy.k])
+    kept = frozenset(problem.candidates[policy.k - 1::policy.k])
     return schedule_with_checkpoints(problem, kept, f"every_k({policy.k})")
 
 
 def plan_sqrt(problem: Problem, policy) -> Schedule:
-    k = max(1, round(math.sqrt(len(problem.boundaries))))
-    kept = frozenset(problem.boundaries[k - 1::k])
+    k = max(1, round(math.sqrt(len(problem.candidates))))
+    kept = frozenset(problem.candidates[k - 1::k])
     return schedule_with_checkpoints(problem, kept, "sqrt")
 
 
