@@ -14,7 +14,9 @@ import numpy as np
 from remat.v1 import executor_pb2, graph_pb2, tensor_pb2
 
 from . import dtypes
-from .engine import Metrics
+from .checkpoint import policies
+from .checkpoint.schedule import Compute
+from .engine import Metrics, Plan
 from .errors import InvalidArgument, where
 from .ir import Graph, GraphSpec, InputSpec, NodeSpec
 from .limits import Limits, check_shape
@@ -133,6 +135,39 @@ def graph_to_proto(graph: Graph) -> graph_pb2.Graph:
 def content_id(graph: graph_pb2.Graph) -> str:
     """sha256 of the canonical (deterministic) serialization."""
     return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+# --- policies ----------------------------------------------------------------------------
+def policy_from_proto(policy: executor_pb2.Policy) -> policies.Policy:
+    kind = policy.WhichOneof("kind")
+    if kind is None:
+        return policies.StoreAll()
+    if kind == "name":
+        return policies.by_name(policy.name)
+    value = getattr(policy, kind)
+    return {
+        "store_all": lambda: policies.StoreAll(),
+        "recompute_all": lambda: policies.RecomputeAll(),
+        "sqrt": lambda: policies.Sqrt(),
+        "every_k": lambda: policies.EveryK(value.k),
+        "checkpoints": lambda: policies.Checkpoints(tuple(value.names)),
+        "save_ops": lambda: policies.SaveOps(tuple(value.ops)),
+        "revolve": lambda: policies.Revolve(value.slots),
+    }[kind]()
+
+
+def plan_to_proto(plan: Plan, include_schedule: bool) -> executor_pb2.PlanResponse:
+    sim, graph = plan.simulation, plan.joint.graph
+    response = executor_pb2.PlanResponse(
+        peak_bytes=sim.peak_bytes, flops=sim.flops, recompute_flops=sim.recompute_flops,
+        node_evaluations=dict(sim.evaluations), timeline=sim.timeline, policy=plan.policy,
+        recomputed_nodes=sim.recomputed_nodes, plan_seconds=plan.seconds,
+        input_bytes=sum(node.type.nbytes for node in graph.inputs))
+    if include_schedule:
+        response.steps.extend(
+            executor_pb2.Step(compute=step.node) if isinstance(step, Compute)
+            else executor_pb2.Step(free=step.node) for step in plan.schedule.steps)
+    return response
 
 
 # --- responses ---------------------------------------------------------------------------

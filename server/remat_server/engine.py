@@ -19,13 +19,15 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, measure
 from .autodiff import JointGraph, differentiate
 from .build import build_graph
 from .checkpoint import policies
 from .checkpoint.planners import plan
+from .checkpoint.memory import MemoryModel, memory_model
 from .checkpoint.problem import Problem
-from .checkpoint.simulate import simulate
+from .checkpoint.schedule import Schedule
+from .checkpoint.simulate import Simulation, simulate
 from .errors import InvalidArgument, ResourceExhausted
 from .executor import execute
 from .ir import Graph, GraphSpec
@@ -42,6 +44,8 @@ class RunRequest:
     cotangents: Mapping[str, np.ndarray] = field(default_factory=dict)
     # A policy object, or the name of a parameterless one ("store_all", "sqrt", ...).
     policy: policies.Policy | str = "store_all"
+    timeline: bool = False  # return live bytes after every schedule step
+    measure_memory: bool = False  # also measure the real peak with tracemalloc
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,9 @@ class Metrics:
     recomputed_nodes: int = 0
     flops: int = 0
     recompute_flops: int = 0
+    measured_peak_bytes: int = 0  # tracemalloc's peak plus the inputs; 0 unless requested
+    policy: str = ""
+    queue_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,20 @@ class RunResult:
     grads: dict[str, np.ndarray]
     metrics: Metrics
     warnings: tuple[str, ...] = ()
+    timeline: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A planned request: the joint graph, its schedule and the simulator's figures."""
+
+    joint: JointGraph
+    schedule: Schedule
+    simulation: Simulation
+    model: MemoryModel
+    fetch: dict[str, str]  # output name -> node
+    policy: str  # its label, e.g. "every_k(4)"
+    seconds: float
 
 
 class Engine:
@@ -82,51 +103,76 @@ class Engine:
                                       if dtypes.is_float(graph[node].dtype)]
         return differentiate(graph, self.limits, list(wrt), loss, cotangents)
 
-    def run(self, request: RunRequest,
-            should_stop: Callable[[], bool] | None = None) -> RunResult:
+    def plan(self, spec: GraphSpec, wrt: tuple[str, ...] = (), loss: str = "",
+             cotangent_outputs: tuple[str, ...] = (), policy: policies.Policy | str = "store_all",
+             input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+             fetch: tuple[str, ...] = ()) -> Plan:
+        """Dry run: plan and simulate without any tensor (shapes come from the graph, or
+        `input_shapes` for -1 batch dimensions)."""
+        unknown = sorted(set(input_shapes or {}) - {i.name for i in spec.inputs})
+        if unknown:
+            raise InvalidArgument(f"input_shapes: '{unknown[0]}' is not an input of the graph")
         start = time.perf_counter()
-        graph = build_graph(request.graph, self.limits, _input_shapes(request.graph, request.inputs))
-        _check_inputs(graph, request.inputs)
-        fetch = request.fetch or tuple(graph.outputs)
+        graph = build_graph(spec, self.limits, input_shapes)
+        return self._plan(graph, fetch, wrt, loss, cotangent_outputs, policy, start)
+
+    def _plan(self, graph: Graph, fetch, wrt, loss, cotangent_outputs, policy,
+              start: float) -> Plan:
+        fetch = tuple(fetch) or tuple(graph.outputs)
         for name in fetch:
             if name not in graph.outputs:
                 raise InvalidArgument(f"fetch: '{name}' is not an output of the graph "
                                       f"(outputs: {', '.join(graph.outputs) or 'none'})")
-        feeds = dict(request.inputs)
-        joint = JointGraph(graph, frozenset(graph.nodes), {}, {})
-        if request.loss and not request.wrt:
-            raise InvalidArgument(f"loss '{request.loss}' is given but wrt is empty; name the "
+        if loss and not wrt:
+            raise InvalidArgument(f"loss '{loss}' is given but wrt is empty; name the "
                                   "inputs to differentiate with respect to")
-        if request.wrt:
-            joint = differentiate(graph, self.limits, list(request.wrt), request.loss,
-                                  list(request.cotangents))
-            feeds.update(_cotangent_feeds(joint, request.cotangents))
+        joint = JointGraph(graph, frozenset(graph.nodes), {}, {})
+        if wrt:
+            joint = differentiate(graph, self.limits, list(wrt), loss, list(cotangent_outputs))
         graph = joint.graph
         wanted = {name: graph.outputs[name] for name in fetch}
-        wanted.update({f"grad:{w}": graph.outputs[out] for w, out in joint.grad_outputs.items()})
-        policy = (policies.by_name(request.policy) if isinstance(request.policy, str)
-                  else request.policy)
-        schedule = plan(Problem(graph, frozenset(wanted.values()), joint.forward_nodes), policy)
-        simulation = simulate(graph, schedule)
+        results = set(wanted.values()) | {graph.outputs[o] for o in joint.grad_outputs.values()}
+        policy = policies.by_name(policy) if isinstance(policy, str) else policy
+        schedule = plan(Problem(graph, frozenset(results), joint.forward_nodes), policy)
+        model = memory_model(graph)
+        simulation = simulate(graph, schedule, model)
         if simulation.peak_bytes > self.limits.max_request_bytes:
             raise ResourceExhausted(
                 f"the plan's predicted peak is {simulation.peak_bytes} bytes, over the "
                 f"per-request limit of {self.limits.max_request_bytes} (server flag "
                 "--max-request-bytes); try a recomputing policy or a smaller batch")
-        plan_seconds = time.perf_counter() - start
-        run = execute(graph, schedule, feeds, joint.forward_nodes, should_stop)
-        outputs = {name: run.values[graph.outputs[name]] for name in fetch}
+        return Plan(joint, schedule, simulation, model, wanted, policies.label(policy),
+                    time.perf_counter() - start)
+
+    def run(self, request: RunRequest,
+            should_stop: Callable[[], bool] | None = None) -> RunResult:
+        start = time.perf_counter()
+        graph = build_graph(request.graph, self.limits, _input_shapes(request.graph, request.inputs))
+        _check_inputs(graph, request.inputs)
+        planned = self._plan(graph, request.fetch, request.wrt, request.loss,
+                             tuple(request.cotangents), request.policy, start)
+        joint, graph = planned.joint, planned.joint.graph
+        feeds = dict(request.inputs)
+        feeds.update(_cotangent_feeds(joint, request.cotangents))
+        with measure.peak_memory(request.measure_memory) as measured:
+            run = execute(graph, planned.schedule, feeds, joint.forward_nodes, should_stop,
+                          planned.model)
+        outputs = {name: run.values[node] for name, node in planned.fetch.items()}
         grads = {w: run.values[graph.outputs[out]] for w, out in joint.grad_outputs.items()}
+        simulation = planned.simulation
+        input_bytes = sum(graph[name].type.nbytes for name in feeds)
         metrics = Metrics(
             peak_bytes=run.peak_bytes, predicted_peak_bytes=simulation.peak_bytes,
             forward_seconds=run.forward_seconds, backward_seconds=run.backward_seconds,
-            recompute_seconds=run.recompute_seconds, plan_seconds=plan_seconds,
+            recompute_seconds=run.recompute_seconds, plan_seconds=planned.seconds,
             total_seconds=time.perf_counter() - start, nodes_computed=run.nodes_computed,
             recomputed_nodes=run.recomputed_nodes, flops=simulation.flops,
-            recompute_flops=simulation.recompute_flops)
+            recompute_flops=simulation.recompute_flops, policy=planned.policy,
+            measured_peak_bytes=measured.peak + input_bytes if request.measure_memory else 0)
         warnings = _nonfinite("input", request.inputs) + _nonfinite("output", outputs) \
             + _nonfinite("gradient", grads)
-        return RunResult(outputs, grads, metrics, tuple(warnings))
+        return RunResult(outputs, grads, metrics, tuple(warnings),
+                         simulation.timeline if request.timeline else ())
 
 
 def _input_shapes(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> dict:
@@ -150,7 +196,7 @@ def _check_inputs(graph: Graph, inputs: Mapping[str, np.ndarray]) -> None:
 
 def _cotangent_feeds(joint: JointGraph, cotangents: Mapping[str, np.ndarray]) -> dict:
     feeds = {}
-    for out_name, input_name in joint.cotangent_inputs.items():
+    for out_name, input_name in joint.cotangent_inputs.items():  # names checked by autodiff
         array, node = cotangents[out_name], joint.graph[input_name]
         if array.shape != node.shape or array.dtype != dtypes.NUMPY[node.dtype]:
             raise InvalidArgument(f"cotangents: '{out_name}' must be {node.dtype}{list(node.shape)}"

@@ -40,13 +40,6 @@ def _status(method):
     return handler
 
 
-def _policy_name(policy: executor_pb2.Policy) -> str:
-    kind = policy.WhichOneof("kind")
-    if kind is None:
-        return "store_all"
-    return policy.name if kind == "name" else kind
-
-
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, engine: Engine, store: GraphStore):
         self.engine = engine
@@ -78,10 +71,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             inputs=codec.tensors_to_arrays(request.inputs, limits, "input"),
             fetch=tuple(request.fetch), wrt=tuple(request.wrt), loss=request.loss,
             cotangents=codec.tensors_to_arrays(request.cotangents, limits, "cotangent"),
-            policy=_policy_name(request.policy))
+            policy=codec.policy_from_proto(request.policy), timeline=request.timeline,
+            measure_memory=request.measure_memory)
         result = self.engine.run(run, should_stop=lambda: not context.is_active())
         response = executor_pb2.RunResponse(metrics=codec.metrics_to_proto(result.metrics),
-                                            warnings=result.warnings)
+                                            warnings=result.warnings, timeline=result.timeline)
         for name, array in result.outputs.items():
             codec.fill_tensor(response.outputs[name], array)
         for name, array in result.grads.items():
@@ -95,6 +89,16 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                                           request.loss, shapes)
         return executor_pb2.DifferentiateResponse(graph=codec.graph_to_proto(joint.graph),
                                                   grad_outputs=joint.grad_outputs)
+
+    @_status
+    def Plan(self, request, context):
+        shapes = {name: tuple(dims.values) for name, dims in request.input_shapes.items()}
+        planned = self.engine.plan(
+            self._graph(request.graph), wrt=tuple(request.wrt), loss=request.loss,
+            cotangent_outputs=tuple(request.cotangent_outputs),
+            policy=codec.policy_from_proto(request.policy), input_shapes=shapes,
+            fetch=tuple(request.fetch))
+        return codec.plan_to_proto(planned, request.include_schedule)
 
     @_status
     def ListOps(self, request, context):

@@ -32,16 +32,60 @@ class StoreAll(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RecomputeAll(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EveryK(_message.Message):
+    __slots__ = ("k",)
+    K_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    def __init__(self, k: _Optional[int] = ...) -> None: ...
+
+class Sqrt(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Checkpoints(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SaveOps(_message.Message):
+    __slots__ = ("ops",)
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    ops: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ops: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Revolve(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: int
+    def __init__(self, slots: _Optional[int] = ...) -> None: ...
+
 class Policy(_message.Message):
-    __slots__ = ("name", "store_all")
+    __slots__ = ("name", "store_all", "recompute_all", "every_k", "sqrt", "checkpoints", "save_ops", "revolve")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STORE_ALL_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_ALL_FIELD_NUMBER: _ClassVar[int]
+    EVERY_K_FIELD_NUMBER: _ClassVar[int]
+    SQRT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    SAVE_OPS_FIELD_NUMBER: _ClassVar[int]
+    REVOLVE_FIELD_NUMBER: _ClassVar[int]
     name: str
     store_all: StoreAll
-    def __init__(self, name: _Optional[str] = ..., store_all: _Optional[_Union[StoreAll, _Mapping]] = ...) -> None: ...
+    recompute_all: RecomputeAll
+    every_k: EveryK
+    sqrt: Sqrt
+    checkpoints: Checkpoints
+    save_ops: SaveOps
+    revolve: Revolve
+    def __init__(self, name: _Optional[str] = ..., store_all: _Optional[_Union[StoreAll, _Mapping]] = ..., recompute_all: _Optional[_Union[RecomputeAll, _Mapping]] = ..., every_k: _Optional[_Union[EveryK, _Mapping]] = ..., sqrt: _Optional[_Union[Sqrt, _Mapping]] = ..., checkpoints: _Optional[_Union[Checkpoints, _Mapping]] = ..., save_ops: _Optional[_Union[SaveOps, _Mapping]] = ..., revolve: _Optional[_Union[Revolve, _Mapping]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "fetch", "wrt", "loss", "cotangents", "policy")
+    __slots__ = ("graph", "inputs", "fetch", "wrt", "loss", "cotangents", "policy", "timeline", "measure_memory")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +107,8 @@ class RunRequest(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     graph: GraphRef
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     fetch: _containers.RepeatedScalarFieldContainer[str]
@@ -70,10 +116,12 @@ class RunRequest(_message.Message):
     loss: str
     cotangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
     policy: Policy
-    def __init__(self, graph: _Optional[_Union[GraphRef, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., fetch: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ...) -> None: ...
+    timeline: bool
+    measure_memory: bool
+    def __init__(self, graph: _Optional[_Union[GraphRef, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., fetch: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., timeline: _Optional[bool] = ..., measure_memory: _Optional[bool] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("peak_bytes", "predicted_peak_bytes", "forward_seconds", "backward_seconds", "recompute_seconds", "plan_seconds", "total_seconds", "nodes_computed", "recomputed_nodes", "flops", "recompute_flops")
+    __slots__ = ("peak_bytes", "predicted_peak_bytes", "forward_seconds", "backward_seconds", "recompute_seconds", "plan_seconds", "total_seconds", "nodes_computed", "recomputed_nodes", "flops", "recompute_flops", "measured_peak_bytes", "policy", "queue_seconds")
     PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +133,9 @@ class Metrics(_message.Message):
     RECOMPUTED_NODES_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     peak_bytes: int
     predicted_peak_bytes: int
     forward_seconds: float
@@ -96,10 +147,13 @@ class Metrics(_message.Message):
     recomputed_nodes: int
     flops: int
     recompute_flops: int
-    def __init__(self, peak_bytes: _Optional[int] = ..., predicted_peak_bytes: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., recompute_seconds: _Optional[float] = ..., plan_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., nodes_computed: _Optional[int] = ..., recomputed_nodes: _Optional[int] = ..., flops: _Optional[int] = ..., recompute_flops: _Optional[int] = ...) -> None: ...
+    measured_peak_bytes: int
+    policy: str
+    queue_seconds: float
+    def __init__(self, peak_bytes: _Optional[int] = ..., predicted_peak_bytes: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., recompute_seconds: _Optional[float] = ..., plan_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., nodes_computed: _Optional[int] = ..., recomputed_nodes: _Optional[int] = ..., flops: _Optional[int] = ..., recompute_flops: _Optional[int] = ..., measured_peak_bytes: _Optional[int] = ..., policy: _Optional[str] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
 
 class RunResponse(_message.Message):
-    __slots__ = ("outputs", "grads", "metrics", "warnings")
+    __slots__ = ("outputs", "grads", "metrics", "warnings", "timeline")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -118,11 +172,13 @@ class RunResponse(_message.Message):
     GRADS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     grads: _containers.MessageMap[str, _tensor_pb2.Tensor]
     metrics: Metrics
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    timeline: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ..., timeline: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DifferentiateRequest(_message.Message):
     __slots__ = ("graph", "wrt", "loss", "input_shapes")
@@ -157,6 +213,72 @@ class DifferentiateResponse(_message.Message):
     graph: _graph_pb2.Graph
     grad_outputs: _containers.ScalarMap[str, str]
     def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., grad_outputs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class PlanRequest(_message.Message):
+    __slots__ = ("graph", "wrt", "loss", "cotangent_outputs", "policy", "input_shapes", "fetch", "include_schedule")
+    class InputShapesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _graph_pb2.IntList
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_graph_pb2.IntList, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    COTANGENT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPES_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    graph: GraphRef
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    loss: str
+    cotangent_outputs: _containers.RepeatedScalarFieldContainer[str]
+    policy: Policy
+    input_shapes: _containers.MessageMap[str, _graph_pb2.IntList]
+    fetch: _containers.RepeatedScalarFieldContainer[str]
+    include_schedule: bool
+    def __init__(self, graph: _Optional[_Union[GraphRef, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., cotangent_outputs: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., input_shapes: _Optional[_Mapping[str, _graph_pb2.IntList]] = ..., fetch: _Optional[_Iterable[str]] = ..., include_schedule: _Optional[bool] = ...) -> None: ...
+
+class Step(_message.Message):
+    __slots__ = ("compute", "free")
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    compute: str
+    free: str
+    def __init__(self, compute: _Optional[str] = ..., free: _Optional[str] = ...) -> None: ...
+
+class PlanResponse(_message.Message):
+    __slots__ = ("peak_bytes", "flops", "recompute_flops", "node_evaluations", "timeline", "steps", "policy", "recomputed_nodes", "plan_seconds", "input_bytes")
+    class NodeEvaluationsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    NODE_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_NODES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    peak_bytes: int
+    flops: int
+    recompute_flops: int
+    node_evaluations: _containers.ScalarMap[str, int]
+    timeline: _containers.RepeatedScalarFieldContainer[int]
+    steps: _containers.RepeatedCompositeFieldContainer[Step]
+    policy: str
+    recomputed_nodes: int
+    plan_seconds: float
+    input_bytes: int
+    def __init__(self, peak_bytes: _Optional[int] = ..., flops: _Optional[int] = ..., recompute_flops: _Optional[int] = ..., node_evaluations: _Optional[_Mapping[str, int]] = ..., timeline: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., policy: _Optional[str] = ..., recomputed_nodes: _Optional[int] = ..., plan_seconds: _Optional[float] = ..., input_bytes: _Optional[int] = ...) -> None: ...
 
 class ListOpsRequest(_message.Message):
     __slots__ = ()

@@ -54,6 +54,11 @@ class ExecutorStub:
                 request_serializer=remat_dot_v1_dot_executor__pb2.ListOpsRequest.SerializeToString,
                 response_deserializer=remat_dot_v1_dot_executor__pb2.ListOpsResponse.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/remat.v1.Executor/Plan',
+                request_serializer=remat_dot_v1_dot_executor__pb2.PlanRequest.SerializeToString,
+                response_deserializer=remat_dot_v1_dot_executor__pb2.PlanResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -87,6 +92,13 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Dry run: the simulator's figures for a policy, with no tensors sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.ListOps,
                     request_deserializer=remat_dot_v1_dot_executor__pb2.ListOpsRequest.FromString,
                     response_serializer=remat_dot_v1_dot_executor__pb2.ListOpsResponse.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=remat_dot_v1_dot_executor__pb2.PlanRequest.FromString,
+                    response_serializer=remat_dot_v1_dot_executor__pb2.PlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +236,33 @@ class Executor:
             '/remat.v1.Executor/ListOps',
             remat_dot_v1_dot_executor__pb2.ListOpsRequest.SerializeToString,
             remat_dot_v1_dot_executor__pb2.ListOpsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/remat.v1.Executor/Plan',
+            remat_dot_v1_dot_executor__pb2.PlanRequest.SerializeToString,
+            remat_dot_v1_dot_executor__pb2.PlanResponse.FromString,
             options,
             channel_credentials,
             insecure,
