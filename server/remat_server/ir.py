@@ -132,24 +132,19 @@ class Graph:
 
     def ancestors(self, names: "list[str] | tuple[str, ...] | set[str]") -> set[str]:
         """`names` and every node they depend on (iterative, no recursion)."""
-        seen: set[str] = set()
-        stack = list(names)
-        while stack:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            stack.extend(self.nodes[name].inputs)
-        return seen
+        return self._reach(names, lambda name: self.nodes[name].inputs)
 
     def descendants(self, names: "list[str] | tuple[str, ...] | set[str]") -> set[str]:
         """`names` and every node that depends on them."""
+        return self._reach(names, self.consumers)
+
+    @staticmethod
+    def _reach(names, neighbours) -> set[str]:
         seen: set[str] = set()
         stack = list(names)
         while stack:
             name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            stack.extend(self.consumers(name))
+            if name not in seen:
+                seen.add(name)
+                stack.extend(neighbours(name))
         return seen
