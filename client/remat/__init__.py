@@ -10,6 +10,7 @@
 """
 from . import models, policies
 from .client import Client
+from .compare import ComparisonRow, format_table
 from .errors import (
     CancelledError, DeadlineExceededError, InternalError, InvalidArgumentError, NotFoundError,
     PermissionDeniedError, RematError, ResourceExhaustedError, UnauthenticatedError,
@@ -21,14 +22,14 @@ from .ops import (
     dropout, eq, exp, ge, gelu, gt, layer_norm, le, log, log_softmax, lt, matmul, max,
     max_pool2d, maximum, mean, minimum, mul, neg, op, pow, relu, reshape, sigmoid, sign,
     slice, softmax, sqrt, square, sub, sum, take, take_along_axis, tanh, transpose, where)
-from .results import Metrics, OpInfo, RunResult
+from .results import Metrics, OpInfo, PlanResult, RunResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     # graphs and the client
     "Graph", "Node", "Client", "RunResult", "Metrics", "OpInfo", "policies", "models",
-    "gradcheck", "numeric_gradient",
+    "gradcheck", "numeric_gradient", "PlanResult", "ComparisonRow", "format_table",
     # errors
     "RematError", "InvalidArgumentError", "ResourceExhaustedError", "NotFoundError",
     "UnavailableError", "CancelledError", "DeadlineExceededError", "UnauthenticatedError",

@@ -1,12 +1,14 @@
-"""The `remat` command: serve, demo, ops.
+"""The `remat` command: serve, demo, plan, ops.
 
     remat serve --host 0.0.0.0 --port 50051
     remat demo
+    remat plan --policy sqrt
     remat ops
 """
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -33,25 +35,102 @@ def _serve(args) -> int:
     return 0
 
 
+DEMO_LAYERS, DEMO_WIDTH, DEMO_BATCH = 16, 64, 1024
+DEMO_POLICIES = ("store_all", "sqrt", "revolve:4", "recompute_all")
+
+
+def _demo_mlp(batch: int, layers: int = DEMO_LAYERS, width: int = DEMO_WIDTH):
+    """A deep, narrow tanh MLP: activations, not weights, dominate its memory, so the
+    checkpoint policies differ visibly."""
+    import remat
+
+    return remat.models.mlp(batch=batch, widths=(width,) * layers + (10,))
+
+
 def _demo(args) -> int:
     import remat
 
-    model = remat.models.mlp(batch=args.batch)
-    print(f"remat demo: {model.graph.name} with {len(model.graph.nodes)} nodes, "
-          f"batch {args.batch}, in-process server")
+    model = _demo_mlp(args.batch, args.layers)
+    print(f"remat demo: {model.graph.name} with {len(model.graph.nodes)} nodes "
+          f"({args.layers} layers), batch {args.batch}, in-process server")
     with remat.Client.in_process() as client:
         result = client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss)
+        rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
+                              policies=args.policies or [_policy(p) for p in DEMO_POLICIES])
     print(f"loss = {float(result.outputs['loss']):.6f}")
     print("gradient norms:")
     for name in model.wrt:
         print(f"  {name:<4} {float(np.linalg.norm(result.grads[name])):.6f}")
     m = result.metrics
-    print("metrics (policy store_all):")
+    print(f"metrics (policy {m.policy or 'store_all'}):")
     print(f"  peak bytes     {m.peak_bytes:>12,}  (predicted {m.predicted_peak_bytes:,})")
     print(f"  forward        {m.forward_seconds * 1e3:>9.2f} ms")
     print(f"  backward       {m.backward_seconds * 1e3:>9.2f} ms")
     print(f"  total          {m.total_seconds * 1e3:>9.2f} ms")
     print(f"  nodes computed {m.nodes_computed:>9}   flops {m.flops:,}")
+    print()
+    print("checkpoint policies (same model and inputs; peak vs store_all, share of time "
+          "and FLOPs spent recomputing, gradient difference from store_all):")
+    print(remat.format_table(rows))
+    return 0
+
+
+def _plan_model(args):
+    import remat
+
+    if args.model == "mlp":
+        batch, layers = args.batch or DEMO_BATCH, args.layers or DEMO_LAYERS
+        return _demo_mlp(batch, layers), f"mlp ({layers} layers), batch {batch}"
+    if args.layers is not None:
+        raise SystemExit("remat plan: error: --layers applies to --model mlp only")
+    if args.model == "transformer":
+        batch = args.batch or 4
+        return remat.models.transformer_block(batch=batch), f"transformer block, batch {batch}"
+    batch = args.batch or 8
+    return remat.models.cnn(batch=batch), f"cnn, batch {batch}"
+
+
+def _natural(name: str) -> list:
+    """Sort key: "act2" before "act10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _plan(args) -> int:
+    import remat
+    from remat.compare import format_bytes as _bytes
+
+    model, description = _plan_model(args)
+    policy_label = remat.policies.label(args.policy)
+    print(f"remat plan: {description}, policy {policy_label} (dry run: no tensors sent)")
+    try:
+        with (remat.Client(args.target) if args.target else remat.Client.in_process()) as client:
+            plan = client.plan(model.graph, wrt=model.wrt, loss=model.loss, policy=args.policy)
+            base = client.plan(model.graph, wrt=model.wrt, loss=model.loss, policy="store_all")
+    except remat.RematError as error:
+        print(f"remat plan: error: {error}", file=sys.stderr)
+        return 1
+    once = sum(1 for times in plan.node_evaluations.values() if times == 1)
+    again = sorted(times for times in plan.node_evaluations.values() if times > 1)
+    summary = f"{once} computed once"
+    if again:
+        spread = f"{again[0]}x" if again[0] == again[-1] else f"{again[0]}x to {again[-1]}x"
+        summary += f", {len(again)} recomputed ({spread})"
+    most = sorted(plan.node_evaluations.items(), key=lambda item: (-item[1], _natural(item[0])))
+    most = [f"{name} ({times}x)" for name, times in most[:5] if times > 1]
+    share = plan.recompute_flops / plan.flops if plan.flops else 0.0
+    ratio = plan.peak_bytes / base.peak_bytes if base.peak_bytes else 0.0
+    print(f"  peak bytes       {plan.peak_bytes:>15,}  ({_bytes(plan.peak_bytes)}; "
+          f"{ratio:.1%} of store_all's {_bytes(base.peak_bytes)}; "
+          f"inputs {_bytes(plan.input_bytes)})")
+    print(f"  flops            {plan.flops:>15,}  ({plan.flops / base.flops:.2f}x store_all's)"
+          if base.flops else f"  flops            {plan.flops:>15,}")
+    print(f"  recompute flops  {plan.recompute_flops:>15,}  ({share:.1%} of flops)")
+    print(f"  recomputed nodes {plan.recomputed_nodes:>15,}  (repeat evaluations)")
+    print(f"  schedule         {len(plan.timeline):>15,}  steps, planned in "
+          f"{plan.plan_seconds * 1e3:.1f} ms")
+    print(f"  node evaluations {len(plan.node_evaluations):>15,}  nodes: {summary}")
+    if most:
+        print(f"  most recomputed  {', '.join(most)}")
     return 0
 
 
@@ -71,6 +150,7 @@ def _ops(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from remat import policies
     from remat_server.limits import Limits
 
     parser = argparse.ArgumentParser(prog="remat", description=__doc__.splitlines()[0])
@@ -87,14 +167,49 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument("--" + flag.replace("_", "-"), type=int, default=getattr(defaults, flag))
     serve.set_defaults(run=_serve)
 
-    demo = sub.add_parser("demo", help="run a sample MLP on an in-process server")
-    demo.add_argument("--batch", type=int, default=64)
+    demo = sub.add_parser("demo", help="run a sample MLP on an in-process server and "
+                          "compare checkpoint policies on it")
+    demo.add_argument("--batch", type=_positive, default=DEMO_BATCH)
+    demo.add_argument("--layers", type=_positive, default=DEMO_LAYERS, help="linear layers")
+    demo.add_argument("--policies", nargs="+", type=_policy, default=None,
+                      metavar="POLICY", help="policies to compare (default: "
+                      f"{' '.join(DEMO_POLICIES)})")
     demo.set_defaults(run=_demo)
+
+    plan = sub.add_parser("plan", help="dry-run a sample model under a policy: predicted "
+                          "peak memory, FLOPs and recomputation, no tensors sent")
+    plan.add_argument("--policy", type=_policy, default="store_all",
+                      help=f"one of: {', '.join(policies.FORMS)} (default store_all)")
+    plan.add_argument("--model", choices=("mlp", "transformer", "cnn"), default="mlp")
+    plan.add_argument("--layers", type=_positive, help=f"mlp layers (default {DEMO_LAYERS})")
+    plan.add_argument("--batch", type=_positive,
+                      help=f"batch size (default: mlp {DEMO_BATCH}, transformer 4, cnn 8)")
+    plan.add_argument("--target", help="server address (default: an in-process server)")
+    plan.set_defaults(run=_plan)
 
     ops = sub.add_parser("ops", help="list the server's ops")
     ops.add_argument("--target", help="server address (default: an in-process server)")
     ops.set_defaults(run=_ops)
     return parser
+
+
+def _policy(text: str):
+    from remat import policies
+
+    try:
+        return policies.parse(text)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

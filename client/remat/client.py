@@ -15,10 +15,12 @@ from typing import Any, Iterable, Mapping
 
 import grpc
 
+from . import compare as compare_module
 from . import policies, wire
+from .compare import ComparisonRow
 from .errors import from_rpc_error
 from .graph import Graph
-from .results import OpInfo, RunResult
+from .results import OpInfo, PlanResult, RunResult
 from .v1 import executor_pb2, executor_pb2_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
@@ -78,17 +80,22 @@ class Client:
 
     def run(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str] = (),
             loss: str | None = None, cotangents: Mapping[str, Any] | None = None,
-            fetch: Iterable[str] | None = None, policy=None,
-            timeout: float | None = None) -> RunResult:
+            fetch: Iterable[str] | None = None, policy=None, timeline: bool = False,
+            measure_memory: bool = False, timeout: float | None = None) -> RunResult:
         """Run forward (and backward, when `wrt` is given) on the server.
 
         `loss` names a scalar output; or pass `cotangents` (output name -> array) for a
-        vector-Jacobian product. Returns `.outputs`, `.grads` (NumPy) and `.metrics`.
+        vector-Jacobian product. `policy` is a `remat.policies` object or the name of a
+        parameterless one (default store_all). `timeline=True` also returns the live
+        bytes after every schedule step; `measure_memory=True` measures the real peak
+        allocation (`metrics.measured_peak_bytes`; such runs go one at a time).
+        Returns `.outputs`, `.grads` (NumPy), `.metrics` and `.timeline`.
         """
         declared = {item.name: item.dtype for item in graph.inputs}
         request = executor_pb2.RunRequest(
             graph=executor_pb2.GraphRef(graph=graph.to_proto()), fetch=list(fetch or ()),
-            wrt=list(wrt), loss=loss or "", policy=wire.policy_to_proto(policies.resolve(policy)))
+            wrt=list(wrt), loss=loss or "", policy=wire.policy_to_proto(policies.resolve(policy)),
+            timeline=timeline, measure_memory=measure_memory)
         for name, value in inputs.items():
             wire.fill_tensor(request.inputs[name], value, _dtype_for(value, declared.get(name)))
         for name, value in (cotangents or {}).items():
@@ -97,7 +104,50 @@ class Client:
         return RunResult(
             outputs={k: wire.tensor_to_array(v) for k, v in response.outputs.items()},
             grads={k: wire.tensor_to_array(v) for k, v in response.grads.items()},
-            metrics=wire.metrics_from_proto(response.metrics), warnings=tuple(response.warnings))
+            metrics=wire.metrics_from_proto(response.metrics), warnings=tuple(response.warnings),
+            timeline=tuple(response.timeline))
+
+    def plan(self, graph: Graph, *, wrt: Iterable[str] = (), loss: str | None = None,
+             policy=None, input_shapes: Mapping[str, Iterable[int]] | None = None,
+             fetch: Iterable[str] | None = None, cotangent_outputs: Iterable[str] = (),
+             include_schedule: bool = False, timeout: float | None = None) -> PlanResult:
+        """Dry run: what `run` would cost under `policy`, from the server's simulator.
+        No tensors are sent and no kernel runs.
+
+        Arguments mean what they mean for `run`; `input_shapes` binds -1 (batch)
+        dimensions, and `cotangent_outputs` names the outputs whose cotangents a
+        vector-Jacobian run would send (instead of `loss`). The figures equal the
+        run's: `peak_bytes` is its `metrics.predicted_peak_bytes`, `flops` its flops.
+
+            >>> import remat
+            >>> model = remat.models.mlp(batch=8, widths=(16, 32, 32, 4))
+            >>> with remat.Client.in_process() as client:
+            ...     store = client.plan(model.graph, wrt=model.wrt, loss="loss")
+            ...     low = client.plan(model.graph, wrt=model.wrt, loss="loss",
+            ...                       policy="recompute_all")
+            >>> low.peak_bytes < store.peak_bytes, low.recompute_flops > 0
+            (True, True)
+            >>> set(store.node_evaluations.values())
+            {1}
+        """
+        request = executor_pb2.PlanRequest(
+            graph=executor_pb2.GraphRef(graph=graph.to_proto()), wrt=list(wrt), loss=loss or "",
+            cotangent_outputs=list(cotangent_outputs), fetch=list(fetch or ()),
+            policy=wire.policy_to_proto(policies.resolve(policy)),
+            include_schedule=include_schedule)
+        for name, shape in (input_shapes or {}).items():
+            request.input_shapes[name].values.extend(int(d) for d in shape)
+        return wire.plan_from_proto(self._call("Plan", request, timeout))
+
+    def compare(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str],
+                loss: str, policies: Iterable = compare_module.DEFAULT_POLICIES,
+                repeats: int = 1, warmup: bool = True, measure_memory: bool = False,
+                timeout: float | None = None) -> list[ComparisonRow]:
+        """Run the graph under store_all (the baseline, always first) and each policy;
+        one `remat.ComparisonRow` per policy. See `remat.compare.compare`."""
+        return compare_module.compare(self, graph, inputs, wrt=wrt, loss=loss,
+                                      policies=policies, repeats=repeats, warmup=warmup,
+                                      measure_memory=measure_memory, timeout=timeout)
 
     def differentiate(self, graph: Graph, *, wrt: Iterable[str], loss: str | None = None,
                       input_shapes: Mapping[str, Iterable[int]] | None = None,

@@ -21,16 +21,48 @@ class Metrics:
     recomputed_nodes: int = 0
     flops: int = 0
     recompute_flops: int = 0
+    # tracemalloc's peak during execution plus the input bytes; 0 unless the run
+    # asked for `measure_memory=True`.
+    measured_peak_bytes: int = 0
+    # The policy that planned the run, e.g. "every_k(4)".
+    policy: str = ""
+    # Time the request waited for the server to admit it.
+    queue_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """`outputs[name]` and `grads[input]` are NumPy arrays."""
+    """`outputs[name]` and `grads[input]` are NumPy arrays; `timeline` holds the live
+    bytes after every schedule step (empty unless the run asked for `timeline=True`)."""
 
     outputs: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
     metrics: Metrics
     warnings: tuple[str, ...] = field(default=())
+    timeline: tuple[int, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A dry run's figures: what a Run under `policy` would cost, from the simulator.
+
+    `node_evaluations` maps each computed node to how many times the schedule computes
+    it (more than once: recomputation); `timeline` is the live bytes after each step;
+    `schedule` is the steps themselves, ("compute" | "free", node) pairs, when the plan
+    asked for `include_schedule=True`. `input_bytes` are live for the whole run and
+    included in `peak_bytes`.
+    """
+
+    peak_bytes: int
+    flops: int
+    recompute_flops: int
+    node_evaluations: dict[str, int]
+    timeline: tuple[int, ...]
+    schedule: tuple[tuple[str, str], ...]
+    policy: str
+    recomputed_nodes: int
+    plan_seconds: float
+    input_bytes: int
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from . import policies
 from .graph import Graph, InputDef, NodeDef
-from .results import AttrInfo, Metrics, OpInfo
+from .results import AttrInfo, Metrics, OpInfo, PlanResult
 from .v1 import executor_pb2, graph_pb2, tensor_pb2
 
 _DTYPES = {"float32": tensor_pb2.FLOAT32, "float64": tensor_pb2.FLOAT64,
@@ -103,7 +104,32 @@ def op_info_from_proto(message: executor_pb2.OpInfo) -> OpInfo:
                   tuple(message.differentiable), message.residuals, message.doc)
 
 
-def policy_to_proto(policy) -> executor_pb2.Policy:
-    if policy.name == "store_all":
-        return executor_pb2.Policy(store_all=executor_pb2.StoreAll())
-    return executor_pb2.Policy(name=policy.name)
+def policy_to_proto(policy: policies.Policy) -> executor_pb2.Policy:
+    """The `Policy` oneof for a policy object (names are resolved before this)."""
+    pb = executor_pb2
+    if isinstance(policy, policies.StoreAll):
+        return pb.Policy(store_all=pb.StoreAll())
+    if isinstance(policy, policies.RecomputeAll):
+        return pb.Policy(recompute_all=pb.RecomputeAll())
+    if isinstance(policy, policies.Sqrt):
+        return pb.Policy(sqrt=pb.Sqrt())
+    if isinstance(policy, policies.EveryK):
+        return pb.Policy(every_k=pb.EveryK(k=policy.k))
+    if isinstance(policy, policies.Revolve):
+        return pb.Policy(revolve=pb.Revolve(slots=policy.slots))
+    if isinstance(policy, policies.Checkpoints):
+        return pb.Policy(checkpoints=pb.Checkpoints(names=policy.names))
+    if isinstance(policy, policies.SaveOps):
+        return pb.Policy(save_ops=pb.SaveOps(ops=policy.ops))
+    raise TypeError(f"expected a remat.policies object, got {type(policy).__name__}")
+
+
+def plan_from_proto(message: executor_pb2.PlanResponse) -> PlanResult:
+    schedule = tuple((step.WhichOneof("kind"), getattr(step, step.WhichOneof("kind")))
+                     for step in message.steps)
+    return PlanResult(
+        peak_bytes=message.peak_bytes, flops=message.flops,
+        recompute_flops=message.recompute_flops,
+        node_evaluations=dict(message.node_evaluations), timeline=tuple(message.timeline),
+        schedule=schedule, policy=message.policy, recomputed_nodes=message.recomputed_nodes,
+        plan_seconds=message.plan_seconds, input_bytes=message.input_bytes)

@@ -1,0 +1,167 @@
+"""Checkpoint policies side by side: run one graph under each, compare cost and gradients.
+
+    >>> import remat
+    >>> model = remat.models.mlp(batch=8, widths=(16, 32, 32, 32, 4))
+    >>> with remat.Client.in_process() as client:
+    ...     rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
+    ...                           policies=["sqrt", "recompute_all"])
+    >>> [row.policy for row in rows]
+    ['store_all', 'sqrt', 'recompute_all']
+    >>> rows[2].peak_ratio < 1.0, [row.max_grad_diff for row in rows]
+    (True, [0.0, 0.0, 0.0])
+    >>> print(format_table(rows))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import numpy as np
+
+from . import policies as _policies
+from .results import RunResult
+
+if TYPE_CHECKING:  # the client imports this module
+    from .client import Client
+    from .graph import Graph
+
+DEFAULT_POLICIES = ("store_all", "sqrt", "recompute_all")
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One policy's run, against store_all's (the baseline).
+
+    `peak_bytes` is the executor's accounted peak, `predicted_peak_bytes` the
+    simulator's (they are equal); `peak_ratio` is `peak_bytes` over store_all's.
+    `recompute_share` is recompute_seconds over the compute seconds (forward +
+    recompute + backward), `recompute_flop_share` recompute_flops over flops.
+    `max_grad_diff` is the largest absolute difference of any gradient element from
+    store_all's: 0.0, since every policy computes bit-identical gradients.
+    `measured_peak_bytes` is 0 unless the comparison measured memory.
+    """
+
+    policy: str
+    predicted_peak_bytes: int
+    peak_bytes: int
+    peak_ratio: float
+    recompute_share: float
+    recompute_flop_share: float
+    forward_seconds: float
+    backward_seconds: float
+    recompute_seconds: float
+    total_seconds: float
+    max_grad_diff: float
+    flops: int = 0
+    recompute_flops: int = 0
+    recomputed_nodes: int = 0
+    measured_peak_bytes: int = 0
+
+
+def compare(client: "Client", graph: "Graph", inputs: Mapping[str, Any], *, wrt: Iterable[str],
+            loss: str, policies: Iterable = DEFAULT_POLICIES, repeats: int = 1,
+            warmup: bool = True, measure_memory: bool = False,
+            timeout: float | None = None) -> list[ComparisonRow]:
+    """Run `graph` under store_all first (the baseline, listed or not), then under each
+    policy in order; return one row per policy, store_all's first.
+
+    Each policy runs `repeats` times; the row reports the fastest run (by total
+    seconds), so timings are less noisy. With `warmup`, one untimed store_all run comes
+    first, so the baseline does not pay for a cold server (first-call costs would
+    otherwise make store_all look slowest). Policies are `remat.policies` objects or
+    names; they are checked before anything runs.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(policies, (str, *_policies._TYPES)):
+        policies = [policies]
+    chosen = [_policies.resolve(p) for p in policies]
+    chosen = [_policies.StoreAll()] + [p for p in chosen if not isinstance(p, _policies.StoreAll)]
+    wrt = list(wrt)
+
+    def best_run(policy) -> RunResult:
+        runs = [client.run(graph, inputs, wrt=wrt, loss=loss, policy=policy,
+                           measure_memory=measure_memory, timeout=timeout)
+                for _ in range(repeats)]
+        # Gradients are bit-identical across repeats; only the timings differ.
+        return min(runs, key=lambda run: run.metrics.total_seconds)
+
+    if warmup:
+        client.run(graph, inputs, wrt=wrt, loss=loss, policy=chosen[0], timeout=timeout)
+    baseline = best_run(chosen[0])
+    rows = [_row(chosen[0], baseline, baseline)]
+    for policy in chosen[1:]:
+        rows.append(_row(policy, best_run(policy), baseline))
+    return rows
+
+
+def _row(policy, run: RunResult, baseline: RunResult) -> ComparisonRow:
+    m, base = run.metrics, baseline.metrics
+    compute = m.forward_seconds + m.recompute_seconds + m.backward_seconds
+    return ComparisonRow(
+        policy=_policies.label(policy), predicted_peak_bytes=m.predicted_peak_bytes,
+        peak_bytes=m.peak_bytes, peak_ratio=m.peak_bytes / base.peak_bytes if base.peak_bytes else 0.0,
+        recompute_share=m.recompute_seconds / compute if compute else 0.0,
+        recompute_flop_share=m.recompute_flops / m.flops if m.flops else 0.0,
+        forward_seconds=m.forward_seconds, backward_seconds=m.backward_seconds,
+        recompute_seconds=m.recompute_seconds, total_seconds=m.total_seconds,
+        max_grad_diff=max_abs_diff(run.grads, baseline.grads), flops=m.flops,
+        recompute_flops=m.recompute_flops, recomputed_nodes=m.recomputed_nodes,
+        measured_peak_bytes=m.measured_peak_bytes)
+
+
+def max_abs_diff(grads: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """The largest |a - b| over every element of every gradient; NaN where the
+    reference has NaN counts as equal, a missing gradient or a shape change as inf."""
+    worst = 0.0
+    for name, ref in reference.items():
+        value = grads.get(name)
+        if value is None or value.shape != ref.shape:
+            return float("inf")
+        if value.size == 0:
+            continue
+        a, b = value.astype(np.float64), ref.astype(np.float64)
+        both_nan = np.isnan(a) & np.isnan(b)
+        diff = np.where(both_nan, 0.0, np.abs(a - b))
+        worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
+    return worst
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.50 KiB'."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_table(rows: Iterable[ComparisonRow]) -> str:
+    """The rows as an aligned plain-text table (times in milliseconds; "recompute"
+    shares as percentages of compute time and of FLOPs).
+
+        >>> row = ComparisonRow("sqrt", 3 << 20, 3 << 20, 0.25, 0.2, 0.3, 0.01, 0.02,
+        ...                     0.005, 0.04, 0.0)
+        >>> print(format_table([row]))
+        policy      peak  predicted  vs store_all  recompute time  recompute flops  forward ms  recompute ms  backward ms  total ms  max grad diff
+        sqrt    3.00 MiB   3.00 MiB         25.0%           20.0%            30.0%       10.00          5.00        20.00     40.00              0
+    """
+    rows = list(rows)
+    measured = any(row.measured_peak_bytes for row in rows)
+    headers = ["policy", "peak", "predicted", *(["measured"] if measured else []),
+               "vs store_all", "recompute time", "recompute flops", "forward ms",
+               "recompute ms", "backward ms", "total ms", "max grad diff"]
+    table = [headers]
+    for row in rows:
+        table.append([
+            row.policy, format_bytes(row.peak_bytes), format_bytes(row.predicted_peak_bytes),
+            *([format_bytes(row.measured_peak_bytes)] if measured else []),
+            f"{row.peak_ratio:.1%}", f"{row.recompute_share:.1%}",
+            f"{row.recompute_flop_share:.1%}", f"{row.forward_seconds * 1e3:.2f}",
+            f"{row.recompute_seconds * 1e3:.2f}", f"{row.backward_seconds * 1e3:.2f}",
+            f"{row.total_seconds * 1e3:.2f}", f"{row.max_grad_diff:.3g}"])
+    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+    # The policy column reads left-aligned; figures right-aligned so digits line up.
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                  for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
+        for line in table)
