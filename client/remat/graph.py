@@ -229,15 +229,13 @@ class Graph:
         return graph_from_proto(message)
 
     def to_json(self) -> str:
-        from google.protobuf import json_format
-        return json_format.MessageToJson(self.to_proto())
+        from .wire import graph_to_json
+        return graph_to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> "Graph":
-        from google.protobuf import json_format
-
-        from .v1 import graph_pb2
-        return cls.from_proto(json_format.Parse(text, graph_pb2.Graph()))
+        from .wire import graph_from_json
+        return graph_from_json(text)
 
     # --- internals --------------------------------------------------------------------
     def _claim(self, name: str) -> None:

@@ -27,7 +27,6 @@ class Metrics:
     # The policy that planned the run, e.g. "every_k(4)".
     policy: str = ""
     # Time the request waited for the server to admit it.
-    queue_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

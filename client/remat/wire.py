@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
 from . import policies
 from .graph import Graph, InputDef, NodeDef
@@ -133,3 +134,11 @@ def plan_from_proto(message: executor_pb2.PlanResponse) -> PlanResult:
         node_evaluations=dict(message.node_evaluations), timeline=tuple(message.timeline),
         schedule=schedule, policy=message.policy, recomputed_nodes=message.recomputed_nodes,
         plan_seconds=message.plan_seconds, input_bytes=message.input_bytes)
+
+
+def graph_to_json(graph: Graph) -> str:
+    return json_format.MessageToJson(graph_to_proto(graph))
+
+
+def graph_from_json(text: str) -> Graph:
+    return graph_from_proto(json_format.Parse(text, graph_pb2.Graph()))

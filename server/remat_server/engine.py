@@ -63,7 +63,6 @@ class Metrics:
     recompute_flops: int = 0
     measured_peak_bytes: int = 0  # tracemalloc's peak plus the inputs; 0 unless requested
     policy: str = ""
-    queue_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ class RunRequest(_message.Message):
     def __init__(self, graph: _Optional[_Union[GraphRef, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., fetch: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., timeline: _Optional[bool] = ..., measure_memory: _Optional[bool] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("peak_bytes", "predicted_peak_bytes", "forward_seconds", "backward_seconds", "recompute_seconds", "plan_seconds", "total_seconds", "nodes_computed", "recomputed_nodes", "flops", "recompute_flops", "measured_peak_bytes", "policy", "queue_seconds")
+    __slots__ = ("peak_bytes", "predicted_peak_bytes", "forward_seconds", "backward_seconds", "recompute_seconds", "plan_seconds", "total_seconds", "nodes_computed", "recomputed_nodes", "flops", "recompute_flops", "measured_peak_bytes", "policy")
     PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -135,7 +135,6 @@ class Metrics(_message.Message):
     RECOMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     MEASURED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
-    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     peak_bytes: int
     predicted_peak_bytes: int
     forward_seconds: float
@@ -149,8 +148,7 @@ class Metrics(_message.Message):
     recompute_flops: int
     measured_peak_bytes: int
     policy: str
-    queue_seconds: float
-    def __init__(self, peak_bytes: _Optional[int] = ..., predicted_peak_bytes: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., recompute_seconds: _Optional[float] = ..., plan_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., nodes_computed: _Optional[int] = ..., recomputed_nodes: _Optional[int] = ..., flops: _Optional[int] = ..., recompute_flops: _Optional[int] = ..., measured_peak_bytes: _Optional[int] = ..., policy: _Optional[str] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, peak_bytes: _Optional[int] = ..., predicted_peak_bytes: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., recompute_seconds: _Optional[float] = ..., plan_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., nodes_computed: _Optional[int] = ..., recomputed_nodes: _Optional[int] = ..., flops: _Optional[int] = ..., recompute_flops: _Optional[int] = ..., measured_peak_bytes: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class RunResponse(_message.Message):
     __slots__ = ("outputs", "grads", "metrics", "warnings", "timeline")

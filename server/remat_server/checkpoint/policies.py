@@ -72,8 +72,8 @@ def label(policy: Policy) -> str:
             return f"every_k({k})"
         case Revolve(slots):
             return f"revolve({slots})"
-        case Checkpoints():
-            return "checkpoints"
+        case Checkpoints(names):
+            return f"checkpoints({','.join(names)})"
         case SaveOps(ops):
             return f"save_ops({','.join(ops)})"
     return {StoreAll: "store_all", RecomputeAll: "recompute_all", Sqrt: "sqrt"}[type(policy)]

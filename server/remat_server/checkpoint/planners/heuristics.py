@@ -6,7 +6,7 @@ import math
 
 from ...errors import InvalidArgument
 from ...ops import registry
-from ..policies import Checkpoints, EveryK, SaveOps
+from ..policies import Checkpoints, EveryK, SaveOps, label
 from ..problem import Problem
 from ..recompute import schedule_with_checkpoints
 from ..schedule import Schedule
@@ -35,7 +35,7 @@ def plan_checkpoints(problem: Problem, policy: Checkpoints) -> Schedule:
                                              or problem.graph[name].is_input):
             raise InvalidArgument(f"policy checkpoints: '{name}' is not a node of the "
                                   "forward graph")
-    return schedule_with_checkpoints(problem, frozenset(policy.names), "checkpoints")
+    return schedule_with_checkpoints(problem, frozenset(policy.names), label(policy))
 
 
 def plan_save_ops(problem: Problem, policy: SaveOps) -> Schedule:
