@@ -118,21 +118,41 @@ class _Emitter:
         self.position = 0
 
     def _assign_backward(self) -> dict[int, list[str]]:
-        """Each backward node runs in the reversal of the segment whose values it reads
-        (a state counts for the step after it); nodes reading none follow their inputs."""
-        seg: dict[str, int] = {}
-        result: dict[int, list[str]] = {}
+        """Which reversal runs each backward node.
+
+        A node that reads a segment's forward values runs in that segment's reversal
+        (a state counts for the step after it: that reversal starts from it), and so
+        does, as early as its inputs allow, every node downstream of such a node. A node
+        that depends on no segment at all (say, the gradient of a weight penalty, a
+        function of the inputs and the seed alone) runs as late as its consumers allow,
+        so it is not held from the first reversal to the last.
+        """
         top = len(self.segments)
+        pinned: dict[str, int] = {}
         for b in self.problem.backward:
-            here = top
             for source in self.graph[b].inputs:
                 if source in self.segment_of:
                     s = self.segment_of[source]
-                    here = min(here, s + 1 if self.state[s] == source and s < top else s)
-                elif source in seg:
-                    here = min(here, seg[source])
-            seg[b] = here
-            result.setdefault(here, []).append(b)
+                    here = s + 1 if self.state[s] == source and s < top else s
+                    pinned[b] = min(pinned.get(b, top), here)
+        backward = set(self.problem.backward)
+        earliest: dict[str, int] = {}
+        anchored: set[str] = set()  # pinned, or downstream of a pinned node
+        for b in self.problem.backward:  # topological: inputs first
+            inputs = [i for i in self.graph[b].inputs if i in earliest]
+            earliest[b] = min([pinned.get(b, top), *(earliest[i] for i in inputs)])
+            if b in pinned or any(i in anchored for i in inputs):
+                anchored.add(b)
+        assigned: dict[str, int] = {}
+        for b in reversed(self.problem.backward):  # consumers first
+            if b in anchored:
+                assigned[b] = pinned.get(b, earliest[b])
+            else:
+                consumers = [assigned[c] for c in self.graph.consumers(b) if c in backward]
+                assigned[b] = min(earliest[b], max(consumers, default=earliest[b]))
+        result: dict[int, list[str]] = {}
+        for b in self.problem.backward:
+            result.setdefault(assigned[b], []).append(b)
         return result
 
     def compute(self, name: str) -> None:
@@ -163,8 +183,16 @@ class _Emitter:
         return any(source in self.graph[n].inputs for n in after) or source == segment[-1]
 
     def reverse(self, step: int) -> None:
-        for name in self.segments[step - 1]:
+        """The recorded evaluation of a step, then its backward nodes. Only values the
+        backward reads are recorded; the rest go as soon as the segment is done with them."""
+        segment = self.segments[step - 1]
+        read = {s for b in self.backward_of.get(step, ()) for s in self.graph[b].inputs}
+        for name in segment:
             self.compute(name)
+            for source in self.graph[name].inputs:
+                if self.segment_of.get(source) == step and source not in read \
+                        and not self._read_later(source, segment, name):
+                    self.free(source)
         for b in self.backward_of.get(step, ()):
             self.compute(b)
             for source in self.graph[b].inputs:
