@@ -12,7 +12,7 @@ import grpc
 
 from remat.v1 import executor_pb2, executor_pb2_grpc
 
-from . import codec
+from . import allocator, codec
 from .build import validate_spec
 from .engine import Engine, RunRequest
 from .errors import InvalidArgument, RematError
@@ -73,7 +73,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             cotangents=codec.tensors_to_arrays(request.cotangents, limits, "cotangent"),
             policy=codec.policy_from_proto(request.policy), timeline=request.timeline,
             measure_memory=request.measure_memory)
-        result = self.engine.run(run, should_stop=lambda: not context.is_active())
+        try:
+            result = self.engine.run(run, should_stop=lambda: not context.is_active())
+        finally:
+            allocator.release_free_memory()
         response = executor_pb2.RunResponse(metrics=codec.metrics_to_proto(result.metrics),
                                             warnings=result.warnings, timeline=result.timeline)
         for name, array in result.outputs.items():
