@@ -70,3 +70,18 @@ def check_grads(spec, feeds, wrt, loss="loss", tol=1e-6) -> dict[str, float]:
         errors[name] = relative_error(result.grads[name], numeric_grad(spec, feeds, name, loss))
         assert errors[name] <= tol, f"gradient of {name}: relative error {errors[name]:.3g}"
     return errors
+
+
+def tanh_chain(length: int, width: int = 3, dtype: str = "float64",
+               loss: bool = False) -> GraphSpec:
+    """x -> t1 = tanh(x) -> ... -> t<length>; output "out" is the last value, or with
+    `loss`, output "loss" = sum of it."""
+    nodes, prev = [], "x"
+    for i in range(1, length + 1):
+        nodes.append(NodeSpec(f"t{i}", "tanh", (prev,)))
+        prev = f"t{i}"
+    outputs = (("out", prev),)
+    if loss:
+        nodes.append(NodeSpec("loss", "sum", (prev,)))
+        outputs = (("loss", "loss"),)
+    return GraphSpec("chain", (InputSpec("x", (width,), dtype),), tuple(nodes), outputs)

@@ -11,6 +11,7 @@ import functools
 import math
 
 import numpy as np
+import support
 import pytest
 
 import remat
@@ -242,15 +243,7 @@ def test_revolve_without_chain_structure_is_invalid_argument():
 # --- recompute counts on a pure chain ----------------------------------------------------------
 def chain(n: int, width: int = 4, loss: bool = True) -> GraphSpec:
     """x -> t1 = tanh(x) -> ... -> tn (-> loss = sum(tn))."""
-    nodes, prev = [], "x"
-    for i in range(1, n + 1):
-        nodes.append(NodeSpec(f"t{i}", "tanh", (prev,)))
-        prev = f"t{i}"
-    outputs = (("out", prev),)
-    if loss:
-        nodes.append(NodeSpec("loss", "sum", (prev,)))
-        outputs = (("loss", "loss"),)
-    return GraphSpec("chain", (InputSpec("x", (width,), "float64"),), tuple(nodes), outputs)
+    return support.tanh_chain(n, width, loss=loss)
 
 
 N = 16

@@ -12,6 +12,7 @@ import functools
 from math import comb
 
 import numpy as np
+import support
 import pytest
 
 from remat_server.checkpoint.planners.revolve import binomial_advances, reversal_plan
@@ -46,17 +47,9 @@ def optimal(l: int, c: int) -> int:
 
 
 def chain(l: int, width: int = 3, dtype: str = "float64", loss: bool = False) -> GraphSpec:
-    """x -> t1 = tanh(x) -> ... -> tl; without a loss, tl is the output (its cotangent is
-    an input), so the forward graph is exactly l steps."""
-    nodes, prev = [], "x"
-    for i in range(1, l + 1):
-        nodes.append(NodeSpec(f"t{i}", "tanh", (prev,)))
-        prev = f"t{i}"
-    outputs = (("out", prev),)
-    if loss:
-        nodes.append(NodeSpec("loss", "sum", (prev,)))
-        outputs = (("loss", "loss"),)
-    return GraphSpec("chain", (InputSpec("x", (width,), dtype),), tuple(nodes), outputs)
+    """Without a loss, tl is the output (its cotangent is an input), so the forward graph
+    is exactly l steps."""
+    return support.tanh_chain(l, width, dtype, loss)
 
 
 def plan_chain(l: int, c: int, loss: bool = False):
