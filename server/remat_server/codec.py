@@ -15,7 +15,7 @@ from remat.v1 import executor_pb2, graph_pb2, tensor_pb2
 
 from . import dtypes
 from .checkpoint import policies
-from .checkpoint.schedule import Compute
+from .checkpoint.schedule import Compute, PlannerReport
 from .engine import Metrics, Plan
 from .errors import InvalidArgument, where
 from .ir import Graph, GraphSpec, InputSpec, NodeSpec
@@ -141,7 +141,7 @@ def content_id(graph: graph_pb2.Graph) -> str:
 def policy_from_proto(policy: executor_pb2.Policy) -> policies.Policy:
     kind = policy.WhichOneof("kind")
     if kind is None:
-        return policies.StoreAll()
+        return policies.Auto()
     if kind == "name":
         return policies.by_name(policy.name)
     value = getattr(policy, kind)
@@ -153,7 +153,16 @@ def policy_from_proto(policy: executor_pb2.Policy) -> policies.Policy:
         "checkpoints": lambda: policies.Checkpoints(tuple(value.names)),
         "save_ops": lambda: policies.SaveOps(tuple(value.ops)),
         "revolve": lambda: policies.Revolve(value.slots),
+        "budget": lambda: policies.Budget(value.bytes, value.fraction, value.profile),
+        "optimal": lambda: policies.Optimal(value.bytes, value.fraction,
+                                            value.time_limit_seconds),
+        "dtr": lambda: policies.DTR(value.bytes, value.fraction),
+        "auto": lambda: policies.Auto(value.bytes),
     }[kind]()
+
+
+def report_to_proto(report: PlannerReport | None) -> executor_pb2.PlannerReport | None:
+    return None if report is None else executor_pb2.PlannerReport(**vars(report))
 
 
 def plan_to_proto(plan: Plan, include_schedule: bool) -> executor_pb2.PlanResponse:
@@ -162,7 +171,8 @@ def plan_to_proto(plan: Plan, include_schedule: bool) -> executor_pb2.PlanRespon
         peak_bytes=sim.peak_bytes, flops=sim.flops, recompute_flops=sim.recompute_flops,
         node_evaluations=dict(sim.evaluations), timeline=sim.timeline, policy=plan.policy,
         recomputed_nodes=sim.recomputed_nodes, plan_seconds=plan.seconds,
-        input_bytes=sum(node.type.nbytes for node in graph.inputs))
+        input_bytes=sum(node.type.nbytes for node in graph.inputs),
+        planner=report_to_proto(plan.schedule.report))
     if include_schedule:
         response.steps.extend(
             executor_pb2.Step(compute=step.node) if isinstance(step, Compute)
@@ -172,7 +182,9 @@ def plan_to_proto(plan: Plan, include_schedule: bool) -> executor_pb2.PlanRespon
 
 # --- responses ---------------------------------------------------------------------------
 def metrics_to_proto(metrics: Metrics) -> executor_pb2.Metrics:
-    return executor_pb2.Metrics(**vars(metrics))
+    fields = dict(vars(metrics))
+    fields["planner"] = report_to_proto(fields["planner"])
+    return executor_pb2.Metrics(**fields)
 
 
 def op_to_proto(op: OpDef) -> executor_pb2.OpInfo:

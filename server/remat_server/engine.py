@@ -26,7 +26,7 @@ from .checkpoint import policies
 from .checkpoint.planners import plan
 from .checkpoint.memory import MemoryModel, memory_model
 from .checkpoint.problem import Problem
-from .checkpoint.schedule import Schedule
+from .checkpoint.schedule import PlannerReport, Schedule
 from .checkpoint.simulate import Simulation, simulate
 from .errors import InvalidArgument, ResourceExhausted
 from .executor import execute
@@ -63,6 +63,8 @@ class Metrics:
     recompute_flops: int = 0
     measured_peak_bytes: int = 0  # tracemalloc's peak plus the inputs; 0 unless requested
     policy: str = ""
+    queue_seconds: float = 0.0  # waiting for memory admission
+    planner: PlannerReport | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ class Limits:
     max_elements: int = 1 << 28  # 1 GiB of float32 per tensor
     # Peak bytes the plan of one request may reach (RESOURCE_EXHAUSTED beyond).
     max_request_bytes: int = 4 << 30
+    # The exact MILP planner: joint-graph size it accepts, and its default time limit.
+    optimal_max_nodes: int = 300
+    optimal_time_limit: float = 60.0
 
 
 def check_shape(shape: tuple[int, ...], limits: Limits, what: str) -> None:

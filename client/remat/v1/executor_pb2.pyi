@@ -64,8 +64,42 @@ class Revolve(_message.Message):
     slots: int
     def __init__(self, slots: _Optional[int] = ...) -> None: ...
 
+class Budget(_message.Message):
+    __slots__ = ("bytes", "fraction", "profile")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    fraction: float
+    profile: bool
+    def __init__(self, bytes: _Optional[int] = ..., fraction: _Optional[float] = ..., profile: _Optional[bool] = ...) -> None: ...
+
+class Optimal(_message.Message):
+    __slots__ = ("bytes", "fraction", "time_limit_seconds")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    fraction: float
+    time_limit_seconds: float
+    def __init__(self, bytes: _Optional[int] = ..., fraction: _Optional[float] = ..., time_limit_seconds: _Optional[float] = ...) -> None: ...
+
+class DTR(_message.Message):
+    __slots__ = ("bytes", "fraction")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    fraction: float
+    def __init__(self, bytes: _Optional[int] = ..., fraction: _Optional[float] = ...) -> None: ...
+
+class Auto(_message.Message):
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...
+
 class Policy(_message.Message):
-    __slots__ = ("name", "store_all", "recompute_all", "every_k", "sqrt", "checkpoints", "save_ops", "revolve")
+    __slots__ = ("name", "store_all", "recompute_all", "every_k", "sqrt", "checkpoints", "save_ops", "revolve", "budget", "optimal", "dtr", "auto")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STORE_ALL_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_ALL_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +108,10 @@ class Policy(_message.Message):
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     SAVE_OPS_FIELD_NUMBER: _ClassVar[int]
     REVOLVE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    OPTIMAL_FIELD_NUMBER: _ClassVar[int]
+    DTR_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FIELD_NUMBER: _ClassVar[int]
     name: str
     store_all: StoreAll
     recompute_all: RecomputeAll
@@ -82,10 +120,14 @@ class Policy(_message.Message):
     checkpoints: Checkpoints
     save_ops: SaveOps
     revolve: Revolve
-    def __init__(self, name: _Optional[str] = ..., store_all: _Optional[_Union[StoreAll, _Mapping]] = ..., recompute_all: _Optional[_Union[RecomputeAll, _Mapping]] = ..., every_k: _Optional[_Union[EveryK, _Mapping]] = ..., sqrt: _Optional[_Union[Sqrt, _Mapping]] = ..., checkpoints: _Optional[_Union[Checkpoints, _Mapping]] = ..., save_ops: _Optional[_Union[SaveOps, _Mapping]] = ..., revolve: _Optional[_Union[Revolve, _Mapping]] = ...) -> None: ...
+    budget: Budget
+    optimal: Optimal
+    dtr: DTR
+    auto: Auto
+    def __init__(self, name: _Optional[str] = ..., store_all: _Optional[_Union[StoreAll, _Mapping]] = ..., recompute_all: _Optional[_Union[RecomputeAll, _Mapping]] = ..., every_k: _Optional[_Union[EveryK, _Mapping]] = ..., sqrt: _Optional[_Union[Sqrt, _Mapping]] = ..., checkpoints: _Optional[_Union[Checkpoints, _Mapping]] = ..., save_ops: _Optional[_Union[SaveOps, _Mapping]] = ..., revolve: _Optional[_Union[Revolve, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., optimal: _Optional[_Union[Optimal, _Mapping]] = ..., dtr: _Optional[_Union[DTR, _Mapping]] = ..., auto: _Optional[_Union[Auto, _Mapping]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "fetch", "wrt", "loss", "cotangents", "policy", "timeline", "measure_memory")
+    __slots__ = ("graph", "inputs", "fetch", "wrt", "loss", "cotangents", "policy", "timeline", "measure_memory", "trace")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +151,7 @@ class RunRequest(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     MEASURE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     graph: GraphRef
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     fetch: _containers.RepeatedScalarFieldContainer[str]
@@ -118,10 +161,11 @@ class RunRequest(_message.Message):
     policy: Policy
     timeline: bool
     measure_memory: bool
-    def __init__(self, graph: _Optional[_Union[GraphRef, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., fetch: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., timeline: _Optional[bool] = ..., measure_memory: _Optional[bool] = ...) -> None: ...
+    trace: bool
+    def __init__(self, graph: _Optional[_Union[GraphRef, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., fetch: _Optional[_Iterable[str]] = ..., wrt: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., timeline: _Optional[bool] = ..., measure_memory: _Optional[bool] = ..., trace: _Optional[bool] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("peak_bytes", "predicted_peak_bytes", "forward_seconds", "backward_seconds", "recompute_seconds", "plan_seconds", "total_seconds", "nodes_computed", "recomputed_nodes", "flops", "recompute_flops", "measured_peak_bytes", "policy")
+    __slots__ = ("peak_bytes", "predicted_peak_bytes", "forward_seconds", "backward_seconds", "recompute_seconds", "plan_seconds", "total_seconds", "nodes_computed", "recomputed_nodes", "flops", "recompute_flops", "measured_peak_bytes", "policy", "queue_seconds", "planner")
     PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +179,8 @@ class Metrics(_message.Message):
     RECOMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     MEASURED_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_FIELD_NUMBER: _ClassVar[int]
     peak_bytes: int
     predicted_peak_bytes: int
     forward_seconds: float
@@ -148,10 +194,44 @@ class Metrics(_message.Message):
     recompute_flops: int
     measured_peak_bytes: int
     policy: str
-    def __init__(self, peak_bytes: _Optional[int] = ..., predicted_peak_bytes: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., recompute_seconds: _Optional[float] = ..., plan_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., nodes_computed: _Optional[int] = ..., recomputed_nodes: _Optional[int] = ..., flops: _Optional[int] = ..., recompute_flops: _Optional[int] = ..., measured_peak_bytes: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+    queue_seconds: float
+    planner: PlannerReport
+    def __init__(self, peak_bytes: _Optional[int] = ..., predicted_peak_bytes: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., recompute_seconds: _Optional[float] = ..., plan_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., nodes_computed: _Optional[int] = ..., recomputed_nodes: _Optional[int] = ..., flops: _Optional[int] = ..., recompute_flops: _Optional[int] = ..., measured_peak_bytes: _Optional[int] = ..., policy: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., planner: _Optional[_Union[PlannerReport, _Mapping]] = ...) -> None: ...
+
+class PlannerReport(_message.Message):
+    __slots__ = ("budget_bytes", "status", "optimality_gap", "solve_seconds", "detail", "chosen")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMALITY_GAP_FIELD_NUMBER: _ClassVar[int]
+    SOLVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    status: str
+    optimality_gap: float
+    solve_seconds: float
+    detail: str
+    chosen: str
+    def __init__(self, budget_bytes: _Optional[int] = ..., status: _Optional[str] = ..., optimality_gap: _Optional[float] = ..., solve_seconds: _Optional[float] = ..., detail: _Optional[str] = ..., chosen: _Optional[str] = ...) -> None: ...
+
+class TraceEvent(_message.Message):
+    __slots__ = ("node", "op", "phase", "start_seconds", "seconds", "live_bytes")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    START_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    op: str
+    phase: str
+    start_seconds: float
+    seconds: float
+    live_bytes: int
+    def __init__(self, node: _Optional[str] = ..., op: _Optional[str] = ..., phase: _Optional[str] = ..., start_seconds: _Optional[float] = ..., seconds: _Optional[float] = ..., live_bytes: _Optional[int] = ...) -> None: ...
 
 class RunResponse(_message.Message):
-    __slots__ = ("outputs", "grads", "metrics", "warnings", "timeline")
+    __slots__ = ("outputs", "grads", "metrics", "warnings", "timeline", "trace")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,12 +251,48 @@ class RunResponse(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     grads: _containers.MessageMap[str, _tensor_pb2.Tensor]
     metrics: Metrics
     warnings: _containers.RepeatedScalarFieldContainer[str]
     timeline: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ..., timeline: _Optional[_Iterable[int]] = ...) -> None: ...
+    trace: _containers.RepeatedCompositeFieldContainer[TraceEvent]
+    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ..., timeline: _Optional[_Iterable[int]] = ..., trace: _Optional[_Iterable[_Union[TraceEvent, _Mapping]]] = ...) -> None: ...
+
+class CompareRequest(_message.Message):
+    __slots__ = ("run", "policies", "repeats", "warmup")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_FIELD_NUMBER: _ClassVar[int]
+    run: RunRequest
+    policies: _containers.RepeatedCompositeFieldContainer[Policy]
+    repeats: int
+    warmup: bool
+    def __init__(self, run: _Optional[_Union[RunRequest, _Mapping]] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., repeats: _Optional[int] = ..., warmup: _Optional[bool] = ...) -> None: ...
+
+class CompareResult(_message.Message):
+    __slots__ = ("index", "total", "policy", "metrics", "max_grad_diff", "timeline", "trace", "error", "error_code")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_DIFF_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    total: int
+    policy: str
+    metrics: Metrics
+    max_grad_diff: float
+    timeline: _containers.RepeatedScalarFieldContainer[int]
+    trace: _containers.RepeatedCompositeFieldContainer[TraceEvent]
+    error: str
+    error_code: str
+    def __init__(self, index: _Optional[int] = ..., total: _Optional[int] = ..., policy: _Optional[str] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., max_grad_diff: _Optional[float] = ..., timeline: _Optional[_Iterable[int]] = ..., trace: _Optional[_Iterable[_Union[TraceEvent, _Mapping]]] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ...) -> None: ...
 
 class DifferentiateRequest(_message.Message):
     __slots__ = ("graph", "wrt", "loss", "input_shapes")
@@ -248,7 +364,7 @@ class Step(_message.Message):
     def __init__(self, compute: _Optional[str] = ..., free: _Optional[str] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
-    __slots__ = ("peak_bytes", "flops", "recompute_flops", "node_evaluations", "timeline", "steps", "policy", "recomputed_nodes", "plan_seconds", "input_bytes")
+    __slots__ = ("peak_bytes", "flops", "recompute_flops", "node_evaluations", "timeline", "steps", "policy", "recomputed_nodes", "plan_seconds", "input_bytes", "planner")
     class NodeEvaluationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +382,7 @@ class PlanResponse(_message.Message):
     RECOMPUTED_NODES_FIELD_NUMBER: _ClassVar[int]
     PLAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_FIELD_NUMBER: _ClassVar[int]
     peak_bytes: int
     flops: int
     recompute_flops: int
@@ -276,7 +393,8 @@ class PlanResponse(_message.Message):
     recomputed_nodes: int
     plan_seconds: float
     input_bytes: int
-    def __init__(self, peak_bytes: _Optional[int] = ..., flops: _Optional[int] = ..., recompute_flops: _Optional[int] = ..., node_evaluations: _Optional[_Mapping[str, int]] = ..., timeline: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., policy: _Optional[str] = ..., recomputed_nodes: _Optional[int] = ..., plan_seconds: _Optional[float] = ..., input_bytes: _Optional[int] = ...) -> None: ...
+    planner: PlannerReport
+    def __init__(self, peak_bytes: _Optional[int] = ..., flops: _Optional[int] = ..., recompute_flops: _Optional[int] = ..., node_evaluations: _Optional[_Mapping[str, int]] = ..., timeline: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., policy: _Optional[str] = ..., recomputed_nodes: _Optional[int] = ..., plan_seconds: _Optional[float] = ..., input_bytes: _Optional[int] = ..., planner: _Optional[_Union[PlannerReport, _Mapping]] = ...) -> None: ...
 
 class ListOpsRequest(_message.Message):
     __slots__ = ()

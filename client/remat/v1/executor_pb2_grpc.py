@@ -59,6 +59,11 @@ class ExecutorStub:
                 request_serializer=remat_dot_v1_dot_executor__pb2.PlanRequest.SerializeToString,
                 response_deserializer=remat_dot_v1_dot_executor__pb2.PlanResponse.FromString,
                 _registered_method=True)
+        self.Compare = channel.unary_stream(
+                '/remat.v1.Executor/Compare',
+                request_serializer=remat_dot_v1_dot_executor__pb2.CompareRequest.SerializeToString,
+                response_deserializer=remat_dot_v1_dot_executor__pb2.CompareResult.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -99,6 +104,14 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compare(self, request, context):
+        """Runs one graph under several policies (store_all first, as the baseline) and
+        streams one result per policy as each completes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +139,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Plan,
                     request_deserializer=remat_dot_v1_dot_executor__pb2.PlanRequest.FromString,
                     response_serializer=remat_dot_v1_dot_executor__pb2.PlanResponse.SerializeToString,
+            ),
+            'Compare': grpc.unary_stream_rpc_method_handler(
+                    servicer.Compare,
+                    request_deserializer=remat_dot_v1_dot_executor__pb2.CompareRequest.FromString,
+                    response_serializer=remat_dot_v1_dot_executor__pb2.CompareResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +281,33 @@ class Executor:
             '/remat.v1.Executor/Plan',
             remat_dot_v1_dot_executor__pb2.PlanRequest.SerializeToString,
             remat_dot_v1_dot_executor__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/remat.v1.Executor/Compare',
+            remat_dot_v1_dot_executor__pb2.CompareRequest.SerializeToString,
+            remat_dot_v1_dot_executor__pb2.CompareResult.FromString,
             options,
             channel_credentials,
             insecure,

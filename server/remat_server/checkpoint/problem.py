@@ -9,17 +9,40 @@ every-k, sqrt and revolve checkpoint along.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Mapping
 
 from ..ir import Graph
+from .memory import MemoryModel, memory_model
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Problem:
     graph: Graph
     results: frozenset[str]
     forward_nodes: frozenset[str]  # names of the original (differentiated) graph's nodes
+    # Price of computing each node (default: its FLOPs); profiled seconds when asked.
+    costs: Mapping[str, float] | None = field(default=None)
+    # Figures planners share within one planning call (e.g. store_all's peak).
+    memo: dict = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def model(self) -> MemoryModel:
+        return memory_model(self.graph)
+
+    def cost(self, name: str) -> float:
+        if self.costs is not None:
+            return self.costs[name]
+        from .simulate import node_flops  # simulate imports this module's siblings
+        return node_flops(self.graph, name)
+
+    @cached_property
+    def input_bytes(self) -> int:
+        """Bytes of the graph inputs: live for the whole run under every schedule."""
+        model = self.model
+        return sum(model.nbytes[model.owner[n.name]] for n in self.graph.inputs
+                   if model.owner[n.name] == n.name)
 
     @cached_property
     def needed(self) -> frozenset[str]:

@@ -30,8 +30,20 @@ Step = Union[Compute, Free]
 
 
 @dataclass(frozen=True)
+class PlannerReport:
+    """What a budgeted planner decided (budget, optimal, dtr, auto)."""
+    budget_bytes: int = 0
+    status: str = ""  # "optimal", "feasible", "time_limit", "fallback", "store_all_fits"...
+    optimality_gap: float = 0.0
+    solve_seconds: float = 0.0
+    detail: str = ""
+    chosen: str = ""  # label of the plan that won
+
+
+@dataclass(frozen=True)
 class Schedule:
     steps: tuple[Step, ...]
     # Values that must be live when the schedule ends (the requested outputs).
     results: frozenset[str]
     policy: str = "store_all"
+    report: PlannerReport | None = None

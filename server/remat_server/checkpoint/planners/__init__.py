@@ -5,14 +5,20 @@
 """
 from __future__ import annotations
 
-from ..policies import (Checkpoints, EveryK, Policy, RecomputeAll, Revolve, SaveOps, Sqrt,
-                        StoreAll)
+from ..policies import (DTR, Auto, Budget, Checkpoints, EveryK, Optimal, Policy, RecomputeAll,
+                        Revolve, SaveOps, Sqrt, StoreAll)
 from ..problem import Problem
 from ..schedule import Schedule
+from .auto import plan_auto
+from .budget import plan_budget
+from .dtr import plan_dtr
 from .heuristics import (plan_checkpoints, plan_every_k, plan_recompute_all, plan_save_ops,
                          plan_sqrt)
+from .optimal import plan_optimal
 from .revolve import plan_revolve
 from .store_all import plan_store_all
+
+
 
 PLANNERS = {
     StoreAll: plan_store_all,
@@ -22,6 +28,10 @@ PLANNERS = {
     Checkpoints: plan_checkpoints,
     SaveOps: plan_save_ops,
     Revolve: plan_revolve,
+    Budget: plan_budget,
+    Optimal: plan_optimal,
+    DTR: plan_dtr,
+    Auto: plan_auto,
 }
 
 

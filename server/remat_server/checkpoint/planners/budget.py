@@ -1,0 +1,151 @@
+"""Budget: the least recomputation whose peak fits a byte budget, on any graph.
+
+Users think in bytes ("fit this under 2 GiB"), so the planner searches, and the
+simulator (exact, views and gradients included) judges. Candidates, cheapest that fits
+wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
+
+1. store_all: when it fits, nothing is recomputed.
+2. The chain dynamic program (`chain_dp`, Rotor): optimal multi-level checkpointing
+   of the chain of segments with heterogeneous costs, at the highest memory level
+   whose schedule fits.
+3. Keep-set search on the whole DAG, for graphs whose chain has few segments (skip
+   connections, U-Nets): rank the values the backward pass reads by recompute cost per
+   byte, drop the cheapest ones first, and bisect for the shortest dropped prefix
+   that fits, holding recomputed values (Chen) or dropping them (least memory).
+4. The fixed heuristics the user could have picked (every_k over a ladder of k, sqrt,
+   save_ops of the expensive ops present, revolve, DTR) and recompute_all, so Budget
+   never loses to one of them at the same budget.
+
+    >>> from remat_server.checkpoint.policies import Budget
+    >>> Budget(fraction=0.5)
+    Budget(bytes=0, fraction=0.5, profile=False)
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from typing import Callable
+
+from ...errors import ResourceExhausted
+from ...ops import registry
+from ..policies import DTR, Budget, EveryK, Revolve, SaveOps, label
+from ..problem import Problem
+from ..recompute import schedule_with_checkpoints
+from ..schedule import PlannerReport, Schedule
+from . import chain_dp
+from .budgeting import budget_bytes, over_budget, simulated
+from .heuristics import plan_every_k, plan_recompute_all, plan_save_ops, plan_sqrt
+from .store_all import plan_store_all
+
+EXPENSIVE_OPS = ("matmul", "conv2d")
+
+
+def plan_budget(problem: Problem, policy: Budget) -> Schedule:
+    name = label(policy)
+    limit = budget_bytes(problem, "budget", policy.bytes, policy.fraction)
+    return search(problem, limit, name)
+
+
+def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
+    """The cheapest schedule found whose peak is <= `limit`, labelled `name`."""
+    start = time.perf_counter()
+    found = _Candidates(problem, limit)
+    found.consider("store_all", lambda: plan_store_all(problem))
+    if found.best is None:
+        found.chain()
+        found.keep_sets()
+        found.heuristics()
+    if found.best is None:
+        raise over_budget(problem, name, limit, why)
+    chosen, schedule, peak, cost = found.best
+    unit = "seconds" if problem.costs is not None else "FLOPs"
+    report = PlannerReport(
+        budget_bytes=limit, status="store_all_fits" if chosen == "store_all" else "feasible",
+        solve_seconds=time.perf_counter() - start, chosen=chosen,
+        detail=f"{found.tried} candidate schedules simulated; {chosen} fits with peak "
+               f"{peak:,} bytes, recomputing {cost:.4g} {unit}")
+    return replace(schedule, policy=name, report=report)
+
+
+class _Candidates:
+    """Simulates candidate schedules and keeps the cheapest that fits."""
+
+    def __init__(self, problem: Problem, limit: int):
+        self.problem, self.limit = problem, limit
+        self.best: tuple[str, Schedule, int, float] | None = None
+        self.tried = 0
+
+    def consider(self, name: str, make: Callable[[], Schedule]) -> bool:
+        """Simulate one candidate; True when it fits."""
+        try:
+            schedule = make()
+        except ResourceExhausted:  # a budgeted candidate that cannot meet the limit
+            return False
+        self.tried += 1
+        sim = simulated(self.problem, schedule)
+        if sim.peak_bytes > self.limit:
+            return False
+        cost = self.recompute_cost(sim.evaluations)
+        if self.best is None or (cost, sim.peak_bytes) < (self.best[3], self.best[2]):
+            self.best = (name, schedule, sim.peak_bytes, cost)
+        return True
+
+    def recompute_cost(self, evaluations) -> float:
+        return sum((count - 1) * self.problem.cost(node)
+                   for node, count in evaluations.items() if count > 1)
+
+    def chain(self) -> None:
+        solution = chain_dp.solve(self.problem, self.limit)
+        if solution is None:
+            return
+        fits = lambda level: self.consider(  # noqa: E731
+            f"chain_dp(level {level}/{chain_dp.LEVELS})", lambda: solution.schedule(level, ""))
+        chain_dp.level_search(solution, fits)
+
+    def keep_sets(self) -> None:
+        problem, model = self.problem, self.problem.model
+        read = {s for b in problem.backward for s in problem.graph[b].inputs
+                if problem.is_forward(s)}
+        owned = lambda n: model.nbytes[model.owner[n]]  # noqa: E731
+        ranked = sorted((n for n in read if owned(n) > 0),
+                        key=lambda n: (problem.cost(n) / owned(n), problem.position[n]))
+        for mode in ("hold", "drop"):
+            if mode == "drop" and self.best is not None:
+                break  # dropping recomputes on every read: only when holding cannot fit
+            make = lambda j: lambda: schedule_with_checkpoints(  # noqa: E731
+                problem, frozenset(read) - frozenset(ranked[:j]), "", mode=mode)
+            lo, hi = 0, len(ranked)
+            for _ in range(max(1, math.ceil(math.log2(len(ranked) + 1))) + 1):
+                if lo > hi:
+                    break
+                mid = (lo + hi) // 2
+                if self.consider(f"keep_set({mode}, {len(ranked) - mid}/{len(ranked)} kept)",
+                                 make(mid)):
+                    hi = mid - 1
+                else:
+                    lo = mid + 1
+
+    def heuristics(self) -> None:
+        problem = self.problem
+        n = len(problem.candidates)
+        for k in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, round(math.sqrt(n))}):
+            if 1 <= k <= n:
+                self.consider(f"every_k({k})", lambda k=k: plan_every_k(problem, EveryK(k)))
+        self.consider("sqrt", lambda: plan_sqrt(problem, None))
+        present = {problem.graph[f].op for f in problem.forward_order}
+        for op in EXPENSIVE_OPS:
+            if op in present and registry.get(op) is not None:
+                self.consider(f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,))))
+        try:
+            from .dtr import plan_dtr
+            self.consider("dtr", lambda: plan_dtr(problem, DTR(bytes=self.limit)))
+        except ImportError:  # pragma: no cover - DTR ships with the server
+            pass
+        if self.best is None:  # the low-memory extremes: quadratic on long chains
+            if len(problem.boundaries) >= 2:
+                from .revolve import plan_revolve
+                for slots in (8, 4, 2, 1):
+                    self.consider(f"revolve({slots})",
+                                  lambda s=slots: plan_revolve(problem, Revolve(s)))
+            self.consider("recompute_all", lambda: plan_recompute_all(problem, None))

@@ -1,0 +1,217 @@
+"""Optimal persistent checkpointing of a heterogeneous chain (Rotor: Beaumont, Eyraud-
+Dubois, Herrmann, Joly, Shilova 2019), as a dynamic program over memory levels.
+
+The chain is the forward graph's segments (`chain.segments`), merged to at most
+`MAX_STEPS` steps. Each step i has a forward cost f_i, a state size (its last value,
+what a snapshot holds), a recorded size (what its backward nodes read) and transient
+overheads. C(s, t, m) is the least forward cost of reversing steps s..t with state s-1
+live and m bytes to spare. Either
+
+* record step s (keep what its backward reads) and reverse s+1..t with less memory,
+  then run step s's backward:  f_s + C(s+1, t, m - recorded_s); or
+* advance from state s-1 to state s'-1 without recording, keep that snapshot, reverse
+  s'..t, drop it, then reverse s..s'-1:  f_s + ... + f_{s'-1} + C(s', t, m - state_{s'-1})
+  + C(s, s'-1, m).
+
+Record-everything is store-all; snapshots alone give revolve's binomial schedules, with
+heterogeneous costs and sizes. The table is vectorised over memory levels, so one solve
+gives the optimum for every level; the budget planner then emits schedules for a few
+levels and keeps the best one whose exact simulated peak fits (the DP's sizes are an
+estimate: the simulator, which counts views and gradients exactly, is the judge).
+
+    >>> # solution = solve(problem, budget_bytes); schedule = solution.schedule(level)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..problem import Problem
+from ..schedule import Schedule
+from .chain import ChainEmitter, segments
+
+MAX_STEPS = 96  # keeps the O(L^3 M) table under ~0.5 s
+LEVELS = 200  # memory resolution: about 0.5% of the budget
+# The table spans 1.3x the budget: its sizes are estimates (gradients and views are
+# the simulator's business), so the level that fits exactly may lie above "100%".
+HEADROOM = 1.3
+
+
+@dataclass
+class ChainSolution:
+    problem: Problem
+    steps: list[list[str]]
+    cost: np.ndarray  # cost[m]: least forward cost of the whole reversal at level m
+    choice: dict[str, np.ndarray]  # table -> [s, t, m] decision (see `actions`)
+    recorded: np.ndarray  # in levels, per step (index 1..L)
+    state: np.ndarray  # in levels, per state (index 0..L)
+
+    def feasible_levels(self) -> np.ndarray:
+        return np.flatnonzero(np.isfinite(self.cost))
+
+    def actions(self, level: int) -> list[tuple[str, int, int]]:
+        """The reversal at memory `level`, iteratively (no recursion). Tables: "C"
+        reverses s..t; "D" the same with state t live already (a kept snapshot);
+        "E" picks between releasing a snapshot first (C) and keeping it (D)."""
+        out: list[tuple[str, int, int]] = []
+        stack: list[tuple] = [("C", 1, len(self.steps), level)]
+        while stack:
+            task = stack.pop()
+            kind = task[0]
+            if kind not in ("C", "D", "E"):
+                out.append(task)
+                continue
+            _, s, t, m = task
+            if kind == "E":
+                if self.choice["E"][s, t, m]:
+                    stack.append(("D", s, t, m - int(self.state[t])))
+                else:
+                    stack.append(("C", s, t, m))
+                    stack.append(("release", t, 0))
+                continue
+            if s == t:
+                out.append(("reverse", s, 0))
+                continue
+            split = int(self.choice[kind][s, t, m])
+            if split == 0:
+                out.append(("record", s, 0))
+                stack.append(("backward", s, 0))
+                stack.append((kind, s + 1, t, m - int(self.recorded[s])))
+            else:
+                out.append(("advance", s - 1, split - 1))
+                stack.append(("E", s, split - 1, m))
+                stack.append((kind, split, t, m - int(self.state[split - 1])))
+        return out
+
+    def schedule(self, level: int, policy: str) -> Schedule:
+        return ChainEmitter(self.problem, self.steps).run(self.actions(level), policy)
+
+
+def solve(problem: Problem, budget: int) -> ChainSolution | None:
+    """The DP over the (merged) chain with memory levels up to `budget` bytes, or None
+    when the graph has no chain structure."""
+    steps = _merged_steps(problem)
+    if len(steps) < 2:
+        return None
+    fig = _step_figures(problem, steps)
+    unit = _unit(fig["state"][1:], HEADROOM * max(1, budget - problem.input_bytes) / LEVELS)
+    L, M = len(steps), int(HEADROOM * max(1, budget - problem.input_bytes) / unit) + 1
+    level = lambda b: np.ceil(np.asarray(b, dtype=float) / unit).astype(np.int64)  # noqa: E731
+    rec, st = level(fig["recorded"]), level(fig["state"])
+    need_c = np.maximum(level(fig["recorded"] + fig["backward"]), level(fig["transient"]))
+    need_d = np.maximum(need_c - st, 0)  # the state is counted outside
+    need_f = level(fig["transient"])
+    levels = np.arange(M)
+    inf = np.inf
+    shape = (L + 2, L + 2, M)
+    C, D, E = np.full(shape, inf), np.full(shape, inf), np.full(shape, inf)
+    C_sh, D_sh = np.full(shape, inf), np.full(shape, inf)  # X_sh[s', t] = X[s', t][m - st[s'-1]]
+    choice = {"C": np.zeros(shape, np.int16), "D": np.zeros(shape, np.int16),
+              "E": np.zeros(shape, np.bool_)}
+    prefix = np.concatenate([[0.0], np.cumsum(fig["advance"][1:])])
+    f_rec, f_kept = fig["record"], fig["record_kept"]
+
+    def shift(row: np.ndarray, by: int) -> np.ndarray:
+        if by >= M:
+            return np.full(M, inf)
+        return np.concatenate([np.full(by, inf), row[:M - by]]) if by > 0 else row
+
+    def finish(s: int, t: int) -> None:
+        keep = shift(D[s, t], st[t])
+        choice["E"][s, t] = keep < C[s, t]
+        E[s, t] = np.minimum(C[s, t], keep)
+        C_sh[s, t], D_sh[s, t] = shift(C[s, t], st[s - 1]), shift(D[s, t], st[s - 1])
+
+    for s in range(1, L + 1):
+        C[s, s] = np.where(levels >= need_c[s], f_rec[s], inf)
+        D[s, s] = np.where(levels >= need_d[s], f_kept[s], inf)
+        finish(s, s)
+    for d in range(1, L):
+        for s in range(1, L - d + 1):
+            t = s + d
+            advance = (prefix[s:t] - prefix[s - 1])[:, None]
+            too_small = levels[None, :] < np.maximum.accumulate(need_f[s:t])[:, None]
+            left = E[s, s:t]  # rows s' = s+1..t: reverse s..s'-1 after the right part
+            for table, right_sh, out in (("C", C_sh, C), ("D", D_sh, D)):
+                record = f_rec[s] + shift(out[s + 1, t], rec[s])
+                record[levels < need_c[s]] = inf
+                options = advance + right_sh[s + 1:t + 1, t] + left
+                options[too_small] = inf
+                best = np.argmin(options, axis=0)
+                snapshot = options[best, levels]
+                use = snapshot < record
+                out[s, t] = np.where(use, snapshot, record)
+                choice[table][s, t] = np.where(use, best + s + 1, 0)
+            finish(s, t)
+    return ChainSolution(problem, steps, C[1, L], choice, rec, st)
+
+
+def _unit(states: np.ndarray, rough: float) -> float:
+    """A level's size in bytes: about `rough`, adjusted so the typical state size is a
+    whole number of levels (rounding every activation up by a fraction of a level
+    would waste that fraction of the budget on each)."""
+    typical = float(np.median(states[states > 0])) if np.any(states > 0) else 0.0
+    if typical <= rough:
+        return max(1.0, rough)
+    return typical / max(1, round(typical / rough))
+
+
+def _merged_steps(problem: Problem) -> list[list[str]]:
+    """The chain's segments, cut only at boundaries the backward reads (a layer's
+    activation: keeping one costs nothing the step would not hold anyway) and, when
+    there are more than MAX_STEPS, at the cut points nearest equal shares of cost."""
+    cuts = list(problem.candidates)
+    if len(cuts) > MAX_STEPS:
+        order = {name: i for i, name in enumerate(problem.forward_order)}
+        weight = np.cumsum([problem.cost(n) + 1.0 for n in problem.forward_order])
+        at = weight[[order[c] for c in cuts]]
+        targets = weight[-1] * np.arange(1, MAX_STEPS) / MAX_STEPS
+        picked = sorted(set(np.searchsorted(at, targets).clip(0, len(cuts) - 1).tolist()))
+        cuts = [cuts[i] for i in picked]
+    return segments(problem, frozenset(cuts))
+
+
+def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndarray]:
+    """Per step (1-indexed; state 0 is the inputs): the cost of advancing through it,
+    of recording it, and of recording it with its state live; its recorded and state
+    bytes, the transient bytes of advancing, and the backward's working bytes."""
+    graph, model = problem.graph, problem.model
+    own = lambda names: sum(model.nbytes[o] for o in {model.owner[n] for n in names})  # noqa: E731
+    emitter = ChainEmitter(problem, steps)
+    inputs = {n.name for n in graph.inputs}
+    fig = {key: np.zeros(len(steps) + 1) for key in (
+        "advance", "record", "record_kept", "recorded", "state", "transient", "backward")}
+    for i, segment in enumerate(steps, start=1):
+        members = set(segment)
+        before = inputs | ({steps[i - 2][-1]} if i > 1 else set())
+        fig["advance"][i] = sum(problem.cost(n) for n in segment)
+        fig["record"][i] = sum(problem.cost(n) for n in emitter.recording(i, before))
+        fig["record_kept"][i] = sum(problem.cost(n) for n in
+                                    emitter.recording(i, before | {segment[-1]}))
+        fig["recorded"][i] = own(emitter.recorded(i))
+        fig["state"][i] = own([segment[-1]])
+        fig["transient"][i] = max((own([n, *(s for s in graph[n].inputs if s in members)])
+                                   for n in segment), default=0)
+        sizes = sorted((own([b]) for b in emitter.backward_of.get(i, ())), reverse=True)
+        fig["backward"][i] = sum(sizes[:3])  # a gradient in, one out, one temporary
+    return fig
+
+
+def level_search(solution: ChainSolution, fits, probes: int = 10) -> int | None:
+    """The highest feasible level whose schedule `fits` (bisection: higher levels keep
+    more and simulate higher), or None."""
+    feasible = solution.feasible_levels()
+    if feasible.size == 0:
+        return None
+    lo, hi, best = 0, feasible.size - 1, None
+    for _ in range(probes):
+        if lo > hi:
+            break
+        mid = (lo + hi) // 2
+        if fits(int(feasible[mid])):
+            best, lo = int(feasible[mid]), mid + 1
+        else:
+            hi = mid - 1
+    return best
+

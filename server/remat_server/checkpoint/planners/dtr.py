@@ -1,0 +1,201 @@
+"""Dynamic Tensor Rematerialization (Kirisame et al., ICLR 2021), replayed at plan time.
+
+DTR is an online policy for an eager runtime: run the program op by op and, whenever
+an allocation would exceed the budget, evict the resident tensor with the smallest
+
+    h(t) = cost(t) / (memory(t) * staleness(t))
+
+then rematerialize evicted tensors (recursively, from whatever is still live) when a
+later op reads them. Here the terms are:
+
+* cost(t): h_DTR's evicted neighbourhood e*(t): t's own cost plus the costs of the
+  evicted values adjacent to it: ancestors recomputing t would need, and descendants
+  whose recomputation would now need t as well. As in the paper's h_DTR^eq, evicted
+  values form union-find components carrying their summed cost; rematerializing a
+  value subtracts its cost from its component without splitting it (the paper's
+  approximation: cheap, slightly pessimistic).
+* memory(t): the bytes evicting t actually frees: 0 while another live value shares
+  its buffer (a view), so those are tried last.
+* staleness(t): compute steps since t was last computed or read.
+
+Because a planner sees the whole graph, we do not need the runtime: we replay DTR in
+store-all's order (graph order) with the same byte accounting as the simulator and
+write every computation and rematerialization down as a Compute and every eviction or
+free as a Free. The executor then runs a static schedule whose peak is what the online
+policy would have reached, with no heap bookkeeping at run time.
+
+Evictable: live forward values (they recompute from graph inputs alone, never from
+gradients) that are not results, not inputs of a computation under way ("locked",
+as DTR locks an op's arguments), and whose buffer eviction can release (not a view of
+an input or a result). Values no later step reads are freed when their step ends
+(store-all's frees; the paper's banishing, except that they stay recomputable, so no
+child has to be pinned); until then, mid-rematerialization, they are the first to go.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from ..policies import DTR, label
+from ..problem import Problem
+from ..schedule import Compute, Free, PlannerReport, Schedule, Step
+from ..memory import LiveBytes
+from ..simulate import InvalidSchedule
+from . import budgeting
+
+
+def plan_dtr(problem: Problem, policy: DTR) -> Schedule:
+    start = time.perf_counter()
+    name = label(policy)
+    budget = budgeting.budget_bytes(problem, "dtr", policy.bytes, policy.fraction)
+    replay = _Replay(problem, budget, name)
+    replay.run()
+    report = PlannerReport(
+        budget_bytes=budget, status="feasible", solve_seconds=time.perf_counter() - start,
+        detail=f"{replay.evictions} evictions, {replay.remats} rematerializations")
+    schedule = Schedule(tuple(replay.steps), problem.results, name, report=report)
+    peak = budgeting.simulated(problem, schedule).peak_bytes
+    if peak > budget:  # the replay accounts exactly like the simulator: a bug if reached
+        raise InvalidSchedule(f"policy {name}: planned peak {peak:,} exceeds the budget "
+                              f"{budget:,} bytes")
+    return schedule
+
+
+class _Replay:
+    def __init__(self, problem: Problem, budget: int, name: str):
+        graph, model = problem.graph, problem.model
+        self.problem, self.graph, self.model = problem, graph, model
+        self.budget, self.name = budget, name
+        # Store-all's order: every needed non-input node once, like an eager program.
+        self.order = [n.name for n in graph if n.name in problem.needed and not n.is_input]
+        self.uses = Counter(s for n in self.order for s in graph[n].inputs)  # reads to come
+        self.live = {n.name for n in graph.inputs}
+        self.bytes = LiveBytes(model, self.live)
+        self.steps: list[Step] = []
+        self.locks: Counter = Counter()
+        self.clock, self.last = 0, {}  # last access, for staleness
+        self.computed: set[str] = set()  # computed at least once: absent now means evicted
+        self.dead: set[str] = set()  # live values no later step reads: freed at step end
+        self.resident: set[str] = set()  # live and evictable: the candidates
+        self.evictions = self.remats = 0
+        forward = [n for n in self.order if problem.is_forward(n)]
+        self.cost = {n: problem.cost(n) for n in forward}
+        fixed = problem.results | {n.name for n in graph.inputs}
+        # Evicting a view of an input or a result never releases its buffer.
+        self.evictable = {n for n in forward if n not in fixed and model.owner[n] not in fixed
+                          and model.nbytes[model.owner[n]] > 0}
+        is_fwd = self.cost.__contains__
+        self.neighbours = {n: tuple({*filter(is_fwd, graph[n].inputs),
+                                     *filter(is_fwd, graph.consumers(n))}) for n in forward}
+        self.parent = {n: n for n in forward}  # union-find over evicted forward values
+        self.weight = dict.fromkeys(forward, 0.0)  # a root's component cost
+
+    # --- the eager program -------------------------------------------------------------
+    def run(self) -> None:
+        for target in self.order:
+            self.materialize(target)
+            for source in self.graph[target].inputs:
+                self.uses[source] -= 1
+                if self.uses[source] == 0 and self.droppable(source):
+                    self.dead.add(source)
+            for name in sorted(self.dead, key=self.problem.position.__getitem__):
+                if name in self.live:
+                    self.drop(name)
+            self.dead.clear()
+
+    def droppable(self, name: str) -> bool:
+        return name not in self.problem.results and not self.graph[name].is_input
+
+    def materialize(self, target: str) -> None:
+        """Compute `target`, first rematerializing the evicted inputs it needs (and
+        theirs), depth first with an explicit stack. Each input is locked from the
+        moment it is needed until its consumer has run, as DTR locks arguments."""
+        stack = [(target, 0)]
+        while stack:
+            name, index = stack[-1]
+            inputs = self.graph[name].inputs
+            if index < len(inputs):
+                stack[-1] = (name, index + 1)
+                source = inputs[index]
+                self.locks[source] += 1
+                if source not in self.live:
+                    if not self.problem.is_forward(source):  # a planner bug, not the user's
+                        raise InvalidSchedule(f"dtr: '{source}' is needed after it was freed")
+                    stack.append((source, 0))
+                continue
+            stack.pop()
+            self.compute(name)
+            for source in inputs:
+                self.locks[source] -= 1
+                self.last[source] = self.clock
+
+    def compute(self, name: str) -> None:
+        owner = self.model.owner[name]
+        while self.bytes.total + (0 if self.bytes.refs.get(owner)
+                                  else self.model.nbytes[owner]) > self.budget:
+            victim = self.choose()
+            if victim is None:
+                raise budgeting.over_budget(self.problem, self.name, self.budget,
+                                            f"DTR found nothing left to evict before '{name}'")
+            self.evictions += victim not in self.dead  # dead ones are only freed early
+            self.drop(victim)
+        if name in self.computed:  # a rematerialization: its component loses its cost
+            self.remats += 1
+            self.weight[self.find(name)] -= self.cost[name]
+        self.computed.add(name)
+        self.steps.append(Compute(name))
+        self.live.add(name)
+        self.bytes.add(name)
+        self.clock += 1
+        self.last[name] = self.clock
+        if name in self.evictable:
+            self.resident.add(name)
+        if self.uses[name] == 0 and self.droppable(name):
+            self.dead.add(name)  # a rematerialized intermediate: only this step needs it
+
+    def drop(self, name: str) -> None:
+        self.steps.append(Free(name))
+        self.live.discard(name)
+        self.bytes.remove(name)
+        self.resident.discard(name)
+        if name in self.cost:  # joins the evicted components around it
+            self.weight[self.find(name)] += self.cost[name]
+            for other in self.neighbours[name]:
+                if other in self.computed and other not in self.live:
+                    self.union(name, other)
+
+    # --- the heuristic -----------------------------------------------------------------
+    def choose(self) -> str | None:
+        """The unlocked candidate with the smallest h; dead values first, and values
+        whose eviction frees no bytes (views sharing a live buffer) only when nothing
+        else is left, ordered by cost / staleness."""
+        best, best_key = None, None
+        refs, nbytes, owner = self.bytes.refs, self.model.nbytes, self.model.owner
+        for t in self.resident:
+            if self.locks[t]:
+                continue
+            freed = nbytes[owner[t]] if refs[owner[t]] == 1 else 0
+            if t in self.dead:
+                key = (0, freed == 0, -freed, t)
+            else:
+                roots = {self.find(o) for o in self.neighbours[t]
+                         if o in self.computed and o not in self.live}
+                cost = self.cost[t] + sum(self.weight[r] for r in roots)
+                stale = self.clock - self.last[t] + 1
+                key = (1, freed == 0, cost / (max(freed, 1) * stale), t)
+            if best_key is None or key < best_key:
+                best, best_key = t, key
+        return best
+
+    def find(self, x: str) -> str:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving
+            x = parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+            self.weight[ra] += self.weight[rb]

@@ -1,0 +1,306 @@
+"""Optimal: Checkmate's MILP (Jain et al. 2020), solved exactly by HiGHS (scipy.optimize.milp).
+
+The n needed non-input nodes are numbered 0..n-1 in a topological order (the forward
+values in `forward_order`, then the backward nodes: the order every heuristic first
+computes them in, so each heuristic schedule is one of the MILP's). Stage t computes
+node t for the first time and may recompute earlier nodes; all variables are binary
+except U:
+
+* R[t,i] (i <= t): node i is computed in stage t; R[t,t] = 1 (the frontier advances);
+* S[t,i] (i < t): value i is live entering stage t. S[0] is empty (only graph inputs
+  are live at the start); row S[n] is the end state, fixed: 1 for the results;
+* FREE[t,(i,k)]: value i is dropped right after node k, its last user in stage t;
+* U[t,k]: bytes live just after computing node k in stage t, inputs excluded (they
+  are live throughout, so their bytes come off the budget instead).
+
+    minimise   sum R[t,i] * cost(i)
+    such that  R[t,k] <= R[t,i] + S[t,i]       for each edge i -> k (inputs are live)
+               S[t+1,i] <= S[t,i] + R[t,i]      (a value is kept only if it was there)
+               R[t,i] + S[t,i] <= 1             (never compute a live value)
+               U[t,0] = M_0 R[t,0] + sum_i M_i S[t,i]
+               U[t,k] = U[t,k-1] + M_k R[t,k] - sum_{(i,k-1)} M_i FREE[t,(i,k-1)]
+               FREE[t,(i,k)] = R[t,k] (1 - S[t+1,i]) prod_{users j of i, k < j <= t} (1 - R[t,j])
+               0 <= U[t,k] <= budget - input bytes
+
+The product is linearised exactly (FREE <= each factor, FREE >= R - S - sum R), which
+is tighter for the LP relaxation than Checkmate's big-M hazard count. FREE is only
+needed for t > k and M_i > 0: a free after the frontier node changes no U.
+
+Views (aliasing): a view allocates nothing but keeps its owner's buffer alive, so the
+live bytes are those of buffers with any live value. The MILP charges each buffer to
+its owner (M_view = 0) and keeps that exact by never letting a view outlive its
+owner: S[t,v] <= S[t,owner], and the owner's users include its views and their
+users, so the owner is freed no earlier than they are. This loses nothing: while a
+view lives, the owner's buffer is paid for whether or not the owner counts as live.
+
+The schedule mirrors the accounting: per stage, compute the R nodes in order and drop
+each value not kept into the next stage right after its last user in the stage (or at
+once when the stage does not use it), which is never later than FREE does.
+
+    >>> from remat_server.checkpoint.policies import Optimal
+    >>> Optimal(fraction=0.5)
+    Optimal(bytes=0, fraction=0.5, time_limit=0.0, max_nodes=0)
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+from scipy import sparse
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from ...errors import ResourceExhausted
+from ..policies import Budget, Optimal, label
+from ..problem import Problem
+from ..schedule import Compute, Free, PlannerReport, Schedule, Step
+from ..simulate import InvalidSchedule
+from .budgeting import budget_bytes, over_budget, simulated
+
+DEFAULT_TIME_LIMIT = 60.0  # seconds; the engine passes the server's when the policy has 0
+DEFAULT_MAX_NODES = 300    # MILP size grows as n^2 variables; beyond this, Budget plans
+
+
+def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
+    name = label(policy)
+    limit = budget_bytes(problem, "optimal", policy.bytes, policy.fraction)
+    order = _order(problem)
+    max_nodes = policy.max_nodes or DEFAULT_MAX_NODES
+    if len(order) > max_nodes:
+        return _fallback(problem, name, limit, f"the joint graph has {len(order)} nodes, over "
+                         f"the MILP limit of {max_nodes} (server flag --optimal-max-nodes)")
+    free_bytes = limit - problem.input_bytes
+    if free_bytes < 0:
+        raise over_budget(problem, name, limit, "the graph inputs alone exceed it")
+    milp_ = _Milp(problem, order, free_bytes)
+    time_limit = policy.time_limit or DEFAULT_TIME_LIMIT
+    start = time.perf_counter()
+    res = milp_.solve(time_limit)
+    seconds = time.perf_counter() - start
+    size = f"MILP with {milp_.variables} variables and {milp_.constraints} constraints"
+    if res.status == 2:  # proven infeasible
+        raise over_budget(problem, name, limit, f"the {size} is infeasible")
+    if res.x is None:  # time limit (or a solver failure) before any feasible schedule
+        return _fallback(problem, name, limit, f"the {size} found no feasible schedule within "
+                         f"{time_limit:g} s (status {res.status}: {res.message})")
+    schedule = Schedule(milp_.steps(res.x), problem.results, name)
+    peak = simulated(problem, schedule).peak_bytes
+    if peak > limit:  # the accounting above is exact or conservative: a bug, never hidden
+        raise InvalidSchedule(f"policy {name}: the MILP schedule peaks at {peak:,} bytes, "
+                              f"over its budget of {limit:,}")
+    gap = float(res.mip_gap) if res.mip_gap is not None and not math.isnan(res.mip_gap) else 0.0
+    status = "optimal" if res.status == 0 else "time_limit"
+    return replace(schedule, report=PlannerReport(
+        budget_bytes=limit, status=status, optimality_gap=gap if status != "optimal" or gap > 0
+        else 0.0, solve_seconds=seconds, chosen="milp",
+        detail=size + ("" if status == "optimal" else f", stopped at {time_limit:g} s")))
+
+
+def _fallback(problem: Problem, name: str, limit: int, why: str) -> Schedule:
+    from .budget import plan_budget  # budget imports the heuristics; keep this module light
+    try:
+        schedule = plan_budget(problem, Budget(bytes=limit))
+    except ResourceExhausted:
+        raise over_budget(problem, name, limit, why + "; no fallback schedule fits") from None
+    chosen = schedule.report.chosen if schedule.report else schedule.policy
+    return replace(schedule, policy=name, report=PlannerReport(
+        budget_bytes=limit, status="fallback", chosen=chosen,
+        solve_seconds=schedule.report.solve_seconds if schedule.report else 0.0,
+        detail=f"{why}; planned by the budget planner instead"))
+
+
+def _order(problem: Problem) -> list[str]:
+    """Forward values in forward_order, then the backward nodes (graph order if that is
+    not a topological order of the needed nodes)."""
+    graph = problem.graph
+    order = [*problem.forward_order, *problem.backward]
+    wanted = [n for n in graph.nodes if n in problem.needed and not graph[n].is_input]
+    index = {name: i for i, name in enumerate(order)}
+    if len(order) != len(wanted) or set(order) != set(wanted) or any(
+            index.get(s, -1) >= index[n] for n in order for s in graph[n].inputs
+            if not graph[s].is_input):
+        return wanted
+    return order
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each group g, the integers lo[g] <= v < hi[g]: (group index, v) arrays."""
+    counts = np.maximum(hi - lo, 0)
+    group = np.repeat(np.arange(len(lo)), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return group, np.repeat(lo, counts) + np.arange(counts.sum()) - starts
+
+
+def _pairs(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return a[:, 0], a[:, 1]
+
+
+class _Rows:
+    """Constraint rows as COO triplets, appended block by block."""
+
+    def __init__(self):
+        self.parts: list[tuple] = []
+        self.count = 0
+
+    def add(self, count: int, terms, lower: float, upper: float) -> None:
+        """`count` rows lower <= sum coef * x[col] <= upper; terms: (row, col, coef) arrays
+        (row None: one row per element)."""
+        for row, col, coef in terms:
+            row = np.arange(count) if row is None else row
+            self.parts.append((row + self.count, col, np.broadcast_to(coef, col.shape)))
+        self.parts.append((None, np.full(count, lower, float), np.full(count, upper, float)))
+        self.count += count
+
+    def build(self, variables: int):
+        terms = [p for p in self.parts if p[0] is not None]
+        bounds = [p for p in self.parts if p[0] is None]
+        A = sparse.coo_array((np.concatenate([d for _, _, d in terms]).astype(float),
+                              (np.concatenate([r for r, _, _ in terms]),
+                               np.concatenate([c for _, c, _ in terms]))),
+                             shape=(self.count, variables)).tocsr()
+        return A, np.concatenate([b[1] for b in bounds]), np.concatenate([b[2] for b in bounds])
+
+
+class _Milp:
+    def __init__(self, problem: Problem, order: list[str], free_bytes: int):
+        graph, model = problem.graph, problem.model
+        self.order, n = order, len(order)
+        index = {name: i for i, name in enumerate(order)}
+        # Bytes charged to each node: its buffer's if it owns one, 0 for a view.
+        owner = np.array([index.get(model.owner[name], -1) for name in order],  # -1: an input's
+                         dtype=np.int64)
+        raw = np.array([model.nbytes[name] if owner[i] == i else 0 for i, name in enumerate(order)],
+                       dtype=np.int64)
+        unit = math.gcd(*raw[raw > 0].tolist()) if np.any(raw > 0) else 1
+        mem = raw // unit  # integral coefficients: U is exact, no rounding slack
+        # deps[k]: real inputs (the schedule must have them live); users[i]: real consumers
+        # plus, for an owner, its views and their consumers (it must outlive them).
+        deps = [sorted({index[s] for s in graph[name].inputs if s in index}) for name in order]
+        users: list[set[int]] = [set() for _ in range(n)]
+        for k in range(n):
+            for i in (*deps[k], *owner[deps[k]].tolist(), int(owner[k])):
+                if 0 <= i != k:
+                    users[i].add(k)
+        self.users = [sorted(u) for u in users]
+        self.uses: list[list[int]] = [[] for _ in range(n)]
+        for i in range(n):
+            for k in self.users[i]:
+                self.uses[k].append(i)
+
+        # Variable layout: R and U over (t, i <= t); S over (t <= n, i < t); FREE per edge
+        # (i, k) with M_i > 0 over k < t < n.
+        tri = n * (n + 1) // 2
+        self.r0, self.s0 = 0, tri
+        u0 = tri + (n + 1) * n // 2
+        f0 = u0 + tri
+        ei, ek = _pairs([(i, k) for i in range(n) for k in self.users[i] if mem[i] > 0])
+        fcount = n - 1 - ek
+        fstart = f0 + np.cumsum(fcount) - fcount
+        self.variables = f0 + int(fcount.sum())
+        R, S = self.R, self.S
+        U = lambda t, k: u0 + t * (t + 1) // 2 + k  # noqa: E731
+        rows = _Rows()
+
+        # Inputs live: R[t,k] - R[t,i] - S[t,i] <= 0 for each real edge i -> k, t >= k.
+        di, dk = _pairs([(i, k) for k in range(n) for i in deps[k]])
+        g, t = _ranges(dk, np.full(len(dk), n))
+        i, k = di[g], dk[g]
+        rows.add(len(t), [(None, R(t, k), 1), (None, R(t, i), -1), (None, S(t, i), -1)],
+                 -np.inf, 0)
+        # R[t,i] + S[t,i] <= 1; S[t+1,i] <= S[t,i] + R[t,i] (S[t,t] is 0: not a variable).
+        t, i = np.tril_indices(n, -1)
+        rows.add(len(t), [(None, R(t, i), 1), (None, S(t, i), 1)], -np.inf, 1)
+        rows.add(len(t), [(None, S(t + 1, i), 1), (None, S(t, i), -1), (None, R(t, i), -1)],
+                 -np.inf, 0)
+        t = np.arange(n)
+        rows.add(n, [(None, S(t + 1, t), 1), (None, R(t, t), -1)], -np.inf, 0)
+        # A view never outlives its owner: S[t,v] <= S[t,owner] for v < t <= n.
+        views = np.array([v for v in range(n) if 0 <= owner[v] != v and mem[owner[v]] > 0],
+                         dtype=np.int64)
+        g, t = _ranges(views + 1, np.full(len(views), n + 1))
+        rows.add(len(t), [(None, S(t, views[g]), 1), (None, S(t, owner[views[g]]), -1)],
+                 -np.inf, 0)
+        # Memory, one equality per U[t,k]: U[t,0] = M_0 R[t,0] + sum_i M_i S[t,i];
+        # U[t,k] = U[t,k-1] + M_k R[t,k] - sum M_i FREE[t,(i,k-1)].
+        t, k = np.tril_indices(n)
+        first = t * (t + 1) // 2  # the row of U[t,0]
+        st, si = np.tril_indices(n, -1)
+        g, ft = _ranges(ek + 1, np.full(len(ek), n))  # the FREE variables: (edge g, stage ft)
+        fcol = fstart[g] + ft - ek[g] - 1
+        later = k > 0
+        rows.add(tri, [(None, U(t, k), 1), (None, R(t, k), -mem[k]),
+                       (first[later] + k[later], U(t, k)[later] - 1, -1),
+                       (st * (st + 1) // 2, S(st, si), -mem[si]),
+                       (ft * (ft + 1) // 2 + ek[g] + 1, fcol, mem[ei[g]])], 0, 0)
+        # FREE[t,(i,k)] = R[t,k] (1 - S[t+1,i]) prod_j (1 - R[t,j]), users j of i, k < j <= t:
+        # FREE <= each factor, FREE >= R[t,k] - S[t+1,i] - sum_j R[t,j].
+        fi, fk, m = ei[g], ek[g], len(ft)
+        rows.add(m, [(None, fcol, 1), (None, R(ft, fk), -1)], -np.inf, 0)
+        rows.add(m, [(None, fcol, 1), (None, S(ft + 1, fi), 1)], -np.inf, 1)
+        pe, pj = _pairs([(e, j) for e in range(len(ek)) for j in self.users[ei[e]] if j > ek[e]])
+        h, pt = _ranges(pj, np.full(len(pj), n))  # (pair h, stage pt) with j <= pt
+        pe, pj = pe[h], pj[h]
+        pcol = fstart[pe] + pt - ek[pe] - 1
+        rows.add(len(pt), [(None, pcol, 1), (None, R(pt, pj), 1)], -np.inf, 1)
+        rows.add(m, [(None, fcol, -1), (None, R(ft, fk), 1), (None, S(ft + 1, fi), -1),
+                     (pcol - f0, R(pt, pj), -1)], -np.inf, 0)  # FREE's row is its index - f0
+        self.A, self.lo, self.hi = rows.build(self.variables)
+        self.constraints = rows.count
+
+        # Bounds: binaries in [0, 1], R[t,t] = 1, the end state S[n] fixed, U <= budget.
+        self.lb, self.ub = np.zeros(self.variables), np.ones(self.variables)
+        self.lb[R(np.arange(n), np.arange(n))] = 1
+        end = np.zeros(n)
+        for name in problem.results & index.keys():
+            end[index[name]] = 1
+            if owner[index[name]] >= 0:  # a result that views a buffer keeps it
+                end[owner[index[name]]] = 1
+        self.lb[S(n, np.arange(n))] = self.ub[S(n, np.arange(n))] = end
+        self.ub[u0:f0] = free_bytes // unit
+        self.cost = np.zeros(self.variables)
+        t, i = np.tril_indices(n)
+        self.cost[R(t, i)] = np.array([problem.cost(name) for name in order], dtype=float)[i]
+        self.integrality = np.ones(self.variables)
+        self.integrality[u0:f0] = 0
+
+    def R(self, t, i):
+        return self.r0 + t * (t + 1) // 2 + i
+
+    def S(self, t, i):
+        return self.s0 + t * (t - 1) // 2 + i
+
+    def solve(self, time_limit: float):
+        return milp(self.cost, integrality=self.integrality, bounds=Bounds(self.lb, self.ub),
+                    constraints=LinearConstraint(self.A, self.lo, self.hi),
+                    options={"time_limit": time_limit, "disp": False})
+
+    def steps(self, x: np.ndarray) -> tuple[Step, ...]:
+        """The schedule of a solution; frees never later than the MILP's FREE."""
+        n, order = len(self.order), self.order
+        t, i = np.tril_indices(n)
+        R = np.zeros((n, n), dtype=bool)
+        R[t, i] = x[self.R(t, i)] > 0.5
+        t, i = np.tril_indices(n + 1, -1)
+        S = np.zeros((n + 1, n + 1), dtype=bool)
+        S[t, i] = x[self.S(t, i)] > 0.5
+        steps: list[Step] = []
+        for t in range(n):
+            computed = np.flatnonzero(R[t, :t + 1]).tolist()
+            last: dict[int, int] = {}  # value -> its last user computed in this stage
+            for k in computed:
+                for i in self.uses[k]:
+                    last[i] = k
+            drop_after: dict[int, list[int]] = {}
+            for i, k in last.items():
+                if not S[t + 1, i]:
+                    drop_after.setdefault(k, []).append(i)
+            steps += [Free(order[i]) for i in np.flatnonzero(S[t, :n]).tolist()
+                      if i not in last and not S[t + 1, i]]  # unused in this stage
+            for k in computed:
+                steps.append(Compute(order[k]))
+                if k not in last and not S[t + 1, k]:
+                    steps.append(Free(order[k]))
+                steps += [Free(order[i]) for i in drop_after.get(k, ())]
+        return tuple(steps)
