@@ -1,19 +1,23 @@
-"""The `remat` command: serve, demo, plan, ops.
+"""The `remat` command: serve, demo, compare, plan, ops.
 
     remat serve --host 0.0.0.0 --port 50051
     remat demo
+    remat compare --plot policies.png --trace policies.json
     remat plan --policy sqrt
     remat ops
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
 import threading
 
 import numpy as np
+
+from . import cli_compare
 
 
 def _serve(args) -> int:
@@ -35,22 +39,14 @@ def _serve(args) -> int:
     return 0
 
 
-DEMO_LAYERS, DEMO_WIDTH, DEMO_BATCH = 16, 64, 1024
+DEMO_LAYERS, DEMO_BATCH = cli_compare.MLP_LAYERS, cli_compare.MLP_BATCH
 DEMO_POLICIES = ("store_all", "sqrt", "revolve:4", "recompute_all")
-
-
-def _demo_mlp(batch: int, layers: int = DEMO_LAYERS, width: int = DEMO_WIDTH):
-    """A deep, narrow tanh MLP: activations, not weights, dominate its memory, so the
-    checkpoint policies differ visibly."""
-    import remat
-
-    return remat.models.mlp(batch=batch, widths=(width,) * layers + (10,))
 
 
 def _demo(args) -> int:
     import remat
 
-    model = _demo_mlp(args.batch, args.layers)
+    model = cli_compare.mlp(args.batch, args.layers)
     print(f"remat demo: {model.graph.name} with {len(model.graph.nodes)} nodes "
           f"({args.layers} layers), batch {args.batch}, in-process server")
     with remat.Client.in_process() as client:
@@ -75,21 +71,6 @@ def _demo(args) -> int:
     return 0
 
 
-def _plan_model(args):
-    import remat
-
-    if args.model == "mlp":
-        batch, layers = args.batch or DEMO_BATCH, args.layers or DEMO_LAYERS
-        return _demo_mlp(batch, layers), f"mlp ({layers} layers), batch {batch}"
-    if args.layers is not None:
-        raise SystemExit("remat plan: error: --layers applies to --model mlp only")
-    if args.model == "transformer":
-        batch = args.batch or 4
-        return remat.models.transformer_block(batch=batch), f"transformer block, batch {batch}"
-    batch = args.batch or 8
-    return remat.models.cnn(batch=batch), f"cnn, batch {batch}"
-
-
 def _natural(name: str) -> list:
     """Sort key: "act2" before "act10"."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -99,13 +80,21 @@ def _plan(args) -> int:
     import remat
     from remat.compare import format_bytes as _bytes
 
-    model, description = _plan_model(args)
+    try:
+        load = cli_compare.workload(args, args.parser)
+    except cli_compare.WorkloadError as error:
+        print(f"remat plan: error: {error}", file=sys.stderr)
+        return 1
     policy_label = remat.policies.label(args.policy)
-    print(f"remat plan: {description}, policy {policy_label} (dry run: no tensors sent)")
+    print(f"remat plan: {load.description}, policy {policy_label} (dry run: no tensors sent)")
+    # A saved graph's -1 (batch) dimensions are bound by the shapes of its inputs.
+    shapes = {item.name: load.inputs[item.name].shape for item in load.graph.inputs
+              if -1 in item.shape}
     try:
         with (remat.Client(args.target) if args.target else remat.Client.in_process()) as client:
-            plan = client.plan(model.graph, wrt=model.wrt, loss=model.loss, policy=args.policy)
-            base = client.plan(model.graph, wrt=model.wrt, loss=model.loss, policy="store_all")
+            plan, base = (client.plan(load.graph, wrt=load.wrt, loss=load.loss, policy=policy,
+                                      input_shapes=shapes)
+                          for policy in (args.policy, "store_all"))
     except remat.RematError as error:
         print(f"remat plan: error: {error}", file=sys.stderr)
         return 1
@@ -180,12 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "peak memory, FLOPs and recomputation, no tensors sent")
     plan.add_argument("--policy", type=_policy, default="store_all",
                       help=f"one of: {', '.join(policies.FORMS)} (default store_all)")
-    plan.add_argument("--model", choices=("mlp", "transformer", "cnn"), default="mlp")
-    plan.add_argument("--layers", type=_positive, help=f"mlp layers (default {DEMO_LAYERS})")
-    plan.add_argument("--batch", type=_positive,
-                      help=f"batch size (default: mlp {DEMO_BATCH}, transformer 4, cnn 8)")
+    cli_compare.add_workload_arguments(plan, _positive)
     plan.add_argument("--target", help="server address (default: an in-process server)")
-    plan.set_defaults(run=_plan)
+    plan.set_defaults(run=_plan, parser=plan)
+
+    cli_compare.register(sub, _policy, _positive)
 
     ops = sub.add_parser("ops", help="list the server's ops")
     ops.add_argument("--target", help="server address (default: an in-process server)")
@@ -214,7 +202,11 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # `remat compare --json | head`: the reader left, not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import grpc
 
@@ -81,31 +81,41 @@ class Client:
     def run(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str] = (),
             loss: str | None = None, cotangents: Mapping[str, Any] | None = None,
             fetch: Iterable[str] | None = None, policy=None, timeline: bool = False,
-            measure_memory: bool = False, timeout: float | None = None) -> RunResult:
+            measure_memory: bool = False, trace: bool = False,
+            timeout: float | None = None) -> RunResult:
         """Run forward (and backward, when `wrt` is given) on the server.
 
         `loss` names a scalar output; or pass `cotangents` (output name -> array) for a
         vector-Jacobian product. `policy` is a `remat.policies` object or the name of a
-        parameterless one (default store_all). `timeline=True` also returns the live
-        bytes after every schedule step; `measure_memory=True` measures the real peak
-        allocation (`metrics.measured_peak_bytes`; such runs go one at a time).
-        Returns `.outputs`, `.grads` (NumPy), `.metrics` and `.timeline`.
+        parameterless one (default auto: store_all when it fits the server's memory
+        limit, else the cheapest plan that does). `timeline=True` also returns the
+        live bytes after every schedule step; `trace=True` every executed step with
+        its timing; `measure_memory=True` measures the real peak allocation
+        (`metrics.measured_peak_bytes`; such runs go one at a time).
+        Returns `.outputs`, `.grads` (NumPy), `.metrics`, `.timeline` and `.trace`.
         """
-        declared = {item.name: item.dtype for item in graph.inputs}
-        request = executor_pb2.RunRequest(
-            graph=executor_pb2.GraphRef(graph=graph.to_proto()), fetch=list(fetch or ()),
-            wrt=list(wrt), loss=loss or "", policy=wire.policy_to_proto(policies.resolve(policy)),
-            timeline=timeline, measure_memory=measure_memory)
-        for name, value in inputs.items():
-            wire.fill_tensor(request.inputs[name], value, _dtype_for(value, declared.get(name)))
-        for name, value in (cotangents or {}).items():
-            wire.fill_tensor(request.cotangents[name], value)
+        request = self._run_request(graph, inputs, wrt=wrt, loss=loss, cotangents=cotangents,
+                                    fetch=fetch, policy=policy, timeline=timeline,
+                                    measure_memory=measure_memory, trace=trace)
         response = self._call("Run", request, timeout)
         return RunResult(
             outputs={k: wire.tensor_to_array(v) for k, v in response.outputs.items()},
             grads={k: wire.tensor_to_array(v) for k, v in response.grads.items()},
             metrics=wire.metrics_from_proto(response.metrics), warnings=tuple(response.warnings),
-            timeline=tuple(response.timeline))
+            timeline=tuple(response.timeline), trace=wire.trace_from_proto(response.trace))
+
+    def _run_request(self, graph: Graph, inputs: Mapping[str, Any], *, wrt, loss, cotangents,
+                     fetch, policy, timeline: bool, measure_memory: bool, trace: bool):
+        declared = {item.name: item.dtype for item in graph.inputs}
+        request = executor_pb2.RunRequest(
+            graph=executor_pb2.GraphRef(graph=graph.to_proto()), fetch=list(fetch or ()),
+            wrt=list(wrt), loss=loss or "", policy=wire.policy_to_proto(policies.resolve(policy)),
+            timeline=timeline, measure_memory=measure_memory, trace=trace)
+        for name, value in inputs.items():
+            wire.fill_tensor(request.inputs[name], value, _dtype_for(value, declared.get(name)))
+        for name, value in (cotangents or {}).items():
+            wire.fill_tensor(request.cotangents[name], value)
+        return request
 
     def plan(self, graph: Graph, *, wrt: Iterable[str] = (), loss: str | None = None,
              policy=None, input_shapes: Mapping[str, Iterable[int]] | None = None,
@@ -142,12 +152,54 @@ class Client:
     def compare(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str],
                 loss: str, policies: Iterable = compare_module.DEFAULT_POLICIES,
                 repeats: int = 1, warmup: bool = True, measure_memory: bool = False,
+                timeline: bool = False, trace: bool = False,
                 timeout: float | None = None) -> list[ComparisonRow]:
         """Run the graph under store_all (the baseline, always first) and each policy;
         one `remat.ComparisonRow` per policy. See `remat.compare.compare`."""
         return compare_module.compare(self, graph, inputs, wrt=wrt, loss=loss,
                                       policies=policies, repeats=repeats, warmup=warmup,
-                                      measure_memory=measure_memory, timeout=timeout)
+                                      measure_memory=measure_memory, timeline=timeline,
+                                      trace=trace, timeout=timeout)
+
+    def compare_stream(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str],
+                       loss: str, policies: Iterable = compare_module.DEFAULT_POLICIES,
+                       repeats: int = 1, warmup: bool = True, measure_memory: bool = False,
+                       timeline: bool = False, trace: bool = False,
+                       timeout: float | None = None) -> Iterator[ComparisonRow]:
+        """Like `compare`, but yields each policy's row as soon as the server has run
+        it (the `Compare` RPC streams them), store_all's first: for progress bars.
+        The number of rows is `len(remat.compare.policy_list(policies))`.
+
+            >>> import remat
+            >>> model = remat.models.mlp(batch=8, widths=(16, 32, 32, 4))
+            >>> with remat.Client.in_process() as client:
+            ...     for row in client.compare_stream(model.graph, model.inputs, wrt=model.wrt,
+            ...                                      loss=model.loss, policies=["sqrt"]):
+            ...         print(row.policy, row.max_grad_diff)
+            store_all 0.0
+            sqrt 0.0
+        """
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        chosen = compare_module.policy_list(policies)
+        run = self._run_request(graph, inputs, wrt=list(wrt), loss=loss, cotangents=None,
+                                fetch=None, policy=None, timeline=timeline,
+                                measure_memory=measure_memory, trace=trace)
+        request = executor_pb2.CompareRequest(
+            run=run, policies=[wire.policy_to_proto(p) for p in chosen], repeats=repeats,
+            warmup=warmup)
+        try:
+            stream = self._stub.Compare(request, timeout=timeout or self.timeout)
+            base = None
+            for result in stream:
+                metrics = wire.metrics_from_proto(result.metrics)
+                base = base or metrics
+                yield compare_module.row_from_metrics(
+                    result.policy, metrics, base, result.max_grad_diff,
+                    timeline=result.timeline, trace=wire.trace_from_proto(result.trace),
+                    error=result.error, error_code=result.error_code)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     def differentiate(self, graph: Graph, *, wrt: Iterable[str], loss: str | None = None,
                       input_shapes: Mapping[str, Iterable[int]] | None = None,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 
 from . import policies as _policies
-from .results import RunResult
+from .results import Metrics, PlannerReport, TraceEvent
 
 if TYPE_CHECKING:  # the client imports this module
     from .client import Client
@@ -38,7 +38,11 @@ class ComparisonRow:
     recompute + backward), `recompute_flop_share` recompute_flops over flops.
     `max_grad_diff` is the largest absolute difference of any gradient element from
     store_all's: 0.0, since every policy computes bit-identical gradients.
-    `measured_peak_bytes` is 0 unless the comparison measured memory.
+    `measured_peak_bytes` is 0 unless the comparison measured memory. `timeline`
+    (live bytes after each step) and `trace` (the executed steps, timed) are filled
+    when the comparison asked for them. `error` is set, and the figures are zero,
+    when this policy could not plan or run (say, a budget nothing fits): the other
+    policies still run. `planner` is the budgeted planners' report.
     """
 
     policy: str
@@ -56,58 +60,57 @@ class ComparisonRow:
     recompute_flops: int = 0
     recomputed_nodes: int = 0
     measured_peak_bytes: int = 0
+    timeline: tuple[int, ...] = ()
+    trace: tuple[TraceEvent, ...] = ()
+    error: str = ""
+    error_code: str = ""
+    planner: PlannerReport | None = None
+    plan_seconds: float = 0.0
 
 
-def compare(client: "Client", graph: "Graph", inputs: Mapping[str, Any], *, wrt: Iterable[str],
-            loss: str, policies: Iterable = DEFAULT_POLICIES, repeats: int = 1,
-            warmup: bool = True, measure_memory: bool = False,
-            timeout: float | None = None) -> list[ComparisonRow]:
-    """Run `graph` under store_all first (the baseline, listed or not), then under each
-    policy in order; return one row per policy, store_all's first.
-
-    Each policy runs `repeats` times; the row reports the fastest run (by total
-    seconds), so timings are less noisy. With `warmup`, one untimed store_all run comes
-    first, so the baseline does not pay for a cold server (first-call costs would
-    otherwise make store_all look slowest). Policies are `remat.policies` objects or
-    names; they are checked before anything runs.
-    """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+def policy_list(policies: Iterable) -> list:
+    """Resolved policies, store_all first (the baseline) whether listed or not."""
     if isinstance(policies, (str, *_policies._TYPES)):
         policies = [policies]
     chosen = [_policies.resolve(p) for p in policies]
-    chosen = [_policies.StoreAll()] + [p for p in chosen if not isinstance(p, _policies.StoreAll)]
-    wrt = list(wrt)
-
-    def best_run(policy) -> RunResult:
-        runs = [client.run(graph, inputs, wrt=wrt, loss=loss, policy=policy,
-                           measure_memory=measure_memory, timeout=timeout)
-                for _ in range(repeats)]
-        # Gradients are bit-identical across repeats; only the timings differ.
-        return min(runs, key=lambda run: run.metrics.total_seconds)
-
-    if warmup:
-        client.run(graph, inputs, wrt=wrt, loss=loss, policy=chosen[0], timeout=timeout)
-    baseline = best_run(chosen[0])
-    rows = [_row(chosen[0], baseline, baseline)]
-    for policy in chosen[1:]:
-        rows.append(_row(policy, best_run(policy), baseline))
-    return rows
+    return [_policies.StoreAll()] + [p for p in chosen if not isinstance(p, _policies.StoreAll)]
 
 
-def _row(policy, run: RunResult, baseline: RunResult) -> ComparisonRow:
-    m, base = run.metrics, baseline.metrics
+def row_from_metrics(policy: str, m: Metrics, base: Metrics, max_grad_diff: float, *,
+                     timeline=(), trace=(), error: str = "", error_code: str = "") -> ComparisonRow:
+    """One row from a run's metrics and the baseline's."""
     compute = m.forward_seconds + m.recompute_seconds + m.backward_seconds
     return ComparisonRow(
-        policy=_policies.label(policy), predicted_peak_bytes=m.predicted_peak_bytes,
+        policy=policy, predicted_peak_bytes=m.predicted_peak_bytes,
         peak_bytes=m.peak_bytes, peak_ratio=m.peak_bytes / base.peak_bytes if base.peak_bytes else 0.0,
         recompute_share=m.recompute_seconds / compute if compute else 0.0,
         recompute_flop_share=m.recompute_flops / m.flops if m.flops else 0.0,
         forward_seconds=m.forward_seconds, backward_seconds=m.backward_seconds,
         recompute_seconds=m.recompute_seconds, total_seconds=m.total_seconds,
-        max_grad_diff=max_abs_diff(run.grads, baseline.grads), flops=m.flops,
-        recompute_flops=m.recompute_flops, recomputed_nodes=m.recomputed_nodes,
-        measured_peak_bytes=m.measured_peak_bytes)
+        max_grad_diff=max_grad_diff, flops=m.flops, recompute_flops=m.recompute_flops,
+        recomputed_nodes=m.recomputed_nodes, measured_peak_bytes=m.measured_peak_bytes,
+        timeline=tuple(timeline), trace=tuple(trace), error=error, error_code=error_code,
+        planner=m.planner, plan_seconds=m.plan_seconds)
+
+
+def compare(client: "Client", graph: "Graph", inputs: Mapping[str, Any], *, wrt: Iterable[str],
+            loss: str, policies: Iterable = DEFAULT_POLICIES, repeats: int = 1,
+            warmup: bool = True, measure_memory: bool = False, timeline: bool = False,
+            trace: bool = False, timeout: float | None = None) -> list[ComparisonRow]:
+    """Run `graph` under store_all first (the baseline, listed or not), then under each
+    policy in order; return one row per policy, store_all's first.
+
+    The server runs them all in one streaming `Compare` call (see `client.compare_stream`
+    to see each row as it completes). Each policy runs `repeats` times; the row reports
+    the fastest run (by total seconds), so timings are less noisy. With `warmup`, one
+    untimed store_all run comes first, so the baseline does not pay for a cold server.
+    Policies are `remat.policies` objects or names; they are checked before anything
+    runs. A policy that cannot plan or run gives a row with `error` set.
+    """
+    return list(client.compare_stream(graph, inputs, wrt=wrt, loss=loss, policies=policies,
+                                      repeats=repeats, warmup=warmup,
+                                      measure_memory=measure_memory, timeline=timeline,
+                                      trace=trace, timeout=timeout))
 
 
 def max_abs_diff(grads: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
@@ -152,6 +155,9 @@ def format_table(rows: Iterable[ComparisonRow]) -> str:
                "recompute ms", "backward ms", "total ms", "max grad diff"]
     table = [headers]
     for row in rows:
+        if row.error:
+            table.append([row.policy, "error", *[""] * (len(headers) - 3), row.error_code or "-"])
+            continue
         table.append([
             row.policy, format_bytes(row.peak_bytes), format_bytes(row.predicted_peak_bytes),
             *([format_bytes(row.measured_peak_bytes)] if measured else []),

@@ -4,7 +4,7 @@ Each builder returns a `Model`: the graph, seeded inputs, the inputs to
 differentiate (every parameter; never the data) and the loss output's name. All
 take `dtype` ("float32" or "float64") and `seed`; the same arguments always give
 the same graph and the same input arrays. Builders: `mlp`, `transformer_block`,
-`cnn`, `logistic_regression`, `svm`.
+`cnn`, `unet`, `logistic_regression`, `svm`.
 
     >>> import remat
     >>> model = remat.models.mlp(batch=8, widths=(16, 32, 4))
@@ -158,6 +158,96 @@ def cnn(batch: int = 8, channels=(3, 8, 16), image: int = 16, classes: int = 10,
     inputs["fc_w"], inputs["fc_b"] = _dense(rng, features, classes, dtype), np.zeros(classes, dtype)
     fc_w, fc_b = g.input("fc_w", (features, classes), dtype), g.input("fc_b", (classes,), dtype)
     logits = ops.add(ops.reshape(h, (batch, features)) @ fc_w, fc_b, name="logits")
+    g.output("loss", ops.cross_entropy(logits, labels, name="loss"))
+    return Model(g, inputs, [name for name in inputs if name not in ("x", "labels")])
+
+
+def _upsample2(x, shape, name: str):
+    """Nearest-neighbour 2x upsampling of NCHW `x` (of `shape`) from existing ops:
+    (B, C, H, W) -> (B, C, H, 1, W, 1) -> broadcast (B, C, H, 2, W, 2) -> (B, C, 2H, 2W).
+    Its gradient (un-broadcasting: a sum over each 2x2 block) comes for free."""
+    b, c, h, w = shape
+    x = ops.broadcast_to(ops.reshape(x, (b, c, h, 1, w, 1)), (b, c, h, 2, w, 2))
+    return ops.reshape(x, (b, c, 2 * h, 2 * w), name=name)
+
+
+def unet(batch: int = 2, channels=(4, 8, 16), image: int = 16, classes: int = 3,
+         in_channels: int = 3, dtype: str = "float32", seed: int = 0) -> Model:
+    """A small U-Net (Ronneberger et al. 2015) for per-pixel classification.
+
+    `channels[i]` is the width at resolution image / 2**i; the last level is the
+    bottleneck. Every block is two conv3x3 (padding 1) + bias + relu. Encoder: a
+    block per level, 2x2 max-pool between levels. Decoder, back up the levels:
+    nearest-neighbour 2x upsampling (reshape + broadcast_to + reshape), concat with
+    the encoder's output at that resolution along channels (the skip connection),
+    then a block. A final 1x1 conv gives `classes` logits per pixel; the loss is the
+    per-pixel softmax cross-entropy against seeded labels (the argmax of a random
+    1x1 projection of x plus noise: learnable, not trivial).
+
+    The skip connections keep every encoder level's activations alive until the
+    decoder reaches it, so its memory profile is unlike a chain's: a good test of
+    the checkpoint planners.
+
+    Parameters: enc{i}_w{j}, enc{i}_b{j} (level i, conv j in {0, 1}), dec{i}_w{j},
+    dec{i}_b{j}, out_w (classes, channels[0], 1, 1), out_b; inputs x (B, in_channels,
+    image, image) and labels (B, image, image), int64.
+
+        >>> import remat
+        >>> model = remat.models.unet(batch=1, channels=(2, 4), image=4, classes=2,
+        ...                           in_channels=1)
+        >>> model.wrt[:4], model.wrt[-2:]
+        (['enc0_w0', 'enc0_b0', 'enc0_w1', 'enc0_b1'], ['out_w', 'out_b'])
+        >>> with remat.Client.in_process() as client:
+        ...     result = client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss)
+        >>> result.grads["dec0_w0"].shape  # 2 + 4 input channels: upsampled + skip
+        (2, 6, 3, 3)
+    """
+    levels = len(channels)
+    if levels < 2:
+        raise ValueError(f"a U-Net needs at least 2 levels (channels), got {tuple(channels)}")
+    if image % (2 ** (levels - 1)):
+        raise ValueError(f"image {image} must be divisible by 2**{levels - 1} (pooling)")
+    rng = np.random.default_rng(seed)
+    g = Graph("unet")
+    x_value = rng.standard_normal((batch, in_channels, image, image))
+    scores = (np.einsum("bchw,ck->bhwk", x_value, rng.standard_normal((in_channels, classes)))
+              + rng.standard_normal((batch, image, image, classes)))
+    inputs: dict[str, np.ndarray] = {
+        "x": x_value.astype(dtype), "labels": np.argmax(scores, axis=-1).astype("int64")}
+    h = g.input("x", inputs["x"].shape, dtype)
+    labels = g.input("labels", inputs["labels"].shape, "int64")
+
+    def conv(t, c_in: int, c_out: int, param: str, suffix: str = "", kernel: int = 3):
+        """conv `kernel`x`kernel` + bias, parameters {param}_w{suffix}, {param}_b{suffix}."""
+        w_name, b_name = f"{param}_w{suffix}", f"{param}_b{suffix}"
+        inputs[w_name] = (rng.standard_normal((c_out, c_in, kernel, kernel))
+                          / np.sqrt(kernel * kernel * c_in)).astype(dtype)
+        inputs[b_name] = np.zeros(c_out, dtype)
+        w = g.input(w_name, inputs[w_name].shape, dtype)
+        b = g.input(b_name, (c_out,), dtype)
+        out = ops.conv2d(t, w, padding=kernel // 2, name=f"{param}_conv{suffix}")
+        return ops.add(out, ops.reshape(b, (1, c_out, 1, 1)))
+
+    def block(t, c_in: int, c_out: int, prefix: str):
+        t = ops.relu(conv(t, c_in, c_out, prefix, "0"), name=f"{prefix}_relu0")
+        return ops.relu(conv(t, c_out, c_out, prefix, "1"), name=prefix)
+
+    skips, c_in, side = [], in_channels, image
+    for i, width in enumerate(channels):
+        h = block(h, c_in, width, f"enc{i}")
+        c_in = width
+        if i < levels - 1:
+            skips.append(h)
+            h = ops.max_pool2d(h, 2, name=f"pool{i}")
+            side //= 2
+    for i in reversed(range(levels - 1)):
+        h = _upsample2(h, (batch, c_in, side, side), name=f"up{i}")
+        side *= 2
+        h = ops.concat([h, skips[i]], axis=1, name=f"cat{i}")
+        h = block(h, c_in + channels[i], channels[i], f"dec{i}")
+        c_in = channels[i]
+    logits = conv(h, c_in, classes, "out", kernel=1)  # (B, K, H, W)
+    logits = ops.transpose(logits, (0, 2, 3, 1), name="logits")  # classes last
     g.output("loss", ops.cross_entropy(logits, labels, name="loss"))
     return Model(g, inputs, [name for name in inputs if name not in ("x", "labels")])
 

@@ -25,7 +25,7 @@ from typing import Union
 
 __all__ = [
     "StoreAll", "RecomputeAll", "EveryK", "Sqrt", "Checkpoints", "SaveOps", "Revolve",
-    "Policy", "resolve", "parse", "label",
+    "Budget", "Optimal", "DTR", "Auto", "Policy", "resolve", "parse", "label",
 ]
 
 
@@ -105,12 +105,93 @@ class Revolve:
         _check_count("Revolve", "slots", self.slots)
 
 
-Policy = Union[StoreAll, RecomputeAll, EveryK, Sqrt, Checkpoints, SaveOps, Revolve]
-_TYPES = (StoreAll, RecomputeAll, EveryK, Sqrt, Checkpoints, SaveOps, Revolve)
-_BY_NAME = {"store_all": StoreAll, "recompute_all": RecomputeAll, "sqrt": Sqrt}
+class _Budgeted:
+    """A byte budget: exactly one of `bytes` (> 0) and `fraction` (of store_all's
+    peak, in (0, 1]) is set."""
+
+    def __post_init__(self):
+        kind = type(self).__name__
+        if isinstance(self.bytes, bool) or not isinstance(self.bytes, int):
+            raise TypeError(f"{kind}: bytes must be an int, got {self.bytes!r}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)):
+            raise TypeError(f"{kind}: fraction must be a number, got {self.fraction!r}")
+        if (self.bytes > 0) == (self.fraction > 0) or self.bytes < 0 or self.fraction < 0:
+            raise ValueError(f"{kind}: give exactly one of bytes > 0 and fraction > 0, got "
+                             f"bytes={self.bytes}, fraction={self.fraction}")
+        if self.fraction > 1:
+            raise ValueError(f"{kind}: fraction is of store_all's peak and must be <= 1, "
+                             f"got {self.fraction}")
+        if self.bytes >= 2 ** 63:
+            raise ValueError(f"{kind}: bytes must fit an int64, got {self.bytes}")
+
+
+@dataclass(frozen=True)
+class Budget(_Budgeted):
+    """The least recomputation whose peak memory fits a budget, on any graph: `bytes`,
+    or `fraction` of store_all's peak. Recomputation is priced in FLOPs, or, with
+    `profile=True`, in op times measured by a timed forward pass on the server.
+
+        >>> Budget(fraction=0.5), Budget(bytes=2 << 30)
+        (Budget(bytes=0, fraction=0.5, profile=False), Budget(bytes=2147483648, fraction=0.0, profile=False))
+    """
+
+    bytes: int = 0
+    fraction: float = 0.0
+    profile: bool = False
+    name = "budget"
+
+
+@dataclass(frozen=True)
+class Optimal(_Budgeted):
+    """The exact optimum (Checkmate's MILP, solved with HiGHS) under a budget, within
+    `time_limit` seconds (0: the server's default). For graphs up to a few hundred
+    nodes; larger ones fall back to Budget, as the plan's `planner` report says."""
+
+    bytes: int = 0
+    fraction: float = 0.0
+    time_limit: float = 0.0
+    name = "optimal"
+
+
+@dataclass(frozen=True)
+class DTR(_Budgeted):
+    """Dynamic Tensor Rematerialization (Kirisame et al. 2021): evict the value with
+    the least cost / (size x staleness) whenever the budget is hit, simulated on the
+    server into a static schedule."""
+
+    bytes: int = 0
+    fraction: float = 0.0
+    name = "dtr"
+
+
+@dataclass(frozen=True)
+class Auto:
+    """The default: store_all when it fits `bytes` (0: the server's per-request
+    limit), else the cheapest plan that fits; the server answers RESOURCE_EXHAUSTED,
+    with the lowest predicted peak, when nothing does."""
+
+    bytes: int = 0
+    name = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.bytes, bool) or not isinstance(self.bytes, int) or self.bytes < 0:
+            raise ValueError(f"Auto: bytes must be an int >= 0, got {self.bytes!r}")
+
+
+Policy = Union[StoreAll, RecomputeAll, EveryK, Sqrt, Checkpoints, SaveOps, Revolve, Budget,
+               Optimal, DTR, Auto]
+_TYPES = (StoreAll, RecomputeAll, EveryK, Sqrt, Checkpoints, SaveOps, Revolve, Budget, Optimal,
+          DTR, Auto)
+_BY_NAME = {"store_all": StoreAll, "recompute_all": RecomputeAll, "sqrt": Sqrt, "auto": Auto}
 _PARAMETERIZED = {"every_k": "every_k:K (e.g. every_k:4)", "revolve": "revolve:SLOTS (e.g. revolve:4)",
                   "save_ops": "save_ops:OP[,OP...] (e.g. save_ops:matmul,conv2d)",
-                  "checkpoints": "checkpoints:NODE[,NODE...] (e.g. checkpoints:act3,act7)"}
+                  "checkpoints": "checkpoints:NODE[,NODE...] (e.g. checkpoints:act3,act7)",
+                  "budget": "budget:FRACTION|BYTES (e.g. budget:0.5, budget:2GiB)",
+                  "optimal": "optimal:FRACTION|BYTES (e.g. optimal:0.3)",
+                  "dtr": "dtr:FRACTION|BYTES (e.g. dtr:0.5)"}
+_BUDGETED = {"budget": Budget, "optimal": Optimal, "dtr": DTR}
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10 ** 3,
+          "mb": 10 ** 6, "gb": 10 ** 9}
 FORMS = (*_BY_NAME, *_PARAMETERIZED.values())  # what `parse` accepts, for help texts
 
 
@@ -137,13 +218,13 @@ def _check_names(cls: str, field: str, values) -> tuple[str, ...]:
 
 def resolve(policy: "Policy | str | None") -> Policy:
     """A policy object from an object, the name of a parameterless policy
-    ("store_all", "recompute_all", "sqrt"), or None (store_all, the server's default).
+    ("store_all", "recompute_all", "sqrt", "auto"), or None (auto, the server's default).
 
         >>> resolve(None), resolve("recompute_all"), resolve(EveryK(2))
-        (StoreAll(), RecomputeAll(), EveryK(k=2))
+        (Auto(bytes=0), RecomputeAll(), EveryK(k=2))
     """
     if policy is None:
-        return StoreAll()
+        return Auto()
     if isinstance(policy, str):
         if policy in _BY_NAME:
             return _BY_NAME[policy]()
@@ -179,6 +260,8 @@ def parse(text: str) -> Policy:
         raise ValueError(f"unknown policy {text!r}; expected one of: {', '.join(FORMS)}")
     if not argument:
         raise ValueError(f"policy '{kind}' needs a parameter: {_PARAMETERIZED[kind]}")
+    if kind in _BUDGETED:
+        return _BUDGETED[kind](**_budget_argument(kind, argument))
     if kind in ("every_k", "revolve"):
         try:
             number = int(argument)
@@ -193,6 +276,27 @@ def parse(text: str) -> Policy:
     return SaveOps(names) if kind == "save_ops" else Checkpoints(names)
 
 
+def _budget_argument(kind: str, text: str) -> dict:
+    """"0.5" -> fraction 0.5; "2GiB", "512MiB", "1000000" -> bytes."""
+    import re
+
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)", text.lower())
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError(f"policy '{kind}': {text!r} is not a fraction or a size; "
+                         f"expected {_PARAMETERIZED[kind]}")
+    number, unit = float(match.group(1)), match.group(2)
+    if not unit and number <= 1 and "." in match.group(1):
+        return {"fraction": number}
+    return {"bytes": int(number * _UNITS[unit])}
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.4g}{unit}"
+    return f"{n}B"
+
+
 def label(policy: "Policy | str | None") -> str:
     """A short name for tables, like the server's `Metrics.policy`: "sqrt",
     "every_k(4)", "revolve(3)", "save_ops(matmul)", "checkpoints(act3,act7)"."""
@@ -205,4 +309,10 @@ def label(policy: "Policy | str | None") -> str:
         return f"save_ops({','.join(policy.ops)})"
     if isinstance(policy, Checkpoints):
         return f"checkpoints({','.join(policy.names)})"
+    if isinstance(policy, _Budgeted):
+        amount = f"{policy.fraction:g}" if policy.fraction else _size(policy.bytes)
+        extra = ",profile" if getattr(policy, "profile", False) else ""
+        return f"{policy.name}({amount}{extra})"
+    if isinstance(policy, Auto) and policy.bytes:
+        return f"auto({_size(policy.bytes)})"
     return policy.name

@@ -7,6 +7,34 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class PlannerReport:
+    """What a budgeted policy (budget, optimal, dtr, auto) decided: the byte limit it
+    planned under, a status ("optimal", "feasible", "time_limit", "fallback",
+    "store_all_fits"), the MILP's optimality gap, the planning seconds, the label of
+    the plan that won (`chosen`) and why, in words (`detail`)."""
+
+    budget_bytes: int = 0
+    status: str = ""
+    optimality_gap: float = 0.0
+    solve_seconds: float = 0.0
+    detail: str = ""
+    chosen: str = ""
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One executed schedule step: `phase` is "forward", "recompute", "backward" or
+    "free"; times in seconds from the start of execution; `live_bytes` after it."""
+
+    node: str
+    op: str
+    phase: str
+    start_seconds: float
+    seconds: float
+    live_bytes: int
+
+
+@dataclass(frozen=True)
 class Metrics:
     """What a run cost. Bytes are accounted live bytes; seconds are wall time."""
 
@@ -26,19 +54,24 @@ class Metrics:
     measured_peak_bytes: int = 0
     # The policy that planned the run, e.g. "every_k(4)".
     policy: str = ""
-    # Time the request waited for the server to admit it.
+    # Time the request waited for the server to admit it (memory admission).
+    queue_seconds: float = 0.0
+    # For budgeted policies: what the planner decided (None for the others).
+    planner: PlannerReport | None = None
 
 
 @dataclass(frozen=True)
 class RunResult:
     """`outputs[name]` and `grads[input]` are NumPy arrays; `timeline` holds the live
-    bytes after every schedule step (empty unless the run asked for `timeline=True`)."""
+    bytes after every schedule step (empty unless the run asked for `timeline=True`);
+    `trace` the executed steps with their timings (`trace=True`)."""
 
     outputs: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
     metrics: Metrics
     warnings: tuple[str, ...] = field(default=())
     timeline: tuple[int, ...] = field(default=())
+    trace: tuple[TraceEvent, ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -62,6 +95,7 @@ class PlanResult:
     recomputed_nodes: int
     plan_seconds: float
     input_bytes: int
+    planner: PlannerReport | None = None
 
 
 @dataclass(frozen=True)

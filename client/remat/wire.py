@@ -9,7 +9,7 @@ from google.protobuf import json_format
 
 from . import policies
 from .graph import Graph, InputDef, NodeDef
-from .results import AttrInfo, Metrics, OpInfo, PlanResult
+from .results import AttrInfo, Metrics, OpInfo, PlannerReport, PlanResult, TraceEvent
 from .v1 import executor_pb2, graph_pb2, tensor_pb2
 
 _DTYPES = {"float32": tensor_pb2.FLOAT32, "float64": tensor_pb2.FLOAT64,
@@ -96,7 +96,20 @@ def graph_from_proto(message: graph_pb2.Graph) -> Graph:
 
 
 def metrics_from_proto(message: executor_pb2.Metrics) -> Metrics:
-    return Metrics(**{f: getattr(message, f) for f in Metrics.__dataclass_fields__})
+    fields = {f: getattr(message, f) for f in Metrics.__dataclass_fields__ if f != "planner"}
+    return Metrics(**fields, planner=report_from_proto(message, "planner"))
+
+
+def report_from_proto(message, field: str) -> PlannerReport | None:
+    if not message.HasField(field):
+        return None
+    report = getattr(message, field)
+    return PlannerReport(**{f: getattr(report, f) for f in PlannerReport.__dataclass_fields__})
+
+
+def trace_from_proto(events) -> tuple[TraceEvent, ...]:
+    return tuple(TraceEvent(e.node, e.op, e.phase, e.start_seconds, e.seconds, e.live_bytes)
+                 for e in events)
 
 
 def op_info_from_proto(message: executor_pb2.OpInfo) -> OpInfo:
@@ -122,6 +135,16 @@ def policy_to_proto(policy: policies.Policy) -> executor_pb2.Policy:
         return pb.Policy(checkpoints=pb.Checkpoints(names=policy.names))
     if isinstance(policy, policies.SaveOps):
         return pb.Policy(save_ops=pb.SaveOps(ops=policy.ops))
+    if isinstance(policy, policies.Budget):
+        return pb.Policy(budget=pb.Budget(bytes=policy.bytes, fraction=policy.fraction,
+                                          profile=policy.profile))
+    if isinstance(policy, policies.Optimal):
+        return pb.Policy(optimal=pb.Optimal(bytes=policy.bytes, fraction=policy.fraction,
+                                            time_limit_seconds=policy.time_limit))
+    if isinstance(policy, policies.DTR):
+        return pb.Policy(dtr=pb.DTR(bytes=policy.bytes, fraction=policy.fraction))
+    if isinstance(policy, policies.Auto):
+        return pb.Policy(auto=pb.Auto(bytes=policy.bytes))
     raise TypeError(f"expected a remat.policies object, got {type(policy).__name__}")
 
 
@@ -133,7 +156,8 @@ def plan_from_proto(message: executor_pb2.PlanResponse) -> PlanResult:
         recompute_flops=message.recompute_flops,
         node_evaluations=dict(message.node_evaluations), timeline=tuple(message.timeline),
         schedule=schedule, policy=message.policy, recomputed_nodes=message.recomputed_nodes,
-        plan_seconds=message.plan_seconds, input_bytes=message.input_bytes)
+        plan_seconds=message.plan_seconds, input_bytes=message.input_bytes,
+        planner=report_from_proto(message, "planner"))
 
 
 def graph_to_json(graph: Graph) -> str:

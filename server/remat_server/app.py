@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from remat.v1 import executor_pb2, executor_pb2_grpc
 
+from .admission import MemoryAdmission
 from .config import ServerConfig
 from .engine import Engine
 from .graph_store import GraphStore
@@ -35,7 +36,9 @@ def create_server(config: ServerConfig | None = None) -> tuple[grpc.Server, int]
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes),
                  ("grpc.so_reuseport", 0)])
-    servicer = ExecutorServicer(Engine(config.limits), GraphStore(config.graph_cache_bytes))
+    servicer = ExecutorServicer(
+        Engine(config.limits, config.memory_budget_bytes), GraphStore(config.graph_cache_bytes),
+        MemoryAdmission(config.memory_budget_bytes, config.max_queued_requests))
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
 
     health_servicer = health.HealthServicer()

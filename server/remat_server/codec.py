@@ -181,6 +181,12 @@ def plan_to_proto(plan: Plan, include_schedule: bool) -> executor_pb2.PlanRespon
 
 
 # --- responses ---------------------------------------------------------------------------
+def trace_to_proto(events) -> list[executor_pb2.TraceEvent]:
+    return [executor_pb2.TraceEvent(node=node, op=op, phase=phase, start_seconds=start,
+                                    seconds=seconds, live_bytes=live)
+            for node, op, phase, start, seconds, live in events]
+
+
 def metrics_to_proto(metrics: Metrics) -> executor_pb2.Metrics:
     fields = dict(vars(metrics))
     fields["planner"] = report_to_proto(fields["planner"])

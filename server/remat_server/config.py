@@ -16,6 +16,10 @@ class ServerConfig:
     max_message_bytes: int = 512 * MiB
     max_workers: int = 8
     graph_cache_bytes: int = 256 * MiB
+    # Predicted peak bytes of all requests running at once (0: no shared budget);
+    # requests over it wait in a FIFO queue of at most `max_queued_requests`.
+    memory_budget_bytes: int = 0
+    max_queued_requests: int = 64
     limits: Limits = field(default_factory=Limits)
 
     @property

@@ -14,12 +14,13 @@ Example:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Callable, ContextManager, Mapping
 
 import numpy as np
 
-from . import dtypes, measure
+from . import dtypes, measure, profile
 from .autodiff import JointGraph, differentiate
 from .build import build_graph
 from .checkpoint import policies
@@ -28,7 +29,7 @@ from .checkpoint.memory import MemoryModel, memory_model
 from .checkpoint.problem import Problem
 from .checkpoint.schedule import PlannerReport, Schedule
 from .checkpoint.simulate import Simulation, simulate
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import InvalidArgument, RematError, ResourceExhausted
 from .executor import execute
 from .ir import Graph, GraphSpec
 from .limits import Limits
@@ -46,6 +47,7 @@ class RunRequest:
     policy: policies.Policy | str = "store_all"
     timeline: bool = False  # return live bytes after every schedule step
     measure_memory: bool = False  # also measure the real peak with tracemalloc
+    trace: bool = False  # return every executed step with its timing
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class RunResult:
     metrics: Metrics
     warnings: tuple[str, ...] = ()
     timeline: tuple[int, ...] = ()
+    trace: tuple[tuple[str, str, str, float, float, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,29 @@ class Plan:
 
 
 class Engine:
-    def __init__(self, limits: Limits | None = None):
+    """`memory_budget_bytes` is the server's budget for all requests at once (0: none);
+    no single request may plan above it or above `limits.max_request_bytes`."""
+
+    def __init__(self, limits: Limits | None = None, memory_budget_bytes: int = 0):
         self.limits = limits or Limits()
+        self.memory_budget_bytes = memory_budget_bytes
+
+    @property
+    def request_limit(self) -> int:
+        """The most one request may use: the per-request limit, or the server's
+        budget for all requests when that is smaller."""
+        limit = self.limits.max_request_bytes
+        return min(limit, self.memory_budget_bytes) if self.memory_budget_bytes > 0 else limit
+
+    def with_server_defaults(self, policy: policies.Policy | str) -> policies.Policy:
+        """Resolve names, and fill what a policy leaves to the server (0 means default)."""
+        policy = policies.by_name(policy) if isinstance(policy, str) else policy
+        if isinstance(policy, policies.Auto) and not policy.bytes:
+            return policies.Auto(self.request_limit)
+        if isinstance(policy, policies.Optimal):
+            return replace(policy, time_limit=policy.time_limit or self.limits.optimal_time_limit,
+                           max_nodes=policy.max_nodes or self.limits.optimal_max_nodes)
+        return policy
 
     def differentiate(self, spec: GraphSpec, wrt: tuple[str, ...], loss: str = "",
                       input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> JointGraph:
@@ -118,7 +142,7 @@ class Engine:
         return self._plan(graph, fetch, wrt, loss, cotangent_outputs, policy, start)
 
     def _plan(self, graph: Graph, fetch, wrt, loss, cotangent_outputs, policy,
-              start: float) -> Plan:
+              start: float, feeds: Mapping[str, np.ndarray] | None = None) -> Plan:
         fetch = tuple(fetch) or tuple(graph.outputs)
         for name in fetch:
             if name not in graph.outputs:
@@ -133,31 +157,48 @@ class Engine:
         graph = joint.graph
         wanted = {name: graph.outputs[name] for name in fetch}
         results = set(wanted.values()) | {graph.outputs[o] for o in joint.grad_outputs.values()}
-        policy = policies.by_name(policy) if isinstance(policy, str) else policy
-        schedule = plan(Problem(graph, frozenset(results), joint.forward_nodes), policy)
-        model = memory_model(graph)
+        policy = self.with_server_defaults(policy)
+        costs = None
+        if isinstance(policy, policies.Budget) and policy.profile:
+            if feeds is None:
+                raise InvalidArgument("policy budget(profile): profiling times ops on real "
+                                      "inputs; use it with Run, not Plan")
+            costs = profile.forward_costs(graph, joint.forward_nodes, feeds)
+        problem = Problem(graph, frozenset(results), joint.forward_nodes, costs)
+        schedule = plan(problem, policy)
+        model = problem.model
         simulation = simulate(graph, schedule, model)
-        if simulation.peak_bytes > self.limits.max_request_bytes:
+        report = schedule.report
+        if report is not None and report.budget_bytes and simulation.peak_bytes > report.budget_bytes:
+            raise RematError(f"internal error: policy {policies.label(policy)} planned a peak "
+                             f"of {simulation.peak_bytes} bytes over its budget of "
+                             f"{report.budget_bytes}")
+        if simulation.peak_bytes > self.request_limit:
             raise ResourceExhausted(
-                f"the plan's predicted peak is {simulation.peak_bytes} bytes, over the "
-                f"per-request limit of {self.limits.max_request_bytes} (server flag "
-                "--max-request-bytes); try a recomputing policy or a smaller batch")
-        return Plan(joint, schedule, simulation, model, wanted, policies.label(policy),
+                f"the plan's predicted peak is {simulation.peak_bytes:,} bytes, over the "
+                f"per-request limit of {self.request_limit:,} (server flags "
+                "--max-request-bytes, --memory-budget-bytes); try policy auto or a budget, "
+                "or a smaller batch")
+        return Plan(joint, schedule, simulation, model, wanted,
+                    schedule.policy if report is not None else policies.label(policy),
                     time.perf_counter() - start)
 
-    def run(self, request: RunRequest,
-            should_stop: Callable[[], bool] | None = None) -> RunResult:
+    def run(self, request: RunRequest, should_stop: Callable[[], bool] | None = None,
+            admit: Callable[[int], ContextManager] | None = None) -> RunResult:
+        """Plan and execute. `admit(predicted_peak_bytes)`, when given, is entered
+        before execution (memory admission) and yields an object with `queue_seconds`."""
         start = time.perf_counter()
         graph = build_graph(request.graph, self.limits, _input_shapes(request.graph, request.inputs))
         _check_inputs(graph, request.inputs)
         planned = self._plan(graph, request.fetch, request.wrt, request.loss,
-                             tuple(request.cotangents), request.policy, start)
+                             tuple(request.cotangents), request.policy, start, request.inputs)
         joint, graph = planned.joint, planned.joint.graph
         feeds = dict(request.inputs)
         feeds.update(_cotangent_feeds(joint, request.cotangents))
-        with measure.peak_memory(request.measure_memory) as measured:
+        admission = admit(planned.simulation.peak_bytes) if admit else nullcontext(None)
+        with admission as admitted, measure.peak_memory(request.measure_memory) as measured:
             run = execute(graph, planned.schedule, feeds, joint.forward_nodes, should_stop,
-                          planned.model)
+                          planned.model, trace=request.trace)
         outputs = {name: run.values[node] for name, node in planned.fetch.items()}
         grads = {w: run.values[graph.outputs[out]] for w, out in joint.grad_outputs.items()}
         simulation = planned.simulation
@@ -169,11 +210,13 @@ class Engine:
             total_seconds=time.perf_counter() - start, nodes_computed=run.nodes_computed,
             recomputed_nodes=run.recomputed_nodes, flops=simulation.flops,
             recompute_flops=simulation.recompute_flops, policy=planned.policy,
-            measured_peak_bytes=measured.peak + input_bytes if request.measure_memory else 0)
+            measured_peak_bytes=measured.peak + input_bytes if request.measure_memory else 0,
+            queue_seconds=admitted.queue_seconds if admitted is not None else 0.0,
+            planner=planned.schedule.report)
         warnings = _nonfinite("input", request.inputs) + _nonfinite("output", outputs) \
             + _nonfinite("gradient", grads)
         return RunResult(outputs, grads, metrics, tuple(warnings),
-                         simulation.timeline if request.timeline else ())
+                         simulation.timeline if request.timeline else (), tuple(run.trace or ()))
 
 
 def _input_shapes(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> dict:
@@ -214,3 +257,19 @@ def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:
             if bad:
                 found.append(f"{kind} '{name}' has {bad} NaN or Inf values")
     return found
+
+
+def max_abs_diff(grads: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """The largest |a - b| over every element of every gradient (NaN where the
+    reference has NaN counts as equal; a missing gradient or a shape change as inf)."""
+    worst = 0.0
+    for name, ref in reference.items():
+        value = grads.get(name)
+        if value is None or value.shape != ref.shape:
+            return float("inf")
+        if value.size == 0:
+            continue
+        a, b = value.astype(np.float64), ref.astype(np.float64)
+        diff = np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b))
+        worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
+    return worst

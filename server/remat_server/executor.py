@@ -34,13 +34,17 @@ class Execution:
     recompute_seconds: float
     nodes_computed: int
     recomputed_nodes: int
+    # (node, op, phase, start seconds, seconds, live bytes after) per step, when traced.
+    trace: list[tuple[str, str, str, float, float, int]] | None = None
 
 
 def execute(graph: Graph, schedule: Schedule, inputs: Mapping[str, np.ndarray],
             forward_nodes: frozenset[str],
             should_stop: Callable[[], bool] | None = None,
-            model: MemoryModel | None = None) -> Execution:
+            model: MemoryModel | None = None, trace: bool = False) -> Execution:
     model = model or memory_model(graph)
+    events: list | None = [] if trace else None
+    began = time.perf_counter()
     values: dict[str, np.ndarray] = dict(inputs)
     accounting = LiveBytes(model, values)
     seconds = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
@@ -55,6 +59,9 @@ def execute(graph: Graph, schedule: Schedule, inputs: Mapping[str, np.ndarray],
             if not isinstance(step, Compute):
                 accounting.remove(name)
                 del values[name]
+                if events is not None:
+                    events.append((name, graph[name].op, "free", time.perf_counter() - began,
+                                   0.0, accounting.total))
                 continue
             node = graph[name]
             phase = ("recompute" if name in computed else "forward") \
@@ -62,14 +69,17 @@ def execute(graph: Graph, schedule: Schedule, inputs: Mapping[str, np.ndarray],
             start = time.perf_counter()
             values[name] = _run_node(node, values, fresh=not model.is_view(name)
                                      and model.nbytes[name] > 0)
-            seconds[phase] += time.perf_counter() - start
+            took = time.perf_counter() - start
+            seconds[phase] += took
             accounting.add(name)
+            if events is not None:
+                events.append((name, node.op, phase, start - began, took, accounting.total))
             nodes_computed += 1
             recomputed += phase == "recompute"
             computed.add(name)
     results = {name: values[name] for name in schedule.results}
     return Execution(results, accounting.peak, seconds["forward"], seconds["backward"],
-                     seconds["recompute"], nodes_computed, recomputed)
+                     seconds["recompute"], nodes_computed, recomputed, events)
 
 
 def _run_node(node: Node, values: dict[str, np.ndarray], fresh: bool) -> np.ndarray:

@@ -5,6 +5,7 @@ INTERNAL with the exception's message, and the server keeps serving.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -14,8 +15,10 @@ from remat.v1 import executor_pb2, executor_pb2_grpc
 
 from . import allocator, codec
 from .build import validate_spec
-from .engine import Engine, RunRequest
-from .errors import InvalidArgument, RematError
+from .admission import MemoryAdmission
+from .checkpoint.policies import StoreAll, label
+from .engine import Engine, RunRequest, max_abs_diff
+from .errors import Cancelled, DeadlineExceeded, InvalidArgument, RematError
 from .graph_store import GraphStore
 from .ir import GraphSpec
 from .ops import REGISTRY
@@ -23,27 +26,44 @@ from .ops import REGISTRY
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _errors_to_status(context, method_name: str):
+    """Turn RematError into its status code and bugs into INTERNAL."""
+    try:
+        yield
+    except RematError as exc:
+        context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+    except RecursionError:  # defensive: every algorithm is iterative
+        log.exception("recursion in %s", method_name)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error: recursion too deep")
+    except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
+        log.exception("unexpected error in %s", method_name)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
 def _status(method):
-    """Run a handler, turning RematError into its status code and bugs into INTERNAL."""
+    """A unary handler whose errors become statuses."""
     @functools.wraps(method)
     def handler(self, request, context):
-        try:
+        with _errors_to_status(context, method.__name__):
             return method(self, request, context)
-        except RematError as exc:
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        except RecursionError:  # defensive: every algorithm is iterative
-            log.exception("recursion in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error: recursion too deep")
-        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
-            log.exception("unexpected error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    return handler
+
+
+def _status_stream(method):
+    """A server-streaming handler whose errors (raised while streaming) become statuses."""
+    @functools.wraps(method)
+    def handler(self, request, context):
+        with _errors_to_status(context, method.__name__):
+            yield from method(self, request, context)
     return handler
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, engine: Engine, store: GraphStore):
+    def __init__(self, engine: Engine, store: GraphStore, admission: MemoryAdmission | None = None):
         self.engine = engine
         self.store = store
+        self.admission = admission or MemoryAdmission(0, 0)
 
     def _graph(self, ref: executor_pb2.GraphRef) -> GraphSpec:
         kind = ref.WhichOneof("kind")
@@ -63,27 +83,73 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self.store.put(graph_id, spec, request.graph.ByteSize())
         return executor_pb2.RegisterGraphResponse(graph_id=graph_id)
 
-    @_status
-    def Run(self, request, context):
+    def _run_request(self, request: executor_pb2.RunRequest, policy=None) -> RunRequest:
         limits = self.engine.limits
-        run = RunRequest(
+        return RunRequest(
             graph=self._graph(request.graph),
             inputs=codec.tensors_to_arrays(request.inputs, limits, "input"),
             fetch=tuple(request.fetch), wrt=tuple(request.wrt), loss=request.loss,
             cotangents=codec.tensors_to_arrays(request.cotangents, limits, "cotangent"),
-            policy=codec.policy_from_proto(request.policy), timeline=request.timeline,
-            measure_memory=request.measure_memory)
+            policy=policy if policy is not None else codec.policy_from_proto(request.policy),
+            timeline=request.timeline, measure_memory=request.measure_memory,
+            trace=request.trace)
+
+    def _execute(self, run: RunRequest, context):
+        """Run with memory admission (waiting at most until the deadline), then give
+        freed memory back to the OS."""
+        remaining = context.time_remaining()
+
+        def admit(nbytes: int):
+            return self.admission.reserve(nbytes, timeout=remaining,
+                                          cancelled=lambda: not context.is_active())
         try:
-            result = self.engine.run(run, should_stop=lambda: not context.is_active())
+            return self.engine.run(run, should_stop=lambda: not context.is_active(), admit=admit)
         finally:
             allocator.release_free_memory()
+
+    @_status
+    def Run(self, request, context):
+        result = self._execute(self._run_request(request), context)
         response = executor_pb2.RunResponse(metrics=codec.metrics_to_proto(result.metrics),
-                                            warnings=result.warnings, timeline=result.timeline)
+                                            warnings=result.warnings, timeline=result.timeline,
+                                            trace=codec.trace_to_proto(result.trace))
         for name, array in result.outputs.items():
             codec.fill_tensor(response.outputs[name], array)
         for name, array in result.grads.items():
             codec.fill_tensor(response.grads[name], array)
         return response
+
+    @_status_stream
+    def Compare(self, request, context):
+        """store_all first (the baseline), then each policy; one result as each completes.
+        A policy that fails becomes a result with `error`; the baseline failing ends
+        the call with its status."""
+        chosen = [codec.policy_from_proto(p) for p in request.policies]
+        chosen = [StoreAll()] + [p for p in chosen if not isinstance(p, StoreAll)]
+        repeats = max(1, request.repeats)
+        run = request.run
+        if request.warmup:
+            self._execute(self._run_request(run, StoreAll()), context)
+        baseline = None
+        for index, policy in enumerate(chosen):
+            result = executor_pb2.CompareResult(index=index, total=len(chosen),
+                                                policy=label(policy))
+            try:
+                runs = [self._execute(self._run_request(run, policy), context)
+                        for _ in range(repeats)]
+            except RematError as exc:
+                if baseline is None or isinstance(exc, (Cancelled, DeadlineExceeded)):
+                    raise
+                result.error, result.error_code = str(exc), exc.code
+                yield result
+                continue
+            best = min(runs, key=lambda r: r.metrics.total_seconds)
+            baseline = baseline or best
+            result.metrics.CopyFrom(codec.metrics_to_proto(best.metrics))
+            result.max_grad_diff = max_abs_diff(best.grads, baseline.grads)
+            result.timeline.extend(best.timeline)
+            result.trace.extend(codec.trace_to_proto(best.trace))
+            yield result
 
     @_status
     def Differentiate(self, request, context):

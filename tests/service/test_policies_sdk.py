@@ -82,7 +82,9 @@ def test_names_resolve_to_the_same_plans_as_objects(client):
         by_name, by_object = plan(client, model, name), plan(client, model, obj)
         assert (by_name.peak_bytes, by_name.flops, by_name.policy) == \
             (by_object.peak_bytes, by_object.flops, by_object.policy) and by_name.policy == name
-    assert P.resolve(None) == P.StoreAll()
+    # The default is auto, which plans store_all whenever it fits the server's limit.
+    assert P.resolve(None) == P.Auto()
+    assert plan(client, model, None).policy == "store_all"
     assert P.resolve(P.Revolve(2)) == P.Revolve(2)
 
 
@@ -295,9 +297,13 @@ def test_compare_listing_store_all_does_not_run_it_twice(client):
     assert "measured" in remat.format_table(rows).splitlines()[0]
     with pytest.raises(ValueError, match="repeats"):
         client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss, repeats=0)
-    with pytest.raises(remat.InvalidArgumentError, match="nope"):
-        client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-                       policies=[P.Checkpoints(("nope",))])
+    # A policy the server rejects becomes a row with the error; the others still run.
+    rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
+                          policies=[P.Checkpoints(("nope",)), "sqrt"])
+    assert [(row.policy, row.error_code) for row in rows] == [
+        ("store_all", ""), ("checkpoints(nope)", "INVALID_ARGUMENT"), ("sqrt", "")]
+    assert "nope" in rows[1].error and rows[1].peak_bytes == 0 and rows[2].peak_bytes > 0
+    assert "error" in remat.format_table(rows)
 
 
 def test_max_abs_diff_sees_every_difference():
@@ -351,5 +357,5 @@ def test_parse_rejects_bad_strings_clearly(text, message):
 def test_labels():
     assert [P.label(p) for p in (P.StoreAll(), "sqrt", None, P.EveryK(4), P.Revolve(3),
                                  P.SaveOps(("matmul", "conv2d")), P.Checkpoints(("a", "b")))] \
-        == ["store_all", "sqrt", "store_all", "every_k(4)", "revolve(3)",
+        == ["store_all", "sqrt", "auto", "every_k(4)", "revolve(3)",
             "save_ops(matmul,conv2d)", "checkpoints(a,b)"]

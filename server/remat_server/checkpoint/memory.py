@@ -9,7 +9,7 @@ static model below is exactly what NumPy does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..ir import Graph
 from ..ops import registry
@@ -19,6 +19,7 @@ from ..ops import registry
 class MemoryModel:
     owner: dict[str, str]  # value -> the value owning its buffer (itself when it allocates)
     nbytes: dict[str, int]  # buffer owner -> bytes it holds (0 for external values)
+    source: dict[str, str] = field(default_factory=dict)  # view -> the value it views
 
     def is_view(self, name: str) -> bool:
         return self.owner[name] != name
@@ -27,6 +28,7 @@ class MemoryModel:
 def memory_model(graph: Graph) -> MemoryModel:
     owner: dict[str, str] = {}
     nbytes: dict[str, int] = {}
+    source: dict[str, str] = {}
     contiguous: dict[str, bool] = {}
     for node in graph:
         kind = "new" if node.is_input else registry.get(node.op).memory
@@ -37,36 +39,69 @@ def memory_model(graph: Graph) -> MemoryModel:
             contiguous[node.name] = kind != "view"
         if kind == "view":
             owner[node.name] = owner[node.inputs[0]]
+            source[node.name] = node.inputs[0]
         else:
             owner[node.name] = node.name
             nbytes[node.name] = 0 if kind == "external" else node.type.nbytes
-    return MemoryModel(owner, nbytes)
+    return MemoryModel(owner, nbytes, source)
 
 
 class LiveBytes:
-    """Live bytes under a schedule: a buffer counts while any value using it is live."""
+    """Live bytes under a schedule: a buffer counts while any value using it is live.
 
-    __slots__ = ("model", "refs", "total", "peak")
+    A buffer is identified by its owner and a generation: when an owner is computed
+    again while views of its previous buffer are still live, NumPy holds two buffers,
+    so the new one counts on its own.
+    """
+
+    __slots__ = ("model", "refs", "total", "peak", "generation", "held")
 
     def __init__(self, model: MemoryModel, initial):
         self.model, self.refs, self.total, self.peak = model, {}, 0, 0
+        self.generation: dict[str, int] = {}  # owner -> its current buffer's generation
+        self.held: dict[str, tuple[str, int]] = {}  # live value -> the buffer it uses
         for name in initial:
             self.add(name)
 
     def add(self, name: str) -> None:
-        buffer = self.model.owner[name]
+        owner = self.model.owner[name]
+        viewed = self.model.source.get(name)
+        if viewed in self.held:  # a view uses whichever buffer its source holds
+            buffer = self.held[viewed]
+        else:
+            generation = self.generation.get(owner, 0)
+            if owner == name and self.refs.get((owner, generation), 0) > 0:
+                generation += 1  # views still hold the old buffer
+                self.generation[owner] = generation
+            buffer = (owner, generation)
+        self.held[name] = buffer
         count = self.refs.get(buffer, 0)
         if count == 0:
-            self.total += self.model.nbytes[buffer]
+            self.total += self.model.nbytes[owner]
             if self.total > self.peak:
                 self.peak = self.total
         self.refs[buffer] = count + 1
 
     def remove(self, name: str) -> None:
-        buffer = self.model.owner[name]
+        buffer = self.held.pop(name)
         count = self.refs[buffer] - 1
         if count == 0:
             del self.refs[buffer]
-            self.total -= self.model.nbytes[buffer]
+            self.total -= self.model.nbytes[buffer[0]]
         else:
             self.refs[buffer] = count
+
+    def count(self, name: str) -> int:
+        """How many live values use the buffer live value `name` uses."""
+        return self.refs.get(self.held[name], 0) if name in self.held else 0
+
+    def allocates(self, name: str) -> int:
+        """Bytes that computing `name` now would add."""
+        viewed = self.model.source.get(name)
+        if viewed in self.held:
+            return 0
+        owner = self.model.owner[name]
+        if owner != name:  # a view whose source is not live: its owner's buffer, if gone
+            return 0 if self.refs.get((owner, self.generation.get(owner, 0))) else \
+                self.model.nbytes[owner]
+        return self.model.nbytes[owner]

@@ -14,8 +14,10 @@ later op reads them. Here the terms are:
   values form union-find components carrying their summed cost; rematerializing a
   value subtracts its cost from its component without splitting it (the paper's
   approximation: cheap, slightly pessimistic).
-* memory(t): the bytes evicting t actually frees: 0 while another live value shares
-  its buffer (a view), so those are tried last.
+* memory(t): the bytes evicting t actually frees: 0 for a view whose buffer another
+  live value shares, so those are tried last; a buffer's owner is not evicted while
+  views of it are live (recomputing it would allocate a second buffer; see
+  `releasable`).
 * staleness(t): compute steps since t was last computed or read.
 
 Because a planner sees the whole graph, we do not need the runtime: we replay DTR in
@@ -36,10 +38,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from ..memory import LiveBytes
 from ..policies import DTR, label
 from ..problem import Problem
 from ..schedule import Compute, Free, PlannerReport, Schedule, Step
-from ..memory import LiveBytes
 from ..simulate import InvalidSchedule
 from . import budgeting
 
@@ -72,7 +74,7 @@ class _Replay:
         self.live = {n.name for n in graph.inputs}
         self.bytes = LiveBytes(model, self.live)
         self.steps: list[Step] = []
-        self.locks: Counter = Counter()
+        self.locks: dict[str, int] = {}
         self.clock, self.last = 0, {}  # last access, for staleness
         self.computed: set[str] = set()  # computed at least once: absent now means evicted
         self.dead: set[str] = set()  # live values no later step reads: freed at step end
@@ -85,8 +87,9 @@ class _Replay:
         self.evictable = {n for n in forward if n not in fixed and model.owner[n] not in fixed
                           and model.nbytes[model.owner[n]] > 0}
         is_fwd = self.cost.__contains__
-        self.neighbours = {n: tuple({*filter(is_fwd, graph[n].inputs),
-                                     *filter(is_fwd, graph.consumers(n))}) for n in forward}
+        self.neighbours = {n: tuple(dict.fromkeys((*filter(is_fwd, graph[n].inputs),
+                                                   *filter(is_fwd, graph.consumers(n)))))
+                           for n in forward}  # ordered, so float sums are reproducible
         self.parent = {n: n for n in forward}  # union-find over evicted forward values
         self.weight = dict.fromkeys(forward, 0.0)  # a root's component cost
 
@@ -98,13 +101,20 @@ class _Replay:
                 self.uses[source] -= 1
                 if self.uses[source] == 0 and self.droppable(source):
                     self.dead.add(source)
-            for name in sorted(self.dead, key=self.problem.position.__getitem__):
-                if name in self.live:
+            # Latest first, so views go before the buffer owner they share with.
+            for name in sorted(self.dead, key=self.problem.position.__getitem__, reverse=True):
+                if self.releasable(name):
                     self.drop(name)
-            self.dead.clear()
 
     def droppable(self, name: str) -> bool:
         return name not in self.problem.results and not self.graph[name].is_input
+
+    def releasable(self, name: str) -> bool:
+        """Not a buffer owner that live views still share: dropping it would free no
+        bytes, and recomputing it later would allocate a second buffer while NumPy
+        still holds the first (the views keep it), which the byte model cannot see.
+        Such an owner waits (dead, or a poor candidate) until its views are gone."""
+        return self.model.owner[name] != name or self.bytes.count(name) == 1
 
     def materialize(self, target: str) -> None:
         """Compute `target`, first rematerializing the evicted inputs it needs (and
@@ -117,7 +127,7 @@ class _Replay:
             if index < len(inputs):
                 stack[-1] = (name, index + 1)
                 source = inputs[index]
-                self.locks[source] += 1
+                self.locks[source] = self.locks.get(source, 0) + 1
                 if source not in self.live:
                     if not self.problem.is_forward(source):  # a planner bug, not the user's
                         raise InvalidSchedule(f"dtr: '{source}' is needed after it was freed")
@@ -130,9 +140,7 @@ class _Replay:
                 self.last[source] = self.clock
 
     def compute(self, name: str) -> None:
-        owner = self.model.owner[name]
-        while self.bytes.total + (0 if self.bytes.refs.get(owner)
-                                  else self.model.nbytes[owner]) > self.budget:
+        while self.bytes.total + self.bytes.allocates(name) > self.budget:
             victim = self.choose()
             if victim is None:
                 raise budgeting.over_budget(self.problem, self.name, self.budget,
@@ -158,6 +166,7 @@ class _Replay:
         self.live.discard(name)
         self.bytes.remove(name)
         self.resident.discard(name)
+        self.dead.discard(name)
         if name in self.cost:  # joins the evicted components around it
             self.weight[self.find(name)] += self.cost[name]
             for other in self.neighbours[name]:
@@ -166,24 +175,31 @@ class _Replay:
 
     # --- the heuristic -----------------------------------------------------------------
     def choose(self) -> str | None:
-        """The unlocked candidate with the smallest h; dead values first, and values
-        whose eviction frees no bytes (views sharing a live buffer) only when nothing
-        else is left, ordered by cost / staleness."""
-        best, best_key = None, None
-        refs, nbytes, owner = self.bytes.refs, self.model.nbytes, self.model.owner
-        for t in self.resident:
-            if self.locks[t]:
+        """The unlocked candidate with the smallest h; dead values first, and views
+        whose eviction frees no bytes only when nothing else is left (then ranked by
+        cost / staleness)."""
+        best, best_key = None, (2,)
+        count, nbytes, owner = self.bytes.count, self.model.nbytes, self.model.owner
+        locks, dead, live, computed = self.locks, self.dead, self.live, self.computed
+        costs, weight, last, clock = self.cost, self.weight, self.last, self.clock
+        for t in self.resident:  # O(live) per eviction: the hot loop, kept flat
+            buffer = owner[t]
+            shared = count(t)
+            if locks.get(t) or (buffer == t and shared > 1):  # see releasable
                 continue
-            freed = nbytes[owner[t]] if refs[owner[t]] == 1 else 0
-            if t in self.dead:
+            freed = nbytes[buffer] if shared == 1 else 0
+            if t in dead:
                 key = (0, freed == 0, -freed, t)
             else:
-                roots = {self.find(o) for o in self.neighbours[t]
-                         if o in self.computed and o not in self.live}
-                cost = self.cost[t] + sum(self.weight[r] for r in roots)
-                stale = self.clock - self.last[t] + 1
-                key = (1, freed == 0, cost / (max(freed, 1) * stale), t)
-            if best_key is None or key < best_key:
+                cost, roots = costs[t], ()
+                for other in self.neighbours[t]:
+                    if other not in live and other in computed:
+                        root = self.find(other)
+                        if root not in roots:  # each component counts once
+                            roots += (root,)
+                            cost += weight[root]
+                key = (1, freed == 0, cost / (max(freed, 1) * (clock - last[t] + 1)), t)
+            if key < best_key:
                 best, best_key = t, key
         return best
 
