@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `remat compare --json | head`: the reader left, not an error
         sys.stdout = open(os.devnull, "w")
         return 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

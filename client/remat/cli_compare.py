@@ -245,10 +245,10 @@ def run(args) -> int:
     parser = args.parser
     if args.plot and not args.plot.lower().endswith((".png", ".svg", ".pdf")):
         parser.error("--plot FILE must end in .png, .svg or .pdf")
-    if args.plot:
+    if args.plot:  # before the (possibly long) comparison, not after it
         try:
-            from remat.plots import _matplotlib
-            _matplotlib()
+            from remat.plots import require_matplotlib
+            require_matplotlib()
         except RuntimeError as error:
             print(f"remat compare: error: {error}", file=sys.stderr)
             return 1
@@ -268,8 +268,7 @@ def run(args) -> int:
     if not args.json:
         print(f"remat compare: {load.description}; {len(resolved)} policies, {where}",
               flush=True)
-    progress = Progress(labels)
-    rows = []
+    progress, rows, failure = Progress(labels), [], None
     try:
         with (remat.Client(args.target) if args.target else remat.Client.in_process()) as client:
             for row in client.compare_stream(
@@ -278,11 +277,12 @@ def run(args) -> int:
                 rows.append(row)
                 progress.advance(row)
     except remat.RematError as error:
-        progress.close()
-        print(f"remat compare: error: {error}", file=sys.stderr)
-        return 1
+        failure = error
     finally:
-        progress.close()
+        progress.close()  # clear the bar before anything else is printed
+    if failure is not None:
+        print(f"remat compare: error: {failure}", file=sys.stderr)
+        return 1
 
     if args.json:
         json.dump({"workload": load.description, "graph": load.graph.name, "loss": load.loss,

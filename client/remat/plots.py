@@ -23,16 +23,16 @@ import textwrap
 import numpy as np
 from typing import Sequence
 
-__all__ = ["plot_comparison", "pareto_front"]
+__all__ = ["plot_comparison", "pareto_front", "require_matplotlib"]
 
 _MIB = float(1 << 20)
 ENVELOPE_BINS = 250  # longer timelines are drawn as their maximum per bin
 INSTALL_HINT = 'plotting needs matplotlib: pip install "remat[plot]"'
 
 
-def _matplotlib():
-    """Figure and the Agg canvas, without pyplot: no display needed, and the caller's
-    pyplot backend and state stay untouched."""
+def require_matplotlib():
+    """matplotlib's Figure and Agg canvas classes, or RuntimeError saying how to install
+    it. No pyplot: no display is needed and the caller's pyplot state stays untouched."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -112,7 +112,7 @@ def plot_comparison(rows, path: str | os.PathLike, *, title: str | None = None,
         raise ValueError(f"x must be 'progress' or 'time', got {x!r}")
     if cost not in ("flops", "time"):
         raise ValueError(f"cost must be 'flops' or 'time', got {cost!r}")
-    Figure, FigureCanvas = _matplotlib()
+    Figure, FigureCanvas = require_matplotlib()
     rows = list(rows)
     ok = [row for row in rows if not row.error]
     failed = [row for row in rows if row.error]

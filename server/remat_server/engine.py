@@ -44,7 +44,7 @@ class RunRequest:
     loss: str = ""
     cotangents: Mapping[str, np.ndarray] = field(default_factory=dict)
     # A policy object, or the name of a parameterless one ("store_all", "sqrt", ...).
-    policy: policies.Policy | str = "store_all"
+    policy: policies.Policy | str = "auto"  # store_all when it fits the request limit
     timeline: bool = False  # return live bytes after every schedule step
     measure_memory: bool = False  # also measure the real peak with tracemalloc
     trace: bool = False  # return every executed step with its timing
@@ -129,7 +129,7 @@ class Engine:
         return differentiate(graph, self.limits, list(wrt), loss, cotangents)
 
     def plan(self, spec: GraphSpec, wrt: tuple[str, ...] = (), loss: str = "",
-             cotangent_outputs: tuple[str, ...] = (), policy: policies.Policy | str = "store_all",
+             cotangent_outputs: tuple[str, ...] = (), policy: policies.Policy | str = "auto",
              input_shapes: Mapping[str, tuple[int, ...]] | None = None,
              fetch: tuple[str, ...] = ()) -> Plan:
         """Dry run: plan and simulate without any tensor (shapes come from the graph, or

@@ -13,7 +13,7 @@ import pytest
 import remat
 
 CLI = [sys.executable, "-m", "remat.cli"]
-SMALL = ["--layers", "8", "--batch", "64"]  # a fast MLP on which checkpointing still pays
+SMALL = ["--layers", "8", "--batch", "512"]  # fast; activations outweigh the weights
 DEFAULT_ROWS = ["store_all", "sqrt", "revolve(4)", "budget(0.5)", "budget(0.4)", "dtr(0.5)",
                 "recompute_all"]
 
@@ -50,7 +50,7 @@ def target(server_port) -> list[str]:
 def test_default_policies_table_and_progress():
     done = run_cli("compare", *SMALL)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("remat compare: mlp (8 layers), batch 64; 7 policies")
+    assert done.stdout.startswith("remat compare: mlp (8 layers), batch 512; 7 policies")
     rows = table(done.stdout)
     assert list(rows) == DEFAULT_ROWS, done.stdout
     ok = {name: row for name, row in rows.items() if row["peak"] != "error"}
@@ -73,7 +73,7 @@ def test_json_plot_and_trace(tmp_path, target):
     plot, trace = tmp_path / "policies.png", tmp_path / "policies.json"
     document = compare_json(*SMALL, *target, "--policies", "sqrt", "recompute_all",
                             "--plot", plot, "--trace", trace)
-    assert document["workload"] == "mlp (8 layers), batch 64" and document["loss"] == "loss"
+    assert document["workload"] == "mlp (8 layers), batch 512" and document["loss"] == "loss"
     rows = document["rows"]
     assert [row["policy"] for row in rows] == ["store_all", "sqrt", "recompute_all"]
     for row in rows:
@@ -138,7 +138,7 @@ def test_sweep_keeps_each_budget(target):
         fitted += 1
         assert row["peak_bytes"] <= fraction * base, row
         assert row["planner"]["budget_bytes"] <= fraction * base + 1
-    assert fitted >= 3
+    assert fitted >= 2  # 0.9 and 0.7 at least; recompute_all keeps ~60% here
     # The table shows the rows that did not fit too, with their reason.
     done = run_cli("compare", *SMALL, *target, "--sweep")
     assert done.returncode == 0, done.stderr
@@ -177,9 +177,19 @@ def test_usage_and_missing_file_errors(tmp_path):
     assert done.returncode == 1 and "cannot read graph file" in done.stderr
     for args, message in [(("--model", "cnn", "--layers", "3"), "--layers applies to"),
                           (("--plot", "out.txt"), "--plot FILE must end in"),
-                          (("--policies", "budget:2.5"), "argument --policies"),
+                          (("--policies", "budget:lots"), "argument --policies"),
                           (("--model", "mlp", "--graph", "g.pb"), "not allowed with"),
                           (("--loss", "loss"), "--loss applies to --graph only")]:
         done = run_cli("compare", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
+
+
+def test_plot_without_matplotlib_fails_before_running(tmp_path):
+    hide = ("import sys; sys.modules['matplotlib'] = None; from remat.cli import main; "
+            f"sys.exit(main(['compare', '--plot', {str(tmp_path / 'out.png')!r}]))")
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert 'pip install "remat[plot]"' in done.stderr
+    assert "[1/" not in done.stderr  # nothing ran

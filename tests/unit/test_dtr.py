@@ -94,7 +94,7 @@ def assert_no_buffer_is_recomputed_under_its_views(plan) -> None:
     for step in plan.schedule.steps:
         if isinstance(step, Compute):
             if not plan.model.is_view(step.node):
-                assert step.node not in live.refs, f"'{step.node}' recomputed under a view"
+                assert not live.in_use(step.node), f"'{step.node}' recomputed under a view"
             live.add(step.node)
         else:
             live.remove(step.node)

@@ -51,9 +51,10 @@ def synthetic_row(policy: str, layers: int = 8, keep_every: int = 1, step_second
     forward, backward = layers * step_seconds, 2 * layers * step_seconds
     recompute = recomputed * step_seconds
     flops = 3 * layers + recomputed
+    compute = forward + backward + recompute
     return ComparisonRow(
-        policy, peak, peak, peak / (base_peak or peak), recompute / (forward + backward + recompute),
-        recomputed / flops, forward, backward, recompute, forward + backward + recompute, 0.0,
+        policy, peak, peak, peak / (base_peak or peak), recompute / compute, recomputed / flops,
+        forward, backward, recompute, compute, 0.0,
         flops=flops, recompute_flops=recomputed, recomputed_nodes=recomputed,
         timeline=tuple(e.live_bytes for e in events), trace=tuple(events))
 

@@ -91,6 +91,10 @@ class LiveBytes:
         else:
             self.refs[buffer] = count
 
+    def in_use(self, owner: str) -> int:
+        """How many live values use `owner`'s current buffer (views included)."""
+        return self.refs.get((owner, self.generation.get(owner, 0)), 0)
+
     def count(self, name: str) -> int:
         """How many live values use the buffer live value `name` uses."""
         return self.refs.get(self.held[name], 0) if name in self.held else 0
@@ -102,6 +106,5 @@ class LiveBytes:
             return 0
         owner = self.model.owner[name]
         if owner != name:  # a view whose source is not live: its owner's buffer, if gone
-            return 0 if self.refs.get((owner, self.generation.get(owner, 0))) else \
-                self.model.nbytes[owner]
+            return 0 if self.in_use(owner) else self.model.nbytes[owner]
         return self.model.nbytes[owner]

@@ -1,0 +1,185 @@
+"""The Budget planner and Auto, through the engine.
+
+Acceptance (issue 4): on the sample models at 50%, 30% and 15% of store-all's peak,
+Budget's schedule passes the simulator, fits, gives gradients bit-identical to
+store-all's, and recomputes no more than any fixed heuristic (sqrt, every_k, save_ops)
+that fits the same budget. When Budget finds nothing, no heuristic fits either.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import support
+
+from remat import models
+from remat_server.checkpoint import policies as P
+from remat_server.checkpoint.planners import budgeting, chain_dp, plan
+from remat_server.checkpoint.planners.budget import search
+from remat_server.checkpoint.problem import Problem
+from remat_server.codec import graph_from_proto
+from remat_server.engine import Engine, RunRequest
+from remat_server.errors import InvalidArgument, ResourceExhausted
+from remat_server.ir import GraphSpec
+from remat_server.limits import Limits
+
+ENGINE = Engine()
+MODELS = {  # activations dominate in the first three, weights weigh in the last two
+    "mlp": lambda: models.mlp(batch=256, widths=(16,) * 12 + (4,), dtype="float64"),
+    "chain": lambda: models.Model(support.tanh_chain(24, 32, loss=True),
+                                  {"x": np.random.default_rng(0).standard_normal(32)}, ["x"]),
+    "transformer": lambda: models.transformer_block(batch=4, seq=16, d_model=16, heads=2,
+                                                    d_ff=32, dtype="float64"),
+    "cnn": lambda: models.cnn(batch=8, dtype="float64"),
+}
+FRACTIONS = (0.5, 0.3, 0.15)
+HEURISTICS = [P.Sqrt(), *(P.EveryK(k) for k in range(1, 9)), P.SaveOps(("matmul",)),
+              P.SaveOps(("conv2d",))]
+
+
+def spec_of(model) -> GraphSpec:
+    graph = model.graph
+    return graph if isinstance(graph, GraphSpec) else graph_from_proto(graph.to_proto(), Limits())
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name: str):
+    model = MODELS[name]()
+    spec = spec_of(model)
+    result = ENGINE.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
+                                   policy="store_all"))
+    planned = ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy="store_all")
+    problem = Problem(planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes)
+    return model, spec, result, problem
+
+
+def figures(problem: Problem, policy) -> tuple[int, int]:
+    """(peak bytes, recompute FLOPs) of a policy's schedule, or None if it cannot plan."""
+    try:
+        sim = budgeting.simulated(problem, plan(problem, policy))
+    except (InvalidArgument, ResourceExhausted):
+        return None
+    return sim.peak_bytes, sim.recompute_flops
+
+
+CASES = [(name, fraction) for name in MODELS for fraction in FRACTIONS]
+
+
+@pytest.mark.parametrize("name,fraction", CASES, ids=[f"{n}-{f}" for n, f in CASES])
+def test_budget_fits_and_beats_every_heuristic_that_fits(name, fraction):
+    model, spec, expected, problem = reference(name)
+    limit = int(fraction * expected.metrics.peak_bytes)
+    heuristics = {P.label(h): figures(problem, h) for h in HEURISTICS}
+    fitting = {k: v for k, v in heuristics.items() if v is not None and v[0] <= limit}
+    try:
+        planned = ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss,
+                              policy=P.Budget(fraction=fraction))
+    except ResourceExhausted as error:
+        assert "lowest predicted peak" in str(error)
+        assert not fitting, f"Budget found nothing but {sorted(fitting)} fit"
+        lowest, _ = budgeting.lowest_peak(problem)
+        assert lowest > limit
+        return
+    sim, report = planned.simulation, planned.schedule.report
+    assert sim.peak_bytes <= limit == report.budget_bytes
+    assert report.status in ("feasible", "store_all_fits") and report.chosen
+    for label, (peak, recompute) in fitting.items():
+        assert sim.recompute_flops <= recompute, f"{label} recomputes less at peak {peak}"
+    result = ENGINE.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
+                                   policy=P.Budget(fraction=fraction)))
+    assert result.metrics.peak_bytes == result.metrics.predicted_peak_bytes == sim.peak_bytes
+    for key, value in expected.grads.items():
+        assert np.array_equal(result.grads[key], value), f"gradient of {key}"
+
+
+@pytest.mark.parametrize("name", ["mlp", "chain", "transformer"])
+def test_budget_at_each_heuristics_own_peak_recomputes_no_more(name):
+    """'At equal or lower peak': give Budget exactly the peak a heuristic reached."""
+    _, _, _, problem = reference(name)
+    for heuristic in HEURISTICS:
+        own = figures(problem, heuristic)
+        if own is None:
+            continue
+        schedule = search(problem, own[0], "budget")
+        sim = budgeting.simulated(problem, schedule)
+        assert sim.peak_bytes <= own[0]
+        assert sim.recompute_flops <= own[1], P.label(heuristic)
+
+
+def test_store_all_fits_means_no_recomputation():
+    _, _, expected, problem = reference("mlp")
+    schedule = search(problem, expected.metrics.peak_bytes, "budget(1)")
+    assert schedule.report.status == "store_all_fits" and schedule.report.chosen == "store_all"
+    assert budgeting.simulated(problem, schedule).recompute_flops == 0
+
+
+def test_chain_dp_beats_revolve_at_its_peak():
+    """The DP covers revolve's binomial schedules, with heterogeneous costs."""
+    _, _, _, problem = reference("chain")
+    for slots in (2, 3, 4):
+        peak, recompute = figures(problem, P.Revolve(slots))
+        solution = chain_dp.solve(problem, peak)
+        best = None
+        for level in solution.feasible_levels()[::-1]:
+            sim = budgeting.simulated(problem, solution.schedule(int(level), "dp"))
+            if sim.peak_bytes <= peak:
+                best = sim.recompute_flops
+                break
+        assert best is not None and best <= recompute, slots
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "exactly one"), ({"bytes": 10, "fraction": 0.5}, "exactly one"),
+    ({"fraction": 1.5}, "fraction"), ({"bytes": -5}, "exactly one|bytes"),
+])
+def test_bad_budgets_are_invalid_argument(kwargs, message):
+    model, spec, _, _ = reference("chain")
+    with pytest.raises(InvalidArgument, match=message):
+        ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy=P.Budget(**kwargs))
+
+
+def test_profile_prices_recomputation_in_seconds_and_needs_inputs():
+    model, spec, expected, _ = reference("mlp")
+    policy = P.Budget(fraction=0.5, profile=True)
+    result = ENGINE.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
+                                   policy=policy))
+    assert "seconds" in result.metrics.planner.detail
+    assert result.metrics.peak_bytes <= 0.5 * expected.metrics.peak_bytes
+    for key, value in expected.grads.items():
+        assert np.array_equal(result.grads[key], value)
+    with pytest.raises(InvalidArgument, match="Run, not Plan"):
+        ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy=policy)
+
+
+# --- auto ---------------------------------------------------------------------------------
+def run_auto(limit: int, name: str = "mlp"):
+    model, spec, _, _ = reference(name)
+    engine = Engine(Limits(max_request_bytes=limit))
+    return engine.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss))
+
+
+def test_auto_is_store_all_when_it_fits():
+    _, _, expected, _ = reference("mlp")
+    result = run_auto(expected.metrics.peak_bytes)
+    assert result.metrics.policy == "store_all" and result.metrics.recompute_flops == 0
+    assert result.metrics.planner.status == "store_all_fits"
+
+
+def test_auto_plans_under_the_limit_when_store_all_does_not_fit():
+    _, _, expected, _ = reference("mlp")
+    limit = int(0.6 * expected.metrics.peak_bytes)  # the lowest reachable is ~0.44
+    result = run_auto(limit)
+    assert result.metrics.policy == "auto" and result.metrics.planner.status == "feasible"
+    assert result.metrics.peak_bytes <= limit < expected.metrics.peak_bytes
+    assert result.metrics.recompute_flops > 0
+    for key, value in expected.grads.items():
+        assert np.array_equal(result.grads[key], value)
+
+
+def test_auto_nothing_fits_names_the_minimum_before_running():
+    _, _, _, problem = reference("mlp")
+    lowest, _ = budgeting.lowest_peak(problem)
+    with pytest.raises(ResourceExhausted, match="lowest predicted peak is") as error:
+        run_auto(lowest // 2)
+    assert f"{lowest:,}" in str(error.value) and "--max-request-bytes" in str(error.value)
