@@ -90,7 +90,8 @@ def _label_points(ax, points, labels, colors) -> None:
         x, y = points[members[0]]
         ax.annotate(", ".join(labels[i] for i in members), (x, y), xytext=(7, 5),
                     textcoords="offset points", fontsize=8,
-                    color=colors[members[0]] if len(members) == 1 else "0.15",
+                    color=colors[members[0]] if len({colors[i] for i in members}) == 1
+                    else "0.15",
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
                           "alpha": 0.75})
 
@@ -128,18 +129,24 @@ def plot_comparison(rows, path: str | os.PathLike, *, title: str | None = None,
     figure = Figure(figsize=(13, 5.6), dpi=dpi, layout="constrained")
     FigureCanvas(figure)
     left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.35, 1]})
-    palette = _palette(len(ok))
-    colors = {row.policy: palette[i] for i, row in enumerate(ok)}
-
-    # Left: memory over the run. Draw the highest peaks first so lower curves stay
-    # visible; list them in the legend in comparison order.
-    lines = {}
-    for row in sorted(ok, key=lambda r: -r.peak_bytes):
-        xs, ys = _memory_curve(row, use_time)
-        if xs:
-            (lines[row.policy],) = left.step(
-                xs, ys, where="post", color=colors[row.policy], linewidth=1.2, alpha=0.9,
-                label=f"{row.policy}  (peak {row.peak_bytes / _MIB:.2f} MiB)")
+    # Left: memory over the run. Policies that planned the very same schedule share one
+    # curve (a second one would hide exactly under it). Draw the highest peaks first so
+    # lower curves stay visible; the legend follows the comparison order.
+    same: dict[tuple, list] = {}
+    for row in ok:
+        curve = _memory_curve(row, use_time)
+        same.setdefault((tuple(curve[0]), tuple(curve[1])), []).append(row)
+    palette = _palette(len(same))  # one color per distinct schedule, in both panels
+    colors = {row.policy: palette[i] for i, group in enumerate(same.values()) for row in group}
+    lines = []
+    for (xs, ys), group in sorted(same.items(), key=lambda item: -item[1][0].peak_bytes):
+        if not xs:
+            continue
+        names = " = ".join(row.policy for row in group)
+        (line,) = left.step(xs, ys, where="post", color=colors[group[0].policy],
+                            linewidth=1.2, alpha=0.9,
+                            label=f"{names}  (peak {group[0].peak_bytes / _MIB:.2f} MiB)")
+        lines.append((ok.index(group[0]), line))
     left.set_xlabel("execution time (ms)" if use_time else
                     "schedule progress (step / number of steps: forward, then backward)")
     left.set_ylabel("live memory (MiB)")
@@ -147,9 +154,14 @@ def plot_comparison(rows, path: str | os.PathLike, *, title: str | None = None,
     left.set_ylim(bottom=0)
     left.set_xlim(left=0)
     left.grid(alpha=0.3)
-    shown = [lines[row.policy] for row in ok if row.policy in lines]
+    shown = [line for _, line in sorted(lines, key=lambda item: item[0])]
+    # matplotlib fills legend columns first; reorder so the entries read across rows.
+    nrows = -(-len(shown) // 4)
+    ncol = -(-len(shown) // nrows)
+    shown = [shown[r * ncol + c] for c in range(ncol) for r in range(nrows)
+             if r * ncol + c < len(shown)]
     figure.legend(shown, [line.get_label() for line in shown], loc="outside lower center",
-                  ncol=min(len(shown), 5), fontsize=9, frameon=False)
+                  ncol=ncol, fontsize=9, frameon=False)
 
     # Right: peak memory against compute, Pareto front joined.
     points = [(_cost(row, base, cost), row.peak_bytes / _MIB) for row in ok]

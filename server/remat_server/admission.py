@@ -47,6 +47,7 @@ class MemoryAdmission:
         self._max_queued = max(0, int(max_queued))
         self._cond = threading.Condition()
         self._in_use = 0
+        self._peak = 0  # high-water mark of in_use: never above the budget
         self._queue: deque[object] = deque()  # waiting tickets, head first
 
     @property
@@ -57,6 +58,11 @@ class MemoryAdmission:
     def in_use(self) -> int:
         with self._cond:
             return self._in_use
+
+    @property
+    def peak_in_use(self) -> int:
+        with self._cond:
+            return self._peak
 
     @property
     def queued(self) -> int:
@@ -86,6 +92,7 @@ class MemoryAdmission:
 
     def _take(self, nbytes: int) -> None:
         self._in_use += nbytes
+        self._peak = max(self._peak, self._in_use)
         assert self._budget <= 0 or self._in_use <= self._budget, (self._in_use, self._budget)
 
     def _release(self, nbytes: int) -> None:

@@ -1,0 +1,140 @@
+"""Memory admission, auto and the streaming Compare RPC against a real server.
+
+Admission: with a server budget that holds one request's predicted peak but not two,
+concurrent requests queue and are all served, one at a time (the admission's
+high-water mark never exceeds the budget); with no queue they are rejected with
+RESOURCE_EXHAUSTED naming the flag.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import remat
+from remat_server import ServerConfig, app, create_server
+from remat_server.admission import MemoryAdmission
+
+
+def model():
+    return remat.models.mlp(batch=256, widths=(32,) * 8 + (4,), dtype="float64")
+
+
+@pytest.fixture
+def budget_server(monkeypatch):
+    """Start a server with a given memory budget and queue; yields (client, admission)."""
+    made, started = [], []
+
+    class Recording(MemoryAdmission):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(app, "MemoryAdmission", Recording)
+
+    def start(budget: int, queued: int):
+        server, port = create_server(ServerConfig(port=0, memory_budget_bytes=budget,
+                                                  max_queued_requests=queued))
+        server.start()
+        client = remat.Client(f"127.0.0.1:{port}")
+        started.append((server, client))
+        return client, made[-1]
+    yield start
+    for server, client in started:
+        client.close()
+        server.stop(grace=None).wait()
+
+
+def store_all_peak(client, m) -> int:
+    return client.plan(m.graph, wrt=m.wrt, loss=m.loss, policy="store_all").peak_bytes
+
+
+def run_concurrently(client, m, count: int):
+    barrier = threading.Barrier(count)
+
+    def one(_):
+        barrier.wait()
+        try:
+            return client.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss, policy="store_all",
+                              timeout=60)
+        except remat.RematError as error:
+            return error
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_concurrent_requests_over_the_budget_queue_then_all_run(budget_server):
+    m = model()
+    with remat.Client.in_process() as probe:
+        peak = store_all_peak(probe, m)
+        expected = probe.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss, policy="store_all")
+    client, admission = budget_server(budget=peak * 3 // 2, queued=8)
+    results = run_concurrently(client, m, 4)
+    assert all(isinstance(r, remat.RunResult) for r in results), results
+    assert admission.peak_in_use == peak  # one at a time: two would exceed the budget
+    assert admission.in_use == 0 and admission.queued == 0
+    assert sum(r.metrics.queue_seconds > 0 for r in results) >= 1
+    for r in results:
+        assert r.metrics.predicted_peak_bytes == peak
+        for name, grad in expected.grads.items():
+            assert np.array_equal(r.grads[name], grad)
+
+
+def test_without_a_queue_the_overflow_is_rejected_with_the_flag(budget_server):
+    m = model()
+    with remat.Client.in_process() as probe:
+        peak = store_all_peak(probe, m)
+    client, admission = budget_server(budget=peak * 3 // 2, queued=0)
+    results = run_concurrently(client, m, 6)
+    served = [r for r in results if isinstance(r, remat.RunResult)]
+    rejected = [r for r in results if not isinstance(r, remat.RunResult)]
+    assert served and all(isinstance(r, remat.ResourceExhaustedError) for r in rejected), results
+    assert all("--max-queued-requests" in str(r) for r in rejected)
+    assert admission.peak_in_use <= peak * 3 // 2
+    # The server still serves after rejecting.
+    assert isinstance(run_concurrently(client, m, 1)[0], remat.RunResult)
+
+
+def test_auto_plans_under_the_server_budget(budget_server):
+    m = model()
+    with remat.Client.in_process() as probe:
+        peak = store_all_peak(probe, m)
+    client, admission = budget_server(budget=int(peak * 0.7), queued=4)
+    result = client.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss)  # the default: auto
+    assert result.metrics.policy == "auto" and result.metrics.recompute_flops > 0
+    assert result.metrics.peak_bytes <= int(peak * 0.7)
+    assert result.metrics.planner.status == "feasible" and result.metrics.planner.chosen
+    with pytest.raises(remat.ResourceExhaustedError, match="--memory-budget-bytes"):
+        client.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss, policy="store_all")
+
+
+def test_auto_nothing_fits_is_resource_exhausted_with_the_minimum(budget_server):
+    m = model()
+    client, admission = budget_server(budget=10_000, queued=4)
+    with pytest.raises(remat.ResourceExhaustedError, match="lowest predicted peak is"):
+        client.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss)
+    assert admission.peak_in_use == 0  # rejected before anything ran
+
+
+def test_compare_streams_rows_in_order_with_budgets_and_errors(client):
+    m = model()
+    policies = ["sqrt", remat.policies.Budget(fraction=0.8), remat.policies.DTR(fraction=0.8),
+                remat.policies.Budget(fraction=0.01)]
+    rows = []
+    for row in client.compare_stream(m.graph, m.inputs, wrt=m.wrt, loss=m.loss,
+                                     policies=policies, timeline=True, trace=True):
+        rows.append(row)
+    assert [r.policy for r in rows] == ["store_all", "sqrt", "budget(0.8)", "dtr(0.8)",
+                                        "budget(0.01)"]
+    base = rows[0]
+    for row in rows[1:4]:
+        assert not row.error and row.max_grad_diff == 0.0
+        assert len(row.timeline) == len([e for e in row.trace])
+        assert max(row.timeline) == row.peak_bytes == row.predicted_peak_bytes
+    for row in rows[2:4]:
+        assert row.peak_bytes <= 0.8 * base.peak_bytes and row.planner.budget_bytes
+    assert rows[4].error_code == "RESOURCE_EXHAUSTED" and "lowest predicted peak" in rows[4].error
+    phases = {e.phase for e in rows[2].trace}
+    assert {"forward", "recompute", "backward", "free"} <= phases
