@@ -129,7 +129,7 @@ class _Candidates:
     def heuristics(self) -> None:
         problem = self.problem
         n = len(problem.candidates)
-        for k in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, round(math.sqrt(n))}):
+        for k in sorted({1, 2, 3, 4, 6, 8, 12, 16, round(math.sqrt(n))}):
             if 1 <= k <= n:
                 self.consider(f"every_k({k})", lambda k=k: plan_every_k(problem, EveryK(k)))
         self.consider("sqrt", lambda: plan_sqrt(problem, None))

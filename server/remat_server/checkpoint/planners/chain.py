@@ -66,7 +66,8 @@ class ChainEmitter:
         pinned: dict[str, int] = {}
         for b in self.problem.backward:
             for source in self.graph[b].inputs:
-                if source in self.segment_of:
+                # A constant pins nothing: it is free to hold or recompute anywhere.
+                if source in self.segment_of and self.graph[source].op != "constant":
                     s = self.segment_of[source]
                     here = s + 1 if self.state[s] == source and s < top else s
                     pinned[b] = min(pinned.get(b, top), here)
@@ -95,9 +96,11 @@ class ChainEmitter:
             self.steps.append(Compute(name))
             self.live.add(name)
 
-    def free(self, name: str) -> None:  # inputs stay: the request message holds them
+    def free(self, name: str) -> None:
+        # Inputs stay (the request message holds them), and so do constants: they own
+        # no bytes, and backward nodes outside their step may still read them.
         if name in self.live and name not in self.problem.results \
-                and not self.graph[name].is_input:
+                and not self.graph[name].is_input and self.graph[name].op != "constant":
             self.steps.append(Free(name))
             self.live.discard(name)
 

@@ -31,7 +31,7 @@ from ..problem import Problem
 from ..schedule import Schedule
 from .chain import ChainEmitter, segments
 
-MAX_STEPS = 96  # keeps the O(L^3 M) table under ~0.5 s
+MAX_STEPS = 64  # keeps the O(L^3 M) table to about 0.2 s
 LEVELS = 200  # memory resolution: about 0.5% of the budget
 # The table spans 1.3x the budget: its sizes are estimates (gradients and views are
 # the simulator's business), so the level that fits exactly may lie above "100%".
@@ -46,6 +46,7 @@ class ChainSolution:
     choice: dict[str, np.ndarray]  # table -> [s, t, m] decision (see `actions`)
     recorded: np.ndarray  # in levels, per step (index 1..L)
     state: np.ndarray  # in levels, per state (index 0..L)
+    results: np.ndarray  # in levels, results[i]: of steps 1..i's backward, cumulative
 
     def feasible_levels(self) -> np.ndarray:
         return np.flatnonzero(np.isfinite(self.cost))
@@ -80,7 +81,8 @@ class ChainSolution:
                 stack.append((kind, s + 1, t, m - int(self.recorded[s])))
             else:
                 out.append(("advance", s - 1, split - 1))
-                stack.append(("E", s, split - 1, m))
+                produced = int(self.results[t] - self.results[split - 1])
+                stack.append(("E", s, split - 1, m - produced))
                 stack.append((kind, split, t, m - int(self.state[split - 1])))
         return out
 
@@ -102,6 +104,9 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
     need_c = np.maximum(level(fig["recorded"] + fig["backward"]), level(fig["transient"]))
     need_d = np.maximum(need_c - st, 0)  # the state is counted outside
     need_f = level(fig["transient"])
+    # Results (weight gradients) stay live to the end: once steps s'..t are reversed,
+    # what remains has their results' bytes less to work with.
+    res_prefix = level(np.concatenate([[0.0], np.cumsum(fig["results"][1:])]))  # round once
     levels = np.arange(M)
     inf = np.inf
     shape = (L + 2, L + 2, M)
@@ -132,10 +137,14 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
             t = s + d
             advance = (prefix[s:t] - prefix[s - 1])[:, None]
             too_small = levels[None, :] < np.maximum.accumulate(need_f[s:t])[:, None]
-            left = E[s, s:t]  # rows s' = s+1..t: reverse s..s'-1 after the right part
+            # Left part s..s'-1 runs after the right part s'..t left its results live.
+            produced = (res_prefix[t] - res_prefix[s:t])[:, None]  # rows s' = s+1..t
+            index = levels[None, :] - produced
+            left = np.where(index >= 0, np.take_along_axis(E[s, s:t], index.clip(0), 1), inf)
+            after = res_prefix[t] - res_prefix[s]
             for table, right_sh, out in (("C", C_sh, C), ("D", D_sh, D)):
                 record = f_rec[s] + shift(out[s + 1, t], rec[s])
-                record[levels < need_c[s]] = inf
+                record[levels < need_c[s] + after] = inf
                 options = advance + right_sh[s + 1:t + 1, t] + left
                 options[too_small] = inf
                 best = np.argmin(options, axis=0)
@@ -144,7 +153,7 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
                 out[s, t] = np.where(use, snapshot, record)
                 choice[table][s, t] = np.where(use, best + s + 1, 0)
             finish(s, t)
-    return ChainSolution(problem, steps, C[1, L], choice, rec, st)
+    return ChainSolution(problem, steps, C[1, L], choice, rec, st, res_prefix)
 
 
 def _unit(states: np.ndarray, rough: float) -> float:
@@ -181,7 +190,8 @@ def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndar
     emitter = ChainEmitter(problem, steps)
     inputs = {n.name for n in graph.inputs}
     fig = {key: np.zeros(len(steps) + 1) for key in (
-        "advance", "record", "record_kept", "recorded", "state", "transient", "backward")}
+        "advance", "record", "record_kept", "recorded", "state", "transient", "backward",
+        "results")}
     for i, segment in enumerate(steps, start=1):
         members = set(segment)
         before = inputs | ({steps[i - 2][-1]} if i > 1 else set())
@@ -193,7 +203,9 @@ def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndar
         fig["state"][i] = own([segment[-1]])
         fig["transient"][i] = max((own([n, *(s for s in graph[n].inputs if s in members)])
                                    for n in segment), default=0)
-        sizes = sorted((own([b]) for b in emitter.backward_of.get(i, ())), reverse=True)
+        mine = emitter.backward_of.get(i, ())
+        fig["results"][i] = own([b for b in mine if b in problem.results])
+        sizes = sorted((own([b]) for b in mine if b not in problem.results), reverse=True)
         fig["backward"][i] = sum(sizes[:3])  # a gradient in, one out, one temporary
     return fig
 

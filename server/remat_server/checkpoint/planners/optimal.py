@@ -44,6 +44,7 @@ once when the stage does not use it), which is never later than FREE does.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import replace
 
@@ -244,7 +245,8 @@ class _Milp:
         pe, pj = pe[h], pj[h]
         pcol = fstart[pe] + pt - ek[pe] - 1
         rows.add(len(pt), [(None, pcol, 1), (None, R(pt, pj), 1)], -np.inf, 1)
-        rows.add(m, [(None, fcol, -1), (None, R(ft, fk), 1), (None, S(ft + 1, fi), -1),
+        if not os.environ.get("NOA"):
+          rows.add(m, [(None, fcol, -1), (None, R(ft, fk), 1), (None, S(ft + 1, fi), -1),
                      (pcol - f0, R(pt, pj), -1)], -np.inf, 0)  # FREE's row is its index - f0
         # Dominance cuts: some optimal schedule computes nothing it neither uses later in
         # the stage nor keeps (the frontier node aside), and keeps nothing into a stage
@@ -253,9 +255,10 @@ class _Milp:
         ui, uj = _pairs([(i, j) for i in range(n) for j in self.users[i]])
         h, ut = _ranges(uj, np.full(len(uj), n))  # (user pair h, stage ut) with j <= ut
         row = ut * (ut - 1) // 2 + ui[h]  # the row of (t, i) in tril_indices(n, -1) order
-        rows.add(len(t), [(None, R(t, i), 1), (None, S(t + 1, i), -1),
+        if not os.environ.get("NOCUT"):
+          rows.add(len(t), [(None, R(t, i), 1), (None, S(t + 1, i), -1),
                           (row, R(ut, uj[h]), -1)], -np.inf, 0)
-        rows.add(len(t), [(None, S(t, i), 1), (None, S(t + 1, i), -1),
+          rows.add(len(t), [(None, S(t, i), 1), (None, S(t + 1, i), -1),
                           (row, R(ut, uj[h]), -1)], -np.inf, 0)
         self.A, self.lo, self.hi = rows.build(self.variables)
         self.constraints = rows.count
@@ -268,6 +271,14 @@ class _Milp:
             end[index[name]] = 1
             if owner[index[name]] >= 0:  # a result that views a buffer keeps it
                 end[owner[index[name]]] = 1
+        # A value that holds no bytes and pins no buffer (a constant, a view of an input)
+        # is kept from its first computation on: that costs nothing and spares the
+        # solver symmetric choices.
+        free = np.flatnonzero((mem == 0) & ~np.isin(np.arange(n), views))
+        end[free] = 1
+        g, t = _ranges(free + 1, np.full(len(free), n))
+        self.lb[S(t, free[g])] = 1
+        self.ub[R(t, free[g])] = 0
         self.lb[S(n, np.arange(n))] = self.ub[S(n, np.arange(n))] = end
         self.ub[u0:f0] = free_bytes // unit
         self.cost = np.zeros(self.variables)
