@@ -104,10 +104,7 @@ def workload(args, parser: argparse.ArgumentParser) -> Workload:
 
 def load_graph(path: str):
     """A remat.Graph from a file holding the Graph message, binary or JSON."""
-    import remat
-    from google.protobuf import json_format
-    from google.protobuf.message import DecodeError
-    from remat.v1 import graph_pb2
+    from remat import wire
 
     try:
         with open(path, "rb") as f:
@@ -116,20 +113,10 @@ def load_graph(path: str):
         raise WorkloadError(f"cannot read graph file {path}: {error.strerror}") from None
     if not data.strip():
         raise WorkloadError(f"graph file {path} is empty")
-    message = graph_pb2.Graph()
     try:
-        if data.lstrip()[:1] == b"{":
-            json_format.Parse(data.decode("utf-8"), message)
-        else:
-            message.ParseFromString(data)
-    except (json_format.ParseError, DecodeError, UnicodeDecodeError) as error:
-        kind = "JSON" if data.lstrip()[:1] == b"{" else "binary protobuf"
-        raise WorkloadError(f"{path} is not a remat graph ({kind}: {error}); expected the "
-                            "remat.v1.Graph message, binary or JSON") from None
-    if not message.nodes or not message.outputs:
-        raise WorkloadError(f"{path} holds no remat graph (no nodes or no outputs); expected "
-                            "the remat.v1.Graph message, binary or JSON")
-    return remat.Graph.from_proto(message)
+        return wire.graph_from_bytes(data)
+    except ValueError as error:
+        raise WorkloadError(f"{path} {error}") from None
 
 
 def random_inputs(graph, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -155,8 +155,8 @@ def format_table(rows: Iterable[ComparisonRow]) -> str:
                "recompute ms", "backward ms", "total ms", "max grad diff"]
     table = [headers]
     for row in rows:
-        if row.error:
-            table.append([row.policy, "error", *[""] * (len(headers) - 3), row.error_code or "-"])
+        if row.error:  # the reason is printed below the table by the CLI
+            table.append([row.policy, row.error_code or "error", *["-"] * (len(headers) - 2)])
             continue
         table.append([
             row.policy, format_bytes(row.peak_bytes), format_bytes(row.predicted_peak_bytes),

@@ -186,11 +186,11 @@ _BY_NAME = {"store_all": StoreAll, "recompute_all": RecomputeAll, "sqrt": Sqrt, 
 _PARAMETERIZED = {"every_k": "every_k:K (e.g. every_k:4)", "revolve": "revolve:SLOTS (e.g. revolve:4)",
                   "save_ops": "save_ops:OP[,OP...] (e.g. save_ops:matmul,conv2d)",
                   "checkpoints": "checkpoints:NODE[,NODE...] (e.g. checkpoints:act3,act7)",
-                  "budget": "budget:FRACTION|BYTES (e.g. budget:0.5, budget:2GiB)",
-                  "optimal": "optimal:FRACTION|BYTES (e.g. optimal:0.3)",
-                  "dtr": "dtr:FRACTION|BYTES (e.g. dtr:0.5)"}
+                  "budget": "budget:FRACTION|SIZE (e.g. budget:0.5, budget:2GiB)",
+                  "optimal": "optimal:FRACTION|SIZE (e.g. optimal:0.3)",
+                  "dtr": "dtr:FRACTION|SIZE (e.g. dtr:0.5)"}
 _BUDGETED = {"budget": Budget, "optimal": Optimal, "dtr": DTR}
-_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10 ** 3,
+_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10 ** 3,
           "mb": 10 ** 6, "gb": 10 ** 9}
 FORMS = (*_BY_NAME, *_PARAMETERIZED.values())  # what `parse` accepts, for help texts
 
@@ -281,11 +281,15 @@ def _budget_argument(kind: str, text: str) -> dict:
     import re
 
     match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)", text.lower())
-    if not match or match.group(2) not in _UNITS:
+    if not match or (match.group(2) and match.group(2) not in _UNITS):
         raise ValueError(f"policy '{kind}': {text!r} is not a fraction or a size; "
                          f"expected {_PARAMETERIZED[kind]}")
     number, unit = float(match.group(1)), match.group(2)
-    if not unit and number <= 1 and "." in match.group(1):
+    if not unit:  # a bare number is a fraction; bytes carry a unit (B, KiB, MiB, GiB...)
+        if not 0 < number <= 1:
+            raise ValueError(f"policy '{kind}': a bare number is a fraction of store_all's "
+                             f"peak in (0, 1], got {text!r}; give bytes with a unit, "
+                             "e.g. 512MiB or 2GiB")
         return {"fraction": number}
     return {"bytes": int(number * _UNITS[unit])}
 

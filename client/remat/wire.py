@@ -166,3 +166,24 @@ def graph_to_json(graph: Graph) -> str:
 
 def graph_from_json(text: str) -> Graph:
     return graph_from_proto(json_format.Parse(text, graph_pb2.Graph()))
+
+
+def graph_from_bytes(data: bytes) -> Graph:
+    """A graph from a saved `remat.v1.Graph` message, binary or JSON (told apart by
+    the first character); ValueError naming the format when it is not one."""
+    from google.protobuf.message import DecodeError
+
+    message, is_json = graph_pb2.Graph(), data.lstrip()[:1] == b"{"
+    try:
+        if is_json:
+            json_format.Parse(data.decode("utf-8"), message)
+        else:
+            message.ParseFromString(data)
+    except (json_format.ParseError, DecodeError, UnicodeDecodeError) as error:
+        kind = "JSON" if is_json else "binary protobuf"
+        raise ValueError(f"is not a remat graph ({kind}: {error}); expected the remat.v1.Graph "
+                         "message, binary or JSON") from None
+    if not message.nodes or not message.outputs:
+        raise ValueError("holds no remat graph (no nodes or no outputs); expected the "
+                         "remat.v1.Graph message, binary or JSON")
+    return graph_from_proto(message)
