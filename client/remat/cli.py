@@ -26,8 +26,9 @@ def _serve(args) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, max_workers=args.workers_threads,
         max_message_bytes=args.max_message_mb << 20,
-        limits=Limits(max_nodes=args.max_nodes, max_rank=args.max_rank, max_dim=args.max_dim,
-                      max_elements=args.max_elements, max_request_bytes=args.max_request_bytes))
+        memory_budget_bytes=args.memory_budget_bytes,
+        max_queued_requests=args.max_queued_requests,
+        limits=Limits(**{flag: getattr(args, flag) for flag in LIMIT_FLAGS}))
     server, port = create_server(config)
     server.start()
     print(f"remat server listening on {args.host}:{port}", flush=True)
@@ -39,6 +40,8 @@ def _serve(args) -> int:
     return 0
 
 
+LIMIT_FLAGS = ("max_nodes", "max_rank", "max_dim", "max_elements", "max_request_bytes",
+               "optimal_max_nodes", "optimal_time_limit")
 DEMO_LAYERS, DEMO_BATCH = cli_compare.MLP_LAYERS, cli_compare.MLP_BATCH
 DEMO_POLICIES = ("store_all", "sqrt", "revolve:4", "recompute_all")
 
@@ -152,8 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-mb", type=int, default=512)
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to finish on SIGTERM")
     defaults = Limits()
-    for flag in ("max_nodes", "max_rank", "max_dim", "max_elements", "max_request_bytes"):
-        serve.add_argument("--" + flag.replace("_", "-"), type=int, default=getattr(defaults, flag))
+    for flag in LIMIT_FLAGS:
+        value = getattr(defaults, flag)
+        serve.add_argument("--" + flag.replace("_", "-"), type=type(value), default=value)
+    serve.add_argument("--memory-budget-bytes", type=int, default=0,
+                       help="predicted peak bytes of all running requests together; requests "
+                       "over it queue or are rejected (default 0: no shared budget)")
+    serve.add_argument("--max-queued-requests", type=int, default=64,
+                       help="requests that may wait for memory at once (default 64)")
     serve.set_defaults(run=_serve)
 
     demo = sub.add_parser("demo", help="run a sample MLP on an in-process server and "

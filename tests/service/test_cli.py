@@ -95,3 +95,21 @@ def test_serve_on_port_zero_answers_then_exits_cleanly_on_sigterm():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serve_has_a_flag_for_every_limit_and_the_memory_budget():
+    """Every Limits and ServerConfig knob is settable from the command line, so the
+    error messages that name a flag point at one that exists."""
+    from dataclasses import fields
+
+    from remat.cli import build_parser
+    from remat_server import Limits
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {option for action in serve._actions for option in action.option_strings}
+    wanted = {"--" + f.name.replace("_", "-") for f in fields(Limits)}
+    wanted |= {"--memory-budget-bytes", "--max-queued-requests"}
+    assert wanted <= flags, sorted(wanted - flags)
+    args = build_parser().parse_args(["serve", "--memory-budget-bytes", "123",
+                                      "--optimal-time-limit", "2.5"])
+    assert args.memory_budget_bytes == 123 and args.optimal_time_limit == 2.5
