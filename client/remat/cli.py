@@ -40,7 +40,7 @@ def _serve(args) -> int:
     return 0
 
 
-LIMIT_FLAGS = ("max_nodes", "max_rank", "max_dim", "max_elements", "max_request_bytes",
+LIMIT_FLAGS = ("max_nodes", "max_edges", "max_rank", "max_dim", "max_elements", "max_request_bytes",
                "optimal_max_nodes", "optimal_time_limit")
 DEMO_LAYERS, DEMO_BATCH = cli_compare.MLP_LAYERS, cli_compare.MLP_BATCH
 DEMO_POLICIES = ("store_all", "sqrt", "revolve:4", "recompute_all")

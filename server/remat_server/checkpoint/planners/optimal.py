@@ -44,7 +44,6 @@ once when the stage does not use it), which is never later than FREE does.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import replace
 
@@ -245,21 +244,8 @@ class _Milp:
         pe, pj = pe[h], pj[h]
         pcol = fstart[pe] + pt - ek[pe] - 1
         rows.add(len(pt), [(None, pcol, 1), (None, R(pt, pj), 1)], -np.inf, 1)
-        if not os.environ.get("NOA"):
-          rows.add(m, [(None, fcol, -1), (None, R(ft, fk), 1), (None, S(ft + 1, fi), -1),
+        rows.add(m, [(None, fcol, -1), (None, R(ft, fk), 1), (None, S(ft + 1, fi), -1),
                      (pcol - f0, R(pt, pj), -1)], -np.inf, 0)  # FREE's row is its index - f0
-        # Dominance cuts: some optimal schedule computes nothing it neither uses later in
-        # the stage nor keeps (the frontier node aside), and keeps nothing into a stage
-        # that neither uses nor keeps it; dropping either never costs time or memory.
-        t, i = np.tril_indices(n, -1)
-        ui, uj = _pairs([(i, j) for i in range(n) for j in self.users[i]])
-        h, ut = _ranges(uj, np.full(len(uj), n))  # (user pair h, stage ut) with j <= ut
-        row = ut * (ut - 1) // 2 + ui[h]  # the row of (t, i) in tril_indices(n, -1) order
-        if not os.environ.get("NOCUT"):
-          rows.add(len(t), [(None, R(t, i), 1), (None, S(t + 1, i), -1),
-                          (row, R(ut, uj[h]), -1)], -np.inf, 0)
-          rows.add(len(t), [(None, S(t, i), 1), (None, S(t + 1, i), -1),
-                          (row, R(ut, uj[h]), -1)], -np.inf, 0)
         self.A, self.lo, self.hi = rows.build(self.variables)
         self.constraints = rows.count
 
