@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-import numpy as np
 
 from . import policies as _policies
 from .results import Metrics, PlannerReport, TraceEvent
@@ -111,23 +110,6 @@ def compare(client: "Client", graph: "Graph", inputs: Mapping[str, Any], *, wrt:
                                       repeats=repeats, warmup=warmup,
                                       measure_memory=measure_memory, timeline=timeline,
                                       trace=trace, timeout=timeout))
-
-
-def max_abs_diff(grads: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """The largest |a - b| over every element of every gradient; NaN where the
-    reference has NaN counts as equal, a missing gradient or a shape change as inf."""
-    worst = 0.0
-    for name, ref in reference.items():
-        value = grads.get(name)
-        if value is None or value.shape != ref.shape:
-            return float("inf")
-        if value.size == 0:
-            continue
-        a, b = value.astype(np.float64), ref.astype(np.float64)
-        both_nan = np.isnan(a) & np.isnan(b)
-        diff = np.where(both_nan, 0.0, np.abs(a - b))
-        worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
-    return worst
 
 
 def format_bytes(n: int) -> str:
