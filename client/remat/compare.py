@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-
 from . import policies as _policies
 from .results import Metrics, PlannerReport, TraceEvent
 
