@@ -183,3 +183,31 @@ def test_auto_nothing_fits_names_the_minimum_before_running():
     with pytest.raises(ResourceExhausted, match="lowest predicted peak is") as error:
         run_auto(lowest // 2)
     assert f"{lowest:,}" in str(error.value) and "--max-request-bytes" in str(error.value)
+
+
+def small_chain(length: int):
+    return models.Model(support.tanh_chain(length, 64, loss=True), {"x": np.zeros(64)}, ["x"])
+
+
+def test_budget_is_within_ten_percent_of_every_proven_optimum():
+    """Where the exact MILP proves optimality (small graphs, 5 s each), Budget's
+    recompute FLOPs are within 10% of the optimum's."""
+    proven = []
+    for length in (4, 6):
+        model = small_chain(length)
+        spec = spec_of(model)
+        planned = ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy="store_all")
+        fresh = lambda: Problem(planned.joint.graph, planned.schedule.results,  # noqa: E731
+                                planned.joint.forward_nodes)
+        for fraction in (0.9, 0.8, 0.7, 0.6):
+            try:
+                exact = plan(fresh(), P.Optimal(fraction=fraction, time_limit=5.0))
+            except ResourceExhausted:
+                continue  # proven infeasible: Budget must agree
+            if exact.report.status != "optimal":
+                continue
+            optimum = budgeting.simulated(fresh(), exact).recompute_flops
+            ours = budgeting.simulated(fresh(), plan(fresh(), P.Budget(fraction=fraction)))
+            assert ours.recompute_flops <= 1.10 * optimum, (length, fraction, optimum)
+            proven.append((length, fraction))
+    assert len(proven) >= 4, proven  # the comparison is not vacuous

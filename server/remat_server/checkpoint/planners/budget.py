@@ -15,6 +15,8 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
 4. The fixed heuristics the user could have picked (every_k over a ladder of k, sqrt,
    save_ops of the expensive ops present, revolve, DTR) and recompute_all, so Budget
    never loses to one of them at the same budget.
+5. On small joint graphs (<= EXACT_MAX_NODES), the exact MILP's best schedule within
+   EXACT_SECONDS.
 
     >>> from remat_server.checkpoint.policies import Budget
     >>> Budget(fraction=0.5)
@@ -29,7 +31,7 @@ from typing import Callable
 
 from ...errors import ResourceExhausted
 from ...ops import registry
-from ..policies import DTR, Budget, EveryK, Revolve, SaveOps, label
+from ..policies import DTR, Budget, EveryK, Optimal, Revolve, SaveOps, label
 from ..problem import Problem
 from ..recompute import schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
@@ -39,6 +41,11 @@ from .heuristics import plan_every_k, plan_recompute_all, plan_save_ops, plan_sq
 from .store_all import plan_store_all
 
 EXPENSIVE_OPS = ("matmul", "conv2d")
+# Small joint graphs also get the exact MILP (policy Optimal) for a moment: there it
+# often finds schedules the structured searches miss (e.g. dropping an activation as
+# soon as its backward has read it), and its best incumbent is just one more candidate.
+EXACT_MAX_NODES = 80
+EXACT_SECONDS = 2.0
 
 
 def plan_budget(problem: Problem, policy: Budget) -> Schedule:
@@ -56,6 +63,7 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
         found.chain()
         found.keep_sets()
         found.heuristics()
+        found.exact()
     if found.best is None:
         raise over_budget(problem, name, limit, why)
     chosen, schedule, peak, cost = found.best
@@ -125,6 +133,19 @@ class _Candidates:
                     hi = mid - 1
                 else:
                     lo = mid + 1
+
+    def exact(self) -> None:
+        problem = self.problem
+        size = sum(1 for n in problem.needed if not problem.graph[n].is_input)
+        if size > EXACT_MAX_NODES or problem.memo.get("exact_running"):
+            return  # (the MILP's own fallback plans with Budget: no recursion)
+        from .optimal import plan_optimal
+        problem.memo["exact_running"] = True
+        try:
+            self.consider("milp", lambda: plan_optimal(problem, Optimal(
+                bytes=self.limit, time_limit=EXACT_SECONDS, max_nodes=EXACT_MAX_NODES)))
+        finally:
+            del problem.memo["exact_running"]
 
     def heuristics(self) -> None:
         problem = self.problem

@@ -161,11 +161,19 @@ class ChainEmitter:
         return order
 
     def backward(self, step: int) -> None:
-        """Step `step`'s backward nodes, then drop the step's forward values."""
-        for b in self.backward_of.get(step, ()):
+        """Step `step`'s backward nodes; each of the step's forward values goes right
+        after the last of them that reads it (tanh's backward needs t only until it has
+        t*t), and the rest of the step's values at the end."""
+        mine = self.backward_of.get(step, ())
+        members = set(self.segments[step - 1])
+        last_reader = {source: b for b in mine for source in self.graph[b].inputs
+                       if source in members}
+        for b in mine:
             self.compute(b)
             for source in self.graph[b].inputs:
                 if not self.problem.is_forward(source) and self.last_read.get(source) == self.position:
+                    self.free(source)
+                elif last_reader.get(source) == b:
                     self.free(source)
             self.position += 1
         for name in self.segments[step - 1]:
