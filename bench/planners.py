@@ -34,12 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -80,6 +81,7 @@ def tanh_chain(length: int, width: int) -> models.Model:
 
 
 def deep_mlp(layers: int, batch: int, width: int = 64) -> models.Model:
+    """remat.models.mlp with `layers` tanh layers of `width` and a 10-way linear head."""
     return models.mlp(batch=batch, widths=(width,) * (layers + 1) + (10,), dtype="float32")
 
 
@@ -98,23 +100,20 @@ class ModelSpec:
 def model_specs(quick: bool) -> list[ModelSpec]:
     """Sizes where activations, not parameters, dominate store_all's peak (otherwise no
     schedule can get far below it). The last two are small enough for the MILP."""
+    # Planning cost grows with the node count, not the batch: --quick keeps the batch
+    # (the memory proportions) and cuts depth.
+    block = dict(batch=8, seq=64, d_model=128, heads=4, d_ff=512)
+    cnn = dict(batch=32, channels=(3, 16, 32, 64), image=32)
+    net = dict(batch=4, channels=(8, 16, 32), image=32)
     if quick:
-        mlp = dict(layers=16, batch=1024)
-        block = dict(batch=4, seq=32, d_model=64, heads=4, d_ff=256)
-        stack = dict(blocks=2, **block)
-        cnn = dict(batch=16, channels=(3, 8, 16, 32), image=32)
-        net = dict(batch=2, channels=(4, 8, 16), image=16)
-        small, chain = dict(layers=4, batch=256, width=32), (8, 1024)
+        mlp, stack = dict(layers=24, batch=2048), dict(blocks=2, **block)
+        small, chain = dict(layers=6, batch=1024, width=16), (8, 1024)
     else:
-        mlp = dict(layers=32, batch=2048)
-        block = dict(batch=8, seq=64, d_model=128, heads=4, d_ff=512)
-        stack = dict(blocks=4, **block)
-        cnn = dict(batch=32, channels=(3, 16, 32, 64), image=32)
-        net = dict(batch=4, channels=(8, 16, 32), image=32)
-        small, chain = dict(layers=6, batch=512, width=32), (16, 1024)
+        mlp, stack = dict(layers=32, batch=2048), dict(blocks=4, **block)
+        small, chain = dict(layers=8, batch=1024, width=16), (16, 1024)
     return [
         ModelSpec("mlp", f"remat.models.mlp: {mlp['layers']} tanh layers of width 64 + a "
-                  f"10-way head, batch {mlp['batch']}", lambda: deep_mlp(**mlp)),
+                  f"10-way head, batch {mlp['batch']} (deep and narrow)", lambda: deep_mlp(**mlp)),
         ModelSpec("transformer_block", "remat.models.transformer_block: one pre-LN block, "
                   + ", ".join(f"{k} {v}" for k, v in block.items()),
                   lambda: models.transformer_block(**block, dtype="float32")),
@@ -174,7 +173,8 @@ def run_policy(make: Callable[[], Problem], policy: P.Policy) -> Outcome:
     try:
         schedule = plan(problem, policy)
     except ResourceExhausted as error:
-        out.plan_seconds, out.status, out.detail = time.perf_counter() - start, "nothing fits", str(error)
+        out.plan_seconds, out.status = time.perf_counter() - start, "nothing fits"
+        out.detail = str(error)
         return out
     except InvalidArgument as error:  # e.g. revolve on a graph with no chain
         out.plan_seconds, out.status, out.detail = time.perf_counter() - start, "n/a", str(error)
@@ -197,7 +197,7 @@ def run_policy(make: Callable[[], Problem], policy: P.Policy) -> Outcome:
     return out
 
 
-def heuristics(problem: Problem) -> list[P.Policy]:
+def heuristics() -> list[P.Policy]:
     return [P.Sqrt(), *(P.EveryK(k) for k in range(1, 9)), P.SaveOps(("matmul",)),
             P.SaveOps(("conv2d",)), *(P.Revolve(c) for c in range(1, 9)), P.RecomputeAll()]
 
@@ -258,7 +258,8 @@ def table(rows: list[tuple[Outcome, str]], budget: int, base_peak: int, base_flo
     return "\n".join(lines)
 
 
-def summary(budgeted: dict[str, Outcome], heur: list[Outcome], budget: int) -> tuple[str, list[str]]:
+def summary(budgeted: dict[str, Outcome], heur: list[Outcome],
+            budget: int) -> tuple[str, list[str]]:
     """One line comparing Budget with the best fitting heuristic and with Optimal; and
     the findings that contradict expectations."""
     b, dtr, opt = budgeted["budget"], budgeted["dtr"], budgeted["optimal"]
@@ -305,10 +306,25 @@ def summary(budgeted: dict[str, Outcome], heur: list[Outcome], budget: int) -> t
         parts.append("the MILP found an optimal schedule")
         flags.append(f"optimal fits (peak {opt.peak_bytes:,}) where budget does not")
     elif opt.status == "time_limit" and b.planned:
-        parts.append(f"vs optimal's incumbent at its time limit (gap {opt.gap:.3f}, not a "
-                     f"bound): {ratio(b.recompute_flops, opt.recompute_flops):.3f}")
+        # The incumbent is a schedule that fits, so the optimum is at most its cost: a
+        # ratio above 1.10 here means budget is provably more than 10% above the optimum.
+        r = ratio(b.recompute_flops, opt.recompute_flops)
+        parts.append(f"vs optimal's incumbent at its time limit ({opt.recompute_flops / 1e6:.2f} "
+                     f"MFLOP, gap {opt.gap:.3f}; the optimum is at most that): {r:.3f}"
+                     + (" (> 1.10: budget is provably over 10% above the optimum)"
+                        if r > 1.10 + 1e-9 else ""))
+        if r > 1.10 + 1e-9:
+            flags.append(f"budget recomputes {b.recompute_flops:,} FLOPs; optimal's incumbent "
+                         f"(not proven optimal, gap {opt.gap:.3f}) {opt.recompute_flops:,}: "
+                         f"{r:.3f}x")
+    elif opt.status == "time_limit":
+        flags.append(f"optimal's MILP found a schedule (peak {opt.peak_bytes:,}) where budget "
+                     "found none")
     elif opt.status == "fallback":
-        parts.append("optimal fell back to budget")
+        why = ("its graph is over the MILP's node limit" if "over the MILP limit" in opt.detail
+               else "the MILP found no schedule within its time limit"
+               if "no feasible schedule within" in opt.detail else opt.detail.split(";")[0])
+        parts.append(f"optimal fell back to budget ({why})")
     elif opt.status == "nothing fits" and b.planned:
         flags.append(f"optimal reports nothing fits ({opt.detail[:160]}) but budget's schedule "
                      f"peaks at {b.peak_bytes:,} <= {budget:,}")
@@ -349,6 +365,21 @@ def plan_time(layers: int, batch: int, fractions, repeats: int) -> tuple[str, li
 
 
 # --- main ------------------------------------------------------------------------------------
+def source_version() -> str:
+    """The commit, and the server or SDK files changed since it (they are what is measured)."""
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], capture_output=True, text=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            return ""
+    commit = git("rev-parse", "--short", "HEAD") or "?"
+    changed = [line.split(maxsplit=1)[-1] for line in git(
+        "status", "--porcelain", "--", "../server", "../client").splitlines()]
+    return f"commit {commit}" + (f" + uncommitted changes to {', '.join(changed)}"
+                                 if changed else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -382,14 +413,11 @@ def main() -> int:
             parser.error(f"unknown model(s): {', '.join(unknown)}")
         specs = [s for s in specs if s.name in wanted]
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    print(f"# budgeted planners vs fixed heuristics (simulated, engine level{', quick' if args.quick else ''})\n")
+    print("# budgeted planners vs fixed heuristics (simulated, engine level"
+          f"{', quick' if args.quick else ''})\n")
     print(f"python {platform.python_version()}, numpy {np.__version__}, scipy "
-          f"{scipy.__version__}, {platform.machine()}, commit {commit or '?'}; budgets "
+          f"{scipy.__version__}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} "
+          f"at start), {source_version()}; budgets "
           f"{', '.join(f'{f:.0%}' for f in fractions)} of store_all's peak; Optimal: "
           f"time_limit {time_limit:g} s, MILP up to {args.optimal_max_nodes} nodes\n")
     started, raw, findings, lines = time.perf_counter(), {}, [], []
@@ -402,7 +430,7 @@ def main() -> int:
         problem = make()
         base = run_policy(make, P.StoreAll())
         base_peak, base_flops = base.peak_bytes, base.flops
-        heur = [(run_policy(make, h), heuristic_note(problem, h)) for h in heuristics(problem)]
+        heur = [(run_policy(make, h), heuristic_note(problem, h)) for h in heuristics()]
         planned = [o for o, _ in heur if o.planned]
         lowest = min(planned, key=lambda o: o.peak_bytes, default=None)
         print(f"## {spec.name}: {spec.describe}\n")

@@ -1,41 +1,46 @@
 """Optimal: Checkmate's MILP (Jain et al. 2020), solved exactly by HiGHS (scipy.optimize.milp).
 
-The n needed non-input nodes are numbered 0..n-1 in a topological order (the forward
-values in `forward_order`, then the backward nodes: the order every heuristic first
-computes them in, so each heuristic schedule is one of the MILP's). Stage t computes
-node t for the first time and may recompute earlier nodes; all variables are binary
-except U:
+The n needed non-input nodes are numbered 0..n-1 in a topological order: the forward
+values in `forward_order`, then the backward nodes (the order the heuristics first
+compute them in). Stage t computes node t for the first time and may recompute any
+earlier node. Variables (binary except U):
 
-* R[t,i] (i <= t): node i is computed in stage t; R[t,t] = 1 (the frontier advances);
-* S[t,i] (i < t): value i is live entering stage t. S[0] is empty (only graph inputs
-  are live at the start); row S[n] is the end state, fixed: 1 for the results;
+* R[t,i], i <= t: node i is computed in stage t; R[t,t] = 1 (the frontier advances);
+* S[t,i], i < t: value i is live entering stage t. S[0] is empty (graph inputs are
+  live throughout); row S[n], the end state, is fixed: 1 for the results;
 * FREE[t,(i,k)]: value i is dropped right after node k, its last user in stage t;
-* U[t,k]: bytes live just after computing node k in stage t, inputs excluded (they
-  are live throughout, so their bytes come off the budget instead).
+* U[t,k]: bytes live just after computing node k in stage t, inputs excluded (their
+  bytes come off the budget instead).
 
-    minimise   sum R[t,i] * cost(i)
+    minimise   sum R[t,i] cost(i)
     such that  R[t,k] <= R[t,i] + S[t,i]       for each edge i -> k (inputs are live)
                S[t+1,i] <= S[t,i] + R[t,i]      (a value is kept only if it was there)
                R[t,i] + S[t,i] <= 1             (never compute a live value)
                U[t,0] = M_0 R[t,0] + sum_i M_i S[t,i]
                U[t,k] = U[t,k-1] + M_k R[t,k] - sum_{(i,k-1)} M_i FREE[t,(i,k-1)]
-               FREE[t,(i,k)] = R[t,k] (1 - S[t+1,i]) prod_{users j of i, k < j <= t} (1 - R[t,j])
+               FREE[t,(i,k)] = R[t,k] (1 - S[t+1,i]) prod_{users j of i, k<j<=t} (1 - R[t,j])
                0 <= U[t,k] <= budget - input bytes
 
-The product is linearised exactly (FREE <= each factor, FREE >= R - S - sum R), which
-is tighter for the LP relaxation than Checkmate's big-M hazard count. FREE is only
-needed for t > k and M_i > 0: a free after the frontier node changes no U.
+The product is linearised exactly (FREE <= each factor, FREE >= R - S - sum R): tighter
+for the LP relaxation than Checkmate's big-M hazard count. FREE exists only for t > k
+and M_i > 0 (a free after the frontier node changes no U). Bytes are counted in units
+of their gcd, so U is integral and HiGHS's tolerances cannot push a schedule over.
 
 Views (aliasing): a view allocates nothing but keeps its owner's buffer alive, so the
 live bytes are those of buffers with any live value. The MILP charges each buffer to
-its owner (M_view = 0) and keeps that exact by never letting a view outlive its
-owner: S[t,v] <= S[t,owner], and the owner's users include its views and their
-users, so the owner is freed no earlier than they are. This loses nothing: while a
-view lives, the owner's buffer is paid for whether or not the owner counts as live.
+its owner (M_view = 0) and stays exact by never letting a view outlive its owner:
+S[t,v] <= S[t,owner], and the owner's users include its views and their users, so it
+is freed no earlier than they are. That loses nothing: while a view lives its owner's
+buffer is paid for anyway. Values that hold no bytes and pin none (constants, views
+of inputs) are simply kept from their first computation on.
 
 The schedule mirrors the accounting: per stage, compute the R nodes in order and drop
-each value not kept into the next stage right after its last user in the stage (or at
-once when the stage does not use it), which is never later than FREE does.
+each value not kept into the next stage right after its last user in the stage (at
+once if the stage does not use it), never later than FREE says; the simulated peak is
+the MILP's. Outcomes: store_all fits -> store_all (optimal, no solve); proven optimum
+("optimal", mip_rel_gap 0); time limit with a schedule ("time_limit", the gap); more
+than max_nodes nodes or no schedule in time -> the budget planner ("fallback");
+proven infeasible -> RESOURCE_EXHAUSTED.
 
     >>> from remat_server.checkpoint.policies import Optimal
     >>> Optimal(fraction=0.5)
@@ -56,7 +61,8 @@ from ..policies import Budget, Optimal, label
 from ..problem import Problem
 from ..schedule import Compute, Free, PlannerReport, Schedule, Step
 from ..simulate import InvalidSchedule
-from .budgeting import budget_bytes, over_budget, simulated
+from .budgeting import budget_bytes, over_budget, simulated, store_all_peak
+from .store_all import plan_store_all
 
 DEFAULT_TIME_LIMIT = 60.0  # seconds; the engine passes the server's when the policy has 0
 DEFAULT_MAX_NODES = 300    # MILP size grows as n^2 variables; beyond this, Budget plans
@@ -65,6 +71,10 @@ DEFAULT_MAX_NODES = 300    # MILP size grows as n^2 variables; beyond this, Budg
 def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
     name = label(policy)
     limit = budget_bytes(problem, "optimal", policy.bytes, policy.fraction)
+    if store_all_peak(problem) <= limit:  # every node once: no schedule costs less
+        return replace(plan_store_all(problem), policy=name, report=PlannerReport(
+            budget_bytes=limit, status="optimal", chosen="store_all",
+            detail="store_all fits the budget: nothing needs recomputing"))
     order = _order(problem)
     max_nodes = policy.max_nodes or DEFAULT_MAX_NODES
     if len(order) > max_nodes:
@@ -82,19 +92,19 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
     if res.status == 2:  # proven infeasible
         raise over_budget(problem, name, limit, f"the {size} is infeasible")
     if res.x is None:  # time limit (or a solver failure) before any feasible schedule
-        return _fallback(problem, name, limit, f"the {size} found no feasible schedule within "
-                         f"{time_limit:g} s (status {res.status}: {res.message})")
+        return _fallback(problem, name, limit, f"the {size} found no feasible schedule " + (
+            f"within {time_limit:g} s" if res.status == 1 else f"({res.message})"))
     schedule = Schedule(milp_.steps(res.x), problem.results, name)
     peak = simulated(problem, schedule).peak_bytes
     if peak > limit:  # the accounting above is exact or conservative: a bug, never hidden
         raise InvalidSchedule(f"policy {name}: the MILP schedule peaks at {peak:,} bytes, "
                               f"over its budget of {limit:,}")
-    gap = float(res.mip_gap) if res.mip_gap is not None and not math.isnan(res.mip_gap) else 0.0
-    status = "optimal" if res.status == 0 else "time_limit"
+    gap = float(res.mip_gap) if res.mip_gap is not None and np.isfinite(res.mip_gap) else 0.0
+    optimal = res.status == 0
     return replace(schedule, report=PlannerReport(
-        budget_bytes=limit, status=status, optimality_gap=gap if status != "optimal" or gap > 0
-        else 0.0, solve_seconds=seconds, chosen="milp",
-        detail=size + ("" if status == "optimal" else f", stopped at {time_limit:g} s")))
+        budget_bytes=limit, status="optimal" if optimal else "time_limit", optimality_gap=gap,
+        solve_seconds=seconds, chosen="milp",
+        detail=size + ("" if optimal else f", stopped at {time_limit:g} s")))
 
 
 def _fallback(problem: Problem, name: str, limit: int, why: str) -> Schedule:
@@ -141,26 +151,25 @@ class _Rows:
     """Constraint rows as COO triplets, appended block by block."""
 
     def __init__(self):
-        self.parts: list[tuple] = []
+        self.rows, self.cols, self.coefs, self.lower, self.upper = [], [], [], [], []
         self.count = 0
 
     def add(self, count: int, terms, lower: float, upper: float) -> None:
-        """`count` rows lower <= sum coef * x[col] <= upper; terms: (row, col, coef) arrays
-        (row None: one row per element)."""
+        """`count` rows lower <= sum coef * x[col] <= upper; terms are (row, col, coef)
+        arrays, row None meaning one row per element."""
         for row, col, coef in terms:
-            row = np.arange(count) if row is None else row
-            self.parts.append((row + self.count, col, np.broadcast_to(coef, col.shape)))
-        self.parts.append((None, np.full(count, lower, float), np.full(count, upper, float)))
+            self.rows.append((np.arange(count) if row is None else row) + self.count)
+            self.cols.append(col)
+            self.coefs.append(np.broadcast_to(np.asarray(coef, dtype=float), col.shape))
+        self.lower.append(np.full(count, lower, dtype=float))
+        self.upper.append(np.full(count, upper, dtype=float))
         self.count += count
 
-    def build(self, variables: int):
-        terms = [p for p in self.parts if p[0] is not None]
-        bounds = [p for p in self.parts if p[0] is None]
-        A = sparse.coo_array((np.concatenate([d for _, _, d in terms]).astype(float),
-                              (np.concatenate([r for r, _, _ in terms]),
-                               np.concatenate([c for _, c, _ in terms]))),
+    def build(self, variables: int) -> LinearConstraint:
+        A = sparse.coo_array((np.concatenate(self.coefs), (np.concatenate(self.rows),
+                                                           np.concatenate(self.cols))),
                              shape=(self.count, variables)).tocsr()
-        return A, np.concatenate([b[1] for b in bounds]), np.concatenate([b[2] for b in bounds])
+        return LinearConstraint(A, np.concatenate(self.lower), np.concatenate(self.upper))
 
 
 class _Milp:
@@ -175,6 +184,7 @@ class _Milp:
                        dtype=np.int64)
         unit = math.gcd(*raw[raw > 0].tolist()) if np.any(raw > 0) else 1
         mem = raw // unit  # integral coefficients: U is exact, no rounding slack
+        self.unit = unit
         # deps[k]: real inputs (the schedule must have them live); users[i]: real consumers
         # plus, for an owner, its views and their consumers (it must outlive them).
         deps = [sorted({index[s] for s in graph[name].inputs if s in index}) for name in order]
@@ -193,7 +203,7 @@ class _Milp:
         # (i, k) with M_i > 0 over k < t < n.
         tri = n * (n + 1) // 2
         self.r0, self.s0 = 0, tri
-        u0 = tri + (n + 1) * n // 2
+        self.u0 = u0 = tri + (n + 1) * n // 2
         f0 = u0 + tri
         ei, ek = _pairs([(i, k) for i in range(n) for k in self.users[i] if mem[i] > 0])
         fcount = n - 1 - ek
@@ -246,7 +256,7 @@ class _Milp:
         rows.add(len(pt), [(None, pcol, 1), (None, R(pt, pj), 1)], -np.inf, 1)
         rows.add(m, [(None, fcol, -1), (None, R(ft, fk), 1), (None, S(ft + 1, fi), -1),
                      (pcol - f0, R(pt, pj), -1)], -np.inf, 0)  # FREE's row is its index - f0
-        self.A, self.lo, self.hi = rows.build(self.variables)
+        self.rows = rows.build(self.variables)
         self.constraints = rows.count
 
         # Bounds: binaries in [0, 1], R[t,t] = 1, the end state S[n] fixed, U <= budget.
@@ -281,8 +291,9 @@ class _Milp:
 
     def solve(self, time_limit: float):
         return milp(self.cost, integrality=self.integrality, bounds=Bounds(self.lb, self.ub),
-                    constraints=LinearConstraint(self.A, self.lo, self.hi),
-                    options={"time_limit": time_limit, "disp": False})
+                    constraints=self.rows,
+                    options={"time_limit": time_limit, "disp": False,
+                             "mip_rel_gap": 0.0})  # exact: never lose to a heuristic
 
     def steps(self, x: np.ndarray) -> tuple[Step, ...]:
         """The schedule of a solution; frees never later than the MILP's FREE."""
