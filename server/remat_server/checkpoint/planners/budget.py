@@ -166,7 +166,7 @@ class _Candidates:
         if self.best is None:  # the low-memory extremes: quadratic on long chains
             if len(problem.boundaries) >= 2:
                 from .revolve import plan_revolve
-                for slots in (8, 4, 2, 1):
+                for slots in (4, 2):
                     self.consider(f"revolve({slots})",
                                   lambda s=slots: plan_revolve(problem, Revolve(s)))
             self.consider("recompute_all", lambda: plan_recompute_all(problem, None))
