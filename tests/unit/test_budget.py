@@ -211,3 +211,16 @@ def test_budget_is_within_ten_percent_of_every_proven_optimum():
             assert ours.recompute_flops <= 1.10 * optimum, (length, fraction, optimum)
             proven.append((length, fraction))
     assert len(proven) >= 4, proven  # the comparison is not vacuous
+
+
+def test_a_budget_below_inputs_plus_results_is_refused_at_once():
+    """Every schedule ends with the inputs and all results live: that floor is a true
+    lower bound (no policy goes under it), and a budget below it fails before searching."""
+    from remat_server.checkpoint.planners.budget import _floor
+
+    _, _, _, problem = reference("mlp")
+    floor = _floor(problem)
+    for policy in (P.StoreAll(), P.RecomputeAll(), P.Sqrt(), P.DTR(fraction=0.9)):
+        assert figures(problem, policy)[0] >= floor, P.label(policy)
+    with pytest.raises(ResourceExhausted, match="inputs and results alone need"):
+        search(problem, floor - 1, "budget")

@@ -57,6 +57,10 @@ def plan_budget(problem: Problem, policy: Budget) -> Schedule:
 def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
     """The cheapest schedule found whose peak is <= `limit`, labelled `name`."""
     start = time.perf_counter()
+    floor = _floor(problem)
+    if limit < floor:  # every schedule ends with the inputs and all results live
+        raise over_budget(problem, name, limit, f"{why + '; ' if why else ''}the inputs and "
+                          f"results alone need {floor:,} bytes")
     found = _Candidates(problem, limit)
     found.consider("store_all", lambda: plan_store_all(problem))
     if found.best is None:
@@ -74,6 +78,14 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
         detail=f"{found.tried} candidate schedules simulated; {chosen} fits with peak "
                f"{peak:,} bytes, recomputing {cost:.4g} {unit}")
     return replace(schedule, policy=name, report=report)
+
+
+def _floor(problem: Problem) -> int:
+    """A lower bound on any schedule's peak: the inputs plus the results' own buffers,
+    all live together when the schedule ends."""
+    model, inputs = problem.model, {n.name for n in problem.graph.inputs}
+    owners = {model.owner[r] for r in problem.results} - inputs
+    return problem.input_bytes + sum(model.nbytes[o] for o in owners)
 
 
 class _Candidates:
