@@ -1,4 +1,5 @@
-"""Assemble the gRPC server: executor service, health checking, reflection.
+"""Assemble the gRPC server: executor service, health checking, reflection, metrics,
+authentication and TLS.
 
 Example:
     >>> from remat_server.app import create_server
@@ -19,26 +20,65 @@ from grpc_reflection.v1alpha import reflection
 
 from remat.v1 import executor_pb2, executor_pb2_grpc
 
+from . import auth
 from .admission import MemoryAdmission
 from .config import ServerConfig
 from .engine import Engine
 from .graph_store import GraphStore
+from .metrics import ServerMetrics
 from .servicer import ExecutorServicer
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def create_server(config: ServerConfig | None = None) -> tuple[grpc.Server, int]:
+class RematServer:
+    """A `grpc.Server` (start, stop, wait_for_termination) plus what remat adds:
+    `metrics`, `health`, `store` and a graceful `shutdown`."""
+
+    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
+                 metrics: ServerMetrics, store: GraphStore):
+        self._server = server
+        self.health = health_servicer
+        self.metrics = metrics
+        self.store = store
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace: float | None):
+        return self._server.stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+    def shutdown(self, grace: float) -> None:
+        """Graceful stop: health says NOT_SERVING (so balancers drain us), new RPCs are
+        refused, in-flight ones get `grace` seconds to finish. Blocks until done."""
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+
+
+def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]:
     """Build (not start) a server bound to `config.address`; returns it and its port."""
     config = config or ServerConfig()
+    metrics = ServerMetrics()
+    interceptors = [metrics.interceptor()]
+    if config.auth_tokens:
+        interceptors.append(auth.TokenInterceptor(config.auth_tokens))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="remat"),
+        interceptors=interceptors,
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes),
-                 ("grpc.so_reuseport", 0)])
+                 ("grpc.so_reuseport", int(config.reuse_port))],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+    store = GraphStore(config.graph_cache_bytes)
+    metrics.track_cache(store)
     servicer = ExecutorServicer(
-        Engine(config.limits, config.memory_budget_bytes), GraphStore(config.graph_cache_bytes),
-        MemoryAdmission(config.memory_budget_bytes, config.max_queued_requests))
+        Engine(config.limits, config.memory_budget_bytes), store,
+        MemoryAdmission(config.memory_budget_bytes, config.max_queued_requests),
+        metrics=metrics, chunk_bytes=config.stream_chunk_bytes)
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
 
     health_servicer = health.HealthServicer()
@@ -47,9 +87,12 @@ def create_server(config: ServerConfig | None = None) -> tuple[grpc.Server, int]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(config.address)
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    credentials = auth.server_credentials(config)
+    if credentials is None:
+        port = server.add_insecure_port(config.address)
+    else:
+        port = server.add_secure_port(config.address, credentials)
     if port == 0:
         raise OSError(f"could not bind {config.address}")
-    return server, port
+    return RematServer(server, health_servicer, metrics, store), port

@@ -60,10 +60,13 @@ def _status_stream(method):
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, engine: Engine, store: GraphStore, admission: MemoryAdmission | None = None):
+    def __init__(self, engine: Engine, store: GraphStore, admission: MemoryAdmission | None = None,
+                 *, metrics=None, chunk_bytes: int = 1 << 20):
         self.engine = engine
         self.store = store
         self.admission = admission or MemoryAdmission(0, 0)
+        self.metrics = metrics
+        self.chunk_bytes = chunk_bytes
 
     def _graph(self, ref: executor_pb2.GraphRef) -> GraphSpec:
         kind = ref.WhichOneof("kind")
@@ -103,9 +106,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             return self.admission.reserve(nbytes, timeout=remaining,
                                           cancelled=lambda: not context.is_active())
         try:
-            return self.engine.run(run, should_stop=lambda: not context.is_active(), admit=admit)
+            result = self.engine.run(run, should_stop=lambda: not context.is_active(), admit=admit)
         finally:
             allocator.release_free_memory()
+        if self.metrics is not None:
+            self.metrics.observe_run(result.metrics)
+        return result
 
     @_status
     def Run(self, request, context):
