@@ -11,6 +11,7 @@
 from . import models, policies
 from .client import Client
 from .compare import ComparisonRow, format_table
+from .credentials import TLS
 from .errors import (
     CancelledError, DeadlineExceededError, InternalError, InvalidArgumentError, NotFoundError,
     PermissionDeniedError, RematError, ResourceExhaustedError, UnauthenticatedError,
@@ -30,6 +31,7 @@ __all__ = [
     # graphs and the client
     "Graph", "Node", "Client", "RunResult", "Metrics", "OpInfo", "policies", "models",
     "gradcheck", "numeric_gradient", "PlanResult", "ComparisonRow", "format_table",
+    "TLS",
     # errors
     "RematError", "InvalidArgumentError", "ResourceExhaustedError", "NotFoundError",
     "UnavailableError", "CancelledError", "DeadlineExceededError", "UnauthenticatedError",

@@ -1,6 +1,6 @@
 """The `remat` command: serve, demo, compare, plan, ops.
 
-    remat serve --host 0.0.0.0 --port 50051
+    remat serve --host 0.0.0.0 --port 50051 --workers 4 --metrics-port 9464
     remat demo
     remat compare --plot policies.png --trace policies.json
     remat plan --policy sqrt
@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
-import threading
 
 import numpy as np
 
@@ -21,23 +19,38 @@ from . import cli_compare
 
 
 def _serve(args) -> int:
-    from remat_server import Limits, ServerConfig, create_server
+    from remat_server.serve import serve
+
+    try:
+        config = server_config(args)
+        return serve(config, workers=args.workers, grace=args.grace,
+                     metrics_port=args.metrics_port,
+                     metrics_host=args.metrics_host or args.host.strip("[]"))
+    except (OSError, ValueError) as error:  # port taken, unreadable token or TLS file
+        print(f"remat serve: error: {error}", file=sys.stderr)
+        return 1
+
+
+def server_config(args, environ=None):
+    """The ServerConfig that `remat serve` flags and the environment describe: TLS paths
+    from flags, else REMAT_TLS_*; tokens from --token-file, else REMAT_AUTH_TOKENS."""
+    from remat_server import Limits, ServerConfig
+    from remat_server.auth import with_security
 
     config = ServerConfig(
-        host=args.host, port=args.port, max_workers=args.workers_threads,
+        host=args.host, port=args.port, max_workers=args.threads,
         max_message_bytes=args.max_message_mb << 20,
+        stream_chunk_bytes=args.stream_chunk_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        graph_cache_bytes=args.graph_cache_bytes,
         memory_budget_bytes=args.memory_budget_bytes,
         max_queued_requests=args.max_queued_requests,
-        limits=Limits(**{flag: getattr(args, flag) for flag in LIMIT_FLAGS}))
-    server, port = create_server(config)
-    server.start()
-    print(f"remat server listening on {args.host}:{port}", flush=True)
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
-    stopped.wait()
-    server.stop(grace=args.grace).wait()
-    return 0
+        limits=Limits(**{flag: getattr(args, flag) for flag in LIMIT_FLAGS}),
+        reuse_port=args.reuse_port or args.workers > 1)
+    return with_security(config, tls_cert_file=args.tls_cert_file,
+                         tls_key_file=args.tls_key_file,
+                         tls_client_ca_file=args.tls_client_ca_file,
+                         token_file=args.token_file, environ=environ)
 
 
 LIMIT_FLAGS = ("max_nodes", "max_edges", "max_rank", "max_dim", "max_elements", "max_request_bytes",
@@ -148,16 +161,62 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run a remat server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--workers-threads", type=int, default=8, help="RPC handler threads")
-    serve.add_argument("--max-message-mb", type=int, default=512)
-    serve.add_argument("--grace", type=float, default=10.0, help="seconds to finish on SIGTERM")
+    serve = sub.add_parser(
+        "serve", help="run a remat server",
+        description="Run a remat server until SIGTERM or SIGINT: then health checks say "
+        "NOT_SERVING, new requests are refused, and running ones get --grace seconds "
+        "to finish. Secrets never go on the command line: bearer tokens come from "
+        "--token-file or $REMAT_AUTH_TOKENS, TLS keys from PEM files.")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; 0.0.0.0 or [::] for "
+                       "all interfaces)")
+    serve.add_argument("--port", type=int, default=50051,
+                       help="gRPC port (default 50051; 0 picks a free one, printed)")
+    serve.add_argument("--workers", type=_positive, default=1,
+                       help="server processes sharing the port (SO_REUSEPORT; forked at "
+                       "start, not restarted; default 1). NumPy work holds the GIL, so "
+                       "use one per core to use several cores")
+    serve.add_argument("--threads", "--workers-threads", dest="threads", type=_positive,
+                       default=8, help="RPC handler threads per process (default 8; "
+                       "--workers-threads is a deprecated alias)")
+    serve.add_argument("--reuse-port", action="store_true",
+                       help="let other processes bind the same port (implied by --workers)")
+    serve.add_argument("--grace", type=float, default=10.0,
+                       help="on SIGTERM, seconds running requests get to finish before "
+                       "they are cancelled (default 10)")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics on this port (0: a free one, printed; "
+                       "default: no metrics endpoint). With --workers, one endpoint "
+                       "aggregates every worker")
+    serve.add_argument("--metrics-host", default=None,
+                       help="address of the metrics endpoint (default: --host)")
+    serve.add_argument("--max-message-mb", type=int, default=512,
+                       help="largest gRPC message in MiB (default 512); bigger tensors "
+                       "use RunStream")
+    serve.add_argument("--stream-chunk-bytes", type=_positive, default=1 << 20,
+                       help="size of each tensor chunk RunStream sends (default 1 MiB)")
+    serve.add_argument("--max-concurrent-rpcs", type=int, default=256,
+                       help="RPCs handled or queued at once per process; beyond it calls "
+                       "fail with RESOURCE_EXHAUSTED (default 256; 0: no limit)")
+    serve.add_argument("--graph-cache-bytes", type=int, default=256 << 20,
+                       help="bytes of registered graphs kept per process (default 256 MiB)")
+    serve.add_argument("--tls-cert-file", default="",
+                       help="PEM certificate chain: serve TLS (default $REMAT_TLS_CERT_FILE)")
+    serve.add_argument("--tls-key-file", default="",
+                       help="PEM private key of --tls-cert-file (default $REMAT_TLS_KEY_FILE)")
+    serve.add_argument("--tls-client-ca-file", default="",
+                       help="PEM CA certificates: clients must present a certificate one "
+                       "signed (mutual TLS; default $REMAT_TLS_CLIENT_CA_FILE)")
+    serve.add_argument("--token-file", default="",
+                       help="file of bearer tokens, one a line, any of which authenticates a "
+                       "call (default: tokens from $REMAT_AUTH_TOKENS, comma- or space-"
+                       "separated; neither: no authentication). There is no flag taking a "
+                       "token itself: command lines are visible to `ps`")
     defaults = Limits()
     for flag in LIMIT_FLAGS:
         value = getattr(defaults, flag)
-        serve.add_argument("--" + flag.replace("_", "-"), type=type(value), default=value)
+        serve.add_argument("--" + flag.replace("_", "-"), type=type(value), default=value,
+                           help=f"per-request limit (default {value})")
     serve.add_argument("--memory-budget-bytes", type=int, default=0,
                        help="predicted peak bytes of all running requests together; requests "
                        "over it queue or are rejected (default 0: no shared budget)")

@@ -11,14 +11,15 @@
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import grpc
 
 from . import compare as compare_module
-from . import policies, wire
+from . import chunks, rpc, streaming, wire
 from .compare import ComparisonRow
-from .errors import from_rpc_error
+from .errors import NotFoundError, ResourceExhaustedError, from_rpc_error
 from .graph import Graph
 from .results import OpInfo, PlanResult, RunResult
 from .v1 import executor_pb2, executor_pb2_grpc
@@ -31,14 +32,25 @@ class Client:
 
     def __init__(self, target: str, *, timeout: float | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Iterable[tuple[str, Any]] = ()):
+                 options: Iterable[tuple[str, Any]] = (), tls=None, token: str | None = None,
+                 retry: rpc.Retry = rpc.Retry()):
+        """`tls`: None (plain text), True (system roots) or `remat.TLS(...)`. `token`: the
+        bearer token; None reads REMAT_TOKEN or REMAT_TOKEN_FILE (see remat.credentials).
+        `retry`: how calls that fail with UNAVAILABLE are retried (`rpc.NO_RETRY`: never)."""
+        from .credentials import make_channel
+
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=[
+        self._channel = make_channel(target, [
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes), *options])
+            ("grpc.max_send_message_length", max_message_bytes), *options], tls=tls, token=token)
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
+        self._run_stream_call = self._channel.stream_stream(  # fast chunk framing
+            "/remat.v1.Executor/RunStream", request_serializer=chunks.encode,
+            response_deserializer=streaming.decode_response)
         self._server = None  # set by in_process()
+        self.retry = retry
+        self._graph_ids = rpc.GraphIds()
 
     @classmethod
     def in_process(cls, config=None, **kwargs) -> "Client":
@@ -71,13 +83,49 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- calls ---------------------------------------------------------------------------
-    def _call(self, method: str, request, timeout: float | None):
-        try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+    # --- plumbing -----------------------------------------------------------------------
+    def _invoke(self, attempt: Callable[[float | None], Any], timeout: float | None):
+        """`attempt(seconds_left)` with retries on UNAVAILABLE (backoff, within the
+        deadline); gRPC errors become remat exceptions here."""
+        timeout = timeout or self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delays = self.retry.delays()
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                return attempt(left)
+            except grpc.RpcError as error:
+                delay = next(delays, None) if rpc.retryable(error) else None
+                if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
+                    raise from_rpc_error(error) from None
+                time.sleep(delay)
 
+    def _with_graph(self, graph: Graph, call: Callable[[executor_pb2.GraphRef], Any],
+                    timeout: float | None):
+        """`call(ref)` with the graph by id: registered on first use, and sent again if
+        the server no longer has it (evicted, or another replica answered)."""
+        message = graph.to_proto()
+        key = rpc.GraphIds.key(message)
+        for _ in range(2):
+            graph_id = self._graph_ids.get(key)
+            if graph_id is None:
+                graph_id = self._register(message, timeout)
+                self._graph_ids.remember(key, graph_id)
+            try:
+                return call(executor_pb2.GraphRef(graph_id=graph_id))
+            except NotFoundError:
+                self._graph_ids.forget(key)
+        return call(executor_pb2.GraphRef(graph=message))  # evicted twice: send it inline
+
+    def _unary(self, method: str, request, timeout: float | None):
+        return self._invoke(lambda left: getattr(self._stub, method)(request, timeout=left),
+                            timeout)
+
+    def _register(self, message, timeout: float | None) -> str:
+        request = executor_pb2.RegisterGraphRequest(graph=message)
+        return self._unary("RegisterGraph", request, timeout).graph_id
+
+    # --- calls ---------------------------------------------------------------------------
     def run(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str] = (),
             loss: str | None = None, cotangents: Mapping[str, Any] | None = None,
             fetch: Iterable[str] | None = None, policy=None, timeline: bool = False,
@@ -93,29 +141,36 @@ class Client:
         its timing; `measure_memory=True` measures the real peak allocation
         (`metrics.measured_peak_bytes`; such runs go one at a time).
         Returns `.outputs`, `.grads` (NumPy), `.metrics`, `.timeline` and `.trace`.
-        """
-        request = self._run_request(graph, inputs, wrt=wrt, loss=loss, cotangents=cotangents,
-                                    fetch=fetch, policy=policy, timeline=timeline,
-                                    measure_memory=measure_memory, trace=trace)
-        response = self._call("Run", request, timeout)
-        return RunResult(
-            outputs={k: wire.tensor_to_array(v) for k, v in response.outputs.items()},
-            grads={k: wire.tensor_to_array(v) for k, v in response.grads.items()},
-            metrics=wire.metrics_from_proto(response.metrics), warnings=tuple(response.warnings),
-            timeline=tuple(response.timeline), trace=wire.trace_from_proto(response.trace))
 
-    def _run_request(self, graph: Graph, inputs: Mapping[str, Any], *, wrt, loss, cotangents,
-                     fetch, policy, timeline: bool, measure_memory: bool, trace: bool):
-        declared = {item.name: item.dtype for item in graph.inputs}
-        request = executor_pb2.RunRequest(
-            graph=executor_pb2.GraphRef(graph=graph.to_proto()), fetch=list(fetch or ()),
-            wrt=list(wrt), loss=loss or "", policy=wire.policy_to_proto(policies.resolve(policy)),
-            timeline=timeline, measure_memory=measure_memory, trace=trace)
-        for name, value in inputs.items():
-            wire.fill_tensor(request.inputs[name], value, _dtype_for(value, declared.get(name)))
-        for name, value in (cotangents or {}).items():
-            wire.fill_tensor(request.cotangents[name], value)
-        return request
+        Big tensors (over `rpc.STREAM_THRESHOLD_BYTES` in all, or results too big for
+        one message) travel in ~1 MiB chunks over the RunStream RPC, invisibly.
+        """
+        options = dict(wrt=wrt, loss=loss, cotangents=cotangents, fetch=fetch, policy=policy,
+                       timeline=timeline, measure_memory=measure_memory, trace=trace)
+
+        def call(ref):
+            request, chunked = rpc.run_request(ref, graph, inputs, **options)
+            if chunked:
+                return self._run_stream(request, chunked, timeout)
+            try:
+                return self._invoke(
+                    lambda left: self._stub.Run.with_call(request, timeout=left)[0], timeout)
+            except ResourceExhaustedError as error:
+                if rpc.USE_STREAM_KEY not in error.metadata:
+                    raise
+            request, chunked = rpc.run_request(ref, graph, inputs, stream=True, **options)
+            return self._run_stream(request, chunked, timeout)
+
+        return self._with_graph(graph, lambda ref: _as_result(call(ref)), timeout)
+
+    def _run_stream(self, request, chunked: dict, timeout: float | None):
+        def attempt(left):
+            download = streaming.Download()
+            for message in self._run_stream_call(streaming.upload(request, chunked),
+                                                 timeout=left):
+                download.add(message)
+            return download.finish()
+        return self._invoke(attempt, timeout)
 
     def plan(self, graph: Graph, *, wrt: Iterable[str] = (), loss: str | None = None,
              policy=None, input_shapes: Mapping[str, Iterable[int]] | None = None,
@@ -140,14 +195,12 @@ class Client:
             >>> set(store.node_evaluations.values())
             {1}
         """
-        request = executor_pb2.PlanRequest(
-            graph=executor_pb2.GraphRef(graph=graph.to_proto()), wrt=list(wrt), loss=loss or "",
-            cotangent_outputs=list(cotangent_outputs), fetch=list(fetch or ()),
-            policy=wire.policy_to_proto(policies.resolve(policy)),
-            include_schedule=include_schedule)
-        for name, shape in (input_shapes or {}).items():
-            request.input_shapes[name].values.extend(int(d) for d in shape)
-        return wire.plan_from_proto(self._call("Plan", request, timeout))
+        def call(ref):
+            request = rpc.plan_request(
+                ref, wrt=wrt, loss=loss, policy=policy, input_shapes=input_shapes, fetch=fetch,
+                cotangent_outputs=cotangent_outputs, include_schedule=include_schedule)
+            return wire.plan_from_proto(self._unary("Plan", request, timeout))
+        return self._with_graph(graph, call, timeout)
 
     def compare(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str],
                 loss: str, policies: Iterable = compare_module.DEFAULT_POLICIES,
@@ -179,25 +232,14 @@ class Client:
             store_all 0.0
             sqrt 0.0
         """
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-        chosen = compare_module.policy_list(policies)
-        run = self._run_request(graph, inputs, wrt=list(wrt), loss=loss, cotangents=None,
-                                fetch=None, policy=None, timeline=timeline,
-                                measure_memory=measure_memory, trace=trace)
-        request = executor_pb2.CompareRequest(
-            run=run, policies=[wire.policy_to_proto(p) for p in chosen], repeats=repeats,
-            warmup=warmup)
+        request = rpc.compare_request(
+            graph, inputs, wrt=wrt, loss=loss, policies=policies, repeats=repeats,
+            warmup=warmup, measure_memory=measure_memory, timeline=timeline, trace=trace)
+        # Retried only until the first row arrives: rows already yielded are not replayed.
+        head, rest = self._invoke(
+            lambda left: _first(self._stub.Compare(request, timeout=left)), timeout)
         try:
-            stream = self._stub.Compare(request, timeout=timeout or self.timeout)
-            base = None
-            for result in stream:
-                metrics = wire.metrics_from_proto(result.metrics)
-                base = base or metrics
-                yield compare_module.row_from_metrics(
-                    result.policy, metrics, base, result.max_grad_diff,
-                    timeline=result.timeline, trace=wire.trace_from_proto(result.trace),
-                    error=result.error, error_code=result.error_code)
+            yield from rpc.comparison_rows(head, rest)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -210,25 +252,33 @@ class Client:
         `grad2/<input>` and so on when differentiating a graph that already has
         `grad/<input>`); `graph.grad_outputs` maps each input to its output name.
         """
-        request = executor_pb2.DifferentiateRequest(
-            graph=executor_pb2.GraphRef(graph=graph.to_proto()), wrt=list(wrt), loss=loss or "")
-        for name, shape in (input_shapes or {}).items():
-            request.input_shapes[name].values.extend(int(d) for d in shape)
-        response = self._call("Differentiate", request, timeout)
-        joint = Graph.from_proto(response.graph)
-        joint.grad_outputs = dict(response.grad_outputs)
-        return joint
+        def call(ref):
+            request = rpc.differentiate_request(ref, wrt=wrt, loss=loss,
+                                                input_shapes=input_shapes)
+            return rpc.joint_graph(self._unary("Differentiate", request, timeout))
+        return self._with_graph(graph, call, timeout)
 
     def register(self, graph: Graph, timeout: float | None = None) -> str:
         """Store `graph` on the server; returns its content id (sha256)."""
-        request = executor_pb2.RegisterGraphRequest(graph=graph.to_proto())
-        return self._call("RegisterGraph", request, timeout).graph_id
+        message = graph.to_proto()
+        graph_id = self._register(message, timeout)
+        self._graph_ids.remember(rpc.GraphIds.key(message), graph_id)
+        return graph_id
 
     def list_ops(self, timeout: float | None = None) -> list[OpInfo]:
-        response = self._call("ListOps", executor_pb2.ListOpsRequest(), timeout)
+        response = self._unary("ListOps", executor_pb2.ListOpsRequest(), timeout)
         return [wire.op_info_from_proto(op) for op in response.ops]
 
 
-def _dtype_for(value: Any, declared: str | None) -> str | None:
-    """Python lists and scalars take the input's declared dtype; arrays keep theirs."""
-    return None if hasattr(value, "dtype") else declared
+def _as_result(reply) -> RunResult:
+    """A Run response, or a RunStream's (header, outputs, grads), as a RunResult."""
+    if isinstance(reply, tuple):
+        header, outputs, grads = reply
+        return rpc.run_result(header, outputs, grads)
+    return rpc.run_result(reply)
+
+
+def _first(stream: Iterator):
+    """(first item or None, the rest) of a server stream."""
+    iterator = iter(stream)
+    return next(iterator, None), iterator

@@ -18,6 +18,7 @@ class RematError(Exception):
     """Base class of every error the SDK raises for a failed call."""
 
     code = "UNKNOWN"
+    metadata: dict = {}
 
 
 class InvalidArgumentError(RematError, ValueError):
@@ -76,4 +77,7 @@ def from_rpc_error(error: grpc.RpcError) -> RematError:
     details = error.details() if hasattr(error, "details") else str(error)
     exc = _BY_CODE.get(name, RematError)(details or name)
     exc.code = name
+    # The server's trailing metadata, e.g. "remat-use-stream" on a too-big Run result.
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    exc.metadata = dict(trailing or ())
     return exc

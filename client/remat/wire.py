@@ -17,14 +17,39 @@ _DTYPES = {"float32": tensor_pb2.FLOAT32, "float64": tensor_pb2.FLOAT64,
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def fill_tensor(message: tensor_pb2.Tensor, value: Any, dtype: str | None = None) -> None:
-    """Write `value` into `message` in place (no intermediate message to copy)."""
+def wire_array(value: Any, dtype: str | None = None) -> np.ndarray:
+    """`value` as a C-contiguous little-endian array of a supported dtype (no copy when
+    it already is one)."""
     array = np.asarray(value, dtype=dtype)
     if array.dtype.name not in _DTYPES:
         raise TypeError(f"dtype {array.dtype} is not supported; use one of {', '.join(_DTYPES)}")
+    # Not ascontiguousarray: it turns a 0-d array into a 1-d one.
+    return np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+
+
+def fill_tensor(message: tensor_pb2.Tensor, value: Any, dtype: str | None = None,
+                chunked: bool = False) -> np.ndarray:
+    """Write `value` into `message` in place (no intermediate message to copy); with
+    `chunked`, only dtype and shape (its data goes in TensorChunks). Returns the array
+    as it goes on the wire."""
+    array = wire_array(value, dtype)
     message.dtype = _DTYPES[array.dtype.name]
     message.shape[:] = array.shape
-    message.data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    if chunked:
+        message.chunked = True
+    else:
+        message.data = array.tobytes()
+    return array
+
+
+def empty_array(tensor: tensor_pb2.Tensor) -> np.ndarray:
+    """A writable little-endian array for a chunked tensor's data (`native` converts
+    it once complete)."""
+    return np.empty(tuple(tensor.shape), dtype=np.dtype(_NAMES[tensor.dtype]).newbyteorder("<"))
+
+
+def native(array: np.ndarray) -> np.ndarray:
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
 def array_to_tensor(value: Any, dtype: str | None = None) -> tensor_pb2.Tensor:

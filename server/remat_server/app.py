@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from remat.v1 import executor_pb2, executor_pb2_grpc
 
-from . import auth
+from . import auth, streaming
 from .admission import MemoryAdmission
 from .config import ServerConfig
 from .engine import Engine
@@ -59,6 +59,29 @@ class RematServer:
         self._server.stop(grace).wait()
 
 
+class _Handlers:
+    """Stands in for a server to collect the generated code's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = handlers
+
+
+def _add_executor(servicer: ExecutorServicer, server: grpc.Server) -> None:
+    """The generated handlers, except RunStream's, which frames chunks itself."""
+    collected = _Handlers()
+    executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, collected)
+    handlers = dict(collected.handlers)
+    handlers["RunStream"] = grpc.stream_stream_rpc_method_handler(
+        servicer.RunStream, request_deserializer=streaming.decode_request,
+        response_serializer=streaming.encode_response)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]:
     """Build (not start) a server bound to `config.address`; returns it and its port."""
     config = config or ServerConfig()
@@ -78,8 +101,9 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
     servicer = ExecutorServicer(
         Engine(config.limits, config.memory_budget_bytes), store,
         MemoryAdmission(config.memory_budget_bytes, config.max_queued_requests),
-        metrics=metrics, chunk_bytes=config.stream_chunk_bytes)
-    executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
+        metrics=metrics, chunk_bytes=config.stream_chunk_bytes,
+        max_message_bytes=config.max_message_bytes)
+    _add_executor(servicer, server)
 
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):

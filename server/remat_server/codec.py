@@ -7,6 +7,7 @@ tensors are wrapped zero-copy (np.frombuffer): a request's bytes are read, never
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import numpy as np
@@ -37,25 +38,35 @@ def _dtype_name(enum_value: int, what: str) -> str:
 
 
 # --- tensors ---------------------------------------------------------------------------
-def tensor_to_array(tensor: tensor_pb2.Tensor, limits: Limits, what: str) -> np.ndarray:
+def tensor_type(tensor: tensor_pb2.Tensor, limits: Limits, what: str) -> tuple[str, tuple, int]:
+    """(dtype name, shape, bytes) of a tensor message, checked against the limits."""
     dtype = _dtype_name(tensor.dtype, what)
     shape = tuple(tensor.shape)
     check_shape(shape, limits, what)
-    expected = dtypes.itemsize(dtype)
-    for dim in shape:
-        expected *= dim
+    return dtype, shape, dtypes.itemsize(dtype) * math.prod(shape)
+
+
+def tensor_to_array(tensor: tensor_pb2.Tensor, limits: Limits, what: str) -> np.ndarray:
+    dtype, shape, expected = tensor_type(tensor, limits, what)
+    if tensor.chunked:
+        raise InvalidArgument(f"{what}: marked chunked, but chunked tensors are only "
+                              "accepted by RunStream (send the data inline in Run)")
     if len(tensor.data) != expected:
         raise InvalidArgument(f"{what}: {len(tensor.data)} bytes of data, but {dtype} with shape "
                               f"{list(shape)} needs {expected}")
     return np.frombuffer(tensor.data, dtype=dtypes.NUMPY[dtype]).reshape(shape)
 
 
-def fill_tensor(message: tensor_pb2.Tensor, array: np.ndarray) -> None:
-    """Write `array` into `message` in place (no intermediate message to copy)."""
+def fill_tensor(message: tensor_pb2.Tensor, array: np.ndarray, chunked: bool = False) -> None:
+    """Write `array` into `message` in place (no intermediate message to copy); with
+    `chunked`, only its dtype and shape (the data follows as TensorChunks)."""
     name = dtypes.of_array(array)
     message.dtype = _DTYPE_TO_ENUM[name]
     message.shape[:] = array.shape
-    message.data = np.ascontiguousarray(array, dtype=dtypes.NUMPY[name]).tobytes()
+    if chunked:
+        message.chunked = True
+    else:
+        message.data = np.ascontiguousarray(array, dtype=dtypes.NUMPY[name]).tobytes()
 
 
 def array_to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:

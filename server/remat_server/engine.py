@@ -29,7 +29,7 @@ from .checkpoint.memory import MemoryModel, memory_model
 from .checkpoint.problem import Problem
 from .checkpoint.schedule import PlannerReport, Schedule
 from .checkpoint.simulate import Simulation, simulate
-from .errors import InvalidArgument, RematError, ResourceExhausted
+from .errors import InvalidArgument, RematError, ResourceExhausted, ResponseTooLarge
 from .executor import execute
 from .ir import Graph, GraphSpec
 from .limits import Limits
@@ -184,15 +184,20 @@ class Engine:
                     time.perf_counter() - start)
 
     def run(self, request: RunRequest, should_stop: Callable[[], bool] | None = None,
-            admit: Callable[[int], ContextManager] | None = None) -> RunResult:
+            admit: Callable[[int], ContextManager] | None = None,
+            max_response_bytes: int = 0) -> RunResult:
         """Plan and execute. `admit(predicted_peak_bytes)`, when given, is entered
-        before execution (memory admission) and yields an object with `queue_seconds`."""
+        before execution (memory admission) and yields an object with `queue_seconds`.
+        With `max_response_bytes`, outputs and gradients that would total more are
+        refused (ResponseTooLarge) before anything runs."""
         start = time.perf_counter()
         graph = build_graph(request.graph, self.limits, _input_shapes(request.graph, request.inputs))
         _check_inputs(graph, request.inputs)
         planned = self._plan(graph, request.fetch, request.wrt, request.loss,
                              tuple(request.cotangents), request.policy, start, request.inputs)
         joint, graph = planned.joint, planned.joint.graph
+        if max_response_bytes:
+            _check_response_bytes(graph, planned, max_response_bytes)
         feeds = dict(request.inputs)
         feeds.update(_cotangent_feeds(joint, request.cotangents))
         admission = admit(planned.simulation.peak_bytes) if admit else nullcontext(None)
@@ -217,6 +222,16 @@ class Engine:
             + _nonfinite("gradient", grads)
         return RunResult(outputs, grads, metrics, tuple(warnings),
                          simulation.timeline if request.timeline else (), tuple(run.trace or ()))
+
+
+def _check_response_bytes(graph: Graph, planned: Plan, limit: int) -> None:
+    nodes = list(planned.fetch.values()) + [graph.outputs[out]
+                                            for out in planned.joint.grad_outputs.values()]
+    total = sum(graph[node].type.nbytes for node in nodes)
+    if total > limit:
+        raise ResponseTooLarge(
+            f"the outputs and gradients total {total:,} bytes, more than one message of "
+            f"{limit:,} can carry; use RunStream (remat.Client switches to it by itself)")
 
 
 def _input_shapes(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> dict:

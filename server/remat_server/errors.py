@@ -20,6 +20,10 @@ class ResourceExhausted(RematError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class ResponseTooLarge(ResourceExhausted):
+    """The results would not fit in one message; the client should use RunStream."""
+
+
 class NotFound(RematError):
     code = "NOT_FOUND"
 

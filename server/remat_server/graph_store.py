@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Callable
 
 from .errors import NotFound
 from .ir import GraphSpec
@@ -14,6 +15,16 @@ class GraphStore:
         self._entries: OrderedDict[str, tuple[GraphSpec, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[int, int], None]] = []
+
+    def on_change(self, listener: Callable[[int, int], None]) -> None:
+        """Call `listener(entries, nbytes)` now and after every change in size.
+
+        Listeners run under the store's lock, so they see changes in order; keep them
+        cheap (a gauge set) and never call back into the store."""
+        with self._lock:
+            self._listeners.append(listener)
+            listener(len(self._entries), self._bytes)
 
     def put(self, graph_id: str, spec: GraphSpec, size: int) -> None:
         with self._lock:
@@ -25,6 +36,8 @@ class GraphStore:
             while self._bytes > self.max_bytes and len(self._entries) > 1:
                 _, (_, evicted) = self._entries.popitem(last=False)
                 self._bytes -= evicted
+            for listener in self._listeners:
+                listener(len(self._entries), self._bytes)
 
     def get(self, graph_id: str) -> GraphSpec:
         with self._lock:

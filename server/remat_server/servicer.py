@@ -13,17 +13,23 @@ import grpc
 
 from remat.v1 import executor_pb2, executor_pb2_grpc
 
-from . import allocator, codec
+from . import allocator, codec, streaming
 from .build import validate_spec
 from .admission import MemoryAdmission
 from .checkpoint.policies import StoreAll, label
 from .engine import Engine, RunRequest, max_abs_diff
-from .errors import Cancelled, DeadlineExceeded, InvalidArgument, RematError
+from .errors import (Cancelled, DeadlineExceeded, InvalidArgument, RematError,
+                     ResponseTooLarge)
 from .graph_store import GraphStore
 from .ir import GraphSpec
 from .ops import REGISTRY
 
 log = logging.getLogger(__name__)
+
+# Trailing metadata on a Run whose results would not fit in one message.
+USE_STREAM_KEY = "remat-use-stream"
+# Room in a message for everything but the tensors (metrics, trace, framing).
+_RESPONSE_HEADROOM = 1 << 20
 
 
 @contextlib.contextmanager
@@ -32,6 +38,8 @@ def _errors_to_status(context, method_name: str):
     try:
         yield
     except RematError as exc:
+        if isinstance(exc, ResponseTooLarge):  # tells the SDK to resend with RunStream
+            context.set_trailing_metadata(((USE_STREAM_KEY, "1"),))
         context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
     except RecursionError:  # defensive: every algorithm is iterative
         log.exception("recursion in %s", method_name)
@@ -61,12 +69,14 @@ def _status_stream(method):
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, engine: Engine, store: GraphStore, admission: MemoryAdmission | None = None,
-                 *, metrics=None, chunk_bytes: int = 1 << 20):
+                 *, metrics=None, chunk_bytes: int = 1 << 20,
+                 max_message_bytes: int = 512 << 20):
         self.engine = engine
         self.store = store
         self.admission = admission or MemoryAdmission(0, 0)
         self.metrics = metrics
         self.chunk_bytes = chunk_bytes
+        self.max_message_bytes = max_message_bytes
 
     def _graph(self, ref: executor_pb2.GraphRef) -> GraphSpec:
         kind = ref.WhichOneof("kind")
@@ -86,18 +96,22 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self.store.put(graph_id, spec, request.graph.ByteSize())
         return executor_pb2.RegisterGraphResponse(graph_id=graph_id)
 
-    def _run_request(self, request: executor_pb2.RunRequest, policy=None) -> RunRequest:
+    def _run_request(self, request: executor_pb2.RunRequest, policy=None,
+                     tensors: tuple[dict, dict] | None = None) -> RunRequest:
+        """The domain request; `tensors` (inputs, cotangents) when already decoded."""
         limits = self.engine.limits
+        inputs, cotangents = tensors or (
+            codec.tensors_to_arrays(request.inputs, limits, "input"),
+            codec.tensors_to_arrays(request.cotangents, limits, "cotangent"))
         return RunRequest(
-            graph=self._graph(request.graph),
-            inputs=codec.tensors_to_arrays(request.inputs, limits, "input"),
+            graph=self._graph(request.graph), inputs=inputs,
             fetch=tuple(request.fetch), wrt=tuple(request.wrt), loss=request.loss,
-            cotangents=codec.tensors_to_arrays(request.cotangents, limits, "cotangent"),
+            cotangents=cotangents,
             policy=policy if policy is not None else codec.policy_from_proto(request.policy),
             timeline=request.timeline, measure_memory=request.measure_memory,
             trace=request.trace)
 
-    def _execute(self, run: RunRequest, context):
+    def _execute(self, run: RunRequest, context, max_response_bytes: int = 0):
         """Run with memory admission (waiting at most until the deadline), then give
         freed memory back to the OS."""
         remaining = context.time_remaining()
@@ -106,7 +120,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             return self.admission.reserve(nbytes, timeout=remaining,
                                           cancelled=lambda: not context.is_active())
         try:
-            result = self.engine.run(run, should_stop=lambda: not context.is_active(), admit=admit)
+            result = self.engine.run(run, should_stop=lambda: not context.is_active(), admit=admit,
+                                     max_response_bytes=max_response_bytes)
         finally:
             allocator.release_free_memory()
         if self.metrics is not None:
@@ -115,15 +130,25 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
 
     @_status
     def Run(self, request, context):
-        result = self._execute(self._run_request(request), context)
-        response = executor_pb2.RunResponse(metrics=codec.metrics_to_proto(result.metrics),
-                                            warnings=result.warnings, timeline=result.timeline,
-                                            trace=codec.trace_to_proto(result.trace))
+        limit = max(self.max_message_bytes - _RESPONSE_HEADROOM, 1)
+        result = self._execute(self._run_request(request), context, max_response_bytes=limit)
+        response = _response_header(result)
         for name, array in result.outputs.items():
             codec.fill_tensor(response.outputs[name], array)
         for name, array in result.grads.items():
             codec.fill_tensor(response.grads[name], array)
         return response
+
+    @_status_stream
+    def RunStream(self, request_iterator, context):
+        """Run with tensors in chunks both ways (see `streaming`)."""
+        upload = streaming.receive(request_iterator, self.engine.limits)
+        run = self._run_request(upload.header, tensors=upload.finish())
+        del upload  # the arrays live on in `run` only, so the executor can free them
+        result = self._execute(run, context)
+        del run
+        yield from streaming.send(_response_header(result), result.outputs, result.grads,
+                                  self.chunk_bytes)
 
     @_status_stream
     def Compare(self, request, context):
@@ -180,3 +205,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         ops = [codec.op_to_proto(op) for _, op in sorted(REGISTRY.items())]
         return executor_pb2.ListOpsResponse(ops=ops)
 
+
+def _response_header(result) -> executor_pb2.RunResponse:
+    """Everything of a RunResponse but the tensors."""
+    return executor_pb2.RunResponse(metrics=codec.metrics_to_proto(result.metrics),
+                                    warnings=result.warnings, timeline=result.timeline,
+                                    trace=codec.trace_to_proto(result.trace))

@@ -64,6 +64,11 @@ class ExecutorStub:
                 request_serializer=remat_dot_v1_dot_executor__pb2.CompareRequest.SerializeToString,
                 response_deserializer=remat_dot_v1_dot_executor__pb2.CompareResult.FromString,
                 _registered_method=True)
+        self.RunStream = channel.stream_stream(
+                '/remat.v1.Executor/RunStream',
+                request_serializer=remat_dot_v1_dot_executor__pb2.RunStreamRequest.SerializeToString,
+                response_deserializer=remat_dot_v1_dot_executor__pb2.RunStreamResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -112,6 +117,15 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunStream(self, request_iterator, context):
+        """Run for tensors bigger than one message. Upload: a header (a RunRequest whose big
+        tensors are marked `chunked`), then their data as ~1 MiB TensorChunks. Download:
+        a header (a RunResponse, big tensors `chunked`), then their chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +158,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Compare,
                     request_deserializer=remat_dot_v1_dot_executor__pb2.CompareRequest.FromString,
                     response_serializer=remat_dot_v1_dot_executor__pb2.CompareResult.SerializeToString,
+            ),
+            'RunStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunStream,
+                    request_deserializer=remat_dot_v1_dot_executor__pb2.RunStreamRequest.FromString,
+                    response_serializer=remat_dot_v1_dot_executor__pb2.RunStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +327,33 @@ class Executor:
             '/remat.v1.Executor/Compare',
             remat_dot_v1_dot_executor__pb2.CompareRequest.SerializeToString,
             remat_dot_v1_dot_executor__pb2.CompareResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/remat.v1.Executor/RunStream',
+            remat_dot_v1_dot_executor__pb2.RunStreamRequest.SerializeToString,
+            remat_dot_v1_dot_executor__pb2.RunStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,15 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15remat/v1/tensor.proto\x12\x08remat.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.remat.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\t\n\x05INT32\x10\x03\x12\t\n\x05INT64\x10\x04\x12\x08\n\x04\x42OOL\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15remat/v1/tensor.proto\x12\x08remat.v1\"V\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.remat.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07\x63hunked\x18\x04 \x01(\x08\"\xa1\x01\n\x0bTensorChunk\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.remat.v1.TensorChunk.Role\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"L\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05INPUT\x10\x01\x12\r\n\tCOTANGENT\x10\x02\x12\n\n\x06OUTPUT\x10\x03\x12\x08\n\x04GRAD\x10\x04*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\t\n\x05INT32\x10\x03\x12\t\n\x05INT64\x10\x04\x12\x08\n\x04\x42OOL\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'remat.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=106
-  _globals['_DTYPE']._serialized_end=194
+  _globals['_DTYPE']._serialized_start=287
+  _globals['_DTYPE']._serialized_end=375
   _globals['_TENSOR']._serialized_start=35
-  _globals['_TENSOR']._serialized_end=104
+  _globals['_TENSOR']._serialized_end=121
+  _globals['_TENSORCHUNK']._serialized_start=124
+  _globals['_TENSORCHUNK']._serialized_end=285
+  _globals['_TENSORCHUNK_ROLE']._serialized_start=209
+  _globals['_TENSORCHUNK_ROLE']._serialized_end=285
 # @@protoc_insertion_point(module_scope)

@@ -23,11 +23,35 @@ INT64: DType
 BOOL: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "chunked")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    chunked: bool
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., chunked: _Optional[bool] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("role", "name", "data")
+    class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ROLE_UNSPECIFIED: _ClassVar[TensorChunk.Role]
+        INPUT: _ClassVar[TensorChunk.Role]
+        COTANGENT: _ClassVar[TensorChunk.Role]
+        OUTPUT: _ClassVar[TensorChunk.Role]
+        GRAD: _ClassVar[TensorChunk.Role]
+    ROLE_UNSPECIFIED: TensorChunk.Role
+    INPUT: TensorChunk.Role
+    COTANGENT: TensorChunk.Role
+    OUTPUT: TensorChunk.Role
+    GRAD: TensorChunk.Role
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    role: TensorChunk.Role
+    name: str
+    data: bytes
+    def __init__(self, role: _Optional[_Union[TensorChunk.Role, str]] = ..., name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...

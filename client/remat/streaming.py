@@ -1,0 +1,88 @@
+"""The SDK's side of RunStream: tensors bigger than one message, in ~1 MiB chunks.
+
+Upload: a header (the RunRequest, big tensors marked `chunked` with no data), then each
+big tensor's bytes as TensorChunks, sliced from the caller's array without a
+whole-tensor copy. Download: the server's header, then chunks written straight into
+arrays allocated once per tensor. Chunks are framed by `remat.chunks`.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from . import chunks, wire
+from .v1 import executor_pb2, tensor_pb2
+
+CHUNK_BYTES = 1 << 20
+INPUT, COTANGENT = tensor_pb2.TensorChunk.INPUT, tensor_pb2.TensorChunk.COTANGENT
+OUTPUT, GRAD = tensor_pb2.TensorChunk.OUTPUT, tensor_pb2.TensorChunk.GRAD
+
+
+def byte_view(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without copying."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def upload(header: executor_pb2.RunRequest, chunked: Mapping[tuple[int, str], np.ndarray],
+           chunk_bytes: int = CHUNK_BYTES) -> Iterator[executor_pb2.RunStreamRequest]:
+    """The messages of one RunStream call; `chunked` maps (role, name) to wire arrays."""
+    yield executor_pb2.RunStreamRequest(header=header)
+    for (role, name), array in chunked.items():
+        data = byte_view(array)
+        for start in range(0, len(data), chunk_bytes):
+            yield chunks.encode_chunk(role, name, data[start:start + chunk_bytes])
+
+
+def decode_response(raw: bytes):
+    """RunStream's response deserializer (chunks without a copy)."""
+    return chunks.decode(raw, executor_pb2.RunStreamResponse)
+
+
+class Download:
+    """Assembles RunStream responses: `add` each message, then `finish()` gives the
+    RunResponse header and (outputs, grads) as arrays."""
+
+    def __init__(self):
+        self.header: executor_pb2.RunResponse | None = None
+        self.arrays: dict[int, dict[str, np.ndarray]] = {OUTPUT: {}, GRAD: {}}
+        self._pending: dict[tuple[int, str], list] = {}  # -> [array, bytes view, received]
+
+    def add(self, message) -> None:
+        """`message`: a RunStreamResponse, or a `chunks.Chunk` from the fast path."""
+        if isinstance(message, chunks.Chunk):
+            chunk = message
+        elif message.WhichOneof("part") == "header":
+            self._start(message.header)
+            return
+        else:
+            chunk = message.chunk
+        entry = self._pending.get((chunk.role, chunk.name))
+        if entry is None:
+            raise ValueError(f"RunStream: unexpected chunk for '{chunk.name}'")
+        array, view, received = entry
+        end = received + len(chunk.data)
+        if end > len(view):
+            raise ValueError(f"RunStream: '{chunk.name}' got more than its {len(view)} bytes")
+        view[received:end] = chunk.data
+        entry[2] = end
+
+    def _start(self, header: executor_pb2.RunResponse) -> None:
+        self.header = header
+        for role, tensors in ((OUTPUT, header.outputs), (GRAD, header.grads)):
+            for name, tensor in tensors.items():
+                if tensor.chunked:
+                    array = wire.empty_array(tensor)
+                    self._pending[role, name] = [array, byte_view(array), 0]
+                else:
+                    self.arrays[role][name] = wire.tensor_to_array(tensor)
+
+    def finish(self) -> tuple[executor_pb2.RunResponse, dict, dict]:
+        if self.header is None:
+            raise ValueError("RunStream: the server sent no header")
+        for (role, name), (array, view, received) in self._pending.items():
+            if received != len(view):
+                raise ValueError(f"RunStream: '{name}' ended after {received} of "
+                                 f"{len(view)} bytes")
+            self.arrays[role][name] = wire.native(array)
+        return self.header, self.arrays[OUTPUT], self.arrays[GRAD]

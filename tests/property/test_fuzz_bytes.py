@@ -1,0 +1,93 @@
+"""Any bytes a client sends, to any RPC, get a clear answer.
+
+Two sources: arbitrary bytes, and valid requests with bytes flipped, cut, inserted or
+repeated (these mostly still parse, so they reach the server's own checks with broken
+lengths, varints, unknown fields, invalid UTF-8 and wrong wire types).
+"""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from remat.v1 import executor_pb2
+
+from fuzz_support import (Checkpointed, Tally, W, X, check_answer, fuzz_settings, mlp_graph,
+                          tensor)
+
+RPCS = ("Run", "Plan", "Differentiate", "RegisterGraph", "ListOps", "Compare")
+
+
+def _run_request() -> executor_pb2.RunRequest:
+    request = executor_pb2.RunRequest(graph=executor_pb2.GraphRef(graph=mlp_graph()),
+                                      wrt=["x", "w"], loss="loss",
+                                      policy=executor_pb2.Policy(every_k=executor_pb2.EveryK(k=1)))
+    request.inputs["x"].CopyFrom(tensor(X))
+    request.inputs["w"].CopyFrom(tensor(W))
+    return request
+
+
+# A valid request per RPC: the seeds the mutations start from.
+SEEDS = {
+    "Run": _run_request(),
+    "Plan": executor_pb2.PlanRequest(graph=executor_pb2.GraphRef(graph=mlp_graph()),
+                                     wrt=["x"], loss="loss", include_schedule=True,
+                                     policy=executor_pb2.Policy(name="sqrt")),
+    "Differentiate": executor_pb2.DifferentiateRequest(
+        graph=executor_pb2.GraphRef(graph=mlp_graph()), wrt=["w"], loss="loss"),
+    "RegisterGraph": executor_pb2.RegisterGraphRequest(graph=mlp_graph()),
+    "ListOps": executor_pb2.ListOpsRequest(),
+    "Compare": executor_pb2.CompareRequest(
+        run=_run_request(), policies=[executor_pb2.Policy(name="recompute_all")]),
+}
+SEED_BYTES = {rpc: message.SerializeToString() for rpc, message in SEEDS.items()}
+
+
+@st.composite
+def mutated(draw, seed: bytes) -> bytes:
+    data = bytearray(seed)
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["flip", "set", "cut", "insert", "repeat", "delete"]))
+        at = draw(st.integers(0, len(data)))
+        if kind == "flip" and at < len(data):
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set" and at < len(data):
+            data[at] = draw(st.sampled_from([0x00, 0x7F, 0x80, 0xFF, 0x0A, 0x12, 0x1A]))
+        elif kind == "cut":
+            del data[at:]
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=12))
+        elif kind == "repeat":
+            end = draw(st.integers(at, min(len(data), at + 64)))
+            data[at:at] = data[at:end]
+        elif kind == "delete":
+            del data[at:at + draw(st.integers(1, 8))]
+    return bytes(data)
+
+
+@pytest.mark.parametrize("rpc", RPCS)
+def test_arbitrary_bytes_get_a_clear_status(rpc, raw_methods, fuzz_stub):
+    call, tally, check = raw_methods[rpc], Tally(), Checkpointed(fuzz_stub)
+
+    @fuzz_settings("raw_bytes")
+    @given(data=st.one_of(st.binary(max_size=64), st.binary(max_size=2048)))
+    def fuzz(data):
+        tally.add(check_answer(call, data, stream=rpc == "Compare", what=f"{rpc} {data!r:.200}"))
+        check.tick()
+
+    fuzz()
+    print(rpc, tally.codes)
+
+
+@pytest.mark.parametrize("rpc", RPCS)
+def test_mutated_valid_requests_get_a_clear_status(rpc, raw_methods, fuzz_stub):
+    call, tally, check = raw_methods[rpc], Tally(), Checkpointed(fuzz_stub)
+
+    @fuzz_settings("mutated_bytes")
+    @given(data=mutated(SEED_BYTES[rpc]))
+    def fuzz(data):
+        tally.add(check_answer(call, data, stream=rpc == "Compare", what=f"{rpc} {data!r:.300}"))
+        check.tick()
+
+    fuzz()
+    print(rpc, tally.codes)
