@@ -9,6 +9,7 @@
     [2. 2. 2.]
 """
 from . import models, policies
+from .aio import AsyncClient
 from .client import Client
 from .compare import ComparisonRow, format_table
 from .credentials import TLS
@@ -31,7 +32,7 @@ __all__ = [
     # graphs and the client
     "Graph", "Node", "Client", "RunResult", "Metrics", "OpInfo", "policies", "models",
     "gradcheck", "numeric_gradient", "PlanResult", "ComparisonRow", "format_table",
-    "TLS",
+    "TLS", "AsyncClient",
     # errors
     "RematError", "InvalidArgumentError", "ResourceExhaustedError", "NotFoundError",
     "UnavailableError", "CancelledError", "DeadlineExceededError", "UnauthenticatedError",

@@ -91,6 +91,8 @@ def _tensor_chunk(view: memoryview) -> Chunk | None:
     while pos < len(view):
         tag, pos = _read_varint(view, pos)
         field, wire_type = tag >> 3, tag & 7
+        if field == 0:
+            return None  # invalid in protobuf: let it raise DecodeError
         if wire_type == 0:
             value, pos = _read_varint(view, pos)
             if field == 1:

@@ -24,14 +24,13 @@ from .graph import Graph
 from .results import OpInfo, PlanResult, RunResult
 from .v1 import executor_pb2, executor_pb2_grpc
 
-DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
 
 
 class Client:
     """A connection to a remat server. Use as a context manager, or call `close()`."""
 
     def __init__(self, target: str, *, timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
                  options: Iterable[tuple[str, Any]] = (), tls=None, token: str | None = None,
                  retry: rpc.Retry = rpc.Retry()):
         """`tls`: None (plain text), True (system roots) or `remat.TLS(...)`. `token`: the
@@ -161,7 +160,7 @@ class Client:
             request, chunked = rpc.run_request(ref, graph, inputs, stream=True, **options)
             return self._run_stream(request, chunked, timeout)
 
-        return self._with_graph(graph, lambda ref: _as_result(call(ref)), timeout)
+        return self._with_graph(graph, lambda ref: rpc.as_result(call(ref)), timeout)
 
     def _run_stream(self, request, chunked: dict, timeout: float | None):
         def attempt(left):
@@ -268,14 +267,6 @@ class Client:
     def list_ops(self, timeout: float | None = None) -> list[OpInfo]:
         response = self._unary("ListOps", executor_pb2.ListOpsRequest(), timeout)
         return [wire.op_info_from_proto(op) for op in response.ops]
-
-
-def _as_result(reply) -> RunResult:
-    """A Run response, or a RunStream's (header, outputs, grads), as a RunResult."""
-    if isinstance(reply, tuple):
-        header, outputs, grads = reply
-        return rpc.run_result(header, outputs, grads)
-    return rpc.run_result(reply)
 
 
 def _first(stream: Iterator):

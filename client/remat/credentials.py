@@ -143,7 +143,7 @@ def make_channel(target: str, options: Iterable[tuple[str, Any]] = (), *,
 
 def _insecure_channel(target: str, options: list, token: str | None, aio: bool):
     if aio:
-        interceptors = [_AioBearer(token)] if token else None
+        interceptors = [kind(token) for kind in _AIO_BEARERS] if token else None
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     channel = grpc.insecure_channel(target, options=options)
     return grpc.intercept_channel(channel, _Bearer(token)) if token else channel
@@ -178,9 +178,10 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
     intercept_stream_unary = intercept_stream_stream = _intercept
 
 
-class _AioBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                 grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """The same for `grpc.aio` channels (their details are a namedtuple)."""
+class _AioBearer:
+    """The same for `grpc.aio` channels (their details are a namedtuple). grpc.aio files
+    an interceptor under the first call kind it implements only (grpc/grpc#31442), so
+    each kind gets its own subclass."""
 
     def __init__(self, token: str):
         self._token = token
@@ -189,5 +190,22 @@ class _AioBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClien
         metadata = grpc.aio.Metadata(*_with_token(details, self._token))
         return await continuation(details._replace(metadata=metadata), request)
 
-    intercept_unary_unary = intercept_unary_stream = _intercept
-    intercept_stream_unary = intercept_stream_stream = _intercept
+
+class _AioBearerUnaryUnary(_AioBearer, grpc.aio.UnaryUnaryClientInterceptor):
+    intercept_unary_unary = _AioBearer._intercept
+
+
+class _AioBearerUnaryStream(_AioBearer, grpc.aio.UnaryStreamClientInterceptor):
+    intercept_unary_stream = _AioBearer._intercept
+
+
+class _AioBearerStreamUnary(_AioBearer, grpc.aio.StreamUnaryClientInterceptor):
+    intercept_stream_unary = _AioBearer._intercept
+
+
+class _AioBearerStreamStream(_AioBearer, grpc.aio.StreamStreamClientInterceptor):
+    intercept_stream_stream = _AioBearer._intercept
+
+
+_AIO_BEARERS = (_AioBearerUnaryUnary, _AioBearerUnaryStream, _AioBearerStreamUnary,
+                _AioBearerStreamStream)

@@ -24,6 +24,8 @@ from .v1 import executor_pb2
 # Tensors above this many bytes in total go through RunStream: below it one message is
 # cheaper, above it chunks keep every message small and memory flat.
 STREAM_THRESHOLD_BYTES = 2 << 20
+# The SDK's gRPC message ceiling (gRPC's own default of 4 MiB is too small for tensors).
+DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
 # Trailing metadata the server sets when a Run's results need RunStream.
 USE_STREAM_KEY = "remat-use-stream"
 
@@ -158,6 +160,14 @@ def _chain(head, rest: Iterable) -> Iterator:
     if head is not None:
         yield head
         yield from rest
+
+
+def as_result(reply) -> RunResult:
+    """A Run response, or a RunStream's (header, outputs, grads), as a RunResult."""
+    if isinstance(reply, tuple):
+        header, outputs, grads = reply
+        return run_result(header, outputs, grads)
+    return run_result(reply)
 
 
 def _dtype_for(value: Any, declared: str | None) -> str | None:

@@ -57,6 +57,7 @@ class RematServer:
         refused, in-flight ones get `grace` seconds to finish. Blocks until done."""
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self.metrics.close()
 
 
 class _Handlers:

@@ -147,6 +147,9 @@ class GraphBuilder:
         except ShapeError as exc:
             raise InvalidArgument(f"{label}: {exc}") from None
         check_shape(out.shape, self.limits, label)
+        if op.workspace is not None:  # a temporary is a tensor too: same limits
+            check_shape(op.workspace(*types, **full), self.limits,
+                        f"{label}: its temporary (the padded input)")
         node = Node(name, op_name, inputs, MappingProxyType(full), out, source)
         self.nodes[name] = node
         return node

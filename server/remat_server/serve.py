@@ -13,10 +13,15 @@ does not survive a fork once its core has started (threads, pollers), so the par
 forks before it creates any gRPC object and never creates one afterwards; it only
 reserves the port, forwards signals, serves the workers' aggregated Prometheus metrics
 (multiprocess mode, files in PROMETHEUS_MULTIPROC_DIR) and reaps. A worker that dies is
-logged and not replaced. The exit code is 0 only if every worker exited 0.
+logged and not replaced. The exit code is 0 only if every worker exited 0. Workers
+get signals only from the parent (their own process group), and drain and exit if
+the parent dies.
 
-    >>> from remat_server.serve import serve                  # doctest: +SKIP
-    >>> serve(ServerConfig(port=50051), workers=4, metrics_port=9464)
+    from remat_server import ServerConfig
+    from remat_server.serve import serve
+    sys.exit(serve(ServerConfig(host="0.0.0.0", port=50051), workers=4, metrics_port=9464))
+
+which is `remat serve --host 0.0.0.0 --workers 4 --metrics-port 9464`.
 """
 from __future__ import annotations
 
@@ -126,6 +131,7 @@ def _serve_workers(config: ServerConfig, workers: int, grace: float,
     if not os.environ.get(MULTIPROC_ENV):
         own_dir = tempfile.mkdtemp(prefix="remat-metrics-")
         os.environ[MULTIPROC_ENV] = own_dir
+    os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
     _prometheus_multiprocess_mode()
     try:
         with _reserve_port(config.host, config.port) as (port, reserved):
@@ -150,7 +156,8 @@ def _supervise(config: ServerConfig, workers: int, grace: float, metrics_port: i
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    read_end, write_end = os.pipe()
+    read_end, write_end = os.pipe()  # workers -> parent: "accepting connections"
+    life_read, life_write = os.pipe()  # held by the parent only: EOF when it dies
     sys.stdout.flush()
     sys.stderr.flush()
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -159,28 +166,30 @@ def _supervise(config: ServerConfig, workers: int, grace: float, metrics_port: i
         for _ in range(workers):
             pid = os.fork()
             if pid == 0:  # the worker: never returns
-                os.close(read_end)
+                for fd in (read_end, life_write):
+                    os.close(fd)
                 reserved.close()
-                _worker(config, grace, write_end)
+                _worker(config, grace, write_end, life_read)
             live.add(pid)
         previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     os.close(write_end)
+    os.close(life_read)
     try:
         pids = sorted(live)
         # Each worker writes one byte once it accepts connections; EOF before N bytes
         # means a worker died while starting (its error is on stderr).
         started = 0
         with os.fdopen(read_end, "rb") as pipe:
-            while started < workers and (chunk := pipe.read(1)):
+            while started < workers and pipe.read(1):
                 started += 1
         codes: dict[int, int] = {}
         if started < workers:
             log.error("remat serve: %d of %d workers failed to start; stopping",
                       workers - started, workers)
             forward(signal.SIGTERM, None)
-        else:
+        elif not stopping:
             line = (f"remat server listening on {config.host}:{config.port} "
                     f"({workers} workers, pids {', '.join(map(str, pids))})")
             if metrics_port is not None:
@@ -194,6 +203,7 @@ def _supervise(config: ServerConfig, workers: int, grace: float, metrics_port: i
         _reap(live, codes, stopping, grace)
         return 0 if started == workers and all(c == 0 for c in codes.values()) else 1
     finally:
+        os.close(life_write)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -225,9 +235,21 @@ def _reap(live: set[int], codes: dict[int, int], stopping: list[float],
                       signal.Signals(-code).name, len(live))
 
 
-def _worker(config: ServerConfig, grace: float, ready_fd: int) -> None:
+def _worker(config: ServerConfig, grace: float, ready_fd: int, lifeline_fd: int) -> None:
     code = 1
     try:
+        # Signals reach workers only through the parent, each once: Ctrl-C in a
+        # terminal (sent to the whole foreground group) would otherwise arrive twice,
+        # and a second signal means "cancel now".
+        os.setpgid(0, 0)
+
+        def orphaned() -> None:  # the parent died (SIGKILL): drain and exit too
+            while os.read(lifeline_fd, 1):
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=orphaned, name="remat-lifeline", daemon=True).start()
+
         def ready(_port: int) -> None:
             os.write(ready_fd, b".")
             os.close(ready_fd)

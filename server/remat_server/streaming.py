@@ -12,9 +12,10 @@ cut from the result arrays without a whole-tensor copy. Chunks are framed by
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from remat import chunks
 from remat.v1 import executor_pb2, tensor_pb2
@@ -93,7 +94,10 @@ def receive(messages: Iterable, limits: Limits) -> Upload:
     """Read a whole upload: the header first, then chunks until the client half-closes.
     Messages are RunStreamRequests or, on the fast path, `chunks.Chunk`s."""
     upload = None
-    for message in messages:
+    for index, message in enumerate(messages):
+        if isinstance(message, Malformed):
+            raise InvalidArgument(f"RunStream: message {index} is not a RunStreamRequest "
+                                  f"({message.reason})")
         part = "chunk" if isinstance(message, chunks.Chunk) else message.WhichOneof("part")
         if upload is None:
             if part != "header":
@@ -129,9 +133,20 @@ def send(response: executor_pb2.RunResponse, outputs: Mapping[str, np.ndarray],
             yield chunks.encode_chunk(role, name, data[start:start + chunk_bytes])
 
 
+class Malformed(NamedTuple):
+    """A request message protobuf could not parse. The deserializer hands it on rather
+    than raising, so the client gets INVALID_ARGUMENT and not gRPC's bare INTERNAL
+    "Exception deserializing request!"."""
+
+    reason: str
+
+
 def decode_request(raw: bytes):
     """RunStream's request deserializer (chunks without a copy)."""
-    return chunks.decode(raw, executor_pb2.RunStreamRequest)
+    try:
+        return chunks.decode(raw, executor_pb2.RunStreamRequest)
+    except DecodeError as error:
+        return Malformed(str(error))
 
 
 encode_response = chunks.encode  # RunStream's response serializer

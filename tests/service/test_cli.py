@@ -113,3 +113,56 @@ def test_serve_has_a_flag_for_every_limit_and_the_memory_budget():
     args = build_parser().parse_args(["serve", "--memory-budget-bytes", "123",
                                       "--optimal-time-limit", "2.5"])
     assert args.memory_budget_bytes == 123 and args.optimal_time_limit == 2.5
+
+
+def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_var(tmp_path):
+    """A ServerConfig field nobody can set from `remat serve` is a deploy-time dead end:
+    each one here changes from its default through a flag, or (secrets) through an
+    environment variable that `remat serve --help` names."""
+    from dataclasses import fields
+
+    from remat.cli import build_parser, server_config
+    from remat_server import ServerConfig
+
+    pem = {}
+    for name in ("cert", "key", "ca"):
+        pem[name] = tmp_path / f"{name}.pem"
+        pem[name].write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t0ken\n")
+    tls = ["--tls-cert-file", str(pem["cert"]), "--tls-key-file", str(pem["key"])]
+    by_flag = {
+        "host": ["--host", "0.0.0.0"], "port": ["--port", "1234"],
+        "max_message_bytes": ["--max-message-mb", "7"],
+        "stream_chunk_bytes": ["--stream-chunk-bytes", "4096"],
+        "max_workers": ["--threads", "3"], "max_concurrent_rpcs": ["--max-concurrent-rpcs", "9"],
+        "graph_cache_bytes": ["--graph-cache-bytes", "1000"],
+        "memory_budget_bytes": ["--memory-budget-bytes", "123"],
+        "max_queued_requests": ["--max-queued-requests", "5"],
+        "limits": ["--max-nodes", "17"], "reuse_port": ["--reuse-port"],
+        "tls_cert_file": tls, "tls_key_file": tls,
+        "tls_client_ca_file": [*tls, "--tls-client-ca-file", str(pem["ca"])],
+        "auth_tokens": ["--token-file", str(tokens)],
+    }
+    by_env = {
+        "tls_cert_file": {"REMAT_TLS_CERT_FILE": str(pem["cert"]),
+                          "REMAT_TLS_KEY_FILE": str(pem["key"])},
+        "tls_client_ca_file": {"REMAT_TLS_CERT_FILE": str(pem["cert"]),
+                               "REMAT_TLS_KEY_FILE": str(pem["key"]),
+                               "REMAT_TLS_CLIENT_CA_FILE": str(pem["ca"])},
+        "auth_tokens": {"REMAT_AUTH_TOKENS": "t0ken"},
+    }
+    by_env["tls_key_file"] = by_env["tls_cert_file"]
+    names = {f.name for f in fields(ServerConfig)}
+    assert names == set(by_flag) | set(by_env), sorted(names ^ (set(by_flag) | set(by_env)))
+    default = ServerConfig()
+    for name, argv in by_flag.items():
+        config = server_config(build_parser().parse_args(["serve", *argv]), environ={})
+        assert getattr(config, name) != getattr(default, name), name
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    help_text = " ".join(serve.format_help().split())
+    for name, environ in by_env.items():
+        config = server_config(build_parser().parse_args(["serve"]), environ=environ)
+        assert getattr(config, name) != getattr(default, name), name
+        for var in environ:
+            assert f"${var}" in help_text, var

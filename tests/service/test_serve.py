@@ -36,9 +36,11 @@ class Served:
     """`remat serve --port 0 ARGS` in a subprocess, up once its "listening" line is out."""
 
     def __init__(self, *args: str, env: dict | None = None, startup: float = 30):
+        # Its own session: a process group to signal like a terminal's Ctrl-C does.
         self.process = subprocess.Popen(
             [*CLI, "serve", "--port", "0", *args], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env={**os.environ, **SERVER_ENV, **(env or {})})
+            stderr=subprocess.PIPE, text=True, env={**os.environ, **SERVER_ENV, **(env or {})},
+            start_new_session=True)
         self.lines: queue.Queue = queue.Queue()
         self.errors: list[str] = []
         threading.Thread(target=self._pump, args=(self.process.stdout, self.lines.put),
@@ -222,6 +224,17 @@ def test_grace_expiry_cancels_the_run_and_still_exits_zero_promptly():
         assert time.monotonic() - signalled < 6
 
 
+GRPC_THREADS = {"grpc_global_tim", "event_engine", "lifeguard"}
+
+
+def _thread_names(pid: int) -> set[str]:
+    names = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/comm") as f:
+            names.add(f.read().strip())
+    return names
+
+
 def _listening_connections(port: int, pids: list[int]) -> dict[int, int]:
     """Established server-side TCP connections on `port`, counted per worker pid (Linux:
     /proc/net/tcp gives the sockets, /proc/PID/fd who holds them)."""
@@ -260,6 +273,11 @@ def _rpc_counts(samples, method: str) -> float:
 def test_workers_share_the_port_aggregate_metrics_and_stop_together():
     with Served("--workers", "2", "--metrics-port", "0", "--grace", "5") as served:
         assert len(served.worker_pids) == 2, served.line
+        # Fork safety: gRPC core never started in the parent (its native threads are
+        # named), only in the workers, which were forked before any gRPC object existed.
+        assert not GRPC_THREADS & _thread_names(served.process.pid)
+        for pid in served.worker_pids:
+            assert GRPC_THREADS & _thread_names(pid)
         # Separate connections (no shared subchannel pool): the kernel spreads them over
         # the workers by hash, so keep opening until both hold some (1 in 2**k to fail).
         clients, runs = [], 0
@@ -309,6 +327,43 @@ def test_a_dead_worker_is_reported_the_rest_serve_and_the_exit_code_says_so():
         assert served.wait(timeout=10) == 1
     with pytest.raises(ProcessLookupError):
         os.kill(survivor, 0)
+
+
+@pytest.mark.skipif(not LINUX_PROC, reason="needs /proc")
+def test_ctrl_c_to_the_process_group_drains_workers_once():
+    """A terminal sends SIGINT to the whole foreground group. Workers must see it once
+    (from the parent): a second signal would mean "cancel now"."""
+    graph, inputs, expected = slow_chain(500, 250)
+    with Served("--workers", "2", "--metrics-port", "0", "--grace", "20") as served:
+        baseline = served.inflight()
+        with client(served) as slow:
+            run = in_thread(lambda: slow.run(graph, inputs))
+            served.wait_until_busy(baseline)
+            os.killpg(served.process.pid, signal.SIGINT)
+            run["thread"].join(timeout=30)
+        assert "error" not in run, run.get("error")
+        np.testing.assert_allclose(run["value"].outputs["y"], expected, rtol=1e-12, atol=0)
+        assert served.wait(timeout=10) == 0, served.stderr
+
+
+def test_workers_drain_and_exit_when_the_parent_is_killed():
+    with Served("--workers", "2") as served:
+        served.process.kill()
+        served.process.wait(timeout=5)
+        deadline = time.monotonic() + 10
+        alive = list(served.worker_pids)
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if _running(pid)]
+            time.sleep(0.05)
+        assert not alive, f"workers outlived their parent: {alive}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
 
 
 # --- flags -> ServerConfig -----------------------------------------------------------------

@@ -96,6 +96,19 @@ def _window_cost(out, x, kernel, **attrs) -> int:
     return out.size * kernel[0] * kernel[1]
 
 
+def _padded(x, *rest, padding, **attrs) -> tuple[int, ...]:
+    """Workspace: the zero-padded copy of x (N, C, H, W) that `_windows` makes."""
+    n, c, h, w = x.shape
+    return (n, c, h + 2 * padding[0], w + 2 * padding[1])
+
+
+def _fold_padded(cols, output_size, kernel, padding, **attrs) -> tuple[int, ...]:
+    """Workspace: fold's padded accumulator."""
+    n, ck, _ = cols.shape
+    return (n, ck // (kernel[0] * kernel[1]), output_size[0] + 2 * padding[0],
+            output_size[1] + 2 * padding[1])
+
+
 # --- unfold, fold ----------------------------------------------------------------------
 def _unfold_infer(x, kernel, stride, padding, dilation, pad_value):
     _image(x)
@@ -108,7 +121,7 @@ register("unfold", family="conv", infer=_unfold_infer, forward=_unfold,
          vjp=lambda e, g, out, x, kernel, stride, padding, dilation, pad_value: [e.fold(
              g, output_size=x.shape[2:], kernel=kernel, stride=stride, padding=padding,
              dilation=dilation)],
-         residuals="none", cost=free,
+         residuals="none", cost=free, workspace=_padded,
          attrs={**WINDOW_ATTRS, "pad_value": Attr("float", default=0.0,
                                                   doc="Value of the padding (-inf for max)")},
          doc="im2col: (N, C, H, W) -> (N, C*kh*kw, Ho*Wo), torch.nn.functional.unfold's layout.")
@@ -132,7 +145,7 @@ def _fold_infer(cols, output_size, kernel, stride, padding, dilation):
 register("fold", family="conv", infer=_fold_infer, forward=_fold,
          vjp=lambda e, g, out, cols, output_size, kernel, stride, padding, dilation: [e.unfold(
              g, kernel=kernel, stride=stride, padding=padding, dilation=dilation)],
-         residuals="none", cost=lambda out, cols, **attrs: cols.size,
+         residuals="none", cost=lambda out, cols, **attrs: cols.size, workspace=_fold_padded,
          attrs={"output_size": _pair(rules.non_negative, NON_NEGATIVE, required=True),
                 **WINDOW_ATTRS},
          doc="col2im, unfold's adjoint: sums each column back onto its window (overlaps add).")
@@ -171,7 +184,7 @@ def _conv2d_vjp(e, g, out, x, w, stride, padding, dilation):
 
 
 register("conv2d", family="conv", inputs=2, infer=_conv2d_infer, forward=_conv2d,
-         vjp=_conv2d_vjp, residuals="inputs",
+         vjp=_conv2d_vjp, residuals="inputs", workspace=_padded,
          cost=lambda out, x, w, **attrs: 2 * out.size * math.prod(w.shape[1:]),
          attrs={"stride": STRIDE, "padding": PADDING, "dilation": DILATION},
          doc="Cross-correlation, x (N, C, H, W) with w (O, C, kh, kw); no groups, no bias "
@@ -213,7 +226,7 @@ def _max_pool2d_vjp(e, g, out, x, kernel, stride, padding, dilation):
 POOL_ATTRS = {"kernel": KERNEL, "stride": _pair(rules.all_positive, POSITIVE, default=None),
               "padding": PADDING}
 register("max_pool2d", family="conv", infer=_pool_infer, normalize=_pool_normalize,
-         forward=_max_pool2d, vjp=_max_pool2d_vjp, residuals="inputs+output",
+         forward=_max_pool2d, vjp=_max_pool2d_vjp, residuals="inputs+output", workspace=_padded,
          cost=_window_cost, attrs={**POOL_ATTRS, "dilation": DILATION},
          doc="Max over each window of x (N, C, H, W), padded with -inf; stride defaults to "
              "the kernel; padding at most half the kernel (torch's rule).")
@@ -248,6 +261,7 @@ def _avg_pool2d_vjp(e, g, out, x, kernel, stride, padding, count_include_pad):
 
 register("avg_pool2d", family="conv", infer=_pool_infer, normalize=_pool_normalize,
          forward=_avg_pool2d, vjp=_avg_pool2d_vjp, residuals="none", cost=_window_cost,
+         workspace=_padded,
          attrs={**POOL_ATTRS, "count_include_pad": Attr("bool", default=True)},
          doc="Mean over each window of x (N, C, H, W), zero-padded; stride defaults to the "
              "kernel; count_include_pad=False divides by the non-padding count (as torch).")

@@ -11,6 +11,7 @@ Signatures (attrs are passed as keyword arguments, already validated and complet
     vjp(e, g, out, *inputs, **attrs) -> list[Sym | None]        one entry per input
     cost(out: TensorType, *input_types, **attrs) -> int          FLOPs
     normalize(*input_types, **attrs) -> dict                     optional attr rewrite
+    workspace(*input_types, **attrs) -> tuple[int, ...]          optional, see below
 
 A VJP may return a gradient in the broadcast (output) shape; autodiff sums it down
 to the input's shape. `None` means "no gradient flows to this input".
@@ -19,6 +20,10 @@ to the input's shape. `None` means "no gradient flows to this input".
 "view" (shares input 0's buffer: transpose, broadcast_to, slice), "view_if_contiguous"
 (reshape: a view of a C-contiguous input, else a copy) or "external" (constant: its
 bytes belong to the request). Planners, simulator and executor account by it.
+
+`workspace` gives the shape of the largest temporary a forward allocates besides its
+result (conv's zero-padded copy of the input); the graph builder holds it to the same
+per-tensor limits as every value, so a tiny request cannot make a huge temporary.
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ class OpDef:
     normalize: Callable[..., dict] | None = None
     doc: str = ""
     memory: str = "new"
+    workspace: Callable[..., tuple[int, ...]] | None = None
 
     def differentiable(self, position: int) -> bool:
         return self.vjp is not None and position not in self.no_grad
@@ -77,7 +83,7 @@ REGISTRY: dict[str, OpDef] = {}
 def register(name: str, *, family: str, infer, forward, vjp, residuals: str, cost,
              inputs: int | tuple[int, int] = 1, attrs: dict[str, Attr] | None = None,
              no_grad: tuple[int, ...] = (), normalize=None, doc: str = "",
-             memory: str = "new") -> OpDef:
+             memory: str = "new", workspace=None) -> OpDef:
     """Add one op to the registry. `inputs` is an arity or (min, max); max -1 is variadic."""
     if name in REGISTRY:
         raise ValueError(f"op {name!r} is registered twice")
@@ -92,7 +98,7 @@ def register(name: str, *, family: str, infer, forward, vjp, residuals: str, cos
     op = OpDef(name=name, family=family, infer=infer, forward=forward, vjp=vjp,
                residuals=residuals, cost=cost, min_inputs=low, max_inputs=high,
                attrs=dict(attrs or {}), no_grad=no_grad, normalize=normalize, doc=doc,
-               memory=memory)
+               memory=memory, workspace=workspace)
     REGISTRY[name] = op
     return op
 

@@ -1,0 +1,79 @@
+"""bench/transfer.py and bench/load.py run end to end in their tiniest mode (real server
+processes, a few seconds) and return reports of the promised shape."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a bench script by name (bench/ is not a package)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module
+
+
+def test_transfer_smoke(bench, capsys):
+    transfer = bench("transfer")
+    report = transfer.main(["--sizes", "1,3", "--repeats", "1"])
+    rows = report["rows"]
+    assert [(r["size_mib"], r["path"]) for r in rows] == [
+        (1, "raw tcp"), (1, "grpc echo"), (1, "remat auto (unary)"), (1, "remat stream (forced)"),
+        (3, "raw tcp"), (3, "grpc echo"), (3, "remat auto (stream)"), (3, "remat unary (forced)")]
+    for r in rows:
+        assert r["seconds"] > 0 and r["gb_per_s"] > 0 and len(r["samples"]) == 1
+        assert r["nbytes"] == r["size_mib"] * (1 << 20)
+        assert (r["server_seconds"] is None) == (not r["path"].startswith("remat"))
+    assert all(r["ratio_to_tcp"] == 1 for r in rows if r["path"] == "raw tcp")
+    assert report["goal_met"] is None  # no size >= 64 MiB
+    out = capsys.readouterr().out
+    assert "| 3 MiB | remat auto (stream) |" in out and "goal not evaluated" in out
+
+
+def test_transfer_goal_is_judged_on_the_sdk_path_at_64_mib_and_up(bench):
+    transfer = bench("transfer")
+    rows = [dict(size_mib=16, path="remat auto (stream)", ratio_to_tcp=0.1),
+            dict(size_mib=64, path="remat auto (stream)", ratio_to_tcp=0.6),
+            dict(size_mib=64, path="remat unary (forced)", ratio_to_tcp=0.05),
+            dict(size_mib=256, path="remat auto (stream)", ratio_to_tcp=0.55)]
+    assert transfer.summary(rows)[0] is True
+    rows[-1]["ratio_to_tcp"] = 0.4
+    met, line = transfer.summary(rows)
+    assert met is False and "NOT MET" in line
+
+
+def test_load_smoke(bench, capsys):
+    load = bench("load")
+    report = load.main(["--clients", "2", "--seconds", "0.6", "--warmup", "0.3",
+                        "--settle", "0.1"])
+    summary, memory = report["summary"], report["memory"]
+    assert report["clients"] == 2 and report["unexpected"] == 0
+    assert summary["requests"] > 0 and summary["throughput"] > 0
+    assert set(summary["kinds"]) == set(load.KINDS)
+    assert sum(k["requests"] for k in summary["kinds"].values()) == summary["requests"]
+    assert sum(summary["statuses"].values()) == summary["requests"]
+    for kind in summary["kinds"].values():
+        if kind["requests"]:
+            assert 0 < kind["p50_ms"] <= kind["p99_ms"]
+    assert memory["baseline"] > 0 and memory["final"] > 0 and memory["peak"] > 0
+    assert memory["growth"] == pytest.approx(memory["final"] / memory["baseline"] - 1)
+    out = capsys.readouterr().out
+    assert "| **all** |" in out and "server RSS:" in out
+
+
+def test_load_percentile_and_summary(bench):
+    load = bench("load")
+    assert load.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert load.percentile(list(range(1, 101)), 0.99) == 99
+    phase = {"records": [("run_small", "OK", 0.01, True), ("invalid", "OK", 0.02, False),
+                         ("invalid", "INVALID_ARGUMENT", 0.03, True)],
+             "details": ["invalid: OK, expected INVALID_ARGUMENT"], "elapsed": 2.0}
+    summary = load.summarize(phase)
+    assert summary["requests"] == 3 and summary["throughput"] == 1.5
+    assert summary["unexpected"] == 1 and summary["kinds"]["invalid"]["unexpected"] == 1
+    assert summary["statuses"] == {"OK": 2, "INVALID_ARGUMENT": 1}
+    assert summary["kinds"]["plan"]["requests"] == 0 and summary["kinds"]["plan"]["p50_ms"] is None
