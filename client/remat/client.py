@@ -42,7 +42,8 @@ class Client:
         self.timeout = timeout
         self._channel = make_channel(target, [
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes), *options], tls=tls, token=token)
+            ("grpc.max_send_message_length", max_message_bytes),
+            *rpc.reconnect_options(retry), *options], tls=tls, token=token)
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self._run_stream_call = self._channel.stream_stream(  # fast chunk framing
             "/remat.v1.Executor/RunStream", request_serializer=chunks.encode,

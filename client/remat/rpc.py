@@ -58,6 +58,21 @@ class Retry:
 NO_RETRY = Retry(attempts=1)
 
 
+def reconnect_options(retry: Retry) -> list[tuple[str, int]]:
+    """Channel arguments that keep gRPC's reconnect backoff within `retry`'s schedule.
+
+    After a failed connection a channel waits 1 s (growing to 120 s) before it tries
+    again, and meanwhile every call fails at once with UNAVAILABLE: retries of a call
+    to a server that is starting or restarting would never reach it.
+
+        >>> dict(reconnect_options(Retry(initial_backoff=0.1, max_backoff=2.0)))
+        {'grpc.initial_reconnect_backoff_ms': 100, 'grpc.max_reconnect_backoff_ms': 2000}
+    """
+    initial = max(1, round(retry.initial_backoff * 1000))
+    return [("grpc.initial_reconnect_backoff_ms", initial),
+            ("grpc.max_reconnect_backoff_ms", max(initial, round(retry.max_backoff * 1000)))]
+
+
 def retryable(error: grpc.RpcError) -> bool:
     return getattr(error, "code", lambda: None)() == grpc.StatusCode.UNAVAILABLE
 
@@ -96,7 +111,8 @@ def run_request(ref: executor_pb2.GraphRef, graph: Graph, inputs: Mapping[str, A
     """The RunRequest, and the tensors to send in chunks ((role, name) -> array).
 
     `stream=None` streams when the tensors total more than STREAM_THRESHOLD_BYTES;
-    when streaming, every tensor above `chunk_bytes` is chunked."""
+    when streaming, tensors stay inline while they total at most `chunk_bytes`, and
+    the rest (every tensor above `chunk_bytes` among them) are chunked."""
     declared = {item.name: item.dtype for item in graph.inputs}
     request = executor_pb2.RunRequest(
         graph=ref, fetch=list(fetch or ()), wrt=list(wrt), loss=loss or "",
@@ -108,12 +124,16 @@ def run_request(ref: executor_pb2.GraphRef, graph: Graph, inputs: Mapping[str, A
                 for name, value in (cotangents or {}).items()]
     if stream is None:
         stream = sum(array.nbytes for *_, array in tensors) > STREAM_THRESHOLD_BYTES
-    chunked = {}
+    chunked, inline = {}, 0
     for role, field, name, array in tensors:
-        big = stream and array.nbytes > chunk_bytes
+        # Small tensors ride in the header, but only up to `chunk_bytes` in all: many
+        # medium ones inline would make the header itself too big for one message.
+        big = stream and inline + array.nbytes > chunk_bytes
         wire.fill_tensor(field[name], array, chunked=big)
         if big:
             chunked[role, name] = array
+        else:
+            inline += array.nbytes
     return request, chunked
 
 

@@ -25,6 +25,7 @@ from .admission import MemoryAdmission
 from .config import ServerConfig
 from .engine import Engine
 from .graph_store import GraphStore
+from .interceptors import Drain
 from .metrics import ServerMetrics
 from .servicer import ExecutorServicer
 
@@ -37,8 +38,9 @@ class RematServer:
     `metrics`, `health`, `store` and a graceful `shutdown`."""
 
     def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
-                 metrics: ServerMetrics, store: GraphStore):
+                 metrics: ServerMetrics, store: GraphStore, drain: Drain):
         self._server = server
+        self._drain = drain
         self.health = health_servicer
         self.metrics = metrics
         self.store = store
@@ -54,9 +56,11 @@ class RematServer:
 
     def shutdown(self, grace: float) -> None:
         """Graceful stop: health says NOT_SERVING (so balancers drain us), new RPCs are
-        refused, in-flight ones get `grace` seconds to finish. Blocks until done."""
+        refused with UNAVAILABLE (clients retry elsewhere), in-flight ones get `grace`
+        seconds to finish, then gRPC stops. Blocks until done."""
         self.health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
+        left = self._drain.drain(grace)
+        self._server.stop(left).wait()
         self.metrics.close()
 
 
@@ -87,7 +91,8 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
     """Build (not start) a server bound to `config.address`; returns it and its port."""
     config = config or ServerConfig()
     metrics = ServerMetrics()
-    interceptors = [metrics.interceptor()]
+    drain = Drain()
+    interceptors = [metrics.interceptor(), drain]
     if config.auth_tokens:
         interceptors.append(auth.TokenInterceptor(config.auth_tokens))
     server = grpc.server(
@@ -120,4 +125,4 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
         port = server.add_secure_port(config.address, credentials)
     if port == 0:
         raise OSError(f"could not bind {config.address}")
-    return RematServer(server, health_servicer, metrics, store), port
+    return RematServer(server, health_servicer, metrics, store, drain), port

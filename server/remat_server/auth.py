@@ -29,6 +29,7 @@ from typing import Iterable, Mapping
 import grpc
 
 from .config import ServerConfig
+from .interceptors import refusal
 
 log = logging.getLogger(__name__)
 
@@ -182,15 +183,6 @@ def _digest(token: bytes) -> bytes:
 
 
 def _refusal(handler, message: str):
-    """A handler that answers UNAUTHENTICATED at once, of the same response kind as
-    `handler` (None: an unknown method, refused too rather than revealing it).
-
-    It always takes the request as a stream and never reads it: a unary handler would
-    first buffer the whole request (up to max_message_bytes) from an unauthenticated
-    peer. On the wire the two kinds are the same, so any client sees the status."""
-    def abort(_requests, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    if handler is not None and not handler.response_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    return grpc.stream_stream_rpc_method_handler(abort)
+    """UNAUTHENTICATED at once, without reading the request (see `refusal`); unknown
+    methods are refused too rather than revealed."""
+    return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, message)

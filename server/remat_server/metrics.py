@@ -24,6 +24,8 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess, values
 
+from .interceptors import wrap_handler
+
 # ~0.5 ms (a health check) to 60 s (a big recompute_all run).
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -273,30 +275,7 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
             # client's invention, so it does not become a label.
             _record(self._m, "unknown", grpc.StatusCode.UNIMPLEMENTED, 0.0)
             return None
-        return _wrap(handler, self._m, self._method_label(handler_call_details.method))
+        method = self._method_label(handler_call_details.method)
+        return wrap_handler(handler, lambda context: _Call(self._m, method, context))
 
 
-def _wrap(handler: grpc.RpcMethodHandler, m: _Instruments, method: str) -> grpc.RpcMethodHandler:
-    """The same handler, its behavior run inside a `_Call`."""
-    if handler.request_streaming and handler.response_streaming:
-        behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    else:
-        behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-
-    if handler.response_streaming:
-        # A generator, so the RPC is timed until its last response (or cancellation:
-        # grpc drops the iterator and GeneratorExit ends the `with`).
-        def wrapped(request, context):
-            with _Call(m, method, context):
-                yield from behavior(request, context)
-    else:
-        def wrapped(request, context):
-            with _Call(m, method, context):
-                return behavior(request, context)
-
-    return make(wrapped, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)

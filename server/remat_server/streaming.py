@@ -116,14 +116,17 @@ def receive(messages: Iterable, limits: Limits) -> Upload:
 def send(response: executor_pb2.RunResponse, outputs: Mapping[str, np.ndarray],
          grads: Mapping[str, np.ndarray], chunk_bytes: int
          ) -> Iterator[executor_pb2.RunStreamResponse]:
-    """The header (tensors up to `chunk_bytes` inline, bigger ones `chunked`), then the
-    chunks of each big tensor."""
-    big = []
+    """The header (small tensors inline, up to `chunk_bytes` in all; the others
+    `chunked`), then the chunks of each chunked tensor. The inline total is bounded so
+    that many medium results cannot make the header too big for one message."""
+    big, inline = [], 0
     for role, arrays, field in ((OUTPUT, outputs, response.outputs), (GRAD, grads, response.grads)):
         for name, array in arrays.items():
-            chunked = array.nbytes > chunk_bytes
+            chunked = inline + array.nbytes > chunk_bytes
             codec.fill_tensor(field[name], array, chunked=chunked)
-            if chunked:
+            if not chunked:
+                inline += array.nbytes
+            else:
                 contiguous = np.ascontiguousarray(array, dtype=dtypes.NUMPY[dtypes.of_array(array)])
                 big.append((role, name, contiguous))
     yield executor_pb2.RunStreamResponse(header=response)

@@ -61,6 +61,13 @@ def raw_methods(fuzz_channel):
     return methods
 
 
+def pytest_terminal_summary(terminalreporter):
+    counts = fuzz_support.COUNTS
+    if counts["cases"]:
+        terminalreporter.write_line(f"property tests: {counts['cases']:,} generated cases, "
+                                    f"{counts['calls']:,} calls to the server")
+
+
 @pytest.fixture(scope="session")
 def _rss_start():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

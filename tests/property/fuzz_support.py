@@ -39,6 +39,7 @@ EXAMPLES = {
 CALL_TIMEOUT = 10.0   # seconds; a call that needs longer counts as a hang
 SLOW_CALL = 5.0       # no single hostile request may take this long (limits keep them small)
 CHECK_EVERY = 250     # examples between two known-good Runs
+COUNTS = {"cases": 0, "calls": 0}  # generated cases and calls made, for the summary
 
 
 def fuzz_settings(kind: str) -> settings:
@@ -78,6 +79,7 @@ class Tally:
 
 def check_answer(callable_, request, *, stream: bool = False, what: str = "") -> Outcome:
     """Send `request`, and assert the answer is OK or a clear, expected status."""
+    COUNTS["calls"] += 1
     start = time.perf_counter()
     try:
         response = callable_(request, timeout=CALL_TIMEOUT)
@@ -159,6 +161,8 @@ class Checkpointed:
         self.stub, self.count = stub, 0
 
     def tick(self) -> None:
+        """Call once per generated case."""
+        COUNTS["cases"] += 1
         self.count += 1
         if self.count % CHECK_EVERY == 0:
             assert_still_serving(self.stub)

@@ -189,6 +189,33 @@ def test_only_the_output_is_big_run_is_refused_and_the_sdk_streams(client, serve
     assert (rpc.USE_STREAM_KEY, "1") in tuple(caught.value.trailing_metadata())
 
 
+def test_many_medium_tensors_keep_every_message_small(client):
+    """Twelve inputs and twelve outputs of exactly 1 MiB each: none is bigger than a
+    chunk, but together (12 MiB) they are over the 8 MiB message limit; the headers
+    must not carry them all inline (regression: both sides did)."""
+    count, n = 12, MiB // 4
+    g = remat.Graph("medium")
+    inputs = {}
+    for i in range(count):
+        node = g.input(f"x{i}", (n,))
+        g.output(f"y{i}", node * 2)
+        inputs[f"x{i}"] = np.full(n, i, dtype=np.float32)
+    tiny = g.input("t", (1,))
+    for i in range(count):  # outputs only: broadcast from one number
+        g.output(f"b{i}", remat.broadcast_to(tiny, (n,)) * (i + 1))
+    inputs["t"] = np.ones(1, dtype=np.float32)
+    result = client.run(g, inputs)
+    for i in range(count):
+        assert np.array_equal(result.outputs[f"y{i}"], inputs[f"x{i}"] * 2)
+        assert np.array_equal(result.outputs[f"b{i}"], np.full(n, i + 1, np.float32))
+    # The headers themselves: inline tensors total at most one chunk.
+    request, chunked = rpc.run_request(executor_pb2.GraphRef(graph_id="id"), g, inputs,
+                                       stream=True)
+    assert request.ByteSize() < MiB + 4096 and len(chunked) >= count - 1
+    header, *_ = server_streaming.send(executor_pb2.RunResponse(), result.outputs, {}, MiB)
+    assert header.ByteSize() < MiB + 4096
+
+
 def test_server_chunk_size_is_honoured_even_when_it_does_not_divide_the_tensor():
     """stream_chunk_bytes = 100,003 (odd: chunks end mid-element): the server's chunks
     are all that size but the last; uploads in odd chunks (65,537) assemble too."""
@@ -249,8 +276,8 @@ def _graph():
 
 
 def _header(*, chunked=("x",), inline_data=b"", shape=None, **tensors):
-    """A RunStream header for `_graph()`: x (and whatever else is named) declared
-    chunked; c inline."""
+    """A RunStream header for `_graph()`: the inputs in `chunked` (x by default) and
+    the extra `tensors` declared chunked; the others inline."""
     g = _graph()
     request = executor_pb2.RunRequest(graph=executor_pb2.GraphRef(graph=g.to_proto()))
     x = request.inputs["x"]
@@ -259,7 +286,11 @@ def _header(*, chunked=("x",), inline_data=b"", shape=None, **tensors):
     if inline_data or not x.chunked:
         x.data = inline_data or bytes(4096)
     c = request.inputs["c"]
-    c.dtype, c.shape[:], c.data = tensor_pb2.FLOAT32, (4,), bytes(16)
+    c.dtype, c.shape[:] = tensor_pb2.FLOAT32, (4,)
+    if "c" in chunked:
+        c.chunked = True
+    else:
+        c.data = bytes(16)
     for name, (dtype, shape) in tensors.items():
         extra = request.inputs[name]
         extra.dtype, extra.shape[:], extra.chunked = dtype, shape, True
@@ -329,18 +360,25 @@ def test_hostile_stream_is_refused_and_the_server_keeps_serving(run_stream, clie
 
 
 def test_a_valid_hand_built_stream_is_accepted(run_stream):
-    """The control for the hostile cases: the same messages, well formed."""
-    x = np.arange(1024, dtype=np.float32)
-    data = memoryview(x.view(np.uint8))
-    messages = [_header(), chunks.encode_chunk(INPUT, "x", data[:1000]),
-                chunks.encode_chunk(INPUT, "x", data[1000:1000]),  # empty chunks are fine
-                chunks.encode_chunk(INPUT, "x", data[1000:])]
+    """The control for the hostile cases: the same kind of messages, well formed;
+    chunks of two tensors interleaved, uneven and empty chunks, protobuf-serialized
+    chunks mixed with fast-framed ones."""
+    x, c = np.arange(1024, dtype=np.float32), np.array([1, 2, 3, 4], dtype=np.float32)
+    xd, cd = memoryview(x.view(np.uint8)), memoryview(c.view(np.uint8))
+    messages = [_header(chunked=("x", "c")),
+                chunks.encode_chunk(INPUT, "x", xd[:1000]),
+                chunks.encode_chunk(INPUT, "c", cd[:5]),
+                chunks.encode_chunk(INPUT, "x", xd[1000:1000]),  # empty chunks are fine
+                executor_pb2.RunStreamRequest(chunk=tensor_pb2.TensorChunk(
+                    role=INPUT, name="x", data=bytes(xd[1000:3001]))),
+                chunks.encode_chunk(INPUT, "c", cd[5:]),
+                chunks.encode_chunk(INPUT, "x", xd[3001:])]
     download = streaming.Download()
     for message in run_stream(iter(messages), timeout=10):
         download.add(message)
     _, outputs, _ = download.finish()
     assert np.array_equal(outputs["y"], x * 2)
-    assert np.array_equal(outputs["z"], np.ones(4, np.float32))
+    assert np.array_equal(outputs["z"], c + 1)
 
 
 def _rss_bytes() -> int:

@@ -1,0 +1,97 @@
+"""Building blocks for server interceptors: run a handler inside a context manager,
+refuse a call cheaply, and drain in-flight calls on shutdown."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Callable, ContextManager
+
+import grpc
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler,
+                 around: Callable[[grpc.ServicerContext], ContextManager]) -> grpc.RpcMethodHandler:
+    """The same handler, its behavior run inside `around(context)`; for streaming
+    responses, around the whole iteration (grpc drops a cancelled stream's iterator,
+    and GeneratorExit ends the `with`)."""
+    if handler.request_streaming and handler.response_streaming:
+        behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    else:
+        behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+    if handler.response_streaming:
+        def wrapped(request, context):
+            with around(context):
+                yield from behavior(request, context)
+    else:
+        def wrapped(request, context):
+            with around(context):
+                return behavior(request, context)
+
+    return make(wrapped, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode,
+            message: str) -> grpc.RpcMethodHandler:
+    """A handler that answers `code` at once, of the same response kind as `handler`
+    (None: an unknown method).
+
+    It always takes the request as a stream and never reads it: a unary handler would
+    first buffer the whole request (up to max_message_bytes) from a peer we are about
+    to refuse. On the wire the two kinds are the same, so any client sees the status."""
+    def abort(_requests, context):
+        context.abort(code, message)
+
+    if handler is not None and not handler.response_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    return grpc.stream_stream_rpc_method_handler(abort)
+
+
+class Drain(grpc.ServerInterceptor):
+    """Counts running calls; once `drain` starts, refuses new ones with UNAVAILABLE
+    (which clients retry, on another replica) instead of letting them race gRPC's own
+    shutdown, which answers a call arriving at that moment with CANCELLED. Health
+    checks always pass, so probes see NOT_SERVING rather than an error."""
+
+    def __init__(self):
+        self._running = 0
+        self._changed = threading.Condition()
+        self.draining = False
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+            return handler
+        if self.draining:
+            return refusal(handler, grpc.StatusCode.UNAVAILABLE,
+                           "the server is shutting down; retry (another replica will answer)")
+        return wrap_handler(handler, self._running_call)
+
+    @contextlib.contextmanager
+    def _running_call(self, _context):
+        with self._changed:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._changed.notify_all()
+
+    def drain(self, timeout: float) -> float:
+        """Refuse new calls and wait up to `timeout` seconds for running ones to end;
+        returns the seconds left."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            self._changed.wait_for(lambda: self._running == 0,
+                                   timeout=max(deadline - time.monotonic(), 0.0))
+        return max(deadline - time.monotonic(), 0.0)
