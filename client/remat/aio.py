@@ -27,6 +27,7 @@ import grpc
 from . import compare as compare_module
 from . import chunks, rpc, streaming, wire
 from .compare import ComparisonRow
+from .credentials import make_channel
 from .errors import NotFoundError, ResourceExhaustedError, from_rpc_error
 from .graph import Graph
 from .results import OpInfo, PlanResult, RunResult
@@ -42,8 +43,6 @@ class AsyncClient:
                  options: Iterable[tuple[str, Any]] = (), tls=None, token: str | None = None,
                  retry: rpc.Retry = rpc.Retry()):
         """See `remat.Client`. Must be called with an event loop running."""
-        from .credentials import make_channel
-
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -52,9 +51,8 @@ class AsyncClient:
                                "channel belongs to the running event loop") from None
         self.target = target
         self.timeout = timeout
-        self._channel = make_channel(target, [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes), *options],
+        self._channel = make_channel(
+            target, rpc.channel_options(max_message_bytes, retry, options),
             tls=tls, token=token, aio=True)
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self._run_stream_call = self._channel.stream_stream(  # fast chunk framing

@@ -41,6 +41,7 @@ def server_config(args, environ=None):
         host=args.host, port=args.port, max_workers=args.threads,
         max_message_bytes=args.max_message_mb << 20,
         stream_chunk_bytes=args.stream_chunk_bytes,
+        max_upload_seconds=args.max_upload_seconds,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         graph_cache_bytes=args.graph_cache_bytes,
         memory_budget_bytes=args.memory_budget_bytes,
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "use RunStream")
     serve.add_argument("--stream-chunk-bytes", type=_positive, default=1 << 20,
                        help="size of each tensor chunk RunStream sends (default 1 MiB)")
+    serve.add_argument("--max-upload-seconds", type=float, default=600.0,
+                       help="a RunStream upload still unfinished after this long is "
+                       "cancelled, so a stalled client cannot hold a thread (default 600)")
     serve.add_argument("--max-concurrent-rpcs", type=int, default=256,
                        help="RPCs handled or queued at once per process; beyond it calls "
                        "fail with RESOURCE_EXHAUSTED (default 256; 0: no limit)")

@@ -19,6 +19,7 @@ import grpc
 from . import compare as compare_module
 from . import chunks, rpc, streaming, wire
 from .compare import ComparisonRow
+from .credentials import make_channel
 from .errors import NotFoundError, ResourceExhaustedError, from_rpc_error
 from .graph import Graph
 from .results import OpInfo, PlanResult, RunResult
@@ -36,14 +37,11 @@ class Client:
         """`tls`: None (plain text), True (system roots) or `remat.TLS(...)`. `token`: the
         bearer token; None reads REMAT_TOKEN or REMAT_TOKEN_FILE (see remat.credentials).
         `retry`: how calls that fail with UNAVAILABLE are retried (`rpc.NO_RETRY`: never)."""
-        from .credentials import make_channel
-
         self.target = target
         self.timeout = timeout
-        self._channel = make_channel(target, [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            *rpc.reconnect_options(retry), *options], tls=tls, token=token)
+        self._channel = make_channel(
+            target, rpc.channel_options(max_message_bytes, retry, options),
+            tls=tls, token=token)
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self._run_stream_call = self._channel.stream_stream(  # fast chunk framing
             "/remat.v1.Executor/RunStream", request_serializer=chunks.encode,

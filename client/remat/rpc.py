@@ -58,6 +58,14 @@ class Retry:
 NO_RETRY = Retry(attempts=1)
 
 
+def channel_options(max_message_bytes: int, retry: Retry, extra: Iterable = ()) -> list:
+    """The SDK's channel arguments: message ceilings, reconnects paced by `retry`, then
+    the caller's own (which win)."""
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            *reconnect_options(retry), *extra]
+
+
 def reconnect_options(retry: Retry) -> list[tuple[str, int]]:
     """Channel arguments that keep gRPC's reconnect backoff within `retry`'s schedule.
 

@@ -25,7 +25,7 @@ from .admission import MemoryAdmission
 from .config import ServerConfig
 from .engine import Engine
 from .graph_store import GraphStore
-from .interceptors import Drain
+from .interceptors import Drain, tolerant
 from .metrics import ServerMetrics
 from .servicer import ExecutorServicer
 
@@ -75,10 +75,13 @@ class _Handlers:
 
 
 def _add_executor(servicer: ExecutorServicer, server: grpc.Server) -> None:
-    """The generated handlers, except RunStream's, which frames chunks itself."""
+    """The generated handlers, tolerant of unparseable requests (INVALID_ARGUMENT, not
+    INTERNAL), except RunStream's, which frames chunks itself."""
     collected = _Handlers()
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, collected)
-    handlers = dict(collected.handlers)
+    service = executor_pb2.DESCRIPTOR.services_by_name["Executor"]
+    handlers = {name: tolerant(handler, service.methods_by_name[name].input_type.name)
+                for name, handler in collected.handlers.items()}
     handlers["RunStream"] = grpc.stream_stream_rpc_method_handler(
         servicer.RunStream, request_deserializer=streaming.decode_request,
         response_serializer=streaming.encode_response)
@@ -108,7 +111,7 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
         Engine(config.limits, config.memory_budget_bytes), store,
         MemoryAdmission(config.memory_budget_bytes, config.max_queued_requests),
         metrics=metrics, chunk_bytes=config.stream_chunk_bytes,
-        max_message_bytes=config.max_message_bytes)
+        max_message_bytes=config.max_message_bytes, max_upload_seconds=config.max_upload_seconds)
     _add_executor(servicer, server)
 
     health_servicer = health.HealthServicer()

@@ -16,6 +16,8 @@ class ServerConfig:
     max_message_bytes: int = 512 * MiB
     # Size of each chunk when tensors stream (RunStream).
     stream_chunk_bytes: int = 1 * MiB
+    # A RunStream upload taking longer is cancelled (it holds a handler thread).
+    max_upload_seconds: float = 600.0
     max_workers: int = 8
     # RPCs handled at once, queued ones included; beyond it gRPC answers
     # RESOURCE_EXHAUSTED at once (grpc.server's maximum_concurrent_rpcs).

@@ -1,11 +1,12 @@
-"""Building blocks for server interceptors: run a handler inside a context manager,
-refuse a call cheaply, and drain in-flight calls on shutdown."""
+"""Building blocks for server handlers and interceptors: run a handler inside a context
+manager, refuse a call cheaply, answer unparseable requests with INVALID_ARGUMENT, and
+drain in-flight calls on shutdown."""
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, NamedTuple
 
 import grpc
 
@@ -36,6 +37,52 @@ def wrap_handler(handler: grpc.RpcMethodHandler,
                 return behavior(request, context)
 
     return make(wrapped, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class Malformed(NamedTuple):
+    """A request message protobuf could not parse. Deserializers hand it on rather than
+    raising, so the client gets INVALID_ARGUMENT and not gRPC's bare INTERNAL
+    "Exception deserializing request!"."""
+
+    reason: str
+
+
+def tolerant_deserializer(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def deserialize(raw: bytes):
+        try:
+            return parse(raw)
+        except Exception as error:  # noqa: BLE001 - any parse failure is the client's
+            return Malformed(f"{type(error).__name__}: {error}")
+    return deserialize
+
+
+def tolerant(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """`handler` (unary request) answering INVALID_ARGUMENT when the request bytes are
+    not a `message`."""
+    if handler.request_streaming:
+        return handler
+
+    behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+    make = (grpc.unary_stream_rpc_method_handler if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler)
+
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"the request is not a valid {message} ({request.reason})")
+
+    if handler.response_streaming:
+        def guarded(request, context):
+            if isinstance(request, Malformed):
+                refuse(request, context)
+            yield from behavior(request, context)
+    else:
+        def guarded(request, context):
+            if isinstance(request, Malformed):
+                refuse(request, context)
+            return behavior(request, context)
+
+    return make(guarded, request_deserializer=tolerant_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
 
 

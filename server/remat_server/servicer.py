@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 
 import grpc
 
@@ -70,13 +71,14 @@ def _status_stream(method):
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, engine: Engine, store: GraphStore, admission: MemoryAdmission | None = None,
                  *, metrics=None, chunk_bytes: int = 1 << 20,
-                 max_message_bytes: int = 512 << 20):
+                 max_message_bytes: int = 512 << 20, max_upload_seconds: float = 600.0):
         self.engine = engine
         self.store = store
         self.admission = admission or MemoryAdmission(0, 0)
         self.metrics = metrics
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
+        self.max_upload_seconds = max_upload_seconds
 
     def _graph(self, ref: executor_pb2.GraphRef) -> GraphSpec:
         kind = ref.WhichOneof("kind")
@@ -97,14 +99,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         return executor_pb2.RegisterGraphResponse(graph_id=graph_id)
 
     def _run_request(self, request: executor_pb2.RunRequest, policy=None,
-                     tensors: tuple[dict, dict] | None = None) -> RunRequest:
-        """The domain request; `tensors` (inputs, cotangents) when already decoded."""
+                     tensors: tuple[dict, dict] | None = None,
+                     graph: GraphSpec | None = None) -> RunRequest:
+        """The domain request; `tensors` (inputs, cotangents) and `graph` when already
+        decoded."""
         limits = self.engine.limits
+        graph = graph or self._graph(request.graph)
         inputs, cotangents = tensors or (
             codec.tensors_to_arrays(request.inputs, limits, "input"),
             codec.tensors_to_arrays(request.cotangents, limits, "cotangent"))
         return RunRequest(
-            graph=self._graph(request.graph), inputs=inputs,
+            graph=graph, inputs=inputs,
             fetch=tuple(request.fetch), wrt=tuple(request.wrt), loss=request.loss,
             cotangents=cotangents,
             policy=policy if policy is not None else codec.policy_from_proto(request.policy),
@@ -122,6 +127,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         try:
             result = self.engine.run(run, should_stop=lambda: not context.is_active(), admit=admit,
                                      max_response_bytes=max_response_bytes)
+        except Cancelled:
+            left = context.time_remaining()
+            if left is not None and left <= 0:  # gRPC ends a call the same way at its deadline
+                raise DeadlineExceeded("the request's deadline passed while it ran; "
+                                       "it was stopped and its memory freed") from None
+            raise
         finally:
             allocator.release_free_memory()
         if self.metrics is not None:
@@ -142,8 +153,15 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     @_status_stream
     def RunStream(self, request_iterator, context):
         """Run with tensors in chunks both ways (see `streaming`)."""
-        upload = streaming.receive(request_iterator, self.engine.limits)
-        run = self._run_request(upload.header, tensors=upload.finish())
+        graph = []  # resolved from the header, before any tensor arrives
+        timer = threading.Timer(self.max_upload_seconds, context.cancel)
+        timer.start()  # a client that never finishes its upload must not hold a thread
+        try:
+            upload = streaming.receive(request_iterator, self.engine.limits,
+                                       on_header=lambda header: graph.append(self._graph(header.graph)))
+        finally:
+            timer.cancel()
+        run = self._run_request(upload.header, tensors=upload.finish(), graph=graph[0])
         del upload  # the arrays live on in `run` only, so the executor can free them
         result = self._execute(run, context)
         del run

@@ -12,16 +12,16 @@ cut from the result arrays without a whole-tensor copy. Chunks are framed by
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping, NamedTuple
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from remat import chunks
 from remat.v1 import executor_pb2, tensor_pb2
 
 from . import codec, dtypes
 from .errors import InvalidArgument, ResourceExhausted
+from .interceptors import Malformed, tolerant_deserializer
 from .limits import Limits
 
 INPUT, COTANGENT = tensor_pb2.TensorChunk.INPUT, tensor_pb2.TensorChunk.COTANGENT
@@ -90,9 +90,12 @@ class Upload:
         return self.arrays[INPUT], self.arrays[COTANGENT]
 
 
-def receive(messages: Iterable, limits: Limits) -> Upload:
+def receive(messages: Iterable, limits: Limits,
+            on_header: Callable[[executor_pb2.RunRequest], None] | None = None) -> Upload:
     """Read a whole upload: the header first, then chunks until the client half-closes.
-    Messages are RunStreamRequests or, on the fast path, `chunks.Chunk`s."""
+    Messages are RunStreamRequests or, on the fast path, `chunks.Chunk`s. `on_header`
+    checks the header before any tensor is allocated or received (e.g. that its graph
+    id is known, so an evicted graph costs no upload)."""
     upload = None
     for index, message in enumerate(messages):
         if isinstance(message, Malformed):
@@ -103,6 +106,8 @@ def receive(messages: Iterable, limits: Limits) -> Upload:
             if part != "header":
                 raise InvalidArgument("RunStream: the first message must be the header "
                                       "(a RunRequest), not a chunk")
+            if on_header is not None:
+                on_header(message.header)
             upload = Upload(message.header, limits)
         elif part == "chunk":
             upload.add(message if isinstance(message, chunks.Chunk) else message.chunk)
@@ -136,20 +141,12 @@ def send(response: executor_pb2.RunResponse, outputs: Mapping[str, np.ndarray],
             yield chunks.encode_chunk(role, name, data[start:start + chunk_bytes])
 
 
-class Malformed(NamedTuple):
-    """A request message protobuf could not parse. The deserializer hands it on rather
-    than raising, so the client gets INVALID_ARGUMENT and not gRPC's bare INTERNAL
-    "Exception deserializing request!"."""
-
-    reason: str
+def _decode(raw: bytes):
+    return chunks.decode(raw, executor_pb2.RunStreamRequest)
 
 
-def decode_request(raw: bytes):
-    """RunStream's request deserializer (chunks without a copy)."""
-    try:
-        return chunks.decode(raw, executor_pb2.RunStreamRequest)
-    except DecodeError as error:
-        return Malformed(str(error))
+# RunStream's request deserializer: chunks without a copy, garbage as `Malformed`.
+decode_request = tolerant_deserializer(_decode)
 
 
 encode_response = chunks.encode  # RunStream's response serializer

@@ -78,7 +78,8 @@ class Tally:
 
 
 def check_answer(callable_, request, *, stream: bool = False, what: str = "") -> Outcome:
-    """Send `request`, and assert the answer is OK or a clear, expected status."""
+    """Send `request`, and assert the answer is OK or a clear, expected status. `what`
+    names the call; the request itself is printed only when the check fails."""
     COUNTS["calls"] += 1
     start = time.perf_counter()
     try:
@@ -89,14 +90,26 @@ def check_answer(callable_, request, *, stream: bool = False, what: str = "") ->
     except grpc.RpcError as error:
         outcome = Outcome(error.code(), error.details() or "")
     outcome.seconds = time.perf_counter() - start
-    label = f"{what}: {outcome.code.name}: {outcome.details!r}"
-    assert outcome.code is not grpc.StatusCode.DEADLINE_EXCEEDED, f"hang ({label})"
-    assert outcome.code in ALLOWED, f"a server bug or crash ({label})"
-    if outcome.code is not grpc.StatusCode.OK:
-        assert outcome.details.strip(), f"no message ({label})"
-        assert "internal error" not in outcome.details, label
-    assert outcome.seconds < SLOW_CALL, f"took {outcome.seconds:.1f} s ({label})"
+    problem = _problem(outcome)
+    if problem:
+        shown = repr(request)[:2000] if isinstance(request, (bytes, list)) else str(request)
+        raise AssertionError(f"{problem}: {what} answered {outcome.code.name}: "
+                             f"{outcome.details!r}\nrequest: {shown}")
     return outcome
+
+
+def _problem(outcome: Outcome) -> str:
+    if outcome.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "a hang"
+    if outcome.code not in ALLOWED:
+        return "a server bug or crash"
+    if outcome.code is not grpc.StatusCode.OK and not outcome.details.strip():
+        return "a status without a message"
+    if "internal error" in outcome.details:
+        return "an internal error"
+    if outcome.seconds >= SLOW_CALL:
+        return f"a slow answer ({outcome.seconds:.1f} s)"
+    return ""
 
 
 # --- the known-good request --------------------------------------------------------------
@@ -390,6 +403,8 @@ class Hostile:
                                                                    + DTYPES),
                                      shape=shape if self.chance(0.7) else self.shape())
                   for k in range(self.r.randint(1, 3))]
+        if self.chance(0.3) and inputs[0].shape:
+            inputs[0].shape[0] = -1  # a batch dimension, bound by the tensor or input_shapes
         defined = [i.name for i in inputs]
         nodes = []
         for k in range(self.r.randint(1, 5)):
@@ -418,7 +433,10 @@ class Hostile:
                                        else self.pick(EDGE_INTS))
         if kind == "ints":
             small = self.chance(0.8)
-            return ints(*[self.r.randint(-3, 6) if small else self.pick(EDGE_INTS)
+            # 100 to 4097: sizes whose products (padded copies, outputs) pass the
+            # per-dimension checks but not the per-tensor element limit.
+            return ints(*[self.r.randint(-3, 6) if small else
+                          self.pick(EDGE_INTS + [100, 1000, 4097])
                           for _ in range(self.r.randint(0, 5))])
         if kind == "float":
             return graph_pb2.AttrValue(f=self.float_() if self.chance(0.5)
@@ -460,8 +478,7 @@ class Hostile:
             return P.RegisterGraphRequest(graph=message)
         if rpc == "Differentiate":
             request = P.DifferentiateRequest(graph=ref, wrt=wrt, loss=loss)
-            for _ in range(self.r.randint(0, 2)):
-                request.input_shapes[known(inputs)].values.extend(self.shape())
+            self.input_shapes(message, request, known(inputs))
             return request
         fetch = [known(outputs) for _ in range(self.r.randint(0, 2))] if self.chance(0.3) else []
         policy = self.policy("unset" if self.chance(0.5) else None)
@@ -469,8 +486,7 @@ class Hostile:
             request = P.PlanRequest(graph=ref, wrt=wrt, loss=loss, policy=policy,
                                     cotangent_outputs=cotangents, fetch=fetch,
                                     include_schedule=self.chance(0.5))
-            for _ in range(self.r.randint(0, 2) if self.chance(self.level * 3) else 0):
-                request.input_shapes[known(inputs)].values.extend(self.shape())
+            self.input_shapes(message, request, known(inputs))
             return request
         request = P.RunRequest(graph=ref, wrt=wrt, loss=loss, policy=policy, fetch=fetch,
                                timeline=self.chance(0.5), trace=self.chance(0.5))
@@ -479,6 +495,17 @@ class Hostile:
             request.cotangents[name].CopyFrom(self.tensor(lie=1.0) if self.chance(self.level)
                                               else self.tensor(self.shape(False), lie=0.0))
         return request
+
+
+    def input_shapes(self, message: graph_pb2.Graph, request, name: str) -> None:
+        """Concrete shapes for -1 batch dimensions: the declared shape with a size for
+        the -1 (mostly), or any shape for any name."""
+        for item in message.inputs:
+            if list(item.shape[:1]) == [-1] and not self.chance(self.level):
+                request.input_shapes[item.name].values.extend(
+                    [self.r.randint(0, 4)] + list(item.shape[1:]))
+        if self.chance(self.level * 2):
+            request.input_shapes[name].values.extend(self.shape())
 
 
 def struct_double(bits: int) -> float:

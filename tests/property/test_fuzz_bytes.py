@@ -6,6 +6,7 @@ lengths, varints, unknown fields, invalid UTF-8 and wrong wire types).
 """
 from __future__ import annotations
 
+import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -72,7 +73,7 @@ def test_arbitrary_bytes_get_a_clear_status(rpc, raw_methods, fuzz_stub):
     @fuzz_settings("raw_bytes")
     @given(data=st.one_of(st.binary(max_size=64), st.binary(max_size=2048)))
     def fuzz(data):
-        tally.add(check_answer(call, data, stream=rpc == "Compare", what=f"{rpc} {data!r:.200}"))
+        tally.add(check_answer(call, data, stream=rpc == "Compare", what=rpc))
         check.tick()
 
     fuzz()
@@ -86,8 +87,22 @@ def test_mutated_valid_requests_get_a_clear_status(rpc, raw_methods, fuzz_stub):
     @fuzz_settings("mutated_bytes")
     @given(data=mutated(SEED_BYTES[rpc]))
     def fuzz(data):
-        tally.add(check_answer(call, data, stream=rpc == "Compare", what=f"{rpc} {data!r:.300}"))
+        tally.add(check_answer(call, data, stream=rpc == "Compare", what=rpc))
         check.tick()
 
     fuzz()
     print(rpc, tally.codes)
+
+
+# Found by the fuzzing above: gRPC answers INTERNAL "Exception deserializing request!"
+# when the generated deserializer raises, before any remat code runs. The fix parses
+# the bytes inside the handler (see the issue-5 fuzzing report for app.py).
+UNPARSABLE = [b"\xff", b"\x0a\x05abc", b"\x12\x03\xff\xfe\xfd", b"\x0a\x02\x0a\xff"]
+
+
+@pytest.mark.parametrize("rpc", RPCS)
+def test_bytes_that_do_not_parse_are_invalid_argument(rpc, raw_methods):
+    for data in UNPARSABLE:
+        outcome = check_answer(raw_methods[rpc], data, stream=rpc == "Compare", what=rpc)
+        if outcome.code is not grpc.StatusCode.OK:  # some of these parse for some RPCs
+            assert outcome.code is grpc.StatusCode.INVALID_ARGUMENT, outcome

@@ -172,7 +172,7 @@ def test_mutated_graphs_get_a_clear_status(fuzz_stub):
         for kind in kinds:
             mutate(h, message, kind)
         request = request_for(h, message, original, list(wrt), loss, rpc)
-        outcome = check_answer(getattr(fuzz_stub, rpc), request, what=f"{rpc} {kinds} {request}")
+        outcome = check_answer(getattr(fuzz_stub, rpc), request, what=f"{rpc} after {kinds}")
         tally.add(outcome)
         check.tick()
 

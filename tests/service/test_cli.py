@@ -138,6 +138,7 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
         "max_workers": ["--threads", "3"], "max_concurrent_rpcs": ["--max-concurrent-rpcs", "9"],
         "graph_cache_bytes": ["--graph-cache-bytes", "1000"],
         "memory_budget_bytes": ["--memory-budget-bytes", "123"],
+        "max_upload_seconds": ["--max-upload-seconds", "7.5"],
         "max_queued_requests": ["--max-queued-requests", "5"],
         "limits": ["--max-nodes", "17"], "reuse_port": ["--reuse-port"],
         "tls_cert_file": tls, "tls_key_file": tls,

@@ -30,6 +30,7 @@ LIMITS = Limits(max_nodes=10, max_edges=12, max_rank=4, max_dim=1 << 40, max_ele
 # Over 1 MiB: Run keeps 1 MiB of each message for everything but the tensors.
 MAX_MESSAGE = 2 << 20
 OVERFLOW = [2 ** 40] * 3  # 2**120 elements: overflows int64, and every dim is within max_dim
+NAN = float("nan")
 
 
 # --- servers ---------------------------------------------------------------------------
@@ -187,8 +188,9 @@ OVER = [
     Case("elements_overflow_input_def",
          lambda: register(graph([inp("huge", OVERFLOW)], [], [("o", "huge")])),
          ("'huge'", "5000 elements", "--max-elements"), rpc="RegisterGraph", fast=True),
-    Case("elements_overflow_tensor", lambda: run(graph([inp("x", [2])], [], [("o", "x")]),
-                                                 {"x": tensor_pb2.Tensor(dtype=F64, shape=OVERFLOW)}),
+    Case("elements_overflow_tensor",
+         lambda: run(graph([inp("x", [2])], [], [("o", "x")]),
+                     {"x": tensor_pb2.Tensor(dtype=F64, shape=OVERFLOW)}),
          ("'x'", "5000 elements", "--max-elements"), fast=True),
     Case("elements_overflow_plan_input_shapes",
          lambda: _with_shapes(plan(graph([inp("b", [-1] + OVERFLOW[1:])],
@@ -278,15 +280,15 @@ RANGES = [
     Case("dropout_p_negative", lambda: run(one_node(node("d", "dropout", ["x"], p=f(-0.1))),
                                            {"x": X}),
          ("'d'", "'p' = -0.1", "[0, 1)")),
-    Case("dropout_p_nan", lambda: run(one_node(node("d", "dropout", ["x"], p=f(float("nan")))),
+    Case("dropout_p_nan", lambda: run(one_node(node("d", "dropout", ["x"], p=f(NAN))),
                                       {"x": X}),
          ("'d'", "'p' = nan", "[0, 1)")),
     Case("one_hot_negative_depth", lambda: run(one_node(node("oh", "one_hot", ["i"], depth=i(-1)),
                                                         [inp("i", [2], I64)]),
                                                {"i": np.zeros(2, np.int64)}),
          ("'oh'", "'depth' = -1", "must be >= 0")),
-    Case("pow_exponent_inf", lambda: run(one_node(node("p", "pow", ["x"], exponent=f(float("inf")))),
-                                         {"x": X}),
+    Case("pow_exponent_inf",
+         lambda: run(one_node(node("p", "pow", ["x"], exponent=f(float("inf")))), {"x": X}),
          ("'p'", "'exponent'", "must be finite")),
     Case("layer_norm_eps_negative",
          lambda: run(one_node(node("ln", "layer_norm", ["x", "g", "b"], eps=f(-1.0)),
@@ -310,7 +312,7 @@ RANGES = [
          ("budget", "fraction must be in (0, 1]", "1.5")),
     Case("budget_fraction_nan",
          lambda: run(scalar_loss(), {"x": X}, wrt=["x"], loss="loss",
-                     policy=executor_pb2.Policy(budget=executor_pb2.Budget(fraction=float("nan")))),
+                     policy=executor_pb2.Policy(budget=executor_pb2.Budget(fraction=NAN))),
          ("budget", "fraction must be in (0, 1]")),
     Case("budget_bytes_negative",
          lambda: plan(scalar_loss(), wrt=["x"], loss="loss",
