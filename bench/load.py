@@ -1,6 +1,6 @@
 """Load test: K concurrent clients for T seconds against one remat server process.
 
-    python bench/load.py [--quick] [--clients 32] [--seconds 60] [--warmup 10] [--seed 0]
+    python bench/load.py [--quick] [--clients 32] [--seconds 60] [--warmup 10] [--checks 3]
 
 Each client is a thread with its own connection, in worker processes of up to 8 threads
 (so the clients are not all behind one GIL). Each loops, drawing with a seeded RNG
@@ -11,9 +11,9 @@ client deadline: DEADLINE_EXCEEDED; or `future.cancel()` on the raw stub: CANCEL
 either may also finish first). Every outcome is expected or unexpected.
 
 The server's RSS (/proc/<pid>/status VmRSS) is sampled throughout. The clients run
---warmup seconds, pause; the idle RSS then is the baseline; they run --seconds more,
-pause; the idle RSS then is the final. Growth = final / baseline - 1. See
-bench/README.md.
+--warmup seconds and pause: the idle RSS then is the baseline. They run --seconds more,
+pausing --checks times (the last at the end) for an idle reading: the last is the
+final. Growth = final / baseline - 1. See bench/README.md.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def _cancelled_call(work: Workload, stub, rng: random.Random) -> str:
                                  work.slow.graph, work.slow.inputs, wrt=work.slow.wrt,
                                  loss=work.slow.loss, stream=False)
     future = stub.Run.future(request)
-    time.sleep(rng.uniform(0.0, 0.1))
+    time.sleep(rng.uniform(0.0, 0.3))
     future.cancel()
     try:
         future.result()
@@ -160,7 +160,7 @@ def _one(kind: str, work: Workload, client, stub, rng: random.Random) -> tuple[s
             return "OK", None
         if kind == "deadline":
             m = work.slow
-            client.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss, timeout=rng.uniform(0.01, 0.15))
+            client.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss, timeout=rng.uniform(0.01, 0.4))
             return "OK", None
         if kind == "cancel":
             return _cancelled_call(work, stub, rng), None
@@ -368,18 +368,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, help="measured seconds (default 60; quick 5)")
     parser.add_argument("--warmup", type=float,
                         help="seconds of load before the RSS baseline (default 10; quick 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds every client thread's choice of requests (default 0)")
+    parser.add_argument("--checks", type=int, default=3,
+                        help="pause this many times during the measured seconds (the last at "
+                             "the end) to read the idle RSS (default 3)")
     parser.add_argument("--settle", type=float, default=1.0,
                         help="quiet seconds before each idle RSS reading (default 1)")
-    parser.add_argument("--malloc-arena-max", type=int,
-                        help="set MALLOC_ARENA_MAX in the server's environment (glibc)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="set in the server's environment, e.g. MALLOC_ARENA_MAX=2 "
+                             "(repeatable)")
     args = parser.parse_args(argv)
+    if args.checks < 1:
+        parser.error("--checks must be at least 1")
     clients = args.clients or (4 if args.quick else 32)
     seconds = args.seconds if args.seconds is not None else (5.0 if args.quick else 60.0)
     warmup = args.warmup if args.warmup is not None else (3.0 if args.quick else 10.0)
-    env = {}
-    if args.malloc_arena_max:
-        env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
+    env = dict(item.split("=", 1) for item in args.server_env)
 
     processes = math.ceil(clients / THREADS_PER_PROCESS)
     print(f"# load: {clients} clients ({processes} processes) for {seconds:g} s after a "
@@ -400,17 +405,23 @@ def main(argv: list[str] | None = None) -> dict:
             warm = summarize(workers.run(warmup))
             rss.phase = "idle"
             baseline = rss.idle(args.settle)
-            rss.phase = "measure"
-            measured = summarize(workers.run(seconds))
-            rss.phase = "idle"
-            final = rss.idle(args.settle)
+            idle, parts = [baseline], []
+            for _ in range(args.checks):  # idle readings along the way: a leak's trend
+                rss.phase = "measure"
+                parts.append(workers.run(seconds / args.checks))
+                rss.phase = "idle"
+                idle.append(rss.idle(args.settle))
+            final = idle[-1]
         finally:
             workers.close()
             rss.stop()
+    measured = summarize({"records": [r for part in parts for r in part["records"]],
+                          "details": [d for part in parts for d in part["details"]],
+                          "elapsed": sum(part["elapsed"] for part in parts)})
     loaded = rss.of("measure") or [final]
     window = max(1, len(loaded) // 10)
     memory = dict(
-        start=rss_start, baseline=baseline, final=final, peak=max(loaded),
+        start=rss_start, baseline=baseline, final=final, idle=idle, peak=max(loaded),
         growth=final / baseline - 1, peak_growth=max(loaded) / baseline - 1,
         loaded_first=int(statistics.median(loaded[:window])),
         loaded_last=int(statistics.median(loaded[-window:])))
@@ -422,12 +433,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{measured['requests']} requests in {measured['seconds']:.1f} s: "
           f"{measured['throughput']:.1f} req/s (warm-up: {warm['requests']} requests, "
           f"{warm['unexpected']} unexpected)\n")
-    print(f"server RSS: {rss_start / MiB:.1f} MiB at start; idle after the warm-up (baseline) "
-          f"{baseline / MiB:.1f} MiB; idle after the run (final) {final / MiB:.1f} MiB: "
-          f"growth {100 * memory['growth']:+.1f}%. Under load: peak {memory['peak'] / MiB:.1f} MiB "
-          f"({100 * memory['peak_growth']:+.1f}% of baseline); median of the first / last 10% "
-          f"of samples {memory['loaded_first'] / MiB:.1f} / {memory['loaded_last'] / MiB:.1f} MiB "
-          f"({100 * memory['loaded_growth']:+.1f}%)\n")
+    marks = "/".join(f"{seconds * (i + 1) / args.checks:.3g}" for i in range(args.checks))
+    print(f"server RSS, idle (no request in flight): {rss_start / MiB:.1f} MiB at start, "
+          f"{baseline / MiB:.1f} MiB after the warm-up (baseline), after {marks} s: "
+          + " / ".join(f"{value / MiB:.1f}" for value in idle[1:])
+          + f" MiB: growth {100 * memory['growth']:+.1f}%. Under load: peak "
+          f"{memory['peak'] / MiB:.1f} MiB ({100 * memory['peak_growth']:+.1f}% of baseline); "
+          f"median of the first / last 10% of samples {memory['loaded_first'] / MiB:.1f} / "
+          f"{memory['loaded_last'] / MiB:.1f} MiB ({100 * memory['loaded_growth']:+.1f}%)\n")
     for detail in (warm["details"] + measured["details"])[:10]:
         print(f"- unexpected: {detail}")
     print(f"{'PASS' if ok else 'FAIL'}: {unexpected} unexpected outcomes (goal 0); RSS growth "

@@ -23,7 +23,7 @@ from .v1 import executor_pb2
 
 # Tensors above this many bytes in total go through RunStream: below it one message is
 # cheaper, above it chunks keep every message small and memory flat.
-STREAM_THRESHOLD_BYTES = 2 << 20
+STREAM_THRESHOLD_BYTES = 1 << 20
 # The SDK's gRPC message ceiling (gRPC's own default of 4 MiB is too small for tensors).
 DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
 # Trailing metadata the server sets when a Run's results need RunStream.

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from remat.v1 import executor_pb2, executor_pb2_grpc
 
-from . import auth, streaming
+from . import allocator, auth, streaming
 from .admission import MemoryAdmission
 from .config import ServerConfig
 from .engine import Engine
@@ -93,6 +93,7 @@ def _add_executor(servicer: ExecutorServicer, server: grpc.Server) -> None:
 def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]:
     """Build (not start) a server bound to `config.address`; returns it and its port."""
     config = config or ServerConfig()
+    allocator.tune_for_serving()  # freed tensors go back to the OS, RSS stays flat
     metrics = ServerMetrics()
     drain = Drain()
     interceptors = [metrics.interceptor(), drain]

@@ -267,7 +267,10 @@ def _cotangent_feeds(joint: JointGraph, cotangents: Mapping[str, np.ndarray]) ->
 def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:
     found = []
     for name, array in arrays.items():
-        if dtypes.is_float(array.dtype.name):
+        # A sum propagates NaN and infinities in one pass without allocating (isfinite
+        # would make a bool array the size of a 1 GiB tensor); only when it is not
+        # finite (or overflowed) are the bad values counted.
+        if dtypes.is_float(array.dtype.name) and not np.isfinite(array.sum()):
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             if bad:
                 found.append(f"{kind} '{name}' has {bad} NaN or Inf values")

@@ -6,21 +6,28 @@ MiB was allocated before a limit was checked (the RSS guard below catches that).
 from __future__ import annotations
 
 import resource
+import tempfile
+from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from remat.v1 import executor_pb2_grpc
 from remat_server import Limits, ServerConfig, create_server
 
 import fuzz_support
 
+# Hypothesis keeps caches (and would keep its example database, which fuzz_settings
+# turns off) in ./.hypothesis; nothing of it belongs in the checkout.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "remat-hypothesis")
+
 LIMITS = Limits(max_nodes=64, max_edges=256, max_rank=5, max_dim=1 << 16,
                 max_elements=1 << 12, max_request_bytes=4 << 20,
                 optimal_max_nodes=40, optimal_time_limit=1.0)
 CONFIG = ServerConfig(host="127.0.0.1", port=0, max_message_bytes=4 << 20, max_workers=4,
                       graph_cache_bytes=64 << 10, limits=LIMITS)
-RSS_GROWTH_MIB = 256  # peak RSS the whole property run may add (KiB on Linux)
+RSS_GROWTH_MIB = 256  # peak RSS the whole property run may add
 
 METHODS = ("Run", "Plan", "Differentiate", "RegisterGraph", "ListOps")
 

@@ -24,14 +24,15 @@ from remat_server.ops import REGISTRY
 
 # --- settings: the only place they are set -------------------------------------------------
 # Example counts per test (parametrized tests multiply them); together they make the
-# >= 10,000 cases a plain `python -m pytest tests/property` runs (see test_case_budget).
+# >= 10,000 cases a plain `python -m pytest tests/property` runs (test_fuzz_budget.py
+# checks the sum; the terminal summary prints how many ran).
 EXAMPLES = {
     "raw_bytes": 420,          # x 6 RPCs
     "mutated_bytes": 420,      # x 6 RPCs
-    "hostile_graphs": 1500,    # x 2 (Run, Plan / Differentiate / RegisterGraph mixed)
-    "op_templates": 2000,
+    "hostile_graphs": 2000,    # x 2 (Run; Plan, Differentiate, RegisterGraph, Compare)
+    "op_templates": 3000,
     "policies": 500,
-    "graph_mutations": 1400,
+    "graph_mutations": 2400,
     "graph_refs": 300,
     "raw_streams": 500,
     "hostile_streams": 500,

@@ -49,7 +49,7 @@ def test_transfer_goal_is_judged_on_the_sdk_path_at_64_mib_and_up(bench):
 def test_load_smoke(bench, capsys):
     load = bench("load")
     report = load.main(["--clients", "2", "--seconds", "0.6", "--warmup", "0.3",
-                        "--settle", "0.1"])
+                        "--settle", "0.1", "--checks", "2"])
     summary, memory = report["summary"], report["memory"]
     assert report["clients"] == 2 and report["unexpected"] == 0
     assert summary["requests"] > 0 and summary["throughput"] > 0
@@ -61,8 +61,10 @@ def test_load_smoke(bench, capsys):
             assert 0 < kind["p50_ms"] <= kind["p99_ms"]
     assert memory["baseline"] > 0 and memory["final"] > 0 and memory["peak"] > 0
     assert memory["growth"] == pytest.approx(memory["final"] / memory["baseline"] - 1)
+    assert len(memory["idle"]) == 3 and memory["idle"][0] == memory["baseline"]
+    assert memory["idle"][-1] == memory["final"]
     out = capsys.readouterr().out
-    assert "| **all** |" in out and "server RSS:" in out
+    assert "| **all** |" in out and "server RSS, idle" in out
 
 
 def test_load_percentile_and_summary(bench):

@@ -191,8 +191,25 @@ class ChainEmitter:
                 self.backward(i)
             elif action == "release":
                 self.free(self.state[i])
-        # Values only the graph outputs need (none in a pure chain) are computed last.
-        for name in self.problem.forward_order:
-            if name in self.problem.results:
-                self.compute(name)
+        self._compute_results()
         return Schedule(tuple(self.steps), self.problem.results, policy, report)
+
+    def _compute_results(self) -> None:
+        """Forward results not live by now (values only the graph outputs need, none in
+        a pure chain) are computed last, recomputing whatever forward values they read
+        that the reversal has dropped; those go again after their last use here."""
+        results = self.problem.results
+        needed, stack = set(), [n for n in self.problem.forward_order
+                                if n in results and n not in self.live]
+        while stack:
+            name = stack.pop()
+            if name not in needed and name not in self.live:
+                needed.add(name)
+                stack.extend(self.graph[name].inputs)
+        order = [n for n in self.problem.forward_order if n in needed]
+        last_use = {source: name for name in order for source in self.graph[name].inputs}
+        for name in order:
+            self.compute(name)
+            for source in self.graph[name].inputs:
+                if source in needed and last_use[source] == name and source not in results:
+                    self.free(source)

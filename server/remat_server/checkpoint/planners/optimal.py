@@ -56,7 +56,7 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from ...errors import ResourceExhausted
+from ...errors import InvalidArgument, ResourceExhausted
 from ..policies import Budget, Optimal, label
 from ..problem import Problem
 from ..schedule import Compute, Free, PlannerReport, Schedule, Step
@@ -70,6 +70,9 @@ DEFAULT_MAX_NODES = 300    # MILP size grows as n^2 variables; beyond this, Budg
 
 def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
     name = label(policy)
+    if not 0.0 <= policy.time_limit < math.inf:  # HiGHS would run with no limit at all
+        raise InvalidArgument(f"policy {name}: time_limit_seconds must be finite and >= 0 "
+                              f"(0: the server's --optimal-time-limit), got {policy.time_limit}")
     limit = budget_bytes(problem, "optimal", policy.bytes, policy.fraction)
     if store_all_peak(problem) <= limit:  # every node once: no schedule costs less
         return replace(plan_store_all(problem), policy=name, report=PlannerReport(

@@ -1,0 +1,37 @@
+"""The engine's NaN/Inf warning (a one-pass check that must still be exact) and the
+allocator tuning the server applies at start."""
+from __future__ import annotations
+
+import ctypes.util
+
+import numpy as np
+import pytest
+
+from remat_server import allocator
+from remat_server.engine import _nonfinite
+
+BIG = np.finfo(np.float32).max
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([1.0, 2.0], []),
+    ([BIG, BIG, BIG], []),  # the sum overflows to inf, yet every value is finite
+    ([np.nan, 1.0, np.inf], ["output 'y' has 2 NaN or Inf values"]),
+    ([-np.inf], ["output 'y' has 1 NaN or Inf values"]),
+    ([], []),
+])
+def test_nonfinite_counts_exactly(values, expected):
+    assert _nonfinite("output", {"y": np.array(values, np.float32)}) == expected
+
+
+def test_integer_tensors_are_not_checked():
+    assert _nonfinite("input", {"n": np.array([2**62, 2**62], np.int64)}) == []
+
+
+@pytest.mark.skipif(not ctypes.util.find_library("c"), reason="no C library")
+def test_tune_for_serving_sets_the_thresholds_where_glibc_is():
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except AttributeError:
+        pytest.skip("not glibc")
+    assert allocator.tune_for_serving() is True
