@@ -270,11 +270,16 @@ def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:
         # A sum propagates NaN and infinities in one pass without allocating (isfinite
         # would make a bool array the size of a 1 GiB tensor); only when it is not
         # finite (or overflowed) are the bad values counted.
-        if dtypes.is_float(array.dtype.name) and not np.isfinite(array.sum()):
+        if dtypes.is_float(array.dtype.name) and not _finite_sum(array):
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             if bad:
                 found.append(f"{kind} '{name}' has {bad} NaN or Inf values")
     return found
+
+
+def _finite_sum(array: np.ndarray) -> bool:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(array.sum()))
 
 
 def max_abs_diff(grads: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
