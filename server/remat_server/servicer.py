@@ -157,8 +157,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         timer = threading.Timer(self.max_upload_seconds, context.cancel)
         timer.start()  # a client that never finishes its upload must not hold a thread
         try:
-            upload = streaming.receive(request_iterator, self.engine.limits,
-                                       on_header=lambda header: graph.append(self._graph(header.graph)))
+            upload = streaming.receive(
+                _uploaded(request_iterator, context), self.engine.limits,
+                on_header=lambda header: graph.append(self._graph(header.graph)))
         finally:
             timer.cancel()
         run = self._run_request(upload.header, tensors=upload.finish(), graph=graph[0])
@@ -229,3 +230,15 @@ def _response_header(result) -> executor_pb2.RunResponse:
     return executor_pb2.RunResponse(metrics=codec.metrics_to_proto(result.metrics),
                                     warnings=result.warnings, timeline=result.timeline,
                                     trace=codec.trace_to_proto(result.trace))
+
+
+def _uploaded(request_iterator, context):
+    """The client's messages; the call ending under us (cancelled, or its deadline
+    passed) is the client's doing, not a server error to log."""
+    try:
+        yield from request_iterator
+    except grpc.RpcError:
+        left = context.time_remaining()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded("the deadline passed during the upload") from None
+        raise Cancelled("the client cancelled the upload") from None
