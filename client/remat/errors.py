@@ -70,11 +70,20 @@ _BY_CODE = {cls.code: cls for cls in (
     UnimplementedError, InternalError)}
 
 
+# gRPC's own refusals, made before any remat code runs, with the setting to change.
+_GRPC_HINTS = {
+    "Concurrent RPC limit exceeded!":
+        "Concurrent RPC limit exceeded! The server is at its limit of concurrent calls "
+        "(server flag --max-concurrent-rpcs); retry later or raise it",
+}
+
+
 def from_rpc_error(error: grpc.RpcError) -> RematError:
     """The remat exception for a failed RPC, keeping the server's message."""
     code = error.code() if hasattr(error, "code") else None
     name = code.name if code is not None else "UNKNOWN"
     details = error.details() if hasattr(error, "details") else str(error)
+    details = _GRPC_HINTS.get(details, details)
     exc = _BY_CODE.get(name, RematError)(details or name)
     exc.code = name
     # The server's trailing metadata, e.g. "remat-use-stream" on a too-big Run result.

@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -112,8 +113,10 @@ class Engine:
         policy = policies.by_name(policy) if isinstance(policy, str) else policy
         if isinstance(policy, policies.Auto) and not policy.bytes:
             return policies.Auto(self.request_limit)
-        if isinstance(policy, policies.Optimal):
-            return replace(policy, time_limit=policy.time_limit or self.limits.optimal_time_limit,
+        if isinstance(policy, policies.Optimal):  # the server's limit is also the most it grants
+            limit = self.limits.optimal_time_limit
+            asked = policy.time_limit or limit  # NaN, inf and negatives are refused later
+            return replace(policy, time_limit=limit if limit < asked < math.inf else asked,
                            max_nodes=policy.max_nodes or self.limits.optimal_max_nodes)
         return policy
 

@@ -42,8 +42,10 @@ class GraphStore:
     def get(self, graph_id: str) -> GraphSpec:
         with self._lock:
             if graph_id not in self._entries:
-                raise NotFound(f"graph '{graph_id}' is not registered on this server "
-                               "(it may have been evicted); send the graph again")
+                raise NotFound(
+                    f"graph '{graph_id}' is not registered on this server (it may have been "
+                    f"evicted: the cache keeps {self.max_bytes:,} bytes of graphs, server "
+                    "flag --graph-cache-bytes); send the graph again")
             self._entries.move_to_end(graph_id)
             return self._entries[graph_id][0]
 

@@ -30,7 +30,7 @@ def forward_costs(graph: Graph, forward_nodes: frozenset[str],
     steps = []
     for i, name in enumerate(order):
         steps.append(Compute(name))
-        steps.extend(Free(s) for s in graph[name].inputs
+        steps.extend(Free(s) for s in dict.fromkeys(graph[name].inputs)  # mul(h, h): once
                      if last_use.get(s) == i and s in forward_nodes and not graph[s].is_input)
     if order and order[-1] not in last_use:
         steps.append(Free(order[-1]))

@@ -141,7 +141,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
 
     @_status
     def Run(self, request, context):
-        limit = max(self.max_message_bytes - _RESPONSE_HEADROOM, 1)
+        limit = self.max_message_bytes - min(_RESPONSE_HEADROOM, self.max_message_bytes // 4)
         result = self._execute(self._run_request(request), context, max_response_bytes=limit)
         response = _response_header(result)
         for name, array in result.outputs.items():

@@ -243,3 +243,13 @@ def test_timeout_without_a_schedule_falls_back_to_the_budget_planner():
 def _joint(spec: GraphSpec):
     planned = ENGINE.plan(spec, wrt=tuple(i.name for i in spec.inputs), loss="loss")
     return planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes
+
+
+@pytest.mark.parametrize("asked, granted", [(0.0, 5.0), (2.0, 2.0), (1e9, 5.0)])
+def test_the_server_limit_is_the_default_and_the_most_a_client_gets(asked, granted):
+    from remat_server.engine import Engine
+    from remat_server.limits import Limits
+
+    engine = Engine(Limits(optimal_time_limit=5.0))
+    assert engine.with_server_defaults(Optimal(fraction=0.5, time_limit=asked)
+                                       ).time_limit == granted

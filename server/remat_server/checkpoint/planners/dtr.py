@@ -50,6 +50,8 @@ def plan_dtr(problem: Problem, policy: DTR) -> Schedule:
     start = time.perf_counter()
     name = label(policy)
     budget = budgeting.budget_bytes(problem, "dtr", policy.bytes, policy.fraction)
+    if problem.input_bytes > budget:  # the replay only checks when something is computed
+        raise budgeting.over_budget(problem, name, budget, "the graph inputs alone exceed it")
     replay = _Replay(problem, budget, name)
     replay.run()
     report = PlannerReport(
