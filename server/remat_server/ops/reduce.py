@@ -61,12 +61,22 @@ def _max_vjp(e, g, out, x, axes, keepdims):
     return [mask * (_expand(e, g, x, axes) / count)]
 
 
+def _mean(x, axes, keepdims):
+    """np.mean, except that a mean over nothing is NaN without NumPy's "Mean of empty
+    slice" warning in the server log (the warnings module is process-global)."""
+    reduced = axes if axes is not None else range(x.ndim)
+    if any(x.shape[a] == 0 for a in reduced):
+        total = np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return total / x.dtype.type(0)
+    return np.mean(x, axis=axes, keepdims=keepdims, dtype=x.dtype)
+
+
 register("sum", family="reduce", infer=_infer(rules.NUMERIC), normalize=_normalize,
          forward=lambda x, axes, keepdims: np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype),
          vjp=_sum_vjp, residuals="none", cost=_cost, attrs=AXES_ATTRS)
 register("mean", family="reduce", infer=_infer(dtypes.FLOATS), normalize=_normalize,
-         forward=lambda x, axes, keepdims: np.mean(x, axis=axes, keepdims=keepdims, dtype=x.dtype),
-         vjp=_mean_vjp, residuals="none", cost=_cost, attrs=AXES_ATTRS)
+         forward=_mean, vjp=_mean_vjp, residuals="none", cost=_cost, attrs=AXES_ATTRS)
 register("max", family="reduce", infer=_infer(rules.NUMERIC, nonempty=True), normalize=_normalize,
          forward=lambda x, axes, keepdims: np.max(x, axis=axes, keepdims=keepdims),
          vjp=_max_vjp, residuals="inputs+output", cost=_cost, attrs=AXES_ATTRS,
