@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import grpc
 
 from . import compare as compare_module
-from . import chunks, rpc, streaming, wire
+from . import rpc, streaming, wire
 from .compare import ComparisonRow
 from .credentials import make_channel
 from .errors import NotFoundError, ResourceExhaustedError, from_rpc_error
@@ -43,9 +43,7 @@ class Client:
             target, rpc.channel_options(max_message_bytes, retry, options),
             tls=tls, token=token)
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
-        self._run_stream_call = self._channel.stream_stream(  # fast chunk framing
-            "/remat.v1.Executor/RunStream", request_serializer=chunks.encode,
-            response_deserializer=streaming.decode_response)
+        self._run_stream_call = streaming.run_stream_call(self._channel)
         self._server = None  # set by in_process()
         self.retry = retry
         self._graph_ids = rpc.GraphIds()

@@ -34,6 +34,13 @@ def upload(header: executor_pb2.RunRequest, chunked: Mapping[tuple[int, str], np
             yield chunks.encode_chunk(role, name, data[start:start + chunk_bytes])
 
 
+def run_stream_call(channel):
+    """The RunStream multi-callable on `channel` (sync or aio), with the fast chunk
+    framing instead of the generated stub's protobuf (de)serializers."""
+    return channel.stream_stream("/remat.v1.Executor/RunStream", request_serializer=chunks.encode,
+                                 response_deserializer=decode_response)
+
+
 def decode_response(raw: bytes):
     """RunStream's response deserializer (chunks without a copy)."""
     return chunks.decode(raw, executor_pb2.RunStreamResponse)
