@@ -115,17 +115,16 @@ class AsyncClient:
 
     async def _with_graph(self, graph: Graph, call: Callable[[executor_pb2.GraphRef], Awaitable],
                           timeout: float | None):
-        """`await call(ref)` with the graph by id: registered on first use, and sent again
-        if the server no longer has it (evicted, or another replica answered)."""
+        """`await call(ref)` with the graph by id, registered on first use. A server that
+        no longer has it (evicted, or another replica answered) gets it inline once, and
+        keeps it: an inline graph registers itself."""
         message = graph.to_proto()
         key = rpc.GraphIds.key(message)
-        for _ in range(2):
-            graph_id = await self._graph_id(key, message, timeout)
-            try:
-                return await call(executor_pb2.GraphRef(graph_id=graph_id))
-            except NotFoundError:
-                self._graph_ids.forget(key)
-        return await call(executor_pb2.GraphRef(graph=message))  # evicted twice: inline
+        graph_id = await self._graph_id(key, message, timeout)
+        try:
+            return await call(executor_pb2.GraphRef(graph_id=graph_id))
+        except NotFoundError:
+            return await call(executor_pb2.GraphRef(graph=message))
 
     async def _graph_id(self, key: str, message, timeout: float | None) -> str:
         graph_id = self._graph_ids.get(key)

@@ -98,20 +98,19 @@ class Client:
 
     def _with_graph(self, graph: Graph, call: Callable[[executor_pb2.GraphRef], Any],
                     timeout: float | None):
-        """`call(ref)` with the graph by id: registered on first use, and sent again if
-        the server no longer has it (evicted, or another replica answered)."""
+        """`call(ref)` with the graph by id, registered on first use. A server that no
+        longer has it (evicted, or another replica answered) gets it inline once, and
+        keeps it: an inline graph registers itself."""
         message = graph.to_proto()
         key = rpc.GraphIds.key(message)
-        for _ in range(2):
-            graph_id = self._graph_ids.get(key)
-            if graph_id is None:
-                graph_id = self._register(message, timeout)
-                self._graph_ids.remember(key, graph_id)
-            try:
-                return call(executor_pb2.GraphRef(graph_id=graph_id))
-            except NotFoundError:
-                self._graph_ids.forget(key)
-        return call(executor_pb2.GraphRef(graph=message))  # evicted twice: send it inline
+        graph_id = self._graph_ids.get(key)
+        if graph_id is None:
+            graph_id = self._register(message, timeout)
+            self._graph_ids.remember(key, graph_id)
+        try:
+            return call(executor_pb2.GraphRef(graph_id=graph_id))
+        except NotFoundError:
+            return call(executor_pb2.GraphRef(graph=message))
 
     def _unary(self, method: str, request, timeout: float | None):
         return self._invoke(lambda left: getattr(self._stub, method)(request, timeout=left),

@@ -90,7 +90,8 @@ class GraphIds:
     """Server graph ids by graph content, so a graph is sent once and then run by id.
 
     The server may evict it (LRU) or another replica may answer: on NOT_FOUND the
-    client forgets the id and sends the graph again."""
+    client sends that call's graph inline, which registers it there, and keeps the id
+    (a graph's id is the same on every server)."""
 
     def __init__(self):
         self._ids: dict[str, str] = {}
@@ -105,8 +106,6 @@ class GraphIds:
     def remember(self, key: str, graph_id: str) -> None:
         self._ids[key] = graph_id
 
-    def forget(self, key: str) -> None:
-        self._ids.pop(key, None)
 
 
 # --- Run --------------------------------------------------------------------------------------

@@ -88,14 +88,21 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             return self.store.get(ref.graph_id)
         if kind is None:
             raise InvalidArgument("graph: send a graph inline or a graph_id")
-        return codec.graph_from_proto(ref.graph, self.engine.limits)
+        return self._store(ref.graph)[1]
+
+    def _store(self, message) -> tuple[str, GraphSpec]:
+        """Parse and validate a graph, and keep it in the cache under its content id: an
+        inline graph registers itself, so a client that got NOT_FOUND from this replica
+        (evicted, or registered on another one) resends it once, not once per call."""
+        spec = codec.graph_from_proto(message, self.engine.limits)
+        validate_spec(spec, self.engine.limits)
+        graph_id = codec.content_id(message)
+        self.store.put(graph_id, spec, message.ByteSize())
+        return graph_id, spec
 
     @_status
     def RegisterGraph(self, request, context):
-        spec = codec.graph_from_proto(request.graph, self.engine.limits)
-        validate_spec(spec, self.engine.limits)
-        graph_id = codec.content_id(request.graph)
-        self.store.put(graph_id, spec, request.graph.ByteSize())
+        graph_id, _ = self._store(request.graph)
         return executor_pb2.RegisterGraphResponse(graph_id=graph_id)
 
     def _run_request(self, request: executor_pb2.RunRequest, policy=None,

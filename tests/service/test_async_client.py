@@ -237,8 +237,9 @@ def test_an_evicted_graph_is_sent_again():
     a, b, server = asyncio.run(main())
     assert a.outputs["y"].tolist() == [2, 4, 6] and b.outputs["y"].tolist() == [8, 10, 12]
     assert calls(server, "Run", "NOT_FOUND") == 1
-    assert calls(server, "RegisterGraph") == 3  # first, second, first again
+    assert calls(server, "RegisterGraph") == 2  # first, second; then first goes inline
     assert calls(server, "Run") == 2
+    assert len(server.store) == 1  # the inline graph evicted `second` in turn
 
 
 # --- errors, retries and cancellation -------------------------------------------------------

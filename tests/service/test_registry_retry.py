@@ -102,7 +102,8 @@ def test_run_registers_the_graph_once_then_runs_it_by_id():
 
 def test_an_evicted_graph_is_sent_again_transparently():
     """graph_cache_bytes=1 holds one graph: registering B evicts A; running A again
-    gets NOT_FOUND, and the SDK registers A again and runs it, by Run and RunStream."""
+    gets NOT_FOUND, and the SDK resends A inline, which caches it again (by Run and
+    RunStream), so the next run goes by id."""
     calls = Calls()
     with serving(calls, graph_cache_bytes=1) as (server, address), \
             remat.Client(address) as client:
@@ -115,14 +116,17 @@ def test_an_evicted_graph_is_sent_again_transparently():
         with pytest.raises(NotFound):
             server.store.get(a_id)
         _check(client.run(a, _inputs()), 2.0)
-        assert calls.counts["RegisterGraph"] == 4  # a, a, b, a again
-        assert calls.counts["Run"] == 4  # a, b, a (NOT_FOUND), a
+        assert calls.counts["RegisterGraph"] == 3  # a, a, b
+        assert calls.counts["Run"] == 4  # a, b, a (NOT_FOUND), a inline
+        assert server.store.get(a_id) is not None  # the inline graph registered itself
+        _check(client.run(a, _inputs()), 2.0)
+        assert calls.counts["Run"] == 5 and calls.counts["RegisterGraph"] == 3  # by id
         # The same through RunStream, and for Plan.
         big_a, big_b = _graph("a", 2.0, MiB), _graph("b", 5.0, MiB)
         _check(client.run(big_a, _inputs(MiB)), 2.0, MiB)
         _check(client.run(big_b, _inputs(MiB)), 5.0, MiB)
         _check(client.run(big_a, _inputs(MiB)), 2.0, MiB)
-        assert calls.counts["RunStream"] == 4  # big_a, big_b, big_a (NOT_FOUND), big_a
+        assert calls.counts["RunStream"] == 4  # big_a, big_b, big_a (NOT_FOUND), inline
         assert client.plan(a, wrt=["x"], loss="loss").peak_bytes > 0
         assert client.plan(b, wrt=["x"], loss="loss").peak_bytes > 0
 
@@ -144,19 +148,23 @@ def test_the_cache_evicts_the_least_recently_used_graph():
         _check(client.run(a, _inputs()), 2.0)
         _check(client.run(c, _inputs()), 4.0)
         assert calls.counts["RegisterGraph"] == registered  # both still there
-        _check(client.run(b, _inputs()), 3.0)  # sent again; evicts a
-        assert calls.counts["RegisterGraph"] == registered + 1
+        runs = calls.counts["Run"]
+        _check(client.run(b, _inputs()), 3.0)  # NOT_FOUND, then inline; evicts a
+        assert calls.counts["RegisterGraph"] == registered
+        assert calls.counts["Run"] == runs + 2
         with pytest.raises(NotFound):
             server.store.get(ids["a"])
 
 
-def test_a_graph_evicted_twice_goes_inline():
-    """NOT_FOUND for the id, again after registering anew: the third try sends the
-    graph in the request itself."""
-    calls = Calls(fail={"Run": 2}, code=grpc.StatusCode.NOT_FOUND)
+def test_not_found_sends_the_graph_inline_once():
+    """NOT_FOUND for the id (say another replica answered): the retry carries the graph
+    itself, without a RegisterGraph round trip, and the graph id stays remembered."""
+    calls = Calls(fail={"Run": 1}, code=grpc.StatusCode.NOT_FOUND)
     with serving(calls) as (_, address), remat.Client(address) as client:
         _check(client.run(_graph(), _inputs()))
-    assert calls.counts["RegisterGraph"] == 2 and calls.counts["Run"] == 3
+        assert calls.counts["RegisterGraph"] == 1 and calls.counts["Run"] == 2
+        _check(client.run(_graph(), _inputs()))
+        assert calls.counts["RegisterGraph"] == 1 and calls.counts["Run"] == 3
 
 
 def test_ids_are_content_addresses():
