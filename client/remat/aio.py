@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import grpc
 
 from . import compare as compare_module
-from . import rpc, streaming, wire
+from . import rpc, sharding, streaming, wire
 from .compare import ComparisonRow
 from .credentials import make_channel
 from .errors import NotFoundError, ResourceExhaustedError, from_rpc_error
@@ -38,7 +38,7 @@ class AsyncClient:
     """A `grpc.aio` connection to a remat server: `async with`, or `await close()`.
     Arguments and results are `remat.Client`'s."""
 
-    def __init__(self, target: str, *, timeout: float | None = None,
+    def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
                  max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
                  options: Iterable[tuple[str, Any]] = (), tls=None, token: str | None = None,
                  retry: rpc.Retry = rpc.Retry()):
@@ -154,10 +154,25 @@ class AsyncClient:
                   loss: str | None = None, cotangents: Mapping[str, Any] | None = None,
                   fetch: Iterable[str] | None = None, policy=None, timeline: bool = False,
                   measure_memory: bool = False, trace: bool = False,
-                  timeout: float | None = None) -> RunResult:
-        """`remat.Client.run`, awaitable. Big tensors go over RunStream, invisibly."""
+                  timeout: float | None = None, shards: int = 1,
+                  batch_axes: Mapping[str, int] | None = None, reduction: str | None = None,
+                  output_axes: Mapping[str, int | None] | None = None) -> RunResult:
+        """`remat.Client.run`, awaitable. Big tensors go over RunStream, invisibly;
+        `shards=N` runs the shards concurrently (see `remat.sharding`)."""
         options = dict(wrt=wrt, loss=loss, cotangents=cotangents, fetch=fetch, policy=policy,
                        timeline=timeline, measure_memory=measure_memory, trace=trace)
+        if shards != 1:
+            plan, runs = sharding.shard_runs(graph, inputs, options, shards=shards,
+                                             batch_axes=batch_axes, reduction=reduction,
+                                             output_axes=output_axes)
+            tasks = [asyncio.ensure_future(self.run(graph, shard_inputs, timeout=timeout,
+                                                    **kwargs))
+                     for shard_inputs, kwargs in runs]
+            try:
+                return sharding.combine(plan, await asyncio.gather(*tasks))
+            finally:  # one shard failed (or we were cancelled): stop the others
+                for task in tasks:
+                    task.cancel()
 
         async def call(ref):
             request, chunked = rpc.run_request(ref, graph, inputs, **options)

@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
 from . import compare as compare_module
-from . import rpc, streaming, wire
+from . import rpc, sharding, streaming, wire
 from .compare import ComparisonRow
 from .credentials import make_channel
 from .errors import NotFoundError, ResourceExhaustedError, from_rpc_error
@@ -30,11 +31,14 @@ from .v1 import executor_pb2, executor_pb2_grpc
 class Client:
     """A connection to a remat server. Use as a context manager, or call `close()`."""
 
-    def __init__(self, target: str, *, timeout: float | None = None,
+    def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
                  max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
                  options: Iterable[tuple[str, Any]] = (), tls=None, token: str | None = None,
                  retry: rpc.Retry = rpc.Retry()):
-        """`tls`: None (plain text), True (system roots) or `remat.TLS(...)`. `token`: the
+        """`target`: "host:port", a gRPC URI such as "dns:///remat-headless:50051", or
+        several addresses (a list, or comma-separated); calls are balanced round robin
+        over every address (see `remat.targets`).
+        `tls`: None (plain text), True (system roots) or `remat.TLS(...)`. `token`: the
         bearer token; None reads REMAT_TOKEN or REMAT_TOKEN_FILE (see remat.credentials).
         `retry`: how calls that fail with UNAVAILABLE are retried (`rpc.NO_RETRY`: never)."""
         self.target = target
@@ -125,7 +129,9 @@ class Client:
             loss: str | None = None, cotangents: Mapping[str, Any] | None = None,
             fetch: Iterable[str] | None = None, policy=None, timeline: bool = False,
             measure_memory: bool = False, trace: bool = False,
-            timeout: float | None = None) -> RunResult:
+            timeout: float | None = None, shards: int = 1,
+            batch_axes: Mapping[str, int] | None = None, reduction: str | None = None,
+            output_axes: Mapping[str, int | None] | None = None) -> RunResult:
         """Run forward (and backward, when `wrt` is given) on the server.
 
         `loss` names a scalar output; or pass `cotangents` (output name -> array) for a
@@ -139,9 +145,33 @@ class Client:
 
         Big tensors (over `rpc.STREAM_THRESHOLD_BYTES` in all, or results too big for
         one message) travel in ~1 MiB chunks over the RunStream RPC, invisibly.
+
+        Data parallel: `shards=N` splits the inputs in `batch_axes` (name -> axis) into
+        N parts, runs them at once (spread over the replicas of a multi-address or
+        `dns:///` target) and combines the results exactly, given the loss's
+        `reduction`, "mean" or "sum". Other scalar outputs are reduced the same way;
+        `output_axes` says otherwise, per output: an axis to concatenate along (a
+        per-example output), "mean" or "sum". See `remat.sharding`.
+
+            >>> import numpy as np, remat
+            >>> g = remat.Graph("least_squares")
+            >>> x, y = g.input("x", (-1, 2), "float64"), g.input("y", (-1,), "float64")
+            >>> w = g.input("w", (2,), "float64")
+            >>> _ = g.output("loss", remat.mean((remat.matmul(x, w) - y) ** 2))
+            >>> feed = {"x": np.arange(10.0).reshape(5, 2), "y": np.ones(5), "w": np.ones(2)}
+            >>> with remat.Client.in_process() as client:
+            ...     whole = client.run(g, feed, wrt=["w"], loss="loss")
+            ...     split = client.run(g, feed, wrt=["w"], loss="loss", shards=2,
+            ...                        batch_axes={"x": 0, "y": 0}, reduction="mean")
+            >>> bool(np.allclose(split.grads["w"], whole.grads["w"])), len(split.shards)
+            (True, 2)
         """
         options = dict(wrt=wrt, loss=loss, cotangents=cotangents, fetch=fetch, policy=policy,
                        timeline=timeline, measure_memory=measure_memory, trace=trace)
+        if shards != 1:
+            return self._run_sharded(graph, inputs, options, timeout, shards=shards,
+                                     batch_axes=batch_axes, reduction=reduction,
+                                     output_axes=output_axes)
 
         def call(ref):
             request, chunked = rpc.run_request(ref, graph, inputs, **options)
@@ -157,6 +187,14 @@ class Client:
             return self._run_stream(request, chunked, timeout)
 
         return self._with_graph(graph, lambda ref: rpc.as_result(call(ref)), timeout)
+
+    def _run_sharded(self, graph: Graph, inputs, options: dict, timeout: float | None,
+                     **sharding_args) -> RunResult:
+        plan, runs = sharding.shard_runs(graph, inputs, options, **sharding_args)
+        with ThreadPoolExecutor(len(runs), thread_name_prefix="remat-shard") as pool:
+            futures = [pool.submit(self.run, graph, shard_inputs, timeout=timeout, **kwargs)
+                       for shard_inputs, kwargs in runs]
+            return sharding.combine(plan, [future.result() for future in futures])
 
     def _run_stream(self, request, chunked: dict, timeout: float | None):
         def attempt(left):

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import grpc
+
+from .targets import channel_target
 
 TOKEN_ENV = "REMAT_TOKEN"
 TOKEN_FILE_ENV = "REMAT_TOKEN_FILE"
@@ -122,12 +124,13 @@ def _token_from_file(path: str) -> str:
     return token
 
 
-def make_channel(target: str, options: Iterable[tuple[str, Any]] = (), *,
+def make_channel(target: "str | Sequence[str]", options: Iterable[tuple[str, Any]] = (), *,
                  tls: "TLS | bool | None" = None, token: str | None = None,
                  aio: bool = False):
-    """A `grpc.Channel` (a `grpc.aio.Channel` when `aio`) to `target` with the given
-    TLS settings (see `resolve_tls`) and bearer token (see `resolve_token`)."""
+    """A `grpc.Channel` (a `grpc.aio.Channel` when `aio`) to `target` (see
+    `remat.targets.channel_target`) with the given TLS settings (see `resolve_tls`) and bearer token (see `resolve_token`)."""
     options = list(options)
+    target = channel_target(target)
     settings, token = resolve_tls(tls), resolve_token(token)
     if settings is None:
         return _insecure_channel(target, options, token, aio)

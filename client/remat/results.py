@@ -64,7 +64,9 @@ class Metrics:
 class RunResult:
     """`outputs[name]` and `grads[input]` are NumPy arrays; `timeline` holds the live
     bytes after every schedule step (empty unless the run asked for `timeline=True`);
-    `trace` the executed steps with their timings (`trace=True`)."""
+    `trace` the executed steps with their timings (`trace=True`). A sharded run
+    (`shards=N`) has each shard's metrics in `shards`, and their summary in `metrics`
+    (see `remat.sharding.combined_metrics`)."""
 
     outputs: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
@@ -72,6 +74,7 @@ class RunResult:
     warnings: tuple[str, ...] = field(default=())
     timeline: tuple[int, ...] = field(default=())
     trace: tuple[TraceEvent, ...] = field(default=())
+    shards: tuple[Metrics, ...] = field(default=())
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import grpc
 import numpy as np
 
-from . import compare, policies, wire
+from . import compare, policies, targets, wire
 from .compare import ComparisonRow
 from .graph import Graph
 from .results import RunResult
@@ -59,11 +59,13 @@ NO_RETRY = Retry(attempts=1)
 
 
 def channel_options(max_message_bytes: int, retry: Retry, extra: Iterable = ()) -> list:
-    """The SDK's channel arguments: message ceilings, reconnects paced by `retry`, then
-    the caller's own (which win)."""
+    """The SDK's channel arguments: message ceilings, reconnects paced by `retry`,
+    round-robin balancing over the target's addresses, then the caller's own (which
+    win)."""
+    extra = list(extra)
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            *reconnect_options(retry), *extra]
+            *reconnect_options(retry), *targets.balancing_options(extra), *extra]
 
 
 def reconnect_options(retry: Retry) -> list[tuple[str, int]]:
