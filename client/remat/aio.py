@@ -154,7 +154,7 @@ class AsyncClient:
                   loss: str | None = None, cotangents: Mapping[str, Any] | None = None,
                   fetch: Iterable[str] | None = None, policy=None, timeline: bool = False,
                   measure_memory: bool = False, trace: bool = False,
-                  timeout: float | None = None, shards: int = 1,
+                  timeout: float | None = None, out: RunResult | None = None, shards: int = 1,
                   batch_axes: Mapping[str, int] | None = None, reduction: str | None = None,
                   output_axes: Mapping[str, int | None] | None = None) -> RunResult:
         """`remat.Client.run`, awaitable. Big tensors go over RunStream, invisibly;
@@ -162,6 +162,8 @@ class AsyncClient:
         options = dict(wrt=wrt, loss=loss, cotangents=cotangents, fetch=fetch, policy=policy,
                        timeline=timeline, measure_memory=measure_memory, trace=trace)
         if shards != 1:
+            if out is not None:
+                raise ValueError("out= is not available for a sharded run (shards > 1)")
             plan, runs = sharding.shard_runs(graph, inputs, options, shards=shards,
                                              batch_axes=batch_axes, reduction=reduction,
                                              output_axes=output_axes)
@@ -177,21 +179,21 @@ class AsyncClient:
         async def call(ref):
             request, chunked = rpc.run_request(ref, graph, inputs, **options)
             if chunked:
-                return rpc.as_result(await self._run_stream(request, chunked, timeout))
+                return rpc.as_result(await self._run_stream(request, chunked, timeout, out))
             try:
                 return rpc.as_result(await self._invoke(
-                    lambda left: self._stub.Run(request, timeout=left), timeout))
+                    lambda left: self._stub.Run(request, timeout=left), timeout), out)
             except ResourceExhaustedError as error:
                 if rpc.USE_STREAM_KEY not in error.metadata:
                     raise
             request, chunked = rpc.run_request(ref, graph, inputs, stream=True, **options)
-            return rpc.as_result(await self._run_stream(request, chunked, timeout))
+            return rpc.as_result(await self._run_stream(request, chunked, timeout, out))
 
         return await self._with_graph(graph, call, timeout)
 
-    async def _run_stream(self, request, chunked: dict, timeout: float | None):
+    async def _run_stream(self, request, chunked: dict, timeout: float | None, out=None):
         async def attempt(left):
-            download = streaming.Download()
+            download = streaming.Download(out)
             # grpc.aio writes a plain iterator's messages itself, with flow control.
             call = self._run_stream_call(streaming.upload(request, chunked), timeout=left)
             try:

@@ -18,7 +18,7 @@ from . import compare, policies, targets, wire
 from .compare import ComparisonRow
 from .graph import Graph
 from .results import RunResult
-from .streaming import COTANGENT, INPUT
+from .streaming import COTANGENT, GRAD, INPUT, OUTPUT, previous
 from .v1 import executor_pb2
 
 # Tensors above this many bytes in total go through RunStream: below it one message is
@@ -147,11 +147,14 @@ def run_request(ref: executor_pb2.GraphRef, graph: Graph, inputs: Mapping[str, A
 
 
 def run_result(response: executor_pb2.RunResponse, outputs: dict | None = None,
-               grads: dict | None = None) -> RunResult:
-    """A RunResult from a Run response (or a RunStream's header plus its arrays)."""
+               grads: dict | None = None, out: RunResult | None = None) -> RunResult:
+    """A RunResult from a Run response (or a RunStream's header plus its arrays); `out`'s
+    arrays take the values where they fit (see `Client.run`)."""
     if outputs is None:
-        outputs = {k: wire.tensor_to_array(v) for k, v in response.outputs.items()}
-        grads = {k: wire.tensor_to_array(v) for k, v in response.grads.items()}
+        outputs = {k: wire.tensor_to_array(v, previous(out, OUTPUT, k))
+                   for k, v in response.outputs.items()}
+        grads = {k: wire.tensor_to_array(v, previous(out, GRAD, k))
+                 for k, v in response.grads.items()}
     return RunResult(outputs=outputs, grads=grads, metrics=wire.metrics_from_proto(response.metrics),
                      warnings=tuple(response.warnings), timeline=tuple(response.timeline),
                      trace=wire.trace_from_proto(response.trace))
@@ -191,12 +194,12 @@ def _chain(head, rest: Iterable) -> Iterator:
         yield from rest
 
 
-def as_result(reply) -> RunResult:
+def as_result(reply, out: RunResult | None = None) -> RunResult:
     """A Run response, or a RunStream's (header, outputs, grads), as a RunResult."""
     if isinstance(reply, tuple):
         header, outputs, grads = reply
         return run_result(header, outputs, grads)
-    return run_result(reply)
+    return run_result(reply, out=out)
 
 
 def _dtype_for(value: Any, declared: str | None) -> str | None:

@@ -46,11 +46,20 @@ def decode_response(raw: bytes):
     return chunks.decode(raw, executor_pb2.RunStreamResponse)
 
 
+def previous(out, role: int, name: str) -> np.ndarray | None:
+    """`out`'s array for an output (role OUTPUT) or gradient, if it has one."""
+    if out is None:
+        return None
+    return (out.outputs if role == OUTPUT else out.grads).get(name)
+
+
 class Download:
     """Assembles RunStream responses: `add` each message, then `finish()` gives the
-    RunResponse header and (outputs, grads) as arrays."""
+    RunResponse header and (outputs, grads) as arrays. `out`: a previous RunResult whose
+    arrays take the new values where name, shape and dtype match."""
 
-    def __init__(self):
+    def __init__(self, out=None):
+        self.out = out
         self.header: executor_pb2.RunResponse | None = None
         self.arrays: dict[int, dict[str, np.ndarray]] = {OUTPUT: {}, GRAD: {}}
         self._pending: dict[tuple[int, str], list] = {}  # -> [array, bytes view, received]
@@ -78,11 +87,12 @@ class Download:
         self.header = header
         for role, tensors in ((OUTPUT, header.outputs), (GRAD, header.grads)):
             for name, tensor in tensors.items():
+                reuse = previous(self.out, role, name)
                 if tensor.chunked:
-                    array = wire.empty_array(tensor)
+                    array = wire.empty_array(tensor, reuse)
                     self._pending[role, name] = [array, byte_view(array), 0]
                 else:
-                    self.arrays[role][name] = wire.tensor_to_array(tensor)
+                    self.arrays[role][name] = wire.tensor_to_array(tensor, reuse)
 
     def finish(self) -> tuple[executor_pb2.RunResponse, dict, dict]:
         if self.header is None:

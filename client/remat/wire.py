@@ -42,10 +42,20 @@ def fill_tensor(message: tensor_pb2.Tensor, value: Any, dtype: str | None = None
     return array
 
 
-def empty_array(tensor: tensor_pb2.Tensor) -> np.ndarray:
+def empty_array(tensor: tensor_pb2.Tensor, reuse: np.ndarray | None = None) -> np.ndarray:
     """A writable little-endian array for a chunked tensor's data (`native` converts
-    it once complete)."""
-    return np.empty(tuple(tensor.shape), dtype=np.dtype(_NAMES[tensor.dtype]).newbyteorder("<"))
+    it once complete): `reuse` when it fits (see `reusable`), else a new one."""
+    dtype = np.dtype(_NAMES[tensor.dtype]).newbyteorder("<")
+    if reusable(reuse, tuple(tensor.shape), dtype):
+        return reuse
+    return np.empty(tuple(tensor.shape), dtype=dtype)
+
+
+def reusable(array: np.ndarray | None, shape: tuple, dtype: np.dtype) -> bool:
+    """Whether `array` can take a tensor's bytes as they are: a writable C-contiguous
+    array of exactly that shape and (little-endian) dtype."""
+    return (isinstance(array, np.ndarray) and array.shape == shape and array.dtype == dtype
+            and array.dtype.isnative and array.flags.c_contiguous and array.flags.writeable)
 
 
 def native(array: np.ndarray) -> np.ndarray:
@@ -58,11 +68,15 @@ def array_to_tensor(value: Any, dtype: str | None = None) -> tensor_pb2.Tensor:
     return message
 
 
-def tensor_to_array(tensor: tensor_pb2.Tensor) -> np.ndarray:
+def tensor_to_array(tensor: tensor_pb2.Tensor, reuse: np.ndarray | None = None) -> np.ndarray:
+    """The tensor as a new writable array, or written into `reuse` when it fits."""
     dtype = np.dtype(_NAMES[tensor.dtype]).newbyteorder("<")
+    data = np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
+    if reusable(reuse, data.shape, dtype):
+        np.copyto(reuse, data)
+        return reuse
     # Copy: the message's buffer is read-only and users expect writable arrays.
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape)).astype(
-        dtype.newbyteorder("="), copy=True)
+    return data.astype(dtype.newbyteorder("="), copy=True)
 
 
 def attr_to_proto(value: Any) -> graph_pb2.AttrValue:

@@ -22,6 +22,7 @@ from remat.v1 import executor_pb2, executor_pb2_grpc
 
 from . import allocator, auth, streaming
 from .admission import MemoryAdmission
+from .buffers import BufferPool
 from .config import ServerConfig
 from .engine import Engine
 from .graph_store import GraphStore
@@ -35,15 +36,17 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 class RematServer:
     """A `grpc.Server` (start, stop, wait_for_termination) plus what remat adds:
-    `metrics`, `health`, `store` and a graceful `shutdown`."""
+    `metrics`, `health`, `store`, the upload `buffers` and a graceful `shutdown`."""
 
     def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
-                 metrics: ServerMetrics, store: GraphStore, drain: Drain):
+                 metrics: ServerMetrics, store: GraphStore, drain: Drain,
+                 buffers: BufferPool):
         self._server = server
         self._drain = drain
         self.health = health_servicer
         self.metrics = metrics
         self.store = store
+        self.buffers = buffers
 
     def start(self) -> None:
         self._server.start()
@@ -90,6 +93,29 @@ def _add_executor(servicer: ExecutorServicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The `grpc.server` channel arguments `config` asks for.
+
+        >>> options = dict(server_options(ServerConfig(max_connection_age_seconds=300)))
+        >>> options["grpc.max_connection_age_ms"], options["grpc.max_connection_age_grace_ms"]
+        (300000, 30000)
+    """
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.so_reuseport", int(config.reuse_port))]
+    if config.max_connection_age_seconds > 0:  # gRPC's default: connections live forever
+        options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age_seconds)))
+        if config.max_connection_age_grace_seconds > 0:  # else: in-flight calls may finish
+            options.append(("grpc.max_connection_age_grace_ms",
+                            _ms(config.max_connection_age_grace_seconds)))
+    return options
+
+
+def _ms(seconds: float) -> int:
+    """Milliseconds for a gRPC integer channel argument (a C int: at most 2**31 - 1)."""
+    return min(max(1, round(seconds * 1000)), 2**31 - 1)
+
+
 def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]:
     """Build (not start) a server bound to `config.address`; returns it and its port."""
     config = config or ServerConfig()
@@ -101,18 +127,17 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
         interceptors.append(auth.TokenInterceptor(config.auth_tokens))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="remat"),
-        interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                 ("grpc.max_send_message_length", config.max_message_bytes),
-                 ("grpc.so_reuseport", int(config.reuse_port))],
+        interceptors=interceptors, options=server_options(config),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
     store = GraphStore(config.graph_cache_bytes)
+    buffers = BufferPool(config.buffer_pool_bytes)
     metrics.track_cache(store)
     servicer = ExecutorServicer(
         Engine(config.limits, config.memory_budget_bytes), store,
         MemoryAdmission(config.memory_budget_bytes, config.max_queued_requests),
         metrics=metrics, chunk_bytes=config.stream_chunk_bytes,
-        max_message_bytes=config.max_message_bytes, max_upload_seconds=config.max_upload_seconds)
+        max_message_bytes=config.max_message_bytes, max_upload_seconds=config.max_upload_seconds,
+        buffers=buffers)
     _add_executor(servicer, server)
 
     health_servicer = health.HealthServicer()
@@ -129,4 +154,4 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
         port = server.add_secure_port(config.address, credentials)
     if port == 0:
         raise OSError(f"could not bind {config.address}")
-    return RematServer(server, health_servicer, metrics, store, drain), port
+    return RematServer(server, health_servicer, metrics, store, drain, buffers), port

@@ -27,9 +27,19 @@ class ServerConfig:
     # requests over it wait in a FIFO queue of at most `max_queued_requests`.
     memory_budget_bytes: int = 0
     max_queued_requests: int = 64
+    # Idle RunStream upload buffers kept for reuse (0: none); fresh memory costs a page
+    # fault per page on first write. See remat_server.buffers.
+    buffer_pool_bytes: int = 1 << 30
     limits: Limits = field(default_factory=Limits)
     # Several processes may bind the same port (remat serve --workers N).
     reuse_port: bool = False
+    # Close each client connection after about this many seconds (gRPC sends GOAWAY,
+    # +-10% jitter; 0: never), so long-lived clients reconnect, re-resolve DNS and
+    # reach replicas started since: without it, a scaled-up Deployment's new pods get
+    # no traffic from clients already connected. Calls still running on a closed
+    # connection get `max_connection_age_grace_seconds` to finish (0: no limit).
+    max_connection_age_seconds: float = 0.0
+    max_connection_age_grace_seconds: float = 30.0
     # TLS: PEM file paths (never the keys themselves on a command line). With
     # `tls_client_ca_file`, clients must present a certificate it signed (mutual TLS).
     tls_cert_file: str = ""

@@ -17,6 +17,7 @@ from remat.v1 import executor_pb2, executor_pb2_grpc
 from . import allocator, codec, streaming
 from .build import validate_spec
 from .admission import MemoryAdmission
+from .buffers import BufferPool
 from .checkpoint.policies import StoreAll, label
 from .engine import Engine, RunRequest, max_abs_diff
 from .errors import (Cancelled, DeadlineExceeded, InvalidArgument, RematError,
@@ -71,8 +72,10 @@ def _status_stream(method):
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, engine: Engine, store: GraphStore, admission: MemoryAdmission | None = None,
                  *, metrics=None, chunk_bytes: int = 1 << 20,
-                 max_message_bytes: int = 512 << 20, max_upload_seconds: float = 600.0):
+                 max_message_bytes: int = 512 << 20, max_upload_seconds: float = 600.0,
+                 buffers: BufferPool | None = None):
         self.engine = engine
+        self.buffers = buffers or BufferPool(0)
         self.store = store
         self.admission = admission or MemoryAdmission(0, 0)
         self.metrics = metrics
@@ -166,7 +169,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         try:
             upload = streaming.receive(
                 _uploaded(request_iterator, context), self.engine.limits,
-                on_header=lambda header: graph.append(self._graph(header.graph)))
+                on_header=lambda header: graph.append(self._graph(header.graph)),
+                pool=self.buffers)
         finally:
             timer.cancel()
         run = self._run_request(upload.header, tensors=upload.finish(), graph=graph[0])

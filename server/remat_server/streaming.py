@@ -32,8 +32,8 @@ _ROLE_NAMES = {INPUT: "input", COTANGENT: "cotangent", OUTPUT: "output", GRAD: "
 class _Buffer:
     """One chunked tensor being received: its array and how many bytes have arrived."""
 
-    def __init__(self, dtype: str, shape: tuple, nbytes: int, what: str):
-        self.array = np.empty(shape, dtype=dtypes.NUMPY[dtype])
+    def __init__(self, array: np.ndarray, nbytes: int, what: str):
+        self.array = array
         self.view = memoryview(self.array.reshape(-1).view(np.uint8))
         self.nbytes, self.received, self.what = nbytes, 0, what
 
@@ -47,9 +47,10 @@ class _Buffer:
 
 class Upload:
     """Assembles one RunStream request: `Upload(header, limits)`, `add(chunk)` for each
-    chunk, then `finish()` for the inputs and cotangents as arrays."""
+    chunk, then `finish()` for the inputs and cotangents as arrays. Buffers come from
+    `pool` when given (a `remat_server.buffers.BufferPool`)."""
 
-    def __init__(self, header: executor_pb2.RunRequest, limits: Limits):
+    def __init__(self, header: executor_pb2.RunRequest, limits: Limits, pool=None):
         self.header = header
         self.arrays: dict[int, dict[str, np.ndarray]] = {INPUT: {}, COTANGENT: {}}
         self._pending: dict[tuple[int, str], _Buffer] = {}
@@ -71,7 +72,9 @@ class Upload:
                 f"per-request limit of {limits.max_request_bytes:,} (server flag "
                 "--max-request-bytes)")
         for role, name, dtype, shape, nbytes, what in chunked:  # allocate only when all fit
-            self._pending[role, name] = _Buffer(dtype, shape, nbytes, what)
+            numpy_dtype = dtypes.NUMPY[dtype]
+            array = pool.array(shape, numpy_dtype) if pool else np.empty(shape, numpy_dtype)
+            self._pending[role, name] = _Buffer(array, nbytes, what)
 
     def add(self, chunk: tensor_pb2.TensorChunk) -> None:
         buffer = self._pending.get((chunk.role, chunk.name))
@@ -91,7 +94,8 @@ class Upload:
 
 
 def receive(messages: Iterable, limits: Limits,
-            on_header: Callable[[executor_pb2.RunRequest], None] | None = None) -> Upload:
+            on_header: Callable[[executor_pb2.RunRequest], None] | None = None,
+            pool=None) -> Upload:
     """Read a whole upload: the header first, then chunks until the client half-closes.
     Messages are RunStreamRequests or, on the fast path, `chunks.Chunk`s. `on_header`
     checks the header before any tensor is allocated or received (e.g. that its graph
@@ -108,7 +112,7 @@ def receive(messages: Iterable, limits: Limits,
                                       "(a RunRequest), not a chunk")
             if on_header is not None:
                 on_header(message.header)
-            upload = Upload(message.header, limits)
+            upload = Upload(message.header, limits, pool)
         elif part == "chunk":
             upload.add(message if isinstance(message, chunks.Chunk) else message.chunk)
         else:

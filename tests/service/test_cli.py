@@ -140,7 +140,10 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
         "memory_budget_bytes": ["--memory-budget-bytes", "123"],
         "max_upload_seconds": ["--max-upload-seconds", "7.5"],
         "max_queued_requests": ["--max-queued-requests", "5"],
+        "buffer_pool_bytes": ["--buffer-pool-bytes", "0"],
         "limits": ["--max-nodes", "17"], "reuse_port": ["--reuse-port"],
+        "max_connection_age_seconds": ["--max-connection-age-seconds", "300"],
+        "max_connection_age_grace_seconds": ["--max-connection-age-grace-seconds", "5"],
         "tls_cert_file": tls, "tls_key_file": tls,
         "tls_client_ca_file": [*tls, "--tls-client-ca-file", str(pem["ca"])],
         "auth_tokens": ["--token-file", str(tokens)],
@@ -167,3 +170,192 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
         assert getattr(config, name) != getattr(default, name), name
         for var in environ:
             assert f"${var}" in help_text, var
+
+
+# --- `remat serve` flags from the environment ------------------------------------------------
+def _serve_parser(environ):
+    from remat.cli import build_parser
+
+    return build_parser(environ=environ)._subparsers._group_actions[0].choices["serve"]
+
+
+def test_every_serve_flag_defaults_from_its_env_var_and_a_flag_wins():
+    from remat.cli import build_parser, serve_env_vars
+    from remat_server.auth import TLS_ENV
+
+    env = serve_env_vars()
+    serve = _serve_parser({})
+    flags = {a.option_strings[0]: a for a in serve._actions if a.option_strings}
+    # Every flag but --help and --token-file (REMAT_TOKEN_FILE is the SDK's own token).
+    assert set(env.values()) == set(flags) - {"-h", "--token-file"}
+    assert "REMAT_TOKEN_FILE" not in env and "REMAT_AUTH_TOKENS" not in env
+    assert {var: env[var] for var in TLS_ENV.values()} == {
+        "REMAT_TLS_CERT_FILE": "--tls-cert-file", "REMAT_TLS_KEY_FILE": "--tls-key-file",
+        "REMAT_TLS_CLIENT_CA_FILE": "--tls-client-ca-file"}
+    cases = [  # (variable, text, attribute, value)
+        ("REMAT_HOST", "0.0.0.0", "host", "0.0.0.0"),
+        ("REMAT_PORT", "6000", "port", 6000),
+        ("REMAT_THREADS", "3", "threads", 3),
+        ("REMAT_METRICS_PORT", "9464", "metrics_port", 9464),
+        ("REMAT_GRACE", "2.5", "grace", 2.5),
+        ("REMAT_MAX_NODES", " 17 ", "max_nodes", 17),
+        ("REMAT_OPTIMAL_TIME_LIMIT", "7.5", "optimal_time_limit", 7.5),
+        ("REMAT_MEMORY_BUDGET_BYTES", "1073741824", "memory_budget_bytes", 1 << 30),
+        ("REMAT_MAX_CONNECTION_AGE_SECONDS", "300", "max_connection_age_seconds", 300.0),
+        ("REMAT_MAX_CONNECTION_AGE_GRACE_SECONDS", "0", "max_connection_age_grace_seconds", 0.0),
+        ("REMAT_MAX_NODES", "", "max_nodes", 100_000),  # empty: unset
+    ] + [("REMAT_REUSE_PORT", text, "reuse_port", on)
+         for on, words in ((True, ("1", "true", "Yes")), (False, ("0", "false", "NO")))
+         for text in words]
+    for var, text, attribute, expected in cases:
+        args = build_parser(environ={var: text}).parse_args(["serve"])
+        assert getattr(args, attribute) == expected, (var, text)
+        assert type(getattr(args, attribute)) is type(expected), (var, text)
+    args = build_parser(environ={"REMAT_MAX_NODES": "17", "REMAT_THREADS": "not a number"}
+                        ).parse_args(["serve", "--max-nodes", "5", "--threads", "2"])
+    assert (args.max_nodes, args.threads) == (5, 2)  # flags win; the bad value is unused
+    # Other commands ignore the serve variables, good or bad.
+    assert build_parser(environ={"REMAT_PORT": "x"}).parse_args(["ops"]).command == "ops"
+    # The token file variable stays the client's.
+    assert build_parser(environ={"REMAT_TOKEN_FILE": "/x"}).parse_args(["serve"]).token_file == ""
+
+
+def test_a_bad_env_var_is_a_usage_error_naming_it(capsys):
+    from remat.cli import build_parser
+
+    for var, text, flag in [("REMAT_MAX_NODES", "lots", "--max-nodes"),
+                            ("REMAT_WORKERS", "0", "--workers"),
+                            ("REMAT_REUSE_PORT", "maybe", "--reuse-port"),
+                            ("REMAT_MAX_CONNECTION_AGE_SECONDS", "-1",
+                             "--max-connection-age-seconds")]:
+        with pytest.raises(SystemExit) as exit_:
+            build_parser(environ={var: text}).parse_args(["serve"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: invalid value ${var}={text!r} in the environment" in err, err
+
+
+def test_serve_help_states_the_env_var_rule():
+    help_text = " ".join(_serve_parser({}).format_help().split())
+    assert "REMAT_ and the flag's name in capitals with - as _" in help_text
+    assert "$REMAT_MAX_NODES for --max-nodes" in help_text
+    assert "a flag on the command line wins" in help_text
+
+
+def test_serve_reads_os_environ_end_to_end():
+    """`remat serve` as a process, configured only through the environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REMAT_PORT": "0", "REMAT_GRACE": "1",
+           "REMAT_METRICS_PORT": "0", "REMAT_MAX_NODES": "3"}
+    process = subprocess.Popen([*CLI, "serve"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    try:
+        first = lines.get(timeout=30)
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+); metrics on http://\S+:(\d+)/", first)
+        assert match, first
+        g = remat.Graph("big")
+        x = g.input("x", (2,), "float64")
+        g.output("y", remat.sum(remat.exp(x) * x + x))
+        with remat.Client(f"127.0.0.1:{match.group(1)}", timeout=10) as client:
+            with pytest.raises(remat.InvalidArgumentError, match="--max-nodes"):
+                client.plan(g, wrt=["x"], loss="y")
+            assert run_cli("health", "--target", f"127.0.0.1:{match.group(1)}").returncode == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0, process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# --- remat health ----------------------------------------------------------------------------
+def test_health_exit_codes(capsys):
+    from remat.cli import main
+    from remat_server import ServerConfig, create_server
+
+    server, port = create_server(ServerConfig(host="127.0.0.1", port=0))
+    server.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        assert main(["health", "--target", target]) == 0
+        assert capsys.readouterr().out.strip() == "SERVING"
+        assert main(["health", "--target", target, "--service", "remat.v1.Executor"]) == 0
+        capsys.readouterr()
+        assert main(["health", "--target", target, "--service", "no.such.Service"]) == 1
+        assert "NOT_FOUND: no health status for service 'no.such.Service'" in \
+            capsys.readouterr().err
+        server.health.enter_graceful_shutdown()  # what SIGTERM does first
+        assert main(["health", "--target", target]) == 1
+        assert capsys.readouterr().err.strip() == f"remat health: {target}: NOT_SERVING"
+    finally:
+        server.stop(None).wait()
+    start = time.monotonic()
+    assert main(["health", "--target", target, "--timeout", "2"]) == 1  # nothing listens
+    assert time.monotonic() - start < 2.5
+    assert f"remat health: {target}: UNAVAILABLE" in capsys.readouterr().err
+    assert main(["health", "--target", target, "--tls-ca-file", "/nonexistent/ca.pem"]) == 1
+    assert "cannot read TLS root file" in capsys.readouterr().err
+
+
+def test_health_command_against_a_server_process(server_port):
+    done = run_cli("health", "--target", f"127.0.0.1:{server_port}")
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "SERVING", "")
+
+
+# --- connection age ----------------------------------------------------------------------------
+def test_server_options_set_the_connection_age_only_when_asked():
+    from remat_server import ServerConfig
+    from remat_server.app import server_options
+
+    cases = [  # (age, grace) -> the options set
+        ((0.0, 30.0), {}),
+        ((300.0, 30.0), {"grpc.max_connection_age_ms": 300_000,
+                         "grpc.max_connection_age_grace_ms": 30_000}),
+        ((1.5, 0.0), {"grpc.max_connection_age_ms": 1500}),
+        ((1e12, 1e12), {"grpc.max_connection_age_ms": 2**31 - 1,
+                        "grpc.max_connection_age_grace_ms": 2**31 - 1}),
+    ]
+    for (age, grace), expected in cases:
+        options = dict(server_options(ServerConfig(max_connection_age_seconds=age,
+                                                   max_connection_age_grace_seconds=grace)))
+        assert {k: v for k, v in options.items() if "connection_age" in k} == expected
+
+
+def test_calls_keep_working_across_the_connection_age_boundary():
+    """The server closes connections every ~0.5 s; SDK calls and health checks made over
+    ~1.5 s all succeed, and the channel did reconnect meanwhile."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from remat_server import ServerConfig, create_server
+
+    server, port = create_server(ServerConfig(host="127.0.0.1", port=0,
+                                              max_connection_age_seconds=0.5,
+                                              max_connection_age_grace_seconds=1.0))
+    server.start()
+    g = remat.Graph("age")
+    x = g.input("x", (3,), "float64")
+    g.output("loss", remat.sum(x * x))
+    states: list = []
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel.subscribe(states.append)
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        calls = 0
+        with remat.Client(f"127.0.0.1:{port}", timeout=10) as client:
+            start = time.monotonic()
+            while time.monotonic() - start < 1.5:
+                result = client.run(g, {"x": np.array([1.0, 2.0, 3.0])}, wrt=["x"], loss="loss")
+                assert float(result.outputs["loss"]) == 14.0
+                assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+                calls += 1
+                time.sleep(0.01)
+    finally:
+        channel.unsubscribe(states.append)
+        channel.close()
+        server.stop(None).wait()
+    assert calls > 10
+    # READY, then GOAWAY (back to IDLE), then READY again on the next call.
+    assert states.count(grpc.ChannelConnectivity.READY) >= 2, states
