@@ -130,7 +130,7 @@ def torch_layers(spec: dict, t: dict) -> tuple[list[Callable], Callable]:
 
 # --- one forward+backward per framework -----------------------------------------------------
 def remat_policy(spec: list):
-    from remat_server.checkpoint import policies
+    from remat_proto import policies
 
     name, *args = spec
     return {"store_all": policies.StoreAll, "recompute_all": policies.RecomputeAll,
@@ -152,9 +152,9 @@ def remat_step(model: models.Model, policy_spec: list, pool: int = 0, trim: bool
     with `trim`, malloc_trim(0) after each run. step(policy_spec) runs another policy."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from remat_server.codec import graph_from_proto
+    from remat_server.service.codec import graph_from_proto
     from remat_server.engine import Engine, RunRequest
-    from remat_server.limits import Limits
+    from remat_server.graph.limits import Limits
 
     spec = graph_from_proto(model.graph.to_proto(), Limits())
     engine, info = Engine(), {}

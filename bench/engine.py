@@ -52,10 +52,10 @@ import torch.nn.functional as F  # noqa: E402
 import remat  # noqa: E402
 from remat import models  # noqa: E402
 from remat_server import engine as engine_module  # noqa: E402
-from remat_server import executor as executor_module  # noqa: E402
-from remat_server.codec import graph_from_proto  # noqa: E402
+from remat_server.runtime import executor as executor_module  # noqa: E402
+from remat_server.service.codec import graph_from_proto  # noqa: E402
 from remat_server.engine import Engine, RunRequest  # noqa: E402
-from remat_server.limits import Limits  # noqa: E402
+from remat_server.graph.limits import Limits  # noqa: E402
 
 
 

@@ -59,9 +59,9 @@ class Workload:
 
     def __init__(self, target: str):
         import remat
-        from remat_server.codec import graph_from_proto
+        from remat_server.service.codec import graph_from_proto
         from remat_server.engine import Engine, RunRequest
-        from remat_server.limits import Limits
+        from remat_server.graph.limits import Limits
 
         self.target = target
         self.small = remat.models.mlp(**SMALL)
@@ -121,10 +121,10 @@ def _check_stream(work: Workload, result) -> str | None:
 def _cancelled_call(work: Workload, stub, rng: random.Random) -> str:
     """A Run through the raw stub's future, cancelled after a random delay."""
     import grpc
-    from remat import rpc
-    from remat.v1 import executor_pb2
+    from remat import calls
+    from remat_proto.v1 import executor_pb2
 
-    request, _ = rpc.run_request(executor_pb2.GraphRef(graph=work.slow.graph.to_proto()),
+    request, _ = calls.run_request(executor_pb2.GraphRef(graph=work.slow.graph.to_proto()),
                                  work.slow.graph, work.slow.inputs, wrt=work.slow.wrt,
                                  loss=work.slow.loss, stream=False)
     future = stub.Run.future(request)
@@ -172,12 +172,12 @@ def _one(kind: str, work: Workload, client, stub, rng: random.Random) -> tuple[s
 def _client_loop(work: Workload, seed: str, seconds: float, out: list) -> None:
     import grpc
     import remat
-    from remat.v1 import executor_pb2_grpc
+    from remat_proto.v1 import executor_pb2_grpc
 
     rng = random.Random(seed)
     kinds, weights = list(KINDS), [weight for weight, _ in KINDS.values()]
     records, details = [], []
-    with remat.Client(work.target, retry=remat.rpc.NO_RETRY) as client, \
+    with remat.Client(work.target, retry=remat.calls.NO_RETRY) as client, \
             grpc.insecure_channel(work.target) as channel:
         stub = executor_pb2_grpc.ExecutorStub(channel)
         start = time.perf_counter()

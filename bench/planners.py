@@ -49,14 +49,14 @@ import scipy
 
 import remat
 from remat import models
-from remat_server.checkpoint import policies as P
+from remat_proto import policies as P
 from remat_server.checkpoint.planners import plan
-from remat_server.checkpoint.planners.budgeting import simulated
+from remat_server.checkpoint.planners.bounds import simulated
 from remat_server.checkpoint.problem import Problem
-from remat_server.codec import graph_from_proto
+from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine
 from remat_server.errors import InvalidArgument, ResourceExhausted
-from remat_server.limits import Limits
+from remat_server.graph.limits import Limits
 
 from _rss_worker import transformer_stack  # bench/ is on sys.path when run as a script
 

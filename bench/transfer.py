@@ -10,7 +10,7 @@ For each size N (MiB), the same N bytes go up and come back (2N bytes moved) thr
 - grpc echo (unless --no-grpc): a bare gRPC bidi stream of 1 MiB `bytes` messages
   to a server that gathers them, then streams them back (gRPC's own ceiling);
 - remat: `Client.run` of the identity graph `y = x` (float32) on a remat server in
-  its own process; the SDK picks RunStream above `remat.rpc.STREAM_THRESHOLD_BYTES`
+  its own process; the SDK picks RunStream above `remat.calls.STREAM_THRESHOLD_BYTES`
   (auto), and the other path is forced where it can carry the tensor.
 
 Servers run in their own processes: an in-process server shares the client's GIL.
@@ -40,7 +40,7 @@ import grpc
 import numpy as np
 
 import remat
-import remat.rpc
+import remat.calls
 
 MiB = 1 << 20
 CHUNK = 1 << 20  # the SDK's and the server's stream chunk
@@ -205,12 +205,12 @@ def identity_graph(nbytes: int) -> remat.Graph:
 @contextlib.contextmanager
 def stream_threshold(nbytes: int):
     """Force the SDK's choice: RunStream above `nbytes` (e.g. huge: always unary)."""
-    saved = remat.rpc.STREAM_THRESHOLD_BYTES
-    remat.rpc.STREAM_THRESHOLD_BYTES = nbytes
+    saved = remat.calls.STREAM_THRESHOLD_BYTES
+    remat.calls.STREAM_THRESHOLD_BYTES = nbytes
     try:
         yield
     finally:
-        remat.rpc.STREAM_THRESHOLD_BYTES = saved
+        remat.calls.STREAM_THRESHOLD_BYTES = saved
 
 
 def remat_round_trip(client: remat.Client, graph: remat.Graph, x: np.ndarray,
@@ -245,7 +245,7 @@ def fresh_tcp_round_trip(sock: socket.socket, data: memoryview) -> np.ndarray:
 def remat_paths(nbytes: int) -> list[tuple[str, int | None]]:
     """(label, threshold override) of the remat rows for a size: the SDK's own choice,
     then the other path where it can carry the tensor (unary: one message each way)."""
-    streams = nbytes > remat.rpc.STREAM_THRESHOLD_BYTES
+    streams = nbytes > remat.calls.STREAM_THRESHOLD_BYTES
     rows = [(f"remat auto ({'stream' if streams else 'unary'})", None)]
     if not streams:
         rows.append(("remat stream (forced)", -1))
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"python {platform.python_version()}, grpcio {grpc.__version__}, protobuf "
           f"{metadata.version('protobuf')}, numpy {np.__version__}, {os.cpu_count()} CPUs "
           f"(load average {os.getloadavg()[0]:.1f} at start); "
-          f"SDK stream threshold {remat.rpc.STREAM_THRESHOLD_BYTES / MiB:g} MiB, "
+          f"SDK stream threshold {remat.calls.STREAM_THRESHOLD_BYTES / MiB:g} MiB, "
           f"chunks {CHUNK // 1024} KiB. Bytes moved = 2 x size (up and back).\n")
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:

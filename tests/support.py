@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from remat_server.engine import Engine, RunRequest
-from remat_server.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 
 ENGINE = Engine()
 

@@ -10,6 +10,7 @@
 """
 from . import models, policies
 from .aio import AsyncClient
+from .calls import NO_RETRY, Retry
 from .client import Client
 from .compare import ComparisonRow, format_table
 from .credentials import TLS
@@ -32,7 +33,7 @@ __all__ = [
     # graphs and the client
     "Graph", "Node", "Client", "RunResult", "Metrics", "OpInfo", "policies", "models",
     "gradcheck", "numeric_gradient", "PlanResult", "ComparisonRow", "format_table",
-    "TLS", "AsyncClient",
+    "TLS", "AsyncClient", "Retry", "NO_RETRY",
     # errors
     "RematError", "InvalidArgumentError", "ResourceExhaustedError", "NotFoundError",
     "UnavailableError", "CancelledError", "DeadlineExceededError", "UnauthenticatedError",

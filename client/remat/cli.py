@@ -17,9 +17,7 @@ import sys
 
 import numpy as np
 
-from . import cli_compare
-from .cli_serve import (  # noqa: F401 (the serve flags' helpers, re-exported)
-    LIMIT_FLAGS, _add_health, _add_serve, _positive, env_var, serve_env_vars, server_config)
+from . import cli_compare, cli_health
 
 
 DEMO_LAYERS, DEMO_BATCH = cli_compare.MLP_LAYERS, cli_compare.MLP_BATCH
@@ -121,14 +119,17 @@ def _ops(args) -> int:
     return 0
 
 
-def build_parser(environ=None) -> argparse.ArgumentParser:
-    """The `remat` parser; `remat serve` flags default from `environ` (default os.environ)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The `remat` parser (`remat serve`'s own flags are the server's: see `_serve`)."""
     from remat import policies
 
     parser = argparse.ArgumentParser(prog="remat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_serve(sub, os.environ if environ is None else environ)
-    _add_health(sub)
+    serve = sub.add_parser("serve", help="run a remat server (`remat serve --help` for "
+                           "its flags)", add_help=False)
+    serve.add_argument("argv", nargs=argparse.REMAINDER)
+    serve.set_defaults(run=_serve)
+    cli_health.register(sub)
 
     demo = sub.add_parser("demo", help="run a sample MLP on an in-process server and "
                           "compare checkpoint policies on it")
@@ -155,6 +156,23 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
     return parser
 
 
+def _serve(args) -> int:
+    """The server owns its flags (and their REMAT_* variables): hand it the rest."""
+    from remat_server.service import flags
+
+    return flags.main(args.argv)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _policy(text: str):
     from remat import policies
 
@@ -165,6 +183,9 @@ def _policy(text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # before parsing: every flag after it is the server's
+        return _serve(argparse.Namespace(argv=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -13,69 +13,29 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
 import grpc
 
+from . import calls, sharding, streaming
 from . import compare as compare_module
-from . import rpc, sharding, streaming, wire
 from .compare import ComparisonRow
-from .credentials import make_channel
-from .errors import NotFoundError, ResourceExhaustedError, from_rpc_error
+from .connection import Connection
+from .errors import RematError, from_rpc_error
 from .graph import Graph
 from .results import OpInfo, PlanResult, RunResult
-from .v1 import executor_pb2, executor_pb2_grpc
 
 
-
-class Client:
-    """A connection to a remat server. Use as a context manager, or call `close()`."""
-
-    def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
-                 max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Iterable[tuple[str, Any]] = (), tls=None, token: str | None = None,
-                 retry: rpc.Retry = rpc.Retry()):
-        """`target`: "host:port", a gRPC URI such as "dns:///remat-headless:50051", or
-        several addresses (a list, or comma-separated); calls are balanced round robin
-        over every address (see `remat.targets`).
-        `tls`: None (plain text), True (system roots) or `remat.TLS(...)`. `token`: the
-        bearer token; None reads REMAT_TOKEN or REMAT_TOKEN_FILE (see remat.credentials).
-        `retry`: how calls that fail with UNAVAILABLE are retried (`rpc.NO_RETRY`: never)."""
-        self.target = target
-        self.timeout = timeout
-        self._channel = make_channel(
-            target, rpc.channel_options(max_message_bytes, retry, options),
-            tls=tls, token=token)
-        self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
-        self._run_stream_call = streaming.run_stream_call(self._channel)
-        self._server = None  # set by in_process()
-        self.retry = retry
-        self._graph_ids = rpc.GraphIds()
-
-    @classmethod
-    def in_process(cls, config=None, **kwargs) -> "Client":
-        """Start a real server on a loopback ephemeral port in this process and connect.
-
-        The server stops when the client is closed. `config` is a
-        `remat_server.ServerConfig` (its host and port are overridden).
-        """
-        from dataclasses import replace
-
-        from remat_server import ServerConfig, create_server
-
-        config = replace(config or ServerConfig(), host="127.0.0.1", port=0)
-        server, port = create_server(config)
-        server.start()
-        client = cls(f"127.0.0.1:{port}", max_message_bytes=config.max_message_bytes, **kwargs)
-        client._server = server
-        return client
+class Client(Connection):
+    """A connection to a remat server. Use as a context manager, or call `close()`.
+    Arguments: see `remat.connection.Connection`."""
 
     # --- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
         self._channel.close()
         if self._server is not None:
-            self._server.stop(grace=None).wait()
-            self._server = None
+            server, self._server = self._server, None
+            server.stop(grace=None).wait()
 
     def __enter__(self) -> "Client":
         return self
@@ -83,46 +43,38 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- plumbing -----------------------------------------------------------------------
-    def _invoke(self, attempt: Callable[[float | None], Any], timeout: float | None):
-        """`attempt(seconds_left)` with retries on UNAVAILABLE (backoff, within the
-        deadline); gRPC errors become remat exceptions here."""
-        timeout = timeout or self.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delays = self.retry.delays()
+    # --- the driver -----------------------------------------------------------------------
+    def _drive(self, flow: calls.Flow, timeout: float | None):
+        """Run a flow (see `remat.calls`): perform each RPC it yields, with retries, and
+        send back the reply or throw in the error; return what the flow returns."""
+        deadline = self._deadline(timeout)
+        reply, error = None, None
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                return attempt(left)
+                op = flow.throw(error) if error is not None else flow.send(reply)
+            except StopIteration as done:
+                return done.value
+            try:
+                reply, error = self._perform(op, deadline), None
+            except RematError as exc:
+                reply, error = None, exc
+
+    def _perform(self, op, deadline: float | None):
+        attempts = calls.Attempts(self.retry, deadline)
+        while True:
+            try:
+                if isinstance(op, calls.Stream):
+                    return self._stream(op, attempts.left())
+                return self._attempt(op, attempts.left())
             except grpc.RpcError as error:
-                delay = next(delays, None) if rpc.retryable(error) else None
-                if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
-                    raise from_rpc_error(error) from None
-                time.sleep(delay)
+                time.sleep(attempts.delay_after(error))
 
-    def _with_graph(self, graph: Graph, call: Callable[[executor_pb2.GraphRef], Any],
-                    timeout: float | None):
-        """`call(ref)` with the graph by id, registered on first use. A server that no
-        longer has it (evicted, or another replica answered) gets it inline once, and
-        keeps it: an inline graph registers itself."""
-        message = graph.to_proto()
-        key = rpc.GraphIds.key(message)
-        graph_id = self._graph_ids.get(key)
-        if graph_id is None:
-            graph_id = self._register(message, timeout)
-            self._graph_ids.remember(key, graph_id)
-        try:
-            return call(executor_pb2.GraphRef(graph_id=graph_id))
-        except NotFoundError:
-            return call(executor_pb2.GraphRef(graph=message))
-
-    def _unary(self, method: str, request, timeout: float | None):
-        return self._invoke(lambda left: getattr(self._stub, method)(request, timeout=left),
-                            timeout)
-
-    def _register(self, message, timeout: float | None) -> str:
-        request = executor_pb2.RegisterGraphRequest(graph=message)
-        return self._unary("RegisterGraph", request, timeout).graph_id
+    def _stream(self, op: calls.Stream, left: float | None):
+        download = streaming.Download(op.out)
+        for message in self._run_stream_call(streaming.upload(op.request, op.chunked),
+                                             timeout=left):
+            download.add(message)
+        return download.finish()
 
     # --- calls ---------------------------------------------------------------------------
     def run(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str] = (),
@@ -143,7 +95,7 @@ class Client:
         (`metrics.measured_peak_bytes`; such runs go one at a time).
         Returns `.outputs`, `.grads` (NumPy), `.metrics`, `.timeline` and `.trace`.
 
-        Big tensors (over `rpc.STREAM_THRESHOLD_BYTES` in all, or results too big for
+        Big tensors (over `calls.STREAM_THRESHOLD_BYTES` in all, or results too big for
         one message) travel in ~1 MiB chunks over the RunStream RPC, invisibly.
 
         `out`: a previous RunResult to receive into, as a training loop would
@@ -177,41 +129,14 @@ class Client:
         if shards != 1:
             if out is not None:
                 raise ValueError("out= is not available for a sharded run (shards > 1)")
-            return self._run_sharded(graph, inputs, options, timeout, shards=shards,
-                                     batch_axes=batch_axes, reduction=reduction,
-                                     output_axes=output_axes)
-
-        def call(ref):
-            request, chunked = rpc.run_request(ref, graph, inputs, **options)
-            if chunked:
-                return self._run_stream(request, chunked, timeout, out)
-            try:
-                return self._invoke(
-                    lambda left: self._stub.Run.with_call(request, timeout=left)[0], timeout)
-            except ResourceExhaustedError as error:
-                if rpc.USE_STREAM_KEY not in error.metadata:
-                    raise
-            request, chunked = rpc.run_request(ref, graph, inputs, stream=True, **options)
-            return self._run_stream(request, chunked, timeout, out)
-
-        return self._with_graph(graph, lambda ref: rpc.as_result(call(ref), out), timeout)
-
-    def _run_sharded(self, graph: Graph, inputs, options: dict, timeout: float | None,
-                     **sharding_args) -> RunResult:
-        plan, runs = sharding.shard_runs(graph, inputs, options, **sharding_args)
-        with ThreadPoolExecutor(len(runs), thread_name_prefix="remat-shard") as pool:
-            futures = [pool.submit(self.run, graph, shard_inputs, timeout=timeout, **kwargs)
-                       for shard_inputs, kwargs in runs]
-            return sharding.combine(plan, [future.result() for future in futures])
-
-    def _run_stream(self, request, chunked: dict, timeout: float | None, out=None):
-        def attempt(left):
-            download = streaming.Download(out)
-            for message in self._run_stream_call(streaming.upload(request, chunked),
-                                                 timeout=left):
-                download.add(message)
-            return download.finish()
-        return self._invoke(attempt, timeout)
+            plan, runs = sharding.shard_runs(graph, inputs, options, shards=shards,
+                                             batch_axes=batch_axes, reduction=reduction,
+                                             output_axes=output_axes)
+            with ThreadPoolExecutor(len(runs), thread_name_prefix="remat-shard") as pool:
+                futures = [pool.submit(self.run, graph, shard_inputs, timeout=timeout, **kwargs)
+                           for shard_inputs, kwargs in runs]
+                return sharding.combine(plan, [future.result() for future in futures])
+        return self._drive(calls.run(self._session, graph, inputs, out=out, **options), timeout)
 
     def plan(self, graph: Graph, *, wrt: Iterable[str] = (), loss: str | None = None,
              policy=None, input_shapes: Mapping[str, Iterable[int]] | None = None,
@@ -236,24 +161,32 @@ class Client:
             >>> set(store.node_evaluations.values())
             {1}
         """
-        def call(ref):
-            request = rpc.plan_request(
-                ref, wrt=wrt, loss=loss, policy=policy, input_shapes=input_shapes, fetch=fetch,
-                cotangent_outputs=cotangent_outputs, include_schedule=include_schedule)
-            return wire.plan_from_proto(self._unary("Plan", request, timeout))
-        return self._with_graph(graph, call, timeout)
+        return self._drive(calls.plan(
+            self._session, graph, wrt=wrt, loss=loss, policy=policy, input_shapes=input_shapes,
+            fetch=fetch, cotangent_outputs=cotangent_outputs,
+            include_schedule=include_schedule), timeout)
 
     def compare(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str],
                 loss: str, policies: Iterable = compare_module.DEFAULT_POLICIES,
                 repeats: int = 1, warmup: bool = True, measure_memory: bool = False,
                 timeline: bool = False, trace: bool = False,
                 timeout: float | None = None) -> list[ComparisonRow]:
-        """Run the graph under store_all (the baseline, always first) and each policy;
-        one `remat.ComparisonRow` per policy. See `remat.compare.compare`."""
-        return compare_module.compare(self, graph, inputs, wrt=wrt, loss=loss,
-                                      policies=policies, repeats=repeats, warmup=warmup,
-                                      measure_memory=measure_memory, timeline=timeline,
-                                      trace=trace, timeout=timeout)
+        """Run `graph` under store_all first (the baseline, listed or not), then under
+        each policy in order; return one `remat.ComparisonRow` per policy, store_all's
+        first.
+
+        The server runs them all in one streaming `Compare` call (see `compare_stream`
+        to see each row as it completes), compiling the graph once and planning each
+        policy. Each policy runs `repeats` times; the row reports the fastest run (by
+        total seconds), so timings are less noisy. With `warmup`, one untimed
+        store_all run comes first, so the baseline does not pay for a cold server.
+        Policies are `remat.policies` objects or names; they are checked before
+        anything runs. A policy that cannot plan or run gives a row with `error` set.
+        """
+        return list(self.compare_stream(
+            graph, inputs, wrt=wrt, loss=loss, policies=policies, repeats=repeats,
+            warmup=warmup, measure_memory=measure_memory, timeline=timeline, trace=trace,
+            timeout=timeout))
 
     def compare_stream(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str],
                        loss: str, policies: Iterable = compare_module.DEFAULT_POLICIES,
@@ -273,14 +206,24 @@ class Client:
             store_all 0.0
             sqrt 0.0
         """
-        request = rpc.compare_request(
+        request = calls.compare_request(
             graph, inputs, wrt=wrt, loss=loss, policies=policies, repeats=repeats,
             warmup=warmup, measure_memory=measure_memory, timeline=timeline, trace=trace)
-        # Retried only until the first row arrives: rows already yielded are not replayed.
-        head, rest = self._invoke(
-            lambda left: _first(self._stub.Compare(request, timeout=left)), timeout)
+        attempts = calls.Attempts(self.retry, self._deadline(timeout))
+        while True:  # retried until the first row arrives: rows yielded are not replayed
+            try:
+                results = self._stub.Compare(request, timeout=attempts.left())
+                head = next(results, None)
+                break
+            except grpc.RpcError as error:
+                time.sleep(attempts.delay_after(error))
+        if head is None:
+            return
+        rows = calls.rows_decoder()
         try:
-            yield from rpc.comparison_rows(head, rest)
+            yield rows.send(head)
+            for result in results:
+                yield rows.send(result)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -293,25 +236,13 @@ class Client:
         `grad2/<input>` and so on when differentiating a graph that already has
         `grad/<input>`); `graph.grad_outputs` maps each input to its output name.
         """
-        def call(ref):
-            request = rpc.differentiate_request(ref, wrt=wrt, loss=loss,
-                                                input_shapes=input_shapes)
-            return rpc.joint_graph(self._unary("Differentiate", request, timeout))
-        return self._with_graph(graph, call, timeout)
+        return self._drive(calls.differentiate(self._session, graph, wrt=wrt, loss=loss,
+                                               input_shapes=input_shapes), timeout)
 
     def register(self, graph: Graph, timeout: float | None = None) -> str:
-        """Store `graph` on the server; returns its content id (sha256)."""
-        message = graph.to_proto()
-        graph_id = self._register(message, timeout)
-        self._graph_ids.remember(rpc.GraphIds.key(message), graph_id)
-        return graph_id
+        """Store `graph` on the server; returns its content id (sha256). Not needed
+        before a call: a graph's first use sends it, and the server keeps it."""
+        return self._drive(calls.register(self._session, graph), timeout)
 
     def list_ops(self, timeout: float | None = None) -> list[OpInfo]:
-        response = self._unary("ListOps", executor_pb2.ListOpsRequest(), timeout)
-        return [wire.op_info_from_proto(op) for op in response.ops]
-
-
-def _first(stream: Iterator):
-    """(first item or None, the rest) of a server stream."""
-    iterator = iter(stream)
-    return next(iterator, None), iterator
+        return self._drive(calls.list_ops(), timeout)

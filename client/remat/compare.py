@@ -14,14 +14,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Iterable
 
-from . import policies as _policies
+from remat_proto import policies as _policies
+from remat_proto.units import format_bytes
+
 from .results import Metrics, PlannerReport, TraceEvent
-
-if TYPE_CHECKING:  # the client imports this module
-    from .client import Client
-    from .graph import Graph
 
 DEFAULT_POLICIES = ("store_all", "sqrt", "recompute_all")
 
@@ -68,7 +66,7 @@ class ComparisonRow:
 
 def policy_list(policies: Iterable) -> list:
     """Resolved policies, store_all first (the baseline) whether listed or not."""
-    if isinstance(policies, (str, *_policies._TYPES)):
+    if isinstance(policies, str) or type(policies) in _policies.KINDS:
         policies = [policies]
     chosen = [_policies.resolve(p) for p in policies]
     return [_policies.StoreAll()] + [p for p in chosen if not isinstance(p, _policies.StoreAll)]
@@ -89,34 +87,6 @@ def row_from_metrics(policy: str, m: Metrics, base: Metrics, max_grad_diff: floa
         recomputed_nodes=m.recomputed_nodes, measured_peak_bytes=m.measured_peak_bytes,
         timeline=tuple(timeline), trace=tuple(trace), error=error, error_code=error_code,
         planner=m.planner, plan_seconds=m.plan_seconds)
-
-
-def compare(client: "Client", graph: "Graph", inputs: Mapping[str, Any], *, wrt: Iterable[str],
-            loss: str, policies: Iterable = DEFAULT_POLICIES, repeats: int = 1,
-            warmup: bool = True, measure_memory: bool = False, timeline: bool = False,
-            trace: bool = False, timeout: float | None = None) -> list[ComparisonRow]:
-    """Run `graph` under store_all first (the baseline, listed or not), then under each
-    policy in order; return one row per policy, store_all's first.
-
-    The server runs them all in one streaming `Compare` call (see `client.compare_stream`
-    to see each row as it completes). Each policy runs `repeats` times; the row reports
-    the fastest run (by total seconds), so timings are less noisy. With `warmup`, one
-    untimed store_all run comes first, so the baseline does not pay for a cold server.
-    Policies are `remat.policies` objects or names; they are checked before anything
-    runs. A policy that cannot plan or run gives a row with `error` set.
-    """
-    return list(client.compare_stream(graph, inputs, wrt=wrt, loss=loss, policies=policies,
-                                      repeats=repeats, warmup=warmup,
-                                      measure_memory=measure_memory, timeline=timeline,
-                                      trace=trace, timeout=timeout))
-
-
-def format_bytes(n: int) -> str:
-    """1536 -> '1.50 KiB'."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
 def format_table(rows: Iterable[ComparisonRow]) -> str:

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Sequence
 
 import grpc
 
+from remat_proto import metadata
+
 from .targets import channel_target
 
 TOKEN_ENV = "REMAT_TOKEN"
@@ -153,9 +155,9 @@ def _insecure_channel(target: str, options: list, token: str | None, aio: bool):
 
 
 def _with_token(details, token: str):
-    metadata = list(details.metadata or ())
-    metadata.append(("authorization", f"Bearer {token}"))
-    return metadata
+    entries = list(details.metadata or ())
+    entries.append((metadata.AUTHORIZATION, metadata.BEARER + token))
+    return entries
 
 
 class _CallDetails(grpc.ClientCallDetails):

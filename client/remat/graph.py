@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 
-DTYPES = ("float32", "float64", "int32", "int64", "bool")
+from remat_proto.dtypes import NAMES as DTYPES
+from remat_proto.spec import GraphSpec, InputSpec, NodeSpec
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -59,23 +59,6 @@ def _user_source() -> str:
     except ValueError:  # another drive on Windows
         path = os.path.basename(path)
     return f"{path}:{frame.f_lineno}"
-
-
-@dataclass(frozen=True)
-class InputDef:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class NodeDef:
-    name: str
-    op: str
-    inputs: tuple[str, ...]
-    attrs: dict[str, Any] = field(default_factory=dict)
-    source: str = ""
 
 
 class Node:
@@ -133,11 +116,14 @@ class Graph:
 
     def __init__(self, name: str = "graph"):
         self.name = name
-        self.inputs: list[InputDef] = []
-        self.nodes: list[NodeDef] = []
+        self.inputs: list[InputSpec] = []
+        self.nodes: list[NodeSpec] = []
         self._outputs: dict[str, str] = {}
         self._handles: dict[str, Node] = {}
         self._counter = 0
+        # Bumped by every change; the wire form is computed once per version.
+        self._version = 0
+        self._wire: tuple[int, Any, str] | None = None
         # Set on graphs returned by Client.differentiate: input -> gradient output name.
         self.grad_outputs: dict[str, str] = {}
 
@@ -147,7 +133,7 @@ class Graph:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self._claim(name)
-        self.inputs.append(InputDef(name, tuple(int(d) for d in shape), dtype, _user_source()))
+        self.inputs.append(InputSpec(name, tuple(int(d) for d in shape), dtype, _user_source()))
         return self._handle(name, "input", dtype)
 
     def add(self, op: str, inputs, attrs: dict | None = None, name: str | None = None,
@@ -161,7 +147,8 @@ class Graph:
         name = name or self._fresh(op)
         self._claim(name)
         attrs = {k: v for k, v in (attrs or {}).items() if v is not None}
-        self.nodes.append(NodeDef(name, op, tuple(h.name for h in handles), attrs, _user_source()))
+        self.nodes.append(NodeSpec(name, op, tuple(h.name for h in handles), attrs,
+                                   _user_source()))
         if dtype is None:
             dtype = result_dtype(op, attrs, [h.dtype for h in handles])
         return self._handle(name, op, dtype)
@@ -187,17 +174,22 @@ class Graph:
         if name in self._outputs:
             raise ValueError(f"output {name!r} is already defined")
         self._outputs[name] = self.lift(node).name
+        self._version += 1
         return node
 
     # --- access ---------------------------------------------------------------------
     def __getitem__(self, name: str) -> Node:
-        try:
-            return self._handles[name]
-        except KeyError:
-            raise KeyError(f"graph {self.name!r} has no input or node {name!r}") from None
+        """The input or node called `name`, else the node the output `name` names
+        (`joint["grad/w"]` after `client.differentiate`)."""
+        handle = self._handles.get(name)
+        if handle is None and name in self._outputs:
+            handle = self._handles.get(self._outputs[name])
+        if handle is None:
+            raise KeyError(f"graph {self.name!r} has no input, node or output {name!r}")
+        return handle
 
     def __contains__(self, name: str) -> bool:
-        return name in self._handles
+        return name in self._handles or name in self._outputs
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self._handles.values())
@@ -219,9 +211,34 @@ class Graph:
                 f"outputs {self.output_names}>")
 
     # --- serialization (the wire layer does the protobuf work) ----------------------------
+    def spec(self) -> GraphSpec:
+        """The graph as sent: inputs, nodes and outputs (`remat_proto.spec`)."""
+        return GraphSpec(self.name, tuple(self.inputs), tuple(self.nodes),
+                         tuple(self._outputs.items()))
+
     def to_proto(self):
-        from .wire import graph_to_proto
-        return graph_to_proto(self)
+        """The `remat.v1.Graph` message (a copy: change it freely)."""
+        from remat_proto.v1 import graph_pb2
+
+        message = graph_pb2.Graph()
+        message.CopyFrom(self.wire_form()[0])
+        return message
+
+    def wire_form(self) -> tuple[Any, str]:
+        """(the Graph message, its content id), computed once per version of the graph:
+        a training loop that runs the same graph sends its id, not its bytes, and pays
+        for neither serializing nor hashing it again. Do not modify the message."""
+        if self._wire is None or self._wire[0] != self._version:
+            from remat_proto import wire
+
+            message = wire.graph_to_proto(self.spec())
+            self._wire = (self._version, message, wire.content_id(message))
+        return self._wire[1], self._wire[2]
+
+    @property
+    def graph_id(self) -> str:
+        """The content id every server knows this graph by (sha256 of its message)."""
+        return self.wire_form()[1]
 
     @classmethod
     def from_proto(cls, message) -> "Graph":
@@ -254,6 +271,7 @@ class Graph:
     def _handle(self, name: str, op: str, dtype: str | None) -> Node:
         handle = Node(self, name, op, dtype)
         self._handles[name] = handle
+        self._version += 1
         return handle
 
     def _restore(self, inputs, nodes, outputs) -> None:
@@ -268,3 +286,4 @@ class Graph:
             dtypes = [self._handles[i].dtype if i in self._handles else None for i in node.inputs]
             self._handle(node.name, node.op, result_dtype(node.op, node.attrs, dtypes))
         self._outputs.update(outputs)
+        self._version += 1

@@ -3,7 +3,7 @@
 Upload: a header (the RunRequest, big tensors marked `chunked` with no data), then each
 big tensor's bytes as TensorChunks, sliced from the caller's array without a
 whole-tensor copy. Download: the server's header, then chunks written straight into
-arrays allocated once per tensor. Chunks are framed by `remat.chunks`.
+arrays allocated once per tensor. Chunks are framed by `remat_proto.chunks`.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from . import chunks, wire
-from .v1 import executor_pb2, tensor_pb2
+from remat_proto import chunks, wire
+from remat_proto.v1 import executor_pb2, tensor_pb2
 
 CHUNK_BYTES = 1 << 20
 INPUT, COTANGENT = tensor_pb2.TensorChunk.INPUT, tensor_pb2.TensorChunk.COTANGENT
@@ -34,16 +34,28 @@ def upload(header: executor_pb2.RunRequest, chunked: Mapping[tuple[int, str], np
             yield chunks.encode_chunk(role, name, data[start:start + chunk_bytes])
 
 
+RUN_STREAM = "/" + executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name + "/RunStream"
+
+
 def run_stream_call(channel):
     """The RunStream multi-callable on `channel` (sync or aio), with the fast chunk
     framing instead of the generated stub's protobuf (de)serializers."""
-    return channel.stream_stream("/remat.v1.Executor/RunStream", request_serializer=chunks.encode,
+    return channel.stream_stream(RUN_STREAM, request_serializer=chunks.encode,
                                  response_deserializer=decode_response)
 
 
 def decode_response(raw: bytes):
     """RunStream's response deserializer (chunks without a copy)."""
     return chunks.decode(raw, executor_pb2.RunStreamResponse)
+
+
+def _empty_array(tensor: tensor_pb2.Tensor, reuse: np.ndarray | None = None) -> np.ndarray:
+    """A writable little-endian array for a chunked tensor's data: `reuse` when it fits
+    (see `remat_proto.wire.reusable`), else a new one."""
+    dtype = np.dtype(wire.dtype_name(tensor.dtype, "tensor")).newbyteorder("<")
+    if wire.reusable(reuse, tuple(tensor.shape), dtype):
+        return reuse
+    return np.empty(tuple(tensor.shape), dtype=dtype)
 
 
 def previous(out, role: int, name: str) -> np.ndarray | None:
@@ -89,7 +101,7 @@ class Download:
             for name, tensor in tensors.items():
                 reuse = previous(self.out, role, name)
                 if tensor.chunked:
-                    array = wire.empty_array(tensor, reuse)
+                    array = _empty_array(tensor, reuse)
                     self._pending[role, name] = [array, byte_view(array), 0]
                 else:
                     self.arrays[role][name] = wire.tensor_to_array(tensor, reuse)
@@ -101,5 +113,5 @@ class Download:
             if received != len(view):
                 raise ValueError(f"RunStream: '{name}' ended after {received} of "
                                  f"{len(view)} bytes")
-            self.arrays[role][name] = wire.native(array)
+            self.arrays[role][name] = array.astype(array.dtype.newbyteorder("="), copy=False)
         return self.header, self.arrays[OUTPUT], self.arrays[GRAD]

@@ -5,6 +5,8 @@ person who built the graph: they name the node (and where the SDK built it).
 """
 from __future__ import annotations
 
+from remat_proto.spec import where  # noqa: F401 (re-exported: every stage names nodes)
+
 
 class RematError(Exception):
     """Base class; `code` is the gRPC status name the servicer will use."""
@@ -42,9 +44,3 @@ class Unimplemented(RematError):
 
 class ShapeError(ValueError):
     """Raised by an op's shape rule; the graph builder adds the node's name."""
-
-
-def where(name: str, op: str = "", source: str = "") -> str:
-    """Describe a node for an error message: "node 'h1' (matmul, built at m.py:3)"."""
-    details = [part for part in (op, f"built at {source}" if source else "") if part]
-    return f"node '{name}'" + (f" ({', '.join(details)})" if details else "")

@@ -21,15 +21,15 @@ from deploy_support import (DEPLOY, K8S, ROOT, by_kind, compose_bytes, compose_s
                             env_instruction, exec_form, exposed_series, final_stage,
                             healthcheck, quantity_bytes, render_kustomization,
                             render_with_kubectl)
-from remat.cli import build_parser, serve_env_vars, server_config
-from remat_server.serve import KILL_AFTER_GRACE
+from remat_server.service.flags import build_parser, serve_env_vars, server_config
+from remat_server.service.serve import KILL_AFTER_GRACE
 
 MiB = 1 << 20
 # What a server process needs beyond its memory budget, graph cache and messages in
 # flight: the interpreter, NumPy, SciPy and gRPC (~100 MiB idle) and allocator slack.
 BASELINE_BYTES = 256 * MiB
 REMAT_SERVICES = ("remat-1", "remat-2")
-HEALTH_SERVICES = ("", "remat.v1.Executor")
+HEALTH_SERVICES = ("", "remat_proto.v1.Executor")
 
 
 def serve_args(argv: list[str], environ: dict[str, str]):

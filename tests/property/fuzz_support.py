@@ -19,7 +19,7 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from remat.v1 import executor_pb2, graph_pb2, tensor_pb2
+from remat_proto.v1 import executor_pb2, graph_pb2, tensor_pb2
 from remat_server.ops import REGISTRY
 
 # --- settings: the only place they are set -------------------------------------------------

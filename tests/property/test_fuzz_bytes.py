@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from remat.v1 import executor_pb2
+from remat_proto.v1 import executor_pb2
 
 from fuzz_support import (Checkpointed, Tally, W, X, check_answer, fuzz_settings, mlp_graph,
                           tensor)

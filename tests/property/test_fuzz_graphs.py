@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from remat.v1 import executor_pb2, graph_pb2, tensor_pb2
+from remat_proto.v1 import executor_pb2, graph_pb2, tensor_pb2
 from remat_server.ops import REGISTRY
 
 from fuzz_support import (OP_NAMES, POLICY_KINDS, Checkpointed, Tally, W, X,

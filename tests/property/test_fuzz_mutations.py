@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from remat.v1 import executor_pb2, graph_pb2, tensor_pb2
+from remat_proto.v1 import executor_pb2, graph_pb2, tensor_pb2
 
 from fuzz_support import (EDGE_DIMS, INT64_MAX, INT64_MIN, OP_NAMES, Checkpointed, Hostile,
                           Tally, array_of, check_answer, fuzz_settings, hostile, inp, ints,

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from remat import chunks
-from remat.v1 import executor_pb2, tensor_pb2
+from remat_proto import chunks
+from remat_proto.v1 import executor_pb2, tensor_pb2
 
 from fuzz_support import (CALL_TIMEOUT, Checkpointed, Hostile, Tally, W, X, array_of,
                           check_answer, fuzz_settings, hostile, mlp_graph, tensor)
@@ -105,7 +105,7 @@ def structured_stream(h: Hostile) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def run_stream(fuzz_channel):
-    return fuzz_channel.stream_stream("/remat.v1.Executor/RunStream", request_serializer=None,
+    return fuzz_channel.stream_stream("/remat_proto.v1.Executor/RunStream", request_serializer=None,
                                       response_deserializer=None)
 
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 import remat
-from remat.v1 import executor_pb2_grpc
+from remat_proto.v1 import executor_pb2_grpc
 from remat_server import Limits, ServerConfig, create_server
 
 LIMITS = Limits(

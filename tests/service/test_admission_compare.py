@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import remat
-from remat_server import ServerConfig, app, create_server
-from remat_server.admission import MemoryAdmission
+from remat_server import ServerConfig, create_server
+from remat_server.service import app
+from remat_server.service.admission import MemoryAdmission
 
 
 def model():

@@ -15,12 +15,12 @@ import pytest
 
 import remat
 import remat.aio
-from remat import rpc
-from remat.v1 import executor_pb2
+from remat import calls
+from remat_proto.v1 import executor_pb2
 from remat_server import ServerConfig, create_server
 
 POLICIES = ["store_all", "sqrt", "recompute_all", remat.policies.EveryK(2)]
-FAST_RETRY = rpc.Retry(attempts=30, initial_backoff=0.02, max_backoff=0.1)
+FAST_RETRY = calls.Retry(attempts=30, initial_backoff=0.02, max_backoff=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ class _FlakyExecutor:
             self._list_ops, request_deserializer=executor_pb2.ListOpsRequest.FromString,
             response_serializer=executor_pb2.ListOpsResponse.SerializeToString)
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "remat.v1.Executor", {"ListOps": handler}),))
+            "remat_proto.v1.Executor", {"ListOps": handler}),))
         self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         self.server.start()
 
@@ -324,7 +324,7 @@ def test_a_server_that_starts_late_is_reached_by_retrying():
         fast_reconnect = [("grpc.initial_reconnect_backoff_ms", 50),
                           ("grpc.min_reconnect_backoff_ms", 50),
                           ("grpc.max_reconnect_backoff_ms", 100)]
-        patient = rpc.Retry(attempts=100, initial_backoff=0.02, max_backoff=0.1)
+        patient = calls.Retry(attempts=100, initial_backoff=0.02, max_backoff=0.1)
         async with remat.AsyncClient(f"127.0.0.1:{port}", retry=patient, timeout=10,
                                      options=fast_reconnect) as client:
             pending = asyncio.create_task(client.run(g, {"x": [1, 2, 3]}))
@@ -391,7 +391,7 @@ def test_in_process_close_stops_the_server_and_the_loop_is_required():
         ops = await client.list_ops()
         target = client.target
         await client.close()
-        async with remat.AsyncClient(target, retry=rpc.NO_RETRY, timeout=2) as again:
+        async with remat.AsyncClient(target, retry=calls.NO_RETRY, timeout=2) as again:
             with pytest.raises(remat.UnavailableError):
                 await again.list_ops()
         return ops

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from remat.v1 import executor_pb2, graph_pb2, tensor_pb2
+from remat_proto.v1 import executor_pb2, graph_pb2, tensor_pb2
 
 SRC = "model.py:12"
 F32, F64, I64 = tensor_pb2.FLOAT32, tensor_pb2.FLOAT64, tensor_pb2.INT64

@@ -19,9 +19,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import remat
-from remat import chunks, rpc, streaming
-from remat.v1 import executor_pb2, executor_pb2_grpc
-from remat_server import ServerConfig, app, create_server, executor
+from remat import calls, streaming
+from remat_proto import chunks
+from remat_proto.v1 import executor_pb2, executor_pb2_grpc
+from remat_server import ServerConfig, create_server
+from remat_server.runtime import executor
+from remat_server.service import app
 
 MiB = 1 << 20
 BUDGET = 128 * MiB
@@ -50,8 +53,8 @@ def observed():
     seen = Observed()
     real_run_node = executor._run_node
 
-    def run_node(node, values, fresh):
-        result = real_run_node(node, values, fresh)
+    def run_node(*args):
+        result = real_run_node(*args)
         with seen.lock:
             seen.steps += 1
             seen.arrays.append(weakref.ref(result))
@@ -205,17 +208,17 @@ def test_deadline_mid_run_stops_the_executor_and_frees_memory(served, client, ob
 def _unary_call(served):
     channel = grpc.insecure_channel(served[1])
     stub = executor_pb2_grpc.ExecutorStub(channel)
-    request, _ = rpc.run_request(executor_pb2.GraphRef(graph=SLOW.to_proto()), SLOW,
+    request, _ = calls.run_request(executor_pb2.GraphRef(graph=SLOW.to_proto()), SLOW,
                                  SLOW_INPUTS, stream=False)
     return channel, stub.Run.future(request, timeout=30)
 
 
 def _stream_call(served):
     channel = grpc.insecure_channel(served[1])
-    call = channel.stream_stream("/remat.v1.Executor/RunStream",
+    call = channel.stream_stream("/remat_proto.v1.Executor/RunStream",
                                  request_serializer=chunks.encode,
                                  response_deserializer=streaming.decode_response)
-    request, chunked = rpc.run_request(executor_pb2.GraphRef(graph=SLOW.to_proto()), SLOW,
+    request, chunked = calls.run_request(executor_pb2.GraphRef(graph=SLOW.to_proto()), SLOW,
                                        SLOW_INPUTS, stream=True, chunk_bytes=1024)
     assert chunked  # 8 KiB in 1 KiB chunks
     responses = call(streaming.upload(request, chunked, chunk_bytes=1024), timeout=30)

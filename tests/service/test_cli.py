@@ -121,7 +121,7 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
     environment variable that `remat serve --help` names."""
     from dataclasses import fields
 
-    from remat.cli import build_parser, server_config
+    from remat_server.service.flags import build_parser, server_config
     from remat_server import ServerConfig
 
     pem = {}
@@ -180,8 +180,8 @@ def _serve_parser(environ):
 
 
 def test_every_serve_flag_defaults_from_its_env_var_and_a_flag_wins():
-    from remat.cli import build_parser, serve_env_vars
-    from remat_server.auth import TLS_ENV
+    from remat_server.service.flags import build_parser, serve_env_vars
+    from remat_server.service.auth import TLS_ENV
 
     env = serve_env_vars()
     serve = _serve_parser({})
@@ -280,7 +280,7 @@ def test_health_exit_codes(capsys):
     try:
         assert main(["health", "--target", target]) == 0
         assert capsys.readouterr().out.strip() == "SERVING"
-        assert main(["health", "--target", target, "--service", "remat.v1.Executor"]) == 0
+        assert main(["health", "--target", target, "--service", "remat_proto.v1.Executor"]) == 0
         capsys.readouterr()
         assert main(["health", "--target", target, "--service", "no.such.Service"]) == 1
         assert "NOT_FOUND: no health status for service 'no.such.Service'" in \
@@ -306,7 +306,7 @@ def test_health_command_against_a_server_process(server_port):
 # --- connection age ----------------------------------------------------------------------------
 def test_server_options_set_the_connection_age_only_when_asked():
     from remat_server import ServerConfig
-    from remat_server.app import server_options
+    from remat_server.service.app import server_options
 
     cases = [  # (age, grace) -> the options set
         ((0.0, 30.0), {}),

@@ -96,7 +96,7 @@ def test_graph_cache_gauges(served):
 
 def test_policy_label_is_the_family_only():
     from remat_server.engine import Metrics
-    from remat_server.metrics import ServerMetrics, policy_family
+    from remat_server.service.metrics import ServerMetrics, policy_family
 
     assert [policy_family(p) for p in ("every_k(4)", "budget(0.5,profile)", "store_all", "",
                                        "Weird!")] == \
@@ -119,7 +119,7 @@ def test_unknown_method_and_health_are_recorded():
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            missing = channel.unary_unary("/remat.v1.Executor/NoSuchMethod")
+            missing = channel.unary_unary("/remat_proto.v1.Executor/NoSuchMethod")
             with pytest.raises(grpc.RpcError) as error:
                 missing(b"")
             assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -137,7 +137,7 @@ def test_bidi_stream_is_timed_until_it_ends():
     """Through the interceptor directly (the servicer's RunStream is another change)."""
     import grpc
 
-    from remat_server.metrics import ServerMetrics
+    from remat_server.service.metrics import ServerMetrics
 
     class Context:  # the parts of grpc.ServicerContext the interceptor reads
         def code(self):
@@ -147,7 +147,7 @@ def test_bidi_stream_is_timed_until_it_ends():
             return True
 
     class Details:
-        method = "/remat.v1.Executor/RunStream"
+        method = "/remat_proto.v1.Executor/RunStream"
 
     def echo(requests, context):
         yield from requests
@@ -172,7 +172,7 @@ def test_cancelled_stream_and_a_later_interceptors_refusal():
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from remat_server.metrics import ServerMetrics
+    from remat_server.service.metrics import ServerMetrics
 
     class RefuseCheck(grpc.ServerInterceptor):
         def intercept_service(self, continuation, details):
@@ -247,8 +247,8 @@ MULTIPROCESS_SCRIPT = textwrap.dedent("""
     # workers are forked and record, the parent aggregates and marks one dead.
     import os, sys
     from remat_server.engine import Metrics
-    from remat_server.graph_store import GraphStore
-    from remat_server.metrics import ServerMetrics, mark_process_dead, multiprocess_mode
+    from remat_server.service.graph_store import GraphStore
+    from remat_server.service.metrics import ServerMetrics, mark_process_dead, multiprocess_mode
 
     assert multiprocess_mode()
     pids = []

@@ -11,8 +11,8 @@ import pytest
 
 import remat
 from remat import policies as P
-from remat import wire
-from remat.v1 import executor_pb2
+from remat_proto import wire
+from remat_proto.v1 import executor_pb2
 
 MLP_CHECKPOINTS = ("act0", "act2")
 TRANSFORMER_CHECKPOINTS = ("ln1", "attn", "resid1")

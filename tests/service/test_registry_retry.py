@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import remat
-from remat import rpc
+from remat import calls
 from remat_server import ServerConfig, create_server
 from remat_server.errors import NotFound
 
@@ -211,7 +211,7 @@ def seeded(monkeypatch):
 @pytest.mark.parametrize("failures", [1, 3])
 def test_unavailable_is_retried_until_it_succeeds(seeded, failures):
     calls = Calls(fail={"Run": failures})
-    retry = rpc.Retry(attempts=failures + 1, initial_backoff=0.01)
+    retry = calls.Retry(attempts=failures + 1, initial_backoff=0.01)
     with serving(calls) as (_, address), remat.Client(address, retry=retry) as client:
         _check(client.run(_graph(), _inputs()))
     assert calls.counts["Run"] == failures + 1
@@ -220,7 +220,7 @@ def test_unavailable_is_retried_until_it_succeeds(seeded, failures):
 @pytest.mark.parametrize("failures", [1, 3])
 def test_too_few_attempts_give_unavailable_error(seeded, failures):
     calls = Calls(fail={"Run": failures})
-    retry = rpc.Retry(attempts=failures, initial_backoff=0.01)
+    retry = calls.Retry(attempts=failures, initial_backoff=0.01)
     with serving(calls) as (_, address), remat.Client(address, retry=retry) as client:
         with pytest.raises(remat.UnavailableError, match=f"injected UNAVAILABLE #{failures}"):
             client.run(_graph(), _inputs())
@@ -229,7 +229,7 @@ def test_too_few_attempts_give_unavailable_error(seeded, failures):
 
 def test_no_retry_makes_one_attempt(seeded):
     calls = Calls(fail={"Run": 1})
-    with serving(calls) as (_, address), remat.Client(address, retry=rpc.NO_RETRY) as client:
+    with serving(calls) as (_, address), remat.Client(address, retry=calls.NO_RETRY) as client:
         with pytest.raises(remat.UnavailableError):
             client.run(_graph(), _inputs())
     assert calls.counts["Run"] == 1
@@ -243,7 +243,7 @@ def test_no_retry_makes_one_attempt(seeded):
 ])
 def test_other_errors_are_never_retried(seeded, code, error):
     calls = Calls(fail={"Run": 5}, code=code)
-    retry = rpc.Retry(attempts=6, initial_backoff=0.01)
+    retry = calls.Retry(attempts=6, initial_backoff=0.01)
     with serving(calls) as (_, address), remat.Client(address, retry=retry) as client:
         with pytest.raises(error, match="injected"):
             client.run(_graph(), _inputs())
@@ -252,7 +252,7 @@ def test_other_errors_are_never_retried(seeded, code, error):
 
 def test_registration_is_retried_too(seeded):
     calls = Calls(fail={"RegisterGraph": 2})
-    retry = rpc.Retry(attempts=3, initial_backoff=0.01)
+    retry = calls.Retry(attempts=3, initial_backoff=0.01)
     with serving(calls) as (_, address), remat.Client(address, retry=retry) as client:
         _check(client.run(_graph(), _inputs()))
     assert calls.counts["RegisterGraph"] == 3 and calls.counts["Run"] == 1
@@ -262,7 +262,7 @@ def test_the_deadline_bounds_retries():
     """Long backoffs and many attempts, but timeout=0.3: the call gives up in time
     (it does not sleep past its deadline)."""
     calls = Calls(fail={"Run": 1000})
-    retry = rpc.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0, multiplier=3.0)
+    retry = calls.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0, multiplier=3.0)
     with serving(calls) as (_, address), remat.Client(address, retry=retry) as client:
         client.register(_graph())
         for _ in range(5):  # jitter varies: several tries, none may overrun
@@ -275,7 +275,7 @@ def test_the_deadline_bounds_retries():
 
 def test_client_timeout_also_bounds_retries():
     calls = Calls(fail={"Run": 1000})
-    retry = rpc.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0)
+    retry = calls.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0)
     with serving(calls) as (_, address), \
             remat.Client(address, retry=retry, timeout=0.3) as client:
         client.register(_graph())
@@ -286,11 +286,11 @@ def test_client_timeout_also_bounds_retries():
 
 
 @pytest.mark.parametrize("retry", [
-    rpc.Retry(),
-    rpc.Retry(attempts=1),
-    rpc.Retry(attempts=2, initial_backoff=0.5),
-    rpc.Retry(attempts=12, initial_backoff=0.01, max_backoff=0.3, multiplier=3.0),
-    rpc.Retry(attempts=6, initial_backoff=1.0, max_backoff=1.0),
+    calls.Retry(),
+    calls.Retry(attempts=1),
+    calls.Retry(attempts=2, initial_backoff=0.5),
+    calls.Retry(attempts=12, initial_backoff=0.01, max_backoff=0.3, multiplier=3.0),
+    calls.Retry(attempts=6, initial_backoff=1.0, max_backoff=1.0),
 ], ids=repr)
 def test_retry_delays_are_full_jitter_under_the_cap(retry, monkeypatch):
     monkeypatch.setattr(rpc, "random", random.Random(99))
@@ -304,14 +304,14 @@ def test_retry_delays_are_full_jitter_under_the_cap(retry, monkeypatch):
         # Full jitter: spread over [0, cap], not bunched at the top or the bottom.
         assert min(column) < 0.1 * cap and max(column) > 0.9 * cap
         assert 0.4 * cap < sum(column) / len(column) < 0.6 * cap
-    assert list(rpc.NO_RETRY.delays()) == []
+    assert list(calls.NO_RETRY.delays()) == []
 
 
 def test_reconnect_options_follow_the_retry_schedule():
-    assert dict(rpc.reconnect_options(rpc.Retry(initial_backoff=0.05, max_backoff=0.5))) == {
+    assert dict(calls.reconnect_options(calls.Retry(initial_backoff=0.05, max_backoff=0.5))) == {
         "grpc.initial_reconnect_backoff_ms": 50, "grpc.max_reconnect_backoff_ms": 500}
     # Never zero, and the maximum never below the initial backoff.
-    assert dict(rpc.reconnect_options(rpc.Retry(initial_backoff=0.0, max_backoff=0.0))) == {
+    assert dict(calls.reconnect_options(calls.Retry(initial_backoff=0.0, max_backoff=0.0))) == {
         "grpc.initial_reconnect_backoff_ms": 1, "grpc.max_reconnect_backoff_ms": 1}
 
 
@@ -334,7 +334,7 @@ def test_a_client_created_before_its_server_starts_reaches_it_within_the_retry_w
         server.start()
         started["server"], started["at"] = server, time.monotonic()
 
-    retry = rpc.Retry(attempts=40, initial_backoff=0.02, max_backoff=0.1)
+    retry = calls.Retry(attempts=40, initial_backoff=0.02, max_backoff=0.1)
     thread = threading.Thread(target=start_later)
     with remat.Client(f"127.0.0.1:{port}", retry=retry) as client:
         began = time.monotonic()

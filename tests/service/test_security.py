@@ -18,9 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import remat
 from remat.credentials import make_channel, resolve_token
-from remat.v1 import executor_pb2, executor_pb2_grpc
+from remat_proto.v1 import executor_pb2, executor_pb2_grpc
 from remat_server import ServerConfig, create_server
-from remat_server.auth import (
+from remat_server.service.auth import (
     TokenInterceptor, load_tokens, server_credentials, tls_files_from_env, with_security)
 
 x509 = pytest.importorskip("cryptography.x509")
@@ -230,7 +230,7 @@ def test_authorization_metadata_format(token_target, metadata, refusal):
 
 def test_unknown_methods_are_refused_before_they_are_revealed(token_target):
     with grpc.insecure_channel(token_target) as channel:
-        call = channel.unary_unary("/remat.v1.Executor/NoSuchMethod")
+        call = channel.unary_unary("/remat_proto.v1.Executor/NoSuchMethod")
         with pytest.raises(grpc.RpcError) as info:
             call(b"", timeout=TIMEOUT)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

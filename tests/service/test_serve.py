@@ -18,14 +18,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import remat
-from remat import rpc
+from remat import calls
 
 from served import CLI, LINUX_PROC, Served
 
 
 def client(served: Served, timeout: float = 30, **options) -> remat.Client:
     # No retries: a refusal must show up as the error it is, at once.
-    return remat.Client(served.target, timeout=timeout, retry=rpc.NO_RETRY,
+    return remat.Client(served.target, timeout=timeout, retry=calls.NO_RETRY,
                         options=list(options.items()))
 
 
@@ -278,7 +278,7 @@ PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
 def _config(argv, environ=None):
-    from remat.cli import build_parser, server_config
+    from remat_server.service.flags import build_parser, server_config
 
     return server_config(build_parser().parse_args(["serve", *argv]), environ=environ or {})
 

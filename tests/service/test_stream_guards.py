@@ -13,12 +13,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import remat
-from remat import chunks, streaming
-from remat.v1 import executor_pb2, tensor_pb2
+from remat import streaming
+from remat_proto import chunks
+from remat_proto.v1 import executor_pb2, tensor_pb2
 from remat_server import ServerConfig, create_server
 
 MiB = 1 << 20
-RUN_STREAM = "/remat.v1.Executor/RunStream"
+RUN_STREAM = "/remat_proto.v1.Executor/RunStream"
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_a_deadline_passing_mid_run_is_deadline_exceeded(served):
         h = remat.tanh(h)
     g.output("y", h)
     x = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-    with remat.Client(address, retry=remat.rpc.NO_RETRY) as client:
+    with remat.Client(address, retry=remat.calls.NO_RETRY) as client:
         client.register(g)
         before, cancelled = _runs(server, "DEADLINE_EXCEEDED"), _runs(server, "CANCELLED")
         with pytest.raises(remat.DeadlineExceededError):
@@ -122,7 +123,7 @@ def test_a_deadline_passing_mid_run_is_deadline_exceeded(served):
                                     "ListOps"])
 def test_request_bytes_that_do_not_parse_are_invalid_argument(served, method):
     _, _, channel = served
-    path = f"/remat.v1.Executor/{method}"
+    path = f"/remat_proto.v1.Executor/{method}"
     call = (channel.unary_stream if method == "Compare" else channel.unary_unary)(path)
     with pytest.raises(grpc.RpcError) as caught:
         reply = call(b"\xff\xff\xff", timeout=10)

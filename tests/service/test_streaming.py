@@ -16,17 +16,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import remat
-from remat import chunks, rpc, streaming
-from remat.v1 import executor_pb2, executor_pb2_grpc, tensor_pb2
+from remat import calls, streaming
+from remat_proto import chunks
+from remat_proto.v1 import executor_pb2, executor_pb2_grpc, tensor_pb2
 from remat_server import Limits, ServerConfig, create_server
-from remat_server import streaming as server_streaming
+from remat_server.service import streaming as server_streaming
 
 MiB = 1 << 20
 MESSAGE_BYTES = 8 * MiB  # small, so that results of 16 MiB cannot go in one Run response
 LIMITS = Limits(max_dim=1 << 40, max_elements=1 << 40, max_request_bytes=256 * MiB)
 INPUT, COTANGENT = tensor_pb2.TensorChunk.INPUT, tensor_pb2.TensorChunk.COTANGENT
 OUTPUT, GRAD = tensor_pb2.TensorChunk.OUTPUT, tensor_pb2.TensorChunk.GRAD
-RUN_STREAM = "/remat.v1.Executor/RunStream"
+RUN_STREAM = "/remat_proto.v1.Executor/RunStream"
 
 
 def _start(**config):
@@ -180,13 +181,13 @@ def test_only_the_output_is_big_run_is_refused_and_the_sdk_streams(client, serve
 
     # The refusal itself, as a raw client sees it: the status, the flag and the hint.
     stub = executor_pb2_grpc.ExecutorStub(grpc.insecure_channel(served[1]))
-    request, _ = rpc.run_request(executor_pb2.GraphRef(graph=g.to_proto()), g,
+    request, _ = calls.run_request(executor_pb2.GraphRef(graph=g.to_proto()), g,
                                  {"x": x[None]}, stream=False)
     with pytest.raises(grpc.RpcError) as caught:
         stub.Run(request, timeout=10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "RunStream" in caught.value.details()
-    assert (rpc.USE_STREAM_KEY, "1") in tuple(caught.value.trailing_metadata())
+    assert (metadata.USE_STREAM, "1") in tuple(caught.value.trailing_metadata())
 
 
 def test_many_medium_tensors_keep_every_message_small(client):
@@ -209,7 +210,7 @@ def test_many_medium_tensors_keep_every_message_small(client):
         assert np.array_equal(result.outputs[f"y{i}"], inputs[f"x{i}"] * 2)
         assert np.array_equal(result.outputs[f"b{i}"], np.full(n, i + 1, np.float32))
     # The headers themselves: inline tensors total at most one chunk.
-    request, chunked = rpc.run_request(executor_pb2.GraphRef(graph_id="id"), g, inputs,
+    request, chunked = calls.run_request(executor_pb2.GraphRef(graph_id="id"), g, inputs,
                                        stream=True)
     assert request.ByteSize() < MiB + 4096 and len(chunked) >= count - 1
     header, *_ = server_streaming.send(executor_pb2.RunResponse(), result.outputs, {}, MiB)
@@ -229,7 +230,7 @@ def test_server_chunk_size_is_honoured_even_when_it_does_not_divide_the_tensor()
         g.output("y", X * 2)
         g.output("small", remat.sum(X * X))
         g.output("loss", remat.sum(X * 3))
-        request, big = rpc.run_request(executor_pb2.GraphRef(graph=g.to_proto()), g,
+        request, big = calls.run_request(executor_pb2.GraphRef(graph=g.to_proto()), g,
                                        {"x": x}, wrt=["x"], loss="loss", stream=True,
                                        chunk_bytes=65_537)
         assert list(big) == [(INPUT, "x")]

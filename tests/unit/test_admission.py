@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from remat_server import admission as admission_module
-from remat_server.admission import Admission, MemoryAdmission
+from remat_server.service import admission as admission_module
+from remat_server.service.admission import Admission, MemoryAdmission
 from remat_server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 
 

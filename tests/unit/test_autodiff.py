@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from remat_server import ir
+from remat_server.graph import ir
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument
-from remat_server.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 
 
 def spec_of(inputs: dict, nodes, outputs) -> GraphSpec:

@@ -14,15 +14,15 @@ import pytest
 import support
 
 from remat import models
-from remat_server.checkpoint import policies as P
-from remat_server.checkpoint.planners import budgeting, chain_dp, plan
+from remat_proto import policies as P
+from remat_server.checkpoint.planners import bounds, chain_dp, plan
 from remat_server.checkpoint.planners.budget import search
 from remat_server.checkpoint.problem import Problem
-from remat_server.codec import graph_from_proto
+from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument, ResourceExhausted
-from remat_server.ir import GraphSpec
-from remat_server.limits import Limits
+from remat_server.graph.ir import GraphSpec
+from remat_server.graph.limits import Limits
 
 ENGINE = Engine()
 MODELS = {  # activations dominate in the first three, weights weigh in the last two
@@ -57,7 +57,7 @@ def reference(name: str):
 def figures(problem: Problem, policy) -> tuple[int, int]:
     """(peak bytes, recompute FLOPs) of a policy's schedule, or None if it cannot plan."""
     try:
-        sim = budgeting.simulated(problem, plan(problem, policy))
+        sim = bounds.simulated(problem, plan(problem, policy))
     except (InvalidArgument, ResourceExhausted):
         return None
     return sim.peak_bytes, sim.recompute_flops
@@ -78,7 +78,7 @@ def test_budget_fits_and_beats_every_heuristic_that_fits(name, fraction):
     except ResourceExhausted as error:
         assert "lowest predicted peak" in str(error)
         assert not fitting, f"Budget found nothing but {sorted(fitting)} fit"
-        lowest, _ = budgeting.lowest_peak(problem)
+        lowest, _ = bounds.lowest_peak(problem)
         assert lowest > limit
         return
     sim, report = planned.simulation, planned.schedule.report
@@ -102,7 +102,7 @@ def test_budget_at_each_heuristics_own_peak_recomputes_no_more(name):
         if own is None:
             continue
         schedule = search(problem, own[0], "budget")
-        sim = budgeting.simulated(problem, schedule)
+        sim = bounds.simulated(problem, schedule)
         assert sim.peak_bytes <= own[0]
         assert sim.recompute_flops <= own[1], P.label(heuristic)
 
@@ -111,7 +111,7 @@ def test_store_all_fits_means_no_recomputation():
     _, _, expected, problem = reference("mlp")
     schedule = search(problem, expected.metrics.peak_bytes, "budget(1)")
     assert schedule.report.status == "store_all_fits" and schedule.report.chosen == "store_all"
-    assert budgeting.simulated(problem, schedule).recompute_flops == 0
+    assert bounds.simulated(problem, schedule).recompute_flops == 0
 
 
 def test_chain_dp_beats_revolve_at_its_peak():
@@ -122,7 +122,7 @@ def test_chain_dp_beats_revolve_at_its_peak():
         solution = chain_dp.solve(problem, peak)
         best = None
         for level in solution.feasible_levels()[::-1]:
-            sim = budgeting.simulated(problem, solution.schedule(int(level), "dp"))
+            sim = bounds.simulated(problem, solution.schedule(int(level), "dp"))
             if sim.peak_bytes <= peak:
                 best = sim.recompute_flops
                 break
@@ -133,10 +133,11 @@ def test_chain_dp_beats_revolve_at_its_peak():
     ({}, "exactly one"), ({"bytes": 10, "fraction": 0.5}, "exactly one"),
     ({"fraction": 1.5}, "fraction"), ({"bytes": -5}, "exactly one|bytes"),
 ])
-def test_bad_budgets_are_invalid_argument(kwargs, message):
-    model, spec, _, _ = reference("chain")
-    with pytest.raises(InvalidArgument, match=message):
-        ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy=P.Budget(**kwargs))
+def test_bad_budgets_are_refused_by_the_constructor(kwargs, message):
+    # Before anything is sent; a hostile wire message meets the same check when the
+    # server decodes it (test_bad_input: INVALID_ARGUMENT).
+    with pytest.raises(ValueError, match=message):
+        P.Budget(**kwargs)
 
 
 def test_profile_prices_recomputation_in_seconds_and_needs_inputs():
@@ -179,7 +180,7 @@ def test_auto_plans_under_the_limit_when_store_all_does_not_fit():
 
 def test_auto_nothing_fits_names_the_minimum_before_running():
     _, _, _, problem = reference("mlp")
-    lowest, _ = budgeting.lowest_peak(problem)
+    lowest, _ = bounds.lowest_peak(problem)
     with pytest.raises(ResourceExhausted, match="lowest predicted peak is") as error:
         run_auto(lowest // 2)
     assert f"{lowest:,}" in str(error.value) and "--max-request-bytes" in str(error.value)
@@ -206,8 +207,8 @@ def test_budget_is_within_ten_percent_of_every_proven_optimum():
                 continue  # proven infeasible: Budget must agree
             if exact.report.status != "optimal":
                 continue
-            optimum = budgeting.simulated(fresh(), exact).recompute_flops
-            ours = budgeting.simulated(fresh(), plan(fresh(), P.Budget(fraction=fraction)))
+            optimum = bounds.simulated(fresh(), exact).recompute_flops
+            ours = bounds.simulated(fresh(), plan(fresh(), P.Budget(fraction=fraction)))
             assert ours.recompute_flops <= 1.10 * optimum, (length, fraction, optimum)
             proven.append((length, fraction))
     assert len(proven) >= 4, proven  # the comparison is not vacuous

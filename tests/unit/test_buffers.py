@@ -1,4 +1,4 @@
-"""remat_server.buffers.BufferPool: upload buffers are reused once nothing refers to
+"""remat_server.runtime.buffers.BufferPool: upload buffers are reused once nothing refers to
 them, never while a view lives, and idle ones are bounded in bytes."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from remat_server.buffers import MIN_POOLED_BYTES, BufferPool
+from remat_server.runtime.buffers import MIN_POOLED_BYTES, BufferPool
 
 MiB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""remat.chunks: the hand-rolled TensorChunk framing must be byte-compatible with
+"""remat_proto.chunks: the hand-rolled TensorChunk framing must be byte-compatible with
 protobuf both ways, and anything it does not fully understand must go to protobuf
 (which parses it or raises DecodeError), never crash or disagree with it."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import random
 import pytest
 from google.protobuf.message import DecodeError
 
-from remat import chunks
-from remat.v1 import executor_pb2, tensor_pb2
+from remat_proto import chunks
+from remat_proto.v1 import executor_pb2, tensor_pb2
 
 Request, Response = executor_pb2.RunStreamRequest, executor_pb2.RunStreamResponse
 INPUT, COTANGENT = tensor_pb2.TensorChunk.INPUT, tensor_pb2.TensorChunk.COTANGENT

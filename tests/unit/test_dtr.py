@@ -15,17 +15,17 @@ import support
 
 import remat
 from remat import models
-from remat_server.checkpoint.planners import budgeting
+from remat_server.checkpoint.planners import bounds
 from remat_server.checkpoint.memory import LiveBytes
 from remat_server.checkpoint.planners.dtr import plan_dtr
-from remat_server.checkpoint.policies import DTR, Sqrt
+from remat_proto.policies import DTR, Sqrt
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.schedule import Compute
-from remat_server.codec import graph_from_proto
+from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import ResourceExhausted
-from remat_server.ir import GraphSpec
-from remat_server.limits import Limits
+from remat_server.graph.ir import GraphSpec
+from remat_server.graph.limits import Limits
 
 ENGINE = Engine()
 
@@ -187,7 +187,7 @@ def test_a_2000_node_graph_plans(capsys):
     start = time.perf_counter()
     schedule = plan_dtr(problem, DTR(fraction=0.3))
     seconds = time.perf_counter() - start
-    sim = budgeting.simulated(problem, schedule)
+    sim = bounds.simulated(problem, schedule)
     assert sim.peak_bytes <= schedule.report.budget_bytes
     with capsys.disabled():
         print(f"\nDTR planned {len(problem.graph)} nodes in {seconds:.3f}s "

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 from remat_server.autodiff import differentiate
-from remat_server.build import build_graph
+from remat_server.graph.validate import build_graph
 from remat_server.checkpoint.planners.store_all import plan_store_all
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.schedule import Compute, Free, Schedule
 from remat_server.checkpoint.simulate import InvalidSchedule, simulate
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import Cancelled, InvalidArgument
-from remat_server.executor import execute
-from remat_server.ir import GraphSpec, InputSpec, NodeSpec
-from remat_server.limits import Limits
+from remat_server.runtime.executor import execute
+from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.limits import Limits
 
 F64 = 8  # bytes per float64 element
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from remat_server.engine import Engine, RunRequest
-from remat_server.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 from remat_server.ops.registry import REGISTRY
 from support import check_grads, op_graph
 

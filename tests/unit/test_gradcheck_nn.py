@@ -10,7 +10,7 @@ import pytest
 import support
 from remat_server.engine import RunRequest
 from remat_server.errors import InvalidArgument
-from remat_server.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from remat import models
-from remat_server.checkpoint.policies import (Checkpoints, EveryK, RecomputeAll, Revolve,
+from remat_proto.policies import (Checkpoints, EveryK, RecomputeAll, Revolve,
                                               SaveOps, Sqrt, StoreAll)
-from remat_server.codec import graph_from_proto
+from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import Cancelled
-from remat_server.ir import GraphSpec, InputSpec, NodeSpec
-from remat_server.limits import Limits
+from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.limits import Limits
 
 ENGINE = Engine()
 MiB = 1 << 20

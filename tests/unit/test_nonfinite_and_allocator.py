@@ -7,8 +7,8 @@ import ctypes.util
 import numpy as np
 import pytest
 
-from remat_server import allocator
-from remat_server.engine import _nonfinite
+from remat_server.runtime import allocator
+from remat_server.engine.run import _nonfinite
 
 BIG = np.finfo(np.float32).max
 

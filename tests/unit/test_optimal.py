@@ -13,6 +13,8 @@ chain at 0.6: not within 5 minutes). The budgets below solve in about a second e
 """
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import re
 
@@ -22,20 +24,21 @@ import support
 
 import remat
 from remat_server.checkpoint.planners import plan
-from remat_server.checkpoint.planners.budgeting import simulated, store_all_peak
+from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
 from remat_server.checkpoint.planners.heuristics import (plan_every_k, plan_recompute_all,
                                                          plan_sqrt)
-from remat_server.checkpoint.planners.optimal import _Milp, _order, plan_optimal
+from remat_server.checkpoint.planners.milp import _Milp, _order
+from remat_server.checkpoint.planners.optimal import plan_optimal
 from remat_server.checkpoint.planners.revolve import plan_revolve
-from remat_server.checkpoint.policies import EveryK, Optimal, Revolve, StoreAll
+from remat_proto.policies import EveryK, Optimal, Revolve, StoreAll
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.schedule import Schedule
-from remat_server.codec import graph_from_proto
+from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument, ResourceExhausted
-from remat_server.executor import execute
-from remat_server.ir import GraphSpec, InputSpec, NodeSpec
-from remat_server.limits import Limits
+from remat_server.runtime.executor import execute
+from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.limits import Limits
 
 ENGINE = Engine()
 RNG = np.random.default_rng(3)
@@ -216,10 +219,8 @@ def test_impossible_budget_is_resource_exhausted(policy, why):
 
 
 def test_too_many_nodes_falls_back_to_the_budget_planner():
-    pytest.importorskip("remat_server.checkpoint.planners.budget",
-                        reason="planners/budget.py (the fallback) has not landed yet")
-    p = problem("chain8")
-    schedule = plan_optimal(p, Optimal(fraction=0.9, max_nodes=10))
+    p = dataclasses.replace(problem("chain8"), milp_max_nodes=10)
+    schedule = plan_optimal(p, Optimal(fraction=0.9))
     report = schedule.report
     assert report.status == "fallback" and report.chosen
     assert report.detail.startswith(f"the joint graph has {len(_order(p))} nodes, over the MILP "
@@ -229,8 +230,6 @@ def test_too_many_nodes_falls_back_to_the_budget_planner():
 
 
 def test_timeout_without_a_schedule_falls_back_to_the_budget_planner():
-    pytest.importorskip("remat_server.checkpoint.planners.budget",
-                        reason="planners/budget.py (the fallback) has not landed yet")
     # A larger graph and a near-minimal budget: HiGHS finds no schedule in 10 ms.
     p = Problem(*_joint(mlp(layers=4, width=6)))
     schedule = plan_optimal(p, Optimal(fraction=0.95, time_limit=0.01))
@@ -248,7 +247,7 @@ def _joint(spec: GraphSpec):
 @pytest.mark.parametrize("asked, granted", [(0.0, 5.0), (2.0, 2.0), (1e9, 5.0)])
 def test_the_server_limit_is_the_default_and_the_most_a_client_gets(asked, granted):
     from remat_server.engine import Engine
-    from remat_server.limits import Limits
+    from remat_server.graph.limits import Limits
 
     engine = Engine(Limits(optimal_time_limit=5.0))
     assert engine.with_server_defaults(Optimal(fraction=0.5, time_limit=asked)

@@ -16,16 +16,16 @@ import pytest
 
 import remat
 from remat import models
-from remat_server.checkpoint.policies import (Checkpoints, EveryK, RecomputeAll, Revolve,
+from remat_proto.policies import (Checkpoints, EveryK, RecomputeAll, Revolve,
                                               SaveOps, Sqrt, StoreAll)
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.recompute import schedule_with_checkpoints
 from remat_server.checkpoint.simulate import simulate
-from remat_server.codec import graph_from_proto
+from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument
-from remat_server.ir import GraphSpec, InputSpec, NodeSpec
-from remat_server.limits import Limits
+from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.limits import Limits
 from remat_server.ops.random import keep_mask
 
 ENGINE = Engine()
@@ -182,10 +182,18 @@ def test_dropout_masks_are_identical_under_recomputation():
 
 
 # --- bad policies ----------------------------------------------------------------------------
+@pytest.mark.parametrize("make,message", [
+    (lambda: EveryK(0), r"EveryK: k must be >= 1"),
+    (lambda: EveryK(-3), r"EveryK: k must be >= 1"),
+    (lambda: Revolve(0), r"Revolve: slots must be >= 1"),
+], ids=["every_k(0)", "every_k(-3)", "revolve(0)"])
+def test_policy_constructors_refuse_what_needs_no_graph(make, message):
+    # The same check guards the wire: a decoded policy is constructed (test_bad_input).
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 @pytest.mark.parametrize("policy,message", [
-    (EveryK(0), r"every_k: k must be >= 1, got 0"),
-    (EveryK(-3), r"every_k: k must be >= 1, got -3"),
-    (Revolve(0), r"revolve: slots must be >= 1, got 0"),
     (Checkpoints(("missing",)), r"checkpoints: 'missing' is not a node of the forward graph"),
     (Checkpoints(("act0", "bwd/act0/mul")),  # a backward node cannot be a checkpoint
      r"checkpoints: 'bwd/act0/mul' is not a node of the forward graph"),

@@ -16,11 +16,11 @@ import support
 import pytest
 
 from remat_server.checkpoint.planners.revolve import binomial_advances, reversal_plan
-from remat_server.checkpoint.policies import Revolve, StoreAll
+from remat_proto.policies import Revolve, StoreAll
 from remat_server.checkpoint.schedule import Compute
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument
-from remat_server.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 
 ENGINE = Engine()
 

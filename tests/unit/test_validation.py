@@ -12,8 +12,8 @@ import pytest
 
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument
-from remat_server.ir import GraphSpec, InputSpec, NodeSpec
-from remat_server.limits import Limits
+from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.limits import Limits
 
 SRC = "model.py:12"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ir import Graph
+from ..graph.ir import Graph
 from ..ops import registry
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Mapping
 
-from ..ir import Graph
+from ..graph.ir import Graph
 from .memory import MemoryModel, memory_model
+from .simulate import node_flops
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,7 +25,10 @@ class Problem:
     forward_nodes: frozenset[str]  # names of the original (differentiated) graph's nodes
     # Price of computing each node (default: its FLOPs); profiled seconds when asked.
     costs: Mapping[str, float] | None = field(default=None)
-    # Figures planners share within one planning call (e.g. store_all's peak).
+    # The exact MILP's size limit (server flag --optimal-max-nodes); larger joint graphs
+    # fall back to the budget planner.
+    milp_max_nodes: int = 300
+    # Figures planners share (e.g. store_all's peak), for every policy planned on it.
     memo: dict = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -34,8 +38,14 @@ class Problem:
     def cost(self, name: str) -> float:
         if self.costs is not None:
             return self.costs[name]
-        from .simulate import node_flops  # simulate imports this module's siblings
-        return node_flops(self.graph, name)
+        return self.flops[name]
+
+    @cached_property
+    def flops(self) -> dict[str, int]:
+        """Every computed node's FLOPs, once for all the policies planned on it."""
+        graph = self.graph
+        return {name: node_flops(graph, name) for name, node in graph.nodes.items()
+                if not node.is_input}
 
     @cached_property
     def input_bytes(self) -> int:

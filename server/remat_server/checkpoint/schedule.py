@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from remat_proto.results import PlannerReport
+
 
 @dataclass(frozen=True, slots=True)
 class Compute:
@@ -27,17 +29,6 @@ class Free:
 
 
 Step = Union[Compute, Free]
-
-
-@dataclass(frozen=True)
-class PlannerReport:
-    """What a budgeted planner decided (budget, optimal, dtr, auto)."""
-    budget_bytes: int = 0
-    status: str = ""  # "optimal", "feasible", "time_limit", "fallback", "store_all_fits"...
-    optimality_gap: float = 0.0
-    solve_seconds: float = 0.0
-    detail: str = ""
-    chosen: str = ""  # label of the plan that won
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from ..errors import RematError
-from ..ir import Graph
+from ..graph.ir import Graph
 from ..ops import registry
 from .memory import LiveBytes, MemoryModel, memory_model
 from .schedule import Compute, Free, Schedule
@@ -33,41 +34,53 @@ class Simulation:
 
 
 def node_flops(graph: Graph, name: str) -> int:
-    node = graph[name]
-    op = registry.get(node.op)
-    return int(op.cost(node.type, *(graph[i].type for i in node.inputs), **node.attrs))
+    node = graph.nodes[name]
+    op = registry.REGISTRY[node.op]
+    return int(op.cost(node.type, *(graph.nodes[i].type for i in node.inputs), **node.attrs))
 
 
-def simulate(graph: Graph, schedule: Schedule, model: MemoryModel | None = None) -> Simulation:
+def simulate(graph: Graph, schedule: Schedule, model: MemoryModel | None = None,
+             flops: Mapping[str, int] | None = None) -> Simulation:
+    """`flops`: each node's FLOPs when known (a Problem's `flops`), else computed here."""
+    nodes = graph.nodes
     live = {node.name for node in graph.inputs}
     accounting = LiveBytes(model or memory_model(graph), live)
-    timeline, flops, recompute_flops = [], 0, 0
-    evaluations: Counter = Counter()
+    add, remove = accounting.add, accounting.remove
+    flops = {} if flops is None else flops
+    timeline: list[int] = []
+    record = timeline.append
+    total_flops = recompute_flops = 0
+    evaluations: dict[str, int] = {}
     for index, step in enumerate(schedule.steps):
         name = step.node
-        if name not in graph:
+        node = nodes.get(name)
+        if node is None:
             raise InvalidSchedule(f"step {index}: unknown node '{name}'")
-        if isinstance(step, Compute):
-            missing = [i for i in graph[name].inputs if i not in live]
-            if missing:
-                raise InvalidSchedule(f"step {index}: computing '{name}' needs '{missing[0]}', "
-                                      "which is not live")
+        if type(step) is Compute:
+            for source in node.inputs:
+                if source not in live:
+                    raise InvalidSchedule(f"step {index}: computing '{name}' needs "
+                                          f"'{source}', which is not live")
             if name in live:
                 raise InvalidSchedule(f"step {index}: '{name}' is computed while live")
-            cost = node_flops(graph, name)
-            flops += cost
-            if evaluations[name]:
+            cost = flops.get(name)
+            if cost is None:
+                cost = node_flops(graph, name)
+            total_flops += cost
+            count = evaluations.get(name, 0)
+            if count:
                 recompute_flops += cost
-            evaluations[name] += 1
+            evaluations[name] = count + 1
             live.add(name)
-            accounting.add(name)
-        elif isinstance(step, Free):
+            add(name)
+        elif type(step) is Free:
             if name not in live:
                 raise InvalidSchedule(f"step {index}: freeing '{name}', which is not live")
             live.discard(name)
-            accounting.remove(name)
-        timeline.append(accounting.total)
+            remove(name)
+        record(accounting.total)
     missing = sorted(schedule.results - live)
     if missing:
         raise InvalidSchedule(f"the schedule ends without '{missing[0]}' live")
-    return Simulation(accounting.peak, tuple(timeline), flops, recompute_flops, evaluations)
+    return Simulation(accounting.peak, tuple(timeline), total_flops, recompute_flops,
+                      Counter(evaluations))

@@ -12,9 +12,9 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .. import dtypes
+from remat_proto import dtypes
 from ..errors import ShapeError
-from ..ir import TensorType
+from ..graph.ir import TensorType
 from . import rules
 from .registry import Attr, free, register
 

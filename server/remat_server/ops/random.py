@@ -10,7 +10,7 @@ import hashlib
 
 import numpy as np
 
-from .. import dtypes
+from remat_proto import dtypes
 from . import rules
 from .registry import NODE_NAME, Attr, elementwise_cost, register
 

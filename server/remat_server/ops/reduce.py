@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 
-from .. import dtypes
+from remat_proto import dtypes
 from ..errors import ShapeError
-from ..ir import TensorType
+from ..graph.ir import TensorType
 from . import rules
 from .registry import Attr, register
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..ir import TensorType
+from ..graph.ir import TensorType
 
 REQUIRED = object()
 NODE_NAME = object()  # default sentinel: the attr defaults to the node's own name

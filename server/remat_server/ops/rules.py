@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import dtypes
+from remat_proto import dtypes
 from ..errors import ShapeError
-from ..ir import TensorType
+from ..graph.ir import TensorType
 
 NUMERIC = dtypes.FLOATS | dtypes.INTS
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from ..errors import ShapeError
-from ..ir import TensorType
+from ..graph.ir import TensorType
 from . import rules
 from .registry import Attr, free, register, elementwise_cost
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..policies import Auto, label
+from remat_proto.policies import Auto, label
 from ..problem import Problem
 from ..schedule import Schedule
 from .budget import search

@@ -18,7 +18,7 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
 5. On small joint graphs (<= EXACT_MAX_NODES), the exact MILP's best schedule within
    EXACT_SECONDS.
 
-    >>> from remat_server.checkpoint.policies import Budget
+    >>> from remat_proto.policies import Budget
     >>> Budget(fraction=0.5)
     Budget(bytes=0, fraction=0.5, profile=False)
 """
@@ -31,13 +31,15 @@ from typing import Callable
 
 from ...errors import ResourceExhausted
 from ...ops import registry
-from ..policies import DTR, Budget, EveryK, Optimal, Revolve, SaveOps, label
+from remat_proto.policies import DTR, Budget, EveryK, Revolve, SaveOps, label
 from ..problem import Problem
 from ..recompute import schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
-from . import chain_dp
-from .budgeting import budget_bytes, over_budget, simulated
+from . import chain_dp, milp
+from .bounds import budget_bytes, over_budget, simulated
+from .dtr import plan_dtr
 from .heuristics import plan_every_k, plan_recompute_all, plan_save_ops, plan_sqrt
+from .revolve import plan_revolve
 from .store_all import plan_store_all
 
 EXPENSIVE_OPS = ("matmul", "conv2d")
@@ -50,7 +52,7 @@ EXACT_SECONDS = 2.0
 
 def plan_budget(problem: Problem, policy: Budget) -> Schedule:
     name = label(policy)
-    limit = budget_bytes(problem, "budget", policy.bytes, policy.fraction)
+    limit = budget_bytes(problem, policy.bytes, policy.fraction)
     return search(problem, limit, name)
 
 
@@ -148,16 +150,11 @@ class _Candidates:
 
     def exact(self) -> None:
         problem = self.problem
-        size = sum(1 for n in problem.needed if not problem.graph[n].is_input)
-        if size > EXACT_MAX_NODES or problem.memo.get("exact_running"):
-            return  # (the MILP's own fallback plans with Budget: no recursion)
-        from .optimal import plan_optimal
-        problem.memo["exact_running"] = True
-        try:
-            self.consider("milp", lambda: plan_optimal(problem, Optimal(
-                bytes=self.limit, time_limit=EXACT_SECONDS, max_nodes=EXACT_MAX_NODES)))
-        finally:
-            del problem.memo["exact_running"]
+        if milp.size(problem) > EXACT_MAX_NODES:
+            return
+        solution = milp.solve(problem, self.limit, EXACT_SECONDS, "milp")
+        if solution.schedule is not None:
+            self.consider("milp", lambda: solution.schedule)
 
     def heuristics(self) -> None:
         problem = self.problem
@@ -170,14 +167,9 @@ class _Candidates:
         for op in EXPENSIVE_OPS:
             if op in present and registry.get(op) is not None:
                 self.consider(f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,))))
-        try:
-            from .dtr import plan_dtr
-            self.consider("dtr", lambda: plan_dtr(problem, DTR(bytes=self.limit)))
-        except ImportError:  # pragma: no cover - DTR ships with the server
-            pass
+        self.consider("dtr", lambda: plan_dtr(problem, DTR(bytes=self.limit)))
         if self.best is None:  # the low-memory extremes: quadratic on long chains
             if len(problem.boundaries) >= 2:
-                from .revolve import plan_revolve
                 for slots in (4, 2):
                     self.consider(f"revolve({slots})",
                                   lambda s=slots: plan_revolve(problem, Revolve(s)))

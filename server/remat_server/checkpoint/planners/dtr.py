@@ -39,26 +39,26 @@ import time
 from collections import Counter
 
 from ..memory import LiveBytes
-from ..policies import DTR, label
+from remat_proto.policies import DTR, label
 from ..problem import Problem
 from ..schedule import Compute, Free, PlannerReport, Schedule, Step
 from ..simulate import InvalidSchedule
-from . import budgeting
+from . import bounds
 
 
 def plan_dtr(problem: Problem, policy: DTR) -> Schedule:
     start = time.perf_counter()
     name = label(policy)
-    budget = budgeting.budget_bytes(problem, "dtr", policy.bytes, policy.fraction)
+    budget = bounds.budget_bytes(problem, policy.bytes, policy.fraction)
     if problem.input_bytes > budget:  # the replay only checks when something is computed
-        raise budgeting.over_budget(problem, name, budget, "the graph inputs alone exceed it")
+        raise bounds.over_budget(problem, name, budget, "the graph inputs alone exceed it")
     replay = _Replay(problem, budget, name)
     replay.run()
     report = PlannerReport(
         budget_bytes=budget, status="feasible", solve_seconds=time.perf_counter() - start,
         detail=f"{replay.evictions} evictions, {replay.remats} rematerializations")
     schedule = Schedule(tuple(replay.steps), problem.results, name, report=report)
-    peak = budgeting.simulated(problem, schedule).peak_bytes
+    peak = bounds.simulated(problem, schedule).peak_bytes
     if peak > budget:  # the replay accounts exactly like the simulator: a bug if reached
         raise InvalidSchedule(f"policy {name}: planned peak {peak:,} exceeds the budget "
                               f"{budget:,} bytes")
@@ -145,7 +145,7 @@ class _Replay:
         while self.bytes.total + self.bytes.allocates(name) > self.budget:
             victim = self.choose()
             if victim is None:
-                raise budgeting.over_budget(self.problem, self.name, self.budget,
+                raise bounds.over_budget(self.problem, self.name, self.budget,
                                             f"DTR found nothing left to evict before '{name}'")
             self.evictions += victim not in self.dead  # dead ones are only freed early
             self.drop(victim)

@@ -6,7 +6,7 @@ import math
 
 from ...errors import InvalidArgument
 from ...ops import registry
-from ..policies import Checkpoints, EveryK, SaveOps, label
+from remat_proto.policies import Checkpoints, EveryK, SaveOps, label
 from ..problem import Problem
 from ..recompute import schedule_with_checkpoints
 from ..schedule import Schedule
@@ -17,8 +17,6 @@ def plan_recompute_all(problem: Problem, policy) -> Schedule:
 
 
 def plan_every_k(problem: Problem, policy: EveryK) -> Schedule:
-    if policy.k < 1:
-        raise InvalidArgument(f"policy every_k: k must be >= 1, got {policy.k}")
     kept = frozenset(problem.candidates[policy.k - 1::policy.k])
     return schedule_with_checkpoints(problem, kept, f"every_k({policy.k})")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from math import comb
 
 from ...errors import InvalidArgument
-from ..policies import Revolve
+from remat_proto.policies import Revolve
 from ..problem import Problem
 from ..schedule import Schedule
 from .chain import ChainEmitter, segments as chain_segments
@@ -77,8 +77,6 @@ def reversal_plan(steps: int, slots: int) -> list[tuple[str, int, int]]:
 
 
 def plan_revolve(problem: Problem, policy: Revolve) -> Schedule:
-    if policy.slots < 1:
-        raise InvalidArgument(f"policy revolve: slots must be >= 1, got {policy.slots}")
     segments = chain_segments(problem)
     if len(segments) < 2:
         raise InvalidArgument("policy revolve: the forward graph has no chain structure "

@@ -11,19 +11,20 @@ from ..schedule import Compute, Free, Schedule, Step
 
 
 def plan_store_all(problem: Problem, policy=None) -> Schedule:
-    graph, results = problem.graph, problem.results
-    order = [node for node in graph if node.name in problem.needed and not node.is_input]
+    nodes, results, needed = problem.graph.nodes, problem.results, problem.needed
+    order = [node for name, node in nodes.items() if name in needed and not node.is_input]
     last_use: dict[str, int] = {}
     for position, node in enumerate(order):
         for source in node.inputs:
-            if not graph[source].is_input:
-                last_use[source] = position
+            last_use[source] = position
     frees_after: dict[int, list[str]] = {}
     for name, position in last_use.items():
-        if name not in results:
+        if name not in results and not nodes[name].is_input:
             frees_after.setdefault(position, []).append(name)
     steps: list[Step] = []
+    append = steps.append
     for position, node in enumerate(order):
-        steps.append(Compute(node.name))
-        steps.extend(Free(name) for name in frees_after.get(position, ()))
+        append(Compute(node.name))
+        for name in frees_after.get(position, ()):
+            append(Free(name))
     return Schedule(tuple(steps), results, "store_all")

@@ -1,0 +1,274 @@
+"""Domain values <-> protobuf messages, for the SDK and the server alike: tensors,
+attributes, graphs, policies, metrics, and a graph's content id.
+
+Decoding never trusts the message: anything malformed raises `WireError` (a
+ValueError) naming the field, which the server answers with INVALID_ARGUMENT. Sizes
+are the caller's to check (the server holds them to its limits before a tensor's
+bytes are touched); tensors decode zero-copy (`tensor_view`) or into a new writable
+array (`tensor_to_array`).
+
+    >>> import numpy as np
+    >>> message = array_to_tensor(np.arange(3.0))
+    >>> tensor_to_array(message).tolist(), policy_from_proto(policy_to_proto(policies.EveryK(4)))
+    ([0.0, 1.0, 2.0], EveryK(k=4))
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import dtypes, policies
+from .results import Metrics, PlannerReport, TraceEvent
+from .spec import GraphSpec, InputSpec, NodeSpec, where
+from .v1 import executor_pb2, graph_pb2, tensor_pb2
+
+DTYPE_ENUM = {name: tensor_pb2.DType.Value(name.upper()) for name in dtypes.NAMES}
+ENUM_DTYPE = {value: name for name, value in DTYPE_ENUM.items()}
+
+
+class WireError(ValueError):
+    """A message that does not decode; the text names the field."""
+
+
+# --- tensors ---------------------------------------------------------------------------------
+def dtype_name(enum_value: int, what: str) -> str:
+    if enum_value not in ENUM_DTYPE:
+        raise WireError(f"{what}: dtype {enum_value} is not supported "
+                        f"(one of {', '.join(dtypes.NAMES)})")
+    return ENUM_DTYPE[enum_value]
+
+
+def wire_array(value: Any, dtype: str | None = None) -> np.ndarray:
+    """`value` as a C-contiguous little-endian array of a supported dtype (no copy when
+    it already is one)."""
+    array = np.asarray(value, dtype=dtype)
+    name = dtypes.name_of(array.dtype)
+    if name is None:
+        raise TypeError(f"dtype {array.dtype} is not supported; use one of "
+                        f"{', '.join(dtypes.NAMES)}")
+    wire = dtypes.NUMPY[name]
+    if array.dtype == wire and array.flags.c_contiguous:
+        return array
+    # Not ascontiguousarray: it turns a 0-d array into a 1-d one.
+    return np.asarray(array, dtype=wire, order="C")
+
+
+def fill_tensor(message: tensor_pb2.Tensor, value: Any, dtype: str | None = None,
+                chunked: bool = False) -> np.ndarray:
+    """Write `value` into `message` in place (no intermediate message to copy); with
+    `chunked`, only dtype and shape (its data goes in TensorChunks). Returns the array
+    as it goes on the wire."""
+    array = wire_array(value, dtype)
+    message.dtype = DTYPE_ENUM[dtypes.name_of(array.dtype)]
+    message.shape[:] = array.shape
+    if chunked:
+        message.chunked = True
+    else:
+        message.data = array.tobytes()
+    return array
+
+
+def array_to_tensor(value: Any, dtype: str | None = None) -> tensor_pb2.Tensor:
+    message = tensor_pb2.Tensor()
+    fill_tensor(message, value, dtype)
+    return message
+
+
+def tensor_view(tensor: tensor_pb2.Tensor, what: str = "tensor") -> np.ndarray:
+    """The tensor's data as a read-only array over the message's bytes (no copy).
+    WireError if its dtype is unknown or its byte count does not match its shape;
+    check the shape against any limits first."""
+    dtype = dtype_name(tensor.dtype, what)
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise WireError(f"{what}: shape {list(shape)} has a negative dimension")
+    expected = dtypes.itemsize(dtype) * math.prod(shape)
+    if len(tensor.data) != expected:
+        raise WireError(f"{what}: {len(tensor.data)} bytes of data, but {dtype} with shape "
+                        f"{list(shape)} needs {expected}")
+    return np.frombuffer(tensor.data, dtype=dtypes.NUMPY[dtype]).reshape(shape)
+
+
+def reusable(array: np.ndarray | None, shape: tuple, dtype: np.dtype) -> bool:
+    """Whether `array` can take a tensor's bytes as they are: a writable C-contiguous
+    array of exactly that shape and (little-endian) dtype."""
+    return (isinstance(array, np.ndarray) and array.shape == shape and array.dtype == dtype
+            and array.dtype.isnative and array.flags.c_contiguous and array.flags.writeable)
+
+
+def tensor_to_array(tensor: tensor_pb2.Tensor, reuse: np.ndarray | None = None) -> np.ndarray:
+    """The tensor as a new writable array, or written into `reuse` when it fits."""
+    data = tensor_view(tensor)
+    if reusable(reuse, data.shape, data.dtype):
+        np.copyto(reuse, data)
+        return reuse
+    # Copy: the message's buffer is read-only and users expect writable arrays.
+    return data.astype(data.dtype.newbyteorder("="), copy=True)
+
+
+# --- attributes ------------------------------------------------------------------------------
+def attr_to_proto(value: Any) -> graph_pb2.AttrValue:
+    if isinstance(value, (bool, np.bool_)):
+        return graph_pb2.AttrValue(b=bool(value))
+    if isinstance(value, (int, np.integer)):
+        return graph_pb2.AttrValue(i=int(value))
+    if isinstance(value, (float, np.floating)):
+        return graph_pb2.AttrValue(f=float(value))
+    if isinstance(value, str):
+        return graph_pb2.AttrValue(s=value)
+    if isinstance(value, np.ndarray):
+        return graph_pb2.AttrValue(tensor=array_to_tensor(value))
+    if isinstance(value, (tuple, list)):
+        if any(isinstance(v, (float, np.floating)) for v in value):
+            return graph_pb2.AttrValue(floats=graph_pb2.FloatList(values=[float(v) for v in value]))
+        return graph_pb2.AttrValue(ints=graph_pb2.IntList(values=[int(v) for v in value]))
+    raise TypeError(f"cannot send attribute value {value!r} ({type(value).__name__})")
+
+
+TensorDecoder = Callable[[tensor_pb2.Tensor, str], np.ndarray]
+
+
+def _copy_tensor(tensor: tensor_pb2.Tensor, what: str) -> np.ndarray:
+    return tensor_to_array(tensor)
+
+
+def attr_from_proto(value: graph_pb2.AttrValue, what: str,
+                    tensor: TensorDecoder = _copy_tensor) -> Any:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        raise WireError(f"{what}: the attribute has no value set")
+    if kind == "ints":
+        return tuple(value.ints.values)
+    if kind == "floats":
+        return tuple(value.floats.values)
+    if kind == "tensor":
+        return tensor(value.tensor, what)
+    return getattr(value, kind)
+
+
+# --- graphs ----------------------------------------------------------------------------------
+def graph_to_proto(spec: GraphSpec) -> graph_pb2.Graph:
+    """The Graph message of a spec; attributes whose value is None are left out (None
+    means "the op's default", and absence says the same)."""
+    message = graph_pb2.Graph(name=spec.name)
+    for item in spec.inputs:
+        message.inputs.add(name=item.name, shape=item.shape, dtype=DTYPE_ENUM[item.dtype],
+                           source=item.source)
+    add_node = message.nodes.add
+    for node in spec.nodes:
+        entry = add_node(name=node.name, op=node.op, inputs=node.inputs, source=node.source)
+        for key, value in node.attrs.items():
+            if value is not None:
+                entry.attrs[key].CopyFrom(attr_to_proto(value))
+    for name, node in spec.outputs:
+        message.outputs.add(name=name, node=node)
+    return message
+
+
+def graph_from_proto(message: graph_pb2.Graph, tensor: TensorDecoder = _copy_tensor) -> GraphSpec:
+    """The spec of a Graph message; attribute tensors go through `tensor(message, what)`
+    (the server's checks them against its limits). Nothing else is validated here."""
+    inputs = tuple(
+        InputSpec(i.name, tuple(i.shape), dtype_name(i.dtype, where(i.name, "input", i.source)),
+                  i.source)
+        for i in message.inputs)
+    nodes = tuple(
+        NodeSpec(n.name, n.op, tuple(n.inputs),
+                 {k: attr_from_proto(v, f"{where(n.name, n.op, n.source)}: attribute '{k}'",
+                                     tensor)
+                  for k, v in n.attrs.items()} if n.attrs else {}, n.source)
+        for n in message.nodes)
+    outputs = tuple((o.name, o.node) for o in message.outputs)
+    return GraphSpec(message.name, inputs, nodes, outputs)
+
+
+def content_id(message: graph_pb2.Graph) -> str:
+    """A graph's id on every server: sha256 of its deterministic serialization."""
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+# --- policies --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _wire_fields(cls: type) -> tuple[tuple[str, str], ...]:
+    """(dataclass field, proto field) pairs of a policy class, from its table row."""
+    kind = policies.KINDS[cls]
+    return tuple((f.name, kind.wire_names.get(f.name, f.name)) for f in dataclasses.fields(cls))
+
+
+@functools.lru_cache(maxsize=256)
+def _policy_message(policy: policies.Policy) -> bytes:
+    kind = policies.kind_of(policy)
+    message = executor_pb2.Policy()
+    part = getattr(message, kind.name)
+    # CopyFrom sets the oneof even for a message without fields.
+    part.CopyFrom(type(part)(**{wire: getattr(policy, field)
+                                for field, wire in _wire_fields(type(policy))}))
+    return message.SerializeToString()
+
+
+def policy_to_proto(policy: policies.Policy) -> executor_pb2.Policy:
+    """The `Policy` oneof for a policy object (names are resolved before this)."""
+    return executor_pb2.Policy.FromString(_policy_message(policy))
+
+
+def policy_from_proto(message: executor_pb2.Policy) -> policies.Policy:
+    """The policy a `Policy` oneof names (unset: auto); WireError when its parameters
+    are invalid (a constructor's check) or its name is unknown."""
+    name = message.WhichOneof("kind")
+    try:
+        if name is None:
+            return policies.Auto()
+        if name == "name":
+            return policies.resolve(message.name)
+        kind = policies.BY_NAME[name]
+        part = getattr(message, name)
+        values = {}
+        for field, wire in _wire_fields(kind.cls):
+            value = getattr(part, wire)
+            values[field] = value if isinstance(value, (int, float, str, bool)) else tuple(value)
+        return kind.cls(**values)
+    except (TypeError, ValueError) as error:
+        raise WireError(f"policy: {error}") from None
+
+
+# --- results ---------------------------------------------------------------------------------
+_METRIC_FIELDS = tuple(f.name for f in dataclasses.fields(Metrics) if f.name != "planner")
+_REPORT_FIELDS = tuple(f.name for f in dataclasses.fields(PlannerReport))
+
+
+def report_to_proto(report: PlannerReport | None) -> executor_pb2.PlannerReport | None:
+    return None if report is None else executor_pb2.PlannerReport(**vars(report))
+
+
+def report_from_proto(message, field: str = "planner") -> PlannerReport | None:
+    """The PlannerReport in `message.<field>`, or None when it is not set."""
+    if not message.HasField(field):
+        return None
+    report = getattr(message, field)
+    return PlannerReport(**{f: getattr(report, f) for f in _REPORT_FIELDS})
+
+
+def metrics_to_proto(metrics: Metrics) -> executor_pb2.Metrics:
+    fields = {f: getattr(metrics, f) for f in _METRIC_FIELDS}
+    return executor_pb2.Metrics(**fields, planner=report_to_proto(metrics.planner))
+
+
+def metrics_from_proto(message: executor_pb2.Metrics) -> Metrics:
+    return Metrics(**{f: getattr(message, f) for f in _METRIC_FIELDS},
+                   planner=report_from_proto(message))
+
+
+def trace_to_proto(events: Iterable[TraceEvent]) -> list[executor_pb2.TraceEvent]:
+    return [executor_pb2.TraceEvent(node=e.node, op=e.op, phase=e.phase,
+                                    start_seconds=e.start_seconds, seconds=e.seconds,
+                                    live_bytes=e.live_bytes) for e in events]
+
+
+def trace_from_proto(events) -> tuple[TraceEvent, ...]:
+    return tuple(TraceEvent(e.node, e.op, e.phase, e.start_seconds, e.seconds, e.live_bytes)
+                 for e in events)

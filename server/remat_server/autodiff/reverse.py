@@ -1,0 +1,171 @@
+"""Reverse-mode autodiff, symbol to symbol: graph in, joint forward+backward graph out.
+
+For each node in reverse topological order, the incoming gradient contributions are
+summed as they arrive (in a fixed order), the op's VJP rule emits the nodes of
+its local backward, and each resulting gradient is summed down to its input's shape
+(un-broadcasting) before it joins that input's contributions. Only nodes on a path
+from a `wrt` input to a target carry gradients; only float values carry them.
+
+The result is deterministic: the same graph and request always give the same joint
+graph, node for node, so any schedule of it computes bit-identical gradients.
+
+Example:
+    >>> from remat_server.limits import Limits
+    >>> # joint = differentiate(graph, Limits(), wrt=["w"], loss="loss")
+    >>> # joint.graph.outputs["grad/w"] names the node holding d loss / d w
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from remat_proto import dtypes
+from ..graph.builder import GraphBuilder
+from .emitter import Emitter, Sym
+from ..errors import InvalidArgument, Unimplemented, where
+from ..graph.ir import INPUT_OP, Graph, TensorType
+from ..graph.limits import Limits
+from ..ops import registry
+
+
+@dataclass(frozen=True)
+class JointGraph:
+    """The joint graph plus where to find what the caller asked for."""
+
+    graph: Graph
+    forward_nodes: frozenset[str]  # nodes of the original graph
+    grad_outputs: Mapping[str, str]  # wrt input -> output name holding its gradient
+    cotangent_inputs: Mapping[str, str]  # output name -> input name for its cotangent
+
+
+def differentiate(graph: Graph, limits: Limits, wrt: list[str], loss: str = "",
+                  cotangent_outputs: list[str] | None = None) -> JointGraph:
+    """Add the backward pass of `graph` to it.
+
+    Give `loss` (a scalar output or node name), or `cotangent_outputs`: output names
+    that each get a new input `cotangent/<output>` seeding the backward pass (a VJP).
+    """
+    _check_wrt(graph, wrt)
+    builder = GraphBuilder(graph.name, limits, base=graph)
+    e = Emitter(builder)
+    seeds, cotangent_inputs = _seeds(graph, builder, e, loss, cotangent_outputs or [])
+    # Each node's gradient is accumulated as contributions arrive (a left fold in a
+    # fixed order), so at most one partial sum per node is live, not one per consumer.
+    total: dict[str, Sym] = {}
+    for name, g in seeds:
+        total[name] = g
+    nodes, floats = graph.nodes, dtypes.FLOATS
+    # Gradients flow only through float values on a path from a wrt input to a seed.
+    relevant = {name for name in graph.descendants(set(wrt))
+                & graph.ancestors({name for name, _ in seeds})
+                if nodes[name].type.dtype in floats}
+
+    for node in reversed(nodes.values()):
+        g = total.get(node.name)
+        if g is None or node.op == INPUT_OP or node.type.dtype not in floats:
+            continue
+        op = registry.REGISTRY[node.op]
+        targets = [i for i, name in enumerate(node.inputs)
+                   if name in relevant and op.differentiable(i)]
+        if not targets:
+            continue
+        e.at(node)
+        inputs = [e.wrap(nodes[name]) for name in node.inputs]
+        grads = op.vjp(e, g, e.wrap(node), *inputs, **node.attrs)
+        if len(grads) != len(node.inputs):
+            raise Unimplemented(f"{where(node.name, node.op)}: its VJP returned {len(grads)} "
+                                f"gradients for {len(node.inputs)} inputs")
+        for i in targets:
+            if grads[i] is not None:
+                source = nodes[node.inputs[i]]
+                contribution = _fit(e, grads[i], source.type)
+                previous = total.get(source.name)
+                total[source.name] = contribution if previous is None else previous + contribution
+
+    outputs = dict(graph.outputs)
+    grad_outputs: dict[str, str] = {}
+    for name in wrt:
+        source = graph[name]
+        e.prefix, e.source = f"grad/{name}", ""
+        g = total[name] if name in total else e.zeros(source.shape, source.dtype)
+        out_name = _free_output_name(outputs, name)
+        outputs[out_name] = g.name
+        grad_outputs[name] = out_name
+    return JointGraph(_prune(builder.graph(outputs), graph), frozenset(graph.nodes),
+                      grad_outputs, cotangent_inputs)
+
+
+def _check_wrt(graph: Graph, wrt: list[str]) -> None:
+    if len(set(wrt)) != len(wrt):
+        raise InvalidArgument(f"wrt names an input twice: {wrt}")
+    for name in wrt:
+        if name not in graph:
+            raise InvalidArgument(f"wrt: '{name}' is not an input of the graph")
+        node = graph[name]
+        if not node.is_input:
+            raise InvalidArgument(f"wrt: '{name}' is a node ({node.op}), not an input; "
+                                  "gradients are taken with respect to inputs")
+        if not dtypes.is_float(node.dtype):
+            raise InvalidArgument(f"wrt: input '{name}' has dtype {node.dtype}; "
+                                  "only float inputs have gradients")
+
+
+def _resolve(graph: Graph, name: str) -> str:
+    """An output name, else a node name, to the node it denotes."""
+    if name in graph.outputs:
+        return graph.outputs[name]
+    if name in graph:
+        return name
+    raise InvalidArgument(f"loss: '{name}' is neither an output nor a node of the graph")
+
+
+def _seeds(graph, builder, e, loss, cotangent_outputs):
+    if bool(loss) == bool(cotangent_outputs):
+        raise InvalidArgument("give either a scalar `loss` or cotangents for outputs, not "
+                              + ("both" if loss else "neither"))
+    if loss:
+        node = graph[_resolve(graph, loss)]
+        if node.shape != ():
+            raise InvalidArgument(f"loss: {where(node.name, node.op, node.source)} has shape "
+                                  f"{node.shape}; a loss must be a scalar (or send cotangents "
+                                  "for non-scalar outputs)")
+        if not dtypes.is_float(node.dtype):
+            raise InvalidArgument(f"loss: '{loss}' has dtype {node.dtype}; it must be float")
+        e.prefix = "seed"
+        return [(node.name, e.const(1.0, node.dtype))], {}
+    seeds, inputs = [], {}
+    for out_name in cotangent_outputs:
+        if out_name not in graph.outputs:
+            raise InvalidArgument(f"cotangent given for '{out_name}', which is not an output")
+        node = graph[graph.outputs[out_name]]
+        if not dtypes.is_float(node.dtype):
+            raise InvalidArgument(f"cotangent for output '{out_name}': its dtype {node.dtype} "
+                                  "is not float")
+        input_name = builder.fresh_name(f"cotangent/{out_name}")
+        seeds.append((node.name, e.wrap(builder.add_input(input_name, node.type))))
+        inputs[out_name] = input_name
+    return seeds, inputs
+
+
+def _fit(e: Emitter, g: Sym, target: TensorType) -> Sym:
+    """Un-broadcast `g` to the input's shape; cast if a rule produced another float."""
+    g = e.sum_to(g, target.shape)
+    return g if g.dtype == target.dtype else e.cast(g, dtype=target.dtype)
+
+
+def _prune(joint: Graph, original: Graph) -> Graph:
+    """Drop backward nodes no output reads (a VJP rule emits gradients for every input,
+    even those not in `wrt`); the original graph's nodes and all inputs stay."""
+    keep = joint.ancestors(set(joint.outputs.values()))
+    nodes = {name: node for name, node in joint.nodes.items()
+             if name in keep or name in original or node.is_input}
+    return Graph(joint.name, nodes, joint.outputs)
+
+
+def _free_output_name(outputs: dict[str, str], name: str) -> str:
+    """`grad/<name>`, or `grad2/<name>`, `grad3/<name>`... when differentiating again."""
+    candidate, order = f"grad/{name}", 1
+    while candidate in outputs:
+        order += 1
+        candidate = f"grad{order}/{name}"
+    return candidate

@@ -1,0 +1,303 @@
+"""Checkmate's MILP (Jain et al. 2020), solved exactly by HiGHS (scipy.optimize.milp).
+
+The n needed non-input nodes are numbered 0..n-1 in a topological order: the forward
+values in `forward_order`, then the backward nodes (the order the heuristics first
+compute them in). Stage t computes node t for the first time and may recompute any
+earlier node. Variables (binary except U):
+
+* R[t,i], i <= t: node i is computed in stage t; R[t,t] = 1 (the frontier advances);
+* S[t,i], i < t: value i is live entering stage t. S[0] is empty (graph inputs are
+  live throughout); row S[n], the end state, is fixed: 1 for the results;
+* FREE[t,(i,k)]: value i is dropped right after node k, its last user in stage t;
+* U[t,k]: bytes live just after computing node k in stage t, inputs excluded (their
+  bytes come off the budget instead).
+
+    minimise   sum R[t,i] cost(i)
+    such that  R[t,k] <= R[t,i] + S[t,i]       for each edge i -> k (inputs are live)
+               S[t+1,i] <= S[t,i] + R[t,i]      (a value is kept only if it was there)
+               R[t,i] + S[t,i] <= 1             (never compute a live value)
+               U[t,0] = M_0 R[t,0] + sum_i M_i S[t,i]
+               U[t,k] = U[t,k-1] + M_k R[t,k] - sum_{(i,k-1)} M_i FREE[t,(i,k-1)]
+               FREE[t,(i,k)] = R[t,k] (1 - S[t+1,i]) prod_{users j of i, k<j<=t} (1 - R[t,j])
+               0 <= U[t,k] <= budget - input bytes
+
+The product is linearised exactly (FREE <= each factor, FREE >= R - S - sum R): tighter
+for the LP relaxation than Checkmate's big-M hazard count. FREE exists only for t > k
+and M_i > 0 (a free after the frontier node changes no U). Bytes are counted in units
+of their gcd, so U is integral and HiGHS's tolerances cannot push a schedule over.
+
+Views (aliasing): a view allocates nothing but keeps its owner's buffer alive, so the
+live bytes are those of buffers with any live value. The MILP charges each buffer to
+its owner (M_view = 0) and stays exact by never letting a view outlive its owner:
+S[t,v] <= S[t,owner], and the owner's users include its views and their users, so it
+is freed no earlier than they are. That loses nothing: while a view lives its owner's
+buffer is paid for anyway. Values that hold no bytes and pin none (constants, views
+of inputs) are simply kept from their first computation on.
+
+The schedule mirrors the accounting: per stage, compute the R nodes in order and drop
+each value not kept into the next stage right after its last user in the stage (at
+once if the stage does not use it), never later than FREE says; the simulated peak is
+the MILP's. `solve` only solves: what to do when it finds nothing (policy Optimal
+falls back to Budget; Budget simply has one candidate fewer) is its caller's choice.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from ..problem import Problem
+from ..schedule import Compute, Free, Schedule, Step
+from ..simulate import InvalidSchedule
+from .bounds import simulated
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A solve's outcome. `schedule` is None when there is none: `infeasible` (proven)
+    or not found in time (`why` says which)."""
+
+    schedule: Schedule | None
+    infeasible: bool
+    optimal: bool  # proven optimal (else stopped at the time limit)
+    gap: float
+    seconds: float
+    size: str  # "MILP with V variables and C constraints"
+    why: str = ""
+
+
+def solve(problem: Problem, limit: int, time_limit: float, name: str) -> Solution:
+    """The cheapest schedule with peak <= `limit` bytes, within `time_limit` seconds."""
+    order = _order(problem)
+    model = _Milp(problem, order, limit - problem.input_bytes)
+    start = time.perf_counter()
+    res = model.solve(time_limit)
+    seconds = time.perf_counter() - start
+    size = f"MILP with {model.variables} variables and {model.constraints} constraints"
+    if res.status == 2:  # proven infeasible
+        return Solution(None, True, False, 0.0, seconds, size, f"the {size} is infeasible")
+    if res.x is None:  # time limit (or a solver failure) before any feasible schedule
+        why = f"the {size} found no feasible schedule " + (
+            f"within {time_limit:g} s" if res.status == 1 else f"({res.message})")
+        return Solution(None, False, False, 0.0, seconds, size, why)
+    schedule = Schedule(model.steps(res.x), problem.results, name)
+    peak = simulated(problem, schedule).peak_bytes
+    if peak > limit:  # the accounting above is exact or conservative: a bug, never hidden
+        raise InvalidSchedule(f"policy {name}: the MILP schedule peaks at {peak:,} bytes, "
+                              f"over its budget of {limit:,}")
+    gap = float(res.mip_gap) if res.mip_gap is not None and np.isfinite(res.mip_gap) else 0.0
+    return Solution(schedule, False, res.status == 0, gap, seconds, size)
+
+
+def size(problem: Problem) -> int:
+    """Nodes the MILP numbers: the needed non-input nodes."""
+    return len(_order(problem))
+
+
+def _order(problem: Problem) -> list[str]:
+    """Forward values in forward_order, then the backward nodes (graph order if that is
+    not a topological order of the needed nodes)."""
+    graph = problem.graph
+    order = [*problem.forward_order, *problem.backward]
+    wanted = [n for n in graph.nodes if n in problem.needed and not graph[n].is_input]
+    index = {name: i for i, name in enumerate(order)}
+    if len(order) != len(wanted) or set(order) != set(wanted) or any(
+            index.get(s, -1) >= index[n] for n in order for s in graph[n].inputs
+            if not graph[s].is_input):
+        return wanted
+    return order
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each group g, the integers lo[g] <= v < hi[g]: (group index, v) arrays."""
+    counts = np.maximum(hi - lo, 0)
+    group = np.repeat(np.arange(len(lo)), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return group, np.repeat(lo, counts) + np.arange(counts.sum()) - starts
+
+
+def _pairs(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return a[:, 0], a[:, 1]
+
+
+class _Rows:
+    """Constraint rows as COO triplets, appended block by block."""
+
+    def __init__(self):
+        self.rows, self.cols, self.coefs, self.lower, self.upper = [], [], [], [], []
+        self.count = 0
+
+    def add(self, count: int, terms, lower: float, upper: float) -> None:
+        """`count` rows lower <= sum coef * x[col] <= upper; terms are (row, col, coef)
+        arrays, row None meaning one row per element."""
+        for row, col, coef in terms:
+            self.rows.append((np.arange(count) if row is None else row) + self.count)
+            self.cols.append(col)
+            self.coefs.append(np.broadcast_to(np.asarray(coef, dtype=float), col.shape))
+        self.lower.append(np.full(count, lower, dtype=float))
+        self.upper.append(np.full(count, upper, dtype=float))
+        self.count += count
+
+    def build(self, variables: int) -> LinearConstraint:
+        A = sparse.coo_array((np.concatenate(self.coefs), (np.concatenate(self.rows),
+                                                           np.concatenate(self.cols))),
+                             shape=(self.count, variables)).tocsr()
+        return LinearConstraint(A, np.concatenate(self.lower), np.concatenate(self.upper))
+
+
+class _Milp:
+    def __init__(self, problem: Problem, order: list[str], free_bytes: int):
+        graph, model = problem.graph, problem.model
+        self.order, n = order, len(order)
+        index = {name: i for i, name in enumerate(order)}
+        # Bytes charged to each node: its buffer's if it owns one, 0 for a view.
+        owner = np.array([index.get(model.owner[name], -1) for name in order],  # -1: an input's
+                         dtype=np.int64)
+        raw = np.array([model.nbytes[name] if owner[i] == i else 0 for i, name in enumerate(order)],
+                       dtype=np.int64)
+        unit = math.gcd(*raw[raw > 0].tolist()) if np.any(raw > 0) else 1
+        mem = raw // unit  # integral coefficients: U is exact, no rounding slack
+        self.unit = unit
+        # deps[k]: real inputs (the schedule must have them live); users[i]: real consumers
+        # plus, for an owner, its views and their consumers (it must outlive them).
+        deps = [sorted({index[s] for s in graph[name].inputs if s in index}) for name in order]
+        users: list[set[int]] = [set() for _ in range(n)]
+        for k in range(n):
+            for i in (*deps[k], *owner[deps[k]].tolist(), int(owner[k])):
+                if 0 <= i != k:
+                    users[i].add(k)
+        self.users = [sorted(u) for u in users]
+        self.uses: list[list[int]] = [[] for _ in range(n)]
+        for i in range(n):
+            for k in self.users[i]:
+                self.uses[k].append(i)
+
+        # Variable layout: R and U over (t, i <= t); S over (t <= n, i < t); FREE per edge
+        # (i, k) with M_i > 0 over k < t < n.
+        tri = n * (n + 1) // 2
+        self.r0, self.s0 = 0, tri
+        self.u0 = u0 = tri + (n + 1) * n // 2
+        f0 = u0 + tri
+        ei, ek = _pairs([(i, k) for i in range(n) for k in self.users[i] if mem[i] > 0])
+        fcount = n - 1 - ek
+        fstart = f0 + np.cumsum(fcount) - fcount
+        self.variables = f0 + int(fcount.sum())
+        R, S = self.R, self.S
+        U = lambda t, k: u0 + t * (t + 1) // 2 + k  # noqa: E731
+        rows = _Rows()
+
+        # Inputs live: R[t,k] - R[t,i] - S[t,i] <= 0 for each real edge i -> k, t >= k.
+        di, dk = _pairs([(i, k) for k in range(n) for i in deps[k]])
+        g, t = _ranges(dk, np.full(len(dk), n))
+        i, k = di[g], dk[g]
+        rows.add(len(t), [(None, R(t, k), 1), (None, R(t, i), -1), (None, S(t, i), -1)],
+                 -np.inf, 0)
+        # R[t,i] + S[t,i] <= 1; S[t+1,i] <= S[t,i] + R[t,i] (S[t,t] is 0: not a variable).
+        t, i = np.tril_indices(n, -1)
+        rows.add(len(t), [(None, R(t, i), 1), (None, S(t, i), 1)], -np.inf, 1)
+        rows.add(len(t), [(None, S(t + 1, i), 1), (None, S(t, i), -1), (None, R(t, i), -1)],
+                 -np.inf, 0)
+        t = np.arange(n)
+        rows.add(n, [(None, S(t + 1, t), 1), (None, R(t, t), -1)], -np.inf, 0)
+        # A view never outlives its owner: S[t,v] <= S[t,owner] for v < t <= n.
+        views = np.array([v for v in range(n) if 0 <= owner[v] != v and mem[owner[v]] > 0],
+                         dtype=np.int64)
+        g, t = _ranges(views + 1, np.full(len(views), n + 1))
+        rows.add(len(t), [(None, S(t, views[g]), 1), (None, S(t, owner[views[g]]), -1)],
+                 -np.inf, 0)
+        # Memory, one equality per U[t,k]: U[t,0] = M_0 R[t,0] + sum_i M_i S[t,i];
+        # U[t,k] = U[t,k-1] + M_k R[t,k] - sum M_i FREE[t,(i,k-1)].
+        t, k = np.tril_indices(n)
+        first = t * (t + 1) // 2  # the row of U[t,0]
+        st, si = np.tril_indices(n, -1)
+        g, ft = _ranges(ek + 1, np.full(len(ek), n))  # the FREE variables: (edge g, stage ft)
+        fcol = fstart[g] + ft - ek[g] - 1
+        later = k > 0
+        rows.add(tri, [(None, U(t, k), 1), (None, R(t, k), -mem[k]),
+                       (first[later] + k[later], U(t, k)[later] - 1, -1),
+                       (st * (st + 1) // 2, S(st, si), -mem[si]),
+                       (ft * (ft + 1) // 2 + ek[g] + 1, fcol, mem[ei[g]])], 0, 0)
+        # FREE[t,(i,k)] = R[t,k] (1 - S[t+1,i]) prod_j (1 - R[t,j]), users j of i, k < j <= t:
+        # FREE <= each factor, FREE >= R[t,k] - S[t+1,i] - sum_j R[t,j].
+        fi, fk, m = ei[g], ek[g], len(ft)
+        rows.add(m, [(None, fcol, 1), (None, R(ft, fk), -1)], -np.inf, 0)
+        rows.add(m, [(None, fcol, 1), (None, S(ft + 1, fi), 1)], -np.inf, 1)
+        pe, pj = _pairs([(e, j) for e in range(len(ek)) for j in self.users[ei[e]] if j > ek[e]])
+        h, pt = _ranges(pj, np.full(len(pj), n))  # (pair h, stage pt) with j <= pt
+        pe, pj = pe[h], pj[h]
+        pcol = fstart[pe] + pt - ek[pe] - 1
+        rows.add(len(pt), [(None, pcol, 1), (None, R(pt, pj), 1)], -np.inf, 1)
+        rows.add(m, [(None, fcol, -1), (None, R(ft, fk), 1), (None, S(ft + 1, fi), -1),
+                     (pcol - f0, R(pt, pj), -1)], -np.inf, 0)  # FREE's row is its index - f0
+        self.rows = rows.build(self.variables)
+        self.constraints = rows.count
+
+        # Bounds: binaries in [0, 1], R[t,t] = 1, the end state S[n] fixed, U <= budget.
+        self.lb, self.ub = np.zeros(self.variables), np.ones(self.variables)
+        self.lb[R(np.arange(n), np.arange(n))] = 1
+        end = np.zeros(n)
+        for name in problem.results & index.keys():
+            end[index[name]] = 1
+            if owner[index[name]] >= 0:  # a result that views a buffer keeps it
+                end[owner[index[name]]] = 1
+        # A value that holds no bytes and pins no buffer (a constant, a view of an input)
+        # is kept from its first computation on: that costs nothing and spares the
+        # solver symmetric choices.
+        free = np.flatnonzero((mem == 0) & ~np.isin(np.arange(n), views))
+        end[free] = 1
+        g, t = _ranges(free + 1, np.full(len(free), n))
+        self.lb[S(t, free[g])] = 1
+        self.ub[R(t, free[g])] = 0
+        self.lb[S(n, np.arange(n))] = self.ub[S(n, np.arange(n))] = end
+        self.ub[u0:f0] = free_bytes // unit
+        self.cost = np.zeros(self.variables)
+        t, i = np.tril_indices(n)
+        self.cost[R(t, i)] = np.array([problem.cost(name) for name in order], dtype=float)[i]
+        self.integrality = np.ones(self.variables)
+        self.integrality[u0:f0] = 0
+
+    def R(self, t, i):
+        return self.r0 + t * (t + 1) // 2 + i
+
+    def S(self, t, i):
+        return self.s0 + t * (t - 1) // 2 + i
+
+    def solve(self, time_limit: float):
+        return milp(self.cost, integrality=self.integrality, bounds=Bounds(self.lb, self.ub),
+                    constraints=self.rows,
+                    options={"time_limit": time_limit, "disp": False,
+                             "mip_rel_gap": 0.0})  # exact: never lose to a heuristic
+
+    def steps(self, x: np.ndarray) -> tuple[Step, ...]:
+        """The schedule of a solution; frees never later than the MILP's FREE."""
+        n, order = len(self.order), self.order
+        t, i = np.tril_indices(n)
+        R = np.zeros((n, n), dtype=bool)
+        R[t, i] = x[self.R(t, i)] > 0.5
+        t, i = np.tril_indices(n + 1, -1)
+        S = np.zeros((n + 1, n + 1), dtype=bool)
+        S[t, i] = x[self.S(t, i)] > 0.5
+        steps: list[Step] = []
+        for t in range(n):
+            computed = np.flatnonzero(R[t, :t + 1]).tolist()
+            last: dict[int, int] = {}  # value -> its last user computed in this stage
+            for k in computed:
+                for i in self.uses[k]:
+                    last[i] = k
+            drop_after: dict[int, list[int]] = {}
+            for i, k in last.items():
+                if not S[t + 1, i]:
+                    drop_after.setdefault(k, []).append(i)
+            steps += [Free(order[i]) for i in np.flatnonzero(S[t, :n]).tolist()
+                      if i not in last and not S[t + 1, i]]  # unused in this stage
+            for k in computed:
+                steps.append(Compute(order[k]))
+                if k not in last and not S[t + 1, k]:
+                    steps.append(Free(order[k]))
+                steps += [Free(order[i]) for i in drop_after.get(k, ())]
+        return tuple(steps)

@@ -1,0 +1,216 @@
+"""Compile a request once: validate the graph at its input shapes, differentiate it,
+pose the planning problem; then plan each policy once, on demand.
+
+What a request compiles to depends only on its `CompileKey`: the graph (its content
+id) and input shapes (the validated graph is cached on its own under those two, so
+registering a graph validates it once for its first run too), wrt, loss, the outputs
+given cotangents, and fetch. Tensors,
+timeline/trace flags and deadlines do not enter it. A `Compiled` holds the validated
+joint graph and the `Problem` (memory model, chain structure, store_all's peak...),
+and one `Planned` per policy: schedule, simulation and the executor's `Program`.
+Every field of the key changes what is built, so a different request never reuses a
+wrong plan; the policy keys the plans inside.
+
+`Budget(profile=True)` is planned per request and never cached: it prices
+recomputation with op times measured on that request's inputs (the graph, joint
+graph and problem still come from the cache).
+
+    >>> # compiled = compile_request(key, spec, limits, shapes)
+    >>> # planned, hit = compiled.plan(Sqrt())
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple
+
+import numpy as np
+
+from remat_proto import dtypes, policies
+from remat_proto.spec import GraphSpec
+
+from ..autodiff import JointGraph, differentiate
+from ..checkpoint.planners import plan
+from ..checkpoint.problem import Problem
+from ..checkpoint.schedule import Schedule
+from ..checkpoint.simulate import Simulation, simulate
+from ..errors import InvalidArgument, RematError
+from ..graph.ir import Graph
+from ..graph.limits import Limits
+from ..graph.validate import build_graph
+from ..runtime import profiling
+from ..runtime.executor import Program
+from . import gc_pause
+
+# Approximate resident bytes per joint-graph node of a Compiled (IR node, tuples, the
+# memory model, problem tables) and per schedule step of a Planned (step, program
+# entry, timeline), from tracemalloc on chains and MLPs (tests/unit/test_compile_cache).
+NODE_BYTES = 1500
+STEP_BYTES = 400
+
+
+class CompileKey(NamedTuple):
+    """A plain tuple (hashed and compared at C speed: the key of every request)."""
+
+    # ("validated", the graph's content id or ("object", id(spec)), every input's shape
+    # in spec order): the key of the validated graph.
+    graph: tuple
+    wrt: tuple[str, ...]
+    loss: str
+    # Outputs whose cotangents the request sends; None: every float output (Differentiate).
+    cotangents: tuple[str, ...] | None
+    fetch: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A graph validated at given input shapes: what every compile of it starts from,
+    and what registering a graph produces (so its first run does not validate again)."""
+
+    graph: Graph
+    spec: GraphSpec  # keeps id(spec) valid while cached
+
+    @property
+    def nbytes(self) -> int:
+        return NODE_BYTES // 2 * len(self.graph) + _constant_bytes(self.graph)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One policy's plan of a Compiled: its schedule, the simulator's figures and the
+    program the executor runs."""
+
+    schedule: Schedule
+    simulation: Simulation
+    program: Program
+    label: str  # e.g. "every_k(4)"
+    seconds: float  # time spent planning and simulating
+
+    @property
+    def nbytes(self) -> int:
+        return STEP_BYTES * len(self.schedule.steps)
+
+
+class Compiled:
+    """A compiled request: `graph` the joint graph (the validated graph itself when
+    nothing is differentiated), `fetch` output name -> node, `problem` the planning
+    problem shared by every policy, `result_bytes` what its outputs and gradients
+    weigh; `plan(policy)` plans once per policy."""
+
+    def __init__(self, key: CompileKey, spec: GraphSpec, joint: JointGraph,
+                 fetch: dict[str, str], problem: Problem, seconds: float):
+        self.key, self.spec, self.joint = key, spec, joint  # spec: keeps id(spec) valid
+        self.graph = joint.graph
+        self.fetch = fetch
+        self.problem = problem
+        self.seconds = seconds
+        self.result_bytes = sum(self.graph[node].type.nbytes for node in self.result_nodes)
+        self._base_bytes = NODE_BYTES * len(self.graph) + _constant_bytes(self.graph)
+        self._plans: dict[policies.Policy, Planned | Future] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def result_nodes(self) -> list[str]:
+        grads = [self.graph.outputs[out] for out in self.joint.grad_outputs.values()]
+        return [*self.fetch.values(), *grads]
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate resident bytes, plans included (the cache's measure)."""
+        with self._lock:
+            plans = [p for p in self._plans.values() if isinstance(p, Planned)]
+        return self._base_bytes + sum(p.nbytes for p in plans)
+
+    def plan(self, policy: policies.Policy,
+             feeds: Mapping[str, np.ndarray] | None = None) -> tuple[Planned, bool]:
+        """(the plan for `policy`, whether it was cached). Concurrent first requests
+        for one policy plan once. A profiled Budget needs `feeds` and is never cached."""
+        if isinstance(policy, policies.Budget) and policy.profile:
+            if feeds is None:
+                raise InvalidArgument("policy budget(profile): profiling times ops on real "
+                                      "inputs; use it with Run, not Plan")
+            costs = profiling.forward_costs(self.graph, self.joint.forward_nodes, feeds)
+            problem = Problem(self.graph, self.problem.results, self.problem.forward_nodes,
+                              costs, self.problem.milp_max_nodes)
+            with gc_pause.paused():
+                return _plan(problem, policy), False
+        with self._lock:
+            found = self._plans.get(policy)
+            if found is None:
+                self._plans[policy] = future = Future()
+        if isinstance(found, Planned):
+            return found, True
+        if found is not None:  # another request is planning it
+            return found.result(), True
+        try:
+            with gc_pause.paused():
+                planned = _plan(self.problem, policy)
+        except BaseException as error:
+            with self._lock:
+                del self._plans[policy]
+            future.set_exception(error)
+            raise
+        with self._lock:
+            self._plans[policy] = planned
+        future.set_result(planned)
+        return planned, False
+
+
+def validate(spec: GraphSpec, limits: Limits,
+             input_shapes: Mapping[str, tuple[int, ...]] | None) -> Validated:
+    return Validated(build_graph(spec, limits, input_shapes), spec)
+
+
+def compile_request(key: CompileKey, spec: GraphSpec, limits: Limits, graph: Graph,
+                    start: float) -> Compiled:
+    """Differentiate `graph` (validated at the key's shapes) and pose the problem for
+    `key` (see the module doc); `start` is when compiling began."""
+    fetch = key.fetch or tuple(graph.outputs)
+    for name in fetch:
+        if name not in graph.outputs:
+            raise InvalidArgument(f"fetch: '{name}' is not an output of the graph "
+                                  f"(outputs: {', '.join(graph.outputs) or 'none'})")
+    if key.loss and not key.wrt:
+        raise InvalidArgument(f"loss '{key.loss}' is given but wrt is empty; name the "
+                              "inputs to differentiate with respect to")
+    joint = JointGraph(graph, frozenset(graph.nodes), {}, {})
+    cotangents = key.cotangents
+    if cotangents is None:  # Differentiate without a loss: seed every float output
+        cotangents = tuple(name for name, node in graph.outputs.items()
+                           if dtypes.is_float(graph[node].dtype))
+    if key.wrt or key.cotangents is None:
+        joint = differentiate(graph, limits, list(key.wrt), key.loss, list(cotangents))
+    outputs = joint.graph.outputs
+    wanted = {name: outputs[name] for name in fetch}
+    results = frozenset(wanted.values()) | {outputs[o] for o in joint.grad_outputs.values()}
+    problem = Problem(joint.graph, results, joint.forward_nodes,
+                      milp_max_nodes=limits.optimal_max_nodes)
+    return Compiled(key, spec, joint, wanted, problem, time.perf_counter() - start)
+
+
+def _plan(problem: Problem, policy: policies.Policy) -> Planned:
+    start = time.perf_counter()
+    schedule = plan(problem, policy)
+    simulation = simulate(problem.graph, schedule, problem.model, problem.flops)
+    report = schedule.report
+    if report is not None and report.budget_bytes and simulation.peak_bytes > report.budget_bytes:
+        raise RematError(f"internal error: policy {policies.label(policy)} planned a peak "
+                         f"of {simulation.peak_bytes} bytes over its budget of "
+                         f"{report.budget_bytes}")
+    program = Program(problem.graph, schedule, problem.forward_nodes, problem.model,
+                      simulation.timeline)
+    label = schedule.policy if report is not None else policies.label(policy)
+    return Planned(schedule, simulation, program, label, time.perf_counter() - start)
+
+
+def _constant_bytes(graph) -> int:
+    """Bytes of the arrays graph attributes hold (constants)."""
+    total = 0
+    for node in graph:
+        for value in node.attrs.values():
+            if isinstance(value, np.ndarray):
+                total += value.nbytes
+    return total + sys.getsizeof(graph.name)

@@ -1,0 +1,177 @@
+"""Append validated nodes to a graph; the one place attrs are checked and shapes inferred.
+
+Used twice: `validate.build_graph` feeds it a client's nodes, and autodiff feeds it the
+backward nodes that VJP rules emit through a `Sym`/`Emitter` pair, so both pass the
+same checks.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Iterable
+
+import numpy as np
+
+from remat_proto import dtypes
+from ..errors import InvalidArgument, ShapeError, where
+from .ir import INPUT_OP, Graph, Node, TensorType
+from .limits import Limits, check_shape
+from ..ops import registry
+from ..ops.registry import NODE_NAME, Attr
+
+
+def _coerce(attr: Attr, value: Any) -> Any:
+    """Return `value` as the attr's type, or raise TypeError naming what was expected."""
+    kind = attr.type
+    if kind == "int" and type(value) is int:
+        return value
+    if kind == "float" and type(value) in (int, float):
+        return float(value)
+    if kind == "string" and isinstance(value, str):
+        return value
+    if kind == "bool" and type(value) is bool:
+        return value
+    if kind == "ints" and isinstance(value, (tuple, list)) and all(type(v) is int for v in value):
+        return tuple(value)
+    if kind == "floats" and isinstance(value, (tuple, list)) and all(
+            type(v) in (int, float) for v in value):
+        return tuple(float(v) for v in value)
+    if kind == "tensor" and isinstance(value, np.ndarray):
+        return value
+    raise TypeError(f"expected {kind}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return "tensor"
+    if isinstance(value, (tuple, list)):
+        return "list"
+    return {bool: "bool", int: "int", float: "float", str: "string"}.get(type(value), "?")
+
+
+def complete_attrs(op: registry.OpDef, given: dict[str, Any], node: str, label: str) -> dict:
+    """Check `given` against the op's attr table and fill in defaults."""
+    unknown = sorted(set(given) - set(op.attrs))
+    if unknown:
+        takes = ", ".join(sorted(op.attrs)) or "no attributes"
+        raise InvalidArgument(f"{label}: unexpected attribute '{unknown[0]}' ({op.name} takes {takes})")
+    attrs = {}
+    for attr_name, attr in op.attrs.items():
+        if attr_name not in given:
+            if attr.required:
+                raise InvalidArgument(f"{label}: missing required attribute '{attr_name}' ({attr.type})")
+            attrs[attr_name] = node if attr.default is NODE_NAME else attr.default
+            continue
+        try:
+            value = _coerce(attr, given[attr_name])
+        except TypeError as exc:
+            raise InvalidArgument(f"{label}: attribute '{attr_name}': {exc}") from None
+        if attr.check is not None and not attr.check(value):
+            raise InvalidArgument(f"{label}: attribute '{attr_name}' = {value!r}: {attr.requirement}")
+        attrs[attr_name] = value
+    return attrs
+
+
+class _Label:
+    """A node's description for error messages, built only when one is raised."""
+
+    __slots__ = ("name", "op", "source")
+
+    def __init__(self, name: str, op: str, source: str):
+        self.name, self.op, self.source = name, op, source
+
+    def __str__(self) -> str:
+        return where(self.name, self.op, self.source)
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+
+_NO_ATTRS = MappingProxyType({})
+
+
+class GraphBuilder:
+    """An ordered, growing set of validated nodes."""
+
+    def __init__(self, name: str, limits: Limits, base: Graph | None = None):
+        self.name = name
+        self.limits = limits
+        self.nodes: dict[str, Node] = dict(base.nodes) if base is not None else {}
+        self._suffix: dict[str, int] = {}
+
+    def fresh_name(self, base: str) -> str:
+        """`base`, or `base.1`, `base.2`... whichever is not taken yet (deterministic)."""
+        if base not in self.nodes:
+            return base
+        k = self._suffix.get(base, 0)
+        while True:
+            k += 1
+            candidate = f"{base}.{k}"
+            if candidate not in self.nodes:
+                self._suffix[base] = k
+                return candidate
+
+    def add_input(self, name: str, type_: TensorType, source: str = "") -> Node:
+        label = where(name, "input", source)
+        if type_.dtype not in dtypes.NUMPY:
+            raise InvalidArgument(f"{label}: unsupported dtype '{type_.dtype}'")
+        check_shape(type_.shape, self.limits, label)
+        node = Node(name, INPUT_OP, (), {}, type_, source)
+        self.nodes[name] = node
+        return node
+
+    def add(self, op_name: str, inputs: Iterable[str], attrs: dict[str, Any] | None = None,
+            name: str = "", source: str = "") -> Node:
+        """Validate and append one node; its inputs must already be present."""
+        inputs = tuple(inputs)
+        op = registry.REGISTRY.get(op_name)
+        if op is None:
+            raise self._invalid(name, op_name, source,
+                                f"unknown op '{op_name}' (ListOps lists the known ones)")
+        count = len(inputs)
+        if count < op.min_inputs or (op.max_inputs >= 0 and count > op.max_inputs):
+            expected = (str(op.min_inputs) if op.min_inputs == op.max_inputs else
+                        f"at least {op.min_inputs}" if op.max_inputs < 0 else
+                        f"{op.min_inputs} to {op.max_inputs}")
+            raise self._invalid(name, op_name, source,
+                                f"takes {expected} inputs, got {count}")
+        nodes = self.nodes
+        try:
+            types = [nodes[i].type for i in inputs]
+        except KeyError as missing:
+            raise self._invalid(name, op_name, source, f"input '{missing.args[0]}' is not "
+                                "defined in the graph") from None
+        if attrs:
+            for attr_name, value in attrs.items():
+                # Every list attribute is per-axis, so the rank limit bounds its length;
+                # checked before any rule does arithmetic on a hostile list.
+                if isinstance(value, (tuple, list)) and len(value) > self.limits.max_rank:
+                    raise self._invalid(
+                        name, op_name, source, f"attribute '{attr_name}' has {len(value)} "
+                        f"entries; the rank limit is {self.limits.max_rank} (server flag "
+                        "--max-rank)")
+            full = complete_attrs(op, dict(attrs), name, _Label(name, op_name, source))
+        elif op.attrs:
+            full = complete_attrs(op, {}, name, _Label(name, op_name, source))
+        else:
+            full = {}
+        try:
+            if op.normalize is not None:
+                full = op.normalize(*types, **full)
+            out = op.infer(*types, **full)
+        except ShapeError as exc:
+            raise self._invalid(name, op_name, source, str(exc)) from None
+        if out.shape != (types[0].shape if types else None):  # else checked already
+            check_shape(out.shape, self.limits, _Label(name, op_name, source))
+        if op.workspace is not None:  # a temporary is a tensor too: same limits
+            check_shape(op.workspace(*types, **full), self.limits,
+                        f"{_Label(name, op_name, source)}: its temporary (the padded input)")
+        node = Node(name, op_name, inputs, MappingProxyType(full) if full else _NO_ATTRS, out,
+                    source)
+        nodes[name] = node
+        return node
+
+    @staticmethod
+    def _invalid(name: str, op: str, source: str, message: str) -> InvalidArgument:
+        return InvalidArgument(f"{where(name, op, source)}: {message}")
+
+    def graph(self, outputs: dict[str, str]) -> Graph:
+        return Graph(self.name, self.nodes, outputs)

@@ -1,0 +1,158 @@
+"""Run a schedule with NumPy, timing each phase.
+
+A schedule is compiled once into a `Program`: per step, the op's forward function,
+its argument names, its attributes as a plain dict, its phase and what the memory
+model says its result costs. A repeated request runs the same Program: the loop does
+no lookups, no attribute validation and no phase bookkeeping of its own.
+
+Phases: the first evaluation of a forward node is forward time, a repeat evaluation
+is recompute time, every other node is backward time. Cancellation is checked
+between steps, so a cancelled request stops within one step; its values are
+dropped with the executor's frame.
+
+Accounting follows `checkpoint.memory`: a result the model calls "new" is made a
+fresh C-contiguous buffer (copied in the rare case an op returned a view, an input or
+an odd layout), so what NumPy holds is what the simulator predicted. The live bytes
+after each step are therefore the simulation's timeline, which the Program carries:
+the executor reports them rather than counting the same model again per step. The
+independent check of that promise is tracemalloc (`measure_memory`), whose peak the
+tests hold to the prediction.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from remat_proto import dtypes
+from remat_proto.results import TraceEvent
+
+from ..checkpoint.memory import MemoryModel, memory_model
+from ..checkpoint.schedule import Compute, Schedule
+from ..checkpoint.simulate import simulate
+from ..errors import Cancelled, InvalidArgument, RematError, ResourceExhausted, where
+from ..graph.ir import Graph, Node
+from ..ops import registry
+
+FORWARD, RECOMPUTE, BACKWARD, FREE = 0, 1, 2, 3
+PHASES = ("forward", "recompute", "backward", "free")
+
+
+@dataclass
+class Execution:
+    values: dict[str, np.ndarray]  # the schedule's results
+    peak_bytes: int
+    forward_seconds: float
+    backward_seconds: float
+    recompute_seconds: float
+    nodes_computed: int
+    recomputed_nodes: int
+    trace: list[TraceEvent] | None = None  # every executed step, when traced
+
+
+class Program:
+    """A schedule ready to run: `Program(graph, schedule, forward_nodes, model,
+    timeline)`, then `run(feeds)` as often as needed (thread-safe: it keeps no state
+    between runs)."""
+
+    __slots__ = ("steps", "results", "peak_bytes", "nodes_computed", "recomputed_nodes")
+
+    def __init__(self, graph: Graph, schedule: Schedule, forward_nodes: frozenset[str],
+                 model: MemoryModel, timeline: tuple[int, ...]):
+        nodes, owner, nbytes, registry_ = graph.nodes, model.owner, model.nbytes, registry.REGISTRY
+        entries: dict[str, tuple] = {}  # node -> (node, forward, inputs, attrs, fresh)
+        steps, computed = [], set()
+        append = steps.append
+        for step, live in zip(schedule.steps, timeline):
+            name = step.node
+            entry = entries.get(name)
+            if entry is None:
+                node = nodes[name]
+                fresh = owner[name] == name and nbytes[name] > 0
+                entry = entries[name] = (node, registry_[node.op].forward, node.inputs,
+                                         dict(node.attrs), fresh)
+            if type(step) is not Compute:
+                append((FREE, name, entry[0], None, (), None, False, live))
+                continue
+            if name not in forward_nodes:
+                phase = BACKWARD
+            elif name in computed:
+                phase = RECOMPUTE
+            else:
+                phase = FORWARD
+                computed.add(name)
+            append((phase, name, *entry, live))
+        self.steps = tuple(steps)
+        self.results = tuple(schedule.results)
+        self.peak_bytes = max(timeline, default=0)
+        self.nodes_computed = sum(step[0] != FREE for step in steps)
+        self.recomputed_nodes = sum(step[0] == RECOMPUTE for step in steps)
+
+    def run(self, feeds: Mapping[str, np.ndarray],
+            should_stop: Callable[[], bool] | None = None, trace: bool = False) -> Execution:
+        events: list | None = [] if trace else None
+        values: dict[str, np.ndarray] = dict(feeds)
+        seconds = [0.0, 0.0, 0.0]
+        clock = time.perf_counter
+        began = clock()
+        done = 0
+        with np.errstate(all="ignore"):  # NaN and Inf pass through; reported, not raised
+            for phase, name, node, forward, inputs, attrs, fresh, live in self.steps:
+                if should_stop is not None and should_stop():
+                    raise Cancelled("the request was cancelled or its deadline passed; "
+                                    f"stopped after {done} node evaluations")
+                if phase == FREE:
+                    del values[name]
+                    if events is not None:
+                        events.append(TraceEvent(name, node.op, "free", clock() - began,
+                                                 0.0, live))
+                    continue
+                start = clock()
+                values[name] = _run_node(node, forward, [values[i] for i in inputs], attrs,
+                                         fresh)
+                took = clock() - start
+                seconds[phase] += took
+                done += 1
+                if events is not None:
+                    events.append(TraceEvent(name, node.op, PHASES[phase], start - began, took,
+                                             live))
+        return Execution({name: values[name] for name in self.results}, self.peak_bytes,
+                         seconds[FORWARD], seconds[BACKWARD], seconds[RECOMPUTE],
+                         self.nodes_computed, self.recomputed_nodes, events)
+
+
+def execute(graph: Graph, schedule: Schedule, inputs: Mapping[str, np.ndarray],
+            forward_nodes: frozenset[str],
+            should_stop: Callable[[], bool] | None = None,
+            model: MemoryModel | None = None, trace: bool = False) -> Execution:
+    """Compile and run a schedule once (a simulation supplies its live bytes)."""
+    model = model or memory_model(graph)
+    timeline = simulate(graph, schedule, model).timeline
+    return Program(graph, schedule, forward_nodes, model, timeline).run(inputs, should_stop,
+                                                                       trace)
+
+
+def _run_node(node: Node, forward, arguments: list, attrs: dict, fresh: bool) -> np.ndarray:
+    try:
+        result = forward(*arguments, **attrs)
+    except (IndexError, ValueError) as exc:  # data-dependent errors, e.g. an index out of range
+        raise InvalidArgument(f"{where(node.name, node.op, node.source)}: {exc}") from None
+    except MemoryError:
+        raise ResourceExhausted(f"{where(node.name, node.op, node.source)}: out of memory "
+                                f"allocating {node.type.nbytes} bytes") from None
+    if type(result) is not np.ndarray:  # ufuncs on 0-d arrays return NumPy scalars
+        result = np.asarray(result)
+    if result.shape != node.type.shape or result.dtype != dtypes.NUMPY[node.type.dtype]:
+        raise RematError(f"{where(node.name, node.op)}: produced {result.dtype}{result.shape}, "
+                         f"but its shape rule says {node.dtype}{node.shape} (a bug in remat)")
+    # The memory model promised a new buffer: a result that owns its memory (base None)
+    # and is not an argument itself is one; anything else is checked, and copied if it
+    # shares memory with an argument.
+    if fresh and (result.base is not None or not result.flags.c_contiguous
+                  or any(result is a for a in arguments)):
+        if not result.flags.c_contiguous or any(np.may_share_memory(result, a)
+                                                for a in arguments):
+            result = np.array(result, order="C")
+    return result

@@ -1,0 +1,160 @@
+"""Assemble the gRPC server: executor service, health checking, reflection, metrics,
+authentication and TLS.
+
+Example:
+    >>> from remat_server.service.app import create_server
+    >>> from remat_server.service.config import ServerConfig
+    >>> server, port = create_server(ServerConfig(port=0))
+    >>> server.start(); port > 0
+    True
+    >>> server.stop(None).wait()
+    True
+"""
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from remat_proto.v1 import executor_pb2, executor_pb2_grpc
+
+from ..runtime import allocator
+from . import auth, streaming
+from .admission import MemoryAdmission
+from ..runtime.buffers import BufferPool
+from .config import ServerConfig
+from ..engine import Engine
+from .graph_store import GraphStore
+from .interceptors import Drain, tolerant
+from .metrics import ServerMetrics
+from .servicer import ExecutorServicer
+
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class RematServer:
+    """A `grpc.Server` (start, stop, wait_for_termination) plus what remat adds:
+    `metrics`, `health`, `store`, the upload `buffers` and a graceful `shutdown`."""
+
+    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
+                 metrics: ServerMetrics, store: GraphStore, drain: Drain,
+                 buffers: BufferPool):
+        self._server = server
+        self._drain = drain
+        self.health = health_servicer
+        self.metrics = metrics
+        self.store = store
+        self.buffers = buffers
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace: float | None):
+        return self._server.stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+    def shutdown(self, grace: float) -> None:
+        """Graceful stop: health says NOT_SERVING (so balancers drain us), new RPCs are
+        refused with UNAVAILABLE (clients retry elsewhere), in-flight ones get `grace`
+        seconds to finish, then gRPC stops. Blocks until done."""
+        self.health.enter_graceful_shutdown()
+        left = self._drain.drain(grace)
+        self._server.stop(left).wait()
+        self.metrics.close()
+
+
+class _Handlers:
+    """Stands in for a server to collect the generated code's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = handlers
+
+
+def _add_executor(servicer: ExecutorServicer, server: grpc.Server) -> None:
+    """The generated handlers, tolerant of unparseable requests (INVALID_ARGUMENT, not
+    INTERNAL), except RunStream's, which frames chunks itself."""
+    collected = _Handlers()
+    executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, collected)
+    service = executor_pb2.DESCRIPTOR.services_by_name["Executor"]
+    handlers = {name: tolerant(handler, service.methods_by_name[name].input_type.name)
+                for name, handler in collected.handlers.items()}
+    handlers["RunStream"] = grpc.stream_stream_rpc_method_handler(
+        servicer.RunStream, request_deserializer=streaming.decode_request,
+        response_serializer=streaming.encode_response)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The `grpc.server` channel arguments `config` asks for.
+
+        >>> options = dict(server_options(ServerConfig(max_connection_age_seconds=300)))
+        >>> options["grpc.max_connection_age_ms"], options["grpc.max_connection_age_grace_ms"]
+        (300000, 30000)
+    """
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.so_reuseport", int(config.reuse_port))]
+    if config.max_connection_age_seconds > 0:  # gRPC's default: connections live forever
+        options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age_seconds)))
+        if config.max_connection_age_grace_seconds > 0:  # else: in-flight calls may finish
+            options.append(("grpc.max_connection_age_grace_ms",
+                            _ms(config.max_connection_age_grace_seconds)))
+    return options
+
+
+def _ms(seconds: float) -> int:
+    """Milliseconds for a gRPC integer channel argument (a C int: at most 2**31 - 1)."""
+    return min(max(1, round(seconds * 1000)), 2**31 - 1)
+
+
+def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]:
+    """Build (not start) a server bound to `config.address`; returns it and its port."""
+    config = config or ServerConfig()
+    allocator.tune_for_serving()  # freed tensors go back to the OS, RSS stays flat
+    metrics = ServerMetrics()
+    drain = Drain()
+    interceptors = [metrics.interceptor(), drain]
+    if config.auth_tokens:
+        interceptors.append(auth.TokenInterceptor(config.auth_tokens))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="remat"),
+        interceptors=interceptors, options=server_options(config),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+    store = GraphStore(config.graph_cache_bytes)
+    buffers = BufferPool(config.buffer_pool_bytes)
+    metrics.track_cache(store)
+    engine = Engine(config.limits, config.memory_budget_bytes, config.compile_cache_bytes)
+    metrics.track_compile_cache(engine.cache)
+    servicer = ExecutorServicer(
+        engine, store,
+        MemoryAdmission(config.memory_budget_bytes, config.max_queued_requests),
+        metrics=metrics, chunk_bytes=config.stream_chunk_bytes,
+        max_message_bytes=config.max_message_bytes, max_upload_seconds=config.max_upload_seconds,
+        buffers=buffers)
+    _add_executor(servicer, server)
+
+    health_servicer = health.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    credentials = auth.server_credentials(config)
+    if credentials is None:
+        port = server.add_insecure_port(config.address)
+    else:
+        port = server.add_secure_port(config.address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {config.address}")
+    return RematServer(server, health_servicer, metrics, store, drain, buffers), port

@@ -1,0 +1,62 @@
+"""Server configuration: one frozen dataclass, filled from flags or by tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..graph.limits import Limits
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    # Largest single gRPC message; tensors bigger than a message stream in chunks.
+    max_message_bytes: int = 512 * MiB
+    # Size of each chunk when tensors stream (RunStream).
+    stream_chunk_bytes: int = 1 * MiB
+    # A RunStream upload taking longer is cancelled (it holds a handler thread).
+    max_upload_seconds: float = 600.0
+    max_workers: int = 8
+    # RPCs handled at once, queued ones included; beyond it gRPC answers
+    # RESOURCE_EXHAUSTED at once (grpc.server's maximum_concurrent_rpcs).
+    max_concurrent_rpcs: int = 256
+    graph_cache_bytes: int = 256 * MiB
+    # Compiled requests kept (validated and joint graphs, plans, schedules): a repeated
+    # request pays decoding, execution and encoding only. An LRU bounded in bytes.
+    compile_cache_bytes: int = 256 * MiB
+    # Predicted peak bytes of all requests running at once (0: no shared budget);
+    # requests over it wait in a FIFO queue of at most `max_queued_requests`.
+    memory_budget_bytes: int = 0
+    max_queued_requests: int = 64
+    # Idle RunStream upload buffers kept for reuse (0: none); fresh memory costs a page
+    # fault per page on first write. See remat_server.buffers.
+    buffer_pool_bytes: int = 1 << 30
+    limits: Limits = field(default_factory=Limits)
+    # Several processes may bind the same port (remat serve --workers N).
+    reuse_port: bool = False
+    # Close each client connection after about this many seconds (gRPC sends GOAWAY,
+    # +-10% jitter; 0: never), so long-lived clients reconnect, re-resolve DNS and
+    # reach replicas started since: without it, a scaled-up Deployment's new pods get
+    # no traffic from clients already connected. Calls still running on a closed
+    # connection get `max_connection_age_grace_seconds` to finish (0: no limit).
+    max_connection_age_seconds: float = 0.0
+    max_connection_age_grace_seconds: float = 30.0
+    # TLS: PEM file paths (never the keys themselves on a command line). With
+    # `tls_client_ca_file`, clients must present a certificate it signed (mutual TLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # Bearer tokens any of which authenticates a call (empty: no authentication).
+    # Loaded from a file or the environment by `remat_server.auth.load_tokens`.
+    auth_tokens: tuple[str, ...] = ()
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file or self.tls_key_file)

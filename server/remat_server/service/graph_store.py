@@ -1,0 +1,66 @@
+"""Registered graphs by content id: an LRU bounded in bytes."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+from ..errors import NotFound
+from remat_proto.spec import GraphSpec
+
+
+class GraphStore:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[GraphSpec, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[int, int], None]] = []
+
+    def on_change(self, listener: Callable[[int, int], None]) -> None:
+        """Call `listener(entries, nbytes)` now and after every change in size.
+
+        Listeners run under the store's lock, so they see changes in order; keep them
+        cheap (a gauge set) and never call back into the store."""
+        with self._lock:
+            self._listeners.append(listener)
+            listener(len(self._entries), self._bytes)
+
+    def put(self, graph_id: str, spec: GraphSpec, size: int) -> None:
+        with self._lock:
+            if graph_id in self._entries:
+                self._entries.move_to_end(graph_id)
+                return
+            self._entries[graph_id] = (spec, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self._bytes -= evicted
+            for listener in self._listeners:
+                listener(len(self._entries), self._bytes)
+
+    def find(self, graph_id: str) -> GraphSpec | None:
+        """The graph under `graph_id` (now the most recently used), or None."""
+        with self._lock:
+            entry = self._entries.get(graph_id)
+            if entry is None:
+                return None
+            self._entries.move_to_end(graph_id)
+            return entry[0]
+
+    def get(self, graph_id: str) -> GraphSpec:
+        with self._lock:
+            if graph_id not in self._entries:
+                raise NotFound(
+                    f"graph '{graph_id}' is not registered on this server (it may have been "
+                    f"evicted: the cache keeps {self.max_bytes:,} bytes of graphs, server "
+                    "flag --graph-cache-bytes); send the graph again")
+            self._entries.move_to_end(graph_id)
+            return self._entries[graph_id][0]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes

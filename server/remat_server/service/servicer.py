@@ -1,0 +1,274 @@
+"""The gRPC servicer: decode, call the engine, encode. Nothing else lives here.
+
+Domain errors become gRPC statuses in one place (`_status`); anything unexpected is
+INTERNAL with the exception's message, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+
+import grpc
+
+from remat_proto import metadata
+from remat_proto.policies import StoreAll, label
+from remat_proto.spec import GraphSpec
+from remat_proto.v1 import executor_pb2, executor_pb2_grpc
+
+from ..engine import Engine, RunRequest, max_abs_diff
+from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, RematError, ResponseTooLarge
+from ..ops import REGISTRY
+from ..runtime import allocator
+from ..runtime.buffers import BufferPool
+from . import codec, streaming
+from .admission import MemoryAdmission
+from .graph_store import GraphStore
+
+log = logging.getLogger(__name__)
+
+# Room in a message for everything but the tensors (metrics, trace, framing).
+_RESPONSE_HEADROOM = 1 << 20
+
+
+def _abort(context, method_name: str, exc: Exception):
+    """Turn RematError into its status code and bugs into INTERNAL."""
+    if isinstance(exc, RematError):
+        if isinstance(exc, ResponseTooLarge):  # tells the SDK to resend with RunStream
+            context.set_trailing_metadata(((metadata.USE_STREAM, "1"),))
+        context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+    if isinstance(exc, RecursionError):  # defensive: every algorithm is iterative
+        log.error("recursion in %s", method_name, exc_info=exc)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error: recursion too deep")
+    log.error("unexpected error in %s", method_name, exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _status(method):
+    """A unary handler whose errors become statuses."""
+    @functools.wraps(method)
+    def handler(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
+            _abort(context, method.__name__, exc)
+    return handler
+
+
+def _status_stream(method):
+    """A server-streaming handler whose errors (raised while streaming) become statuses."""
+    @functools.wraps(method)
+    def handler(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
+            _abort(context, method.__name__, exc)
+    return handler
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
+    def __init__(self, engine: Engine, store: GraphStore, admission: MemoryAdmission | None = None,
+                 *, metrics=None, chunk_bytes: int = 1 << 20,
+                 max_message_bytes: int = 512 << 20, max_upload_seconds: float = 600.0,
+                 buffers: BufferPool | None = None):
+        self.engine = engine
+        self.buffers = buffers or BufferPool(0)
+        self.store = store
+        self.admission = admission or MemoryAdmission(0, 0)
+        self.metrics = metrics
+        self.chunk_bytes = chunk_bytes
+        self.max_message_bytes = max_message_bytes
+        self.max_upload_seconds = max_upload_seconds
+
+    def _graph(self, ref: executor_pb2.GraphRef) -> tuple[str, GraphSpec]:
+        """(content id, spec) of the graph a request refers to."""
+        kind = ref.WhichOneof("kind")
+        if kind == "graph_id":
+            if not ref.graph_id:  # set but empty: a malformed request, not a missing graph
+                raise InvalidArgument("graph: graph_id is empty")
+            return ref.graph_id, self.store.get(ref.graph_id)
+        if kind is None:
+            raise InvalidArgument("graph: send a graph inline or a graph_id")
+        return self._store(ref.graph)
+
+    def _store(self, message) -> tuple[str, GraphSpec]:
+        """Parse and validate a graph, and keep it in the registry under its content id:
+        an inline graph registers itself, so a client that got NOT_FOUND from this
+        replica (evicted, or registered on another one) resends it once, not once per
+        call. A graph the registry already holds is neither parsed nor validated again."""
+        graph_id = codec.content_id(message)
+        spec = self.store.find(graph_id)
+        if spec is None:
+            spec = codec.graph_from_proto(message, self.engine.limits)
+            self.engine.validate(spec, graph_id)
+            self.store.put(graph_id, spec, message.ByteSize())
+        return graph_id, spec
+
+    @_status
+    def RegisterGraph(self, request, context):
+        graph_id, _ = self._store(request.graph)
+        return executor_pb2.RegisterGraphResponse(graph_id=graph_id)
+
+    def _run_request(self, request: executor_pb2.RunRequest, policy=None,
+                     tensors: tuple[dict, dict] | None = None,
+                     graph: tuple[str, GraphSpec] | None = None) -> RunRequest:
+        """The domain request; `tensors` (inputs, cotangents) and `graph` (id, spec)
+        when already decoded."""
+        limits = self.engine.limits
+        graph_id, spec = graph or self._graph(request.graph)
+        inputs, cotangents = tensors or (
+            codec.tensors_to_arrays(request.inputs, limits, "input"),
+            codec.tensors_to_arrays(request.cotangents, limits, "cotangent"))
+        return RunRequest(
+            graph=spec, graph_id=graph_id, inputs=inputs,
+            fetch=tuple(request.fetch), wrt=tuple(request.wrt), loss=request.loss,
+            cotangents=cotangents,
+            policy=policy if policy is not None else codec.policy_from_proto(request.policy),
+            timeline=request.timeline, measure_memory=request.measure_memory,
+            trace=request.trace)
+
+    def _execute(self, run: RunRequest, context, max_response_bytes: int = 0):
+        """Run with memory admission (waiting at most until the deadline), then give
+        freed memory back to the OS (after requests big enough to matter: trimming
+        costs a few microseconds, a lot for the smallest requests)."""
+        remaining = context.time_remaining()
+        admitted = [0]
+
+        def admit(nbytes: int):
+            admitted[0] = nbytes
+            return self.admission.reserve(nbytes, timeout=remaining,
+                                          cancelled=lambda: not context.is_active())
+        try:
+            result = self.engine.run(run, should_stop=lambda: not context.is_active(),
+                                     admit=admit if self.admission.metered else _unmetered(admitted),
+                                     max_response_bytes=max_response_bytes)
+        except Cancelled:
+            left = context.time_remaining()
+            if left is not None and left <= 0:  # gRPC ends a call the same way at its deadline
+                raise DeadlineExceeded("the request's deadline passed while it ran; "
+                                       "it was stopped and its memory freed") from None
+            raise
+        finally:
+            if admitted[0] >= allocator.TRIM_AFTER_BYTES:
+                allocator.release_free_memory()
+        if self.metrics is not None:
+            self.metrics.observe_run(result.metrics)
+        return result
+
+    @_status
+    def Run(self, request, context):
+        limit = self.max_message_bytes - min(_RESPONSE_HEADROOM, self.max_message_bytes // 4)
+        result = self._execute(self._run_request(request), context, max_response_bytes=limit)
+        response = _response_header(result)
+        for name, array in result.outputs.items():
+            codec.fill_tensor(response.outputs[name], array)
+        for name, array in result.grads.items():
+            codec.fill_tensor(response.grads[name], array)
+        return response
+
+    @_status_stream
+    def RunStream(self, request_iterator, context):
+        """Run with tensors in chunks both ways (see `streaming`)."""
+        graph = []  # resolved from the header, before any tensor arrives
+        timer = threading.Timer(self.max_upload_seconds, context.cancel)
+        timer.start()  # a client that never finishes its upload must not hold a thread
+        try:
+            upload = streaming.receive(
+                _uploaded(request_iterator, context), self.engine.limits,
+                on_header=lambda header: graph.append(self._graph(header.graph)),
+                pool=self.buffers)
+        finally:
+            timer.cancel()
+        run = self._run_request(upload.header, tensors=upload.finish(), graph=graph[0])
+        del upload  # the arrays live on in `run` only, so the executor can free them
+        result = self._execute(run, context)
+        del run
+        yield from streaming.send(_response_header(result), result.outputs, result.grads,
+                                  self.chunk_bytes)
+
+    @_status_stream
+    def Compare(self, request, context):
+        """store_all first (the baseline), then each policy; one result as each completes.
+        A policy that fails becomes a result with `error`; the baseline failing ends
+        the call with its status."""
+        chosen = [codec.policy_from_proto(p) for p in request.policies]
+        chosen = [StoreAll()] + [p for p in chosen if not isinstance(p, StoreAll)]
+        repeats = max(1, request.repeats)
+        # Decoded once: every policy runs the same graph and tensors, and the engine
+        # compiles (validates, differentiates) it once, then plans each policy.
+        run = self._run_request(request.run, StoreAll())
+        if request.warmup:
+            self._execute(run, context)
+        baseline = None
+        for index, policy in enumerate(chosen):
+            result = executor_pb2.CompareResult(index=index, total=len(chosen),
+                                                policy=label(policy))
+            try:
+                runs = [self._execute(dataclasses.replace(run, policy=policy), context)
+                        for _ in range(repeats)]
+            except RematError as exc:
+                if baseline is None or isinstance(exc, (Cancelled, DeadlineExceeded)):
+                    raise
+                result.error, result.error_code = str(exc), exc.code
+                yield result
+                continue
+            best = min(runs, key=lambda r: r.metrics.total_seconds)
+            baseline = baseline or best
+            result.metrics.CopyFrom(codec.metrics_to_proto(best.metrics))
+            result.max_grad_diff = max_abs_diff(best.grads, baseline.grads)
+            result.timeline.extend(best.timeline)
+            result.trace.extend(codec.trace_to_proto(best.trace))
+            yield result
+
+    @_status
+    def Differentiate(self, request, context):
+        shapes = {name: tuple(dims.values) for name, dims in request.input_shapes.items()}
+        graph_id, spec = self._graph(request.graph)
+        joint = self.engine.differentiate(spec, tuple(request.wrt), request.loss, shapes,
+                                          graph_id=graph_id)
+        return executor_pb2.DifferentiateResponse(graph=codec.graph_to_proto(joint.graph),
+                                                  grad_outputs=joint.grad_outputs)
+
+    @_status
+    def Plan(self, request, context):
+        shapes = {name: tuple(dims.values) for name, dims in request.input_shapes.items()}
+        graph_id, spec = self._graph(request.graph)
+        planned = self.engine.plan(
+            spec, graph_id=graph_id, wrt=tuple(request.wrt), loss=request.loss,
+            cotangent_outputs=tuple(request.cotangent_outputs),
+            policy=codec.policy_from_proto(request.policy), input_shapes=shapes,
+            fetch=tuple(request.fetch))
+        return codec.plan_to_proto(planned, request.include_schedule)
+
+    @_status
+    def ListOps(self, request, context):
+        ops = [codec.op_to_proto(op) for _, op in sorted(REGISTRY.items())]
+        return executor_pb2.ListOpsResponse(ops=ops)
+
+
+def _unmetered(admitted: list):
+    """Without a memory budget there is nothing to wait for: only note the peak."""
+    def admit(nbytes: int):
+        admitted[0] = nbytes
+        return None
+    return admit
+
+
+def _response_header(result) -> executor_pb2.RunResponse:
+    """Everything of a RunResponse but the tensors."""
+    return executor_pb2.RunResponse(metrics=codec.metrics_to_proto(result.metrics),
+                                    warnings=result.warnings, timeline=result.timeline,
+                                    trace=codec.trace_to_proto(result.trace))
+
+
+def _uploaded(request_iterator, context):
+    """The client's messages; the call ending under us (cancelled, or its deadline
+    passed) is the client's doing, not a server error to log."""
+    try:
+        yield from request_iterator
+    except grpc.RpcError:
+        left = context.time_remaining()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded("the deadline passed during the upload") from None
+        raise Cancelled("the client cancelled the upload") from None
