@@ -111,14 +111,17 @@ class _Budgeted:
             raise TypeError(f"{kind}: bytes must be an int, got {self.bytes!r}")
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)):
             raise TypeError(f"{kind}: fraction must be a number, got {self.fraction!r}")
-        if (self.bytes > 0) == (self.fraction > 0) or self.bytes < 0 or self.fraction < 0:
-            raise ValueError(f"{kind}: give exactly one of bytes > 0 and fraction > 0, got "
-                             f"bytes={self.bytes}, fraction={self.fraction}")
-        if self.fraction > 1:
-            raise ValueError(f"{kind}: fraction is of store_all's peak and must be <= 1, "
-                             f"got {self.fraction}")
+        if self.bytes < 0:
+            raise ValueError(f"{kind}: bytes must be > 0, got {self.bytes}")
         if self.bytes >= 2 ** 63:
             raise ValueError(f"{kind}: bytes must fit an int64, got {self.bytes}")
+        if not 0 <= self.fraction <= 1:  # NaN too
+            raise ValueError(f"{kind}: fraction must be in (0, 1] (of store_all's peak), "
+                             f"got {self.fraction}")
+        if (self.bytes > 0) == (self.fraction > 0):
+            raise ValueError(f"{kind}: give exactly one of bytes and fraction (bytes > 0 or "
+                             f"a fraction in (0, 1]), got bytes={self.bytes}, "
+                             f"fraction={self.fraction}")
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ class Optimal(_Budgeted):
         super().__post_init__()
         if isinstance(self.time_limit, bool) or not isinstance(self.time_limit, (int, float)) \
                 or not 0.0 <= self.time_limit < math.inf:  # HiGHS would run unbounded
-            raise ValueError("Optimal: time_limit must be a finite number of seconds >= 0 "
+            raise ValueError("Optimal: time_limit must be finite and >= 0, in seconds "
                              f"(0: the server's --optimal-time-limit), got {self.time_limit!r}")
 
 
@@ -296,6 +299,8 @@ KINDS = _kinds(
     Kind(DTR, "dtr", lambda p: f"dtr({_amount(p)})", _U["dtr"], _budget(DTR, _U["dtr"])),
 )
 BY_NAME = {kind.name: kind for kind in KINDS.values()}
+for _kind in KINDS.values():  # `EveryK(4).name == "every_k"`, read off the table
+    _kind.cls.name = _kind.name
 PARAMETERLESS = {kind.name: kind.cls for kind in KINDS.values() if kind.parse is None}
 # What `parse` accepts, for help texts.
 FORMS = tuple(kind.usage or kind.name for kind in KINDS.values())
@@ -305,7 +310,8 @@ def kind_of(policy: Policy) -> Kind:
     """The table row of a policy object; TypeError for anything else."""
     kind = KINDS.get(type(policy))
     if kind is None:
-        raise TypeError(f"expected a remat policy object or name, got {type(policy).__name__}")
+        raise TypeError(f"expected a remat.policies object or name, got "
+                        f"{type(policy).__name__}")
     return kind
 
 

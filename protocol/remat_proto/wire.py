@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import re
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -233,7 +234,19 @@ def policy_from_proto(message: executor_pb2.Policy) -> policies.Policy:
             values[field] = value if isinstance(value, (int, float, str, bool)) else tuple(value)
         return kind.cls(**values)
     except (TypeError, ValueError) as error:
-        raise WireError(f"policy: {error}") from None
+        raise WireError(_policy_error(name, str(error))) from None
+
+
+def _policy_error(name: str | None, text: str) -> str:
+    """A constructor's message in the wire's words: "policy optimal: time_limit_seconds
+    must be ..." for "Optimal: time_limit must be ..."."""
+    kind = policies.BY_NAME.get(name)
+    if kind is None:  # a policy by name: the message names it
+        return text
+    text = text.removeprefix(f"{kind.cls.__name__}: ")
+    for field, wire in kind.wire_names.items():
+        text = re.sub(rf"\b{field}\b", wire, text)
+    return f"policy {name}: {text}"
 
 
 # --- results ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from deploy_support import (DEPLOY, K8S, ROOT, by_kind, compose_bytes, compose_s
                             env_instruction, exec_form, exposed_series, final_stage,
                             healthcheck, quantity_bytes, render_kustomization,
                             render_with_kubectl)
+from remat.cli import build_parser as sdk_parser
 from remat_server.service.flags import build_parser, serve_env_vars, server_config
 from remat_server.service.serve import KILL_AFTER_GRACE
 
@@ -29,13 +30,13 @@ MiB = 1 << 20
 # flight: the interpreter, NumPy, SciPy and gRPC (~100 MiB idle) and allocator slack.
 BASELINE_BYTES = 256 * MiB
 REMAT_SERVICES = ("remat-1", "remat-2")
-HEALTH_SERVICES = ("", "remat_proto.v1.Executor")
+HEALTH_SERVICES = ("", "remat.v1.Executor")
 
 
 def serve_args(argv: list[str], environ: dict[str, str]):
     """`remat serve ARGV` under `environ`, through the real parser (a usage error fails)."""
     try:
-        return build_parser(environ=environ).parse_args(["serve", *argv])
+        return build_parser(environ).parse_args(argv)
     except SystemExit as error:
         pytest.fail(f"remat serve {argv} with {environ} does not parse ({error})")
 
@@ -47,7 +48,7 @@ def memory_needed(args) -> int:
     config = server_config(args, environ={})
     assert config.memory_budget_bytes > 0, "a memory limit needs a memory budget under it"
     per_worker = (config.memory_budget_bytes + config.graph_cache_bytes
-                  + config.buffer_pool_bytes + config.max_workers * config.max_message_bytes)
+                  + config.compile_cache_bytes + config.buffer_pool_bytes + config.max_workers * config.max_message_bytes)
     return args.workers * per_worker + BASELINE_BYTES
 
 
@@ -114,7 +115,7 @@ def test_image_keeps_its_ports_when_flags_are_appended(image):
 
 def test_healthcheck_asks_the_server_over_grpc_health(image):
     assert image.health[:2] == ["remat", "health"]
-    health = build_parser(environ={}).parse_args(image.health[1:])
+    health = sdk_parser().parse_args(image.health[1:])
     assert health.command == "health" and health.service in HEALTH_SERVICES
     host, _, port = health.target.rpartition(":")
     assert host in ("127.0.0.1", "localhost", "[::1]")
@@ -215,7 +216,7 @@ def test_every_configmap_key_is_a_serve_flag_and_parses_like_it(k8s):
     env = serve_env_vars()
     data = one(k8s, "ConfigMap")["data"]
     assert set(data) <= set(env), sorted(set(data) - set(env))
-    serve = build_parser(environ={})._subparsers._group_actions[0].choices["serve"]
+    serve = build_parser({})
     flags = {a.option_strings[0]: a for a in serve._actions if a.option_strings}
     from_env = serve_args([], data)
     for var, value in sorted(data.items()):

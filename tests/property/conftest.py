@@ -58,11 +58,11 @@ def fuzz_stub(fuzz_channel):
 @pytest.fixture(scope="session")
 def raw_methods(fuzz_channel):
     """Method name -> a callable sending raw bytes and returning raw bytes."""
-    methods = {name: fuzz_channel.unary_unary(f"/remat_proto.v1.Executor/{name}",
+    methods = {name: fuzz_channel.unary_unary(f"/remat.v1.Executor/{name}",
                                               request_serializer=None,
                                               response_deserializer=None)
                for name in METHODS}
-    methods["Compare"] = fuzz_channel.unary_stream("/remat_proto.v1.Executor/Compare",
+    methods["Compare"] = fuzz_channel.unary_stream("/remat.v1.Executor/Compare",
                                                    request_serializer=None,
                                                    response_deserializer=None)
     return methods

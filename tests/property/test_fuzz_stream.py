@@ -105,7 +105,7 @@ def structured_stream(h: Hostile) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def run_stream(fuzz_channel):
-    return fuzz_channel.stream_stream("/remat_proto.v1.Executor/RunStream", request_serializer=None,
+    return fuzz_channel.stream_stream("/remat.v1.Executor/RunStream", request_serializer=None,
                                       response_deserializer=None)
 
 

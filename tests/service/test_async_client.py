@@ -271,7 +271,7 @@ class _FlakyExecutor:
             self._list_ops, request_deserializer=executor_pb2.ListOpsRequest.FromString,
             response_serializer=executor_pb2.ListOpsResponse.SerializeToString)
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "remat_proto.v1.Executor", {"ListOps": handler}),))
+            "remat.v1.Executor", {"ListOps": handler}),))
         self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         self.server.start()
 

@@ -215,7 +215,7 @@ def _unary_call(served):
 
 def _stream_call(served):
     channel = grpc.insecure_channel(served[1])
-    call = channel.stream_stream("/remat_proto.v1.Executor/RunStream",
+    call = channel.stream_stream("/remat.v1.Executor/RunStream",
                                  request_serializer=chunks.encode,
                                  response_deserializer=streaming.decode_response)
     request, chunked = calls.run_request(executor_pb2.GraphRef(graph=SLOW.to_proto()), SLOW,

@@ -102,16 +102,16 @@ def test_serve_has_a_flag_for_every_limit_and_the_memory_budget():
     error messages that name a flag point at one that exists."""
     from dataclasses import fields
 
-    from remat.cli import build_parser
     from remat_server import Limits
+    from remat_server.service.flags import build_parser
 
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    serve = build_parser({})
     flags = {option for action in serve._actions for option in action.option_strings}
     wanted = {"--" + f.name.replace("_", "-") for f in fields(Limits)}
-    wanted |= {"--memory-budget-bytes", "--max-queued-requests"}
+    wanted |= {"--memory-budget-bytes", "--max-queued-requests", "--compile-cache-bytes"}
     assert wanted <= flags, sorted(wanted - flags)
-    args = build_parser().parse_args(["serve", "--memory-budget-bytes", "123",
-                                      "--optimal-time-limit", "2.5"])
+    args = build_parser({}).parse_args(["--memory-budget-bytes", "123",
+                                        "--optimal-time-limit", "2.5"])
     assert args.memory_budget_bytes == 123 and args.optimal_time_limit == 2.5
 
 
@@ -137,6 +137,7 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
         "stream_chunk_bytes": ["--stream-chunk-bytes", "4096"],
         "max_workers": ["--threads", "3"], "max_concurrent_rpcs": ["--max-concurrent-rpcs", "9"],
         "graph_cache_bytes": ["--graph-cache-bytes", "1000"],
+        "compile_cache_bytes": ["--compile-cache-bytes", "1000"],
         "memory_budget_bytes": ["--memory-budget-bytes", "123"],
         "max_upload_seconds": ["--max-upload-seconds", "7.5"],
         "max_queued_requests": ["--max-queued-requests", "5"],
@@ -161,12 +162,12 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
     assert names == set(by_flag) | set(by_env), sorted(names ^ (set(by_flag) | set(by_env)))
     default = ServerConfig()
     for name, argv in by_flag.items():
-        config = server_config(build_parser().parse_args(["serve", *argv]), environ={})
+        config = server_config(build_parser({}).parse_args(argv), environ={})
         assert getattr(config, name) != getattr(default, name), name
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    serve = build_parser({})
     help_text = " ".join(serve.format_help().split())
     for name, environ in by_env.items():
-        config = server_config(build_parser().parse_args(["serve"]), environ=environ)
+        config = server_config(build_parser({}).parse_args([]), environ=environ)
         assert getattr(config, name) != getattr(default, name), name
         for var in environ:
             assert f"${var}" in help_text, var
@@ -174,9 +175,9 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
 
 # --- `remat serve` flags from the environment ------------------------------------------------
 def _serve_parser(environ):
-    from remat.cli import build_parser
+    from remat_server.service.flags import build_parser
 
-    return build_parser(environ=environ)._subparsers._group_actions[0].choices["serve"]
+    return build_parser(environ)
 
 
 def test_every_serve_flag_defaults_from_its_env_var_and_a_flag_wins():
@@ -208,20 +209,21 @@ def test_every_serve_flag_defaults_from_its_env_var_and_a_flag_wins():
          for on, words in ((True, ("1", "true", "Yes")), (False, ("0", "false", "NO")))
          for text in words]
     for var, text, attribute, expected in cases:
-        args = build_parser(environ={var: text}).parse_args(["serve"])
+        args = build_parser({var: text}).parse_args([])
         assert getattr(args, attribute) == expected, (var, text)
         assert type(getattr(args, attribute)) is type(expected), (var, text)
-    args = build_parser(environ={"REMAT_MAX_NODES": "17", "REMAT_THREADS": "not a number"}
-                        ).parse_args(["serve", "--max-nodes", "5", "--threads", "2"])
+    args = build_parser({"REMAT_MAX_NODES": "17", "REMAT_THREADS": "not a number"}
+                        ).parse_args(["--max-nodes", "5", "--threads", "2"])
     assert (args.max_nodes, args.threads) == (5, 2)  # flags win; the bad value is unused
-    # Other commands ignore the serve variables, good or bad.
-    assert build_parser(environ={"REMAT_PORT": "x"}).parse_args(["ops"]).command == "ops"
+    # Other commands never read the serve variables, good or bad.
+    from remat.cli import build_parser as sdk_parser
+    assert sdk_parser().parse_args(["ops"]).command == "ops"
     # The token file variable stays the client's.
-    assert build_parser(environ={"REMAT_TOKEN_FILE": "/x"}).parse_args(["serve"]).token_file == ""
+    assert build_parser({"REMAT_TOKEN_FILE": "/x"}).parse_args([]).token_file == ""
 
 
 def test_a_bad_env_var_is_a_usage_error_naming_it(capsys):
-    from remat.cli import build_parser
+    from remat_server.service.flags import build_parser
 
     for var, text, flag in [("REMAT_MAX_NODES", "lots", "--max-nodes"),
                             ("REMAT_WORKERS", "0", "--workers"),
@@ -229,7 +231,7 @@ def test_a_bad_env_var_is_a_usage_error_naming_it(capsys):
                             ("REMAT_MAX_CONNECTION_AGE_SECONDS", "-1",
                              "--max-connection-age-seconds")]:
         with pytest.raises(SystemExit) as exit_:
-            build_parser(environ={var: text}).parse_args(["serve"])
+            build_parser({var: text}).parse_args([])
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert f"argument {flag}: invalid value ${var}={text!r} in the environment" in err, err
@@ -280,7 +282,7 @@ def test_health_exit_codes(capsys):
     try:
         assert main(["health", "--target", target]) == 0
         assert capsys.readouterr().out.strip() == "SERVING"
-        assert main(["health", "--target", target, "--service", "remat_proto.v1.Executor"]) == 0
+        assert main(["health", "--target", target, "--service", "remat.v1.Executor"]) == 0
         capsys.readouterr()
         assert main(["health", "--target", target, "--service", "no.such.Service"]) == 1
         assert "NOT_FOUND: no health status for service 'no.such.Service'" in \

@@ -434,7 +434,7 @@ def test_request_over_the_message_size_is_resource_exhausted(limited):
 def _held_run_stream(channel, release: threading.Event):
     """A RunStream whose upload never ends until `release`: it holds an RPC slot
     without using a thread's CPU. Returns the thread running it and its result list."""
-    call = channel.stream_stream("/remat_proto.v1.Executor/RunStream",
+    call = channel.stream_stream("/remat.v1.Executor/RunStream",
                                  request_serializer=lambda m: m.SerializeToString(),
                                  response_deserializer=executor_pb2.RunStreamResponse.FromString)
     header = run(graph([inp("x", [2, 3])], [node("n", "neg", ["x"])], [("o", "n")]), {"x": X})

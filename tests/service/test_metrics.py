@@ -119,7 +119,7 @@ def test_unknown_method_and_health_are_recorded():
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            missing = channel.unary_unary("/remat_proto.v1.Executor/NoSuchMethod")
+            missing = channel.unary_unary("/remat.v1.Executor/NoSuchMethod")
             with pytest.raises(grpc.RpcError) as error:
                 missing(b"")
             assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -147,7 +147,7 @@ def test_bidi_stream_is_timed_until_it_ends():
             return True
 
     class Details:
-        method = "/remat_proto.v1.Executor/RunStream"
+        method = "/remat.v1.Executor/RunStream"
 
     def echo(requests, context):
         yield from requests

@@ -240,7 +240,7 @@ def test_bad_policies_the_server_finds_are_invalid_argument(client):
 @pytest.mark.parametrize("policy, message", [
     (executor_pb2.Policy(every_k=executor_pb2.EveryK(k=0)), "k must be >= 1"),
     (executor_pb2.Policy(revolve=executor_pb2.Revolve(slots=0)), "slots must be >= 1"),
-    (executor_pb2.Policy(name="telepathy"), "'telepathy' is unknown"),
+    (executor_pb2.Policy(name="telepathy"), "unknown policy 'telepathy'"),  # the SDK's words
 ])
 def test_the_server_also_rejects_what_the_sdk_checks(stub, policy, message):
     # Other clients skip the SDK's checks; the server must not rely on them.

@@ -182,7 +182,7 @@ def test_sdk_list_ops_agrees(client, stub):
 # --- health and reflection ------------------------------------------------------------------
 def test_health_check_reports_serving(channel):
     health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", "remat_proto.v1.Executor"):
+    for service in ("", "remat.v1.Executor"):
         response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert response.status == health_pb2.HealthCheckResponse.SERVING, service
     with pytest.raises(grpc.RpcError) as info:
@@ -193,10 +193,10 @@ def test_health_check_reports_serving(channel):
 def test_reflection_lists_the_executor(channel):
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
-                reflection_pb2.ServerReflectionRequest(file_containing_symbol="remat_proto.v1.Executor")]
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="remat.v1.Executor")]
     responses = list(reflection.ServerReflectionInfo(iter(requests), timeout=5))
     services = {s.name for s in responses[0].list_services_response.service}
-    assert {"remat_proto.v1.Executor", "grpc.health.v1.Health"} <= services
+    assert {"remat.v1.Executor", "grpc.health.v1.Health"} <= services
     files = responses[1].file_descriptor_response.file_descriptor_proto
     assert files, responses[1]
     from google.protobuf import descriptor_pb2

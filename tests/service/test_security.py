@@ -230,7 +230,7 @@ def test_authorization_metadata_format(token_target, metadata, refusal):
 
 def test_unknown_methods_are_refused_before_they_are_revealed(token_target):
     with grpc.insecure_channel(token_target) as channel:
-        call = channel.unary_unary("/remat_proto.v1.Executor/NoSuchMethod")
+        call = channel.unary_unary("/remat.v1.Executor/NoSuchMethod")
         with pytest.raises(grpc.RpcError) as info:
             call(b"", timeout=TIMEOUT)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

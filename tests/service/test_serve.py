@@ -280,7 +280,7 @@ PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 def _config(argv, environ=None):
     from remat_server.service.flags import build_parser, server_config
 
-    return server_config(build_parser().parse_args(["serve", *argv]), environ=environ or {})
+    return server_config(build_parser({}).parse_args(argv), environ=environ or {})
 
 
 def test_token_file_and_tls_flags_reach_the_config(tmp_path):
@@ -315,17 +315,17 @@ def test_token_file_and_tls_flags_reach_the_config(tmp_path):
 
 
 def test_process_flags():
-    from remat.cli import build_parser
+    from remat_server.service.flags import build_parser
 
     assert _config(["--workers-threads", "3"]).max_workers == 3  # deprecated alias
     assert _config(["--threads", "5"]).max_workers == 5
     assert _config(["--workers", "2"]).reuse_port and not _config([]).reuse_port
-    args = build_parser().parse_args(["serve"])
+    args = build_parser({}).parse_args([])
     assert (args.workers, args.metrics_port, args.metrics_host) == (1, None, None)
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--workers", "0"])
+        build_parser({}).parse_args(["--workers", "0"])
     # No flag takes a secret itself.
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    serve = build_parser({})
     flags = {option for action in serve._actions for option in action.option_strings}
     assert not {"--token", "--tokens", "--auth-token", "--tls-key"} & flags
 

@@ -19,7 +19,7 @@ from remat_proto.v1 import executor_pb2, tensor_pb2
 from remat_server import ServerConfig, create_server
 
 MiB = 1 << 20
-RUN_STREAM = "/remat_proto.v1.Executor/RunStream"
+RUN_STREAM = "/remat.v1.Executor/RunStream"
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_a_deadline_passing_mid_run_is_deadline_exceeded(served):
                                     "ListOps"])
 def test_request_bytes_that_do_not_parse_are_invalid_argument(served, method):
     _, _, channel = served
-    path = f"/remat_proto.v1.Executor/{method}"
+    path = f"/remat.v1.Executor/{method}"
     call = (channel.unary_stream if method == "Compare" else channel.unary_unary)(path)
     with pytest.raises(grpc.RpcError) as caught:
         reply = call(b"\xff\xff\xff", timeout=10)

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import remat
 from remat import calls, streaming
+from remat_proto import metadata
 from remat_proto import chunks
 from remat_proto.v1 import executor_pb2, executor_pb2_grpc, tensor_pb2
 from remat_server import Limits, ServerConfig, create_server
@@ -27,7 +28,7 @@ MESSAGE_BYTES = 8 * MiB  # small, so that results of 16 MiB cannot go in one Run
 LIMITS = Limits(max_dim=1 << 40, max_elements=1 << 40, max_request_bytes=256 * MiB)
 INPUT, COTANGENT = tensor_pb2.TensorChunk.INPUT, tensor_pb2.TensorChunk.COTANGENT
 OUTPUT, GRAD = tensor_pb2.TensorChunk.OUTPUT, tensor_pb2.TensorChunk.GRAD
-RUN_STREAM = "/remat_proto.v1.Executor/RunStream"
+RUN_STREAM = "/remat.v1.Executor/RunStream"
 
 
 def _start(**config):

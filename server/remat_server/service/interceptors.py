@@ -40,6 +40,27 @@ def wrap_handler(handler: grpc.RpcMethodHandler,
                 response_serializer=handler.response_serializer)
 
 
+class WrappedHandlers:
+    """`wrap_handler`, once per (handler, key): gRPC hands an interceptor the same
+    handler object for every call of a method, so the wrapper is built once, not per
+    call."""
+
+    def __init__(self):
+        self._wrapped: dict[tuple, tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, handler: grpc.RpcMethodHandler, key,
+            around: Callable[[grpc.ServicerContext], ContextManager]) -> grpc.RpcMethodHandler:
+        entry = self._wrapped.get((id(handler), key))
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        wrapped = wrap_handler(handler, around)
+        with self._lock:
+            if len(self._wrapped) < 1024:  # bounded: methods are few
+                self._wrapped[id(handler), key] = (handler, wrapped)  # holds handler: id stays
+        return wrapped
+
+
 class Malformed(NamedTuple):
     """A request message protobuf could not parse. Deserializers hand it on rather than
     raising, so the client gets INVALID_ARGUMENT and not gRPC's bare INTERNAL
@@ -112,6 +133,22 @@ class Drain(grpc.ServerInterceptor):
         self._running = 0
         self._changed = threading.Condition()
         self.draining = False
+        self._wrapped = WrappedHandlers()
+        counter = self
+
+        class Running:  # entered around every call: a counter, no per-call object
+            def __enter__(self):
+                with counter._changed:
+                    counter._running += 1
+
+            def __exit__(self, *exc):
+                with counter._changed:
+                    counter._running -= 1
+                    if counter.draining:
+                        counter._changed.notify_all()
+                return False
+        running = Running()
+        self._around = lambda _context: running
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -120,18 +157,7 @@ class Drain(grpc.ServerInterceptor):
         if self.draining:
             return refusal(handler, grpc.StatusCode.UNAVAILABLE,
                            "the server is shutting down; retry (another replica will answer)")
-        return wrap_handler(handler, self._running_call)
-
-    @contextlib.contextmanager
-    def _running_call(self, _context):
-        with self._changed:
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._running -= 1
-                self._changed.notify_all()
+        return self._wrapped.get(handler, None, self._around)
 
     def drain(self, timeout: float) -> float:
         """Refuse new calls and wait up to `timeout` seconds for running ones to end;

@@ -24,7 +24,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess, values
 
-from .interceptors import wrap_handler
+from .interceptors import WrappedHandlers
 
 # ~0.5 ms (a health check) to 60 s (a big recompute_all run).
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -72,6 +72,7 @@ class _Instruments:
                                  "Time from the start of an RPC to its status (streams: until "
                                  "the stream ends), by method and gRPC status code.",
                                  ["method", "code"])
+        self.durations: dict[tuple, object] = {}  # (method, code) -> rpc_duration's child
         self.inflight = Gauge("remat_inflight_requests", "RPCs being handled now.",
                               registry=registry, multiprocess_mode="livesum")
         self.rejected = Counter("remat_rejected_requests_total",
@@ -288,7 +289,10 @@ def _status(context, exc_type) -> grpc.StatusCode:
 
 
 def _record(m: _Instruments, method: str, code: grpc.StatusCode, seconds: float) -> None:
-    m.rpc_duration.labels(method, code.name).observe(seconds)
+    child = m.durations.get((method, code))
+    if child is None:  # label lookups take a lock: memoized (methods are bounded)
+        child = m.durations[method, code] = m.rpc_duration.labels(method, code.name)
+    child.observe(seconds)
     if code in REJECTED_CODES:
         m.rejected.labels(code.name.lower()).inc()
 
@@ -298,6 +302,7 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         self._m = m
         self._methods: set[str] = set()
         self._lock = threading.Lock()
+        self._wrapped = WrappedHandlers()
 
     def _method_label(self, path: str) -> str:
         name = path.rsplit("/", 1)[-1] or "unknown"  # "/remat.v1.Executor/Run" -> "Run"
@@ -316,6 +321,7 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
             _record(self._m, "unknown", grpc.StatusCode.UNIMPLEMENTED, 0.0)
             return None
         method = self._method_label(handler_call_details.method)
-        return wrap_handler(handler, lambda context: _Call(self._m, method, context))
+        return self._wrapped.get(handler, method,
+                                 lambda context: _Call(self._m, method, context))
 
 
