@@ -120,7 +120,7 @@ def _ms(seconds: float) -> int:
 def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]:
     """Build (not start) a server bound to `config.address`; returns it and its port."""
     config = config or ServerConfig()
-    allocator.tune_for_serving()  # freed tensors go back to the OS, RSS stays flat
+    allocator.tune_for_serving()  # buffers reused within a request, trimmed after it
     metrics = ServerMetrics()
     drain = Drain()
     interceptors = [metrics.interceptor(), drain]
