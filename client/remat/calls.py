@@ -314,9 +314,7 @@ def _with_ref(method: str, request, decode):
 
 
 def _joint_graph(response: executor_pb2.DifferentiateResponse) -> Graph:
-    from .wire import graph_from_proto
-
-    joint = graph_from_proto(response.graph)
+    joint = Graph.from_proto(response.graph)
     joint.grad_outputs = dict(response.grad_outputs)
     return joint
 

@@ -23,9 +23,12 @@ import sys
 from typing import Any, Iterator
 
 import numpy as np
+from google.protobuf import json_format
 
+from remat_proto import wire
 from remat_proto.dtypes import NAMES as DTYPES
 from remat_proto.spec import GraphSpec, InputSpec, NodeSpec
+from remat_proto.v1 import graph_pb2
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -210,7 +213,7 @@ class Graph:
         return (f"<remat.Graph {self.name!r}: {len(self.inputs)} inputs, {len(self.nodes)} nodes, "
                 f"outputs {self.output_names}>")
 
-    # --- serialization (the wire layer does the protobuf work) ----------------------------
+    # --- serialization: the remat.v1.Graph message (remat_proto.wire maps it) ------------
     def spec(self) -> GraphSpec:
         """The graph as sent: inputs, nodes and outputs (`remat_proto.spec`)."""
         return GraphSpec(self.name, tuple(self.inputs), tuple(self.nodes),
@@ -218,8 +221,6 @@ class Graph:
 
     def to_proto(self):
         """The `remat.v1.Graph` message (a copy: change it freely)."""
-        from remat_proto.v1 import graph_pb2
-
         message = graph_pb2.Graph()
         message.CopyFrom(self.wire_form()[0])
         return message
@@ -229,8 +230,6 @@ class Graph:
         a training loop that runs the same graph sends its id, not its bytes, and pays
         for neither serializing nor hashing it again. Do not modify the message."""
         if self._wire is None or self._wire[0] != self._version:
-            from remat_proto import wire
-
             message = wire.graph_to_proto(self.spec())
             self._wire = (self._version, message, wire.content_id(message))
         return self._wire[1], self._wire[2]
@@ -242,17 +241,18 @@ class Graph:
 
     @classmethod
     def from_proto(cls, message) -> "Graph":
-        from .wire import graph_from_proto
-        return graph_from_proto(message)
+        """The graph a `remat.v1.Graph` message describes."""
+        spec = wire.graph_from_proto(message)
+        graph = cls(spec.name)
+        graph._restore(spec.inputs, spec.nodes, dict(spec.outputs))
+        return graph
 
     def to_json(self) -> str:
-        from .wire import graph_to_json
-        return graph_to_json(self)
+        return json_format.MessageToJson(self.wire_form()[0])
 
     @classmethod
     def from_json(cls, text: str) -> "Graph":
-        from .wire import graph_from_json
-        return graph_from_json(text)
+        return cls.from_proto(json_format.Parse(text, graph_pb2.Graph()))
 
     # --- internals --------------------------------------------------------------------
     def _claim(self, name: str) -> None:

@@ -1,5 +1,6 @@
-"""The SDK's own types <-> protobuf: graphs (binary and JSON), plan results, op infos.
-Tensors, policies and metrics map through `remat_proto.wire`, shared with the server."""
+"""The SDK's own results <-> protobuf (plan results, op infos) and saved graphs read
+from bytes. Tensors, policies, metrics and graphs map through `remat_proto.wire`,
+shared with the server."""
 from __future__ import annotations
 
 from google.protobuf import json_format
@@ -10,21 +11,6 @@ from remat_proto.v1 import executor_pb2, graph_pb2
 
 from .graph import Graph
 from .results import AttrInfo, OpInfo, PlanResult
-
-
-def graph_from_proto(message: graph_pb2.Graph) -> Graph:
-    spec = wire.graph_from_proto(message)
-    graph = Graph(spec.name)
-    graph._restore(spec.inputs, spec.nodes, dict(spec.outputs))
-    return graph
-
-
-def graph_to_json(graph: Graph) -> str:
-    return json_format.MessageToJson(graph.wire_form()[0])
-
-
-def graph_from_json(text: str) -> Graph:
-    return graph_from_proto(json_format.Parse(text, graph_pb2.Graph()))
 
 
 def graph_from_bytes(data: bytes) -> Graph:
@@ -38,7 +24,7 @@ def graph_from_bytes(data: bytes) -> Graph:
             message.ParseFromString(data)
         if not message.nodes or not message.outputs:
             raise ValueError("no nodes or no outputs")
-        return graph_from_proto(message)
+        return Graph.from_proto(message)
     except (json_format.ParseError, DecodeError, UnicodeDecodeError, ValueError) as error:
         kind = "JSON" if is_json else "binary protobuf"
         raise ValueError(f"is not a remat graph ({kind}: {error}); expected the "

@@ -45,11 +45,14 @@ from ..runtime import profiling
 from ..runtime.executor import Program
 from . import gc_pause
 
-# Approximate resident bytes per joint-graph node of a Compiled (IR node, tuples, the
-# memory model, problem tables) and per schedule step of a Planned (step, program
-# entry, timeline), from tracemalloc on chains and MLPs (tests/unit/test_compile_cache).
-NODE_BYTES = 1500
-STEP_BYTES = 400
+# Resident bytes, measured with tracemalloc on a 20k-node chain, a 64-layer MLP and a
+# transformer block (tests/unit/test_compile_cache.py holds the estimates to within
+# 2x): per node of a validated graph (IR node, attrs, type), per node a compile adds
+# (the backward nodes, the memory model, the problem's tables) and per schedule step of
+# a plan (the step, the executor's program entry, the simulated timeline).
+VALIDATED_NODE_BYTES = 250
+COMPILED_NODE_BYTES = 550
+STEP_BYTES = 250
 
 
 class CompileKey(NamedTuple):
@@ -75,7 +78,7 @@ class Validated:
 
     @property
     def nbytes(self) -> int:
-        return NODE_BYTES // 2 * len(self.graph) + _constant_bytes(self.graph)
+        return VALIDATED_NODE_BYTES * len(self.graph) + _constant_bytes(self.graph)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class Compiled:
         self.problem = problem
         self.seconds = seconds
         self.result_bytes = sum(self.graph[node].type.nbytes for node in self.result_nodes)
-        self._base_bytes = NODE_BYTES * len(self.graph) + _constant_bytes(self.graph)
+        self._base_bytes = COMPILED_NODE_BYTES * len(self.graph) + _constant_bytes(self.graph)
         self._plans: dict[policies.Policy, Planned | Future] = {}
         self._lock = threading.Lock()
 

@@ -1,0 +1,252 @@
+"""The compile cache: a repeated request reuses its compiled plan, anything that changes
+the plan changes the key, results are bit-identical cached or not, the cache stays
+within its byte bound, concurrent first requests compile once, and its size estimates
+are honest."""
+from __future__ import annotations
+
+import gc
+import threading
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from remat import models
+from remat_proto import policies
+from remat_proto.spec import GraphSpec, InputSpec, NodeSpec
+from remat_server.engine import Engine, LRUCache, RunRequest
+from remat_server.engine import compile as compile_module
+from remat_server.engine import run as run_module
+from remat_server.graph.limits import Limits
+from remat_server.service.codec import graph_from_proto
+
+RNG = np.random.default_rng(12)
+
+
+def mlp_request(**overrides) -> tuple[RunRequest, models.Model]:
+    # Activations outweigh the parameters, so fractions of store_all's peak are feasible.
+    model = models.mlp(batch=128, widths=(6,) + (16,) * 8 + (3,), dtype="float64")
+    spec = graph_from_proto(model.graph.to_proto(), Limits())
+    fields = dict(graph=spec, inputs=model.inputs, wrt=tuple(model.wrt), loss=model.loss,
+                  policy="store_all", graph_id="mlp")
+    fields.update(overrides)
+    return RunRequest(**fields), model
+
+
+def two_output_spec(batch: int = -1) -> GraphSpec:
+    """y = tanh(x @ w), z = sum(y * y): a batched input, two outputs."""
+    return GraphSpec("two", (InputSpec("x", (batch, 3), "float64"), InputSpec("w", (3, 2), "float64")),
+                     (NodeSpec("h", "matmul", ("x", "w")), NodeSpec("y", "tanh", ("h",)),
+                      NodeSpec("yy", "mul", ("y", "y")), NodeSpec("z", "sum", ("yy",))),
+                     (("y", "y"), ("z", "z")))
+
+
+def feeds(batch: int) -> dict:
+    return {"x": RNG.standard_normal((batch, 3)), "w": RNG.standard_normal((3, 2))}
+
+
+def assert_same(a, b) -> None:
+    assert a.outputs.keys() == b.outputs.keys() and a.grads.keys() == b.grads.keys()
+    for name in a.outputs:
+        assert np.array_equal(a.outputs[name], b.outputs[name]), name
+    for name in a.grads:
+        assert np.array_equal(a.grads[name], b.grads[name]), name
+
+
+# --- keys ------------------------------------------------------------------------------------
+SPEC = two_output_spec()
+BASE = dict(graph=SPEC, graph_id="two", wrt=("w",), loss="z", policy="store_all")
+VARIANTS = {  # each changes what must be planned; every one must miss, then hit
+    "graph": dict(graph_id="other"),
+    "input shapes": dict(batch=5),
+    "wrt": dict(wrt=("x", "w")),
+    "loss": dict(loss="", cotangents=("z",)),
+    "cotangent set": dict(loss="", cotangents=("y", "z")),
+    "fetch": dict(fetch=("y",)),
+    "policy": dict(policy="recompute_all"),
+    "policy parameter": dict(policy=policies.EveryK(2)),
+}
+
+
+def request_of(batch: int = 4, cotangents=(), **fields) -> RunRequest:
+    inputs = feeds(batch)
+    cot = {"y": RNG.standard_normal((batch, 2)), "z": np.array(1.0)}
+    merged = {**BASE, **fields}
+    return RunRequest(inputs=inputs, cotangents={k: cot[k] for k in cotangents}, **merged)
+
+
+@pytest.mark.parametrize("field", sorted(VARIANTS))
+def test_every_field_that_changes_the_plan_changes_the_key(field):
+    engine = Engine()
+    assert not engine.run(request_of()).metrics.plan_cached
+    assert engine.run(request_of()).metrics.plan_cached  # same key, new tensors: a hit
+    variant = VARIANTS[field]
+    first = engine.run(request_of(**variant))
+    assert not first.metrics.plan_cached, field
+    again = engine.run(request_of(**variant))
+    assert again.metrics.plan_cached, field
+    # The variant's result is its own, not the base plan's: a fresh engine agrees.
+    fresh = Engine(cache_bytes=0)
+    request = request_of(**variant)
+    assert_same(engine.run(request), fresh.run(request))
+
+
+def test_tensors_flags_and_deadlines_do_not_enter_the_key():
+    engine = Engine()
+    engine.run(request_of())
+    for extra in (dict(timeline=True), dict(trace=True), dict(measure_memory=True)):
+        assert engine.run(request_of(**extra)).metrics.plan_cached, extra
+
+
+def test_a_spec_without_an_id_is_keyed_by_the_object():
+    engine = Engine()
+    spec = two_output_spec()
+    request = dict(inputs=feeds(4), wrt=("w",), loss="z")
+    assert not engine.run(RunRequest(spec, **request)).metrics.plan_cached
+    assert engine.run(RunRequest(spec, **request)).metrics.plan_cached
+    # An equal but distinct spec object is not assumed to be the same graph.
+    assert not engine.run(RunRequest(two_output_spec(), **request)).metrics.plan_cached
+
+
+# --- results ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["store_all", "sqrt", "recompute_all",
+                                    policies.Budget(fraction=0.7), policies.DTR(fraction=0.8)],
+                         ids=str)
+def test_cached_and_uncached_results_are_bit_identical(policy):
+    cached, uncached = Engine(), Engine(cache_bytes=0)
+    request, _ = mlp_request(policy=policy)
+    first = cached.run(request)
+    for _ in range(2):
+        again, cold = cached.run(request), uncached.run(request)
+        assert again.metrics.plan_cached and not cold.metrics.plan_cached
+        assert_same(again, first)
+        assert_same(cold, first)
+        assert again.metrics.predicted_peak_bytes == cold.metrics.predicted_peak_bytes
+
+
+def test_a_profiled_budget_is_planned_per_request():
+    engine = Engine()
+    request, _ = mlp_request(policy=policies.Budget(fraction=0.7, profile=True))
+    results = [engine.run(request) for _ in range(2)]
+    assert [r.metrics.plan_cached for r in results] == [False, False]
+    assert_same(results[0], results[1])
+
+
+def test_plan_and_run_share_the_compiled_request():
+    engine = Engine()
+    request, model = mlp_request(policy="sqrt")
+    planned = engine.plan(request.graph, graph_id="mlp", wrt=request.wrt, loss=request.loss,
+                          policy="sqrt")
+    assert not planned.cached
+    run = engine.run(request)
+    assert run.metrics.plan_cached
+    assert run.metrics.predicted_peak_bytes == planned.simulation.peak_bytes
+    assert engine.plan(request.graph, graph_id="mlp", wrt=request.wrt, loss=request.loss,
+                       policy="sqrt").cached
+
+
+# --- bounds ----------------------------------------------------------------------------------
+def test_the_lru_evicts_within_its_byte_bound_coldest_first():
+    class Item:
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
+    cache = LRUCache(max_bytes=100)
+    for key in "abcd":
+        cache.get_or_build(key, lambda: Item(30))
+        assert cache.nbytes <= 100
+    assert len(cache) == 3 and cache.stats.evictions == 1  # "a" went
+    cache.get_or_build("b", lambda: Item(30))  # a hit makes "b" the hottest
+    cache.get_or_build("e", lambda: Item(30))
+    assert cache.get_or_build("b", lambda: Item(30))[1]  # still there
+    assert not cache.get_or_build("c", lambda: Item(30))[1]  # "c" was the coldest
+    too_big, hit = cache.get_or_build("huge", lambda: Item(500))
+    assert not hit and too_big.nbytes == 500 and cache.nbytes <= 100  # returned, not kept
+    assert (cache.stats.hits, cache.stats.misses) == (2, 7)
+
+
+def test_an_entry_that_grows_is_re_measured():
+    class Item:
+        nbytes = 40
+    cache = LRUCache(max_bytes=100)
+    first, _ = cache.get_or_build("a", Item)
+    cache.get_or_build("b", Item)
+    first.nbytes = 80  # "a" gained a plan
+    cache.resize("a")
+    assert cache.nbytes <= 100 and cache.stats.evictions == 1
+
+
+def test_the_engine_cache_stays_within_its_bound():
+    bound = 200_000
+    engine = Engine(cache_bytes=bound)
+    for k in range(12):
+        request, _ = mlp_request(graph_id=f"mlp{k}", policy=["store_all", "sqrt"][k % 2])
+        engine.run(request)
+        assert engine.cache.nbytes <= bound
+    assert engine.cache.stats.evictions > 0
+
+
+def test_estimates_are_within_a_factor_of_two_of_what_is_retained():
+    def chain(n):
+        nodes = [NodeSpec(f"a{i}", "add", ("x" if i == 0 else f"a{i - 1}", "x"))
+                 for i in range(n)]
+        return GraphSpec("chain", (InputSpec("x", (1,), "float32"),),
+                         (*nodes, NodeSpec("s", "sum", (f"a{n - 1}",))), (("loss", "s"),))
+    mlp, model = mlp_request()
+    cases = [RunRequest(chain(3000), {"x": np.ones(1, np.float32)}, wrt=("x",), loss="loss",
+                        policy="store_all", graph_id="chain"), mlp]
+    for request in cases:
+        engine = Engine(cache_bytes=1 << 40)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            engine.run(request)
+            gc.collect()
+            retained = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert retained / 2 <= engine.cache.nbytes <= retained * 2, (retained,
+                                                                      engine.cache.nbytes)
+
+
+# --- concurrency -----------------------------------------------------------------------------
+def test_concurrent_first_requests_compile_and_plan_once(monkeypatch):
+    request, _ = mlp_request(policy="sqrt")
+    reference = Engine(cache_bytes=0).run(request)
+    counts = {"validate": 0, "compile": 0, "plan": 0}
+    lock = threading.Lock()
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            with lock:
+                counts[name] += 1
+            return function(*args, **kwargs)
+        return counted
+    monkeypatch.setattr(run_module, "validate", counting("validate", run_module.validate))
+    monkeypatch.setattr(run_module, "compile_request",
+                        counting("compile", run_module.compile_request))
+    monkeypatch.setattr(compile_module, "_plan", counting("plan", compile_module._plan))
+    engine = Engine()
+    start = threading.Barrier(8)
+
+    def run_once(_):
+        start.wait()  # all eight ask at (about) the same moment
+        return engine.run(request)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(run_once, range(8)))
+    assert counts == {"validate": 1, "compile": 1, "plan": 1}
+    for result in results:
+        assert_same(result, reference)
+    # Whatever the interleaving, exactly one of them planned.
+    assert sum(not r.metrics.plan_cached for r in results) >= 1
+
+
+def test_a_failed_compile_is_not_cached_and_reaches_every_waiter():
+    engine = Engine()
+    bad = GraphSpec("bad", (InputSpec("x", (2,), "float64"),),
+                    (NodeSpec("y", "matmul", ("x", "x", "x")),), (("y", "y"),))
+    for _ in range(2):  # raised each time: the failure was not kept
+        with pytest.raises(Exception, match="takes 2 inputs"):
+            engine.run(RunRequest(bad, {"x": np.ones(2)}, graph_id="bad"))
+    assert len(engine.cache) == 0
