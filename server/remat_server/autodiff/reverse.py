@@ -10,7 +10,7 @@ The result is deterministic: the same graph and request always give the same joi
 graph, node for node, so any schedule of it computes bit-identical gradients.
 
 Example:
-    >>> from remat_server.limits import Limits
+    >>> from remat_server.graph.limits import Limits
     >>> # joint = differentiate(graph, Limits(), wrt=["w"], loss="loss")
     >>> # joint.graph.outputs["grad/w"] names the node holding d loss / d w
 """

@@ -64,23 +64,23 @@ class LiveBytes:
             self.add(name)
 
     def add(self, name: str) -> None:
-        owner = self.model.owner[name]
-        viewed = self.model.source.get(name)
-        if viewed in self.held:  # a view uses whichever buffer its source holds
-            buffer = self.held[viewed]
+        model, held, refs = self.model, self.held, self.refs
+        viewed = model.source.get(name)
+        if viewed is not None and viewed in held:  # a view uses its source's buffer
+            buffer = held[viewed]
         else:
-            generation = self.generation.get(owner, 0)
-            if owner == name and self.refs.get((owner, generation), 0) > 0:
-                generation += 1  # views still hold the old buffer
-                self.generation[owner] = generation
-            buffer = (owner, generation)
-        self.held[name] = buffer
-        count = self.refs.get(buffer, 0)
+            owner = name if viewed is None else model.owner[name]
+            buffer = (owner, self.generation.get(owner, 0))
+            if owner == name and buffer in refs:  # views still hold the old buffer
+                buffer = (owner, buffer[1] + 1)
+                self.generation[owner] = buffer[1]
+        held[name] = buffer
+        count = refs.get(buffer, 0)
         if count == 0:
-            self.total += self.model.nbytes[owner]
+            self.total += model.nbytes[buffer[0]]
             if self.total > self.peak:
                 self.peak = self.total
-        self.refs[buffer] = count + 1
+        refs[buffer] = count + 1
 
     def remove(self, name: str) -> None:
         buffer = self.held.pop(name)

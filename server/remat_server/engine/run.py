@@ -259,10 +259,8 @@ class Engine:
             measured_peak_bytes=measured.peak + input_bytes if request.measure_memory else 0,
             queue_seconds=admitted.queue_seconds,
             planner=planned.schedule.report, plan_cached=hit and plan_hit)
-        with np.errstate(over="ignore", invalid="ignore"):
-            warnings = _nonfinite("input", request.inputs) + _nonfinite("output", outputs) \
-                + _nonfinite("gradient", grads)
-        return RunResult(outputs, grads, metrics, tuple(warnings),
+        warnings = nonfinite_warnings(input=request.inputs, output=outputs, gradient=grads)
+        return RunResult(outputs, grads, metrics, warnings,
                          simulation.timeline if request.timeline else (), tuple(run.trace or ()))
 
 
@@ -315,9 +313,18 @@ def _cotangent_feeds(joint: JointGraph, cotangents: Mapping[str, np.ndarray]) ->
     return feeds
 
 
+def nonfinite_warnings(**arrays_by_kind: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """A warning for each array holding NaN or Inf, by kind ("input", "output", ...).
+
+        >>> nonfinite_warnings(output={"y": np.array([np.nan, 1.0])})
+        ("output 'y' has 1 NaN or Inf values",)
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # a finite sum may overflow
+        return tuple(warning for kind, arrays in arrays_by_kind.items()
+                     for warning in _nonfinite(kind, arrays))
+
+
 def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:
-    """Warnings for arrays holding NaN or Inf (call under np.errstate: a sum may
-    overflow)."""
     found = []
     for name, array in arrays.items():
         # A sum propagates NaN and infinities in one pass without allocating (isfinite

@@ -61,34 +61,36 @@ class Program:
 
     def __init__(self, graph: Graph, schedule: Schedule, forward_nodes: frozenset[str],
                  model: MemoryModel, timeline: tuple[int, ...]):
-        nodes, owner, nbytes, registry_ = graph.nodes, model.owner, model.nbytes, registry.REGISTRY
-        entries: dict[str, tuple] = {}  # node -> (node, forward, inputs, attrs, fresh)
+        nodes, owner, nbytes, ops = graph.nodes, model.owner, model.nbytes, registry.REGISTRY
+        # One entry per node, shared by its steps: (name, node, forward, inputs, attrs,
+        # fresh). A step is then (phase, entry, live bytes after it).
+        entries: dict[str, tuple] = {}
         steps, computed = [], set()
         append = steps.append
+        recomputed = 0
         for step, live in zip(schedule.steps, timeline):
             name = step.node
             entry = entries.get(name)
             if entry is None:
                 node = nodes[name]
-                fresh = owner[name] == name and nbytes[name] > 0
-                entry = entries[name] = (node, registry_[node.op].forward, node.inputs,
-                                         dict(node.attrs), fresh)
+                entry = entries[name] = (name, node, ops[node.op].forward, node.inputs,
+                                         dict(node.attrs),
+                                         owner[name] == name and nbytes[name] > 0)
             if type(step) is not Compute:
-                append((FREE, name, entry[0], None, (), None, False, live))
-                continue
-            if name not in forward_nodes:
-                phase = BACKWARD
+                append((FREE, entry, live))
+            elif name not in forward_nodes:
+                append((BACKWARD, entry, live))
             elif name in computed:
-                phase = RECOMPUTE
+                append((RECOMPUTE, entry, live))
+                recomputed += 1
             else:
-                phase = FORWARD
+                append((FORWARD, entry, live))
                 computed.add(name)
-            append((phase, name, *entry, live))
-        self.steps = tuple(steps)
+        self.steps = steps
         self.results = tuple(schedule.results)
         self.peak_bytes = max(timeline, default=0)
-        self.nodes_computed = sum(step[0] != FREE for step in steps)
-        self.recomputed_nodes = sum(step[0] == RECOMPUTE for step in steps)
+        self.nodes_computed = sum(1 for step in schedule.steps if type(step) is Compute)
+        self.recomputed_nodes = recomputed
 
     def run(self, feeds: Mapping[str, np.ndarray],
             should_stop: Callable[[], bool] | None = None, trace: bool = False) -> Execution:
@@ -99,7 +101,7 @@ class Program:
         began = clock()
         done = 0
         with np.errstate(all="ignore"):  # NaN and Inf pass through; reported, not raised
-            for phase, name, node, forward, inputs, attrs, fresh, live in self.steps:
+            for phase, (name, node, forward, inputs, attrs, fresh), live in self.steps:
                 if should_stop is not None and should_stop():
                     raise Cancelled("the request was cancelled or its deadline passed; "
                                     f"stopped after {done} node evaluations")

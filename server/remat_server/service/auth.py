@@ -5,7 +5,7 @@ PEM files are named by path, tokens come from a file or the environment.
 
     >>> import os
     >>> from remat_server import ServerConfig
-    >>> from remat_server.auth import load_tokens, server_credentials
+    >>> from remat_server.service.auth import load_tokens, server_credentials
     >>> os.environ["REMAT_AUTH_TOKENS"] = "s3cret-a, s3cret-b"
     >>> config = ServerConfig(port=0, auth_tokens=load_tokens())
     >>> len(config.auth_tokens), server_credentials(config) is None  # no TLS files: insecure

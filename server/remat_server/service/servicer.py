@@ -17,7 +17,7 @@ from remat_proto.policies import StoreAll, label
 from remat_proto.spec import GraphSpec
 from remat_proto.v1 import executor_pb2, executor_pb2_grpc
 
-from ..engine import Engine, RunRequest, max_abs_diff
+from ..engine import Engine, RunRequest, gc_pause, max_abs_diff
 from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, RematError, ResponseTooLarge
 from ..ops import REGISTRY
 from ..runtime import allocator
@@ -100,7 +100,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         graph_id = codec.content_id(message)
         spec = self.store.find(graph_id)
         if spec is None:
-            spec = codec.graph_from_proto(message, self.engine.limits)
+            with gc_pause.paused():  # a few objects per node, none of them garbage
+                spec = codec.graph_from_proto(message, self.engine.limits)
             self.engine.validate(spec, graph_id)
             self.store.put(graph_id, spec, message.ByteSize())
         return graph_id, spec

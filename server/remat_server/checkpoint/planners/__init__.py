@@ -1,6 +1,6 @@
 """Planners: each takes a Problem and its policy and returns a Schedule.
 
-    >>> from remat_server.checkpoint.policies import Sqrt
+    >>> from remat_proto.policies import Sqrt
     >>> # schedule = plan(problem, Sqrt())
 """
 from __future__ import annotations

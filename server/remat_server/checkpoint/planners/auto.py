@@ -5,7 +5,7 @@ before anything is allocated, naming the lowest peak any plan reaches.
 The engine fills `Auto.bytes == 0` with the server's per-request limit, so a plain
 request never plans over what the server would admit.
 
-    >>> from remat_server.checkpoint.policies import Auto
+    >>> from remat_proto.policies import Auto
     >>> Auto(bytes=1 << 30)
     Auto(bytes=1073741824)
 """
