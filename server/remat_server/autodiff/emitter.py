@@ -20,16 +20,16 @@ from ..ops import registry
 
 
 class Sym:
-    __slots__ = ("e", "node")
+    __slots__ = ("e", "node", "name")
 
     def __init__(self, e: "Emitter", node: Node):
         self.e = e
         self.node = node
+        self.name = node.name
 
-    name = property(lambda self: self.node.name)
-    shape = property(lambda self: self.node.shape)
-    dtype = property(lambda self: self.node.dtype)
-    ndim = property(lambda self: len(self.node.shape))
+    shape = property(lambda self: self.node.type.shape)
+    dtype = property(lambda self: self.node.type.dtype)
+    ndim = property(lambda self: len(self.node.type.shape))
 
     def _lift(self, other: Any) -> "Sym":
         return other if isinstance(other, Sym) else self.e.const(other, self.dtype)

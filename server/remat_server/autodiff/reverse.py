@@ -149,6 +149,8 @@ def _seeds(graph, builder, e, loss, cotangent_outputs):
 
 def _fit(e: Emitter, g: Sym, target: TensorType) -> Sym:
     """Un-broadcast `g` to the input's shape; cast if a rule produced another float."""
+    if g.node.type == target:  # the common case: nothing to do
+        return g
     g = e.sum_to(g, target.shape)
     return g if g.dtype == target.dtype else e.cast(g, dtype=target.dtype)
 

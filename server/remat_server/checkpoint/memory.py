@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..graph.ir import Graph
+from ..graph.ir import INPUT_OP, Graph
 from ..ops import registry
 
 
@@ -31,7 +31,7 @@ def memory_model(graph: Graph) -> MemoryModel:
     source: dict[str, str] = {}
     contiguous: dict[str, bool] = {}
     for node in graph:
-        kind = "new" if node.is_input else registry.get(node.op).memory
+        kind = "new" if node.op == INPUT_OP else registry.REGISTRY[node.op].memory
         if kind == "view_if_contiguous":
             kind = "view" if contiguous[node.inputs[0]] else "new"
             contiguous[node.name] = True

@@ -35,8 +35,11 @@ class Simulation:
 
 def node_flops(graph: Graph, name: str) -> int:
     node = graph.nodes[name]
-    op = registry.REGISTRY[node.op]
-    return int(op.cost(node.type, *(graph.nodes[i].type for i in node.inputs), **node.attrs))
+    cost = registry.REGISTRY[node.op].cost
+    per_element = getattr(cost, "per_element", None)
+    if per_element is not None:
+        return per_element * node.type.size
+    return int(cost(node.type, *(graph.nodes[i].type for i in node.inputs), **node.attrs))
 
 
 def simulate(graph: Graph, schedule: Schedule, model: MemoryModel | None = None,

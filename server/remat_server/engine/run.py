@@ -224,15 +224,19 @@ class Engine:
         spec = request.graph
         shapes = _input_shapes(spec, request.inputs)
         policy = self.with_server_defaults(request.policy)
-        compiled, hit = self.compile(spec, graph_id=request.graph_id, input_shapes=shapes,
-                                     wrt=request.wrt, loss=request.loss,
-                                     cotangents=tuple(request.cotangents), fetch=request.fetch)
-        if max_response_bytes and compiled.result_bytes > max_response_bytes:
-            raise ResponseTooLarge(
-                f"the outputs and gradients total {compiled.result_bytes:,} bytes, more than "
-                f"one message of {max_response_bytes:,} can carry; use RunStream "
-                "(remat.Client switches to it by itself)")
-        planned, plan_hit = self._planned(compiled, policy, request.inputs)
+        # One pause of the garbage collector over compiling and planning (see gc_pause):
+        # one collection after them, not one per stage.
+        with gc_pause.paused():
+            compiled, hit = self.compile(spec, graph_id=request.graph_id, input_shapes=shapes,
+                                         wrt=request.wrt, loss=request.loss,
+                                         cotangents=tuple(request.cotangents),
+                                         fetch=request.fetch)
+            if max_response_bytes and compiled.result_bytes > max_response_bytes:
+                raise ResponseTooLarge(
+                    f"the outputs and gradients total {compiled.result_bytes:,} bytes, more "
+                    f"than one message of {max_response_bytes:,} can carry; use RunStream "
+                    "(remat.Client switches to it by itself)")
+            planned, plan_hit = self._planned(compiled, policy, request.inputs)
         joint = compiled.joint
         feeds = dict(request.inputs)
         feeds.update(_cotangent_feeds(joint, request.cotangents))

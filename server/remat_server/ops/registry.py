@@ -108,10 +108,18 @@ def get(name: str) -> OpDef | None:
 
 
 def elementwise_cost(flops_per_element: int) -> Callable[..., int]:
-    """Cost rule for ops doing a fixed amount of work per output element."""
-    return lambda out, *inputs, **attrs: flops_per_element * out.size
+    """Cost rule for ops doing a fixed amount of work per output element. The rule
+    carries its rate (`per_element`), so FLOPs of big graphs are counted without a
+    call per node."""
+    def cost(out, *inputs, **attrs) -> int:
+        return flops_per_element * out.size
+    cost.per_element = flops_per_element
+    return cost
 
 
 def free(out, *inputs, **attrs) -> int:
     """Cost rule for ops that only move or view data."""
     return 0
+
+
+free.per_element = 0

@@ -6,20 +6,21 @@ the whole call, so dropping the executor's reference would not release them.
 """
 from __future__ import annotations
 
+from ...graph.ir import INPUT_OP
 from ..problem import Problem
 from ..schedule import Compute, Free, Schedule, Step
 
 
 def plan_store_all(problem: Problem, policy=None) -> Schedule:
     nodes, results, needed = problem.graph.nodes, problem.results, problem.needed
-    order = [node for name, node in nodes.items() if name in needed and not node.is_input]
+    order = [node for name, node in nodes.items() if name in needed and node.op != INPUT_OP]
     last_use: dict[str, int] = {}
     for position, node in enumerate(order):
         for source in node.inputs:
             last_use[source] = position
     frees_after: dict[int, list[str]] = {}
     for name, position in last_use.items():
-        if name not in results and not nodes[name].is_input:
+        if name not in results and nodes[name].op != INPUT_OP:
             frees_after.setdefault(position, []).append(name)
     steps: list[Step] = []
     append = steps.append
