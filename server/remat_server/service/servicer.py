@@ -135,13 +135,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         costs a few microseconds, a lot for the smallest requests)."""
         remaining = context.time_remaining()
         admitted = [0]
+        # gRPC calls back when the call ends (cancelled, deadline passed): the executor
+        # then reads a flag between steps, not the call's state under its lock.
+        ended = threading.Event()
+        if not context.add_callback(ended.set):
+            ended.set()  # it has ended already
 
         def admit(nbytes: int):
             admitted[0] = nbytes
-            return self.admission.reserve(nbytes, timeout=remaining,
-                                          cancelled=lambda: not context.is_active())
+            return self.admission.reserve(nbytes, timeout=remaining, cancelled=ended.is_set)
         try:
-            result = self.engine.run(run, should_stop=lambda: not context.is_active(),
+            result = self.engine.run(run, should_stop=ended.is_set,
                                      admit=admit if self.admission.metered else _unmetered(admitted),
                                      max_response_bytes=max_response_bytes)
         except Cancelled:
