@@ -94,6 +94,49 @@ def test_graph_cache_gauges(served):
     assert value(parsed, "remat_graph_cache_bytes") == served.store.nbytes > 0
 
 
+def test_compile_cache_counts_hits_misses_and_evictions():
+    """Through a real server: a repeated request is a hit and says so in its metrics; a
+    cache too small for two graphs evicts; the gauges follow its size."""
+    from remat_server.engine import Engine, RunRequest
+    from remat_server.service.codec import graph_from_proto
+
+    small = remat.models.mlp(batch=4, widths=(8, 8, 2))
+    big = remat.models.mlp(batch=4, widths=(8, 16, 16, 16, 2))
+
+    def compiled_bytes(model) -> int:
+        engine = Engine()
+        spec = graph_from_proto(model.graph.to_proto(), engine.limits)
+        engine.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
+                              policy="store_all"))
+        return engine.cache.nbytes
+    sizes = compiled_bytes(small), compiled_bytes(big)
+    bound = max(sizes) + min(sizes) // 2  # room for either alone, not for both
+    server, port = create_server(ServerConfig(host="127.0.0.1", port=0,
+                                              compile_cache_bytes=bound))
+    server.start()
+    try:
+        with remat.Client(f"127.0.0.1:{port}") as client:
+            def run(model):
+                return client.run(model.graph, model.inputs, wrt=model.wrt,
+                                  loss=model.loss, policy="store_all").metrics.plan_cached
+            assert [run(small), run(small)] == [False, True]
+            parsed = samples(server.metrics.exposition())
+            assert value(parsed, "remat_compile_cache_hits_total") >= 1
+            misses = value(parsed, "remat_compile_cache_misses_total")
+            assert misses >= 2  # the validated graph and the compiled request
+            assert value(parsed, "remat_compile_cache_evictions_total") == 0
+            assert 0 < value(parsed, "remat_compile_cache_bytes") <= bound
+            assert value(parsed, "remat_compile_cache_entries") >= 1
+            assert [run(big), run(small)] == [False, False]  # the big one pushed it out
+            parsed = samples(server.metrics.exposition())
+            assert value(parsed, "remat_compile_cache_misses_total") > misses
+            assert value(parsed, "remat_compile_cache_evictions_total") >= 1
+            assert value(parsed, "remat_compile_cache_bytes") <= bound
+    finally:
+        server.metrics.close()
+        server.stop(None).wait()
+
+
 def test_policy_label_is_the_family_only():
     from remat_server.engine import Metrics
     from remat_server.service.metrics import ServerMetrics, policy_family

@@ -61,6 +61,17 @@ class LRUCache:
     def nbytes(self) -> int:
         return self._bytes
 
+    def get(self, key: Hashable) -> Any | None:
+        """The value under `key` (a hit), or None without counting a miss: a probe
+        before `get_or_build`."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+                self.stats.hits += 1
+                self._notify("hit")
+            return value
+
     def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> tuple[Any, bool]:
         with self._lock:
             value = self._entries.get(key)

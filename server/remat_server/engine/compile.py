@@ -127,6 +127,11 @@ class Compiled:
             plans = [p for p in self._plans.values() if isinstance(p, Planned)]
         return self._base_bytes + sum(p.nbytes for p in plans)
 
+    def cached(self, policy: policies.Policy) -> Planned | None:
+        """The plan for `policy` if it is made already (never a profiled Budget's)."""
+        found = self._plans.get(policy)
+        return found if isinstance(found, Planned) else None
+
     def plan(self, policy: policies.Policy,
              feeds: Mapping[str, np.ndarray] | None = None) -> tuple[Planned, bool]:
         """(the plan for `policy`, whether it was cached). Concurrent first requests

@@ -156,14 +156,17 @@ class Engine:
         compile of the graph at these shapes) is looked up only to compile."""
         start = time.perf_counter()
         given = input_shapes or {}
-        graph_key = self._graph_key(spec, graph_id, given)
-        key = CompileKey(graph_key, tuple(wrt), loss,
-                         None if cotangents is None else tuple(cotangents), tuple(fetch))
+        key = self._key(spec, graph_id, given, wrt, loss, cotangents, fetch)
 
         def build() -> Compiled:
-            validated = self._validated(graph_key, spec, given)
+            validated = self._validated(key.graph, spec, given)
             return _paused(compile_request, key, spec, self.limits, validated.graph, start)
         return self.cache.get_or_build(key, build)
+
+    def _key(self, spec: GraphSpec, graph_id: str, given: Mapping[str, tuple[int, ...]],
+             wrt, loss: str, cotangents, fetch) -> CompileKey:
+        return CompileKey(self._graph_key(spec, graph_id, given), tuple(wrt), loss,
+                          None if cotangents is None else tuple(cotangents), tuple(fetch))
 
     def validate(self, spec: GraphSpec, graph_id: str = "") -> None:
         """Check a graph as registering does: fully when every input shape is static
@@ -179,13 +182,24 @@ class Engine:
         planned, hit = compiled.plan(policy, feeds)
         if not hit:
             self.cache.resize(compiled.key)  # it holds one more plan
+        self._check_limit(planned)
+        return planned, hit
+
+    @staticmethod
+    def _check_response(compiled: Compiled, max_response_bytes: int) -> None:
+        if max_response_bytes and compiled.result_bytes > max_response_bytes:
+            raise ResponseTooLarge(
+                f"the outputs and gradients total {compiled.result_bytes:,} bytes, more "
+                f"than one message of {max_response_bytes:,} can carry; use RunStream "
+                "(remat.Client switches to it by itself)")
+
+    def _check_limit(self, planned: Planned) -> None:
         if planned.simulation.peak_bytes > self.request_limit:
             raise ResourceExhausted(
                 f"the plan's predicted peak is {planned.simulation.peak_bytes:,} bytes, over "
                 f"the per-request limit of {self.request_limit:,} (server flags "
                 "--max-request-bytes, --memory-budget-bytes); try policy auto or a budget, "
                 "or a smaller batch")
-        return planned, hit
 
     # --- the calls -------------------------------------------------------------------------
     def differentiate(self, spec: GraphSpec, wrt: tuple[str, ...], loss: str = "",
@@ -224,19 +238,23 @@ class Engine:
         spec = request.graph
         shapes = _input_shapes(spec, request.inputs)
         policy = self.with_server_defaults(request.policy)
-        # One pause of the garbage collector over compiling and planning (see gc_pause):
-        # one collection after them, not one per stage.
-        with gc_pause.paused():
-            compiled, hit = self.compile(spec, graph_id=request.graph_id, input_shapes=shapes,
-                                         wrt=request.wrt, loss=request.loss,
-                                         cotangents=tuple(request.cotangents),
-                                         fetch=request.fetch)
-            if max_response_bytes and compiled.result_bytes > max_response_bytes:
-                raise ResponseTooLarge(
-                    f"the outputs and gradients total {compiled.result_bytes:,} bytes, more "
-                    f"than one message of {max_response_bytes:,} can carry; use RunStream "
-                    "(remat.Client switches to it by itself)")
-            planned, plan_hit = self._planned(compiled, policy, request.inputs)
+        key = self._key(spec, request.graph_id, shapes, request.wrt, request.loss,
+                        tuple(request.cotangents), request.fetch)
+        compiled = self.cache.get(key)
+        planned = compiled.cached(policy) if compiled is not None else None
+        hit = plan_hit = planned is not None
+        if planned is None:  # compile and plan, under one pause of the collector
+            with gc_pause.paused():
+                compiled, hit = self.compile(spec, graph_id=request.graph_id,
+                                             input_shapes=shapes, wrt=request.wrt,
+                                             loss=request.loss,
+                                             cotangents=tuple(request.cotangents),
+                                             fetch=request.fetch)
+                self._check_response(compiled, max_response_bytes)
+                planned, plan_hit = self._planned(compiled, policy, request.inputs)
+        else:
+            self._check_response(compiled, max_response_bytes)
+            self._check_limit(planned)
         joint = compiled.joint
         feeds = dict(request.inputs)
         feeds.update(_cotangent_feeds(joint, request.cotangents))
