@@ -17,7 +17,9 @@ import sys
 
 import numpy as np
 
-from . import cli_compare, cli_health
+from remat_proto.arguments import positive
+
+from . import cli_compare, cli_health, cli_output
 
 
 DEMO_LAYERS, DEMO_BATCH = cli_compare.MLP_LAYERS, cli_compare.MLP_BATCH
@@ -26,6 +28,7 @@ DEMO_POLICIES = ("store_all", "sqrt", "revolve:4", "recompute_all")
 
 def _demo(args) -> int:
     import remat
+    from remat.compare import comparison_table
 
     model = cli_compare.mlp(args.batch, args.layers)
     print(f"remat demo: {model.graph.name} with {len(model.graph.nodes)} nodes "
@@ -35,20 +38,30 @@ def _demo(args) -> int:
         rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
                               policies=args.policies or [_policy(p) for p in DEMO_POLICIES])
     print(f"loss = {float(result.outputs['loss']):.6f}")
-    print("gradient norms:")
-    for name in model.wrt:
-        print(f"  {name:<4} {float(np.linalg.norm(result.grads[name])):.6f}")
-    m = result.metrics
-    print(f"metrics (policy {m.policy or 'store_all'}):")
-    print(f"  peak bytes     {m.peak_bytes:>12,}  (predicted {m.predicted_peak_bytes:,})")
-    print(f"  forward        {m.forward_seconds * 1e3:>9.2f} ms")
-    print(f"  backward       {m.backward_seconds * 1e3:>9.2f} ms")
-    print(f"  total          {m.total_seconds * 1e3:>9.2f} ms")
-    print(f"  nodes computed {m.nodes_computed:>9}   flops {m.flops:,}")
     print()
-    print("checkpoint policies (same model and inputs; peak vs store_all, share of time "
-          "and FLOPs spent recomputing, gradient difference from store_all):")
-    print(remat.format_table(rows))
+    norms = cli_output.new_table("input", "shape", "gradient norm",
+                                  figures={"shape", "gradient norm"})
+    for name in model.wrt:
+        grad = result.grads[name]
+        norms.add_row(name, "x".join(map(str, grad.shape)), f"{float(np.linalg.norm(grad)):.6f}")
+    cli_output.print_table(norms)
+    print()
+    m = result.metrics
+    metrics = cli_output.new_table("metric", "value", "unit", figures={"value"},
+                                    title=f"metrics (policy {m.policy or 'store_all'})",
+                                    show_header=False)
+    metrics.add_row("peak bytes", f"{m.peak_bytes:,}", f"predicted {m.predicted_peak_bytes:,}")
+    metrics.add_row("forward", f"{m.forward_seconds * 1e3:.2f}", "ms")
+    metrics.add_row("backward", f"{m.backward_seconds * 1e3:.2f}", "ms")
+    metrics.add_row("total", f"{m.total_seconds * 1e3:.2f}", "ms")
+    metrics.add_row("nodes computed", f"{m.nodes_computed:,}", "")
+    metrics.add_row("flops", f"{m.flops:,}", "")
+    cli_output.print_table(metrics)
+    print()
+    table = comparison_table(rows)
+    table.title = ("checkpoint policies (same model and inputs; peak vs store_all, share of "
+                   "time and FLOPs spent recomputing, gradient difference from store_all)")
+    cli_output.print_table(table)
     return 0
 
 
@@ -59,7 +72,7 @@ def _natural(name: str) -> list:
 
 def _plan(args) -> int:
     import remat
-    from remat.compare import format_bytes as _bytes
+    from remat_proto.units import format_bytes as _bytes
 
     try:
         load = cli_compare.workload(args, args.parser)
@@ -89,18 +102,21 @@ def _plan(args) -> int:
     most = [f"{name} ({times}x)" for name, times in most[:5] if times > 1]
     share = plan.recompute_flops / plan.flops if plan.flops else 0.0
     ratio = plan.peak_bytes / base.peak_bytes if base.peak_bytes else 0.0
-    print(f"  peak bytes       {plan.peak_bytes:>15,}  ({_bytes(plan.peak_bytes)}; "
-          f"{ratio:.1%} of store_all's {_bytes(base.peak_bytes)}; "
-          f"inputs {_bytes(plan.input_bytes)})")
-    print(f"  flops            {plan.flops:>15,}  ({plan.flops / base.flops:.2f}x store_all's)"
-          if base.flops else f"  flops            {plan.flops:>15,}")
-    print(f"  recompute flops  {plan.recompute_flops:>15,}  ({share:.1%} of flops)")
-    print(f"  recomputed nodes {plan.recomputed_nodes:>15,}  (repeat evaluations)")
-    print(f"  schedule         {len(plan.timeline):>15,}  steps, planned in "
-          f"{plan.plan_seconds * 1e3:.1f} ms")
-    print(f"  node evaluations {len(plan.node_evaluations):>15,}  nodes: {summary}")
+    table = cli_output.new_table("figure", "value", "detail", figures={"value"},
+                                  show_header=False)
+    table.add_row("peak bytes", f"{plan.peak_bytes:,}",
+                  f"{_bytes(plan.peak_bytes)}; {ratio:.1%} of store_all's "
+                  f"{_bytes(base.peak_bytes)}; inputs {_bytes(plan.input_bytes)}")
+    table.add_row("flops", f"{plan.flops:,}",
+                  f"{plan.flops / base.flops:.2f}x store_all's" if base.flops else "")
+    table.add_row("recompute flops", f"{plan.recompute_flops:,}", f"{share:.1%} of flops")
+    table.add_row("recomputed nodes", f"{plan.recomputed_nodes:,}", "repeat evaluations")
+    table.add_row("schedule", f"{len(plan.timeline):,}",
+                  f"steps, planned in {plan.plan_seconds * 1e3:.1f} ms")
+    table.add_row("node evaluations", f"{len(plan.node_evaluations):,}", f"nodes: {summary}")
     if most:
-        print(f"  most recomputed  {', '.join(most)}")
+        table.add_row("most recomputed", "", ", ".join(most))
+    cli_output.print_table(table)
     return 0
 
 
@@ -109,13 +125,19 @@ def _ops(args) -> int:
 
     with (remat.Client(args.target) if args.target else remat.Client.in_process()) as client:
         ops = client.list_ops()
-    for family in sorted({op.family for op in ops}):
-        print(f"{family}:")
-        for op in (o for o in ops if o.family == family):
+    table = cli_output.new_table("family", "op", "inputs", "gradient", "attributes",
+                                  figures={"inputs"})
+    table.caption, table.caption_justify = "attr? marks an optional attribute", "left"
+    families = sorted({op.family for op in ops})
+    for family in families:
+        group = [op for op in ops if op.family == family]
+        for op in group:
             arity = f"{op.min_inputs}+" if op.max_inputs < 0 else str(op.max_inputs)
             attrs = ", ".join(a.name + ("" if a.required else "?") for a in op.attrs)
             grad = "differentiable" if any(op.differentiable) else "no gradient"
-            print(f"  {op.name:<24} inputs {arity:<3} {grad:<15} {attrs}")
+            table.add_row(family, op.name, arity, grad, attrs,
+                          end_section=op is group[-1] and family != families[-1])
+    cli_output.print_table(table)
     return 0
 
 
@@ -133,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a sample MLP on an in-process server and "
                           "compare checkpoint policies on it")
-    demo.add_argument("--batch", type=_positive, default=DEMO_BATCH)
-    demo.add_argument("--layers", type=_positive, default=DEMO_LAYERS, help="linear layers")
+    demo.add_argument("--batch", type=positive, default=DEMO_BATCH)
+    demo.add_argument("--layers", type=positive, default=DEMO_LAYERS, help="linear layers")
     demo.add_argument("--policies", nargs="+", type=_policy, default=None,
                       metavar="POLICY", help="policies to compare (default: "
                       f"{' '.join(DEMO_POLICIES)})")
@@ -144,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "peak memory, FLOPs and recomputation, no tensors sent")
     plan.add_argument("--policy", type=_policy, default="store_all",
                       help=f"one of: {', '.join(policies.FORMS)} (default store_all)")
-    cli_compare.add_workload_arguments(plan, _positive)
+    cli_compare.add_workload_arguments(plan)
     plan.add_argument("--target", help="server address (default: an in-process server)")
     plan.set_defaults(run=_plan, parser=plan)
 
-    cli_compare.register(sub, _policy, _positive)
+    cli_compare.register(sub, _policy)
 
     ops = sub.add_parser("ops", help="list the server's ops")
     ops.add_argument("--target", help="server address (default: an in-process server)")
@@ -161,16 +183,6 @@ def _serve(args) -> int:
     from remat_server.service import flags
 
     return flags.main(args.argv)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _policy(text: str):

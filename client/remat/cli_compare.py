@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from remat_proto.arguments import positive
+
+from .cli_output import Progress, print_table
 
 MODELS = ("mlp", "transformer", "cnn", "unet")
 MLP_LAYERS, MLP_WIDTH, MLP_BATCH = 16, 64, 1024
@@ -48,7 +49,7 @@ class Workload:
 
 
 # --- workloads -----------------------------------------------------------------------------
-def add_workload_arguments(parser: argparse.ArgumentParser, positive) -> None:
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", choices=MODELS, default=None,
                         help="sample model (default mlp)")
@@ -167,55 +168,7 @@ def graph_workload(path: str, *, batch: int | None, wrt, loss) -> Workload:
     return Workload(graph, random_inputs(graph, batch), list(wrt), loss, description)
 
 
-# --- remat compare -----------------------------------------------------------------------------
-class Progress:
-    """Progress on stderr: on a terminal, a one-line bar redrawn in place (with the
-    elapsed time ticking while a slow policy runs); otherwise one line per policy."""
-
-    def __init__(self, labels: list[str], stream=None):
-        self.labels, self.stream, self.done = labels, stream or sys.stderr, 0
-        self.tty = self.stream.isatty()
-        self.started = time.perf_counter()
-        if self.tty:
-            self.width = min(shutil.get_terminal_size().columns - 1, 100)
-            self._lock, self._stopped = threading.Lock(), threading.Event()
-            self._ticker = threading.Thread(target=self._tick, daemon=True)
-            self._draw()
-            self._ticker.start()
-
-    def _tick(self) -> None:
-        while not self._stopped.wait(0.25):
-            self._draw()
-
-    def _draw(self) -> None:
-        total, bar = len(self.labels), 24
-        filled = bar * self.done // total
-        running = f"running {self.labels[self.done]}" if self.done < total else "done"
-        line = (f"[{'#' * filled}{'.' * (bar - filled)}] {self.done}/{total}  "
-                f"{time.perf_counter() - self.started:5.1f} s  {running}")
-        with self._lock:
-            self.stream.write("\r" + line[:self.width].ljust(self.width))
-            self.stream.flush()
-
-    def advance(self, row) -> None:
-        self.done += 1
-        if self.tty:
-            self._draw()
-            return
-        status = f"error {row.error_code}".rstrip() if row.error else \
-            f"peak {row.peak_ratio:.1%} of store_all, {row.total_seconds * 1e3:.2f} ms"
-        print(f"remat compare: [{self.done}/{len(self.labels)}] {row.policy}: {status}",
-              file=self.stream, flush=True)
-
-    def close(self) -> None:
-        """Stop the ticker and clear the bar's line (the table follows on stdout)."""
-        if self.tty and not self._stopped.is_set():
-            self._stopped.set()
-            self._ticker.join()
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-
-
+# --- remat compare -------------------------------------------------------------------------
 def _row_json(row) -> dict:
     """A row as JSON: every field but the bulky per-step `timeline` and `trace`."""
     data = {f.name: getattr(row, f.name) for f in dataclasses.fields(row)
@@ -277,7 +230,9 @@ def run(args) -> int:
                    "rows": [_row_json(row) for row in rows]}, sys.stdout, indent=2)
         print()
     else:
-        print(remat.format_table(rows))
+        from remat.compare import comparison_table
+
+        print_table(comparison_table(rows))
         base = rows[0]
         for row in rows:
             if row.error:
@@ -302,7 +257,7 @@ def run(args) -> int:
     return 0
 
 
-def register(sub, policy_type, positive) -> None:
+def register(sub, policy_type) -> None:
     """Add the `compare` subcommand to the `remat` parser's subparsers."""
     from remat import policies
 
@@ -314,12 +269,13 @@ def register(sub, policy_type, positive) -> None:
         "--json), optionally draws the memory timelines and the memory-versus-compute "
         "Pareto front (--plot) and writes a Chrome/Perfetto trace of every executed "
         "step (--trace). A policy that cannot run (say, a budget nothing fits) shows "
-        "as an error row; the others still run. Progress goes to stderr.",
+        "as an error row; the others still run. Progress goes to stderr: a bar on a "
+        "terminal, else a line per policy.",
         epilog="--json prints {workload, graph, loss, wrt, repeats, rows}: one object per "
         "policy with every ComparisonRow field except the per-step timeline and trace "
         "(see --plot and --trace for those). Exit status: 0 on success, 1 on a remat "
         "error, 2 on a usage error.")
-    add_workload_arguments(compare, positive)
+    add_workload_arguments(compare)
     compare.add_argument("--policies", nargs="+", type=policy_type, metavar="POLICY",
                          help=f"policies to compare, each one of: {', '.join(policies.FORMS)} "
                          f"(default: {' '.join(DEFAULT_POLICIES)})")

@@ -4,8 +4,9 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
+
+from remat_proto.arguments import positive_seconds
 
 
 def _health(args) -> int:
@@ -59,7 +60,7 @@ def register(sub) -> None:
     health.add_argument("--service", default="",
                         help='service to ask about (default "": the whole server; or '
                         '"remat.v1.Executor")')
-    health.add_argument("--timeout", type=_positive_seconds, default=3.0,
+    health.add_argument("--timeout", type=positive_seconds, default=3.0,
                         help="seconds to wait for the answer (default 3)")
     health.add_argument("--tls", action="store_true",
                         help="connect with TLS, trusting the system's root certificates")
@@ -73,22 +74,3 @@ def register(sub) -> None:
                         help="check the server's certificate against this name instead of "
                         "the target's host")
     health.set_defaults(run=_health)
-
-
-
-
-def _positive_seconds(text: str) -> float:
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value

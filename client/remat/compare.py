@@ -14,12 +14,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from remat_proto import policies as _policies
 from remat_proto.units import format_bytes
 
 from .results import Metrics, PlannerReport, TraceEvent
+
+if TYPE_CHECKING:
+    import rich.table
 
 DEFAULT_POLICIES = ("store_all", "sqrt", "recompute_all")
 
@@ -89,9 +92,41 @@ def row_from_metrics(policy: str, m: Metrics, base: Metrics, max_grad_diff: floa
         planner=m.planner, plan_seconds=m.plan_seconds)
 
 
+def comparison_table(rows: Iterable[ComparisonRow]) -> rich.table.Table:
+    """The rows as a `rich` table (what `format_table` renders and `remat compare`
+    prints): times in milliseconds, "recompute" shares as percentages of compute time
+    and of FLOPs, a failed policy's status code where its peak would be."""
+    from rich.table import Table
+
+    rows = list(rows)
+    measured = any(row.measured_peak_bytes for row in rows)
+    headers = ["policy", "peak", "predicted", *(["measured"] if measured else []),
+               "vs store_all", "recompute time", "recompute flops", "forward ms",
+               "recompute ms", "backward ms", "total ms", "max grad diff"]
+    # Borderless, with no padding at the edges: a row starts with its policy, as in
+    # `column -t` output, so the plain-text form greps and diffs cleanly.
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for i, header in enumerate(headers):
+        # The policy reads left-aligned; figures right-aligned so digits line up.
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        if row.error:  # the reason is printed below the table by the CLI
+            table.add_row(row.policy, row.error_code or "error", *["-"] * (len(headers) - 2),
+                          style="red")
+            continue
+        table.add_row(
+            row.policy, format_bytes(row.peak_bytes), format_bytes(row.predicted_peak_bytes),
+            *([format_bytes(row.measured_peak_bytes)] if measured else []),
+            f"{row.peak_ratio:.1%}", f"{row.recompute_share:.1%}",
+            f"{row.recompute_flop_share:.1%}", f"{row.forward_seconds * 1e3:.2f}",
+            f"{row.recompute_seconds * 1e3:.2f}", f"{row.backward_seconds * 1e3:.2f}",
+            f"{row.total_seconds * 1e3:.2f}", f"{row.max_grad_diff:.3g}")
+    return table
+
+
 def format_table(rows: Iterable[ComparisonRow]) -> str:
-    """The rows as an aligned plain-text table (times in milliseconds; "recompute"
-    shares as percentages of compute time and of FLOPs).
+    """The rows as an aligned plain-text table, one line per policy under a header
+    line: `comparison_table` rendered without colour, at its natural width.
 
         >>> row = ComparisonRow("sqrt", 3 << 20, 3 << 20, 0.25, 0.2, 0.3, 0.01, 0.02,
         ...                     0.005, 0.04, 0.0)
@@ -99,26 +134,14 @@ def format_table(rows: Iterable[ComparisonRow]) -> str:
         policy      peak  predicted  vs store_all  recompute time  recompute flops  forward ms  recompute ms  backward ms  total ms  max grad diff
         sqrt    3.00 MiB   3.00 MiB         25.0%           20.0%            30.0%       10.00          5.00        20.00     40.00              0
     """
-    rows = list(rows)
-    measured = any(row.measured_peak_bytes for row in rows)
-    headers = ["policy", "peak", "predicted", *(["measured"] if measured else []),
-               "vs store_all", "recompute time", "recompute flops", "forward ms",
-               "recompute ms", "backward ms", "total ms", "max grad diff"]
-    table = [headers]
-    for row in rows:
-        if row.error:  # the reason is printed below the table by the CLI
-            table.append([row.policy, row.error_code or "error", *["-"] * (len(headers) - 2)])
-            continue
-        table.append([
-            row.policy, format_bytes(row.peak_bytes), format_bytes(row.predicted_peak_bytes),
-            *([format_bytes(row.measured_peak_bytes)] if measured else []),
-            f"{row.peak_ratio:.1%}", f"{row.recompute_share:.1%}",
-            f"{row.recompute_flop_share:.1%}", f"{row.forward_seconds * 1e3:.2f}",
-            f"{row.recompute_seconds * 1e3:.2f}", f"{row.backward_seconds * 1e3:.2f}",
-            f"{row.total_seconds * 1e3:.2f}", f"{row.max_grad_diff:.3g}"])
-    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
-    # The policy column reads left-aligned; figures right-aligned so digits line up.
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                  for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
-        for line in table)
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    # Never a terminal (not even under FORCE_COLOR), so never colour codes; wide
+    # enough that rich never wraps or squeezes a column.
+    console = Console(file=out, force_terminal=False, color_system=None, width=100_000,
+                      markup=False, highlight=False, emoji=False)
+    console.print(comparison_table(rows))
+    return out.getvalue().rstrip("\n")

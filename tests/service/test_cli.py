@@ -16,27 +16,57 @@ import pytest
 import remat
 
 CLI = [sys.executable, "-m", "remat.cli"]
+# Not a terminal, whatever the environment says: rich would otherwise colour the output.
+PIPED = {k: v for k, v in os.environ.items()
+         if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env=PIPED)
+
+
+def table_rows(out: str, first: str) -> list[dict[str, str]]:
+    """The rows of the table whose header line starts with `first` (above a rule), each
+    {header: cell}; cells are two or more spaces apart, a row may leave its last cells
+    empty, blank lines (between sections) are skipped, and the table ends at the first
+    line that is not a row (a caption, another table's title)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines[:-1]) if line.split()[:1] == [first]
+                 and re.fullmatch("[─-]+", lines[i + 1].strip()))  # the rule under it
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = []
+    for line in lines[start + 2:]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if not line.strip():
+            continue
+        if len(cells) < 2:
+            break
+        rows.append(dict(zip(header, cells + [""] * (len(header) - len(cells)))))
+    return rows
 
 
 def test_demo_prints_loss_gradient_norms_and_metrics():
     done = run_cli("demo", "--batch", "8")
     assert done.returncode == 0, done.stderr
     out = done.stdout
+    assert "\x1b" not in out  # piped: no colour codes
     loss = re.search(r"loss = (\S+)", out)
     assert loss and np.isfinite(float(loss.group(1))) and float(loss.group(1)) > 0
     assert "batch 8" in out
-    norms = dict(re.findall(r"^\s+(w\d|b\d)\s+([0-9.]+)$", out, re.MULTILINE))
-    assert {"w0", "b0", "w1", "b1"} <= set(norms), out
-    assert all(np.isfinite(float(v)) for v in norms.values())
-    assert float(norms["w0"]) > 0
-    peak = re.search(r"peak bytes\s+([\d,]+)\s+\(predicted ([\d,]+)\)", out)
+    grads = {row["input"]: row for row in table_rows(out, "input")}
+    assert {"w0", "b0", "w1", "b1"} <= set(grads), out
+    norms = {name: float(row["gradient norm"]) for name, row in grads.items()}
+    assert all(np.isfinite(v) for v in norms.values())
+    assert norms["w0"] > 0
+    assert grads["w0"]["shape"] == "64x64" and grads["b0"]["shape"] == "64"
+    peak = re.search(r"^peak bytes\s+([\d,]+)\s+predicted ([\d,]+)", out, re.MULTILINE)
     assert peak and peak.group(1) == peak.group(2), out
-    for field in ("forward", "backward", "total", "nodes computed", "flops"):
-        assert field in out, field
+    for field in ("forward", "backward", "total"):
+        assert re.search(rf"^{field}\s+[\d.]+\s+ms", out, re.MULTILINE), field
+    for field in ("nodes computed", "flops"):
+        assert int(re.search(rf"^{field}\s+([\d,]+)", out, re.MULTILINE).group(1)
+                   .replace(",", "")) > 0, field
     # Seeded: the same command prints the same loss.
     assert re.search(r"loss = (\S+)", run_cli("demo", "--batch", "8").stdout).group(1) == loss.group(1)
 
@@ -44,18 +74,23 @@ def test_demo_prints_loss_gradient_norms_and_metrics():
 def test_ops_lists_matmul_and_conv2d():
     done = run_cli("ops")
     assert done.returncode == 0, done.stderr
-    lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("  ")}
-    assert "matmul" in lines and "conv2d" in lines
-    assert "differentiable" in lines["matmul"]
-    assert "no gradient" in lines["gt"]
-    assert "linalg:" in done.stdout
+    assert "\x1b" not in done.stdout  # piped: no colour codes
+    ops = {row["op"]: row for row in table_rows(done.stdout, "family")}
+    assert "matmul" in ops and "conv2d" in ops
+    assert ops["matmul"]["family"] == "linalg"
+    assert ops["matmul"]["gradient"] == "differentiable"
+    assert ops["gt"]["gradient"] == "no gradient"
+    assert ops["matmul"]["inputs"] == "2" and ops["concat"]["inputs"] == "1+"
+    assert ops["conv2d"]["attributes"] == "stride?, padding?, dilation?"
+    assert "attr? marks an optional attribute" in done.stdout
 
 
 def test_ops_against_a_running_server(server_port):
     done = run_cli("ops", "--target", f"127.0.0.1:{server_port}")
     assert done.returncode == 0, done.stderr
-    assert re.search(r"^\s+matmul\s", done.stdout, re.MULTILINE)
-    assert re.search(r"^\s+reshape\s.*shape$", done.stdout, re.MULTILINE)
+    ops = {row["op"]: row for row in table_rows(done.stdout, "family")}
+    assert ops["matmul"]["family"] == "linalg"
+    assert ops["reshape"]["attributes"] == "shape"
 
 
 def _read_lines(stream, sink: queue.Queue) -> None:

@@ -1,30 +1,51 @@
 """`remat demo`'s policy comparison and `remat plan`, run as subprocesses."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 
 CLI = [sys.executable, "-m", "remat.cli"]
 DEMO_POLICIES = ["store_all", "sqrt", "revolve(4)", "recompute_all"]
+# Not a terminal, whatever the environment says: rich would otherwise colour the output.
+PIPED = {k: v for k, v in os.environ.items()
+         if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env=PIPED)
 
 
-def table(out: str) -> dict[str, list[str]]:
-    """The comparison table's rows by policy, from the header line on."""
-    lines = out[out.index("\npolicy "):].strip().splitlines()
-    header = re.split(r"\s{2,}", lines[0].strip())
-    return {line.split()[0]: dict(zip(header[1:], re.split(r"\s{2,}", line.strip())[1:]))
-            for line in lines[1:]}
+def table(out: str) -> dict[str, dict[str, str]]:
+    """The comparison table's rows by policy, each {header: cell}. The header is the line
+    starting with "policy" above a rule; cells are two or more spaces apart."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines[:-1]) if line.split()[:1] == ["policy"]
+                 and re.fullmatch("[─-]+", lines[i + 1].strip()))  # the rule under it
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = {}
+    for line in lines[start + 2:]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) != len(header):
+            break
+        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return rows
+
+
+def figures(out: str) -> dict[str, str]:
+    """`remat plan`'s figures, {name: value and detail}: a line of the table below the
+    title line, its name and value two or more spaces apart."""
+    return dict(re.split(r"\s{2,}", line.strip(), maxsplit=1)
+                for line in out.splitlines()[1:] if re.search(r"\S\s{2,}\S", line))
 
 
 def test_demo_prints_the_comparison_table():
     done = run_cli("demo", "--batch", "8")
     assert done.returncode == 0, done.stderr
     assert "16 layers" in done.stdout and "batch 8" in done.stdout
+    assert "\x1b" not in done.stdout  # piped: no colour codes
     rows = table(done.stdout)
     assert list(rows) == DEMO_POLICIES, done.stdout
     assert rows["store_all"]["vs store_all"] == "100.0%"
@@ -51,25 +72,29 @@ def test_plan_prints_the_dry_run_figures():
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "policy sqrt" in out and "no tensors sent" in out
-    peak = re.search(r"peak bytes\s+([\d,]+)\s+\(.*?([\d.]+)% of store_all", out)
+    assert "\x1b" not in out
+    rows = figures(out)
+    peak = re.fullmatch(r"([\d,]+)\s+.*?([\d.]+)% of store_all's .*", rows["peak bytes"])
     assert peak and int(peak.group(1).replace(",", "")) > 0 and float(peak.group(2)) < 100
-    flops = int(re.search(r"^\s+flops\s+([\d,]+)", out, re.MULTILINE).group(1).replace(",", ""))
-    recompute = re.search(r"recompute flops\s+([\d,]+)", out).group(1).replace(",", "")
-    assert flops > int(recompute) > 0
-    evaluations = re.search(r"node evaluations\s+(\d+)\s+nodes: (\d+) computed once, "
-                            r"(\d+) recomputed \(2x\)", out)
+    flops = int(rows["flops"].split()[0].replace(",", ""))
+    recompute = int(rows["recompute flops"].split()[0].replace(",", ""))
+    assert flops > recompute > 0
+    evaluations = re.fullmatch(r"(\d+)\s+nodes: (\d+) computed once, (\d+) recomputed "
+                               r"\(2x\)\s*", rows["node evaluations"])
     assert evaluations, out
     total, once, again = map(int, evaluations.groups())
     assert total == once + again and again > 0
-    assert "most recomputed" in out
+    assert re.fullmatch(r"(\S+ \(2x\), )+\S+ \(2x\)\s*", rows["most recomputed"]), out
 
 
 def test_plan_other_models_and_policy_forms():
     done = run_cli("plan", "--policy", "store_all", "--layers", "4", "--batch", "16")
     assert done.returncode == 0, done.stderr
     assert "mlp (4 layers), batch 16" in done.stdout
-    assert re.search(r"nodes: \d+ computed once$", done.stdout, re.MULTILINE)
-    assert "100.0% of store_all" in done.stdout
+    rows = figures(done.stdout)
+    assert re.fullmatch(r"\d+\s+nodes: \d+ computed once\s*", rows["node evaluations"])
+    assert "most recomputed" not in rows
+    assert "100.0% of store_all" in rows["peak bytes"]
     done = run_cli("plan", "--model", "transformer", "--policy", "checkpoints:ln1,attn")
     assert done.returncode == 0, done.stderr
     assert "checkpoints(ln1,attn)" in done.stdout

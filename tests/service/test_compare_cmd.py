@@ -4,6 +4,7 @@ budget sweep, and clear failures."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,27 +12,37 @@ import sys
 import pytest
 
 import remat
+from remat_proto.units import format_bytes
 
 CLI = [sys.executable, "-m", "remat.cli"]
 SMALL = ["--layers", "8", "--batch", "512"]  # fast; activations outweigh the weights
 DEFAULT_ROWS = ["store_all", "sqrt", "revolve(4)", "budget(0.5)", "budget(0.4)", "dtr(0.5)",
                 "recompute_all"]
+# Not a terminal, whatever the environment says: rich would otherwise colour the output.
+PIPED = {k: v for k, v in os.environ.items()
+         if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 60, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env or PIPED)
 
 
 def table(out: str) -> dict[str, dict[str, str]]:
-    """The comparison table's rows by policy (error rows show their status code as the peak)."""
-    lines = out[out.index("\npolicy "):].strip().splitlines()
-    header = re.split(r"\s{2,}", lines[0].strip())
+    """The comparison table's rows by policy, each {header: cell} (an error row shows its
+    status code as the peak). The header is the line starting with "policy" above a
+    rule; cells are two or more spaces apart; the table ends at the first line that is
+    not a full row (the error reasons below it)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines[:-1]) if line.split()[:1] == ["policy"]
+                 and re.fullmatch("[─-]+", lines[i + 1].strip()))  # the rule under it
+    header = re.split(r"\s{2,}", lines[start].strip())
     rows = {}
-    for line in lines[1:]:
-        if not re.match(r"^\S+\s{2,}", line):  # the error lines after the table
-            break
+    for line in lines[start + 2:]:
         cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) != len(header):
+            break
         rows[cells[0]] = dict(zip(header[1:], cells[1:]))
     return rows
 
@@ -69,9 +80,35 @@ def test_default_policies_table_and_progress():
     for name, row in rows.items():  # every error row is explained below the table
         if is_error(row):
             assert re.search(rf"^{re.escape(name)}: [A-Z_]+: .+", done.stdout, re.MULTILINE)
-    # Not a terminal: one progress line per policy, in order, on stderr.
+    # Not a terminal: no live display and no escape codes, one progress line per
+    # policy, in order, on stderr (none on stdout).
     progress = re.findall(r"^remat compare: \[(\d)/7\] (\S+): ", done.stderr, re.MULTILINE)
     assert progress == [(str(i + 1), name) for i, name in enumerate(DEFAULT_ROWS)]
+    assert "[1/7]" not in done.stdout
+    assert "\x1b" not in done.stdout + done.stderr and "\r" not in done.stderr
+
+
+def test_on_a_terminal_a_progress_bar_and_a_table_that_fits():
+    """On a (forced) 120-column terminal: a live progress bar on stderr, one step per
+    policy, instead of the progress lines; the table on stdout fits the width with
+    every figure whole (rich alone would cut them short: "4.…")."""
+    policies = ["--policies", "sqrt", "recompute_all"]
+    rows = compare_json(*SMALL, *policies)["rows"]
+    terminal = {**PIPED, "FORCE_COLOR": "1", "COLUMNS": "120", "TERM": "xterm"}
+    done = run_cli("compare", *SMALL, *policies, env=terminal)
+    assert done.returncode == 0, done.stderr
+    err, out = ANSI.sub("", done.stderr), ANSI.sub("", done.stdout)
+    assert "[1/3]" not in err
+    for step in ("1/3", "2/3", "3/3"):
+        assert step in err, err
+    assert "running sqrt" in err and "running recompute_all" in err
+    assert max(map(len, out.splitlines())) <= 120, out
+    assert "…" not in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    for row in rows:
+        size = format_bytes(row["peak_bytes"])
+        assert re.search(rf"^{re.escape(row['policy'])}\s+{size}\s+{size}\s+"
+                         rf"{row['peak_ratio']:.1%}\s", lines[row["policy"]]), out
 
 
 def test_json_plot_and_trace(tmp_path, target):

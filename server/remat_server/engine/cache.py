@@ -65,20 +65,12 @@ class LRUCache:
         """The value under `key` (a hit), or None without counting a miss: a probe
         before `get_or_build`."""
         with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
-                self._notify("hit")
-            return value
+            return self._hit(key)
 
     def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> tuple[Any, bool]:
         with self._lock:
-            value = self._entries.get(key)
+            value = self._hit(key)
             if value is not None:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
-                self._notify("hit")
                 return value, True
             pending = self._building.get(key)
             if pending is None:
@@ -101,6 +93,14 @@ class LRUCache:
             self._resize(key, value)
         future.set_result(value)
         return value, False
+
+    def _hit(self, key: Hashable) -> Any | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+            self.stats.hits += 1
+            self._notify("hit")
+        return value
 
     def resize(self, key: Hashable) -> None:
         """Re-read the size of the entry under `key` (it grew); evict colder ones."""

@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from remat_proto.arguments import non_negative_seconds, positive
+
 from ..graph.limits import Limits
 from .auth import with_security
 from .config import ServerConfig
@@ -153,11 +155,11 @@ def build_parser(environ) -> argparse.ArgumentParser:
                        "all interfaces)")
     serve.add_argument("--port", type=int, default=50051,
                        help="gRPC port (default 50051; 0 picks a free one, printed)")
-    serve.add_argument("--workers", type=_positive, default=1,
+    serve.add_argument("--workers", type=positive, default=1,
                        help="server processes sharing the port (SO_REUSEPORT; forked at "
                        "start, not restarted; default 1). NumPy work holds the GIL, so "
                        "use one per core to use several cores")
-    serve.add_argument("--threads", "--workers-threads", dest="threads", type=_positive,
+    serve.add_argument("--threads", "--workers-threads", dest="threads", type=positive,
                        default=8, help="RPC handler threads per process (default 8; "
                        "--workers-threads is a deprecated alias)")
     serve.add_argument("--reuse-port", action="store_true",
@@ -174,7 +176,7 @@ def build_parser(environ) -> argparse.ArgumentParser:
     serve.add_argument("--max-message-mb", type=int, default=512,
                        help="largest gRPC message in MiB (default 512); bigger tensors "
                        "use RunStream")
-    serve.add_argument("--stream-chunk-bytes", type=_positive, default=1 << 20,
+    serve.add_argument("--stream-chunk-bytes", type=positive, default=1 << 20,
                        help="size of each tensor chunk RunStream sends (default 1 MiB)")
     serve.add_argument("--max-upload-seconds", type=float, default=600.0,
                        help="a RunStream upload still unfinished after this long is "
@@ -216,33 +218,13 @@ def build_parser(environ) -> argparse.ArgumentParser:
                        help="idle RunStream upload buffers kept per process for reuse, so "
                        "big uploads skip the page faults of fresh memory (default "
                        f"{ServerConfig.buffer_pool_bytes >> 20} MiB; 0: none)")
-    serve.add_argument("--max-connection-age-seconds", type=_non_negative, default=0.0,
+    serve.add_argument("--max-connection-age-seconds", type=non_negative_seconds, default=0.0,
                        help="close each client connection after about this long (gRPC "
                        "GOAWAY, +-10%%), so clients reconnect, re-resolve DNS and reach new "
                        "replicas (default 0: never)")
-    serve.add_argument("--max-connection-age-grace-seconds", type=_non_negative, default=30.0,
+    serve.add_argument("--max-connection-age-grace-seconds", type=non_negative_seconds, default=30.0,
                        help="calls still running on a connection closed by "
                        "--max-connection-age-seconds get this long to finish (default 30; "
                        "0: no limit)")
     _defaults_from_env(serve, environ)
     return serve
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
