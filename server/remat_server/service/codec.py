@@ -47,12 +47,15 @@ def tensor_type(tensor: tensor_pb2.Tensor, limits: Limits, what: str) -> tuple[s
 
 def tensor_to_array(tensor: tensor_pb2.Tensor, limits: Limits, what: str) -> np.ndarray:
     """A read-only view of the tensor's bytes, its shape checked first."""
-    tensor_type(tensor, limits, what)
+    dtype, shape, nbytes = tensor_type(tensor, limits, what)
     if tensor.chunked:
         raise InvalidArgument(f"{what}: marked chunked, but chunked tensors are only "
                               "accepted by RunStream (send the data inline in Run)")
-    with _invalid():
-        return wire.tensor_view(tensor, what)
+    data = tensor.data
+    if len(data) != nbytes:
+        with _invalid():
+            return wire.tensor_view(tensor, what)  # raises, naming the mismatch
+    return np.frombuffer(data, dtype=dtypes.NUMPY[dtype]).reshape(shape)
 
 
 def tensors_to_arrays(tensors, limits: Limits, what: str) -> dict[str, np.ndarray]:

@@ -137,15 +137,15 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         admitted = [0]
         # gRPC calls back when the call ends (cancelled, deadline passed): the executor
         # then reads a flag between steps, not the call's state under its lock.
-        ended = threading.Event()
+        ended = _Flag()
         if not context.add_callback(ended.set):
             ended.set()  # it has ended already
 
         def admit(nbytes: int):
             admitted[0] = nbytes
-            return self.admission.reserve(nbytes, timeout=remaining, cancelled=ended.is_set)
+            return self.admission.reserve(nbytes, timeout=remaining, cancelled=ended)
         try:
-            result = self.engine.run(run, should_stop=ended.is_set,
+            result = self.engine.run(run, should_stop=ended,
                                      admit=admit if self.admission.metered else _unmetered(admitted),
                                      max_response_bytes=max_response_bytes)
         except Cancelled:
@@ -250,6 +250,22 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def ListOps(self, request, context):
         ops = [codec.op_to_proto(op) for _, op in sorted(REGISTRY.items())]
         return executor_pb2.ListOpsResponse(ops=ops)
+
+
+class _Flag:
+    """Set once, read often: whether a call has ended (cheaper than threading.Event,
+    which builds a Condition; a bool's write is atomic under the GIL)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def __call__(self) -> bool:
+        return self.value
 
 
 def _unmetered(admitted: list):
