@@ -1,4 +1,6 @@
-"""A real remat server on an ephemeral loopback port, shared by the service tests.
+"""A real remat server on an ephemeral loopback port, shared by the service tests, and
+the `kind` of SDK client a test runs against ("sync": remat.Client, "async":
+remat.AsyncClient behind a synchronous facade; see tests/clients.py).
 
 The limits are small enough that over-limit requests are cheap to build, and large
 enough for every valid request the tests send (the 20 MiB round trip included).
@@ -8,6 +10,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+import clients
 import remat
 from remat_proto.v1 import executor_pb2_grpc
 from remat_server import Limits, ServerConfig, create_server
@@ -54,4 +57,17 @@ def stub(channel):
 @pytest.fixture(scope="session")
 def client(server_port):
     with remat.Client(f"127.0.0.1:{server_port}") as c:
+        yield c
+
+
+@pytest.fixture(params=clients.KINDS)
+def kind(request) -> str:
+    """Run the test once with remat.Client and once with remat.AsyncClient."""
+    return request.param
+
+
+@pytest.fixture(scope="module", params=clients.KINDS)
+def any_client(request, server_port):
+    """A client of the shared server, of each kind (see `kind`)."""
+    with clients.connect(request.param, f"127.0.0.1:{server_port}") as c:
         yield c

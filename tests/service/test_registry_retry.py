@@ -1,67 +1,30 @@
-"""The graph registry (register once, run by id, resend when evicted; ids are content
-addresses) and retries (UNAVAILABLE only, with backoff, within the deadline)."""
+"""The graph registry and retries, for both clients (`kind`: remat.Client and
+remat.AsyncClient run the same call flows, and each test checks both).
+
+A graph's first use carries it inline (the server registers it), later calls send
+its content id; an id the server does not know (evicted, or another replica) gets
+the graph inline once. UNAVAILABLE is retried with backoff, everything else is not,
+and a call's timeout is one deadline for all of its RPCs."""
 from __future__ import annotations
 
-import collections
-import contextlib
 import hashlib
 import random
 import socket
 import threading
 import time
-from unittest import mock
 
 import grpc
 import numpy as np
 import pytest
 
 import remat
+from clients import BOTH_KINDS_ASYNC_STREAM_BUG, Recorder, connect, first, serving
 from remat import calls
 from remat_server import ServerConfig, create_server
 from remat_server.errors import NotFound
 
 MiB = 1 << 20
-
-
-class Calls(grpc.ServerInterceptor):
-    """Counts calls by method; answers `code` to the first `fail[method]` of them."""
-
-    def __init__(self, fail: dict[str, int] | None = None,
-                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.fail = dict(fail or {})
-        self.code = code
-        self._lock = threading.Lock()
-
-    def intercept_service(self, continuation, details):
-        method = details.method.rsplit("/", 1)[-1]
-        with self._lock:
-            self.counts[method] += 1
-            refuse = self.counts[method] <= self.fail.get(method, 0)
-        if not refuse:
-            return continuation(details)
-        code, number = self.code, self.counts[method]
-
-        def abort(request, context):
-            context.abort(code, f"injected {code.name} #{number}")
-        return grpc.unary_unary_rpc_method_handler(abort)
-
-
-@contextlib.contextmanager
-def serving(calls: Calls, **config):
-    """A real server (create_server) with `calls` after its own interceptors."""
-    real = grpc.server
-
-    def with_calls(*args, interceptors=(), **kwargs):
-        return real(*args, interceptors=[*interceptors, calls], **kwargs)
-
-    with mock.patch.object(grpc, "server", with_calls):
-        server, port = create_server(ServerConfig(host="127.0.0.1", **{"port": 0, **config}))
-    server.start()
-    try:
-        yield server, f"127.0.0.1:{port}"
-    finally:
-        server.stop(None).wait()
+INLINE, BY_ID = "graph", "graph_id"
 
 
 def _graph(name="g", scale=2.0, n=3):
@@ -82,99 +45,217 @@ def _inputs(n=3):
 
 
 # --- the registry ------------------------------------------------------------------------
-def test_run_registers_the_graph_once_then_runs_it_by_id():
-    calls = Calls()
-    with serving(calls) as (server, address), remat.Client(address) as client:
+def _run(client, g):
+    _check(client.run(g, _inputs()))
+
+
+def _run_stream(client, g):  # the same graph shape with an 8 MiB input: over RunStream
+    _check(client.run(g, _inputs(MiB)), n=MiB)
+
+
+def _plan(client, g):
+    assert client.plan(g, wrt=["x"], loss="loss").peak_bytes > 0
+
+
+def _differentiate(client, g):
+    assert client.differentiate(g, wrt=["x"], loss="loss").output_names == [
+        "y", "loss", "grad/x"]
+
+
+FIRST_USES = {  # call -> (the RPC it makes, the graph it uses, how to make it)
+    "run": ("Run", _graph, _run),
+    "run_stream": ("RunStream", lambda: _graph("big", n=MiB), _run_stream),
+    "plan": ("Plan", _graph, _plan),
+    "differentiate": ("Differentiate", _graph, _differentiate),
+}
+
+
+@pytest.mark.parametrize("call", FIRST_USES)
+def test_a_graphs_first_use_sends_it_inline_without_register_graph(kind, call):
+    method, build, make = FIRST_USES[call]
+    seen = Recorder()
+    with serving(seen) as (server, address), connect(kind, address) as client:
+        g = build()
+        make(client, g)
+        assert seen.refs(method) == [INLINE]
+        assert seen.counts["RegisterGraph"] == 0
+        assert server.store.get(g.graph_id) is not None  # the inline graph registered itself
+        make(client, g)
+        make(client, g)
+        assert seen.refs(method) == [INLINE, BY_ID, BY_ID]
+        assert seen.counts["RegisterGraph"] == 0 and len(server.store) == 1
+
+
+def test_once_sent_every_kind_of_call_goes_by_id(kind):
+    """The client remembers the graphs it sent, whatever call sent them."""
+    seen = Recorder()
+    with serving(seen) as (server, address), connect(kind, address) as client:
         g = _graph()
         for _ in range(3):
             _check(client.run(g, _inputs()))
         client.run(g, _inputs(), wrt=["x"], loss="loss")
-        client.plan(g, wrt=["x"], loss="loss")
-        client.differentiate(g, wrt=["x"], loss="loss")
+        _plan(client, g)
+        _differentiate(client, g)
         # Streamed runs use the id too: the graph with a big input.
         big = _graph("big", n=MiB)
-        _check(client.run(big, _inputs(MiB)), n=MiB)
-        _check(client.run(big, _inputs(MiB)), n=MiB)
-    assert calls.counts["RegisterGraph"] == 2
-    assert calls.counts["Run"] == 4 and calls.counts["RunStream"] == 2
+        _run_stream(client, big)
+        _run_stream(client, big)
+    assert seen.refs("Run") == [INLINE, BY_ID, BY_ID, BY_ID]
+    assert seen.refs("Plan") == seen.refs("Differentiate") == [BY_ID]
+    assert seen.refs("RunStream") == [INLINE, BY_ID]
+    assert seen.counts["RegisterGraph"] == 0
     assert len(server.store) == 2
 
 
-def test_an_evicted_graph_is_sent_again_transparently():
-    """graph_cache_bytes=1 holds one graph: registering B evicts A; running A again
-    gets NOT_FOUND, and the SDK resends A inline, which caches it again (by Run and
-    RunStream), so the next run goes by id."""
-    calls = Calls()
-    with serving(calls, graph_cache_bytes=1) as (server, address), \
-            remat.Client(address) as client:
+def test_register_asks_the_server_and_later_calls_go_by_id(kind):
+    seen = Recorder()
+    with serving(seen) as (server, address), connect(kind, address) as client:
+        g = _graph()
+        graph_id = client.register(g)
+        assert graph_id == g.graph_id and server.store.get(graph_id) is not None
+        _run(client, g)
+        assert client.register(g) == graph_id  # register() always asks the server
+        _run(client, g)
+    assert seen.counts["RegisterGraph"] == 2
+    assert seen.refs("Run") == [BY_ID, BY_ID]
+
+
+def _add_output(g):
+    g.output("z", g["x"] * 3.0)
+
+
+def _add_node(g):
+    remat.exp(g["x"], name="unused")  # not an output, but part of the graph all the same
+
+
+def _add_input(g):
+    g.input("u", (2,), "float64")
+
+
+@pytest.mark.parametrize("change", [_add_output, _add_node, _add_input],
+                         ids=lambda f: f.__name__[1:])
+def test_a_graph_changed_after_a_call_gets_a_new_id_and_goes_inline_again(kind, change):
+    seen = Recorder()
+    with serving(seen) as (server, address), connect(kind, address) as client:
+        g = _graph()
+        _run(client, g)
+        _run(client, g)
+        old_id = g.graph_id
+        change(g)
+        assert g.graph_id != old_id
+        assert g.graph_id == hashlib.sha256(
+            g.to_proto().SerializeToString(deterministic=True)).hexdigest()
+        feeds = {**_inputs(), **({"u": np.zeros(2)} if "u" in g else {})}
+        for _ in range(2):
+            result = client.run(g, feeds)
+            assert np.array_equal(result.outputs["y"], _inputs()["x"] * 2.0)
+        assert seen.refs("Run") == [INLINE, BY_ID, INLINE, BY_ID]
+        assert server.store.find(old_id) is not None
+        assert server.store.find(g.graph_id) is not None
+        assert seen.counts["RegisterGraph"] == 0
+
+
+def test_an_evicted_graph_is_sent_again_transparently(kind):
+    """graph_cache_bytes=1 holds one graph: sending B evicts A; running A again gets
+    NOT_FOUND, and the SDK resends A inline, which caches it again (by Run and Plan;
+    RunStream below), so the next call goes by id."""
+    seen = Recorder()
+    with serving(seen, graph_cache_bytes=1) as (server, address), \
+            connect(kind, address) as client:
         a, b = _graph("a", 2.0), _graph("b", 5.0)
         _check(client.run(a, _inputs()), 2.0)
         a_id = client.register(a)
-        assert calls.counts["RegisterGraph"] == 2  # register() always asks the server
-        _check(client.run(b, _inputs()), 5.0)
+        assert seen.counts["RegisterGraph"] == 1  # register() always asks the server
+        _check(client.run(b, _inputs()), 5.0)  # inline: registers b, evicts a
         assert len(server.store) == 1
         with pytest.raises(NotFound):
             server.store.get(a_id)
         _check(client.run(a, _inputs()), 2.0)
-        assert calls.counts["RegisterGraph"] == 3  # a, a, b
-        assert calls.counts["Run"] == 4  # a, b, a (NOT_FOUND), a inline
+        assert seen.refs("Run") == [INLINE, INLINE, BY_ID, INLINE]  # a, b, a (NOT_FOUND), a
         assert server.store.get(a_id) is not None  # the inline graph registered itself
         _check(client.run(a, _inputs()), 2.0)
-        assert calls.counts["Run"] == 5 and calls.counts["RegisterGraph"] == 3  # by id
-        # The same through RunStream, and for Plan.
-        big_a, big_b = _graph("a", 2.0, MiB), _graph("b", 5.0, MiB)
-        _check(client.run(big_a, _inputs(MiB)), 2.0, MiB)
-        _check(client.run(big_b, _inputs(MiB)), 5.0, MiB)
-        _check(client.run(big_a, _inputs(MiB)), 2.0, MiB)
-        assert calls.counts["RunStream"] == 4  # big_a, big_b, big_a (NOT_FOUND), inline
-        assert client.plan(a, wrt=["x"], loss="loss").peak_bytes > 0
+        assert seen.refs("Run")[4:] == [BY_ID]
         assert client.plan(b, wrt=["x"], loss="loss").peak_bytes > 0
+        assert client.plan(a, wrt=["x"], loss="loss").peak_bytes > 0
+        assert client.plan(a, wrt=["x"], loss="loss").peak_bytes > 0
+        assert seen.refs("Plan") == [BY_ID, INLINE, BY_ID, INLINE, BY_ID]
+        assert seen.counts["RegisterGraph"] == 1
 
 
-def test_the_cache_evicts_the_least_recently_used_graph():
-    calls = Calls()
+@pytest.mark.parametrize("kind", BOTH_KINDS_ASYNC_STREAM_BUG)
+def test_an_evicted_graph_is_sent_again_over_run_stream(kind):
+    """The same for big inputs: RunStream refuses an unknown id at the header (before
+    the upload is read), and the SDK resends the graph inline."""
+    seen = Recorder()
+    rounds = 10
+    with serving(seen, graph_cache_bytes=1) as (server, address), \
+            connect(kind, address) as client:
+        graphs = {2.0: _graph("a", 2.0, MiB), 5.0: _graph("b", 5.0, MiB)}
+        for _ in range(1 + rounds):  # each graph evicts the other
+            for scale, g in graphs.items():
+                _check(client.run(g, _inputs(MiB)), scale, MiB)
+        assert seen.refs("RunStream") == [INLINE, INLINE] + [BY_ID, INLINE] * 2 * rounds
+        assert seen.counts["Run"] == seen.counts["RegisterGraph"] == 0
+
+
+def test_the_cache_evicts_the_least_recently_used_graph(kind):
+    seen = Recorder()
     a, b, c = _graph("a", 2.0), _graph("b", 3.0), _graph("c", 4.0)
     size = a.to_proto().ByteSize()
     assert b.to_proto().ByteSize() == c.to_proto().ByteSize() == size
-    with serving(calls, graph_cache_bytes=2 * size) as (server, address), \
-            remat.Client(address) as client:
+    with serving(seen, graph_cache_bytes=2 * size) as (server, address), \
+            connect(kind, address) as client:
         ids = {name: client.register(g) for name, g in (("a", a), ("b", b))}
         _check(client.run(a, _inputs()), 2.0)  # a is now the most recently used
         ids["c"] = client.register(c)  # evicts b, the least recently used
         assert len(server.store) == 2 and server.store.nbytes == 2 * size
         with pytest.raises(NotFound):
             server.store.get(ids["b"])
-        registered = calls.counts["RegisterGraph"]
         _check(client.run(a, _inputs()), 2.0)
         _check(client.run(c, _inputs()), 4.0)
-        assert calls.counts["RegisterGraph"] == registered  # both still there
-        runs = calls.counts["Run"]
+        assert seen.refs("Run") == [BY_ID] * 3  # both still there
         _check(client.run(b, _inputs()), 3.0)  # NOT_FOUND, then inline; evicts a
-        assert calls.counts["RegisterGraph"] == registered
-        assert calls.counts["Run"] == runs + 2
+        assert seen.refs("Run")[3:] == [BY_ID, INLINE]
+        assert seen.counts["RegisterGraph"] == 3
         with pytest.raises(NotFound):
             server.store.get(ids["a"])
 
 
-def test_not_found_sends_the_graph_inline_once():
+def test_not_found_for_an_id_resends_the_graph_inline_once(kind):
     """NOT_FOUND for the id (say another replica answered): the retry carries the graph
     itself, without a RegisterGraph round trip, and the graph id stays remembered."""
-    calls = Calls(fail={"Run": 1}, code=grpc.StatusCode.NOT_FOUND)
-    with serving(calls) as (_, address), remat.Client(address) as client:
-        _check(client.run(_graph(), _inputs()))
-        assert calls.counts["RegisterGraph"] == 1 and calls.counts["Run"] == 2
-        _check(client.run(_graph(), _inputs()))
-        assert calls.counts["RegisterGraph"] == 1 and calls.counts["Run"] == 3
+    seen = Recorder(fail={"Run": [2]}, code=grpc.StatusCode.NOT_FOUND)
+    with serving(seen) as (_, address), connect(kind, address) as client:
+        g = _graph()
+        _run(client, g)
+        _run(client, g)
+        assert seen.refs("Run") == [INLINE, BY_ID, INLINE]
+        _run(client, g)
+        assert seen.refs("Run") == [INLINE, BY_ID, INLINE, BY_ID]
+    assert seen.counts["RegisterGraph"] == 0
 
 
-def test_ids_are_content_addresses():
-    with serving(Calls()) as (server, address), remat.Client(address) as client:
-        first, again = _graph(), _graph()  # built twice by the same code
-        assert first is not again
-        graph_id = client.register(first)
-        assert client.register(again) == graph_id
+def test_not_found_for_the_inline_graph_too_is_an_error_not_a_loop(kind):
+    seen = Recorder(fail={"Run": [2, 3]}, code=grpc.StatusCode.NOT_FOUND)
+    with serving(seen) as (_, address), connect(kind, address) as client:
+        g = _graph()
+        _run(client, g)
+        with pytest.raises(remat.NotFoundError, match="injected NOT_FOUND #3"):
+            client.run(g, _inputs())
+        assert seen.refs("Run") == [INLINE, BY_ID, INLINE]
+        _run(client, g)  # the id is forgotten: inline, then by id again
+        _run(client, g)
+        assert seen.refs("Run")[3:] == [INLINE, BY_ID]
+
+
+def test_ids_are_content_addresses(kind):
+    with serving(Recorder()) as (server, address), connect(kind, address) as client:
+        first_build, again = _graph(), _graph()  # built twice by the same code
+        assert first_build is not again
+        graph_id = client.register(first_build)
+        assert client.register(again) == graph_id == first_build.graph_id == again.graph_id
         assert graph_id == hashlib.sha256(
-            first.to_proto().SerializeToString(deterministic=True)).hexdigest()
+            first_build.to_proto().SerializeToString(deterministic=True)).hexdigest()
         assert len(server.store) == 1  # registering the same content adds nothing
         different = {
             "scale": _graph(scale=3.0),
@@ -183,6 +264,7 @@ def test_ids_are_content_addresses():
         }
         ids = {label: client.register(g) for label, g in different.items()}
         assert len({graph_id, *ids.values()}) == 1 + len(different), ids
+        assert all(ids[label] == g.graph_id for label, g in different.items())
         assert len(server.store) == 1 + len(different)
 
 
@@ -193,46 +275,62 @@ def _summed(attrs: dict):
     return g
 
 
-def test_attribute_order_does_not_change_the_id():
-    with serving(Calls()) as (_, address), remat.Client(address) as client:
+def test_attribute_order_does_not_change_the_id(kind):
+    with serving(Recorder()) as (_, address), connect(kind, address) as client:
         one = client.register(_summed({"axes": [0], "keepdims": True}))
         two = client.register(_summed({"keepdims": True, "axes": [0]}))
         three = client.register(_summed({"keepdims": False, "axes": [0]}))
     assert one == two != three
+    assert _summed({"keepdims": True, "axes": [0]}).graph_id == one
 
 
 # --- retries -------------------------------------------------------------------------------
 @pytest.fixture
 def seeded(monkeypatch):
     """Deterministic jitter."""
-    monkeypatch.setattr(rpc, "random", random.Random(1234))
+    monkeypatch.setattr(calls, "random", random.Random(1234))
+
+
+class _AtTheCap:
+    """A `random` whose "full jitter" is no jitter: every delay is its cap."""
+
+    @staticmethod
+    def uniform(low, high):
+        return high
+
+
+@pytest.fixture
+def at_cap(monkeypatch):
+    monkeypatch.setattr(calls, "random", _AtTheCap())
 
 
 @pytest.mark.parametrize("failures", [1, 3])
-def test_unavailable_is_retried_until_it_succeeds(seeded, failures):
-    calls = Calls(fail={"Run": failures})
+def test_unavailable_is_retried_until_it_succeeds(kind, seeded, failures):
+    seen = Recorder(fail={"Run": first(failures)})
     retry = calls.Retry(attempts=failures + 1, initial_backoff=0.01)
-    with serving(calls) as (_, address), remat.Client(address, retry=retry) as client:
-        _check(client.run(_graph(), _inputs()))
-    assert calls.counts["Run"] == failures + 1
+    with serving(seen) as (_, address), connect(kind, address, retry=retry) as client:
+        _run(client, _graph())
+    assert seen.counts["Run"] == failures + 1
+    assert seen.refs("Run") == [INLINE] * (failures + 1)  # not sent yet: inline each time
 
 
 @pytest.mark.parametrize("failures", [1, 3])
-def test_too_few_attempts_give_unavailable_error(seeded, failures):
-    calls = Calls(fail={"Run": failures})
+def test_too_few_attempts_give_unavailable_error(kind, seeded, failures):
+    seen = Recorder(fail={"Run": first(failures)})
     retry = calls.Retry(attempts=failures, initial_backoff=0.01)
-    with serving(calls) as (_, address), remat.Client(address, retry=retry) as client:
+    with serving(seen) as (_, address), connect(kind, address, retry=retry) as client:
         with pytest.raises(remat.UnavailableError, match=f"injected UNAVAILABLE #{failures}"):
             client.run(_graph(), _inputs())
-    assert calls.counts["Run"] == failures
+    assert seen.counts["Run"] == failures
 
 
-def test_no_retry_makes_one_attempt(seeded):
-    calls = Calls(fail={"Run": 1})
-    with serving(calls) as (_, address), remat.Client(address, retry=calls.NO_RETRY) as client:
+def test_no_retry_makes_one_attempt(kind, seeded):
+    seen = Recorder(fail={"Run": [1]})
+    with serving(seen) as (_, address), connect(kind, address, retry=calls.NO_RETRY) as client:
         with pytest.raises(remat.UnavailableError):
             client.run(_graph(), _inputs())
-    assert calls.counts["Run"] == 1
+    assert seen.counts["Run"] == 1
+    assert calls.NO_RETRY is remat.NO_RETRY and remat.Retry is calls.Retry
 
 
 @pytest.mark.parametrize("code, error", [
@@ -240,70 +338,120 @@ def test_no_retry_makes_one_attempt(seeded):
     (grpc.StatusCode.RESOURCE_EXHAUSTED, remat.ResourceExhaustedError),
     (grpc.StatusCode.INTERNAL, remat.InternalError),
     (grpc.StatusCode.DEADLINE_EXCEEDED, remat.DeadlineExceededError),
+    (grpc.StatusCode.UNAUTHENTICATED, remat.UnauthenticatedError),
 ])
-def test_other_errors_are_never_retried(seeded, code, error):
-    calls = Calls(fail={"Run": 5}, code=code)
+def test_other_errors_are_never_retried(kind, seeded, code, error):
+    seen = Recorder(fail={"Run": first(5)}, code=code)
     retry = calls.Retry(attempts=6, initial_backoff=0.01)
-    with serving(calls) as (_, address), remat.Client(address, retry=retry) as client:
+    with serving(seen) as (_, address), connect(kind, address, retry=retry) as client:
         with pytest.raises(error, match="injected"):
             client.run(_graph(), _inputs())
-    assert calls.counts["Run"] == 1
+    assert seen.counts["Run"] == 1
 
 
-def test_registration_is_retried_too(seeded):
-    calls = Calls(fail={"RegisterGraph": 2})
+def test_registration_is_retried_too(kind, seeded):
+    seen = Recorder(fail={"RegisterGraph": first(2)})
     retry = calls.Retry(attempts=3, initial_backoff=0.01)
-    with serving(calls) as (_, address), remat.Client(address, retry=retry) as client:
-        _check(client.run(_graph(), _inputs()))
-    assert calls.counts["RegisterGraph"] == 3 and calls.counts["Run"] == 1
+    with serving(seen) as (_, address), connect(kind, address, retry=retry) as client:
+        g = _graph()
+        assert client.register(g) == g.graph_id
+        _run(client, g)
+    assert seen.counts["RegisterGraph"] == 3 and seen.refs("Run") == [BY_ID]
 
 
-def test_the_deadline_bounds_retries():
-    """Long backoffs and many attempts, but timeout=0.3: the call gives up in time
-    (it does not sleep past its deadline)."""
-    calls = Calls(fail={"Run": 1000})
-    retry = calls.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0, multiplier=3.0)
-    with serving(calls) as (_, address), remat.Client(address, retry=retry) as client:
-        client.register(_graph())
-        for _ in range(5):  # jitter varies: several tries, none may overrun
-            start = time.monotonic()
-            with pytest.raises((remat.UnavailableError, remat.DeadlineExceededError)):
-                client.run(_graph(), _inputs(), timeout=0.3)
-            assert time.monotonic() - start < 0.5
-    assert calls.counts["Run"] >= 5
-
-
-def test_client_timeout_also_bounds_retries():
-    calls = Calls(fail={"Run": 1000})
-    retry = calls.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0)
-    with serving(calls) as (_, address), \
-            remat.Client(address, retry=retry, timeout=0.3) as client:
-        client.register(_graph())
+def test_the_deadline_bounds_retries(kind, at_cap):
+    """Long backoffs and many attempts, but timeout=1: the call gives up when the next
+    delay (2 s) would pass its deadline, instead of sleeping past it."""
+    seen = Recorder(fail={"Run": first(1000)})
+    retry = calls.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0, multiplier=10.0)
+    with serving(seen) as (_, address), connect(kind, address, retry=retry) as client:
         start = time.monotonic()
-        with pytest.raises((remat.UnavailableError, remat.DeadlineExceededError)):
+        with pytest.raises(remat.UnavailableError, match="injected UNAVAILABLE #2"):
+            client.run(_graph(), _inputs(), timeout=1.0)
+        assert time.monotonic() - start < 1.0 + 0.5  # sleeping 2 s would take 2.2 s
+    assert seen.counts["Run"] == 2  # at 0 s and 0.2 s
+
+
+def test_client_timeout_also_bounds_retries(kind, at_cap):
+    seen = Recorder(fail={"Run": first(1000)})
+    retry = calls.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0, multiplier=10.0)
+    with serving(seen) as (_, address), \
+            connect(kind, address, retry=retry, timeout=1.0) as client:
+        start = time.monotonic()
+        with pytest.raises(remat.UnavailableError, match="injected UNAVAILABLE #2"):
             client.run(_graph(), _inputs())
-        assert time.monotonic() - start < 0.5
+        assert time.monotonic() - start < 1.0 + 0.5
+    assert seen.counts["Run"] == 2
 
 
-@pytest.mark.parametrize("retry", [
-    calls.Retry(),
-    calls.Retry(attempts=1),
-    calls.Retry(attempts=2, initial_backoff=0.5),
-    calls.Retry(attempts=12, initial_backoff=0.01, max_backoff=0.3, multiplier=3.0),
-    calls.Retry(attempts=6, initial_backoff=1.0, max_backoff=1.0),
-], ids=repr)
-def test_retry_delays_are_full_jitter_under_the_cap(retry, monkeypatch):
-    monkeypatch.setattr(rpc, "random", random.Random(99))
-    caps = [min(retry.initial_backoff * retry.multiplier ** k, retry.max_backoff)
-            for k in range(retry.attempts - 1)]
-    samples = [list(retry.delays()) for _ in range(400)]
-    assert all(len(delays) == retry.attempts - 1 for delays in samples)
-    for k, cap in enumerate(caps):
-        column = [delays[k] for delays in samples]
-        assert all(0.0 <= d <= cap for d in column)
-        # Full jitter: spread over [0, cap], not bunched at the top or the bottom.
-        assert min(column) < 0.1 * cap and max(column) > 0.9 * cap
-        assert 0.4 * cap < sum(column) / len(column) < 0.6 * cap
+SLOW = 0.3  # seconds the server takes to answer each RPC in the deadline cases
+BROADCAST_N = (8 << 20) // 4  # 16 bytes in, 8 MiB out
+
+
+def _broadcast():
+    g = remat.Graph("spread")
+    x = g.input("x", (4,), "float32")
+    g.output("y", remat.broadcast_to(x, (BROADCAST_N // 4, 4)) * 3.0)
+    return g
+
+
+DEADLINE_CASES = {
+    # case -> (the two RPCs of one call, recorder, server config, calls before the timed one)
+    "unavailable retry": (("Run", "Run"), lambda: Recorder(
+        fail={"Run": [1, 3]}, delay={"Run": SLOW}), {}, 0),
+    "not-found fallback": (("Run", "Run"), lambda: Recorder(
+        fail={"Run": [2, 4]}, code=grpc.StatusCode.NOT_FOUND, delay={"Run": SLOW}), {}, 1),
+    "switch to RunStream": (("Run", "RunStream"), lambda: Recorder(
+        delay={"Run": SLOW, "RunStream": SLOW}), {"max_message_bytes": 2 * MiB}, 0),
+}
+
+
+@pytest.mark.parametrize("case", DEADLINE_CASES)
+def test_one_deadline_covers_every_rpc_of_a_call(kind, seeded, case):
+    """The second RPC of a call (a retry, the inline resend, the switch to RunStream)
+    gets what is left of the call's deadline, not a fresh timeout: it arrives with at
+    least SLOW seconds less left than the first, and with a timeout shorter than the
+    two together, the call fails with DEADLINE_EXCEEDED."""
+    (one, two), make, config, warmup = DEADLINE_CASES[case]
+    seen = make()
+    g = _broadcast() if two == "RunStream" else _graph()
+    feeds = {"x": np.arange(4, dtype=np.float32)} if two == "RunStream" else _inputs()
+    retry = calls.Retry(attempts=3, initial_backoff=0.01)
+    with serving(seen, **config) as (_, address), connect(kind, address, retry=retry) as client:
+        for _ in range(warmup):  # so that the timed call goes by id
+            client.run(g, feeds, timeout=30)
+        skip = {method: len(seen.remaining(method)) for method in (one, two)}
+        # (gRPC sends a timeout rounded up to 10 ms below 10 s, to 1 s near 30 s)
+        result = client.run(g, feeds, timeout=5)
+        assert result.outputs["y"].size == (BROADCAST_N if two == "RunStream" else 3)
+        first_left = seen.remaining(one)[skip[one]]
+        second_left = seen.remaining(two)[skip[two] + (one == two)]
+        # (SLOW / 2: the server measures each deadline a moment after it starts it)
+        assert first_left <= 5.01 and second_left < first_left - SLOW / 2, (
+            first_left, second_left)
+        with pytest.raises(remat.DeadlineExceededError):
+            client.run(g, feeds, timeout=SLOW + SLOW / 2)
+
+
+def test_retry_delays_are_full_jitter_under_the_cap(monkeypatch):
+    monkeypatch.setattr(calls, "random", random.Random(99))
+    for retry in [
+        calls.Retry(),
+        calls.Retry(attempts=1),
+        calls.Retry(attempts=2, initial_backoff=0.5),
+        calls.Retry(attempts=12, initial_backoff=0.01, max_backoff=0.3, multiplier=3.0),
+        calls.Retry(attempts=6, initial_backoff=1.0, max_backoff=1.0),
+    ]:
+        caps = [min(retry.initial_backoff * retry.multiplier ** k, retry.max_backoff)
+                for k in range(retry.attempts - 1)]
+        samples = [list(retry.delays()) for _ in range(400)]
+        assert all(len(delays) == retry.attempts - 1 for delays in samples)
+        for k, cap in enumerate(caps):
+            column = [delays[k] for delays in samples]
+            assert all(0.0 <= d <= cap for d in column)
+            # Full jitter: spread over [0, cap], not bunched at the top or the bottom.
+            assert min(column) < 0.1 * cap and max(column) > 0.9 * cap, retry
+            assert 0.4 * cap < sum(column) / len(column) < 0.6 * cap, retry
     assert list(calls.NO_RETRY.delays()) == []
 
 
@@ -315,36 +463,44 @@ def test_reconnect_options_follow_the_retry_schedule():
         "grpc.initial_reconnect_backoff_ms": 1, "grpc.max_reconnect_backoff_ms": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_a_client_created_before_its_server_starts_reaches_it_within_the_retry_window(
+        kind, at_cap, monkeypatch):
+    """The server starts once the first attempt has failed. gRPC's own reconnect backoff
+    (1 s +-20%, then 1.6 s ...) would fail every retry of the 0.71 s retry window at
+    once; the client paces reconnects by its Retry, so the call gets through."""
+    # The port stays ours until the server takes it (both bind it with SO_REUSEPORT;
+    # a socket that is bound but not listening refuses connections).
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    refused, started = threading.Event(), {}
+    real_delay_after = calls.Attempts.delay_after
 
+    def delay_after(self, error):
+        refused.set()
+        return real_delay_after(self, error)
 
-def test_a_client_created_before_its_server_starts_reaches_it_within_the_retry_window(seeded):
-    """The server comes up 0.2 s after the first call failed. gRPC's own reconnect
-    backoff (1 s, then 1.6 s ...) would keep failing the retries at once; the client
-    sets it from its Retry, so the call succeeds soon after the server is up."""
-    port = _free_port()
-    started: dict = {}
+    def start_once_refused():
+        try:
+            if refused.wait(30):
+                server, _ = create_server(ServerConfig(host="127.0.0.1", port=port,
+                                                       reuse_port=True))
+                server.start()
+                started["server"] = server
+        finally:
+            probe.close()
 
-    def start_later():
-        time.sleep(0.2)
-        server, _ = create_server(ServerConfig(host="127.0.0.1", port=port))
-        server.start()
-        started["server"], started["at"] = server, time.monotonic()
-
-    retry = calls.Retry(attempts=40, initial_backoff=0.02, max_backoff=0.1)
-    thread = threading.Thread(target=start_later)
-    with remat.Client(f"127.0.0.1:{port}", retry=retry) as client:
-        began = time.monotonic()
+    monkeypatch.setattr(calls.Attempts, "delay_after", delay_after)
+    retry = calls.Retry(attempts=16, initial_backoff=0.02, max_backoff=0.05)
+    assert sum(calls.Retry.delays(retry)) == pytest.approx(0.71)
+    thread = threading.Thread(target=start_once_refused)
+    with connect(kind, f"127.0.0.1:{port}", retry=retry) as client:
         thread.start()
         try:
-            _check(client.run(_graph(), _inputs()))
-            done = time.monotonic()
+            _run(client, _graph())
         finally:
             thread.join()
-            started["server"].stop(None).wait()
-    assert started["at"] - began >= 0.2
-    # Without reconnect_options the first reconnection comes 0.8-1.2 s after the failure.
-    assert done - began < 0.8, (done - began, started["at"] - began)
+            if "server" in started:
+                started["server"].stop(None).wait()
+    assert refused.is_set() and "server" in started

@@ -1,4 +1,6 @@
-"""The SDK contract (DESIGN.md, "Wire and SDK contract") against a real server."""
+"""The SDK contract (DESIGN.md, "Wire and SDK contract") against a real server. Graph
+building runs against remat.Client; what a call returns, against both clients
+(`any_client`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 import remat
+from remat_proto import wire as proto_wire
 
 SEED = 20240
 
@@ -67,6 +70,7 @@ def test_op_functions_take_names_and_graph_indexing(client):
     g.output("avg", m)
     assert returned is s
     assert g["h"] is h and g["rowsum"].op == "sum" and g["x"] is x
+    assert g["avg"] is m and g["probs"] is p  # output names resolve to their nodes
     assert "probs" in g and "nothing" not in g
     assert g.output_names == ["rowsum", "probs", "avg"]
     with pytest.raises(KeyError):
@@ -157,12 +161,12 @@ def quadratic() -> remat.Graph:
     return g
 
 
-def test_run_returns_numpy_arrays_and_every_metric(client):
+def test_run_returns_numpy_arrays_and_every_metric(any_client):
     rng = np.random.default_rng(SEED)
     for batch in (2, 5):  # a -1 batch dimension binds per call
         xv, wv = rng.standard_normal((batch, 3)), rng.standard_normal((3, 2))
-        result = client.run(quadratic(), {"x": xv, "w": wv}, wrt=["x", "w"], loss="loss",
-                            policy="store_all")
+        result = any_client.run(quadratic(), {"x": xv, "w": wv}, wrt=["x", "w"],
+                                loss="loss", policy="store_all")
         assert isinstance(result, remat.RunResult)
         for value in (*result.outputs.values(), *result.grads.values()):
             assert isinstance(value, np.ndarray) and value.flags.writeable
@@ -187,22 +191,6 @@ def test_run_returns_numpy_arrays_and_every_metric(client):
         remat.policies.resolve("no_such_policy")
 
 
-def test_in_process_client_is_a_context_manager():
-    g = remat.Graph("tiny")
-    x = g.input("x", (3,), "float64")
-    g.output("y", remat.exp(x))
-    with remat.Client.in_process() as client:
-        target = client.target
-        np.testing.assert_allclose(client.run(g, {"x": [0.0, 1.0, 2.0]}).outputs["y"],
-                                   np.exp([0.0, 1.0, 2.0]), rtol=1e-15)
-    with pytest.raises(ValueError):  # the channel is closed
-        client.run(g, {"x": [0.0, 1.0, 2.0]})
-    # ... and the in-process server is gone.
-    with remat.Client(target, timeout=2) as other:
-        with pytest.raises((remat.UnavailableError, remat.DeadlineExceededError)):
-            other.run(g, {"x": [0.0, 1.0, 2.0]})
-
-
 def hvp_graph() -> remat.Graph:
     g = remat.Graph("hvp")
     x = g.input("x", (4,), "float64")
@@ -211,78 +199,206 @@ def hvp_graph() -> remat.Graph:
     return g
 
 
-def test_differentiate_extend_and_differentiate_again_gives_hessian_vector_products(client):
+def test_differentiate_extend_and_differentiate_again_gives_hessian_vector_products(any_client):
     rng = np.random.default_rng(SEED)
     feeds = {"x": rng.standard_normal(4), "w": rng.standard_normal((4, 3))}
     v = rng.standard_normal(4)
     g = hvp_graph()
-    joint = client.differentiate(g, wrt=["x"], loss="loss")
+    joint = any_client.differentiate(g, wrt=["x"], loss="loss")
     assert isinstance(joint, remat.Graph)
     assert joint.output_names == ["loss", "grad/x"] and joint.grad_outputs == {"x": "grad/x"}
     # Extend the joint graph: gv = <grad f(x), v>; its gradient in x is H v.
     grad_x = joint[joint.outputs["grad/x"]]
     vec = joint.input("v", (4,), "float64")
     joint.output("gv", remat.sum(grad_x * vec, name="gv"))
-    hvp = client.run(joint, {**feeds, "v": v}, wrt=["x"], loss="gv").grads["x"]
+    hvp = any_client.run(joint, {**feeds, "v": v}, wrt=["x"], loss="gv").grads["x"]
     # The same by differentiating the extended graph symbolically.
-    second = client.differentiate(joint, wrt=["x"], loss="gv")
+    second = any_client.differentiate(joint, wrt=["x"], loss="gv")
     assert second.grad_outputs == {"x": "grad2/x"}
     assert second.output_names == ["loss", "grad/x", "gv", "grad2/x"]
-    symbolic = client.run(second, {**feeds, "v": v}, fetch=["grad2/x"]).outputs["grad2/x"]
+    symbolic = any_client.run(second, {**feeds, "v": v}, fetch=["grad2/x"]).outputs["grad2/x"]
     np.testing.assert_allclose(symbolic, hvp, rtol=1e-12)
     # Against centered differences of the gradient, in float64.
     h = 1e-5
 
     def grad_at(x):
-        return client.run(g, {**feeds, "x": x}, wrt=["x"], loss="loss").grads["x"]
+        return any_client.run(g, {**feeds, "x": x}, wrt=["x"], loss="loss").grads["x"]
     numeric = (grad_at(feeds["x"] + h * v) - grad_at(feeds["x"] - h * v)) / (2 * h)
     relative = np.max(np.abs(hvp - numeric)) / np.max(np.abs(numeric))
     assert relative <= 1e-6, relative
 
 
+def tanh_layer(n: int = 5, d: int = 4, k: int = 3):
+    """loss = sum(tanh(x @ w)): grad_w = x^T (1 - t^2), and H v = x^T (-2 t (1 - t^2) (x v))
+    with t = tanh(x w)."""
+    g = remat.Graph("tanh_layer")
+    x = g.input("x", (n, d), "float64")
+    w = g.input("w", (d, k), "float64")
+    g.output("loss", remat.sum(remat.tanh(x @ w)))
+    rng = np.random.default_rng(SEED)
+    feeds = {"x": rng.standard_normal((n, d)), "w": rng.standard_normal((d, k)) / 2}
+
+    def expected(f, v):
+        t = np.tanh(f["x"] @ f["w"])
+        return (np.sum(t), f["x"].T @ (1 - t * t),
+                f["x"].T @ (-2 * t * (1 - t * t) * (f["x"] @ v)))
+    return g, feeds, rng.standard_normal((d, k)), expected
+
+
+def quadratic_form(d: int = 5):
+    """loss = sum(w * (A @ w)) = w^T A w: grad_w = (A + A^T) w, H v = (A + A^T) v."""
+    g = remat.Graph("quadratic_form")
+    a = g.input("A", (d, d), "float64")
+    w = g.input("w", (d, 1), "float64")
+    g.output("loss", remat.sum(w * (a @ w)))
+    rng = np.random.default_rng(SEED + 1)
+    feeds = {"A": rng.standard_normal((d, d)), "w": rng.standard_normal((d, 1))}
+
+    def expected(f, v):
+        sym = f["A"] + f["A"].T
+        return (f["w"].T @ f["A"] @ f["w"]).item(), sym @ f["w"], sym @ v
+    return g, feeds, rng.standard_normal((d, 1)), expected
+
+
+@pytest.mark.parametrize("build", [tanh_layer, quadratic_form], ids=lambda f: f.__name__)
+def test_output_names_index_the_joint_graph_and_give_hessian_vector_products(any_client,
+                                                                            build):
+    """`joint["grad/w"]` is the node the output names; sum(grad_w * v) with v a new
+    input, differentiated again in w, is the Hessian-vector product H v (float64,
+    against the analytic one)."""
+    g, feeds, v, expected = build()
+    loss, grad, hvp = expected(feeds, v)
+    joint = any_client.differentiate(g, wrt=["w"], loss="loss")
+    assert joint.output_names == ["loss", "grad/w"]
+    grad_w = joint["grad/w"]  # an output name, resolved to the node it names
+    assert isinstance(grad_w, remat.Node) and grad_w is joint[joint.outputs["grad/w"]]
+    assert joint["loss"] is joint[joint.outputs["loss"]] and "grad/w" in joint
+    vec = joint.input("v", v.shape, "float64")
+    joint.output("gv", remat.sum(joint["grad/w"] * vec))
+    assert joint["gv"].op == "sum"
+    second = any_client.differentiate(joint, wrt=["w"], loss="gv")
+    assert second.grad_outputs == {"w": "grad2/w"}
+    assert second.output_names == ["loss", "grad/w", "gv", "grad2/w"]
+    feeds = {**feeds, "v": v}
+    out = any_client.run(second, feeds, fetch=["loss", "grad/w", "gv", "grad2/w"]).outputs
+    np.testing.assert_allclose(out["loss"], loss, rtol=1e-12)
+    np.testing.assert_allclose(out["grad/w"], grad, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(out["gv"], np.sum(grad * v), rtol=1e-12)
+    np.testing.assert_allclose(out["grad2/w"], hvp, rtol=1e-10, atol=1e-13)
+    assert out["grad2/w"].dtype == np.float64 and out["grad2/w"].shape == v.shape
+    # The same H v as a gradient of the extended joint graph, computed at run time.
+    at_run_time = any_client.run(joint, feeds, wrt=["w"], loss="gv").grads["w"]
+    np.testing.assert_allclose(at_run_time, hvp, rtol=1e-10, atol=1e-13)
+
+
+def test_the_wire_form_is_computed_once_per_graph_version(any_client, monkeypatch):
+    """A training loop that runs the same graph neither serializes nor hashes it again:
+    `wire_form()` returns the same message until the graph changes."""
+    made, hashed = [], []
+    real_to_proto, real_content_id = proto_wire.graph_to_proto, proto_wire.content_id
+    name = f"versions-{id(made)}"  # only this test's graph counts
+
+    def to_proto(spec):
+        message = real_to_proto(spec)
+        if spec.name == name:
+            made.append(message)
+        return message
+
+    def content_id(message):
+        if any(message is ours for ours in made):  # not the server's copy of it
+            hashed.append(message)
+        return real_content_id(message)
+
+    monkeypatch.setattr(proto_wire, "graph_to_proto", to_proto)
+    monkeypatch.setattr(proto_wire, "content_id", content_id)
+    g = remat.Graph(name)
+    x = g.input("x", (3,), "float64")
+    g.output("y", x * 2.0)
+    message, graph_id = g.wire_form()
+    assert g.wire_form()[0] is message and g.graph_id == graph_id
+    copy = g.to_proto()
+    assert copy == message and copy is not message  # to_proto is a copy to change freely
+    copy.name = "changed"
+    assert g.wire_form()[0].name == name
+    feeds = {"x": np.arange(3.0)}
+    for _ in range(3):
+        np.testing.assert_array_equal(any_client.run(g, feeds).outputs["y"], [0.0, 2.0, 4.0])
+    assert any_client.plan(g).peak_bytes > 0
+    assert g.wire_form() == (message, graph_id) and g.wire_form()[0] is message
+    assert len(made) == 1 and made[0] is message and len(hashed) == 1
+    # A change is a new version: a new message and id, computed once.
+    g.output("z", remat.exp(x))
+    new_message, new_id = g.wire_form()
+    assert new_message is not message and new_id != graph_id
+    assert g.wire_form()[0] is new_message and len(made) == 2 and len(hashed) == 2
+    for _ in range(2):
+        out = any_client.run(g, feeds).outputs
+        np.testing.assert_allclose(out["z"], np.exp(feeds["x"]), rtol=1e-15)
+    assert len(made) == 2 and len(hashed) == 2
+    assert [o.name for o in message.outputs] == ["y"]  # the old version's message stands
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: Graph.name is a plain attribute (client/remat/graph.py, Graph.__init__: "
+    "`self.name = name`) that does not bump Graph._version, so after any call (which "
+    "caches the wire form) a renamed graph keeps sending its old name under its old id"))
+def test_renaming_a_graph_changes_its_wire_form_and_id():
+    """The name is part of the content (two graphs that differ only in name have
+    different ids), so renaming a graph is a change like any other, even after the
+    graph was sent."""
+    g = remat.Graph("before")
+    x = g.input("x", (3,), "float64")
+    g.output("y", x * 2.0)
+    old_id = g.graph_id
+    g.name = "after"
+    twin = remat.Graph("after")
+    twin.output("y", twin.input("x", (3,), "float64") * 2.0)
+    assert g.wire_form()[0].name == "after"
+    assert g.graph_id == twin.graph_id != old_id
+
+
 # --- errors ------------------------------------------------------------------------------------
-def test_graph_errors_are_remat_exceptions_quoting_the_users_line(client):
+def test_graph_errors_are_remat_exceptions_quoting_the_users_line(any_client):
     g = remat.Graph("bad")
     x = g.input("x", (2, 3), "float64")
     bad, line = remat.matmul(x, x, name="bad_matmul"), here()
     g.output("out", bad)
     with pytest.raises(remat.InvalidArgumentError) as info:
-        client.run(g, {"x": np.zeros((2, 3))})
+        any_client.run(g, {"x": np.zeros((2, 3))})
     message = str(info.value)
     assert f"test_sdk.py:{line}" in message, message
     assert "'bad_matmul'" in message
     assert info.value.code == "INVALID_ARGUMENT"
     assert isinstance(info.value, remat.RematError) and isinstance(info.value, ValueError)
     with pytest.raises(remat.InvalidArgumentError, match=f"test_sdk.py:{line}"):
-        client.differentiate(g, wrt=["x"])
+        any_client.differentiate(g, wrt=["x"])
     with pytest.raises(remat.InvalidArgumentError, match=f"test_sdk.py:{line}"):
-        client.register(g)
+        any_client.register(g)
 
 
-def test_run_time_errors_quote_the_users_line(client):
+def test_run_time_errors_quote_the_users_line(any_client):
     g = remat.Graph("gather")
     x = g.input("x", (3,), "float64")
     idx = g.input("idx", (2,), "int64")
     picked, line = remat.take(x, idx, name="picked"), here()
     g.output("out", picked)
     with pytest.raises(remat.InvalidArgumentError) as info:
-        client.run(g, {"x": np.zeros(3), "idx": np.array([0, 3])})
+        any_client.run(g, {"x": np.zeros(3), "idx": np.array([0, 3])})
     assert f"test_sdk.py:{line}" in str(info.value) and "'picked'" in str(info.value)
-    np.testing.assert_array_equal(
-        client.run(g, {"x": np.array([1.0, 2.0, 3.0]), "idx": np.array([2, 0])}).outputs["out"],
-        [3.0, 1.0])
+    fixed = {"x": np.array([1.0, 2.0, 3.0]), "idx": np.array([2, 0])}
+    np.testing.assert_array_equal(any_client.run(g, fixed).outputs["out"], [3.0, 1.0])
 
 
-def test_request_errors_map_to_remat_exceptions(client):
+def test_request_errors_map_to_remat_exceptions(any_client):
     g = quadratic()
     feeds = {"x": np.zeros((2, 3)), "w": np.zeros((3, 2))}
     with pytest.raises(remat.InvalidArgumentError, match="'ghost'"):
-        client.run(g, feeds, wrt=["ghost"], loss="loss")
+        any_client.run(g, feeds, wrt=["ghost"], loss="loss")
     with pytest.raises(remat.InvalidArgumentError, match="'h'"):
-        client.run(g, feeds, wrt=["x"], loss="h")  # not a scalar
+        any_client.run(g, feeds, wrt=["x"], loss="h")  # not a scalar
     with pytest.raises(remat.InvalidArgumentError, match="'w'"):
-        client.run(g, {"x": feeds["x"]})
+        any_client.run(g, {"x": feeds["x"]})
     # A cotangent makes a non-scalar output differentiable: a vector-Jacobian product.
     ct = np.ones((2, 2))
-    vjp = client.run(g, feeds, wrt=["w"], cotangents={"h": ct}).grads["w"]
+    vjp = any_client.run(g, feeds, wrt=["w"], cotangents={"h": ct}).grads["w"]
     np.testing.assert_allclose(vjp, feeds["x"].T @ ct, rtol=1e-12)  # tanh'(0) = 1
