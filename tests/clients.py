@@ -32,17 +32,10 @@ from remat_server import ServerConfig, create_server
 
 KINDS = ("sync", "async")
 
-# A race the async client loses more often than not (measured: 55-95% of the calls,
-# depending on the refusal); tests that hit it repeat the call 20 times, which makes
-# a pass by luck negligible, so they are strict.
-ASYNC_STREAM_STATUS_BUG = pytest.mark.xfail(strict=True, raises=remat.InternalError, reason=(
-    "library bug: AsyncClient._stream (client/remat/aio.py) gives grpc.aio an upload "
-    "iterator, which grpc.aio keeps writing after the server has ended the call (a "
-    "refusal at the header, before the upload is read: NOT_FOUND for an evicted graph "
-    "id, UNAUTHENTICATED, RESOURCE_EXHAUSTED); grpc.aio then replaces the server's "
-    "status with INTERNAL 'Internal error from Core' (grpc/grpc#36066), so the caller "
-    "gets remat.InternalError and an evicted graph is never resent inline"))
-BOTH_KINDS_ASYNC_STREAM_BUG = ["sync", pytest.param("async", marks=ASYNC_STREAM_STATUS_BUG)]
+# Refusals of a RunStream before its upload is read (NOT_FOUND for an evicted graph id,
+# UNAUTHENTICATED, RESOURCE_EXHAUSTED) used to reach the async client as INTERNAL
+# (grpc/grpc#36066: grpc.aio kept writing the upload into the ended call) in 55-95% of
+# the calls; the tests that cover it repeat the call 20 times.
 WAIT_SECONDS = 90  # no facade call blocks a test for longer (calls' own timeouts are shorter)
 
 

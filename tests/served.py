@@ -76,7 +76,7 @@ class Served:
 
     def wait_until_busy(self, baseline: float, timeout: float = 15) -> None:
         """Until one more RPC than `baseline` is in flight (and still is 0.3 s later:
-        the run, not the quick RegisterGraph before it)."""
+        the run, not the quick inline first call before it)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.inflight() > baseline:

@@ -89,15 +89,34 @@ class AsyncClient(Connection):
 
     async def _stream(self, op: calls.Stream, left: float | None):
         download = streaming.Download(op.out)
-        # grpc.aio writes a plain iterator's messages itself, with flow control.
-        call = self._run_stream_call(streaming.upload(op.request, op.chunked), timeout=left)
+        call = self._run_stream_call(timeout=left)
         try:
+            await self._upload(call, streaming.upload(op.request, op.chunked), op.chunked)
             async for message in call:
                 download.add(message)
         except asyncio.CancelledError:
             call.cancel()
             raise
         return download.finish()
+
+    @staticmethod
+    async def _upload(call, messages, chunked: dict) -> None:
+        """Write the header, and the chunks only once the server has accepted it (its
+        initial metadata): grpc.aio, writing into a call the server has already
+        refused, reports INTERNAL instead of the server's status (grpc/grpc#36066).
+        Writes stop if the call ends meanwhile; reading it then raises its status."""
+        await call.write(next(messages))
+        if chunked:
+            await call.initial_metadata()
+        for message in messages:
+            if call.done():
+                return
+            try:
+                await call.write(message)
+            except (asyncio.InvalidStateError, grpc.aio.UsageError):
+                return  # the call ended under us: its status says why
+        if not call.done():
+            await call.done_writing()
 
     # --- calls ---------------------------------------------------------------------------
     async def run(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str] = (),

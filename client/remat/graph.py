@@ -118,7 +118,7 @@ class Graph:
     """An ordered set of inputs and nodes with named outputs; serializable to protobuf."""
 
     def __init__(self, name: str = "graph"):
-        self.name = name
+        self._name = name
         self.inputs: list[InputSpec] = []
         self.nodes: list[NodeSpec] = []
         self._outputs: dict[str, str] = {}
@@ -129,6 +129,15 @@ class Graph:
         self._wire: tuple[int, Any, str] | None = None
         # Set on graphs returned by Client.differentiate: input -> gradient output name.
         self.grad_outputs: dict[str, str] = {}
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @name.setter
+    def name(self, name: str) -> None:  # the name is part of the graph's content (its id)
+        self._name = name
+        self._version += 1
 
     # --- building -------------------------------------------------------------------
     def input(self, name: str, shape, dtype: str = "float32") -> Node:

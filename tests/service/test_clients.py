@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import remat
-from clients import (BOTH_KINDS_ASYNC_STREAM_BUG, Recorder, connect, finished, in_process,
+from clients import (KINDS, Recorder, connect, finished, in_process,
                      serving, wait_until)
 from remat import calls, wire
 from remat.errors import from_rpc_error
@@ -219,7 +219,7 @@ STREAM_REFUSALS = {  # refusal -> (server config, client options, the error)
 }
 
 
-@pytest.mark.parametrize("kind", BOTH_KINDS_ASYNC_STREAM_BUG)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("refusal", STREAM_REFUSALS)
 def test_a_run_stream_refused_before_its_upload_reports_the_servers_status(kind, refusal,
                                                                            monkeypatch):

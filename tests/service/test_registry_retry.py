@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import remat
-from clients import BOTH_KINDS_ASYNC_STREAM_BUG, Recorder, connect, first, serving
+from clients import KINDS, Recorder, connect, first, serving
 from remat import calls
 from remat_server import ServerConfig, create_server
 from remat_server.errors import NotFound
@@ -182,7 +182,7 @@ def test_an_evicted_graph_is_sent_again_transparently(kind):
         assert seen.counts["RegisterGraph"] == 1
 
 
-@pytest.mark.parametrize("kind", BOTH_KINDS_ASYNC_STREAM_BUG)
+@pytest.mark.parametrize("kind", KINDS)
 def test_an_evicted_graph_is_sent_again_over_run_stream(kind):
     """The same for big inputs: RunStream refuses an unknown id at the header (before
     the upload is read), and the SDK resends the graph inline."""

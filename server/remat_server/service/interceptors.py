@@ -112,14 +112,24 @@ def refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode,
     """A handler that answers `code` at once, of the same response kind as `handler`
     (None: an unknown method).
 
-    It always takes the request as a stream and never reads it: a unary handler would
-    first buffer the whole request (up to max_message_bytes) from a peer we are about
-    to refuse. On the wire the two kinds are the same, so any client sees the status."""
+    It always takes the request as a stream. A unary request is never read: a unary
+    handler would first buffer the whole request (up to max_message_bytes) from a peer
+    we are about to refuse. On the wire the two kinds are the same, so any client sees
+    the status. Of a streaming request (RunStream) the first message, its header, is
+    read before refusing: a grpc.aio client whose first write races with the refusal
+    would otherwise get INTERNAL instead of this status (grpc/grpc#36066), and it sends
+    nothing more until the server accepts that header (RunStream's initial metadata)."""
     def abort(_requests, context):
+        context.abort(code, message)
+
+    def abort_after_header(requests, context):
+        next(iter(requests), None)
         context.abort(code, message)
 
     if handler is not None and not handler.response_streaming:
         return grpc.stream_unary_rpc_method_handler(abort)
+    if handler is not None and handler.request_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_after_header)
     return grpc.stream_stream_rpc_method_handler(abort)
 
 

@@ -182,7 +182,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             upload = streaming.receive(
                 _uploaded(request_iterator, context), self.engine.limits,
                 on_header=lambda header: graph.append(self._graph(header.graph)),
-                pool=self.buffers)
+                pool=self.buffers,
+                # The header passed: the client may send chunks. (A refusal comes before
+                # this, so a client that waits for it never writes into an ended call.)
+                on_accepted=lambda: context.send_initial_metadata(()))
         finally:
             timer.cancel()
         run = self._run_request(upload.header, tensors=upload.finish(), graph=graph[0])

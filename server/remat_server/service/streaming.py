@@ -96,11 +96,12 @@ class Upload:
 
 def receive(messages: Iterable, limits: Limits,
             on_header: Callable[[executor_pb2.RunRequest], None] | None = None,
-            pool=None) -> Upload:
+            pool=None, on_accepted: Callable[[], None] | None = None) -> Upload:
     """Read a whole upload: the header first, then chunks until the client half-closes.
     Messages are RunStreamRequests or, on the fast path, `chunks.Chunk`s. `on_header`
     checks the header before any tensor is allocated or received (e.g. that its graph
-    id is known, so an evicted graph costs no upload)."""
+    id is known, so an evicted graph costs no upload); `on_accepted` runs once the
+    header has passed every check, before the first chunk is read."""
     upload = None
     for index, message in enumerate(messages):
         if isinstance(message, Malformed):
@@ -114,6 +115,8 @@ def receive(messages: Iterable, limits: Limits,
             if on_header is not None:
                 on_header(message.header)
             upload = Upload(message.header, limits, pool)
+            if on_accepted is not None:
+                on_accepted()
         elif part == "chunk":
             upload.add(message if isinstance(message, chunks.Chunk) else message.chunk)
         else:
