@@ -3,6 +3,7 @@
 VmHWM is the peak resident set size; writing "5" to /proc/self/clear_refs (Linux 4.0+)
 resets it to the current RSS, so a peak can be measured over one step of a process.
 """
+
 from __future__ import annotations
 
 MiB = 1 << 20

@@ -16,6 +16,7 @@ server does, "warmup" names the policy of the request served just before (instea
 the measured one), "trials" repeats (that request, measured request), reporting the
 worst, and "trim" calls malloc_trim(0) after every request.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,13 @@ import gc  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from typing import Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _procmem import hwm_bytes, reset_hwm, rss_bytes  # noqa: E402  (bench/ is sys.path[0])
 
 import remat  # noqa: E402
 from remat import models  # noqa: E402
-
-from _procmem import hwm_bytes, reset_hwm, rss_bytes  # noqa: E402  (bench/ is sys.path[0])
 
 
 # --- models: the same function in remat and in torch ---------------------------------------
@@ -55,8 +55,9 @@ def transformer_stack(spec: dict) -> models.Model:
     (unmasked attention, tanh gelu), parameters suffixed by the block index;
     loss = mean(y ** 2) of the last block's output. remat.models has one block only,
     so the stack is built here with the public SDK."""
-    batch, seq, d_model, heads, d_ff = (spec[k] for k in ("batch", "seq", "d_model", "heads",
-                                                          "d_ff"))
+    batch, seq, d_model, heads, d_ff = (
+        spec[k] for k in ("batch", "seq", "d_model", "heads", "d_ff")
+    )
     d_head = d_model // heads
     rng = np.random.default_rng(0)
     g = remat.Graph("transformer_stack")
@@ -102,8 +103,9 @@ def torch_layers(spec: dict, t: dict) -> tuple[list[Callable], Callable]:
     import torch.nn.functional as F
 
     if spec["kind"] == "mlp":
-        layers = [(lambda h, i=i: torch.tanh(h @ t[f"w{i}"] + t[f"b{i}"]))
-                  for i in range(spec["layers"])]
+        layers = [
+            (lambda h, i=i: torch.tanh(h @ t[f"w{i}"] + t[f"b{i}"])) for i in range(spec["layers"])
+        ]
         last = spec["layers"]
         layers.append(lambda h: h @ t[f"w{last}"] + t[f"b{last}"])  # the linear head
         penalty = lambda: sum(torch.sum(t[f"w{i}"] * t[f"w{i}"]) for i in range(last + 1))
@@ -117,13 +119,18 @@ def torch_layers(spec: dict, t: dict) -> tuple[list[Callable], Callable]:
 
         def split(u):
             return u.reshape(batch, seq, heads, d_head).permute(0, 2, 1, 3)
+
         h = F.layer_norm(x, (d_model,), t[f"ln1_w{i}"], t[f"ln1_b{i}"], eps=1e-5)
         q, k, v = (split(h @ t[f"{w}{i}"]) for w in ("wq", "wk", "wv"))
         attn = torch.softmax(q @ k.transpose(-1, -2) * (1.0 / math.sqrt(d_head)), dim=-1)
         h = x + (attn @ v).permute(0, 2, 1, 3).reshape(batch, seq, d_model) @ t[f"wo{i}"]
-        m = F.gelu(F.layer_norm(h, (d_model,), t[f"ln2_w{i}"], t[f"ln2_b{i}"], eps=1e-5)
-                   @ t[f"w1_{i}"] + t[f"b1_{i}"], approximate="tanh")
+        m = F.gelu(
+            F.layer_norm(h, (d_model,), t[f"ln2_w{i}"], t[f"ln2_b{i}"], eps=1e-5) @ t[f"w1_{i}"]
+            + t[f"b1_{i}"],
+            approximate="tanh",
+        )
         return h + (m @ t[f"w2_{i}"] + t[f"b2_{i}"])
+
     layers = [(lambda x, i=i: block(x, i)) for i in range(spec["blocks"])]
     return layers, lambda y: torch.mean(y * y)
 
@@ -133,9 +140,13 @@ def remat_policy(spec: list):
     from remat_proto import policies
 
     name, *args = spec
-    return {"store_all": policies.StoreAll, "recompute_all": policies.RecomputeAll,
-            "sqrt": policies.Sqrt, "every_k": policies.EveryK,
-            "revolve": policies.Revolve}[name](*args)
+    return {
+        "store_all": policies.StoreAll,
+        "recompute_all": policies.RecomputeAll,
+        "sqrt": policies.Sqrt,
+        "every_k": policies.EveryK,
+        "revolve": policies.Revolve,
+    }[name](*args)
 
 
 def malloc_trim() -> None:
@@ -145,24 +156,30 @@ def malloc_trim() -> None:
     ctypes.CDLL(None).malloc_trim(0)
 
 
-def remat_step(model: models.Model, policy_spec: list, pool: int = 0, trim: bool = False
-               ) -> tuple[Callable[..., float], dict]:
+def remat_step(
+    model: models.Model, policy_spec: list, pool: int = 0, trim: bool = False
+) -> tuple[Callable[..., float], dict]:
     """Engine.run in this process: no protobuf, no gRPC, no tensor copies. With `pool`,
     on a ThreadPoolExecutor of that many threads, as the gRPC server runs requests;
     with `trim`, malloc_trim(0) after each run. step(policy_spec) runs another policy."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from remat_server.service.codec import graph_from_proto
     from remat_server.engine import Engine, RunRequest
     from remat_server.graph.limits import Limits
+    from remat_server.service.codec import graph_from_proto
 
     spec = graph_from_proto(model.graph.to_proto(), Limits())
     engine, info = Engine(), {}
     threads = ThreadPoolExecutor(pool, thread_name_prefix="remat") if pool else None
 
     def step(other: list | None = None) -> float:
-        request = RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
-                             policy=remat_policy(other or policy_spec))
+        request = RunRequest(
+            spec,
+            model.inputs,
+            wrt=tuple(model.wrt),
+            loss=model.loss,
+            policy=remat_policy(other or policy_spec),
+        )
 
         def run():
             try:
@@ -170,24 +187,32 @@ def remat_step(model: models.Model, policy_spec: list, pool: int = 0, trim: bool
             finally:
                 if trim:
                     malloc_trim()  # the request's own result is still held here
+
         result = threads.submit(run).result() if threads else run()
-        info.update(peak_bytes=result.metrics.peak_bytes,
-                    predicted_peak_bytes=result.metrics.predicted_peak_bytes,
-                    recomputed_nodes=result.metrics.recomputed_nodes,
-                    exec_seconds=result.metrics.forward_seconds
-                    + result.metrics.backward_seconds + result.metrics.recompute_seconds)
+        info.update(
+            peak_bytes=result.metrics.peak_bytes,
+            predicted_peak_bytes=result.metrics.predicted_peak_bytes,
+            recomputed_nodes=result.metrics.recomputed_nodes,
+            exec_seconds=result.metrics.forward_seconds
+            + result.metrics.backward_seconds
+            + result.metrics.recompute_seconds,
+        )
         return float(result.outputs[model.loss])
+
     return step, info
 
 
-def torch_step(model: models.Model, spec: dict, mode: list, threads: int
-               ) -> tuple[Callable[[], float], dict]:
+def torch_step(
+    model: models.Model, spec: dict, mode: list, threads: int
+) -> tuple[Callable[[], float], dict]:
     import torch
     from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
     torch.set_num_threads(threads)
-    t = {name: torch.from_numpy(value).requires_grad_(name in model.wrt)
-         for name, value in model.inputs.items()}
+    t = {
+        name: torch.from_numpy(value).requires_grad_(name in model.wrt)
+        for name, value in model.inputs.items()
+    }
     params = [t[name] for name in model.wrt]
     layers, loss_of = torch_layers(spec, t)
     name, *args = mode
@@ -203,6 +228,7 @@ def torch_step(model: models.Model, spec: dict, mode: list, threads: int
         loss = loss_of(forward(t["x"]))
         torch.autograd.grad(loss, params)  # the gradients are returned, then dropped
         return loss.item()
+
     return step, {"torch_threads": torch.get_num_threads()}
 
 
@@ -216,8 +242,10 @@ def tiny(spec: dict) -> dict:
 def make_step(config: dict, spec: dict) -> tuple[Callable[[], float], dict, models.Model]:
     model = BUILDERS[spec["kind"]](spec)
     if config["framework"] == "remat":
-        return (*remat_step(model, config["mode"], config.get("pool", 0),
-                            config.get("trim", False)), model)
+        return (
+            *remat_step(model, config["mode"], config.get("pool", 0), config.get("trim", False)),
+            model,
+        )
     return (*torch_step(model, spec, config["mode"], config["threads"]), model)
 
 
@@ -250,10 +278,20 @@ def main() -> int:
         step()
         seconds.append(time.perf_counter() - start)
     worst = max(trials, key=lambda trial: trial["peak"])
-    print(json.dumps(dict(
-        **info, **worst, loss=loss, seconds=statistics.median(seconds), samples=len(seconds),
-        rss_built=rss_built, trials=trials,
-        input_bytes=sum(a.nbytes for a in model.inputs.values()))))
+    print(
+        json.dumps(
+            dict(
+                **info,
+                **worst,
+                loss=loss,
+                seconds=statistics.median(seconds),
+                samples=len(seconds),
+                rss_built=rss_built,
+                trials=trials,
+                input_bytes=sum(a.nbytes for a in model.inputs.values()),
+            )
+        )
+    )
     return 0
 
 

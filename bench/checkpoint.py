@@ -9,6 +9,7 @@ one measured forward+backward. The peak is that process's peak resident set over
 RSS once the model was built, the same way for both frameworks. Prints one Markdown
 table per model; see bench/README.md for the method and the columns.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,15 @@ TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "1
 SIZES = {
     "full": {
         "mlp": dict(kind="mlp", layers=64, batch=2048, width=128),
-        "transformer": dict(kind="transformer", blocks=8, batch=8, seq=128, d_model=128,
-                            heads=4, d_ff=512),
+        "transformer": dict(
+            kind="transformer", blocks=8, batch=8, seq=128, d_model=128, heads=4, d_ff=512
+        ),
     },
     "quick": {
         "mlp": dict(kind="mlp", layers=16, batch=1024, width=128),
-        "transformer": dict(kind="transformer", blocks=4, batch=2, seq=64, d_model=64,
-                            heads=4, d_ff=256),
+        "transformer": dict(
+            kind="transformer", blocks=4, batch=2, seq=64, d_model=64, heads=4, d_ff=256
+        ),
     },
 }
 # every_k counts segment boundaries (forward values every later one depends on only
@@ -52,12 +55,16 @@ REVOLVE_SLOTS = (4, 8)
 def describe(spec: dict) -> str:
     if spec["kind"] == "mlp":
         act = spec["batch"] * spec["width"] * 4 / MiB
-        return (f"MLP: {spec['layers']} tanh layers of width {spec['width']} + linear head, "
-                f"batch {spec['batch']}, float32 ({act:g} MiB per activation); "
-                "remat.models.mlp")
-    return (f"transformer: {spec['blocks']} pre-LN blocks (remat.models.transformer_block's "
-            f"block, stacked in bench/_rss_worker.py), batch {spec['batch']}, seq {spec['seq']}, "
-            f"d_model {spec['d_model']}, {spec['heads']} heads, d_ff {spec['d_ff']}, float32")
+        return (
+            f"MLP: {spec['layers']} tanh layers of width {spec['width']} + linear head, "
+            f"batch {spec['batch']}, float32 ({act:g} MiB per activation); "
+            "remat.models.mlp"
+        )
+    return (
+        f"transformer: {spec['blocks']} pre-LN blocks (remat.models.transformer_block's "
+        f"block, stacked in bench/_rss_worker.py), batch {spec['batch']}, seq {spec['seq']}, "
+        f"d_model {spec['d_model']}, {spec['heads']} heads, d_ff {spec['d_ff']}, float32"
+    )
 
 
 def configurations(name: str, spec: dict, recompute_all: bool) -> list[tuple[str, str, list]]:
@@ -72,11 +79,14 @@ def configurations(name: str, spec: dict, recompute_all: bool) -> list[tuple[str
     segments = sorted({max(2, root // 2), root, min(depth, root * 2)})
     block = "layer" if name == "mlp" else "block"
     torch = [("torch: no checkpointing", ["plain"])]
-    torch += [(f"torch: checkpoint_sequential({s}{', sqrt' if s == root else ''})",
-               ["sequential", s]) for s in segments]
+    torch += [
+        (f"torch: checkpoint_sequential({s}{', sqrt' if s == root else ''})", ["sequential", s])
+        for s in segments
+    ]
     torch.append((f"torch: checkpoint per {block} ({depth})", ["per_block"]))
-    return [(label, "remat", mode) for label, mode in remat] + \
-           [(label, "torch", mode) for label, mode in torch]
+    return [(label, "remat", mode) for label, mode in remat] + [
+        (label, "torch", mode) for label, mode in torch
+    ]
 
 
 def run_worker(config: dict, tuned: bool) -> dict:
@@ -84,12 +94,12 @@ def run_worker(config: dict, tuned: bool) -> dict:
     if tuned:
         env.update(TUNED_MALLOC)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(config)], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), json.dumps(config)], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        print(f"  worker failed ({config['framework']} {config['mode']}):\n{tail}",
-              file=sys.stderr)
+        print(f"  worker failed ({config['framework']} {config['mode']}):\n{tail}", file=sys.stderr)
         return {"failed": True}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_seconds"] = time.perf_counter() - start
@@ -134,15 +144,20 @@ def table(rows: list[tuple[str, str, dict]], settings: list[str]) -> str:
             r = results.get(s, {"failed": True})
             b = base.setdefault((framework, s), r)
             ok, b_ok = not r.get("failed"), not b.get("failed")
-            cells += [fmt(peak_mib(r) if ok else None, ".1f"),
-                      ratio(peak_mib(r) if ok else None, peak_mib(b) if b_ok else None),
-                      fmt(r["seconds"] * 1e3 if ok else None, ".0f"),
-                      ratio(r["seconds"] if ok else None, b["seconds"] if b_ok else None)]
+            cells += [
+                fmt(peak_mib(r) if ok else None, ".1f"),
+                ratio(peak_mib(r) if ok else None, peak_mib(b) if b_ok else None),
+                fmt(r["seconds"] * 1e3 if ok else None, ".0f"),
+                ratio(r["seconds"] if ok else None, b["seconds"] if b_ok else None),
+            ]
         r = next((results[s] for s in settings if "peak_bytes" in results.get(s, {})), None)
         b = next((b for s in settings if "peak_bytes" in (b := base[(framework, s)])), None)
         if framework == "remat" and r is not None:
-            cells += [f"{r['peak_bytes'] / MiB:.1f}", f"{above_inputs(r) / MiB:.1f}",
-                      ratio(above_inputs(r), above_inputs(b) if b else None)]
+            cells += [
+                f"{r['peak_bytes'] / MiB:.1f}",
+                f"{above_inputs(r) / MiB:.1f}",
+                ratio(above_inputs(r), above_inputs(b) if b else None),
+            ]
         else:
             cells += ["—", "—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -153,30 +168,42 @@ def notes(rows: list[tuple[str, str, dict]], settings: list[str]) -> list[str]:
     out = []
     for s in settings:
         for fw in ("remat", "torch"):
-            mine = [(label, res[s]) for label, f, res in rows
-                    if f == fw and s in res and not res[s].get("failed")]
+            mine = [
+                (label, res[s])
+                for label, f, res in rows
+                if f == fw and s in res and not res[s].get("failed")
+            ]
             if len(mine) < 2:
                 continue
             (base_label, base), rest = mine[0], mine[1:]
             setting = "glibc default" if s == "default" else "MALLOC_MMAP/TRIM_THRESHOLD_=131072"
             best_label, best = min(rest, key=lambda item: peak_mib(item[1]))
-            text = (f"{fw}, {setting}: lowest RSS peak {best_label} "
-                    f"{peak_mib(best) / peak_mib(base):.2f}× of {base_label}")
+            text = (
+                f"{fw}, {setting}: lowest RSS peak {best_label} "
+                f"{peak_mib(best) / peak_mib(base):.2f}× of {base_label}"
+            )
             if fw == "remat":
-                lag = [label for label, r in rest if peak_mib(r) / peak_mib(base)
-                       > above_inputs(r) / above_inputs(base) + 0.15]
-                text += (f" (accounted {above_inputs(best) / above_inputs(base):.2f}×)"
-                         + (f"; RSS falls less than the accounted peak (by > 0.15 of the "
-                            f"baseline) for: {', '.join(lag)}" if lag
-                            else "; RSS follows the accounted peak in every row (within 0.15)"))
+                lag = [
+                    label
+                    for label, r in rest
+                    if peak_mib(r) / peak_mib(base) > above_inputs(r) / above_inputs(base) + 0.15
+                ]
+                text += f" (accounted {above_inputs(best) / above_inputs(base):.2f}×)" + (
+                    f"; RSS falls less than the accounted peak (by > 0.15 of the "
+                    f"baseline) for: {', '.join(lag)}"
+                    if lag
+                    else "; RSS follows the accounted peak in every row (within 0.15)"
+                )
             else:
                 flat = [label for label, r in rest if peak_mib(r) >= 0.9 * peak_mib(base)]
                 if flat:
                     text += f"; RSS did not fall (>= 0.9× baseline) for: {', '.join(flat)}"
             retained = statistics.median((r["rss_before"] - r["rss_built"]) / MiB for _, r in mine)
             growth = statistics.median((r["peak"] - r["rss_before"]) / MiB for _, r in mine)
-            text += (f". Median RSS kept after the warm-up step {retained:.1f} MiB; median growth "
-                     f"during the measured step (from its start) {growth:.1f} MiB.")
+            text += (
+                f". Median RSS kept after the warm-up step {retained:.1f} MiB; median growth "
+                f"during the measured step (from its start) {growth:.1f} MiB."
+            )
             out.append(text)
     remat_base = next((res for label, fw, res in rows if fw == "remat"), {})
     torch_base = next((res for label, fw, res in rows if fw == "torch"), {})
@@ -184,21 +211,31 @@ def notes(rows: list[tuple[str, str, dict]], settings: list[str]) -> list[str]:
         a, b = remat_base.get(s, {}), torch_base.get(s, {})
         if "loss" in a and "loss" in b:
             same = math.isclose(a["loss"], b["loss"], rel_tol=1e-4)
-            out.append(f"losses agree (remat {a['loss']:.6g}, torch {b['loss']:.6g}): "
-                       f"{'yes' if same else 'NO'}")
+            out.append(
+                f"losses agree (remat {a['loss']:.6g}, torch {b['loss']:.6g}): "
+                f"{'yes' if same else 'NO'}"
+            )
             break
-    mismatch = [label for label, _, res in rows for r in res.values()
-                if "peak_bytes" in r and r["peak_bytes"] != r["predicted_peak_bytes"]]
-    out.append("accounted peak == simulator's prediction in every remat row: "
-               + ("yes" if not mismatch else f"NO ({', '.join(sorted(set(mismatch)))})"))
+    mismatch = [
+        label
+        for label, _, res in rows
+        for r in res.values()
+        if "peak_bytes" in r and r["peak_bytes"] != r["predicted_peak_bytes"]
+    ]
+    out.append(
+        "accounted peak == simulator's prediction in every remat row: "
+        + ("yes" if not mismatch else f"NO ({', '.join(sorted(set(mismatch)))})")
+    )
     return out
 
 
-SERVER_POLICIES = (("store_all", ["store_all"]), ("sqrt", ["sqrt"]),
-                   ("revolve(4)", ["revolve", 4]))
+SERVER_POLICIES = (("store_all", ["store_all"]), ("sqrt", ["sqrt"]), ("revolve(4)", ["revolve", 4]))
 SERVER_TRIALS = 3
-SETTING_NAMES = {"default": "glibc default", "tuned": "mmap env",
-                 "trim": "malloc_trim(0) after each request"}
+SETTING_NAMES = {
+    "default": "glibc default",
+    "tuned": "mmap env",
+    "trim": "malloc_trim(0) after each request",
+}
 
 
 def server_table(rows: list[tuple[str, dict]], settings: list[str]) -> str:
@@ -217,8 +254,12 @@ def server_table(rows: list[tuple[str, dict]], settings: list[str]) -> str:
                 cells += ["—"] * 4
                 continue
             kept = sum(t["rss_before"] - r["rss_built"] >= KEPT for t in r["trials"])
-            cells += [f"{peak_mib(r):.1f}", ratio(peak_mib(r), peak_mib(b)),
-                      f"{kept}/{len(r['trials'])}", f"{r['seconds'] * 1e3:.0f}"]
+            cells += [
+                f"{peak_mib(r):.1f}",
+                ratio(peak_mib(r), peak_mib(b)),
+                f"{kept}/{len(r['trials'])}",
+                f"{r['seconds'] * 1e3:.0f}",
+            ]
         r = next((results[s] for s in settings if "peak_bytes" in results.get(s, {})), None)
         b = next((base[s] for s in settings if "peak_bytes" in base.get(s, {})), None)
         if r and b:
@@ -232,57 +273,94 @@ def server_table(rows: list[tuple[str, dict]], settings: list[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads for both torch and NumPy's BLAS (default 1)")
-    parser.add_argument("--malloc", choices=("default", "tuned", "both"), default=None,
-                        help="glibc malloc settings to run under: default, tuned "
-                             "(MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_=131072) or both "
-                             "(the default; --quick: default only)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed steps per configuration, the first also measured for "
-                             "memory; the median is reported (default 3, --quick 1; fewer "
-                             "once they add up to 2 s)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads for both torch and NumPy's BLAS (default 1)"
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=("default", "tuned", "both"),
+        default=None,
+        help="glibc malloc settings to run under: default, tuned "
+        "(MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_=131072) or both "
+        "(the default; --quick: default only)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed steps per configuration, the first also measured for "
+        "memory; the median is reported (default 3, --quick 1; fewer "
+        "once they add up to 2 s)",
+    )
     parser.add_argument("--models", default="mlp,transformer", help="comma-separated subset")
-    parser.add_argument("--no-recompute-all", action="store_true",
-                        help="skip recompute_all (quadratic in depth: the slowest row)")
-    parser.add_argument("--no-server", action="store_true",
-                        help="skip the server-like runs (a thread pool, after a store_all "
-                             "request)")
+    parser.add_argument(
+        "--no-recompute-all",
+        action="store_true",
+        help="skip recompute_all (quadratic in depth: the slowest row)",
+    )
+    parser.add_argument(
+        "--no-server",
+        action="store_true",
+        help="skip the server-like runs (a thread pool, after a store_all request)",
+    )
     parser.add_argument("--json", type=Path, help="also write every raw measurement here")
     args = parser.parse_args()
     malloc = args.malloc or ("default" if args.quick else "both")
     settings = ["default", "tuned"] if malloc == "both" else [malloc]
     sizes = SIZES["quick" if args.quick else "full"]
 
-    print(f"# checkpoint policies: remat vs torch.utils.checkpoint (CPU, {args.threads} "
-          "thread(s), peak RSS per fresh process)\n")
-    print(f"torch {metadata.version('torch')}, numpy {metadata.version('numpy')}, python "
-          f"{platform.python_version()}, {os.confstr('CS_GNU_LIBC_VERSION')}, "
-          f"{os.cpu_count()} CPUs; OMP/OPENBLAS/MKL_NUM_THREADS and torch.set_num_threads "
-          f"= {args.threads}\n")
+    print(
+        f"# checkpoint policies: remat vs torch.utils.checkpoint (CPU, {args.threads} "
+        "thread(s), peak RSS per fresh process)\n"
+    )
+    print(
+        f"torch {metadata.version('torch')}, numpy {metadata.version('numpy')}, python "
+        f"{platform.python_version()}, {os.confstr('CS_GNU_LIBC_VERSION')}, "
+        f"{os.cpu_count()} CPUs; OMP/OPENBLAS/MKL_NUM_THREADS and torch.set_num_threads "
+        f"= {args.threads}\n"
+    )
     hwm_reset = reset_works()
-    print("peak RSS: VmHWM of the measured step, reset just before it by writing 5 to "
-          "/proc/self/clear_refs (checked: works here)\n" if hwm_reset else
-          "WARNING: writing 5 to /proc/self/clear_refs does not reset VmHWM here; peaks are "
-          "each process's lifetime VmHWM (= ru_maxrss), warm-up step included\n")
+    print(
+        "peak RSS: VmHWM of the measured step, reset just before it by writing 5 to "
+        "/proc/self/clear_refs (checked: works here)\n"
+        if hwm_reset
+        else "WARNING: writing 5 to /proc/self/clear_refs does not reset VmHWM here; peaks are "
+        "each process's lifetime VmHWM (= ru_maxrss), warm-up step included\n"
+    )
     repeats = args.repeats or (1 if args.quick else 3)
     started, raw = time.perf_counter(), {}
     for name in args.models.split(","):
         spec = sizes[name]
         rows = []
         for label, framework, mode in configurations(name, spec, not args.no_recompute_all):
-            config = dict(model=spec, framework=framework, mode=mode, threads=args.threads,
-                          hwm_reset=hwm_reset, repeats=repeats, time_budget=2.0)
+            config = dict(
+                model=spec,
+                framework=framework,
+                mode=mode,
+                threads=args.threads,
+                hwm_reset=hwm_reset,
+                repeats=repeats,
+                time_budget=2.0,
+            )
             results = {s: run_worker(config, s == "tuned") for s in settings}
-            print(f"  {name} {label}: " + ", ".join(
-                f"{s} {peak_mib(r):.1f} MiB {r['seconds'] * 1e3:.0f} ms"
-                for s, r in results.items() if not r.get("failed")), file=sys.stderr)
+            print(
+                f"  {name} {label}: "
+                + ", ".join(
+                    f"{s} {peak_mib(r):.1f} MiB {r['seconds'] * 1e3:.0f} ms"
+                    for s, r in results.items()
+                    if not r.get("failed")
+                ),
+                file=sys.stderr,
+            )
             rows.append((label, framework, results))
         raw[name] = {"spec": spec, "rows": rows}
-        inputs = next((r["input_bytes"] for _, _, res in rows for r in res.values()
-                       if "input_bytes" in r), 0)
-        print(f"## {describe(spec)}\n\nInputs and parameters {inputs / MiB:.1f} MiB. "
-              "Baselines (× base = 1): remat store_all, torch no checkpointing.\n")
+        inputs = next(
+            (r["input_bytes"] for _, _, res in rows for r in res.values() if "input_bytes" in r), 0
+        )
+        print(
+            f"## {describe(spec)}\n\nInputs and parameters {inputs / MiB:.1f} MiB. "
+            "Baselines (× base = 1): remat store_all, torch no checkpointing.\n"
+        )
         print(table(rows, settings) + "\n")
         print("\n".join(f"- {line}" for line in notes(rows, settings)) + "\n")
         if args.no_server:
@@ -291,22 +369,40 @@ def main() -> int:
         # request, so whatever the allocator kept from that request is still there.
         server, server_settings = [], settings + ["trim"]
         for label, mode in SERVER_POLICIES:
-            config = dict(model=spec, framework="remat", mode=mode, threads=args.threads,
-                          hwm_reset=hwm_reset, repeats=1, time_budget=0.0, pool=4,
-                          warmup=["store_all"], trials=SERVER_TRIALS)
-            results = {s: run_worker(dict(config, trim=s == "trim"), s == "tuned")
-                       for s in server_settings}
-            print(f"  {name} server-like {label}: " + ", ".join(
-                f"{s} {peak_mib(r):.1f} MiB" for s, r in results.items()
-                if not r.get("failed")), file=sys.stderr)
+            config = dict(
+                model=spec,
+                framework="remat",
+                mode=mode,
+                threads=args.threads,
+                hwm_reset=hwm_reset,
+                repeats=1,
+                time_budget=0.0,
+                pool=4,
+                warmup=["store_all"],
+                trials=SERVER_TRIALS,
+            )
+            results = {
+                s: run_worker(dict(config, trim=s == "trim"), s == "tuned") for s in server_settings
+            }
+            print(
+                f"  {name} server-like {label}: "
+                + ", ".join(
+                    f"{s} {peak_mib(r):.1f} MiB" for s, r in results.items() if not r.get("failed")
+                ),
+                file=sys.stderr,
+            )
             server.append((label, results))
         raw[name]["server"] = server
-        print(f"### {name}, server-like: Engine.run on a 4-thread pool, each measured request "
-              f"right after a store_all request ({SERVER_TRIALS} times per process)\n")
+        print(
+            f"### {name}, server-like: Engine.run on a 4-thread pool, each measured request "
+            f"right after a store_all request ({SERVER_TRIALS} times per process)\n"
+        )
         print(server_table(server, server_settings) + "\n")
-        print(f"RSS peak: the worst of the {SERVER_TRIALS} measured requests; kept: in how many "
-              f"of them at least {KEPT // MiB} MiB of RSS was still held from the store_all "
-              "request when the measured one started.\n")
+        print(
+            f"RSS peak: the worst of the {SERVER_TRIALS} measured requests; kept: in how many "
+            f"of them at least {KEPT // MiB} MiB of RSS was still held from the store_all "
+            "request when the measured one started.\n"
+        )
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1))

@@ -7,6 +7,7 @@ adds for the per-node overhead. Repeats of every contender are interleaved in on
 run (torch, engine, end-to-end, torch, ...) so drift hits them alike; medians are
 reported as a Markdown table. See bench/README.md for what each column means.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,16 +17,29 @@ import sys
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes, few repeats (smoke test)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads for both torch and NumPy's BLAS (default 1)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed repeats per contender (default 7, or 3 with --quick)")
-    parser.add_argument("--chain", type=int, default=None,
-                        help="adds in the per-node chain (default 5000; 1000 with --quick)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print where remat's engine time goes (per op and cProfile)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, few repeats (smoke test)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads for both torch and NumPy's BLAS (default 1)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per contender (default 7, or 3 with --quick)",
+    )
+    parser.add_argument(
+        "--chain",
+        type=int,
+        default=None,
+        help="adds in the per-node chain (default 5000; 1000 with --quick)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print where remat's engine time goes (per op and cProfile)",
+    )
     return parser.parse_args()
 
 
@@ -42,8 +56,8 @@ import pstats  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -51,13 +65,12 @@ import torch.nn.functional as F  # noqa: E402
 
 import remat  # noqa: E402
 from remat import models  # noqa: E402
+from remat_server.engine import Engine, RunRequest  # noqa: E402
 from remat_server.engine import compile as compile_module  # noqa: E402
 from remat_server.engine import run as run_module  # noqa: E402
+from remat_server.graph.limits import Limits  # noqa: E402
 from remat_server.runtime import executor as executor_module  # noqa: E402
 from remat_server.service.codec import graph_from_proto  # noqa: E402
-from remat_server.engine import Engine, RunRequest  # noqa: E402
-from remat_server.graph.limits import Limits  # noqa: E402
-
 
 
 # --- workloads: a remat model and the same function in torch --------------------------------
@@ -77,6 +90,7 @@ def torch_mlp(widths, l2):
                 h = torch.tanh(h)
             penalty = penalty + torch.sum(t[f"w{i}"] * t[f"w{i}"])
         return F.cross_entropy(h, t["labels"]) + penalty * l2
+
     return loss
 
 
@@ -88,14 +102,18 @@ def torch_transformer_block(heads):
 
         def split(u):
             return u.reshape(batch, seq, heads, d_head).permute(0, 2, 1, 3)
+
         h = F.layer_norm(x, (d_model,), t["ln1_w"], t["ln1_b"], eps=1e-5)
         q, k, v = (split(h @ t[w]) for w in ("wq", "wk", "wv"))
         attn = torch.softmax(q @ k.transpose(-1, -2) * (1.0 / math.sqrt(d_head)), dim=-1)
         h = x + (attn @ v).permute(0, 2, 1, 3).reshape(batch, seq, d_model) @ t["wo"]
-        m = F.gelu(F.layer_norm(h, (d_model,), t["ln2_w"], t["ln2_b"], eps=1e-5) @ t["w1"]
-                   + t["b1"], approximate="tanh")
+        m = F.gelu(
+            F.layer_norm(h, (d_model,), t["ln2_w"], t["ln2_b"], eps=1e-5) @ t["w1"] + t["b1"],
+            approximate="tanh",
+        )
         y = h + (m @ t["w2"] + t["b2"])
         return torch.mean(y * y)
+
     return loss
 
 
@@ -108,25 +126,33 @@ def workloads(quick: bool) -> list[Workload]:
         block = dict(batch=8, seq=128, d_model=256, heads=8, d_ff=1024)
     widths = mlp["widths"]
     return [
-        Workload(f"mlp b{mlp['batch']} {'-'.join(map(str, widths))}",
-                 models.mlp(**mlp, dtype="float32"), torch_mlp(widths, 1e-4)),
-        Workload(f"transformer b{block['batch']} s{block['seq']} d{block['d_model']} "
-                 f"h{block['heads']} ff{block['d_ff']}",
-                 models.transformer_block(**block, dtype="float32"),
-                 torch_transformer_block(block["heads"])),
+        Workload(
+            f"mlp b{mlp['batch']} {'-'.join(map(str, widths))}",
+            models.mlp(**mlp, dtype="float32"),
+            torch_mlp(widths, 1e-4),
+        ),
+        Workload(
+            f"transformer b{block['batch']} s{block['seq']} d{block['d_model']} "
+            f"h{block['heads']} ff{block['d_ff']}",
+            models.transformer_block(**block, dtype="float32"),
+            torch_transformer_block(block["heads"]),
+        ),
     ]
 
 
 # --- the contenders ------------------------------------------------------------------------
 def torch_step(workload: Workload) -> Callable[[], float]:
-    tensors = {name: torch.from_numpy(value).requires_grad_(name in workload.model.wrt)
-               for name, value in workload.model.inputs.items()}
+    tensors = {
+        name: torch.from_numpy(value).requires_grad_(name in workload.model.wrt)
+        for name, value in workload.model.inputs.items()
+    }
     params = [tensors[name] for name in workload.model.wrt]
 
     def step() -> float:
         loss = workload.torch_loss(tensors)
         torch.autograd.grad(loss, params)  # no .grad accumulation between repeats
         return loss.item()
+
     return step
 
 
@@ -140,17 +166,21 @@ def engine_step(engine: Engine, request: RunRequest, executed: list[float]) -> C
         result = engine.run(request)
         executed.append(result.metrics.forward_seconds + result.metrics.backward_seconds)
         return float(result.outputs[request.loss])
+
     return step
 
 
-def client_step(client: remat.Client, model: models.Model,
-                served: list[float]) -> Callable[[], float]:
+def client_step(
+    client: remat.Client, model: models.Model, served: list[float]
+) -> Callable[[], float]:
     """One request through the in-process server; `served` collects the engine time the
     server reports for it (on its handler thread)."""
+
     def step() -> float:
         result = client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss)
         served.append(result.metrics.total_seconds)
         return float(result.outputs[model.loss])
+
     return step
 
 
@@ -160,8 +190,9 @@ def timed(step: Callable[[], float]) -> tuple[float, float]:
     return time.perf_counter() - start, value
 
 
-def interleaved(steps: dict[str, Callable[[], float]], repeats: int,
-                warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, float]]:
+def interleaved(
+    steps: dict[str, Callable[[], float]], repeats: int, warmup: int = 1
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Run each step `warmup` times, then `repeats` rounds of one call each, in turn."""
     values = {}
     for name, step in steps.items():
@@ -197,6 +228,7 @@ def torch_chain(n: int) -> Callable[[], float]:
         loss = y.sum()
         torch.autograd.grad(loss, [x])
         return loss.item()
+
     return step
 
 
@@ -209,11 +241,13 @@ def op_breakdown(engine: Engine, request: RunRequest) -> str:
     stages: dict[str, float] = defaultdict(float)
     ops: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
     forward = {node.name for node in request.graph.nodes}
-    patched = [(run_module, "validate", "validate"),
-               (run_module, "compile_request", "differentiate"),
-               (compile_module, "_plan", "plan + simulate"),
-               (executor_module.Program, "run", "execute"),
-               (run_module, "_nonfinite", "nonfinite")]
+    patched = [
+        (run_module, "validate", "validate"),
+        (run_module, "compile_request", "differentiate"),
+        (compile_module, "_plan", "plan + simulate"),
+        (executor_module.Program, "run", "execute"),
+        (run_module, "_nonfinite", "nonfinite"),
+    ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
     run_node = executor_module._run_node
 
@@ -224,6 +258,7 @@ def op_breakdown(engine: Engine, request: RunRequest) -> str:
                 return fn(*args, **kwargs)
             finally:
                 stages[stage] += time.perf_counter() - start
+
         return wrapped
 
     def timed_run_node(node, *args):
@@ -245,13 +280,18 @@ def op_breakdown(engine: Engine, request: RunRequest) -> str:
             setattr(owner, name, fn)
         executor_module._run_node = run_node
     kernels = sum(seconds for seconds, _ in ops.values())
-    lines = [f"Engine.run (first request) {total * 1e3:.1f} ms; node kernels "
-             f"{kernels * 1e3:.1f} ms ({100 * kernels / total:.0f}%). Stages: "
-             + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in stages.items()),
-             "", "| op | phase | nodes | ms | share of run |", "|---|---|---:|---:|---:|"]
+    lines = [
+        f"Engine.run (first request) {total * 1e3:.1f} ms; node kernels "
+        f"{kernels * 1e3:.1f} ms ({100 * kernels / total:.0f}%). Stages: "
+        + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in stages.items()),
+        "",
+        "| op | phase | nodes | ms | share of run |",
+        "|---|---|---:|---:|---:|",
+    ]
     for (op, phase), (seconds, count) in sorted(ops.items(), key=lambda item: -item[1][0])[:12]:
-        lines.append(f"| {op} | {phase} | {count} | {seconds * 1e3:.2f} | "
-                     f"{100 * seconds / total:.1f}% |")
+        lines.append(
+            f"| {op} | {phase} | {count} | {seconds * 1e3:.2f} | {100 * seconds / total:.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -261,7 +301,7 @@ def cprofile_top(step: Callable[[], float], limit: int = 15) -> str:
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(limit)
     text = out.getvalue()
-    return text[text.find("   ncalls"):].rstrip()
+    return text[text.find("   ncalls") :].rstrip()
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -274,29 +314,43 @@ def main() -> int:
     repeats = ARGS.repeats or (3 if ARGS.quick else 7)
     chain = ARGS.chain or (1000 if ARGS.quick else 5000)
     engine = Engine()
-    print(f"# remat engine vs torch eager (CPU, {ARGS.threads} thread(s), store_all, "
-          f"median of {repeats})\n")
-    print(f"torch {torch.__version__}, numpy {np.__version__}, python {sys.version.split()[0]}, "
-          f"torch threads {torch.get_num_threads()}, OPENBLAS/OMP/MKL threads {ARGS.threads}\n")
+    print(
+        f"# remat engine vs torch eager (CPU, {ARGS.threads} thread(s), store_all, "
+        f"median of {repeats})\n"
+    )
+    print(
+        f"torch {torch.__version__}, numpy {np.__version__}, python {sys.version.split()[0]}, "
+        f"torch threads {torch.get_num_threads()}, OPENBLAS/OMP/MKL threads {ARGS.threads}\n"
+    )
     rows, profiles = [], []
     with remat.Client.in_process() as client:
         for workload in workloads(ARGS.quick):
             request, executed, served = engine_request(workload.model), [], []
-            seconds, values = interleaved({
-                "torch": torch_step(workload),
-                "engine": engine_step(engine, request, executed),
-                "e2e": client_step(client, workload.model, served),
-            }, repeats)
+            seconds, values = interleaved(
+                {
+                    "torch": torch_step(workload),
+                    "engine": engine_step(engine, request, executed),
+                    "e2e": client_step(client, workload.model, served),
+                },
+                repeats,
+            )
             agree = math.isclose(values["torch"], values["engine"], rel_tol=1e-4)
             t, e, c = (median_ms(seconds[k]) for k in ("torch", "engine", "e2e"))
             x = statistics.median(executed[-repeats:]) * 1e3
             h = statistics.median(served[-repeats:]) * 1e3
-            rows.append(f"| {workload.name} | {t:.1f} | {e:.1f} | {x:.1f} | {h:.1f} | {c:.1f} | "
-                        f"{e / t:.2f} | {h / e:.2f} | {c / t:.2f} | "
-                        f"{'yes' if agree else 'NO'} |")
+            rows.append(
+                f"| {workload.name} | {t:.1f} | {e:.1f} | {x:.1f} | {h:.1f} | {c:.1f} | "
+                f"{e / t:.2f} | {h / e:.2f} | {c / t:.2f} | "
+                f"{'yes' if agree else 'NO'} |"
+            )
             if ARGS.profile:
-                profiles.append((workload.name, op_breakdown(engine, request),
-                                 cprofile_top(engine_step(engine, request, []))))
+                profiles.append(
+                    (
+                        workload.name,
+                        op_breakdown(engine, request),
+                        cprofile_top(engine_step(engine, request, [])),
+                    )
+                )
 
         model = chain_model(chain)
         request, executed = engine_request(model), []
@@ -304,20 +358,24 @@ def main() -> int:
         seconds, _ = interleaved({"torch": torch_chain(chain), "engine": step}, repeats)
         nodes = engine.run(request).metrics.nodes_computed
         torch_ops = 2 * chain + 1  # forward adds + sum; backward is comparable in torch
-        overhead = (f"| chain of {chain} adds, shape (1,) | {nodes} | "
-                    f"{median_ms(seconds['engine']) * 1e3 / nodes:.1f} | "
-                    f"{statistics.median(executed[-repeats:]) * 1e6 / nodes:.1f} | "
-                    f"{median_ms(seconds['torch']) * 1e3 / torch_ops:.1f} |")
+        overhead = (
+            f"| chain of {chain} adds, shape (1,) | {nodes} | "
+            f"{median_ms(seconds['engine']) * 1e3 / nodes:.1f} | "
+            f"{statistics.median(executed[-repeats:]) * 1e6 / nodes:.1f} | "
+            f"{median_ms(seconds['torch']) * 1e3 / torch_ops:.1f} |"
+        )
         if ARGS.profile:
-            profiles.append((f"chain of {chain}", op_breakdown(engine, request),
-                             cprofile_top(step)))
+            profiles.append(
+                (f"chain of {chain}", op_breakdown(engine, request), cprofile_top(step))
+            )
 
-    print("| workload | torch eager ms | remat engine ms | engine exec ms | server engine ms "
-          "| remat e2e ms | engine / torch | server / engine | e2e / torch | losses agree |")
+    print(
+        "| workload | torch eager ms | remat engine ms | engine exec ms | server engine ms "
+        "| remat e2e ms | engine / torch | server / engine | e2e / torch | losses agree |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(rows))
-    print("\n| per-node overhead | nodes executed | engine µs/node | exec µs/node "
-          "| torch µs/op |")
+    print("\n| per-node overhead | nodes executed | engine µs/node | exec µs/node | torch µs/op |")
     print("|---|---:|---:|---:|---:|")
     print(overhead)
     for name, breakdown, top in profiles:

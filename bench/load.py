@@ -15,6 +15,7 @@ The server's RSS (/proc/<pid>/status VmRSS) is sampled throughout. The clients r
 pausing --checks times (the last at the end) for an idle reading: the last is the
 final. Growth = final / baseline - 1. See bench/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from transfer import REMAT_SERVER, read_ports, started  # bench/ is on sys.path as a script
 
 MiB = 1 << 20
@@ -59,22 +59,26 @@ class Workload:
 
     def __init__(self, target: str):
         import remat
-        from remat_server.service.codec import graph_from_proto
         from remat_server.engine import Engine, RunRequest
         from remat_server.graph.limits import Limits
+        from remat_server.service.codec import graph_from_proto
 
         self.target = target
         self.small = remat.models.mlp(**SMALL)
         self.slow = remat.models.mlp(**SLOW)
         # The reference: the same engine in this process, no gRPC.
         spec = graph_from_proto(self.small.graph.to_proto(), Limits())
-        reference = Engine().run(RunRequest(spec, self.small.inputs, wrt=tuple(self.small.wrt),
-                                            loss=self.small.loss))
-        self.small_expected = {**reference.outputs, **{f"grad/{k}": v
-                                                       for k, v in reference.grads.items()}}
+        reference = Engine().run(
+            RunRequest(spec, self.small.inputs, wrt=tuple(self.small.wrt), loss=self.small.loss)
+        )
+        self.small_expected = {
+            **reference.outputs,
+            **{f"grad/{k}": v for k, v in reference.grads.items()},
+        }
         with remat.Client(target) as client:
-            self.plan_peak = client.plan(self.small.graph, wrt=self.small.wrt,
-                                         loss=self.small.loss, policy="sqrt").peak_bytes
+            self.plan_peak = client.plan(
+                self.small.graph, wrt=self.small.wrt, loss=self.small.loss, policy="sqrt"
+            ).peak_bytes
 
         g = remat.Graph("stream")
         x = g.input("x", STREAM_SHAPE, "float32")
@@ -92,10 +96,10 @@ class Workload:
         tiny.output("y", remat.tanh(tiny.input("x", (4,), "float32")))
         ones = np.ones(4, np.float32)
         self.invalid = [
-            lambda c: c.run(bad, {"x": ones}),                      # unknown op
-            lambda c: c.run(tiny, {"nope": ones}),                  # wrong input name
-            lambda c: c.run(tiny, {"x": np.ones(5, np.float32)}),   # wrong shape
-            lambda c: c.plan(huge),                                 # shape over the limit
+            lambda c: c.run(bad, {"x": ones}),  # unknown op
+            lambda c: c.run(tiny, {"nope": ones}),  # wrong input name
+            lambda c: c.run(tiny, {"x": np.ones(5, np.float32)}),  # wrong shape
+            lambda c: c.plan(huge),  # shape over the limit
         ]
 
 
@@ -121,12 +125,18 @@ def _check_stream(work: Workload, result) -> str | None:
 def _cancelled_call(work: Workload, stub, rng: random.Random) -> str:
     """A Run through the raw stub's future, cancelled after a random delay."""
     import grpc
+
     from remat import calls
     from remat_proto.v1 import executor_pb2
 
-    request, _ = calls.run_request(executor_pb2.GraphRef(graph=work.slow.graph.to_proto()),
-                                 work.slow.graph, work.slow.inputs, wrt=work.slow.wrt,
-                                 loss=work.slow.loss, stream=False)
+    request, _ = calls.run_request(
+        executor_pb2.GraphRef(graph=work.slow.graph.to_proto()),
+        work.slow.graph,
+        work.slow.inputs,
+        wrt=work.slow.wrt,
+        loss=work.slow.loss,
+        stream=False,
+    )
     future = stub.Run.future(request)
     time.sleep(rng.uniform(0.0, 0.3))
     future.cancel()
@@ -171,14 +181,17 @@ def _one(kind: str, work: Workload, client, stub, rng: random.Random) -> tuple[s
 
 def _client_loop(work: Workload, seed: str, seconds: float, out: list) -> None:
     import grpc
+
     import remat
     from remat_proto.v1 import executor_pb2_grpc
 
     rng = random.Random(seed)
     kinds, weights = list(KINDS), [weight for weight, _ in KINDS.values()]
     records, details = [], []
-    with remat.Client(work.target, retry=remat.calls.NO_RETRY) as client, \
-            grpc.insecure_channel(work.target) as channel:
+    with (
+        remat.Client(work.target, retry=remat.calls.NO_RETRY) as client,
+        grpc.insecure_channel(work.target) as channel,
+    ):
         stub = executor_pb2_grpc.ExecutorStub(channel)
         start = time.perf_counter()
         end = start + seconds
@@ -211,20 +224,33 @@ def worker_main(config: str) -> None:
     for phase, line in enumerate(sys.stdin):
         seconds = float(line.split()[1])
         out: list = []
-        threads = [threading.Thread(target=_client_loop, args=(
-            work, f"{config['seed']}-{config['index']}-{i}-{phase}", seconds, out))
-            for i in range(config["threads"])]
+        threads = [
+            threading.Thread(
+                target=_client_loop,
+                args=(work, f"{config['seed']}-{config['index']}-{i}-{phase}", seconds, out),
+            )
+            for i in range(config["threads"])
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        print(json.dumps({"records": [r for records, _, _ in out for r in records],
-                          "details": [d for _, details, _ in out for d in details],
-                          "elapsed": max((e for *_, e in out), default=0.0)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "records": [r for records, _, _ in out for r in records],
+                    "details": [d for _, details, _ in out for d in details],
+                    "elapsed": max((e for *_, e in out), default=0.0),
+                }
+            ),
+            flush=True,
+        )
 
 
-_WORKER = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-           "from load import worker_main; worker_main(sys.argv[1])")
+_WORKER = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    "from load import worker_main; worker_main(sys.argv[1])"
+)
 
 
 # --- the server's memory ------------------------------------------------------------------------
@@ -249,7 +275,7 @@ class RssSampler:
         while not self._stop.wait(self.interval):
             self.samples.append((self.phase, time.monotonic(), rss_bytes(self.pid)))
 
-    def start(self) -> "RssSampler":
+    def start(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -278,10 +304,15 @@ class Workers:
     def __init__(self, clients: int, seed: int):
         processes = max(1, math.ceil(clients / THREADS_PER_PROCESS))
         shares = [clients // processes + (i < clients % processes) for i in range(processes)]
-        self.procs = [subprocess.Popen(
-            [sys.executable, "-c", _WORKER, json.dumps(dict(seed=seed, index=i, threads=n))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            for i, n in enumerate(shares)]
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, json.dumps(dict(seed=seed, index=i, threads=n))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i, n in enumerate(shares)
+        ]
 
     def connect(self, target: str) -> None:
         """Give the workers the server's address; wait until they are set up."""
@@ -303,9 +334,11 @@ class Workers:
             if not line:
                 raise RuntimeError(f"a client process died ({proc.wait()})")
             outs.append(json.loads(line))
-        return {"records": [r for o in outs for r in o["records"]],
-                "details": [d for o in outs for d in o["details"]],
-                "elapsed": max(o["elapsed"] for o in outs)}
+        return {
+            "records": [r for o in outs for r in o["records"]],
+            "details": [d for o in outs for d in o["details"]],
+            "elapsed": max(o["elapsed"] for o in outs),
+        }
 
     def close(self) -> None:
         for proc in self.procs:
@@ -334,50 +367,76 @@ def summarize(phase: dict) -> dict:
         rows = by_kind.get(kind, [])
         latencies = [latency for _, latency, _ in rows]
         kinds[kind] = dict(
-            requests=len(rows), statuses=dict(Counter(status for status, _, _ in rows)),
+            requests=len(rows),
+            statuses=dict(Counter(status for status, _, _ in rows)),
             unexpected=sum(not ok for *_, ok in rows),
             p50_ms=percentile(latencies, 0.5) * 1e3 if rows else None,
-            p99_ms=percentile(latencies, 0.99) * 1e3 if rows else None)
-    return dict(requests=len(records), seconds=phase["elapsed"],
-                throughput=len(records) / phase["elapsed"] if phase["elapsed"] else 0.0,
-                statuses=dict(Counter(status for _, status, _, _ in records)),
-                unexpected=sum(not ok for *_, ok in records), kinds=kinds,
-                details=phase["details"])
+            p99_ms=percentile(latencies, 0.99) * 1e3 if rows else None,
+        )
+    return dict(
+        requests=len(records),
+        seconds=phase["elapsed"],
+        throughput=len(records) / phase["elapsed"] if phase["elapsed"] else 0.0,
+        statuses=dict(Counter(status for _, status, _, _ in records)),
+        unexpected=sum(not ok for *_, ok in records),
+        kinds=kinds,
+        details=phase["details"],
+    )
 
 
 def table(summary: dict) -> str:
-    lines = ["| kind | requests | p50 ms | p99 ms | statuses | unexpected |",
-             "|---|---:|---:|---:|---|---:|"]
+    lines = [
+        "| kind | requests | p50 ms | p99 ms | statuses | unexpected |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
     for kind, k in summary["kinds"].items():
         statuses = ", ".join(f"{s} {n}" for s, n in sorted(k["statuses"].items()))
         p50 = "—" if k["p50_ms"] is None else f"{k['p50_ms']:.1f}"
         p99 = "—" if k["p99_ms"] is None else f"{k['p99_ms']:.1f}"
-        lines.append(f"| {kind} | {k['requests']} | {p50} | {p99} | {statuses} | "
-                     f"{k['unexpected']} |")
+        lines.append(
+            f"| {kind} | {k['requests']} | {p50} | {p99} | {statuses} | {k['unexpected']} |"
+        )
     statuses = ", ".join(f"{s} {n}" for s, n in sorted(summary["statuses"].items()))
-    lines.append(f"| **all** | {summary['requests']} | | | {statuses} | "
-                 f"{summary['unexpected']} |")
+    lines.append(f"| **all** | {summary['requests']} | | | {statuses} | {summary['unexpected']} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="4 clients, 5 s after a 3 s warm-up (smoke test)")
+    parser.add_argument(
+        "--quick", action="store_true", help="4 clients, 5 s after a 3 s warm-up (smoke test)"
+    )
     parser.add_argument("--clients", type=int, help="concurrent clients (default 32; quick 4)")
     parser.add_argument("--seconds", type=float, help="measured seconds (default 60; quick 5)")
-    parser.add_argument("--warmup", type=float,
-                        help="seconds of load before the RSS baseline (default 10; quick 3)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds every client thread's choice of requests (default 0)")
-    parser.add_argument("--checks", type=int, default=3,
-                        help="pause this many times during the measured seconds (the last at "
-                             "the end) to read the idle RSS (default 3)")
-    parser.add_argument("--settle", type=float, default=1.0,
-                        help="quiet seconds before each idle RSS reading (default 1)")
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="set in the server's environment, e.g. MALLOC_ARENA_MAX=2 "
-                             "(repeatable)")
+    parser.add_argument(
+        "--warmup", type=float, help="seconds of load before the RSS baseline (default 10; quick 3)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds every client thread's choice of requests (default 0)",
+    )
+    parser.add_argument(
+        "--checks",
+        type=int,
+        default=3,
+        help="pause this many times during the measured seconds (the last at "
+        "the end) to read the idle RSS (default 3)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="quiet seconds before each idle RSS reading (default 1)",
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set in the server's environment, e.g. MALLOC_ARENA_MAX=2 (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.checks < 1:
         parser.error("--checks must be at least 1")
@@ -387,12 +446,17 @@ def main(argv: list[str] | None = None) -> dict:
     env = dict(item.split("=", 1) for item in args.server_env)
 
     processes = math.ceil(clients / THREADS_PER_PROCESS)
-    print(f"# load: {clients} clients ({processes} processes) for {seconds:g} s after a "
-          f"{warmup:g} s warm-up, seed {args.seed}\n")
-    print(f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs "
-          f"(clients and server share them; load average {os.getloadavg()[0]:.1f} at start); "
-          f"server: default ServerConfig (8 workers)"
-          + (f", {' '.join(f'{k}={v}' for k, v in env.items())}" if env else "") + "\n")
+    print(
+        f"# load: {clients} clients ({processes} processes) for {seconds:g} s after a "
+        f"{warmup:g} s warm-up, seed {args.seed}\n"
+    )
+    print(
+        f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs "
+        f"(clients and server share them; load average {os.getloadavg()[0]:.1f} at start); "
+        f"server: default ServerConfig (8 workers)"
+        + (f", {' '.join(f'{k}={v}' for k, v in env.items())}" if env else "")
+        + "\n"
+    )
     with started(REMAT_SERVER, env) as server:
         workers = Workers(clients, args.seed)  # they import while the server starts
         rss = RssSampler(server.pid)
@@ -415,39 +479,64 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             workers.close()
             rss.stop()
-    measured = summarize({"records": [r for part in parts for r in part["records"]],
-                          "details": [d for part in parts for d in part["details"]],
-                          "elapsed": sum(part["elapsed"] for part in parts)})
+    measured = summarize(
+        {
+            "records": [r for part in parts for r in part["records"]],
+            "details": [d for part in parts for d in part["details"]],
+            "elapsed": sum(part["elapsed"] for part in parts),
+        }
+    )
     loaded = rss.of("measure") or [final]
     window = max(1, len(loaded) // 10)
     memory = dict(
-        start=rss_start, baseline=baseline, final=final, idle=idle, peak=max(loaded),
-        growth=final / baseline - 1, peak_growth=max(loaded) / baseline - 1,
+        start=rss_start,
+        baseline=baseline,
+        final=final,
+        idle=idle,
+        peak=max(loaded),
+        growth=final / baseline - 1,
+        peak_growth=max(loaded) / baseline - 1,
         loaded_first=int(statistics.median(loaded[:window])),
-        loaded_last=int(statistics.median(loaded[-window:])))
+        loaded_last=int(statistics.median(loaded[-window:])),
+    )
     memory["loaded_growth"] = memory["loaded_last"] / memory["loaded_first"] - 1
     unexpected = warm["unexpected"] + measured["unexpected"]
     ok = unexpected == 0 and memory["growth"] < GROWTH_GOAL
 
     print(table(measured))
-    print(f"\n{measured['requests']} requests in {measured['seconds']:.1f} s: "
-          f"{measured['throughput']:.1f} req/s (warm-up: {warm['requests']} requests, "
-          f"{warm['unexpected']} unexpected)\n")
+    print(
+        f"\n{measured['requests']} requests in {measured['seconds']:.1f} s: "
+        f"{measured['throughput']:.1f} req/s (warm-up: {warm['requests']} requests, "
+        f"{warm['unexpected']} unexpected)\n"
+    )
     marks = "/".join(f"{seconds * (i + 1) / args.checks:.3g}" for i in range(args.checks))
-    print(f"server RSS, idle (no request in flight): {rss_start / MiB:.1f} MiB at start, "
-          f"{baseline / MiB:.1f} MiB after the warm-up (baseline), after {marks} s: "
-          + " / ".join(f"{value / MiB:.1f}" for value in idle[1:])
-          + f" MiB: growth {100 * memory['growth']:+.1f}%. Under load: peak "
-          f"{memory['peak'] / MiB:.1f} MiB ({100 * memory['peak_growth']:+.1f}% of baseline); "
-          f"median of the first / last 10% of samples {memory['loaded_first'] / MiB:.1f} / "
-          f"{memory['loaded_last'] / MiB:.1f} MiB ({100 * memory['loaded_growth']:+.1f}%)\n")
+    print(
+        f"server RSS, idle (no request in flight): {rss_start / MiB:.1f} MiB at start, "
+        f"{baseline / MiB:.1f} MiB after the warm-up (baseline), after {marks} s: "
+        + " / ".join(f"{value / MiB:.1f}" for value in idle[1:])
+        + f" MiB: growth {100 * memory['growth']:+.1f}%. Under load: peak "
+        f"{memory['peak'] / MiB:.1f} MiB ({100 * memory['peak_growth']:+.1f}% of baseline); "
+        f"median of the first / last 10% of samples {memory['loaded_first'] / MiB:.1f} / "
+        f"{memory['loaded_last'] / MiB:.1f} MiB ({100 * memory['loaded_growth']:+.1f}%)\n"
+    )
     for detail in (warm["details"] + measured["details"])[:10]:
         print(f"- unexpected: {detail}")
-    print(f"{'PASS' if ok else 'FAIL'}: {unexpected} unexpected outcomes (goal 0); RSS growth "
-          f"{100 * memory['growth']:+.1f}% (goal < {100 * GROWTH_GOAL:.0f}%)")
-    return dict(clients=clients, seconds=seconds, warmup=warmup, seed=args.seed,
-                warmup_summary=warm, summary=measured, memory=memory, unexpected=unexpected,
-                passed=ok, env=env)
+    print(
+        f"{'PASS' if ok else 'FAIL'}: {unexpected} unexpected outcomes (goal 0); RSS growth "
+        f"{100 * memory['growth']:+.1f}% (goal < {100 * GROWTH_GOAL:.0f}%)"
+    )
+    return dict(
+        clients=clients,
+        seconds=seconds,
+        warmup=warmup,
+        seed=args.seed,
+        warmup_summary=warm,
+        summary=measured,
+        memory=memory,
+        unexpected=unexpected,
+        passed=ok,
+        env=env,
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ A *first* request sends a graph the server has never seen (each repetition renam
 it, which changes its content id); a *repeated* one runs the same graph again. The
 goals of issue 12 are checked side by side in one run and printed as ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,13 @@ import sys
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed repeats per measurement (default 7; 3 with --quick)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="BLAS and torch threads (default 1)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per measurement (default 7; 3 with --quick)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="BLAS and torch threads (default 1)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch contender")
     return parser.parse_args()
 
@@ -47,9 +51,9 @@ import functools  # noqa: E402
 import statistics  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from concurrent import futures  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Callable  # noqa: E402
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
@@ -89,10 +93,12 @@ class Phases:
                 return function(*args, **kwargs)
             finally:
                 self.add(phase, time.perf_counter() - start)
+
         return timed
 
     def marking(self, before: str, after: str, function: Callable) -> Callable:
         """Record when `function` starts and ends (for decode and encode)."""
+
         @functools.wraps(function)
         def marked(*args, **kwargs):
             self.marks[before] = time.perf_counter()
@@ -100,10 +106,12 @@ class Phases:
                 return function(*args, **kwargs)
             finally:
                 self.marks[after] = time.perf_counter()
+
         return marked
 
     def marking_stream(self, before: str, after: str, function: Callable) -> Callable:
         """`marking` for a handler that yields its responses (RunStream)."""
+
         @functools.wraps(function)
         def marked(*args, **kwargs):
             self.marks[before] = time.perf_counter()
@@ -111,6 +119,7 @@ class Phases:
                 yield from function(*args, **kwargs)
             finally:
                 self.marks[after] = time.perf_counter()
+
         return marked
 
 
@@ -124,12 +133,21 @@ def instrumented(phases: Phases):
         (engine_run.Engine, "compile", phases.timing("compile", engine_run.Engine.compile)),
         (engine_compile, "_plan", phases.timing("plan", engine_compile._plan)),
         (executor.Program, "run", phases.timing("execute", executor.Program.run)),
-        (servicer.ExecutorServicer, "Run",
-         phases.marking("handler", "handler_end", servicer.ExecutorServicer.Run)),
-        (servicer.ExecutorServicer, "RunStream",
-         phases.marking_stream("handler", "handler_end", servicer.ExecutorServicer.RunStream)),
-        (servicer.ExecutorServicer, "_execute",
-         phases.marking("engine", "engine_end", servicer.ExecutorServicer._execute)),
+        (
+            servicer.ExecutorServicer,
+            "Run",
+            phases.marking("handler", "handler_end", servicer.ExecutorServicer.Run),
+        ),
+        (
+            servicer.ExecutorServicer,
+            "RunStream",
+            phases.marking_stream("handler", "handler_end", servicer.ExecutorServicer.RunStream),
+        ),
+        (
+            servicer.ExecutorServicer,
+            "_execute",
+            phases.marking("engine", "engine_end", servicer.ExecutorServicer._execute),
+        ),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, value in patches:
@@ -185,19 +203,25 @@ def median_phases(runs: list[dict]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def chain_row(client: remat.Client, phases: Phases, nodes: int, first_repeats: int,
-              repeats: int) -> Row:
+def chain_row(
+    client: remat.Client, phases: Phases, nodes: int, first_repeats: int, repeats: int
+) -> Row:
     row = Row(f"chain {nodes // 1000}k", nodes)
     feed = {"x": np.ones(1, np.float32)}
     for k in range(first_repeats):
         g = chain(nodes, f"chain{nodes}-{k}")  # a new name: a graph the server never saw
-        row.first.append(measure(phases, lambda: client.run(g, feed, wrt=["x"], loss="loss",
-                                                           policy="store_all")))
+        row.first.append(
+            measure(
+                phases,
+                lambda g=g: client.run(g, feed, wrt=["x"], loss="loss", policy="store_all"),
+            )
+        )
     g = chain(nodes, f"chain{nodes}-repeated")
     client.run(g, feed, wrt=["x"], loss="loss", policy="store_all")
     for _ in range(repeats):
-        row.repeated.append(measure(phases, lambda: client.run(g, feed, wrt=["x"], loss="loss",
-                                                              policy="store_all")))
+        row.repeated.append(
+            measure(phases, lambda: client.run(g, feed, wrt=["x"], loss="loss", policy="store_all"))
+        )
     return row
 
 
@@ -206,12 +230,24 @@ def model_row(client, phases, name: str, model: models.Model, policy, repeats: i
     for k in range(min(repeats, 3)):
         graph = remat.Graph(f"{model.graph.name}-{k}")
         graph._restore(model.graph.inputs, model.graph.nodes, model.graph.outputs)
-        row.first.append(measure(phases, lambda: client.run(
-            graph, model.inputs, wrt=model.wrt, loss=model.loss, policy=policy)))
+        row.first.append(
+            measure(
+                phases,
+                lambda graph=graph: client.run(
+                    graph, model.inputs, wrt=model.wrt, loss=model.loss, policy=policy
+                ),
+            )
+        )
     client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policy=policy)
     for _ in range(repeats):
-        row.repeated.append(measure(phases, lambda: client.run(
-            model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policy=policy)))
+        row.repeated.append(
+            measure(
+                phases,
+                lambda: client.run(
+                    model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policy=policy
+                ),
+            )
+        )
     return row
 
 
@@ -219,8 +255,9 @@ def model_row(client, phases, name: str, model: models.Model, policy, repeats: i
 def echo_server() -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": handler}),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
@@ -249,8 +286,12 @@ def smallest_run_vs_echo(client: remat.Client, calls_count: int) -> dict[str, fl
             echo(payload)
             echoes.append(time.perf_counter() - start)
     server.stop(None)
-    return {"run_p50": _pct(runs, 50), "run_p99": _pct(runs, 99),
-            "echo_p50": _pct(echoes, 50), "echo_p99": _pct(echoes, 99)}
+    return {
+        "run_p50": _pct(runs, 50),
+        "run_p99": _pct(runs, 99),
+        "echo_p50": _pct(echoes, 50),
+        "echo_p99": _pct(echoes, 99),
+    }
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -271,6 +312,7 @@ def torch_chain_seconds(nodes: int, repeats: int) -> float | None:
         for _ in range(nodes - 2):
             y = y + x
         torch.autograd.grad(y.sum(), [x])
+
     step()
     times = []
     for _ in range(repeats):
@@ -289,9 +331,13 @@ def table(rows: list[Row]) -> str:
             if not runs:
                 continue
             m = median_phases(runs)
-            cells = [row.name, kind, f"{m['total'] * 1e3:.2f}",
-                     f"{m['total'] * 1e6 / row.nodes:.1f}",
-                     *[f"{m[p] * 1e3:.2f}" for p in PHASES]]
+            cells = [
+                row.name,
+                kind,
+                f"{m['total'] * 1e3:.2f}",
+                f"{m['total'] * 1e6 / row.nodes:.1f}",
+                *[f"{m[p] * 1e3:.2f}" for p in PHASES],
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -312,10 +358,17 @@ def main(args: argparse.Namespace) -> int:
         two_k = chain_row(client, phases, 2_000, 1, repeats)
         layers = 16 if args.quick else 64
         model = mlp(layers, args.quick)
-        store = model_row(client, phases, f"mlp {layers} layers, store_all", model,
-                          "store_all", repeats)
-        budget = model_row(client, phases, f"mlp {layers} layers, budget:0.5", model,
-                           remat.policies.Budget(fraction=0.5), repeats)
+        store = model_row(
+            client, phases, f"mlp {layers} layers, store_all", model, "store_all", repeats
+        )
+        budget = model_row(
+            client,
+            phases,
+            f"mlp {layers} layers, budget:0.5",
+            model,
+            remat.policies.Budget(fraction=0.5),
+            repeats,
+        )
         rows += [two_k, store, budget]
         small = smallest_run_vs_echo(client, 100 if args.quick else 500)
     print(table(rows))
@@ -324,31 +377,62 @@ def main(args: argparse.Namespace) -> int:
         if row.first and row.repeated:
             first = median_phases(row.first)
             again = median_phases(row.repeated)
-            goals.append((f"{row.name}: repeated planning / first (compile + plan)",
-                          (again["compile"] + again["plan"]) / (first["compile"] + first["plan"]),
-                          0.02, "x"))
+            goals.append(
+                (
+                    f"{row.name}: repeated planning / first (compile + plan)",
+                    (again["compile"] + again["plan"]) / (first["compile"] + first["plan"]),
+                    0.02,
+                    "x",
+                )
+            )
     largest = rows[len(sizes) - 1]
-    goals.append((f"{largest.name} first request, µs per graph node",
-                  median_phases(largest.first)["total"] * 1e6 / largest.nodes, 30.0, "µs"))
+    goals.append(
+        (
+            f"{largest.name} first request, µs per graph node",
+            median_phases(largest.first)["total"] * 1e6 / largest.nodes,
+            30.0,
+            "µs",
+        )
+    )
     if not args.no_torch:
         torch_seconds = torch_chain_seconds(2_000, repeats)
         if torch_seconds:
-            goals.append(("chain 2k repeated, end to end / torch eager forward+backward",
-                          median_phases(two_k.repeated)["total"] / torch_seconds, 3.0, "x"))
-    goals.append((f"mlp {layers} layers repeated: budget:0.5 step / store_all step",
-                  median_phases(budget.repeated)["total"] / median_phases(store.repeated)["total"],
-                  1.3, "x"))
-    goals.append(("smallest Run / bare gRPC echo, p50", small["run_p50"] / small["echo_p50"],
-                  1.5, "x"))
-    goals.append(("smallest Run / bare gRPC echo, p99", small["run_p99"] / small["echo_p99"],
-                  float("nan"), "x"))
+            goals.append(
+                (
+                    "chain 2k repeated, end to end / torch eager forward+backward",
+                    median_phases(two_k.repeated)["total"] / torch_seconds,
+                    3.0,
+                    "x",
+                )
+            )
+    goals.append(
+        (
+            f"mlp {layers} layers repeated: budget:0.5 step / store_all step",
+            median_phases(budget.repeated)["total"] / median_phases(store.repeated)["total"],
+            1.3,
+            "x",
+        )
+    )
+    goals.append(
+        ("smallest Run / bare gRPC echo, p50", small["run_p50"] / small["echo_p50"], 1.5, "x")
+    )
+    goals.append(
+        (
+            "smallest Run / bare gRPC echo, p99",
+            small["run_p99"] / small["echo_p99"],
+            float("nan"),
+            "x",
+        )
+    )
     print("| goal | measured | target | met |\n|---|---|---|---|")
     for name, value, target, unit in goals:
         met = "-" if target != target else ("yes" if value <= target else "NO")
         shown = f"{value:.3f}" if unit == "x" else f"{value:.1f} {unit}"
         print(f"| {name} | {shown} | {'' if target != target else f'<= {target:g}'} | {met} |")
-    print(f"\nsmallest Run p50 {small['run_p50'] * 1e6:.0f} µs, p99 {small['run_p99'] * 1e6:.0f} µs;"
-          f" echo p50 {small['echo_p50'] * 1e6:.0f} µs, p99 {small['echo_p99'] * 1e6:.0f} µs")
+    print(
+        f"\nsmallest Run p50 {small['run_p50'] * 1e6:.0f} µs, p99 {small['run_p99'] * 1e6:.0f} µs;"
+        f" echo p50 {small['echo_p50'] * 1e6:.0f} µs, p99 {small['echo_p99'] * 1e6:.0f} µs"
+    )
     return 0
 
 

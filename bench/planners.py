@@ -29,6 +29,7 @@ MILP proved optimality (ratio <= 1.10 expected), and says plainly when it does n
 Last, the plan-time benchmark: Budget on a deep tanh MLP whose joint graph has about
 2,000 nodes, at each budget, median of 3 (target: under 2 s).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import scipy
+from _rss_worker import transformer_stack  # bench/ is on sys.path when run as a script
 
 import remat
 from remat import models
@@ -53,12 +55,10 @@ from remat_proto import policies as P
 from remat_server.checkpoint.planners import plan
 from remat_server.checkpoint.planners.bounds import simulated
 from remat_server.checkpoint.problem import Problem
-from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine
 from remat_server.errors import InvalidArgument, ResourceExhausted
 from remat_server.graph.limits import Limits
-
-from _rss_worker import transformer_stack  # bench/ is on sys.path when run as a script
+from remat_server.service.codec import graph_from_proto
 
 MiB = 1 << 20
 FRACTIONS = {"full": (0.5, 0.3, 0.15), "quick": (0.5, 0.3)}
@@ -72,7 +72,7 @@ def tanh_chain(length: int, width: int) -> models.Model:
     """tests/support.py's tanh chain, rebuilt with the SDK: x -> tanh -> ... (`length`
     times) -> sum; the gradient is taken with respect to x."""
     g = remat.Graph(f"tanh_chain{length}")
-    y = x = g.input("x", (width,), "float32")
+    y = g.input("x", (width,), "float32")
     for i in range(1, length + 1):
         y = remat.tanh(y, name=f"t{i}")
     g.output("loss", remat.sum(y, name="loss"))
@@ -112,25 +112,48 @@ def model_specs(quick: bool) -> list[ModelSpec]:
         mlp, stack = dict(layers=32, batch=2048), dict(blocks=4, **block)
         small, chain = dict(layers=8, batch=1024, width=16), (16, 1024)
     return [
-        ModelSpec("mlp", f"remat.models.mlp: {mlp['layers']} tanh layers of width 64 + a "
-                  f"10-way head, batch {mlp['batch']} (deep and narrow)", lambda: deep_mlp(**mlp)),
-        ModelSpec("transformer_block", "remat.models.transformer_block: one pre-LN block, "
-                  + ", ".join(f"{k} {v}" for k, v in block.items()),
-                  lambda: models.transformer_block(**block, dtype="float32")),
-        ModelSpec("transformer_stack", f"{stack['blocks']} of those blocks stacked "
-                  "(bench/_rss_worker.py's transformer_stack): a chain of blocks",
-                  lambda: transformer_stack(stack)),
-        ModelSpec("cnn", f"remat.models.cnn: batch {cnn['batch']}, channels "
-                  f"{cnn['channels']}, image {cnn['image']}",
-                  lambda: models.cnn(**cnn, dtype="float32")),
-        ModelSpec("unet", f"remat.models.unet: batch {net['batch']}, channels "
-                  f"{net['channels']}, image {net['image']}",
-                  lambda: unet(**net, dtype="float32")),
-        ModelSpec("mlp_small", f"remat.models.mlp: {small['layers']} tanh layers of width "
-                  f"{small['width']} + a 10-way head, batch {small['batch']} (for the MILP)",
-                  lambda: deep_mlp(**small)),
-        ModelSpec("tanh_chain", f"x -> tanh x{chain[0]} -> sum, x of {chain[1]} float32 "
-                  "(tests/support.py's chain; for the MILP)", lambda: tanh_chain(*chain)),
+        ModelSpec(
+            "mlp",
+            f"remat.models.mlp: {mlp['layers']} tanh layers of width 64 + a "
+            f"10-way head, batch {mlp['batch']} (deep and narrow)",
+            lambda: deep_mlp(**mlp),
+        ),
+        ModelSpec(
+            "transformer_block",
+            "remat.models.transformer_block: one pre-LN block, "
+            + ", ".join(f"{k} {v}" for k, v in block.items()),
+            lambda: models.transformer_block(**block, dtype="float32"),
+        ),
+        ModelSpec(
+            "transformer_stack",
+            f"{stack['blocks']} of those blocks stacked "
+            "(bench/_rss_worker.py's transformer_stack): a chain of blocks",
+            lambda: transformer_stack(stack),
+        ),
+        ModelSpec(
+            "cnn",
+            f"remat.models.cnn: batch {cnn['batch']}, channels "
+            f"{cnn['channels']}, image {cnn['image']}",
+            lambda: models.cnn(**cnn, dtype="float32"),
+        ),
+        ModelSpec(
+            "unet",
+            f"remat.models.unet: batch {net['batch']}, channels "
+            f"{net['channels']}, image {net['image']}",
+            lambda: unet(**net, dtype="float32"),
+        ),
+        ModelSpec(
+            "mlp_small",
+            f"remat.models.mlp: {small['layers']} tanh layers of width "
+            f"{small['width']} + a 10-way head, batch {small['batch']} (for the MILP)",
+            lambda: deep_mlp(**small),
+        ),
+        ModelSpec(
+            "tanh_chain",
+            f"x -> tanh x{chain[0]} -> sum, x of {chain[1]} float32 "
+            "(tests/support.py's chain; for the MILP)",
+            lambda: tanh_chain(*chain),
+        ),
     ]
 
 
@@ -152,10 +175,10 @@ class Outcome:
     peak_bytes: int | None = None
     recompute_flops: int | None = None
     flops: int | None = None  # every evaluation, recomputations included
-    status: str = ""        # budgeted: the report's status; "nothing fits", "n/a", "ERROR"
+    status: str = ""  # budgeted: the report's status; "nothing fits", "n/a", "ERROR"
     chosen: str = ""
     gap: float = 0.0
-    detail: str = ""        # the report's detail or the error message
+    detail: str = ""  # the report's detail or the error message
     budget_bytes: int = 0
 
     @property
@@ -198,8 +221,14 @@ def run_policy(make: Callable[[], Problem], policy: P.Policy) -> Outcome:
 
 
 def heuristics() -> list[P.Policy]:
-    return [P.Sqrt(), *(P.EveryK(k) for k in range(1, 9)), P.SaveOps(("matmul",)),
-            P.SaveOps(("conv2d",)), *(P.Revolve(c) for c in range(1, 9)), P.RecomputeAll()]
+    return [
+        P.Sqrt(),
+        *(P.EveryK(k) for k in range(1, 9)),
+        P.SaveOps(("matmul",)),
+        P.SaveOps(("conv2d",)),
+        *(P.Revolve(c) for c in range(1, 9)),
+        P.RecomputeAll(),
+    ]
 
 
 def heuristic_note(problem: Problem, policy: P.Policy) -> str:
@@ -242,24 +271,40 @@ def status_cell(o: Outcome, note: str = "") -> str:
 
 
 def table(rows: list[tuple[Outcome, str]], budget: int, base_peak: int, base_flops: int) -> str:
-    head = ["policy", "fits?", "peak MiB", "% store_all", "recompute MFLOP",
-            "% of fwd+bwd", "plan ms", "status / chosen"]
+    head = [
+        "policy",
+        "fits?",
+        "peak MiB",
+        "% store_all",
+        "recompute MFLOP",
+        "% of fwd+bwd",
+        "plan ms",
+        "status / chosen",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * 5 + "---|"]
     for o, note in rows:
         if o.planned:
-            fits = "yes" if o.fits(budget) else ("**NO: over its budget**" if o.budgeted
-                                                 else "no")
-            cells = [fits, f"{o.peak_bytes / MiB:.2f}", pct(o.peak_bytes, base_peak),
-                     f"{o.recompute_flops / 1e6:.2f}", pct(o.recompute_flops, base_flops)]
+            fits = "yes" if o.fits(budget) else ("**NO: over its budget**" if o.budgeted else "no")
+            cells = [
+                fits,
+                f"{o.peak_bytes / MiB:.2f}",
+                pct(o.peak_bytes, base_peak),
+                f"{o.recompute_flops / 1e6:.2f}",
+                pct(o.recompute_flops, base_flops),
+            ]
         else:
             cells = ["—" if o.status == "n/a" else "no", "—", "—", "—", "—"]
-        lines.append("| " + " | ".join([o.policy, *cells, f"{o.plan_seconds * 1e3:.1f}",
-                                         status_cell(o, note)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join([o.policy, *cells, f"{o.plan_seconds * 1e3:.1f}", status_cell(o, note)])
+            + " |"
+        )
     return "\n".join(lines)
 
 
-def summary(budgeted: dict[str, Outcome], heur: list[Outcome],
-            budget: int) -> tuple[str, list[str]]:
+def summary(
+    budgeted: dict[str, Outcome], heur: list[Outcome], budget: int
+) -> tuple[str, list[str]]:
     """One line comparing Budget with the best fitting heuristic and with Optimal; and
     the findings that contradict expectations."""
     b, dtr, opt = budgeted["budget"], budgeted["dtr"], budgeted["optimal"]
@@ -272,8 +317,10 @@ def summary(budgeted: dict[str, Outcome], heur: list[Outcome],
     elif not b.planned:
         parts.append("budget: nothing fits")
         if best is not None:
-            flags.append(f"budget found nothing while {best.policy} fits "
-                         f"(peak {best.peak_bytes:,} <= {budget:,})")
+            flags.append(
+                f"budget found nothing while {best.policy} fits "
+                f"(peak {best.peak_bytes:,} <= {budget:,})"
+            )
     elif not b.fits(budget):
         flags.append(f"budget's schedule peaks at {b.peak_bytes:,}, over its budget {budget:,}")
     if b.planned:
@@ -283,25 +330,34 @@ def summary(budgeted: dict[str, Outcome], heur: list[Outcome],
     elif b.planned:
         r = ratio(b.recompute_flops, best.recompute_flops)
         ok = r <= 1.0 + 1e-9
-        parts.append(f"vs best fitting heuristic {best.policy} "
-                     f"({best.recompute_flops / 1e6:.2f} MFLOP): {r:.3f} "
-                     f"{'(<= 1: ok)' if ok else '(> 1: LOSES)'}")
+        parts.append(
+            f"vs best fitting heuristic {best.policy} "
+            f"({best.recompute_flops / 1e6:.2f} MFLOP): {r:.3f} "
+            f"{'(<= 1: ok)' if ok else '(> 1: LOSES)'}"
+        )
         if not ok:
-            flags.append(f"budget recomputes {b.recompute_flops:,} FLOPs, {best.policy} "
-                         f"{best.recompute_flops:,} ({r:.3f}x)")
+            flags.append(
+                f"budget recomputes {b.recompute_flops:,} FLOPs, {best.policy} "
+                f"{best.recompute_flops:,} ({r:.3f}x)"
+            )
     else:
-        parts.append(f"best fitting heuristic {best.policy} "
-                     f"({best.recompute_flops / 1e6:.2f} MFLOP)")
+        parts.append(
+            f"best fitting heuristic {best.policy} ({best.recompute_flops / 1e6:.2f} MFLOP)"
+        )
     if dtr.planned and b.planned:
         parts.append(f"vs dtr: {ratio(b.recompute_flops, dtr.recompute_flops):.3f}")
     if opt.status == "optimal" and b.planned:
         r = ratio(b.recompute_flops, opt.recompute_flops)
         ok = r <= 1.10 + 1e-9
-        parts.append(f"vs proven optimal ({opt.recompute_flops / 1e6:.2f} MFLOP): {r:.3f} "
-                     f"{'(<= 1.10: ok)' if ok else '(> 1.10: TOO FAR)'}")
+        parts.append(
+            f"vs proven optimal ({opt.recompute_flops / 1e6:.2f} MFLOP): {r:.3f} "
+            f"{'(<= 1.10: ok)' if ok else '(> 1.10: TOO FAR)'}"
+        )
         if not ok:
-            flags.append(f"budget recomputes {b.recompute_flops:,} FLOPs, the proven optimum "
-                         f"{opt.recompute_flops:,} ({r:.3f}x)")
+            flags.append(
+                f"budget recomputes {b.recompute_flops:,} FLOPs, the proven optimum "
+                f"{opt.recompute_flops:,} ({r:.3f}x)"
+            )
     elif opt.status == "optimal":
         parts.append("the MILP found an optimal schedule")
         flags.append(f"optimal fits (peak {opt.peak_bytes:,}) where budget does not")
@@ -309,25 +365,39 @@ def summary(budgeted: dict[str, Outcome], heur: list[Outcome],
         # The incumbent is a schedule that fits, so the optimum is at most its cost: a
         # ratio above 1.10 here means budget is provably more than 10% above the optimum.
         r = ratio(b.recompute_flops, opt.recompute_flops)
-        parts.append(f"vs optimal's incumbent at its time limit ({opt.recompute_flops / 1e6:.2f} "
-                     f"MFLOP, gap {opt.gap:.3f}; the optimum is at most that): {r:.3f}"
-                     + (" (> 1.10: budget is provably over 10% above the optimum)"
-                        if r > 1.10 + 1e-9 else ""))
+        parts.append(
+            f"vs optimal's incumbent at its time limit ({opt.recompute_flops / 1e6:.2f} "
+            f"MFLOP, gap {opt.gap:.3f}; the optimum is at most that): {r:.3f}"
+            + (
+                " (> 1.10: budget is provably over 10% above the optimum)"
+                if r > 1.10 + 1e-9
+                else ""
+            )
+        )
         if r > 1.10 + 1e-9:
-            flags.append(f"budget recomputes {b.recompute_flops:,} FLOPs; optimal's incumbent "
-                         f"(not proven optimal, gap {opt.gap:.3f}) {opt.recompute_flops:,}: "
-                         f"{r:.3f}x")
+            flags.append(
+                f"budget recomputes {b.recompute_flops:,} FLOPs; optimal's incumbent "
+                f"(not proven optimal, gap {opt.gap:.3f}) {opt.recompute_flops:,}: "
+                f"{r:.3f}x"
+            )
     elif opt.status == "time_limit":
-        flags.append(f"optimal's MILP found a schedule (peak {opt.peak_bytes:,}) where budget "
-                     "found none")
+        flags.append(
+            f"optimal's MILP found a schedule (peak {opt.peak_bytes:,}) where budget found none"
+        )
     elif opt.status == "fallback":
-        why = ("its graph is over the MILP's node limit" if "over the MILP limit" in opt.detail
-               else "the MILP found no schedule within its time limit"
-               if "no feasible schedule within" in opt.detail else opt.detail.split(";")[0])
+        why = (
+            "its graph is over the MILP's node limit"
+            if "over the MILP limit" in opt.detail
+            else "the MILP found no schedule within its time limit"
+            if "no feasible schedule within" in opt.detail
+            else opt.detail.split(";")[0]
+        )
         parts.append(f"optimal fell back to budget ({why})")
     elif opt.status == "nothing fits" and b.planned:
-        flags.append(f"optimal reports nothing fits ({opt.detail[:160]}) but budget's schedule "
-                     f"peaks at {b.peak_bytes:,} <= {budget:,}")
+        flags.append(
+            f"optimal reports nothing fits ({opt.detail[:160]}) but budget's schedule "
+            f"peaks at {b.peak_bytes:,} <= {budget:,}"
+        )
         parts.append("optimal: nothing fits, though budget fits")
     elif opt.status == "ERROR":
         flags.append(f"optimal raised {opt.detail[:200]}")
@@ -343,23 +413,25 @@ def summary(budgeted: dict[str, Outcome], heur: list[Outcome],
 def plan_time(layers: int, batch: int, fractions, repeats: int) -> tuple[str, list[dict]]:
     make = problem_factory(deep_mlp(layers, batch))
     nodes = len(make().graph.nodes)
-    lines = [f"Deep tanh MLP, {layers} layers of width 64 + a 10-way head, batch {batch}: "
-             f"joint graph of **{nodes} nodes**; Budget planned on a fresh Problem each time, "
-             f"median of {repeats} (target < {PLAN_TIME_TARGET:g} s).\n",
-             "| budget | plan s (median) | runs s | chosen | fits? | under target |",
-             "|---|---:|---|---|---|---|"]
+    lines = [
+        f"Deep tanh MLP, {layers} layers of width 64 + a 10-way head, batch {batch}: "
+        f"joint graph of **{nodes} nodes**; Budget planned on a fresh Problem each time, "
+        f"median of {repeats} (target < {PLAN_TIME_TARGET:g} s).\n",
+        "| budget | plan s (median) | runs s | chosen | fits? | under target |",
+        "|---|---:|---|---|---|---|",
+    ]
     raw = []
     for f in fractions:
         outs = [run_policy(make, P.Budget(fraction=f)) for _ in range(repeats)]
         seconds = [o.plan_seconds for o in outs]
         med, o = statistics.median(seconds), outs[-1]
-        fits = ("yes" if o.planned and o.peak_bytes <= o.budget_bytes
-                else o.status)
-        lines.append(f"| {f:.0%} | {med:.2f} | {', '.join(f'{s:.2f}' for s in seconds)} | "
-                     f"{o.chosen or '—'} | {fits} | "
-                     f"{'yes' if med < PLAN_TIME_TARGET else '**NO**'} |")
-        raw.append(dict(fraction=f, nodes=nodes, seconds=seconds, median=med,
-                        outcome=asdict(o)))
+        fits = "yes" if o.planned and o.peak_bytes <= o.budget_bytes else o.status
+        lines.append(
+            f"| {f:.0%} | {med:.2f} | {', '.join(f'{s:.2f}' for s in seconds)} | "
+            f"{o.chosen or '—'} | {fits} | "
+            f"{'yes' if med < PLAN_TIME_TARGET else '**NO**'} |"
+        )
+        raw.append(dict(fraction=f, nodes=nodes, seconds=seconds, median=med, outcome=asdict(o)))
         print(f"  plan time {f:.0%}: {med:.2f} s", file=sys.stderr)
     return "\n".join(lines), raw
 
@@ -367,43 +439,70 @@ def plan_time(layers: int, batch: int, fractions, repeats: int) -> tuple[str, li
 # --- main ------------------------------------------------------------------------------------
 def source_version() -> str:
     """The commit, and the server or SDK files changed since it (they are what is measured)."""
+
     def git(*argv: str) -> str:
         try:
-            return subprocess.run(["git", *argv], capture_output=True, text=True,
-                                  cwd=Path(__file__).parent).stdout.strip()
+            return subprocess.run(
+                ["git", *argv], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
         except OSError:
             return ""
+
     commit = git("rev-parse", "--short", "HEAD") or "?"
-    changed = [line.split(maxsplit=1)[-1] for line in git(
-        "status", "--porcelain", "--", "../server", "../client").splitlines()]
-    return f"commit {commit}" + (f" + uncommitted changes to {', '.join(changed)}"
-                                 if changed else "")
+    changed = [
+        line.split(maxsplit=1)[-1]
+        for line in git("status", "--porcelain", "--", "../server", "../client").splitlines()
+    ]
+    return f"commit {commit}" + (
+        f" + uncommitted changes to {', '.join(changed)}" if changed else ""
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller models, budgets 50%% and 30%%, MILP limit 10 s "
-                             "(smoke test, under 2 minutes)")
-    parser.add_argument("--fractions", default=None,
-                        help="comma-separated budgets as fractions of store_all's peak "
-                             "(default 0.5,0.3,0.15; --quick 0.5,0.3)")
-    parser.add_argument("--models", default=None,
-                        help="comma-separated subset of: mlp, transformer_block, "
-                             "transformer_stack, cnn, unet, mlp_small, tanh_chain (default all)")
-    parser.add_argument("--optimal-time-limit", type=float, default=None,
-                        help="Optimal's MILP time limit in seconds (default 60; --quick 10)")
-    parser.add_argument("--optimal-max-nodes", type=int, default=OPTIMAL_MAX_NODES,
-                        help="Optimal solves the MILP up to this many joint-graph nodes and "
-                             f"falls back to Budget above (default {OPTIMAL_MAX_NODES})")
-    parser.add_argument("--plan-time-layers", type=int, default=82,
-                        help="depth of the plan-time MLP (default 82: about 2,000 nodes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller models, budgets 50%% and 30%%, MILP limit 10 s (smoke test, under 2 minutes)",
+    )
+    parser.add_argument(
+        "--fractions",
+        default=None,
+        help="comma-separated budgets as fractions of store_all's peak "
+        "(default 0.5,0.3,0.15; --quick 0.5,0.3)",
+    )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated subset of: mlp, transformer_block, "
+        "transformer_stack, cnn, unet, mlp_small, tanh_chain (default all)",
+    )
+    parser.add_argument(
+        "--optimal-time-limit",
+        type=float,
+        default=None,
+        help="Optimal's MILP time limit in seconds (default 60; --quick 10)",
+    )
+    parser.add_argument(
+        "--optimal-max-nodes",
+        type=int,
+        default=OPTIMAL_MAX_NODES,
+        help="Optimal solves the MILP up to this many joint-graph nodes and "
+        f"falls back to Budget above (default {OPTIMAL_MAX_NODES})",
+    )
+    parser.add_argument(
+        "--plan-time-layers",
+        type=int,
+        default=82,
+        help="depth of the plan-time MLP (default 82: about 2,000 nodes)",
+    )
     parser.add_argument("--no-plan-time", action="store_true", help="skip the plan-time benchmark")
     parser.add_argument("--json", type=Path, help="also write every outcome here")
     args = parser.parse_args()
     size = "quick" if args.quick else "full"
-    fractions = (tuple(float(f) for f in args.fractions.split(",")) if args.fractions
-                 else FRACTIONS[size])
+    fractions = (
+        tuple(float(f) for f in args.fractions.split(",")) if args.fractions else FRACTIONS[size]
+    )
     time_limit = args.optimal_time_limit or OPTIMAL_TIME_LIMIT[size]
     specs = model_specs(args.quick)
     if args.models:
@@ -413,13 +512,17 @@ def main() -> int:
             parser.error(f"unknown model(s): {', '.join(unknown)}")
         specs = [s for s in specs if s.name in wanted]
 
-    print("# budgeted planners vs fixed heuristics (simulated, engine level"
-          f"{', quick' if args.quick else ''})\n")
-    print(f"python {platform.python_version()}, numpy {np.__version__}, scipy "
-          f"{scipy.__version__}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} "
-          f"at start), {source_version()}; budgets "
-          f"{', '.join(f'{f:.0%}' for f in fractions)} of store_all's peak; Optimal: "
-          f"time_limit {time_limit:g} s, MILP up to {args.optimal_max_nodes} nodes\n")
+    print(
+        "# budgeted planners vs fixed heuristics (simulated, engine level"
+        f"{', quick' if args.quick else ''})\n"
+    )
+    print(
+        f"python {platform.python_version()}, numpy {np.__version__}, scipy "
+        f"{scipy.__version__}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} "
+        f"at start), {source_version()}; budgets "
+        f"{', '.join(f'{f:.0%}' for f in fractions)} of store_all's peak; Optimal: "
+        f"time_limit {time_limit:g} s, MILP up to {args.optimal_max_nodes} nodes\n"
+    )
     started, raw, findings, lines = time.perf_counter(), {}, [], []
     for spec in specs:
         model = spec.build()
@@ -434,48 +537,67 @@ def main() -> int:
         planned = [o for o, _ in heur if o.planned]
         lowest = min(planned, key=lambda o: o.peak_bytes, default=None)
         print(f"## {spec.name}: {spec.describe}\n")
-        print(f"Joint graph {len(problem.graph.nodes)} nodes ({len(problem.forward_order)} "
-              f"forward values, {len(problem.candidates)} checkpoint candidates); store_all "
-              f"peaks at {base_peak / MiB:.2f} MiB (inputs and parameters "
-              f"{pct(problem.input_bytes, base_peak)} of it) and computes "
-              f"{base_flops / 1e6:.1f} MFLOP; the lowest heuristic peak is "
-              + (f"{pct(lowest.peak_bytes, base_peak)} ({lowest.policy})." if lowest else "—.")
-              + "\n")
-        raw[spec.name] = dict(describe=spec.describe, nodes=len(problem.graph.nodes),
-                              store_all=asdict(base), flops=base_flops,
-                              heuristics=[asdict(o) for o, _ in heur], budgets={})
+        print(
+            f"Joint graph {len(problem.graph.nodes)} nodes ({len(problem.forward_order)} "
+            f"forward values, {len(problem.candidates)} checkpoint candidates); store_all "
+            f"peaks at {base_peak / MiB:.2f} MiB (inputs and parameters "
+            f"{pct(problem.input_bytes, base_peak)} of it) and computes "
+            f"{base_flops / 1e6:.1f} MFLOP; the lowest heuristic peak is "
+            + (f"{pct(lowest.peak_bytes, base_peak)} ({lowest.policy})." if lowest else "—.")
+            + "\n"
+        )
+        raw[spec.name] = dict(
+            describe=spec.describe,
+            nodes=len(problem.graph.nodes),
+            store_all=asdict(base),
+            flops=base_flops,
+            heuristics=[asdict(o) for o, _ in heur],
+            budgets={},
+        )
         for f in fractions:
             budget = int(f * base_peak)
-            budgeted = {"budget": run_policy(make, P.Budget(fraction=f)),
-                        "dtr": run_policy(make, P.DTR(fraction=f)),
-                        "optimal": run_policy(make, P.Optimal(
-                            fraction=f, time_limit=time_limit,
-                            max_nodes=args.optimal_max_nodes))}
-            print(f"  {spec.name} {f:.0%}: " + ", ".join(
-                f"{k} {o.status}" for k, o in budgeted.items()), file=sys.stderr)
+            budgeted = {
+                "budget": run_policy(make, P.Budget(fraction=f)),
+                "dtr": run_policy(make, P.DTR(fraction=f)),
+                "optimal": run_policy(
+                    make,
+                    P.Optimal(fraction=f, time_limit=time_limit, max_nodes=args.optimal_max_nodes),
+                ),
+            }
+            print(
+                f"  {spec.name} {f:.0%}: "
+                + ", ".join(f"{k} {o.status}" for k, o in budgeted.items()),
+                file=sys.stderr,
+            )
             rows = [(base, "reference")] + [(o, "") for o in budgeted.values()] + heur
-            print(f"### {spec.name}, budget {f:.0%} of store_all = {budget / MiB:.2f} MiB "
-                  f"({budget:,} bytes)\n")
+            print(
+                f"### {spec.name}, budget {f:.0%} of store_all = {budget / MiB:.2f} MiB "
+                f"({budget:,} bytes)\n"
+            )
             print(table(rows, budget, base_peak, base_flops) + "\n")
             line, flags = summary(budgeted, [o for o, _ in heur], budget)
             print(f"**Summary {spec.name} @ {f:.0%}:** {line}.\n")
             lines.append(f"- {spec.name} @ {f:.0%}: {line}")
             findings += [f"{spec.name} @ {f:.0%}: {flag}" for flag in flags]
             raw[spec.name]["budgets"][str(f)] = dict(
-                budget_bytes=budget, **{k: asdict(o) for k, o in budgeted.items()})
+                budget_bytes=budget, **{k: asdict(o) for k, o in budgeted.items()}
+            )
         errors = sorted({f"{o.policy}: {o.detail[:160]}" for o, _ in heur if o.status == "ERROR"})
         findings += [f"{spec.name}: heuristic {e}" for e in errors]
 
     print("## Summary\n")
     print("\n".join(lines) + "\n")
-    print("Findings against expectations (budget never above a fitting heuristic, within "
-          "1.10 of a proven optimum, every planner valid and within its budget):\n")
+    print(
+        "Findings against expectations (budget never above a fitting heuristic, within "
+        "1.10 of a proven optimum, every planner valid and within its budget):\n"
+    )
     print("\n".join(f"- {f}" for f in findings) if findings else "- none")
     print()
     if not args.no_plan_time:
         print("## Plan time of Budget on a ~2,000-node graph\n")
-        text, raw["plan_time"] = plan_time(args.plan_time_layers, 1024, fractions,
-                                           1 if args.quick else 3)
+        text, raw["plan_time"] = plan_time(
+            args.plan_time_layers, 1024, fractions, 1 if args.quick else 3
+        )
         print(text + "\n")
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:

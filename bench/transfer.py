@@ -18,6 +18,7 @@ Per size, the baselines and the SDK's own path are interleaved --repeats times; 
 forced path runs after them (until --repeats runs or 20 s). The best run of each is
 compared. See bench/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -70,9 +71,13 @@ def started(code: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
     """`python -c code` in a new process; `code` prints its ports on one line (see
     `read_ports`), then serves until its stdin closes, which leaving this context does
     (and our own exit would do)."""
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     try:
         yield proc
     finally:
@@ -138,10 +143,11 @@ def _grpc_echo(buffers: _Buffers):
         (nbytes,) = _HEADER.unpack(next(requests))
         view, received = buffers.get(nbytes)[:nbytes], 0
         for chunk in requests:
-            view[received:received + len(chunk)] = chunk
+            view[received : received + len(chunk)] = chunk
             received += len(chunk)
         for start in range(0, nbytes, CHUNK):
-            yield bytes(view[start:start + CHUNK])
+            yield bytes(view[start : start + CHUNK])
+
     return echo
 
 
@@ -158,8 +164,9 @@ def serve_baseline() -> None:
     threading.Thread(target=accept, daemon=True).start()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     handler = grpc.stream_stream_rpc_method_handler(_grpc_echo(buffers))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": handler}),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
+    )
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(listener.getsockname()[1], grpc_port, flush=True)
@@ -167,16 +174,20 @@ def serve_baseline() -> None:
     server.stop(None)
 
 
-_BASELINE_SERVER = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                    "from transfer import serve_baseline; serve_baseline()")
+_BASELINE_SERVER = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    "from transfer import serve_baseline; serve_baseline()"
+)
 
 
 # --- the contenders (client side) ----------------------------------------------------------
 def tcp_round_trip(sock: socket.socket, data: memoryview, out: memoryview) -> None:
     """Send `data` (from a thread) while receiving the echo into `out`: full duplex."""
+
     def send():
         sock.sendall(_HEADER.pack(len(data)))
         sock.sendall(data)
+
     sender = threading.Thread(target=send)
     sender.start()
     recv_exactly(sock, out)
@@ -187,10 +198,11 @@ def grpc_round_trip(call, data: memoryview, out: memoryview) -> None:
     def messages():
         yield _HEADER.pack(len(data))
         for start in range(0, len(data), CHUNK):
-            yield bytes(data[start:start + CHUNK])
+            yield bytes(data[start : start + CHUNK])
+
     received = 0
     for chunk in call(messages()):
-        out[received:received + len(chunk)] = chunk
+        out[received : received + len(chunk)] = chunk
         received += len(chunk)
     if received != len(data):
         raise RuntimeError(f"grpc echo returned {received} of {len(data)} bytes")
@@ -213,16 +225,22 @@ def stream_threshold(nbytes: int):
         remat.calls.STREAM_THRESHOLD_BYTES = saved
 
 
-def remat_round_trip(client: remat.Client, graph: remat.Graph, x: np.ndarray,
-                     threshold: int | None, server_seconds: list[float]) -> np.ndarray:
+def remat_round_trip(
+    client: remat.Client,
+    graph: remat.Graph,
+    x: np.ndarray,
+    threshold: int | None,
+    server_seconds: list[float],
+) -> np.ndarray:
     with stream_threshold(threshold) if threshold is not None else contextlib.nullcontext():
         result = client.run(graph, {"x": x})
     server_seconds.append(result.metrics.total_seconds)
     return result.outputs["y"]
 
 
-def remat_reusing(client: remat.Client, graph: remat.Graph, x: np.ndarray,
-                  held: dict, server_seconds: list[float]) -> np.ndarray:
+def remat_reusing(
+    client: remat.Client, graph: remat.Graph, x: np.ndarray, held: dict, server_seconds: list[float]
+) -> np.ndarray:
     """The SDK's own path receiving into the previous call's result (`out=`), as the
     baselines receive into their preallocated buffers."""
     previous = held.get("result")
@@ -255,8 +273,14 @@ def remat_paths(nbytes: int) -> list[tuple[str, int | None]]:
 
 
 # --- measuring -----------------------------------------------------------------------------
-def measure(size_mib: float, repeats: int, tcp: socket.socket, echo, client: remat.Client,
-            log: Callable[[str], None]) -> list[dict]:
+def measure(
+    size_mib: float,
+    repeats: int,
+    tcp: socket.socket,
+    echo,
+    client: remat.Client,
+    log: Callable[[str], None],
+) -> list[dict]:
     """The rows of one size: best of `repeats`, contenders interleaved."""
     nbytes = int(size_mib * MiB) // 4 * 4
     x = np.arange(1, nbytes // 4 + 1, dtype=np.float32)  # no zero: a zeroed buffer never passes
@@ -273,7 +297,8 @@ def measure(size_mib: float, repeats: int, tcp: socket.socket, echo, client: rem
     for label, threshold in remat_paths(nbytes):
         server_seconds[label] = []
         (forced if threshold is not None else steps)[label] = (
-            lambda t=threshold, s=server_seconds[label]: remat_round_trip(client, graph, x, t, s))
+            lambda t=threshold, s=server_seconds[label]: remat_round_trip(client, graph, x, t, s)
+        )
     held: dict = {}
     server_seconds[REUSING] = []
     remat_reusing(client, graph, x, held, [])  # its first result, to reuse from then on
@@ -292,8 +317,10 @@ def measure(size_mib: float, repeats: int, tcp: socket.socket, echo, client: rem
     for _ in range(repeats):  # the baselines and the SDK's own path, interleaved
         for label, step in steps.items():
             timed(label, step)
-        log(f"  {size_mib:g} MiB: " + ", ".join(
-            f"{label} {seconds[label][-1]:.3f} s" for label in steps))
+        log(
+            f"  {size_mib:g} MiB: "
+            + ", ".join(f"{label} {seconds[label][-1]:.3f} s" for label in steps)
+        )
     # The forced path after them: it is slow, and a big unary call leaves the server and
     # the client slower for the next call (see bench/README.md).
     for label, step in forced.items():
@@ -305,22 +332,34 @@ def measure(size_mib: float, repeats: int, tcp: socket.socket, echo, client: rem
     for label, samples in seconds.items():
         best = min(samples)
         server = server_seconds.get(label)
-        rows.append(dict(size_mib=size_mib, nbytes=nbytes, path=label, seconds=best,
-                         gb_per_s=2 * nbytes / best / 1e9, ratio_to_tcp=tcp_best / best,
-                         server_seconds=server[samples.index(best)] if server else None,
-                         samples=samples))
+        rows.append(
+            dict(
+                size_mib=size_mib,
+                nbytes=nbytes,
+                path=label,
+                seconds=best,
+                gb_per_s=2 * nbytes / best / 1e9,
+                ratio_to_tcp=tcp_best / best,
+                server_seconds=server[samples.index(best)] if server else None,
+                samples=samples,
+            )
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| size | path | runs | best ms | median ms | GB/s (best) | vs raw TCP | server ms |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| size | path | runs | best ms | median ms | GB/s (best) | vs raw TCP | server ms |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         server = "—" if r["server_seconds"] is None else f"{r['server_seconds'] * 1e3:.1f}"
-        lines.append(f"| {r['size_mib']:g} MiB | {r['path']} | {len(r['samples'])} | "
-                     f"{r['seconds'] * 1e3:.1f} | "
-                     f"{statistics.median(r['samples']) * 1e3:.1f} | {r['gb_per_s']:.2f} | "
-                     f"{100 * r['ratio_to_tcp']:.0f}% | {server} |")
+        lines.append(
+            f"| {r['size_mib']:g} MiB | {r['path']} | {len(r['samples'])} | "
+            f"{r['seconds'] * 1e3:.1f} | "
+            f"{statistics.median(r['samples']) * 1e3:.1f} | {r['gb_per_s']:.2f} | "
+            f"{100 * r['ratio_to_tcp']:.0f}% | {server} |"
+        )
     return "\n".join(lines)
 
 
@@ -329,11 +368,14 @@ def summary(rows: list[dict]) -> tuple[bool | None, str]:
     like: receiving into memory it already has (`out=`), as the raw TCP client and
     every server here do. The SDK's default, a fresh result array per call, is reported
     beside it against raw TCP receiving into fresh memory too."""
+
     def ratios(path: str, baseline: str) -> list[tuple[float, float]]:
         best = {r["size_mib"]: r["seconds"] for r in rows if r["path"] == baseline}
-        return [(r["size_mib"], best[r["size_mib"]] / r["seconds"]) for r in rows
-                if r["path"] == path and r["size_mib"] >= GOAL_MIN_MIB
-                and r["size_mib"] in best]
+        return [
+            (r["size_mib"], best[r["size_mib"]] / r["seconds"])
+            for r in rows
+            if r["path"] == path and r["size_mib"] >= GOAL_MIN_MIB and r["size_mib"] in best
+        ]
 
     def spelled(pairs) -> str:
         return ", ".join(f"{size:g} MiB {100 * ratio:.0f}%" for size, ratio in pairs)
@@ -342,42 +384,59 @@ def summary(rows: list[dict]) -> tuple[bool | None, str]:
     if not reusing:
         return None, f"no size >= {GOAL_MIN_MIB} MiB measured: goal not evaluated"
     met = min(ratio for _, ratio in reusing) >= GOAL_RATIO
-    line = (f"remat receiving into its previous result (out=) at >= {GOAL_MIN_MIB} MiB: "
-            f"{spelled(reusing)} of raw TCP; goal >= {100 * GOAL_RATIO:.0f}%: "
-            f"{'MET' if met else 'NOT MET'}")
+    line = (
+        f"remat receiving into its previous result (out=) at >= {GOAL_MIN_MIB} MiB: "
+        f"{spelled(reusing)} of raw TCP; goal >= {100 * GOAL_RATIO:.0f}%: "
+        f"{'MET' if met else 'NOT MET'}"
+    )
     fresh = [(size, ratio) for size, ratio in ratios(FRESH_TCP, "raw tcp")]
-    default = [pair for r in rows if r["path"].startswith("remat auto (")
-               for pair in ratios(r["path"], FRESH_TCP) if pair[0] == r["size_mib"]]
+    default = [
+        pair
+        for r in rows
+        if r["path"].startswith("remat auto (")
+        for pair in ratios(r["path"], FRESH_TCP)
+        if pair[0] == r["size_mib"]
+    ]
     if default:
-        line += (f"\nthe SDK's default (a new result array per call): {spelled(default)} of "
-                 f"raw TCP receiving into fresh memory (which itself runs at "
-                 f"{spelled(fresh)} of raw TCP)")
+        line += (
+            f"\nthe SDK's default (a new result array per call): {spelled(default)} of "
+            f"raw TCP receiving into fresh memory (which itself runs at "
+            f"{spelled(fresh)} of raw TCP)"
+        )
     return met, line
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="16 and 64 MiB only")
-    parser.add_argument("--sizes", help="comma-separated MiB (default 16,64,256,1024; "
-                                        "--quick 16,64)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed runs per row, interleaved; the best is compared (default 5)")
+    parser.add_argument(
+        "--sizes", help="comma-separated MiB (default 16,64,256,1024; --quick 16,64)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed runs per row, interleaved; the best is compared (default 5)",
+    )
     parser.add_argument("--no-grpc", action="store_true", help="skip the bare gRPC echo row")
     parser.add_argument("--verbose", action="store_true", help="print every run to stderr")
     args = parser.parse_args(argv)
-    sizes = [float(s) for s in (args.sizes or ("16,64" if args.quick else
-                                               "16,64,256,1024")).split(",")]
+    sizes = [
+        float(s) for s in (args.sizes or ("16,64" if args.quick else "16,64,256,1024")).split(",")
+    ]
 
     def log(line: str) -> None:
         if args.verbose:
             print(line, file=sys.stderr)
 
     print(f"# tensor transfer: remat vs raw loopback TCP (best of {args.repeats})\n")
-    print(f"python {platform.python_version()}, grpcio {grpc.__version__}, protobuf "
-          f"{metadata.version('protobuf')}, numpy {np.__version__}, {os.cpu_count()} CPUs "
-          f"(load average {os.getloadavg()[0]:.1f} at start); "
-          f"SDK stream threshold {remat.calls.STREAM_THRESHOLD_BYTES / MiB:g} MiB, "
-          f"chunks {CHUNK // 1024} KiB. Bytes moved = 2 x size (up and back).\n")
+    print(
+        f"python {platform.python_version()}, grpcio {grpc.__version__}, protobuf "
+        f"{metadata.version('protobuf')}, numpy {np.__version__}, {os.cpu_count()} CPUs "
+        f"(load average {os.getloadavg()[0]:.1f} at start); "
+        f"SDK stream threshold {remat.calls.STREAM_THRESHOLD_BYTES / MiB:g} MiB, "
+        f"chunks {CHUNK // 1024} KiB. Bytes moved = 2 x size (up and back).\n"
+    )
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         # Both servers start at once (each takes a second or so to import).

@@ -12,6 +12,7 @@ them from.
 
 Needs grpcio-tools (the `test` extra pins the version the checked-in stubs came from).
 """
+
 from __future__ import annotations
 
 import re
@@ -27,16 +28,25 @@ _GENERATED_IMPORT = re.compile(rb"^from remat\.v1 import ", re.MULTILINE)
 
 
 def generate(out_dir: Path) -> None:
-    from grpc_tools import protoc  # imported here: a test-only dependency
     import grpc_tools
+    from grpc_tools import protoc  # imported here: a test-only dependency
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     target = out_dir / PACKAGE / "v1"
     target.mkdir(parents=True, exist_ok=True)
-    files = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "remat" / "v1").glob("*.proto"))
+    files = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "remat" / "v1").glob("*.proto")
+    )
     with tempfile.TemporaryDirectory() as raw:
-        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={raw}",
-                f"--pyi_out={raw}", f"--grpc_python_out={raw}", *files]
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={raw}",
+            f"--pyi_out={raw}",
+            f"--grpc_python_out={raw}",
+            *files,
+        ]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
         for path in sorted((Path(raw) / "remat" / "v1").iterdir()):

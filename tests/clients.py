@@ -11,6 +11,7 @@ call referred to its graph (inline or by id) and the deadline it arrived with, a
 can answer chosen calls with an error (after an optional delay) instead of serving
 them; `serving(recorder)` starts a real server (`create_server`, port 0) with it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,12 +20,12 @@ import contextlib
 import inspect
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 from unittest import mock
 
 import grpc
-import pytest
 
 import remat
 from remat_proto.v1 import executor_pb2
@@ -46,12 +47,14 @@ class AsyncFacade:
     def __init__(self, make):
         """`make()` builds the AsyncClient; it is called on the facade's event loop."""
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="async-client-loop")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="async-client-loop"
+        )
         self._thread.start()
 
         async def create():
             return make()
+
         try:
             self.client = self.wait(create())
         except BaseException:
@@ -60,8 +63,10 @@ class AsyncFacade:
 
     def wait(self, awaitable):
         """Run `awaitable` on the client's loop; its result, or its exception."""
+
         async def main():
             return await awaitable
+
         return asyncio.run_coroutine_threadsafe(main(), self._loop).result(WAIT_SECONDS)
 
     def __getattr__(self, name: str):
@@ -94,7 +99,7 @@ class AsyncFacade:
         self._thread.join(WAIT_SECONDS)
         self._loop.close()
 
-    def __enter__(self) -> "AsyncFacade":
+    def __enter__(self) -> AsyncFacade:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -141,8 +146,10 @@ def _graph_kind(method: str, request) -> str | None:
         request = request.run
     elif isinstance(request, executor_pb2.RunStreamRequest) and request.HasField("header"):
         request = request.header
-    if isinstance(request, (executor_pb2.RunRequest, executor_pb2.PlanRequest,
-                            executor_pb2.DifferentiateRequest)):
+    if isinstance(
+        request,
+        (executor_pb2.RunRequest, executor_pb2.PlanRequest, executor_pb2.DifferentiateRequest),
+    ):
         return request.graph.WhichOneof("kind")
     return None
 
@@ -157,10 +164,13 @@ class Recorder(grpc.ServerInterceptor):
 
     HOLD_SECONDS = 10.0
 
-    def __init__(self, fail: dict[str, Iterable[int]] | None = None,
-                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
-                 delay: dict[str, float] | None = None,
-                 hold: dict[str, dict[int, int]] | None = None):
+    def __init__(
+        self,
+        fail: dict[str, Iterable[int]] | None = None,
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+        delay: dict[str, float] | None = None,
+        hold: dict[str, dict[int, int]] | None = None,
+    ):
         self.counts: collections.Counter[str] = collections.Counter()
         self.seen: list[Seen] = []
         self.fail = {method: set(numbers) for method, numbers in (fail or {}).items()}
@@ -189,8 +199,9 @@ class Recorder(grpc.ServerInterceptor):
 
         def arrived(request, context):
             with self._lock:
-                self.seen.append(Seen(method, _graph_kind(method, request),
-                                      context.time_remaining()))
+                self.seen.append(
+                    Seen(method, _graph_kind(method, request), context.time_remaining())
+                )
             if delay:
                 time.sleep(delay)  # a slow server, not synchronization
             if refuse:
@@ -202,6 +213,7 @@ class Recorder(grpc.ServerInterceptor):
             def unary_unary(request, context):
                 arrived(request, context)
                 return behaviour(request, context)
+
             return handler._replace(unary_unary=unary_unary)
         if handler.unary_stream is not None:
             behaviour = handler.unary_stream
@@ -218,6 +230,7 @@ class Recorder(grpc.ServerInterceptor):
                             time.sleep(0.005)
                         if not context.is_active():
                             return
+
             return handler._replace(unary_stream=unary_stream)
         if handler.stream_stream is not None:
             behaviour = handler.stream_stream
@@ -229,7 +242,9 @@ class Recorder(grpc.ServerInterceptor):
                 def replay():
                     yield head
                     yield from requests
+
                 yield from behaviour(replay(), context)
+
             return handler._replace(stream_stream=stream_stream)
         return handler
 
@@ -254,7 +269,8 @@ def serving(recorder: Recorder, **config: Any):
 def finished(server, method: str, code: str = "OK") -> int:
     """How many `method` calls `server` has finished with `code` (its own metrics)."""
     value = server.metrics.registry.get_sample_value(
-        "remat_rpc_duration_seconds_count", {"method": method, "code": code})
+        "remat_rpc_duration_seconds_count", {"method": method, "code": code}
+    )
     return int(value or 0)
 
 

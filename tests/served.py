@@ -1,5 +1,6 @@
 """`remat serve` as a real process for tests: started on a free port, its Prometheus
 metrics read back, stopped or killed. Every wait has a timeout."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 CLI = [sys.executable, "-m", "remat.cli"]
 # One BLAS thread per server: the machine is shared, and run times stay predictable.
-SERVER_ENV = {"PYTHONUNBUFFERED": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-              "MKL_NUM_THREADS": "1"}
+SERVER_ENV = {
+    "PYTHONUNBUFFERED": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 LINUX_PROC = os.path.isdir("/proc/self/fd")
 
 
@@ -28,15 +33,21 @@ class Served:
     def __init__(self, *args: str, env: dict | None = None, startup: float = 30):
         # Its own session: a process group to signal like a terminal's Ctrl-C does.
         self.process = subprocess.Popen(
-            [*CLI, "serve", "--port", "0", *args], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env={**os.environ, **SERVER_ENV, **(env or {})},
-            start_new_session=True)
+            [*CLI, "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **SERVER_ENV, **(env or {})},
+            start_new_session=True,
+        )
         self.lines: queue.Queue = queue.Queue()
         self.errors: list[str] = []
-        threading.Thread(target=self._pump, args=(self.process.stdout, self.lines.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.process.stderr, self.errors.append),
-                         daemon=True).start()
+        threading.Thread(
+            target=self._pump, args=(self.process.stdout, self.lines.put), daemon=True
+        ).start()
+        threading.Thread(
+            target=self._pump, args=(self.process.stderr, self.errors.append), daemon=True
+        ).start()
         try:
             self.line = self.lines.get(timeout=startup)
         except queue.Empty:
@@ -65,11 +76,15 @@ class Served:
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """Every sample of the /metrics exposition: (name, sorted labels) -> value."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                    timeout=5) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as response:
             text = response.read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def inflight(self) -> float:
         return self.metrics()[("remat_inflight_requests", ())]
@@ -102,7 +117,7 @@ class Served:
             self.process.kill()
             self.process.wait(timeout=10)
 
-    def __enter__(self) -> "Served":
+    def __enter__(self) -> Served:
         return self
 
     def __exit__(self, *exc) -> None:

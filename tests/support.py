@@ -3,6 +3,7 @@
 The loss is sum(out * R) with a fixed random R, so every output element carries a
 distinct weight and a wrong gradient cannot hide behind symmetry.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,25 +14,37 @@ from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 ENGINE = Engine()
 
 
-def op_graph(op: str, inputs: dict[str, np.ndarray], attrs: dict | None = None,
-             weight_seed: int = 7) -> tuple[GraphSpec, dict[str, np.ndarray]]:
+def op_graph(
+    op: str, inputs: dict[str, np.ndarray], attrs: dict | None = None, weight_seed: int = 7
+) -> tuple[GraphSpec, dict[str, np.ndarray]]:
     """Graph: out = op(*inputs, **attrs); loss = sum(out * R). Returns (spec, feeds)."""
     specs = tuple(InputSpec(name, a.shape, a.dtype.name) for name, a in inputs.items())
-    out = ENGINE.run(RunRequest(GraphSpec("probe", specs, (NodeSpec("out", op, tuple(inputs),
-                                                                     attrs or {}),),
-                                          (("out", "out"),)), inputs)).outputs["out"]
+    out = ENGINE.run(
+        RunRequest(
+            GraphSpec(
+                "probe",
+                specs,
+                (NodeSpec("out", op, tuple(inputs), attrs or {}),),
+                (("out", "out"),),
+            ),
+            inputs,
+        )
+    ).outputs["out"]
     feeds = dict(inputs)
     nodes = [NodeSpec("out", op, tuple(inputs), attrs or {})]
     if np.issubdtype(out.dtype, np.floating):
         rng = np.random.default_rng(weight_seed)
         # Magnitudes in [0.5, 1.5] with random signs: no weight is tiny enough to hide
         # an error, and no symmetry makes a wrong gradient look right.
-        weight = (rng.uniform(0.5, 1.5, out.shape) * rng.choice([-1.0, 1.0], out.shape)
-                  ).astype(out.dtype)
+        weight = (rng.uniform(0.5, 1.5, out.shape) * rng.choice([-1.0, 1.0], out.shape)).astype(
+            out.dtype
+        )
         specs = specs + (InputSpec("__weight", weight.shape, weight.dtype.name),)
         feeds["__weight"] = weight
-        nodes += [NodeSpec("__weighted", "mul", ("out", "__weight")),
-                  NodeSpec("__loss", "sum", ("__weighted",))]
+        nodes += [
+            NodeSpec("__weighted", "mul", ("out", "__weight")),
+            NodeSpec("__loss", "sum", ("__weighted",)),
+        ]
     outputs = (("out", "out"),) + ((("loss", "__loss"),) if len(nodes) > 1 else ())
     return GraphSpec("probe", specs, tuple(nodes), outputs), feeds
 
@@ -72,8 +85,9 @@ def check_grads(spec, feeds, wrt, loss="loss", tol=1e-6) -> dict[str, float]:
     return errors
 
 
-def tanh_chain(length: int, width: int = 3, dtype: str = "float64",
-               loss: bool = False) -> GraphSpec:
+def tanh_chain(
+    length: int, width: int = 3, dtype: str = "float64", loss: bool = False
+) -> GraphSpec:
     """x -> t1 = tanh(x) -> ... -> t<length>; output "out" is the last value, or with
     `loss`, output "loss" = sum of it."""
     nodes, prev = [], "x"

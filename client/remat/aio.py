@@ -16,10 +16,12 @@ Create the client inside the coroutine that uses it (a `grpc.aio` channel belong
 the event loop running when it is made). Cancelling the task awaiting a call cancels
 the RPC, and the server stops that run at its next schedule step.
 """
+
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
 
 import grpc
 
@@ -45,8 +47,10 @@ class AsyncClient(Connection):
             asyncio.get_running_loop()
         except RuntimeError:
             # grpc.aio would bind the channel to a loop asyncio.run() never runs.
-            raise RuntimeError("create remat.AsyncClient inside a coroutine: its grpc.aio "
-                               "channel belongs to the running event loop") from None
+            raise RuntimeError(
+                "create remat.AsyncClient inside a coroutine: its grpc.aio "
+                "channel belongs to the running event loop"
+            ) from None
         super().__init__(target, **kwargs)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -56,7 +60,7 @@ class AsyncClient(Connection):
             server, self._server = self._server, None
             await asyncio.to_thread(server.stop(grace=None).wait)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -119,68 +123,155 @@ class AsyncClient(Connection):
             await call.done_writing()
 
     # --- calls ---------------------------------------------------------------------------
-    async def run(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str] = (),
-                  loss: str | None = None, cotangents: Mapping[str, Any] | None = None,
-                  fetch: Iterable[str] | None = None, policy=None, timeline: bool = False,
-                  measure_memory: bool = False, trace: bool = False,
-                  timeout: float | None = None, out: RunResult | None = None, shards: int = 1,
-                  batch_axes: Mapping[str, int] | None = None, reduction: str | None = None,
-                  output_axes: Mapping[str, int | None] | None = None) -> RunResult:
+    async def run(
+        self,
+        graph: Graph,
+        inputs: Mapping[str, Any],
+        *,
+        wrt: Iterable[str] = (),
+        loss: str | None = None,
+        cotangents: Mapping[str, Any] | None = None,
+        fetch: Iterable[str] | None = None,
+        policy=None,
+        timeline: bool = False,
+        measure_memory: bool = False,
+        trace: bool = False,
+        timeout: float | None = None,
+        out: RunResult | None = None,
+        shards: int = 1,
+        batch_axes: Mapping[str, int] | None = None,
+        reduction: str | None = None,
+        output_axes: Mapping[str, int | None] | None = None,
+    ) -> RunResult:
         """`remat.Client.run`, awaitable. Big tensors go over RunStream, invisibly;
         `shards=N` runs the shards concurrently (see `remat.sharding`)."""
-        options = dict(wrt=wrt, loss=loss, cotangents=cotangents, fetch=fetch, policy=policy,
-                       timeline=timeline, measure_memory=measure_memory, trace=trace)
+        options = dict(
+            wrt=wrt,
+            loss=loss,
+            cotangents=cotangents,
+            fetch=fetch,
+            policy=policy,
+            timeline=timeline,
+            measure_memory=measure_memory,
+            trace=trace,
+        )
         if shards != 1:
             if out is not None:
                 raise ValueError("out= is not available for a sharded run (shards > 1)")
-            plan, runs = sharding.shard_runs(graph, inputs, options, shards=shards,
-                                             batch_axes=batch_axes, reduction=reduction,
-                                             output_axes=output_axes)
-            tasks = [asyncio.ensure_future(self.run(graph, shard_inputs, timeout=timeout,
-                                                    **kwargs))
-                     for shard_inputs, kwargs in runs]
+            plan, runs = sharding.shard_runs(
+                graph,
+                inputs,
+                options,
+                shards=shards,
+                batch_axes=batch_axes,
+                reduction=reduction,
+                output_axes=output_axes,
+            )
+            tasks = [
+                asyncio.ensure_future(self.run(graph, shard_inputs, timeout=timeout, **kwargs))
+                for shard_inputs, kwargs in runs
+            ]
             try:
                 return sharding.combine(plan, await asyncio.gather(*tasks))
             finally:  # one shard failed (or we were cancelled): stop the others
                 for task in tasks:
                     task.cancel()
-        return await self._drive(calls.run(self._session, graph, inputs, out=out, **options),
-                                 timeout)
+        return await self._drive(
+            calls.run(self._session, graph, inputs, out=out, **options), timeout
+        )
 
-    async def plan(self, graph: Graph, *, wrt: Iterable[str] = (), loss: str | None = None,
-                   policy=None, input_shapes: Mapping[str, Iterable[int]] | None = None,
-                   fetch: Iterable[str] | None = None, cotangent_outputs: Iterable[str] = (),
-                   include_schedule: bool = False, timeout: float | None = None) -> PlanResult:
+    async def plan(
+        self,
+        graph: Graph,
+        *,
+        wrt: Iterable[str] = (),
+        loss: str | None = None,
+        policy=None,
+        input_shapes: Mapping[str, Iterable[int]] | None = None,
+        fetch: Iterable[str] | None = None,
+        cotangent_outputs: Iterable[str] = (),
+        include_schedule: bool = False,
+        timeout: float | None = None,
+    ) -> PlanResult:
         """`remat.Client.plan`, awaitable: a dry run, no tensors sent."""
-        return await self._drive(calls.plan(
-            self._session, graph, wrt=wrt, loss=loss, policy=policy, input_shapes=input_shapes,
-            fetch=fetch, cotangent_outputs=cotangent_outputs,
-            include_schedule=include_schedule), timeout)
+        return await self._drive(
+            calls.plan(
+                self._session,
+                graph,
+                wrt=wrt,
+                loss=loss,
+                policy=policy,
+                input_shapes=input_shapes,
+                fetch=fetch,
+                cotangent_outputs=cotangent_outputs,
+                include_schedule=include_schedule,
+            ),
+            timeout,
+        )
 
-    async def compare(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str],
-                      loss: str, policies: Iterable = compare_module.DEFAULT_POLICIES,
-                      repeats: int = 1, warmup: bool = True, measure_memory: bool = False,
-                      timeline: bool = False, trace: bool = False,
-                      timeout: float | None = None) -> list[ComparisonRow]:
+    async def compare(
+        self,
+        graph: Graph,
+        inputs: Mapping[str, Any],
+        *,
+        wrt: Iterable[str],
+        loss: str,
+        policies: Iterable = compare_module.DEFAULT_POLICIES,
+        repeats: int = 1,
+        warmup: bool = True,
+        measure_memory: bool = False,
+        timeline: bool = False,
+        trace: bool = False,
+        timeout: float | None = None,
+    ) -> list[ComparisonRow]:
         """`remat.Client.compare`, awaitable: one row per policy, store_all's first."""
-        return [row async for row in self.compare_stream(
-            graph, inputs, wrt=wrt, loss=loss, policies=policies, repeats=repeats,
-            warmup=warmup, measure_memory=measure_memory, timeline=timeline, trace=trace,
-            timeout=timeout)]
+        return [
+            row
+            async for row in self.compare_stream(
+                graph,
+                inputs,
+                wrt=wrt,
+                loss=loss,
+                policies=policies,
+                repeats=repeats,
+                warmup=warmup,
+                measure_memory=measure_memory,
+                timeline=timeline,
+                trace=trace,
+                timeout=timeout,
+            )
+        ]
 
-    async def compare_stream(self, graph: Graph, inputs: Mapping[str, Any], *,
-                             wrt: Iterable[str], loss: str,
-                             policies: Iterable = compare_module.DEFAULT_POLICIES,
-                             repeats: int = 1, warmup: bool = True,
-                             measure_memory: bool = False, timeline: bool = False,
-                             trace: bool = False,
-                             timeout: float | None = None) -> AsyncIterator[ComparisonRow]:
+    async def compare_stream(
+        self,
+        graph: Graph,
+        inputs: Mapping[str, Any],
+        *,
+        wrt: Iterable[str],
+        loss: str,
+        policies: Iterable = compare_module.DEFAULT_POLICIES,
+        repeats: int = 1,
+        warmup: bool = True,
+        measure_memory: bool = False,
+        timeline: bool = False,
+        trace: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ComparisonRow]:
         """`remat.Client.compare_stream` as an async iterator: `async for row in ...`
         yields each policy's row as soon as the server has run it, store_all's first.
         Leaving the loop early (and closing the iterator) cancels the call."""
         request = calls.compare_request(
-            graph, inputs, wrt=wrt, loss=loss, policies=policies, repeats=repeats,
-            warmup=warmup, measure_memory=measure_memory, timeline=timeline, trace=trace)
+            graph,
+            inputs,
+            wrt=wrt,
+            loss=loss,
+            policies=policies,
+            repeats=repeats,
+            warmup=warmup,
+            measure_memory=measure_memory,
+            timeline=timeline,
+            trace=trace,
+        )
         attempts = calls.Attempts(self.retry, self._deadline(timeout))
         while True:  # retried until the first row arrives: rows yielded are not replayed
             call = self._stub.Compare(request, timeout=attempts.left())
@@ -202,12 +293,22 @@ class AsyncClient(Connection):
         finally:
             call.cancel()  # a no-op once the stream has ended
 
-    async def differentiate(self, graph: Graph, *, wrt: Iterable[str], loss: str | None = None,
-                            input_shapes: Mapping[str, Iterable[int]] | None = None,
-                            timeout: float | None = None) -> Graph:
+    async def differentiate(
+        self,
+        graph: Graph,
+        *,
+        wrt: Iterable[str],
+        loss: str | None = None,
+        input_shapes: Mapping[str, Iterable[int]] | None = None,
+        timeout: float | None = None,
+    ) -> Graph:
         """`remat.Client.differentiate`, awaitable: the joint forward+backward graph."""
-        return await self._drive(calls.differentiate(self._session, graph, wrt=wrt, loss=loss,
-                                                     input_shapes=input_shapes), timeout)
+        return await self._drive(
+            calls.differentiate(
+                self._session, graph, wrt=wrt, loss=loss, input_shapes=input_shapes
+            ),
+            timeout,
+        )
 
     async def register(self, graph: Graph, timeout: float | None = None) -> str:
         """`remat.Client.register`, awaitable."""

@@ -25,12 +25,14 @@ UNAVAILABLE (`Attempts`: backoff with jitter, all within the call's one deadline
     >>> type(op).__name__, op.method, op.request.graph.WhichOneof("kind")
     ('Unary', 'Run', 'graph')
 """
+
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Generator, Iterable, Iterator, Mapping
+from typing import Any
 
 import grpc
 import numpy as np
@@ -107,6 +109,7 @@ class Retry:
             ceiling = min(ceiling * self.multiplier, self.max_backoff)
 
 
+DEFAULT_RETRY = Retry()
 NO_RETRY = Retry(attempts=1)
 
 
@@ -137,8 +140,9 @@ class Attempts:
     def delay_after(self, error: grpc.RpcError) -> float:
         retryable = getattr(error, "code", lambda: None)() == grpc.StatusCode.UNAVAILABLE
         delay = next(self._delays, None) if retryable else None
-        if delay is None or (self.deadline is not None
-                             and time.monotonic() + delay >= self.deadline):
+        if delay is None or (
+            self.deadline is not None and time.monotonic() + delay >= self.deadline
+        ):
             raise from_rpc_error(error) from None
         return delay
 
@@ -149,9 +153,13 @@ def channel_options(max_message_bytes: int, retry: Retry, extra: Iterable = ()) 
     round-robin balancing over the target's addresses, then the caller's own (which
     win)."""
     extra = list(extra)
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            *reconnect_options(retry), *targets.balancing_options(extra), *extra]
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        *reconnect_options(retry),
+        *targets.balancing_options(extra),
+        *extra,
+    ]
 
 
 def reconnect_options(retry: Retry) -> list[tuple[str, int]]:
@@ -165,8 +173,10 @@ def reconnect_options(retry: Retry) -> list[tuple[str, int]]:
         {'grpc.initial_reconnect_backoff_ms': 100, 'grpc.max_reconnect_backoff_ms': 2000}
     """
     initial = max(1, round(retry.initial_backoff * 1000))
-    return [("grpc.initial_reconnect_backoff_ms", initial),
-            ("grpc.max_reconnect_backoff_ms", max(initial, round(retry.max_backoff * 1000)))]
+    return [
+        ("grpc.initial_reconnect_backoff_ms", initial),
+        ("grpc.max_reconnect_backoff_ms", max(initial, round(retry.max_backoff * 1000))),
+    ]
 
 
 def start_in_process_server(config=None):
@@ -211,9 +221,16 @@ def list_ops() -> Flow:
 
 
 # --- Run -------------------------------------------------------------------------------------
-def run(session: Session, graph: Graph, inputs: Mapping[str, Any], *,
-        out: RunResult | None = None, **options) -> Flow:
+def run(
+    session: Session,
+    graph: Graph,
+    inputs: Mapping[str, Any],
+    *,
+    out: RunResult | None = None,
+    **options,
+) -> Flow:
     """Run (or RunStream) `graph` on `inputs`; `options` as `Client.run`'s."""
+
     def call(ref):
         request, chunked = run_request(ref, graph, inputs, **options)
         if not chunked:
@@ -224,15 +241,26 @@ def run(session: Session, graph: Graph, inputs: Mapping[str, Any], *,
                     raise
             request, chunked = run_request(ref, graph, inputs, stream=True, **options)
         return run_result(*(yield Stream(request, chunked, out)))
+
     return (yield from with_graph(session, graph, call))
 
 
-def run_request(ref: executor_pb2.GraphRef, graph: Graph, inputs: Mapping[str, Any], *,
-                wrt: Iterable[str] = (), loss: str | None = None,
-                cotangents: Mapping[str, Any] | None = None, fetch: Iterable[str] | None = None,
-                policy=None, timeline: bool = False, measure_memory: bool = False,
-                trace: bool = False, stream: bool | None = None,
-                chunk_bytes: int = 1 << 20) -> tuple[executor_pb2.RunRequest, dict]:
+def run_request(
+    ref: executor_pb2.GraphRef,
+    graph: Graph,
+    inputs: Mapping[str, Any],
+    *,
+    wrt: Iterable[str] = (),
+    loss: str | None = None,
+    cotangents: Mapping[str, Any] | None = None,
+    fetch: Iterable[str] | None = None,
+    policy=None,
+    timeline: bool = False,
+    measure_memory: bool = False,
+    trace: bool = False,
+    stream: bool | None = None,
+    chunk_bytes: int = 1 << 20,
+) -> tuple[executor_pb2.RunRequest, dict]:
     """The RunRequest, and the tensors to send in chunks ((role, name) -> array).
 
     `stream=None` streams when the tensors total more than STREAM_THRESHOLD_BYTES;
@@ -240,14 +268,23 @@ def run_request(ref: executor_pb2.GraphRef, graph: Graph, inputs: Mapping[str, A
     the rest (every tensor above `chunk_bytes` among them) are chunked."""
     declared = {item.name: item.dtype for item in graph.inputs}
     request = executor_pb2.RunRequest(
-        graph=ref, fetch=list(fetch or ()), wrt=list(wrt), loss=loss or "",
-        policy=wire.policy_to_proto(policies.resolve(policy)), timeline=timeline,
-        measure_memory=measure_memory, trace=trace)
-    tensors = [(INPUT, request.inputs, name,
-                wire.wire_array(value, _dtype_for(value, declared.get(name))))
-               for name, value in inputs.items()]
-    tensors += [(COTANGENT, request.cotangents, name, wire.wire_array(value))
-                for name, value in (cotangents or {}).items()]
+        graph=ref,
+        fetch=list(fetch or ()),
+        wrt=list(wrt),
+        loss=loss or "",
+        policy=wire.policy_to_proto(policies.resolve(policy)),
+        timeline=timeline,
+        measure_memory=measure_memory,
+        trace=trace,
+    )
+    tensors = [
+        (INPUT, request.inputs, name, wire.wire_array(value, _dtype_for(value, declared.get(name))))
+        for name, value in inputs.items()
+    ]
+    tensors += [
+        (COTANGENT, request.cotangents, name, wire.wire_array(value))
+        for name, value in (cotangents or {}).items()
+    ]
     if stream is None:
         stream = sum(array.nbytes for *_, array in tensors) > STREAM_THRESHOLD_BYTES
     chunked, inline = {}, 0
@@ -263,19 +300,30 @@ def run_request(ref: executor_pb2.GraphRef, graph: Graph, inputs: Mapping[str, A
     return request, chunked
 
 
-def run_result(response: executor_pb2.RunResponse, outputs: dict | None = None,
-               grads: dict | None = None, out: RunResult | None = None) -> RunResult:
+def run_result(
+    response: executor_pb2.RunResponse,
+    outputs: dict | None = None,
+    grads: dict | None = None,
+    out: RunResult | None = None,
+) -> RunResult:
     """A RunResult from a Run response (or a RunStream's header plus its arrays); `out`'s
     arrays take the values where they fit (see `Client.run`)."""
     if outputs is None:
-        outputs = {k: wire.tensor_to_array(v, previous(out, OUTPUT, k))
-                   for k, v in response.outputs.items()}
-        grads = {k: wire.tensor_to_array(v, previous(out, GRAD, k))
-                 for k, v in response.grads.items()}
-    return RunResult(outputs=outputs, grads=grads,
-                     metrics=wire.metrics_from_proto(response.metrics),
-                     warnings=tuple(response.warnings), timeline=tuple(response.timeline),
-                     trace=wire.trace_from_proto(response.trace))
+        outputs = {
+            k: wire.tensor_to_array(v, previous(out, OUTPUT, k))
+            for k, v in response.outputs.items()
+        }
+        grads = {
+            k: wire.tensor_to_array(v, previous(out, GRAD, k)) for k, v in response.grads.items()
+        }
+    return RunResult(
+        outputs=outputs,
+        grads=grads,
+        metrics=wire.metrics_from_proto(response.metrics),
+        warnings=tuple(response.warnings),
+        timeline=tuple(response.timeline),
+        trace=wire.trace_from_proto(response.trace),
+    )
 
 
 def _dtype_for(value: Any, declared: str | None) -> str | None:
@@ -284,32 +332,52 @@ def _dtype_for(value: Any, declared: str | None) -> str | None:
 
 
 # --- Plan and Differentiate --------------------------------------------------------------
-def plan(session: Session, graph: Graph, *, wrt: Iterable[str] = (), loss: str | None = None,
-         policy=None, input_shapes: Mapping[str, Iterable[int]] | None = None,
-         fetch: Iterable[str] | None = None, cotangent_outputs: Iterable[str] = (),
-         include_schedule: bool = False) -> Flow:
+def plan(
+    session: Session,
+    graph: Graph,
+    *,
+    wrt: Iterable[str] = (),
+    loss: str | None = None,
+    policy=None,
+    input_shapes: Mapping[str, Iterable[int]] | None = None,
+    fetch: Iterable[str] | None = None,
+    cotangent_outputs: Iterable[str] = (),
+    include_schedule: bool = False,
+) -> Flow:
     request = executor_pb2.PlanRequest(
-        wrt=list(wrt), loss=loss or "", cotangent_outputs=list(cotangent_outputs),
-        fetch=list(fetch or ()), policy=wire.policy_to_proto(policies.resolve(policy)),
-        include_schedule=include_schedule)
+        wrt=list(wrt),
+        loss=loss or "",
+        cotangent_outputs=list(cotangent_outputs),
+        fetch=list(fetch or ()),
+        policy=wire.policy_to_proto(policies.resolve(policy)),
+        include_schedule=include_schedule,
+    )
     _fill_shapes(request.input_shapes, input_shapes)
     return (yield from with_graph(session, graph, _with_ref("Plan", request, plan_from_proto)))
 
 
-def differentiate(session: Session, graph: Graph, *, wrt: Iterable[str],
-                  loss: str | None = None,
-                  input_shapes: Mapping[str, Iterable[int]] | None = None) -> Flow:
+def differentiate(
+    session: Session,
+    graph: Graph,
+    *,
+    wrt: Iterable[str],
+    loss: str | None = None,
+    input_shapes: Mapping[str, Iterable[int]] | None = None,
+) -> Flow:
     request = executor_pb2.DifferentiateRequest(wrt=list(wrt), loss=loss or "")
     _fill_shapes(request.input_shapes, input_shapes)
-    return (yield from with_graph(session, graph,
-                                  _with_ref("Differentiate", request, _joint_graph)))
+    return (
+        yield from with_graph(session, graph, _with_ref("Differentiate", request, _joint_graph))
+    )
 
 
 def _with_ref(method: str, request, decode):
     """A `with_graph` call: `request` with the graph reference set, its reply decoded."""
+
     def call(ref):
         request.graph.CopyFrom(ref)
         return decode((yield Unary(method, request)))
+
     return call
 
 
@@ -325,20 +393,40 @@ def _fill_shapes(field, shapes: Mapping[str, Iterable[int]] | None) -> None:
 
 
 # --- Compare ---------------------------------------------------------------------------------
-def compare_request(graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str], loss: str,
-                    policies: Iterable = compare.DEFAULT_POLICIES, repeats: int = 1,
-                    warmup: bool = True, measure_memory: bool = False, timeline: bool = False,
-                    trace: bool = False) -> executor_pb2.CompareRequest:
+def compare_request(
+    graph: Graph,
+    inputs: Mapping[str, Any],
+    *,
+    wrt: Iterable[str],
+    loss: str,
+    policies: Iterable = compare.DEFAULT_POLICIES,
+    repeats: int = 1,
+    warmup: bool = True,
+    measure_memory: bool = False,
+    timeline: bool = False,
+    trace: bool = False,
+) -> executor_pb2.CompareRequest:
     """The graph goes inline: Compare is one call, however many policies it runs."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     chosen = compare.policy_list(policies)
-    run_message, _ = run_request(executor_pb2.GraphRef(graph=graph.wire_form()[0]), graph,
-                                 inputs, wrt=list(wrt), loss=loss, timeline=timeline,
-                                 measure_memory=measure_memory, trace=trace, stream=False)
+    run_message, _ = run_request(
+        executor_pb2.GraphRef(graph=graph.wire_form()[0]),
+        graph,
+        inputs,
+        wrt=list(wrt),
+        loss=loss,
+        timeline=timeline,
+        measure_memory=measure_memory,
+        trace=trace,
+        stream=False,
+    )
     return executor_pb2.CompareRequest(
-        run=run_message, policies=[wire.policy_to_proto(p) for p in chosen],
-        repeats=repeats, warmup=warmup)
+        run=run_message,
+        policies=[wire.policy_to_proto(p) for p in chosen],
+        repeats=repeats,
+        warmup=warmup,
+    )
 
 
 def comparison_rows() -> Generator[ComparisonRow | None, Any, None]:
@@ -350,9 +438,15 @@ def comparison_rows() -> Generator[ComparisonRow | None, Any, None]:
         metrics = wire.metrics_from_proto(result.metrics)
         base = base or metrics
         row = compare.row_from_metrics(
-            result.policy, metrics, base, result.max_grad_diff, timeline=result.timeline,
-            trace=wire.trace_from_proto(result.trace), error=result.error,
-            error_code=result.error_code)
+            result.policy,
+            metrics,
+            base,
+            result.max_grad_diff,
+            timeline=result.timeline,
+            trace=wire.trace_from_proto(result.trace),
+            error=result.error,
+            error_code=result.error_code,
+        )
 
 
 def rows_decoder():
@@ -360,4 +454,3 @@ def rows_decoder():
     decoder = comparison_rows()
     next(decoder)
     return decoder
-

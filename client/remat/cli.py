@@ -1,13 +1,14 @@
 """The `remat` command: serve, health, demo, compare, plan, ops.
 
-    remat serve --host 0.0.0.0 --port 50051 --workers 4 --metrics-port 9464
-    REMAT_MEMORY_BUDGET_BYTES=1073741824 remat serve   # any serve flag, from the environment
-    remat health --target 127.0.0.1:50051               # exit 0 if SERVING (Docker HEALTHCHECK)
-    remat demo
-    remat compare --plot policies.png --trace policies.json
-    remat plan --policy sqrt
-    remat ops
+remat serve --host 0.0.0.0 --port 50051 --workers 4 --metrics-port 9464
+REMAT_MEMORY_BUDGET_BYTES=1073741824 remat serve   # any serve flag, from the environment
+remat health --target 127.0.0.1:50051               # exit 0 if SERVING (Docker HEALTHCHECK)
+remat demo
+remat compare --plot policies.png --trace policies.json
+remat plan --policy sqrt
+remat ops
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ from remat_proto.arguments import positive
 
 from . import cli_compare, cli_health, cli_output
 
-
 DEMO_LAYERS, DEMO_BATCH = cli_compare.MLP_LAYERS, cli_compare.MLP_BATCH
 DEMO_POLICIES = ("store_all", "sqrt", "revolve:4", "recompute_all")
 
@@ -31,25 +31,38 @@ def _demo(args) -> int:
     from remat.compare import comparison_table
 
     model = cli_compare.mlp(args.batch, args.layers)
-    print(f"remat demo: {model.graph.name} with {len(model.graph.nodes)} nodes "
-          f"({args.layers} layers), batch {args.batch}, in-process server")
+    print(
+        f"remat demo: {model.graph.name} with {len(model.graph.nodes)} nodes "
+        f"({args.layers} layers), batch {args.batch}, in-process server"
+    )
     with remat.Client.in_process() as client:
         result = client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss)
-        rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-                              policies=args.policies or [_policy(p) for p in DEMO_POLICIES])
+        rows = client.compare(
+            model.graph,
+            model.inputs,
+            wrt=model.wrt,
+            loss=model.loss,
+            policies=args.policies or [_policy(p) for p in DEMO_POLICIES],
+        )
     print(f"loss = {float(result.outputs['loss']):.6f}")
     print()
-    norms = cli_output.new_table("input", "shape", "gradient norm",
-                                  figures={"shape", "gradient norm"})
+    norms = cli_output.new_table(
+        "input", "shape", "gradient norm", figures={"shape", "gradient norm"}
+    )
     for name in model.wrt:
         grad = result.grads[name]
         norms.add_row(name, "x".join(map(str, grad.shape)), f"{float(np.linalg.norm(grad)):.6f}")
     cli_output.print_table(norms)
     print()
     m = result.metrics
-    metrics = cli_output.new_table("metric", "value", "unit", figures={"value"},
-                                    title=f"metrics (policy {m.policy or 'store_all'})",
-                                    show_header=False)
+    metrics = cli_output.new_table(
+        "metric",
+        "value",
+        "unit",
+        figures={"value"},
+        title=f"metrics (policy {m.policy or 'store_all'})",
+        show_header=False,
+    )
     metrics.add_row("peak bytes", f"{m.peak_bytes:,}", f"predicted {m.predicted_peak_bytes:,}")
     metrics.add_row("forward", f"{m.forward_seconds * 1e3:.2f}", "ms")
     metrics.add_row("backward", f"{m.backward_seconds * 1e3:.2f}", "ms")
@@ -59,8 +72,10 @@ def _demo(args) -> int:
     cli_output.print_table(metrics)
     print()
     table = comparison_table(rows)
-    table.title = ("checkpoint policies (same model and inputs; peak vs store_all, share of "
-                   "time and FLOPs spent recomputing, gradient difference from store_all)")
+    table.title = (
+        "checkpoint policies (same model and inputs; peak vs store_all, share of "
+        "time and FLOPs spent recomputing, gradient difference from store_all)"
+    )
     cli_output.print_table(table)
     return 0
 
@@ -82,13 +97,17 @@ def _plan(args) -> int:
     policy_label = remat.policies.label(args.policy)
     print(f"remat plan: {load.description}, policy {policy_label} (dry run: no tensors sent)")
     # A saved graph's -1 (batch) dimensions are bound by the shapes of its inputs.
-    shapes = {item.name: load.inputs[item.name].shape for item in load.graph.inputs
-              if -1 in item.shape}
+    shapes = {
+        item.name: load.inputs[item.name].shape for item in load.graph.inputs if -1 in item.shape
+    }
     try:
-        with (remat.Client(args.target) if args.target else remat.Client.in_process()) as client:
-            plan, base = (client.plan(load.graph, wrt=load.wrt, loss=load.loss, policy=policy,
-                                      input_shapes=shapes)
-                          for policy in (args.policy, "store_all"))
+        with remat.Client(args.target) if args.target else remat.Client.in_process() as client:
+            plan, base = (
+                client.plan(
+                    load.graph, wrt=load.wrt, loss=load.loss, policy=policy, input_shapes=shapes
+                )
+                for policy in (args.policy, "store_all")
+            )
     except remat.RematError as error:
         print(f"remat plan: error: {error}", file=sys.stderr)
         return 1
@@ -102,17 +121,23 @@ def _plan(args) -> int:
     most = [f"{name} ({times}x)" for name, times in most[:5] if times > 1]
     share = plan.recompute_flops / plan.flops if plan.flops else 0.0
     ratio = plan.peak_bytes / base.peak_bytes if base.peak_bytes else 0.0
-    table = cli_output.new_table("figure", "value", "detail", figures={"value"},
-                                  show_header=False)
-    table.add_row("peak bytes", f"{plan.peak_bytes:,}",
-                  f"{_bytes(plan.peak_bytes)}; {ratio:.1%} of store_all's "
-                  f"{_bytes(base.peak_bytes)}; inputs {_bytes(plan.input_bytes)}")
-    table.add_row("flops", f"{plan.flops:,}",
-                  f"{plan.flops / base.flops:.2f}x store_all's" if base.flops else "")
+    table = cli_output.new_table("figure", "value", "detail", figures={"value"}, show_header=False)
+    table.add_row(
+        "peak bytes",
+        f"{plan.peak_bytes:,}",
+        f"{_bytes(plan.peak_bytes)}; {ratio:.1%} of store_all's "
+        f"{_bytes(base.peak_bytes)}; inputs {_bytes(plan.input_bytes)}",
+    )
+    table.add_row(
+        "flops",
+        f"{plan.flops:,}",
+        f"{plan.flops / base.flops:.2f}x store_all's" if base.flops else "",
+    )
     table.add_row("recompute flops", f"{plan.recompute_flops:,}", f"{share:.1%} of flops")
     table.add_row("recomputed nodes", f"{plan.recomputed_nodes:,}", "repeat evaluations")
-    table.add_row("schedule", f"{len(plan.timeline):,}",
-                  f"steps, planned in {plan.plan_seconds * 1e3:.1f} ms")
+    table.add_row(
+        "schedule", f"{len(plan.timeline):,}", f"steps, planned in {plan.plan_seconds * 1e3:.1f} ms"
+    )
     table.add_row("node evaluations", f"{len(plan.node_evaluations):,}", f"nodes: {summary}")
     if most:
         table.add_row("most recomputed", "", ", ".join(most))
@@ -123,10 +148,11 @@ def _plan(args) -> int:
 def _ops(args) -> int:
     import remat
 
-    with (remat.Client(args.target) if args.target else remat.Client.in_process()) as client:
+    with remat.Client(args.target) if args.target else remat.Client.in_process() as client:
         ops = client.list_ops()
-    table = cli_output.new_table("family", "op", "inputs", "gradient", "attributes",
-                                  figures={"inputs"})
+    table = cli_output.new_table(
+        "family", "op", "inputs", "gradient", "attributes", figures={"inputs"}
+    )
     table.caption, table.caption_justify = "attr? marks an optional attribute", "left"
     families = sorted({op.family for op in ops})
     for family in families:
@@ -135,8 +161,14 @@ def _ops(args) -> int:
             arity = f"{op.min_inputs}+" if op.max_inputs < 0 else str(op.max_inputs)
             attrs = ", ".join(a.name + ("" if a.required else "?") for a in op.attrs)
             grad = "differentiable" if any(op.differentiable) else "no gradient"
-            table.add_row(family, op.name, arity, grad, attrs,
-                          end_section=op is group[-1] and family != families[-1])
+            table.add_row(
+                family,
+                op.name,
+                arity,
+                grad,
+                attrs,
+                end_section=op is group[-1] and family != families[-1],
+            )
     cli_output.print_table(table)
     return 0
 
@@ -147,25 +179,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="remat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run a remat server (`remat serve --help` for "
-                           "its flags)", add_help=False)
+    serve = sub.add_parser(
+        "serve", help="run a remat server (`remat serve --help` for its flags)", add_help=False
+    )
     serve.add_argument("argv", nargs=argparse.REMAINDER)
     serve.set_defaults(run=_serve)
     cli_health.register(sub)
 
-    demo = sub.add_parser("demo", help="run a sample MLP on an in-process server and "
-                          "compare checkpoint policies on it")
+    demo = sub.add_parser(
+        "demo",
+        help="run a sample MLP on an in-process server and compare checkpoint policies on it",
+    )
     demo.add_argument("--batch", type=positive, default=DEMO_BATCH)
     demo.add_argument("--layers", type=positive, default=DEMO_LAYERS, help="linear layers")
-    demo.add_argument("--policies", nargs="+", type=_policy, default=None,
-                      metavar="POLICY", help="policies to compare (default: "
-                      f"{' '.join(DEMO_POLICIES)})")
+    demo.add_argument(
+        "--policies",
+        nargs="+",
+        type=_policy,
+        default=None,
+        metavar="POLICY",
+        help=f"policies to compare (default: {' '.join(DEMO_POLICIES)})",
+    )
     demo.set_defaults(run=_demo)
 
-    plan = sub.add_parser("plan", help="dry-run a sample model under a policy: predicted "
-                          "peak memory, FLOPs and recomputation, no tensors sent")
-    plan.add_argument("--policy", type=_policy, default="store_all",
-                      help=f"one of: {', '.join(policies.FORMS)} (default store_all)")
+    plan = sub.add_parser(
+        "plan",
+        help="dry-run a sample model under a policy: predicted "
+        "peak memory, FLOPs and recomputation, no tensors sent",
+    )
+    plan.add_argument(
+        "--policy",
+        type=_policy,
+        default="store_all",
+        help=f"one of: {', '.join(policies.FORMS)} (default store_all)",
+    )
     cli_compare.add_workload_arguments(plan)
     plan.add_argument("--target", help="server address (default: an in-process server)")
     plan.set_defaults(run=_plan, parser=plan)

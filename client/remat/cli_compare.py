@@ -11,6 +11,7 @@ A workload is a sample model (`--model`) or a saved graph (`--graph FILE`, the
 runs on seeded random inputs of its declared shapes: float inputs standard normal,
 integer inputs zeros, bool inputs False, a leading -1 dimension bound to `--batch`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,15 @@ MODELS = ("mlp", "transformer", "cnn", "unet")
 MLP_LAYERS, MLP_WIDTH, MLP_BATCH = 16, 64, 1024
 DEFAULT_BATCH = {"mlp": MLP_BATCH, "transformer": 4, "cnn": 8, "unet": 8}
 GRAPH_BATCH = 8  # a saved graph's leading -1 dimension, unless --batch
-DEFAULT_POLICIES = ("store_all", "sqrt", "revolve:4", "budget:0.5", "budget:0.4", "dtr:0.5",
-                    "recompute_all")
+DEFAULT_POLICIES = (
+    "store_all",
+    "sqrt",
+    "revolve:4",
+    "budget:0.5",
+    "budget:0.4",
+    "dtr:0.5",
+    "recompute_all",
+)
 SWEEP = (0.9, 0.7, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1)
 
 
@@ -51,21 +59,35 @@ class Workload:
 # --- workloads -----------------------------------------------------------------------------
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", choices=MODELS, default=None,
-                        help="sample model (default mlp)")
-    source.add_argument("--graph", metavar="FILE",
-                        help="a saved graph: the remat.v1.Graph message, binary "
-                        "(graph.to_proto().SerializeToString()) or JSON (graph.to_json())")
-    parser.add_argument("--batch", type=positive, metavar="N",
-                        help="batch size (default: mlp %d, transformer 4, cnn 8, unet 8; "
-                        "a saved graph's leading -1 dimension: %d)" % (MLP_BATCH, GRAPH_BATCH))
-    parser.add_argument("--layers", type=positive, metavar="N",
-                        help=f"mlp linear layers (default {MLP_LAYERS})")
-    parser.add_argument("--wrt", nargs="+", metavar="INPUT",
-                        help="--graph: inputs to differentiate (default: every float input)")
-    parser.add_argument("--loss", metavar="OUTPUT",
-                        help="--graph: the scalar output to differentiate (default: the only "
-                        "output, or the one named 'loss')")
+    source.add_argument("--model", choices=MODELS, default=None, help="sample model (default mlp)")
+    source.add_argument(
+        "--graph",
+        metavar="FILE",
+        help="a saved graph: the remat.v1.Graph message, binary "
+        "(graph.to_proto().SerializeToString()) or JSON (graph.to_json())",
+    )
+    parser.add_argument(
+        "--batch",
+        type=positive,
+        metavar="N",
+        help=f"batch size (default: mlp {MLP_BATCH}, transformer 4, cnn 8, unet 8; "
+        f"a saved graph's leading -1 dimension: {GRAPH_BATCH})",
+    )
+    parser.add_argument(
+        "--layers", type=positive, metavar="N", help=f"mlp linear layers (default {MLP_LAYERS})"
+    )
+    parser.add_argument(
+        "--wrt",
+        nargs="+",
+        metavar="INPUT",
+        help="--graph: inputs to differentiate (default: every float input)",
+    )
+    parser.add_argument(
+        "--loss",
+        metavar="OUTPUT",
+        help="--graph: the scalar output to differentiate (default: the only "
+        "output, or the one named 'loss')",
+    )
 
 
 def mlp(batch: int, layers: int = MLP_LAYERS, width: int = MLP_WIDTH):
@@ -128,8 +150,10 @@ def random_inputs(graph, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     for item in graph.inputs:
         shape = tuple(batch if (i == 0 and d == -1) else d for i, d in enumerate(item.shape))
         if any(d < 0 for d in shape):
-            raise WorkloadError(f"input {item.name!r} has shape {item.shape}: only a leading "
-                                "-1 (batch) dimension can be bound")
+            raise WorkloadError(
+                f"input {item.name!r} has shape {item.shape}: only a leading "
+                "-1 (batch) dimension can be bound"
+            )
         if item.dtype.startswith("float"):
             inputs[item.name] = rng.standard_normal(shape).astype(item.dtype)
         else:
@@ -143,8 +167,10 @@ def graph_workload(path: str, *, batch: int | None, wrt, loss) -> Workload:
     if wrt:
         unknown = [name for name in wrt if name not in declared]
         if unknown:
-            raise WorkloadError(f"--wrt {', '.join(unknown)}: not an input of the graph "
-                                f"(inputs: {', '.join(declared) or 'none'})")
+            raise WorkloadError(
+                f"--wrt {', '.join(unknown)}: not an input of the graph "
+                f"(inputs: {', '.join(declared) or 'none'})"
+            )
     else:
         wrt = [name for name, dtype in declared.items() if dtype.startswith("float")]
         if not wrt:
@@ -156,23 +182,32 @@ def graph_workload(path: str, *, batch: int | None, wrt, loss) -> Workload:
         elif "loss" in outputs:
             loss = "loss"
         else:
-            raise WorkloadError(f"graph {graph.name!r} has outputs {', '.join(outputs)}: "
-                                "choose the loss with --loss")
+            raise WorkloadError(
+                f"graph {graph.name!r} has outputs {', '.join(outputs)}: "
+                "choose the loss with --loss"
+            )
     elif loss not in outputs:
-        raise WorkloadError(f"--loss {loss}: not an output of the graph "
-                            f"(outputs: {', '.join(outputs)})")
+        raise WorkloadError(
+            f"--loss {loss}: not an output of the graph (outputs: {', '.join(outputs)})"
+        )
     batch = batch or GRAPH_BATCH
     batched = any(item.shape[:1] == (-1,) for item in graph.inputs)
-    description = (f"graph {graph.name!r} from {path} ({len(graph.nodes)} nodes"
-                   + (f", batch {batch}" if batched else "") + f"), loss {loss!r}")
+    description = (
+        f"graph {graph.name!r} from {path} ({len(graph.nodes)} nodes"
+        + (f", batch {batch}" if batched else "")
+        + f"), loss {loss!r}"
+    )
     return Workload(graph, random_inputs(graph, batch), list(wrt), loss, description)
 
 
 # --- remat compare -------------------------------------------------------------------------
 def _row_json(row) -> dict:
     """A row as JSON: every field but the bulky per-step `timeline` and `trace`."""
-    data = {f.name: getattr(row, f.name) for f in dataclasses.fields(row)
-            if f.name not in ("timeline", "trace", "planner")}
+    data = {
+        f.name: getattr(row, f.name)
+        for f in dataclasses.fields(row)
+        if f.name not in ("timeline", "trace", "planner")
+    }
     data["planner"] = dataclasses.asdict(row.planner) if row.planner else None
     return data
 
@@ -188,6 +223,7 @@ def run(args) -> int:
     if args.plot:  # before the (possibly long) comparison, not after it
         try:
             from remat.plots import require_matplotlib
+
             require_matplotlib()
         except RuntimeError as error:
             print(f"remat compare: error: {error}", file=sys.stderr)
@@ -206,14 +242,20 @@ def run(args) -> int:
     labels = [_policies.label(p) for p in resolved]
     where = f"server {args.target}" if args.target else "in-process server"
     if not args.json:
-        print(f"remat compare: {load.description}; {len(resolved)} policies, {where}",
-              flush=True)
+        print(f"remat compare: {load.description}; {len(resolved)} policies, {where}", flush=True)
     progress, rows, failure = Progress(labels), [], None
     try:
-        with (remat.Client(args.target) if args.target else remat.Client.in_process()) as client:
+        with remat.Client(args.target) if args.target else remat.Client.in_process() as client:
             for row in client.compare_stream(
-                    load.graph, load.inputs, wrt=load.wrt, loss=load.loss, policies=resolved,
-                    repeats=args.repeats, timeline=bool(args.plot), trace=bool(args.trace)):
+                load.graph,
+                load.inputs,
+                wrt=load.wrt,
+                loss=load.loss,
+                policies=resolved,
+                repeats=args.repeats,
+                timeline=bool(args.plot),
+                trace=bool(args.trace),
+            ):
                 rows.append(row)
                 progress.advance(row)
     except remat.RematError as error:
@@ -225,9 +267,18 @@ def run(args) -> int:
         return 1
 
     if args.json:
-        json.dump({"workload": load.description, "graph": load.graph.name, "loss": load.loss,
-                   "wrt": load.wrt, "repeats": args.repeats,
-                   "rows": [_row_json(row) for row in rows]}, sys.stdout, indent=2)
+        json.dump(
+            {
+                "workload": load.description,
+                "graph": load.graph.name,
+                "loss": load.loss,
+                "wrt": load.wrt,
+                "repeats": args.repeats,
+                "rows": [_row_json(row) for row in rows],
+            },
+            sys.stdout,
+            indent=2,
+        )
         print()
     else:
         from remat.compare import comparison_table
@@ -238,19 +289,23 @@ def run(args) -> int:
             if row.error:
                 print(f"{row.policy}: {row.error_code or 'error'}: {row.error}")
         if args.sweep and not base.error:
-            print(f"(budgets are fractions of store_all's peak, "
-                  f"{format_bytes(base.peak_bytes)})")
+            print(f"(budgets are fractions of store_all's peak, {format_bytes(base.peak_bytes)})")
     title = f"remat compare: {load.description}"
     try:
         if args.plot:
             from remat.plots import plot_comparison
+
             plot_comparison(rows, args.plot, title=title)
             print(f"remat compare: plot written to {args.plot}", file=sys.stderr)
         if args.trace:
             from remat.trace import write_chrome_trace
+
             write_chrome_trace(args.trace, rows, title=title)
-            print(f"remat compare: trace written to {args.trace} (open it in "
-                  "https://ui.perfetto.dev or chrome://tracing)", file=sys.stderr)
+            print(
+                f"remat compare: trace written to {args.trace} (open it in "
+                "https://ui.perfetto.dev or chrome://tracing)",
+                file=sys.stderr,
+            )
     except (OSError, ValueError) as error:
         print(f"remat compare: error: {error}", file=sys.stderr)
         return 1
@@ -262,7 +317,8 @@ def register(sub, policy_type) -> None:
     from remat import policies
 
     compare = sub.add_parser(
-        "compare", help="run a model (or a saved graph) under several checkpoint policies "
+        "compare",
+        help="run a model (or a saved graph) under several checkpoint policies "
         "and compare peak memory, recomputation and time",
         description="Run one workload under store_all (the baseline, always first) and "
         "each policy, on an in-process server unless --target. Prints a table (or "
@@ -274,23 +330,45 @@ def register(sub, policy_type) -> None:
         epilog="--json prints {workload, graph, loss, wrt, repeats, rows}: one object per "
         "policy with every ComparisonRow field except the per-step timeline and trace "
         "(see --plot and --trace for those). Exit status: 0 on success, 1 on a remat "
-        "error, 2 on a usage error.")
+        "error, 2 on a usage error.",
+    )
     add_workload_arguments(compare)
-    compare.add_argument("--policies", nargs="+", type=policy_type, metavar="POLICY",
-                         help=f"policies to compare, each one of: {', '.join(policies.FORMS)} "
-                         f"(default: {' '.join(DEFAULT_POLICIES)})")
-    compare.add_argument("--sweep", action="store_true",
-                         help="add budget:F for F in " + " ".join(map(str, SWEEP))
-                         + " (after any --policies; instead of the default policies)")
-    compare.add_argument("--repeats", type=positive, default=1, metavar="N",
-                         help="runs per policy; the fastest is reported (default 1)")
-    compare.add_argument("--plot", metavar="FILE.png",
-                         help='draw the comparison (PNG, SVG or PDF; needs pip install '
-                         '"remat[plot]")')
-    compare.add_argument("--trace", metavar="FILE.json",
-                         help="write a Chrome Trace Event file (open in ui.perfetto.dev)")
-    compare.add_argument("--json", action="store_true",
-                         help="print the rows as JSON instead of the table")
-    compare.add_argument("--target", metavar="ADDR",
-                         help="server address host:port (default: an in-process server)")
+    compare.add_argument(
+        "--policies",
+        nargs="+",
+        type=policy_type,
+        metavar="POLICY",
+        help=f"policies to compare, each one of: {', '.join(policies.FORMS)} "
+        f"(default: {' '.join(DEFAULT_POLICIES)})",
+    )
+    compare.add_argument(
+        "--sweep",
+        action="store_true",
+        help="add budget:F for F in "
+        + " ".join(map(str, SWEEP))
+        + " (after any --policies; instead of the default policies)",
+    )
+    compare.add_argument(
+        "--repeats",
+        type=positive,
+        default=1,
+        metavar="N",
+        help="runs per policy; the fastest is reported (default 1)",
+    )
+    compare.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help='draw the comparison (PNG, SVG or PDF; needs pip install "remat[plot]")',
+    )
+    compare.add_argument(
+        "--trace",
+        metavar="FILE.json",
+        help="write a Chrome Trace Event file (open in ui.perfetto.dev)",
+    )
+    compare.add_argument(
+        "--json", action="store_true", help="print the rows as JSON instead of the table"
+    )
+    compare.add_argument(
+        "--target", metavar="ADDR", help="server address host:port (default: an in-process server)"
+    )
     compare.set_defaults(run=run, parser=compare)

@@ -1,6 +1,7 @@
 """How the `remat` commands print: rich tables on stdout in one style (plain text when
 piped: no escape codes, no width limit, no trailing blanks) and `remat compare`'s
 progress on stderr."""
+
 from __future__ import annotations
 
 
@@ -22,8 +23,7 @@ def _stdout_console():
     return console if console.is_terminal else StdoutConsole(**options, width=100_000)
 
 
-def new_table(*headers: str, figures=(), title: str | None = None,
-              show_header: bool = True):
+def new_table(*headers: str, figures=(), title: str | None = None, show_header: bool = True):
     """An empty rich Table for `print_table`: text columns left-aligned, the columns
     named in `figures` right-aligned so digits line up."""
     from rich.table import Table
@@ -56,7 +56,7 @@ def print_table(table) -> None:
         console.print(table)
         return
     with console.capture() as captured:  # piped: rich pads every cell to its column's
-        console.print(table)             # width; a file needs no trailing blanks
+        console.print(table)  # width; a file needs no trailing blanks
     console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
@@ -77,7 +77,8 @@ def _narrow(table) -> None:
         column.min_width = max(map(cell_len, words), default=0)
         # A column already as narrow as it can be must not be picked to shrink.
         column.no_wrap = column.min_width >= max(
-            map(cell_len, [*str(column.header).splitlines(), *cells]), default=0)
+            map(cell_len, [*str(column.header).splitlines(), *cells]), default=0
+        )
 
 
 class Progress:
@@ -95,11 +96,16 @@ class Progress:
         self.bar = None
         if self.console.is_interactive and labels:
             self.bar = progress.Progress(
-                progress.SpinnerColumn(), progress.BarColumn(),
-                progress.MofNCompleteColumn(), progress.TimeElapsedColumn(),
+                progress.SpinnerColumn(),
+                progress.BarColumn(),
+                progress.MofNCompleteColumn(),
+                progress.TimeElapsedColumn(),
                 progress.TextColumn("{task.description}", markup=False),
                 # stdout stays stdout (rich would send it through this stderr console).
-                console=self.console, transient=True, redirect_stdout=False)
+                console=self.console,
+                transient=True,
+                redirect_stdout=False,
+            )
             self.task = self.bar.add_task(self._running(), total=len(labels))
             self.bar.start()
 
@@ -113,10 +119,16 @@ class Progress:
             # Drawn now, not at the next tick: each result shows as it arrives.
             self.bar.update(self.task, advance=1, description=self._running(), refresh=True)
             return
-        status = f"error {row.error_code}".rstrip() if row.error else \
-            f"peak {row.peak_ratio:.1%} of store_all, {row.total_seconds * 1e3:.2f} ms"
-        print(f"remat compare: [{self.done}/{len(self.labels)}] {row.policy}: {status}",
-              file=self.console.file, flush=True)
+        status = (
+            f"error {row.error_code}".rstrip()
+            if row.error
+            else f"peak {row.peak_ratio:.1%} of store_all, {row.total_seconds * 1e3:.2f} ms"
+        )
+        print(
+            f"remat compare: [{self.done}/{len(self.labels)}] {row.policy}: {status}",
+            file=self.console.file,
+            flush=True,
+        )
 
     def close(self) -> None:
         """Stop the display and clear it (the table follows on stdout)."""

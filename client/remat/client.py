@@ -1,19 +1,21 @@
 """The synchronous client.
 
-    >>> import numpy as np, remat
-    >>> g = remat.Graph("square")
-    >>> x = g.input("x", (3,), dtype="float64")
-    >>> _ = g.output("loss", remat.sum(x * x))
-    >>> with remat.Client.in_process() as client:
-    ...     result = client.run(g, {"x": np.array([1.0, 2.0, 3.0])}, wrt=["x"], loss="loss")
-    >>> float(result.outputs["loss"]), result.grads["x"].tolist()
-    (14.0, [2.0, 4.0, 6.0])
+>>> import numpy as np, remat
+>>> g = remat.Graph("square")
+>>> x = g.input("x", (3,), dtype="float64")
+>>> _ = g.output("loss", remat.sum(x * x))
+>>> with remat.Client.in_process() as client:
+...     result = client.run(g, {"x": np.array([1.0, 2.0, 3.0])}, wrt=["x"], loss="loss")
+>>> float(result.outputs["loss"]), result.grads["x"].tolist()
+(14.0, [2.0, 4.0, 6.0])
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import grpc
 
@@ -37,7 +39,7 @@ class Client(Connection):
             server, self._server = self._server, None
             server.stop(grace=None).wait()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -71,19 +73,33 @@ class Client(Connection):
 
     def _stream(self, op: calls.Stream, left: float | None):
         download = streaming.Download(op.out)
-        for message in self._run_stream_call(streaming.upload(op.request, op.chunked),
-                                             timeout=left):
+        for message in self._run_stream_call(
+            streaming.upload(op.request, op.chunked), timeout=left
+        ):
             download.add(message)
         return download.finish()
 
     # --- calls ---------------------------------------------------------------------------
-    def run(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str] = (),
-            loss: str | None = None, cotangents: Mapping[str, Any] | None = None,
-            fetch: Iterable[str] | None = None, policy=None, timeline: bool = False,
-            measure_memory: bool = False, trace: bool = False,
-            timeout: float | None = None, out: RunResult | None = None, shards: int = 1,
-            batch_axes: Mapping[str, int] | None = None, reduction: str | None = None,
-            output_axes: Mapping[str, int | None] | None = None) -> RunResult:
+    def run(
+        self,
+        graph: Graph,
+        inputs: Mapping[str, Any],
+        *,
+        wrt: Iterable[str] = (),
+        loss: str | None = None,
+        cotangents: Mapping[str, Any] | None = None,
+        fetch: Iterable[str] | None = None,
+        policy=None,
+        timeline: bool = False,
+        measure_memory: bool = False,
+        trace: bool = False,
+        timeout: float | None = None,
+        out: RunResult | None = None,
+        shards: int = 1,
+        batch_axes: Mapping[str, int] | None = None,
+        reduction: str | None = None,
+        output_axes: Mapping[str, int | None] | None = None,
+    ) -> RunResult:
         """Run forward (and backward, when `wrt` is given) on the server.
 
         `loss` names a scalar output; or pass `cotangents` (output name -> array) for a
@@ -124,24 +140,49 @@ class Client(Connection):
             >>> bool(np.allclose(split.grads["w"], whole.grads["w"])), len(split.shards)
             (True, 2)
         """
-        options = dict(wrt=wrt, loss=loss, cotangents=cotangents, fetch=fetch, policy=policy,
-                       timeline=timeline, measure_memory=measure_memory, trace=trace)
+        options = dict(
+            wrt=wrt,
+            loss=loss,
+            cotangents=cotangents,
+            fetch=fetch,
+            policy=policy,
+            timeline=timeline,
+            measure_memory=measure_memory,
+            trace=trace,
+        )
         if shards != 1:
             if out is not None:
                 raise ValueError("out= is not available for a sharded run (shards > 1)")
-            plan, runs = sharding.shard_runs(graph, inputs, options, shards=shards,
-                                             batch_axes=batch_axes, reduction=reduction,
-                                             output_axes=output_axes)
+            plan, runs = sharding.shard_runs(
+                graph,
+                inputs,
+                options,
+                shards=shards,
+                batch_axes=batch_axes,
+                reduction=reduction,
+                output_axes=output_axes,
+            )
             with ThreadPoolExecutor(len(runs), thread_name_prefix="remat-shard") as pool:
-                futures = [pool.submit(self.run, graph, shard_inputs, timeout=timeout, **kwargs)
-                           for shard_inputs, kwargs in runs]
+                futures = [
+                    pool.submit(self.run, graph, shard_inputs, timeout=timeout, **kwargs)
+                    for shard_inputs, kwargs in runs
+                ]
                 return sharding.combine(plan, [future.result() for future in futures])
         return self._drive(calls.run(self._session, graph, inputs, out=out, **options), timeout)
 
-    def plan(self, graph: Graph, *, wrt: Iterable[str] = (), loss: str | None = None,
-             policy=None, input_shapes: Mapping[str, Iterable[int]] | None = None,
-             fetch: Iterable[str] | None = None, cotangent_outputs: Iterable[str] = (),
-             include_schedule: bool = False, timeout: float | None = None) -> PlanResult:
+    def plan(
+        self,
+        graph: Graph,
+        *,
+        wrt: Iterable[str] = (),
+        loss: str | None = None,
+        policy=None,
+        input_shapes: Mapping[str, Iterable[int]] | None = None,
+        fetch: Iterable[str] | None = None,
+        cotangent_outputs: Iterable[str] = (),
+        include_schedule: bool = False,
+        timeout: float | None = None,
+    ) -> PlanResult:
         """Dry run: what `run` would cost under `policy`, from the server's simulator.
         No tensors are sent and no kernel runs.
 
@@ -161,16 +202,36 @@ class Client(Connection):
             >>> set(store.node_evaluations.values())
             {1}
         """
-        return self._drive(calls.plan(
-            self._session, graph, wrt=wrt, loss=loss, policy=policy, input_shapes=input_shapes,
-            fetch=fetch, cotangent_outputs=cotangent_outputs,
-            include_schedule=include_schedule), timeout)
+        return self._drive(
+            calls.plan(
+                self._session,
+                graph,
+                wrt=wrt,
+                loss=loss,
+                policy=policy,
+                input_shapes=input_shapes,
+                fetch=fetch,
+                cotangent_outputs=cotangent_outputs,
+                include_schedule=include_schedule,
+            ),
+            timeout,
+        )
 
-    def compare(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str],
-                loss: str, policies: Iterable = compare_module.DEFAULT_POLICIES,
-                repeats: int = 1, warmup: bool = True, measure_memory: bool = False,
-                timeline: bool = False, trace: bool = False,
-                timeout: float | None = None) -> list[ComparisonRow]:
+    def compare(
+        self,
+        graph: Graph,
+        inputs: Mapping[str, Any],
+        *,
+        wrt: Iterable[str],
+        loss: str,
+        policies: Iterable = compare_module.DEFAULT_POLICIES,
+        repeats: int = 1,
+        warmup: bool = True,
+        measure_memory: bool = False,
+        timeline: bool = False,
+        trace: bool = False,
+        timeout: float | None = None,
+    ) -> list[ComparisonRow]:
         """Run `graph` under store_all first (the baseline, listed or not), then under
         each policy in order; return one `remat.ComparisonRow` per policy, store_all's
         first.
@@ -183,16 +244,37 @@ class Client(Connection):
         Policies are `remat.policies` objects or names; they are checked before
         anything runs. A policy that cannot plan or run gives a row with `error` set.
         """
-        return list(self.compare_stream(
-            graph, inputs, wrt=wrt, loss=loss, policies=policies, repeats=repeats,
-            warmup=warmup, measure_memory=measure_memory, timeline=timeline, trace=trace,
-            timeout=timeout))
+        return list(
+            self.compare_stream(
+                graph,
+                inputs,
+                wrt=wrt,
+                loss=loss,
+                policies=policies,
+                repeats=repeats,
+                warmup=warmup,
+                measure_memory=measure_memory,
+                timeline=timeline,
+                trace=trace,
+                timeout=timeout,
+            )
+        )
 
-    def compare_stream(self, graph: Graph, inputs: Mapping[str, Any], *, wrt: Iterable[str],
-                       loss: str, policies: Iterable = compare_module.DEFAULT_POLICIES,
-                       repeats: int = 1, warmup: bool = True, measure_memory: bool = False,
-                       timeline: bool = False, trace: bool = False,
-                       timeout: float | None = None) -> Iterator[ComparisonRow]:
+    def compare_stream(
+        self,
+        graph: Graph,
+        inputs: Mapping[str, Any],
+        *,
+        wrt: Iterable[str],
+        loss: str,
+        policies: Iterable = compare_module.DEFAULT_POLICIES,
+        repeats: int = 1,
+        warmup: bool = True,
+        measure_memory: bool = False,
+        timeline: bool = False,
+        trace: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[ComparisonRow]:
         """Like `compare`, but yields each policy's row as soon as the server has run
         it (the `Compare` RPC streams them), store_all's first: for progress bars.
         The number of rows is `len(remat.compare.policy_list(policies))`.
@@ -207,8 +289,17 @@ class Client(Connection):
             sqrt 0.0
         """
         request = calls.compare_request(
-            graph, inputs, wrt=wrt, loss=loss, policies=policies, repeats=repeats,
-            warmup=warmup, measure_memory=measure_memory, timeline=timeline, trace=trace)
+            graph,
+            inputs,
+            wrt=wrt,
+            loss=loss,
+            policies=policies,
+            repeats=repeats,
+            warmup=warmup,
+            measure_memory=measure_memory,
+            timeline=timeline,
+            trace=trace,
+        )
         attempts = calls.Attempts(self.retry, self._deadline(timeout))
         while True:  # retried until the first row arrives: rows yielded are not replayed
             try:
@@ -227,17 +318,27 @@ class Client(Connection):
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def differentiate(self, graph: Graph, *, wrt: Iterable[str], loss: str | None = None,
-                      input_shapes: Mapping[str, Iterable[int]] | None = None,
-                      timeout: float | None = None) -> Graph:
+    def differentiate(
+        self,
+        graph: Graph,
+        *,
+        wrt: Iterable[str],
+        loss: str | None = None,
+        input_shapes: Mapping[str, Iterable[int]] | None = None,
+        timeout: float | None = None,
+    ) -> Graph:
         """The joint forward+backward graph, as a `remat.Graph` you can extend.
 
         Its outputs are the original ones plus `grad/<input>` per `wrt` input (or
         `grad2/<input>` and so on when differentiating a graph that already has
         `grad/<input>`); `graph.grad_outputs` maps each input to its output name.
         """
-        return self._drive(calls.differentiate(self._session, graph, wrt=wrt, loss=loss,
-                                               input_shapes=input_shapes), timeout)
+        return self._drive(
+            calls.differentiate(
+                self._session, graph, wrt=wrt, loss=loss, input_shapes=input_shapes
+            ),
+            timeout,
+        )
 
     def register(self, graph: Graph, timeout: float | None = None) -> str:
         """Store `graph` on the server; returns its content id (sha256). Not needed

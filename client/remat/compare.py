@@ -1,20 +1,22 @@
 """Checkpoint policies side by side: run one graph under each, compare cost and gradients.
 
-    >>> import remat
-    >>> model = remat.models.mlp(batch=8, widths=(16, 32, 32, 32, 4))
-    >>> with remat.Client.in_process() as client:
-    ...     rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-    ...                           policies=["sqrt", "recompute_all"])
-    >>> [row.policy for row in rows]
-    ['store_all', 'sqrt', 'recompute_all']
-    >>> rows[2].peak_ratio < 1.0, [row.max_grad_diff for row in rows]
-    (True, [0.0, 0.0, 0.0])
-    >>> print(format_table(rows))  # doctest: +SKIP
+>>> import remat
+>>> model = remat.models.mlp(batch=8, widths=(16, 32, 32, 32, 4))
+>>> with remat.Client.in_process() as client:
+...     rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
+...                           policies=["sqrt", "recompute_all"])
+>>> [row.policy for row in rows]
+['store_all', 'sqrt', 'recompute_all']
+>>> rows[2].peak_ratio < 1.0, [row.max_grad_diff for row in rows]
+(True, [0.0, 0.0, 0.0])
+>>> print(format_table(rows))  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from remat_proto import policies as _policies
 from remat_proto.units import format_bytes
@@ -75,21 +77,42 @@ def policy_list(policies: Iterable) -> list:
     return [_policies.StoreAll()] + [p for p in chosen if not isinstance(p, _policies.StoreAll)]
 
 
-def row_from_metrics(policy: str, m: Metrics, base: Metrics, max_grad_diff: float, *,
-                     timeline=(), trace=(), error: str = "", error_code: str = "") -> ComparisonRow:
+def row_from_metrics(
+    policy: str,
+    m: Metrics,
+    base: Metrics,
+    max_grad_diff: float,
+    *,
+    timeline=(),
+    trace=(),
+    error: str = "",
+    error_code: str = "",
+) -> ComparisonRow:
     """One row from a run's metrics and the baseline's."""
     compute = m.forward_seconds + m.recompute_seconds + m.backward_seconds
     return ComparisonRow(
-        policy=policy, predicted_peak_bytes=m.predicted_peak_bytes,
-        peak_bytes=m.peak_bytes, peak_ratio=m.peak_bytes / base.peak_bytes if base.peak_bytes else 0.0,
+        policy=policy,
+        predicted_peak_bytes=m.predicted_peak_bytes,
+        peak_bytes=m.peak_bytes,
+        peak_ratio=m.peak_bytes / base.peak_bytes if base.peak_bytes else 0.0,
         recompute_share=m.recompute_seconds / compute if compute else 0.0,
         recompute_flop_share=m.recompute_flops / m.flops if m.flops else 0.0,
-        forward_seconds=m.forward_seconds, backward_seconds=m.backward_seconds,
-        recompute_seconds=m.recompute_seconds, total_seconds=m.total_seconds,
-        max_grad_diff=max_grad_diff, flops=m.flops, recompute_flops=m.recompute_flops,
-        recomputed_nodes=m.recomputed_nodes, measured_peak_bytes=m.measured_peak_bytes,
-        timeline=tuple(timeline), trace=tuple(trace), error=error, error_code=error_code,
-        planner=m.planner, plan_seconds=m.plan_seconds)
+        forward_seconds=m.forward_seconds,
+        backward_seconds=m.backward_seconds,
+        recompute_seconds=m.recompute_seconds,
+        total_seconds=m.total_seconds,
+        max_grad_diff=max_grad_diff,
+        flops=m.flops,
+        recompute_flops=m.recompute_flops,
+        recomputed_nodes=m.recomputed_nodes,
+        measured_peak_bytes=m.measured_peak_bytes,
+        timeline=tuple(timeline),
+        trace=tuple(trace),
+        error=error,
+        error_code=error_code,
+        planner=m.planner,
+        plan_seconds=m.plan_seconds,
+    )
 
 
 def comparison_table(rows: Iterable[ComparisonRow]) -> rich.table.Table:
@@ -100,9 +123,20 @@ def comparison_table(rows: Iterable[ComparisonRow]) -> rich.table.Table:
 
     rows = list(rows)
     measured = any(row.measured_peak_bytes for row in rows)
-    headers = ["policy", "peak", "predicted", *(["measured"] if measured else []),
-               "vs store_all", "recompute time", "recompute flops", "forward ms",
-               "recompute ms", "backward ms", "total ms", "max grad diff"]
+    headers = [
+        "policy",
+        "peak",
+        "predicted",
+        *(["measured"] if measured else []),
+        "vs store_all",
+        "recompute time",
+        "recompute flops",
+        "forward ms",
+        "recompute ms",
+        "backward ms",
+        "total ms",
+        "max grad diff",
+    ]
     # Borderless, with no padding at the edges: a row starts with its policy, as in
     # `column -t` output, so the plain-text form greps and diffs cleanly.
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -111,16 +145,24 @@ def comparison_table(rows: Iterable[ComparisonRow]) -> rich.table.Table:
         table.add_column(header, justify="left" if i == 0 else "right")
     for row in rows:
         if row.error:  # the reason is printed below the table by the CLI
-            table.add_row(row.policy, row.error_code or "error", *["-"] * (len(headers) - 2),
-                          style="red")
+            table.add_row(
+                row.policy, row.error_code or "error", *["-"] * (len(headers) - 2), style="red"
+            )
             continue
         table.add_row(
-            row.policy, format_bytes(row.peak_bytes), format_bytes(row.predicted_peak_bytes),
+            row.policy,
+            format_bytes(row.peak_bytes),
+            format_bytes(row.predicted_peak_bytes),
             *([format_bytes(row.measured_peak_bytes)] if measured else []),
-            f"{row.peak_ratio:.1%}", f"{row.recompute_share:.1%}",
-            f"{row.recompute_flop_share:.1%}", f"{row.forward_seconds * 1e3:.2f}",
-            f"{row.recompute_seconds * 1e3:.2f}", f"{row.backward_seconds * 1e3:.2f}",
-            f"{row.total_seconds * 1e3:.2f}", f"{row.max_grad_diff:.3g}")
+            f"{row.peak_ratio:.1%}",
+            f"{row.recompute_share:.1%}",
+            f"{row.recompute_flop_share:.1%}",
+            f"{row.forward_seconds * 1e3:.2f}",
+            f"{row.recompute_seconds * 1e3:.2f}",
+            f"{row.backward_seconds * 1e3:.2f}",
+            f"{row.total_seconds * 1e3:.2f}",
+            f"{row.max_grad_diff:.3g}",
+        )
     return table
 
 
@@ -130,9 +172,11 @@ def format_table(rows: Iterable[ComparisonRow]) -> str:
 
         >>> row = ComparisonRow("sqrt", 3 << 20, 3 << 20, 0.25, 0.2, 0.3, 0.01, 0.02,
         ...                     0.005, 0.04, 0.0)
-        >>> print(format_table([row]))
-        policy      peak  predicted  vs store_all  recompute time  recompute flops  forward ms  recompute ms  backward ms  total ms  max grad diff
-        sqrt    3.00 MiB   3.00 MiB         25.0%           20.0%            30.0%       10.00          5.00        20.00     40.00              0
+        >>> print(format_table([row]))  # doctest: +NORMALIZE_WHITESPACE
+        policy      peak  predicted  vs store_all  recompute time  recompute flops
+            forward ms  recompute ms  backward ms  total ms  max grad diff
+        sqrt    3.00 MiB   3.00 MiB         25.0%           20.0%            30.0%
+                 10.00          5.00        20.00     40.00              0
     """
     import io
 
@@ -141,7 +185,14 @@ def format_table(rows: Iterable[ComparisonRow]) -> str:
     out = io.StringIO()
     # Never a terminal (not even under FORCE_COLOR), so never colour codes; wide
     # enough that rich never wraps or squeezes a column.
-    console = Console(file=out, force_terminal=False, color_system=None, width=100_000,
-                      markup=False, highlight=False, emoji=False)
+    console = Console(
+        file=out,
+        force_terminal=False,
+        color_system=None,
+        width=100_000,
+        markup=False,
+        highlight=False,
+        emoji=False,
+    )
     console.print(comparison_table(rows))
     return out.getvalue().rstrip("\n")

@@ -1,8 +1,10 @@
 """What `Client` and `AsyncClient` share: the channel to the server (or servers), the
 session (graphs sent), the retry policy, and `in_process()`."""
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from remat_proto.v1 import executor_pb2_grpc
 
@@ -15,10 +17,17 @@ class Connection:
 
     _aio = False
 
-    def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
-                 max_message_bytes: int = calls.DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Iterable[tuple[str, Any]] = (), tls=None, token: str | None = None,
-                 retry: calls.Retry = calls.Retry()):
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        max_message_bytes: int = calls.DEFAULT_MAX_MESSAGE_BYTES,
+        options: Iterable[tuple[str, Any]] = (),
+        tls=None,
+        token: str | None = None,
+        retry: calls.Retry = calls.DEFAULT_RETRY,
+    ):
         """`target`: "host:port", a gRPC URI such as "dns:///remat-headless:50051", or
         several addresses (a list, or comma-separated); calls are balanced round robin
         over every address (see `remat.targets`).
@@ -30,8 +39,12 @@ class Connection:
         self.timeout = timeout
         self.retry = retry
         self._channel = make_channel(
-            target, calls.channel_options(max_message_bytes, retry, options),
-            tls=tls, token=token, aio=self._aio)
+            target,
+            calls.channel_options(max_message_bytes, retry, options),
+            tls=tls,
+            token=token,
+            aio=self._aio,
+        )
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self._run_stream_call = streaming.run_stream_call(self._channel)
         self._session = calls.Session()

@@ -13,11 +13,13 @@ gRPC refuses call credentials on an insecure channel, so there a client intercep
 adds the same `authorization: Bearer <token>` metadata: meant for loopback and
 trusted private networks, since the token then travels in clear text.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import grpc
 
@@ -72,7 +74,8 @@ class TLS:
         return grpc.ssl_channel_credentials(
             root_certificates=_pem(self.root_certificates, self.root_certificates_file, "root"),
             private_key=_pem(self.private_key, self.private_key_file, "private key"),
-            certificate_chain=_pem(self.certificate, self.certificate_file, "certificate"))
+            certificate_chain=_pem(self.certificate, self.certificate_file, "certificate"),
+        )
 
     def channel_options(self) -> list[tuple[str, Any]]:
         if not self.server_name_override:
@@ -90,7 +93,7 @@ def _pem(data: bytes | None, path: str, what: str) -> bytes | None:
         raise ValueError(f"cannot read TLS {what} file {path!r}: {error.strerror}") from None
 
 
-def resolve_tls(tls: "TLS | bool | None") -> TLS | None:
+def resolve_tls(tls: TLS | bool | None) -> TLS | None:
     """None/False: no TLS; True: TLS trusting the system's roots; a TLS: itself."""
     if tls is None or tls is False:
         return None
@@ -126,11 +129,17 @@ def _token_from_file(path: str) -> str:
     return token
 
 
-def make_channel(target: "str | Sequence[str]", options: Iterable[tuple[str, Any]] = (), *,
-                 tls: "TLS | bool | None" = None, token: str | None = None,
-                 aio: bool = False):
+def make_channel(
+    target: str | Sequence[str],
+    options: Iterable[tuple[str, Any]] = (),
+    *,
+    tls: TLS | bool | None = None,
+    token: str | None = None,
+    aio: bool = False,
+):
     """A `grpc.Channel` (a `grpc.aio.Channel` when `aio`) to `target` (see
-    `remat.targets.channel_target`) with the given TLS settings (see `resolve_tls`) and bearer token (see `resolve_token`)."""
+    `remat.targets.channel_target`) with the given TLS settings (see `resolve_tls`)
+    and bearer token (see `resolve_token`)."""
     options = list(options)
     target = channel_target(target)
     settings, token = resolve_tls(tls), resolve_token(token)
@@ -139,7 +148,8 @@ def make_channel(target: "str | Sequence[str]", options: Iterable[tuple[str, Any
     credentials = settings.channel_credentials()
     if token:
         credentials = grpc.composite_channel_credentials(
-            credentials, grpc.access_token_call_credentials(token))
+            credentials, grpc.access_token_call_credentials(token)
+        )
     options += settings.channel_options()
     if aio:
         return grpc.aio.secure_channel(target, credentials, options=options)
@@ -169,8 +179,12 @@ class _CallDetails(grpc.ClientCallDetails):
         self.compression = getattr(details, "compression", None)
 
 
-class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds the bearer token to every call on an insecure (sync) channel."""
 
     def __init__(self, token: str):
@@ -212,5 +226,9 @@ class _AioBearerStreamStream(_AioBearer, grpc.aio.StreamStreamClientInterceptor)
     intercept_stream_stream = _AioBearer._intercept
 
 
-_AIO_BEARERS = (_AioBearerUnaryUnary, _AioBearerUnaryStream, _AioBearerStreamUnary,
-                _AioBearerStreamStream)
+_AIO_BEARERS = (
+    _AioBearerUnaryUnary,
+    _AioBearerUnaryStream,
+    _AioBearerStreamUnary,
+    _AioBearerStreamStream,
+)

@@ -9,6 +9,7 @@ where your code built it) for graph errors.
     ...     err.code
     'INVALID_ARGUMENT'
 """
+
 from __future__ import annotations
 
 import grpc
@@ -64,17 +65,27 @@ class InternalError(RematError):
     code = "INTERNAL"
 
 
-_BY_CODE = {cls.code: cls for cls in (
-    InvalidArgumentError, ResourceExhaustedError, NotFoundError, UnavailableError,
-    CancelledError, DeadlineExceededError, UnauthenticatedError, PermissionDeniedError,
-    UnimplementedError, InternalError)}
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        ResourceExhaustedError,
+        NotFoundError,
+        UnavailableError,
+        CancelledError,
+        DeadlineExceededError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        UnimplementedError,
+        InternalError,
+    )
+}
 
 
 # gRPC's own refusals, made before any remat code runs, with the setting to change.
 _GRPC_HINTS = {
-    "Concurrent RPC limit exceeded!":
-        "Concurrent RPC limit exceeded! The server is at its limit of concurrent calls "
-        "(server flag --max-concurrent-rpcs); retry later or raise it",
+    "Concurrent RPC limit exceeded!": "Concurrent RPC limit exceeded! The server is at its "
+    "limit of concurrent calls (server flag --max-concurrent-rpcs); retry later or raise it",
 }
 
 

@@ -1,24 +1,26 @@
 """Check a server's gradients against centered differences, in float64.
 
-    >>> import numpy as np, remat
-    >>> g = remat.Graph()
-    >>> x = g.input("x", (3,), dtype="float64")
-    >>> _ = g.output("loss", remat.sum(remat.tanh(x) * x))
-    >>> with remat.Client.in_process() as client:
-    ...     report = remat.gradcheck(client, g, {"x": np.array([0.1, -0.4, 2.0])},
-    ...                              wrt=["x"], loss="loss")
-    >>> report["x"] < 1e-6
-    True
+>>> import numpy as np, remat
+>>> g = remat.Graph()
+>>> x = g.input("x", (3,), dtype="float64")
+>>> _ = g.output("loss", remat.sum(remat.tanh(x) * x))
+>>> with remat.Client.in_process() as client:
+...     report = remat.gradcheck(client, g, {"x": np.array([0.1, -0.4, 2.0])},
+...                              wrt=["x"], loss="loss")
+>>> report["x"] < 1e-6
+True
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 
-def numeric_gradient(client, graph, inputs: Mapping[str, np.ndarray], name: str, loss: str,
-                     h: float = 1e-6) -> np.ndarray:
+def numeric_gradient(
+    client, graph, inputs: Mapping[str, np.ndarray], name: str, loss: str, h: float = 1e-6
+) -> np.ndarray:
     """(f(x + h e_i) - f(x - h e_i)) / 2h for every element i of input `name`."""
     base = np.asarray(inputs[name], dtype=np.float64)
     grad = np.zeros(base.shape)
@@ -33,16 +35,18 @@ def numeric_gradient(client, graph, inputs: Mapping[str, np.ndarray], name: str,
     return grad
 
 
-def gradcheck(client, graph, inputs: Mapping[str, np.ndarray], wrt, loss: str,
-              h: float = 1e-6) -> dict[str, float]:
+def gradcheck(
+    client, graph, inputs: Mapping[str, np.ndarray], wrt, loss: str, h: float = 1e-6
+) -> dict[str, float]:
     """Relative error max|analytic - numeric| / max(max|numeric|, 1e-3) per `wrt` input.
 
     Inputs in `wrt` must be float64 (finite differences in float32 are too coarse).
     """
     for name in wrt:
         if np.asarray(inputs[name]).dtype != np.float64:
-            raise TypeError(f"gradcheck needs float64 inputs; '{name}' is "
-                            f"{np.asarray(inputs[name]).dtype}")
+            raise TypeError(
+                f"gradcheck needs float64 inputs; '{name}' is {np.asarray(inputs[name]).dtype}"
+            )
     analytic = client.run(graph, inputs, wrt=list(wrt), loss=loss).grads
     report = {}
     for name in wrt:

@@ -15,12 +15,14 @@ Each node remembers the file:line that built it; the server quotes it in errors.
 Shapes are checked by the server, which infers them; the SDK tracks only dtypes (so
 Python scalars in `x * 2` become constants of `x`'s dtype).
 """
+
 from __future__ import annotations
 
 import math
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
@@ -29,6 +31,7 @@ from remat_proto import wire
 from remat_proto.dtypes import NAMES as DTYPES
 from remat_proto.spec import GraphSpec, InputSpec, NodeSpec
 from remat_proto.v1 import graph_pb2
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -71,32 +74,61 @@ class Node:
     __array_priority__ = 1000  # so ndarray + node defers to Node.__radd__
     __hash__ = object.__hash__
 
-    def __init__(self, graph: "Graph", name: str, op: str, dtype: str | None):
+    def __init__(self, graph: Graph, name: str, op: str, dtype: str | None):
         self.graph, self.name, self.op, self.dtype = graph, name, op, dtype
 
     def __repr__(self) -> str:
         return f"<remat.Node {self.name!r} op={self.op} dtype={self.dtype}>"
 
-    def _binary(self, op: str, other: Any, reverse: bool = False) -> "Node":
+    def _binary(self, op: str, other: Any, reverse: bool = False) -> Node:
         other = self.graph.lift(other, like=self)
         a, b = (other, self) if reverse else (self, other)
         return self.graph.add(op, (a, b))
 
-    def __add__(self, other): return self._binary("add", other)
-    def __radd__(self, other): return self._binary("add", other, True)
-    def __sub__(self, other): return self._binary("sub", other)
-    def __rsub__(self, other): return self._binary("sub", other, True)
-    def __mul__(self, other): return self._binary("mul", other)
-    def __rmul__(self, other): return self._binary("mul", other, True)
-    def __truediv__(self, other): return self._binary("div", other)
-    def __rtruediv__(self, other): return self._binary("div", other, True)
-    def __matmul__(self, other): return self._binary("matmul", other)
-    def __rmatmul__(self, other): return self._binary("matmul", other, True)
-    def __gt__(self, other): return self._binary("gt", other)
-    def __ge__(self, other): return self._binary("ge", other)
-    def __lt__(self, other): return self._binary("lt", other)
-    def __le__(self, other): return self._binary("le", other)
-    def __neg__(self): return self.graph.add("neg", (self,))
+    def __add__(self, other):
+        return self._binary("add", other)
+
+    def __radd__(self, other):
+        return self._binary("add", other, True)
+
+    def __sub__(self, other):
+        return self._binary("sub", other)
+
+    def __rsub__(self, other):
+        return self._binary("sub", other, True)
+
+    def __mul__(self, other):
+        return self._binary("mul", other)
+
+    def __rmul__(self, other):
+        return self._binary("mul", other, True)
+
+    def __truediv__(self, other):
+        return self._binary("div", other)
+
+    def __rtruediv__(self, other):
+        return self._binary("div", other, True)
+
+    def __matmul__(self, other):
+        return self._binary("matmul", other)
+
+    def __rmatmul__(self, other):
+        return self._binary("matmul", other, True)
+
+    def __gt__(self, other):
+        return self._binary("gt", other)
+
+    def __ge__(self, other):
+        return self._binary("ge", other)
+
+    def __lt__(self, other):
+        return self._binary("lt", other)
+
+    def __le__(self, other):
+        return self._binary("le", other)
+
+    def __neg__(self):
+        return self.graph.add("neg", (self,))
 
     def __rpow__(self, base):
         """`2.0 ** x` as exp(x * log(base)); the base must be a positive number."""
@@ -148,19 +180,25 @@ class Graph:
         self.inputs.append(InputSpec(name, tuple(int(d) for d in shape), dtype, _user_source()))
         return self._handle(name, "input", dtype)
 
-    def add(self, op: str, inputs, attrs: dict | None = None, name: str | None = None,
-            dtype: str | None = None) -> Node:
+    def add(
+        self,
+        op: str,
+        inputs,
+        attrs: dict | None = None,
+        name: str | None = None,
+        dtype: str | None = None,
+    ) -> Node:
         """Append a node running `op` (any op the server lists; see `remat ops`)."""
         handles = [self.lift(i) for i in inputs]
         for handle in handles:
             if handle.graph is not self:
-                raise ValueError(f"{handle.name!r} belongs to graph {handle.graph.name!r}, "
-                                 f"not {self.name!r}")
+                raise ValueError(
+                    f"{handle.name!r} belongs to graph {handle.graph.name!r}, not {self.name!r}"
+                )
         name = name or self._fresh(op)
         self._claim(name)
         attrs = {k: v for k, v in (attrs or {}).items() if v is not None}
-        self.nodes.append(NodeSpec(name, op, tuple(h.name for h in handles), attrs,
-                                   _user_source()))
+        self.nodes.append(NodeSpec(name, op, tuple(h.name for h in handles), attrs, _user_source()))
         if dtype is None:
             dtype = result_dtype(op, attrs, [h.dtype for h in handles])
         return self._handle(name, op, dtype)
@@ -219,14 +257,17 @@ class Graph:
         return dict(self._outputs)
 
     def __repr__(self) -> str:
-        return (f"<remat.Graph {self.name!r}: {len(self.inputs)} inputs, {len(self.nodes)} nodes, "
-                f"outputs {self.output_names}>")
+        return (
+            f"<remat.Graph {self.name!r}: {len(self.inputs)} inputs, {len(self.nodes)} nodes, "
+            f"outputs {self.output_names}>"
+        )
 
     # --- serialization: the remat.v1.Graph message (remat_proto.wire maps it) ------------
     def spec(self) -> GraphSpec:
         """The graph as sent: inputs, nodes and outputs (`remat_proto.spec`)."""
-        return GraphSpec(self.name, tuple(self.inputs), tuple(self.nodes),
-                         tuple(self._outputs.items()))
+        return GraphSpec(
+            self.name, tuple(self.inputs), tuple(self.nodes), tuple(self._outputs.items())
+        )
 
     def to_proto(self):
         """The `remat.v1.Graph` message (a copy: change it freely)."""
@@ -249,7 +290,7 @@ class Graph:
         return self.wire_form()[1]
 
     @classmethod
-    def from_proto(cls, message) -> "Graph":
+    def from_proto(cls, message) -> Graph:
         """The graph a `remat.v1.Graph` message describes."""
         spec = wire.graph_from_proto(message)
         graph = cls(spec.name)
@@ -260,7 +301,7 @@ class Graph:
         return json_format.MessageToJson(self.wire_form()[0])
 
     @classmethod
-    def from_json(cls, text: str) -> "Graph":
+    def from_json(cls, text: str) -> Graph:
         return cls.from_proto(json_format.Parse(text, graph_pb2.Graph()))
 
     # --- internals --------------------------------------------------------------------

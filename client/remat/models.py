@@ -11,6 +11,7 @@ the same graph and the same input arrays. Builders: `mlp`, `transformer_block`,
     >>> model.loss, sorted(model.wrt)[:2]
     ('loss', ['b0', 'b1'])
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,13 +30,18 @@ class Model:
     loss: str = "loss"
 
 
-def mlp(batch: int = 64, widths=(256, 512, 512, 10), dtype: str = "float32",
-        seed: int = 0, l2: float = 1e-4) -> Model:
+def mlp(
+    batch: int = 64,
+    widths=(256, 512, 512, 10),
+    dtype: str = "float32",
+    seed: int = 0,
+    l2: float = 1e-4,
+) -> Model:
     """Tanh MLP with softmax cross-entropy and an L2 penalty on the weights.
 
-        >>> import remat
-        >>> remat.models.mlp(batch=4, widths=(3, 5, 2)).wrt
-        ['w0', 'b0', 'w1', 'b1']
+    >>> import remat
+    >>> remat.models.mlp(batch=4, widths=(3, 5, 2)).wrt
+    ['w0', 'b0', 'w1', 'b1']
     """
     rng = np.random.default_rng(seed)
     g = Graph("mlp")
@@ -69,12 +75,20 @@ def _dense(rng, fan_in: int, fan_out: int, dtype: str) -> np.ndarray:
 def _teacher_labels(rng, x: np.ndarray, classes: int) -> np.ndarray:
     """Labels from a random linear teacher plus noise: learnable, not separable."""
     scores = x @ rng.standard_normal((x.shape[1], classes)) + rng.standard_normal(
-        (x.shape[0], classes))
+        (x.shape[0], classes)
+    )
     return np.argmax(scores, axis=1).astype("int64")
 
 
-def transformer_block(batch: int = 4, seq: int = 16, d_model: int = 32, heads: int = 4,
-                      d_ff: int = 64, dtype: str = "float32", seed: int = 0) -> Model:
+def transformer_block(
+    batch: int = 4,
+    seq: int = 16,
+    d_model: int = 32,
+    heads: int = 4,
+    d_ff: int = 64,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> Model:
     """One pre-LN transformer block; loss = mean(y ** 2) of the block's output y.
 
         h = x + softmax((LN1(x) Wq)(LN1(x) Wk)^T / sqrt(d_head)) (LN1(x) Wv) Wo   per head
@@ -100,8 +114,9 @@ def transformer_block(batch: int = 4, seq: int = 16, d_model: int = 32, heads: i
         return g.input(name, value.shape, dtype)
 
     ln1_w, ln1_b = param("ln1_w", np.ones(d_model)), param("ln1_b", np.zeros(d_model))
-    wq, wk, wv, wo = (param(n, _dense(rng, d_model, d_model, dtype))
-                      for n in ("wq", "wk", "wv", "wo"))
+    wq, wk, wv, wo = (
+        param(n, _dense(rng, d_model, d_model, dtype)) for n in ("wq", "wk", "wv", "wo")
+    )
     ln2_w, ln2_b = param("ln2_w", np.ones(d_model)), param("ln2_b", np.zeros(d_model))
     w1, b1 = param("w1", _dense(rng, d_model, d_ff, dtype)), param("b1", np.zeros(d_ff))
     w2, b2 = param("w2", _dense(rng, d_ff, d_model, dtype)), param("b2", np.zeros(d_model))
@@ -123,8 +138,14 @@ def transformer_block(batch: int = 4, seq: int = 16, d_model: int = 32, heads: i
     return Model(g, inputs, [name for name in inputs if name != "x"])
 
 
-def cnn(batch: int = 8, channels=(3, 8, 16), image: int = 16, classes: int = 10,
-        dtype: str = "float32", seed: int = 0) -> Model:
+def cnn(
+    batch: int = 8,
+    channels=(3, 8, 16),
+    image: int = 16,
+    classes: int = 10,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> Model:
     """Conv classifier: per block conv3x3 (padding 1) + bias, relu, 2x2 max-pool; then a
     linear layer on the flattened features and softmax cross-entropy.
 
@@ -145,13 +166,13 @@ def cnn(batch: int = 8, channels=(3, 8, 16), image: int = 16, classes: int = 10,
     h = g.input("x", inputs["x"].shape, dtype)
     labels = g.input("labels", (batch,), "int64")
     for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
-        inputs[f"conv{i}_w"] = (rng.standard_normal((c_out, c_in, 3, 3))
-                                / np.sqrt(9 * c_in)).astype(dtype)
+        inputs[f"conv{i}_w"] = (
+            rng.standard_normal((c_out, c_in, 3, 3)) / np.sqrt(9 * c_in)
+        ).astype(dtype)
         inputs[f"conv{i}_b"] = np.zeros(c_out, dtype)
         w = g.input(f"conv{i}_w", (c_out, c_in, 3, 3), dtype)
         b = g.input(f"conv{i}_b", (c_out,), dtype)
-        h = ops.add(ops.conv2d(h, w, padding=1, name=f"conv{i}"),
-                    ops.reshape(b, (1, c_out, 1, 1)))
+        h = ops.add(ops.conv2d(h, w, padding=1, name=f"conv{i}"), ops.reshape(b, (1, c_out, 1, 1)))
         h = ops.max_pool2d(ops.relu(h, name=f"relu{i}"), 2, name=f"pool{i}")
     side = image // 2 ** (len(channels) - 1)
     features = channels[-1] * side * side
@@ -171,8 +192,15 @@ def _upsample2(x, shape, name: str):
     return ops.reshape(x, (b, c, 2 * h, 2 * w), name=name)
 
 
-def unet(batch: int = 2, channels=(4, 8, 16), image: int = 16, classes: int = 3,
-         in_channels: int = 3, dtype: str = "float32", seed: int = 0) -> Model:
+def unet(
+    batch: int = 2,
+    channels=(4, 8, 16),
+    image: int = 16,
+    classes: int = 3,
+    in_channels: int = 3,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> Model:
     """A small U-Net (Ronneberger et al. 2015) for per-pixel classification.
 
     `channels[i]` is the width at resolution image / 2**i; the last level is the
@@ -210,18 +238,22 @@ def unet(batch: int = 2, channels=(4, 8, 16), image: int = 16, classes: int = 3,
     rng = np.random.default_rng(seed)
     g = Graph("unet")
     x_value = rng.standard_normal((batch, in_channels, image, image))
-    scores = (np.einsum("bchw,ck->bhwk", x_value, rng.standard_normal((in_channels, classes)))
-              + rng.standard_normal((batch, image, image, classes)))
+    scores = np.einsum(
+        "bchw,ck->bhwk", x_value, rng.standard_normal((in_channels, classes))
+    ) + rng.standard_normal((batch, image, image, classes))
     inputs: dict[str, np.ndarray] = {
-        "x": x_value.astype(dtype), "labels": np.argmax(scores, axis=-1).astype("int64")}
+        "x": x_value.astype(dtype),
+        "labels": np.argmax(scores, axis=-1).astype("int64"),
+    }
     h = g.input("x", inputs["x"].shape, dtype)
     labels = g.input("labels", inputs["labels"].shape, "int64")
 
     def conv(t, c_in: int, c_out: int, param: str, suffix: str = "", kernel: int = 3):
         """conv `kernel`x`kernel` + bias, parameters {param}_w{suffix}, {param}_b{suffix}."""
         w_name, b_name = f"{param}_w{suffix}", f"{param}_b{suffix}"
-        inputs[w_name] = (rng.standard_normal((c_out, c_in, kernel, kernel))
-                          / np.sqrt(kernel * kernel * c_in)).astype(dtype)
+        inputs[w_name] = (
+            rng.standard_normal((c_out, c_in, kernel, kernel)) / np.sqrt(kernel * kernel * c_in)
+        ).astype(dtype)
         inputs[b_name] = np.zeros(c_out, dtype)
         w = g.input(w_name, inputs[w_name].shape, dtype)
         b = g.input(b_name, (c_out,), dtype)
@@ -252,8 +284,9 @@ def unet(batch: int = 2, channels=(4, 8, 16), image: int = 16, classes: int = 3,
     return Model(g, inputs, [name for name in inputs if name not in ("x", "labels")])
 
 
-def logistic_regression(batch: int = 64, features: int = 16, dtype: str = "float32",
-                        seed: int = 0, l2: float = 1e-3) -> Model:
+def logistic_regression(
+    batch: int = 64, features: int = 16, dtype: str = "float32", seed: int = 0, l2: float = 1e-3
+) -> Model:
     """Binary logistic regression: z = x w + b, labels y in {0, 1} (float);
     loss = mean(max(z, 0) - z y + log(1 + exp(-|z|))) + l2 * sum(w ** 2), the stable
     form of binary cross-entropy on logits (torch's BCEWithLogits).
@@ -280,9 +313,16 @@ def logistic_regression(batch: int = 64, features: int = 16, dtype: str = "float
     return Model(g, inputs, ["w", "b"])
 
 
-def svm(batch: int = 64, features: int = 16, classes: int = 5, dtype: str = "float32",
-        seed: int = 0, l2: float = 1e-3, margin: float = 1.0,
-        variant: str = "weston_watkins") -> Model:
+def svm(
+    batch: int = 64,
+    features: int = 16,
+    classes: int = 5,
+    dtype: str = "float32",
+    seed: int = 0,
+    l2: float = 1e-3,
+    margin: float = 1.0,
+    variant: str = "weston_watkins",
+) -> Model:
     """Linear multiclass SVM, scores s = x w + b, hinge loss averaged over the batch
     plus l2 * sum(w ** 2). With the true class y and Delta = margin:
 
@@ -308,8 +348,9 @@ def svm(batch: int = 64, features: int = 16, classes: int = 5, dtype: str = "flo
     x, labels = g.input("x", (batch, features), dtype), g.input("labels", (batch,), "int64")
     w, b = g.input("w", (features, classes), dtype), g.input("b", (classes,), dtype)
     scores = ops.add(x @ w, b, name="scores")
-    correct = ops.take_along_axis(scores, ops.reshape(labels, (batch, 1)), axis=1,
-                                  name="correct")  # (B, 1)
+    correct = ops.take_along_axis(
+        scores, ops.reshape(labels, (batch, 1)), axis=1, name="correct"
+    )  # (B, 1)
     others = 1.0 - ops.op("one_hot", labels, depth=classes, dtype=dtype)  # 0 at the true class
     if variant == "weston_watkins":
         hinge = ops.sum(ops.relu(scores - correct + margin) * others, axis=1, name="hinge")

@@ -10,9 +10,11 @@ operand's dtype). Every function takes an optional `name=`.
     >>> remat.softmax(x, axis=-1, name="probs").name
     'probs'
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .graph import Graph, Node
 
@@ -29,7 +31,8 @@ def _graph_of(*args: Any) -> Graph:
 
 
 def op(op_name: str, *inputs: Any, name: str | None = None, **attrs: Any) -> Node:
-    """Any op the server lists (`remat ops`), by name: `remat.op("scatter_add", g, i, axis=0, size=5)`."""
+    """Any op the server lists (`remat ops`), by name:
+    `remat.op("scatter_add", g, i, axis=0, size=5)`."""
     graph = _graph_of(*inputs)
     like = next((i for i in inputs if isinstance(i, Node)), None)
     return graph.add(op_name, [graph.lift(i, like=like) for i in inputs], attrs, name=name)
@@ -44,30 +47,93 @@ def _axes(axis) -> list[int] | None:
 
 
 # --- elementwise -------------------------------------------------------------------------
-def add(a, b, *, name=None): return op("add", a, b, name=name)
-def sub(a, b, *, name=None): return op("sub", a, b, name=name)
-def mul(a, b, *, name=None): return op("mul", a, b, name=name)
-def div(a, b, *, name=None): return op("div", a, b, name=name)
-def neg(x, *, name=None): return op("neg", x, name=name)
-def exp(x, *, name=None): return op("exp", x, name=name)
-def log(x, *, name=None): return op("log", x, name=name)
-def sqrt(x, *, name=None): return op("sqrt", x, name=name)
-def square(x, *, name=None): return op("square", x, name=name)
-def abs(x, *, name=None): return op("abs", x, name=name)  # noqa: A001 - mirrors numpy
-def sign(x, *, name=None): return op("sign", x, name=name)
-def tanh(x, *, name=None): return op("tanh", x, name=name)
-def sigmoid(x, *, name=None): return op("sigmoid", x, name=name)
-def relu(x, *, name=None): return op("relu", x, name=name)
+def add(a, b, *, name=None):
+    return op("add", a, b, name=name)
+
+
+def sub(a, b, *, name=None):
+    return op("sub", a, b, name=name)
+
+
+def mul(a, b, *, name=None):
+    return op("mul", a, b, name=name)
+
+
+def div(a, b, *, name=None):
+    return op("div", a, b, name=name)
+
+
+def neg(x, *, name=None):
+    return op("neg", x, name=name)
+
+
+def exp(x, *, name=None):
+    return op("exp", x, name=name)
+
+
+def log(x, *, name=None):
+    return op("log", x, name=name)
+
+
+def sqrt(x, *, name=None):
+    return op("sqrt", x, name=name)
+
+
+def square(x, *, name=None):
+    return op("square", x, name=name)
+
+
+def abs(x, *, name=None):
+    return op("abs", x, name=name)  # noqa: A001 - mirrors numpy
+
+
+def sign(x, *, name=None):
+    return op("sign", x, name=name)
+
+
+def tanh(x, *, name=None):
+    return op("tanh", x, name=name)
+
+
+def sigmoid(x, *, name=None):
+    return op("sigmoid", x, name=name)
+
+
+def relu(x, *, name=None):
+    return op("relu", x, name=name)
+
+
 def gelu(x, *, name=None):
     """GELU, tanh approximation (torch's approximate="tanh")."""
     return op("gelu", x, name=name)
-def maximum(a, b, *, name=None): return op("maximum", a, b, name=name)
-def minimum(a, b, *, name=None): return op("minimum", a, b, name=name)
-def gt(a, b, *, name=None): return op("gt", a, b, name=name)
-def ge(a, b, *, name=None): return op("ge", a, b, name=name)
-def lt(a, b, *, name=None): return op("lt", a, b, name=name)
-def le(a, b, *, name=None): return op("le", a, b, name=name)
-def eq(a, b, *, name=None): return op("eq", a, b, name=name)
+
+
+def maximum(a, b, *, name=None):
+    return op("maximum", a, b, name=name)
+
+
+def minimum(a, b, *, name=None):
+    return op("minimum", a, b, name=name)
+
+
+def gt(a, b, *, name=None):
+    return op("gt", a, b, name=name)
+
+
+def ge(a, b, *, name=None):
+    return op("ge", a, b, name=name)
+
+
+def lt(a, b, *, name=None):
+    return op("lt", a, b, name=name)
+
+
+def le(a, b, *, name=None):
+    return op("le", a, b, name=name)
+
+
+def eq(a, b, *, name=None):
+    return op("eq", a, b, name=name)
 
 
 def pow(x, exponent: float, *, name=None):  # noqa: A001 - mirrors numpy
@@ -79,11 +145,13 @@ def where(cond, a, b, *, name=None):
     """`a` where `cond` (bool) is true, else `b`; broadcasts like np.where."""
     like = a if isinstance(a, Node) else b
     graph = _graph_of(cond, a, b)
-    return graph.add("where", [graph.lift(cond), graph.lift(a, like=like), graph.lift(b, like=like)],
-                     name=name)
+    return graph.add(
+        "where", [graph.lift(cond), graph.lift(a, like=like), graph.lift(b, like=like)], name=name
+    )
 
 
-def cast(x, dtype: str, *, name=None): return op("cast", x, dtype=dtype, name=name)
+def cast(x, dtype: str, *, name=None):
+    return op("cast", x, dtype=dtype, name=name)
 
 
 def constant(value, graph: Graph, *, dtype: str | None = None, name=None) -> Node:
@@ -128,11 +196,23 @@ def concat(xs: Sequence[Node], axis: int = 0, *, name=None):
     return op("concat", *xs, axis=axis, name=name)
 
 
-def slice(x, starts: Sequence[int], stops: Sequence[int] | None = None,  # noqa: A001
-          steps: Sequence[int] | None = None, *, name=None):
+def slice(
+    x,
+    starts: Sequence[int],
+    stops: Sequence[int] | None = None,  # noqa: A001
+    steps: Sequence[int] | None = None,
+    *,
+    name=None,
+):
     """x[starts[0]:stops[0]:steps[0], ...] over the leading len(starts) axes."""
-    return op("slice", x, starts=list(starts), stops=None if stops is None else list(stops),
-              steps=None if steps is None else list(steps), name=name)
+    return op(
+        "slice",
+        x,
+        starts=list(starts),
+        stops=None if stops is None else list(stops),
+        steps=None if steps is None else list(steps),
+        name=name,
+    )
 
 
 def take(x, indices, axis: int = 0, *, name=None):
@@ -147,8 +227,12 @@ def take_along_axis(x, indices, axis: int = -1, *, name=None):
 
 
 # --- neural networks ------------------------------------------------------------------------
-def softmax(x, axis: int = -1, *, name=None): return op("softmax", x, axis=axis, name=name)
-def log_softmax(x, axis: int = -1, *, name=None): return op("log_softmax", x, axis=axis, name=name)
+def softmax(x, axis: int = -1, *, name=None):
+    return op("softmax", x, axis=axis, name=name)
+
+
+def log_softmax(x, axis: int = -1, *, name=None):
+    return op("log_softmax", x, axis=axis, name=name)
 
 
 def cross_entropy(logits, labels, *, name=None):
@@ -164,23 +248,41 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, name=None):
 
 def conv2d(x, w, stride=1, padding=0, dilation=1, *, name=None):
     """2-D convolution, NCHW input and OIHW weight (add a bias by broadcasting)."""
-    return op("conv2d", x, w, stride=_pair(stride), padding=_pair(padding),
-              dilation=_pair(dilation), name=name)
+    return op(
+        "conv2d",
+        x,
+        w,
+        stride=_pair(stride),
+        padding=_pair(padding),
+        dilation=_pair(dilation),
+        name=name,
+    )
 
 
 def max_pool2d(x, kernel, stride=None, padding=0, *, name=None):
-    return op("max_pool2d", x, kernel=_pair(kernel),
-              stride=_pair(stride if stride is not None else kernel), padding=_pair(padding), name=name)
+    return op(
+        "max_pool2d",
+        x,
+        kernel=_pair(kernel),
+        stride=_pair(stride if stride is not None else kernel),
+        padding=_pair(padding),
+        name=name,
+    )
 
 
 def avg_pool2d(x, kernel, stride=None, padding=0, *, name=None):
     """Average pooling; padding counts toward the divisor (torch's default)."""
-    return op("avg_pool2d", x, kernel=_pair(kernel),
-              stride=_pair(stride if stride is not None else kernel), padding=_pair(padding), name=name)
+    return op(
+        "avg_pool2d",
+        x,
+        kernel=_pair(kernel),
+        stride=_pair(stride if stride is not None else kernel),
+        padding=_pair(padding),
+        name=name,
+    )
 
 
 def dropout(x, p: float = 0.5, seed: int = 0, *, name=None):
     """Inverted dropout; the mask depends only on (seed, node name), so recomputing
     the node reproduces it exactly."""
     return op("dropout", x, p=float(p), seed=int(seed), name=name)
-

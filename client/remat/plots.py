@@ -15,13 +15,14 @@ measured time), with the Pareto front, the policies no other beats on both, join
     >>> plot_comparison(rows, "/tmp/remat-policies.png")  # doctest: +SKIP
     '/tmp/remat-policies.png'
 """
+
 from __future__ import annotations
 
 import os
 import textwrap
+from collections.abc import Sequence
 
 import numpy as np
-from typing import Sequence
 
 __all__ = ["plot_comparison", "pareto_front", "require_matplotlib"]
 
@@ -50,8 +51,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """
     front = []
     for i, (x, y) in enumerate(points):
-        dominated = any(ox <= x and oy <= y and (ox < x or oy < y)
-                        for j, (ox, oy) in enumerate(points) if j != i)
+        dominated = any(
+            ox <= x and oy <= y and (ox < x or oy < y)
+            for j, (ox, oy) in enumerate(points)
+            if j != i
+        )
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i][0], points[i][1]))
@@ -62,8 +66,10 @@ def _memory_curve(row, use_time: bool) -> tuple[list[float], list[float]]:
     (from the timeline, or the trace's live bytes when only that was recorded)."""
     if use_time:
         events = sorted(row.trace, key=lambda e: e.start_seconds)
-        return ([(e.start_seconds + e.seconds) * 1e3 for e in events],
-                [e.live_bytes / _MIB for e in events])
+        return (
+            [(e.start_seconds + e.seconds) * 1e3 for e in events],
+            [e.live_bytes / _MIB for e in events],
+        )
     live = row.timeline or tuple(e.live_bytes for e in row.trace)
     if len(live) > 2 * ENVELOPE_BINS:
         # Thousands of steps alternate between allocating and freeing; drawn raw they
@@ -88,16 +94,26 @@ def _label_points(ax, points, labels, colors) -> None:
         groups.setdefault(key, []).append(i)
     for members in groups.values():
         x, y = points[members[0]]
-        ax.annotate(", ".join(labels[i] for i in members), (x, y), xytext=(7, 5),
-                    textcoords="offset points", fontsize=8,
-                    color=colors[members[0]] if len({colors[i] for i in members}) == 1
-                    else "0.15",
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
-                          "alpha": 0.75})
+        ax.annotate(
+            ", ".join(labels[i] for i in members),
+            (x, y),
+            xytext=(7, 5),
+            textcoords="offset points",
+            fontsize=8,
+            color=colors[members[0]] if len({colors[i] for i in members}) == 1 else "0.15",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
+        )
 
 
-def plot_comparison(rows, path: str | os.PathLike, *, title: str | None = None,
-                    x: str = "progress", cost: str = "flops", dpi: int = 130) -> str:
+def plot_comparison(
+    rows,
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    x: str = "progress",
+    cost: str = "flops",
+    dpi: int = 130,
+) -> str:
     """Draw a comparison (rows from `client.compare(..., timeline=True)`) to `path`
     (PNG, SVG or PDF, by extension); returns the path.
 
@@ -119,11 +135,11 @@ def plot_comparison(rows, path: str | os.PathLike, *, title: str | None = None,
     failed = [row for row in rows if row.error]
     use_time = x == "time"
     if use_time and not all(row.trace for row in ok):
-        raise ValueError("x='time' needs every row's trace (run the comparison with "
-                         "trace=True)")
+        raise ValueError("x='time' needs every row's trace (run the comparison with trace=True)")
     if not any(row.timeline or row.trace for row in ok):
-        raise ValueError("nothing to plot: no row has a memory timeline (run the comparison "
-                         "with timeline=True)")
+        raise ValueError(
+            "nothing to plot: no row has a memory timeline (run the comparison with timeline=True)"
+        )
     base = next((row for row in ok if row.policy == "store_all"), ok[0])
 
     figure = Figure(figsize=(13, 5.6), dpi=dpi, layout="constrained")
@@ -143,12 +159,21 @@ def plot_comparison(rows, path: str | os.PathLike, *, title: str | None = None,
         if not xs:
             continue
         names = " = ".join(row.policy for row in group)
-        (line,) = left.step(xs, ys, where="post", color=colors[group[0].policy],
-                            linewidth=1.2, alpha=0.9,
-                            label=f"{names}  (peak {group[0].peak_bytes / _MIB:.2f} MiB)")
+        (line,) = left.step(
+            xs,
+            ys,
+            where="post",
+            color=colors[group[0].policy],
+            linewidth=1.2,
+            alpha=0.9,
+            label=f"{names}  (peak {group[0].peak_bytes / _MIB:.2f} MiB)",
+        )
         lines.append((ok.index(group[0]), line))
-    left.set_xlabel("execution time (ms)" if use_time else
-                    "schedule progress (step / number of steps: forward, then backward)")
+    left.set_xlabel(
+        "execution time (ms)"
+        if use_time
+        else "schedule progress (step / number of steps: forward, then backward)"
+    )
     left.set_ylabel("live memory (MiB)")
     left.set_title("Live memory during forward + backward", fontsize=11)
     left.set_ylim(bottom=0)
@@ -158,27 +183,53 @@ def plot_comparison(rows, path: str | os.PathLike, *, title: str | None = None,
     # matplotlib fills legend columns first; reorder so the entries read across rows.
     nrows = -(-len(shown) // 4)
     ncol = -(-len(shown) // nrows)
-    shown = [shown[r * ncol + c] for c in range(ncol) for r in range(nrows)
-             if r * ncol + c < len(shown)]
-    figure.legend(shown, [line.get_label() for line in shown], loc="outside lower center",
-                  ncol=ncol, fontsize=9, frameon=False)
+    shown = [
+        shown[r * ncol + c] for c in range(ncol) for r in range(nrows) if r * ncol + c < len(shown)
+    ]
+    figure.legend(
+        shown,
+        [line.get_label() for line in shown],
+        loc="outside lower center",
+        ncol=ncol,
+        fontsize=9,
+        frameon=False,
+    )
 
     # Right: peak memory against compute, Pareto front joined.
     points = [(_cost(row, base, cost), row.peak_bytes / _MIB) for row in ok]
     front = pareto_front(points)
     dominated = [i for i in range(len(ok)) if i not in front]
-    right.plot([points[i][0] for i in front], [points[i][1] for i in front], "-",
-               color="0.35", linewidth=1.2, zorder=1, label="Pareto front")
-    right.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=60,
-                  c=[colors[ok[i].policy] for i in front], edgecolors="black", zorder=3,
-                  label="Pareto-optimal")
+    right.plot(
+        [points[i][0] for i in front],
+        [points[i][1] for i in front],
+        "-",
+        color="0.35",
+        linewidth=1.2,
+        zorder=1,
+        label="Pareto front",
+    )
+    right.scatter(
+        [points[i][0] for i in front],
+        [points[i][1] for i in front],
+        s=60,
+        c=[colors[ok[i].policy] for i in front],
+        edgecolors="black",
+        zorder=3,
+        label="Pareto-optimal",
+    )
     if dominated:
-        right.scatter([points[i][0] for i in dominated], [points[i][1] for i in dominated],
-                      s=45, c=[colors[ok[i].policy] for i in dominated], alpha=0.6,
-                      marker="s", edgecolors="none", zorder=2,
-                      label="dominated (another is better on both)")
-    _label_points(right, points, [row.policy for row in ok],
-                  [colors[row.policy] for row in ok])
+        right.scatter(
+            [points[i][0] for i in dominated],
+            [points[i][1] for i in dominated],
+            s=45,
+            c=[colors[ok[i].policy] for i in dominated],
+            alpha=0.6,
+            marker="s",
+            edgecolors="none",
+            zorder=2,
+            label="dominated (another is better on both)",
+        )
+    _label_points(right, points, [row.policy for row in ok], [colors[row.policy] for row in ok])
     if cost == "time":
         right.set_xlabel("total time (ms, measured)")
     else:
@@ -193,8 +244,13 @@ def plot_comparison(rows, path: str | os.PathLike, *, title: str | None = None,
     right.grid(alpha=0.3)
     if failed:  # named in the legend, so they are not silently missing
         names = ", ".join(row.policy for row in failed)
-        right.plot([], [], "x", color="firebrick", label="\n".join(textwrap.wrap(
-            f"not shown, error: {names}", 48)))
+        right.plot(
+            [],
+            [],
+            "x",
+            color="firebrick",
+            label="\n".join(textwrap.wrap(f"not shown, error: {names}", 48)),
+        )
     right.legend(fontsize=8, loc="upper right", framealpha=0.85)
 
     figure.suptitle(title or "Checkpoint policies: memory against compute", fontsize=13)

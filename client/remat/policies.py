@@ -21,11 +21,41 @@ ValueError.
 The policies are defined once, in `remat_proto.policies`, for the SDK and the server
 alike; this module is their public home in the SDK.
 """
-from remat_proto.policies import (DTR, FORMS, Auto, Budget, Checkpoints, EveryK, Optimal,
-                                  Policy, RecomputeAll, Revolve, SaveOps, Sqrt, StoreAll,
-                                  label, parse, resolve)
+
+from remat_proto.policies import (
+    DTR,
+    FORMS,
+    Auto,
+    Budget,
+    Checkpoints,
+    EveryK,
+    Optimal,
+    Policy,
+    RecomputeAll,
+    Revolve,
+    SaveOps,
+    Sqrt,
+    StoreAll,
+    label,
+    parse,
+    resolve,
+)
 
 __all__ = [
-    "StoreAll", "RecomputeAll", "EveryK", "Sqrt", "Checkpoints", "SaveOps", "Revolve",
-    "Budget", "Optimal", "DTR", "Auto", "Policy", "resolve", "parse", "label", "FORMS",
+    "StoreAll",
+    "RecomputeAll",
+    "EveryK",
+    "Sqrt",
+    "Checkpoints",
+    "SaveOps",
+    "Revolve",
+    "Budget",
+    "Optimal",
+    "DTR",
+    "Auto",
+    "Policy",
+    "resolve",
+    "parse",
+    "label",
+    "FORMS",
 ]

@@ -1,5 +1,6 @@
 """What calls return: plain NumPy arrays and frozen metric records. `Metrics`,
 `PlannerReport` and `TraceEvent` are the server's own records (`remat_proto.results`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,8 +9,15 @@ import numpy as np
 
 from remat_proto.results import Metrics, PlannerReport, TraceEvent
 
-__all__ = ["AttrInfo", "Metrics", "OpInfo", "PlannerReport", "PlanResult", "RunResult",
-           "TraceEvent"]
+__all__ = [
+    "AttrInfo",
+    "Metrics",
+    "OpInfo",
+    "PlannerReport",
+    "PlanResult",
+    "RunResult",
+    "TraceEvent",
+]
 
 
 @dataclass(frozen=True)

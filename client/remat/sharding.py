@@ -23,11 +23,13 @@ With `cotangents` instead of a loss, the cotangent of a concatenated output is s
 like the batch and the cotangent of a reduced output is scaled by w_i, so the shards'
 gradients simply add up (parameters) or concatenate (batched inputs).
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,26 +60,50 @@ class ShardPlan:
     reduction: str | None
 
 
-def shard_runs(graph: Graph, inputs: Mapping[str, Any], options: Mapping[str, Any], *,
-               shards: int, batch_axes, reduction, output_axes
-               ) -> tuple[ShardPlan, list[tuple[dict, dict]]]:
+def shard_runs(
+    graph: Graph,
+    inputs: Mapping[str, Any],
+    options: Mapping[str, Any],
+    *,
+    shards: int,
+    batch_axes,
+    reduction,
+    output_axes,
+) -> tuple[ShardPlan, list[tuple[dict, dict]]]:
     """The plan of a sharded `run`, and each shard's (inputs, keyword arguments) for an
     unsharded one; `options` are the run's other keyword arguments."""
     for option in ("timeline", "trace"):
         if options.get(option):
-            raise ValueError(f"{option}=True records one server's schedule; it is not "
-                             f"available for a sharded run (shards={shards})")
-    plan = split(graph, inputs, shards=shards, batch_axes=batch_axes, reduction=reduction,
-                 loss=options.get("loss"), cotangents=options.get("cotangents"),
-                 output_axes=output_axes)
-    return plan, [(shard.inputs, {**options, "cotangents": shard.cotangents})
-                  for shard in plan.shards]
+            raise ValueError(
+                f"{option}=True records one server's schedule; it is not "
+                f"available for a sharded run (shards={shards})"
+            )
+    plan = split(
+        graph,
+        inputs,
+        shards=shards,
+        batch_axes=batch_axes,
+        reduction=reduction,
+        loss=options.get("loss"),
+        cotangents=options.get("cotangents"),
+        output_axes=output_axes,
+    )
+    return plan, [
+        (shard.inputs, {**options, "cotangents": shard.cotangents}) for shard in plan.shards
+    ]
 
 
-def split(graph: Graph, inputs: Mapping[str, Any], *, shards: int,
-          batch_axes: Mapping[str, int] | None, reduction: str | None, loss: str | None,
-          cotangents: Mapping[str, Any] | None,
-          output_axes: Mapping[str, int | None] | None) -> ShardPlan:
+def split(
+    graph: Graph,
+    inputs: Mapping[str, Any],
+    *,
+    shards: int,
+    batch_axes: Mapping[str, int] | None,
+    reduction: str | None,
+    loss: str | None,
+    cotangents: Mapping[str, Any] | None,
+    output_axes: Mapping[str, int | None] | None,
+) -> ShardPlan:
     """Check the sharding arguments against the graph and inputs, and split the batch.
 
     Every mistake is a ValueError naming the argument, input or output, raised before
@@ -96,13 +122,16 @@ def split(graph: Graph, inputs: Mapping[str, Any], *, shards: int,
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards must be a positive integer, got {shards!r}")
     if not batch_axes:
-        raise ValueError(f"shards={shards}: name the batched inputs and their batch axis, "
-                         "e.g. batch_axes={'x': 0, 'y': 0}")
+        raise ValueError(
+            f"shards={shards}: name the batched inputs and their batch axis, "
+            "e.g. batch_axes={'x': 0, 'y': 0}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"shards={shards}: declare how the loss combines across shards: "
             f"reduction='mean' (the loss averages over the batch) or 'sum' (it adds up), "
-            f"got {reduction!r}")
+            f"got {reduction!r}"
+        )
     axes = _batch_axes(graph, inputs, batch_axes)
     size = _batch_size(inputs, axes, shards)
     output_axes = _output_axes(graph, output_axes, loss, reduction)
@@ -111,11 +140,15 @@ def split(graph: Graph, inputs: Mapping[str, Any], *, shards: int,
     planned = []
     for i, n in enumerate(sizes):
         part = slice(bounds[i], bounds[i + 1])
-        shard_inputs = {name: _take(value, axes.get(name), part)
-                        for name, value in inputs.items()}
-        shard_cotangents = None if cotangents is None else {
-            name: _shard_cotangent(name, value, output_axes, part, n / size)
-            for name, value in cotangents.items()}
+        shard_inputs = {name: _take(value, axes.get(name), part) for name, value in inputs.items()}
+        shard_cotangents = (
+            None
+            if cotangents is None
+            else {
+                name: _shard_cotangent(name, value, output_axes, part, n / size)
+                for name, value in cotangents.items()
+            }
+        )
         planned.append(Shard(shard_inputs, shard_cotangents, _weight(reduction, n / size), n))
     return ShardPlan(tuple(planned), axes, output_axes, loss, reduction)
 
@@ -125,16 +158,23 @@ def combine(plan: ShardPlan, results: Sequence[RunResult]) -> RunResult:
     # A loss run's gradients carry the shard's weight; a cotangent run already put the
     # weights into the cotangents.
     grad_weights = [shard.weight if shard.cotangents is None else 1.0 for shard in plan.shards]
-    outputs = {name: _combine_output(plan, name, [r.outputs[name] for r in results])
-               for name in results[0].outputs}
+    outputs = {
+        name: _combine_output(plan, name, [r.outputs[name] for r in results])
+        for name in results[0].outputs
+    }
     grads = {}
     for name in results[0].grads:
         parts = [w * r.grads[name] for w, r in zip(grad_weights, results)]
         axis = plan.batch_axes.get(name)
         grads[name] = np.concatenate(parts, axis=axis) if axis is not None else _sum(parts)
     warnings = tuple(dict.fromkeys(w for r in results for w in r.warnings))
-    return RunResult(outputs=outputs, grads=grads, metrics=combined_metrics(results),
-                     warnings=warnings, shards=tuple(r.metrics for r in results))
+    return RunResult(
+        outputs=outputs,
+        grads=grads,
+        metrics=combined_metrics(results),
+        warnings=warnings,
+        shards=tuple(r.metrics for r in results),
+    )
 
 
 def combined_metrics(results: Sequence[RunResult]) -> Metrics:
@@ -146,40 +186,59 @@ def combined_metrics(results: Sequence[RunResult]) -> Metrics:
     return dataclasses.replace(every[0], **largest, **added)
 
 
-_LARGEST = ("peak_bytes", "predicted_peak_bytes", "measured_peak_bytes", "forward_seconds",
-            "backward_seconds", "recompute_seconds", "plan_seconds", "total_seconds",
-            "queue_seconds")
+_LARGEST = (
+    "peak_bytes",
+    "predicted_peak_bytes",
+    "measured_peak_bytes",
+    "forward_seconds",
+    "backward_seconds",
+    "recompute_seconds",
+    "plan_seconds",
+    "total_seconds",
+    "queue_seconds",
+)
 _ADDED = ("nodes_computed", "recomputed_nodes", "flops", "recompute_flops")
 
 
 # --- checks and splitting ---------------------------------------------------------------------
-def _batch_axes(graph: Graph, inputs: Mapping[str, Any],
-                batch_axes: Mapping[str, int]) -> dict[str, int]:
+def _batch_axes(
+    graph: Graph, inputs: Mapping[str, Any], batch_axes: Mapping[str, int]
+) -> dict[str, int]:
     declared = {item.name: item.shape for item in graph.inputs}
     axes = {}
     for name, axis in batch_axes.items():
         if name not in declared:
-            raise ValueError(f"batch_axes names {name!r}, which is not an input of graph "
-                             f"{graph.name!r} (inputs: {sorted(declared)})")
+            raise ValueError(
+                f"batch_axes names {name!r}, which is not an input of graph "
+                f"{graph.name!r} (inputs: {sorted(declared)})"
+            )
         if name not in inputs:
             raise ValueError(f"batch_axes names {name!r}, but no value was given for it")
         shape = declared[name]
-        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) \
-                or not -len(shape) <= axis < len(shape):
-            raise ValueError(f"batch_axes[{name!r}] = {axis!r} is not an axis of input "
-                             f"{name!r}, which has rank {len(shape)}")
+        if (
+            isinstance(axis, bool)
+            or not isinstance(axis, (int, np.integer))
+            or not -len(shape) <= axis < len(shape)
+        ):
+            raise ValueError(
+                f"batch_axes[{name!r}] = {axis!r} is not an axis of input "
+                f"{name!r}, which has rank {len(shape)}"
+            )
         axis = int(axis) % len(shape)
         if shape[axis] != -1:
             raise ValueError(
                 f"input {name!r} declares dimension {axis} as {shape[axis]}; sharding "
-                f"splits that dimension, so declare it as -1 (bound at run time)")
+                f"splits that dimension, so declare it as -1 (bound at run time)"
+            )
         axes[name] = axis
     return axes
 
 
 def _batch_size(inputs: Mapping[str, Any], axes: Mapping[str, int], shards: int) -> int:
-    sizes = {name: np.shape(inputs[name])[axis] if axis < np.ndim(inputs[name]) else None
-             for name, axis in axes.items()}
+    sizes = {
+        name: np.shape(inputs[name])[axis] if axis < np.ndim(inputs[name]) else None
+        for name, axis in axes.items()
+    }
     if len(set(sizes.values())) != 1 or None in sizes.values():
         raise ValueError(f"the batched inputs disagree on the batch size: {sizes}")
     size = next(iter(sizes.values()))
@@ -188,24 +247,32 @@ def _batch_size(inputs: Mapping[str, Any], axes: Mapping[str, int], shards: int)
     return size
 
 
-def _output_axes(graph: Graph, output_axes, loss: str | None,
-                 reduction: str) -> dict[str, int | str]:
+def _output_axes(
+    graph: Graph, output_axes, loss: str | None, reduction: str
+) -> dict[str, int | str]:
     """`output_axes` with None spelled out as the loss's reduction."""
     output_axes = dict(output_axes or {})
     unknown = sorted(set(output_axes) - set(graph.outputs))
     if unknown:
-        raise ValueError(f"output_axes names {unknown}, which are not outputs of graph "
-                         f"{graph.name!r} (outputs: {sorted(graph.outputs)})")
+        raise ValueError(
+            f"output_axes names {unknown}, which are not outputs of graph "
+            f"{graph.name!r} (outputs: {sorted(graph.outputs)})"
+        )
     for name, how in output_axes.items():
         if how is None:
             output_axes[name] = reduction
-        elif how not in REDUCTIONS and (isinstance(how, bool)
-                                        or not isinstance(how, (int, np.integer))):
-            raise ValueError(f"output_axes[{name!r}] = {how!r}: expected an axis to "
-                             f"concatenate along, 'mean', 'sum' or None (like the loss)")
+        elif how not in REDUCTIONS and (
+            isinstance(how, bool) or not isinstance(how, (int, np.integer))
+        ):
+            raise ValueError(
+                f"output_axes[{name!r}] = {how!r}: expected an axis to "
+                f"concatenate along, 'mean', 'sum' or None (like the loss)"
+            )
     if loss is not None and output_axes.get(loss, reduction) != reduction:
-        raise ValueError(f"output_axes[{loss!r}]: the loss is reduced by "
-                         f"reduction={reduction!r}; do not set it here")
+        raise ValueError(
+            f"output_axes[{loss!r}]: the loss is reduced by "
+            f"reduction={reduction!r}; do not set it here"
+        )
     return output_axes
 
 
@@ -222,14 +289,17 @@ def _take(value, axis: int | None, part: slice):
     return np.asarray(value)[tuple(index)]
 
 
-def _shard_cotangent(name: str, value, output_axes: Mapping[str, int | str], part: slice,
-                     fraction: float):
+def _shard_cotangent(
+    name: str, value, output_axes: Mapping[str, int | str], part: slice, fraction: float
+):
     axis = output_axes.get(name)
     if axis is None or axis in REDUCTIONS:  # a reduced output: its share of the cotangent
         return _weight(axis or "mean", fraction) * np.asarray(value)
     if not -np.ndim(value) <= axis < np.ndim(value):
-        raise ValueError(f"output_axes[{name!r}] = {axis} is not an axis of its cotangent, "
-                         f"which has shape {np.shape(value)}")
+        raise ValueError(
+            f"output_axes[{name!r}] = {axis} is not an axis of its cotangent, "
+            f"which has shape {np.shape(value)}"
+        )
     return _take(value, axis % np.ndim(value), part)
 
 
@@ -243,11 +313,13 @@ def _combine_output(plan: ShardPlan, name: str, parts: list[np.ndarray]) -> np.n
             f"output {name!r} has shape {parts[0].shape} in each shard: say how shards "
             f"combine it, output_axes={{{name!r}: 0}} to concatenate along its batch axis, "
             f"or 'mean', 'sum' or None (like the loss) to reduce it; or leave it out of "
-            f"`fetch`")
+            f"`fetch`"
+        )
     total = sum(shard.size for shard in plan.shards)
     reduction = how or plan.reduction
-    return _sum([_weight(reduction, shard.size / total) * part
-                 for shard, part in zip(plan.shards, parts)])
+    return _sum(
+        [_weight(reduction, shard.size / total) * part for shard, part in zip(plan.shards, parts)]
+    )
 
 
 def _sum(parts: list[np.ndarray]) -> np.ndarray:

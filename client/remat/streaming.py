@@ -5,9 +5,10 @@ big tensor's bytes as TensorChunks, sliced from the caller's array without a
 whole-tensor copy. Download: the server's header, then chunks written straight into
 arrays allocated once per tensor. Chunks are framed by `remat_proto.chunks`.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -24,14 +25,17 @@ def byte_view(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
-def upload(header: executor_pb2.RunRequest, chunked: Mapping[tuple[int, str], np.ndarray],
-           chunk_bytes: int = CHUNK_BYTES) -> Iterator[executor_pb2.RunStreamRequest]:
+def upload(
+    header: executor_pb2.RunRequest,
+    chunked: Mapping[tuple[int, str], np.ndarray],
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[executor_pb2.RunStreamRequest]:
     """The messages of one RunStream call; `chunked` maps (role, name) to wire arrays."""
     yield executor_pb2.RunStreamRequest(header=header)
     for (role, name), array in chunked.items():
         data = byte_view(array)
         for start in range(0, len(data), chunk_bytes):
-            yield chunks.encode_chunk(role, name, data[start:start + chunk_bytes])
+            yield chunks.encode_chunk(role, name, data[start : start + chunk_bytes])
 
 
 RUN_STREAM = "/" + executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name + "/RunStream"
@@ -40,8 +44,9 @@ RUN_STREAM = "/" + executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_nam
 def run_stream_call(channel):
     """The RunStream multi-callable on `channel` (sync or aio), with the fast chunk
     framing instead of the generated stub's protobuf (de)serializers."""
-    return channel.stream_stream(RUN_STREAM, request_serializer=chunks.encode,
-                                 response_deserializer=decode_response)
+    return channel.stream_stream(
+        RUN_STREAM, request_serializer=chunks.encode, response_deserializer=decode_response
+    )
 
 
 def decode_response(raw: bytes):
@@ -111,7 +116,6 @@ class Download:
             raise ValueError("RunStream: the server sent no header")
         for (role, name), (array, view, received) in self._pending.items():
             if received != len(view):
-                raise ValueError(f"RunStream: '{name}' ended after {received} of "
-                                 f"{len(view)} bytes")
+                raise ValueError(f"RunStream: '{name}' ended after {received} of {len(view)} bytes")
             self.arrays[role][name] = array.astype(array.dtype.newbyteorder("="), copy=False)
         return self.header, self.arrays[OUTPUT], self.arrays[GRAD]

@@ -8,12 +8,13 @@ after its replica went away goes to one that is up. gRPC re-resolves a `dns:///`
 name when a connection drops, so pods that come and go are picked up; a list of
 addresses is resolved once, here.
 """
+
 from __future__ import annotations
 
 import ipaddress
 import json
 import socket
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 # gRPC's default policy, pick_first, would send every call to the first address.
 ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
@@ -34,8 +35,7 @@ def channel_target(target: str | Sequence[str]) -> str:
         'ipv6:[::1]:1,[::1]:2'
     """
     if isinstance(target, str):
-        if ":///" in target or target.startswith(("ipv4:", "ipv6:", "unix:")) \
-                or "," not in target:
+        if ":///" in target or target.startswith(("ipv4:", "ipv6:", "unix:")) or "," not in target:
             return target
         target = target.split(",")
     addresses = [address.strip() for address in target]

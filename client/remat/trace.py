@@ -21,11 +21,13 @@ compare directly. Free steps take no time: they show only as drops of the counte
 
 Open the file with https://ui.perfetto.dev ("Open trace file") or chrome://tracing.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from .results import TraceEvent
 
@@ -52,19 +54,26 @@ def _processes(source) -> tuple[list[tuple[str, Sequence[TraceEvent]]], list[dic
     processes, skipped = [], []
     for row in items:
         if not hasattr(row, "trace") or not hasattr(row, "policy"):
-            raise TypeError("chrome_trace takes comparison rows, a sequence of "
-                            f"remat.results.TraceEvent or a mapping of them, got "
-                            f"{type(row).__name__}")
+            raise TypeError(
+                "chrome_trace takes comparison rows, a sequence of "
+                f"remat.results.TraceEvent or a mapping of them, got "
+                f"{type(row).__name__}"
+            )
         if row.error or not row.trace:
-            skipped.append({"policy": row.policy,
-                            "reason": row.error or "no trace (compare with trace=True)"})
+            skipped.append(
+                {"policy": row.policy, "reason": row.error or "no trace (compare with trace=True)"}
+            )
         else:
             processes.append((row.policy, row.trace))
     return processes, skipped
 
 
-def chrome_trace(rows_or_events: Iterable[Any] | Mapping[str, Iterable[TraceEvent]], *,
-                 title: str = "", metadata: Mapping[str, Any] | None = None) -> dict:
+def chrome_trace(
+    rows_or_events: Iterable[Any] | Mapping[str, Iterable[TraceEvent]],
+    *,
+    title: str = "",
+    metadata: Mapping[str, Any] | None = None,
+) -> dict:
     """A Chrome Trace Event Format document (a dict ready for `json.dump`).
 
     `rows_or_events` is a list of `remat.ComparisonRow` (from `client.compare(...,
@@ -76,41 +85,84 @@ def chrome_trace(rows_or_events: Iterable[Any] | Mapping[str, Iterable[TraceEven
     """
     processes, skipped = _processes(rows_or_events)
     if not any(events for _, events in processes):
-        raise ValueError("nothing to trace: no trace events (run the comparison with "
-                         "trace=True)" + "".join(f"; {s['policy']}: {s['reason']}"
-                                                 for s in skipped))
+        raise ValueError(
+            "nothing to trace: no trace events (run the comparison with "
+            "trace=True)" + "".join(f"; {s['policy']}: {s['reason']}" for s in skipped)
+        )
     out: list[dict] = []
     for pid, (label, events) in enumerate(processes, start=1):
-        out.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
-                    "args": {"name": label}})
-        out.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0,
-                    "args": {"sort_index": pid}})
+        out.append(
+            {"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": label}}
+        )
+        out.append(
+            {
+                "name": "process_sort_index",
+                "ph": "M",
+                "pid": pid,
+                "tid": 0,
+                "args": {"sort_index": pid},
+            }
+        )
         for phase, tid in PHASES.items():
-            out.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
-                        "args": {"name": phase}})
-            out.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid,
-                        "args": {"sort_index": tid}})
+            out.append(
+                {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": phase}}
+            )
+            out.append(
+                {
+                    "name": "thread_sort_index",
+                    "ph": "M",
+                    "pid": pid,
+                    "tid": tid,
+                    "args": {"sort_index": tid},
+                }
+            )
         ordered = sorted(events, key=lambda e: e.start_seconds)  # stable: ties keep step order
         counter_ts = 0.0
         for step, event in enumerate(ordered):
             start, duration = _us(event.start_seconds), _us(max(event.seconds, 0.0))
             if event.phase in PHASES:
-                out.append({"name": event.node, "cat": event.phase, "ph": "X", "ts": start,
-                            "dur": duration, "pid": pid, "tid": PHASES[event.phase],
-                            "args": {"op": event.op, "step": step,
-                                     "live_bytes_after": event.live_bytes}})
+                out.append(
+                    {
+                        "name": event.node,
+                        "cat": event.phase,
+                        "ph": "X",
+                        "ts": start,
+                        "dur": duration,
+                        "pid": pid,
+                        "tid": PHASES[event.phase],
+                        "args": {
+                            "op": event.op,
+                            "step": step,
+                            "live_bytes_after": event.live_bytes,
+                        },
+                    }
+                )
             elif event.phase != "free":
-                raise ValueError(f"trace event {event.node!r} has unknown phase "
-                                 f"{event.phase!r}; expected one of {[*PHASES, 'free']}")
+                raise ValueError(
+                    f"trace event {event.node!r} has unknown phase "
+                    f"{event.phase!r}; expected one of {[*PHASES, 'free']}"
+                )
             # Live bytes *after* the step: stamped at its end (never before the last stamp,
             # so the counter track stays ordered even if timings overlap by rounding).
             counter_ts = max(counter_ts, round(start + duration, 3))
-            out.append({"name": COUNTER, "ph": "C", "ts": counter_ts,
-                        "pid": pid, "tid": 0,
-                        "args": {"MiB": round(event.live_bytes / _MIB, 6)}})
-    other = {"tool": "remat", "title": title, "time_unit": "microseconds",
-             "counter_unit": "MiB", "policies": [label for label, _ in processes],
-             "skipped": skipped}
+            out.append(
+                {
+                    "name": COUNTER,
+                    "ph": "C",
+                    "ts": counter_ts,
+                    "pid": pid,
+                    "tid": 0,
+                    "args": {"MiB": round(event.live_bytes / _MIB, 6)},
+                }
+            )
+    other = {
+        "tool": "remat",
+        "title": title,
+        "time_unit": "microseconds",
+        "counter_unit": "MiB",
+        "policies": [label for label, _ in processes],
+        "skipped": skipped,
+    }
     other.update(metadata or {})
     return {"traceEvents": out, "displayTimeUnit": "ms", "otherData": other}
 

@@ -4,6 +4,7 @@ server's flags) share: numbers checked as argparse parses them.
     >>> positive("8"), non_negative_seconds("0"), positive_seconds("2.5")
     (8, 0.0, 2.5)
 """
+
 from __future__ import annotations
 
 import argparse

@@ -15,6 +15,7 @@ a peer using plain generated code interoperates.
     >>> chunk.name, bytes(chunk.data)
     ('x', b'abc')
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -57,8 +58,15 @@ def _read_varint(buffer, pos: int) -> tuple[int, int]:
 def encode_chunk(role: int, name: str, data: memoryview) -> bytes:
     """A serialized RunStreamRequest/RunStreamResponse holding one chunk."""
     name_bytes = name.encode()
-    head = (_ROLE_TAG + _varint(role) + _NAME_TAG + _varint(len(name_bytes)) + name_bytes
-            + _DATA_TAG + _varint(len(data)))
+    head = (
+        _ROLE_TAG
+        + _varint(role)
+        + _NAME_TAG
+        + _varint(len(name_bytes))
+        + name_bytes
+        + _DATA_TAG
+        + _varint(len(data))
+    )
     return b"".join((_CHUNK_TAG, _varint(len(head) + len(data)), head, data))
 
 
@@ -102,9 +110,9 @@ def _tensor_chunk(view: memoryview) -> Chunk | None:
             if pos + length > len(view):
                 raise ValueError("truncated field")
             if field == 2:
-                name = bytes(view[pos:pos + length]).decode()
+                name = bytes(view[pos : pos + length]).decode()
             elif field == 3:
-                data = view[pos:pos + length]
+                data = view[pos : pos + length]
             pos += length
         else:
             return None  # a field type TensorChunk does not have: protobuf decides

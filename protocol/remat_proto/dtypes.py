@@ -1,8 +1,9 @@
 """The dtypes remat supports, by their wire names, and their (little-endian) NumPy types.
 
-    >>> NUMPY["float32"].str, itemsize("int64"), is_float("int32")
-    ('<f4', 8, False)
+>>> NUMPY["float32"].str, itemsize("int64"), is_float("int32")
+('<f4', 8, False)
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """gRPC metadata keys the SDK and the server agree on."""
+
 from __future__ import annotations
 
 # Trailing metadata on a Run whose results would not fit in one message: the SDK then

@@ -20,18 +20,35 @@ Constructors check what can be checked without a graph (`EveryK(0)` raises
 ValueError); what only the server can check (a checkpoint name that is not a node)
 comes back as an INVALID_ARGUMENT error.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 from .units import UNITS, short_size, split_size
 
 __all__ = [
-    "StoreAll", "RecomputeAll", "EveryK", "Sqrt", "Checkpoints", "SaveOps", "Revolve",
-    "Budget", "Optimal", "DTR", "Auto", "Policy", "KINDS", "BUDGETED", "resolve", "parse",
-    "label", "kind_of", "FORMS",
+    "StoreAll",
+    "RecomputeAll",
+    "EveryK",
+    "Sqrt",
+    "Checkpoints",
+    "SaveOps",
+    "Revolve",
+    "Budget",
+    "Optimal",
+    "DTR",
+    "Auto",
+    "Policy",
+    "KINDS",
+    "BUDGETED",
+    "resolve",
+    "parse",
+    "label",
+    "kind_of",
+    "FORMS",
 ]
 
 
@@ -113,15 +130,18 @@ class _Budgeted:
             raise TypeError(f"{kind}: fraction must be a number, got {self.fraction!r}")
         if self.bytes < 0:
             raise ValueError(f"{kind}: bytes must be > 0, got {self.bytes}")
-        if self.bytes >= 2 ** 63:
+        if self.bytes >= 2**63:
             raise ValueError(f"{kind}: bytes must fit an int64, got {self.bytes}")
         if not 0 <= self.fraction <= 1:  # NaN too
-            raise ValueError(f"{kind}: fraction must be in (0, 1] (of store_all's peak), "
-                             f"got {self.fraction}")
+            raise ValueError(
+                f"{kind}: fraction must be in (0, 1] (of store_all's peak), got {self.fraction}"
+            )
         if (self.bytes > 0) == (self.fraction > 0):
-            raise ValueError(f"{kind}: give exactly one of bytes and fraction (bytes > 0 or "
-                             f"a fraction in (0, 1]), got bytes={self.bytes}, "
-                             f"fraction={self.fraction}")
+            raise ValueError(
+                f"{kind}: give exactly one of bytes and fraction (bytes > 0 or "
+                f"a fraction in (0, 1]), got bytes={self.bytes}, "
+                f"fraction={self.fraction}"
+            )
 
 
 @dataclass(frozen=True)
@@ -130,8 +150,10 @@ class Budget(_Budgeted):
     or `fraction` of store_all's peak. Recomputation is priced in FLOPs, or, with
     `profile=True`, in op times measured by a timed forward pass on the server.
 
-        >>> Budget(fraction=0.5), Budget(bytes=2 << 30)
-        (Budget(bytes=0, fraction=0.5, profile=False), Budget(bytes=2147483648, fraction=0.0, profile=False))
+        >>> Budget(fraction=0.5)
+        Budget(bytes=0, fraction=0.5, profile=False)
+        >>> Budget(bytes=2 << 30)
+        Budget(bytes=2147483648, fraction=0.0, profile=False)
     """
 
     bytes: int = 0
@@ -152,10 +174,15 @@ class Optimal(_Budgeted):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.time_limit, bool) or not isinstance(self.time_limit, (int, float)) \
-                or not 0.0 <= self.time_limit < math.inf:  # HiGHS would run unbounded
-            raise ValueError("Optimal: time_limit must be finite and >= 0, in seconds "
-                             f"(0: the server's --optimal-time-limit), got {self.time_limit!r}")
+        if (
+            isinstance(self.time_limit, bool)
+            or not isinstance(self.time_limit, (int, float))
+            or not 0.0 <= self.time_limit < math.inf
+        ):  # HiGHS would run unbounded
+            raise ValueError(
+                "Optimal: time_limit must be finite and >= 0, in seconds "
+                f"(0: the server's --optimal-time-limit), got {self.time_limit!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -177,13 +204,27 @@ class Auto:
     bytes: int = 0
 
     def __post_init__(self):
-        if isinstance(self.bytes, bool) or not isinstance(self.bytes, int) \
-                or not 0 <= self.bytes < 2 ** 63:
+        if (
+            isinstance(self.bytes, bool)
+            or not isinstance(self.bytes, int)
+            or not 0 <= self.bytes < 2**63
+        ):
             raise ValueError(f"Auto: bytes must be an int >= 0, got {self.bytes!r}")
 
 
-Policy = Union[StoreAll, RecomputeAll, EveryK, Sqrt, Checkpoints, SaveOps, Revolve, Budget,
-               Optimal, DTR, Auto]
+Policy = (
+    StoreAll
+    | RecomputeAll
+    | EveryK
+    | Sqrt
+    | Checkpoints
+    | SaveOps
+    | Revolve
+    | Budget
+    | Optimal
+    | DTR
+    | Auto
+)
 BUDGETED = (Budget, Optimal, DTR)
 
 
@@ -191,7 +232,7 @@ BUDGETED = (Budget, Optimal, DTR)
 def _check_count(cls: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{cls}: {name} must be an int, got {value!r}")
-    if not 1 <= value < 2 ** 31:  # an int32 on the wire
+    if not 1 <= value < 2**31:  # an int32 on the wire
         raise ValueError(f"{cls}: {name} must be >= 1 (and below 2**31), got {value}")
 
 
@@ -204,8 +245,9 @@ def _check_names(cls: str, name: str, values) -> tuple[str, ...]:
         raise TypeError(f"{cls}: {name} must be a tuple of strings, got {values!r}") from None
     for value in values:
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{cls}: every entry of {name} must be a non-empty string, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"{cls}: every entry of {name} must be a non-empty string, got {value!r}"
+            )
     return values
 
 
@@ -217,6 +259,7 @@ def _integer(cls: type, usage: str) -> Callable[[str], Policy]:
             if text.lstrip("+-").isdigit():
                 raise
             raise ValueError(f"{text!r} is not an integer; expected {usage}") from None
+
     return parse_integer
 
 
@@ -226,11 +269,13 @@ def _names(cls: type, usage: str) -> Callable[[str], Policy]:
         if not all(names):
             raise ValueError(f"empty name in {text!r}; expected {usage}")
         return cls(names)
+
     return parse_names
 
 
 def _budget(cls: type, usage: str) -> Callable[[str], Policy]:
-    """"0.5" -> fraction 0.5; "2GiB", "512MiB", "1000000B" -> bytes."""
+    """ "0.5" -> fraction 0.5; "2GiB", "512MiB", "1000000B" -> bytes."""
+
     def parse_budget(text: str) -> Policy:
         parts = split_size(text)
         if parts is None:
@@ -238,11 +283,14 @@ def _budget(cls: type, usage: str) -> Callable[[str], Policy]:
         number, unit = parts
         if not unit:  # a bare number is a fraction; bytes carry a unit (B, KiB, MiB, GiB...)
             if not 0 < number <= 1:
-                raise ValueError(f"a bare number is a fraction of store_all's peak in "
-                                 f"(0, 1], got {text!r}; give bytes with a unit, e.g. "
-                                 "512MiB or 2GiB")
+                raise ValueError(
+                    f"a bare number is a fraction of store_all's peak in "
+                    f"(0, 1], got {text!r}; give bytes with a unit, e.g. "
+                    "512MiB or 2GiB"
+                )
             return cls(fraction=number)
         return cls(bytes=int(number * UNITS[unit]))
+
     return parse_budget
 
 
@@ -284,18 +332,49 @@ KINDS = _kinds(
     Kind(RecomputeAll, "recompute_all", lambda p: "recompute_all"),
     Kind(Sqrt, "sqrt", lambda p: "sqrt"),
     Kind(Auto, "auto", lambda p: f"auto({short_size(p.bytes)})" if p.bytes else "auto"),
-    Kind(EveryK, "every_k", lambda p: f"every_k({p.k})", _U["every_k"],
-         _integer(EveryK, _U["every_k"])),
-    Kind(Revolve, "revolve", lambda p: f"revolve({p.slots})", _U["revolve"],
-         _integer(Revolve, _U["revolve"])),
-    Kind(SaveOps, "save_ops", lambda p: f"save_ops({','.join(p.ops)})", _U["save_ops"],
-         _names(SaveOps, _U["save_ops"])),
-    Kind(Checkpoints, "checkpoints", lambda p: f"checkpoints({','.join(p.names)})",
-         _U["checkpoints"], _names(Checkpoints, _U["checkpoints"])),
-    Kind(Budget, "budget", lambda p: f"budget({_amount(p)}{',profile' if p.profile else ''})",
-         _U["budget"], _budget(Budget, _U["budget"])),
-    Kind(Optimal, "optimal", lambda p: f"optimal({_amount(p)})", _U["optimal"],
-         _budget(Optimal, _U["optimal"]), wire_names={"time_limit": "time_limit_seconds"}),
+    Kind(
+        EveryK,
+        "every_k",
+        lambda p: f"every_k({p.k})",
+        _U["every_k"],
+        _integer(EveryK, _U["every_k"]),
+    ),
+    Kind(
+        Revolve,
+        "revolve",
+        lambda p: f"revolve({p.slots})",
+        _U["revolve"],
+        _integer(Revolve, _U["revolve"]),
+    ),
+    Kind(
+        SaveOps,
+        "save_ops",
+        lambda p: f"save_ops({','.join(p.ops)})",
+        _U["save_ops"],
+        _names(SaveOps, _U["save_ops"]),
+    ),
+    Kind(
+        Checkpoints,
+        "checkpoints",
+        lambda p: f"checkpoints({','.join(p.names)})",
+        _U["checkpoints"],
+        _names(Checkpoints, _U["checkpoints"]),
+    ),
+    Kind(
+        Budget,
+        "budget",
+        lambda p: f"budget({_amount(p)}{',profile' if p.profile else ''})",
+        _U["budget"],
+        _budget(Budget, _U["budget"]),
+    ),
+    Kind(
+        Optimal,
+        "optimal",
+        lambda p: f"optimal({_amount(p)})",
+        _U["optimal"],
+        _budget(Optimal, _U["optimal"]),
+        wire_names={"time_limit": "time_limit_seconds"},
+    ),
     Kind(DTR, "dtr", lambda p: f"dtr({_amount(p)})", _U["dtr"], _budget(DTR, _U["dtr"])),
 )
 BY_NAME = {kind.name: kind for kind in KINDS.values()}
@@ -310,12 +389,11 @@ def kind_of(policy: Policy) -> Kind:
     """The table row of a policy object; TypeError for anything else."""
     kind = KINDS.get(type(policy))
     if kind is None:
-        raise TypeError(f"expected a remat.policies object or name, got "
-                        f"{type(policy).__name__}")
+        raise TypeError(f"expected a remat.policies object or name, got {type(policy).__name__}")
     return kind
 
 
-def resolve(policy: "Policy | str | None") -> Policy:
+def resolve(policy: Policy | str | None) -> Policy:
     """A policy object from an object, the name of a parameterless policy
     ("store_all", "recompute_all", "sqrt", "auto"), or None (auto, the server's default).
 
@@ -328,11 +406,15 @@ def resolve(policy: "Policy | str | None") -> Policy:
         if policy in PARAMETERLESS:
             return PARAMETERLESS[policy]()
         if policy in BY_NAME:
-            raise ValueError(f"policy {policy!r} takes a parameter: pass a policy object "
-                             f"or parse the string form {BY_NAME[policy].usage}")
-        raise ValueError(f"unknown policy {policy!r}; by name: {', '.join(PARAMETERLESS)} "
-                         f"(the others take parameters: "
-                         f"{', '.join(n for n in BY_NAME if n not in PARAMETERLESS)})")
+            raise ValueError(
+                f"policy {policy!r} takes a parameter: pass a policy object "
+                f"or parse the string form {BY_NAME[policy].usage}"
+            )
+        raise ValueError(
+            f"unknown policy {policy!r}; by name: {', '.join(PARAMETERLESS)} "
+            f"(the others take parameters: "
+            f"{', '.join(n for n in BY_NAME if n not in PARAMETERLESS)})"
+        )
     kind_of(policy)
     return policy
 
@@ -340,14 +422,14 @@ def resolve(policy: "Policy | str | None") -> Policy:
 def parse(text: str) -> Policy:
     """A policy from its command-line form: a parameterless name, or KIND:PARAMETER.
 
-        >>> parse("sqrt"), parse("revolve:3"), parse("checkpoints:act3,act7")
-        (Sqrt(), Revolve(slots=3), Checkpoints(names=('act3', 'act7')))
-        >>> parse("budget:2GiB")
-        Budget(bytes=2147483648, fraction=0.0, profile=False)
-        >>> parse("every_k")
-        Traceback (most recent call last):
-        ...
-        ValueError: policy 'every_k' needs a parameter: every_k:K (e.g. every_k:4)
+    >>> parse("sqrt"), parse("revolve:3"), parse("checkpoints:act3,act7")
+    (Sqrt(), Revolve(slots=3), Checkpoints(names=('act3', 'act7')))
+    >>> parse("budget:2GiB")
+    Budget(bytes=2147483648, fraction=0.0, profile=False)
+    >>> parse("every_k")
+    Traceback (most recent call last):
+    ...
+    ValueError: policy 'every_k' needs a parameter: every_k:K (e.g. every_k:4)
     """
     if not isinstance(text, str):
         raise TypeError(f"expected a policy string, got {type(text).__name__}")
@@ -368,7 +450,7 @@ def parse(text: str) -> Policy:
         raise ValueError(f"policy '{name}': {error}") from None
 
 
-def label(policy: "Policy | str | None") -> str:
+def label(policy: Policy | str | None) -> str:
     """A short, stable name for metrics and tables: "sqrt", "every_k(4)", "revolve(3)",
     "save_ops(matmul)", "checkpoints(act3,act7)", "budget(0.5)", "optimal(2GiB)"."""
     policy = resolve(policy)

@@ -1,5 +1,6 @@
 """What a run reports, the same records on the server and in the SDK: `Metrics`, the
 budgeted planners' `PlannerReport`, and one `TraceEvent` per executed step."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

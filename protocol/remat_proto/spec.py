@@ -9,10 +9,12 @@ here; nothing downstream of validation sees a spec.
     >>> spec.nodes[0].op
     'relu'
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +46,8 @@ class GraphSpec:
 def where(name: str, op: str = "", source: str = "") -> str:
     """Describe a node for an error message: "node 'h1' (matmul, built at m.py:3)".
 
-        >>> where("h1", "matmul", "m.py:3")
-        "node 'h1' (matmul, built at m.py:3)"
+    >>> where("h1", "matmul", "m.py:3")
+    "node 'h1' (matmul, built at m.py:3)"
     """
     details = [part for part in (op, f"built at {source}" if source else "") if part]
     return f"node '{name}'" + (f" ({', '.join(details)})" if details else "")

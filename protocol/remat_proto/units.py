@@ -1,15 +1,23 @@
 """Byte sizes for people: formatted in tables and labels, parsed from command lines.
 
-    >>> format_bytes(1536), short_size(3 << 30), parse_size("512MiB")
-    ('1.50 KiB', '3GiB', 536870912)
+>>> format_bytes(1536), short_size(3 << 30), parse_size("512MiB")
+('1.50 KiB', '3GiB', 536870912)
 """
+
 from __future__ import annotations
 
 import re
 
 _BINARY = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
-UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10 ** 3,
-         "mb": 10 ** 6, "gb": 10 ** 9}
+UNITS = {
+    "b": 1,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+}
 _SIZE = re.compile(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)")
 
 

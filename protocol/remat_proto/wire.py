@@ -12,6 +12,7 @@ array (`tensor_to_array`).
     >>> tensor_to_array(message).tolist(), policy_from_proto(policy_to_proto(policies.EveryK(4)))
     ([0.0, 1.0, 2.0], EveryK(k=4))
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,8 @@ import functools
 import hashlib
 import math
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -39,8 +41,9 @@ class WireError(ValueError):
 # --- tensors ---------------------------------------------------------------------------------
 def dtype_name(enum_value: int, what: str) -> str:
     if enum_value not in ENUM_DTYPE:
-        raise WireError(f"{what}: dtype {enum_value} is not supported "
-                        f"(one of {', '.join(dtypes.NAMES)})")
+        raise WireError(
+            f"{what}: dtype {enum_value} is not supported (one of {', '.join(dtypes.NAMES)})"
+        )
     return ENUM_DTYPE[enum_value]
 
 
@@ -50,8 +53,9 @@ def wire_array(value: Any, dtype: str | None = None) -> np.ndarray:
     array = np.asarray(value, dtype=dtype)
     name = dtypes.name_of(array.dtype)
     if name is None:
-        raise TypeError(f"dtype {array.dtype} is not supported; use one of "
-                        f"{', '.join(dtypes.NAMES)}")
+        raise TypeError(
+            f"dtype {array.dtype} is not supported; use one of {', '.join(dtypes.NAMES)}"
+        )
     wire = dtypes.NUMPY[name]
     if array.dtype == wire and array.flags.c_contiguous:
         return array
@@ -59,8 +63,9 @@ def wire_array(value: Any, dtype: str | None = None) -> np.ndarray:
     return np.asarray(array, dtype=wire, order="C")
 
 
-def fill_tensor(message: tensor_pb2.Tensor, value: Any, dtype: str | None = None,
-                chunked: bool = False) -> np.ndarray:
+def fill_tensor(
+    message: tensor_pb2.Tensor, value: Any, dtype: str | None = None, chunked: bool = False
+) -> np.ndarray:
     """Write `value` into `message` in place (no intermediate message to copy); with
     `chunked`, only dtype and shape (its data goes in TensorChunks). Returns the array
     as it goes on the wire."""
@@ -90,16 +95,24 @@ def tensor_view(tensor: tensor_pb2.Tensor, what: str = "tensor") -> np.ndarray:
         raise WireError(f"{what}: shape {list(shape)} has a negative dimension")
     expected = dtypes.itemsize(dtype) * math.prod(shape)
     if len(tensor.data) != expected:
-        raise WireError(f"{what}: {len(tensor.data)} bytes of data, but {dtype} with shape "
-                        f"{list(shape)} needs {expected}")
+        raise WireError(
+            f"{what}: {len(tensor.data)} bytes of data, but {dtype} with shape "
+            f"{list(shape)} needs {expected}"
+        )
     return np.frombuffer(tensor.data, dtype=dtypes.NUMPY[dtype]).reshape(shape)
 
 
 def reusable(array: np.ndarray | None, shape: tuple, dtype: np.dtype) -> bool:
     """Whether `array` can take a tensor's bytes as they are: a writable C-contiguous
     array of exactly that shape and (little-endian) dtype."""
-    return (isinstance(array, np.ndarray) and array.shape == shape and array.dtype == dtype
-            and array.dtype.isnative and array.flags.c_contiguous and array.flags.writeable)
+    return (
+        isinstance(array, np.ndarray)
+        and array.shape == shape
+        and array.dtype == dtype
+        and array.dtype.isnative
+        and array.flags.c_contiguous
+        and array.flags.writeable
+    )
 
 
 def tensor_to_array(tensor: tensor_pb2.Tensor, reuse: np.ndarray | None = None) -> np.ndarray:
@@ -138,8 +151,9 @@ def _copy_tensor(tensor: tensor_pb2.Tensor, what: str) -> np.ndarray:
     return tensor_to_array(tensor)
 
 
-def attr_from_proto(value: graph_pb2.AttrValue, what: str,
-                    tensor: TensorDecoder = _copy_tensor) -> Any:
+def attr_from_proto(
+    value: graph_pb2.AttrValue, what: str, tensor: TensorDecoder = _copy_tensor
+) -> Any:
     kind = value.WhichOneof("value")
     if kind is None:
         raise WireError(f"{what}: the attribute has no value set")
@@ -158,8 +172,9 @@ def graph_to_proto(spec: GraphSpec) -> graph_pb2.Graph:
     means "the op's default", and absence says the same)."""
     message = graph_pb2.Graph(name=spec.name)
     for item in spec.inputs:
-        message.inputs.add(name=item.name, shape=item.shape, dtype=DTYPE_ENUM[item.dtype],
-                           source=item.source)
+        message.inputs.add(
+            name=item.name, shape=item.shape, dtype=DTYPE_ENUM[item.dtype], source=item.source
+        )
     add_node = message.nodes.add
     for node in spec.nodes:
         entry = add_node(name=node.name, op=node.op, inputs=node.inputs, source=node.source)
@@ -175,15 +190,26 @@ def graph_from_proto(message: graph_pb2.Graph, tensor: TensorDecoder = _copy_ten
     """The spec of a Graph message; attribute tensors go through `tensor(message, what)`
     (the server's checks them against its limits). Nothing else is validated here."""
     inputs = tuple(
-        InputSpec(i.name, tuple(i.shape), dtype_name(i.dtype, where(i.name, "input", i.source)),
-                  i.source)
-        for i in message.inputs)
+        InputSpec(
+            i.name, tuple(i.shape), dtype_name(i.dtype, where(i.name, "input", i.source)), i.source
+        )
+        for i in message.inputs
+    )
     nodes = tuple(
-        NodeSpec(n.name, n.op, tuple(n.inputs),
-                 {k: attr_from_proto(v, f"{where(n.name, n.op, n.source)}: attribute '{k}'",
-                                     tensor)
-                  for k, v in n.attrs.items()} if n.attrs else {}, n.source)
-        for n in message.nodes)
+        NodeSpec(
+            n.name,
+            n.op,
+            tuple(n.inputs),
+            {
+                k: attr_from_proto(v, f"{where(n.name, n.op, n.source)}: attribute '{k}'", tensor)
+                for k, v in n.attrs.items()
+            }
+            if n.attrs
+            else {},
+            n.source,
+        )
+        for n in message.nodes
+    )
     outputs = tuple((o.name, o.node) for o in message.outputs)
     return GraphSpec(message.name, inputs, nodes, outputs)
 
@@ -194,7 +220,7 @@ def content_id(message: graph_pb2.Graph) -> str:
 
 
 # --- policies --------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wire_fields(cls: type) -> tuple[tuple[str, str], ...]:
     """(dataclass field, proto field) pairs of a policy class, from its table row."""
     kind = policies.KINDS[cls]
@@ -207,8 +233,9 @@ def _policy_message(policy: policies.Policy) -> bytes:
     message = executor_pb2.Policy()
     part = getattr(message, kind.name)
     # CopyFrom sets the oneof even for a message without fields.
-    part.CopyFrom(type(part)(**{wire: getattr(policy, field)
-                                for field, wire in _wire_fields(type(policy))}))
+    part.CopyFrom(
+        type(part)(**{wire: getattr(policy, field) for field, wire in _wire_fields(type(policy))})
+    )
     return message.SerializeToString()
 
 
@@ -272,16 +299,26 @@ def metrics_to_proto(metrics: Metrics) -> executor_pb2.Metrics:
 
 
 def metrics_from_proto(message: executor_pb2.Metrics) -> Metrics:
-    return Metrics(**{f: getattr(message, f) for f in _METRIC_FIELDS},
-                   planner=report_from_proto(message))
+    return Metrics(
+        **{f: getattr(message, f) for f in _METRIC_FIELDS}, planner=report_from_proto(message)
+    )
 
 
 def trace_to_proto(events: Iterable[TraceEvent]) -> list[executor_pb2.TraceEvent]:
-    return [executor_pb2.TraceEvent(node=e.node, op=e.op, phase=e.phase,
-                                    start_seconds=e.start_seconds, seconds=e.seconds,
-                                    live_bytes=e.live_bytes) for e in events]
+    return [
+        executor_pb2.TraceEvent(
+            node=e.node,
+            op=e.op,
+            phase=e.phase,
+            start_seconds=e.start_seconds,
+            seconds=e.seconds,
+            live_bytes=e.live_bytes,
+        )
+        for e in events
+    ]
 
 
 def trace_from_proto(events) -> tuple[TraceEvent, ...]:
-    return tuple(TraceEvent(e.node, e.op, e.phase, e.start_seconds, e.seconds, e.live_bytes)
-                 for e in events)
+    return tuple(
+        TraceEvent(e.node, e.op, e.phase, e.start_seconds, e.seconds, e.live_bytes) for e in events
+    )

@@ -8,13 +8,17 @@
 
 The names below load lazily, so the domain stages import without gRPC.
 """
+
 from __future__ import annotations
 
 import importlib
 
 __all__ = ["Limits", "ServerConfig", "create_server"]
-_WHERE = {"Limits": ".graph.limits", "ServerConfig": ".service.config",
-          "create_server": ".service.app"}
+_WHERE = {
+    "Limits": ".graph.limits",
+    "ServerConfig": ".service.config",
+    "create_server": ".service.app",
+}
 
 
 def __getattr__(name: str):

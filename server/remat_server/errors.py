@@ -3,6 +3,7 @@
 Domain code raises these; it never imports grpc. Messages are written for the
 person who built the graph: they name the node (and where the SDK built it).
 """
+
 from __future__ import annotations
 
 from remat_proto.spec import where  # noqa: F401 (re-exported: every stage names nodes)

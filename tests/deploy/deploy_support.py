@@ -1,6 +1,7 @@
 """Readers for deploy/: the kustomization (rendered by `kubectl kustomize`, or by a small
 renderer of our own when kubectl is absent), the Dockerfile, env files, and the metric
 series a real server exposes. No cluster and no Docker engine needed."""
+
 from __future__ import annotations
 
 import hashlib
@@ -29,16 +30,24 @@ def render_with_kubectl(directory: Path = K8S) -> list[dict] | None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         return None
-    done = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return yaml_documents(done.stdout)
 
 
 # What our renderer implements; anything else in the kustomization is an error, so that
 # the fallback can never silently render something kubectl would render differently.
-_KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "configMapGenerator", "labels",
-                       "namespace", "generatorOptions"}
+_KUSTOMIZATION_KEYS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "configMapGenerator",
+    "labels",
+    "namespace",
+    "generatorOptions",
+}
 _GENERATOR_KEYS = {"name", "literals", "envs"}
 _LABELS_KEYS = {"pairs", "includeTemplates", "includeSelectors"}
 _POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
@@ -72,8 +81,14 @@ def render_kustomization(directory: Path = K8S) -> list[dict]:
             data[key] = value
         name = generator["name"]
         names[name] = f"{name}-{configmap_hash(data)}" if hashed else name
-        objects.append({"apiVersion": "v1", "kind": "ConfigMap",
-                        "metadata": {"name": names[name]}, "data": data})
+        objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": names[name]},
+                "data": data,
+            }
+        )
 
     for entry in spec.get("labels", []):
         if set(entry) - _LABELS_KEYS or entry.get("includeSelectors"):
@@ -94,6 +109,7 @@ def render_kustomization(directory: Path = K8S) -> list[dict]:
 
 def _rename_configmaps(pod: dict, names: dict[str, str]) -> None:
     """Point a pod spec's ConfigMap references at the generated (hashed) names."""
+
     def rename(ref: dict | None) -> None:
         if ref and ref.get("name") in names:
             ref["name"] = names[ref["name"]]
@@ -112,8 +128,12 @@ def configmap_hash(data: dict[str, str]) -> str:
     JSON of kind, name and data, first 10 hex digits with 0 1 3 a e swapped for
     letters). kustomize v5 looks the name up under a key that never matches, so the
     name hashes as ""."""
-    encoded = json.dumps({"data": data, "kind": "ConfigMap", "name": ""}, sort_keys=True,
-                         separators=(",", ":"), ensure_ascii=False)
+    encoded = json.dumps(
+        {"data": data, "kind": "ConfigMap", "name": ""},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
     for char, escape in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e")):
         encoded = encoded.replace(char, escape)  # Go's json.Marshal escapes these
     digest = hashlib.sha256(encoded.encode()).hexdigest()[:10]
@@ -198,7 +218,7 @@ def dockerfile(path: Path) -> list[Instruction]:
 
 def final_stage(instructions: list[Instruction]) -> list[Instruction]:
     starts = [i for i, ins in enumerate(instructions) if ins.keyword == "FROM"]
-    return instructions[starts[-1]:]
+    return instructions[starts[-1] :]
 
 
 def exec_form(arguments: str) -> list[str]:
@@ -222,8 +242,10 @@ def env_instruction(arguments: str) -> dict[str, str]:
 def healthcheck(arguments: str) -> tuple[dict[str, str], list[str]]:
     """HEALTHCHECK [--option=value ...] CMD [...] -> (options, command)."""
     options, _, command = arguments.partition("CMD")
-    return (dict(opt.lstrip("-").split("=", 1) for opt in options.split()),
-            exec_form(command.strip()))
+    return (
+        dict(opt.lstrip("-").split("=", 1) for opt in options.split()),
+        exec_form(command.strip()),
+    )
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
@@ -258,8 +280,11 @@ def _glob_regex(pattern: str) -> str:
 
 
 def dockerignore_patterns(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+    return [
+        line.strip()
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
 
 
 # --- the server's metrics --------------------------------------------------------------------
@@ -277,8 +302,7 @@ def exposed_series() -> dict[str, tuple[str, frozenset[str]]]:
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                      timeout=10)
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         server.metrics.observe_run(Metrics(forward_seconds=0.01, policy="store_all"))
         text = server.metrics.exposition().decode()
     finally:

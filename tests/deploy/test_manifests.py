@@ -3,6 +3,7 @@
 Prometheus' configuration, the Grafana dashboard and the Dockerfile. Ports, probes,
 settings and metric names are checked against `remat serve`'s real flags and the
 metrics a real server exposes. No cluster, no Docker engine: nothing is built."""
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,27 @@ from pathlib import Path
 
 import pytest
 import yaml
+from deploy_support import (
+    DEPLOY,
+    K8S,
+    ROOT,
+    by_kind,
+    compose_bytes,
+    compose_seconds,
+    dockerfile,
+    dockerignore_patterns,
+    dockerignored,
+    env_file,
+    env_instruction,
+    exec_form,
+    exposed_series,
+    final_stage,
+    healthcheck,
+    quantity_bytes,
+    render_kustomization,
+    render_with_kubectl,
+)
 
-from deploy_support import (DEPLOY, K8S, ROOT, by_kind, compose_bytes, compose_seconds,
-                            dockerfile, dockerignore_patterns, dockerignored, env_file,
-                            env_instruction, exec_form, exposed_series, final_stage,
-                            healthcheck, quantity_bytes, render_kustomization,
-                            render_with_kubectl)
 from remat.cli import build_parser as sdk_parser
 from remat_server.service.flags import build_parser, serve_env_vars, server_config
 from remat_server.service.serve import KILL_AFTER_GRACE
@@ -47,8 +63,13 @@ def memory_needed(args) -> int:
     per handler thread."""
     config = server_config(args, environ={})
     assert config.memory_budget_bytes > 0, "a memory limit needs a memory budget under it"
-    per_worker = (config.memory_budget_bytes + config.graph_cache_bytes
-                  + config.compile_cache_bytes + config.buffer_pool_bytes + config.max_workers * config.max_message_bytes)
+    per_worker = (
+        config.memory_budget_bytes
+        + config.graph_cache_bytes
+        + config.compile_cache_bytes
+        + config.buffer_pool_bytes
+        + config.max_workers * config.max_message_bytes
+    )
     return args.workers * per_worker + BASELINE_BYTES
 
 
@@ -73,24 +94,39 @@ def image() -> Image:
         if ins.keyword == "ENV":
             env.update(env_instruction(ins.arguments))
     options, health = healthcheck(last["HEALTHCHECK"])
-    exposed = {int(port.split("/")[0]) for ins in stage if ins.keyword == "EXPOSE"
-               for port in ins.arguments.split()}
-    return Image(env=env, entrypoint=exec_form(last["ENTRYPOINT"]),
-                 cmd=exec_form(last.get("CMD", "[]")), user=last["USER"], exposed=exposed,
-                 health_options=options, health=health)
+    exposed = {
+        int(port.split("/")[0])
+        for ins in stage
+        if ins.keyword == "EXPOSE"
+        for port in ins.arguments.split()
+    }
+    return Image(
+        env=env,
+        entrypoint=exec_form(last["ENTRYPOINT"]),
+        cmd=exec_form(last.get("CMD", "[]")),
+        user=last["USER"],
+        exposed=exposed,
+        health_options=options,
+        health=health,
+    )
 
 
-def image_serve_args(image: Image, extra_env: dict[str, str] | None = None,
-                     argv: list[str] | None = None):
+def image_serve_args(
+    image: Image, extra_env: dict[str, str] | None = None, argv: list[str] | None = None
+):
     assert image.entrypoint[:2] == ["remat", "serve"]
     env = {k: v for k, v in image.env.items() if k.startswith("REMAT_")}
-    return serve_args(image.entrypoint[2:] + (image.cmd if argv is None else argv),
-                      {**env, **(extra_env or {})})
+    return serve_args(
+        image.entrypoint[2:] + (image.cmd if argv is None else argv), {**env, **(extra_env or {})}
+    )
 
 
 def test_dockerfile_base_images_are_slim_python():
-    froms = [ins.arguments.split()[0] for ins in dockerfile(DEPLOY / "Dockerfile")
-             if ins.keyword == "FROM"]
+    froms = [
+        ins.arguments.split()[0]
+        for ins in dockerfile(DEPLOY / "Dockerfile")
+        if ins.keyword == "FROM"
+    ]
     assert froms and all(re.fullmatch(r"python:3\.\d+-slim", ref) for ref in froms), froms
 
 
@@ -129,21 +165,31 @@ def test_dockerfile_installs_the_package_from_the_context_without_pip_cache():
     runs = " ".join(ins.arguments for ins in instructions if ins.keyword == "RUN")
     assert re.search(r"pip install --no-cache-dir \.(\s|$)", runs), runs
     patterns = dockerignore_patterns(ROOT / ".dockerignore")
-    copied = [source for ins in instructions if ins.keyword == "COPY"
-              and not ins.arguments.startswith("--from")
-              for source in ins.arguments.split()[:-1]]
+    copied = [
+        source
+        for ins in instructions
+        if ins.keyword == "COPY" and not ins.arguments.startswith("--from")
+        for source in ins.arguments.split()[:-1]
+    ]
     # What `pip install .` reads: the project file, its readme, the package roots.
     pyproject = (ROOT / "pyproject.toml").read_text()
-    roots = re.search(r'where = \[([^\]]*)\]', pyproject).group(1)
-    needed = {"pyproject.toml", re.search(r'readme = "([^"]+)"', pyproject).group(1),
-              *re.findall(r'"([^"]+)"', roots)}
+    roots = re.search(r"where = \[([^\]]*)\]", pyproject).group(1)
+    needed = {
+        "pyproject.toml",
+        re.search(r'readme = "([^"]+)"', pyproject).group(1),
+        *re.findall(r'"([^"]+)"', roots),
+    }
     assert needed <= set(copied), sorted(needed - set(copied))
     for source in copied:
         assert (ROOT / source).exists(), source
         assert not dockerignored(source, patterns), f".dockerignore excludes {source}"
     assert not dockerignored("client/remat/v1/executor_pb2.py", patterns)  # committed stubs
-    for junk in (".git/HEAD", ".venv/bin/python", "tests/support.py",
-                 "client/remat/__pycache__/cli.cpython-311.pyc"):
+    for junk in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "tests/support.py",
+        "client/remat/__pycache__/cli.cpython-311.pyc",
+    ):
         assert dockerignored(junk, patterns), junk
 
 
@@ -203,10 +249,14 @@ def test_renderings_agree():
 
 
 def test_manifests_hold_the_expected_objects(k8s):
-    names = {kind: sorted(o["metadata"]["name"] for o in objects)
-             for kind, objects in k8s.items()}
-    assert names.keys() == {"Deployment", "Service", "HorizontalPodAutoscaler",
-                            "PodDisruptionBudget", "ConfigMap"}
+    names = {kind: sorted(o["metadata"]["name"] for o in objects) for kind, objects in k8s.items()}
+    assert names.keys() == {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ConfigMap",
+    }
     assert names["Service"] == ["remat-headless"]
     assert re.fullmatch(r"remat-config-[a-z0-9]{10}", names["ConfigMap"][0])  # hashed: rolls pods
     assert one(k8s, "Deployment")["spec"]["replicas"] == 2
@@ -223,8 +273,12 @@ def test_every_configmap_key_is_a_serve_flag_and_parses_like_it(k8s):
         assert re.fullmatch(r"[A-Za-z0-9._:-]+", value), (var, value)  # no quoting rules
         action = flags[env[var]]
         switch = action.nargs == 0
-        from_flag = serve_args(([env[var]] if value.lower() in ("1", "true", "yes") else [])
-                               if switch else [env[var], value], {})
+        from_flag = serve_args(
+            ([env[var]] if value.lower() in ("1", "true", "yes") else [])
+            if switch
+            else [env[var], value],
+            {},
+        )
         assert getattr(from_env, action.dest) == getattr(from_flag, action.dest), var
 
 
@@ -232,7 +286,8 @@ def test_the_configmap_is_the_env_file_compose_uses(k8s):
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     (generator,) = kustomization["configMapGenerator"]
     assert one(k8s, "ConfigMap")["data"] == {
-        k: v for path in generator.get("envs", []) for k, v in env_file(K8S / path).items()}
+        k: v for path in generator.get("envs", []) for k, v in env_file(K8S / path).items()
+    }
     for name in REMAT_SERVICES:
         files = [(DEPLOY / path).resolve() for path in compose()["services"][name]["env_file"]]
         assert files == [(K8S / path).resolve() for path in generator["envs"]], name
@@ -300,8 +355,9 @@ def test_no_service_link_variable_can_shadow_a_serve_flag(k8s):
     for service in k8s["Service"]:
         prefix = service["metadata"]["name"].upper().replace("-", "_")
         for var in env:
-            assert not var.startswith(prefix + "_PORT") and \
-                not var.startswith(prefix + "_SERVICE"), (service["metadata"]["name"], var)
+            assert not var.startswith(prefix + "_PORT") and not var.startswith(
+                prefix + "_SERVICE"
+            ), (service["metadata"]["name"], var)
 
 
 def test_selectors_match_the_pods(k8s):
@@ -341,8 +397,9 @@ def test_headless_service_exposes_the_grpc_port(k8s, image):
     assert grpc["port"] == pod_serve_args(k8s, image).port
     assert grpc["targetPort"] in ("grpc", container_ports["grpc"])
     for port in ports.values():  # every target is a port the container declares
-        assert port["targetPort"] in container_ports or \
-            port["targetPort"] in container_ports.values()
+        assert (
+            port["targetPort"] in container_ports or port["targetPort"] in container_ports.values()
+        )
 
 
 def test_configmap_reference_and_image(k8s):
@@ -411,14 +468,16 @@ def test_compose_replicas_parse_and_publish_their_grpc_port(image, name, host_po
 def test_prometheus_scrapes_every_replicas_metrics_port(image):
     services = compose()["services"]
     prometheus = services["prometheus"]
-    config_file = next(a.split("=", 1)[1] for a in prometheus["command"]
-                       if a.startswith("--config.file="))
+    config_file = next(
+        a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file=")
+    )
     assert mounts(prometheus)[config_file] == DEPLOY / "prometheus" / "prometheus.yml"
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "remat"]
     targets = {t for group in job["static_configs"] for t in group["targets"]}
-    assert targets == {f"{name}:{compose_serve_args(name, image).metrics_port}"
-                       for name in REMAT_SERVICES}
+    assert targets == {
+        f"{name}:{compose_serve_args(name, image).metrics_port}" for name in REMAT_SERVICES
+    }
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert published(prometheus) == {9090: 9090}
     for name in REMAT_SERVICES:
@@ -450,8 +509,11 @@ def test_grafana_provisions_prometheus_and_the_dashboard():
     assert home.startswith(provider["options"]["path"] + "/")
     assert (dashboards / home.rsplit("/", 1)[1]).is_file()
     assert published(grafana) == {3000: 3000}
-    uids = {target["datasource"]["uid"] for panel in dashboard()["panels"]
-            for target in panel.get("targets", [])}
+    uids = {
+        target["datasource"]["uid"]
+        for panel in dashboard()["panels"]
+        for target in panel.get("targets", [])
+    }
     assert uids == {source["uid"]}
 
 
@@ -462,8 +524,11 @@ def series():
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
-    return [(panel["title"], target["expr"]) for panel in dashboard()["panels"]
-            for target in panel.get("targets", [])]
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard()["panels"]
+        for target in panel.get("targets", [])
+    ]
 
 
 METRIC = re.compile(r"\b(remat_[a-z0-9_]+)\b")
@@ -471,13 +536,15 @@ COUNTERISH = ("_total", "_count", "_sum", "_bucket")
 
 
 def test_dashboard_has_the_panels_operators_need():
-    text = {title: " ".join(e for t, e in dashboard_exprs() if t == title)
-            for title, _ in dashboard_exprs()}
+    text = {
+        title: " ".join(e for t, e in dashboard_exprs() if t == title)
+        for title, _ in dashboard_exprs()
+    }
     wanted = {  # what the panel shows -> a fragment of its PromQL
         "requests by method": "sum by (method) (rate(remat_rpc_duration_seconds_count",
         "errors by method and code": 'code!="OK"',
         "latency by method": "histogram_quantile(0.99, sum by (le, method) "
-                             "(rate(remat_rpc_duration_seconds_bucket",
+        "(rate(remat_rpc_duration_seconds_bucket",
         "peak bytes by policy": "sum by (le, policy) (rate(remat_peak_bytes_bucket",
         "recompute seconds by policy": "sum by (policy) (rate(remat_recompute_seconds_sum",
         "forward seconds": "remat_forward_seconds",
@@ -499,8 +566,11 @@ def test_dashboard_metrics_and_labels_exist_in_the_exposition(series):
         missing = names - set(series)
         assert not missing, f"{title}: {sorted(missing)} are not exposed: {expr}"
         labels = set().union(*(series[n][1] for n in names)) | {"instance", "job"}
-        used = {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr)
-                for label in group.split(",")}
+        used = {
+            label.strip()
+            for group in re.findall(r"\bby \(([^)]*)\)", expr)
+            for label in group.split(",")
+        }
         used |= set(re.findall(r"[{,]\s*([a-z_]+)\s*(?:=~|!~|!=|=)", expr))
         assert used <= labels, f"{title}: labels {sorted(used - labels)} do not exist: {expr}"
 
@@ -525,8 +595,9 @@ def test_dashboard_layout():
     for panel in panels:
         g = panel["gridPos"]
         assert g["x"] + g["w"] <= 24, panel["title"]
-        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"])
-                for y in range(g["y"], g["y"] + g["h"])}
+        mine = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
         assert not mine & cells, f"{panel['title']} overlaps another panel"
         cells |= mine
     variables = {v["name"] for v in board.get("templating", {}).get("list", [])}
@@ -547,8 +618,12 @@ def test_promtool_accepts_the_prometheus_config():
     tool = promtool()
     if tool is None:
         pytest.skip("promtool is not installed")
-    done = subprocess.run([tool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [tool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -557,11 +632,16 @@ def test_promtool_parses_every_dashboard_query(tmp_path):
     tool = promtool()
     if tool is None:
         pytest.skip("promtool is not installed")
-    rules = [{"record": f"remat:dashboard:{i}",
-              "expr": expr.replace("$__rate_interval", "1m").replace("$instance", ".*")}
-             for i, (_, expr) in enumerate(dashboard_exprs())]
+    rules = [
+        {
+            "record": f"remat:dashboard:{i}",
+            "expr": expr.replace("$__rate_interval", "1m").replace("$instance", ".*"),
+        }
+        for i, (_, expr) in enumerate(dashboard_exprs())
+    ]
     path = tmp_path / "dashboard.rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    done = subprocess.run([tool, "check", "rules", str(path)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [tool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -3,12 +3,14 @@ small enough that every request the fuzzers can build is cheap to refuse or to r
 a tensor holds at most 4,096 elements, so anything the server allocates beyond a few
 MiB was allocated before a limit was checked (the RSS guard below catches that).
 """
+
 from __future__ import annotations
 
 import resource
 import tempfile
 from pathlib import Path
 
+import fuzz_support
 import grpc
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
@@ -16,17 +18,28 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from remat_proto.v1 import executor_pb2_grpc
 from remat_server import Limits, ServerConfig, create_server
 
-import fuzz_support
-
 # Hypothesis keeps caches (and would keep its example database, which fuzz_settings
 # turns off) in ./.hypothesis; nothing of it belongs in the checkout.
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "remat-hypothesis")
 
-LIMITS = Limits(max_nodes=64, max_edges=256, max_rank=5, max_dim=1 << 16,
-                max_elements=1 << 12, max_request_bytes=4 << 20,
-                optimal_max_nodes=40, optimal_time_limit=1.0)
-CONFIG = ServerConfig(host="127.0.0.1", port=0, max_message_bytes=4 << 20, max_workers=4,
-                      graph_cache_bytes=64 << 10, limits=LIMITS)
+LIMITS = Limits(
+    max_nodes=64,
+    max_edges=256,
+    max_rank=5,
+    max_dim=1 << 16,
+    max_elements=1 << 12,
+    max_request_bytes=4 << 20,
+    optimal_max_nodes=40,
+    optimal_time_limit=1.0,
+)
+CONFIG = ServerConfig(
+    host="127.0.0.1",
+    port=0,
+    max_message_bytes=4 << 20,
+    max_workers=4,
+    graph_cache_bytes=64 << 10,
+    limits=LIMITS,
+)
 RSS_GROWTH_MIB = 256  # peak RSS the whole property run may add
 
 METHODS = ("Run", "Plan", "Differentiate", "RegisterGraph", "ListOps")
@@ -58,21 +71,25 @@ def fuzz_stub(fuzz_channel):
 @pytest.fixture(scope="session")
 def raw_methods(fuzz_channel):
     """Method name -> a callable sending raw bytes and returning raw bytes."""
-    methods = {name: fuzz_channel.unary_unary(f"/remat.v1.Executor/{name}",
-                                              request_serializer=None,
-                                              response_deserializer=None)
-               for name in METHODS}
-    methods["Compare"] = fuzz_channel.unary_stream("/remat.v1.Executor/Compare",
-                                                   request_serializer=None,
-                                                   response_deserializer=None)
+    methods = {
+        name: fuzz_channel.unary_unary(
+            f"/remat.v1.Executor/{name}", request_serializer=None, response_deserializer=None
+        )
+        for name in METHODS
+    }
+    methods["Compare"] = fuzz_channel.unary_stream(
+        "/remat.v1.Executor/Compare", request_serializer=None, response_deserializer=None
+    )
     return methods
 
 
 def pytest_terminal_summary(terminalreporter):
     counts = fuzz_support.COUNTS
     if counts["cases"]:
-        terminalreporter.write_line(f"property tests: {counts['cases']:,} generated cases, "
-                                    f"{counts['calls']:,} calls to the server")
+        terminalreporter.write_line(
+            f"property tests: {counts['cases']:,} generated cases, "
+            f"{counts['calls']:,} calls to the server"
+        )
 
 
 @pytest.fixture(scope="session")

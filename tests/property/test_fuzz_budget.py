@@ -1,5 +1,6 @@
 """The acceptance floor: a plain run of tests/property generates at least 10,000 cases
 (the terminal summary prints how many were actually run)."""
+
 from __future__ import annotations
 
 from fuzz_support import EXAMPLES

@@ -4,25 +4,27 @@ Two sources: arbitrary bytes, and valid requests with bytes flipped, cut, insert
 repeated (these mostly still parse, so they reach the server's own checks with broken
 lengths, varints, unknown fields, invalid UTF-8 and wrong wire types).
 """
+
 from __future__ import annotations
 
 import grpc
 import pytest
+from fuzz_support import Checkpointed, Tally, W, X, check_answer, fuzz_settings, mlp_graph, tensor
 from hypothesis import given
 from hypothesis import strategies as st
 
 from remat_proto.v1 import executor_pb2
 
-from fuzz_support import (Checkpointed, Tally, W, X, check_answer, fuzz_settings, mlp_graph,
-                          tensor)
-
 RPCS = ("Run", "Plan", "Differentiate", "RegisterGraph", "ListOps", "Compare")
 
 
 def _run_request() -> executor_pb2.RunRequest:
-    request = executor_pb2.RunRequest(graph=executor_pb2.GraphRef(graph=mlp_graph()),
-                                      wrt=["x", "w"], loss="loss",
-                                      policy=executor_pb2.Policy(every_k=executor_pb2.EveryK(k=1)))
+    request = executor_pb2.RunRequest(
+        graph=executor_pb2.GraphRef(graph=mlp_graph()),
+        wrt=["x", "w"],
+        loss="loss",
+        policy=executor_pb2.Policy(every_k=executor_pb2.EveryK(k=1)),
+    )
     request.inputs["x"].CopyFrom(tensor(X))
     request.inputs["w"].CopyFrom(tensor(W))
     return request
@@ -31,15 +33,21 @@ def _run_request() -> executor_pb2.RunRequest:
 # A valid request per RPC: the seeds the mutations start from.
 SEEDS = {
     "Run": _run_request(),
-    "Plan": executor_pb2.PlanRequest(graph=executor_pb2.GraphRef(graph=mlp_graph()),
-                                     wrt=["x"], loss="loss", include_schedule=True,
-                                     policy=executor_pb2.Policy(name="sqrt")),
+    "Plan": executor_pb2.PlanRequest(
+        graph=executor_pb2.GraphRef(graph=mlp_graph()),
+        wrt=["x"],
+        loss="loss",
+        include_schedule=True,
+        policy=executor_pb2.Policy(name="sqrt"),
+    ),
     "Differentiate": executor_pb2.DifferentiateRequest(
-        graph=executor_pb2.GraphRef(graph=mlp_graph()), wrt=["w"], loss="loss"),
+        graph=executor_pb2.GraphRef(graph=mlp_graph()), wrt=["w"], loss="loss"
+    ),
     "RegisterGraph": executor_pb2.RegisterGraphRequest(graph=mlp_graph()),
     "ListOps": executor_pb2.ListOpsRequest(),
     "Compare": executor_pb2.CompareRequest(
-        run=_run_request(), policies=[executor_pb2.Policy(name="recompute_all")]),
+        run=_run_request(), policies=[executor_pb2.Policy(name="recompute_all")]
+    ),
 }
 SEED_BYTES = {rpc: message.SerializeToString() for rpc, message in SEEDS.items()}
 
@@ -62,7 +70,7 @@ def mutated(draw, seed: bytes) -> bytes:
             end = draw(st.integers(at, min(len(data), at + 64)))
             data[at:at] = data[at:end]
         elif kind == "delete":
-            del data[at:at + draw(st.integers(1, 8))]
+            del data[at : at + draw(st.integers(1, 8))]
     return bytes(data)
 
 

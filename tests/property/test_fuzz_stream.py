@@ -7,19 +7,31 @@ clear answer, and an honest chunked upload right after still runs correctly.
   hostile dtypes and shapes, then chunks with any role, name and length, in any
   order, with second headers and chunks before the header.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fuzz_support import (
+    CALL_TIMEOUT,
+    Checkpointed,
+    Hostile,
+    Tally,
+    W,
+    X,
+    array_of,
+    check_answer,
+    fuzz_settings,
+    hostile,
+    mlp_graph,
+    tensor,
+)
 from hypothesis import given
 from hypothesis import strategies as st
+from test_fuzz_bytes import mutated
 
 from remat_proto import chunks
 from remat_proto.v1 import executor_pb2, tensor_pb2
-
-from fuzz_support import (CALL_TIMEOUT, Checkpointed, Hostile, Tally, W, X, array_of,
-                          check_answer, fuzz_settings, hostile, mlp_graph, tensor)
-from test_fuzz_bytes import mutated
 
 INPUT, COTANGENT = tensor_pb2.TensorChunk.INPUT, tensor_pb2.TensorChunk.COTANGENT
 ROLES = [INPUT, COTANGENT, tensor_pb2.TensorChunk.OUTPUT, 0, 7, -1]
@@ -27,8 +39,9 @@ ROLES = [INPUT, COTANGENT, tensor_pb2.TensorChunk.OUTPUT, 0, 7, -1]
 
 def _header(chunked: dict) -> executor_pb2.RunRequest:
     """The mlp Run with `chunked` inputs marked chunked and the others inline."""
-    request = executor_pb2.RunRequest(graph=executor_pb2.GraphRef(graph=mlp_graph()),
-                                      wrt=["x", "w"], loss="loss")
+    request = executor_pb2.RunRequest(
+        graph=executor_pb2.GraphRef(graph=mlp_graph()), wrt=["x", "w"], loss="loss"
+    )
     for name, array in (("x", X), ("w", W)):
         request.inputs[name].CopyFrom(tensor(array))
         if name in chunked:
@@ -44,8 +57,9 @@ def honest_stream(chunk_bytes: int = 16) -> list:
     for start in range(0, max(len(xs), len(ws)), chunk_bytes):
         for name, data in (("x", xs), ("w", ws)):
             if start < len(data):
-                messages.append(chunks.encode_chunk(INPUT, name, memoryview(
-                    data[start:start + chunk_bytes])))
+                messages.append(
+                    chunks.encode_chunk(INPUT, name, memoryview(data[start : start + chunk_bytes]))
+                )
     return messages
 
 
@@ -63,9 +77,10 @@ SEED_MESSAGES = honest_stream(chunk_bytes=24)
 @st.composite
 def raw_streams(draw) -> list[bytes]:
     count = draw(st.integers(0, 4))
-    return [draw(st.one_of(st.binary(max_size=96),
-                           st.sampled_from(SEED_MESSAGES).flatmap(mutated)))
-            for _ in range(count)]
+    return [
+        draw(st.one_of(st.binary(max_size=96), st.sampled_from(SEED_MESSAGES).flatmap(mutated)))
+        for _ in range(count)
+    ]
 
 
 def structured_stream(h: Hostile) -> list[bytes]:
@@ -87,13 +102,19 @@ def structured_stream(h: Hostile) -> list[bytes]:
     for name in sorted(chunked):
         step = h.pick([1, 7, 8, 48, 96, 200])
         for start in range(0, len(data[name]), step):
-            messages.append(chunks.encode_chunk(INPUT, name,
-                                                memoryview(data[name][start:start + step])))
+            messages.append(
+                chunks.encode_chunk(INPUT, name, memoryview(data[name][start : start + step]))
+            )
     for _ in range(h.r.randint(0, 3) if h.chance(h.level * 3) else 0):  # stray chunks
         role = h.pick(ROLES)
-        messages.insert(h.r.randint(0, len(messages)), executor_pb2.RunStreamRequest(
-            chunk=tensor_pb2.TensorChunk(role=role, name=h.pick(["x", "w", h.name()]),
-                                         data=bytes(h.r.randint(0, 50)))).SerializeToString())
+        messages.insert(
+            h.r.randint(0, len(messages)),
+            executor_pb2.RunStreamRequest(
+                chunk=tensor_pb2.TensorChunk(
+                    role=role, name=h.pick(["x", "w", h.name()]), data=bytes(h.r.randint(0, 50))
+                )
+            ).SerializeToString(),
+        )
     if h.chance(h.level):
         messages.append(messages[0])  # a second header
     if h.chance(h.level) and len(messages) > 1:
@@ -105,8 +126,9 @@ def structured_stream(h: Hostile) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def run_stream(fuzz_channel):
-    return fuzz_channel.stream_stream("/remat.v1.Executor/RunStream", request_serializer=None,
-                                      response_deserializer=None)
+    return fuzz_channel.stream_stream(
+        "/remat.v1.Executor/RunStream", request_serializer=None, response_deserializer=None
+    )
 
 
 def test_honest_chunked_upload_runs(run_stream):
@@ -119,8 +141,14 @@ def test_arbitrary_message_streams_get_a_clear_status(run_stream, fuzz_stub):
     @fuzz_settings("raw_streams")
     @given(messages=raw_streams())
     def fuzz(messages):
-        tally.add(check_answer(lambda m, timeout: run_stream(iter(m), timeout=timeout),
-                               messages, stream=True, what="RunStream"))
+        tally.add(
+            check_answer(
+                lambda m, timeout: run_stream(iter(m), timeout=timeout),
+                messages,
+                stream=True,
+                what="RunStream",
+            )
+        )
         check.tick()
 
     fuzz()
@@ -135,8 +163,14 @@ def test_hostile_chunked_uploads_get_a_clear_status(run_stream, fuzz_stub):
     @given(h=hostile)
     def fuzz(h):
         messages = structured_stream(h)
-        tally.add(check_answer(lambda m, timeout: run_stream(iter(m), timeout=timeout),
-                               messages, stream=True, what="RunStream"))
+        tally.add(
+            check_answer(
+                lambda m, timeout: run_stream(iter(m), timeout=timeout),
+                messages,
+                stream=True,
+                what="RunStream",
+            )
+        )
         check.tick()
 
     fuzz()

@@ -5,12 +5,13 @@ remat.AsyncClient behind a synchronous facade; see tests/clients.py).
 The limits are small enough that over-limit requests are cheap to build, and large
 enough for every valid request the tests send (the 20 MiB round trip included).
 """
+
 from __future__ import annotations
 
+import clients
 import grpc
 import pytest
 
-import clients
 import remat
 from remat_proto.v1 import executor_pb2_grpc
 from remat_server import Limits, ServerConfig, create_server
@@ -40,9 +41,13 @@ def server_port():
 @pytest.fixture(scope="session")
 def channel(server_port):
     # Same message ceiling as the SDK's default, so big hand-built requests get through.
-    ch = grpc.insecure_channel(f"127.0.0.1:{server_port}", options=[
-        ("grpc.max_receive_message_length", 512 << 20),
-        ("grpc.max_send_message_length", 512 << 20)])
+    ch = grpc.insecure_channel(
+        f"127.0.0.1:{server_port}",
+        options=[
+            ("grpc.max_receive_message_length", 512 << 20),
+            ("grpc.max_send_message_length", 512 << 20),
+        ],
+    )
     grpc.channel_ready_future(ch).result(timeout=10)
     yield ch
     ch.close()

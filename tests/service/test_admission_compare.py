@@ -5,6 +5,7 @@ concurrent requests queue and are all served, one at a time (the admission's
 high-water mark never exceeds the budget); with no queue they are rejected with
 RESOURCE_EXHAUSTED naming the flag.
 """
+
 from __future__ import annotations
 
 import threading
@@ -36,12 +37,14 @@ def budget_server(monkeypatch):
     monkeypatch.setattr(app, "MemoryAdmission", Recording)
 
     def start(budget: int, queued: int):
-        server, port = create_server(ServerConfig(port=0, memory_budget_bytes=budget,
-                                                  max_queued_requests=queued))
+        server, port = create_server(
+            ServerConfig(port=0, memory_budget_bytes=budget, max_queued_requests=queued)
+        )
         server.start()
         client = remat.Client(f"127.0.0.1:{port}")
         started.append((server, client))
         return client, made[-1]
+
     yield start
     for server, client in started:
         client.close()
@@ -58,10 +61,12 @@ def run_concurrently(client, m, count: int):
     def one(_):
         barrier.wait()
         try:
-            return client.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss, policy="store_all",
-                              timeout=60)
+            return client.run(
+                m.graph, m.inputs, wrt=m.wrt, loss=m.loss, policy="store_all", timeout=60
+            )
         except remat.RematError as error:
             return error
+
     with ThreadPoolExecutor(count) as pool:
         return list(pool.map(one, range(count)))
 
@@ -121,14 +126,24 @@ def test_auto_nothing_fits_is_resource_exhausted_with_the_minimum(budget_server)
 
 def test_compare_streams_rows_in_order_with_budgets_and_errors(client):
     m = model()
-    policies = ["sqrt", remat.policies.Budget(fraction=0.8), remat.policies.DTR(fraction=0.8),
-                remat.policies.Budget(fraction=0.01)]
+    policies = [
+        "sqrt",
+        remat.policies.Budget(fraction=0.8),
+        remat.policies.DTR(fraction=0.8),
+        remat.policies.Budget(fraction=0.01),
+    ]
     rows = []
-    for row in client.compare_stream(m.graph, m.inputs, wrt=m.wrt, loss=m.loss,
-                                     policies=policies, timeline=True, trace=True):
+    for row in client.compare_stream(
+        m.graph, m.inputs, wrt=m.wrt, loss=m.loss, policies=policies, timeline=True, trace=True
+    ):
         rows.append(row)
-    assert [r.policy for r in rows] == ["store_all", "sqrt", "budget(0.8)", "dtr(0.8)",
-                                        "budget(0.01)"]
+    assert [r.policy for r in rows] == [
+        "store_all",
+        "sqrt",
+        "budget(0.8)",
+        "dtr(0.8)",
+        "budget(0.01)",
+    ]
     base = rows[0]
     for row in rows[1:4]:
         assert not row.error and row.max_grad_diff == 0.0

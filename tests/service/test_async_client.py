@@ -4,6 +4,7 @@ iterator, and the rule that the client is made inside a coroutine. Each test dri
 its coroutine with asyncio.run. The behaviour both clients share (results, graph
 ids, retries, deadlines, streaming, errors, tokens, lifecycle) is tested for both in
 test_clients.py and test_registry_retry.py."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,10 +13,10 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from clients import Recorder, finished, serving, wait_until
 
 import remat
 import remat.aio
-from clients import Recorder, finished, serving, wait_until
 from remat_server import ServerConfig
 from remat_server.runtime import executor
 
@@ -46,8 +47,9 @@ def test_sixteen_concurrent_first_runs_are_all_correct_and_send_the_graph_inline
 
     async def main(address):
         async with remat.AsyncClient(address) as client:
-            results = await asyncio.gather(*(
-                client.run(g, feed, wrt=["w"], loss="loss") for feed in feeds))
+            results = await asyncio.gather(
+                *(client.run(g, feed, wrt=["w"], loss="loss") for feed in feeds)
+            )
             return results, await client.run(g, feeds[0], wrt=["w"], loss="loss")
 
     with serving(seen) as (server, address):
@@ -101,8 +103,12 @@ def test_cancelling_the_task_cancels_the_call_on_the_server(rows, method):
             slow.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await slow
-            await asyncio.to_thread(wait_until, lambda: finished(server, method, "CANCELLED"),
-                                    10, "the server's record of the cancellation")
+            await asyncio.to_thread(
+                wait_until,
+                lambda: finished(server, method, "CANCELLED"),
+                10,
+                "the server's record of the cancellation",
+            )
             stopped_after = len(steps)
             quick = await client.run(doubler(2, "quick"), {"x": [1, 2]})
             return server, quick, stopped_after
@@ -121,8 +127,7 @@ def test_compare_stream_is_an_async_iterator_and_aclose_cancels_the_call():
 
     async def main(address):
         async with remat.AsyncClient(address) as client:
-            rows = [row async for row in client.compare_stream(model.graph, model.inputs,
-                                                               **kwargs)]
+            rows = [row async for row in client.compare_stream(model.graph, model.inputs, **kwargs)]
             stream = client.compare_stream(model.graph, model.inputs, **kwargs)
             first = await anext(stream)
             await stream.aclose()  # cancels the rest of the call
@@ -133,8 +138,11 @@ def test_compare_stream_is_an_async_iterator_and_aclose_cancels_the_call():
         rows, first = asyncio.run(main(address))
         assert [row.policy for row in rows] == ["store_all", "sqrt", "recompute_all"]
         assert first.policy == "store_all"
-        wait_until(lambda: finished(server, "Compare", "CANCELLED") == 1, timeout=5,
-                   what="the second Compare call's cancellation")
+        wait_until(
+            lambda: finished(server, "Compare", "CANCELLED") == 1,
+            timeout=5,
+            what="the second Compare call's cancellation",
+        )
 
 
 def test_the_client_must_be_made_inside_a_coroutine():

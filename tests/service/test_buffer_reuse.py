@@ -4,6 +4,7 @@
 name, shape and dtype match (no fresh memory), by Run and by RunStream, sync and async;
 anything that does not fit gets a new array. The server's RunStream uploads land in
 pooled buffers, reused once a run no longer refers to them."""
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,9 @@ def test_results_are_written_into_the_previous_results_arrays(client, n):
     np.testing.assert_array_equal(again.outputs["y"], 3 * x)
     np.testing.assert_array_equal(again.grads["x"], 2 * x)
     assert again.outputs["loss"] is first.outputs["loss"]  # 0-d arrays too
-    np.testing.assert_allclose(again.outputs["loss"], float(np.sum(x.astype(np.float64) ** 2)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        again.outputs["loss"], float(np.sum(x.astype(np.float64) ** 2)), rtol=1e-5
+    )
 
 
 def unfit(array: np.ndarray) -> dict[str, np.ndarray]:
@@ -88,9 +90,14 @@ def test_the_async_client_reuses_arrays_too():
 
 def test_a_sharded_run_refuses_out(client):
     with pytest.raises(ValueError, match="out= is not available for a sharded run"):
-        client.run(scaled(4), {"x": np.ones(4, np.float32)}, shards=2,
-                   batch_axes={"x": 0}, reduction="sum",
-                   out=remat.RunResult({}, {}, remat.Metrics()))
+        client.run(
+            scaled(4),
+            {"x": np.ones(4, np.float32)},
+            shards=2,
+            batch_axes={"x": 0},
+            reduction="sum",
+            out=remat.RunResult({}, {}, remat.Metrics()),
+        )
 
 
 # --- the server's upload buffers ---------------------------------------------------------------

@@ -5,6 +5,7 @@ tracked by a weak reference (so "released" means no reference is left, checked w
 the cyclic garbage collector off: freed by reference counting, at once, not at some
 later collection), and the memory admission object is kept to read its accounting.
 """
+
 from __future__ import annotations
 
 import gc
@@ -65,15 +66,16 @@ def observed():
             super().__init__(*args, **kwargs)
             seen.admissions.append(self)
 
-    with mock.patch.object(executor, "_run_node", run_node), \
-            mock.patch.object(app, "MemoryAdmission", KeptAdmission):
+    with (
+        mock.patch.object(executor, "_run_node", run_node),
+        mock.patch.object(app, "MemoryAdmission", KeptAdmission),
+    ):
         yield seen
 
 
 @pytest.fixture(scope="module")
 def served(observed):
-    server, port = create_server(ServerConfig(host="127.0.0.1", port=0,
-                                              memory_budget_bytes=BUDGET))
+    server, port = create_server(ServerConfig(host="127.0.0.1", port=0, memory_budget_bytes=BUDGET))
     server.start()
     (admission,) = observed.admissions
     yield server, f"127.0.0.1:{port}", admission
@@ -136,8 +138,9 @@ def _rpc(server, method: str) -> dict[str, tuple[float, float]]:
     return {code: (count, seconds) for code, (count, seconds) in found.items()}
 
 
-def _wait_for_end(server, method: str, before: dict, calls: int = 1,
-                  timeout: float = 5.0) -> tuple[str, float]:
+def _wait_for_end(
+    server, method: str, before: dict, calls: int = 1, timeout: float = 5.0
+) -> tuple[str, float]:
     """Wait until the server has recorded `calls` more `method` calls that did not end
     OK; returns (the last one's code, their server-side seconds)."""
     deadline = time.monotonic() + timeout
@@ -165,8 +168,9 @@ def _wait_until(predicate, timeout: float = 3.0) -> bool:
 
 
 def _assert_freed(observed, admission):
-    assert _wait_until(lambda: observed.alive() == 0), \
+    assert _wait_until(lambda: observed.alive() == 0), (
         f"{observed.alive()} of {len(observed.arrays)} step results still referenced"
+    )
     assert admission.in_use == 0 and admission.queued == 0
 
 
@@ -208,25 +212,32 @@ def test_deadline_mid_run_stops_the_executor_and_frees_memory(served, client, ob
 def _unary_call(served):
     channel = grpc.insecure_channel(served[1])
     stub = executor_pb2_grpc.ExecutorStub(channel)
-    request, _ = calls.run_request(executor_pb2.GraphRef(graph=SLOW.to_proto()), SLOW,
-                                 SLOW_INPUTS, stream=False)
+    request, _ = calls.run_request(
+        executor_pb2.GraphRef(graph=SLOW.to_proto()), SLOW, SLOW_INPUTS, stream=False
+    )
     return channel, stub.Run.future(request, timeout=30)
 
 
 def _stream_call(served):
     channel = grpc.insecure_channel(served[1])
-    call = channel.stream_stream("/remat.v1.Executor/RunStream",
-                                 request_serializer=chunks.encode,
-                                 response_deserializer=streaming.decode_response)
-    request, chunked = calls.run_request(executor_pb2.GraphRef(graph=SLOW.to_proto()), SLOW,
-                                       SLOW_INPUTS, stream=True, chunk_bytes=1024)
+    call = channel.stream_stream(
+        "/remat.v1.Executor/RunStream",
+        request_serializer=chunks.encode,
+        response_deserializer=streaming.decode_response,
+    )
+    request, chunked = calls.run_request(
+        executor_pb2.GraphRef(graph=SLOW.to_proto()),
+        SLOW,
+        SLOW_INPUTS,
+        stream=True,
+        chunk_bytes=1024,
+    )
     assert chunked  # 8 KiB in 1 KiB chunks
     responses = call(streaming.upload(request, chunked, chunk_bytes=1024), timeout=30)
     return channel, responses
 
 
-@pytest.mark.parametrize("method, start_call", [("Run", _unary_call),
-                                                ("RunStream", _stream_call)])
+@pytest.mark.parametrize("method, start_call", [("Run", _unary_call), ("RunStream", _stream_call)])
 def test_explicit_cancellation_mid_run(served, client, observed, no_gc, method, start_call):
     server, _, admission = served
     before = _rpc(server, method)
@@ -254,8 +265,9 @@ def test_explicit_cancellation_mid_run(served, client, observed, no_gc, method, 
     _assert_whole_budget_admitted_at_once(client, admission)
 
 
-def test_a_request_waiting_for_memory_leaves_the_queue_at_its_deadline(served, client,
-                                                                        observed, no_gc):
+def test_a_request_waiting_for_memory_leaves_the_queue_at_its_deadline(
+    served, client, observed, no_gc
+):
     """The slow run holds 32 MiB; the big one (120 MiB) waits for it in the queue and
     gives up at its deadline; cancelling the slow one then frees everything."""
     server, _, admission = served

@@ -1,4 +1,5 @@
 """The `remat` command line, run as a subprocess: demo, ops, serve."""
+
 from __future__ import annotations
 
 import os
@@ -17,13 +18,15 @@ import remat
 
 CLI = [sys.executable, "-m", "remat.cli"]
 # Not a terminal, whatever the environment says: rich would otherwise colour the output.
-PIPED = {k: v for k, v in os.environ.items()
-         if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
+PIPED = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+}
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env=PIPED)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=PIPED)
 
 
 def table_rows(out: str, first: str) -> list[dict[str, str]]:
@@ -32,11 +35,14 @@ def table_rows(out: str, first: str) -> list[dict[str, str]]:
     empty, blank lines (between sections) are skipped, and the table ends at the first
     line that is not a row (a caption, another table's title)."""
     lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines[:-1]) if line.split()[:1] == [first]
-                 and re.fullmatch("[─-]+", lines[i + 1].strip()))  # the rule under it
+    start = next(
+        i
+        for i, line in enumerate(lines[:-1])
+        if line.split()[:1] == [first] and re.fullmatch("[─-]+", lines[i + 1].strip())
+    )  # the rule under it
     header = re.split(r"\s{2,}", lines[start].strip())
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         cells = re.split(r"\s{2,}", line.strip())
         if not line.strip():
             continue
@@ -65,10 +71,13 @@ def test_demo_prints_loss_gradient_norms_and_metrics():
     for field in ("forward", "backward", "total"):
         assert re.search(rf"^{field}\s+[\d.]+\s+ms", out, re.MULTILINE), field
     for field in ("nodes computed", "flops"):
-        assert int(re.search(rf"^{field}\s+([\d,]+)", out, re.MULTILINE).group(1)
-                   .replace(",", "")) > 0, field
+        assert (
+            int(re.search(rf"^{field}\s+([\d,]+)", out, re.MULTILINE).group(1).replace(",", "")) > 0
+        ), field
     # Seeded: the same command prints the same loss.
-    assert re.search(r"loss = (\S+)", run_cli("demo", "--batch", "8").stdout).group(1) == loss.group(1)
+    assert re.search(r"loss = (\S+)", run_cli("demo", "--batch", "8").stdout).group(
+        1
+    ) == loss.group(1)
 
 
 def test_ops_lists_matmul_and_conv2d():
@@ -99,9 +108,13 @@ def _read_lines(stream, sink: queue.Queue) -> None:
 
 
 def test_serve_on_port_zero_answers_then_exits_cleanly_on_sigterm():
-    process = subprocess.Popen([*CLI, "serve", "--port", "0", "--grace", "2"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [*CLI, "serve", "--port", "0", "--grace", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
     try:
@@ -145,8 +158,9 @@ def test_serve_has_a_flag_for_every_limit_and_the_memory_budget():
     wanted = {"--" + f.name.replace("_", "-") for f in fields(Limits)}
     wanted |= {"--memory-budget-bytes", "--max-queued-requests", "--compile-cache-bytes"}
     assert wanted <= flags, sorted(wanted - flags)
-    args = build_parser({}).parse_args(["--memory-budget-bytes", "123",
-                                        "--optimal-time-limit", "2.5"])
+    args = build_parser({}).parse_args(
+        ["--memory-budget-bytes", "123", "--optimal-time-limit", "2.5"]
+    )
     assert args.memory_budget_bytes == 123 and args.optimal_time_limit == 2.5
 
 
@@ -156,8 +170,8 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
     environment variable that `remat serve --help` names."""
     from dataclasses import fields
 
-    from remat_server.service.flags import build_parser, server_config
     from remat_server import ServerConfig
+    from remat_server.service.flags import build_parser, server_config
 
     pem = {}
     for name in ("cert", "key", "ca"):
@@ -167,29 +181,37 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
     tokens.write_text("t0ken\n")
     tls = ["--tls-cert-file", str(pem["cert"]), "--tls-key-file", str(pem["key"])]
     by_flag = {
-        "host": ["--host", "0.0.0.0"], "port": ["--port", "1234"],
+        "host": ["--host", "0.0.0.0"],
+        "port": ["--port", "1234"],
         "max_message_bytes": ["--max-message-mb", "7"],
         "stream_chunk_bytes": ["--stream-chunk-bytes", "4096"],
-        "max_workers": ["--threads", "3"], "max_concurrent_rpcs": ["--max-concurrent-rpcs", "9"],
+        "max_workers": ["--threads", "3"],
+        "max_concurrent_rpcs": ["--max-concurrent-rpcs", "9"],
         "graph_cache_bytes": ["--graph-cache-bytes", "1000"],
         "compile_cache_bytes": ["--compile-cache-bytes", "1000"],
         "memory_budget_bytes": ["--memory-budget-bytes", "123"],
         "max_upload_seconds": ["--max-upload-seconds", "7.5"],
         "max_queued_requests": ["--max-queued-requests", "5"],
         "buffer_pool_bytes": ["--buffer-pool-bytes", "0"],
-        "limits": ["--max-nodes", "17"], "reuse_port": ["--reuse-port"],
+        "limits": ["--max-nodes", "17"],
+        "reuse_port": ["--reuse-port"],
         "max_connection_age_seconds": ["--max-connection-age-seconds", "300"],
         "max_connection_age_grace_seconds": ["--max-connection-age-grace-seconds", "5"],
-        "tls_cert_file": tls, "tls_key_file": tls,
+        "tls_cert_file": tls,
+        "tls_key_file": tls,
         "tls_client_ca_file": [*tls, "--tls-client-ca-file", str(pem["ca"])],
         "auth_tokens": ["--token-file", str(tokens)],
     }
     by_env = {
-        "tls_cert_file": {"REMAT_TLS_CERT_FILE": str(pem["cert"]),
-                          "REMAT_TLS_KEY_FILE": str(pem["key"])},
-        "tls_client_ca_file": {"REMAT_TLS_CERT_FILE": str(pem["cert"]),
-                               "REMAT_TLS_KEY_FILE": str(pem["key"]),
-                               "REMAT_TLS_CLIENT_CA_FILE": str(pem["ca"])},
+        "tls_cert_file": {
+            "REMAT_TLS_CERT_FILE": str(pem["cert"]),
+            "REMAT_TLS_KEY_FILE": str(pem["key"]),
+        },
+        "tls_client_ca_file": {
+            "REMAT_TLS_CERT_FILE": str(pem["cert"]),
+            "REMAT_TLS_KEY_FILE": str(pem["key"]),
+            "REMAT_TLS_CLIENT_CA_FILE": str(pem["ca"]),
+        },
         "auth_tokens": {"REMAT_AUTH_TOKENS": "t0ken"},
     }
     by_env["tls_key_file"] = by_env["tls_cert_file"]
@@ -216,8 +238,8 @@ def _serve_parser(environ):
 
 
 def test_every_serve_flag_defaults_from_its_env_var_and_a_flag_wins():
-    from remat_server.service.flags import build_parser, serve_env_vars
     from remat_server.service.auth import TLS_ENV
+    from remat_server.service.flags import build_parser, serve_env_vars
 
     env = serve_env_vars()
     serve = _serve_parser({})
@@ -226,8 +248,10 @@ def test_every_serve_flag_defaults_from_its_env_var_and_a_flag_wins():
     assert set(env.values()) == set(flags) - {"-h", "--token-file"}
     assert "REMAT_TOKEN_FILE" not in env and "REMAT_AUTH_TOKENS" not in env
     assert {var: env[var] for var in TLS_ENV.values()} == {
-        "REMAT_TLS_CERT_FILE": "--tls-cert-file", "REMAT_TLS_KEY_FILE": "--tls-key-file",
-        "REMAT_TLS_CLIENT_CA_FILE": "--tls-client-ca-file"}
+        "REMAT_TLS_CERT_FILE": "--tls-cert-file",
+        "REMAT_TLS_KEY_FILE": "--tls-key-file",
+        "REMAT_TLS_CLIENT_CA_FILE": "--tls-client-ca-file",
+    }
     cases = [  # (variable, text, attribute, value)
         ("REMAT_HOST", "0.0.0.0", "host", "0.0.0.0"),
         ("REMAT_PORT", "6000", "port", 6000),
@@ -240,18 +264,22 @@ def test_every_serve_flag_defaults_from_its_env_var_and_a_flag_wins():
         ("REMAT_MAX_CONNECTION_AGE_SECONDS", "300", "max_connection_age_seconds", 300.0),
         ("REMAT_MAX_CONNECTION_AGE_GRACE_SECONDS", "0", "max_connection_age_grace_seconds", 0.0),
         ("REMAT_MAX_NODES", "", "max_nodes", 100_000),  # empty: unset
-    ] + [("REMAT_REUSE_PORT", text, "reuse_port", on)
-         for on, words in ((True, ("1", "true", "Yes")), (False, ("0", "false", "NO")))
-         for text in words]
+    ] + [
+        ("REMAT_REUSE_PORT", text, "reuse_port", on)
+        for on, words in ((True, ("1", "true", "Yes")), (False, ("0", "false", "NO")))
+        for text in words
+    ]
     for var, text, attribute, expected in cases:
         args = build_parser({var: text}).parse_args([])
         assert getattr(args, attribute) == expected, (var, text)
         assert type(getattr(args, attribute)) is type(expected), (var, text)
-    args = build_parser({"REMAT_MAX_NODES": "17", "REMAT_THREADS": "not a number"}
-                        ).parse_args(["--max-nodes", "5", "--threads", "2"])
+    args = build_parser({"REMAT_MAX_NODES": "17", "REMAT_THREADS": "not a number"}).parse_args(
+        ["--max-nodes", "5", "--threads", "2"]
+    )
     assert (args.max_nodes, args.threads) == (5, 2)  # flags win; the bad value is unused
     # Other commands never read the serve variables, good or bad.
     from remat.cli import build_parser as sdk_parser
+
     assert sdk_parser().parse_args(["ops"]).command == "ops"
     # The token file variable stays the client's.
     assert build_parser({"REMAT_TOKEN_FILE": "/x"}).parse_args([]).token_file == ""
@@ -260,11 +288,12 @@ def test_every_serve_flag_defaults_from_its_env_var_and_a_flag_wins():
 def test_a_bad_env_var_is_a_usage_error_naming_it(capsys):
     from remat_server.service.flags import build_parser
 
-    for var, text, flag in [("REMAT_MAX_NODES", "lots", "--max-nodes"),
-                            ("REMAT_WORKERS", "0", "--workers"),
-                            ("REMAT_REUSE_PORT", "maybe", "--reuse-port"),
-                            ("REMAT_MAX_CONNECTION_AGE_SECONDS", "-1",
-                             "--max-connection-age-seconds")]:
+    for var, text, flag in [
+        ("REMAT_MAX_NODES", "lots", "--max-nodes"),
+        ("REMAT_WORKERS", "0", "--workers"),
+        ("REMAT_REUSE_PORT", "maybe", "--reuse-port"),
+        ("REMAT_MAX_CONNECTION_AGE_SECONDS", "-1", "--max-connection-age-seconds"),
+    ]:
         with pytest.raises(SystemExit) as exit_:
             build_parser({var: text}).parse_args([])
         assert exit_.value.code == 2
@@ -281,10 +310,17 @@ def test_serve_help_states_the_env_var_rule():
 
 def test_serve_reads_os_environ_end_to_end():
     """`remat serve` as a process, configured only through the environment."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REMAT_PORT": "0", "REMAT_GRACE": "1",
-           "REMAT_METRICS_PORT": "0", "REMAT_MAX_NODES": "3"}
-    process = subprocess.Popen([*CLI, "serve"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "REMAT_PORT": "0",
+        "REMAT_GRACE": "1",
+        "REMAT_METRICS_PORT": "0",
+        "REMAT_MAX_NODES": "3",
+    }
+    process = subprocess.Popen(
+        [*CLI, "serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
     try:
@@ -320,8 +356,9 @@ def test_health_exit_codes(capsys):
         assert main(["health", "--target", target, "--service", "remat.v1.Executor"]) == 0
         capsys.readouterr()
         assert main(["health", "--target", target, "--service", "no.such.Service"]) == 1
-        assert "NOT_FOUND: no health status for service 'no.such.Service'" in \
-            capsys.readouterr().err
+        assert (
+            "NOT_FOUND: no health status for service 'no.such.Service'" in capsys.readouterr().err
+        )
         server.health.enter_graceful_shutdown()  # what SIGTERM does first
         assert main(["health", "--target", target]) == 1
         assert capsys.readouterr().err.strip() == f"remat health: {target}: NOT_SERVING"
@@ -347,15 +384,25 @@ def test_server_options_set_the_connection_age_only_when_asked():
 
     cases = [  # (age, grace) -> the options set
         ((0.0, 30.0), {}),
-        ((300.0, 30.0), {"grpc.max_connection_age_ms": 300_000,
-                         "grpc.max_connection_age_grace_ms": 30_000}),
+        (
+            (300.0, 30.0),
+            {"grpc.max_connection_age_ms": 300_000, "grpc.max_connection_age_grace_ms": 30_000},
+        ),
         ((1.5, 0.0), {"grpc.max_connection_age_ms": 1500}),
-        ((1e12, 1e12), {"grpc.max_connection_age_ms": 2**31 - 1,
-                        "grpc.max_connection_age_grace_ms": 2**31 - 1}),
+        (
+            (1e12, 1e12),
+            {
+                "grpc.max_connection_age_ms": 2**31 - 1,
+                "grpc.max_connection_age_grace_ms": 2**31 - 1,
+            },
+        ),
     ]
     for (age, grace), expected in cases:
-        options = dict(server_options(ServerConfig(max_connection_age_seconds=age,
-                                                   max_connection_age_grace_seconds=grace)))
+        options = dict(
+            server_options(
+                ServerConfig(max_connection_age_seconds=age, max_connection_age_grace_seconds=grace)
+            )
+        )
         assert {k: v for k, v in options.items() if "connection_age" in k} == expected
 
 
@@ -367,9 +414,14 @@ def test_calls_keep_working_across_the_connection_age_boundary():
 
     from remat_server import ServerConfig, create_server
 
-    server, port = create_server(ServerConfig(host="127.0.0.1", port=0,
-                                              max_connection_age_seconds=0.5,
-                                              max_connection_age_grace_seconds=1.0))
+    server, port = create_server(
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            max_connection_age_seconds=0.5,
+            max_connection_age_grace_seconds=1.0,
+        )
+    )
     server.start()
     g = remat.Graph("age")
     x = g.input("x", (3,), "float64")
@@ -385,8 +437,10 @@ def test_calls_keep_working_across_the_connection_age_boundary():
             while time.monotonic() - start < 1.5:
                 result = client.run(g, {"x": np.array([1.0, 2.0, 3.0])}, wrt=["x"], loss="loss")
                 assert float(result.outputs["loss"]) == 14.0
-                assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
-                    health_pb2.HealthCheckResponse.SERVING
+                assert (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                )
                 calls += 1
                 time.sleep(0.01)
     finally:

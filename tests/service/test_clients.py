@@ -6,6 +6,7 @@ graphs, comparisons, errors; big tensors over RunStream and the switch to it; be
 tokens; deadlines; the in-process server's lifecycle. remat.AsyncClient's own
 surface (asyncio.gather, task cancellation, async iterators) is in
 test_async_client.py."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,10 +15,9 @@ from unittest import mock
 import grpc
 import numpy as np
 import pytest
+from clients import KINDS, Recorder, connect, finished, in_process, serving, wait_until
 
 import remat
-from clients import (KINDS, Recorder, connect, finished, in_process,
-                     serving, wait_until)
 from remat import calls, wire
 from remat.errors import from_rpc_error
 from remat_proto import wire as proto_wire
@@ -50,10 +50,19 @@ def inline(graph: remat.Graph) -> executor_pb2.GraphRef:
 @pytest.mark.parametrize("policy", POLICIES, ids=str)
 def test_run_returns_the_engines_results_bit_for_bit(any_client, policy):
     model = mlp()
-    result = any_client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-                            policy=policy, timeline=True)
-    expected = ENGINE.run(RunRequest(model.graph.spec(), model.inputs, wrt=tuple(model.wrt),
-                                     loss=model.loss, policy=policy, timeline=True))
+    result = any_client.run(
+        model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policy=policy, timeline=True
+    )
+    expected = ENGINE.run(
+        RunRequest(
+            model.graph.spec(),
+            model.inputs,
+            wrt=tuple(model.wrt),
+            loss=model.loss,
+            policy=policy,
+            timeline=True,
+        )
+    )
     assert result.outputs.keys() == expected.outputs.keys()
     assert result.grads.keys() == expected.grads.keys() == set(model.wrt)
     for name in expected.outputs:
@@ -62,8 +71,15 @@ def test_run_returns_the_engines_results_bit_for_bit(any_client, policy):
     for name in expected.grads:
         np.testing.assert_array_equal(result.grads[name], expected.grads[name])
         assert result.grads[name].dtype == expected.grads[name].dtype
-    for field in ("policy", "peak_bytes", "predicted_peak_bytes", "flops", "recompute_flops",
-                  "nodes_computed", "recomputed_nodes"):
+    for field in (
+        "policy",
+        "peak_bytes",
+        "predicted_peak_bytes",
+        "flops",
+        "recompute_flops",
+        "nodes_computed",
+        "recomputed_nodes",
+    ):
         assert getattr(result.metrics, field) == getattr(expected.metrics, field), field
     assert result.timeline == expected.timeline and len(result.timeline) > 0
 
@@ -71,34 +87,70 @@ def test_run_returns_the_engines_results_bit_for_bit(any_client, policy):
 def test_plan_differentiate_register_and_list_ops_match_the_raw_rpcs(any_client, stub):
     model = mlp()
     sqrt = proto_wire.policy_to_proto(remat.policies.Sqrt())
-    want_plan = wire.plan_from_proto(stub.Plan(executor_pb2.PlanRequest(
-        graph=inline(model.graph), wrt=model.wrt, loss=model.loss, policy=sqrt,
-        include_schedule=True)))
-    want_joint = stub.Differentiate(executor_pb2.DifferentiateRequest(
-        graph=inline(model.graph), wrt=model.wrt, loss=model.loss))
-    want_ops = [wire.op_info_from_proto(op)
-                for op in stub.ListOps(executor_pb2.ListOpsRequest()).ops]
+    want_plan = wire.plan_from_proto(
+        stub.Plan(
+            executor_pb2.PlanRequest(
+                graph=inline(model.graph),
+                wrt=model.wrt,
+                loss=model.loss,
+                policy=sqrt,
+                include_schedule=True,
+            )
+        )
+    )
+    want_joint = stub.Differentiate(
+        executor_pb2.DifferentiateRequest(graph=inline(model.graph), wrt=model.wrt, loss=model.loss)
+    )
+    want_ops = [
+        wire.op_info_from_proto(op) for op in stub.ListOps(executor_pb2.ListOpsRequest()).ops
+    ]
 
-    plan = any_client.plan(model.graph, wrt=model.wrt, loss=model.loss, policy="sqrt",
-                           include_schedule=True)
-    for field in ("peak_bytes", "flops", "recompute_flops", "node_evaluations", "timeline",
-                  "schedule", "policy", "recomputed_nodes", "input_bytes"):
+    plan = any_client.plan(
+        model.graph, wrt=model.wrt, loss=model.loss, policy="sqrt", include_schedule=True
+    )
+    for field in (
+        "peak_bytes",
+        "flops",
+        "recompute_flops",
+        "node_evaluations",
+        "timeline",
+        "schedule",
+        "policy",
+        "recomputed_nodes",
+        "input_bytes",
+    ):
         assert getattr(plan, field) == getattr(want_plan, field), field
     assert plan.recompute_flops > 0 and plan.schedule
     joint = any_client.differentiate(model.graph, wrt=model.wrt, loss=model.loss)
     assert joint.to_proto() == want_joint.graph
-    assert joint.grad_outputs == dict(want_joint.grad_outputs) == {
-        name: f"grad/{name}" for name in model.wrt}
+    assert (
+        joint.grad_outputs
+        == dict(want_joint.grad_outputs)
+        == {name: f"grad/{name}" for name in model.wrt}
+    )
     graph_id = any_client.register(model.graph)
-    assert graph_id == model.graph.graph_id == hashlib.sha256(
-        model.graph.to_proto().SerializeToString(deterministic=True)).hexdigest()
+    assert (
+        graph_id
+        == model.graph.graph_id
+        == hashlib.sha256(model.graph.to_proto().SerializeToString(deterministic=True)).hexdigest()
+    )
     ops = any_client.list_ops()
     assert ops == want_ops and {"matmul", "tanh"} <= {op.name for op in ops}
 
 
-ROW_FIGURES = ("policy", "predicted_peak_bytes", "peak_bytes", "peak_ratio",
-               "recompute_flop_share", "max_grad_diff", "flops", "recompute_flops",
-               "recomputed_nodes", "timeline", "error")
+ROW_FIGURES = (
+    "policy",
+    "predicted_peak_bytes",
+    "peak_bytes",
+    "peak_ratio",
+    "recompute_flop_share",
+    "max_grad_diff",
+    "flops",
+    "recompute_flops",
+    "recomputed_nodes",
+    "timeline",
+    "error",
+)
 
 
 def figures(row):  # the deterministic part of a row (not its timings)
@@ -107,11 +159,12 @@ def figures(row):  # the deterministic part of a row (not its timings)
 
 def test_compare_and_compare_stream_match_the_raw_rpc(any_client, stub):
     model = mlp()
-    kwargs = dict(wrt=model.wrt, loss=model.loss, policies=["sqrt", "recompute_all"],
-                  timeline=True)
+    kwargs = dict(wrt=model.wrt, loss=model.loss, policies=["sqrt", "recompute_all"], timeline=True)
     rows = calls.rows_decoder()
-    expected = [figures(rows.send(result)) for result in stub.Compare(
-        calls.compare_request(model.graph, model.inputs, **kwargs))]
+    expected = [
+        figures(rows.send(result))
+        for result in stub.Compare(calls.compare_request(model.graph, model.inputs, **kwargs))
+    ]
     compared = any_client.compare(model.graph, model.inputs, **kwargs)
     streamed = list(any_client.compare_stream(model.graph, model.inputs, **kwargs))
     assert [row.policy for row in compared] == ["store_all", "sqrt", "recompute_all"]
@@ -125,18 +178,27 @@ def test_closing_compare_stream_early_cancels_the_call(kind):
     """The server holds after the first row until the client goes: closing the stream
     must cancel the call (else the hold ends after 10 s and the call ends OK)."""
     model = mlp()
-    with serving(Recorder(hold={"Compare": {1: 1}})) as (server, address), \
-            connect(kind, address) as client:
-        stream = client.compare_stream(model.graph, model.inputs, wrt=model.wrt,
-                                       loss=model.loss, policies=["sqrt", "recompute_all"])
+    with (
+        serving(Recorder(hold={"Compare": {1: 1}})) as (server, address),
+        connect(kind, address) as client,
+    ):
+        stream = client.compare_stream(
+            model.graph,
+            model.inputs,
+            wrt=model.wrt,
+            loss=model.loss,
+            policies=["sqrt", "recompute_all"],
+        )
         assert next(stream).policy == "store_all"
         stream.close()
-        wait_until(lambda: finished(server, "Compare", "CANCELLED") == 1, timeout=5,
-                   what="the Compare call's cancellation")
+        wait_until(
+            lambda: finished(server, "Compare", "CANCELLED") == 1,
+            timeout=5,
+            what="the Compare call's cancellation",
+        )
         assert finished(server, "Compare") == 0
         with pytest.raises(ValueError, match="repeats"):  # checked before sending
-            client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-                           repeats=0)
+            client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss, repeats=0)
         assert sum(finished(server, "Compare", code) for code in ("OK", "CANCELLED")) == 1
 
 
@@ -167,14 +229,17 @@ def test_the_server_compiles_a_request_once_whether_its_graph_comes_inline_or_by
     model = mlp()
     args = dict(wrt=model.wrt, loss=model.loss)
     with in_process(kind) as client:
+
         def cached(**options):
             return client.run(model.graph, model.inputs, **args, **options).metrics.plan_cached
+
         assert [cached(), cached()] == [False, True]
         assert [cached(policy="sqrt"), cached(policy="sqrt")] == [False, True]
         assert [cached(fetch=["loss"]), cached(fetch=["loss"])] == [False, True]
         assert client.plan(model.graph, **args).plan_cached  # run's plan: the same one
-        planned = [client.plan(model.graph, policy="recompute_all", **args).plan_cached
-                   for _ in range(2)]
+        planned = [
+            client.plan(model.graph, policy="recompute_all", **args).plan_cached for _ in range(2)
+        ]
         assert planned == [False, True]
         with connect(kind, client.target) as another:
             assert another.run(model.graph, model.inputs, **args).metrics.plan_cached
@@ -203,8 +268,10 @@ def test_results_too_big_for_one_message_switch_to_run_stream(kind):
         for _ in range(2):  # the first run sends the graph inline, the second its id
             result = client.run(g, {"x": np.arange(4, dtype=np.float32)})
             assert result.outputs["y"].shape == (n // 4, 4)
-            np.testing.assert_array_equal(result.outputs["y"], np.broadcast_to(
-                np.arange(4, dtype=np.float32) * 3, (n // 4, 4)))
+            np.testing.assert_array_equal(
+                result.outputs["y"],
+                np.broadcast_to(np.arange(4, dtype=np.float32) * 3, (n // 4, 4)),
+            )
         # Run was refused with the stream hint before anything ran, then RunStream
         # served it; each time.
         assert finished(server, "Run", "RESOURCE_EXHAUSTED") == 2
@@ -212,17 +279,24 @@ def test_results_too_big_for_one_message_switch_to_run_stream(kind):
 
 
 STREAM_REFUSALS = {  # refusal -> (server config, client options, the error)
-    "unauthenticated": (ServerConfig(auth_tokens=("s3cret",)), {"token": ""},
-                        remat.UnauthenticatedError),
-    "over max_request_bytes": (ServerConfig(limits=Limits(max_request_bytes=2 * MiB)), {},
-                               remat.ResourceExhaustedError),
+    "unauthenticated": (
+        ServerConfig(auth_tokens=("s3cret",)),
+        {"token": ""},
+        remat.UnauthenticatedError,
+    ),
+    "over max_request_bytes": (
+        ServerConfig(limits=Limits(max_request_bytes=2 * MiB)),
+        {},
+        remat.ResourceExhaustedError,
+    ),
 }
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("refusal", STREAM_REFUSALS)
-def test_a_run_stream_refused_before_its_upload_reports_the_servers_status(kind, refusal,
-                                                                           monkeypatch):
+def test_a_run_stream_refused_before_its_upload_reports_the_servers_status(
+    kind, refusal, monkeypatch
+):
     """The server refuses a 4 MiB upload at its start; the caller gets the server's
     status, every time (the async client races the refusal with its upload)."""
     for variable in ("REMAT_TOKEN", "REMAT_TOKEN_FILE"):
@@ -248,8 +322,9 @@ def test_bearer_token_on_unary_and_streaming_calls(kind, monkeypatch):
     with in_process(kind, AUTH, token="s3cret") as client:
         small = client.run(doubler(3, "auth"), {"x": [1, 2, 3]})  # Run
         big = client.run(doubler(n, "auth-big"), {"x": values})  # RunStream
-        rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-                              policies=["sqrt"])  # a server stream
+        rows = client.compare(
+            model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policies=["sqrt"]
+        )  # a server stream
         with connect(kind, client.target, token="") as anonymous:
             with pytest.raises(remat.UnauthenticatedError):
                 anonymous.list_ops()
@@ -283,14 +358,21 @@ def test_a_deadline_mid_run_ends_the_call_and_the_server_stops_the_run(kind):
         return real_run_node(*args)
 
     slow, feeds = slow_graph(), {"x": np.full((1, SIDE), 0.5, np.float32)}
-    with mock.patch.object(executor, "_run_node", counted), \
-            in_process(kind, ServerConfig(max_workers=1)) as client:
+    with (
+        mock.patch.object(executor, "_run_node", counted),
+        in_process(kind, ServerConfig(max_workers=1)) as client,
+    ):
         server = client._server
         client.plan(slow)  # compiled and cached: the deadline is all execution
         with pytest.raises(remat.DeadlineExceededError):
             client.run(slow, feeds, timeout=0.3)  # a fraction of the run
-        wait_until(lambda: finished(server, "Run", "DEADLINE_EXCEEDED")
-                   + finished(server, "Run", "CANCELLED") == 1, what="the run's end")
+        wait_until(
+            lambda: (
+                finished(server, "Run", "DEADLINE_EXCEEDED") + finished(server, "Run", "CANCELLED")
+                == 1
+            ),
+            what="the run's end",
+        )
         stopped_after = len(steps)
         quick = client.run(doubler(2, "quick"), {"x": [1, 2]}, timeout=30)
     assert quick.outputs["y"].tolist() == [2, 4]
@@ -307,8 +389,9 @@ def test_in_process_client_runs_and_closing_it_stops_its_server(kind):
     g.output("y", remat.exp(x))
     with in_process(kind) as client:
         target = client.target
-        np.testing.assert_allclose(client.run(g, {"x": [0.0, 1.0, 2.0]}).outputs["y"],
-                                   np.exp([0.0, 1.0, 2.0]), rtol=1e-15)
+        np.testing.assert_allclose(
+            client.run(g, {"x": [0.0, 1.0, 2.0]}).outputs["y"], np.exp([0.0, 1.0, 2.0]), rtol=1e-15
+        )
         assert client.list_ops()
         client.close()
         with pytest.raises(CLOSED_CHANNEL_ERROR[kind]):  # the channel is closed

@@ -1,4 +1,5 @@
 """`remat demo`'s policy comparison and `remat plan`, run as subprocesses."""
+
 from __future__ import annotations
 
 import os
@@ -9,24 +10,29 @@ import sys
 CLI = [sys.executable, "-m", "remat.cli"]
 DEMO_POLICIES = ["store_all", "sqrt", "revolve(4)", "recompute_all"]
 # Not a terminal, whatever the environment says: rich would otherwise colour the output.
-PIPED = {k: v for k, v in os.environ.items()
-         if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
+PIPED = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+}
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env=PIPED)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=PIPED)
 
 
 def table(out: str) -> dict[str, dict[str, str]]:
     """The comparison table's rows by policy, each {header: cell}. The header is the line
     starting with "policy" above a rule; cells are two or more spaces apart."""
     lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines[:-1]) if line.split()[:1] == ["policy"]
-                 and re.fullmatch("[─-]+", lines[i + 1].strip()))  # the rule under it
+    start = next(
+        i
+        for i, line in enumerate(lines[:-1])
+        if line.split()[:1] == ["policy"] and re.fullmatch("[─-]+", lines[i + 1].strip())
+    )  # the rule under it
     header = re.split(r"\s{2,}", lines[start].strip())
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         cells = re.split(r"\s{2,}", line.strip())
         if len(cells) != len(header):
             break
@@ -37,8 +43,11 @@ def table(out: str) -> dict[str, dict[str, str]]:
 def figures(out: str) -> dict[str, str]:
     """`remat plan`'s figures, {name: value and detail}: a line of the table below the
     title line, its name and value two or more spaces apart."""
-    return dict(re.split(r"\s{2,}", line.strip(), maxsplit=1)
-                for line in out.splitlines()[1:] if re.search(r"\S\s{2,}\S", line))
+    return dict(
+        re.split(r"\s{2,}", line.strip(), maxsplit=1)
+        for line in out.splitlines()[1:]
+        if re.search(r"\S\s{2,}\S", line)
+    )
 
 
 def test_demo_prints_the_comparison_table():
@@ -79,8 +88,11 @@ def test_plan_prints_the_dry_run_figures():
     flops = int(rows["flops"].split()[0].replace(",", ""))
     recompute = int(rows["recompute flops"].split()[0].replace(",", ""))
     assert flops > recompute > 0
-    evaluations = re.fullmatch(r"(\d+)\s+nodes: (\d+) computed once, (\d+) recomputed "
-                               r"\(2x\)\s*", rows["node evaluations"])
+    evaluations = re.fullmatch(
+        r"(\d+)\s+nodes: (\d+) computed once, (\d+) recomputed "
+        r"\(2x\)\s*",
+        rows["node evaluations"],
+    )
     assert evaluations, out
     total, once, again = map(int, evaluations.groups())
     assert total == once + again and again > 0

@@ -1,6 +1,7 @@
 """`remat compare` (and `remat plan --graph / --model unet`) run as subprocesses: the
 table, --json, --plot and --trace files, saved graphs in binary and JSON form, the
 budget sweep, and clear failures."""
+
 from __future__ import annotations
 
 import json
@@ -16,17 +17,28 @@ from remat_proto.units import format_bytes
 
 CLI = [sys.executable, "-m", "remat.cli"]
 SMALL = ["--layers", "8", "--batch", "512"]  # fast; activations outweigh the weights
-DEFAULT_ROWS = ["store_all", "sqrt", "revolve(4)", "budget(0.5)", "budget(0.4)", "dtr(0.5)",
-                "recompute_all"]
+DEFAULT_ROWS = [
+    "store_all",
+    "sqrt",
+    "revolve(4)",
+    "budget(0.5)",
+    "budget(0.4)",
+    "dtr(0.5)",
+    "recompute_all",
+]
 # Not a terminal, whatever the environment says: rich would otherwise colour the output.
-PIPED = {k: v for k, v in os.environ.items()
-         if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
+PIPED = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def run_cli(*args: str, timeout: float = 60, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env or PIPED)
+    return subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env or PIPED
+    )
 
 
 def table(out: str) -> dict[str, dict[str, str]]:
@@ -35,11 +47,14 @@ def table(out: str) -> dict[str, dict[str, str]]:
     rule; cells are two or more spaces apart; the table ends at the first line that is
     not a full row (the error reasons below it)."""
     lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines[:-1]) if line.split()[:1] == ["policy"]
-                 and re.fullmatch("[─-]+", lines[i + 1].strip()))  # the rule under it
+    start = next(
+        i
+        for i, line in enumerate(lines[:-1])
+        if line.split()[:1] == ["policy"] and re.fullmatch("[─-]+", lines[i + 1].strip())
+    )  # the rule under it
     header = re.split(r"\s{2,}", lines[start].strip())
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         cells = re.split(r"\s{2,}", line.strip())
         if len(cells) != len(header):
             break
@@ -107,14 +122,18 @@ def test_on_a_terminal_a_progress_bar_and_a_table_that_fits():
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     for row in rows:
         size = format_bytes(row["peak_bytes"])
-        assert re.search(rf"^{re.escape(row['policy'])}\s+{size}\s+{size}\s+"
-                         rf"{row['peak_ratio']:.1%}\s", lines[row["policy"]]), out
+        assert re.search(
+            rf"^{re.escape(row['policy'])}\s+{size}\s+{size}\s+"
+            rf"{row['peak_ratio']:.1%}\s",
+            lines[row["policy"]],
+        ), out
 
 
 def test_json_plot_and_trace(tmp_path, target):
     plot, trace = tmp_path / "policies.png", tmp_path / "policies.json"
-    document = compare_json(*SMALL, *target, "--policies", "sqrt", "recompute_all",
-                            "--plot", plot, "--trace", trace)
+    document = compare_json(
+        *SMALL, *target, "--policies", "sqrt", "recompute_all", "--plot", plot, "--trace", trace
+    )
     assert document["workload"] == "mlp (8 layers), batch 512" and document["loss"] == "loss"
     rows = document["rows"]
     assert [row["policy"] for row in rows] == ["store_all", "sqrt", "recompute_all"]
@@ -131,8 +150,9 @@ def test_json_plot_and_trace(tmp_path, target):
     names = [e["args"]["name"] for e in events if e["name"] == "process_name"]
     assert names == ["store_all", "sqrt", "recompute_all"]
     spans = [e for e in events if e["ph"] == "X"]
-    assert spans and all(e["dur"] >= 0 and e["cat"] in ("forward", "recompute", "backward")
-                         for e in spans)
+    assert spans and all(
+        e["dur"] >= 0 and e["cat"] in ("forward", "recompute", "backward") for e in spans
+    )
     assert {e["cat"] for e in spans if e["pid"] == 3} == {"forward", "recompute", "backward"}
     assert any(e["ph"] == "C" for e in events)
 
@@ -151,10 +171,12 @@ def test_saved_graph(tmp_path, target, form):
         path.write_bytes(g.to_proto().SerializeToString())
     else:
         path.write_text(g.to_json())
-    document = compare_json("--graph", path, "--batch", "32", *target,
-                            "--policies", "sqrt", "recompute_all")
-    assert document["workload"] == f"graph 'tanh_chain' from {path} (13 nodes, batch 32), " \
-                                   "loss 'loss'"
+    document = compare_json(
+        "--graph", path, "--batch", "32", *target, "--policies", "sqrt", "recompute_all"
+    )
+    assert (
+        document["workload"] == f"graph 'tanh_chain' from {path} (13 nodes, batch 32), loss 'loss'"
+    )
     assert document["wrt"] == ["x"] + [f"w{i}" for i in range(6)]  # every float input
     rows = document["rows"]
     assert all(not row["error"] and row["max_grad_diff"] == 0.0 for row in rows)
@@ -169,11 +191,12 @@ def test_sweep_keeps_each_budget(target):
     document = compare_json(*SMALL, *target, "--sweep")
     rows = document["rows"]
     assert [row["policy"] for row in rows] == ["store_all"] + [
-        f"budget({f})" for f in (0.9, 0.7, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1)]
+        f"budget({f})" for f in (0.9, 0.7, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1)
+    ]
     base = rows[0]["peak_bytes"]
     fitted = 0
     for row in rows[1:]:
-        fraction = float(row["policy"][len("budget("):-1])
+        fraction = float(row["policy"][len("budget(") : -1])
         if row["error"]:
             assert row["error_code"] == "RESOURCE_EXHAUSTED", row
             continue
@@ -189,8 +212,9 @@ def test_sweep_keeps_each_budget(target):
 
 
 def test_unet_model_compares_and_plans(target):
-    document = compare_json("--model", "unet", "--batch", "2", *target,
-                            "--policies", "recompute_all")
+    document = compare_json(
+        "--model", "unet", "--batch", "2", *target, "--policies", "recompute_all"
+    )
     store_all, recompute_all = document["rows"]
     assert document["workload"].startswith("unet")
     assert recompute_all["peak_bytes"] < store_all["peak_bytes"]
@@ -200,11 +224,14 @@ def test_unet_model_compares_and_plans(target):
     assert "unet (3 levels, 32x32), batch 2" in done.stdout
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"this is not a graph\n\x00\xff", "is not a remat graph (binary protobuf"),
-    (b'{"nodes": [1, 2]}', "is not a remat graph (JSON"),
-    (b"", "is empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"this is not a graph\n\x00\xff", "is not a remat graph (binary protobuf"),
+        (b'{"nodes": [1, 2]}', "is not a remat graph (JSON"),
+        (b"", "is empty"),
+    ],
+)
 def test_bad_graph_file_is_a_clear_error(tmp_path, content, message):
     path = tmp_path / "bad.pb"
     path.write_bytes(content)
@@ -217,21 +244,24 @@ def test_bad_graph_file_is_a_clear_error(tmp_path, content, message):
 def test_usage_and_missing_file_errors(tmp_path):
     done = run_cli("compare", "--graph", tmp_path / "missing.pb")
     assert done.returncode == 1 and "cannot read graph file" in done.stderr
-    for args, message in [(("--model", "cnn", "--layers", "3"), "--layers applies to"),
-                          (("--plot", "out.txt"), "--plot FILE must end in"),
-                          (("--policies", "budget:lots"), "argument --policies"),
-                          (("--model", "mlp", "--graph", "g.pb"), "not allowed with"),
-                          (("--loss", "loss"), "--loss applies to --graph only")]:
+    for args, message in [
+        (("--model", "cnn", "--layers", "3"), "--layers applies to"),
+        (("--plot", "out.txt"), "--plot FILE must end in"),
+        (("--policies", "budget:lots"), "argument --policies"),
+        (("--model", "mlp", "--graph", "g.pb"), "not allowed with"),
+        (("--loss", "loss"), "--loss applies to --graph only"),
+    ]:
         done = run_cli("compare", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
 
 
 def test_plot_without_matplotlib_fails_before_running(tmp_path):
-    hide = ("import sys; sys.modules['matplotlib'] = None; from remat.cli import main; "
-            f"sys.exit(main(['compare', '--plot', {str(tmp_path / 'out.png')!r}]))")
-    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True,
-                          timeout=60)
+    hide = (
+        "import sys; sys.modules['matplotlib'] = None; from remat.cli import main; "
+        f"sys.exit(main(['compare', '--plot', {str(tmp_path / 'out.png')!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert 'pip install "remat[plot]"' in done.stderr
     assert "[1/" not in done.stderr  # nothing ran

@@ -1,5 +1,6 @@
 """Prometheus metrics of a real server (port 0), its /metrics endpoint, multiprocess
 aggregation, and promtool's lint of the exposition."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,11 @@ def samples(text: str | bytes) -> dict[tuple[str, frozenset], float]:
     """{(sample name, labels): value} of an exposition."""
     if isinstance(text, bytes):
         text = text.decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(parsed, name: str, **labels) -> float:
@@ -38,10 +42,12 @@ def served():
     try:
         model = remat.models.mlp(batch=8, widths=(16, 32, 32, 4))
         with remat.Client(f"127.0.0.1:{port}") as client:
-            client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-                       policy="store_all")
-            client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-                       policy="recompute_all")
+            client.run(
+                model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policy="store_all"
+            )
+            client.run(
+                model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policy="recompute_all"
+            )
             client.register(model.graph)
             bad = dict(model.inputs, nope=np.zeros(3, np.float32))  # an input the graph lacks
             with pytest.raises(remat.InvalidArgumentError):
@@ -56,12 +62,14 @@ def test_rpc_durations_by_method_and_code(served):
     parsed = samples(served.metrics.exposition())
     assert value(parsed, "remat_rpc_duration_seconds_count", method="Run", code="OK") == 2
     # The SDK may register a graph before running it by id: at least our one call.
-    assert value(parsed, "remat_rpc_duration_seconds_count", method="RegisterGraph",
-                 code="OK") >= 1
-    assert value(parsed, "remat_rpc_duration_seconds_count", method="Run",
-                 code="INVALID_ARGUMENT") == 1
-    assert value(parsed, "remat_rpc_duration_seconds_bucket", method="Run", code="OK",
-                 le="+Inf") == 2
+    assert value(parsed, "remat_rpc_duration_seconds_count", method="RegisterGraph", code="OK") >= 1
+    assert (
+        value(parsed, "remat_rpc_duration_seconds_count", method="Run", code="INVALID_ARGUMENT")
+        == 1
+    )
+    assert (
+        value(parsed, "remat_rpc_duration_seconds_bucket", method="Run", code="OK", le="+Inf") == 2
+    )
     assert value(parsed, "remat_inflight_requests") == 0
 
 
@@ -69,10 +77,17 @@ def test_rejections_by_reason(served):
     parsed = samples(served.metrics.exposition())
     assert value(parsed, "remat_rejected_requests_total", reason="invalid_argument") == 1
     # Every reason is exported from the start (at zero), and only those.
-    reasons = {dict(labels)["reason"] for name, labels in parsed
-               if name == "remat_rejected_requests_total"}
-    assert reasons == {"invalid_argument", "resource_exhausted", "unauthenticated",
-                       "not_found", "failed_precondition", "unimplemented"}
+    reasons = {
+        dict(labels)["reason"] for name, labels in parsed if name == "remat_rejected_requests_total"
+    }
+    assert reasons == {
+        "invalid_argument",
+        "resource_exhausted",
+        "unauthenticated",
+        "not_found",
+        "failed_precondition",
+        "unimplemented",
+    }
 
 
 def test_run_metrics_by_policy_family(served):
@@ -82,8 +97,11 @@ def test_run_metrics_by_policy_family(served):
             assert value(parsed, f"remat_{name}_seconds_count", policy=policy) == 1
     assert value(parsed, "remat_forward_seconds_sum", policy="store_all") > 0
     assert value(parsed, "remat_peak_bytes_count", policy="store_all") == 1
-    assert value(parsed, "remat_peak_bytes_sum", policy="store_all") > \
-        value(parsed, "remat_peak_bytes_sum", policy="recompute_all") > 0
+    assert (
+        value(parsed, "remat_peak_bytes_sum", policy="store_all")
+        > value(parsed, "remat_peak_bytes_sum", policy="recompute_all")
+        > 0
+    )
     assert value(parsed, "remat_recomputed_nodes_total", policy="store_all") == 0
     assert value(parsed, "remat_recomputed_nodes_total", policy="recompute_all") > 0
 
@@ -106,19 +124,25 @@ def test_compile_cache_counts_hits_misses_and_evictions():
     def compiled_bytes(model) -> int:
         engine = Engine()
         spec = graph_from_proto(model.graph.to_proto(), engine.limits)
-        engine.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
-                              policy="store_all"))
+        engine.run(
+            RunRequest(
+                spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss, policy="store_all"
+            )
+        )
         return engine.cache.nbytes
+
     sizes = compiled_bytes(small), compiled_bytes(big)
     bound = max(sizes) + min(sizes) // 2  # room for either alone, not for both
-    server, port = create_server(ServerConfig(host="127.0.0.1", port=0,
-                                              compile_cache_bytes=bound))
+    server, port = create_server(ServerConfig(host="127.0.0.1", port=0, compile_cache_bytes=bound))
     server.start()
     try:
         with remat.Client(f"127.0.0.1:{port}") as client:
+
             def run(model):
-                return client.run(model.graph, model.inputs, wrt=model.wrt,
-                                  loss=model.loss, policy="store_all").metrics.plan_cached
+                return client.run(
+                    model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policy="store_all"
+                ).metrics.plan_cached
+
             assert [run(small), run(small)] == [False, True]
             parsed = samples(server.metrics.exposition())
             assert value(parsed, "remat_compile_cache_hits_total") >= 1
@@ -141,9 +165,9 @@ def test_policy_label_is_the_family_only():
     from remat_server.engine import Metrics
     from remat_server.service.metrics import ServerMetrics, policy_family
 
-    assert [policy_family(p) for p in ("every_k(4)", "budget(0.5,profile)", "store_all", "",
-                                       "Weird!")] == \
-        ["every_k", "budget", "store_all", "unknown", "other"]
+    assert [
+        policy_family(p) for p in ("every_k(4)", "budget(0.5,profile)", "store_all", "", "Weird!")
+    ] == ["every_k", "budget", "store_all", "unknown", "other"]
     metrics = ServerMetrics()
     for k in (2, 3, 4):
         metrics.observe_run(Metrics(recomputed_nodes=k, policy=f"every_k({k})"))
@@ -170,8 +194,10 @@ def test_unknown_method_and_health_are_recorded():
     finally:
         server.stop(None).wait()
     assert value(parsed, "remat_rpc_duration_seconds_count", method="Check", code="OK") == 1
-    assert value(parsed, "remat_rpc_duration_seconds_count", method="unknown",
-                 code="UNIMPLEMENTED") == 1
+    assert (
+        value(parsed, "remat_rpc_duration_seconds_count", method="unknown", code="UNIMPLEMENTED")
+        == 1
+    )
     assert value(parsed, "remat_rejected_requests_total", reason="unimplemented") == 1
     assert not any(dict(labels).get("method") == "NoSuchMethod" for _, labels in parsed)
 
@@ -197,7 +223,8 @@ def test_bidi_stream_is_timed_until_it_ends():
 
     metrics = ServerMetrics()
     handler = metrics.interceptor().intercept_service(
-        lambda details: grpc.stream_stream_rpc_method_handler(echo), Details())
+        lambda details: grpc.stream_stream_rpc_method_handler(echo), Details()
+    )
     responses = handler.stream_stream(iter([1, 2, 3]), Context())
     assert next(responses) == 1
     assert value(samples(metrics.exposition()), "remat_inflight_requests") == 1
@@ -220,14 +247,18 @@ def test_cancelled_stream_and_a_later_interceptors_refusal():
     class RefuseCheck(grpc.ServerInterceptor):
         def intercept_service(self, continuation, details):
             if details.method.endswith("/Check"):
+
                 def refuse(request, context):
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+
                 return grpc.unary_unary_rpc_method_handler(refuse)
             return continuation(details)
 
     metrics = ServerMetrics()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                         interceptors=[metrics.interceptor(), RefuseCheck()])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        interceptors=[metrics.interceptor(), RefuseCheck()],
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -242,18 +273,21 @@ def test_cancelled_stream_and_a_later_interceptors_refusal():
             assert value(samples(metrics.exposition()), "remat_inflight_requests") == 1
             watch.cancel()
             deadline = time.monotonic() + 5  # the server learns of the cancel shortly
-            while value(samples(metrics.exposition()), "remat_inflight_requests") and \
-                    time.monotonic() < deadline:
+            while (
+                value(samples(metrics.exposition()), "remat_inflight_requests")
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.01)
         parsed = samples(metrics.exposition())
     finally:
         server.stop(None).wait()
     assert value(parsed, "remat_inflight_requests") == 0
-    assert value(parsed, "remat_rpc_duration_seconds_count", method="Check",
-                 code="UNAUTHENTICATED") == 1
+    assert (
+        value(parsed, "remat_rpc_duration_seconds_count", method="Check", code="UNAUTHENTICATED")
+        == 1
+    )
     assert value(parsed, "remat_rejected_requests_total", reason="unauthenticated") == 1
-    assert value(parsed, "remat_rpc_duration_seconds_count", method="Watch",
-                 code="CANCELLED") == 1
+    assert value(parsed, "remat_rpc_duration_seconds_count", method="Watch", code="CANCELLED") == 1
 
 
 def test_http_endpoint_serves_the_same_text(served):
@@ -272,10 +306,12 @@ def promtool_problems(text: bytes) -> str | None:
         if os.environ.get("REMAT_REQUIRE_PROMTOOL") == "1":
             pytest.fail("promtool is not on PATH but REMAT_REQUIRE_PROMTOOL=1")
         return None
-    checked = subprocess.run([promtool, "check", "metrics"], input=text,
-                             capture_output=True, timeout=30)
-    return (checked.stdout + checked.stderr).decode().strip() or \
-        ("" if checked.returncode == 0 else f"exit code {checked.returncode}")
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, timeout=30
+    )
+    return (checked.stdout + checked.stderr).decode().strip() or (
+        "" if checked.returncode == 0 else f"exit code {checked.returncode}"
+    )
 
 
 def test_promtool_accepts_the_exposition(served):
@@ -315,8 +351,13 @@ MULTIPROCESS_SCRIPT = textwrap.dedent("""
 
 def test_multiprocess_aggregate(tmp_path):
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", MULTIPROCESS_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIPROCESS_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     texts = done.stdout.split("\0")
     before, after = (samples(text) for text in texts)

@@ -1,6 +1,7 @@
 """Checkpoint policies through the SDK and a real server: remat.policies objects on the
 wire, bit-identical gradients under each, client.plan against Run metrics, timelines,
 measured memory, bad policies, client.compare and policies.parse."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,19 +24,32 @@ def mlp(dtype: str = "float32") -> remat.models.Model:
 
 
 def transformer(dtype: str = "float32") -> remat.models.Model:
-    return remat.models.transformer_block(batch=2, seq=4, d_model=8, heads=2, d_ff=16,
-                                          dtype=dtype, seed=3)
+    return remat.models.transformer_block(
+        batch=2, seq=4, d_model=8, heads=2, d_ff=16, dtype=dtype, seed=3
+    )
 
 
 def every_policy(checkpoints=MLP_CHECKPOINTS) -> list:
-    return [P.StoreAll(), P.RecomputeAll(), P.EveryK(1), P.EveryK(2), P.EveryK(3), P.Sqrt(),
-            P.Checkpoints(checkpoints), P.SaveOps(("matmul",)), P.SaveOps(("tanh", "add")),
-            P.Revolve(1), P.Revolve(2), P.Revolve(4)]
+    return [
+        P.StoreAll(),
+        P.RecomputeAll(),
+        P.EveryK(1),
+        P.EveryK(2),
+        P.EveryK(3),
+        P.Sqrt(),
+        P.Checkpoints(checkpoints),
+        P.SaveOps(("matmul",)),
+        P.SaveOps(("tanh", "add")),
+        P.Revolve(1),
+        P.Revolve(2),
+        P.Revolve(4),
+    ]
 
 
 def run(client, model, policy, **options) -> remat.RunResult:
-    return client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policy=policy,
-                      **options)
+    return client.run(
+        model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policy=policy, **options
+    )
 
 
 def plan(client, model, policy, **options) -> remat.PlanResult:
@@ -43,15 +57,18 @@ def plan(client, model, policy, **options) -> remat.PlanResult:
 
 
 # --- objects and the wire ----------------------------------------------------------------
-@pytest.mark.parametrize("policy, kind, fields", [
-    (P.StoreAll(), "store_all", {}),
-    (P.RecomputeAll(), "recompute_all", {}),
-    (P.Sqrt(), "sqrt", {}),
-    (P.EveryK(4), "every_k", {"k": 4}),
-    (P.Revolve(3), "revolve", {"slots": 3}),
-    (P.Checkpoints(("act0", "act2")), "checkpoints", {"names": ["act0", "act2"]}),
-    (P.SaveOps(("matmul", "conv2d")), "save_ops", {"ops": ["matmul", "conv2d"]}),
-])
+@pytest.mark.parametrize(
+    "policy, kind, fields",
+    [
+        (P.StoreAll(), "store_all", {}),
+        (P.RecomputeAll(), "recompute_all", {}),
+        (P.Sqrt(), "sqrt", {}),
+        (P.EveryK(4), "every_k", {"k": 4}),
+        (P.Revolve(3), "revolve", {"slots": 3}),
+        (P.Checkpoints(("act0", "act2")), "checkpoints", {"names": ["act0", "act2"]}),
+        (P.SaveOps(("matmul", "conv2d")), "save_ops", {"ops": ["matmul", "conv2d"]}),
+    ],
+)
 def test_each_policy_is_its_oneof_on_the_wire(policy, kind, fields):
     message = wire.policy_to_proto(policy)
     assert message.WhichOneof("kind") == kind
@@ -76,12 +93,18 @@ def test_every_policy_runs_and_the_server_reports_it(client):
 
 def test_names_resolve_to_the_same_plans_as_objects(client):
     model = mlp()
-    for name, obj in (("store_all", P.StoreAll()), ("recompute_all", P.RecomputeAll()),
-                      ("sqrt", P.Sqrt())):
+    for name, obj in (
+        ("store_all", P.StoreAll()),
+        ("recompute_all", P.RecomputeAll()),
+        ("sqrt", P.Sqrt()),
+    ):
         assert P.resolve(name) == obj
         by_name, by_object = plan(client, model, name), plan(client, model, obj)
-        assert (by_name.peak_bytes, by_name.flops, by_name.policy) == \
-            (by_object.peak_bytes, by_object.flops, by_object.policy) and by_name.policy == name
+        assert (by_name.peak_bytes, by_name.flops, by_name.policy) == (
+            by_object.peak_bytes,
+            by_object.flops,
+            by_object.policy,
+        ) and by_name.policy == name
     # The default is auto, which plans store_all whenever it fits the server's limit.
     assert P.resolve(None) == P.Auto()
     assert plan(client, model, None).policy == "store_all"
@@ -89,8 +112,18 @@ def test_names_resolve_to_the_same_plans_as_objects(client):
 
 
 def test_public_namespace():
-    for name in ("StoreAll", "RecomputeAll", "EveryK", "Sqrt", "Checkpoints", "SaveOps",
-                 "Revolve", "resolve", "parse", "label"):
+    for name in (
+        "StoreAll",
+        "RecomputeAll",
+        "EveryK",
+        "Sqrt",
+        "Checkpoints",
+        "SaveOps",
+        "Revolve",
+        "resolve",
+        "parse",
+        "label",
+    ):
         assert name in P.__all__ and hasattr(remat.policies, name)
     for name in ("PlanResult", "ComparisonRow", "format_table"):
         assert name in remat.__all__ and hasattr(remat, name)
@@ -101,8 +134,9 @@ def test_public_namespace():
 
 # --- gradients -----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("build, checkpoints", [(mlp, MLP_CHECKPOINTS),
-                                                (transformer, TRANSFORMER_CHECKPOINTS)])
+@pytest.mark.parametrize(
+    "build, checkpoints", [(mlp, MLP_CHECKPOINTS), (transformer, TRANSFORMER_CHECKPOINTS)]
+)
 def test_gradients_are_bit_identical_under_every_policy(client, build, checkpoints, dtype):
     model = build(dtype)
     reference = run(client, model, "store_all")
@@ -178,10 +212,12 @@ def test_plan_binds_batch_dimensions_and_cotangent_outputs(client):
     xv, wv = np.ones((5, 3)), np.ones((3, 2))
     assert client.run(g, {"x": xv, "w": wv}, wrt=["w"], loss="loss").metrics.flops == small.flops
     # A vector-Jacobian product: plan with the cotangent's output, run with its value.
-    vjp = client.plan(g, wrt=["w"], cotangent_outputs=["h"], fetch=["h"],
-                      input_shapes={"x": (5, 3)})
-    metrics = client.run(g, {"x": xv, "w": wv}, wrt=["w"], cotangents={"h": np.ones((5, 2))},
-                         fetch=["h"]).metrics
+    vjp = client.plan(
+        g, wrt=["w"], cotangent_outputs=["h"], fetch=["h"], input_shapes={"x": (5, 3)}
+    )
+    metrics = client.run(
+        g, {"x": xv, "w": wv}, wrt=["w"], cotangents={"h": np.ones((5, 2))}, fetch=["h"]
+    ).metrics
     assert (vjp.peak_bytes, vjp.flops) == (metrics.predicted_peak_bytes, metrics.flops)
 
 
@@ -207,20 +243,23 @@ def test_measure_memory_on_request(client):
 
 
 # --- bad policies ----------------------------------------------------------------------------
-@pytest.mark.parametrize("make, error, message", [
-    (lambda: P.EveryK(0), ValueError, "k must be >= 1"),
-    (lambda: P.EveryK(-2), ValueError, "k must be >= 1"),
-    (lambda: P.Revolve(0), ValueError, "slots must be >= 1"),
-    (lambda: P.Revolve(2 ** 31), ValueError, "below 2\\*\\*31"),
-    (lambda: P.EveryK(2.5), TypeError, "k must be an int"),
-    (lambda: P.EveryK(True), TypeError, "k must be an int"),
-    (lambda: P.Revolve("3"), TypeError, "slots must be an int"),
-    (lambda: P.Checkpoints(("act0", "")), ValueError, "non-empty string"),
-    (lambda: P.SaveOps((3,)), ValueError, "non-empty string"),
-    (lambda: P.resolve("telepathy"), ValueError, "unknown policy 'telepathy'.*store_all"),
-    (lambda: P.resolve("every_k"), ValueError, "takes a parameter"),
-    (lambda: P.resolve(42), TypeError, "remat.policies object or name"),
-])
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: P.EveryK(0), ValueError, "k must be >= 1"),
+        (lambda: P.EveryK(-2), ValueError, "k must be >= 1"),
+        (lambda: P.Revolve(0), ValueError, "slots must be >= 1"),
+        (lambda: P.Revolve(2**31), ValueError, "below 2\\*\\*31"),
+        (lambda: P.EveryK(2.5), TypeError, "k must be an int"),
+        (lambda: P.EveryK(True), TypeError, "k must be an int"),
+        (lambda: P.Revolve("3"), TypeError, "slots must be an int"),
+        (lambda: P.Checkpoints(("act0", "")), ValueError, "non-empty string"),
+        (lambda: P.SaveOps((3,)), ValueError, "non-empty string"),
+        (lambda: P.resolve("telepathy"), ValueError, "unknown policy 'telepathy'.*store_all"),
+        (lambda: P.resolve("every_k"), ValueError, "takes a parameter"),
+        (lambda: P.resolve(42), TypeError, "remat.policies object or name"),
+    ],
+)
 def test_obvious_misuse_fails_before_sending(make, error, message):
     with pytest.raises(error, match=message):
         make()
@@ -228,8 +267,10 @@ def test_obvious_misuse_fails_before_sending(make, error, message):
 
 def test_bad_policies_the_server_finds_are_invalid_argument(client):
     model = mlp()
-    for policy, message in ((P.Checkpoints(("nope",)), "checkpoints: 'nope' is not a node"),
-                            (P.SaveOps(("nope",)), "save_ops: unknown op 'nope'")):
+    for policy, message in (
+        (P.Checkpoints(("nope",)), "checkpoints: 'nope' is not a node"),
+        (P.SaveOps(("nope",)), "save_ops: unknown op 'nope'"),
+    ):
         for call in (run, plan):
             with pytest.raises(remat.InvalidArgumentError, match=message):
                 call(client, model, policy)
@@ -237,17 +278,24 @@ def test_bad_policies_the_server_finds_are_invalid_argument(client):
         run(client, model, "telepathy")
 
 
-@pytest.mark.parametrize("policy, message", [
-    (executor_pb2.Policy(every_k=executor_pb2.EveryK(k=0)), "k must be >= 1"),
-    (executor_pb2.Policy(revolve=executor_pb2.Revolve(slots=0)), "slots must be >= 1"),
-    (executor_pb2.Policy(name="telepathy"), "unknown policy 'telepathy'"),  # the SDK's words
-])
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        (executor_pb2.Policy(every_k=executor_pb2.EveryK(k=0)), "k must be >= 1"),
+        (executor_pb2.Policy(revolve=executor_pb2.Revolve(slots=0)), "slots must be >= 1"),
+        (executor_pb2.Policy(name="telepathy"), "unknown policy 'telepathy'"),  # the SDK's words
+    ],
+)
 def test_the_server_also_rejects_what_the_sdk_checks(stub, policy, message):
     # Other clients skip the SDK's checks; the server must not rely on them.
     import grpc
 
-    request = executor_pb2.PlanRequest(graph=executor_pb2.GraphRef(graph=mlp().graph.to_proto()),
-                                       wrt=mlp().wrt, loss="loss", policy=policy)
+    request = executor_pb2.PlanRequest(
+        graph=executor_pb2.GraphRef(graph=mlp().graph.to_proto()),
+        wrt=mlp().wrt,
+        loss="loss",
+        policy=policy,
+    )
     with pytest.raises(grpc.RpcError) as caught:
         stub.Plan(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -258,10 +306,16 @@ def test_the_server_also_rejects_what_the_sdk_checks(stub, policy, message):
 def test_compare_puts_store_all_first_with_identical_gradients(client):
     model = mlp()
     chosen = [P.Sqrt(), P.Revolve(2), "recompute_all", P.EveryK(2)]
-    rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-                          policies=chosen)
-    assert [row.policy for row in rows] == ["store_all", "sqrt", "revolve(2)", "recompute_all",
-                                            "every_k(2)"]
+    rows = client.compare(
+        model.graph, model.inputs, wrt=model.wrt, loss=model.loss, policies=chosen
+    )
+    assert [row.policy for row in rows] == [
+        "store_all",
+        "sqrt",
+        "revolve(2)",
+        "recompute_all",
+        "every_k(2)",
+    ]
     assert all(isinstance(row, remat.ComparisonRow) for row in rows)
     base = rows[0]
     assert base.peak_ratio == 1.0 and base.recompute_share == 0.0
@@ -289,19 +343,33 @@ def test_compare_puts_store_all_first_with_identical_gradients(client):
 
 def test_compare_listing_store_all_does_not_run_it_twice(client):
     model = transformer()
-    rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-                          policies=["sqrt", "store_all", P.StoreAll()], repeats=2,
-                          measure_memory=True)
+    rows = client.compare(
+        model.graph,
+        model.inputs,
+        wrt=model.wrt,
+        loss=model.loss,
+        policies=["sqrt", "store_all", P.StoreAll()],
+        repeats=2,
+        measure_memory=True,
+    )
     assert [row.policy for row in rows] == ["store_all", "sqrt"]
     assert all(row.max_grad_diff == 0.0 and row.measured_peak_bytes > 0 for row in rows)
     assert "measured" in remat.format_table(rows).splitlines()[0]
     with pytest.raises(ValueError, match="repeats"):
         client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss, repeats=0)
     # A policy the server rejects becomes a row with the error; the others still run.
-    rows = client.compare(model.graph, model.inputs, wrt=model.wrt, loss=model.loss,
-                          policies=[P.Checkpoints(("nope",)), "sqrt"])
+    rows = client.compare(
+        model.graph,
+        model.inputs,
+        wrt=model.wrt,
+        loss=model.loss,
+        policies=[P.Checkpoints(("nope",)), "sqrt"],
+    )
     assert [(row.policy, row.error_code) for row in rows] == [
-        ("store_all", ""), ("checkpoints(nope)", "INVALID_ARGUMENT"), ("sqrt", "")]
+        ("store_all", ""),
+        ("checkpoints(nope)", "INVALID_ARGUMENT"),
+        ("sqrt", ""),
+    ]
     assert "nope" in rows[1].error and rows[1].peak_bytes == 0 and rows[2].peak_bytes > 0
     assert "INVALID_ARGUMENT" in remat.format_table(rows).splitlines()[2]
 
@@ -317,45 +385,67 @@ def test_max_abs_diff_sees_every_difference():
 
 
 # --- parse -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("store_all", P.StoreAll()),
-    ("recompute_all", P.RecomputeAll()),
-    ("sqrt", P.Sqrt()),
-    ("  Sqrt ", P.Sqrt()),
-    ("recompute-all", P.RecomputeAll()),
-    ("every_k:4", P.EveryK(4)),
-    ("every_k: 1", P.EveryK(1)),
-    ("revolve:3", P.Revolve(3)),
-    ("save_ops:matmul", P.SaveOps(("matmul",))),
-    ("save_ops:matmul,conv2d", P.SaveOps(("matmul", "conv2d"))),
-    ("checkpoints:act3,act7", P.Checkpoints(("act3", "act7"))),
-    ("checkpoints: act3 , Act7", P.Checkpoints(("act3", "Act7"))),  # names keep their case
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("store_all", P.StoreAll()),
+        ("recompute_all", P.RecomputeAll()),
+        ("sqrt", P.Sqrt()),
+        ("  Sqrt ", P.Sqrt()),
+        ("recompute-all", P.RecomputeAll()),
+        ("every_k:4", P.EveryK(4)),
+        ("every_k: 1", P.EveryK(1)),
+        ("revolve:3", P.Revolve(3)),
+        ("save_ops:matmul", P.SaveOps(("matmul",))),
+        ("save_ops:matmul,conv2d", P.SaveOps(("matmul", "conv2d"))),
+        ("checkpoints:act3,act7", P.Checkpoints(("act3", "act7"))),
+        ("checkpoints: act3 , Act7", P.Checkpoints(("act3", "Act7"))),  # names keep their case
+    ],
+)
 def test_parse(text, expected):
     assert P.parse(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "unknown policy ''"),
-    ("telepathy", "unknown policy 'telepathy'; expected one of: store_all"),
-    ("every_k", "'every_k' needs a parameter: every_k:K"),
-    ("every_k:", "'every_k' needs a parameter"),
-    ("every_k:four", "'four' is not an integer"),
-    ("every_k:0", "k must be >= 1"),
-    ("revolve:2.5", "'2.5' is not an integer"),
-    ("revolve:-1", "slots must be >= 1"),
-    ("sqrt:3", "'sqrt' takes no parameter"),
-    ("save_ops:", "'save_ops' needs a parameter"),
-    ("save_ops:matmul,,conv2d", "empty name"),
-    ("checkpoints:act3,", "empty name"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "unknown policy ''"),
+        ("telepathy", "unknown policy 'telepathy'; expected one of: store_all"),
+        ("every_k", "'every_k' needs a parameter: every_k:K"),
+        ("every_k:", "'every_k' needs a parameter"),
+        ("every_k:four", "'four' is not an integer"),
+        ("every_k:0", "k must be >= 1"),
+        ("revolve:2.5", "'2.5' is not an integer"),
+        ("revolve:-1", "slots must be >= 1"),
+        ("sqrt:3", "'sqrt' takes no parameter"),
+        ("save_ops:", "'save_ops' needs a parameter"),
+        ("save_ops:matmul,,conv2d", "empty name"),
+        ("checkpoints:act3,", "empty name"),
+    ],
+)
 def test_parse_rejects_bad_strings_clearly(text, message):
     with pytest.raises(ValueError, match=message):
         P.parse(text)
 
 
 def test_labels():
-    assert [P.label(p) for p in (P.StoreAll(), "sqrt", None, P.EveryK(4), P.Revolve(3),
-                                 P.SaveOps(("matmul", "conv2d")), P.Checkpoints(("a", "b")))] \
-        == ["store_all", "sqrt", "auto", "every_k(4)", "revolve(3)",
-            "save_ops(matmul,conv2d)", "checkpoints(a,b)"]
+    assert [
+        P.label(p)
+        for p in (
+            P.StoreAll(),
+            "sqrt",
+            None,
+            P.EveryK(4),
+            P.Revolve(3),
+            P.SaveOps(("matmul", "conv2d")),
+            P.Checkpoints(("a", "b")),
+        )
+    ] == [
+        "store_all",
+        "sqrt",
+        "auto",
+        "every_k(4)",
+        "revolve(3)",
+        "save_ops(matmul,conv2d)",
+        "checkpoints(a,b)",
+    ]

@@ -5,6 +5,7 @@ A graph's first use carries it inline (the server registers it), later calls sen
 its content id; an id the server does not know (evicted, or another replica) gets
 the graph inline once. UNAVAILABLE is retried with backoff, everything else is not,
 and a call's timeout is one deadline for all of its RPCs."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +17,9 @@ import time
 import grpc
 import numpy as np
 import pytest
+from clients import KINDS, Recorder, connect, first, serving
 
 import remat
-from clients import KINDS, Recorder, connect, first, serving
 from remat import calls
 from remat_server import ServerConfig, create_server
 from remat_server.errors import NotFound
@@ -58,8 +59,7 @@ def _plan(client, g):
 
 
 def _differentiate(client, g):
-    assert client.differentiate(g, wrt=["x"], loss="loss").output_names == [
-        "y", "loss", "grad/x"]
+    assert client.differentiate(g, wrt=["x"], loss="loss").output_names == ["y", "loss", "grad/x"]
 
 
 FIRST_USES = {  # call -> (the RPC it makes, the graph it uses, how to make it)
@@ -132,8 +132,9 @@ def _add_input(g):
     g.input("u", (2,), "float64")
 
 
-@pytest.mark.parametrize("change", [_add_output, _add_node, _add_input],
-                         ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize(
+    "change", [_add_output, _add_node, _add_input], ids=lambda f: f.__name__[1:]
+)
 def test_a_graph_changed_after_a_call_gets_a_new_id_and_goes_inline_again(kind, change):
     seen = Recorder()
     with serving(seen) as (server, address), connect(kind, address) as client:
@@ -143,8 +144,10 @@ def test_a_graph_changed_after_a_call_gets_a_new_id_and_goes_inline_again(kind, 
         old_id = g.graph_id
         change(g)
         assert g.graph_id != old_id
-        assert g.graph_id == hashlib.sha256(
-            g.to_proto().SerializeToString(deterministic=True)).hexdigest()
+        assert (
+            g.graph_id
+            == hashlib.sha256(g.to_proto().SerializeToString(deterministic=True)).hexdigest()
+        )
         feeds = {**_inputs(), **({"u": np.zeros(2)} if "u" in g else {})}
         for _ in range(2):
             result = client.run(g, feeds)
@@ -160,8 +163,7 @@ def test_an_evicted_graph_is_sent_again_transparently(kind):
     NOT_FOUND, and the SDK resends A inline, which caches it again (by Run and Plan;
     RunStream below), so the next call goes by id."""
     seen = Recorder()
-    with serving(seen, graph_cache_bytes=1) as (server, address), \
-            connect(kind, address) as client:
+    with serving(seen, graph_cache_bytes=1) as (server, address), connect(kind, address) as client:
         a, b = _graph("a", 2.0), _graph("b", 5.0)
         _check(client.run(a, _inputs()), 2.0)
         a_id = client.register(a)
@@ -188,8 +190,7 @@ def test_an_evicted_graph_is_sent_again_over_run_stream(kind):
     the upload is read), and the SDK resends the graph inline."""
     seen = Recorder()
     rounds = 10
-    with serving(seen, graph_cache_bytes=1) as (server, address), \
-            connect(kind, address) as client:
+    with serving(seen, graph_cache_bytes=1) as (server, address), connect(kind, address) as client:
         graphs = {2.0: _graph("a", 2.0, MiB), 5.0: _graph("b", 5.0, MiB)}
         for _ in range(1 + rounds):  # each graph evicts the other
             for scale, g in graphs.items():
@@ -203,8 +204,10 @@ def test_the_cache_evicts_the_least_recently_used_graph(kind):
     a, b, c = _graph("a", 2.0), _graph("b", 3.0), _graph("c", 4.0)
     size = a.to_proto().ByteSize()
     assert b.to_proto().ByteSize() == c.to_proto().ByteSize() == size
-    with serving(seen, graph_cache_bytes=2 * size) as (server, address), \
-            connect(kind, address) as client:
+    with (
+        serving(seen, graph_cache_bytes=2 * size) as (server, address),
+        connect(kind, address) as client,
+    ):
         ids = {name: client.register(g) for name, g in (("a", a), ("b", b))}
         _check(client.run(a, _inputs()), 2.0)  # a is now the most recently used
         ids["c"] = client.register(c)  # evicts b, the least recently used
@@ -254,8 +257,12 @@ def test_ids_are_content_addresses(kind):
         assert first_build is not again
         graph_id = client.register(first_build)
         assert client.register(again) == graph_id == first_build.graph_id == again.graph_id
-        assert graph_id == hashlib.sha256(
-            first_build.to_proto().SerializeToString(deterministic=True)).hexdigest()
+        assert (
+            graph_id
+            == hashlib.sha256(
+                first_build.to_proto().SerializeToString(deterministic=True)
+            ).hexdigest()
+        )
         assert len(server.store) == 1  # registering the same content adds nothing
         different = {
             "scale": _graph(scale=3.0),
@@ -333,13 +340,16 @@ def test_no_retry_makes_one_attempt(kind, seeded):
     assert calls.NO_RETRY is remat.NO_RETRY and remat.Retry is calls.Retry
 
 
-@pytest.mark.parametrize("code, error", [
-    (grpc.StatusCode.INVALID_ARGUMENT, remat.InvalidArgumentError),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, remat.ResourceExhaustedError),
-    (grpc.StatusCode.INTERNAL, remat.InternalError),
-    (grpc.StatusCode.DEADLINE_EXCEEDED, remat.DeadlineExceededError),
-    (grpc.StatusCode.UNAUTHENTICATED, remat.UnauthenticatedError),
-])
+@pytest.mark.parametrize(
+    "code, error",
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, remat.InvalidArgumentError),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, remat.ResourceExhaustedError),
+        (grpc.StatusCode.INTERNAL, remat.InternalError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, remat.DeadlineExceededError),
+        (grpc.StatusCode.UNAUTHENTICATED, remat.UnauthenticatedError),
+    ],
+)
 def test_other_errors_are_never_retried(kind, seeded, code, error):
     seen = Recorder(fail={"Run": first(5)}, code=code)
     retry = calls.Retry(attempts=6, initial_backoff=0.01)
@@ -375,8 +385,7 @@ def test_the_deadline_bounds_retries(kind, at_cap):
 def test_client_timeout_also_bounds_retries(kind, at_cap):
     seen = Recorder(fail={"Run": first(1000)})
     retry = calls.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0, multiplier=10.0)
-    with serving(seen) as (_, address), \
-            connect(kind, address, retry=retry, timeout=1.0) as client:
+    with serving(seen) as (_, address), connect(kind, address, retry=retry, timeout=1.0) as client:
         start = time.monotonic()
         with pytest.raises(remat.UnavailableError, match="injected UNAVAILABLE #2"):
             client.run(_graph(), _inputs())
@@ -397,12 +406,24 @@ def _broadcast():
 
 DEADLINE_CASES = {
     # case -> (the two RPCs of one call, recorder, server config, calls before the timed one)
-    "unavailable retry": (("Run", "Run"), lambda: Recorder(
-        fail={"Run": [1, 3]}, delay={"Run": SLOW}), {}, 0),
-    "not-found fallback": (("Run", "Run"), lambda: Recorder(
-        fail={"Run": [2, 4]}, code=grpc.StatusCode.NOT_FOUND, delay={"Run": SLOW}), {}, 1),
-    "switch to RunStream": (("Run", "RunStream"), lambda: Recorder(
-        delay={"Run": SLOW, "RunStream": SLOW}), {"max_message_bytes": 2 * MiB}, 0),
+    "unavailable retry": (
+        ("Run", "Run"),
+        lambda: Recorder(fail={"Run": [1, 3]}, delay={"Run": SLOW}),
+        {},
+        0,
+    ),
+    "not-found fallback": (
+        ("Run", "Run"),
+        lambda: Recorder(fail={"Run": [2, 4]}, code=grpc.StatusCode.NOT_FOUND, delay={"Run": SLOW}),
+        {},
+        1,
+    ),
+    "switch to RunStream": (
+        ("Run", "RunStream"),
+        lambda: Recorder(delay={"Run": SLOW, "RunStream": SLOW}),
+        {"max_message_bytes": 2 * MiB},
+        0,
+    ),
 }
 
 
@@ -427,8 +448,7 @@ def test_one_deadline_covers_every_rpc_of_a_call(kind, seeded, case):
         first_left = seen.remaining(one)[skip[one]]
         second_left = seen.remaining(two)[skip[two] + (one == two)]
         # (SLOW / 2: the server measures each deadline a moment after it starts it)
-        assert first_left <= 5.01 and second_left < first_left - SLOW / 2, (
-            first_left, second_left)
+        assert first_left <= 5.01 and second_left < first_left - SLOW / 2, (first_left, second_left)
         with pytest.raises(remat.DeadlineExceededError):
             client.run(g, feeds, timeout=SLOW + SLOW / 2)
 
@@ -442,8 +462,10 @@ def test_retry_delays_are_full_jitter_under_the_cap(monkeypatch):
         calls.Retry(attempts=12, initial_backoff=0.01, max_backoff=0.3, multiplier=3.0),
         calls.Retry(attempts=6, initial_backoff=1.0, max_backoff=1.0),
     ]:
-        caps = [min(retry.initial_backoff * retry.multiplier ** k, retry.max_backoff)
-                for k in range(retry.attempts - 1)]
+        caps = [
+            min(retry.initial_backoff * retry.multiplier**k, retry.max_backoff)
+            for k in range(retry.attempts - 1)
+        ]
         samples = [list(retry.delays()) for _ in range(400)]
         assert all(len(delays) == retry.attempts - 1 for delays in samples)
         for k, cap in enumerate(caps):
@@ -457,14 +479,19 @@ def test_retry_delays_are_full_jitter_under_the_cap(monkeypatch):
 
 def test_reconnect_options_follow_the_retry_schedule():
     assert dict(calls.reconnect_options(calls.Retry(initial_backoff=0.05, max_backoff=0.5))) == {
-        "grpc.initial_reconnect_backoff_ms": 50, "grpc.max_reconnect_backoff_ms": 500}
+        "grpc.initial_reconnect_backoff_ms": 50,
+        "grpc.max_reconnect_backoff_ms": 500,
+    }
     # Never zero, and the maximum never below the initial backoff.
     assert dict(calls.reconnect_options(calls.Retry(initial_backoff=0.0, max_backoff=0.0))) == {
-        "grpc.initial_reconnect_backoff_ms": 1, "grpc.max_reconnect_backoff_ms": 1}
+        "grpc.initial_reconnect_backoff_ms": 1,
+        "grpc.max_reconnect_backoff_ms": 1,
+    }
 
 
 def test_a_client_created_before_its_server_starts_reaches_it_within_the_retry_window(
-        kind, at_cap, monkeypatch):
+    kind, at_cap, monkeypatch
+):
     """The server starts once the first attempt has failed. gRPC's own reconnect backoff
     (1 s +-20%, then 1.6 s ...) would fail every retry of the 0.71 s retry window at
     once; the client paces reconnects by its Retry, so the call gets through."""
@@ -484,8 +511,9 @@ def test_a_client_created_before_its_server_starts_reaches_it_within_the_retry_w
     def start_once_refused():
         try:
             if refused.wait(30):
-                server, _ = create_server(ServerConfig(host="127.0.0.1", port=port,
-                                                       reuse_port=True))
+                server, _ = create_server(
+                    ServerConfig(host="127.0.0.1", port=port, reuse_port=True)
+                )
                 server.start()
                 started["server"] = server
         finally:

@@ -1,5 +1,6 @@
 """Each RPC through the real server: RegisterGraph, Run, Differentiate, ListOps, plus
 health checking, reflection, batch dimensions, big messages and deadlines."""
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,11 @@ def tanh_mlp() -> remat.Graph:
 
 def feeds(batch: int, seed: int = RNG_SEED) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((batch, 3)), "w": rng.standard_normal((3, 4)),
-            "b": rng.standard_normal(4)}
+    return {
+        "x": rng.standard_normal((batch, 3)),
+        "w": rng.standard_normal((3, 4)),
+        "b": rng.standard_normal(4),
+    }
 
 
 def reference(values) -> tuple[float, dict[str, np.ndarray]]:
@@ -76,11 +80,16 @@ def test_register_returns_the_sha256_of_the_canonical_bytes(stub):
 
 def test_run_by_graph_id_matches_numpy_for_batch_2_and_5(stub):
     graph_id = stub.RegisterGraph(
-        executor_pb2.RegisterGraphRequest(graph=tanh_mlp().to_proto())).graph_id
+        executor_pb2.RegisterGraphRequest(graph=tanh_mlp().to_proto())
+    ).graph_id
     for batch in (2, 5):
         values = feeds(batch, seed=batch)
-        response = stub.Run(run_request(executor_pb2.GraphRef(graph_id=graph_id), values,
-                                        wrt=["x", "w", "b"], loss="loss"), timeout=10)
+        response = stub.Run(
+            run_request(
+                executor_pb2.GraphRef(graph_id=graph_id), values, wrt=["x", "w", "b"], loss="loss"
+            ),
+            timeout=10,
+        )
         loss, grads = reference(values)
         assert array(response.outputs["h"]).shape == (batch, 4)
         np.testing.assert_allclose(array(response.outputs["loss"]), loss, rtol=1e-12)
@@ -95,14 +104,17 @@ def test_run_by_graph_id_matches_numpy_for_batch_2_and_5(stub):
 
 def test_client_register_matches_the_raw_rpc(client, stub):
     g = tanh_mlp()
-    assert client.register(g) == stub.RegisterGraph(
-        executor_pb2.RegisterGraphRequest(graph=g.to_proto())).graph_id
+    assert (
+        client.register(g)
+        == stub.RegisterGraph(executor_pb2.RegisterGraphRequest(graph=g.to_proto())).graph_id
+    )
 
 
 # --- Differentiate -----------------------------------------------------------------------
 def differentiate(stub, graph: graph_pb2.Graph, wrt, loss="loss", shapes=None):
-    request = executor_pb2.DifferentiateRequest(graph=executor_pb2.GraphRef(graph=graph),
-                                                wrt=wrt, loss=loss)
+    request = executor_pb2.DifferentiateRequest(
+        graph=executor_pb2.GraphRef(graph=graph), wrt=wrt, loss=loss
+    )
     for name, shape in (shapes or {}).items():
         request.input_shapes[name].values.extend(shape)
     return stub.Differentiate(request, timeout=10)
@@ -116,14 +128,20 @@ def test_differentiate_returns_a_runnable_joint_graph(stub):
     assert dict(joint.grad_outputs) == {"x": "grad/x", "w": "grad/w"}
     # The joint graph is made of ordinary ops: run it forward only, as any graph.
     response = stub.Run(run_request(executor_pb2.GraphRef(graph=joint.graph), values), timeout=10)
-    with_wrt = stub.Run(run_request(executor_pb2.GraphRef(graph=tanh_mlp().to_proto()), values,
-                                    wrt=["x", "w"], loss="loss"), timeout=10)
+    with_wrt = stub.Run(
+        run_request(
+            executor_pb2.GraphRef(graph=tanh_mlp().to_proto()), values, wrt=["x", "w"], loss="loss"
+        ),
+        timeout=10,
+    )
     for name in ("x", "w"):
-        np.testing.assert_array_equal(array(response.outputs[f"grad/{name}"]),
-                                      array(with_wrt.grads[name]))
+        np.testing.assert_array_equal(
+            array(response.outputs[f"grad/{name}"]), array(with_wrt.grads[name])
+        )
     np.testing.assert_array_equal(array(response.outputs["loss"]), array(with_wrt.outputs["loss"]))
-    np.testing.assert_allclose(array(response.outputs["grad/w"]), reference(values)[1]["w"],
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        array(response.outputs["grad/w"]), reference(values)[1]["w"], rtol=1e-10
+    )
 
 
 def test_differentiating_twice_names_grad2(stub):
@@ -192,14 +210,17 @@ def test_health_check_reports_serving(channel):
 
 def test_reflection_lists_the_executor(channel):
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-    requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
-                reflection_pb2.ServerReflectionRequest(file_containing_symbol="remat.v1.Executor")]
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="remat.v1.Executor"),
+    ]
     responses = list(reflection.ServerReflectionInfo(iter(requests), timeout=5))
     services = {s.name for s in responses[0].list_services_response.service}
     assert {"remat.v1.Executor", "grpc.health.v1.Health"} <= services
     files = responses[1].file_descriptor_response.file_descriptor_proto
     assert files, responses[1]
     from google.protobuf import descriptor_pb2
+
     names = {descriptor_pb2.FileDescriptorProto.FromString(f).name for f in files}
     assert "remat/v1/executor.proto" in names
 
@@ -230,8 +251,10 @@ def heavy_graph(depth: int = 80, width: int = 384) -> remat.Graph:
 def test_deadline_exceeded_then_the_server_serves_the_next_request(client, stub):
     rng = np.random.default_rng(RNG_SEED)
     width = 384
-    values = {"x": rng.standard_normal((width, width)),
-              "w": rng.standard_normal((width, width)) / np.sqrt(width)}
+    values = {
+        "x": rng.standard_normal((width, width)),
+        "w": rng.standard_normal((width, width)) / np.sqrt(width),
+    }
     start = time.perf_counter()
     with pytest.raises(remat.DeadlineExceededError):
         # Forward and backward through 80 matmuls of 384x384 take far longer than 50 ms.
@@ -245,6 +268,10 @@ def test_deadline_exceeded_then_the_server_serves_the_next_request(client, stub)
     assert time.process_time() - cpu < 0.1, "the cancelled run kept computing"
     # And the server keeps serving.
     small = feeds(2)
-    response = stub.Run(run_request(executor_pb2.GraphRef(graph=tanh_mlp().to_proto()), small,
-                                    wrt=["b"], loss="loss"), timeout=10)
+    response = stub.Run(
+        run_request(
+            executor_pb2.GraphRef(graph=tanh_mlp().to_proto()), small, wrt=["b"], loss="loss"
+        ),
+        timeout=10,
+    )
     np.testing.assert_allclose(array(response.grads["b"]), reference(small)[1]["b"], rtol=1e-10)

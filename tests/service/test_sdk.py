@@ -1,6 +1,7 @@
 """The SDK contract (DESIGN.md, "Wire and SDK contract") against a real server. Graph
 building runs against remat.Client; what a call returns, against both clients
 (`any_client`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,21 @@ def test_operators_and_python_scalars_on_either_side(client):
     x = g.input("x", (2, 3), "float64")
     w = g.input("w", (3, 2), dtype="float64")
     exprs = {
-        "add": x + 1.5, "radd": 2 + x, "sub": x - 0.5, "rsub": 3 - x, "mul": x * 2,
-        "rmul": 0.25 * x, "div": x / 4, "rdiv": 1.0 / x, "matmul": x @ w, "pow3": x ** 3,
-        "pow2": x ** 2, "powhalf": x ** 0.5, "rpow": 2 ** x, "rpow_half": 0.5 ** x, "neg": -x,
+        "add": x + 1.5,
+        "radd": 2 + x,
+        "sub": x - 0.5,
+        "rsub": 3 - x,
+        "mul": x * 2,
+        "rmul": 0.25 * x,
+        "div": x / 4,
+        "rdiv": 1.0 / x,
+        "matmul": x @ w,
+        "pow3": x**3,
+        "pow2": x**2,
+        "powhalf": x**0.5,
+        "rpow": 2**x,
+        "rpow_half": 0.5**x,
+        "neg": -x,
         "mixed": -(x * x - 1) / (x + 2) ** 2,
     }
     for name, node in exprs.items():
@@ -39,9 +52,20 @@ def test_operators_and_python_scalars_on_either_side(client):
     xv, wv = rng.uniform(0.5, 2.0, (2, 3)), rng.standard_normal((3, 2))
     out = client.run(g, {"x": xv, "w": wv}).outputs
     expected = {
-        "add": xv + 1.5, "radd": 2 + xv, "sub": xv - 0.5, "rsub": 3 - xv, "mul": xv * 2,
-        "rmul": 0.25 * xv, "div": xv / 4, "rdiv": 1.0 / xv, "matmul": xv @ wv, "pow3": xv ** 3,
-        "pow2": xv ** 2, "powhalf": np.sqrt(xv), "rpow": 2 ** xv, "rpow_half": 0.5 ** xv,
+        "add": xv + 1.5,
+        "radd": 2 + xv,
+        "sub": xv - 0.5,
+        "rsub": 3 - xv,
+        "mul": xv * 2,
+        "rmul": 0.25 * xv,
+        "div": xv / 4,
+        "rdiv": 1.0 / xv,
+        "matmul": xv @ wv,
+        "pow3": xv**3,
+        "pow2": xv**2,
+        "powhalf": np.sqrt(xv),
+        "rpow": 2**xv,
+        "rpow_half": 0.5**xv,
         "neg": -xv,
         "mixed": -(xv * xv - 1) / (xv + 2) ** 2,
     }
@@ -50,9 +74,9 @@ def test_operators_and_python_scalars_on_either_side(client):
         assert out[name].dtype == np.float64, name
         np.testing.assert_allclose(out[name], value, rtol=1e-12, err_msg=name)
     # Gradients flow through the scalar-on-the-left forms too.
-    g.output("total", remat.sum(3 - 2 ** x * 0.5 + 1 / x))
+    g.output("total", remat.sum(3 - 2**x * 0.5 + 1 / x))
     grad = client.run(g, {"x": xv, "w": wv}, wrt=["x"], loss="total").grads["x"]
-    np.testing.assert_allclose(grad, -0.5 * np.log(2) * 2 ** xv - 1 / xv ** 2, rtol=1e-12)
+    np.testing.assert_allclose(grad, -0.5 * np.log(2) * 2**xv - 1 / xv**2, rtol=1e-12)
     with pytest.raises(ValueError):
         (-2) ** x  # no real-valued gradient path for a negative base
 
@@ -129,8 +153,10 @@ def test_proto_and_json_round_trips():
     from_json = remat.Graph.from_json(g.to_json())
     assert from_json.to_proto() == message
     # Sources survive: they are what the server quotes in errors.
-    assert all(n.source.startswith("tests/service/test_sdk.py:") or
-               n.source.startswith("test_sdk.py:") for n in message.nodes)
+    assert all(
+        n.source.startswith("tests/service/test_sdk.py:") or n.source.startswith("test_sdk.py:")
+        for n in message.nodes
+    )
     # Deterministic bytes: the registered content id depends on them.
     assert rich_graph().to_proto().SerializeToString(deterministic=True) != b""
 
@@ -146,8 +172,9 @@ def test_round_tripped_graph_runs_identically(client):
     flat = (feeds["x"] + np.arange(3, dtype=np.float32)).reshape(5, 6)[:, [4, 0]]
     np.testing.assert_allclose(a.outputs["y"], flat, rtol=1e-6)
     assert a.outputs["z"].dtype == np.float64 and a.outputs["z"].shape == (1, 5)
-    np.testing.assert_allclose(a.outputs["z"], np.abs(flat.T.sum(0, keepdims=True)) ** 1.5,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        a.outputs["z"], np.abs(flat.T.sum(0, keepdims=True)) ** 1.5, rtol=1e-5
+    )
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -165,8 +192,9 @@ def test_run_returns_numpy_arrays_and_every_metric(any_client):
     rng = np.random.default_rng(SEED)
     for batch in (2, 5):  # a -1 batch dimension binds per call
         xv, wv = rng.standard_normal((batch, 3)), rng.standard_normal((3, 2))
-        result = any_client.run(quadratic(), {"x": xv, "w": wv}, wrt=["x", "w"],
-                                loss="loss", policy="store_all")
+        result = any_client.run(
+            quadratic(), {"x": xv, "w": wv}, wrt=["x", "w"], loss="loss", policy="store_all"
+        )
         assert isinstance(result, remat.RunResult)
         for value in (*result.outputs.values(), *result.grads.values()):
             assert isinstance(value, np.ndarray) and value.flags.writeable
@@ -178,9 +206,17 @@ def test_run_returns_numpy_arrays_and_every_metric(any_client):
         m = result.metrics
         assert isinstance(m, remat.Metrics)
         assert {f.name for f in dataclasses.fields(m)} >= {
-            "peak_bytes", "predicted_peak_bytes", "forward_seconds", "backward_seconds",
-            "recompute_seconds", "total_seconds", "nodes_computed", "recomputed_nodes", "flops",
-            "recompute_flops"}
+            "peak_bytes",
+            "predicted_peak_bytes",
+            "forward_seconds",
+            "backward_seconds",
+            "recompute_seconds",
+            "total_seconds",
+            "nodes_computed",
+            "recomputed_nodes",
+            "flops",
+            "recompute_flops",
+        }
         assert m.peak_bytes == m.predicted_peak_bytes >= xv.nbytes + wv.nbytes
         assert m.forward_seconds > 0 and m.backward_seconds > 0
         assert m.total_seconds >= m.forward_seconds + m.backward_seconds
@@ -223,6 +259,7 @@ def test_differentiate_extend_and_differentiate_again_gives_hessian_vector_produ
 
     def grad_at(x):
         return any_client.run(g, {**feeds, "x": x}, wrt=["x"], loss="loss").grads["x"]
+
     numeric = (grad_at(feeds["x"] + h * v) - grad_at(feeds["x"] - h * v)) / (2 * h)
     relative = np.max(np.abs(hvp - numeric)) / np.max(np.abs(numeric))
     assert relative <= 1e-6, relative
@@ -240,8 +277,8 @@ def tanh_layer(n: int = 5, d: int = 4, k: int = 3):
 
     def expected(f, v):
         t = np.tanh(f["x"] @ f["w"])
-        return (np.sum(t), f["x"].T @ (1 - t * t),
-                f["x"].T @ (-2 * t * (1 - t * t) * (f["x"] @ v)))
+        return (np.sum(t), f["x"].T @ (1 - t * t), f["x"].T @ (-2 * t * (1 - t * t) * (f["x"] @ v)))
+
     return g, feeds, rng.standard_normal((d, k)), expected
 
 
@@ -257,12 +294,12 @@ def quadratic_form(d: int = 5):
     def expected(f, v):
         sym = f["A"] + f["A"].T
         return (f["w"].T @ f["A"] @ f["w"]).item(), sym @ f["w"], sym @ v
+
     return g, feeds, rng.standard_normal((d, 1)), expected
 
 
 @pytest.mark.parametrize("build", [tanh_layer, quadratic_form], ids=lambda f: f.__name__)
-def test_output_names_index_the_joint_graph_and_give_hessian_vector_products(any_client,
-                                                                            build):
+def test_output_names_index_the_joint_graph_and_give_hessian_vector_products(any_client, build):
     """`joint["grad/w"]` is the node the output names; sum(grad_w * v) with v a new
     input, differentiated again in w, is the Hessian-vector product H v (float64,
     against the analytic one)."""
@@ -342,10 +379,12 @@ def test_renaming_a_graph_changes_its_wire_form_and_id():
     """The name is part of the content (two graphs that differ only in name have
     different ids), so renaming a graph is a change like any other, even after the
     graph was sent."""
+
     def build(name: str) -> remat.Graph:  # one place: the nodes' source lines agree
         g = remat.Graph(name)
         g.output("y", g.input("x", (3,), "float64") * 2.0)
         return g
+
     g = build("before")
     old_id = g.graph_id
     g.name = "after"

@@ -4,6 +4,7 @@ build its ServerConfig.
 
 Every server here is a subprocess on a free port; every wait has a timeout.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,24 +17,24 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from served import CLI, LINUX_PROC, Served
 
 import remat
 from remat import calls
 
-from served import CLI, LINUX_PROC, Served
-
 
 def client(served: Served, timeout: float = 30, **options) -> remat.Client:
     # No retries: a refusal must show up as the error it is, at once.
-    return remat.Client(served.target, timeout=timeout, retry=calls.NO_RETRY,
-                        options=list(options.items()))
+    return remat.Client(
+        served.target, timeout=timeout, retry=calls.NO_RETRY, options=list(options.items())
+    )
 
 
 def slow_chain(n: int, steps: int, seed: int = 0):
     """y <- tanh(y @ P) `steps` times, P a permutation matrix: full matmul cost on the
     server, while the answer is exact and cheap here (a column permutation)."""
     g = remat.Graph("slow")
-    y = x = g.input("x", (n, n), "float64")
+    y = g.input("x", (n, n), "float64")
     w = g.input("w", (n, n), "float64")
     for _ in range(steps):
         y = remat.tanh(y @ w)
@@ -79,7 +80,8 @@ def test_sigterm_drains_in_flight_run_refuses_new_ones_and_exits_zero():
         # A load balancer's view: a health Watch stream, open before the signal.
         channel = grpc.insecure_channel(served.target)
         watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service=""), timeout=30)
+            health_pb2.HealthCheckRequest(service=""), timeout=30
+        )
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         baseline = served.inflight()  # the Watch itself
 
@@ -172,8 +174,11 @@ def _listening_connections(port: int, pids: list[int]) -> dict[int, int]:
 
 
 def _rpc_counts(samples, method: str) -> float:
-    return sum(value for (name, labels), value in samples.items()
-               if name == "remat_rpc_duration_seconds_count" and ("method", method) in labels)
+    return sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "remat_rpc_duration_seconds_count" and ("method", method) in labels
+    )
 
 
 @pytest.mark.skipif(not LINUX_PROC, reason="needs /proc to see which worker holds a connection")
@@ -192,8 +197,9 @@ def test_workers_share_the_port_aggregate_metrics_and_stop_together():
             for _ in range(40):
                 c = client(served, timeout=10, **{"grpc.use_local_subchannel_pool": 1})
                 clients.append(c)
-                result = c.run(small_graph(), {"x": np.array([1.0, 2.0, 3.0])}, wrt=["x"],
-                               loss="loss")
+                result = c.run(
+                    small_graph(), {"x": np.array([1.0, 2.0, 3.0])}, wrt=["x"], loss="loss"
+                )
                 runs += 1
                 assert float(result.outputs["loss"]) == 14.0
                 np.testing.assert_array_equal(result.grads["x"], [2.0, 4.0, 6.0])
@@ -290,23 +296,42 @@ def test_token_file_and_tls_flags_reach_the_config(tmp_path):
     for name in ("cert", "key", "ca"):
         files[name] = tmp_path / f"{name}.pem"
         files[name].write_text(PEM)
-    config = _config(["--token-file", str(tokens), "--tls-cert-file", str(files["cert"]),
-                      "--tls-key-file", str(files["key"]),
-                      "--tls-client-ca-file", str(files["ca"])],
-                     environ={"REMAT_AUTH_TOKENS": "ignored-when-a-file-is-named"})
+    config = _config(
+        [
+            "--token-file",
+            str(tokens),
+            "--tls-cert-file",
+            str(files["cert"]),
+            "--tls-key-file",
+            str(files["key"]),
+            "--tls-client-ca-file",
+            str(files["ca"]),
+        ],
+        environ={"REMAT_AUTH_TOKENS": "ignored-when-a-file-is-named"},
+    )
     assert config.auth_tokens == ("alpha", "beta")
     assert (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file) == (
-        str(files["cert"]), str(files["key"]), str(files["ca"]))
+        str(files["cert"]),
+        str(files["key"]),
+        str(files["ca"]),
+    )
     assert config.tls
 
     # Without flags: tokens and TLS paths from the environment; flags win over it.
-    config = _config([], environ={"REMAT_AUTH_TOKENS": "gamma, delta",
-                                  "REMAT_TLS_CERT_FILE": str(files["cert"]),
-                                  "REMAT_TLS_KEY_FILE": str(files["key"])})
+    config = _config(
+        [],
+        environ={
+            "REMAT_AUTH_TOKENS": "gamma, delta",
+            "REMAT_TLS_CERT_FILE": str(files["cert"]),
+            "REMAT_TLS_KEY_FILE": str(files["key"]),
+        },
+    )
     assert config.auth_tokens == ("gamma", "delta")
     assert config.tls_cert_file == str(files["cert"]) and not config.tls_client_ca_file
-    config = _config(["--tls-cert-file", str(files["ca"]), "--tls-key-file", str(files["key"])],
-                     environ={"REMAT_TLS_CERT_FILE": str(files["cert"])})
+    config = _config(
+        ["--tls-cert-file", str(files["ca"]), "--tls-key-file", str(files["key"])],
+        environ={"REMAT_TLS_CERT_FILE": str(files["cert"])},
+    )
     assert config.tls_cert_file == str(files["ca"])
 
     # Neither: no authentication, no TLS.
@@ -331,9 +356,12 @@ def test_process_flags():
 
 
 def test_bad_token_file_fails_at_start_with_a_message_not_a_traceback(tmp_path):
-    done = subprocess.run([*CLI, "serve", "--port", "0", "--token-file",
-                           str(tmp_path / "missing")], capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run(
+        [*CLI, "serve", "--port", "0", "--token-file", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 1
     assert "remat serve: error: cannot read token file" in done.stderr
     assert "Traceback" not in done.stderr

@@ -4,6 +4,7 @@ per-example outputs; bad sharding arguments are refused before anything is sent;
 a multi-address client spreads the shards over three replicas and survives one of
 them dying mid-run.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -11,11 +12,10 @@ import time
 
 import numpy as np
 import pytest
+from served import Served
 
 import remat
 from remat import sharding, targets
-
-from served import Served
 
 RTOL = 1e-10
 
@@ -39,9 +39,13 @@ def regression(l2: float = 0.01, summed: bool = False):
 
 def feed(batch: int = 11, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((batch, 6)), "y": rng.standard_normal(batch),
-            "w0": rng.standard_normal((6, 5)), "b0": rng.standard_normal(5),
-            "w1": rng.standard_normal(5)}
+    return {
+        "x": rng.standard_normal((batch, 6)),
+        "y": rng.standard_normal(batch),
+        "w0": rng.standard_normal((6, 5)),
+        "b0": rng.standard_normal(5),
+        "w1": rng.standard_normal(5),
+    }
 
 
 WRT = ["x", "w0", "b0", "w1"]
@@ -53,8 +57,13 @@ def assert_same(sharded: remat.RunResult, whole: remat.RunResult) -> None:
     assert sharded.grads.keys() == whole.grads.keys()
     for kind in ("outputs", "grads"):
         for name, expected in getattr(whole, kind).items():
-            np.testing.assert_allclose(getattr(sharded, kind)[name], expected, rtol=RTOL,
-                                       atol=1e-12, err_msg=f"{kind}[{name!r}]")
+            np.testing.assert_allclose(
+                getattr(sharded, kind)[name],
+                expected,
+                rtol=RTOL,
+                atol=1e-12,
+                err_msg=f"{kind}[{name!r}]",
+            )
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +80,16 @@ def test_sharded_gradients_equal_the_single_request(client, reduction, shards):
     # module doc of remat.sharding), so the summed case has none.
     g = regression(l2=0.01 if reduction == "mean" else 0.0, summed=reduction == "sum")
     whole = client.run(g, feed(), wrt=WRT, loss="loss")
-    sharded = client.run(g, feed(), wrt=WRT, loss="loss", shards=shards,
-                         batch_axes=BATCH_AXES, reduction=reduction,
-                         output_axes={"pred": 0, "mae": "mean"})
+    sharded = client.run(
+        g,
+        feed(),
+        wrt=WRT,
+        loss="loss",
+        shards=shards,
+        batch_axes=BATCH_AXES,
+        reduction=reduction,
+        output_axes={"pred": 0, "mae": "mean"},
+    )
     assert_same(sharded, whole)
     assert len(sharded.shards) == shards
     assert sharded.metrics.flops == sum(m.flops for m in sharded.shards)
@@ -85,9 +101,17 @@ def test_a_vector_jacobian_product_shards_its_cotangents(client):
     rng = np.random.default_rng(1)
     cotangents = {"pred": rng.standard_normal(11), "loss": np.array(0.7)}
     whole = client.run(g, feed(), wrt=WRT, cotangents=cotangents, fetch=["pred", "loss"])
-    sharded = client.run(g, feed(), wrt=WRT, cotangents=cotangents, fetch=["pred", "loss"],
-                         shards=3, batch_axes=BATCH_AXES, reduction="mean",
-                         output_axes={"pred": 0})
+    sharded = client.run(
+        g,
+        feed(),
+        wrt=WRT,
+        cotangents=cotangents,
+        fetch=["pred", "loss"],
+        shards=3,
+        batch_axes=BATCH_AXES,
+        reduction="mean",
+        output_axes={"pred": 0},
+    )
     assert_same(sharded, whole)
 
 
@@ -98,8 +122,9 @@ def test_a_negative_batch_axis_counts_from_the_end(client):
     g.output("loss", remat.mean(remat.tanh(x * w)))
     values = {"x": np.random.default_rng(2).standard_normal(7), "w": np.array(0.5)}
     whole = client.run(g, values, wrt=["x", "w"], loss="loss")
-    sharded = client.run(g, values, wrt=["x", "w"], loss="loss", shards=2,
-                         batch_axes={"x": -1}, reduction="mean")
+    sharded = client.run(
+        g, values, wrt=["x", "w"], loss="loss", shards=2, batch_axes={"x": -1}, reduction="mean"
+    )
     assert_same(sharded, whole)
 
 
@@ -111,8 +136,16 @@ def test_the_async_client_shards_too():
     async def main():
         async with remat.AsyncClient.in_process() as client:
             whole = await client.run(g, feed(), wrt=WRT, loss="loss", fetch=["loss"])
-            sharded = await client.run(g, feed(), wrt=WRT, loss="loss", fetch=["loss"],
-                                       shards=4, batch_axes=BATCH_AXES, reduction="mean")
+            sharded = await client.run(
+                g,
+                feed(),
+                wrt=WRT,
+                loss="loss",
+                fetch=["loss"],
+                shards=4,
+                batch_axes=BATCH_AXES,
+                reduction="mean",
+            )
             return whole, sharded
 
     whole, sharded = asyncio.run(main())
@@ -120,25 +153,35 @@ def test_the_async_client_shards_too():
 
 
 # --- refusals, before anything is sent ---------------------------------------------------------
-@pytest.mark.parametrize("arguments, message", [
-    (dict(shards=0, batch_axes=BATCH_AXES, reduction="mean"), "positive integer"),
-    (dict(shards=2, batch_axes=None, reduction="mean"), "batch_axes"),
-    (dict(shards=2, batch_axes=BATCH_AXES, reduction=None), "reduction='mean'"),
-    (dict(shards=2, batch_axes=BATCH_AXES, reduction="max"), "reduction='mean'"),
-    (dict(shards=2, batch_axes={"z": 0}, reduction="mean"), "'z', which is not an input"),
-    (dict(shards=2, batch_axes={"x": 2}, reduction="mean"), "not an axis of input 'x'"),
-    (dict(shards=2, batch_axes={"x": 0, "w0": 0}, reduction="mean"),
-     "input 'w0' declares dimension 0 as 6"),
-    (dict(shards=12, batch_axes=BATCH_AXES, reduction="mean"), "more than the batch size 11"),
-    (dict(shards=2, batch_axes=BATCH_AXES, reduction="mean", output_axes={"nope": 0}),
-     "'nope'"),
-    (dict(shards=2, batch_axes=BATCH_AXES, reduction="mean", output_axes={"loss": 0}),
-     "the loss is reduced"),
-    (dict(shards=2, batch_axes=BATCH_AXES, reduction="mean", output_axes={"mae": "max"}),
-     "expected an axis to concatenate along"),
-    (dict(shards=2, batch_axes=BATCH_AXES, reduction="mean", timeline=True),
-     "timeline=True"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(shards=0, batch_axes=BATCH_AXES, reduction="mean"), "positive integer"),
+        (dict(shards=2, batch_axes=None, reduction="mean"), "batch_axes"),
+        (dict(shards=2, batch_axes=BATCH_AXES, reduction=None), "reduction='mean'"),
+        (dict(shards=2, batch_axes=BATCH_AXES, reduction="max"), "reduction='mean'"),
+        (dict(shards=2, batch_axes={"z": 0}, reduction="mean"), "'z', which is not an input"),
+        (dict(shards=2, batch_axes={"x": 2}, reduction="mean"), "not an axis of input 'x'"),
+        (
+            dict(shards=2, batch_axes={"x": 0, "w0": 0}, reduction="mean"),
+            "input 'w0' declares dimension 0 as 6",
+        ),
+        (dict(shards=12, batch_axes=BATCH_AXES, reduction="mean"), "more than the batch size 11"),
+        (
+            dict(shards=2, batch_axes=BATCH_AXES, reduction="mean", output_axes={"nope": 0}),
+            "'nope'",
+        ),
+        (
+            dict(shards=2, batch_axes=BATCH_AXES, reduction="mean", output_axes={"loss": 0}),
+            "the loss is reduced",
+        ),
+        (
+            dict(shards=2, batch_axes=BATCH_AXES, reduction="mean", output_axes={"mae": "max"}),
+            "expected an axis to concatenate along",
+        ),
+        (dict(shards=2, batch_axes=BATCH_AXES, reduction="mean", timeline=True), "timeline=True"),
+    ],
+)
 def test_bad_sharding_arguments_are_refused_before_sending(arguments, message):
     class Unreachable(remat.Client):
         def _with_graph(self, *args, **kwargs):
@@ -151,21 +194,45 @@ def test_bad_sharding_arguments_are_refused_before_sending(arguments, message):
 def test_batched_inputs_must_agree_on_the_batch_size():
     values = {**feed(), "y": np.zeros(10)}
     with pytest.raises(ValueError, match="disagree on the batch size"):
-        sharding.split(regression(), values, shards=2, batch_axes=BATCH_AXES,
-                       reduction="mean", loss="loss", cotangents=None, output_axes=None)
+        sharding.split(
+            regression(),
+            values,
+            shards=2,
+            batch_axes=BATCH_AXES,
+            reduction="mean",
+            loss="loss",
+            cotangents=None,
+            output_axes=None,
+        )
 
 
 def test_a_per_example_output_must_say_how_it_combines(client):
     with pytest.raises(ValueError, match=r"output 'pred' has shape \(6,\).*output_axes"):
-        client.run(regression(), feed(), wrt=WRT, loss="loss", shards=2,
-                   batch_axes=BATCH_AXES, reduction="mean")
+        client.run(
+            regression(),
+            feed(),
+            wrt=WRT,
+            loss="loss",
+            shards=2,
+            batch_axes=BATCH_AXES,
+            reduction="mean",
+        )
 
 
-@pytest.mark.parametrize("batch, shards, sizes", [
-    (11, 2, [6, 5]), (11, 3, [4, 4, 3]), (4, 4, [1, 1, 1, 1]), (9, 1, [9])])
+@pytest.mark.parametrize(
+    "batch, shards, sizes", [(11, 2, [6, 5]), (11, 3, [4, 4, 3]), (4, 4, [1, 1, 1, 1]), (9, 1, [9])]
+)
 def test_the_batch_splits_into_near_equal_shards_whose_weights_add_to_one(batch, shards, sizes):
-    plan = sharding.split(regression(), feed(batch), shards=shards, batch_axes=BATCH_AXES,
-                          reduction="mean", loss="loss", cotangents=None, output_axes=None)
+    plan = sharding.split(
+        regression(),
+        feed(batch),
+        shards=shards,
+        batch_axes=BATCH_AXES,
+        reduction="mean",
+        loss="loss",
+        cotangents=None,
+        output_axes=None,
+    )
     assert [s.size for s in plan.shards] == sizes
     assert sum(s.weight for s in plan.shards) == pytest.approx(1.0)
     assert np.array_equal(np.concatenate([s.inputs["x"] for s in plan.shards]), feed(batch)["x"])
@@ -173,15 +240,18 @@ def test_the_batch_splits_into_near_equal_shards_whose_weights_add_to_one(batch,
 
 
 # --- targets ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("target, expected", [
-    ("localhost:50051", "localhost:50051"),
-    ("dns:///remat-headless:50051", "dns:///remat-headless:50051"),
-    ("ipv4:10.0.0.1:1,10.0.0.2:1", "ipv4:10.0.0.1:1,10.0.0.2:1"),
-    (["10.0.0.1:50051", "10.0.0.2:50051"], "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
-    ("10.0.0.1:1, 10.0.0.2:2", "ipv4:10.0.0.1:1,10.0.0.2:2"),
-    (["[::1]:1", "[::1]:2"], "ipv6:[::1]:1,[::1]:2"),
-    (["localhost:7", "127.0.0.1:7"], "ipv4:127.0.0.1:7"),
-])
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        ("localhost:50051", "localhost:50051"),
+        ("dns:///remat-headless:50051", "dns:///remat-headless:50051"),
+        ("ipv4:10.0.0.1:1,10.0.0.2:1", "ipv4:10.0.0.1:1,10.0.0.2:1"),
+        (["10.0.0.1:50051", "10.0.0.2:50051"], "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
+        ("10.0.0.1:1, 10.0.0.2:2", "ipv4:10.0.0.1:1,10.0.0.2:2"),
+        (["[::1]:1", "[::1]:2"], "ipv6:[::1]:1,[::1]:2"),
+        (["localhost:7", "127.0.0.1:7"], "ipv4:127.0.0.1:7"),
+    ],
+)
 def test_channel_targets(target, expected):
     assert targets.channel_target(target) == expected
 
@@ -212,9 +282,13 @@ def connected_to_all(client: remat.Client, replicas: list[Served], timeout: floa
 def answered(replica: Served, *methods: str) -> float:
     """Calls of `methods` the replica answered OK."""
     samples = replica.metrics()
-    return sum(value for (name, labels), value in samples.items()
-               if name == "remat_rpc_duration_seconds_count"
-               and dict(labels).get("code") == "OK" and dict(labels).get("method") in methods)
+    return sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "remat_rpc_duration_seconds_count"
+        and dict(labels).get("code") == "OK"
+        and dict(labels).get("method") in methods
+    )
 
 
 def ok_runs(replica: Served) -> float:
@@ -243,8 +317,11 @@ def slow_regression(batch: int, width: int, layers: int):
         h = remat.tanh(remat.matmul(h, w))
     g.output("loss", remat.mean((h - y) ** 2))
     rng = np.random.default_rng(3)
-    values = {"x": rng.standard_normal((batch, width)), "y": rng.standard_normal((batch, width)),
-              "w": rng.standard_normal((width, width)) / np.sqrt(width)}
+    values = {
+        "x": rng.standard_normal((batch, width)),
+        "y": rng.standard_normal((batch, width)),
+        "w": rng.standard_normal((width, width)) / np.sqrt(width),
+    }
     return g, values
 
 
@@ -256,8 +333,15 @@ def test_shards_spread_over_three_replicas_and_equal_the_single_request(replicas
         whole = client.run(g, values, wrt=["x", "w"], loss="loss")
         before = [ok_runs(r) for r in replicas]
         for _ in range(2):
-            sharded = client.run(g, values, wrt=["x", "w"], loss="loss", shards=3,
-                                 batch_axes={"x": 0, "y": 0}, reduction="mean")
+            sharded = client.run(
+                g,
+                values,
+                wrt=["x", "w"],
+                loss="loss",
+                shards=3,
+                batch_axes={"x": 0, "y": 0},
+                reduction="mean",
+            )
             assert_same(sharded, whole)
     served = [ok_runs(r) - b for r, b in zip(replicas, before)]
     assert sum(served) == 6
@@ -275,8 +359,16 @@ def test_a_shard_whose_replica_dies_mid_run_is_retried_on_another(replicas):
         client.register(g)
         before = [ok_runs(r) for r in replicas]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(client.run, g, values, wrt=["w"], loss="loss", shards=3,
-                                  batch_axes={"x": 0, "y": 0}, reduction="mean")
+            pending = pool.submit(
+                client.run,
+                g,
+                values,
+                wrt=["w"],
+                loss="loss",
+                shards=3,
+                batch_axes={"x": 0, "y": 0},
+                reduction="mean",
+            )
             victim = busy_replica(replicas, pending)
             victim.kill()
             sharded = pending.result(timeout=120)

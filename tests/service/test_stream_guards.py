@@ -3,6 +3,7 @@ the graph is resolved from the header before any tensor is read, an upload that
 stalls is cancelled after --max-upload-seconds, a deadline that passes mid-run is
 reported as DEADLINE_EXCEEDED, and request bytes that do not parse are
 INVALID_ARGUMENT for every RPC."""
+
 from __future__ import annotations
 
 import time
@@ -33,8 +34,11 @@ def served():
 
 
 def _run_stream(channel):
-    return channel.stream_stream(RUN_STREAM, request_serializer=chunks.encode,
-                                 response_deserializer=streaming.decode_response)
+    return channel.stream_stream(
+        RUN_STREAM,
+        request_serializer=chunks.encode,
+        response_deserializer=streaming.decode_response,
+    )
 
 
 def _header(ref: executor_pb2.GraphRef, n: int) -> executor_pb2.RunStreamRequest:
@@ -54,8 +58,13 @@ def _runs(server, code: str) -> float:
     """Run and RunStream calls that ended with `code` (16 MiB of input streams)."""
     for family in text_string_to_metric_families(server.metrics.exposition().decode()):
         if family.name == "remat_rpc_duration_seconds":
-            return sum(s.value for s in family.samples if s.name.endswith("_count")
-                       and s.labels["method"] in ("Run", "RunStream") and s.labels["code"] == code)
+            return sum(
+                s.value
+                for s in family.samples
+                if s.name.endswith("_count")
+                and s.labels["method"] in ("Run", "RunStream")
+                and s.labels["code"] == code
+            )
     return 0.0
 
 
@@ -119,8 +128,9 @@ def test_a_deadline_passing_mid_run_is_deadline_exceeded(served):
     assert _runs(server, "CANCELLED") == cancelled
 
 
-@pytest.mark.parametrize("method", ["Run", "Plan", "Differentiate", "RegisterGraph", "Compare",
-                                    "ListOps"])
+@pytest.mark.parametrize(
+    "method", ["Run", "Plan", "Differentiate", "RegisterGraph", "Compare", "ListOps"]
+)
 def test_request_bytes_that_do_not_parse_are_invalid_argument(served, method):
     _, _, channel = served
     path = f"/remat.v1.Executor/{method}"

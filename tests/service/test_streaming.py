@@ -5,6 +5,7 @@ exactly; through a raw multi-callable, every malformed stream must be refused wi
 the right status and a message naming what is wrong, before anything is allocated,
 and the server must keep serving.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import remat
 from remat import calls, streaming
-from remat_proto import metadata
-from remat_proto import chunks
+from remat_proto import chunks, metadata
 from remat_proto.v1 import executor_pb2, executor_pb2_grpc, tensor_pb2
 from remat_server import Limits, ServerConfig, create_server
 from remat_server.service import streaming as server_streaming
@@ -54,9 +54,13 @@ def client(served):
 
 @pytest.fixture(scope="module")
 def channel(served):
-    ch = grpc.insecure_channel(served[1], options=[
-        ("grpc.max_receive_message_length", MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MESSAGE_BYTES)])
+    ch = grpc.insecure_channel(
+        served[1],
+        options=[
+            ("grpc.max_receive_message_length", MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MESSAGE_BYTES),
+        ],
+    )
     yield ch
     ch.close()
 
@@ -64,16 +68,21 @@ def channel(served):
 @pytest.fixture(scope="module")
 def run_stream(channel):
     """RunStream as a raw multi-callable: any message or raw bytes may be sent."""
-    return channel.stream_stream(RUN_STREAM, request_serializer=chunks.encode,
-                                 response_deserializer=streaming.decode_response)
+    return channel.stream_stream(
+        RUN_STREAM,
+        request_serializer=chunks.encode,
+        response_deserializer=streaming.decode_response,
+    )
 
 
 def _rpc_count(server, method: str, code: str) -> float:
     text = server.metrics.exposition().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if (sample.name == "remat_rpc_duration_seconds_count"
-                    and sample.labels == {"method": method, "code": code}):
+            if sample.name == "remat_rpc_duration_seconds_count" and sample.labels == {
+                "method": method,
+                "code": code,
+            }:
                 return sample.value
     return 0.0
 
@@ -104,8 +113,11 @@ def test_round_trip_each_dtype(client, served, dtype):
     if dtype == "bool":
         x = rng.random(shape) < 0.5
     else:
-        x = rng.standard_normal(shape).astype(dtype) if "float" in dtype else \
-            rng.integers(-1000, 1000, size=shape).astype(dtype)
+        x = (
+            rng.standard_normal(shape).astype(dtype)
+            if "float" in dtype
+            else rng.integers(-1000, 1000, size=shape).astype(dtype)
+        )
     g = remat.Graph(f"round_trip_{dtype}")
     node = g.input("x", shape, dtype=dtype)
     g.output("same", node)
@@ -132,8 +144,7 @@ def test_big_inputs_mixed_with_scalars_and_empty_tensors_and_chunked_gradients(c
     g.output("e2", E * 2)
     g.output("s2", S * S)
     g.output("loss", remat.sum(y) + remat.sum(E))
-    result = client.run(g, {"a": a, "b": b, "s": s, "e": e}, wrt=["a", "b", "s", "e"],
-                        loss="loss")
+    result = client.run(g, {"a": a, "b": b, "s": s, "e": e}, wrt=["a", "b", "s", "e"], loss="loss")
     assert np.array_equal(result.outputs["y"], a * b * s)
     assert result.outputs["e2"].shape == (0, 7)
     assert result.outputs["s2"].shape == () and result.outputs["s2"] == 9.0
@@ -150,12 +161,16 @@ def test_vector_jacobian_run_with_big_cotangents(client):
     dy, dz = _ints(rng, a.shape, "float64"), _ints(rng, a.shape, "float64")
     c = np.array(2.0)
     g = remat.Graph("vjp")
-    A, B, C = g.input("a", a.shape, "float64"), g.input("b", b.shape, "float64"), \
-        g.input("c", (), "float64")
+    A, B, C = (
+        g.input("a", a.shape, "float64"),
+        g.input("b", b.shape, "float64"),
+        g.input("c", (), "float64"),
+    )
     g.output("y", A * B)
     g.output("z", A + B * C)
-    result = client.run(g, {"a": a, "b": b, "c": c}, wrt=["a", "b", "c"],
-                        cotangents={"y": dy, "z": dz})
+    result = client.run(
+        g, {"a": a, "b": b, "c": c}, wrt=["a", "b", "c"], cotangents={"y": dy, "z": dz}
+    )
     assert np.array_equal(result.outputs["y"], a * b)
     assert np.array_equal(result.outputs["z"], a + b * c)
     assert np.array_equal(result.grads["a"], dy * b + dz)
@@ -182,8 +197,9 @@ def test_only_the_output_is_big_run_is_refused_and_the_sdk_streams(client, serve
 
     # The refusal itself, as a raw client sees it: the status, the flag and the hint.
     stub = executor_pb2_grpc.ExecutorStub(grpc.insecure_channel(served[1]))
-    request, _ = calls.run_request(executor_pb2.GraphRef(graph=g.to_proto()), g,
-                                 {"x": x[None]}, stream=False)
+    request, _ = calls.run_request(
+        executor_pb2.GraphRef(graph=g.to_proto()), g, {"x": x[None]}, stream=False
+    )
     with pytest.raises(grpc.RpcError) as caught:
         stub.Run(request, timeout=10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -211,8 +227,9 @@ def test_many_medium_tensors_keep_every_message_small(client):
         assert np.array_equal(result.outputs[f"y{i}"], inputs[f"x{i}"] * 2)
         assert np.array_equal(result.outputs[f"b{i}"], np.full(n, i + 1, np.float32))
     # The headers themselves: inline tensors total at most one chunk.
-    request, chunked = calls.run_request(executor_pb2.GraphRef(graph_id="id"), g, inputs,
-                                       stream=True)
+    request, chunked = calls.run_request(
+        executor_pb2.GraphRef(graph_id="id"), g, inputs, stream=True
+    )
     assert request.ByteSize() < MiB + 4096 and len(chunked) >= count - 1
     header, *_ = server_streaming.send(executor_pb2.RunResponse(), result.outputs, {}, MiB)
     assert header.ByteSize() < MiB + 4096
@@ -231,15 +248,23 @@ def test_server_chunk_size_is_honoured_even_when_it_does_not_divide_the_tensor()
         g.output("y", X * 2)
         g.output("small", remat.sum(X * X))
         g.output("loss", remat.sum(X * 3))
-        request, big = calls.run_request(executor_pb2.GraphRef(graph=g.to_proto()), g,
-                                       {"x": x}, wrt=["x"], loss="loss", stream=True,
-                                       chunk_bytes=65_537)
+        request, big = calls.run_request(
+            executor_pb2.GraphRef(graph=g.to_proto()),
+            g,
+            {"x": x},
+            wrt=["x"],
+            loss="loss",
+            stream=True,
+            chunk_bytes=65_537,
+        )
         assert list(big) == [(INPUT, "x")]
         with grpc.insecure_channel(address) as channel:
-            call = channel.stream_stream(RUN_STREAM, request_serializer=chunks.encode,
-                                         response_deserializer=streaming.decode_response)
-            messages = list(call(streaming.upload(request, big, chunk_bytes=65_537),
-                                 timeout=30))
+            call = channel.stream_stream(
+                RUN_STREAM,
+                request_serializer=chunks.encode,
+                response_deserializer=streaming.decode_response,
+            )
+            messages = list(call(streaming.upload(request, big, chunk_bytes=65_537), timeout=30))
         header, *rest = messages
         assert header.WhichOneof("part") == "header"
         assert header.header.outputs["y"].chunked and header.header.grads["x"].chunked
@@ -305,48 +330,82 @@ def _chunk(name="x", nbytes=4096, role=INPUT):
 
 HOSTILE = {
     "chunk before the header": (
-        [_chunk(), _header()], grpc.StatusCode.INVALID_ARGUMENT, ["first message", "header"]),
-    "two headers": (
-        [_header(), _header(), _chunk()], grpc.StatusCode.INVALID_ARGUMENT, ["header"]),
-    "no header at all": (
-        [], grpc.StatusCode.INVALID_ARGUMENT, ["header"]),
+        [_chunk(), _header()],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["first message", "header"],
+    ),
+    "two headers": ([_header(), _header(), _chunk()], grpc.StatusCode.INVALID_ARGUMENT, ["header"]),
+    "no header at all": ([], grpc.StatusCode.INVALID_ARGUMENT, ["header"]),
     "chunk for an unknown name": (
-        [_header(), _chunk("nope")], grpc.StatusCode.INVALID_ARGUMENT, ["'nope'", "chunked"]),
+        [_header(), _chunk("nope")],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["'nope'", "chunked"],
+    ),
     "chunk with the wrong role": (
-        [_header(), _chunk(role=COTANGENT)], grpc.StatusCode.INVALID_ARGUMENT,
-        ["cotangent 'x'"]),
+        [_header(), _chunk(role=COTANGENT)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["cotangent 'x'"],
+    ),
     "chunk for a tensor not marked chunked": (
-        [_header(chunked=()), _chunk()], grpc.StatusCode.INVALID_ARGUMENT,
-        ["input 'x'", "chunked"]),
+        [_header(chunked=()), _chunk()],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'x'", "chunked"],
+    ),
     "chunk for an inline tensor": (
-        [_header(), _chunk(), _chunk("c", 16)], grpc.StatusCode.INVALID_ARGUMENT,
-        ["input 'c'", "chunked"]),
+        [_header(), _chunk(), _chunk("c", 16)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'c'", "chunked"],
+    ),
     "more bytes than declared": (
-        [_header(), _chunk(nbytes=4000), _chunk(nbytes=97)], grpc.StatusCode.INVALID_ARGUMENT,
-        ["input 'x'", "4096 bytes"]),
+        [_header(), _chunk(nbytes=4000), _chunk(nbytes=97)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'x'", "4096 bytes"],
+    ),
     "fewer bytes (the stream ends early)": (
-        [_header(), _chunk(nbytes=4000)], grpc.StatusCode.INVALID_ARGUMENT,
-        ["input 'x'", "4,000 of its 4,096 bytes"]),
+        [_header(), _chunk(nbytes=4000)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'x'", "4,000 of its 4,096 bytes"],
+    ),
     "no chunk at all": (
-        [_header()], grpc.StatusCode.INVALID_ARGUMENT, ["input 'x'", "0 of its 4,096"]),
+        [_header()],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'x'", "0 of its 4,096"],
+    ),
     "chunked tensor with inline data": (
-        [_header(inline_data=bytes(4096)), _chunk()], grpc.StatusCode.INVALID_ARGUMENT,
-        ["input 'x'", "inline data"]),
+        [_header(inline_data=bytes(4096)), _chunk()],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'x'", "inline data"],
+    ),
     "chunked tensor over max_elements": (
-        [_header(shape=(1 << 20, 1 << 20, 2))], grpc.StatusCode.INVALID_ARGUMENT,
-        ["input 'x'", "--max-elements"]),
+        [_header(shape=(1 << 20, 1 << 20, 2))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'x'", "--max-elements"],
+    ),
     "chunked tensor with a negative dimension": (
-        [_header(shape=(-1,))], grpc.StatusCode.INVALID_ARGUMENT, ["input 'x'", "negative"]),
+        [_header(shape=(-1,))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'x'", "negative"],
+    ),
     "chunked tensor with an unknown dtype": (
-        [_header(w=(99, (4,)))], grpc.StatusCode.INVALID_ARGUMENT, ["input 'w'", "dtype"]),
+        [_header(w=(99, (4,)))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'w'", "dtype"],
+    ),
     "garbage bytes as the first message": (
-        [b"\xff\xfe\xfd"], grpc.StatusCode.INVALID_ARGUMENT, ["message 0", "RunStreamRequest"]),
+        [b"\xff\xfe\xfd"],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["message 0", "RunStreamRequest"],
+    ),
     "garbage bytes after the header": (
-        [_header(), b"\x12\x05\x1a\x09ab"], grpc.StatusCode.INVALID_ARGUMENT,
-        ["message 1", "RunStreamRequest"]),
+        [_header(), b"\x12\x05\x1a\x09ab"],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["message 1", "RunStreamRequest"],
+    ),
     "chunk for a tensor of a graph input it does not declare": (
         [_header(w=(tensor_pb2.FLOAT32, (4,))), _chunk(), _chunk("w", 16)],
-        grpc.StatusCode.INVALID_ARGUMENT, ["'w'"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["'w'"],
+    ),
 }
 
 
@@ -367,14 +426,17 @@ def test_a_valid_hand_built_stream_is_accepted(run_stream):
     chunks mixed with fast-framed ones."""
     x, c = np.arange(1024, dtype=np.float32), np.array([1, 2, 3, 4], dtype=np.float32)
     xd, cd = memoryview(x.view(np.uint8)), memoryview(c.view(np.uint8))
-    messages = [_header(chunked=("x", "c")),
-                chunks.encode_chunk(INPUT, "x", xd[:1000]),
-                chunks.encode_chunk(INPUT, "c", cd[:5]),
-                chunks.encode_chunk(INPUT, "x", xd[1000:1000]),  # empty chunks are fine
-                executor_pb2.RunStreamRequest(chunk=tensor_pb2.TensorChunk(
-                    role=INPUT, name="x", data=bytes(xd[1000:3001]))),
-                chunks.encode_chunk(INPUT, "c", cd[5:]),
-                chunks.encode_chunk(INPUT, "x", xd[3001:])]
+    messages = [
+        _header(chunked=("x", "c")),
+        chunks.encode_chunk(INPUT, "x", xd[:1000]),
+        chunks.encode_chunk(INPUT, "c", cd[:5]),
+        chunks.encode_chunk(INPUT, "x", xd[1000:1000]),  # empty chunks are fine
+        executor_pb2.RunStreamRequest(
+            chunk=tensor_pb2.TensorChunk(role=INPUT, name="x", data=bytes(xd[1000:3001]))
+        ),
+        chunks.encode_chunk(INPUT, "c", cd[5:]),
+        chunks.encode_chunk(INPUT, "x", xd[3001:]),
+    ]
     download = streaming.Download()
     for message in run_stream(iter(messages), timeout=10):
         download.add(message)
@@ -391,12 +453,17 @@ def _rss_bytes() -> int:
     return 0
 
 
-@pytest.mark.parametrize("shapes", [
-    {"x": (1 << 38,)},  # one tensor of 1 TiB
-    {"x": (1024,), "w": (40 * MiB,), "v": (30 * MiB,)},  # each fits; together 280 MiB do not
-], ids=["one-tebibyte-tensor", "sum-over-the-limit"])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        {"x": (1 << 38,)},  # one tensor of 1 TiB
+        {"x": (1024,), "w": (40 * MiB,), "v": (30 * MiB,)},  # each fits; together 280 MiB do not
+    ],
+    ids=["one-tebibyte-tensor", "sum-over-the-limit"],
+)
 def test_declared_total_over_max_request_bytes_is_refused_before_allocating(
-        run_stream, client, monkeypatch, shapes):
+    run_stream, client, monkeypatch, shapes
+):
     allocated = []
 
     class CountingBuffer(server_streaming._Buffer):
@@ -438,12 +505,26 @@ def test_client_rejects_a_hostile_download():
     y = header.header.outputs["y"]
     y.dtype, y.shape[:], y.chunked = tensor_pb2.FLOAT32, (4,), True
     cases = {
-        "unexpected chunk for 'z'": [header, chunks.decode(
-            chunks.encode_chunk(OUTPUT, "z", memoryview(bytes(4))), executor_pb2.RunStreamResponse)],
-        "'y' got more than its 16 bytes": [header, chunks.decode(
-            chunks.encode_chunk(OUTPUT, "y", memoryview(bytes(20))), executor_pb2.RunStreamResponse)],
-        "'y' ended after 8 of 16 bytes": [header, executor_pb2.RunStreamResponse(
-            chunk=tensor_pb2.TensorChunk(role=OUTPUT, name="y", data=bytes(8)))],
+        "unexpected chunk for 'z'": [
+            header,
+            chunks.decode(
+                chunks.encode_chunk(OUTPUT, "z", memoryview(bytes(4))),
+                executor_pb2.RunStreamResponse,
+            ),
+        ],
+        "'y' got more than its 16 bytes": [
+            header,
+            chunks.decode(
+                chunks.encode_chunk(OUTPUT, "y", memoryview(bytes(20))),
+                executor_pb2.RunStreamResponse,
+            ),
+        ],
+        "'y' ended after 8 of 16 bytes": [
+            header,
+            executor_pb2.RunStreamResponse(
+                chunk=tensor_pb2.TensorChunk(role=OUTPUT, name="y", data=bytes(8))
+            ),
+        ],
         "no header": [],
     }
     for message, sequence in cases.items():
@@ -464,7 +545,7 @@ def test_one_gibibyte_round_trip():
         rng = np.random.default_rng(5)
         x = np.empty(n, dtype=np.float32)
         for start in range(0, n, block):
-            x[start:start + block] = rng.random(block, dtype=np.float32)
+            x[start : start + block] = rng.random(block, dtype=np.float32)
         g = remat.Graph("gibibyte")
         g.output("y", g.input("x", (n,)) * 2)
         began = time.perf_counter()
@@ -473,7 +554,7 @@ def test_one_gibibyte_round_trip():
         seconds = time.perf_counter() - began
         assert y.shape == (n,) and y.dtype == np.float32
         for start in range(0, n, block):
-            assert np.array_equal(y[start:start + block], x[start:start + block] * 2), start
+            assert np.array_equal(y[start : start + block], x[start : start + block] * 2), start
         print(f"1 GiB round trip: {seconds:.1f} s")
     finally:
         server.stop(None).wait()

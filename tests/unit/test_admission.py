@@ -2,6 +2,7 @@
 waiting and FIFO order, timeouts and cancellation, the budget invariant under many
 threads, and the unlimited budget. Threads are ordered with Events and `queued`
 counts, never with sleeps; only the timeout tests use short real timeouts."""
+
 from __future__ import annotations
 
 import doctest
@@ -11,9 +12,9 @@ import time
 
 import pytest
 
+from remat_server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 from remat_server.service import admission as admission_module
 from remat_server.service.admission import Admission, MemoryAdmission
-from remat_server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 
 
 def wait_until(predicate, timeout: float = 2.0) -> None:
@@ -47,10 +48,12 @@ def join(*threads) -> None:
 
 def reserve_and(adm, nbytes, on_enter=lambda: None, **kwargs):
     """fn for in_thread: reserve, call on_enter() inside the block, return the Admission."""
+
     def fn():
         with adm.reserve(nbytes, timeout=kwargs.pop("timeout", 5.0), **kwargs) as granted:
             on_enter()
             return granted
+
     return fn
 
 
@@ -91,8 +94,10 @@ def test_queue_full_is_rejected(max_queued):
     adm = MemoryAdmission(100, max_queued=max_queued)
     stop = threading.Event()
     with adm.reserve(100, timeout=None):
-        waiters = [in_thread(reserve_and(adm, 10, cancelled=stop.is_set, timeout=None))
-                   for _ in range(max_queued)]
+        waiters = [
+            in_thread(reserve_and(adm, 10, cancelled=stop.is_set, timeout=None))
+            for _ in range(max_queued)
+        ]
         wait_until(lambda: adm.queued == max_queued)
         with pytest.raises(ResourceExhausted, match="--max-queued-requests"):
             with adm.reserve(10, timeout=None):

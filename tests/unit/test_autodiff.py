@@ -1,14 +1,15 @@
 """Autodiff at engine level: fan-out, zero gradients, determinism, dtypes, higher order
 (Hessian-vector products by differentiating the joint graph again), VJPs with output
 cotangents, and the errors for a bad `wrt` or `loss`."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from remat_server.graph import ir
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument
+from remat_server.graph import ir
 from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 
 
@@ -37,8 +38,16 @@ def rel_err(actual, expected):
 def test_fan_out_sums_every_use():
     x = np.random.default_rng(1).standard_normal((3, 4))
     # x is read three times: twice by mul, once by tanh.
-    spec = spec_of({"x": x}, [N("sq", "mul", "x", "x"), N("t", "tanh", "x"),
-                              N("s", "add", "sq", "t"), N("loss", "sum", "s")], [("loss", "loss")])
+    spec = spec_of(
+        {"x": x},
+        [
+            N("sq", "mul", "x", "x"),
+            N("t", "tanh", "x"),
+            N("s", "add", "sq", "t"),
+            N("loss", "sum", "s"),
+        ],
+        [("loss", "loss")],
+    )
     grads = run(spec, {"x": x}, wrt=("x",), loss="loss").grads
     np.testing.assert_allclose(grads["x"], 2 * x + 1 - np.tanh(x) ** 2, rtol=1e-13, atol=1e-14)
 
@@ -46,8 +55,17 @@ def test_fan_out_sums_every_use():
 def test_fan_out_across_branches_of_different_depth():
     x = np.random.default_rng(2).standard_normal(5)
     # loss = sum(x) + sum(exp(x)) + sum(x * exp(x)): x has three consumers, e three.
-    spec = spec_of({"x": x}, [N("e", "exp", "x"), N("xe", "mul", "x", "e"), N("a", "add", "x", "e"),
-                              N("b", "add", "a", "xe"), N("loss", "sum", "b")], [("loss", "loss")])
+    spec = spec_of(
+        {"x": x},
+        [
+            N("e", "exp", "x"),
+            N("xe", "mul", "x", "e"),
+            N("a", "add", "x", "e"),
+            N("b", "add", "a", "xe"),
+            N("loss", "sum", "b"),
+        ],
+        [("loss", "loss")],
+    )
     grads = run(spec, {"x": x}, wrt=("x",), loss="loss").grads
     np.testing.assert_allclose(grads["x"], 1 + np.exp(x) + np.exp(x) * (1 + x), rtol=1e-13)
 
@@ -59,9 +77,11 @@ def test_unreached_input_gets_zeros_of_its_shape_and_dtype(dtype):
     z = rng.standard_normal((4, 1, 5)).astype(dtype)
     unused = rng.standard_normal(7).astype(dtype)
     # z feeds another output but not the loss; `unused` feeds nothing at all.
-    spec = spec_of({"x": x, "z": z, "unused": unused},
-                   [N("loss", "sum", "x"), N("other", "exp", "z")],
-                   [("loss", "loss"), ("other", "other")])
+    spec = spec_of(
+        {"x": x, "z": z, "unused": unused},
+        [N("loss", "sum", "x"), N("other", "exp", "z")],
+        [("loss", "loss"), ("other", "other")],
+    )
     result = run(spec, {"x": x, "z": z, "unused": unused}, wrt=("x", "z", "unused"), loss="loss")
     np.testing.assert_array_equal(result.grads["x"], np.ones_like(x))
     for name, like in (("z", z), ("unused", unused)):
@@ -73,36 +93,62 @@ def test_unreached_input_gets_zeros_of_its_shape_and_dtype(dtype):
 def test_input_reached_only_through_integer_path_gets_zeros():
     x = np.array([0.3, 1.7, 2.2])
     # cast to int64 cuts the gradient: the loss is piecewise constant in x.
-    spec = spec_of({"x": x}, [N("i", "cast", "x", dtype="int64"),
-                              N("f", "cast", "i", dtype="float64"), N("loss", "sum", "f")],
-                   [("loss", "loss")])
+    spec = spec_of(
+        {"x": x},
+        [
+            N("i", "cast", "x", dtype="int64"),
+            N("f", "cast", "i", dtype="float64"),
+            N("loss", "sum", "f"),
+        ],
+        [("loss", "loss")],
+    )
     grads = run(spec, {"x": x}, wrt=("x",), loss="loss").grads
     assert grads["x"].shape == (3,) and not grads["x"].any()
 
 
 # --- determinism ---------------------------------------------------------------------
 def mlp_spec(dtype="float64", batch=3, d_in=4, d_hidden=5, d_out=2):
-    inputs = {"x": ((batch, d_in), dtype), "w1": ((d_in, d_hidden), dtype),
-              "b1": ((d_hidden,), dtype), "w2": ((d_hidden, d_out), dtype),
-              "y": ((batch, d_out), dtype)}
-    nodes = [N("h1", "matmul", "x", "w1"), N("h1b", "add", "h1", "b1"), N("a1", "gelu", "h1b"),
-             N("h2", "matmul", "a1", "w2"), N("p", "sigmoid", "h2"), N("d", "sub", "p", "y"),
-             N("d2", "square", "d"), N("loss", "mean", "d2")]
+    inputs = {
+        "x": ((batch, d_in), dtype),
+        "w1": ((d_in, d_hidden), dtype),
+        "b1": ((d_hidden,), dtype),
+        "w2": ((d_hidden, d_out), dtype),
+        "y": ((batch, d_out), dtype),
+    }
+    nodes = [
+        N("h1", "matmul", "x", "w1"),
+        N("h1b", "add", "h1", "b1"),
+        N("a1", "gelu", "h1b"),
+        N("h2", "matmul", "a1", "w2"),
+        N("p", "sigmoid", "h2"),
+        N("d", "sub", "p", "y"),
+        N("d2", "square", "d"),
+        N("loss", "mean", "d2"),
+    ]
     return spec_of(inputs, nodes, [("pred", "p"), ("loss", "loss")])
 
 
 def mlp_feeds(dtype="float64", seed=0, batch=3, d_in=4, d_hidden=5, d_out=2):
     rng = np.random.default_rng(seed)
-    shapes = {"x": (batch, d_in), "w1": (d_in, d_hidden), "b1": (d_hidden,),
-              "w2": (d_hidden, d_out), "y": (batch, d_out)}
+    shapes = {
+        "x": (batch, d_in),
+        "w1": (d_in, d_hidden),
+        "b1": (d_hidden,),
+        "w2": (d_hidden, d_out),
+        "y": (batch, d_out),
+    }
     return {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
 
 
 def _signature(graph: ir.Graph):
     rows = []
     for node in graph:
-        attrs = tuple(sorted((k, v.tobytes() + v.dtype.str.encode() if isinstance(v, np.ndarray)
-                              else v) for k, v in node.attrs.items()))
+        attrs = tuple(
+            sorted(
+                (k, v.tobytes() + v.dtype.str.encode() if isinstance(v, np.ndarray) else v)
+                for k, v in node.attrs.items()
+            )
+        )
         rows.append((node.name, node.op, node.inputs, attrs, node.shape, node.dtype))
     return rows
 
@@ -165,8 +211,12 @@ def hvp_spec(spec: GraphSpec, wrt: str, loss: str = "loss") -> GraphSpec:
     x = joint.graph[wrt]
     inputs.append(InputSpec("v", x.shape, x.dtype))
     nodes += [NodeSpec("gv", "mul", (grad_node, "v")), NodeSpec("hvp_loss", "sum", ("gv",))]
-    return GraphSpec("hvp", tuple(inputs), tuple(nodes),
-                     tuple(joint.graph.outputs.items()) + (("hvp_loss", "hvp_loss"),))
+    return GraphSpec(
+        "hvp",
+        tuple(inputs),
+        tuple(nodes),
+        tuple(joint.graph.outputs.items()) + (("hvp_loss", "hvp_loss"),),
+    )
 
 
 def check_hvp(spec, feeds, wrt, seed=11, h=1e-5):
@@ -193,12 +243,20 @@ def check_hvp(spec, feeds, wrt, seed=11, h=1e-5):
 def test_hvp_of_sum_tanh_squared():
     rng = np.random.default_rng(5)
     feeds = {"x": rng.standard_normal(4), "W": rng.standard_normal((3, 4)) * 0.7}
-    spec = spec_of(feeds, [N("wx", "matmul", "W", "x"), N("t", "tanh", "wx"),
-                           N("t2", "square", "t"), N("loss", "sum", "t2")], [("loss", "loss")])
+    spec = spec_of(
+        feeds,
+        [
+            N("wx", "matmul", "W", "x"),
+            N("t", "tanh", "wx"),
+            N("t2", "square", "t"),
+            N("loss", "sum", "t2"),
+        ],
+        [("loss", "loss")],
+    )
     hvp = check_hvp(spec, feeds, "x")
     # Analytic Hessian: W^T diag(2(1 - t^2)(1 - 3 t^2)) W.
     t = np.tanh(feeds["W"] @ feeds["x"])
-    hessian = feeds["W"].T @ np.diag(2 * (1 - t ** 2) * (1 - 3 * t ** 2)) @ feeds["W"]
+    hessian = feeds["W"].T @ np.diag(2 * (1 - t**2) * (1 - 3 * t**2)) @ feeds["W"]
     v = np.random.default_rng(11).standard_normal(4)
     np.testing.assert_allclose(hvp, hessian @ v, rtol=1e-10, atol=1e-12)
 
@@ -212,14 +270,16 @@ def test_third_order_output_naming():
     """Differentiating a twice-extended graph names outputs grad/, grad2/, grad3/."""
     rng = np.random.default_rng(6)
     feeds = {"x": rng.standard_normal(3)}
-    spec = spec_of(feeds, [N("c", "pow", "x", exponent=4.0), N("loss", "sum", "c")],
-                   [("loss", "loss")])
+    spec = spec_of(
+        feeds, [N("c", "pow", "x", exponent=4.0), N("loss", "sum", "c")], [("loss", "loss")]
+    )
     extended = hvp_spec(spec, "x")
     joint2 = Engine().differentiate(extended, wrt=("x",), loss="hvp_loss")
     inputs, nodes = to_spec(joint2.graph)
     nodes += [NodeSpec("s3", "sum", (joint2.graph.outputs["grad2/x"],))]
-    spec3 = GraphSpec("third", tuple(inputs), tuple(nodes),
-                      tuple(joint2.graph.outputs.items()) + (("l3", "s3"),))
+    spec3 = GraphSpec(
+        "third", tuple(inputs), tuple(nodes), tuple(joint2.graph.outputs.items()) + (("l3", "s3"),)
+    )
     joint3 = Engine().differentiate(spec3, wrt=("x",), loss="l3")
     assert joint3.grad_outputs == {"x": "grad3/x"}
     v = rng.standard_normal(3)
@@ -232,6 +292,7 @@ def test_third_order_output_naming():
 # --- VJPs with cotangents --------------------------------------------------------------------
 def numeric_vjp(spec, feeds, wrt, cotangents, h=1e-6):
     """J^T ct by centered differences of the forward outputs, element by element."""
+
     def weighted(point):
         outs = run(spec, {**feeds, wrt: point}, fetch=tuple(cotangents)).outputs
         return sum(float(np.sum(outs[name] * ct)) for name, ct in cotangents.items())
@@ -262,9 +323,16 @@ def test_vjp_with_cotangent_for_one_output():
 def test_vjp_with_cotangents_for_two_outputs_sums_them():
     rng = np.random.default_rng(9)
     feeds = {"x": rng.standard_normal((2, 3)), "W": rng.standard_normal((3, 3))}
-    spec = spec_of(feeds, [N("xw", "matmul", "x", "W"), N("o1", "sigmoid", "xw"),
-                           N("sq", "square", "x"), N("o2", "sum", "sq", axes=(1,))],
-                   [("first", "o1"), ("second", "o2")])
+    spec = spec_of(
+        feeds,
+        [
+            N("xw", "matmul", "x", "W"),
+            N("o1", "sigmoid", "xw"),
+            N("sq", "square", "x"),
+            N("o2", "sum", "sq", axes=(1,)),
+        ],
+        [("first", "o1"), ("second", "o2")],
+    )
     cts = {"first": rng.standard_normal((2, 3)), "second": rng.standard_normal(2)}
     result = run(spec, feeds, wrt=("x", "W"), cotangents=cts)
     for name in ("x", "W"):
@@ -288,22 +356,39 @@ def test_cotangent_for_unknown_output_is_rejected():
 # --- wrt and loss errors -------------------------------------------------------------------
 def _error_spec():
     inputs = {"x": ((3,), "float64"), "k": ((3,), "int64")}
-    nodes = [N("t", "tanh", "x"), N("kf", "cast", "k", dtype="float64"), N("s", "add", "t", "kf"),
-             N("loss", "sum", "s")]
-    return spec_of(inputs, nodes, [("vec", "t"), ("loss", "loss")]), \
-        {"x": np.ones(3), "k": np.arange(3, dtype=np.int64)}
+    nodes = [
+        N("t", "tanh", "x"),
+        N("kf", "cast", "k", dtype="float64"),
+        N("s", "add", "t", "kf"),
+        N("loss", "sum", "s"),
+    ]
+    return spec_of(inputs, nodes, [("vec", "t"), ("loss", "loss")]), {
+        "x": np.ones(3),
+        "k": np.arange(3, dtype=np.int64),
+    }
 
 
-@pytest.mark.parametrize("wrt, loss, pattern", [
-    (("t",), "loss", "'t' is a node"),
-    (("nope",), "loss", "'nope' is not an input"),
-    (("k",), "loss", "dtype int64"),
-    (("x", "x"), "loss", "twice"),
-    (("x",), "vec", "scalar"),
-    (("x",), "t", "scalar"),
-    (("x",), "missing", "neither an output nor a node"),
-], ids=["node-not-input", "unknown-name", "integer-input", "duplicate", "loss-output-not-scalar",
-        "loss-node-not-scalar", "loss-unknown"])
+@pytest.mark.parametrize(
+    "wrt, loss, pattern",
+    [
+        (("t",), "loss", "'t' is a node"),
+        (("nope",), "loss", "'nope' is not an input"),
+        (("k",), "loss", "dtype int64"),
+        (("x", "x"), "loss", "twice"),
+        (("x",), "vec", "scalar"),
+        (("x",), "t", "scalar"),
+        (("x",), "missing", "neither an output nor a node"),
+    ],
+    ids=[
+        "node-not-input",
+        "unknown-name",
+        "integer-input",
+        "duplicate",
+        "loss-output-not-scalar",
+        "loss-node-not-scalar",
+        "loss-unknown",
+    ],
+)
 def test_bad_wrt_or_loss_is_invalid_argument(wrt, loss, pattern):
     spec, feeds = _error_spec()
     with pytest.raises(InvalidArgument, match=pattern):

@@ -1,5 +1,6 @@
 """bench/transfer.py and bench/load.py run end to end in their tiniest mode (real server
 processes, a few seconds) and return reports of the promised shape."""
+
 from __future__ import annotations
 
 import importlib
@@ -23,10 +24,19 @@ def test_transfer_smoke(bench, capsys):
     rows = report["rows"]
     fresh, reusing = "raw tcp, fresh receive buffer", "remat auto, out= (reused result)"
     assert [(r["size_mib"], r["path"]) for r in rows] == [
-        (1, "raw tcp"), (1, "grpc echo"), (1, fresh), (1, "remat auto (unary)"), (1, reusing),
+        (1, "raw tcp"),
+        (1, "grpc echo"),
+        (1, fresh),
+        (1, "remat auto (unary)"),
+        (1, reusing),
         (1, "remat stream (forced)"),
-        (3, "raw tcp"), (3, "grpc echo"), (3, fresh), (3, "remat auto (stream)"), (3, reusing),
-        (3, "remat unary (forced)")]
+        (3, "raw tcp"),
+        (3, "grpc echo"),
+        (3, fresh),
+        (3, "remat auto (stream)"),
+        (3, reusing),
+        (3, "remat unary (forced)"),
+    ]
     for r in rows:
         assert r["seconds"] > 0 and r["gb_per_s"] > 0 and len(r["samples"]) == 1
         assert r["nbytes"] == r["size_mib"] * (1 << 20)
@@ -45,12 +55,19 @@ def test_transfer_goal_is_judged_like_for_like_at_64_mib_and_up(bench):
     def row(size, path, seconds):
         return dict(size_mib=size, path=path, seconds=seconds)
 
-    rows = [row(16, "raw tcp", 1.0), row(16, transfer.REUSING, 10.0),
-            row(64, "raw tcp", 1.0), row(64, transfer.FRESH_TCP, 2.0),
-            row(64, "remat auto (stream)", 3.0), row(64, transfer.REUSING, 1.6),
-            row(64, "remat unary (forced)", 20.0),
-            row(256, "raw tcp", 4.0), row(256, transfer.FRESH_TCP, 8.0),
-            row(256, "remat auto (stream)", 10.0), row(256, transfer.REUSING, 7.0)]
+    rows = [
+        row(16, "raw tcp", 1.0),
+        row(16, transfer.REUSING, 10.0),
+        row(64, "raw tcp", 1.0),
+        row(64, transfer.FRESH_TCP, 2.0),
+        row(64, "remat auto (stream)", 3.0),
+        row(64, transfer.REUSING, 1.6),
+        row(64, "remat unary (forced)", 20.0),
+        row(256, "raw tcp", 4.0),
+        row(256, transfer.FRESH_TCP, 8.0),
+        row(256, "remat auto (stream)", 10.0),
+        row(256, transfer.REUSING, 7.0),
+    ]
     met, line = transfer.summary(rows)
     assert met is True, line
     assert "64 MiB 62%, 256 MiB 57% of raw TCP; goal >= 50%: MET" in line
@@ -62,8 +79,20 @@ def test_transfer_goal_is_judged_like_for_like_at_64_mib_and_up(bench):
 
 def test_load_smoke(bench, capsys):
     load = bench("load")
-    report = load.main(["--clients", "2", "--seconds", "0.6", "--warmup", "0.3",
-                        "--settle", "0.1", "--checks", "2"])
+    report = load.main(
+        [
+            "--clients",
+            "2",
+            "--seconds",
+            "0.6",
+            "--warmup",
+            "0.3",
+            "--settle",
+            "0.1",
+            "--checks",
+            "2",
+        ]
+    )
     summary, memory = report["summary"], report["memory"]
     assert report["clients"] == 2 and report["unexpected"] == 0
     assert summary["requests"] > 0 and summary["throughput"] > 0
@@ -85,9 +114,15 @@ def test_load_percentile_and_summary(bench):
     load = bench("load")
     assert load.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert load.percentile(list(range(1, 101)), 0.99) == 99
-    phase = {"records": [("run_small", "OK", 0.01, True), ("invalid", "OK", 0.02, False),
-                         ("invalid", "INVALID_ARGUMENT", 0.03, True)],
-             "details": ["invalid: OK, expected INVALID_ARGUMENT"], "elapsed": 2.0}
+    phase = {
+        "records": [
+            ("run_small", "OK", 0.01, True),
+            ("invalid", "OK", 0.02, False),
+            ("invalid", "INVALID_ARGUMENT", 0.03, True),
+        ],
+        "details": ["invalid: OK, expected INVALID_ARGUMENT"],
+        "elapsed": 2.0,
+    }
     summary = load.summarize(phase)
     assert summary["requests"] == 3 and summary["throughput"] == 1.5
     assert summary["unexpected"] == 1 and summary["kinds"]["invalid"]["unexpected"] == 1

@@ -5,6 +5,7 @@ Budget's schedule passes the simulator, fits, gives gradients bit-identical to
 store-all's, and recomputes no more than any fixed heuristic (sqrt, every_k, save_ops)
 that fits the same budget. When Budget finds nothing, no heuristic fits either.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,24 +19,32 @@ from remat_proto import policies as P
 from remat_server.checkpoint.planners import bounds, chain_dp, plan
 from remat_server.checkpoint.planners.budget import search
 from remat_server.checkpoint.problem import Problem
-from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument, ResourceExhausted
 from remat_server.graph.ir import GraphSpec
 from remat_server.graph.limits import Limits
+from remat_server.service.codec import graph_from_proto
 
 ENGINE = Engine()
 MODELS = {  # activations dominate in the first three, weights weigh in the last two
     "mlp": lambda: models.mlp(batch=256, widths=(16,) * 12 + (4,), dtype="float64"),
-    "chain": lambda: models.Model(support.tanh_chain(24, 32, loss=True),
-                                  {"x": np.random.default_rng(0).standard_normal(32)}, ["x"]),
-    "transformer": lambda: models.transformer_block(batch=4, seq=16, d_model=16, heads=2,
-                                                    d_ff=32, dtype="float64"),
+    "chain": lambda: models.Model(
+        support.tanh_chain(24, 32, loss=True),
+        {"x": np.random.default_rng(0).standard_normal(32)},
+        ["x"],
+    ),
+    "transformer": lambda: models.transformer_block(
+        batch=4, seq=16, d_model=16, heads=2, d_ff=32, dtype="float64"
+    ),
     "cnn": lambda: models.cnn(batch=8, dtype="float64"),
 }
 FRACTIONS = (0.5, 0.3, 0.15)
-HEURISTICS = [P.Sqrt(), *(P.EveryK(k) for k in range(1, 9)), P.SaveOps(("matmul",)),
-              P.SaveOps(("conv2d",))]
+HEURISTICS = [
+    P.Sqrt(),
+    *(P.EveryK(k) for k in range(1, 9)),
+    P.SaveOps(("matmul",)),
+    P.SaveOps(("conv2d",)),
+]
 
 
 def spec_of(model) -> GraphSpec:
@@ -43,12 +52,13 @@ def spec_of(model) -> GraphSpec:
     return graph if isinstance(graph, GraphSpec) else graph_from_proto(graph.to_proto(), Limits())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name: str):
     model = MODELS[name]()
     spec = spec_of(model)
-    result = ENGINE.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
-                                   policy="store_all"))
+    result = ENGINE.run(
+        RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss, policy="store_all")
+    )
     planned = ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy="store_all")
     problem = Problem(planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes)
     return model, spec, result, problem
@@ -73,8 +83,9 @@ def test_budget_fits_and_beats_every_heuristic_that_fits(name, fraction):
     heuristics = {P.label(h): figures(problem, h) for h in HEURISTICS}
     fitting = {k: v for k, v in heuristics.items() if v is not None and v[0] <= limit}
     try:
-        planned = ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss,
-                              policy=P.Budget(fraction=fraction))
+        planned = ENGINE.plan(
+            spec, wrt=tuple(model.wrt), loss=model.loss, policy=P.Budget(fraction=fraction)
+        )
     except ResourceExhausted as error:
         assert "lowest predicted peak" in str(error)
         assert not fitting, f"Budget found nothing but {sorted(fitting)} fit"
@@ -86,8 +97,15 @@ def test_budget_fits_and_beats_every_heuristic_that_fits(name, fraction):
     assert report.status in ("feasible", "store_all_fits") and report.chosen
     for label, (peak, recompute) in fitting.items():
         assert sim.recompute_flops <= recompute, f"{label} recomputes less at peak {peak}"
-    result = ENGINE.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
-                                   policy=P.Budget(fraction=fraction)))
+    result = ENGINE.run(
+        RunRequest(
+            spec,
+            model.inputs,
+            wrt=tuple(model.wrt),
+            loss=model.loss,
+            policy=P.Budget(fraction=fraction),
+        )
+    )
     assert result.metrics.peak_bytes == result.metrics.predicted_peak_bytes == sim.peak_bytes
     for key, value in expected.grads.items():
         assert np.array_equal(result.grads[key], value), f"gradient of {key}"
@@ -129,10 +147,15 @@ def test_chain_dp_beats_revolve_at_its_peak():
         assert best is not None and best <= recompute, slots
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({}, "exactly one"), ({"bytes": 10, "fraction": 0.5}, "exactly one"),
-    ({"fraction": 1.5}, "fraction"), ({"bytes": -5}, "exactly one|bytes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one"),
+        ({"bytes": 10, "fraction": 0.5}, "exactly one"),
+        ({"fraction": 1.5}, "fraction"),
+        ({"bytes": -5}, "exactly one|bytes"),
+    ],
+)
 def test_bad_budgets_are_refused_by_the_constructor(kwargs, message):
     # Before anything is sent; a hostile wire message meets the same check when the
     # server decodes it (test_bad_input: INVALID_ARGUMENT).
@@ -143,8 +166,9 @@ def test_bad_budgets_are_refused_by_the_constructor(kwargs, message):
 def test_profile_prices_recomputation_in_seconds_and_needs_inputs():
     model, spec, expected, _ = reference("mlp")
     policy = P.Budget(fraction=0.5, profile=True)
-    result = ENGINE.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
-                                   policy=policy))
+    result = ENGINE.run(
+        RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss, policy=policy)
+    )
     assert "seconds" in result.metrics.planner.detail
     assert result.metrics.peak_bytes <= 0.5 * expected.metrics.peak_bytes
     for key, value in expected.grads.items():
@@ -198,8 +222,12 @@ def test_budget_is_within_ten_percent_of_every_proven_optimum():
         model = small_chain(length)
         spec = spec_of(model)
         planned = ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy="store_all")
-        fresh = lambda: Problem(planned.joint.graph, planned.schedule.results,  # noqa: E731
-                                planned.joint.forward_nodes)
+
+        def fresh(planned=planned):
+            return Problem(
+                planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes
+            )
+
         for fraction in (0.9, 0.8, 0.7, 0.6):
             try:
                 exact = plan(fresh(), P.Optimal(fraction=fraction, time_limit=5.0))

@@ -1,5 +1,6 @@
 """remat_server.runtime.buffers.BufferPool: upload buffers are reused once nothing refers to
 them, never while a view lives, and idle ones are bounded in bytes."""
+
 from __future__ import annotations
 
 import threading
@@ -26,13 +27,16 @@ def test_a_free_block_is_reused_for_the_next_array_of_its_size():
     assert again.shape == (2, MiB // 2) and again.dtype == np.float32 and again.flags.writeable
 
 
-@pytest.mark.parametrize("keep", [
-    lambda a: a.reshape(-1),
-    lambda a: a[1:],
-    lambda a: a.view(np.uint8),
-    lambda a: memoryview(a),
-    lambda a: np.asarray(a).T,
-])
+@pytest.mark.parametrize(
+    "keep",
+    [
+        lambda a: a.reshape(-1),
+        lambda a: a[1:],
+        lambda a: a.view(np.uint8),
+        lambda a: memoryview(a),
+        lambda a: np.asarray(a).T,
+    ],
+)
 def test_a_block_is_not_reused_while_any_view_of_it_lives(keep):
     pool = BufferPool(64 * MiB)
     first = pool.array((MiB,), np.float32)
@@ -49,11 +53,16 @@ def test_a_block_is_not_reused_while_any_view_of_it_lives(keep):
     assert pool.reused == 1
 
 
-@pytest.mark.parametrize("nbytes, reused", [
-    (4 * MiB, True), (3 * MiB, True), (2 * MiB, True),  # 4 MiB block: within 2x
-    (int(1.9 * MiB) // 4 * 4, False),  # would waste more than half the block
-    (5 * MiB, False),  # too big
-])
+@pytest.mark.parametrize(
+    "nbytes, reused",
+    [
+        (4 * MiB, True),
+        (3 * MiB, True),
+        (2 * MiB, True),  # 4 MiB block: within 2x
+        (int(1.9 * MiB) // 4 * 4, False),  # would waste more than half the block
+        (5 * MiB, False),  # too big
+    ],
+)
 def test_a_block_serves_sizes_up_to_twice_smaller(nbytes, reused):
     pool = BufferPool(64 * MiB)
     pool.array((4 * MiB,), np.uint8)  # dropped at once: an idle 4 MiB block

@@ -1,6 +1,7 @@
 """remat_proto.chunks: the hand-rolled TensorChunk framing must be byte-compatible with
 protobuf both ways, and anything it does not fully understand must go to protobuf
 (which parses it or raises DecodeError), never crash or disagree with it."""
+
 from __future__ import annotations
 
 import random
@@ -16,8 +17,17 @@ INPUT, COTANGENT = tensor_pb2.TensorChunk.INPUT, tensor_pb2.TensorChunk.COTANGEN
 OUTPUT, GRAD = tensor_pb2.TensorChunk.OUTPUT, tensor_pb2.TensorChunk.GRAD
 
 # Names and sizes around the varint boundaries of the lengths chunks.py writes itself.
-NAMES = ["x", "", "poids/couche_1", "градиент", "张量", "emoji 🧮", "n" * 127, "n" * 128,
-         "x" * 16384]
+NAMES = [
+    "x",
+    "",
+    "poids/couche_1",
+    "градиент",
+    "张量",
+    "emoji 🧮",
+    "n" * 127,
+    "n" * 128,
+    "x" * 16384,
+]
 SIZES = [0, 1, 127, 128, 129, 16383, 16384, 16385, 1 << 20]
 ROLES = [INPUT, COTANGENT, OUTPUT, GRAD, tensor_pb2.TensorChunk.ROLE_UNSPECIFIED]
 
@@ -105,8 +115,7 @@ def test_generated_code_parses_encode_chunk_output(cls, name, size):
 def test_decode_reads_what_protobuf_serialized(role, name, size):
     """Protobuf omits default fields (role 0, empty name or data): still a Chunk."""
     data = _data(size)
-    raw = Request(chunk=tensor_pb2.TensorChunk(role=role, name=name, data=data)
-                  ).SerializeToString()
+    raw = Request(chunk=tensor_pb2.TensorChunk(role=role, name=name, data=data)).SerializeToString()
     decoded = chunks.decode(raw, Request)
     assert isinstance(decoded, chunks.Chunk)
     assert _as_tuple(decoded) == (role, name, data)
@@ -114,12 +123,14 @@ def test_decode_reads_what_protobuf_serialized(role, name, size):
 
 def test_protobuf_field_order_and_repeats_decode_like_protobuf():
     """Fields in another order, a field repeated (last wins), unknown fields skipped."""
-    body = (b"\x1a\x02ab"        # data = "ab"
-            b"\x12\x01y"         # name = "y"
-            b"\x08\x04"          # role = GRAD
-            b"\x12\x01z"         # name again: the last one wins
-            b"\x28\x07"          # unknown varint field 5
-            b"\x32\x03qqq")      # unknown bytes field 6
+    body = (
+        b"\x1a\x02ab"  # data = "ab"
+        b"\x12\x01y"  # name = "y"
+        b"\x08\x04"  # role = GRAD
+        b"\x12\x01z"  # name again: the last one wins
+        b"\x28\x07"  # unknown varint field 5
+        b"\x32\x03qqq"
+    )  # unknown bytes field 6
     raw = b"\x12" + bytes([len(body)]) + body
     assert _fast_view(raw) == _protobuf_view(raw) == (GRAD, "z", b"ab")
 
@@ -199,10 +210,21 @@ def test_malformed_input_decodes_exactly_as_protobuf_does(cls, raw):
     assert _fast_view(raw, cls) == _protobuf_view(raw, cls)
 
 
-@pytest.mark.parametrize("case", [
-    "lone tag", "truncated outer length", "truncated role varint", "name length past the end",
-    "data length past the end", "invalid utf-8 name", "field number 0 (varint)",
-    "field number 0 (bytes)", "wire type 7", "garbage"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "lone tag",
+        "truncated outer length",
+        "truncated role varint",
+        "name length past the end",
+        "data length past the end",
+        "invalid utf-8 name",
+        "field number 0 (varint)",
+        "field number 0 (bytes)",
+        "wire type 7",
+        "garbage",
+    ],
+)
 def test_malformed_chunks_raise_decode_error(case):
     with pytest.raises(DecodeError):
         chunks.decode(MALFORMED[case], Request)
@@ -221,8 +243,11 @@ def test_mutated_chunks_decode_exactly_as_protobuf_does():
     """A deterministic fuzz: byte flips, insertions, deletions and truncations of valid
     chunks must never make the fast path disagree with protobuf."""
     rng = random.Random(20240521)
-    bases = [_GOOD, chunks.encode_chunk(GRAD, "", memoryview(b"")),
-             chunks.encode_chunk(COTANGENT, "n" * 130, memoryview(b"q" * 200))]
+    bases = [
+        _GOOD,
+        chunks.encode_chunk(GRAD, "", memoryview(b"")),
+        chunks.encode_chunk(COTANGENT, "n" * 130, memoryview(b"q" * 200)),
+    ]
     for _ in range(6000):
         raw = bytearray(rng.choice(bases))
         for _ in range(rng.randint(1, 3)):
@@ -234,13 +259,13 @@ def test_mutated_chunks_decode_exactly_as_protobuf_does():
             elif kind == 2 and raw:
                 del raw[rng.randrange(len(raw))]
             else:
-                raw = raw[:rng.randrange(len(raw) + 1)]
+                raw = raw[: rng.randrange(len(raw) + 1)]
         raw = bytes(raw)
         assert _fast_view(raw) == _protobuf_view(raw), raw.hex()
 
 
 def test_varint_helpers_at_boundaries():
-    for value in [0, 1, 127, 128, 16383, 16384, 2 ** 21 - 1, 2 ** 21, 2 ** 63 - 1]:
+    for value in [0, 1, 127, 128, 16383, 16384, 2**21 - 1, 2**21, 2**63 - 1]:
         encoded = chunks._varint(value)
         assert chunks._read_varint(encoded, 0) == (value, len(encoded))
     assert [len(chunks._varint(v)) for v in (127, 128, 16383, 16384)] == [1, 2, 2, 3]

@@ -2,6 +2,7 @@
 the plan changes the key, results are bit-identical cached or not, the cache stays
 within its byte bound, concurrent first requests compile once, and its size estimates
 are honest."""
+
 from __future__ import annotations
 
 import gc
@@ -28,18 +29,31 @@ def mlp_request(**overrides) -> tuple[RunRequest, models.Model]:
     # Activations outweigh the parameters, so fractions of store_all's peak are feasible.
     model = models.mlp(batch=128, widths=(6,) + (16,) * 8 + (3,), dtype="float64")
     spec = graph_from_proto(model.graph.to_proto(), Limits())
-    fields = dict(graph=spec, inputs=model.inputs, wrt=tuple(model.wrt), loss=model.loss,
-                  policy="store_all", graph_id="mlp")
+    fields = dict(
+        graph=spec,
+        inputs=model.inputs,
+        wrt=tuple(model.wrt),
+        loss=model.loss,
+        policy="store_all",
+        graph_id="mlp",
+    )
     fields.update(overrides)
     return RunRequest(**fields), model
 
 
 def two_output_spec(batch: int = -1) -> GraphSpec:
     """y = tanh(x @ w), z = sum(y * y): a batched input, two outputs."""
-    return GraphSpec("two", (InputSpec("x", (batch, 3), "float64"), InputSpec("w", (3, 2), "float64")),
-                     (NodeSpec("h", "matmul", ("x", "w")), NodeSpec("y", "tanh", ("h",)),
-                      NodeSpec("yy", "mul", ("y", "y")), NodeSpec("z", "sum", ("yy",))),
-                     (("y", "y"), ("z", "z")))
+    return GraphSpec(
+        "two",
+        (InputSpec("x", (batch, 3), "float64"), InputSpec("w", (3, 2), "float64")),
+        (
+            NodeSpec("h", "matmul", ("x", "w")),
+            NodeSpec("y", "tanh", ("h",)),
+            NodeSpec("yy", "mul", ("y", "y")),
+            NodeSpec("z", "sum", ("yy",)),
+        ),
+        (("y", "y"), ("z", "z")),
+    )
 
 
 def feeds(batch: int) -> dict:
@@ -110,9 +124,17 @@ def test_a_spec_without_an_id_is_keyed_by_the_object():
 
 
 # --- results ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("policy", ["store_all", "sqrt", "recompute_all",
-                                    policies.Budget(fraction=0.7), policies.DTR(fraction=0.8)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "store_all",
+        "sqrt",
+        "recompute_all",
+        policies.Budget(fraction=0.7),
+        policies.DTR(fraction=0.8),
+    ],
+    ids=str,
+)
 def test_cached_and_uncached_results_are_bit_identical(policy):
     cached, uncached = Engine(), Engine(cache_bytes=0)
     request, _ = mlp_request(policy=policy)
@@ -136,14 +158,16 @@ def test_a_profiled_budget_is_planned_per_request():
 def test_plan_and_run_share_the_compiled_request():
     engine = Engine()
     request, model = mlp_request(policy="sqrt")
-    planned = engine.plan(request.graph, graph_id="mlp", wrt=request.wrt, loss=request.loss,
-                          policy="sqrt")
+    planned = engine.plan(
+        request.graph, graph_id="mlp", wrt=request.wrt, loss=request.loss, policy="sqrt"
+    )
     assert not planned.cached
     run = engine.run(request)
     assert run.metrics.plan_cached
     assert run.metrics.predicted_peak_bytes == planned.simulation.peak_bytes
-    assert engine.plan(request.graph, graph_id="mlp", wrt=request.wrt, loss=request.loss,
-                       policy="sqrt").cached
+    assert engine.plan(
+        request.graph, graph_id="mlp", wrt=request.wrt, loss=request.loss, policy="sqrt"
+    ).cached
 
 
 # --- bounds ----------------------------------------------------------------------------------
@@ -151,6 +175,7 @@ def test_the_lru_evicts_within_its_byte_bound_coldest_first():
     class Item:
         def __init__(self, nbytes):
             self.nbytes = nbytes
+
     cache = LRUCache(max_bytes=100)
     for key in "abcd":
         cache.get_or_build(key, lambda: Item(30))
@@ -168,6 +193,7 @@ def test_the_lru_evicts_within_its_byte_bound_coldest_first():
 def test_an_entry_that_grows_is_re_measured():
     class Item:
         nbytes = 40
+
     cache = LRUCache(max_bytes=100)
     first, _ = cache.get_or_build("a", Item)
     cache.get_or_build("b", Item)
@@ -188,13 +214,26 @@ def test_the_engine_cache_stays_within_its_bound():
 
 def test_estimates_are_within_a_factor_of_two_of_what_is_retained():
     def chain(n):
-        nodes = [NodeSpec(f"a{i}", "add", ("x" if i == 0 else f"a{i - 1}", "x"))
-                 for i in range(n)]
-        return GraphSpec("chain", (InputSpec("x", (1,), "float32"),),
-                         (*nodes, NodeSpec("s", "sum", (f"a{n - 1}",))), (("loss", "s"),))
+        nodes = [NodeSpec(f"a{i}", "add", ("x" if i == 0 else f"a{i - 1}", "x")) for i in range(n)]
+        return GraphSpec(
+            "chain",
+            (InputSpec("x", (1,), "float32"),),
+            (*nodes, NodeSpec("s", "sum", (f"a{n - 1}",))),
+            (("loss", "s"),),
+        )
+
     mlp, model = mlp_request()
-    cases = [RunRequest(chain(3000), {"x": np.ones(1, np.float32)}, wrt=("x",), loss="loss",
-                        policy="store_all", graph_id="chain"), mlp]
+    cases = [
+        RunRequest(
+            chain(3000),
+            {"x": np.ones(1, np.float32)},
+            wrt=("x",),
+            loss="loss",
+            policy="store_all",
+            graph_id="chain",
+        ),
+        mlp,
+    ]
     for request in cases:
         engine = Engine(cache_bytes=1 << 40)
         gc.collect()
@@ -206,8 +245,7 @@ def test_estimates_are_within_a_factor_of_two_of_what_is_retained():
             retained = tracemalloc.get_traced_memory()[0] - base
         finally:
             tracemalloc.stop()
-        assert retained / 2 <= engine.cache.nbytes <= retained * 2, (retained,
-                                                                      engine.cache.nbytes)
+        assert retained / 2 <= engine.cache.nbytes <= retained * 2, (retained, engine.cache.nbytes)
 
 
 # --- concurrency -----------------------------------------------------------------------------
@@ -222,10 +260,13 @@ def test_concurrent_first_requests_compile_and_plan_once(monkeypatch):
             with lock:
                 counts[name] += 1
             return function(*args, **kwargs)
+
         return counted
+
     monkeypatch.setattr(run_module, "validate", counting("validate", run_module.validate))
-    monkeypatch.setattr(run_module, "compile_request",
-                        counting("compile", run_module.compile_request))
+    monkeypatch.setattr(
+        run_module, "compile_request", counting("compile", run_module.compile_request)
+    )
     monkeypatch.setattr(compile_module, "_plan", counting("plan", compile_module._plan))
     engine = Engine()
     start = threading.Barrier(8)
@@ -233,6 +274,7 @@ def test_concurrent_first_requests_compile_and_plan_once(monkeypatch):
     def run_once(_):
         start.wait()  # all eight ask at (about) the same moment
         return engine.run(request)
+
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(run_once, range(8)))
     assert counts == {"validate": 1, "compile": 1, "plan": 1}
@@ -244,8 +286,12 @@ def test_concurrent_first_requests_compile_and_plan_once(monkeypatch):
 
 def test_a_failed_compile_is_not_cached_and_reaches_every_waiter():
     engine = Engine()
-    bad = GraphSpec("bad", (InputSpec("x", (2,), "float64"),),
-                    (NodeSpec("y", "matmul", ("x", "x", "x")),), (("y", "y"),))
+    bad = GraphSpec(
+        "bad",
+        (InputSpec("x", (2,), "float64"),),
+        (NodeSpec("y", "matmul", ("x", "x", "x")),),
+        (("y", "y"),),
+    )
     for _ in range(2):  # raised each time: the failure was not kept
         with pytest.raises(Exception, match="takes 2 inputs"):
             engine.run(RunRequest(bad, {"x": np.ones(2)}, graph_id="bad"))

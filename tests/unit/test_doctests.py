@@ -1,5 +1,6 @@
 """The examples in docstrings run, and say what they print: every module of the three
 packages (the generated stubs aside)."""
+
 from __future__ import annotations
 
 import doctest
@@ -12,9 +13,12 @@ import remat
 import remat_proto
 import remat_server
 
-MODULES = sorted(info.name for package in (remat, remat_server, remat_proto)
-                 for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
-                 if ".v1" not in info.name)
+MODULES = sorted(
+    info.name
+    for package in (remat, remat_server, remat_proto)
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+    if ".v1" not in info.name
+)
 
 
 @pytest.mark.parametrize("name", MODULES)

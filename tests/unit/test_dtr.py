@@ -4,6 +4,7 @@ Every schedule passes the simulator within its budget, executes to outputs and
 gradients bit-identical to store-all's, and recomputes only forward values; a generous
 budget recomputes nothing; a budget below what DTR can reach is RESOURCE_EXHAUSTED.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,17 +16,17 @@ import support
 
 import remat
 from remat import models
-from remat_server.checkpoint.planners import bounds
-from remat_server.checkpoint.memory import LiveBytes
-from remat_server.checkpoint.planners.dtr import plan_dtr
 from remat_proto.policies import DTR, Sqrt
+from remat_server.checkpoint.memory import LiveBytes
+from remat_server.checkpoint.planners import bounds
+from remat_server.checkpoint.planners.dtr import plan_dtr
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.schedule import Compute
-from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import ResourceExhausted
 from remat_server.graph.ir import GraphSpec
 from remat_server.graph.limits import Limits
+from remat_server.service.codec import graph_from_proto
 
 ENGINE = Engine()
 
@@ -66,16 +67,14 @@ CASES = [(name, fraction) for name in GRAPHS for fraction in FRACTIONS]
 
 def spec_of(model: models.Model) -> GraphSpec:  # the chain is built as a spec already
     graph = model.graph
-    return graph if isinstance(graph, GraphSpec) else graph_from_proto(graph.to_proto(),
-                                                                       Limits())
+    return graph if isinstance(graph, GraphSpec) else graph_from_proto(graph.to_proto(), Limits())
 
 
 def request(model, spec, policy="store_all") -> RunRequest:
-    return RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
-                      policy=policy)
+    return RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss, policy=policy)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name: str):
     model = GRAPHS[name]()
     spec = spec_of(model)
@@ -114,8 +113,9 @@ def test_schedule_fits_budget_and_is_bit_identical_to_store_all(name, fraction):
     assert report.detail == f"{evictions} evictions, {remats} rematerializations"
     assert remats == sim.recomputed_nodes
     problem = problem_of(model, spec)
-    assert all(count == 1 for node, count in sim.evaluations.items()
-               if not problem.is_forward(node)), "a backward node was computed twice"
+    assert all(
+        count == 1 for node, count in sim.evaluations.items() if not problem.is_forward(node)
+    ), "a backward node was computed twice"
     if fraction == 1.0:  # store-all fits: DTR never evicts
         assert evictions == remats == sim.recompute_flops == 0
     elif fraction <= 0.6:
@@ -136,8 +136,7 @@ def test_schedule_fits_budget_and_is_bit_identical_to_store_all(name, fraction):
 @pytest.mark.parametrize("fraction", [0.9, 0.75])
 def test_transformer_block_with_views_is_bit_identical(fraction):
     # Reshapes and transposes share buffers; its lowest peak is ~0.73 of store-all's.
-    model = models.transformer_block(batch=2, seq=8, d_model=8, heads=2, d_ff=16,
-                                     dtype="float64")
+    model = models.transformer_block(batch=2, seq=8, d_model=8, heads=2, d_ff=16, dtype="float64")
     spec = spec_of(model)
     expected = ENGINE.run(request(model, spec))
     policy = DTR(fraction=fraction)
@@ -168,8 +167,7 @@ def test_chain_at_sqrt_memory_recomputes_about_as_much_as_sqrt():
     model = chain(32, 64)
     spec = spec_of(model)
     sqrt = ENGINE.plan(spec, wrt=("x",), loss="loss", policy=Sqrt()).simulation
-    dtr = ENGINE.plan(spec, wrt=("x",), loss="loss",
-                      policy=DTR(bytes=sqrt.peak_bytes)).simulation
+    dtr = ENGINE.plan(spec, wrt=("x",), loss="loss", policy=DTR(bytes=sqrt.peak_bytes)).simulation
     assert dtr.peak_bytes <= sqrt.peak_bytes
     assert 0 < dtr.recompute_flops <= 2 * sqrt.recompute_flops
 
@@ -190,5 +188,6 @@ def test_a_2000_node_graph_plans(capsys):
     sim = bounds.simulated(problem, schedule)
     assert sim.peak_bytes <= schedule.report.budget_bytes
     with capsys.disabled():
-        print(f"\nDTR planned {len(problem.graph)} nodes in {seconds:.3f}s "
-              f"({schedule.report.detail})")
+        print(
+            f"\nDTR planned {len(problem.graph)} nodes in {seconds:.3f}s ({schedule.report.detail})"
+        )

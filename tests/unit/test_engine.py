@@ -2,22 +2,23 @@
 accounted memory equals the prediction (and a hand count), deep chains need no
 recursion, metrics are filled in, NaN/Inf pass through with a warning, cancellation
 stops the run, inputs stay live, and fetch is checked."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from remat_server.autodiff import differentiate
-from remat_server.graph.validate import build_graph
 from remat_server.checkpoint.planners.store_all import plan_store_all
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.schedule import Compute, Free, Schedule
 from remat_server.checkpoint.simulate import InvalidSchedule, simulate
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import Cancelled, InvalidArgument
-from remat_server.runtime.executor import execute
 from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 from remat_server.graph.limits import Limits
+from remat_server.graph.validate import build_graph
+from remat_server.runtime.executor import execute
 
 F64 = 8  # bytes per float64 element
 
@@ -27,14 +28,20 @@ def N(name, op, *inputs, **attrs):
 
 
 def spec_of(feeds: dict, nodes, outputs, name="t") -> GraphSpec:
-    return GraphSpec(name, tuple(InputSpec(k, v.shape, v.dtype.name) for k, v in feeds.items()),
-                     tuple(nodes), tuple(outputs))
+    return GraphSpec(
+        name,
+        tuple(InputSpec(k, v.shape, v.dtype.name) for k, v in feeds.items()),
+        tuple(nodes),
+        tuple(outputs),
+    )
 
 
 def mlp(seed=0, batch=8, sizes=(6, 16, 16, 3)):
     rng = np.random.default_rng(seed)
-    feeds = {"x": rng.standard_normal((batch, sizes[0])),
-             "y": rng.standard_normal((batch, sizes[-1]))}
+    feeds = {
+        "x": rng.standard_normal((batch, sizes[0])),
+        "y": rng.standard_normal((batch, sizes[-1])),
+    }
     nodes, prev = [], "x"
     for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         feeds[f"w{i}"] = rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)
@@ -56,8 +63,11 @@ def residual_net(seed=1, batch=4, width=8, blocks=4):
     nodes, prev = [], "x"
     for k in range(blocks):
         feeds[f"w{k}"] = rng.standard_normal((width, width)) / np.sqrt(width)
-        nodes += [N(f"mm{k}", "matmul", prev, f"w{k}"), N(f"t{k}", "tanh", f"mm{k}"),
-                  N(f"h{k}", "add", prev, f"t{k}")]
+        nodes += [
+            N(f"mm{k}", "matmul", prev, f"w{k}"),
+            N(f"t{k}", "tanh", f"mm{k}"),
+            N(f"h{k}", "add", prev, f"t{k}"),
+        ]
         prev = f"h{k}"
     nodes += [N("skip", "mul", prev, "x"), N("loss", "sum", "skip")]
     return spec_of(feeds, nodes, [("loss", "loss")], "resnet"), feeds, tuple(feeds)
@@ -116,17 +126,18 @@ def test_executor_peak_equals_simulator_prediction(net):
 def test_peak_of_a_tiny_chain_by_hand():
     rng = np.random.default_rng(2)
     feeds = {"x": rng.standard_normal((4, 5)), "w": rng.standard_normal((5, 3))}
-    spec = spec_of(feeds, [N("y", "matmul", "x", "w"), N("z", "tanh", "y"),
-                           N("s", "sum", "z")], [("s", "s")])
+    spec = spec_of(
+        feeds, [N("y", "matmul", "x", "w"), N("z", "tanh", "y"), N("s", "sum", "z")], [("s", "s")]
+    )
     x, w, y, z, s = 20 * F64, 15 * F64, 12 * F64, 12 * F64, 1 * F64  # 160, 120, 96, 96, 8
     # Store-all: inputs stay live (the request holds them); each computed value is freed
     # right after its last use.
     expected_timeline = [
-        x + w + y,          # compute y  -> 376
-        x + w + y + z,      # compute z  -> 472, the peak
-        x + w + z,          # free y
-        x + w + z + s,      # compute s
-        x + w + s,          # free z
+        x + w + y,  # compute y  -> 376
+        x + w + y + z,  # compute z  -> 472, the peak
+        x + w + z,  # free y
+        x + w + z + s,  # compute s
+        x + w + s,  # free z
     ]
     graph = build_graph(spec, Limits())
     schedule = plan_store_all(Problem(graph, frozenset({"s"}), frozenset(graph.nodes)))
@@ -150,8 +161,15 @@ def test_peak_of_a_tiny_chain_with_gradient_by_hand():
     result = Engine().run(RunRequest(spec, feeds, wrt=("x",), loss="loss"))
     np.testing.assert_allclose(result.grads["x"], np.exp(feeds["x"]), rtol=1e-15)
     joint, schedule = joint_and_schedule(spec, ("x",))
-    assert [n.op for n in joint.graph] == ["input", "exp", "sum", "constant", "reshape",
-                                            "broadcast_to", "mul"]
+    assert [n.op for n in joint.graph] == [
+        "input",
+        "exp",
+        "sum",
+        "constant",
+        "reshape",
+        "broadcast_to",
+        "mul",
+    ]
     vec, scalar = 3 * F64, F64
     # x (24, held by the request throughout) -> +e (48) -> +loss (56). The seed `one` is a
     # constant (its bytes belong to the graph: 0), r and b are views of it (0 more), so
@@ -176,7 +194,7 @@ def test_ten_thousand_node_chain_forward_and_backward_without_recursion():
     value, grad = x.copy(), np.ones_like(x)
     for _ in range(depth):
         value = np.tanh(value)
-        grad *= 1 - value ** 2
+        grad *= 1 - value**2
     np.testing.assert_allclose(result.outputs["last"], value, rtol=1e-12)
     np.testing.assert_allclose(result.grads["x"], grad, rtol=1e-9)
     assert np.all(grad > 0)  # the check is not vacuous: the gradient did not underflow
@@ -222,8 +240,11 @@ def test_metrics_are_populated():
 def test_nan_and_inf_pass_through_with_warnings():
     x = np.array([1.0, np.nan, np.inf, -2.0])
     feeds = {"x": x, "ok": np.ones(4)}
-    spec = spec_of(feeds, [N("e", "mul", "x", "ok"), N("out", "tanh", "e"),
-                           N("loss", "sum", "out")], [("out", "out"), ("loss", "loss")])
+    spec = spec_of(
+        feeds,
+        [N("e", "mul", "x", "ok"), N("out", "tanh", "e"), N("loss", "sum", "out")],
+        [("out", "out"), ("loss", "loss")],
+    )
     result = Engine().run(RunRequest(spec, feeds, wrt=("x",), loss="loss"))
     out = result.outputs["out"]
     assert np.isnan(out[1]) and out[2] == 1.0
@@ -260,8 +281,10 @@ def test_should_stop_cancels_the_run(k):
 def test_should_stop_is_polled_once_per_step_when_never_true():
     spec, feeds, params = mlp()
     calls = []
-    result = Engine().run(RunRequest(spec, feeds, wrt=params, loss="loss"),
-                          should_stop=lambda: calls.append(1) and False)
+    result = Engine().run(
+        RunRequest(spec, feeds, wrt=params, loss="loss"),
+        should_stop=lambda: calls.append(1) and False,
+    )
     _, schedule = joint_and_schedule(spec, params)
     assert len(calls) == len(schedule.steps)
     assert set(result.grads) == set(params)

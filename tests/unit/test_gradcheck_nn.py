@@ -1,13 +1,14 @@
 """nn, conv and random ops: gradients against centered differences (first and second
 order), forwards against loop references and, when installed, torch.nn.functional."""
+
 from __future__ import annotations
 
 import itertools
 
 import numpy as np
 import pytest
-
 import support
+
 from remat_server.engine import RunRequest
 from remat_server.errors import InvalidArgument
 from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
@@ -31,41 +32,111 @@ CASES = [
     ("softmax-axis0", "softmax", {"x": normal(4, 3, 2)}, {"axis": 0}, ["x"]),
     ("log_softmax-last", "log_softmax", {"x": normal(3, 5)}, {}, ["x"]),
     ("log_softmax-mid", "log_softmax", {"x": normal(2, 4, 3)}, {"axis": -2}, ["x"]),
-    ("cross_entropy-2d", "cross_entropy",
-     {"logits": normal(4, 5), "labels": labels((4,), 5)}, {}, ["logits"]),
-    ("cross_entropy-3d", "cross_entropy",
-     {"logits": normal(2, 3, 4), "labels": labels((2, 3), 4, dtype=np.int32)}, {}, ["logits"]),
-    ("layer_norm-k1", "layer_norm",
-     {"x": normal(3, 2, 5), "weight": normal(5, seed=1), "bias": normal(5, seed=2)}, {},
-     ["x", "weight", "bias"]),
-    ("layer_norm-k2", "layer_norm",
-     {"x": normal(3, 2, 4), "weight": normal(2, 4, seed=1), "bias": normal(2, 4, seed=2)},
-     {"eps": 1e-3}, ["x", "weight", "bias"]),
-    ("conv2d-plain", "conv2d", {"x": normal(2, 2, 4, 4), "w": normal(3, 2, 2, 2, seed=1)}, {},
-     ["x", "w"]),
-    ("conv2d-stride-pad", "conv2d",
-     {"x": normal(1, 2, 5, 5), "w": normal(2, 2, 3, 3, seed=1)},
-     {"stride": (2, 2), "padding": (1, 1)}, ["x", "w"]),
-    ("conv2d-dilation-asym", "conv2d",
-     {"x": normal(1, 2, 5, 6), "w": normal(2, 2, 2, 3, seed=1)},
-     {"stride": (1, 2), "padding": (2, 0), "dilation": (2, 1)}, ["x", "w"]),
-    ("max_pool2d-default-stride", "max_pool2d", {"x": normal(1, 2, 4, 6)},
-     {"kernel": (2, 2)}, ["x"]),
-    ("max_pool2d-overlap-pad", "max_pool2d", {"x": normal(1, 2, 5, 5)},
-     {"kernel": (3, 3), "stride": (2, 1), "padding": (1, 1)}, ["x"]),
-    ("max_pool2d-dilation", "max_pool2d", {"x": normal(2, 1, 5, 5)},
-     {"kernel": (2, 2), "stride": (1, 2), "dilation": (2, 2)}, ["x"]),
-    ("avg_pool2d-default-stride", "avg_pool2d", {"x": normal(1, 2, 4, 6)},
-     {"kernel": (2, 3)}, ["x"]),
-    ("avg_pool2d-overlap-pad", "avg_pool2d", {"x": normal(1, 2, 5, 5)},
-     {"kernel": (3, 3), "stride": (2, 1), "padding": (1, 1)}, ["x"]),
-    ("avg_pool2d-exclude-pad", "avg_pool2d", {"x": normal(1, 2, 5, 5)},
-     {"kernel": (3, 2), "stride": (2, 2), "padding": (1, 1), "count_include_pad": False},
-     ["x"]),
-    ("unfold", "unfold", {"x": normal(1, 2, 4, 5)},
-     {"kernel": (2, 3), "stride": (1, 2), "padding": (1, 0), "dilation": (2, 1)}, ["x"]),
-    ("fold", "fold", {"cols": normal(1, 4, 10)},
-     {"output_size": (4, 4), "kernel": (2, 2), "stride": (2, 1), "padding": (0, 1)}, ["cols"]),
+    (
+        "cross_entropy-2d",
+        "cross_entropy",
+        {"logits": normal(4, 5), "labels": labels((4,), 5)},
+        {},
+        ["logits"],
+    ),
+    (
+        "cross_entropy-3d",
+        "cross_entropy",
+        {"logits": normal(2, 3, 4), "labels": labels((2, 3), 4, dtype=np.int32)},
+        {},
+        ["logits"],
+    ),
+    (
+        "layer_norm-k1",
+        "layer_norm",
+        {"x": normal(3, 2, 5), "weight": normal(5, seed=1), "bias": normal(5, seed=2)},
+        {},
+        ["x", "weight", "bias"],
+    ),
+    (
+        "layer_norm-k2",
+        "layer_norm",
+        {"x": normal(3, 2, 4), "weight": normal(2, 4, seed=1), "bias": normal(2, 4, seed=2)},
+        {"eps": 1e-3},
+        ["x", "weight", "bias"],
+    ),
+    (
+        "conv2d-plain",
+        "conv2d",
+        {"x": normal(2, 2, 4, 4), "w": normal(3, 2, 2, 2, seed=1)},
+        {},
+        ["x", "w"],
+    ),
+    (
+        "conv2d-stride-pad",
+        "conv2d",
+        {"x": normal(1, 2, 5, 5), "w": normal(2, 2, 3, 3, seed=1)},
+        {"stride": (2, 2), "padding": (1, 1)},
+        ["x", "w"],
+    ),
+    (
+        "conv2d-dilation-asym",
+        "conv2d",
+        {"x": normal(1, 2, 5, 6), "w": normal(2, 2, 2, 3, seed=1)},
+        {"stride": (1, 2), "padding": (2, 0), "dilation": (2, 1)},
+        ["x", "w"],
+    ),
+    (
+        "max_pool2d-default-stride",
+        "max_pool2d",
+        {"x": normal(1, 2, 4, 6)},
+        {"kernel": (2, 2)},
+        ["x"],
+    ),
+    (
+        "max_pool2d-overlap-pad",
+        "max_pool2d",
+        {"x": normal(1, 2, 5, 5)},
+        {"kernel": (3, 3), "stride": (2, 1), "padding": (1, 1)},
+        ["x"],
+    ),
+    (
+        "max_pool2d-dilation",
+        "max_pool2d",
+        {"x": normal(2, 1, 5, 5)},
+        {"kernel": (2, 2), "stride": (1, 2), "dilation": (2, 2)},
+        ["x"],
+    ),
+    (
+        "avg_pool2d-default-stride",
+        "avg_pool2d",
+        {"x": normal(1, 2, 4, 6)},
+        {"kernel": (2, 3)},
+        ["x"],
+    ),
+    (
+        "avg_pool2d-overlap-pad",
+        "avg_pool2d",
+        {"x": normal(1, 2, 5, 5)},
+        {"kernel": (3, 3), "stride": (2, 1), "padding": (1, 1)},
+        ["x"],
+    ),
+    (
+        "avg_pool2d-exclude-pad",
+        "avg_pool2d",
+        {"x": normal(1, 2, 5, 5)},
+        {"kernel": (3, 2), "stride": (2, 2), "padding": (1, 1), "count_include_pad": False},
+        ["x"],
+    ),
+    (
+        "unfold",
+        "unfold",
+        {"x": normal(1, 2, 4, 5)},
+        {"kernel": (2, 3), "stride": (1, 2), "padding": (1, 0), "dilation": (2, 1)},
+        ["x"],
+    ),
+    (
+        "fold",
+        "fold",
+        {"cols": normal(1, 4, 10)},
+        {"output_size": (4, 4), "kernel": (2, 2), "stride": (2, 1), "padding": (0, 1)},
+        ["cols"],
+    ),
     ("dropout", "dropout", {"x": normal(5, 6)}, {"p": 0.4, "seed": 3}, ["x"]),
     ("dropout-p0", "dropout", {"x": normal(2, 3)}, {"p": 0.0}, ["x"]),
 ]
@@ -74,8 +145,9 @@ IDS = [case[0] for case in CASES]
 
 def run_op(op, inputs, attrs=None, name="out"):
     specs = tuple(InputSpec(k, a.shape, a.dtype.name) for k, a in inputs.items())
-    spec = GraphSpec("t", specs, (NodeSpec(name, op, tuple(inputs), attrs or {}),),
-                     (("out", name),))
+    spec = GraphSpec(
+        "t", specs, (NodeSpec(name, op, tuple(inputs), attrs or {}),), (("out", name),)
+    )
     return support.ENGINE.run(RunRequest(spec, inputs)).outputs["out"]
 
 
@@ -92,8 +164,7 @@ def test_gradients_match_centered_differences(case_id, op, inputs, attrs, wrt):
 
 @pytest.mark.parametrize("case_id, op, inputs, attrs, wrt", CASES, ids=IDS)
 def test_float32_keeps_dtype(case_id, op, inputs, attrs, wrt):
-    inputs32 = {k: a.astype(np.float32) if a.dtype == np.float64 else a
-                for k, a in inputs.items()}
+    inputs32 = {k: a.astype(np.float32) if a.dtype == np.float64 else a for k, a in inputs.items()}
     spec, feeds = support.op_graph(op, inputs32, attrs)
     result = support.ENGINE.run(RunRequest(spec, feeds, wrt=tuple(wrt), loss="loss"))
     assert result.outputs["out"].dtype == np.float32
@@ -114,11 +185,15 @@ def _joint_hvp_spec(spec, wrt):
     for name in wrt:
         grad = graph.outputs[joint.grad_outputs[name]]
         inputs += (InputSpec(f"v/{name}", graph[name].shape, graph[name].dtype),)
-        nodes += [NodeSpec(f"gv/{name}", "mul", (grad, f"v/{name}")),
-                  NodeSpec(f"s/{name}", "sum", (f"gv/{name}",))]
+        nodes += [
+            NodeSpec(f"gv/{name}", "mul", (grad, f"v/{name}")),
+            NodeSpec(f"s/{name}", "sum", (f"gv/{name}",)),
+        ]
         terms.append(f"s/{name}")
-    nodes += [NodeSpec(f"acc/{k}", "add", (f"acc/{k - 1}" if k > 1 else terms[0], terms[k]))
-              for k in range(1, len(terms))]
+    nodes += [
+        NodeSpec(f"acc/{k}", "add", (f"acc/{k - 1}" if k > 1 else terms[0], terms[k]))
+        for k in range(1, len(terms))
+    ]
     total = f"acc/{len(terms) - 1}" if len(terms) > 1 else terms[0]
     return GraphSpec("hvp", inputs, tuple(nodes), (("loss2", total),))
 
@@ -128,25 +203,47 @@ def _nonlinear_probe(op, inputs, attrs):
     specs = tuple(InputSpec(k, a.shape, a.dtype.name) for k, a in inputs.items())
     out = run_op(op, inputs, attrs)
     weight = 0.5 + _rng(7).random(out.shape)  # away from 0, even for a scalar output
-    spec = GraphSpec("probe", specs + (InputSpec("R", weight.shape, "float64"),), (
-        NodeSpec("out", op, tuple(inputs), attrs), NodeSpec("t", "tanh", ("out",)),
-        NodeSpec("tw", "mul", ("t", "R")), NodeSpec("l", "sum", ("tw",))), (("loss", "l"),))
+    spec = GraphSpec(
+        "probe",
+        specs + (InputSpec("R", weight.shape, "float64"),),
+        (
+            NodeSpec("out", op, tuple(inputs), attrs),
+            NodeSpec("t", "tanh", ("out",)),
+            NodeSpec("tw", "mul", ("t", "R")),
+            NodeSpec("l", "sum", ("tw",)),
+        ),
+        (("loss", "l"),),
+    )
     return spec, {**inputs, "R": weight}
 
 
-SECOND_ORDER = ["conv2d-stride-pad", "conv2d-dilation-asym", "layer_norm-k1", "layer_norm-k2",
-                "softmax-axis0", "log_softmax-last", "cross_entropy-3d",
-                "max_pool2d-overlap-pad", "avg_pool2d-exclude-pad", "unfold", "fold", "dropout"]
+SECOND_ORDER = [
+    "conv2d-stride-pad",
+    "conv2d-dilation-asym",
+    "layer_norm-k1",
+    "layer_norm-k2",
+    "softmax-axis0",
+    "log_softmax-last",
+    "cross_entropy-3d",
+    "max_pool2d-overlap-pad",
+    "avg_pool2d-exclude-pad",
+    "unfold",
+    "fold",
+    "dropout",
+]
 
 
-@pytest.mark.parametrize("case_id, op, inputs, attrs, wrt",
-                         [c for c in CASES if c[0] in SECOND_ORDER],
-                         ids=[c[0] for c in CASES if c[0] in SECOND_ORDER])
+@pytest.mark.parametrize(
+    "case_id, op, inputs, attrs, wrt",
+    [c for c in CASES if c[0] in SECOND_ORDER],
+    ids=[c[0] for c in CASES if c[0] in SECOND_ORDER],
+)
 def test_second_order_hessian_vector_products(case_id, op, inputs, attrs, wrt):
     spec, feeds = _nonlinear_probe(op, inputs, attrs)
     spec2 = _joint_hvp_spec(spec, wrt)
-    directions = {f"v/{name}": normal(*inputs[name].shape, seed=11 + k)
-                  for k, name in enumerate(wrt)}
+    directions = {
+        f"v/{name}": normal(*inputs[name].shape, seed=11 + k) for k, name in enumerate(wrt)
+    }
     feeds2 = {**feeds, **directions}
     support.check_grads(spec2, feeds2, wrt, loss="loss2", tol=1e-6)
     hvp = support.ENGINE.run(RunRequest(spec2, feeds2, wrt=tuple(wrt), loss="loss2")).grads
@@ -162,23 +259,28 @@ def conv2d_loop(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     out = np.zeros((n, o, ho, wo))
     for b, f, i, j in itertools.product(range(n), range(o), range(ho), range(wo)):
         for ch, p, q in itertools.product(range(c), range(kh), range(kw)):
-            out[b, f, i, j] += w[f, ch, p, q] * xp[b, ch, i * stride[0] + p * dilation[0],
-                                                   j * stride[1] + q * dilation[1]]
+            out[b, f, i, j] += (
+                w[f, ch, p, q]
+                * xp[b, ch, i * stride[0] + p * dilation[0], j * stride[1] + q * dilation[1]]
+            )
     return out
 
 
 def unfold_loop(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), pad_value=0.0):
     n, c, h, w = x.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2),
-                constant_values=pad_value)
+    xp = np.pad(
+        x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2), constant_values=pad_value
+    )
     ho = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
     cols = np.zeros((n, c * kernel[0] * kernel[1], ho * wo))
-    for b, ch, p, q, i, j in itertools.product(range(n), range(c), range(kernel[0]),
-                                               range(kernel[1]), range(ho), range(wo)):
+    for b, ch, p, q, i, j in itertools.product(
+        range(n), range(c), range(kernel[0]), range(kernel[1]), range(ho), range(wo)
+    ):
         row = (ch * kernel[0] + p) * kernel[1] + q  # channel-major, as torch
-        cols[b, row, i * wo + j] = xp[b, ch, i * stride[0] + p * dilation[0],
-                                      j * stride[1] + q * dilation[1]]
+        cols[b, row, i * wo + j] = xp[
+            b, ch, i * stride[0] + p * dilation[0], j * stride[1] + q * dilation[1]
+        ]
     return cols
 
 
@@ -223,18 +325,26 @@ def test_unfold_pad_value():
     np.testing.assert_array_equal(cols, unfold_loop(x, (2, 2), padding=(1, 1), pad_value=-7.0))
 
 
-@pytest.mark.parametrize("attrs", [
-    {"kernel": (2, 2)},
-    {"kernel": (3, 3), "stride": (1, 2), "padding": (1, 1)},
-    {"kernel": (3, 2), "stride": (2, 2), "padding": (1, 0)},
-])
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"kernel": (2, 2)},
+        {"kernel": (3, 3), "stride": (1, 2), "padding": (1, 1)},
+        {"kernel": (3, 2), "stride": (2, 2), "padding": (1, 0)},
+    ],
+)
 def test_pools_match_loop_reference(attrs):
     x = normal(2, 3, 6, 7)
     full = {"stride": attrs["kernel"], "padding": (0, 0), **attrs}
-    np.testing.assert_array_equal(run_op("max_pool2d", {"x": x}, attrs),
-                                  pool_loop(x, **full, reduce=np.max, pad_value=-np.inf))
-    np.testing.assert_allclose(run_op("avg_pool2d", {"x": x}, attrs),
-                               pool_loop(x, **full, reduce=np.mean, pad_value=0.0), rtol=1e-12)
+    np.testing.assert_array_equal(
+        run_op("max_pool2d", {"x": x}, attrs),
+        pool_loop(x, **full, reduce=np.max, pad_value=-np.inf),
+    )
+    np.testing.assert_allclose(
+        run_op("avg_pool2d", {"x": x}, attrs),
+        pool_loop(x, **full, reduce=np.mean, pad_value=0.0),
+        rtol=1e-12,
+    )
 
 
 def test_max_pool2d_ties_share_the_gradient():
@@ -258,8 +368,9 @@ def test_cross_entropy_matches_formula():
     logits, y = normal(2, 3, 4), labels((2, 3), 4)
     picked = np.take_along_axis(logits, y[..., None], -1)[..., 0]
     expected = np.mean(np.log(np.exp(logits).sum(-1)) - picked)
-    assert np.isclose(run_op("cross_entropy", {"logits": logits, "labels": y}), expected,
-                      rtol=1e-13)
+    assert np.isclose(
+        run_op("cross_entropy", {"logits": logits, "labels": y}), expected, rtol=1e-13
+    )
 
 
 def test_layer_norm_matches_formula():
@@ -272,8 +383,11 @@ def test_layer_norm_matches_formula():
 
 
 def test_one_hot():
-    out = run_op("one_hot", {"i": np.array([[2, 0], [1, 2]], dtype=np.int32)},
-                 {"depth": 3, "dtype": "float64"})
+    out = run_op(
+        "one_hot",
+        {"i": np.array([[2, 0], [1, 2]], dtype=np.int32)},
+        {"depth": 3, "dtype": "float64"},
+    )
     assert out.dtype == np.float64
     np.testing.assert_array_equal(out, np.eye(3)[[[2, 0], [1, 2]]])
 
@@ -288,38 +402,69 @@ def _ours(op, inputs, attrs, wrt):
 def _torch_call(torch, op, tensors, attrs):
     F = torch.nn.functional
     if op == "conv2d":
-        return F.conv2d(tensors["x"], tensors["w"], stride=attrs.get("stride", 1),
-                        padding=attrs.get("padding", 0), dilation=attrs.get("dilation", 1))
+        return F.conv2d(
+            tensors["x"],
+            tensors["w"],
+            stride=attrs.get("stride", 1),
+            padding=attrs.get("padding", 0),
+            dilation=attrs.get("dilation", 1),
+        )
     if op == "max_pool2d":
-        return F.max_pool2d(tensors["x"], attrs["kernel"], attrs.get("stride"),
-                            attrs.get("padding", 0), attrs.get("dilation", 1))
+        return F.max_pool2d(
+            tensors["x"],
+            attrs["kernel"],
+            attrs.get("stride"),
+            attrs.get("padding", 0),
+            attrs.get("dilation", 1),
+        )
     if op == "avg_pool2d":
-        return F.avg_pool2d(tensors["x"], attrs["kernel"], attrs.get("stride"),
-                            attrs.get("padding", 0),
-                            count_include_pad=attrs.get("count_include_pad", True))
+        return F.avg_pool2d(
+            tensors["x"],
+            attrs["kernel"],
+            attrs.get("stride"),
+            attrs.get("padding", 0),
+            count_include_pad=attrs.get("count_include_pad", True),
+        )
     if op == "layer_norm":
         w = tensors["weight"]
-        return F.layer_norm(tensors["x"], tuple(w.shape), w, tensors["bias"],
-                            attrs.get("eps", 1e-5))
+        return F.layer_norm(
+            tensors["x"], tuple(w.shape), w, tensors["bias"], attrs.get("eps", 1e-5)
+        )
     if op == "cross_entropy":
         logits = tensors["logits"]  # torch wants the class axis at 1
-        return F.cross_entropy(logits.movedim(-1, 1) if logits.ndim > 2 else logits,
-                               tensors["labels"].long())
+        return F.cross_entropy(
+            logits.movedim(-1, 1) if logits.ndim > 2 else logits, tensors["labels"].long()
+        )
     if op in ("softmax", "log_softmax"):
         return getattr(F, op)(tensors["x"], dim=attrs.get("axis", -1))
     if op == "unfold":
-        return F.unfold(tensors["x"], attrs["kernel"], dilation=attrs.get("dilation", 1),
-                        padding=attrs.get("padding", 0), stride=attrs.get("stride", 1))
+        return F.unfold(
+            tensors["x"],
+            attrs["kernel"],
+            dilation=attrs.get("dilation", 1),
+            padding=attrs.get("padding", 0),
+            stride=attrs.get("stride", 1),
+        )
     raise AssertionError(op)
 
 
-TORCH_OPS = ("conv2d", "max_pool2d", "avg_pool2d", "layer_norm", "cross_entropy", "softmax",
-             "log_softmax", "unfold")
+TORCH_OPS = (
+    "conv2d",
+    "max_pool2d",
+    "avg_pool2d",
+    "layer_norm",
+    "cross_entropy",
+    "softmax",
+    "log_softmax",
+    "unfold",
+)
 
 
-@pytest.mark.parametrize("case_id, op, inputs, attrs, wrt",
-                         [c for c in CASES if c[1] in TORCH_OPS],
-                         ids=[c[0] for c in CASES if c[1] in TORCH_OPS])
+@pytest.mark.parametrize(
+    "case_id, op, inputs, attrs, wrt",
+    [c for c in CASES if c[1] in TORCH_OPS],
+    ids=[c[0] for c in CASES if c[1] in TORCH_OPS],
+)
 def test_matches_torch(case_id, op, inputs, attrs, wrt):
     torch = pytest.importorskip("torch")
     out, grads, weight = _ours(op, inputs, attrs, wrt)
@@ -392,8 +537,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("op, inputs, attrs, message", BAD,
-                         ids=[f"{b[0]}-{b[3]}" for b in BAD])
+@pytest.mark.parametrize("op, inputs, attrs, message", BAD, ids=[f"{b[0]}-{b[3]}" for b in BAD])
 def test_invalid_graphs_are_rejected_naming_the_node(op, inputs, attrs, message):
     with pytest.raises(InvalidArgument, match="node 'out'") as info:
         run_op(op, inputs, attrs)

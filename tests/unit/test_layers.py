@@ -6,6 +6,7 @@ Imports are read from the source (every `import`, at module level or inside a
 function, except under `if TYPE_CHECKING:`), so a lazy import cannot hide a cycle; the
 first test also imports the domain for real and looks at what got loaded.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,10 +18,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = {"remat": ROOT / "client" / "remat", "remat_server": ROOT / "server" / "remat_server",
-            "remat_proto": ROOT / "protocol" / "remat_proto"}
-DOMAIN = ("remat_server.graph", "remat_server.ops", "remat_server.autodiff",
-          "remat_server.checkpoint", "remat_server.runtime", "remat_server.engine")
+PACKAGES = {
+    "remat": ROOT / "client" / "remat",
+    "remat_server": ROOT / "server" / "remat_server",
+    "remat_proto": ROOT / "protocol" / "remat_proto",
+}
+DOMAIN = (
+    "remat_server.graph",
+    "remat_server.ops",
+    "remat_server.autodiff",
+    "remat_server.checkpoint",
+    "remat_server.runtime",
+    "remat_server.engine",
+)
 # What pulls in gRPC or protobuf (generated code and the modules that use it).
 WIRE = ("grpc", "google.protobuf", "remat_proto.v1", "remat_proto.wire", "remat_proto.chunks")
 # The only places the SDK may import the server: starting one in process, `remat serve`.
@@ -59,13 +69,14 @@ def _imports(module: str, path: Path) -> list[tuple[str, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parent + ([node.module] if node.module else []))
             for alias in node.names:  # `from pkg import submodule` imports the submodule
                 target = f"{base}.{alias.name}"
                 found.append((target if target in MODULES else base, function))
         for child in ast.iter_child_nodes(node):
             visit(child, function)
+
     visit(tree, "")
     return found
 
@@ -78,43 +89,65 @@ def _under(name: str, prefixes) -> bool:
 
 
 def test_the_domain_imports_neither_grpc_nor_generated_code():
-    offending = [(module, target) for module, imports in IMPORTS.items()
-                 if _under(module, DOMAIN) for target, _ in imports if _under(target, WIRE)]
+    offending = [
+        (module, target)
+        for module, imports in IMPORTS.items()
+        if _under(module, DOMAIN)
+        for target, _ in imports
+        if _under(target, WIRE)
+    ]
     assert not offending, offending
     # And for real: importing every domain module loads neither.
     domain = sorted(m for m in MODULES if _under(m, DOMAIN))
-    code = (f"import sys\nfor m in {domain!r}: __import__(m)\n"
-            f"print(sorted(m for m in sys.modules if m.startswith(('grpc', 'google.protobuf', "
-            f"'remat_proto.v1'))))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    code = (
+        f"import sys\nfor m in {domain!r}: __import__(m)\n"
+        f"print(sorted(m for m in sys.modules if m.startswith(('grpc', 'google.protobuf', "
+        f"'remat_proto.v1'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert loaded == "[]", loaded
 
 
 def test_the_server_never_imports_the_sdk():
-    offending = [(module, target) for module, imports in IMPORTS.items()
-                 if module.startswith("remat_server") for target, _ in imports
-                 if _under(target, ("remat",))]
+    offending = [
+        (module, target)
+        for module, imports in IMPORTS.items()
+        if module.startswith("remat_server")
+        for target, _ in imports
+        if _under(target, ("remat",))
+    ]
     assert not offending, offending
 
 
 def test_the_protocol_imports_neither_side():
-    offending = [(module, target) for module, imports in IMPORTS.items()
-                 if module.startswith("remat_proto") for target, _ in imports
-                 if _under(target, ("remat", "remat_server"))]
+    offending = [
+        (module, target)
+        for module, imports in IMPORTS.items()
+        if module.startswith("remat_proto")
+        for target, _ in imports
+        if _under(target, ("remat", "remat_server"))
+    ]
     assert not offending, offending
 
 
 def test_the_sdk_imports_the_server_only_to_start_one():
-    used = {(module, function) for module, imports in IMPORTS.items()
-            if _under(module, ("remat",)) for target, function in imports
-            if _under(target, ("remat_server",))}
+    used = {
+        (module, function)
+        for module, imports in IMPORTS.items()
+        if _under(module, ("remat",))
+        for target, function in imports
+        if _under(target, ("remat_server",))
+    }
     assert used <= SDK_TO_SERVER, sorted(used - SDK_TO_SERVER)
 
 
 def test_no_import_cycles():
-    graph = {module: {target for target, _ in imports if target in MODULES and target != module}
-             for module, imports in IMPORTS.items()}
+    graph = {
+        module: {target for target, _ in imports if target in MODULES and target != module}
+        for module, imports in IMPORTS.items()
+    }
     try:
         list(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as error:
@@ -127,4 +160,5 @@ def test_the_reader_sees_lazy_imports():
     imports = dict(IMPORTS["remat.calls"])
     assert imports.get("remat_server") == "start_in_process_server"
     assert ("remat_server.checkpoint.planners.bounds", "") in IMPORTS[
-        "remat_server.checkpoint.planners.dtr"]
+        "remat_server.checkpoint.planners.dtr"
+    ]

@@ -1,6 +1,7 @@
 """Memory: what each policy saves on a deep MLP (dry runs), that the accounted peak is
 what NumPy really allocates (tracemalloc, within 10% on tensors of 1 MiB and more),
 that views cost nothing, and that a cancelled run gives its memory back."""
+
 from __future__ import annotations
 
 import gc
@@ -10,13 +11,12 @@ import numpy as np
 import pytest
 
 from remat import models
-from remat_proto.policies import (Checkpoints, EveryK, RecomputeAll, Revolve,
-                                              SaveOps, Sqrt, StoreAll)
-from remat_server.service.codec import graph_from_proto
+from remat_proto.policies import Checkpoints, EveryK, RecomputeAll, Revolve, SaveOps, Sqrt, StoreAll
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import Cancelled
 from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 from remat_server.graph.limits import Limits
+from remat_server.service.codec import graph_from_proto
 
 ENGINE = Engine()
 MiB = 1 << 20
@@ -35,14 +35,23 @@ def deep():
     assert model.inputs["x"].nbytes == MiB
 
     def peak(policy) -> int:
-        return ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss,
-                           policy=policy).simulation.peak_bytes
+        return ENGINE.plan(
+            spec, wrt=tuple(model.wrt), loss=model.loss, policy=policy
+        ).simulation.peak_bytes
+
     return peak
 
 
-POLICIES = [StoreAll(), RecomputeAll(), Sqrt(), *(EveryK(k) for k in (1, 2, 4, 8, 16)),
-            *(Revolve(c) for c in (1, 2, 3, 4, 8)), SaveOps(("matmul",)), SaveOps(("tanh",)),
-            Checkpoints(tuple(f"act{i}" for i in range(7, 63, 8)))]
+POLICIES = [
+    StoreAll(),
+    RecomputeAll(),
+    Sqrt(),
+    *(EveryK(k) for k in (1, 2, 4, 8, 16)),
+    *(Revolve(c) for c in (1, 2, 3, 4, 8)),
+    SaveOps(("matmul",)),
+    SaveOps(("tanh",)),
+    Checkpoints(tuple(f"act{i}" for i in range(7, 63, 8))),
+]
 
 
 def test_sqrt_is_at_most_30_percent_of_store_all(deep):
@@ -83,26 +92,44 @@ def medium():
     return mlp(16)
 
 
-@pytest.mark.parametrize("policy", [StoreAll(), Sqrt(), EveryK(4), Revolve(3), RecomputeAll()],
-                         ids=str)
+@pytest.mark.parametrize(
+    "policy", [StoreAll(), Sqrt(), EveryK(4), Revolve(3), RecomputeAll()], ids=str
+)
 def test_measured_peak_is_within_10_percent_of_prediction(medium, policy):
     model, spec = medium
-    result = ENGINE.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
-                                   policy=policy, measure_memory=True))
+    result = ENGINE.run(
+        RunRequest(
+            spec,
+            model.inputs,
+            wrt=tuple(model.wrt),
+            loss=model.loss,
+            policy=policy,
+            measure_memory=True,
+        )
+    )
     m = result.metrics
     assert m.peak_bytes == m.predicted_peak_bytes > 5 * MiB
     ratio = m.measured_peak_bytes / m.predicted_peak_bytes
-    assert 0.9 <= ratio <= 1.1, f"{policy}: measured {m.measured_peak_bytes}, " \
-                                f"predicted {m.predicted_peak_bytes} (ratio {ratio:.3f})"
+    assert 0.9 <= ratio <= 1.1, (
+        f"{policy}: measured {m.measured_peak_bytes}, "
+        f"predicted {m.predicted_peak_bytes} (ratio {ratio:.3f})"
+    )
 
 
 def test_measured_peaks_order_like_the_predictions(medium):
     model, spec = medium
     measured = {}
     for policy in (StoreAll(), Sqrt(), RecomputeAll()):
-        measured[policy] = ENGINE.run(RunRequest(
-            spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss, policy=policy,
-            measure_memory=True)).metrics.measured_peak_bytes
+        measured[policy] = ENGINE.run(
+            RunRequest(
+                spec,
+                model.inputs,
+                wrt=tuple(model.wrt),
+                loss=model.loss,
+                policy=policy,
+                measure_memory=True,
+            )
+        ).metrics.measured_peak_bytes
     assert measured[StoreAll()] > measured[Sqrt()] > measured[RecomputeAll()]
     # The saving is real: sqrt allocates several MiB less than store_all.
     assert measured[StoreAll()] - measured[Sqrt()] > 5 * MiB
@@ -118,20 +145,45 @@ def test_views_cost_nothing():
     # and c = broadcast_to(b, (4, 512, 256)) are views (c would be 4 MiB as a copy);
     # d = reshape(b) of a transposed array must copy: 1 MiB.
     x = np.random.default_rng(0).standard_normal((512, 256))
-    spec = GraphSpec("views", (InputSpec("x", (512, 256), "float64"),), (
-        N("a", "reshape", "x", shape=[256, 512]), N("b", "transpose", "a", axes=[1, 0]),
-        N("c", "broadcast_to", "b", shape=[4, 512, 256]), N("s", "sum", "c"),
-        N("d", "reshape", "b", shape=[131072]), N("s2", "sum", "d")),
-        (("s", "s"), ("s2", "s2")))
+    spec = GraphSpec(
+        "views",
+        (InputSpec("x", (512, 256), "float64"),),
+        (
+            N("a", "reshape", "x", shape=[256, 512]),
+            N("b", "transpose", "a", axes=[1, 0]),
+            N("c", "broadcast_to", "b", shape=[4, 512, 256]),
+            N("s", "sum", "c"),
+            N("d", "reshape", "b", shape=[131072]),
+            N("s2", "sum", "d"),
+        ),
+        (("s", "s"), ("s2", "s2")),
+    )
     X, scalar = MiB, 8
     plan = ENGINE.plan(spec)
     assert [type(step).__name__[0] + step.node for step in plan.schedule.steps] == [
-        "Ca", "Cb", "Fa", "Cc", "Cs", "Fc", "Cd", "Fb", "Cs2", "Fd"]
+        "Ca",
+        "Cb",
+        "Fa",
+        "Cc",
+        "Cs",
+        "Fc",
+        "Cd",
+        "Fb",
+        "Cs2",
+        "Fd",
+    ]
     assert plan.simulation.timeline == (
-        X, X, X, X,                          # a, b, c: views of x
-        X + scalar, X + scalar,              # s
-        2 * X + scalar, 2 * X + scalar,      # d, a copy
-        2 * X + 2 * scalar, X + 2 * scalar)  # s2, then d goes
+        X,
+        X,
+        X,
+        X,  # a, b, c: views of x
+        X + scalar,
+        X + scalar,  # s
+        2 * X + scalar,
+        2 * X + scalar,  # d, a copy
+        2 * X + 2 * scalar,
+        X + 2 * scalar,
+    )  # s2, then d goes
     assert plan.simulation.peak_bytes == 2 * X + 2 * scalar
 
     result = ENGINE.run(RunRequest(spec, {"x": x}, measure_memory=True))

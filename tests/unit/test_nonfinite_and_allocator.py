@@ -1,5 +1,6 @@
 """The engine's NaN/Inf warning (a one-pass check that must still be exact) and the
 allocator tuning the server applies at start."""
+
 from __future__ import annotations
 
 import ctypes.util
@@ -7,19 +8,22 @@ import ctypes.util
 import numpy as np
 import pytest
 
-from remat_server.runtime import allocator
 from remat_server.engine.run import nonfinite_warnings
+from remat_server.runtime import allocator
 
 BIG = np.finfo(np.float32).max
 
 
-@pytest.mark.parametrize("values, expected", [
-    ([1.0, 2.0], []),
-    ([BIG, BIG, BIG], []),  # the sum overflows to inf, yet every value is finite
-    ([np.nan, 1.0, np.inf], ["output 'y' has 2 NaN or Inf values"]),
-    ([-np.inf], ["output 'y' has 1 NaN or Inf values"]),
-    ([], []),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([1.0, 2.0], []),
+        ([BIG, BIG, BIG], []),  # the sum overflows to inf, yet every value is finite
+        ([np.nan, 1.0, np.inf], ["output 'y' has 2 NaN or Inf values"]),
+        ([-np.inf], ["output 'y' has 1 NaN or Inf values"]),
+        ([], []),
+    ],
+)
 def test_nonfinite_counts_exactly(values, expected):
     assert list(nonfinite_warnings(output={"y": np.array(values, np.float32)})) == expected
 
@@ -31,7 +35,7 @@ def test_integer_tensors_are_not_checked():
 @pytest.mark.skipif(not ctypes.util.find_library("c"), reason="no C library")
 def test_tune_for_serving_sets_the_thresholds_where_glibc_is():
     try:
-        ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt  # noqa: B018 (exists on glibc)
     except AttributeError:
         pytest.skip("not glibc")
     assert allocator.tune_for_serving() is True

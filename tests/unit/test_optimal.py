@@ -11,10 +11,10 @@ reads) is most of the peak, so 0.4 of store_all is infeasible on all of them, an
 budgets near the minimum take HiGHS tens of seconds to prove optimal (an 8-layer
 chain at 0.6: not within 5 minutes). The budgets below solve in about a second each.
 """
+
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import re
 
@@ -23,22 +23,21 @@ import pytest
 import support
 
 import remat
+from remat_proto.policies import EveryK, Optimal, Revolve, StoreAll
 from remat_server.checkpoint.planners import plan
 from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
-from remat_server.checkpoint.planners.heuristics import (plan_every_k, plan_recompute_all,
-                                                         plan_sqrt)
+from remat_server.checkpoint.planners.heuristics import plan_every_k, plan_recompute_all, plan_sqrt
 from remat_server.checkpoint.planners.milp import _Milp, _order
 from remat_server.checkpoint.planners.optimal import plan_optimal
 from remat_server.checkpoint.planners.revolve import plan_revolve
-from remat_proto.policies import EveryK, Optimal, Revolve, StoreAll
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.schedule import Schedule
-from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument, ResourceExhausted
-from remat_server.runtime.executor import execute
 from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 from remat_server.graph.limits import Limits
+from remat_server.runtime.executor import execute
+from remat_server.service.codec import graph_from_proto
 
 ENGINE = Engine()
 RNG = np.random.default_rng(3)
@@ -90,22 +89,30 @@ GRAPHS = {  # name -> (spec builder, wrt)
     "views": (viewed, ("x",)),
     "mlp": (mlp, ("x", "w0", "w1")),
 }
-CASES = [("chain6", 0.9), ("chain6", 0.8), ("chain6", 0.7), ("chain8", 0.75),
-         ("diamond", 0.9), ("diamond", 0.8), ("views", 0.9), ("mlp", 0.9)]
+CASES = [
+    ("chain6", 0.9),
+    ("chain6", 0.8),
+    ("chain6", 0.7),
+    ("chain8", 0.75),
+    ("diamond", 0.9),
+    ("diamond", 0.8),
+    ("views", 0.9),
+    ("mlp", 0.9),
+]
 
 
 def feeds_for(spec: GraphSpec) -> dict[str, np.ndarray]:
     return {i.name: RNG.standard_normal(i.shape).astype(i.dtype) / 2 for i in spec.inputs}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(name: str) -> Problem:
     build, wrt = GRAPHS[name]
     planned = ENGINE.plan(build(), wrt=wrt, loss="loss")
     return Problem(planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def solved(name: str, fraction: float):
     p = problem(name)
     schedule = plan_optimal(p, Optimal(fraction=fraction))
@@ -161,24 +168,30 @@ def test_the_milp_predicts_the_simulated_peak(name, fraction):
     milp = _Milp(p, _order(p), schedule.report.budget_bytes - p.input_bytes)
     res = milp.solve(30.0)
     assert res.status == 0
-    u = res.x[milp.u0:milp.u0 + len(milp.order) * (len(milp.order) + 1) // 2]
+    u = res.x[milp.u0 : milp.u0 + len(milp.order) * (len(milp.order) + 1) // 2]
     predicted = p.input_bytes + milp.unit * int(round(u.max()))
     own = simulated(p, Schedule(milp.steps(res.x), p.results, "optimal"))
     assert own.peak_bytes <= predicted <= schedule.report.budget_bytes
     assert own.peak_bytes == predicted
 
 
-@pytest.mark.parametrize("name,fraction,dtype", [("chain6", 0.7, "float64"),
-                                                 ("diamond", 0.8, "float32"),
-                                                 ("views", 0.9, "float64"),
-                                                 ("mlp", 0.9, "float32")])
+@pytest.mark.parametrize(
+    "name,fraction,dtype",
+    [
+        ("chain6", 0.7, "float64"),
+        ("diamond", 0.8, "float32"),
+        ("views", 0.9, "float64"),
+        ("mlp", 0.9, "float32"),
+    ],
+)
 def test_gradients_bit_identical_to_store_all(name, fraction, dtype):
     build, wrt = GRAPHS[name]
     spec = build(dtype)
     feeds = feeds_for(spec)
     expected = ENGINE.run(RunRequest(spec, feeds, wrt=wrt, loss="loss"))
-    result = ENGINE.run(RunRequest(spec, feeds, wrt=wrt, loss="loss",
-                                   policy=Optimal(fraction=fraction)))
+    result = ENGINE.run(
+        RunRequest(spec, feeds, wrt=wrt, loss="loss", policy=Optimal(fraction=fraction))
+    )
     assert result.metrics.recompute_flops > 0
     assert result.metrics.peak_bytes == result.metrics.predicted_peak_bytes
     assert result.metrics.peak_bytes <= int(fraction * expected.metrics.peak_bytes)
@@ -204,10 +217,13 @@ def test_store_all_fits_is_optimal_without_a_solve():
     assert simulated(p, schedule).recompute_flops == 0
 
 
-@pytest.mark.parametrize("policy,why", [
-    (Optimal(fraction=0.3), "the MILP with .* is infeasible"),  # proven by HiGHS
-    (Optimal(bytes=16), "the graph inputs alone exceed it"),  # x alone is 32 bytes
-])
+@pytest.mark.parametrize(
+    "policy,why",
+    [
+        (Optimal(fraction=0.3), "the MILP with .* is infeasible"),  # proven by HiGHS
+        (Optimal(bytes=16), "the graph inputs alone exceed it"),  # x alone is 32 bytes
+    ],
+)
 def test_impossible_budget_is_resource_exhausted(policy, why):
     with pytest.raises(ResourceExhausted, match="lowest predicted peak") as info:
         plan_optimal(problem("chain6"), policy)
@@ -223,8 +239,10 @@ def test_too_many_nodes_falls_back_to_the_budget_planner():
     schedule = plan_optimal(p, Optimal(fraction=0.9))
     report = schedule.report
     assert report.status == "fallback" and report.chosen
-    assert report.detail.startswith(f"the joint graph has {len(_order(p))} nodes, over the MILP "
-                                    "limit of 10 (server flag --optimal-max-nodes)")
+    assert report.detail.startswith(
+        f"the joint graph has {len(_order(p))} nodes, over the MILP "
+        "limit of 10 (server flag --optimal-max-nodes)"
+    )
     assert schedule.policy == "optimal(0.9)"
     assert simulated(p, schedule).peak_bytes <= report.budget_bytes
 
@@ -250,5 +268,6 @@ def test_the_server_limit_is_the_default_and_the_most_a_client_gets(asked, grant
     from remat_server.graph.limits import Limits
 
     engine = Engine(Limits(optimal_time_limit=5.0))
-    assert engine.with_server_defaults(Optimal(fraction=0.5, time_limit=asked)
-                                       ).time_limit == granted
+    assert (
+        engine.with_server_defaults(Optimal(fraction=0.5, time_limit=asked)).time_limit == granted
+    )

@@ -5,28 +5,28 @@ float64; an MLP, a transformer block, a CNN, a residual net and a dropout net), 
 schedule passes the simulator and the executor's accounted peak equals the prediction;
 bad policies are INVALID_ARGUMENT; recompute counts match each policy's theory.
 """
+
 from __future__ import annotations
 
 import functools
 import math
 
 import numpy as np
-import support
 import pytest
+import support
 
 import remat
 from remat import models
-from remat_proto.policies import (Checkpoints, EveryK, RecomputeAll, Revolve,
-                                              SaveOps, Sqrt, StoreAll)
+from remat_proto.policies import Checkpoints, EveryK, RecomputeAll, Revolve, SaveOps, Sqrt, StoreAll
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.recompute import schedule_with_checkpoints
 from remat_server.checkpoint.simulate import simulate
-from remat_server.service.codec import graph_from_proto
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument
 from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 from remat_server.graph.limits import Limits
 from remat_server.ops.random import keep_mask
+from remat_server.service.codec import graph_from_proto
 
 ENGINE = Engine()
 DROP_P = 0.3
@@ -36,8 +36,9 @@ def spec_of(model: models.Model) -> GraphSpec:
     return graph_from_proto(model.graph.to_proto(), Limits())
 
 
-def residual(dtype: str, blocks: int = 4, batch: int = 4, width: int = 8,
-             seed: int = 0) -> models.Model:
+def residual(
+    dtype: str, blocks: int = 4, batch: int = 4, width: int = 8, seed: int = 0
+) -> models.Model:
     """h_{k+1} = h_k + tanh(h_k @ W_k); loss = sum(h * h). Outputs also a middle block,
     so a planner must keep a result live across the chain."""
     rng = np.random.default_rng(seed)
@@ -54,8 +55,9 @@ def residual(dtype: str, blocks: int = 4, batch: int = 4, width: int = 8,
     return models.Model(g, inputs, list(inputs))  # x too: a skip path carries its gradient
 
 
-def dropout_net(dtype: str, layers: int = 3, batch: int = 6, width: int = 8,
-                seed: int = 0) -> models.Model:
+def dropout_net(
+    dtype: str, layers: int = 3, batch: int = 6, width: int = 8, seed: int = 0
+) -> models.Model:
     """h = dropout(tanh(h @ W_k), p, seed=k) per layer; loss = sum(h * h). The middle
     dropout's output is an output too, so its mask is compared directly."""
     rng = np.random.default_rng(seed)
@@ -74,10 +76,10 @@ def dropout_net(dtype: str, layers: int = 3, batch: int = 6, width: int = 8,
 
 MODELS = {
     "mlp": lambda dtype: models.mlp(batch=8, widths=(6, 12, 12, 12, 12, 4), dtype=dtype),
-    "transformer": lambda dtype: models.transformer_block(batch=2, seq=4, d_model=8, heads=2,
-                                                          d_ff=16, dtype=dtype),
-    "cnn": lambda dtype: models.cnn(batch=2, channels=(2, 4, 4), image=8, classes=3,
-                                    dtype=dtype),
+    "transformer": lambda dtype: models.transformer_block(
+        batch=2, seq=4, d_model=8, heads=2, d_ff=16, dtype=dtype
+    ),
+    "cnn": lambda dtype: models.cnn(batch=2, channels=(2, 4, 4), image=8, classes=3, dtype=dtype),
     "residual": residual,
     "dropout": dropout_net,
 }
@@ -92,15 +94,21 @@ CHECKPOINTS = {  # real node names, mid-network
 
 def policies_for(name: str) -> list:
     extra = [SaveOps(("conv2d",))] if name == "cnn" else []
-    return [RecomputeAll(), *(EveryK(k) for k in range(1, 5)), Sqrt(),
-            Checkpoints(CHECKPOINTS[name]), SaveOps(("matmul",)), *extra,
-            *(Revolve(c) for c in range(1, 5))]
+    return [
+        RecomputeAll(),
+        *(EveryK(k) for k in range(1, 5)),
+        Sqrt(),
+        Checkpoints(CHECKPOINTS[name]),
+        SaveOps(("matmul",)),
+        *extra,
+        *(Revolve(c) for c in range(1, 5)),
+    ]
 
 
 CASES = [(name, policy) for name in MODELS for policy in policies_for(name)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name: str, dtype: str):
     model = MODELS[name](dtype)
     spec = spec_of(model)
@@ -110,8 +118,11 @@ def reference(name: str, dtype: str):
 
 def run(name: str, dtype: str, policy):
     model, spec, _ = reference(name, dtype)
-    return ENGINE.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
-                                 policy=policy, timeline=True))
+    return ENGINE.run(
+        RunRequest(
+            spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss, policy=policy, timeline=True
+        )
+    )
 
 
 # --- bit-identity and exact accounting -----------------------------------------------------
@@ -165,8 +176,13 @@ def test_dropout_masks_are_identical_under_recomputation():
     np.testing.assert_allclose(store.outputs["loss"], np.sum(h * h), rtol=1e-13)
     assert np.count_nonzero(store.outputs["dropped"] == 0) > 0
 
-    for policy in (RecomputeAll(), EveryK(3), SaveOps(("matmul",)), Revolve(1),
-                   Checkpoints(("t1",))):
+    for policy in (
+        RecomputeAll(),
+        EveryK(3),
+        SaveOps(("matmul",)),
+        Revolve(1),
+        Checkpoints(("t1",)),
+    ):
         result = run("dropout", "float64", policy)
         plan = ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy=policy)
         recomputed = [f"d{k}" for k in range(3) if plan.simulation.evaluations[f"d{k}"] > 1]
@@ -175,39 +191,51 @@ def test_dropout_masks_are_identical_under_recomputation():
         assert np.array_equal(result.outputs["loss"], store.outputs["loss"])
         for key, value in store.grads.items():
             assert np.array_equal(result.grads[key], value), f"{policy}: gradient of {key}"
-    evaluations = ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss,
-                              policy=RecomputeAll()).simulation.evaluations
+    evaluations = ENGINE.plan(
+        spec, wrt=tuple(model.wrt), loss=model.loss, policy=RecomputeAll()
+    ).simulation.evaluations
     # d1 is an output: it stays live and is never recomputed; the others are, per read.
     assert evaluations["d0"] > 1 and evaluations["d2"] > 1 and evaluations["d1"] == 1
 
 
 # --- bad policies ----------------------------------------------------------------------------
-@pytest.mark.parametrize("make,message", [
-    (lambda: EveryK(0), r"EveryK: k must be >= 1"),
-    (lambda: EveryK(-3), r"EveryK: k must be >= 1"),
-    (lambda: Revolve(0), r"Revolve: slots must be >= 1"),
-], ids=["every_k(0)", "every_k(-3)", "revolve(0)"])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: EveryK(0), r"EveryK: k must be >= 1"),
+        (lambda: EveryK(-3), r"EveryK: k must be >= 1"),
+        (lambda: Revolve(0), r"Revolve: slots must be >= 1"),
+    ],
+    ids=["every_k(0)", "every_k(-3)", "revolve(0)"],
+)
 def test_policy_constructors_refuse_what_needs_no_graph(make, message):
     # The same check guards the wire: a decoded policy is constructed (test_bad_input).
     with pytest.raises(ValueError, match=message):
         make()
 
 
-@pytest.mark.parametrize("policy,message", [
-    (Checkpoints(("missing",)), r"checkpoints: 'missing' is not a node of the forward graph"),
-    (Checkpoints(("act0", "bwd/act0/mul")),  # a backward node cannot be a checkpoint
-     r"checkpoints: 'bwd/act0/mul' is not a node of the forward graph"),
-    (SaveOps(("nope",)), r"save_ops: unknown op 'nope'"),
-    (SaveOps(("matmul", "nope")), r"save_ops: unknown op 'nope'"),
-], ids=str)
+@pytest.mark.parametrize(
+    "policy,message",
+    [
+        (Checkpoints(("missing",)), r"checkpoints: 'missing' is not a node of the forward graph"),
+        (
+            Checkpoints(("act0", "bwd/act0/mul")),  # a backward node cannot be a checkpoint
+            r"checkpoints: 'bwd/act0/mul' is not a node of the forward graph",
+        ),
+        (SaveOps(("nope",)), r"save_ops: unknown op 'nope'"),
+        (SaveOps(("matmul", "nope")), r"save_ops: unknown op 'nope'"),
+    ],
+    ids=str,
+)
 def test_bad_policy_is_invalid_argument(policy, message):
     model, spec, _ = reference("mlp", "float32")
     with pytest.raises(InvalidArgument, match=message) as info:
         ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy=policy)
     assert info.value.code == "INVALID_ARGUMENT"
     with pytest.raises(InvalidArgument, match=message):
-        ENGINE.run(RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss,
-                              policy=policy))
+        ENGINE.run(
+            RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss, policy=policy)
+        )
 
 
 def _problem(spec: GraphSpec, wrt, loss="", cotangents=()) -> Problem:
@@ -221,25 +249,33 @@ def test_revolve_without_chain_structure_is_invalid_argument():
     # such graph is a chain of >= 2 segments. No chain means one forward node: here the
     # loss is a single reduction of the inputs.
     x = np.linspace(-1.0, 1.0, 6)
-    single = GraphSpec("single", (InputSpec("x", (6,), "float64"),),
-                       (NodeSpec("loss", "sum", ("x",)),), (("loss", "loss"),))
+    single = GraphSpec(
+        "single",
+        (InputSpec("x", (6,), "float64"),),
+        (NodeSpec("loss", "sum", ("x",)),),
+        (("loss", "loss"),),
+    )
     problem = _problem(single, ("x",), "loss")
     assert problem.forward_order == problem.boundaries == ("loss",)
-    with pytest.raises(InvalidArgument, match="revolve: the forward graph has no chain "
-                                              "structure"):
+    with pytest.raises(InvalidArgument, match="revolve: the forward graph has no chain structure"):
         ENGINE.plan(single, wrt=("x",), loss="loss", policy=Revolve(2))
     with pytest.raises(InvalidArgument, match="no chain structure"):
         ENGINE.run(RunRequest(single, {"x": x}, wrt=("x",), loss="loss", policy=Revolve(3)))
     # Other policies accept the same graph.
-    assert ENGINE.run(RunRequest(single, {"x": x}, wrt=("x",), loss="loss",
-                                 policy=Sqrt())).grads["x"].tolist() == [1.0] * 6
+    assert (
+        ENGINE.run(RunRequest(single, {"x": x}, wrt=("x",), loss="loss", policy=Sqrt()))
+        .grads["x"]
+        .tolist()
+        == [1.0] * 6
+    )
 
     # Even a graph whose values all meet at one node is a (short) chain: the first
     # branch is a boundary, the concat and the loss are the others.
     g = remat.Graph("fan")
     xs = g.input("x", (6,), "float64")
-    cat = remat.concat([remat.tanh(xs, name="a"), remat.exp(xs, name="b"),
-                        remat.sigmoid(xs, name="c")], name="cat")
+    cat = remat.concat(
+        [remat.tanh(xs, name="a"), remat.exp(xs, name="b"), remat.sigmoid(xs, name="c")], name="cat"
+    )
     g.output("loss", remat.sum(cat, name="loss"))
     fan = graph_from_proto(g.to_proto(), Limits())
     assert _problem(fan, ("x",), "loss").boundaries == ("a", "cat", "loss")
@@ -261,8 +297,9 @@ def chain_evaluations(policy, n: int = N) -> list[int]:
     plan = ENGINE.plan(chain(n), wrt=("x",), loss="loss", policy=policy)
     evaluations = plan.simulation.evaluations
     forward = [f"t{i}" for i in range(1, n + 1)] + ["loss"]
-    assert all(count == 1 for node, count in evaluations.items() if node not in forward), \
+    assert all(count == 1 for node, count in evaluations.items() if node not in forward), (
         "a backward node was computed twice"
+    )
     assert evaluations["loss"] == 1
     return [evaluations[f"t{i}"] for i in range(1, n + 1)]
 
@@ -316,10 +353,10 @@ def _kept(problem: Problem, policy) -> set[str]:
     candidates = problem.candidates
     match policy:
         case EveryK(k):
-            return set(candidates[k - 1::k])
+            return set(candidates[k - 1 :: k])
         case Sqrt():
             k = max(1, round(math.sqrt(len(candidates))))
-            return set(candidates[k - 1::k])
+            return set(candidates[k - 1 :: k])
         case Checkpoints(names):
             return set(names)
         case SaveOps(ops):
@@ -337,8 +374,12 @@ def test_hold_mode_policies_evaluate_exactly_what_the_backward_needs_twice(name)
     else:
         model, spec, _ = reference(name, "float32")
         wrt, loss, names = tuple(model.wrt), model.loss, CHECKPOINTS[name]
-    for policy in (*(EveryK(k) for k in range(1, 5)), Sqrt(), Checkpoints(names),
-                   SaveOps(("matmul",))):
+    for policy in (
+        *(EveryK(k) for k in range(1, 5)),
+        Sqrt(),
+        Checkpoints(names),
+        SaveOps(("matmul",)),
+    ):
         plan = ENGINE.plan(spec, wrt=wrt, loss=loss, policy=policy)
         problem = Problem(plan.joint.graph, plan.schedule.results, plan.joint.forward_nodes)
         evaluations = plan.simulation.evaluations

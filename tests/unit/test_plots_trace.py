@@ -1,6 +1,7 @@
 """remat.trace (Chrome Trace Event JSON) and remat.plots (the comparison figure) on
 synthetic comparison rows, and the U-Net sample model (runs, gradients match centered
 differences, memory planners see it)."""
+
 from __future__ import annotations
 
 import builtins
@@ -19,20 +20,47 @@ from remat.trace import PHASES, chrome_trace, write_chrome_trace
 MIB = 1 << 20
 
 
-def synthetic_row(policy: str, layers: int = 8, keep_every: int = 1, step_seconds=1e-4,
-                  base_peak: int = 0, error: str = "") -> ComparisonRow:
+def synthetic_row(
+    policy: str,
+    layers: int = 8,
+    keep_every: int = 1,
+    step_seconds=1e-4,
+    base_peak: int = 0,
+    error: str = "",
+) -> ComparisonRow:
     """A chain of `layers` 1-MiB activations: forward keeps every `keep_every`-th one,
     the backward recomputes the others (from the kept one before) and frees as it goes."""
     if error:
-        return ComparisonRow(policy, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
-                             error=error, error_code="RESOURCE_EXHAUSTED")
+        return ComparisonRow(
+            policy,
+            0,
+            0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            error=error,
+            error_code="RESOURCE_EXHAUSTED",
+        )
     events, live, clock = [], 0, 0.0
 
     def step(node, phase, seconds=step_seconds, delta=MIB):
         nonlocal live, clock
         live += delta
-        events.append(TraceEvent(node, "tanh" if phase != "free" else "", phase, clock,
-                                 seconds if phase != "free" else 0.0, live))
+        events.append(
+            TraceEvent(
+                node,
+                "tanh" if phase != "free" else "",
+                phase,
+                clock,
+                seconds if phase != "free" else 0.0,
+                live,
+            )
+        )
         clock += seconds if phase != "free" else 0.0
 
     for i in range(layers):
@@ -53,19 +81,35 @@ def synthetic_row(policy: str, layers: int = 8, keep_every: int = 1, step_second
     flops = 3 * layers + recomputed
     compute = forward + backward + recompute
     return ComparisonRow(
-        policy, peak, peak, peak / (base_peak or peak), recompute / compute, recomputed / flops,
-        forward, backward, recompute, compute, 0.0,
-        flops=flops, recompute_flops=recomputed, recomputed_nodes=recomputed,
-        timeline=tuple(e.live_bytes for e in events), trace=tuple(events))
+        policy,
+        peak,
+        peak,
+        peak / (base_peak or peak),
+        recompute / compute,
+        recomputed / flops,
+        forward,
+        backward,
+        recompute,
+        compute,
+        0.0,
+        flops=flops,
+        recompute_flops=recomputed,
+        recomputed_nodes=recomputed,
+        timeline=tuple(e.live_bytes for e in events),
+        trace=tuple(events),
+    )
 
 
 @pytest.fixture(scope="module")
 def rows():
     base = synthetic_row("store_all")
-    return [base, synthetic_row("sqrt", keep_every=3, base_peak=base.peak_bytes),
-            synthetic_row("every_k(2)", keep_every=2, base_peak=base.peak_bytes),
-            synthetic_row("recompute_all", keep_every=100, base_peak=base.peak_bytes),
-            synthetic_row("budget(10%)", error="nothing fits a budget of 0.8 MiB")]
+    return [
+        base,
+        synthetic_row("sqrt", keep_every=3, base_peak=base.peak_bytes),
+        synthetic_row("every_k(2)", keep_every=2, base_peak=base.peak_bytes),
+        synthetic_row("recompute_all", keep_every=100, base_peak=base.peak_bytes),
+        synthetic_row("budget(10%)", error="nothing fits a budget of 0.8 MiB"),
+    ]
 
 
 # --- trace -----------------------------------------------------------------------------------
@@ -75,8 +119,7 @@ def test_chrome_trace_structure(rows, tmp_path):
     assert path == str(tmp_path / "trace.json")
     assert document == json.loads(json.dumps(chrome_trace(rows, title="synthetic")))
     events = document["traceEvents"]
-    assert document["otherData"]["policies"] == ["store_all", "sqrt", "every_k(2)",
-                                                 "recompute_all"]
+    assert document["otherData"]["policies"] == ["store_all", "sqrt", "every_k(2)", "recompute_all"]
     assert document["otherData"]["skipped"][0]["policy"] == "budget(10%)"
     for event in events:
         assert {"name", "ph", "pid", "tid"} <= set(event), event
@@ -88,8 +131,9 @@ def test_chrome_trace_structure(rows, tmp_path):
             assert set(event["args"]) == {"MiB"} and event["args"]["MiB"] >= 0
     names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
     assert list(names.values()) == document["otherData"]["policies"]
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-               if e["name"] == "thread_name"}
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"] for e in events if e["name"] == "thread_name"
+    }
     assert set(threads.values()) == set(PHASES)
     # Per track (process, thread or counter) timestamps never go back.
     tracks: dict = {}
@@ -110,8 +154,9 @@ def test_chrome_trace_structure(rows, tmp_path):
 
 def test_chrome_trace_other_inputs(rows):
     one = chrome_trace(rows[1].trace)
-    assert [e["args"]["name"] for e in one["traceEvents"] if e["name"] == "process_name"] \
-        == ["remat"]
+    assert [e["args"]["name"] for e in one["traceEvents"] if e["name"] == "process_name"] == [
+        "remat"
+    ]
     two = chrome_trace({"a": rows[0].trace, "b": rows[1].trace})
     assert len({e["pid"] for e in two["traceEvents"]}) == 2
     with pytest.raises(ValueError, match="trace=True"):
@@ -184,11 +229,14 @@ def test_unet_runs_and_has_the_u_shape(client):
 
 
 def test_unet_gradcheck_tiny_float64(client):
-    model = models.unet(batch=1, channels=(2, 3), image=4, classes=2, in_channels=1,
-                        dtype="float64", seed=1)
+    model = models.unet(
+        batch=1, channels=(2, 3), image=4, classes=2, in_channels=1, dtype="float64", seed=1
+    )
     rng = np.random.default_rng(3)
-    inputs = {k: v + 0.1 * rng.standard_normal(v.shape) if k in model.wrt else v
-              for k, v in model.inputs.items()}
+    inputs = {
+        k: v + 0.1 * rng.standard_normal(v.shape) if k in model.wrt else v
+        for k, v in model.inputs.items()
+    }
     report = remat.gradcheck(client, model.graph, inputs, wrt=model.wrt, loss=model.loss)
     worst = max(report, key=report.get)
     assert report[worst] <= 1e-6, f"gradient of {worst} has relative error {report[worst]:.3g}"

@@ -6,26 +6,34 @@ r = min{r : C(c+r, c) >= l} and t(l, c) = r*l - C(c+r, c+1). Checked three ways:
 closed form against the optimal recursion, the action plan (`reversal_plan`) and the
 real schedule the planner emits for chains of tanh steps.
 """
+
 from __future__ import annotations
 
 import functools
 from math import comb
 
 import numpy as np
-import support
 import pytest
+import support
 
-from remat_server.checkpoint.planners.revolve import binomial_advances, reversal_plan
 from remat_proto.policies import Revolve, StoreAll
+from remat_server.checkpoint.planners.revolve import binomial_advances, reversal_plan
 from remat_server.checkpoint.schedule import Compute
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument
-from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
+from remat_server.graph.ir import GraphSpec
 
 ENGINE = Engine()
 
-REFERENCE = {(6, 1): 15, (8, 2): 14, (10, 3): 15, (20, 3): 45, (100, 5): 316,
-             (100, 10): 222, (1000, 10): 3636}
+REFERENCE = {
+    (6, 1): 15,
+    (8, 2): 14,
+    (10, 3): 15,
+    (20, 3): 45,
+    (100, 5): 316,
+    (100, 10): 222,
+    (1000, 10): 3636,
+}
 
 
 def t(l: int, c: int) -> int:
@@ -35,7 +43,7 @@ def t(l: int, c: int) -> int:
     return r * l - comb(c + r, c + 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def optimal(l: int, c: int) -> int:
     """Minimal advances by the recursion: snapshot after m steps, reverse the last l-m
     with one slot fewer, then the first m with all c. One slot: l(l-1)/2."""
@@ -181,14 +189,20 @@ def test_revolve_gradients_equal_store_all_on_the_chain(l, dtype):
     cotangent = rng.standard_normal(3).astype(dtype)
     for loss in (False, True):
         spec = chain(l, dtype=dtype, loss=loss)
-        request = dict(wrt=("x",), loss="loss") if loss else \
-            dict(wrt=("x",), cotangents={"out": cotangent})
+        request = (
+            dict(wrt=("x",), loss="loss")
+            if loss
+            else dict(wrt=("x",), cotangents={"out": cotangent})
+        )
         store = ENGINE.run(RunRequest(spec, {"x": x}, policy=StoreAll(), **request))
         expected = x.astype(np.float64)
         for _ in range(l):
             expected = np.tanh(expected)
-        np.testing.assert_allclose(store.outputs["out" if not loss else "loss"],
-                                   expected if not loss else expected.sum(), rtol=1e-5)
+        np.testing.assert_allclose(
+            store.outputs["out" if not loss else "loss"],
+            expected if not loss else expected.sum(),
+            rtol=1e-5,
+        )
         for c in range(1, 5):
             result = ENGINE.run(RunRequest(spec, {"x": x}, policy=Revolve(c), **request))
             assert np.array_equal(result.grads["x"], store.grads["x"]), (loss, c)

@@ -7,6 +7,7 @@ torch from the same arrays. The torch forwards below mirror the builders line by
 line. Parameters are perturbed away from their init (unit layer-norm weights, zero
 biases) so no gradient term can hide behind a 1 or a 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,10 @@ def torch_transformer_block(t, heads):
     attn = torch.softmax(q @ k.transpose(-1, -2) * (1.0 / math.sqrt(d_head)), dim=-1)
     context = (attn @ v).permute(0, 2, 1, 3).reshape(batch, seq, d_model)
     h = x + context @ t["wo"]
-    m = F.gelu(F.layer_norm(h, (d_model,), t["ln2_w"], t["ln2_b"], eps=1e-5) @ t["w1"] + t["b1"],
-               approximate="tanh")
+    m = F.gelu(
+        F.layer_norm(h, (d_model,), t["ln2_w"], t["ln2_b"], eps=1e-5) @ t["w1"] + t["b1"],
+        approximate="tanh",
+    )
     y = h + (m @ t["w2"] + t["b2"])
     return torch.mean(y * y)
 
@@ -83,22 +86,40 @@ def torch_cnn(t, blocks):
 
 
 CASES = {
-    "mlp_l2": (lambda: models.mlp(batch=16, widths=(12, 20, 16, 5), dtype="float64", l2=0.05),
-               lambda t: torch_mlp(t, (12, 20, 16, 5), 0.05)),
-    "logistic_regression": (lambda: models.logistic_regression(batch=32, features=6,
-                                                               dtype="float64", l2=0.01),
-                            lambda t: torch_logistic_regression(t, 0.01)),
-    "svm_weston_watkins": (lambda: models.svm(batch=32, features=6, classes=5, dtype="float64",
-                                              l2=0.01, margin=1.0),
-                           lambda t: torch_svm(t, 5, 0.01, 1.0, "weston_watkins")),
-    "svm_crammer_singer": (lambda: models.svm(batch=32, features=6, classes=5, dtype="float64",
-                                              l2=0.01, margin=0.5, variant="crammer_singer"),
-                           lambda t: torch_svm(t, 5, 0.01, 0.5, "crammer_singer")),
-    "transformer_block": (lambda: models.transformer_block(batch=2, seq=8, d_model=16, heads=4,
-                                                           d_ff=32, dtype="float64"),
-                          lambda t: torch_transformer_block(t, 4)),
-    "cnn": (lambda: models.cnn(batch=4, channels=(3, 4, 6), image=8, classes=5, dtype="float64"),
-            lambda t: torch_cnn(t, 2)),
+    "mlp_l2": (
+        lambda: models.mlp(batch=16, widths=(12, 20, 16, 5), dtype="float64", l2=0.05),
+        lambda t: torch_mlp(t, (12, 20, 16, 5), 0.05),
+    ),
+    "logistic_regression": (
+        lambda: models.logistic_regression(batch=32, features=6, dtype="float64", l2=0.01),
+        lambda t: torch_logistic_regression(t, 0.01),
+    ),
+    "svm_weston_watkins": (
+        lambda: models.svm(batch=32, features=6, classes=5, dtype="float64", l2=0.01, margin=1.0),
+        lambda t: torch_svm(t, 5, 0.01, 1.0, "weston_watkins"),
+    ),
+    "svm_crammer_singer": (
+        lambda: models.svm(
+            batch=32,
+            features=6,
+            classes=5,
+            dtype="float64",
+            l2=0.01,
+            margin=0.5,
+            variant="crammer_singer",
+        ),
+        lambda t: torch_svm(t, 5, 0.01, 0.5, "crammer_singer"),
+    ),
+    "transformer_block": (
+        lambda: models.transformer_block(
+            batch=2, seq=8, d_model=16, heads=4, d_ff=32, dtype="float64"
+        ),
+        lambda t: torch_transformer_block(t, 4),
+    ),
+    "cnn": (
+        lambda: models.cnn(batch=4, channels=(3, 4, 6), image=8, classes=5, dtype="float64"),
+        lambda t: torch_cnn(t, 2),
+    ),
 }
 
 
@@ -111,8 +132,10 @@ def client():
 def perturbed(model: models.Model, seed: int = 1) -> dict[str, np.ndarray]:
     """The model's inputs with every parameter moved off its init by N(0, 0.1^2)."""
     rng = np.random.default_rng(seed)
-    return {name: value + 0.1 * rng.standard_normal(value.shape) if name in model.wrt else value
-            for name, value in model.inputs.items()}
+    return {
+        name: value + 0.1 * rng.standard_normal(value.shape) if name in model.wrt else value
+        for name, value in model.inputs.items()
+    }
 
 
 def float_inputs(inputs: dict[str, np.ndarray]) -> list[str]:
@@ -129,8 +152,9 @@ def test_loss_and_gradients_match_torch(client, case):
 
     result = client.run(model.graph, inputs, wrt=wrt, loss=model.loss)
 
-    tensors = {name: torch.tensor(value, requires_grad=name in wrt)
-               for name, value in inputs.items()}
+    tensors = {
+        name: torch.tensor(value, requires_grad=name in wrt) for name, value in inputs.items()
+    }
     loss = torch_loss(tensors)
     grads = torch.autograd.grad(loss, [tensors[name] for name in wrt])
     np.testing.assert_allclose(result.outputs[model.loss], loss.item(), rtol=RTOL, atol=ATOL)
@@ -138,8 +162,9 @@ def test_loss_and_gradients_match_torch(client, case):
         actual = result.grads[name]
         assert actual.dtype == np.float64 and actual.shape == inputs[name].shape, name
         assert np.any(expected.numpy() != 0), f"{name}: torch's gradient is all zero"
-        np.testing.assert_allclose(actual, expected.numpy(), rtol=RTOL, atol=ATOL,
-                                   err_msg=f"{case}: gradient of {name}")
+        np.testing.assert_allclose(
+            actual, expected.numpy(), rtol=RTOL, atol=ATOL, err_msg=f"{case}: gradient of {name}"
+        )
 
 
 def test_cases_cover_every_builder():

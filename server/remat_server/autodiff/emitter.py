@@ -7,6 +7,7 @@ client's) and names them after the forward node being differentiated.
 Example (inside a VJP rule):
     >>> # vjp=lambda e, g, y, x: [g * (1 - y * y)]          # tanh
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from remat_proto import dtypes
+
 from ..graph.builder import GraphBuilder
 from ..graph.ir import Node
 from ..ops import registry
@@ -22,7 +24,7 @@ from ..ops import registry
 class Sym:
     __slots__ = ("e", "node", "name")
 
-    def __init__(self, e: "Emitter", node: Node):
+    def __init__(self, e: Emitter, node: Node):
         self.e = e
         self.node = node
         self.name = node.name
@@ -31,19 +33,38 @@ class Sym:
     dtype = property(lambda self: self.node.type.dtype)
     ndim = property(lambda self: len(self.node.type.shape))
 
-    def _lift(self, other: Any) -> "Sym":
+    def _lift(self, other: Any) -> Sym:
         return other if isinstance(other, Sym) else self.e.const(other, self.dtype)
 
-    def __add__(self, other): return self.e.op("add", self, self._lift(other))
-    def __radd__(self, other): return self.e.op("add", self._lift(other), self)
-    def __sub__(self, other): return self.e.op("sub", self, self._lift(other))
-    def __rsub__(self, other): return self.e.op("sub", self._lift(other), self)
-    def __mul__(self, other): return self.e.op("mul", self, self._lift(other))
-    def __rmul__(self, other): return self.e.op("mul", self._lift(other), self)
-    def __truediv__(self, other): return self.e.op("div", self, self._lift(other))
-    def __rtruediv__(self, other): return self.e.op("div", self._lift(other), self)
-    def __neg__(self): return self.e.op("neg", self)
-    def __matmul__(self, other): return self.e.op("matmul", self, other)
+    def __add__(self, other):
+        return self.e.op("add", self, self._lift(other))
+
+    def __radd__(self, other):
+        return self.e.op("add", self._lift(other), self)
+
+    def __sub__(self, other):
+        return self.e.op("sub", self, self._lift(other))
+
+    def __rsub__(self, other):
+        return self.e.op("sub", self._lift(other), self)
+
+    def __mul__(self, other):
+        return self.e.op("mul", self, self._lift(other))
+
+    def __rmul__(self, other):
+        return self.e.op("mul", self._lift(other), self)
+
+    def __truediv__(self, other):
+        return self.e.op("div", self, self._lift(other))
+
+    def __rtruediv__(self, other):
+        return self.e.op("div", self._lift(other), self)
+
+    def __neg__(self):
+        return self.e.op("neg", self)
+
+    def __matmul__(self, other):
+        return self.e.op("matmul", self, other)
 
     def __repr__(self) -> str:
         return f"Sym({self.name}: {self.dtype}{list(self.shape)})"
@@ -58,7 +79,7 @@ class Emitter:
         self.source = ""
         self._constants: dict[tuple[str, float], Sym] = {}
 
-    def at(self, node: Node) -> "Emitter":
+    def at(self, node: Node) -> Emitter:
         """Name and attribute the next nodes to the forward node `node`."""
         self.prefix = f"bwd/{node.name}"
         self.source = f"{node.source} (gradient)" if node.source else ""
@@ -97,6 +118,7 @@ class Emitter:
             return x
         lead = x.ndim - len(shape)
         axes = tuple(range(lead)) + tuple(
-            lead + i for i, dim in enumerate(shape) if dim == 1 and x.shape[lead + i] != 1)
+            lead + i for i, dim in enumerate(shape) if dim == 1 and x.shape[lead + i] != 1
+        )
         summed = self.op("sum", x, axes=axes, keepdims=True) if axes else x
         return summed if summed.shape == shape else self.op("reshape", summed, shape=shape)

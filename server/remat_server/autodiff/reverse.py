@@ -14,18 +14,20 @@ Example:
     >>> # joint = differentiate(graph, Limits(), wrt=["w"], loss="loss")
     >>> # joint.graph.outputs["grad/w"] names the node holding d loss / d w
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from remat_proto import dtypes
-from ..graph.builder import GraphBuilder
-from .emitter import Emitter, Sym
+
 from ..errors import InvalidArgument, Unimplemented, where
+from ..graph.builder import GraphBuilder
 from ..graph.ir import INPUT_OP, Graph, TensorType
 from ..graph.limits import Limits
 from ..ops import registry
+from .emitter import Emitter, Sym
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,13 @@ class JointGraph:
     cotangent_inputs: Mapping[str, str]  # output name -> input name for its cotangent
 
 
-def differentiate(graph: Graph, limits: Limits, wrt: list[str], loss: str = "",
-                  cotangent_outputs: list[str] | None = None) -> JointGraph:
+def differentiate(
+    graph: Graph,
+    limits: Limits,
+    wrt: list[str],
+    loss: str = "",
+    cotangent_outputs: list[str] | None = None,
+) -> JointGraph:
     """Add the backward pass of `graph` to it.
 
     Give `loss` (a scalar output or node name), or `cotangent_outputs`: output names
@@ -56,25 +63,30 @@ def differentiate(graph: Graph, limits: Limits, wrt: list[str], loss: str = "",
         total[name] = g
     nodes, floats = graph.nodes, dtypes.FLOATS
     # Gradients flow only through float values on a path from a wrt input to a seed.
-    relevant = {name for name in graph.descendants(set(wrt))
-                & graph.ancestors({name for name, _ in seeds})
-                if nodes[name].type.dtype in floats}
+    relevant = {
+        name
+        for name in graph.descendants(set(wrt)) & graph.ancestors({name for name, _ in seeds})
+        if nodes[name].type.dtype in floats
+    }
 
     for node in reversed(nodes.values()):
         g = total.get(node.name)
         if g is None or node.op == INPUT_OP or node.type.dtype not in floats:
             continue
         op = registry.REGISTRY[node.op]
-        targets = [i for i, name in enumerate(node.inputs)
-                   if name in relevant and op.differentiable(i)]
+        targets = [
+            i for i, name in enumerate(node.inputs) if name in relevant and op.differentiable(i)
+        ]
         if not targets:
             continue
         e.at(node)
         inputs = [e.wrap(nodes[name]) for name in node.inputs]
         grads = op.vjp(e, g, e.wrap(node), *inputs, **node.attrs)
         if len(grads) != len(node.inputs):
-            raise Unimplemented(f"{where(node.name, node.op)}: its VJP returned {len(grads)} "
-                                f"gradients for {len(node.inputs)} inputs")
+            raise Unimplemented(
+                f"{where(node.name, node.op)}: its VJP returned {len(grads)} "
+                f"gradients for {len(node.inputs)} inputs"
+            )
         for i in targets:
             if grads[i] is not None:
                 source = nodes[node.inputs[i]]
@@ -91,8 +103,12 @@ def differentiate(graph: Graph, limits: Limits, wrt: list[str], loss: str = "",
         out_name = _free_output_name(outputs, name)
         outputs[out_name] = g.name
         grad_outputs[name] = out_name
-    return JointGraph(_prune(builder.graph(outputs), graph), frozenset(graph.nodes),
-                      grad_outputs, cotangent_inputs)
+    return JointGraph(
+        _prune(builder.graph(outputs), graph),
+        frozenset(graph.nodes),
+        grad_outputs,
+        cotangent_inputs,
+    )
 
 
 def _check_wrt(graph: Graph, wrt: list[str]) -> None:
@@ -103,11 +119,14 @@ def _check_wrt(graph: Graph, wrt: list[str]) -> None:
             raise InvalidArgument(f"wrt: '{name}' is not an input of the graph")
         node = graph[name]
         if not node.is_input:
-            raise InvalidArgument(f"wrt: '{name}' is a node ({node.op}), not an input; "
-                                  "gradients are taken with respect to inputs")
+            raise InvalidArgument(
+                f"wrt: '{name}' is a node ({node.op}), not an input; "
+                "gradients are taken with respect to inputs"
+            )
         if not dtypes.is_float(node.dtype):
-            raise InvalidArgument(f"wrt: input '{name}' has dtype {node.dtype}; "
-                                  "only float inputs have gradients")
+            raise InvalidArgument(
+                f"wrt: input '{name}' has dtype {node.dtype}; only float inputs have gradients"
+            )
 
 
 def _resolve(graph: Graph, name: str) -> str:
@@ -121,14 +140,18 @@ def _resolve(graph: Graph, name: str) -> str:
 
 def _seeds(graph, builder, e, loss, cotangent_outputs):
     if bool(loss) == bool(cotangent_outputs):
-        raise InvalidArgument("give either a scalar `loss` or cotangents for outputs, not "
-                              + ("both" if loss else "neither"))
+        raise InvalidArgument(
+            "give either a scalar `loss` or cotangents for outputs, not "
+            + ("both" if loss else "neither")
+        )
     if loss:
         node = graph[_resolve(graph, loss)]
         if node.shape != ():
-            raise InvalidArgument(f"loss: {where(node.name, node.op, node.source)} has shape "
-                                  f"{node.shape}; a loss must be a scalar (or send cotangents "
-                                  "for non-scalar outputs)")
+            raise InvalidArgument(
+                f"loss: {where(node.name, node.op, node.source)} has shape "
+                f"{node.shape}; a loss must be a scalar (or send cotangents "
+                "for non-scalar outputs)"
+            )
         if not dtypes.is_float(node.dtype):
             raise InvalidArgument(f"loss: '{loss}' has dtype {node.dtype}; it must be float")
         e.prefix = "seed"
@@ -139,8 +162,9 @@ def _seeds(graph, builder, e, loss, cotangent_outputs):
             raise InvalidArgument(f"cotangent given for '{out_name}', which is not an output")
         node = graph[graph.outputs[out_name]]
         if not dtypes.is_float(node.dtype):
-            raise InvalidArgument(f"cotangent for output '{out_name}': its dtype {node.dtype} "
-                                  "is not float")
+            raise InvalidArgument(
+                f"cotangent for output '{out_name}': its dtype {node.dtype} is not float"
+            )
         input_name = builder.fresh_name(f"cotangent/{out_name}")
         seeds.append((node.name, e.wrap(builder.add_input(input_name, node.type))))
         inputs[out_name] = input_name
@@ -159,8 +183,11 @@ def _prune(joint: Graph, original: Graph) -> Graph:
     """Drop backward nodes no output reads (a VJP rule emits gradients for every input,
     even those not in `wrt`); the original graph's nodes and all inputs stay."""
     keep = joint.ancestors(set(joint.outputs.values()))
-    nodes = {name: node for name, node in joint.nodes.items()
-             if name in keep or name in original or node.is_input}
+    nodes = {
+        name: node
+        for name, node in joint.nodes.items()
+        if name in keep or name in original or node.is_input
+    }
     return Graph(joint.name, nodes, joint.outputs)
 
 

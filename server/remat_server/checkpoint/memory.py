@@ -7,6 +7,7 @@ not another MiB), so the simulator and the executor both account per buffer thro
 this module; the executor makes every "new" result a fresh C-contiguous buffer so the
 static model below is exactly what NumPy does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

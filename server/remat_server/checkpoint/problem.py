@@ -7,11 +7,12 @@ it (inputs aside): after it, nothing computed before it is needed by the forward
 pass. Boundaries cut the forward pass into a chain of segments, the structure that
 every-k, sqrt and revolve checkpoint along.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Mapping
 
 from ..graph.ir import Graph
 from .memory import MemoryModel, memory_model
@@ -44,15 +45,19 @@ class Problem:
     def flops(self) -> dict[str, int]:
         """Every computed node's FLOPs, once for all the policies planned on it."""
         graph = self.graph
-        return {name: node_flops(graph, name) for name, node in graph.nodes.items()
-                if not node.is_input}
+        return {
+            name: node_flops(graph, name) for name, node in graph.nodes.items() if not node.is_input
+        }
 
     @cached_property
     def input_bytes(self) -> int:
         """Bytes of the graph inputs: live for the whole run under every schedule."""
         model = self.model
-        return sum(model.nbytes[model.owner[n.name]] for n in self.graph.inputs
-                   if model.owner[n.name] == n.name)
+        return sum(
+            model.nbytes[model.owner[n.name]]
+            for n in self.graph.inputs
+            if model.owner[n.name] == n.name
+        )
 
     @cached_property
     def needed(self) -> frozenset[str]:
@@ -68,8 +73,11 @@ class Problem:
     @cached_property
     def backward(self) -> tuple[str, ...]:
         """Needed non-forward, non-input nodes, in topological order."""
-        return tuple(n for n in self.graph.nodes if n in self.needed and not self.is_forward(n)
-                     and not self.graph[n].is_input)
+        return tuple(
+            n
+            for n in self.graph.nodes
+            if n in self.needed and not self.is_forward(n) and not self.graph[n].is_input
+        )
 
     @cached_property
     def forward_order(self) -> tuple[str, ...]:
@@ -77,8 +85,13 @@ class Problem:
         DFS post-order from the forward values the rest of the plan reads), so side
         branches such as a weight penalty sit next to their use, not across the chain."""
         graph, needed = self.graph, self.needed
-        roots = [n for n in graph.nodes if self.is_forward(n) and n in needed and (
-            n in self.results or any(not self.is_forward(c) for c in graph.consumers(n)))]
+        roots = [
+            n
+            for n in graph.nodes
+            if self.is_forward(n)
+            and n in needed
+            and (n in self.results or any(not self.is_forward(c) for c in graph.consumers(n)))
+        ]
         order, done = [], set()
         for root in roots:
             stack = [(root, False)]
@@ -91,8 +104,11 @@ class Problem:
                     order.append(name)
                     continue
                 stack.append((name, True))
-                stack.extend((i, False) for i in reversed(graph[name].inputs)
-                             if self.is_forward(i) and i not in done)
+                stack.extend(
+                    (i, False)
+                    for i in reversed(graph[name].inputs)
+                    if self.is_forward(i) and i not in done
+                )
         return tuple(order)
 
     @cached_property

@@ -15,6 +15,7 @@ Kept values stay live until the last backward node whose recomputation could sta
 from them. With every forward value kept, hold mode gives store-all's schedule.
 Graph inputs are never freed (the request message holds them anyway).
 """
+
 from __future__ import annotations
 
 from .problem import Problem
@@ -22,8 +23,9 @@ from .schedule import Compute, Free, Schedule, Step
 from .simulate import InvalidSchedule
 
 
-def schedule_with_checkpoints(problem: Problem, kept: frozenset[str], policy: str,
-                              mode: str = "hold") -> Schedule:
+def schedule_with_checkpoints(
+    problem: Problem, kept: frozenset[str], policy: str, mode: str = "hold"
+) -> Schedule:
     return _Builder(problem, kept, mode == "drop").build(policy)
 
 
@@ -45,8 +47,7 @@ class _Builder:
                     self.last_need[name] = p
 
     def free(self, name: str) -> None:
-        if name in self.live and name not in self.problem.results \
-                and not self.graph[name].is_input:
+        if name in self.live and name not in self.problem.results and not self.graph[name].is_input:
             self.live.discard(name)
             self.steps.append(Free(name))
 
@@ -108,8 +109,12 @@ class _Builder:
         for i, name in enumerate(order):
             self.compute(name)
             for source in graph[name].inputs:
-                if source in missing and last_local[source] == i and source not in wanted \
-                        and not self.held_after(source, position - 1):
+                if (
+                    source in missing
+                    and last_local[source] == i
+                    and source not in wanted
+                    and not self.held_after(source, position - 1)
+                ):
                     self.free(source)
         return order
 

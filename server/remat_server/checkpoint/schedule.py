@@ -10,10 +10,10 @@ Example:
     >>> [type(s).__name__ for s in steps]
     ['Compute', 'Compute', 'Free']
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from remat_proto.results import PlannerReport
 
@@ -28,7 +28,7 @@ class Free:
     node: str
 
 
-Step = Union[Compute, Free]
+Step = Compute | Free
 
 
 @dataclass(frozen=True)

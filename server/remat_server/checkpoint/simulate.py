@@ -3,11 +3,12 @@
 No kernel runs. The executor's accounted peak equals `peak_bytes` here exactly,
 because both account buffers through the same `memory.LiveBytes` at the same steps.
 """
+
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from ..errors import RematError
 from ..graph.ir import Graph
@@ -42,8 +43,12 @@ def node_flops(graph: Graph, name: str) -> int:
     return int(cost(node.type, *(graph.nodes[i].type for i in node.inputs), **node.attrs))
 
 
-def simulate(graph: Graph, schedule: Schedule, model: MemoryModel | None = None,
-             flops: Mapping[str, int] | None = None) -> Simulation:
+def simulate(
+    graph: Graph,
+    schedule: Schedule,
+    model: MemoryModel | None = None,
+    flops: Mapping[str, int] | None = None,
+) -> Simulation:
     """`flops`: each node's FLOPs when known (a Problem's `flops`), else computed here."""
     nodes = graph.nodes
     live = {node.name for node in graph.inputs}
@@ -62,8 +67,9 @@ def simulate(graph: Graph, schedule: Schedule, model: MemoryModel | None = None,
         if type(step) is Compute:
             for source in node.inputs:
                 if source not in live:
-                    raise InvalidSchedule(f"step {index}: computing '{name}' needs "
-                                          f"'{source}', which is not live")
+                    raise InvalidSchedule(
+                        f"step {index}: computing '{name}' needs '{source}', which is not live"
+                    )
             if name in live:
                 raise InvalidSchedule(f"step {index}: '{name}' is computed while live")
             cost = flops.get(name)
@@ -85,5 +91,6 @@ def simulate(graph: Graph, schedule: Schedule, model: MemoryModel | None = None,
     missing = sorted(schedule.results - live)
     if missing:
         raise InvalidSchedule(f"the schedule ends without '{missing[0]}' live")
-    return Simulation(accounting.peak, tuple(timeline), total_flops, recompute_flops,
-                      Counter(evaluations))
+    return Simulation(
+        accounting.peak, tuple(timeline), total_flops, recompute_flops, Counter(evaluations)
+    )

@@ -1,9 +1,21 @@
 """The engine: compile a request once (`compile`), keep it in a byte-bounded LRU
 (`cache`), and run it (`run`: `Engine`)."""
+
+from remat_proto.results import Metrics
+
 from .cache import LRUCache
 from .compile import Compiled, CompileKey, Planned
 from .run import Engine, Plan, RunRequest, RunResult, max_abs_diff
-from remat_proto.results import Metrics
 
-__all__ = ["Compiled", "CompileKey", "Engine", "LRUCache", "Metrics", "Plan", "Planned",
-           "RunRequest", "RunResult", "max_abs_diff"]
+__all__ = [
+    "Compiled",
+    "CompileKey",
+    "Engine",
+    "LRUCache",
+    "Metrics",
+    "Plan",
+    "Planned",
+    "RunRequest",
+    "RunResult",
+    "max_abs_diff",
+]

@@ -18,13 +18,15 @@ entry being touched. Hits, misses and evictions are counted for the metrics.
     >>> len(cache), cache.stats.evictions
     (1, 1)
 """
+
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any
 
 
 @dataclass

@@ -18,14 +18,16 @@ graph and problem still come from the cache).
     >>> # compiled = compile_request(key, spec, limits, shapes)
     >>> # planned, hit = compiled.plan(Sqrt())
 """
+
 from __future__ import annotations
 
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -103,8 +105,15 @@ class Compiled:
     problem shared by every policy, `result_bytes` what its outputs and gradients
     weigh; `plan(policy)` plans once per policy."""
 
-    def __init__(self, key: CompileKey, spec: GraphSpec, joint: JointGraph,
-                 fetch: dict[str, str], problem: Problem, seconds: float):
+    def __init__(
+        self,
+        key: CompileKey,
+        spec: GraphSpec,
+        joint: JointGraph,
+        fetch: dict[str, str],
+        problem: Problem,
+        seconds: float,
+    ):
         self.key, self.spec, self.joint = key, spec, joint  # spec: keeps id(spec) valid
         self.graph = joint.graph
         self.fetch = fetch
@@ -132,17 +141,25 @@ class Compiled:
         found = self._plans.get(policy)
         return found if isinstance(found, Planned) else None
 
-    def plan(self, policy: policies.Policy,
-             feeds: Mapping[str, np.ndarray] | None = None) -> tuple[Planned, bool]:
+    def plan(
+        self, policy: policies.Policy, feeds: Mapping[str, np.ndarray] | None = None
+    ) -> tuple[Planned, bool]:
         """(the plan for `policy`, whether it was cached). Concurrent first requests
         for one policy plan once. A profiled Budget needs `feeds` and is never cached."""
         if isinstance(policy, policies.Budget) and policy.profile:
             if feeds is None:
-                raise InvalidArgument("policy budget(profile): profiling times ops on real "
-                                      "inputs; use it with Run, not Plan")
+                raise InvalidArgument(
+                    "policy budget(profile): profiling times ops on real "
+                    "inputs; use it with Run, not Plan"
+                )
             costs = profiling.forward_costs(self.graph, self.joint.forward_nodes, feeds)
-            problem = Problem(self.graph, self.problem.results, self.problem.forward_nodes,
-                              costs, self.problem.milp_max_nodes)
+            problem = Problem(
+                self.graph,
+                self.problem.results,
+                self.problem.forward_nodes,
+                costs,
+                self.problem.milp_max_nodes,
+            )
             with gc_pause.paused():
                 return _plan(problem, policy), False
         with self._lock:
@@ -167,35 +184,43 @@ class Compiled:
         return planned, False
 
 
-def validate(spec: GraphSpec, limits: Limits,
-             input_shapes: Mapping[str, tuple[int, ...]] | None) -> Validated:
+def validate(
+    spec: GraphSpec, limits: Limits, input_shapes: Mapping[str, tuple[int, ...]] | None
+) -> Validated:
     return Validated(build_graph(spec, limits, input_shapes), spec)
 
 
-def compile_request(key: CompileKey, spec: GraphSpec, limits: Limits, graph: Graph,
-                    start: float) -> Compiled:
+def compile_request(
+    key: CompileKey, spec: GraphSpec, limits: Limits, graph: Graph, start: float
+) -> Compiled:
     """Differentiate `graph` (validated at the key's shapes) and pose the problem for
     `key` (see the module doc); `start` is when compiling began."""
     fetch = key.fetch or tuple(graph.outputs)
     for name in fetch:
         if name not in graph.outputs:
-            raise InvalidArgument(f"fetch: '{name}' is not an output of the graph "
-                                  f"(outputs: {', '.join(graph.outputs) or 'none'})")
+            raise InvalidArgument(
+                f"fetch: '{name}' is not an output of the graph "
+                f"(outputs: {', '.join(graph.outputs) or 'none'})"
+            )
     if key.loss and not key.wrt:
-        raise InvalidArgument(f"loss '{key.loss}' is given but wrt is empty; name the "
-                              "inputs to differentiate with respect to")
+        raise InvalidArgument(
+            f"loss '{key.loss}' is given but wrt is empty; name the "
+            "inputs to differentiate with respect to"
+        )
     joint = JointGraph(graph, frozenset(graph.nodes), {}, {})
     cotangents = key.cotangents
     if cotangents is None:  # Differentiate without a loss: seed every float output
-        cotangents = tuple(name for name, node in graph.outputs.items()
-                           if dtypes.is_float(graph[node].dtype))
+        cotangents = tuple(
+            name for name, node in graph.outputs.items() if dtypes.is_float(graph[node].dtype)
+        )
     if key.wrt or key.cotangents is None:
         joint = differentiate(graph, limits, list(key.wrt), key.loss, list(cotangents))
     outputs = joint.graph.outputs
     wanted = {name: outputs[name] for name in fetch}
     results = frozenset(wanted.values()) | {outputs[o] for o in joint.grad_outputs.values()}
-    problem = Problem(joint.graph, results, joint.forward_nodes,
-                      milp_max_nodes=limits.optimal_max_nodes)
+    problem = Problem(
+        joint.graph, results, joint.forward_nodes, milp_max_nodes=limits.optimal_max_nodes
+    )
     return Compiled(key, spec, joint, wanted, problem, time.perf_counter() - start)
 
 
@@ -205,11 +230,14 @@ def _plan(problem: Problem, policy: policies.Policy) -> Planned:
     simulation = simulate(problem.graph, schedule, problem.model, problem.flops)
     report = schedule.report
     if report is not None and report.budget_bytes and simulation.peak_bytes > report.budget_bytes:
-        raise RematError(f"internal error: policy {policies.label(policy)} planned a peak "
-                         f"of {simulation.peak_bytes} bytes over its budget of "
-                         f"{report.budget_bytes}")
-    program = Program(problem.graph, schedule, problem.forward_nodes, problem.model,
-                      simulation.timeline)
+        raise RematError(
+            f"internal error: policy {policies.label(policy)} planned a peak "
+            f"of {simulation.peak_bytes} bytes over its budget of "
+            f"{report.budget_bytes}"
+        )
+    program = Program(
+        problem.graph, schedule, problem.forward_nodes, problem.model, simulation.timeline
+    )
     label = schedule.policy if report is not None else policies.label(policy)
     return Planned(schedule, simulation, program, label, time.perf_counter() - start)
 

@@ -16,6 +16,7 @@ on several handler threads nest, and it is only re-enabled if it was enabled bef
     ...     gc.isenabled()
     False
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -16,12 +16,14 @@ Example:
     >>> result.metrics.plan_cached, again.metrics.plan_cached
     (False, True)
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from typing import Callable, ContextManager, Mapping
 
 import numpy as np
 
@@ -91,8 +93,12 @@ class Engine:
     no single request may plan above it or above `limits.max_request_bytes`.
     `cache_bytes` bounds the compiled requests kept (`LRUCache`; 0 keeps none)."""
 
-    def __init__(self, limits: Limits | None = None, memory_budget_bytes: int = 0,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        memory_budget_bytes: int = 0,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
         self.limits = limits or Limits()
         self.memory_budget_bytes = memory_budget_bytes
         self.cache = LRUCache(cache_bytes)
@@ -123,33 +129,41 @@ class Engine:
         return policy
 
     # --- compiling -----------------------------------------------------------------------
-    def _graph_key(self, spec: GraphSpec, graph_id: str,
-                   given: Mapping[str, tuple[int, ...]]) -> tuple:
+    def _graph_key(
+        self, spec: GraphSpec, graph_id: str, given: Mapping[str, tuple[int, ...]]
+    ) -> tuple:
         """The graph and its input shapes: what a validated graph is cached under."""
         if given:
             declared = {item.name for item in spec.inputs}
             unknown = sorted(set(given) - declared)
             if unknown:
-                raise InvalidArgument(f"input_shapes: '{unknown[0]}' is not an input of "
-                                      "the graph")
+                raise InvalidArgument(f"input_shapes: '{unknown[0]}' is not an input of the graph")
             shapes = tuple(tuple(given.get(i.name, i.shape)) for i in spec.inputs)
         else:
             shapes = tuple(i.shape for i in spec.inputs)
         return ("validated", graph_id or ("object", id(spec)), shapes)
 
-    def _validated(self, key: tuple, spec: GraphSpec,
-                   given: Mapping[str, tuple[int, ...]]) -> Validated:
+    def _validated(
+        self, key: tuple, spec: GraphSpec, given: Mapping[str, tuple[int, ...]]
+    ) -> Validated:
         validated, _ = self.cache.get_or_build(
-            key, lambda: _paused(validate, spec, self.limits, given))
+            key, lambda: _paused(validate, spec, self.limits, given)
+        )
         if validated.spec is not spec and key[1][0] == "object":  # impossible while held
             raise AssertionError("compile cache: a spec's id was reused")
         return validated
 
-    def compile(self, spec: GraphSpec, *, graph_id: str = "",
-                input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                wrt: tuple[str, ...] = (), loss: str = "",
-                cotangents: tuple[str, ...] | None = (), fetch: tuple[str, ...] = ()
-                ) -> tuple[Compiled, bool]:
+    def compile(
+        self,
+        spec: GraphSpec,
+        *,
+        graph_id: str = "",
+        input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        wrt: tuple[str, ...] = (),
+        loss: str = "",
+        cotangents: tuple[str, ...] | None = (),
+        fetch: tuple[str, ...] = (),
+    ) -> tuple[Compiled, bool]:
         """The compiled request, from the cache when it holds one: (compiled, hit).
         `cotangents=None` seeds every float output (Differentiate without a loss).
         A repeated request costs one lookup; the validated graph (shared by every
@@ -161,12 +175,26 @@ class Engine:
         def build() -> Compiled:
             validated = self._validated(key.graph, spec, given)
             return _paused(compile_request, key, spec, self.limits, validated.graph, start)
+
         return self.cache.get_or_build(key, build)
 
-    def _key(self, spec: GraphSpec, graph_id: str, given: Mapping[str, tuple[int, ...]],
-             wrt, loss: str, cotangents, fetch) -> CompileKey:
-        return CompileKey(self._graph_key(spec, graph_id, given), tuple(wrt), loss,
-                          None if cotangents is None else tuple(cotangents), tuple(fetch))
+    def _key(
+        self,
+        spec: GraphSpec,
+        graph_id: str,
+        given: Mapping[str, tuple[int, ...]],
+        wrt,
+        loss: str,
+        cotangents,
+        fetch,
+    ) -> CompileKey:
+        return CompileKey(
+            self._graph_key(spec, graph_id, given),
+            tuple(wrt),
+            loss,
+            None if cotangents is None else tuple(cotangents),
+            tuple(fetch),
+        )
 
     def validate(self, spec: GraphSpec, graph_id: str = "") -> None:
         """Check a graph as registering does: fully when every input shape is static
@@ -177,8 +205,12 @@ class Engine:
             return
         self._validated(self._graph_key(spec, graph_id, {}), spec, {})
 
-    def _planned(self, compiled: Compiled, policy: policies.Policy,
-                 feeds: Mapping[str, np.ndarray] | None = None) -> tuple[Planned, bool]:
+    def _planned(
+        self,
+        compiled: Compiled,
+        policy: policies.Policy,
+        feeds: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[Planned, bool]:
         planned, hit = compiled.plan(policy, feeds)
         if not hit:
             self.cache.resize(compiled.key)  # it holds one more plan
@@ -191,7 +223,8 @@ class Engine:
             raise ResponseTooLarge(
                 f"the outputs and gradients total {compiled.result_bytes:,} bytes, more "
                 f"than one message of {max_response_bytes:,} can carry; use RunStream "
-                "(remat.Client switches to it by itself)")
+                "(remat.Client switches to it by itself)"
+            )
 
     def _check_limit(self, planned: Planned) -> None:
         if planned.simulation.peak_bytes > self.request_limit:
@@ -199,35 +232,72 @@ class Engine:
                 f"the plan's predicted peak is {planned.simulation.peak_bytes:,} bytes, over "
                 f"the per-request limit of {self.request_limit:,} (server flags "
                 "--max-request-bytes, --memory-budget-bytes); try policy auto or a budget, "
-                "or a smaller batch")
+                "or a smaller batch"
+            )
 
     # --- the calls -------------------------------------------------------------------------
-    def differentiate(self, spec: GraphSpec, wrt: tuple[str, ...], loss: str = "",
-                      input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                      graph_id: str = "") -> JointGraph:
+    def differentiate(
+        self,
+        spec: GraphSpec,
+        wrt: tuple[str, ...],
+        loss: str = "",
+        input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        graph_id: str = "",
+    ) -> JointGraph:
         """The joint graph; without `loss`, every float output gets a cotangent input."""
-        compiled, _ = self.compile(spec, graph_id=graph_id, input_shapes=input_shapes,
-                                   wrt=wrt, loss=loss, cotangents=None if not loss else ())
+        compiled, _ = self.compile(
+            spec,
+            graph_id=graph_id,
+            input_shapes=input_shapes,
+            wrt=wrt,
+            loss=loss,
+            cotangents=None if not loss else (),
+        )
         return compiled.joint
 
-    def plan(self, spec: GraphSpec, wrt: tuple[str, ...] = (), loss: str = "",
-             cotangent_outputs: tuple[str, ...] = (), policy: policies.Policy | str = "auto",
-             input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-             fetch: tuple[str, ...] = (), graph_id: str = "") -> Plan:
+    def plan(
+        self,
+        spec: GraphSpec,
+        wrt: tuple[str, ...] = (),
+        loss: str = "",
+        cotangent_outputs: tuple[str, ...] = (),
+        policy: policies.Policy | str = "auto",
+        input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        fetch: tuple[str, ...] = (),
+        graph_id: str = "",
+    ) -> Plan:
         """Dry run: plan and simulate without any tensor (shapes come from the graph, or
         `input_shapes` for -1 batch dimensions)."""
         start = time.perf_counter()
         policy = self.with_server_defaults(policy)
-        compiled, hit = self.compile(spec, graph_id=graph_id, input_shapes=input_shapes,
-                                     wrt=wrt, loss=loss, cotangents=cotangent_outputs,
-                                     fetch=fetch)
+        compiled, hit = self.compile(
+            spec,
+            graph_id=graph_id,
+            input_shapes=input_shapes,
+            wrt=wrt,
+            loss=loss,
+            cotangents=cotangent_outputs,
+            fetch=fetch,
+        )
         planned, plan_hit = self._planned(compiled, policy)
-        return Plan(compiled.joint, planned.schedule, planned.simulation, compiled.problem.model,
-                    compiled.fetch, planned.label, time.perf_counter() - start, hit and plan_hit)
+        return Plan(
+            compiled.joint,
+            planned.schedule,
+            planned.simulation,
+            compiled.problem.model,
+            compiled.fetch,
+            planned.label,
+            time.perf_counter() - start,
+            hit and plan_hit,
+        )
 
-    def run(self, request: RunRequest, should_stop: Callable[[], bool] | None = None,
-            admit: Callable[[int], ContextManager] | None = None,
-            max_response_bytes: int = 0) -> RunResult:
+    def run(
+        self,
+        request: RunRequest,
+        should_stop: Callable[[], bool] | None = None,
+        admit: Callable[[int], AbstractContextManager] | None = None,
+        max_response_bytes: int = 0,
+    ) -> RunResult:
         """Compile (or find compiled), plan (or find planned) and execute.
         `admit(predicted_peak_bytes)`, when given, returns a context manager entered
         before execution (memory admission) that yields an object with
@@ -238,18 +308,29 @@ class Engine:
         spec = request.graph
         shapes = _input_shapes(spec, request.inputs)
         policy = self.with_server_defaults(request.policy)
-        key = self._key(spec, request.graph_id, shapes, request.wrt, request.loss,
-                        tuple(request.cotangents), request.fetch)
+        key = self._key(
+            spec,
+            request.graph_id,
+            shapes,
+            request.wrt,
+            request.loss,
+            tuple(request.cotangents),
+            request.fetch,
+        )
         compiled = self.cache.get(key)
         planned = compiled.cached(policy) if compiled is not None else None
         hit = plan_hit = planned is not None
         if planned is None:  # compile and plan, under one pause of the collector
             with gc_pause.paused():
-                compiled, hit = self.compile(spec, graph_id=request.graph_id,
-                                             input_shapes=shapes, wrt=request.wrt,
-                                             loss=request.loss,
-                                             cotangents=tuple(request.cotangents),
-                                             fetch=request.fetch)
+                compiled, hit = self.compile(
+                    spec,
+                    graph_id=request.graph_id,
+                    input_shapes=shapes,
+                    wrt=request.wrt,
+                    loss=request.loss,
+                    cotangents=tuple(request.cotangents),
+                    fetch=request.fetch,
+                )
                 self._check_response(compiled, max_response_bytes)
                 planned, plan_hit = self._planned(compiled, policy, request.inputs)
         else:
@@ -272,18 +353,32 @@ class Engine:
         grads = {w: run.values[graph.outputs[out]] for w, out in joint.grad_outputs.items()}
         input_bytes = sum(array.nbytes for array in feeds.values())
         metrics = Metrics(
-            peak_bytes=run.peak_bytes, predicted_peak_bytes=simulation.peak_bytes,
-            forward_seconds=run.forward_seconds, backward_seconds=run.backward_seconds,
-            recompute_seconds=run.recompute_seconds, plan_seconds=plan_seconds,
-            total_seconds=time.perf_counter() - start, nodes_computed=run.nodes_computed,
-            recomputed_nodes=run.recomputed_nodes, flops=simulation.flops,
-            recompute_flops=simulation.recompute_flops, policy=planned.label,
+            peak_bytes=run.peak_bytes,
+            predicted_peak_bytes=simulation.peak_bytes,
+            forward_seconds=run.forward_seconds,
+            backward_seconds=run.backward_seconds,
+            recompute_seconds=run.recompute_seconds,
+            plan_seconds=plan_seconds,
+            total_seconds=time.perf_counter() - start,
+            nodes_computed=run.nodes_computed,
+            recomputed_nodes=run.recomputed_nodes,
+            flops=simulation.flops,
+            recompute_flops=simulation.recompute_flops,
+            policy=planned.label,
             measured_peak_bytes=measured.peak + input_bytes if request.measure_memory else 0,
             queue_seconds=admitted.queue_seconds,
-            planner=planned.schedule.report, plan_cached=hit and plan_hit)
+            planner=planned.schedule.report,
+            plan_cached=hit and plan_hit,
+        )
         warnings = nonfinite_warnings(input=request.inputs, output=outputs, gradient=grads)
-        return RunResult(outputs, grads, metrics, warnings,
-                         simulation.timeline if request.timeline else (), tuple(run.trace or ()))
+        return RunResult(
+            outputs,
+            grads,
+            metrics,
+            warnings,
+            simulation.timeline if request.timeline else (),
+            tuple(run.trace or ()),
+        )
 
 
 class _NotAdmitted:
@@ -319,8 +414,9 @@ def _input_shapes(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> dict:
             raise InvalidArgument(f"inputs: no tensor given for input '{item.name}'")
         expected = dtypes.NUMPY.get(item.dtype)  # an unknown dtype: validation names it
         if expected is not None and array.dtype != expected:
-            raise InvalidArgument(f"inputs: '{item.name}' is declared {item.dtype} but the "
-                                  f"tensor is {array.dtype}")
+            raise InvalidArgument(
+                f"inputs: '{item.name}' is declared {item.dtype} but the tensor is {array.dtype}"
+            )
     return {name: tuple(array.shape) for name, array in inputs.items()}
 
 
@@ -329,8 +425,10 @@ def _cotangent_feeds(joint: JointGraph, cotangents: Mapping[str, np.ndarray]) ->
     for out_name, input_name in joint.cotangent_inputs.items():  # names checked by autodiff
         array, node = cotangents[out_name], joint.graph[input_name]
         if array.shape != node.shape or array.dtype != dtypes.NUMPY[node.dtype]:
-            raise InvalidArgument(f"cotangents: '{out_name}' must be {node.dtype}{list(node.shape)}"
-                                  f" like its output, got {array.dtype}{list(array.shape)}")
+            raise InvalidArgument(
+                f"cotangents: '{out_name}' must be {node.dtype}{list(node.shape)}"
+                f" like its output, got {array.dtype}{list(array.shape)}"
+            )
         feeds[input_name] = array
     return feeds
 
@@ -338,12 +436,15 @@ def _cotangent_feeds(joint: JointGraph, cotangents: Mapping[str, np.ndarray]) ->
 def nonfinite_warnings(**arrays_by_kind: Mapping[str, np.ndarray]) -> tuple[str, ...]:
     """A warning for each array holding NaN or Inf, by kind ("input", "output", ...).
 
-        >>> nonfinite_warnings(output={"y": np.array([np.nan, 1.0])})
-        ("output 'y' has 1 NaN or Inf values",)
+    >>> nonfinite_warnings(output={"y": np.array([np.nan, 1.0])})
+    ("output 'y' has 1 NaN or Inf values",)
     """
     with np.errstate(over="ignore", invalid="ignore"):  # a finite sum may overflow
-        return tuple(warning for kind, arrays in arrays_by_kind.items()
-                     for warning in _nonfinite(kind, arrays))
+        return tuple(
+            warning
+            for kind, arrays in arrays_by_kind.items()
+            for warning in _nonfinite(kind, arrays)
+        )
 
 
 def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:

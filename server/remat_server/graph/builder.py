@@ -4,19 +4,22 @@ Used twice: `validate.build_graph` feeds it a client's nodes, and autodiff feeds
 backward nodes that VJP rules emit through a `Sym`/`Emitter` pair, so both pass the
 same checks.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import MappingProxyType
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from remat_proto import dtypes
+
 from ..errors import InvalidArgument, ShapeError, where
-from .ir import INPUT_OP, Graph, Node, TensorType
-from .limits import Limits, check_shape
 from ..ops import registry
 from ..ops.registry import NODE_NAME, Attr
+from .ir import INPUT_OP, Graph, Node, TensorType
+from .limits import Limits, check_shape
 
 
 def _coerce(attr: Attr, value: Any) -> Any:
@@ -32,8 +35,11 @@ def _coerce(attr: Attr, value: Any) -> Any:
         return value
     if kind == "ints" and isinstance(value, (tuple, list)) and all(type(v) is int for v in value):
         return tuple(value)
-    if kind == "floats" and isinstance(value, (tuple, list)) and all(
-            type(v) in (int, float) for v in value):
+    if (
+        kind == "floats"
+        and isinstance(value, (tuple, list))
+        and all(type(v) in (int, float) for v in value)
+    ):
         return tuple(float(v) for v in value)
     if kind == "tensor" and isinstance(value, np.ndarray):
         return value
@@ -53,12 +59,16 @@ def complete_attrs(op: registry.OpDef, given: dict[str, Any], node: str, label: 
     unknown = sorted(set(given) - set(op.attrs))
     if unknown:
         takes = ", ".join(sorted(op.attrs)) or "no attributes"
-        raise InvalidArgument(f"{label}: unexpected attribute '{unknown[0]}' ({op.name} takes {takes})")
+        raise InvalidArgument(
+            f"{label}: unexpected attribute '{unknown[0]}' ({op.name} takes {takes})"
+        )
     attrs = {}
     for attr_name, attr in op.attrs.items():
         if attr_name not in given:
             if attr.required:
-                raise InvalidArgument(f"{label}: missing required attribute '{attr_name}' ({attr.type})")
+                raise InvalidArgument(
+                    f"{label}: missing required attribute '{attr_name}' ({attr.type})"
+                )
             attrs[attr_name] = node if attr.default is NODE_NAME else attr.default
             continue
         try:
@@ -66,7 +76,9 @@ def complete_attrs(op: registry.OpDef, given: dict[str, Any], node: str, label: 
         except TypeError as exc:
             raise InvalidArgument(f"{label}: attribute '{attr_name}': {exc}") from None
         if attr.check is not None and not attr.check(value):
-            raise InvalidArgument(f"{label}: attribute '{attr_name}' = {value!r}: {attr.requirement}")
+            raise InvalidArgument(
+                f"{label}: attribute '{attr_name}' = {value!r}: {attr.requirement}"
+            )
         attrs[attr_name] = value
     return attrs
 
@@ -118,36 +130,51 @@ class GraphBuilder:
         self.nodes[name] = node
         return node
 
-    def add(self, op_name: str, inputs: Iterable[str], attrs: dict[str, Any] | None = None,
-            name: str = "", source: str = "") -> Node:
+    def add(
+        self,
+        op_name: str,
+        inputs: Iterable[str],
+        attrs: dict[str, Any] | None = None,
+        name: str = "",
+        source: str = "",
+    ) -> Node:
         """Validate and append one node; its inputs must already be present."""
         inputs = tuple(inputs)
         op = registry.REGISTRY.get(op_name)
         if op is None:
-            raise self._invalid(name, op_name, source,
-                                f"unknown op '{op_name}' (ListOps lists the known ones)")
+            raise self._invalid(
+                name, op_name, source, f"unknown op '{op_name}' (ListOps lists the known ones)"
+            )
         count = len(inputs)
         if count < op.min_inputs or (op.max_inputs >= 0 and count > op.max_inputs):
-            expected = (str(op.min_inputs) if op.min_inputs == op.max_inputs else
-                        f"at least {op.min_inputs}" if op.max_inputs < 0 else
-                        f"{op.min_inputs} to {op.max_inputs}")
-            raise self._invalid(name, op_name, source,
-                                f"takes {expected} inputs, got {count}")
+            expected = (
+                str(op.min_inputs)
+                if op.min_inputs == op.max_inputs
+                else f"at least {op.min_inputs}"
+                if op.max_inputs < 0
+                else f"{op.min_inputs} to {op.max_inputs}"
+            )
+            raise self._invalid(name, op_name, source, f"takes {expected} inputs, got {count}")
         nodes = self.nodes
         try:
             types = [nodes[i].type for i in inputs]
         except KeyError as missing:
-            raise self._invalid(name, op_name, source, f"input '{missing.args[0]}' is not "
-                                "defined in the graph") from None
+            raise self._invalid(
+                name, op_name, source, f"input '{missing.args[0]}' is not defined in the graph"
+            ) from None
         if attrs:
             for attr_name, value in attrs.items():
                 # Every list attribute is per-axis, so the rank limit bounds its length;
                 # checked before any rule does arithmetic on a hostile list.
                 if isinstance(value, (tuple, list)) and len(value) > self.limits.max_rank:
                     raise self._invalid(
-                        name, op_name, source, f"attribute '{attr_name}' has {len(value)} "
+                        name,
+                        op_name,
+                        source,
+                        f"attribute '{attr_name}' has {len(value)} "
                         f"entries; the rank limit is {self.limits.max_rank} (server flag "
-                        "--max-rank)")
+                        "--max-rank)",
+                    )
             full = complete_attrs(op, dict(attrs), name, _Label(name, op_name, source))
         elif op.attrs:
             full = complete_attrs(op, {}, name, _Label(name, op_name, source))
@@ -162,10 +189,14 @@ class GraphBuilder:
         if out.shape != (types[0].shape if types else None):  # else checked already
             check_shape(out.shape, self.limits, _Label(name, op_name, source))
         if op.workspace is not None:  # a temporary is a tensor too: same limits
-            check_shape(op.workspace(*types, **full), self.limits,
-                        f"{_Label(name, op_name, source)}: its temporary (the padded input)")
-        node = Node(name, op_name, inputs, MappingProxyType(full) if full else _NO_ATTRS, out,
-                    source)
+            check_shape(
+                op.workspace(*types, **full),
+                self.limits,
+                f"{_Label(name, op_name, source)}: its temporary (the padded input)",
+            )
+        node = Node(
+            name, op_name, inputs, MappingProxyType(full) if full else _NO_ATTRS, out, source
+        )
         nodes[name] = node
         return node
 

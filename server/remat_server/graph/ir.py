@@ -5,12 +5,14 @@ A `Graph` is the result of `validate.build_graph` on what a client sent (a
 complete and well typed, its inputs precede it, and its `shape` and `dtype` are
 inferred. Everything downstream (autodiff, planners, executor) trusts it.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from remat_proto import dtypes
 from remat_proto.spec import GraphSpec, InputSpec, NodeSpec  # noqa: F401 (re-exported)
@@ -95,7 +97,7 @@ class Graph:
             self._consumers = {n: tuple(users) for n, users in table.items()}
         return self._consumers[name]
 
-    def ancestors(self, names: "list[str] | tuple[str, ...] | set[str]") -> set[str]:
+    def ancestors(self, names: list[str] | tuple[str, ...] | set[str]) -> set[str]:
         """`names` and every node they depend on: one sweep in reverse topological
         order (iterative: 100k-node chains are fine)."""
         seen = set(names)
@@ -104,7 +106,7 @@ class Graph:
                 seen.update(node.inputs)
         return seen
 
-    def descendants(self, names: "list[str] | tuple[str, ...] | set[str]") -> set[str]:
+    def descendants(self, names: list[str] | tuple[str, ...] | set[str]) -> set[str]:
         """`names` and every node that depends on them: one sweep in topological order."""
         seen = set(names)
         add = seen.add

@@ -3,6 +3,7 @@
 Python integers do not overflow, so `math.prod` of client-sent dimensions is exact;
 we still compare each factor first so a hostile shape costs no big-number work.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ def check_shape(shape: tuple[int, ...], limits: Limits, what: str) -> None:
     if len(shape) > limits.max_rank:
         raise InvalidArgument(
             f"{what}: rank {len(shape)} exceeds the limit of {limits.max_rank} "
-            "(server flag --max-rank)")
+            "(server flag --max-rank)"
+        )
     elements = 1
     for dim in shape:
         if dim < 0:
@@ -37,9 +39,11 @@ def check_shape(shape: tuple[int, ...], limits: Limits, what: str) -> None:
         if dim > limits.max_dim:
             raise InvalidArgument(
                 f"{what}: dimension {dim} exceeds the limit of {limits.max_dim} "
-                "(server flag --max-dim)")
+                "(server flag --max-dim)"
+            )
         elements *= dim
         if elements > limits.max_elements:
             raise InvalidArgument(
                 f"{what}: shape {tuple(shape)} has more than {limits.max_elements} elements, "
-                "the per-tensor limit (server flag --max-elements)")
+                "the per-tensor limit (server flag --max-elements)"
+            )

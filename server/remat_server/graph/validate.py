@@ -5,20 +5,22 @@ edges), empty and duplicate names, dangling inputs, cycles, then per node (throu
 `GraphBuilder.add`) unknown op, arity, attributes, shapes and dtypes, size limits.
 Inputs may declare a leading -1 (batch) dimension; `input_shapes` binds it.
 """
+
 from __future__ import annotations
 
 import graphlib
-from typing import Mapping
+from collections.abc import Mapping
 
-from .builder import GraphBuilder
 from ..errors import InvalidArgument, where
+from ..ops import registry
+from .builder import GraphBuilder
 from .ir import Graph, GraphSpec, TensorType
 from .limits import Limits
-from ..ops import registry
 
 
-def build_graph(spec: GraphSpec, limits: Limits,
-                input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Graph:
+def build_graph(
+    spec: GraphSpec, limits: Limits, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> Graph:
     """Validate `spec` and infer every node's shape and dtype.
 
     `input_shapes` gives the concrete shape of inputs (needed for -1 batch dims);
@@ -43,8 +45,9 @@ def build_graph(spec: GraphSpec, limits: Limits,
         if out_name in outputs:
             raise InvalidArgument(f"output '{out_name}' is declared twice")
         if node_name not in builder.nodes:
-            raise InvalidArgument(f"output '{out_name}' refers to '{node_name}', "
-                                  "which is not defined in the graph")
+            raise InvalidArgument(
+                f"output '{out_name}' refers to '{node_name}', which is not defined in the graph"
+            )
         outputs[out_name] = node_name
     return builder.graph(outputs)
 
@@ -56,19 +59,25 @@ def validate_shapeless(spec: GraphSpec, limits: Limits) -> None:
     _topological_order(spec, _index_names(spec))
     for node in spec.nodes:
         if registry.get(node.op) is None:
-            raise InvalidArgument(f"{where(node.name, node.op, node.source)}: unknown op "
-                                  f"'{node.op}' (ListOps lists the known ones)")
+            raise InvalidArgument(
+                f"{where(node.name, node.op, node.source)}: unknown op "
+                f"'{node.op}' (ListOps lists the known ones)"
+            )
 
 
 def _check_counts(spec: GraphSpec, limits: Limits) -> None:
     count = len(spec.inputs) + len(spec.nodes)
     if count > limits.max_nodes:
-        raise InvalidArgument(f"graph '{spec.name}' has {count} nodes; the limit is "
-                              f"{limits.max_nodes} (server flag --max-nodes)")
+        raise InvalidArgument(
+            f"graph '{spec.name}' has {count} nodes; the limit is "
+            f"{limits.max_nodes} (server flag --max-nodes)"
+        )
     edges = sum(len(n.inputs) for n in spec.nodes)
     if edges > limits.max_edges:
-        raise InvalidArgument(f"graph '{spec.name}' has {edges} edges; the limit is "
-                              f"{limits.max_edges} (server flag --max-edges)")
+        raise InvalidArgument(
+            f"graph '{spec.name}' has {edges} edges; the limit is "
+            f"{limits.max_edges} (server flag --max-edges)"
+        )
 
 
 def _index_names(spec: GraphSpec) -> dict[str, str]:
@@ -76,16 +85,20 @@ def _index_names(spec: GraphSpec) -> dict[str, str]:
     sources: dict[str, str] = {}
     for item in (*spec.inputs, *spec.nodes):
         if not item.name:
-            raise InvalidArgument(f"a node or input has an empty name"
-                                  + (f" (built at {item.source})" if item.source else ""))
+            raise InvalidArgument(
+                "a node or input has an empty name"
+                + (f" (built at {item.source})" if item.source else "")
+            )
         if item.name in sources:
             raise InvalidArgument(f"{where(item.name, '', item.source)}: the name is defined twice")
         sources[item.name] = item.source
     for node in spec.nodes:
         for source_name in node.inputs:
             if source_name not in sources:
-                raise InvalidArgument(f"{where(node.name, node.op, node.source)}: input "
-                                      f"'{source_name}' is not defined in the graph")
+                raise InvalidArgument(
+                    f"{where(node.name, node.op, node.source)}: input "
+                    f"'{source_name}' is not defined in the graph"
+                )
     return sources
 
 
@@ -118,11 +131,14 @@ def _bind_shape(name: str, declared: tuple[int, ...], given, source: str) -> tup
         raise InvalidArgument(f"{label}: shape {declared}: only the leading dimension may be -1")
     if given is None:
         if declared and declared[0] == -1:
-            raise InvalidArgument(f"{label}: the batch dimension (-1) needs a concrete size; "
-                                  "send a tensor for it or give its shape")
+            raise InvalidArgument(
+                f"{label}: the batch dimension (-1) needs a concrete size; "
+                "send a tensor for it or give its shape"
+            )
         return declared
     given = tuple(given)
     if len(given) != len(declared) or any(d not in (-1, g) for d, g in zip(declared, given)):
-        raise InvalidArgument(f"{label}: declared shape {declared} does not match "
-                              f"the given shape {given}")
+        raise InvalidArgument(
+            f"{label}: declared shape {declared} does not match the given shape {given}"
+        )
     return given

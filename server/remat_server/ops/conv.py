@@ -5,6 +5,7 @@ around them and differentiates again to the same family. Forwards view the padde
 input through `sliding_window_view` (no Python loop over pixels) and let BLAS do
 the contraction.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from remat_proto import dtypes
+
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
@@ -23,8 +25,12 @@ FLOAT = dtypes.FLOATS
 
 def _pair(check, requirement: str, default=None, required: bool = False) -> Attr:
     kwargs = {} if required else {"default": default}
-    return Attr("ints", check=lambda v: len(v) == 2 and check(v),
-                requirement=f"must be 2 ints, {requirement}", **kwargs)
+    return Attr(
+        "ints",
+        check=lambda v: len(v) == 2 and check(v),
+        requirement=f"must be 2 ints, {requirement}",
+        **kwargs,
+    )
 
 
 POSITIVE, NON_NEGATIVE = "each > 0", "each >= 0"
@@ -38,11 +44,15 @@ WINDOW_ATTRS = {"kernel": KERNEL, "stride": STRIDE, "padding": PADDING, "dilatio
 # --- geometry --------------------------------------------------------------------------
 def _out_hw(hw, kernel, stride, padding, dilation) -> tuple[int, int]:
     """Output spatial size, torch's formula; ShapeError when no window fits."""
-    out = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                for n, k, s, p, d in zip(hw, kernel, stride, padding, dilation))
+    out = tuple(
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(hw, kernel, stride, padding, dilation)
+    )
     if min(out) < 1:
-        raise ShapeError(f"input {tuple(hw)} with padding {padding} is smaller than the "
-                         f"kernel {kernel} with dilation {dilation}: output size would be {out}")
+        raise ShapeError(
+            f"input {tuple(hw)} with padding {padding} is smaller than the "
+            f"kernel {kernel} with dilation {dilation}: output size would be {out}"
+        )
     return out
 
 
@@ -86,10 +96,14 @@ def _fold(cols, output_size, kernel, stride, padding, dilation):
     out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
     for i in range(kh):  # one strided add per kernel tap, overlaps summed
         for j in range(kw):
-            out[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh,
-                j * dw:j * dw + sw * (wo - 1) + 1:sw] += blocks[:, :, i, j]
+            out[
+                :,
+                :,
+                i * dh : i * dh + sh * (ho - 1) + 1 : sh,
+                j * dw : j * dw + sw * (wo - 1) + 1 : sw,
+            ] += blocks[:, :, i, j]
     # Copy out of the padded buffer so it is freed (a view would keep it alive).
-    return out[:, :, ph:ph + h, pw:pw + w].copy() if ph or pw else out
+    return out[:, :, ph : ph + h, pw : pw + w].copy() if ph or pw else out
 
 
 def _window_cost(out, x, kernel, **attrs) -> int:
@@ -105,8 +119,12 @@ def _padded(x, *rest, padding, **attrs) -> tuple[int, ...]:
 def _fold_padded(cols, output_size, kernel, padding, **attrs) -> tuple[int, ...]:
     """Workspace: fold's padded accumulator."""
     n, ck, _ = cols.shape
-    return (n, ck // (kernel[0] * kernel[1]), output_size[0] + 2 * padding[0],
-            output_size[1] + 2 * padding[1])
+    return (
+        n,
+        ck // (kernel[0] * kernel[1]),
+        output_size[0] + 2 * padding[0],
+        output_size[1] + 2 * padding[1],
+    )
 
 
 # --- unfold, fold ----------------------------------------------------------------------
@@ -117,14 +135,30 @@ def _unfold_infer(x, kernel, stride, padding, dilation, pad_value):
     return TensorType((n, c * kernel[0] * kernel[1], ho * wo), x.dtype)
 
 
-register("unfold", family="conv", infer=_unfold_infer, forward=_unfold,
-         vjp=lambda e, g, out, x, kernel, stride, padding, dilation, pad_value: [e.fold(
-             g, output_size=x.shape[2:], kernel=kernel, stride=stride, padding=padding,
-             dilation=dilation)],
-         residuals="none", cost=free, workspace=_padded,
-         attrs={**WINDOW_ATTRS, "pad_value": Attr("float", default=0.0,
-                                                  doc="Value of the padding (-inf for max)")},
-         doc="im2col: (N, C, H, W) -> (N, C*kh*kw, Ho*Wo), torch.nn.functional.unfold's layout.")
+register(
+    "unfold",
+    family="conv",
+    infer=_unfold_infer,
+    forward=_unfold,
+    vjp=lambda e, g, out, x, kernel, stride, padding, dilation, pad_value: [
+        e.fold(
+            g,
+            output_size=x.shape[2:],
+            kernel=kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+        )
+    ],
+    residuals="none",
+    cost=free,
+    workspace=_padded,
+    attrs={
+        **WINDOW_ATTRS,
+        "pad_value": Attr("float", default=0.0, doc="Value of the padding (-inf for max)"),
+    },
+    doc="im2col: (N, C, H, W) -> (N, C*kh*kw, Ho*Wo), torch.nn.functional.unfold's layout.",
+)
 
 
 def _fold_infer(cols, output_size, kernel, stride, padding, dilation):
@@ -137,18 +171,27 @@ def _fold_infer(cols, output_size, kernel, stride, padding, dilation):
     if ck % taps:
         raise ShapeError(f"dimension 1 ({ck}) is not a multiple of the kernel size {taps}")
     if length != ho * wo:
-        raise ShapeError(f"dimension 2 ({length}) must be the number of windows {ho}*{wo} "
-                         f"for output size {tuple(output_size)}")
+        raise ShapeError(
+            f"dimension 2 ({length}) must be the number of windows {ho}*{wo} "
+            f"for output size {tuple(output_size)}"
+        )
     return TensorType((n, ck // taps) + tuple(output_size), cols.dtype)
 
 
-register("fold", family="conv", infer=_fold_infer, forward=_fold,
-         vjp=lambda e, g, out, cols, output_size, kernel, stride, padding, dilation: [e.unfold(
-             g, kernel=kernel, stride=stride, padding=padding, dilation=dilation)],
-         residuals="none", cost=lambda out, cols, **attrs: cols.size, workspace=_fold_padded,
-         attrs={"output_size": _pair(rules.non_negative, NON_NEGATIVE, required=True),
-                **WINDOW_ATTRS},
-         doc="col2im, unfold's adjoint: sums each column back onto its window (overlaps add).")
+register(
+    "fold",
+    family="conv",
+    infer=_fold_infer,
+    forward=_fold,
+    vjp=lambda e, g, out, cols, output_size, kernel, stride, padding, dilation: [
+        e.unfold(g, kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+    ],
+    residuals="none",
+    cost=lambda out, cols, **attrs: cols.size,
+    workspace=_fold_padded,
+    attrs={"output_size": _pair(rules.non_negative, NON_NEGATIVE, required=True), **WINDOW_ATTRS},
+    doc="col2im, unfold's adjoint: sums each column back onto its window (overlaps add).",
+)
 
 
 # --- conv2d ----------------------------------------------------------------------------
@@ -158,8 +201,10 @@ def _conv2d_infer(x, w, stride, padding, dilation):
     if len(w.shape) != 4:
         raise ShapeError(f"weight must be 4-D (O, C, kh, kw), got shape {w.shape}")
     if w.shape[1] != x.shape[1]:
-        raise ShapeError(f"weight {w.shape} expects {w.shape[1]} input channels, "
-                         f"the input {x.shape} has {x.shape[1]}")
+        raise ShapeError(
+            f"weight {w.shape} expects {w.shape[1]} input channels, "
+            f"the input {x.shape} has {x.shape[1]}"
+        )
     if min(w.shape[2:]) < 1:
         raise ShapeError(f"weight {w.shape} has an empty kernel")
     ho, wo = _out_hw(x.shape[2:], w.shape[2:], stride, padding, dilation)
@@ -169,8 +214,7 @@ def _conv2d_infer(x, w, stride, padding, dilation):
 def _conv2d(x, w, stride, padding, dilation):
     cols = _unfold(x, w.shape[2:], stride, padding, dilation)  # (N, CK, L)
     out = w.reshape(w.shape[0], math.prod(w.shape[1:])) @ cols  # (N, O, L), one GEMM per image
-    return out.reshape(out.shape[:2] + _out_hw(x.shape[2:], w.shape[2:], stride, padding,
-                                               dilation))
+    return out.reshape(out.shape[:2] + _out_hw(x.shape[2:], w.shape[2:], stride, padding, dilation))
 
 
 def _conv2d_vjp(e, g, out, x, w, stride, padding, dilation):
@@ -183,18 +227,30 @@ def _conv2d_vjp(e, g, out, x, w, stride, padding, dilation):
     return [e.fold(dcols, output_size=(h, wd), **geometry), e.reshape(dw, shape=w.shape)]
 
 
-register("conv2d", family="conv", inputs=2, infer=_conv2d_infer, forward=_conv2d,
-         vjp=_conv2d_vjp, residuals="inputs", workspace=_padded,
-         cost=lambda out, x, w, **attrs: 2 * out.size * math.prod(w.shape[1:]),
-         attrs={"stride": STRIDE, "padding": PADDING, "dilation": DILATION},
-         doc="Cross-correlation, x (N, C, H, W) with w (O, C, kh, kw); no groups, no bias "
-             "(add one by broadcasting).")
+register(
+    "conv2d",
+    family="conv",
+    inputs=2,
+    infer=_conv2d_infer,
+    forward=_conv2d,
+    vjp=_conv2d_vjp,
+    residuals="inputs",
+    workspace=_padded,
+    cost=lambda out, x, w, **attrs: 2 * out.size * math.prod(w.shape[1:]),
+    attrs={"stride": STRIDE, "padding": PADDING, "dilation": DILATION},
+    doc="Cross-correlation, x (N, C, H, W) with w (O, C, kh, kw); no groups, no bias "
+    "(add one by broadcasting).",
+)
 
 
 # --- pooling -------------------------------------------------------------------------
 def _pool_normalize(x, kernel, stride, padding, **attrs) -> dict:
-    return {"kernel": kernel, "stride": kernel if stride is None else stride,
-            "padding": padding, **attrs}
+    return {
+        "kernel": kernel,
+        "stride": kernel if stride is None else stride,
+        "padding": padding,
+        **attrs,
+    }
 
 
 def _pool_infer(x, kernel, stride, padding, dilation=(1, 1), **attrs):
@@ -213,23 +269,32 @@ def _max_pool2d_vjp(e, g, out, x, kernel, stride, padding, dilation):
     n, c, h, w = x.shape
     geometry = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation}
     taps, length = kernel[0] * kernel[1], out.shape[2] * out.shape[3]
-    windows = e.reshape(e.unfold(x, pad_value=-math.inf, **geometry),
-                        shape=(n, c, taps, length))
+    windows = e.reshape(e.unfold(x, pad_value=-math.inf, **geometry), shape=(n, c, taps, length))
     # Tied maxima share the gradient equally (torch gives it all to the first one).
     mask = e.cast(e.eq(windows, e.reshape(out, shape=(n, c, 1, length))), dtype=x.dtype)
-    share = mask * (e.reshape(g, shape=(n, c, 1, length)) / e.sum(mask, axes=(2,),
-                                                                 keepdims=True))
-    return [e.fold(e.reshape(share, shape=(n, c * taps, length)), output_size=(h, w),
-                   **geometry)]
+    share = mask * (e.reshape(g, shape=(n, c, 1, length)) / e.sum(mask, axes=(2,), keepdims=True))
+    return [e.fold(e.reshape(share, shape=(n, c * taps, length)), output_size=(h, w), **geometry)]
 
 
-POOL_ATTRS = {"kernel": KERNEL, "stride": _pair(rules.all_positive, POSITIVE, default=None),
-              "padding": PADDING}
-register("max_pool2d", family="conv", infer=_pool_infer, normalize=_pool_normalize,
-         forward=_max_pool2d, vjp=_max_pool2d_vjp, residuals="inputs+output", workspace=_padded,
-         cost=_window_cost, attrs={**POOL_ATTRS, "dilation": DILATION},
-         doc="Max over each window of x (N, C, H, W), padded with -inf; stride defaults to "
-             "the kernel; padding at most half the kernel (torch's rule).")
+POOL_ATTRS = {
+    "kernel": KERNEL,
+    "stride": _pair(rules.all_positive, POSITIVE, default=None),
+    "padding": PADDING,
+}
+register(
+    "max_pool2d",
+    family="conv",
+    infer=_pool_infer,
+    normalize=_pool_normalize,
+    forward=_max_pool2d,
+    vjp=_max_pool2d_vjp,
+    residuals="inputs+output",
+    workspace=_padded,
+    cost=_window_cost,
+    attrs={**POOL_ATTRS, "dilation": DILATION},
+    doc="Max over each window of x (N, C, H, W), padded with -inf; stride defaults to "
+    "the kernel; padding at most half the kernel (torch's rule).",
+)
 
 
 def _pool_divisor(hw, kernel, stride, padding, count_include_pad, dtype):
@@ -241,8 +306,9 @@ def _pool_divisor(hw, kernel, stride, padding, count_include_pad, dtype):
 
 
 def _avg_pool2d(x, kernel, stride, padding, count_include_pad):
-    divisor = _pool_divisor(x.shape[2:], kernel, stride, padding, count_include_pad,
-                            dtypes.of_array(x))
+    divisor = _pool_divisor(
+        x.shape[2:], kernel, stride, padding, count_include_pad, dtypes.of_array(x)
+    )
     total = _reduce_taps(_windows(x, kernel, stride, padding, (1, 1)), np.add)
     total /= divisor
     return total
@@ -253,15 +319,29 @@ def _avg_pool2d_vjp(e, g, out, x, kernel, stride, padding, count_include_pad):
     taps, length = kernel[0] * kernel[1], out.shape[2] * out.shape[3]
     divisor = _pool_divisor((h, w), kernel, stride, padding, count_include_pad, x.dtype)
     scaled = g / (float(divisor) if count_include_pad else e.constant(value=divisor))
-    spread = e.broadcast_to(e.reshape(scaled, shape=(n, c, 1, length)),
-                            shape=(n, c, taps, length))
-    return [e.fold(e.reshape(spread, shape=(n, c * taps, length)), output_size=(h, w),
-                   kernel=kernel, stride=stride, padding=padding)]
+    spread = e.broadcast_to(e.reshape(scaled, shape=(n, c, 1, length)), shape=(n, c, taps, length))
+    return [
+        e.fold(
+            e.reshape(spread, shape=(n, c * taps, length)),
+            output_size=(h, w),
+            kernel=kernel,
+            stride=stride,
+            padding=padding,
+        )
+    ]
 
 
-register("avg_pool2d", family="conv", infer=_pool_infer, normalize=_pool_normalize,
-         forward=_avg_pool2d, vjp=_avg_pool2d_vjp, residuals="none", cost=_window_cost,
-         workspace=_padded,
-         attrs={**POOL_ATTRS, "count_include_pad": Attr("bool", default=True)},
-         doc="Mean over each window of x (N, C, H, W), zero-padded; stride defaults to the "
-             "kernel; count_include_pad=False divides by the non-padding count (as torch).")
+register(
+    "avg_pool2d",
+    family="conv",
+    infer=_pool_infer,
+    normalize=_pool_normalize,
+    forward=_avg_pool2d,
+    vjp=_avg_pool2d_vjp,
+    residuals="none",
+    cost=_window_cost,
+    workspace=_padded,
+    attrs={**POOL_ATTRS, "count_include_pad": Attr("bool", default=True)},
+    doc="Mean over each window of x (N, C, H, W), zero-padded; stride defaults to the "
+    "kernel; count_include_pad=False divides by the non-padding count (as torch).",
+)

@@ -1,5 +1,6 @@
 """Elementwise ops with NumPy broadcasting. Gradients are returned in the output's
 shape; autodiff sums them down to each input's shape (un-broadcasting)."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import math
 import numpy as np
 
 from remat_proto import dtypes
+
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
@@ -16,46 +18,132 @@ FLOAT, NUMERIC = dtypes.FLOATS, rules.NUMERIC
 ALL = frozenset(dtypes.NUMPY)
 
 # --- arithmetic -----------------------------------------------------------------
-register("add", family="elementwise", inputs=2, infer=rules.binary(NUMERIC), forward=np.add,
-         vjp=lambda e, g, out, a, b: [g, g], residuals="none", cost=elementwise_cost(1))
-register("sub", family="elementwise", inputs=2, infer=rules.binary(NUMERIC), forward=np.subtract,
-         vjp=lambda e, g, out, a, b: [g, -g], residuals="none", cost=elementwise_cost(1))
-register("mul", family="elementwise", inputs=2, infer=rules.binary(NUMERIC), forward=np.multiply,
-         vjp=lambda e, g, out, a, b: [g * b, g * a], residuals="inputs", cost=elementwise_cost(1))
-register("div", family="elementwise", inputs=2, infer=rules.binary(FLOAT), forward=np.divide,
-         vjp=lambda e, g, out, a, b: [g / b, -(g * out) / b],
-         residuals="inputs+output", cost=elementwise_cost(1))
-register("neg", family="elementwise", infer=rules.unary(NUMERIC), forward=np.negative,
-         vjp=lambda e, g, out, x: [-g], residuals="none", cost=elementwise_cost(1))
+register(
+    "add",
+    family="elementwise",
+    inputs=2,
+    infer=rules.binary(NUMERIC),
+    forward=np.add,
+    vjp=lambda e, g, out, a, b: [g, g],
+    residuals="none",
+    cost=elementwise_cost(1),
+)
+register(
+    "sub",
+    family="elementwise",
+    inputs=2,
+    infer=rules.binary(NUMERIC),
+    forward=np.subtract,
+    vjp=lambda e, g, out, a, b: [g, -g],
+    residuals="none",
+    cost=elementwise_cost(1),
+)
+register(
+    "mul",
+    family="elementwise",
+    inputs=2,
+    infer=rules.binary(NUMERIC),
+    forward=np.multiply,
+    vjp=lambda e, g, out, a, b: [g * b, g * a],
+    residuals="inputs",
+    cost=elementwise_cost(1),
+)
+register(
+    "div",
+    family="elementwise",
+    inputs=2,
+    infer=rules.binary(FLOAT),
+    forward=np.divide,
+    vjp=lambda e, g, out, a, b: [g / b, -(g * out) / b],
+    residuals="inputs+output",
+    cost=elementwise_cost(1),
+)
+register(
+    "neg",
+    family="elementwise",
+    infer=rules.unary(NUMERIC),
+    forward=np.negative,
+    vjp=lambda e, g, out, x: [-g],
+    residuals="none",
+    cost=elementwise_cost(1),
+)
+
+
 def _pow(x, exponent):
     """x ** exponent, with the common exponents on fast paths (np.power's general
     path costs ~60 ms per million float32 elements)."""
-    fast = {1.0: lambda: x.copy(), 2.0: lambda: x * x, 3.0: lambda: x * x * x,
-            0.5: lambda: np.sqrt(x), -1.0: lambda: 1.0 / x, -2.0: lambda: 1.0 / (x * x)}
+    fast = {
+        1.0: lambda: x.copy(),
+        2.0: lambda: x * x,
+        3.0: lambda: x * x * x,
+        0.5: lambda: np.sqrt(x),
+        -1.0: lambda: 1.0 / x,
+        -2.0: lambda: 1.0 / (x * x),
+    }
     return fast[exponent]() if exponent in fast else np.power(x, exponent)
 
 
-register("pow", family="elementwise", infer=rules.unary(FLOAT),
-         forward=_pow,
-         vjp=lambda e, g, out, x, exponent: [g * (exponent * e.pow(x, exponent=exponent - 1.0))],
-         residuals="inputs", cost=elementwise_cost(10),
-         attrs={"exponent": Attr("float", check=math.isfinite, requirement="must be finite")},
-         doc="x ** exponent for a scalar exponent.")
-register("square", family="elementwise", infer=rules.unary(NUMERIC), forward=np.square,
-         vjp=lambda e, g, out, x: [g * (2.0 * x)], residuals="inputs", cost=elementwise_cost(1))
-register("abs", family="elementwise", infer=rules.unary(NUMERIC), forward=np.abs,
-         vjp=lambda e, g, out, x: [g * e.sign(x)], residuals="inputs", cost=elementwise_cost(1))
-register("sign", family="elementwise", infer=rules.unary(NUMERIC), forward=np.sign,
-         vjp=lambda e, g, out, x: [None], residuals="none", cost=elementwise_cost(1),
-         doc="-1, 0 or 1; its derivative is zero almost everywhere.")
-register("maximum", family="elementwise", inputs=2, infer=rules.binary(NUMERIC),
-         forward=np.maximum, vjp=lambda e, g, out, a, b: _select_grads(e, g, a, b, "gt"),
-         residuals="inputs", cost=elementwise_cost(1),
-         doc="Ties split the gradient equally between both inputs (as torch.maximum).")
-register("minimum", family="elementwise", inputs=2, infer=rules.binary(NUMERIC),
-         forward=np.minimum, vjp=lambda e, g, out, a, b: _select_grads(e, g, a, b, "lt"),
-         residuals="inputs", cost=elementwise_cost(1),
-         doc="Ties split the gradient equally between both inputs (as torch.minimum).")
+register(
+    "pow",
+    family="elementwise",
+    infer=rules.unary(FLOAT),
+    forward=_pow,
+    vjp=lambda e, g, out, x, exponent: [g * (exponent * e.pow(x, exponent=exponent - 1.0))],
+    residuals="inputs",
+    cost=elementwise_cost(10),
+    attrs={"exponent": Attr("float", check=math.isfinite, requirement="must be finite")},
+    doc="x ** exponent for a scalar exponent.",
+)
+register(
+    "square",
+    family="elementwise",
+    infer=rules.unary(NUMERIC),
+    forward=np.square,
+    vjp=lambda e, g, out, x: [g * (2.0 * x)],
+    residuals="inputs",
+    cost=elementwise_cost(1),
+)
+register(
+    "abs",
+    family="elementwise",
+    infer=rules.unary(NUMERIC),
+    forward=np.abs,
+    vjp=lambda e, g, out, x: [g * e.sign(x)],
+    residuals="inputs",
+    cost=elementwise_cost(1),
+)
+register(
+    "sign",
+    family="elementwise",
+    infer=rules.unary(NUMERIC),
+    forward=np.sign,
+    vjp=lambda e, g, out, x: [None],
+    residuals="none",
+    cost=elementwise_cost(1),
+    doc="-1, 0 or 1; its derivative is zero almost everywhere.",
+)
+register(
+    "maximum",
+    family="elementwise",
+    inputs=2,
+    infer=rules.binary(NUMERIC),
+    forward=np.maximum,
+    vjp=lambda e, g, out, a, b: _select_grads(e, g, a, b, "gt"),
+    residuals="inputs",
+    cost=elementwise_cost(1),
+    doc="Ties split the gradient equally between both inputs (as torch.maximum).",
+)
+register(
+    "minimum",
+    family="elementwise",
+    inputs=2,
+    infer=rules.binary(NUMERIC),
+    forward=np.minimum,
+    vjp=lambda e, g, out, a, b: _select_grads(e, g, a, b, "lt"),
+    residuals="inputs",
+    cost=elementwise_cost(1),
+    doc="Ties split the gradient equally between both inputs (as torch.minimum).",
+)
 
 
 def _select_grads(e, g, a, b, wins: str):
@@ -84,24 +172,70 @@ def _gelu_vjp(e, g, out, x):
     return [g * (0.5 * (1.0 + t) + (0.5 * x) * ((1.0 - t * t) * dt))]
 
 
-register("exp", family="elementwise", infer=rules.unary(FLOAT), forward=np.exp,
-         vjp=lambda e, g, out, x: [g * out], residuals="output", cost=elementwise_cost(10))
-register("log", family="elementwise", infer=rules.unary(FLOAT), forward=np.log,
-         vjp=lambda e, g, out, x: [g / x], residuals="inputs", cost=elementwise_cost(10))
-register("sqrt", family="elementwise", infer=rules.unary(FLOAT), forward=np.sqrt,
-         vjp=lambda e, g, out, x: [g / (2.0 * out)], residuals="output", cost=elementwise_cost(10))
-register("tanh", family="elementwise", infer=rules.unary(FLOAT), forward=np.tanh,
-         vjp=lambda e, g, out, x: [g * (1.0 - out * out)], residuals="output",
-         cost=elementwise_cost(10))
-register("sigmoid", family="elementwise", infer=rules.unary(FLOAT), forward=_sigmoid,
-         vjp=lambda e, g, out, x: [g * (out * (1.0 - out))], residuals="output",
-         cost=elementwise_cost(12))
-register("relu", family="elementwise", infer=rules.unary(FLOAT),
-         forward=lambda x: np.maximum(x, 0).astype(x.dtype, copy=False),
-         vjp=lambda e, g, out, x: [g * e.cast(e.gt(x, e.const(0.0, x.dtype)), dtype=g.dtype)],
-         residuals="inputs", cost=elementwise_cost(1))
-register("gelu", family="elementwise", infer=rules.unary(FLOAT), forward=_gelu, vjp=_gelu_vjp,
-         residuals="inputs", cost=elementwise_cost(20), doc="GELU, tanh approximation.")
+register(
+    "exp",
+    family="elementwise",
+    infer=rules.unary(FLOAT),
+    forward=np.exp,
+    vjp=lambda e, g, out, x: [g * out],
+    residuals="output",
+    cost=elementwise_cost(10),
+)
+register(
+    "log",
+    family="elementwise",
+    infer=rules.unary(FLOAT),
+    forward=np.log,
+    vjp=lambda e, g, out, x: [g / x],
+    residuals="inputs",
+    cost=elementwise_cost(10),
+)
+register(
+    "sqrt",
+    family="elementwise",
+    infer=rules.unary(FLOAT),
+    forward=np.sqrt,
+    vjp=lambda e, g, out, x: [g / (2.0 * out)],
+    residuals="output",
+    cost=elementwise_cost(10),
+)
+register(
+    "tanh",
+    family="elementwise",
+    infer=rules.unary(FLOAT),
+    forward=np.tanh,
+    vjp=lambda e, g, out, x: [g * (1.0 - out * out)],
+    residuals="output",
+    cost=elementwise_cost(10),
+)
+register(
+    "sigmoid",
+    family="elementwise",
+    infer=rules.unary(FLOAT),
+    forward=_sigmoid,
+    vjp=lambda e, g, out, x: [g * (out * (1.0 - out))],
+    residuals="output",
+    cost=elementwise_cost(12),
+)
+register(
+    "relu",
+    family="elementwise",
+    infer=rules.unary(FLOAT),
+    forward=lambda x: np.maximum(x, 0).astype(x.dtype, copy=False),
+    vjp=lambda e, g, out, x: [g * e.cast(e.gt(x, e.const(0.0, x.dtype)), dtype=g.dtype)],
+    residuals="inputs",
+    cost=elementwise_cost(1),
+)
+register(
+    "gelu",
+    family="elementwise",
+    infer=rules.unary(FLOAT),
+    forward=_gelu,
+    vjp=_gelu_vjp,
+    residuals="inputs",
+    cost=elementwise_cost(20),
+    doc="GELU, tanh approximation.",
+)
 
 # --- selection, comparison, conversion, constants ---------------------------------
 
@@ -117,27 +251,59 @@ def _where_vjp(e, g, out, cond, a, b):
     return [None, e.where(cond, g, zero), e.where(cond, zero, g)]
 
 
-register("where", family="elementwise", inputs=3, infer=_where_infer, forward=np.where,
-         vjp=_where_vjp, residuals="inputs", cost=elementwise_cost(1), no_grad=(0,),
-         doc="where(cond, a, b): a where cond is true, else b.")
+register(
+    "where",
+    family="elementwise",
+    inputs=3,
+    infer=_where_infer,
+    forward=np.where,
+    vjp=_where_vjp,
+    residuals="inputs",
+    cost=elementwise_cost(1),
+    no_grad=(0,),
+    doc="where(cond, a, b): a where cond is true, else b.",
+)
 
-for _name, _fn in (("gt", np.greater), ("ge", np.greater_equal), ("lt", np.less),
-                   ("le", np.less_equal), ("eq", np.equal)):
-    register(_name, family="elementwise", inputs=2, infer=rules.binary(ALL, out_dtype="bool"),
-             forward=_fn, vjp=None, residuals="none", cost=elementwise_cost(1),
-             doc="Comparison; the result is bool and not differentiable.")
+for _name, _fn in (
+    ("gt", np.greater),
+    ("ge", np.greater_equal),
+    ("lt", np.less),
+    ("le", np.less_equal),
+    ("eq", np.equal),
+):
+    register(
+        _name,
+        family="elementwise",
+        inputs=2,
+        infer=rules.binary(ALL, out_dtype="bool"),
+        forward=_fn,
+        vjp=None,
+        residuals="none",
+        cost=elementwise_cost(1),
+        doc="Comparison; the result is bool and not differentiable.",
+    )
 
 
 def _cast_vjp(e, g, out, x, dtype):
     return [e.cast(g, dtype=x.dtype) if dtypes.is_float(x.dtype) else None]
 
 
-register("cast", family="elementwise",
-         infer=lambda x, dtype: TensorType(x.shape, dtype),
-         forward=lambda x, dtype: x.astype(dtypes.NUMPY[dtype]),
-         vjp=_cast_vjp, residuals="none", cost=elementwise_cost(1),
-         attrs={"dtype": Attr("string", check=lambda d: d in dtypes.NUMPY,
-                              requirement=f"must be one of {', '.join(dtypes.NUMPY)}")})
+register(
+    "cast",
+    family="elementwise",
+    infer=lambda x, dtype: TensorType(x.shape, dtype),
+    forward=lambda x, dtype: x.astype(dtypes.NUMPY[dtype]),
+    vjp=_cast_vjp,
+    residuals="none",
+    cost=elementwise_cost(1),
+    attrs={
+        "dtype": Attr(
+            "string",
+            check=lambda d: d in dtypes.NUMPY,
+            requirement=f"must be one of {', '.join(dtypes.NUMPY)}",
+        )
+    },
+)
 
 
 def _constant_infer(value: np.ndarray) -> TensorType:
@@ -147,7 +313,16 @@ def _constant_infer(value: np.ndarray) -> TensorType:
         raise ShapeError(f"constant has unsupported dtype {value.dtype}") from None
 
 
-register("constant", family="elementwise", inputs=0, infer=_constant_infer,
-         forward=lambda value: value, vjp=lambda e, g, out, value: [], residuals="none",
-         cost=free, memory="external", attrs={"value": Attr("tensor")},
-         doc="A tensor fixed in the graph.")
+register(
+    "constant",
+    family="elementwise",
+    inputs=0,
+    infer=_constant_infer,
+    forward=lambda value: value,
+    vjp=lambda e, g, out, value: [],
+    residuals="none",
+    cost=free,
+    memory="external",
+    attrs={"value": Attr("tensor")},
+    doc="A tensor fixed in the graph.",
+)

@@ -1,11 +1,11 @@
 """Matrix multiplication, batched and broadcasting exactly as np.matmul."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-from remat_proto import dtypes
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
@@ -20,8 +20,7 @@ def _matmul_infer(a: TensorType, b: TensorType) -> TensorType:
     a2 = a.shape if len(a.shape) > 1 else (1,) + a.shape
     b2 = b.shape if len(b.shape) > 1 else b.shape + (1,)
     if a2[-1] != b2[-2]:
-        raise ShapeError(f"inner dimensions differ: {a.shape} @ {b.shape} "
-                         f"({a2[-1]} != {b2[-2]})")
+        raise ShapeError(f"inner dimensions differ: {a.shape} @ {b.shape} ({a2[-1]} != {b2[-2]})")
     batch = rules.broadcast_shapes(a2[:-2], b2[:-2])
     shape = batch + (a2[-2] if len(a.shape) > 1 else None, b2[-1] if len(b.shape) > 1 else None)
     return TensorType(tuple(d for d in shape if d is not None), dtype)
@@ -41,12 +40,15 @@ def _matmul_vjp(e, g, out, a, b):
         # A weight shared across a batch: one (K, M*) @ (M*, N) product instead of a
         # batched product and a sum (which would hold batch x weight-size temporaries).
         rows = math.prod(a2.shape[:-1])
-        db = _swap_last(e, e.reshape(a2, shape=(rows, a2.shape[-1]))) @ \
-            e.reshape(g2, shape=(rows, g2.shape[-1]))
+        db = _swap_last(e, e.reshape(a2, shape=(rows, a2.shape[-1]))) @ e.reshape(
+            g2, shape=(rows, g2.shape[-1])
+        )
     else:
         db = e.sum_to(_swap_last(e, a2) @ g2, b2.shape)
-    return [e.reshape(da, shape=a.shape) if da.shape != a.shape else da,
-            e.reshape(db, shape=b.shape) if db.shape != b.shape else db]
+    return [
+        e.reshape(da, shape=a.shape) if da.shape != a.shape else da,
+        e.reshape(db, shape=b.shape) if db.shape != b.shape else db,
+    ]
 
 
 def _swap_last(e, x):
@@ -54,6 +56,14 @@ def _swap_last(e, x):
     return e.transpose(x, axes=axes)
 
 
-register("matmul", family="linalg", inputs=2, infer=_matmul_infer, forward=np.matmul,
-         vjp=_matmul_vjp, residuals="inputs", cost=_matmul_cost,
-         doc="Matrix product with np.matmul's batching, broadcasting and 1-D rules.")
+register(
+    "matmul",
+    family="linalg",
+    inputs=2,
+    infer=_matmul_infer,
+    forward=np.matmul,
+    vjp=_matmul_vjp,
+    residuals="inputs",
+    cost=_matmul_cost,
+    doc="Matrix product with np.matmul's batching, broadcasting and 1-D rules.",
+)

@@ -3,6 +3,7 @@
 Forwards are numerically stable (the max is subtracted before exponentiating); the
 VJPs are written with graph ops only, so they can be differentiated again.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import math
 import numpy as np
 
 from remat_proto import dtypes
+
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
@@ -47,13 +49,30 @@ def _log_softmax_vjp(e, g, y, x, axis):
 
 
 AXIS = {"axis": Attr("int", default=-1, doc="The axis normalized over.")}
-register("softmax", family="nn", infer=rules.unary(FLOAT), normalize=_axis_normalize,
-         forward=_softmax, vjp=_softmax_vjp, residuals="output", cost=elementwise_cost(14),
-         attrs=AXIS, doc="exp(x) / sum(exp(x)) along `axis` (max-shifted for stability).")
-register("log_softmax", family="nn", infer=rules.unary(FLOAT), normalize=_axis_normalize,
-         forward=_log_softmax, vjp=_log_softmax_vjp, residuals="output",
-         cost=elementwise_cost(14), attrs=AXIS,
-         doc="x - logsumexp(x) along `axis` (max-shifted for stability).")
+register(
+    "softmax",
+    family="nn",
+    infer=rules.unary(FLOAT),
+    normalize=_axis_normalize,
+    forward=_softmax,
+    vjp=_softmax_vjp,
+    residuals="output",
+    cost=elementwise_cost(14),
+    attrs=AXIS,
+    doc="exp(x) / sum(exp(x)) along `axis` (max-shifted for stability).",
+)
+register(
+    "log_softmax",
+    family="nn",
+    infer=rules.unary(FLOAT),
+    normalize=_axis_normalize,
+    forward=_log_softmax,
+    vjp=_log_softmax_vjp,
+    residuals="output",
+    cost=elementwise_cost(14),
+    attrs=AXIS,
+    doc="x - logsumexp(x) along `axis` (max-shifted for stability).",
+)
 
 
 # --- one_hot, cross_entropy ------------------------------------------------------------
@@ -73,12 +92,25 @@ def _one_hot(indices, depth, dtype):
     return (indices[..., None] == np.arange(depth)).astype(dtypes.NUMPY[dtype])
 
 
-register("one_hot", family="nn", infer=_one_hot_infer, forward=_one_hot, vjp=None,
-         residuals="none", cost=elementwise_cost(1),
-         attrs={"depth": Attr("int", check=lambda d: d >= 0, requirement="must be >= 0"),
-                "dtype": Attr("string", default="float32", check=lambda d: d in dtypes.NUMPY,
-                              requirement=f"must be one of {', '.join(dtypes.NUMPY)}")},
-         doc="indices (...) -> (..., depth), 1 at each index; out-of-range is an error.")
+register(
+    "one_hot",
+    family="nn",
+    infer=_one_hot_infer,
+    forward=_one_hot,
+    vjp=None,
+    residuals="none",
+    cost=elementwise_cost(1),
+    attrs={
+        "depth": Attr("int", check=lambda d: d >= 0, requirement="must be >= 0"),
+        "dtype": Attr(
+            "string",
+            default="float32",
+            check=lambda d: d in dtypes.NUMPY,
+            requirement=f"must be one of {', '.join(dtypes.NUMPY)}",
+        ),
+    },
+    doc="indices (...) -> (..., depth), 1 at each index; out-of-range is an error.",
+)
 
 
 def _cross_entropy_infer(logits, labels):
@@ -87,8 +119,9 @@ def _cross_entropy_infer(logits, labels):
     if not logits.shape or logits.shape[-1] == 0:
         raise ShapeError(f"logits {logits.shape} need a trailing class axis of size >= 1")
     if labels.shape != logits.shape[:-1]:
-        raise ShapeError(f"labels {labels.shape} must have the logits' leading shape "
-                         f"{logits.shape[:-1]}")
+        raise ShapeError(
+            f"labels {labels.shape} must have the logits' leading shape {logits.shape[:-1]}"
+        )
     return TensorType((), logits.dtype)
 
 
@@ -106,11 +139,19 @@ def _cross_entropy_vjp(e, g, out, logits, labels):
     return [(e.softmax(logits, axis=-1) - target) * (g / count), None]
 
 
-register("cross_entropy", family="nn", inputs=2, infer=_cross_entropy_infer,
-         forward=_cross_entropy, vjp=_cross_entropy_vjp, residuals="inputs",
-         cost=lambda out, logits, labels: 16 * logits.size, no_grad=(1,),
-         doc="Mean over positions of -log_softmax(logits)[label]; logits (..., C), "
-             "integer labels (...) in [0, C).")
+register(
+    "cross_entropy",
+    family="nn",
+    inputs=2,
+    infer=_cross_entropy_infer,
+    forward=_cross_entropy,
+    vjp=_cross_entropy_vjp,
+    residuals="inputs",
+    cost=lambda out, logits, labels: 16 * logits.size,
+    no_grad=(1,),
+    doc="Mean over positions of -log_softmax(logits)[label]; logits (..., C), "
+    "integer labels (...) in [0, C).",
+)
 
 
 # --- layer_norm ----------------------------------------------------------------------
@@ -119,8 +160,9 @@ def _layer_norm_infer(x, weight, bias, eps):
     rules.same_dtype(x, weight, bias)
     k = len(weight.shape)
     if k == 0 or k > len(x.shape) or x.shape[-k:] != weight.shape:
-        raise ShapeError(f"weight {weight.shape} must be the trailing shape of x {x.shape} "
-                         "(rank >= 1)")
+        raise ShapeError(
+            f"weight {weight.shape} must be the trailing shape of x {x.shape} (rank >= 1)"
+        )
     if bias.shape != weight.shape:
         raise ShapeError(f"bias {bias.shape} must have the weight's shape {weight.shape}")
     return x
@@ -142,6 +184,7 @@ def _layer_norm_vjp(e, g, out, x, weight, bias, eps):
 
     def mean(v):
         return e.mean(v, axes=axes, keepdims=True)
+
     xc = x - mean(x)
     rstd = 1.0 / e.sqrt(mean(xc * xc) + eps)
     xhat = xc * rstd
@@ -150,9 +193,23 @@ def _layer_norm_vjp(e, g, out, x, weight, bias, eps):
     return [dx, g * xhat, g]  # autodiff sums the last two over the leading axes
 
 
-register("layer_norm", family="nn", inputs=3, infer=_layer_norm_infer, forward=_layer_norm,
-         vjp=_layer_norm_vjp, residuals="inputs", cost=elementwise_cost(10),
-         attrs={"eps": Attr("float", default=1e-5, check=lambda v: 0 <= v < math.inf,
-                            requirement="must be finite and >= 0")},
-         doc="(x - mean) / sqrt(var + eps) * weight + bias over the trailing weight.ndim "
-             "axes (torch's normalized_shape = weight.shape).")
+register(
+    "layer_norm",
+    family="nn",
+    inputs=3,
+    infer=_layer_norm_infer,
+    forward=_layer_norm,
+    vjp=_layer_norm_vjp,
+    residuals="inputs",
+    cost=elementwise_cost(10),
+    attrs={
+        "eps": Attr(
+            "float",
+            default=1e-5,
+            check=lambda v: 0 <= v < math.inf,
+            requirement="must be finite and >= 0",
+        )
+    },
+    doc="(x - mean) / sqrt(var + eps) * weight + bias over the trailing weight.ndim "
+    "axes (torch's normalized_shape = weight.shape).",
+)

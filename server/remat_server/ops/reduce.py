@@ -1,4 +1,5 @@
 """Reductions over an axis, a tuple of axes, or all axes (axes absent), with keepdims."""
+
 from __future__ import annotations
 
 import math
@@ -6,6 +7,7 @@ import math
 import numpy as np
 
 from remat_proto import dtypes
+
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
@@ -33,6 +35,7 @@ def _infer(allowed: frozenset[str], nonempty: bool = False):
         if nonempty and any(x.shape[a] == 0 for a in axes):
             raise ShapeError(f"cannot reduce over an empty axis of shape {x.shape}")
         return TensorType(_reduced_shape(x.shape, axes, keepdims), x.dtype)
+
     return infer
 
 
@@ -72,12 +75,37 @@ def _mean(x, axes, keepdims):
     return np.mean(x, axis=axes, keepdims=keepdims, dtype=x.dtype)
 
 
-register("sum", family="reduce", infer=_infer(rules.NUMERIC), normalize=_normalize,
-         forward=lambda x, axes, keepdims: np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype),
-         vjp=_sum_vjp, residuals="none", cost=_cost, attrs=AXES_ATTRS)
-register("mean", family="reduce", infer=_infer(dtypes.FLOATS), normalize=_normalize,
-         forward=_mean, vjp=_mean_vjp, residuals="none", cost=_cost, attrs=AXES_ATTRS)
-register("max", family="reduce", infer=_infer(rules.NUMERIC, nonempty=True), normalize=_normalize,
-         forward=lambda x, axes, keepdims: np.max(x, axis=axes, keepdims=keepdims),
-         vjp=_max_vjp, residuals="inputs+output", cost=_cost, attrs=AXES_ATTRS,
-         doc="Maximum; tied maxima share the gradient equally (like torch.amax).")
+register(
+    "sum",
+    family="reduce",
+    infer=_infer(rules.NUMERIC),
+    normalize=_normalize,
+    forward=lambda x, axes, keepdims: np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype),
+    vjp=_sum_vjp,
+    residuals="none",
+    cost=_cost,
+    attrs=AXES_ATTRS,
+)
+register(
+    "mean",
+    family="reduce",
+    infer=_infer(dtypes.FLOATS),
+    normalize=_normalize,
+    forward=_mean,
+    vjp=_mean_vjp,
+    residuals="none",
+    cost=_cost,
+    attrs=AXES_ATTRS,
+)
+register(
+    "max",
+    family="reduce",
+    infer=_infer(rules.NUMERIC, nonempty=True),
+    normalize=_normalize,
+    forward=lambda x, axes, keepdims: np.max(x, axis=axes, keepdims=keepdims),
+    vjp=_max_vjp,
+    residuals="inputs+output",
+    cost=_cost,
+    attrs=AXES_ATTRS,
+    doc="Maximum; tied maxima share the gradient equally (like torch.amax).",
+)

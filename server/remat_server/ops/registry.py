@@ -25,10 +25,12 @@ bytes belong to the request). Planners, simulator and executor account by it.
 result (conv's zero-padded copy of the input); the graph builder holds it to the same
 per-tensor limits as every value, so a tiny request cannot make a huge temporary.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..graph.ir import TensorType
 
@@ -80,10 +82,23 @@ MEMORY_KINDS = ("new", "view", "view_if_contiguous", "external")
 REGISTRY: dict[str, OpDef] = {}
 
 
-def register(name: str, *, family: str, infer, forward, vjp, residuals: str, cost,
-             inputs: int | tuple[int, int] = 1, attrs: dict[str, Attr] | None = None,
-             no_grad: tuple[int, ...] = (), normalize=None, doc: str = "",
-             memory: str = "new", workspace=None) -> OpDef:
+def register(
+    name: str,
+    *,
+    family: str,
+    infer,
+    forward,
+    vjp,
+    residuals: str,
+    cost,
+    inputs: int | tuple[int, int] = 1,
+    attrs: dict[str, Attr] | None = None,
+    no_grad: tuple[int, ...] = (),
+    normalize=None,
+    doc: str = "",
+    memory: str = "new",
+    workspace=None,
+) -> OpDef:
     """Add one op to the registry. `inputs` is an arity or (min, max); max -1 is variadic."""
     if name in REGISTRY:
         raise ValueError(f"op {name!r} is registered twice")
@@ -95,10 +110,23 @@ def register(name: str, *, family: str, infer, forward, vjp, residuals: str, cos
     for attr_name, attr in (attrs or {}).items():
         if attr.type not in ATTR_TYPES:
             raise ValueError(f"op {name!r}: attr {attr_name!r} has unknown type {attr.type!r}")
-    op = OpDef(name=name, family=family, infer=infer, forward=forward, vjp=vjp,
-               residuals=residuals, cost=cost, min_inputs=low, max_inputs=high,
-               attrs=dict(attrs or {}), no_grad=no_grad, normalize=normalize, doc=doc,
-               memory=memory, workspace=workspace)
+    op = OpDef(
+        name=name,
+        family=family,
+        infer=infer,
+        forward=forward,
+        vjp=vjp,
+        residuals=residuals,
+        cost=cost,
+        min_inputs=low,
+        max_inputs=high,
+        attrs=dict(attrs or {}),
+        no_grad=no_grad,
+        normalize=normalize,
+        doc=doc,
+        memory=memory,
+        workspace=workspace,
+    )
     REGISTRY[name] = op
     return op
 
@@ -111,8 +139,10 @@ def elementwise_cost(flops_per_element: int) -> Callable[..., int]:
     """Cost rule for ops doing a fixed amount of work per output element. The rule
     carries its rate (`per_element`), so FLOPs of big graphs are counted without a
     call per node."""
+
     def cost(out, *inputs, **attrs) -> int:
         return flops_per_element * out.size
+
     cost.per_element = flops_per_element
     return cost
 

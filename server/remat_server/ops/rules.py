@@ -1,9 +1,11 @@
 """Shape and dtype rules shared by many ops."""
+
 from __future__ import annotations
 
 import numpy as np
 
 from remat_proto import dtypes
+
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 
@@ -12,14 +14,17 @@ NUMERIC = dtypes.FLOATS | dtypes.INTS
 
 def require_dtype(t: TensorType, allowed: frozenset[str], what: str = "input") -> None:
     if t.dtype not in allowed:
-        raise ShapeError(f"{what} has dtype {t.dtype}; expected one of {', '.join(sorted(allowed))}")
+        raise ShapeError(
+            f"{what} has dtype {t.dtype}; expected one of {', '.join(sorted(allowed))}"
+        )
 
 
 def same_dtype(*types: TensorType) -> str:
     kinds = {t.dtype for t in types}
     if len(kinds) > 1:
-        raise ShapeError("dtype mismatch: " + " vs ".join(t.dtype for t in types)
-                         + " (insert a cast)")
+        raise ShapeError(
+            "dtype mismatch: " + " vs ".join(t.dtype for t in types) + " (insert a cast)"
+        )
     return types[0].dtype
 
 
@@ -29,24 +34,29 @@ def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     try:
         return tuple(np.broadcast_shapes(*shapes))
     except ValueError:
-        raise ShapeError("shapes " + ", ".join(str(tuple(s)) for s in shapes)
-                         + " cannot be broadcast together") from None
+        raise ShapeError(
+            "shapes " + ", ".join(str(tuple(s)) for s in shapes) + " cannot be broadcast together"
+        ) from None
 
 
 def unary(allowed: frozenset[str]):
     """Rule for a one-input op that keeps shape and dtype."""
+
     def infer(x: TensorType, **attrs) -> TensorType:
         require_dtype(x, allowed)
         return x
+
     return infer
 
 
 def binary(allowed: frozenset[str], out_dtype: str | None = None):
     """Rule for a broadcasting two-input op with matching dtypes."""
+
     def infer(a: TensorType, b: TensorType, **attrs) -> TensorType:
         dtype = same_dtype(a, b)
         require_dtype(a, allowed)
         return TensorType(broadcast_shapes(a.shape, b.shape), out_dtype or dtype)
+
     return infer
 
 

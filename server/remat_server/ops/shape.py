@@ -1,4 +1,5 @@
 """Ops that rearrange, select or combine elements without arithmetic."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
-from .registry import Attr, free, register, elementwise_cost
+from .registry import Attr, elementwise_cost, free, register
 
 INTS = rules.dtypes.INTS
 
@@ -16,19 +17,28 @@ INTS = rules.dtypes.INTS
 # --- transpose, reshape, broadcast_to -----------------------------------------------
 def _transpose_normalize(x, axes):
     ndim = len(x.shape)
-    perm = tuple(reversed(range(ndim))) if axes is None else tuple(
-        rules.normalize_axis(a, ndim) for a in axes)
+    perm = (
+        tuple(reversed(range(ndim)))
+        if axes is None
+        else tuple(rules.normalize_axis(a, ndim) for a in axes)
+    )
     if sorted(perm) != list(range(ndim)):
         raise ShapeError(f"axes {axes} are not a permutation of {ndim} axes")
     return {"axes": perm}
 
 
-register("transpose", family="shape", normalize=_transpose_normalize,
-         infer=lambda x, axes: TensorType(tuple(x.shape[a] for a in axes), x.dtype),
-         forward=lambda x, axes: np.transpose(x, axes),
-         vjp=lambda e, g, out, x, axes: [e.transpose(g, axes=tuple(np.argsort(axes).tolist()))],
-         residuals="none", cost=free, memory="view",
-         attrs={"axes": Attr("ints", default=None, doc="Permutation; absent reverses.")})
+register(
+    "transpose",
+    family="shape",
+    normalize=_transpose_normalize,
+    infer=lambda x, axes: TensorType(tuple(x.shape[a] for a in axes), x.dtype),
+    forward=lambda x, axes: np.transpose(x, axes),
+    vjp=lambda e, g, out, x, axes: [e.transpose(g, axes=tuple(np.argsort(axes).tolist()))],
+    residuals="none",
+    cost=free,
+    memory="view",
+    attrs={"axes": Attr("ints", default=None, doc="Permutation; absent reverses.")},
+)
 
 
 def _reshape_normalize(x, shape):
@@ -42,17 +52,24 @@ def _reshape_normalize(x, shape):
             raise ShapeError(f"cannot reshape {x.shape} ({x.size} elements) to {shape}")
         shape = tuple(x.size // known if d == -1 else d for d in shape)
     if math.prod(shape) != x.size:
-        raise ShapeError(f"cannot reshape {x.shape} ({x.size} elements) to {shape} "
-                         f"({math.prod(shape)} elements)")
+        raise ShapeError(
+            f"cannot reshape {x.shape} ({x.size} elements) to {shape} ({math.prod(shape)} elements)"
+        )
     return {"shape": shape}
 
 
-register("reshape", family="shape", normalize=_reshape_normalize,
-         infer=lambda x, shape: TensorType(shape, x.dtype),
-         forward=lambda x, shape: np.reshape(x, shape),
-         vjp=lambda e, g, out, x, shape: [e.reshape(g, shape=x.shape)],
-         residuals="none", cost=free, memory="view_if_contiguous",
-         attrs={"shape": Attr("ints", doc="One entry may be -1.")})
+register(
+    "reshape",
+    family="shape",
+    normalize=_reshape_normalize,
+    infer=lambda x, shape: TensorType(shape, x.dtype),
+    forward=lambda x, shape: np.reshape(x, shape),
+    vjp=lambda e, g, out, x, shape: [e.reshape(g, shape=x.shape)],
+    residuals="none",
+    cost=free,
+    memory="view_if_contiguous",
+    attrs={"shape": Attr("ints", doc="One entry may be -1.")},
+)
 
 
 def _broadcast_to_infer(x, shape):
@@ -61,16 +78,24 @@ def _broadcast_to_infer(x, shape):
     # error; such targets must reach the size-limit check with their real reason.
     target = tuple(shape)
     if len(x.shape) > len(target) or any(
-            d not in (1, t) for d, t in zip(reversed(x.shape), reversed(target))):
+        d not in (1, t) for d, t in zip(reversed(x.shape), reversed(target))
+    ):
         raise ShapeError(f"cannot broadcast {x.shape} to {target}")
     return TensorType(target, x.dtype)
 
 
-register("broadcast_to", family="shape", infer=_broadcast_to_infer,
-         forward=lambda x, shape: np.broadcast_to(x, shape),
-         # The gradient arrives in the output's shape; autodiff's sum_to reduces it.
-         vjp=lambda e, g, out, x, shape: [g], residuals="none", cost=free, memory="view",
-         attrs={"shape": Attr("ints", check=rules.non_negative, requirement="sizes must be >= 0")})
+register(
+    "broadcast_to",
+    family="shape",
+    infer=_broadcast_to_infer,
+    forward=lambda x, shape: np.broadcast_to(x, shape),
+    # The gradient arrives in the output's shape; autodiff's sum_to reduces it.
+    vjp=lambda e, g, out, x, shape: [g],
+    residuals="none",
+    cost=free,
+    memory="view",
+    attrs={"shape": Attr("ints", check=rules.non_negative, requirement="sizes must be >= 0")},
+)
 
 
 # --- concat, slice -----------------------------------------------------------------------
@@ -78,13 +103,15 @@ def _concat_infer(*xs, axis):
     dtype = rules.same_dtype(*xs)
     ndim = len(xs[0].shape)
     if ndim == 0 or any(len(x.shape) != ndim for x in xs):
-        raise ShapeError("concat inputs must share one rank >= 1, got "
-                         + ", ".join(str(x.shape) for x in xs))
+        raise ShapeError(
+            "concat inputs must share one rank >= 1, got " + ", ".join(str(x.shape) for x in xs)
+        )
     ax = rules.normalize_axis(axis, ndim)
     for x in xs:
-        if x.shape[:ax] + x.shape[ax + 1:] != xs[0].shape[:ax] + xs[0].shape[ax + 1:]:
-            raise ShapeError(f"concat along axis {axis}: shapes {xs[0].shape} and {x.shape} differ "
-                             "off that axis")
+        if x.shape[:ax] + x.shape[ax + 1 :] != xs[0].shape[:ax] + xs[0].shape[ax + 1 :]:
+            raise ShapeError(
+                f"concat along axis {axis}: shapes {xs[0].shape} and {x.shape} differ off that axis"
+            )
     shape = list(xs[0].shape)
     shape[ax] = sum(x.shape[ax] for x in xs)
     return TensorType(tuple(shape), dtype)
@@ -102,27 +129,41 @@ def _concat_vjp(e, g, out, *xs, axis):
     return grads
 
 
-register("concat", family="shape", inputs=(1, -1), infer=_concat_infer,
-         forward=lambda *xs, axis: np.concatenate(xs, axis=axis),
-         vjp=_concat_vjp, residuals="none", cost=free, attrs={"axis": Attr("int", default=0)})
+register(
+    "concat",
+    family="shape",
+    inputs=(1, -1),
+    infer=_concat_infer,
+    forward=lambda *xs, axis: np.concatenate(xs, axis=axis),
+    vjp=_concat_vjp,
+    residuals="none",
+    cost=free,
+    attrs={"axis": Attr("int", default=0)},
+)
 
 
 def _slice_normalize(x, starts, stops, steps):
     ndim = len(x.shape)
     if starts is None:
         starts = ()
-    if len(starts) > ndim or (stops is not None and len(stops) > ndim) or (
-            steps is not None and len(steps) > ndim):
+    if (
+        len(starts) > ndim
+        or (stops is not None and len(stops) > ndim)
+        or (steps is not None and len(steps) > ndim)
+    ):
         raise ShapeError(f"slice has more entries than the input's rank {ndim}")
     steps = tuple(steps or ()) + (1,) * (ndim - len(steps or ()))
     if any(s <= 0 for s in steps):
         raise ShapeError(f"steps {steps} must be positive")
     full = [slice(b, None, s) for b, s in zip(tuple(starts) + (None,) * ndim, steps)]
     if stops is not None:
-        full[:len(stops)] = [slice(sl.start, stop, sl.step) for sl, stop in zip(full, stops)]
+        full[: len(stops)] = [slice(sl.start, stop, sl.step) for sl, stop in zip(full, stops)]
     resolved = [sl.indices(d) for sl, d in zip(full, x.shape)]
-    return {"starts": tuple(r[0] for r in resolved), "stops": tuple(r[1] for r in resolved),
-            "steps": steps}
+    return {
+        "starts": tuple(r[0] for r in resolved),
+        "stops": tuple(r[1] for r in resolved),
+        "steps": steps,
+    }
 
 
 def _slice_shape(shape, starts, stops, steps):
@@ -139,14 +180,23 @@ SLICE_ATTRS = {
     "steps": Attr("ints", default=None, doc="Positive; absent means 1."),
 }
 
-register("slice", family="shape", normalize=_slice_normalize,
-         infer=lambda x, starts, stops, steps: TensorType(
-             _slice_shape(x.shape, starts, stops, steps), x.dtype),
-         forward=lambda x, starts, stops, steps: x[_index(starts, stops, steps)],
-         vjp=lambda e, g, out, x, starts, stops, steps: [e.slice_scatter(
-             g, shape=x.shape, starts=starts, stops=stops, steps=steps)],
-         residuals="none", cost=free, attrs=SLICE_ATTRS, memory="view",
-         doc="x[start:stop:step, ...] per axis.")
+register(
+    "slice",
+    family="shape",
+    normalize=_slice_normalize,
+    infer=lambda x, starts, stops, steps: TensorType(
+        _slice_shape(x.shape, starts, stops, steps), x.dtype
+    ),
+    forward=lambda x, starts, stops, steps: x[_index(starts, stops, steps)],
+    vjp=lambda e, g, out, x, starts, stops, steps: [
+        e.slice_scatter(g, shape=x.shape, starts=starts, stops=stops, steps=steps)
+    ],
+    residuals="none",
+    cost=free,
+    attrs=SLICE_ATTRS,
+    memory="view",
+    doc="x[start:stop:step, ...] per axis.",
+)
 
 
 def _slice_scatter_infer(src, shape, starts, stops, steps):
@@ -166,57 +216,89 @@ def _slice_scatter(src, shape, starts, stops, steps):
     return out
 
 
-register("slice_scatter", family="shape", infer=_slice_scatter_infer, forward=_slice_scatter,
-         vjp=lambda e, g, out, src, shape, starts, stops, steps: [e.slice(
-             g, starts=starts, stops=stops, steps=steps)],
-         residuals="none", cost=elementwise_cost(1),
-         attrs={"shape": Attr("ints", check=rules.non_negative, requirement="sizes must be >= 0"),
-                "starts": Attr("ints"), "stops": Attr("ints"), "steps": Attr("ints")},
-         doc="Zeros of `shape` with the source written into the slice (slice's adjoint).")
+register(
+    "slice_scatter",
+    family="shape",
+    infer=_slice_scatter_infer,
+    forward=_slice_scatter,
+    vjp=lambda e, g, out, src, shape, starts, stops, steps: [
+        e.slice(g, starts=starts, stops=stops, steps=steps)
+    ],
+    residuals="none",
+    cost=elementwise_cost(1),
+    attrs={
+        "shape": Attr("ints", check=rules.non_negative, requirement="sizes must be >= 0"),
+        "starts": Attr("ints"),
+        "stops": Attr("ints"),
+        "steps": Attr("ints"),
+    },
+    doc="Zeros of `shape` with the source written into the slice (slice's adjoint).",
+)
 
 
 # --- gather and scatter ------------------------------------------------------------------
 def _take_infer(x, indices, axis):
     rules.require_dtype(indices, INTS, "indices")
     ax = rules.normalize_axis(axis, len(x.shape))
-    return TensorType(x.shape[:ax] + indices.shape + x.shape[ax + 1:], x.dtype)
+    return TensorType(x.shape[:ax] + indices.shape + x.shape[ax + 1 :], x.dtype)
 
 
-register("take", family="shape", inputs=2, infer=_take_infer,
-         forward=lambda x, indices, axis: np.take(x, indices, axis=axis),
-         vjp=lambda e, g, out, x, indices, axis: [e.scatter_add(
-             g, indices, axis=axis % x.ndim, size=x.shape[axis]), None],
-         residuals="inputs", cost=free, no_grad=(1,), attrs={"axis": Attr("int", default=0)},
-         doc="Gather along an axis with integer indices (np.take); out of range is an error.")
+register(
+    "take",
+    family="shape",
+    inputs=2,
+    infer=_take_infer,
+    forward=lambda x, indices, axis: np.take(x, indices, axis=axis),
+    vjp=lambda e, g, out, x, indices, axis: [
+        e.scatter_add(g, indices, axis=axis % x.ndim, size=x.shape[axis]),
+        None,
+    ],
+    residuals="inputs",
+    cost=free,
+    no_grad=(1,),
+    attrs={"axis": Attr("int", default=0)},
+    doc="Gather along an axis with integer indices (np.take); out of range is an error.",
+)
 
 
 def _scatter_add_infer(src, indices, axis, size):
     rules.require_dtype(indices, INTS, "indices")
     k = indices.shape
-    if axis < 0 or src.shape[axis:axis + len(k)] != k:
+    if axis < 0 or src.shape[axis : axis + len(k)] != k:
         raise ShapeError(f"source {src.shape} does not hold indices {k} at axis {axis}")
-    return TensorType(src.shape[:axis] + (size,) + src.shape[axis + len(k):], src.dtype)
+    return TensorType(src.shape[:axis] + (size,) + src.shape[axis + len(k) :], src.dtype)
 
 
 def _scatter_add(src, indices, axis, size):
-    out = np.zeros(src.shape[:axis] + (size,) + src.shape[axis + indices.ndim:], dtype=src.dtype)
+    out = np.zeros(src.shape[:axis] + (size,) + src.shape[axis + indices.ndim :], dtype=src.dtype)
     np.add.at(out, (slice(None),) * axis + (indices,), src)
     return out
 
 
-register("scatter_add", family="shape", inputs=2, infer=_scatter_add_infer, forward=_scatter_add,
-         vjp=lambda e, g, out, src, indices, axis, size: [e.take(g, indices, axis=axis), None],
-         residuals="inputs", cost=elementwise_cost(1), no_grad=(1,),
-         attrs={"axis": Attr("int", check=lambda a: a >= 0, requirement="must be >= 0"),
-                "size": Attr("int", check=lambda s: s >= 0, requirement="must be >= 0")},
-         doc="Adds the source into zeros at `indices` along `axis` (take's adjoint).")
+register(
+    "scatter_add",
+    family="shape",
+    inputs=2,
+    infer=_scatter_add_infer,
+    forward=_scatter_add,
+    vjp=lambda e, g, out, src, indices, axis, size: [e.take(g, indices, axis=axis), None],
+    residuals="inputs",
+    cost=elementwise_cost(1),
+    no_grad=(1,),
+    attrs={
+        "axis": Attr("int", check=lambda a: a >= 0, requirement="must be >= 0"),
+        "size": Attr("int", check=lambda s: s >= 0, requirement="must be >= 0"),
+    },
+    doc="Adds the source into zeros at `indices` along `axis` (take's adjoint).",
+)
 
 
 def _along_infer(x, indices, axis):
     rules.require_dtype(indices, INTS, "indices")
     ax = rules.normalize_axis(axis, len(x.shape))
     if len(indices.shape) != len(x.shape) or any(
-            i != d for k, (i, d) in enumerate(zip(indices.shape, x.shape)) if k != ax):
+        i != d for k, (i, d) in enumerate(zip(indices.shape, x.shape)) if k != ax
+    ):
         raise ShapeError(f"indices {indices.shape} must match {x.shape} except along axis {axis}")
     return TensorType(indices.shape, x.dtype)
 
@@ -228,7 +310,7 @@ def _along_index(indices, axis):
 
 
 def _scatter_along(src, indices, axis, size):
-    shape = src.shape[:axis] + (size,) + src.shape[axis + 1:]
+    shape = src.shape[:axis] + (size,) + src.shape[axis + 1 :]
     out = np.zeros(shape, dtype=src.dtype)
     np.add.at(out, _along_index(indices, axis), src)
     return out
@@ -238,7 +320,7 @@ def _scatter_along_infer(src, indices, axis, size):
     rules.require_dtype(indices, INTS, "indices")
     if not 0 <= axis < len(src.shape) or indices.shape != src.shape:
         raise ShapeError(f"indices {indices.shape} must match source {src.shape}")
-    return TensorType(src.shape[:axis] + (size,) + src.shape[axis + 1:], src.dtype)
+    return TensorType(src.shape[:axis] + (size,) + src.shape[axis + 1 :], src.dtype)
 
 
 def _check_bounds(indices, size, axis):
@@ -251,17 +333,41 @@ def _take_along(x, indices, axis):
     return np.take_along_axis(x, indices, axis=axis)
 
 
-register("take_along_axis", family="shape", inputs=2, infer=_along_infer, forward=_take_along,
-         vjp=lambda e, g, out, x, indices, axis: [e.scatter_add_along_axis(
-             g, indices, axis=axis % x.ndim, size=x.shape[axis]), None],
-         residuals="inputs", cost=free, no_grad=(1,), attrs={"axis": Attr("int", default=-1)},
-         doc="np.take_along_axis; indices match the input except along `axis`.")
-register("scatter_add_along_axis", family="shape", inputs=2, infer=_scatter_along_infer,
-         forward=lambda src, indices, axis, size: (
-             _check_bounds(indices, size, axis), _scatter_along(src, indices, axis, size))[1],
-         vjp=lambda e, g, out, src, indices, axis, size: [e.take_along_axis(g, indices, axis=axis),
-                                                          None],
-         residuals="inputs", cost=elementwise_cost(1), no_grad=(1,),
-         attrs={"axis": Attr("int", check=lambda a: a >= 0, requirement="must be >= 0"),
-                "size": Attr("int", check=lambda s: s >= 0, requirement="must be >= 0")},
-         doc="take_along_axis's adjoint: adds the source into zeros at the indices.")
+register(
+    "take_along_axis",
+    family="shape",
+    inputs=2,
+    infer=_along_infer,
+    forward=_take_along,
+    vjp=lambda e, g, out, x, indices, axis: [
+        e.scatter_add_along_axis(g, indices, axis=axis % x.ndim, size=x.shape[axis]),
+        None,
+    ],
+    residuals="inputs",
+    cost=free,
+    no_grad=(1,),
+    attrs={"axis": Attr("int", default=-1)},
+    doc="np.take_along_axis; indices match the input except along `axis`.",
+)
+register(
+    "scatter_add_along_axis",
+    family="shape",
+    inputs=2,
+    infer=_scatter_along_infer,
+    forward=lambda src, indices, axis, size: (
+        _check_bounds(indices, size, axis),
+        _scatter_along(src, indices, axis, size),
+    )[1],
+    vjp=lambda e, g, out, src, indices, axis, size: [
+        e.take_along_axis(g, indices, axis=axis),
+        None,
+    ],
+    residuals="inputs",
+    cost=elementwise_cost(1),
+    no_grad=(1,),
+    attrs={
+        "axis": Attr("int", check=lambda a: a >= 0, requirement="must be >= 0"),
+        "size": Attr("int", check=lambda s: s >= 0, requirement="must be >= 0"),
+    },
+    doc="take_along_axis's adjoint: adds the source into zeros at the indices.",
+)

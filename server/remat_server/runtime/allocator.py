@@ -23,6 +23,7 @@ step went from 87 to 55 ms. Fixed rather than glibc's dynamic thresholds, which 
 with the load: under a mixed load (bench/load.py, 32 clients) idle RSS wandered by
 +-10% between readings with glibc's defaults.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -44,15 +45,17 @@ TRIM_THRESHOLD_BYTES = 64 << 20
 TRIM_AFTER_BYTES = 1 << 20
 
 
-def tune_for_serving(mmap_bytes: int = MMAP_THRESHOLD_BYTES,
-                     trim_bytes: int = TRIM_THRESHOLD_BYTES) -> bool:
+def tune_for_serving(
+    mmap_bytes: int = MMAP_THRESHOLD_BYTES, trim_bytes: int = TRIM_THRESHOLD_BYTES
+) -> bool:
     """Make glibc map allocations over `mmap_bytes` separately and trim a heap whose
     free top exceeds `trim_bytes` (fixed, instead of the dynamic thresholds that drift
     with the load). Process-wide; returns False where there is no glibc."""
     if _MALLOPT is None:
         return False
-    return bool(_MALLOPT(_M_MMAP_THRESHOLD, mmap_bytes)) and \
-        bool(_MALLOPT(_M_TRIM_THRESHOLD, trim_bytes))
+    return bool(_MALLOPT(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(
+        _MALLOPT(_M_TRIM_THRESHOLD, trim_bytes)
+    )
 
 
 def release_free_memory() -> None:

@@ -17,6 +17,7 @@ Idle blocks are kept up to `max_idle_bytes` (server flag --buffer-pool-bytes); t
 oldest go first beyond it. Blocks in use are the requests' memory, which the
 request limits and the memory budget already bound.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,12 +32,12 @@ MIN_POOLED_BYTES = 1 << 20  # smaller buffers come from malloc's own free lists
 class BufferPool:
     """`array(shape, dtype)`: an uninitialized array, on a reused block when one fits.
 
-        >>> pool = BufferPool(max_idle_bytes=64 << 20)
-        >>> a = pool.array((1 << 20,), np.float32)
-        >>> address = a.ctypes.data
-        >>> del a  # its block is idle again
-        >>> pool.array((1 << 20,), np.float32).ctypes.data == address
-        True
+    >>> pool = BufferPool(max_idle_bytes=64 << 20)
+    >>> a = pool.array((1 << 20,), np.float32)
+    >>> address = a.ctypes.data
+    >>> del a  # its block is idle again
+    >>> pool.array((1 << 20,), np.float32).ctypes.data == address
+    True
     """
 
     def __init__(self, max_idle_bytes: int):

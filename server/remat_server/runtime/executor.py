@@ -18,11 +18,12 @@ the executor reports them rather than counting the same model again per step. Th
 independent check of that promise is tracemalloc (`measure_memory`), whose peak the
 tests hold to the prediction.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -60,8 +61,14 @@ class Program:
 
     __slots__ = ("steps", "results", "peak_bytes", "nodes_computed", "recomputed_nodes")
 
-    def __init__(self, graph: Graph, schedule: Schedule, forward_nodes: frozenset[str],
-                 model: MemoryModel, timeline: tuple[int, ...]):
+    def __init__(
+        self,
+        graph: Graph,
+        schedule: Schedule,
+        forward_nodes: frozenset[str],
+        model: MemoryModel,
+        timeline: tuple[int, ...],
+    ):
         nodes, owner, nbytes, ops = graph.nodes, model.owner, model.nbytes, registry.REGISTRY
         # One entry per node, shared by its steps: (name, node, forward, inputs, attrs,
         # fresh). A step is then (phase, entry, live bytes after it).
@@ -74,9 +81,14 @@ class Program:
             entry = entries.get(name)
             if entry is None:
                 node = nodes[name]
-                entry = entries[name] = (name, node, ops[node.op].forward, node.inputs,
-                                         dict(node.attrs) if node.attrs else _NO_ATTRS,
-                                         owner[name] == name and nbytes[name] > 0)
+                entry = entries[name] = (
+                    name,
+                    node,
+                    ops[node.op].forward,
+                    node.inputs,
+                    dict(node.attrs) if node.attrs else _NO_ATTRS,
+                    owner[name] == name and nbytes[name] > 0,
+                )
             if type(step) is not Compute:
                 append((FREE, entry, live))
             elif name not in forward_nodes:
@@ -93,8 +105,12 @@ class Program:
         self.nodes_computed = sum(1 for step in schedule.steps if type(step) is Compute)
         self.recomputed_nodes = recomputed
 
-    def run(self, feeds: Mapping[str, np.ndarray],
-            should_stop: Callable[[], bool] | None = None, trace: bool = False) -> Execution:
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        should_stop: Callable[[], bool] | None = None,
+        trace: bool = False,
+    ) -> Execution:
         if trace:
             return self._run_traced(feeds, should_stop)
         values: dict[str, np.ndarray] = dict(feeds)
@@ -107,8 +123,10 @@ class Program:
         with np.errstate(all="ignore"):  # NaN and Inf pass through; reported, not raised
             for phase, (name, node, forward, inputs, attrs, fresh), _ in self.steps:
                 if should_stop is not None and should_stop():
-                    raise Cancelled("the request was cancelled or its deadline passed; "
-                                    f"stopped after {done} node evaluations")
+                    raise Cancelled(
+                        "the request was cancelled or its deadline passed; "
+                        f"stopped after {done} node evaluations"
+                    )
                 if phase == FREE:
                     del values[name]
                     continue
@@ -116,8 +134,7 @@ class Program:
                     now = clock()
                     seconds[current] += now - since
                     current, since = phase, now
-                values[name] = _run_node(node, forward, [values[i] for i in inputs], attrs,
-                                         fresh)
+                values[name] = _run_node(node, forward, [values[i] for i in inputs], attrs, fresh)
                 done += 1
         seconds[current] += clock() - since
         return self._execution(values, seconds, None)
@@ -130,39 +147,51 @@ class Program:
         clock = time.perf_counter
         began = clock()
         with np.errstate(all="ignore"):
-            for done, (phase, (name, node, forward, inputs, attrs, fresh), live) in \
-                    enumerate(self.steps):
+            for done, (phase, (name, node, forward, inputs, attrs, fresh), live) in enumerate(
+                self.steps
+            ):
                 if should_stop is not None and should_stop():
-                    raise Cancelled("the request was cancelled or its deadline passed; "
-                                    f"stopped after {done} steps")
+                    raise Cancelled(
+                        "the request was cancelled or its deadline passed; "
+                        f"stopped after {done} steps"
+                    )
                 if phase == FREE:
                     del values[name]
                     events.append(TraceEvent(name, node.op, "free", clock() - began, 0.0, live))
                     continue
                 start = clock()
-                values[name] = _run_node(node, forward, [values[i] for i in inputs], attrs,
-                                         fresh)
+                values[name] = _run_node(node, forward, [values[i] for i in inputs], attrs, fresh)
                 took = clock() - start
                 seconds[phase] += took
-                events.append(TraceEvent(name, node.op, PHASES[phase], start - began, took,
-                                         live))
+                events.append(TraceEvent(name, node.op, PHASES[phase], start - began, took, live))
         return self._execution(values, seconds, events)
 
     def _execution(self, values: dict, seconds: list[float], events) -> Execution:
-        return Execution({name: values[name] for name in self.results}, self.peak_bytes,
-                         seconds[FORWARD], seconds[BACKWARD], seconds[RECOMPUTE],
-                         self.nodes_computed, self.recomputed_nodes, events)
+        return Execution(
+            {name: values[name] for name in self.results},
+            self.peak_bytes,
+            seconds[FORWARD],
+            seconds[BACKWARD],
+            seconds[RECOMPUTE],
+            self.nodes_computed,
+            self.recomputed_nodes,
+            events,
+        )
 
 
-def execute(graph: Graph, schedule: Schedule, inputs: Mapping[str, np.ndarray],
-            forward_nodes: frozenset[str],
-            should_stop: Callable[[], bool] | None = None,
-            model: MemoryModel | None = None, trace: bool = False) -> Execution:
+def execute(
+    graph: Graph,
+    schedule: Schedule,
+    inputs: Mapping[str, np.ndarray],
+    forward_nodes: frozenset[str],
+    should_stop: Callable[[], bool] | None = None,
+    model: MemoryModel | None = None,
+    trace: bool = False,
+) -> Execution:
     """Compile and run a schedule once (a simulation supplies its live bytes)."""
     model = model or memory_model(graph)
     timeline = simulate(graph, schedule, model).timeline
-    return Program(graph, schedule, forward_nodes, model, timeline).run(inputs, should_stop,
-                                                                       trace)
+    return Program(graph, schedule, forward_nodes, model, timeline).run(inputs, should_stop, trace)
 
 
 def _run_node(node: Node, forward, arguments: list, attrs: dict, fresh: bool) -> np.ndarray:
@@ -171,19 +200,25 @@ def _run_node(node: Node, forward, arguments: list, attrs: dict, fresh: bool) ->
     except (IndexError, ValueError) as exc:  # data-dependent errors, e.g. an index out of range
         raise InvalidArgument(f"{where(node.name, node.op, node.source)}: {exc}") from None
     except MemoryError:
-        raise ResourceExhausted(f"{where(node.name, node.op, node.source)}: out of memory "
-                                f"allocating {node.type.nbytes} bytes") from None
+        raise ResourceExhausted(
+            f"{where(node.name, node.op, node.source)}: out of memory "
+            f"allocating {node.type.nbytes} bytes"
+        ) from None
     if type(result) is not np.ndarray:  # ufuncs on 0-d arrays return NumPy scalars
         result = np.asarray(result)
     if result.shape != node.type.shape or result.dtype != dtypes.NUMPY[node.type.dtype]:
-        raise RematError(f"{where(node.name, node.op)}: produced {result.dtype}{result.shape}, "
-                         f"but its shape rule says {node.dtype}{node.shape} (a bug in remat)")
+        raise RematError(
+            f"{where(node.name, node.op)}: produced {result.dtype}{result.shape}, "
+            f"but its shape rule says {node.dtype}{node.shape} (a bug in remat)"
+        )
     # The memory model promised a new buffer: a result that owns its memory (base None)
     # and is not an argument itself is one; anything else is checked, and copied if it
     # shares memory with an argument.
-    if fresh and (result.base is not None or not result.flags.c_contiguous
-                  or any(result is a for a in arguments)):
-        if not result.flags.c_contiguous or any(np.may_share_memory(result, a)
-                                                for a in arguments):
+    if fresh and (
+        result.base is not None
+        or not result.flags.c_contiguous
+        or any(result is a for a in arguments)
+    ):
+        if not result.flags.c_contiguous or any(np.may_share_memory(result, a) for a in arguments):
             result = np.array(result, order="C")
     return result

@@ -1,5 +1,6 @@
 """Measure a run's real peak allocation with tracemalloc (NumPy reports its buffers
 to it). Tracing is process-wide, so measured runs take a lock and go one at a time."""
+
 from __future__ import annotations
 
 import contextlib

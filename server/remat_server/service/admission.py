@@ -18,14 +18,15 @@ never starved by small ones that arrive behind it.
 ...     print("--memory-budget-bytes" in str(error))
 True
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from ..errors import Cancelled, DeadlineExceeded, ResourceExhausted
 
@@ -140,7 +141,9 @@ class MemoryAdmission:
                             f"waited {now - start:.3f} s for {nbytes} bytes of memory "
                             f"({self._in_use} of {self._budget} bytes in use) and hit the deadline"
                         )
-                    pause = _POLL_SECONDS if deadline is None else min(_POLL_SECONDS, deadline - now)
+                    pause = (
+                        _POLL_SECONDS if deadline is None else min(_POLL_SECONDS, deadline - now)
+                    )
                     self._cond.wait(pause)
                 self._take(nbytes)
                 return time.monotonic() - start

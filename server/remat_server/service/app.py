@@ -10,6 +10,7 @@ Example:
     >>> server.stop(None).wait()
     True
 """
+
 from __future__ import annotations
 
 from concurrent import futures
@@ -20,12 +21,12 @@ from grpc_reflection.v1alpha import reflection
 
 from remat_proto.v1 import executor_pb2, executor_pb2_grpc
 
+from ..engine import Engine
 from ..runtime import allocator
+from ..runtime.buffers import BufferPool
 from . import auth, streaming
 from .admission import MemoryAdmission
-from ..runtime.buffers import BufferPool
 from .config import ServerConfig
-from ..engine import Engine
 from .graph_store import GraphStore
 from .interceptors import Drain, tolerant
 from .metrics import ServerMetrics
@@ -39,9 +40,15 @@ class RematServer:
     """A `grpc.Server` (start, stop, wait_for_termination) plus what remat adds:
     `metrics`, `health`, `store`, the upload `buffers` and a graceful `shutdown`."""
 
-    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
-                 metrics: ServerMetrics, store: GraphStore, drain: Drain,
-                 buffers: BufferPool):
+    def __init__(
+        self,
+        server: grpc.Server,
+        health_servicer: health.HealthServicer,
+        metrics: ServerMetrics,
+        store: GraphStore,
+        drain: Drain,
+        buffers: BufferPool,
+    ):
         self._server = server
         self._drain = drain
         self.health = health_servicer
@@ -84,31 +91,37 @@ def _add_executor(servicer: ExecutorServicer, server: grpc.Server) -> None:
     collected = _Handlers()
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, collected)
     service = executor_pb2.DESCRIPTOR.services_by_name["Executor"]
-    handlers = {name: tolerant(handler, service.methods_by_name[name].input_type.name)
-                for name, handler in collected.handlers.items()}
+    handlers = {
+        name: tolerant(handler, service.methods_by_name[name].input_type.name)
+        for name, handler in collected.handlers.items()
+    }
     handlers["RunStream"] = grpc.stream_stream_rpc_method_handler(
-        servicer.RunStream, request_deserializer=streaming.decode_request,
-        response_serializer=streaming.encode_response)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        servicer.RunStream,
+        request_deserializer=streaming.decode_request,
+        response_serializer=streaming.encode_response,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     """The `grpc.server` channel arguments `config` asks for.
 
-        >>> options = dict(server_options(ServerConfig(max_connection_age_seconds=300)))
-        >>> options["grpc.max_connection_age_ms"], options["grpc.max_connection_age_grace_ms"]
-        (300000, 30000)
+    >>> options = dict(server_options(ServerConfig(max_connection_age_seconds=300)))
+    >>> options["grpc.max_connection_age_ms"], options["grpc.max_connection_age_grace_ms"]
+    (300000, 30000)
     """
-    options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes),
-               ("grpc.so_reuseport", int(config.reuse_port))]
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", int(config.reuse_port)),
+    ]
     if config.max_connection_age_seconds > 0:  # gRPC's default: connections live forever
         options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age_seconds)))
         if config.max_connection_age_grace_seconds > 0:  # else: in-flight calls may finish
-            options.append(("grpc.max_connection_age_grace_ms",
-                            _ms(config.max_connection_age_grace_seconds)))
+            options.append(
+                ("grpc.max_connection_age_grace_ms", _ms(config.max_connection_age_grace_seconds))
+            )
     return options
 
 
@@ -128,19 +141,25 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
         interceptors.append(auth.TokenInterceptor(config.auth_tokens))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="remat"),
-        interceptors=interceptors, options=server_options(config),
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+        interceptors=interceptors,
+        options=server_options(config),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+    )
     store = GraphStore(config.graph_cache_bytes)
     buffers = BufferPool(config.buffer_pool_bytes)
     metrics.track_cache(store)
     engine = Engine(config.limits, config.memory_budget_bytes, config.compile_cache_bytes)
     metrics.track_compile_cache(engine.cache)
     servicer = ExecutorServicer(
-        engine, store,
+        engine,
+        store,
         MemoryAdmission(config.memory_budget_bytes, config.max_queued_requests),
-        metrics=metrics, chunk_bytes=config.stream_chunk_bytes,
-        max_message_bytes=config.max_message_bytes, max_upload_seconds=config.max_upload_seconds,
-        buffers=buffers)
+        metrics=metrics,
+        chunk_bytes=config.stream_chunk_bytes,
+        max_message_bytes=config.max_message_bytes,
+        max_upload_seconds=config.max_upload_seconds,
+        buffers=buffers,
+    )
     _add_executor(servicer, server)
 
     health_servicer = health.HealthServicer()
@@ -149,7 +168,8 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
     reflection.enable_server_reflection(
-        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     credentials = auth.server_credentials(config)
     if credentials is None:
         port = server.add_insecure_port(config.address)

@@ -16,6 +16,7 @@ Clients send the token as gRPC metadata `authorization: Bearer <token>`
 (`remat.Client(target, token=...)` does it); health checks need none, so load
 balancers and Kubernetes probes keep working.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,8 @@ import hmac
 import logging
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from typing import Iterable, Mapping
 
 import grpc
 
@@ -36,11 +37,15 @@ from .interceptors import refusal
 log = logging.getLogger(__name__)
 
 TOKENS_ENV = "REMAT_AUTH_TOKENS"
-TLS_ENV = {"tls_cert_file": "REMAT_TLS_CERT_FILE", "tls_key_file": "REMAT_TLS_KEY_FILE",
-           "tls_client_ca_file": "REMAT_TLS_CLIENT_CA_FILE"}
+TLS_ENV = {
+    "tls_cert_file": "REMAT_TLS_CERT_FILE",
+    "tls_key_file": "REMAT_TLS_KEY_FILE",
+    "tls_client_ca_file": "REMAT_TLS_CLIENT_CA_FILE",
+}
 # Probes must work without a secret; they reveal only SERVING / NOT_SERVING.
-UNAUTHENTICATED_METHODS = frozenset({"/grpc.health.v1.Health/Check",
-                                     "/grpc.health.v1.Health/Watch"})
+UNAUTHENTICATED_METHODS = frozenset(
+    {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
+)
 # RFC 6750: the scheme is case-insensitive.
 _BEARER = re.compile(r"bearer[ \t]+(\S+)[ \t]*", re.IGNORECASE)
 
@@ -54,18 +59,23 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """
     if not config.tls:
         if config.tls_client_ca_file:
-            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
-                             "tls_key_file too")
+            raise ValueError(
+                "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file too"
+            )
         return None
     if not (config.tls_cert_file and config.tls_key_file):
         missing = "tls_key_file" if config.tls_cert_file else "tls_cert_file"
         raise ValueError(f"TLS needs both a certificate and a private key; {missing} is not set")
-    pair = (_read_pem(config.tls_key_file, "private key"),
-            _read_pem(config.tls_cert_file, "certificate"))
-    client_ca = (_read_pem(config.tls_client_ca_file, "client CA")
-                 if config.tls_client_ca_file else None)
-    return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    pair = (
+        _read_pem(config.tls_key_file, "private key"),
+        _read_pem(config.tls_cert_file, "certificate"),
+    )
+    client_ca = (
+        _read_pem(config.tls_client_ca_file, "client CA") if config.tls_client_ca_file else None
+    )
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _read_pem(path: str, what: str) -> bytes:
@@ -92,8 +102,9 @@ def tls_files_from_env(environ: Mapping[str, str] | None = None) -> dict[str, st
 
 
 # --- tokens ---------------------------------------------------------------------------------
-def load_tokens(token_file: str = "", env: str = TOKENS_ENV,
-                environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+def load_tokens(
+    token_file: str = "", env: str = TOKENS_ENV, environ: Mapping[str, str] | None = None
+) -> tuple[str, ...]:
     """Bearer tokens: one per line from `token_file` (blank lines and '#' comments
     ignored), else comma- or whitespace-separated from the environment variable `env`.
     Neither set: () (no authentication). A named file with no token is an error, so a
@@ -128,14 +139,23 @@ def _tokens_from_file(path: str) -> tuple[str, ...]:
     return tuple(tokens)
 
 
-def with_security(config: ServerConfig, *, tls_cert_file: str = "", tls_key_file: str = "",
-                  tls_client_ca_file: str = "", token_file: str = "",
-                  environ: Mapping[str, str] | None = None) -> ServerConfig:
+def with_security(
+    config: ServerConfig,
+    *,
+    tls_cert_file: str = "",
+    tls_key_file: str = "",
+    tls_client_ca_file: str = "",
+    token_file: str = "",
+    environ: Mapping[str, str] | None = None,
+) -> ServerConfig:
     """`config` with TLS paths and tokens filled in, for `remat serve`: explicit paths
     (flags) win over REMAT_TLS_* variables; tokens come from `token_file`, else
     REMAT_AUTH_TOKENS. Checks the TLS files at once so a bad deploy fails at start."""
-    flags = {"tls_cert_file": tls_cert_file, "tls_key_file": tls_key_file,
-             "tls_client_ca_file": tls_client_ca_file}
+    flags = {
+        "tls_cert_file": tls_cert_file,
+        "tls_key_file": tls_key_file,
+        "tls_client_ca_file": tls_client_ca_file,
+    }
     tls = {**tls_files_from_env(environ), **{k: v for k, v in flags.items() if v}}
     config = replace(config, **tls, auth_tokens=load_tokens(token_file, environ=environ))
     server_credentials(config)
@@ -166,8 +186,10 @@ class TokenInterceptor(grpc.ServerInterceptor):
         """Why the call is refused, or None when its token is valid."""
         values = [v for k, v in metadata if k == keys.AUTHORIZATION]
         if not values:
-            return ("missing bearer token: send metadata 'authorization: Bearer <token>' "
-                    "(remat.Client(target, token=...) or REMAT_TOKEN)")
+            return (
+                "missing bearer token: send metadata 'authorization: Bearer <token>' "
+                "(remat.Client(target, token=...) or REMAT_TOKEN)"
+            )
         value = values[0].decode("latin-1") if isinstance(values[0], bytes) else values[0]
         match = _BEARER.fullmatch(value)
         if match is None:

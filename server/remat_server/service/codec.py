@@ -5,6 +5,7 @@ servicer, the only server code that sees generated `pb2` types.
 Every decoded size is checked against the limits before NumPy touches the bytes, and
 tensors are wrapped zero-copy (np.frombuffer): a request's bytes are read, never copied.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,13 @@ import numpy as np
 from remat_proto import dtypes, policies, wire
 from remat_proto.spec import GraphSpec, InputSpec, NodeSpec
 from remat_proto.v1 import executor_pb2, tensor_pb2
-from remat_proto.wire import (content_id, fill_tensor, metrics_to_proto,  # noqa: F401
-                              report_to_proto, trace_to_proto)
+from remat_proto.wire import (  # noqa: F401
+    content_id,
+    fill_tensor,
+    metrics_to_proto,
+    report_to_proto,
+    trace_to_proto,
+)
 
 from ..checkpoint.schedule import Compute
 from ..engine import Plan
@@ -49,8 +55,10 @@ def tensor_to_array(tensor: tensor_pb2.Tensor, limits: Limits, what: str) -> np.
     """A read-only view of the tensor's bytes, its shape checked first."""
     dtype, shape, nbytes = tensor_type(tensor, limits, what)
     if tensor.chunked:
-        raise InvalidArgument(f"{what}: marked chunked, but chunked tensors are only "
-                              "accepted by RunStream (send the data inline in Run)")
+        raise InvalidArgument(
+            f"{what}: marked chunked, but chunked tensors are only "
+            "accepted by RunStream (send the data inline in Run)"
+        )
     data = tensor.data
     if len(data) != nbytes:
         with _invalid():
@@ -66,13 +74,15 @@ def tensors_to_arrays(tensors, limits: Limits, what: str) -> dict[str, np.ndarra
 def graph_from_proto(message, limits: Limits) -> GraphSpec:
     with _invalid():
         return wire.graph_from_proto(
-            message, lambda tensor, what: tensor_to_array(tensor, limits, what))
+            message, lambda tensor, what: tensor_to_array(tensor, limits, what)
+        )
 
 
 def graph_to_proto(graph: Graph):
     """A validated graph (a joint graph, for Differentiate) as a Graph message."""
-    nodes = tuple(NodeSpec(n.name, n.op, n.inputs, n.attrs, n.source)
-                  for n in graph if not n.is_input)
+    nodes = tuple(
+        NodeSpec(n.name, n.op, n.inputs, n.attrs, n.source) for n in graph if not n.is_input
+    )
     inputs = tuple(InputSpec(n.name, n.shape, n.dtype, n.source) for n in graph.inputs)
     return wire.graph_to_proto(GraphSpec(graph.name, inputs, nodes, tuple(graph.outputs.items())))
 
@@ -86,26 +96,46 @@ def policy_from_proto(message: executor_pb2.Policy) -> policies.Policy:
 def plan_to_proto(plan: Plan, include_schedule: bool) -> executor_pb2.PlanResponse:
     sim, graph = plan.simulation, plan.joint.graph
     response = executor_pb2.PlanResponse(
-        peak_bytes=sim.peak_bytes, flops=sim.flops, recompute_flops=sim.recompute_flops,
-        node_evaluations=dict(sim.evaluations), timeline=sim.timeline, policy=plan.policy,
-        recomputed_nodes=sim.recomputed_nodes, plan_seconds=plan.seconds,
+        peak_bytes=sim.peak_bytes,
+        flops=sim.flops,
+        recompute_flops=sim.recompute_flops,
+        node_evaluations=dict(sim.evaluations),
+        timeline=sim.timeline,
+        policy=plan.policy,
+        recomputed_nodes=sim.recomputed_nodes,
+        plan_seconds=plan.seconds,
         input_bytes=sum(node.type.nbytes for node in graph.inputs),
-        planner=report_to_proto(plan.schedule.report), plan_cached=plan.cached)
+        planner=report_to_proto(plan.schedule.report),
+        plan_cached=plan.cached,
+    )
     if include_schedule:
         response.steps.extend(
-            executor_pb2.Step(compute=step.node) if isinstance(step, Compute)
-            else executor_pb2.Step(free=step.node) for step in plan.schedule.steps)
+            executor_pb2.Step(compute=step.node)
+            if isinstance(step, Compute)
+            else executor_pb2.Step(free=step.node)
+            for step in plan.schedule.steps
+        )
     return response
 
 
 def op_to_proto(op: OpDef) -> executor_pb2.OpInfo:
     arity = op.min_inputs if op.max_inputs < 0 else op.max_inputs
     info = executor_pb2.OpInfo(
-        name=op.name, family=op.family, min_inputs=op.min_inputs, max_inputs=op.max_inputs,
-        differentiable=[op.differentiable(i) for i in range(max(arity, 1 if op.max_inputs < 0
-                                                                 else 0))],
-        residuals=op.residuals, doc=op.doc)
+        name=op.name,
+        family=op.family,
+        min_inputs=op.min_inputs,
+        max_inputs=op.max_inputs,
+        differentiable=[
+            op.differentiable(i) for i in range(max(arity, 1 if op.max_inputs < 0 else 0))
+        ],
+        residuals=op.residuals,
+        doc=op.doc,
+    )
     for name, attr in op.attrs.items():
-        info.attrs.add(name=name, type=attr.type, required=attr.required,
-                       doc=" ".join(p for p in (attr.doc, attr.requirement) if p))
+        info.attrs.add(
+            name=name,
+            type=attr.type,
+            required=attr.required,
+            doc=" ".join(p for p in (attr.doc, attr.requirement) if p),
+        )
     return info

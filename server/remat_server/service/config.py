@@ -1,4 +1,5 @@
 """Server configuration: one frozen dataclass, filled from flags or by tests."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -7,6 +7,7 @@ and ConfigMaps) and the ServerConfig they build. The SDK's `remat` command hands
     >>> config.port, config.limits.max_nodes
     (0, 5000)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,13 @@ def _serve(args) -> int:
 
     try:
         config = server_config(args)
-        return serve(config, workers=args.workers, grace=args.grace,
-                     metrics_port=args.metrics_port,
-                     metrics_host=args.metrics_host or args.host.strip("[]"))
+        return serve(
+            config,
+            workers=args.workers,
+            grace=args.grace,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host or args.host.strip("[]"),
+        )
     except (OSError, ValueError) as error:  # port taken, unreadable token or TLS file
         print(f"remat serve: error: {error}", file=sys.stderr)
         return 1
@@ -42,7 +47,9 @@ def server_config(args, environ=None):
     """The ServerConfig that `remat serve` flags and the environment describe: TLS paths
     from flags, else REMAT_TLS_*; tokens from --token-file, else REMAT_AUTH_TOKENS."""
     config = ServerConfig(
-        host=args.host, port=args.port, max_workers=args.threads,
+        host=args.host,
+        port=args.port,
+        max_workers=args.threads,
         max_message_bytes=args.max_message_mb << 20,
         stream_chunk_bytes=args.stream_chunk_bytes,
         max_upload_seconds=args.max_upload_seconds,
@@ -55,15 +62,28 @@ def server_config(args, environ=None):
         limits=Limits(**{flag: getattr(args, flag) for flag in LIMIT_FLAGS}),
         reuse_port=args.reuse_port or args.workers > 1,
         max_connection_age_seconds=args.max_connection_age_seconds,
-        max_connection_age_grace_seconds=args.max_connection_age_grace_seconds)
-    return with_security(config, tls_cert_file=args.tls_cert_file,
-                         tls_key_file=args.tls_key_file,
-                         tls_client_ca_file=args.tls_client_ca_file,
-                         token_file=args.token_file, environ=environ)
+        max_connection_age_grace_seconds=args.max_connection_age_grace_seconds,
+    )
+    return with_security(
+        config,
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file,
+        tls_client_ca_file=args.tls_client_ca_file,
+        token_file=args.token_file,
+        environ=environ,
+    )
 
 
-LIMIT_FLAGS = ("max_nodes", "max_edges", "max_rank", "max_dim", "max_elements", "max_request_bytes",
-               "optimal_max_nodes", "optimal_time_limit")
+LIMIT_FLAGS = (
+    "max_nodes",
+    "max_edges",
+    "max_rank",
+    "max_dim",
+    "max_elements",
+    "max_request_bytes",
+    "optimal_max_nodes",
+    "optimal_time_limit",
+)
 # --- `remat serve` flags from the environment -----------------------------------------------
 ENV_PREFIX = "REMAT_"
 # REMAT_TOKEN_FILE is the SDK's own token file: a shell set up as a client must not turn
@@ -78,8 +98,8 @@ _TRUE, _FALSE = frozenset({"1", "true", "yes"}), frozenset({"0", "false", "no"})
 def env_var(dest: str) -> str:
     """The environment variable that sets a `remat serve` flag's default.
 
-        >>> env_var("max_connection_age_seconds")
-        'REMAT_MAX_CONNECTION_AGE_SECONDS'
+    >>> env_var("max_connection_age_seconds")
+    'REMAT_MAX_CONNECTION_AGE_SECONDS'
     """
     return ENV_PREFIX + dest.upper()
 
@@ -107,7 +127,9 @@ def _env_typed(convert):
             return convert(str(text))
         except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
             raise argparse.ArgumentTypeError(
-                f"invalid value ${text.var}={str(text)!r} in the environment: {error}") from None
+                f"invalid value ${text.var}={str(text)!r} in the environment: {error}"
+            ) from None
+
     parse.__name__ = getattr(convert, "__name__", "value")  # argparse's "invalid int value"
     return parse
 
@@ -134,8 +156,11 @@ def serve_env_vars() -> dict[str, str]:
         ('--max-nodes', '--threads')
     """
     serve = build_parser({})
-    return {env_var(action.dest): action.option_strings[0] for action in serve._actions
-            if action.option_strings and action.dest not in _NOT_FROM_ENV}
+    return {
+        env_var(action.dest): action.option_strings[0]
+        for action in serve._actions
+        if action.option_strings and action.dest not in _NOT_FROM_ENV
+    }
 
 
 def build_parser(environ) -> argparse.ArgumentParser:
@@ -149,82 +174,168 @@ def build_parser(environ) -> argparse.ArgumentParser:
         "--token-file can also be set in the environment, as REMAT_ and the flag's name "
         "in capitals with - as _ ($REMAT_MAX_NODES for --max-nodes, $REMAT_THREADS for "
         "--threads, $REMAT_REUSE_PORT=1/true/yes or 0/false/no for --reuse-port); a flag "
-        "on the command line wins.")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1; 0.0.0.0 or [::] for "
-                       "all interfaces)")
-    serve.add_argument("--port", type=int, default=50051,
-                       help="gRPC port (default 50051; 0 picks a free one, printed)")
-    serve.add_argument("--workers", type=positive, default=1,
-                       help="server processes sharing the port (SO_REUSEPORT; forked at "
-                       "start, not restarted; default 1). NumPy work holds the GIL, so "
-                       "use one per core to use several cores")
-    serve.add_argument("--threads", "--workers-threads", dest="threads", type=positive,
-                       default=8, help="RPC handler threads per process (default 8; "
-                       "--workers-threads is a deprecated alias)")
-    serve.add_argument("--reuse-port", action="store_true",
-                       help="let other processes bind the same port (implied by --workers)")
-    serve.add_argument("--grace", type=float, default=10.0,
-                       help="on SIGTERM, seconds running requests get to finish before "
-                       "they are cancelled (default 10)")
-    serve.add_argument("--metrics-port", type=int, default=None,
-                       help="serve Prometheus metrics on this port (0: a free one, printed; "
-                       "default: no metrics endpoint). With --workers, one endpoint "
-                       "aggregates every worker")
-    serve.add_argument("--metrics-host", default=None,
-                       help="address of the metrics endpoint (default: --host)")
-    serve.add_argument("--max-message-mb", type=int, default=512,
-                       help="largest gRPC message in MiB (default 512); bigger tensors "
-                       "use RunStream")
-    serve.add_argument("--stream-chunk-bytes", type=positive, default=1 << 20,
-                       help="size of each tensor chunk RunStream sends (default 1 MiB)")
-    serve.add_argument("--max-upload-seconds", type=float, default=600.0,
-                       help="a RunStream upload still unfinished after this long is "
-                       "cancelled, so a stalled client cannot hold a thread (default 600)")
-    serve.add_argument("--max-concurrent-rpcs", type=int, default=256,
-                       help="RPCs handled or queued at once per process; beyond it calls "
-                       "fail with RESOURCE_EXHAUSTED (default 256; 0: no limit)")
-    serve.add_argument("--graph-cache-bytes", type=int, default=256 << 20,
-                       help="bytes of registered graphs kept per process (default 256 MiB)")
-    serve.add_argument("--compile-cache-bytes", type=int,
-                       default=ServerConfig.compile_cache_bytes,
-                       help="estimated bytes of compiled requests (validated and joint "
-                       "graphs, plans) kept per process, so a repeated request skips "
-                       "validation, autodiff and planning (default "
-                       f"{ServerConfig.compile_cache_bytes >> 20} MiB; 0: none)")
-    serve.add_argument("--tls-cert-file", default="",
-                       help="PEM certificate chain: serve TLS (default $REMAT_TLS_CERT_FILE)")
-    serve.add_argument("--tls-key-file", default="",
-                       help="PEM private key of --tls-cert-file (default $REMAT_TLS_KEY_FILE)")
-    serve.add_argument("--tls-client-ca-file", default="",
-                       help="PEM CA certificates: clients must present a certificate one "
-                       "signed (mutual TLS; default $REMAT_TLS_CLIENT_CA_FILE)")
-    serve.add_argument("--token-file", default="",
-                       help="file of bearer tokens, one a line, any of which authenticates a "
-                       "call (default: tokens from $REMAT_AUTH_TOKENS, comma- or space-"
-                       "separated; neither: no authentication). There is no flag taking a "
-                       "token itself: command lines are visible to `ps`")
+        "on the command line wins.",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 or [::] for all interfaces)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=50051,
+        help="gRPC port (default 50051; 0 picks a free one, printed)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=positive,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT; forked at "
+        "start, not restarted; default 1). NumPy work holds the GIL, so "
+        "use one per core to use several cores",
+    )
+    serve.add_argument(
+        "--threads",
+        "--workers-threads",
+        dest="threads",
+        type=positive,
+        default=8,
+        help="RPC handler threads per process (default 8; --workers-threads is a deprecated alias)",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="let other processes bind the same port (implied by --workers)",
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, seconds running requests get to finish before "
+        "they are cancelled (default 10)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (0: a free one, printed; "
+        "default: no metrics endpoint). With --workers, one endpoint "
+        "aggregates every worker",
+    )
+    serve.add_argument(
+        "--metrics-host", default=None, help="address of the metrics endpoint (default: --host)"
+    )
+    serve.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=512,
+        help="largest gRPC message in MiB (default 512); bigger tensors use RunStream",
+    )
+    serve.add_argument(
+        "--stream-chunk-bytes",
+        type=positive,
+        default=1 << 20,
+        help="size of each tensor chunk RunStream sends (default 1 MiB)",
+    )
+    serve.add_argument(
+        "--max-upload-seconds",
+        type=float,
+        default=600.0,
+        help="a RunStream upload still unfinished after this long is "
+        "cancelled, so a stalled client cannot hold a thread (default 600)",
+    )
+    serve.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=256,
+        help="RPCs handled or queued at once per process; beyond it calls "
+        "fail with RESOURCE_EXHAUSTED (default 256; 0: no limit)",
+    )
+    serve.add_argument(
+        "--graph-cache-bytes",
+        type=int,
+        default=256 << 20,
+        help="bytes of registered graphs kept per process (default 256 MiB)",
+    )
+    serve.add_argument(
+        "--compile-cache-bytes",
+        type=int,
+        default=ServerConfig.compile_cache_bytes,
+        help="estimated bytes of compiled requests (validated and joint "
+        "graphs, plans) kept per process, so a repeated request skips "
+        "validation, autodiff and planning (default "
+        f"{ServerConfig.compile_cache_bytes >> 20} MiB; 0: none)",
+    )
+    serve.add_argument(
+        "--tls-cert-file",
+        default="",
+        help="PEM certificate chain: serve TLS (default $REMAT_TLS_CERT_FILE)",
+    )
+    serve.add_argument(
+        "--tls-key-file",
+        default="",
+        help="PEM private key of --tls-cert-file (default $REMAT_TLS_KEY_FILE)",
+    )
+    serve.add_argument(
+        "--tls-client-ca-file",
+        default="",
+        help="PEM CA certificates: clients must present a certificate one "
+        "signed (mutual TLS; default $REMAT_TLS_CLIENT_CA_FILE)",
+    )
+    serve.add_argument(
+        "--token-file",
+        default="",
+        help="file of bearer tokens, one a line, any of which authenticates a "
+        "call (default: tokens from $REMAT_AUTH_TOKENS, comma- or space-"
+        "separated; neither: no authentication). There is no flag taking a "
+        "token itself: command lines are visible to `ps`",
+    )
     defaults = Limits()
     for flag in LIMIT_FLAGS:
         value = getattr(defaults, flag)
-        serve.add_argument("--" + flag.replace("_", "-"), type=type(value), default=value,
-                           help=f"per-request limit (default {value})")
-    serve.add_argument("--memory-budget-bytes", type=int, default=0,
-                       help="predicted peak bytes of all running requests together; requests "
-                       "over it queue or are rejected (default 0: no shared budget)")
-    serve.add_argument("--max-queued-requests", type=int, default=64,
-                       help="requests that may wait for memory at once (default 64)")
-    serve.add_argument("--buffer-pool-bytes", type=int, default=ServerConfig.buffer_pool_bytes,
-                       help="idle RunStream upload buffers kept per process for reuse, so "
-                       "big uploads skip the page faults of fresh memory (default "
-                       f"{ServerConfig.buffer_pool_bytes >> 20} MiB; 0: none)")
-    serve.add_argument("--max-connection-age-seconds", type=non_negative_seconds, default=0.0,
-                       help="close each client connection after about this long (gRPC "
-                       "GOAWAY, +-10%%), so clients reconnect, re-resolve DNS and reach new "
-                       "replicas (default 0: never)")
-    serve.add_argument("--max-connection-age-grace-seconds", type=non_negative_seconds, default=30.0,
-                       help="calls still running on a connection closed by "
-                       "--max-connection-age-seconds get this long to finish (default 30; "
-                       "0: no limit)")
+        serve.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=type(value),
+            default=value,
+            help=f"per-request limit (default {value})",
+        )
+    serve.add_argument(
+        "--memory-budget-bytes",
+        type=int,
+        default=0,
+        help="predicted peak bytes of all running requests together; requests "
+        "over it queue or are rejected (default 0: no shared budget)",
+    )
+    serve.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=64,
+        help="requests that may wait for memory at once (default 64)",
+    )
+    serve.add_argument(
+        "--buffer-pool-bytes",
+        type=int,
+        default=ServerConfig.buffer_pool_bytes,
+        help="idle RunStream upload buffers kept per process for reuse, so "
+        "big uploads skip the page faults of fresh memory (default "
+        f"{ServerConfig.buffer_pool_bytes >> 20} MiB; 0: none)",
+    )
+    serve.add_argument(
+        "--max-connection-age-seconds",
+        type=non_negative_seconds,
+        default=0.0,
+        help="close each client connection after about this long (gRPC "
+        "GOAWAY, +-10%%), so clients reconnect, re-resolve DNS and reach new "
+        "replicas (default 0: never)",
+    )
+    serve.add_argument(
+        "--max-connection-age-grace-seconds",
+        type=non_negative_seconds,
+        default=30.0,
+        help="calls still running on a connection closed by "
+        "--max-connection-age-seconds get this long to finish (default 30; "
+        "0: no limit)",
+    )
     _defaults_from_env(serve, environ)
     return serve

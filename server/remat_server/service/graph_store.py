@@ -1,12 +1,14 @@
 """Registered graphs by content id: an LRU bounded in bytes."""
+
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
+
+from remat_proto.spec import GraphSpec
 
 from ..errors import NotFound
-from remat_proto.spec import GraphSpec
 
 
 class GraphStore:
@@ -54,7 +56,8 @@ class GraphStore:
                 raise NotFound(
                     f"graph '{graph_id}' is not registered on this server (it may have been "
                     f"evicted: the cache keeps {self.max_bytes:,} bytes of graphs, server "
-                    "flag --graph-cache-bytes); send the graph again")
+                    "flag --graph-cache-bytes); send the graph again"
+                )
             self._entries.move_to_end(graph_id)
             return self._entries[graph_id][0]
 

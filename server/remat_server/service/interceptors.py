@@ -1,20 +1,23 @@
 """Building blocks for server handlers and interceptors: run a handler inside a context
 manager, refuse a call cheaply, answer unparseable requests with INVALID_ARGUMENT, and
 drain in-flight calls on shutdown."""
+
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from typing import Callable, ContextManager, NamedTuple
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import NamedTuple
 
 import grpc
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler,
-                 around: Callable[[grpc.ServicerContext], ContextManager]) -> grpc.RpcMethodHandler:
+def wrap_handler(
+    handler: grpc.RpcMethodHandler, around: Callable[[grpc.ServicerContext], AbstractContextManager]
+) -> grpc.RpcMethodHandler:
     """The same handler, its behavior run inside `around(context)`; for streaming
     responses, around the whole iteration (grpc drops a cancelled stream's iterator,
     and GeneratorExit ends the `with`)."""
@@ -28,16 +31,21 @@ def wrap_handler(handler: grpc.RpcMethodHandler,
         behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
 
     if handler.response_streaming:
+
         def wrapped(request, context):
             with around(context):
                 yield from behavior(request, context)
     else:
+
         def wrapped(request, context):
             with around(context):
                 return behavior(request, context)
 
-    return make(wrapped, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return make(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 class WrappedHandlers:
@@ -49,8 +57,12 @@ class WrappedHandlers:
         self._wrapped: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
 
-    def get(self, handler: grpc.RpcMethodHandler, key,
-            around: Callable[[grpc.ServicerContext], ContextManager]) -> grpc.RpcMethodHandler:
+    def get(
+        self,
+        handler: grpc.RpcMethodHandler,
+        key,
+        around: Callable[[grpc.ServicerContext], AbstractContextManager],
+    ) -> grpc.RpcMethodHandler:
         entry = self._wrapped.get((id(handler), key))
         if entry is not None and entry[0] is handler:
             return entry[1]
@@ -75,6 +87,7 @@ def tolerant_deserializer(parse: Callable[[bytes], object]) -> Callable[[bytes],
             return parse(raw)
         except Exception as error:  # noqa: BLE001 - any parse failure is the client's
             return Malformed(f"{type(error).__name__}: {error}")
+
     return deserialize
 
 
@@ -85,30 +98,41 @@ def tolerant(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
         return handler
 
     behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
-    make = (grpc.unary_stream_rpc_method_handler if handler.response_streaming
-            else grpc.unary_unary_rpc_method_handler)
+    make = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.response_streaming
+        else grpc.unary_unary_rpc_method_handler
+    )
 
     def refuse(request, context):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"the request is not a valid {message} ({request.reason})")
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid {message} ({request.reason})",
+        )
 
     if handler.response_streaming:
+
         def guarded(request, context):
             if isinstance(request, Malformed):
                 refuse(request, context)
             yield from behavior(request, context)
     else:
+
         def guarded(request, context):
             if isinstance(request, Malformed):
                 refuse(request, context)
             return behavior(request, context)
 
-    return make(guarded, request_deserializer=tolerant_deserializer(handler.request_deserializer),
-                response_serializer=handler.response_serializer)
+    return make(
+        guarded,
+        request_deserializer=tolerant_deserializer(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
 
 
-def refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode,
-            message: str) -> grpc.RpcMethodHandler:
+def refusal(
+    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
     """A handler that answers `code` at once, of the same response kind as `handler`
     (None: an unknown method).
 
@@ -119,6 +143,7 @@ def refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode,
     read before refusing: a grpc.aio client whose first write races with the refusal
     would otherwise get INTERNAL instead of this status (grpc/grpc#36066), and it sends
     nothing more until the server accepts that header (RunStream's initial metadata)."""
+
     def abort(_requests, context):
         context.abort(code, message)
 
@@ -157,6 +182,7 @@ class Drain(grpc.ServerInterceptor):
                     if counter.draining:
                         counter._changed.notify_all()
                 return False
+
         running = Running()
         self._around = lambda _context: running
 
@@ -165,8 +191,11 @@ class Drain(grpc.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
             return handler
         if self.draining:
-            return refusal(handler, grpc.StatusCode.UNAVAILABLE,
-                           "the server is shutting down; retry (another replica will answer)")
+            return refusal(
+                handler,
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is shutting down; retry (another replica will answer)",
+            )
         return self._wrapped.get(handler, None, self._around)
 
     def drain(self, timeout: float) -> float:
@@ -175,6 +204,7 @@ class Drain(grpc.ServerInterceptor):
         self.draining = True
         deadline = time.monotonic() + timeout
         with self._changed:
-            self._changed.wait_for(lambda: self._running == 0,
-                                   timeout=max(deadline - time.monotonic(), 0.0))
+            self._changed.wait_for(
+                lambda: self._running == 0, timeout=max(deadline - time.monotonic(), 0.0)
+            )
         return max(deadline - time.monotonic(), 0.0)

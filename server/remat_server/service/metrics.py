@@ -13,6 +13,7 @@ Two modes, chosen by prometheus_client when it is first imported:
 Labels are low-cardinality by construction: RPC method (short name) and status code,
 rejection reason (a fixed set), policy family ("every_k", never "every_k(4)").
 """
+
 from __future__ import annotations
 
 import re
@@ -21,22 +22,51 @@ import time
 
 import grpc
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess, values
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 
 from .interceptors import WrappedHandlers
 
 # ~0.5 ms (a health check) to 60 s (a big recompute_all run).
-SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SECONDS_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 # Powers of 4 from 1 KiB to 64 GiB.
-BYTES_BUCKETS = tuple(float(1024 * 4 ** k) for k in range(14))
+BYTES_BUCKETS = tuple(float(1024 * 4**k) for k in range(14))
 
 # Requests refused because of what the client sent or may do; reason = lower-case name.
-REJECTED_CODES = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED})
+REJECTED_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
 
 # Method names come from the request path. Unknown methods are labelled "unknown", but
 # an interceptor placed after ours may answer any path (auth refusing it), so cap the
@@ -54,7 +84,7 @@ def multiprocess_mode() -> bool:
 
 
 def policy_family(policy: str) -> str:
-    """"every_k(4)" -> "every_k", "budget(0.5)" -> "budget"; never a parameter."""
+    """ "every_k(4)" -> "every_k", "budget(0.5)" -> "budget"; never a parameter."""
     family = policy.split("(", 1)[0].strip()
     if not family:
         return "unknown"
@@ -68,57 +98,100 @@ class _Instruments:
         def hist(name, doc, labels, buckets=SECONDS_BUCKETS):
             return Histogram(name, doc, labels, buckets=buckets, registry=registry)
 
-        self.rpc_duration = hist("remat_rpc_duration_seconds",
-                                 "Time from the start of an RPC to its status (streams: until "
-                                 "the stream ends), by method and gRPC status code.",
-                                 ["method", "code"])
+        self.rpc_duration = hist(
+            "remat_rpc_duration_seconds",
+            "Time from the start of an RPC to its status (streams: until "
+            "the stream ends), by method and gRPC status code.",
+            ["method", "code"],
+        )
         self.durations: dict[tuple, object] = {}  # (method, code) -> rpc_duration's child
-        self.inflight = Gauge("remat_inflight_requests", "RPCs being handled now.",
-                              registry=registry, multiprocess_mode="livesum")
-        self.rejected = Counter("remat_rejected_requests_total",
-                                "RPCs refused with a client-side status code "
-                                "(invalid_argument, resource_exhausted, unauthenticated, "
-                                "not_found, failed_precondition, unimplemented).",
-                                ["reason"], registry=registry)
+        self.inflight = Gauge(
+            "remat_inflight_requests",
+            "RPCs being handled now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.rejected = Counter(
+            "remat_rejected_requests_total",
+            "RPCs refused with a client-side status code "
+            "(invalid_argument, resource_exhausted, unauthenticated, "
+            "not_found, failed_precondition, unimplemented).",
+            ["reason"],
+            registry=registry,
+        )
         for code in REJECTED_CODES:  # export zeros, so rate() works before the first one
             self.rejected.labels(code.name.lower())
-        self.forward = hist("remat_forward_seconds",
-                            "Time in the first forward pass of a run, by policy family.",
-                            ["policy"])
-        self.backward = hist("remat_backward_seconds",
-                             "Time in the backward pass of a run (recomputation excluded), "
-                             "by policy family.", ["policy"])
-        self.recompute = hist("remat_recompute_seconds",
-                              "Time spent recomputing forward values during a run, by policy "
-                              "family.", ["policy"])
-        self.queue = hist("remat_queue_seconds",
-                          "Time a run waited for memory admission, by policy family.",
-                          ["policy"])
-        self.peak = hist("remat_peak_bytes", "Peak live tensor bytes of a run, by policy family.",
-                         ["policy"], buckets=BYTES_BUCKETS)
-        self.recomputed = Counter("remat_recomputed_nodes_total",
-                                  "Node evaluations beyond the first (recomputations), by "
-                                  "policy family.", ["policy"], registry=registry)
-        self.cache_entries = Gauge("remat_graph_cache_entries", "Graphs in the graph cache.",
-                                   registry=registry, multiprocess_mode="livesum")
-        self.cache_bytes = Gauge("remat_graph_cache_bytes",
-                                 "Wire size of the graphs in the graph cache.",
-                                 registry=registry, multiprocess_mode="livesum")
-        self.compile_hits = Counter("remat_compile_cache_hits_total",
-                                    "Lookups the compile cache answered (a validated graph, "
-                                    "a compiled request).", registry=registry)
-        self.compile_misses = Counter("remat_compile_cache_misses_total",
-                                      "Lookups that compiled (validated, differentiated).",
-                                      registry=registry)
-        self.compile_evictions = Counter("remat_compile_cache_evictions_total",
-                                         "Entries the compile cache dropped to stay within "
-                                         "--compile-cache-bytes.", registry=registry)
-        self.compile_entries = Gauge("remat_compile_cache_entries",
-                                     "Entries in the compile cache.", registry=registry,
-                                     multiprocess_mode="livesum")
-        self.compile_bytes = Gauge("remat_compile_cache_bytes",
-                                   "Estimated bytes of the compile cache's entries.",
-                                   registry=registry, multiprocess_mode="livesum")
+        self.forward = hist(
+            "remat_forward_seconds",
+            "Time in the first forward pass of a run, by policy family.",
+            ["policy"],
+        )
+        self.backward = hist(
+            "remat_backward_seconds",
+            "Time in the backward pass of a run (recomputation excluded), by policy family.",
+            ["policy"],
+        )
+        self.recompute = hist(
+            "remat_recompute_seconds",
+            "Time spent recomputing forward values during a run, by policy family.",
+            ["policy"],
+        )
+        self.queue = hist(
+            "remat_queue_seconds",
+            "Time a run waited for memory admission, by policy family.",
+            ["policy"],
+        )
+        self.peak = hist(
+            "remat_peak_bytes",
+            "Peak live tensor bytes of a run, by policy family.",
+            ["policy"],
+            buckets=BYTES_BUCKETS,
+        )
+        self.recomputed = Counter(
+            "remat_recomputed_nodes_total",
+            "Node evaluations beyond the first (recomputations), by policy family.",
+            ["policy"],
+            registry=registry,
+        )
+        self.cache_entries = Gauge(
+            "remat_graph_cache_entries",
+            "Graphs in the graph cache.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.cache_bytes = Gauge(
+            "remat_graph_cache_bytes",
+            "Wire size of the graphs in the graph cache.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.compile_hits = Counter(
+            "remat_compile_cache_hits_total",
+            "Lookups the compile cache answered (a validated graph, a compiled request).",
+            registry=registry,
+        )
+        self.compile_misses = Counter(
+            "remat_compile_cache_misses_total",
+            "Lookups that compiled (validated, differentiated).",
+            registry=registry,
+        )
+        self.compile_evictions = Counter(
+            "remat_compile_cache_evictions_total",
+            "Entries the compile cache dropped to stay within --compile-cache-bytes.",
+            registry=registry,
+        )
+        self.compile_entries = Gauge(
+            "remat_compile_cache_entries",
+            "Entries in the compile cache.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.compile_bytes = Gauge(
+            "remat_compile_cache_bytes",
+            "Estimated bytes of the compile cache's entries.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
 
 
 # In multiprocess mode values live in per-process files keyed by metric and labels, so
@@ -171,8 +244,10 @@ class ServerMetrics:
         children = self._run_children.get(metrics.policy)
         if children is None:
             family, m = policy_family(metrics.policy), self._m
-            children = tuple(metric.labels(family) for metric in (
-                m.forward, m.backward, m.recompute, m.queue, m.peak, m.recomputed))
+            children = tuple(
+                metric.labels(family)
+                for metric in (m.forward, m.backward, m.recompute, m.queue, m.peak, m.recomputed)
+            )
             if len(self._run_children) < MAX_POLICY_LABELS:  # labels vary: bound the memo
                 self._run_children[metrics.policy] = children
         forward, backward, recompute, queue, peak, recomputed = children
@@ -186,16 +261,17 @@ class ServerMetrics:
     def track_cache(self, store) -> None:
         """Follow a `GraphStore`'s size. Updated on change (not read at scrape time),
         which is what multiprocess gauges support."""
+
         def update(entries: int, nbytes: int) -> None:
             self._m.cache_entries.set(entries)
             self._m.cache_bytes.set(nbytes)
+
         store.on_change(update)
 
     def track_compile_cache(self, cache) -> None:
         """Count an engine `LRUCache`'s hits, misses and evictions, and follow its size."""
         m = self._m
-        counters = {"hit": m.compile_hits, "miss": m.compile_misses,
-                    "evict": m.compile_evictions}
+        counters = {"hit": m.compile_hits, "miss": m.compile_misses, "evict": m.compile_evictions}
 
         def update(event: str, entries: int, nbytes: int) -> None:
             counter = counters.get(event)
@@ -204,6 +280,7 @@ class ServerMetrics:
             else:
                 m.compile_entries.set(entries)
                 m.compile_bytes.set(nbytes)
+
         cache.on_change(update)
 
     def exposition(self) -> bytes:
@@ -321,7 +398,4 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
             _record(self._m, "unknown", grpc.StatusCode.UNIMPLEMENTED, 0.0)
             return None
         method = self._method_label(handler_call_details.method)
-        return self._wrapped.get(handler, method,
-                                 lambda context: _Call(self._m, method, context))
-
-
+        return self._wrapped.get(handler, method, lambda context: _Call(self._m, method, context))

@@ -23,6 +23,7 @@ the parent dies.
 
 which is `remat serve --host 0.0.0.0 --workers 4 --metrics-port 9464`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,9 +51,15 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 KILL_AFTER_GRACE = 5.0
 
 
-def serve(config: ServerConfig, *, workers: int = 1, grace: float = 10.0,
-          metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
-          ready: Callable[[int], None] | None = None) -> int:
+def serve(
+    config: ServerConfig,
+    *,
+    workers: int = 1,
+    grace: float = 10.0,
+    metrics_port: int | None = None,
+    metrics_host: str = "0.0.0.0",
+    ready: Callable[[int], None] | None = None,
+) -> int:
     """Serve until SIGTERM or SIGINT; return the process exit code.
 
     `metrics_port`: None serves no metrics, 0 a free port (printed), else that port.
@@ -67,9 +74,15 @@ def serve(config: ServerConfig, *, workers: int = 1, grace: float = 10.0,
     return _serve_workers(config, workers, grace, metrics_port, metrics_host, ready)
 
 
-def _serve_one(config: ServerConfig, grace: float, metrics_port: int | None,
-               metrics_host: str, ready: Callable[[int], None] | None, *,
-               announce: bool) -> int:
+def _serve_one(
+    config: ServerConfig,
+    grace: float,
+    metrics_port: int | None,
+    metrics_host: str,
+    ready: Callable[[int], None] | None,
+    *,
+    announce: bool,
+) -> int:
     from .app import create_server
 
     stop = threading.Event()
@@ -92,8 +105,10 @@ def _serve_one(config: ServerConfig, grace: float, metrics_port: int | None,
         # A second signal cancels the in-flight RPCs now instead of after the grace.
         # (In a thread: grpc's stop blocks, and a handler must not.)
         for sig in SIGNALS:
-            signal.signal(sig, lambda *_: threading.Thread(
-                target=server.stop, args=(None,), daemon=True).start())
+            signal.signal(
+                sig,
+                lambda *_: threading.Thread(target=server.stop, args=(None,), daemon=True).start(),
+            )
         server.shutdown(grace)
         _exit_anyway_after(KILL_AFTER_GRACE, 0)
         return 0
@@ -108,9 +123,13 @@ def _exit_anyway_after(seconds: float, code: int) -> None:
     while), and the interpreter waits for such threads at exit. Exit without them if
     they are still running `seconds` from now: the process must not outlive its grace
     by much (a supervisor would SIGKILL it). A daemon timer: it cannot delay the exit."""
+
     def hard_exit() -> None:
-        log.warning("remat serve: handler threads still running %.0f s after shutdown; "
-                    "exiting without them", seconds)
+        log.warning(
+            "remat serve: handler threads still running %.0f s after shutdown; "
+            "exiting without them",
+            seconds,
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -120,13 +139,19 @@ def _exit_anyway_after(seconds: float, code: int) -> None:
     timer.start()
 
 
-def _serve_workers(config: ServerConfig, workers: int, grace: float,
-                   metrics_port: int | None, metrics_host: str,
-                   ready: Callable[[int], None] | None) -> int:
+def _serve_workers(
+    config: ServerConfig,
+    workers: int,
+    grace: float,
+    metrics_port: int | None,
+    metrics_host: str,
+    ready: Callable[[int], None] | None,
+) -> int:
     if threading.active_count() > 1:
         # fork copies only this thread; locks other threads held stay held.
-        log.warning("remat serve: forking workers while %d other threads run",
-                    threading.active_count() - 1)
+        log.warning(
+            "remat serve: forking workers while %d other threads run", threading.active_count() - 1
+        )
     own_dir = None
     if not os.environ.get(MULTIPROC_ENV):
         own_dir = tempfile.mkdtemp(prefix="remat-metrics-")
@@ -136,16 +161,21 @@ def _serve_workers(config: ServerConfig, workers: int, grace: float,
     try:
         with _reserve_port(config.host, config.port) as (port, reserved):
             config = dataclasses.replace(config, port=port, reuse_port=True)
-            return _supervise(config, workers, grace, metrics_port, metrics_host, ready,
-                              reserved)
+            return _supervise(config, workers, grace, metrics_port, metrics_host, ready, reserved)
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
-def _supervise(config: ServerConfig, workers: int, grace: float, metrics_port: int | None,
-               metrics_host: str, ready: Callable[[int], None] | None,
-               reserved: socket.socket) -> int:
+def _supervise(
+    config: ServerConfig,
+    workers: int,
+    grace: float,
+    metrics_port: int | None,
+    metrics_host: str,
+    ready: Callable[[int], None] | None,
+    reserved: socket.socket,
+) -> int:
     live: set[int] = set()
     stopping: list[float] = []  # monotonic time of the first stop signal
 
@@ -186,12 +216,17 @@ def _supervise(config: ServerConfig, workers: int, grace: float, metrics_port: i
                 started += 1
         codes: dict[int, int] = {}
         if started < workers:
-            log.error("remat serve: %d of %d workers failed to start; stopping",
-                      workers - started, workers)
+            log.error(
+                "remat serve: %d of %d workers failed to start; stopping",
+                workers - started,
+                workers,
+            )
             forward(signal.SIGTERM, None)
         elif not stopping:
-            line = (f"remat server listening on {config.host}:{config.port} "
-                    f"({workers} workers, pids {', '.join(map(str, pids))})")
+            line = (
+                f"remat server listening on {config.host}:{config.port} "
+                f"({workers} workers, pids {', '.join(map(str, pids))})"
+            )
             if metrics_port is not None:
                 from .metrics import start_multiprocess_http_server
 
@@ -208,8 +243,7 @@ def _supervise(config: ServerConfig, workers: int, grace: float, metrics_port: i
             signal.signal(sig, handler)
 
 
-def _reap(live: set[int], codes: dict[int, int], stopping: list[float],
-          grace: float) -> None:
+def _reap(live: set[int], codes: dict[int, int], stopping: list[float], grace: float) -> None:
     """Wait for every worker; kill those still running well after the grace period."""
     from .metrics import mark_process_dead
 
@@ -230,9 +264,12 @@ def _reap(live: set[int], codes: dict[int, int], stopping: list[float],
         codes[pid] = code = os.waitstatus_to_exitcode(status)
         mark_process_dead(pid)
         if not stopping:
-            log.error("remat serve: worker %d exited unexpectedly (%s); %d still serving",
-                      pid, f"exit code {code}" if code >= 0 else
-                      signal.Signals(-code).name, len(live))
+            log.error(
+                "remat serve: worker %d exited unexpectedly (%s); %d still serving",
+                pid,
+                f"exit code {code}" if code >= 0 else signal.Signals(-code).name,
+                len(live),
+            )
 
 
 def _worker(config: ServerConfig, grace: float, ready_fd: int, lifeline_fd: int) -> None:
@@ -279,7 +316,8 @@ def _reserve_port(host: str, port: int) -> Iterator[tuple[int, socket.socket]]:
     """Bind (not listen on) `host:port` with SO_REUSEPORT, so that port 0 becomes one
     concrete free port that the workers all bind, and nobody else takes it meanwhile."""
     family, kind, proto, _, address = socket.getaddrinfo(
-        host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

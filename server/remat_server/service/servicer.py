@@ -3,6 +3,7 @@
 Domain errors become gRPC statuses in one place (`_status`); anything unexpected is
 INTERNAL with the exception's message, and the server keeps serving.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,31 +48,43 @@ def _abort(context, method_name: str, exc: Exception):
 
 def _status(method):
     """A unary handler whose errors become statuses."""
+
     @functools.wraps(method)
     def handler(self, request, context):
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
             _abort(context, method.__name__, exc)
+
     return handler
 
 
 def _status_stream(method):
     """A server-streaming handler whose errors (raised while streaming) become statuses."""
+
     @functools.wraps(method)
     def handler(self, request, context):
         try:
             yield from method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
             _abort(context, method.__name__, exc)
+
     return handler
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, engine: Engine, store: GraphStore, admission: MemoryAdmission | None = None,
-                 *, metrics=None, chunk_bytes: int = 1 << 20,
-                 max_message_bytes: int = 512 << 20, max_upload_seconds: float = 600.0,
-                 buffers: BufferPool | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        store: GraphStore,
+        admission: MemoryAdmission | None = None,
+        *,
+        metrics=None,
+        chunk_bytes: int = 1 << 20,
+        max_message_bytes: int = 512 << 20,
+        max_upload_seconds: float = 600.0,
+        buffers: BufferPool | None = None,
+    ):
         self.engine = engine
         self.buffers = buffers or BufferPool(0)
         self.store = store
@@ -111,23 +124,34 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         graph_id, _ = self._store(request.graph)
         return executor_pb2.RegisterGraphResponse(graph_id=graph_id)
 
-    def _run_request(self, request: executor_pb2.RunRequest, policy=None,
-                     tensors: tuple[dict, dict] | None = None,
-                     graph: tuple[str, GraphSpec] | None = None) -> RunRequest:
+    def _run_request(
+        self,
+        request: executor_pb2.RunRequest,
+        policy=None,
+        tensors: tuple[dict, dict] | None = None,
+        graph: tuple[str, GraphSpec] | None = None,
+    ) -> RunRequest:
         """The domain request; `tensors` (inputs, cotangents) and `graph` (id, spec)
         when already decoded."""
         limits = self.engine.limits
         graph_id, spec = graph or self._graph(request.graph)
         inputs, cotangents = tensors or (
             codec.tensors_to_arrays(request.inputs, limits, "input"),
-            codec.tensors_to_arrays(request.cotangents, limits, "cotangent"))
+            codec.tensors_to_arrays(request.cotangents, limits, "cotangent"),
+        )
         return RunRequest(
-            graph=spec, graph_id=graph_id, inputs=inputs,
-            fetch=tuple(request.fetch), wrt=tuple(request.wrt), loss=request.loss,
+            graph=spec,
+            graph_id=graph_id,
+            inputs=inputs,
+            fetch=tuple(request.fetch),
+            wrt=tuple(request.wrt),
+            loss=request.loss,
             cotangents=cotangents,
             policy=policy if policy is not None else codec.policy_from_proto(request.policy),
-            timeline=request.timeline, measure_memory=request.measure_memory,
-            trace=request.trace)
+            timeline=request.timeline,
+            measure_memory=request.measure_memory,
+            trace=request.trace,
+        )
 
     def _execute(self, run: RunRequest, context, max_response_bytes: int = 0):
         """Run with memory admission (waiting at most until the deadline), then give
@@ -144,15 +168,21 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         def admit(nbytes: int):
             admitted[0] = nbytes
             return self.admission.reserve(nbytes, timeout=remaining, cancelled=ended)
+
         try:
-            result = self.engine.run(run, should_stop=ended,
-                                     admit=admit if self.admission.metered else _unmetered(admitted),
-                                     max_response_bytes=max_response_bytes)
+            result = self.engine.run(
+                run,
+                should_stop=ended,
+                admit=admit if self.admission.metered else _unmetered(admitted),
+                max_response_bytes=max_response_bytes,
+            )
         except Cancelled:
             left = context.time_remaining()
             if left is not None and left <= 0:  # gRPC ends a call the same way at its deadline
-                raise DeadlineExceeded("the request's deadline passed while it ran; "
-                                       "it was stopped and its memory freed") from None
+                raise DeadlineExceeded(
+                    "the request's deadline passed while it ran; "
+                    "it was stopped and its memory freed"
+                ) from None
             raise
         finally:
             if admitted[0] >= allocator.TRIM_AFTER_BYTES:
@@ -180,20 +210,23 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         timer.start()  # a client that never finishes its upload must not hold a thread
         try:
             upload = streaming.receive(
-                _uploaded(request_iterator, context), self.engine.limits,
+                _uploaded(request_iterator, context),
+                self.engine.limits,
                 on_header=lambda header: graph.append(self._graph(header.graph)),
                 pool=self.buffers,
                 # The header passed: the client may send chunks. (A refusal comes before
                 # this, so a client that waits for it never writes into an ended call.)
-                on_accepted=lambda: context.send_initial_metadata(()))
+                on_accepted=lambda: context.send_initial_metadata(()),
+            )
         finally:
             timer.cancel()
         run = self._run_request(upload.header, tensors=upload.finish(), graph=graph[0])
         del upload  # the arrays live on in `run` only, so the executor can free them
         result = self._execute(run, context)
         del run
-        yield from streaming.send(_response_header(result), result.outputs, result.grads,
-                                  self.chunk_bytes)
+        yield from streaming.send(
+            _response_header(result), result.outputs, result.grads, self.chunk_bytes
+        )
 
     @_status_stream
     def Compare(self, request, context):
@@ -210,11 +243,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             self._execute(run, context)
         baseline = None
         for index, policy in enumerate(chosen):
-            result = executor_pb2.CompareResult(index=index, total=len(chosen),
-                                                policy=label(policy))
+            result = executor_pb2.CompareResult(
+                index=index, total=len(chosen), policy=label(policy)
+            )
             try:
-                runs = [self._execute(dataclasses.replace(run, policy=policy), context)
-                        for _ in range(repeats)]
+                runs = [
+                    self._execute(dataclasses.replace(run, policy=policy), context)
+                    for _ in range(repeats)
+                ]
             except RematError as exc:
                 if baseline is None or isinstance(exc, (Cancelled, DeadlineExceeded)):
                     raise
@@ -233,20 +269,27 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def Differentiate(self, request, context):
         shapes = {name: tuple(dims.values) for name, dims in request.input_shapes.items()}
         graph_id, spec = self._graph(request.graph)
-        joint = self.engine.differentiate(spec, tuple(request.wrt), request.loss, shapes,
-                                          graph_id=graph_id)
-        return executor_pb2.DifferentiateResponse(graph=codec.graph_to_proto(joint.graph),
-                                                  grad_outputs=joint.grad_outputs)
+        joint = self.engine.differentiate(
+            spec, tuple(request.wrt), request.loss, shapes, graph_id=graph_id
+        )
+        return executor_pb2.DifferentiateResponse(
+            graph=codec.graph_to_proto(joint.graph), grad_outputs=joint.grad_outputs
+        )
 
     @_status
     def Plan(self, request, context):
         shapes = {name: tuple(dims.values) for name, dims in request.input_shapes.items()}
         graph_id, spec = self._graph(request.graph)
         planned = self.engine.plan(
-            spec, graph_id=graph_id, wrt=tuple(request.wrt), loss=request.loss,
+            spec,
+            graph_id=graph_id,
+            wrt=tuple(request.wrt),
+            loss=request.loss,
             cotangent_outputs=tuple(request.cotangent_outputs),
-            policy=codec.policy_from_proto(request.policy), input_shapes=shapes,
-            fetch=tuple(request.fetch))
+            policy=codec.policy_from_proto(request.policy),
+            input_shapes=shapes,
+            fetch=tuple(request.fetch),
+        )
         return codec.plan_to_proto(planned, request.include_schedule)
 
     @_status
@@ -273,17 +316,22 @@ class _Flag:
 
 def _unmetered(admitted: list):
     """Without a memory budget there is nothing to wait for: only note the peak."""
+
     def admit(nbytes: int):
         admitted[0] = nbytes
         return None
+
     return admit
 
 
 def _response_header(result) -> executor_pb2.RunResponse:
     """Everything of a RunResponse but the tensors."""
-    return executor_pb2.RunResponse(metrics=codec.metrics_to_proto(result.metrics),
-                                    warnings=result.warnings, timeline=result.timeline,
-                                    trace=codec.trace_to_proto(result.trace))
+    return executor_pb2.RunResponse(
+        metrics=codec.metrics_to_proto(result.metrics),
+        warnings=result.warnings,
+        timeline=result.timeline,
+        trace=codec.trace_to_proto(result.trace),
+    )
 
 
 def _uploaded(request_iterator, context):

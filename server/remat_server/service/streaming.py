@@ -10,20 +10,20 @@ Download: a header (a RunResponse whose big tensors are `chunked`), then their c
 cut from the result arrays without a whole-tensor copy. Chunks are framed by
 `remat.chunks` (one copy per byte each way instead of three).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from remat_proto import chunks
+from remat_proto import chunks, dtypes
 from remat_proto.v1 import executor_pb2, tensor_pb2
 
-from . import codec
-from remat_proto import dtypes
 from ..errors import InvalidArgument, ResourceExhausted
-from .interceptors import Malformed, tolerant_deserializer
 from ..graph.limits import Limits
+from . import codec
+from .interceptors import Malformed, tolerant_deserializer
 
 INPUT, COTANGENT = tensor_pb2.TensorChunk.INPUT, tensor_pb2.TensorChunk.COTANGENT
 OUTPUT, GRAD = tensor_pb2.TensorChunk.OUTPUT, tensor_pb2.TensorChunk.GRAD
@@ -42,7 +42,7 @@ class _Buffer:
         end = self.received + len(data)
         if end > self.nbytes:
             raise InvalidArgument(f"{self.what}: chunks carry more than its {self.nbytes} bytes")
-        self.view[self.received:end] = data
+        self.view[self.received : end] = data
         self.received = end
 
 
@@ -71,7 +71,8 @@ class Upload:
             raise ResourceExhausted(
                 f"the request's chunked tensors total {chunked_total:,} bytes, over the "
                 f"per-request limit of {limits.max_request_bytes:,} (server flag "
-                "--max-request-bytes)")
+                "--max-request-bytes)"
+            )
         for role, name, dtype, shape, nbytes, what in chunked:  # allocate only when all fit
             numpy_dtype = dtypes.NUMPY[dtype]
             array = pool.array(shape, numpy_dtype) if pool else np.empty(shape, numpy_dtype)
@@ -81,22 +82,29 @@ class Upload:
         buffer = self._pending.get((chunk.role, chunk.name))
         if buffer is None:
             role = _ROLE_NAMES.get(chunk.role, f"role {chunk.role}")
-            raise InvalidArgument(f"chunk for {role} '{chunk.name}': the header marks no such "
-                                  "tensor as chunked")
+            raise InvalidArgument(
+                f"chunk for {role} '{chunk.name}': the header marks no such tensor as chunked"
+            )
         buffer.write(chunk.data)
 
     def finish(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         for (role, name), buffer in self._pending.items():
             if buffer.received != buffer.nbytes:
-                raise InvalidArgument(f"{buffer.what}: the stream ended after {buffer.received:,}"
-                                      f" of its {buffer.nbytes:,} bytes")
+                raise InvalidArgument(
+                    f"{buffer.what}: the stream ended after {buffer.received:,}"
+                    f" of its {buffer.nbytes:,} bytes"
+                )
             self.arrays[role][name] = buffer.array
         return self.arrays[INPUT], self.arrays[COTANGENT]
 
 
-def receive(messages: Iterable, limits: Limits,
-            on_header: Callable[[executor_pb2.RunRequest], None] | None = None,
-            pool=None, on_accepted: Callable[[], None] | None = None) -> Upload:
+def receive(
+    messages: Iterable,
+    limits: Limits,
+    on_header: Callable[[executor_pb2.RunRequest], None] | None = None,
+    pool=None,
+    on_accepted: Callable[[], None] | None = None,
+) -> Upload:
     """Read a whole upload: the header first, then chunks until the client half-closes.
     Messages are RunStreamRequests or, on the fast path, `chunks.Chunk`s. `on_header`
     checks the header before any tensor is allocated or received (e.g. that its graph
@@ -105,13 +113,15 @@ def receive(messages: Iterable, limits: Limits,
     upload = None
     for index, message in enumerate(messages):
         if isinstance(message, Malformed):
-            raise InvalidArgument(f"RunStream: message {index} is not a RunStreamRequest "
-                                  f"({message.reason})")
+            raise InvalidArgument(
+                f"RunStream: message {index} is not a RunStreamRequest ({message.reason})"
+            )
         part = "chunk" if isinstance(message, chunks.Chunk) else message.WhichOneof("part")
         if upload is None:
             if part != "header":
-                raise InvalidArgument("RunStream: the first message must be the header "
-                                      "(a RunRequest), not a chunk")
+                raise InvalidArgument(
+                    "RunStream: the first message must be the header (a RunRequest), not a chunk"
+                )
             if on_header is not None:
                 on_header(message.header)
             upload = Upload(message.header, limits, pool)
@@ -126,9 +136,12 @@ def receive(messages: Iterable, limits: Limits,
     return upload
 
 
-def send(response: executor_pb2.RunResponse, outputs: Mapping[str, np.ndarray],
-         grads: Mapping[str, np.ndarray], chunk_bytes: int
-         ) -> Iterator[executor_pb2.RunStreamResponse]:
+def send(
+    response: executor_pb2.RunResponse,
+    outputs: Mapping[str, np.ndarray],
+    grads: Mapping[str, np.ndarray],
+    chunk_bytes: int,
+) -> Iterator[executor_pb2.RunStreamResponse]:
     """The header (small tensors inline, up to `chunk_bytes` in all; the others
     `chunked`), then the chunks of each chunked tensor. The inline total is bounded so
     that many medium results cannot make the header too big for one message."""
@@ -146,7 +159,7 @@ def send(response: executor_pb2.RunResponse, outputs: Mapping[str, np.ndarray],
     for role, name, array in big:
         data = memoryview(array.reshape(-1).view(np.uint8))
         for start in range(0, len(data), chunk_bytes):
-            yield chunks.encode_chunk(role, name, data[start:start + chunk_bytes])
+            yield chunks.encode_chunk(role, name, data[start : start + chunk_bytes])
 
 
 def _decode(raw: bytes):

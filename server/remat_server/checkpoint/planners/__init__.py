@@ -1,22 +1,35 @@
 """Planners: each takes a Problem and its policy and returns a Schedule.
 
-    >>> from remat_proto.policies import Sqrt
-    >>> # schedule = plan(problem, Sqrt())
+>>> from remat_proto.policies import Sqrt
+>>> # schedule = plan(problem, Sqrt())
 """
+
 from __future__ import annotations
 
-from remat_proto.policies import (DTR, Auto, Budget, Checkpoints, EveryK, Optimal, Policy, RecomputeAll, Revolve, SaveOps, Sqrt, StoreAll)
+from remat_proto.policies import (
+    DTR,
+    Auto,
+    Budget,
+    Checkpoints,
+    EveryK,
+    Optimal,
+    Policy,
+    RecomputeAll,
+    Revolve,
+    SaveOps,
+    Sqrt,
+    StoreAll,
+)
+
 from ..problem import Problem
 from ..schedule import Schedule
 from .auto import plan_auto
 from .budget import plan_budget
 from .dtr import plan_dtr
-from .heuristics import (plan_checkpoints, plan_every_k, plan_recompute_all, plan_save_ops, plan_sqrt)
+from .heuristics import plan_checkpoints, plan_every_k, plan_recompute_all, plan_save_ops, plan_sqrt
 from .optimal import plan_optimal
 from .revolve import plan_revolve
 from .store_all import plan_store_all
-
-
 
 PLANNERS = {
     StoreAll: plan_store_all,

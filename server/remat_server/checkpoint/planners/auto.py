@@ -9,11 +9,13 @@ request never plans over what the server would admit.
     >>> Auto(bytes=1 << 30)
     Auto(bytes=1073741824)
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
 
 from remat_proto.policies import Auto, label
+
 from ..problem import Problem
 from ..schedule import Schedule
 from .budget import search
@@ -23,8 +25,13 @@ from .store_all import plan_store_all
 def plan_auto(problem: Problem, policy: Auto) -> Schedule:
     if policy.bytes <= 0:  # no limit at all: nothing to plan around
         return plan_store_all(problem)
-    schedule = search(problem, policy.bytes, label(policy),
-                      why="the request's memory limit; the server's is --max-request-bytes")
+    schedule = search(
+        problem,
+        policy.bytes,
+        label(policy),
+        why="the request's memory limit; the server's is --max-request-bytes",
+    )
     # A run that is plain store_all is reported as such; otherwise as "auto".
-    return replace(schedule, policy="store_all" if schedule.report.chosen == "store_all"
-                   else "auto")
+    return replace(
+        schedule, policy="store_all" if schedule.report.chosen == "store_all" else "auto"
+    )

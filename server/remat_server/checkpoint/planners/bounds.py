@@ -4,6 +4,7 @@ known to be reachable, and the error when a budget cannot be met.
 
     >>> # limit = budget_bytes(problem, 0, 0.5)  # half of store_all's peak
 """
+
 from __future__ import annotations
 
 from ...errors import ResourceExhausted
@@ -34,7 +35,9 @@ def lowest_peak(problem: Problem) -> tuple[int, str]:
     """The lowest peak of the minimal-memory schedules the server knows, and which."""
     if "lowest_peak" not in problem.memo:
         problem.memo["lowest_peak"] = (
-            simulated(problem, plan_recompute_all(problem, None)).peak_bytes, "recompute_all")
+            simulated(problem, plan_recompute_all(problem, None)).peak_bytes,
+            "recompute_all",
+        )
     return problem.memo["lowest_peak"]
 
 
@@ -45,4 +48,5 @@ def over_budget(problem: Problem, label: str, budget: int, why: str = "") -> Res
     return ResourceExhausted(
         f"policy {label}: no schedule fits {budget:,} bytes{reason}; the lowest predicted "
         f"peak is {minimum:,} bytes ({by}, inputs included: {problem.input_bytes:,}); "
-        "raise the budget or send a smaller batch")
+        "raise the budget or send a smaller batch"
+    )

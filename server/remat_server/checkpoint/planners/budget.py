@@ -22,16 +22,18 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
     >>> Budget(fraction=0.5)
     Budget(bytes=0, fraction=0.5, profile=False)
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
+
+from remat_proto.policies import DTR, Budget, EveryK, Revolve, SaveOps, label
 
 from ...errors import ResourceExhausted
 from ...ops import registry
-from remat_proto.policies import DTR, Budget, EveryK, Revolve, SaveOps, label
 from ..problem import Problem
 from ..recompute import schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
@@ -61,8 +63,12 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
     start = time.perf_counter()
     floor = _floor(problem)
     if limit < floor:  # every schedule ends with the inputs and all results live
-        raise over_budget(problem, name, limit, f"{why + '; ' if why else ''}the inputs and "
-                          f"results alone need {floor:,} bytes")
+        raise over_budget(
+            problem,
+            name,
+            limit,
+            f"{why + '; ' if why else ''}the inputs and results alone need {floor:,} bytes",
+        )
     found = _Candidates(problem, limit)
     found.consider("store_all", lambda: plan_store_all(problem))
     if found.best is None:
@@ -75,10 +81,13 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
     chosen, schedule, peak, cost = found.best
     unit = "seconds" if problem.costs is not None else "FLOPs"
     report = PlannerReport(
-        budget_bytes=limit, status="store_all_fits" if chosen == "store_all" else "feasible",
-        solve_seconds=time.perf_counter() - start, chosen=chosen,
+        budget_bytes=limit,
+        status="store_all_fits" if chosen == "store_all" else "feasible",
+        solve_seconds=time.perf_counter() - start,
+        chosen=chosen,
         detail=f"{found.tried} candidate schedules simulated; {chosen} fits with peak "
-               f"{peak:,} bytes, recomputing {cost:.4g} {unit}")
+        f"{peak:,} bytes, recomputing {cost:.4g} {unit}",
+    )
     return replace(schedule, policy=name, report=report)
 
 
@@ -114,36 +123,48 @@ class _Candidates:
         return True
 
     def recompute_cost(self, evaluations) -> float:
-        return sum((count - 1) * self.problem.cost(node)
-                   for node, count in evaluations.items() if count > 1)
+        return sum(
+            (count - 1) * self.problem.cost(node)
+            for node, count in evaluations.items()
+            if count > 1
+        )
 
     def chain(self) -> None:
         solution = chain_dp.solve(self.problem, self.limit)
         if solution is None:
             return
         fits = lambda level: self.consider(  # noqa: E731
-            f"chain_dp(level {level}/{chain_dp.LEVELS})", lambda: solution.schedule(level, ""))
+            f"chain_dp(level {level}/{chain_dp.LEVELS})", lambda: solution.schedule(level, "")
+        )
         chain_dp.level_search(solution, fits)
 
     def keep_sets(self) -> None:
         problem, model = self.problem, self.problem.model
-        read = {s for b in problem.backward for s in problem.graph[b].inputs
-                if problem.is_forward(s)}
+        read = {
+            s for b in problem.backward for s in problem.graph[b].inputs if problem.is_forward(s)
+        }
         owned = lambda n: model.nbytes[model.owner[n]]  # noqa: E731
-        ranked = sorted((n for n in read if owned(n) > 0),
-                        key=lambda n: (problem.cost(n) / owned(n), problem.position[n]))
+        ranked = sorted(
+            (n for n in read if owned(n) > 0),
+            key=lambda n: (problem.cost(n) / owned(n), problem.position[n]),
+        )
         for mode in ("hold", "drop"):
             if mode == "drop" and self.best is not None:
                 break  # dropping recomputes on every read: only when holding cannot fit
-            make = lambda j: lambda: schedule_with_checkpoints(  # noqa: E731
-                problem, frozenset(read) - frozenset(ranked[:j]), "", mode=mode)
+
+            def make(j, mode=mode):
+                return lambda: schedule_with_checkpoints(
+                    problem, frozenset(read) - frozenset(ranked[:j]), "", mode=mode
+                )
+
             lo, hi = 0, len(ranked)
             for _ in range(max(1, math.ceil(math.log2(len(ranked) + 1))) + 1):
                 if lo > hi:
                     break
                 mid = (lo + hi) // 2
-                if self.consider(f"keep_set({mode}, {len(ranked) - mid}/{len(ranked)} kept)",
-                                 make(mid)):
+                if self.consider(
+                    f"keep_set({mode}, {len(ranked) - mid}/{len(ranked)} kept)", make(mid)
+                ):
                     hi = mid - 1
                 else:
                     lo = mid + 1
@@ -166,11 +187,14 @@ class _Candidates:
         present = {problem.graph[f].op for f in problem.forward_order}
         for op in EXPENSIVE_OPS:
             if op in present and registry.get(op) is not None:
-                self.consider(f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,))))
+                self.consider(
+                    f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,)))
+                )
         self.consider("dtr", lambda: plan_dtr(problem, DTR(bytes=self.limit)))
         if self.best is None:  # the low-memory extremes: quadratic on long chains
             if len(problem.boundaries) >= 2:
                 for slots in (4, 2):
-                    self.consider(f"revolve({slots})",
-                                  lambda s=slots: plan_revolve(problem, Revolve(s)))
+                    self.consider(
+                        f"revolve({slots})", lambda s=slots: plan_revolve(problem, Revolve(s))
+                    )
             self.consider("recompute_all", lambda: plan_recompute_all(problem, None))

@@ -13,6 +13,7 @@ the graph inputs). A reversal is a list of actions over steps:
 
 Backward steps always run from the last step down to the first.
 """
+
 from __future__ import annotations
 
 from ..problem import Problem
@@ -99,8 +100,12 @@ class ChainEmitter:
     def free(self, name: str) -> None:
         # Inputs stay (the request message holds them), and so do constants: they own
         # no bytes, and backward nodes outside their step may still read them.
-        if name in self.live and name not in self.problem.results \
-                and not self.graph[name].is_input and self.graph[name].op != "constant":
+        if (
+            name in self.live
+            and name not in self.problem.results
+            and not self.graph[name].is_input
+            and self.graph[name].op != "constant"
+        ):
             self.steps.append(Free(name))
             self.live.discard(name)
 
@@ -111,13 +116,15 @@ class ChainEmitter:
             for name in segment:
                 self.compute(name)
                 for source in self.graph[name].inputs:
-                    if self.segment_of.get(source) == step and not self._read_later(source, segment, name):
+                    if self.segment_of.get(source) == step and not self._read_later(
+                        source, segment, name
+                    ):
                         self.free(source)
             if step > start + 1:
                 self.free(self.state[step - 1])
 
     def _read_later(self, source: str, segment: list[str], current: str) -> bool:
-        after = segment[segment.index(current) + 1:]
+        after = segment[segment.index(current) + 1 :]
         return any(source in self.graph[n].inputs for n in after) or source == segment[-1]
 
     def reverse(self, step: int) -> None:
@@ -138,8 +145,9 @@ class ChainEmitter:
         """What a step's backward nodes read from it, plus its state."""
         segment = self.segments[step - 1]
         members = set(segment)
-        return {s for b in self.backward_of.get(step, ()) for s in self.graph[b].inputs
-                if s in members} | {segment[-1]}
+        return {
+            s for b in self.backward_of.get(step, ()) for s in self.graph[b].inputs if s in members
+        } | {segment[-1]}
 
     def recording(self, step: int, live) -> list[str]:
         """The nodes `record(step)` computes given `live` values, in order; sets
@@ -166,12 +174,16 @@ class ChainEmitter:
         t*t), and the rest of the step's values at the end."""
         mine = self.backward_of.get(step, ())
         members = set(self.segments[step - 1])
-        last_reader = {source: b for b in mine for source in self.graph[b].inputs
-                       if source in members}
+        last_reader = {
+            source: b for b in mine for source in self.graph[b].inputs if source in members
+        }
         for b in mine:
             self.compute(b)
             for source in self.graph[b].inputs:
-                if not self.problem.is_forward(source) and self.last_read.get(source) == self.position:
+                if (
+                    not self.problem.is_forward(source)
+                    and self.last_read.get(source) == self.position
+                ):
                     self.free(source)
                 elif last_reader.get(source) == b:
                     self.free(source)
@@ -199,8 +211,10 @@ class ChainEmitter:
         a pure chain) are computed last, recomputing whatever forward values they read
         that the reversal has dropped; those go again after their last use here."""
         results = self.problem.results
-        needed, stack = set(), [n for n in self.problem.forward_order
-                                if n in results and n not in self.live]
+        needed, stack = (
+            set(),
+            [n for n in self.problem.forward_order if n in results and n not in self.live],
+        )
         while stack:
             name = stack.pop()
             if name not in needed and name not in self.live:

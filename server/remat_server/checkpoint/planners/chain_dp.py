@@ -21,6 +21,7 @@ estimate: the simulator, which counts views and gradients exactly, is the judge)
 
     >>> # solution = solve(problem, budget_bytes); schedule = solution.schedule(level)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -112,15 +113,18 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
     shape = (L + 2, L + 2, M)
     C, D, E = np.full(shape, inf), np.full(shape, inf), np.full(shape, inf)
     C_sh, D_sh = np.full(shape, inf), np.full(shape, inf)  # X_sh[s', t] = X[s', t][m - st[s'-1]]
-    choice = {"C": np.zeros(shape, np.int16), "D": np.zeros(shape, np.int16),
-              "E": np.zeros(shape, np.bool_)}
+    choice = {
+        "C": np.zeros(shape, np.int16),
+        "D": np.zeros(shape, np.int16),
+        "E": np.zeros(shape, np.bool_),
+    }
     prefix = np.concatenate([[0.0], np.cumsum(fig["advance"][1:])])
     f_rec, f_kept = fig["record"], fig["record_kept"]
 
     def shift(row: np.ndarray, by: int) -> np.ndarray:
         if by >= M:
             return np.full(M, inf)
-        return np.concatenate([np.full(by, inf), row[:M - by]]) if by > 0 else row
+        return np.concatenate([np.full(by, inf), row[: M - by]]) if by > 0 else row
 
     def finish(s: int, t: int) -> None:
         keep = shift(D[s, t], st[t])
@@ -145,7 +149,7 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
             for table, right_sh, out in (("C", C_sh, C), ("D", D_sh, D)):
                 record = f_rec[s] + shift(out[s + 1, t], rec[s])
                 record[levels < need_c[s] + after] = inf
-                options = advance + right_sh[s + 1:t + 1, t] + left
+                options = advance + right_sh[s + 1 : t + 1, t] + left
                 options[too_small] = inf
                 best = np.argmin(options, axis=0)
                 snapshot = options[best, levels]
@@ -189,20 +193,32 @@ def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndar
     own = lambda names: sum(model.nbytes[o] for o in {model.owner[n] for n in names})  # noqa: E731
     emitter = ChainEmitter(problem, steps)
     inputs = {n.name for n in graph.inputs}
-    fig = {key: np.zeros(len(steps) + 1) for key in (
-        "advance", "record", "record_kept", "recorded", "state", "transient", "backward",
-        "results")}
+    fig = {
+        key: np.zeros(len(steps) + 1)
+        for key in (
+            "advance",
+            "record",
+            "record_kept",
+            "recorded",
+            "state",
+            "transient",
+            "backward",
+            "results",
+        )
+    }
     for i, segment in enumerate(steps, start=1):
         members = set(segment)
         before = inputs | ({steps[i - 2][-1]} if i > 1 else set())
         fig["advance"][i] = sum(problem.cost(n) for n in segment)
         fig["record"][i] = sum(problem.cost(n) for n in emitter.recording(i, before))
-        fig["record_kept"][i] = sum(problem.cost(n) for n in
-                                    emitter.recording(i, before | {segment[-1]}))
+        fig["record_kept"][i] = sum(
+            problem.cost(n) for n in emitter.recording(i, before | {segment[-1]})
+        )
         fig["recorded"][i] = own(emitter.recorded(i))
         fig["state"][i] = own([segment[-1]])
-        fig["transient"][i] = max((own([n, *(s for s in graph[n].inputs if s in members)])
-                                   for n in segment), default=0)
+        fig["transient"][i] = max(
+            (own([n, *(s for s in graph[n].inputs if s in members)]) for n in segment), default=0
+        )
         mine = emitter.backward_of.get(i, ())
         fig["results"][i] = own([b for b in mine if b in problem.results])
         sizes = sorted((own([b]) for b in mine if b not in problem.results), reverse=True)
@@ -226,4 +242,3 @@ def level_search(solution: ChainSolution, fits, probes: int = 10) -> int | None:
         else:
             hi = mid - 1
     return best
-

@@ -33,13 +33,15 @@ an input or a result). Values no later step reads are freed when their step ends
 (store-all's frees; the paper's banishing, except that they stay recomputable, so no
 child has to be pinned); until then, mid-rematerialization, they are the first to go.
 """
+
 from __future__ import annotations
 
 import time
 from collections import Counter
 
-from ..memory import LiveBytes
 from remat_proto.policies import DTR, label
+
+from ..memory import LiveBytes
 from ..problem import Problem
 from ..schedule import Compute, Free, PlannerReport, Schedule, Step
 from ..simulate import InvalidSchedule
@@ -55,13 +57,17 @@ def plan_dtr(problem: Problem, policy: DTR) -> Schedule:
     replay = _Replay(problem, budget, name)
     replay.run()
     report = PlannerReport(
-        budget_bytes=budget, status="feasible", solve_seconds=time.perf_counter() - start,
-        detail=f"{replay.evictions} evictions, {replay.remats} rematerializations")
+        budget_bytes=budget,
+        status="feasible",
+        solve_seconds=time.perf_counter() - start,
+        detail=f"{replay.evictions} evictions, {replay.remats} rematerializations",
+    )
     schedule = Schedule(tuple(replay.steps), problem.results, name, report=report)
     peak = bounds.simulated(problem, schedule).peak_bytes
     if peak > budget:  # the replay accounts exactly like the simulator: a bug if reached
-        raise InvalidSchedule(f"policy {name}: planned peak {peak:,} exceeds the budget "
-                              f"{budget:,} bytes")
+        raise InvalidSchedule(
+            f"policy {name}: planned peak {peak:,} exceeds the budget {budget:,} bytes"
+        )
     return schedule
 
 
@@ -86,12 +92,20 @@ class _Replay:
         self.cost = {n: problem.cost(n) for n in forward}
         fixed = problem.results | {n.name for n in graph.inputs}
         # Evicting a view of an input or a result never releases its buffer.
-        self.evictable = {n for n in forward if n not in fixed and model.owner[n] not in fixed
-                          and model.nbytes[model.owner[n]] > 0}
+        self.evictable = {
+            n
+            for n in forward
+            if n not in fixed and model.owner[n] not in fixed and model.nbytes[model.owner[n]] > 0
+        }
         is_fwd = self.cost.__contains__
-        self.neighbours = {n: tuple(dict.fromkeys((*filter(is_fwd, graph[n].inputs),
-                                                   *filter(is_fwd, graph.consumers(n)))))
-                           for n in forward}  # ordered, so float sums are reproducible
+        self.neighbours = {
+            n: tuple(
+                dict.fromkeys(
+                    (*filter(is_fwd, graph[n].inputs), *filter(is_fwd, graph.consumers(n)))
+                )
+            )
+            for n in forward
+        }  # ordered, so float sums are reproducible
         self.parent = {n: n for n in forward}  # union-find over evicted forward values
         self.weight = dict.fromkeys(forward, 0.0)  # a root's component cost
 
@@ -145,8 +159,12 @@ class _Replay:
         while self.bytes.total + self.bytes.allocates(name) > self.budget:
             victim = self.choose()
             if victim is None:
-                raise bounds.over_budget(self.problem, self.name, self.budget,
-                                            f"DTR found nothing left to evict before '{name}'")
+                raise bounds.over_budget(
+                    self.problem,
+                    self.name,
+                    self.budget,
+                    f"DTR found nothing left to evict before '{name}'",
+                )
             self.evictions += victim not in self.dead  # dead ones are only freed early
             self.drop(victim)
         if name in self.computed:  # a rematerialization: its component loses its cost

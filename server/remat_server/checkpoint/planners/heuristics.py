@@ -1,12 +1,14 @@
 """The fixed checkpoint heuristics: each picks which forward values to keep and lets
 `recompute.schedule_with_checkpoints` do the rest."""
+
 from __future__ import annotations
 
 import math
 
+from remat_proto.policies import Checkpoints, EveryK, SaveOps, label
+
 from ...errors import InvalidArgument
 from ...ops import registry
-from remat_proto.policies import Checkpoints, EveryK, SaveOps, label
 from ..problem import Problem
 from ..recompute import schedule_with_checkpoints
 from ..schedule import Schedule
@@ -17,22 +19,24 @@ def plan_recompute_all(problem: Problem, policy) -> Schedule:
 
 
 def plan_every_k(problem: Problem, policy: EveryK) -> Schedule:
-    kept = frozenset(problem.candidates[policy.k - 1::policy.k])
+    kept = frozenset(problem.candidates[policy.k - 1 :: policy.k])
     return schedule_with_checkpoints(problem, kept, f"every_k({policy.k})")
 
 
 def plan_sqrt(problem: Problem, policy) -> Schedule:
     k = max(1, round(math.sqrt(len(problem.candidates))))
-    kept = frozenset(problem.candidates[k - 1::k])
+    kept = frozenset(problem.candidates[k - 1 :: k])
     return schedule_with_checkpoints(problem, kept, "sqrt")
 
 
 def plan_checkpoints(problem: Problem, policy: Checkpoints) -> Schedule:
     for name in policy.names:
-        if name not in problem.graph or not (problem.is_forward(name)
-                                             or problem.graph[name].is_input):
-            raise InvalidArgument(f"policy checkpoints: '{name}' is not a node of the "
-                                  "forward graph")
+        if name not in problem.graph or not (
+            problem.is_forward(name) or problem.graph[name].is_input
+        ):
+            raise InvalidArgument(
+                f"policy checkpoints: '{name}' is not a node of the forward graph"
+            )
     return schedule_with_checkpoints(problem, frozenset(policy.names), label(policy))
 
 

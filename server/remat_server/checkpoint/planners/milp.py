@@ -40,6 +40,7 @@ once if the stage does not use it), never later than FREE says; the simulated pe
 the MILP's. `solve` only solves: what to do when it finds nothing (policy Optimal
 falls back to Budget; Budget simply has one candidate fewer) is its caller's choice.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,13 +83,16 @@ def solve(problem: Problem, limit: int, time_limit: float, name: str) -> Solutio
         return Solution(None, True, False, 0.0, seconds, size, f"the {size} is infeasible")
     if res.x is None:  # time limit (or a solver failure) before any feasible schedule
         why = f"the {size} found no feasible schedule " + (
-            f"within {time_limit:g} s" if res.status == 1 else f"({res.message})")
+            f"within {time_limit:g} s" if res.status == 1 else f"({res.message})"
+        )
         return Solution(None, False, False, 0.0, seconds, size, why)
     schedule = Schedule(model.steps(res.x), problem.results, name)
     peak = simulated(problem, schedule).peak_bytes
     if peak > limit:  # the accounting above is exact or conservative: a bug, never hidden
-        raise InvalidSchedule(f"policy {name}: the MILP schedule peaks at {peak:,} bytes, "
-                              f"over its budget of {limit:,}")
+        raise InvalidSchedule(
+            f"policy {name}: the MILP schedule peaks at {peak:,} bytes, "
+            f"over its budget of {limit:,}"
+        )
     gap = float(res.mip_gap) if res.mip_gap is not None and np.isfinite(res.mip_gap) else 0.0
     return Solution(schedule, False, res.status == 0, gap, seconds, size)
 
@@ -105,9 +109,16 @@ def _order(problem: Problem) -> list[str]:
     order = [*problem.forward_order, *problem.backward]
     wanted = [n for n in graph.nodes if n in problem.needed and not graph[n].is_input]
     index = {name: i for i, name in enumerate(order)}
-    if len(order) != len(wanted) or set(order) != set(wanted) or any(
-            index.get(s, -1) >= index[n] for n in order for s in graph[n].inputs
-            if not graph[s].is_input):
+    if (
+        len(order) != len(wanted)
+        or set(order) != set(wanted)
+        or any(
+            index.get(s, -1) >= index[n]
+            for n in order
+            for s in graph[n].inputs
+            if not graph[s].is_input
+        )
+    ):
         return wanted
     return order
 
@@ -144,9 +155,10 @@ class _Rows:
         self.count += count
 
     def build(self, variables: int) -> LinearConstraint:
-        A = sparse.coo_array((np.concatenate(self.coefs), (np.concatenate(self.rows),
-                                                           np.concatenate(self.cols))),
-                             shape=(self.count, variables)).tocsr()
+        A = sparse.coo_array(
+            (np.concatenate(self.coefs), (np.concatenate(self.rows), np.concatenate(self.cols))),
+            shape=(self.count, variables),
+        ).tocsr()
         return LinearConstraint(A, np.concatenate(self.lower), np.concatenate(self.upper))
 
 
@@ -156,10 +168,14 @@ class _Milp:
         self.order, n = order, len(order)
         index = {name: i for i, name in enumerate(order)}
         # Bytes charged to each node: its buffer's if it owns one, 0 for a view.
-        owner = np.array([index.get(model.owner[name], -1) for name in order],  # -1: an input's
-                         dtype=np.int64)
-        raw = np.array([model.nbytes[name] if owner[i] == i else 0 for i, name in enumerate(order)],
-                       dtype=np.int64)
+        owner = np.array(
+            [index.get(model.owner[name], -1) for name in order],  # -1: an input's
+            dtype=np.int64,
+        )
+        raw = np.array(
+            [model.nbytes[name] if owner[i] == i else 0 for i, name in enumerate(order)],
+            dtype=np.int64,
+        )
         unit = math.gcd(*raw[raw > 0].tolist()) if np.any(raw > 0) else 1
         mem = raw // unit  # integral coefficients: U is exact, no rounding slack
         self.unit = unit
@@ -195,21 +211,21 @@ class _Milp:
         di, dk = _pairs([(i, k) for k in range(n) for i in deps[k]])
         g, t = _ranges(dk, np.full(len(dk), n))
         i, k = di[g], dk[g]
-        rows.add(len(t), [(None, R(t, k), 1), (None, R(t, i), -1), (None, S(t, i), -1)],
-                 -np.inf, 0)
+        rows.add(len(t), [(None, R(t, k), 1), (None, R(t, i), -1), (None, S(t, i), -1)], -np.inf, 0)
         # R[t,i] + S[t,i] <= 1; S[t+1,i] <= S[t,i] + R[t,i] (S[t,t] is 0: not a variable).
         t, i = np.tril_indices(n, -1)
         rows.add(len(t), [(None, R(t, i), 1), (None, S(t, i), 1)], -np.inf, 1)
-        rows.add(len(t), [(None, S(t + 1, i), 1), (None, S(t, i), -1), (None, R(t, i), -1)],
-                 -np.inf, 0)
+        rows.add(
+            len(t), [(None, S(t + 1, i), 1), (None, S(t, i), -1), (None, R(t, i), -1)], -np.inf, 0
+        )
         t = np.arange(n)
         rows.add(n, [(None, S(t + 1, t), 1), (None, R(t, t), -1)], -np.inf, 0)
         # A view never outlives its owner: S[t,v] <= S[t,owner] for v < t <= n.
-        views = np.array([v for v in range(n) if 0 <= owner[v] != v and mem[owner[v]] > 0],
-                         dtype=np.int64)
+        views = np.array(
+            [v for v in range(n) if 0 <= owner[v] != v and mem[owner[v]] > 0], dtype=np.int64
+        )
         g, t = _ranges(views + 1, np.full(len(views), n + 1))
-        rows.add(len(t), [(None, S(t, views[g]), 1), (None, S(t, owner[views[g]]), -1)],
-                 -np.inf, 0)
+        rows.add(len(t), [(None, S(t, views[g]), 1), (None, S(t, owner[views[g]]), -1)], -np.inf, 0)
         # Memory, one equality per U[t,k]: U[t,0] = M_0 R[t,0] + sum_i M_i S[t,i];
         # U[t,k] = U[t,k-1] + M_k R[t,k] - sum M_i FREE[t,(i,k-1)].
         t, k = np.tril_indices(n)
@@ -218,10 +234,18 @@ class _Milp:
         g, ft = _ranges(ek + 1, np.full(len(ek), n))  # the FREE variables: (edge g, stage ft)
         fcol = fstart[g] + ft - ek[g] - 1
         later = k > 0
-        rows.add(tri, [(None, U(t, k), 1), (None, R(t, k), -mem[k]),
-                       (first[later] + k[later], U(t, k)[later] - 1, -1),
-                       (st * (st + 1) // 2, S(st, si), -mem[si]),
-                       (ft * (ft + 1) // 2 + ek[g] + 1, fcol, mem[ei[g]])], 0, 0)
+        rows.add(
+            tri,
+            [
+                (None, U(t, k), 1),
+                (None, R(t, k), -mem[k]),
+                (first[later] + k[later], U(t, k)[later] - 1, -1),
+                (st * (st + 1) // 2, S(st, si), -mem[si]),
+                (ft * (ft + 1) // 2 + ek[g] + 1, fcol, mem[ei[g]]),
+            ],
+            0,
+            0,
+        )
         # FREE[t,(i,k)] = R[t,k] (1 - S[t+1,i]) prod_j (1 - R[t,j]), users j of i, k < j <= t:
         # FREE <= each factor, FREE >= R[t,k] - S[t+1,i] - sum_j R[t,j].
         fi, fk, m = ei[g], ek[g], len(ft)
@@ -232,8 +256,17 @@ class _Milp:
         pe, pj = pe[h], pj[h]
         pcol = fstart[pe] + pt - ek[pe] - 1
         rows.add(len(pt), [(None, pcol, 1), (None, R(pt, pj), 1)], -np.inf, 1)
-        rows.add(m, [(None, fcol, -1), (None, R(ft, fk), 1), (None, S(ft + 1, fi), -1),
-                     (pcol - f0, R(pt, pj), -1)], -np.inf, 0)  # FREE's row is its index - f0
+        rows.add(
+            m,
+            [
+                (None, fcol, -1),
+                (None, R(ft, fk), 1),
+                (None, S(ft + 1, fi), -1),
+                (pcol - f0, R(pt, pj), -1),
+            ],
+            -np.inf,
+            0,
+        )  # FREE's row is its index - f0
         self.rows = rows.build(self.variables)
         self.constraints = rows.count
 
@@ -268,10 +301,13 @@ class _Milp:
         return self.s0 + t * (t - 1) // 2 + i
 
     def solve(self, time_limit: float):
-        return milp(self.cost, integrality=self.integrality, bounds=Bounds(self.lb, self.ub),
-                    constraints=self.rows,
-                    options={"time_limit": time_limit, "disp": False,
-                             "mip_rel_gap": 0.0})  # exact: never lose to a heuristic
+        return milp(
+            self.cost,
+            integrality=self.integrality,
+            bounds=Bounds(self.lb, self.ub),
+            constraints=self.rows,
+            options={"time_limit": time_limit, "disp": False, "mip_rel_gap": 0.0},
+        )  # exact: never lose to a heuristic
 
     def steps(self, x: np.ndarray) -> tuple[Step, ...]:
         """The schedule of a solution; frees never later than the MILP's FREE."""
@@ -284,7 +320,7 @@ class _Milp:
         S[t, i] = x[self.S(t, i)] > 0.5
         steps: list[Step] = []
         for t in range(n):
-            computed = np.flatnonzero(R[t, :t + 1]).tolist()
+            computed = np.flatnonzero(R[t, : t + 1]).tolist()
             last: dict[int, int] = {}  # value -> its last user computed in this stage
             for k in computed:
                 for i in self.uses[k]:
@@ -293,8 +329,11 @@ class _Milp:
             for i, k in last.items():
                 if not S[t + 1, i]:
                     drop_after.setdefault(k, []).append(i)
-            steps += [Free(order[i]) for i in np.flatnonzero(S[t, :n]).tolist()
-                      if i not in last and not S[t + 1, i]]  # unused in this stage
+            steps += [
+                Free(order[i])
+                for i in np.flatnonzero(S[t, :n]).tolist()
+                if i not in last and not S[t + 1, i]
+            ]  # unused in this stage
             for k in computed:
                 steps.append(Compute(order[k]))
                 if k not in last and not S[t + 1, k]:

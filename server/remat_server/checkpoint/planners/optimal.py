@@ -9,6 +9,7 @@ mip_rel_gap 0); time limit with a schedule ("time_limit", the gap); more than
     >>> Optimal(fraction=0.5)
     Optimal(bytes=0, fraction=0.5, time_limit=0.0)
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -30,14 +31,26 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
     name = label(policy)
     limit = budget_bytes(problem, policy.bytes, policy.fraction)
     if store_all_peak(problem) <= limit:  # every node once: no schedule costs less
-        return replace(plan_store_all(problem), policy=name, report=PlannerReport(
-            budget_bytes=limit, status="optimal", chosen="store_all",
-            detail="store_all fits the budget: nothing needs recomputing"))
+        return replace(
+            plan_store_all(problem),
+            policy=name,
+            report=PlannerReport(
+                budget_bytes=limit,
+                status="optimal",
+                chosen="store_all",
+                detail="store_all fits the budget: nothing needs recomputing",
+            ),
+        )
     nodes = milp.size(problem)
     if nodes > problem.milp_max_nodes:
-        return _fallback(problem, name, limit, f"the joint graph has {nodes} nodes, over the "
-                         f"MILP limit of {problem.milp_max_nodes} (server flag "
-                         "--optimal-max-nodes)")
+        return _fallback(
+            problem,
+            name,
+            limit,
+            f"the joint graph has {nodes} nodes, over the "
+            f"MILP limit of {problem.milp_max_nodes} (server flag "
+            "--optimal-max-nodes)",
+        )
     if limit < problem.input_bytes:
         raise over_budget(problem, name, limit, "the graph inputs alone exceed it")
     time_limit = policy.time_limit or DEFAULT_TIME_LIMIT
@@ -46,10 +59,17 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
         raise over_budget(problem, name, limit, solution.why)
     if solution.schedule is None:
         return _fallback(problem, name, limit, solution.why)
-    return replace(solution.schedule, report=PlannerReport(
-        budget_bytes=limit, status="optimal" if solution.optimal else "time_limit",
-        optimality_gap=solution.gap, solve_seconds=solution.seconds, chosen="milp",
-        detail=solution.size + ("" if solution.optimal else f", stopped at {time_limit:g} s")))
+    return replace(
+        solution.schedule,
+        report=PlannerReport(
+            budget_bytes=limit,
+            status="optimal" if solution.optimal else "time_limit",
+            optimality_gap=solution.gap,
+            solve_seconds=solution.seconds,
+            chosen="milp",
+            detail=solution.size + ("" if solution.optimal else f", stopped at {time_limit:g} s"),
+        ),
+    )
 
 
 def _fallback(problem: Problem, name: str, limit: int, why: str) -> Schedule:
@@ -58,7 +78,14 @@ def _fallback(problem: Problem, name: str, limit: int, why: str) -> Schedule:
     except ResourceExhausted:
         raise over_budget(problem, name, limit, why + "; no fallback schedule fits") from None
     chosen = schedule.report.chosen if schedule.report else schedule.policy
-    return replace(schedule, policy=name, report=PlannerReport(
-        budget_bytes=limit, status="fallback", chosen=chosen,
-        solve_seconds=schedule.report.solve_seconds if schedule.report else 0.0,
-        detail=f"{why}; planned by the budget planner instead"))
+    return replace(
+        schedule,
+        policy=name,
+        report=PlannerReport(
+            budget_bytes=limit,
+            status="fallback",
+            chosen=chosen,
+            solve_seconds=schedule.report.solve_seconds if schedule.report else 0.0,
+            detail=f"{why}; planned by the budget planner instead",
+        ),
+    )

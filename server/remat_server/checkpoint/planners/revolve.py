@@ -8,15 +8,18 @@ reversal of l steps advances t(l, c) = r*l - C(c+r, c+1) steps, r = min{r : C(c+
 Reversing step i recomputes segment i from state i-1 (recording its values), runs the
 backward nodes that belong to it, and frees what it recorded (`chain.ChainEmitter`).
 """
+
 from __future__ import annotations
 
 from math import comb
 
-from ...errors import InvalidArgument
 from remat_proto.policies import Revolve
+
+from ...errors import InvalidArgument
 from ..problem import Problem
 from ..schedule import Schedule
-from .chain import ChainEmitter, segments as chain_segments
+from .chain import ChainEmitter
+from .chain import segments as chain_segments
 
 
 def binomial_advances(steps: int, slots: int) -> int:
@@ -79,7 +82,10 @@ def reversal_plan(steps: int, slots: int) -> list[tuple[str, int, int]]:
 def plan_revolve(problem: Problem, policy: Revolve) -> Schedule:
     segments = chain_segments(problem)
     if len(segments) < 2:
-        raise InvalidArgument("policy revolve: the forward graph has no chain structure "
-                              "(no node separates it into segments); use another policy")
-    return ChainEmitter(problem, segments).run(reversal_plan(len(segments), policy.slots),
-                                           f"revolve({policy.slots})")
+        raise InvalidArgument(
+            "policy revolve: the forward graph has no chain structure "
+            "(no node separates it into segments); use another policy"
+        )
+    return ChainEmitter(problem, segments).run(
+        reversal_plan(len(segments), policy.slots), f"revolve({policy.slots})"
+    )

@@ -4,6 +4,7 @@ value right after its last use. The fastest schedule and the most memory.
 Graph inputs are never freed, by any planner: they live in the request message for
 the whole call, so dropping the executor's reference would not release them.
 """
+
 from __future__ import annotations
 
 from ...graph.ir import INPUT_OP
