@@ -69,19 +69,23 @@ def differentiate(
         if nodes[name].type.dtype in floats
     }
 
+    ops = registry.REGISTRY
     for node in reversed(nodes.values()):
         g = total.get(node.name)
         if g is None or node.op == INPUT_OP or node.type.dtype not in floats:
             continue
-        op = registry.REGISTRY[node.op]
+        op = ops[node.op]
+        if op.vjp is None:
+            continue
+        no_grad = op.no_grad
         targets = [
-            i for i, name in enumerate(node.inputs) if name in relevant and op.differentiable(i)
+            i for i, name in enumerate(node.inputs) if name in relevant and i not in no_grad
         ]
         if not targets:
             continue
         e.at(node)
-        inputs = [e.wrap(nodes[name]) for name in node.inputs]
-        grads = op.vjp(e, g, e.wrap(node), *inputs, **node.attrs)
+        inputs = [Sym(e, nodes[name]) for name in node.inputs]
+        grads = op.vjp(e, g, Sym(e, node), *inputs, **node.attrs)
         if len(grads) != len(node.inputs):
             raise Unimplemented(
                 f"{where(node.name, node.op)}: its VJP returned {len(grads)} "
