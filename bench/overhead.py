@@ -1,7 +1,8 @@
 """Where one Run's time goes: SDK, transport, compile, plan, execute, encode.
 
     python bench/overhead.py            # chains of 1k/10k/100k nodes, an MLP, the goals
-    python bench/overhead.py --quick    # smaller and fewer repeats (a smoke test, ~20 s)
+    python bench/overhead.py --quick    # smaller and fewer repeats (~30 s)
+    python bench/overhead.py --smoke    # tiny: that it runs (tests/unit/test_bench_smoke.py)
 
 Everything runs in this process: an in-process server (`remat.Client.in_process`, a
 real gRPC server on loopback) whose pipeline functions are wrapped with timers from
@@ -27,9 +28,10 @@ import os
 import sys
 
 
-def _parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: that it runs")
     parser.add_argument(
         "--repeats",
         type=int,
@@ -38,11 +40,11 @@ def _parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=1, help="BLAS and torch threads (default 1)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch contender")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":  # BLAS reads its thread count when it loads
-    ARGS = _parse_args()
+    ARGS = parse_args()
     for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = str(ARGS.threads)
 
@@ -185,10 +187,10 @@ def chain(nodes: int, name: str = "chain") -> remat.Graph:
     return g
 
 
-def mlp(layers: int, quick: bool) -> models.Model:
+def mlp(layers: int, batch: int) -> models.Model:
     # Activations (batch x 128 per layer) outweigh the parameters, so half of
     # store_all's peak is a budget a plan can meet.
-    return models.mlp(batch=1024 if quick else 2048, widths=(128,) * layers + (10,))
+    return models.mlp(batch=batch, widths=(128,) * layers + (10,))
 
 
 @dataclass
@@ -206,7 +208,7 @@ def median_phases(runs: list[dict]) -> dict[str, float]:
 def chain_row(
     client: remat.Client, phases: Phases, nodes: int, first_repeats: int, repeats: int
 ) -> Row:
-    row = Row(f"chain {nodes // 1000}k", nodes)
+    row = Row(f"chain {nodes // 1000}k" if nodes % 1000 == 0 else f"chain {nodes}", nodes)
     feed = {"x": np.ones(1, np.float32)}
     for k in range(first_repeats):
         g = chain(nodes, f"chain{nodes}-{k}")  # a new name: a graph the server never saw
@@ -342,9 +344,28 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
-    repeats = args.repeats or (3 if args.quick else 7)
-    sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
+@dataclass(frozen=True)
+class Sizes:
+    chains: tuple[int, ...]  # the last one's first request is the µs-per-node goal
+    versus_torch: int  # the chain compared with torch eager
+    layers: int
+    batch: int
+    echo_calls: int
+    repeats: int
+
+
+def sizes_of(args: argparse.Namespace) -> Sizes:
+    if args.smoke:
+        return Sizes((200, 1_000), 500, 16, 1024, 20, args.repeats or 2)
+    if args.quick:
+        return Sizes((1_000, 10_000), 2_000, 16, 1024, 100, args.repeats or 3)
+    return Sizes((1_000, 10_000, 100_000), 2_000, 64, 2048, 500, args.repeats or 7)
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Print the phase table and the goals; return them (rows and goals)."""
+    size = sizes_of(args)
+    repeats = size.repeats
     phases = Phases()
     config = remat_server_config()
     rows: list[Row] = []
@@ -352,12 +373,12 @@ def main(args: argparse.Namespace) -> int:
     # Instrumented first: the server binds its handlers when it is created.
     with instrumented(phases), remat.Client.in_process(config) as client:
         client.run(chain(10, "warmup"), {"x": np.ones(1, np.float32)}, wrt=["x"], loss="loss")
-        for nodes in sizes:
+        for nodes in size.chains:
             first = 1 if nodes >= 100_000 else min(repeats, 3)
             rows.append(chain_row(client, phases, nodes, first, repeats if nodes < 100_000 else 3))
-        two_k = chain_row(client, phases, 2_000, 1, repeats)
-        layers = 16 if args.quick else 64
-        model = mlp(layers, args.quick)
+        two_k = chain_row(client, phases, size.versus_torch, 1, repeats)
+        layers = size.layers
+        model = mlp(layers, size.batch)
         store = model_row(
             client, phases, f"mlp {layers} layers, store_all", model, "store_all", repeats
         )
@@ -370,7 +391,7 @@ def main(args: argparse.Namespace) -> int:
             repeats,
         )
         rows += [two_k, store, budget]
-        small = smallest_run_vs_echo(client, 100 if args.quick else 500)
+        small = smallest_run_vs_echo(client, size.echo_calls)
     print(table(rows))
     print()
     for row in rows:
@@ -385,7 +406,7 @@ def main(args: argparse.Namespace) -> int:
                     "x",
                 )
             )
-    largest = rows[len(sizes) - 1]
+    largest = rows[len(size.chains) - 1]
     goals.append(
         (
             f"{largest.name} first request, µs per graph node",
@@ -395,11 +416,11 @@ def main(args: argparse.Namespace) -> int:
         )
     )
     if not args.no_torch:
-        torch_seconds = torch_chain_seconds(2_000, repeats)
+        torch_seconds = torch_chain_seconds(size.versus_torch, repeats)
         if torch_seconds:
             goals.append(
                 (
-                    "chain 2k repeated, end to end / torch eager forward+backward",
+                    f"{two_k.name} repeated, end to end / torch eager forward+backward",
                     median_phases(two_k.repeated)["total"] / torch_seconds,
                     3.0,
                     "x",
@@ -433,7 +454,7 @@ def main(args: argparse.Namespace) -> int:
         f"\nsmallest Run p50 {small['run_p50'] * 1e6:.0f} µs, p99 {small['run_p99'] * 1e6:.0f} µs;"
         f" echo p50 {small['echo_p50'] * 1e6:.0f} µs, p99 {small['echo_p99'] * 1e6:.0f} µs"
     )
-    return 0
+    return {"rows": rows, "goals": goals, "smallest": small}
 
 
 def remat_server_config():
@@ -443,4 +464,4 @@ def remat_server_config():
 
 
 if __name__ == "__main__":
-    sys.exit(main(ARGS))
+    main(ARGS)

@@ -128,3 +128,32 @@ def test_load_percentile_and_summary(bench):
     assert summary["unexpected"] == 1 and summary["kinds"]["invalid"]["unexpected"] == 1
     assert summary["statuses"] == {"OK": 2, "INVALID_ARGUMENT": 1}
     assert summary["kinds"]["plan"]["requests"] == 0 and summary["kinds"]["plan"]["p50_ms"] is None
+
+
+def test_overhead_smoke(bench, capsys):
+    """bench/overhead.py's tiniest run: every workload's first request compiles and
+    plans, its repeated requests neither compile nor plan (exactly: the server looks the
+    plan up), and every goal is reported."""
+    overhead = bench("overhead")
+    report = overhead.main(overhead.parse_args(["--smoke", "--no-torch"]))
+    names = [row.name for row in report["rows"]]
+    assert names == [
+        "chain 200",
+        "chain 1k",
+        "chain 500",
+        "mlp 16 layers, store_all",
+        "mlp 16 layers, budget:0.5",
+    ]
+    for row in report["rows"]:
+        assert row.first and row.repeated, row.name
+        assert all(run["compile"] + run["plan"] > 0 for run in row.first), row.name
+        assert all(run["compile"] == run["plan"] == 0 for run in row.repeated), row.name
+        for run in row.first + row.repeated:
+            assert run["total"] > 0 and run["execute"] > 0
+            assert all(run[phase] >= 0 for phase in overhead.PHASES if phase != "transport")
+    goals = [name for name, *_ in report["goals"]]
+    assert "chain 1k first request, µs per graph node" in goals
+    assert "smallest Run / bare gRPC echo, p50" in goals
+    assert report["smallest"]["run_p50"] > 0 and report["smallest"]["echo_p50"] > 0
+    out = capsys.readouterr().out
+    assert "| chain 1k | repeated |" in out and "| goal | measured | target | met |" in out
