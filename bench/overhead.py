@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
