@@ -78,9 +78,7 @@ def differentiate(
         if op.vjp is None:
             continue
         no_grad = op.no_grad
-        targets = [
-            i for i, name in enumerate(node.inputs) if name in relevant and i not in no_grad
-        ]
+        targets = [i for i, name in enumerate(node.inputs) if name in relevant and i not in no_grad]
         if not targets:
             continue
         e.at(node)
