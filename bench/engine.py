@@ -173,11 +173,14 @@ def engine_step(engine: Engine, request: RunRequest, executed: list[float]) -> C
 def client_step(
     client: remat.Client, model: models.Model, served: list[float]
 ) -> Callable[[], float]:
-    """One request through the in-process server; `served` collects the engine time the
-    server reports for it (on its handler thread)."""
+    """One request through the in-process server, as a training loop makes it: each
+    step receives into the previous step's result (`out=`). `served` collects the engine
+    time the server reports (on its handler thread)."""
+    last: list = [None]
 
     def step() -> float:
-        result = client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss)
+        result = client.run(model.graph, model.inputs, wrt=model.wrt, loss=model.loss, out=last[0])
+        last[0] = result
         served.append(result.metrics.total_seconds)
         return float(result.outputs[model.loss])
 

@@ -39,3 +39,32 @@ def test_tune_for_serving_sets_the_thresholds_where_glibc_is():
     except AttributeError:
         pytest.skip("not glibc")
     assert allocator.tune_for_serving() is True
+
+
+def test_the_trimmer_keeps_memory_for_a_like_request_and_trims_for_a_smaller_one():
+    trims = []
+    trimmer = allocator.Trimmer(idle_seconds=0, trim=lambda: trims.append(trimmer.kept))
+    mib = 1 << 20
+    # A loop of like requests reuses what the first left; a much smaller one trims first
+    # (its RSS follows its own plan); a bigger one only raises what is kept.
+    assert [trimmer.before(n * mib) for n in (100, 100, 95, 50, 60, 200)] == [
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert trims == [50 * mib] and trimmer.kept == 200 * mib
+    # Tiny amounts are never worth a trim.
+    small = allocator.Trimmer(idle_seconds=0, trim=lambda: trims.append("small"))
+    assert not small.before(allocator.TRIM_AFTER_BYTES // 2) and not small.before(1)
+
+
+def test_the_trimmer_trims_when_idle_and_not_while_busy():
+    trims = []
+    trimmer = allocator.Trimmer(idle_seconds=0, trim=lambda: trims.append(1))
+    trimmer.before(64 << 20)
+    assert not trimmer.trim_if_idle(seconds=3600)  # a request started just now
+    assert trimmer.trim_if_idle(seconds=0) and trims == [1] and trimmer.kept == 0
+    assert not trimmer.trim_if_idle(seconds=0)  # nothing kept: nothing to do

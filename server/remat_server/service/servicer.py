@@ -84,9 +84,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         max_message_bytes: int = 512 << 20,
         max_upload_seconds: float = 600.0,
         buffers: BufferPool | None = None,
+        trimmer: allocator.Trimmer | None = None,
     ):
         self.engine = engine
         self.buffers = buffers or BufferPool(0)
+        self.trimmer = trimmer or allocator.Trimmer()
         self.store = store
         self.admission = admission or MemoryAdmission(0, 0)
         self.metrics = metrics
@@ -154,11 +156,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         )
 
     def _execute(self, run: RunRequest, context, max_response_bytes: int = 0):
-        """Run with memory admission (waiting at most until the deadline), then give
-        freed memory back to the OS (after requests big enough to matter: trimming
-        costs a few microseconds, a lot for the smallest requests)."""
+        """Run with memory admission (waiting at most until the deadline); freed memory
+        goes back to the OS when a request needs much less than is kept, or when idle
+        (`allocator.Trimmer`)."""
         remaining = context.time_remaining()
-        admitted = [0]
         # gRPC calls back when the call ends (cancelled, deadline passed): the executor
         # then reads a flag between steps, not the call's state under its lock.
         ended = _Flag()
@@ -166,14 +167,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             ended.set()  # it has ended already
 
         def admit(nbytes: int):
-            admitted[0] = nbytes
+            self.trimmer.before(nbytes)
             return self.admission.reserve(nbytes, timeout=remaining, cancelled=ended)
 
         try:
             result = self.engine.run(
                 run,
                 should_stop=ended,
-                admit=admit if self.admission.metered else _unmetered(admitted),
+                admit=admit if self.admission.metered else self._at_once,
                 max_response_bytes=max_response_bytes,
             )
         except Cancelled:
@@ -184,12 +185,13 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                     "it was stopped and its memory freed"
                 ) from None
             raise
-        finally:
-            if admitted[0] >= allocator.TRIM_AFTER_BYTES:
-                allocator.release_free_memory()
         if self.metrics is not None:
             self.metrics.observe_run(result.metrics)
         return result
+
+    def _at_once(self, nbytes: int) -> None:
+        """The admission of a request when no memory budget is shared: run now."""
+        self.trimmer.before(nbytes)
 
     @_status
     def Run(self, request, context):
@@ -312,16 +314,6 @@ class _Flag:
 
     def __call__(self) -> bool:
         return self.value
-
-
-def _unmetered(admitted: list):
-    """Without a memory budget there is nothing to wait for: only note the peak."""
-
-    def admit(nbytes: int):
-        admitted[0] = nbytes
-        return None
-
-    return admit
 
 
 def _response_header(result) -> executor_pb2.RunResponse:
