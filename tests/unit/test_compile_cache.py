@@ -296,3 +296,20 @@ def test_a_failed_compile_is_not_cached_and_reaches_every_waiter():
         with pytest.raises(Exception, match="takes 2 inputs"):
             engine.run(RunRequest(bad, {"x": np.ones(2)}, graph_id="bad"))
     assert len(engine.cache) == 0
+
+
+def test_a_response_too_big_for_one_message_is_refused_before_planning(monkeypatch):
+    """Run refuses results too big for one message (the SDK then resends over
+    RunStream) before planning: the stream's request plans the policy, once."""
+    from remat_server.errors import ResponseTooLarge
+
+    planned = []
+    real = compile_module._plan
+    monkeypatch.setattr(compile_module, "_plan", lambda *a: planned.append(1) or real(*a))
+    engine = Engine()
+    request, _ = mlp_request(policy="sqrt")
+    with pytest.raises(ResponseTooLarge, match="RunStream"):
+        engine.run(request, max_response_bytes=64)
+    assert planned == []
+    assert not engine.run(request).metrics.plan_cached  # the stream's turn: planned now
+    assert engine.run(request).metrics.plan_cached and planned == [1]
