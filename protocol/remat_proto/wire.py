@@ -278,7 +278,9 @@ def _policy_error(name: str | None, text: str) -> str:
 
 # --- results ---------------------------------------------------------------------------------
 _METRIC_FIELDS = tuple(f.name for f in dataclasses.fields(Metrics) if f.name != "planner")
-_REPORT_FIELDS = tuple(f.name for f in dataclasses.fields(PlannerReport))
+# What the records hold (a field the .proto gained and they did not yet is left out).
+_METRIC_NAMES = frozenset(f.name for f in dataclasses.fields(Metrics))
+_REPORT_NAMES = frozenset(f.name for f in dataclasses.fields(PlannerReport))
 
 
 def report_to_proto(report: PlannerReport | None) -> executor_pb2.PlannerReport | None:
@@ -289,8 +291,15 @@ def report_from_proto(message, field: str = "planner") -> PlannerReport | None:
     """The PlannerReport in `message.<field>`, or None when it is not set."""
     if not message.HasField(field):
         return None
-    report = getattr(message, field)
-    return PlannerReport(**{f: getattr(report, f) for f in _REPORT_FIELDS})
+    return _report(getattr(message, field))
+
+
+def _report(message: executor_pb2.PlannerReport) -> PlannerReport:
+    # ListFields reads the set fields in one call: on a freshly parsed message every
+    # attribute access builds a wrapper, and this runs once per call.
+    return PlannerReport(
+        **{f.name: value for f, value in message.ListFields() if f.name in _REPORT_NAMES}
+    )
 
 
 def metrics_to_proto(metrics: Metrics) -> executor_pb2.Metrics:
@@ -299,9 +308,9 @@ def metrics_to_proto(metrics: Metrics) -> executor_pb2.Metrics:
 
 
 def metrics_from_proto(message: executor_pb2.Metrics) -> Metrics:
-    return Metrics(
-        **{f: getattr(message, f) for f in _METRIC_FIELDS}, planner=report_from_proto(message)
-    )
+    values = {f.name: value for f, value in message.ListFields() if f.name in _METRIC_NAMES}
+    planner = values.pop("planner", None)
+    return Metrics(**values, planner=None if planner is None else _report(planner))
 
 
 def trace_to_proto(events: Iterable[TraceEvent]) -> list[executor_pb2.TraceEvent]:
