@@ -9,7 +9,8 @@ Pure modules, importable by any layer (no gRPC, no generated code):
   in one table;
 - `results`: the metrics, planner report and trace events a run reports;
 - `spec`: a graph as sent (inputs, nodes, outputs), before any validation;
-- `metadata`: gRPC metadata keys.
+- `metadata`: gRPC metadata keys;
+- `arguments`: command-line argument types `remat` and `remat serve` share.
 
 Wire modules (protobuf):
 
