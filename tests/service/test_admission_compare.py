@@ -8,7 +8,9 @@ RESOURCE_EXHAUSTED naming the flag.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -30,9 +32,24 @@ def budget_server(monkeypatch):
     made, started = [], []
 
     class Recording(MemoryAdmission):
+        """Records itself; with `hold_for = n`, the first request admitted keeps its
+        reservation until n others wait in the queue, so that they do wait: the test
+        then does not depend on how the requests happen to interleave."""
+
+        hold_for = 0
+
         def __init__(self, *args):
             super().__init__(*args)
             made.append(self)
+
+        @contextlib.contextmanager
+        def reserve(self, nbytes, **kwargs):
+            with super().reserve(nbytes, **kwargs) as admitted:
+                holding, self.hold_for = self.hold_for, 0
+                deadline = time.monotonic() + 60  # only a failure waits this long
+                while holding and self.queued < holding and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                yield admitted
 
     monkeypatch.setattr(app, "MemoryAdmission", Recording)
 
@@ -77,11 +94,12 @@ def test_concurrent_requests_over_the_budget_queue_then_all_run(budget_server):
         peak = store_all_peak(probe, m)
         expected = probe.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss, policy="store_all")
     client, admission = budget_server(budget=peak * 3 // 2, queued=8)
+    admission.hold_for = 3  # the first admitted waits until the three others queue
     results = run_concurrently(client, m, 4)
     assert all(isinstance(r, remat.RunResult) for r in results), results
     assert admission.peak_in_use == peak  # one at a time: two would exceed the budget
     assert admission.in_use == 0 and admission.queued == 0
-    assert sum(r.metrics.queue_seconds > 0 for r in results) >= 1
+    assert sum(r.metrics.queue_seconds > 0 for r in results) == 3
     for r in results:
         assert r.metrics.predicted_peak_bytes == peak
         for name, grad in expected.grads.items():
