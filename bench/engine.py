@@ -1,6 +1,6 @@
 """remat's store-all forward+backward time against PyTorch eager on the CPU.
 
-    python bench/engine.py [--quick] [--threads N] [--repeats R] [--profile]
+    python bench/engine.py [--quick] [--threads N] [--repeats R] [--malloc-4mib] [--profile]
 
 Workloads: an MLP and a transformer block (`remat.models`), and a chain of N tiny
 adds for the per-node overhead. Repeats of every contender are interleaved in one
@@ -36,6 +36,13 @@ def _parse_args() -> argparse.Namespace:
         help="adds in the per-node chain (default 5000; 1000 with --quick)",
     )
     parser.add_argument(
+        "--malloc-4mib",
+        action="store_true",
+        help="serve with glibc's mmap and trim thresholds at 4 MiB instead of the server's "
+        "default 32/64 MiB: big buffers returned to the OS when freed, and faulted in "
+        "afresh (see remat_server.runtime.allocator)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also print where remat's engine time goes (per op and cProfile)",
@@ -57,7 +64,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -65,6 +72,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import remat  # noqa: E402
 from remat import models  # noqa: E402
+from remat_server import ServerConfig  # noqa: E402
 from remat_server.engine import Engine, RunRequest  # noqa: E402
 from remat_server.engine import compile as compile_module  # noqa: E402
 from remat_server.engine import run as run_module  # noqa: E402
@@ -326,7 +334,17 @@ def main() -> int:
         f"torch threads {torch.get_num_threads()}, OPENBLAS/OMP/MKL threads {ARGS.threads}\n"
     )
     rows, profiles = [], []
-    with remat.Client.in_process() as client:
+    config = ServerConfig()
+    if ARGS.malloc_4mib:
+        config = replace(
+            config, malloc_mmap_threshold_bytes=4 << 20, malloc_trim_threshold_bytes=4 << 20
+        )
+    print(
+        f"glibc thresholds (process-wide, so the engine columns too): mmap "
+        f"{config.malloc_mmap_threshold_bytes >> 20} MiB, trim "
+        f"{config.malloc_trim_threshold_bytes >> 20} MiB\n"
+    )
+    with remat.Client.in_process(config) as client:
         for workload in workloads(ARGS.quick):
             request, executed, served = engine_request(workload.model), [], []
             seconds, values = interleaved(

@@ -193,6 +193,8 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
         "max_upload_seconds": ["--max-upload-seconds", "7.5"],
         "max_queued_requests": ["--max-queued-requests", "5"],
         "buffer_pool_bytes": ["--buffer-pool-bytes", "0"],
+        "malloc_mmap_threshold_bytes": ["--malloc-mmap-threshold-bytes", str(4 << 20)],
+        "malloc_trim_threshold_bytes": ["--malloc-trim-threshold-bytes", str(4 << 20)],
         "limits": ["--max-nodes", "17"],
         "reuse_port": ["--reuse-port"],
         "max_connection_age_seconds": ["--max-connection-age-seconds", "300"],
@@ -293,6 +295,10 @@ def test_a_bad_env_var_is_a_usage_error_naming_it(capsys):
         ("REMAT_WORKERS", "0", "--workers"),
         ("REMAT_REUSE_PORT", "maybe", "--reuse-port"),
         ("REMAT_MAX_CONNECTION_AGE_SECONDS", "-1", "--max-connection-age-seconds"),
+        # glibc refuses an mmap threshold of 0 or over 32 MiB: refused before serving.
+        ("REMAT_MALLOC_MMAP_THRESHOLD_BYTES", "0", "--malloc-mmap-threshold-bytes"),
+        ("REMAT_MALLOC_MMAP_THRESHOLD_BYTES", str(64 << 20), "--malloc-mmap-threshold-bytes"),
+        ("REMAT_MALLOC_TRIM_THRESHOLD_BYTES", "-1", "--malloc-trim-threshold-bytes"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             build_parser({var: text}).parse_args([])

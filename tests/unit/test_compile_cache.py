@@ -318,16 +318,19 @@ def test_a_response_too_big_for_one_message_is_refused_before_planning(monkeypat
 def test_a_big_compile_is_frozen_out_of_the_collectors_way():
     """After a pause that built many objects (a big compile, which the cache keeps), the
     collector no longer traverses them; a small one leaves the collector alone; the
-    pause restores the collector's state."""
+    pause restores the collector's state. A small graph does not pause it at all."""
     from remat_server.engine import gc_pause
 
     was = gc.isenabled()
     frozen = gc.get_freeze_count()
-    with gc_pause.paused():
+    big_graph = gc_pause.PAUSE_AFTER_NODES
+    with gc_pause.paused(big_graph - 1):
+        assert gc.isenabled() == was
+    with gc_pause.paused(big_graph):
         assert not gc.isenabled()
         small = [[i] for i in range(100)]
     assert gc.get_freeze_count() == frozen and gc.isenabled() == was
-    with gc_pause.paused():
+    with gc_pause.paused(big_graph):
         big = [[i] for i in range(gc_pause.FREEZE_AFTER + 1000)]
     assert gc.get_freeze_count() >= frozen + len(big) and gc.isenabled() == was
     assert small and big

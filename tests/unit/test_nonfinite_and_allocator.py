@@ -39,6 +39,14 @@ def test_tune_for_serving_sets_the_thresholds_where_glibc_is():
     except AttributeError:
         pytest.skip("not glibc")
     assert allocator.tune_for_serving() is True
+    assert allocator.tune_for_serving(4 << 20, 4 << 20) is True  # the RSS-lean setting
+    assert allocator.tune_for_serving() is True  # back to the default for other tests
+
+
+@pytest.mark.parametrize("mmap_bytes, trim_bytes", [(0, 1), ((32 << 20) + 1, 1), (1, -1)])
+def test_tune_for_serving_refuses_thresholds_glibc_would_not_take(mmap_bytes, trim_bytes):
+    with pytest.raises(ValueError, match="malloc thresholds"):
+        allocator.tune_for_serving(mmap_bytes, trim_bytes)
 
 
 def test_the_trimmer_keeps_memory_for_a_like_request_and_trims_for_a_smaller_one():
@@ -67,4 +75,6 @@ def test_the_trimmer_trims_when_idle_and_not_while_busy():
     trimmer.before(64 << 20)
     assert not trimmer.trim_if_idle(seconds=3600)  # a request started just now
     assert trimmer.trim_if_idle(seconds=0) and trims == [1] and trimmer.kept == 0
-    assert not trimmer.trim_if_idle(seconds=0)  # nothing kept: nothing to do
+    assert not trimmer.trim_if_idle(seconds=0)  # no request since: nothing to do
+    trimmer.before(1)  # even a small request may leave memory (others ran beside it)
+    assert trimmer.trim_if_idle(seconds=0) and trims == [1, 1]

@@ -160,7 +160,7 @@ class Compiled:
                 costs,
                 self.problem.milp_max_nodes,
             )
-            with gc_pause.paused():
+            with gc_pause.paused(len(self.graph)):
                 return _plan(problem, policy), False
         with self._lock:
             found = self._plans.get(policy)
@@ -171,7 +171,7 @@ class Compiled:
         if found is not None:  # another request is planning it
             return found.result(), True
         try:
-            with gc_pause.paused():
+            with gc_pause.paused(len(self.graph)):
                 planned = _plan(self.problem, policy)
         except BaseException as error:
             with self._lock:

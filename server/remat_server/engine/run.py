@@ -147,7 +147,7 @@ class Engine:
         self, key: tuple, spec: GraphSpec, given: Mapping[str, tuple[int, ...]]
     ) -> Validated:
         validated, _ = self.cache.get_or_build(
-            key, lambda: _paused(validate, spec, self.limits, given)
+            key, lambda: _paused(len(spec.nodes), validate, spec, self.limits, given)
         )
         if validated.spec is not spec and key[1][0] == "object":  # impossible while held
             raise AssertionError("compile cache: a spec's id was reused")
@@ -174,7 +174,9 @@ class Engine:
 
         def build() -> Compiled:
             validated = self._validated(key.graph, spec, given)
-            return _paused(compile_request, key, spec, self.limits, validated.graph, start)
+            return _paused(
+                len(spec.nodes), compile_request, key, spec, self.limits, validated.graph, start
+            )
 
         return self.cache.get_or_build(key, build)
 
@@ -321,7 +323,7 @@ class Engine:
         planned = compiled.cached(policy) if compiled is not None else None
         hit = plan_hit = planned is not None
         if planned is None:  # compile and plan, under one pause of the collector
-            with gc_pause.paused():
+            with gc_pause.paused(len(spec.nodes)):
                 compiled, hit = self.compile(
                     spec,
                     graph_id=request.graph_id,
@@ -396,8 +398,8 @@ class _NotAdmitted:
 _NOT_ADMITTED = _NotAdmitted()
 
 
-def _paused(build, *args):
-    with gc_pause.paused():
+def _paused(nodes: int, build, *args):
+    with gc_pause.paused(nodes):
         return build(*args)
 
 

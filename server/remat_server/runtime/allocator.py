@@ -8,24 +8,28 @@ worker thread can show store-all's RSS (bench/checkpoint.py measured this: sqrt 
 after every request, though, makes the next one fault its memory in afresh: a training
 loop of 100 MB steps paid 40% of a step for it (bench/engine.py, MLP: 134 against 84 ms
 in the engine). `Trimmer` trims before a request whose predicted peak is under 90% of
-what is kept (so its RSS follows its own plan), and after a second with no request;
-a loop of similar requests reuses its memory. Elsewhere (macOS, musl) this is a no-op.
+what is kept (so its RSS follows its own plan), and half a second after the last
+request; a loop of similar requests reuses its memory. Elsewhere (macOS, musl) this is
+a no-op.
 
-Within a request memory is reused too. Earlier `tune_for_serving` fixed glibc's
-thresholds at 4 MiB, so every tensor-sized buffer was its own mapping, returned to the
-OS when freed. But a fresh mapping costs a page fault per page on first write, on every
-allocation: a transformer block's 4 MiB activations and attention scores were mapped
-and faulted anew each step, and its training step ran 1.3x slower wherever the server
-ran it (issue 12 measured this as "the handler-thread slowdown"; it was the tuning, on
-any thread). Now the thresholds are fixed high: buffers up to 32 MiB (glibc's largest
-mmap threshold) come from the arenas and freed ones are reused, and the heap is
-trimmed by glibc only above 64 MiB of free top. The peak RSS of a request still
-follows its plan: on a 64-layer MLP (batch 2048, width 128) store_all, sqrt and
-recompute_all peaked at +68, +21.5 and +17.4 MiB over the idle RSS, as with the 4 MiB
-thresholds (+69, +21.6, +17.7), while the transformer step went from 87 to 55 ms.
-Fixed rather than glibc's dynamic thresholds, which drift with the load: under a
-mixed load (bench/load.py, 32 clients) idle RSS wandered by +-10% between readings
-with glibc's defaults.
+`tune_for_serving` fixes glibc's mmap and trim thresholds (instead of its dynamic ones,
+which drift with the load: under bench/load.py's mixed load idle RSS wandered by +-10%
+between readings with glibc's defaults). Where to fix them trades speed against RSS,
+so both are server flags:
+
+- 32 MiB (glibc's largest mmap threshold) and a 64 MiB trim threshold, the default:
+  buffers come from the arenas and freed ones are reused, on any thread. A request's
+  peak RSS still follows its plan (64-layer MLP: store_all, sqrt, recompute_all +68,
+  +21.5, +17.4 MiB over idle, as at 4 MiB). Under bench/load.py's mixed load of 32
+  clients the idle RSS steps up about 10% in the first minute (arena fragmentation)
+  and then stays flat (180 s: 147 MiB after the warm-up, 160-162 MiB from 60 s on).
+- 4 MiB for both: every tensor-sized buffer is its own mapping, returned to the OS
+  when freed; the same load's idle RSS stays within +-4% of the warm-up's. But a fresh
+  mapping costs a page fault per page on first write, every time: a transformer
+  block's 4 MiB activations are mapped and faulted anew each step, and more so on a
+  handler thread, whose arena heap glibc shrinks eagerly: its training step ran 1.4x
+  slower through the server (bench/engine.py: 94 against 55 ms). Issue 12 measured
+  this as "the handler-thread slowdown".
 """
 
 from __future__ import annotations
@@ -45,11 +49,16 @@ except OSError:  # no C library to load: nothing to trim
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's maximum (HEAP_MAX_SIZE / 2 on 64-bit)
+MAX_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: it refuses more
+MMAP_THRESHOLD_BYTES = MAX_MMAP_THRESHOLD_BYTES  # buffers reused; see the module's doc
 TRIM_THRESHOLD_BYTES = 64 << 20
 # Less than this kept is not worth a trim.
 TRIM_AFTER_BYTES = 1 << 20
-IDLE_SECONDS = 1.0
+# Quiet this long, the server trims (checked every IDLE_CHECK_SECONDS): long enough for
+# a loop's back-to-back requests to reuse their memory, short enough that an idle
+# server's RSS reads as its working set within a second.
+IDLE_SECONDS = 0.5
+IDLE_CHECK_SECONDS = 0.1
 # A request predicted to peak under this share of what is kept trims first, so its RSS
 # follows its own plan; one about as big as the last reuses the memory it left.
 SHRINK = 0.9
@@ -60,7 +69,15 @@ def tune_for_serving(
 ) -> bool:
     """Make glibc map allocations over `mmap_bytes` separately and trim a heap whose
     free top exceeds `trim_bytes` (fixed, instead of the dynamic thresholds that drift
-    with the load). Process-wide; returns False where there is no glibc."""
+    with the load). Process-wide; returns False where there is no glibc.
+
+    Raises ValueError for an mmap threshold glibc would refuse (not in 1..32 MiB) or a
+    negative trim threshold."""
+    if not 0 < mmap_bytes <= MAX_MMAP_THRESHOLD_BYTES or trim_bytes < 0:
+        raise ValueError(
+            f"malloc thresholds: mmap must be 1..{MAX_MMAP_THRESHOLD_BYTES} bytes and trim "
+            f">= 0, got mmap {mmap_bytes}, trim {trim_bytes}"
+        )
     if _MALLOPT is None:
         return False
     return bool(_MALLOPT(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(
@@ -85,6 +102,7 @@ class Trimmer:
 
     def __init__(self, idle_seconds: float = IDLE_SECONDS, trim=release_free_memory):
         self.kept = 0  # about what the last requests left in the heap
+        self._ran = False  # a request started since the last trim
         self._trim = trim
         self._lock = threading.Lock()
         self._last = time.monotonic()
@@ -97,6 +115,7 @@ class Trimmer:
         """A request that will peak at `nbytes` starts; True if it trimmed first."""
         with self._lock:
             self._last = time.monotonic()
+            self._ran = True
             trim = self.kept >= TRIM_AFTER_BYTES and nbytes < SHRINK * self.kept
             self.kept = nbytes if trim else max(self.kept, nbytes)
         if trim:
@@ -104,16 +123,18 @@ class Trimmer:
         return trim
 
     def trim_if_idle(self, seconds: float) -> bool:
-        """Trim if memory is kept and no request started in the last `seconds`."""
+        """Trim if a request ran since the last trim and none started in the last
+        `seconds` (whatever it left: concurrent requests of mixed sizes leave more than
+        the last one's peak)."""
         with self._lock:
-            due = self.kept >= TRIM_AFTER_BYTES and time.monotonic() - self._last >= seconds
+            due = self._ran and time.monotonic() - self._last >= seconds
             if due:
-                self.kept = 0
+                self.kept, self._ran = 0, False
         if due:
             self._trim()
         return due
 
     def _idle(self, seconds: float) -> None:
         while True:
-            time.sleep(seconds)
+            time.sleep(min(seconds, IDLE_CHECK_SECONDS))
             self.trim_if_idle(seconds)

@@ -21,12 +21,20 @@ request limits and the memory budget already bound.
 from __future__ import annotations
 
 import math
+import mmap
 import sys
 import threading
 
 import numpy as np
 
 MIN_POOLED_BYTES = 1 << 20  # smaller buffers come from malloc's own free lists
+
+
+def _mapped(nbytes: int) -> np.ndarray:
+    """A block of its own anonymous mapping, outside malloc's heap: the pool keeps its
+    blocks for long, and a long-lived block in the heap would pin the memory around it
+    (freed request buffers glibc could otherwise give back)."""
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
 
 
 class BufferPool:
@@ -55,7 +63,7 @@ class BufferPool:
             block = self._idle_block(nbytes)
             if block is None:
                 self._trim(self.max_idle_bytes - nbytes)  # room for this one when it is idle
-                block = np.empty(nbytes, np.uint8)
+                block = _mapped(nbytes)
                 self._blocks.append(block)
             else:
                 self.reused += 1

@@ -133,7 +133,9 @@ def _ms(seconds: float) -> int:
 def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]:
     """Build (not start) a server bound to `config.address`; returns it and its port."""
     config = config or ServerConfig()
-    allocator.tune_for_serving()  # buffers reused within a request, trimmed after it
+    allocator.tune_for_serving(
+        config.malloc_mmap_threshold_bytes, config.malloc_trim_threshold_bytes
+    )
     metrics = ServerMetrics()
     drain = Drain()
     interceptors = [metrics.interceptor(), drain]

@@ -14,9 +14,10 @@ import argparse
 import os
 import sys
 
-from remat_proto.arguments import non_negative_seconds, positive
+from remat_proto.arguments import non_negative_int, non_negative_seconds, positive
 
 from ..graph.limits import Limits
+from ..runtime.allocator import MAX_MMAP_THRESHOLD_BYTES
 from .auth import with_security
 from .config import ServerConfig
 
@@ -59,6 +60,8 @@ def server_config(args, environ=None):
         memory_budget_bytes=args.memory_budget_bytes,
         max_queued_requests=args.max_queued_requests,
         buffer_pool_bytes=args.buffer_pool_bytes,
+        malloc_mmap_threshold_bytes=args.malloc_mmap_threshold_bytes,
+        malloc_trim_threshold_bytes=args.malloc_trim_threshold_bytes,
         limits=Limits(**{flag: getattr(args, flag) for flag in LIMIT_FLAGS}),
         reuse_port=args.reuse_port or args.workers > 1,
         max_connection_age_seconds=args.max_connection_age_seconds,
@@ -93,6 +96,16 @@ _NOT_FROM_ENV = frozenset({"help", "token_file"})
 # same names the rule gives): the flags' defaults stay "" so server_config decides.
 _TLS_FLAGS = frozenset({"tls_cert_file", "tls_key_file", "tls_client_ca_file"})
 _TRUE, _FALSE = frozenset({"1", "true", "yes"}), frozenset({"0", "false", "no"})
+
+
+def mmap_threshold(text: str) -> int:
+    """Bytes glibc accepts as its mmap threshold (mallopt refuses 0 and over 32 MiB)."""
+    value = positive(text)
+    if value > MAX_MMAP_THRESHOLD_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_MMAP_THRESHOLD_BYTES} bytes (glibc's largest), got {text!r}"
+        )
+    return value
 
 
 def env_var(dest: str) -> str:
@@ -320,6 +333,21 @@ def build_parser(environ) -> argparse.ArgumentParser:
         help="idle RunStream upload buffers kept per process for reuse, so "
         "big uploads skip the page faults of fresh memory (default "
         f"{ServerConfig.buffer_pool_bytes >> 20} MiB; 0: none)",
+    )
+    serve.add_argument(
+        "--malloc-mmap-threshold-bytes",
+        type=mmap_threshold,
+        default=ServerConfig.malloc_mmap_threshold_bytes,
+        help="glibc gives buffers over this their own mapping, returned to the OS when "
+        "freed (at most 32 MiB, the default: freed buffers are reused, so big training "
+        "steps run faster; 4194304 with --malloc-trim-threshold-bytes 4194304 keeps a "
+        "long mixed load's RSS about 10%% lower, at up to 1.4x the step time)",
+    )
+    serve.add_argument(
+        "--malloc-trim-threshold-bytes",
+        type=non_negative_int,
+        default=ServerConfig.malloc_trim_threshold_bytes,
+        help="glibc returns a heap's free top to the OS beyond this (default 64 MiB)",
     )
     serve.add_argument(
         "--max-connection-age-seconds",

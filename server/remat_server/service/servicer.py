@@ -118,7 +118,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         graph_id = codec.content_id(message)
         spec = self.store.find(graph_id)
         if spec is None:
-            with gc_pause.paused():  # a few objects per node, none of them garbage
+            with gc_pause.paused(len(message.nodes)):  # a few objects per node, no garbage
                 spec = codec.graph_from_proto(message, self.engine.limits)
             self.engine.validate(spec, graph_id)
             self.store.put(graph_id, spec, message.ByteSize())
