@@ -39,7 +39,7 @@ def test_tune_for_serving_sets_the_thresholds_where_glibc_is():
     except AttributeError:
         pytest.skip("not glibc")
     assert allocator.tune_for_serving() is True
-    assert allocator.tune_for_serving(4 << 20, 4 << 20) is True  # the RSS-lean setting
+    assert allocator.tune_for_serving(32 << 20, 64 << 20) is True  # the fast setting
     assert allocator.tune_for_serving() is True  # back to the default for other tests
 
 

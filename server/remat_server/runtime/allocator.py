@@ -17,19 +17,21 @@ which drift with the load: under bench/load.py's mixed load idle RSS wandered by
 between readings with glibc's defaults). Where to fix them trades speed against RSS,
 so both are server flags:
 
-- 32 MiB (glibc's largest mmap threshold) and a 64 MiB trim threshold, the default:
-  buffers come from the arenas and freed ones are reused, on any thread. A request's
-  peak RSS still follows its plan (64-layer MLP: store_all, sqrt, recompute_all +68,
-  +21.5, +17.4 MiB over idle, as at 4 MiB). Under bench/load.py's mixed load of 32
-  clients the idle RSS steps up about 10% in the first minute (arena fragmentation)
-  and then stays flat (180 s: 147 MiB after the warm-up, 160-162 MiB from 60 s on).
-- 4 MiB for both: every tensor-sized buffer is its own mapping, returned to the OS
-  when freed; the same load's idle RSS stays within +-4% of the warm-up's. But a fresh
+- 4 MiB for both, the default: every tensor-sized buffer is its own mapping, returned
+  to the OS when freed. Under bench/load.py's mixed load of 32 clients the idle RSS
+  stayed within -4%..+7% of the warm-up's (180 s: 148-157 MiB throughout). But a fresh
   mapping costs a page fault per page on first write, every time: a transformer
   block's 4 MiB activations are mapped and faulted anew each step, and more so on a
   handler thread, whose arena heap glibc shrinks eagerly: its training step ran 1.4x
   slower through the server (bench/engine.py: 94 against 55 ms). Issue 12 measured
   this as "the handler-thread slowdown".
+- 32 MiB (glibc's largest mmap threshold) and a 64 MiB trim threshold: buffers come
+  from the arenas and freed ones are reused, on any thread, and a request's peak RSS
+  still follows its plan (64-layer MLP: store_all, sqrt, recompute_all +68, +21.5,
+  +17.4 MiB over idle, as at 4 MiB). But the arenas fragment under mixed concurrent
+  sizes: the same load's idle RSS grew +10% to +18.5% in a minute (a 180 s run settled
+  at +10%; a 60 s run was still rising at its end). For a server that runs one kind of
+  training loop.
 """
 
 from __future__ import annotations
@@ -50,8 +52,7 @@ except OSError:  # no C library to load: nothing to trim
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MAX_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: it refuses more
-MMAP_THRESHOLD_BYTES = MAX_MMAP_THRESHOLD_BYTES  # buffers reused; see the module's doc
-TRIM_THRESHOLD_BYTES = 64 << 20
+MMAP_THRESHOLD_BYTES = TRIM_THRESHOLD_BYTES = 4 << 20  # bounded RSS; see the module's doc
 # Less than this kept is not worth a trim.
 TRIM_AFTER_BYTES = 1 << 20
 # Quiet this long, the server trims (checked every IDLE_CHECK_SECONDS): long enough for

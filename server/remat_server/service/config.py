@@ -35,11 +35,11 @@ class ServerConfig:
     # fault per page on first write. See remat_server.buffers.
     buffer_pool_bytes: int = 1 << 30
     # glibc's mmap and trim thresholds, process-wide (remat_server.runtime.allocator):
-    # high, freed buffers are reused (a transformer training step 1.4x faster than at
-    # 4 MiB) and a mixed load's idle RSS settles about 10% higher; at 4 MiB every big
-    # buffer is returned to the OS when freed.
-    malloc_mmap_threshold_bytes: int = 32 * MiB
-    malloc_trim_threshold_bytes: int = 64 * MiB
+    # at 4 MiB every big buffer goes back to the OS when freed and the RSS stays flat
+    # under a mixed load; at 32/64 MiB freed buffers are reused (a transformer training
+    # step 1.4x faster) but a mixed load's idle RSS grows 10-20%.
+    malloc_mmap_threshold_bytes: int = 4 * MiB
+    malloc_trim_threshold_bytes: int = 4 * MiB
     limits: Limits = field(default_factory=Limits)
     # Several processes may bind the same port (remat serve --workers N).
     reuse_port: bool = False
