@@ -99,3 +99,60 @@ def tanh_chain(
         nodes.append(NodeSpec("loss", "sum", (prev,)))
         outputs = (("loss", "loss"),)
     return GraphSpec("chain", (InputSpec("x", (width,), dtype),), tuple(nodes), outputs)
+
+
+def run_op(op, inputs, attrs=None, name="out"):
+    """The output of one `op` node on `inputs` (no gradient)."""
+    specs = tuple(InputSpec(k, a.shape, a.dtype.name) for k, a in inputs.items())
+    spec = GraphSpec(
+        "t", specs, (NodeSpec(name, op, tuple(inputs), attrs or {}),), (("out", name),)
+    )
+    return ENGINE.run(RunRequest(spec, inputs)).outputs["out"]
+
+
+def rel(a, b) -> float:
+    """max |a - b| / max |b|: a relative error for comparing against a reference."""
+    return float(np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(b), initial=0.0), 1e-12))
+
+
+def joint_hvp_spec(spec, wrt):
+    """loss2 = sum_i <d loss / d wrt_i, v_i>, built on the joint graph; its gradient is H v."""
+    joint = ENGINE.differentiate(spec, wrt=tuple(wrt), loss="loss")
+    graph = joint.graph
+    inputs = tuple(InputSpec(n.name, n.shape, n.dtype) for n in graph.inputs)
+    nodes = [NodeSpec(n.name, n.op, n.inputs, dict(n.attrs)) for n in graph if not n.is_input]
+    terms = []
+    for name in wrt:
+        grad = graph.outputs[joint.grad_outputs[name]]
+        inputs += (InputSpec(f"v/{name}", graph[name].shape, graph[name].dtype),)
+        nodes += [
+            NodeSpec(f"gv/{name}", "mul", (grad, f"v/{name}")),
+            NodeSpec(f"s/{name}", "sum", (f"gv/{name}",)),
+        ]
+        terms.append(f"s/{name}")
+    nodes += [
+        NodeSpec(f"acc/{k}", "add", (f"acc/{k - 1}" if k > 1 else terms[0], terms[k]))
+        for k in range(1, len(terms))
+    ]
+    total = f"acc/{len(terms) - 1}" if len(terms) > 1 else terms[0]
+    return GraphSpec("hvp", inputs, tuple(nodes), (("loss2", total),))
+
+
+def nonlinear_probe(op, inputs, attrs):
+    """loss = sum(tanh(op(...)) * R): curvature even where the op is linear."""
+    specs = tuple(InputSpec(k, a.shape, a.dtype.name) for k, a in inputs.items())
+    out = run_op(op, inputs, attrs)
+    # Away from 0, even for a scalar output.
+    weight = 0.5 + np.random.default_rng(7).random(out.shape)
+    spec = GraphSpec(
+        "probe",
+        specs + (InputSpec("R", weight.shape, "float64"),),
+        (
+            NodeSpec("out", op, tuple(inputs), attrs),
+            NodeSpec("t", "tanh", ("out",)),
+            NodeSpec("tw", "mul", ("t", "R")),
+            NodeSpec("l", "sum", ("tw",)),
+        ),
+        (("loss", "l"),),
+    )
+    return spec, {**inputs, "R": weight}

@@ -286,3 +286,27 @@ def dropout(x, p: float = 0.5, seed: int = 0, *, name=None):
     """Inverted dropout; the mask depends only on (seed, node name), so recomputing
     the node reproduces it exactly."""
     return op("dropout", x, p=float(p), seed=int(seed), name=name)
+
+
+# --- normalization ------------------------------------------------------------------------
+# (end of normalization)
+
+
+# --- convolution (groups, bias, transposed) -----------------------------------------------
+# (end of convolution (groups, bias, transposed))
+
+
+# --- resizing and padding -----------------------------------------------------------------
+# (end of resizing and padding)
+
+
+# --- activations --------------------------------------------------------------------------
+# (end of activations)
+
+
+# --- logical and arg reductions -----------------------------------------------------------
+# (end of logical and arg reductions)
+
+
+# --- attention ----------------------------------------------------------------------------
+# (end of attention)

@@ -11,7 +11,6 @@ import support
 
 from remat_server.engine import RunRequest
 from remat_server.errors import InvalidArgument
-from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
@@ -143,18 +142,6 @@ CASES = [
 IDS = [case[0] for case in CASES]
 
 
-def run_op(op, inputs, attrs=None, name="out"):
-    specs = tuple(InputSpec(k, a.shape, a.dtype.name) for k, a in inputs.items())
-    spec = GraphSpec(
-        "t", specs, (NodeSpec(name, op, tuple(inputs), attrs or {}),), (("out", name),)
-    )
-    return support.ENGINE.run(RunRequest(spec, inputs)).outputs["out"]
-
-
-def rel(a, b) -> float:
-    return float(np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(b), initial=0.0), 1e-12))
-
-
 # --- first-order gradients -------------------------------------------------------------
 @pytest.mark.parametrize("case_id, op, inputs, attrs, wrt", CASES, ids=IDS)
 def test_gradients_match_centered_differences(case_id, op, inputs, attrs, wrt):
@@ -168,55 +155,13 @@ def test_float32_keeps_dtype(case_id, op, inputs, attrs, wrt):
     spec, feeds = support.op_graph(op, inputs32, attrs)
     result = support.ENGINE.run(RunRequest(spec, feeds, wrt=tuple(wrt), loss="loss"))
     assert result.outputs["out"].dtype == np.float32
-    expected = run_op(op, inputs, attrs)
+    expected = support.run_op(op, inputs, attrs)
     assert np.allclose(result.outputs["out"], expected, rtol=1e-4, atol=1e-5)
     for name in wrt:
         assert result.grads[name].dtype == np.float32
 
 
 # --- second order: differentiate the joint graph again ------------------------------------
-def _joint_hvp_spec(spec, wrt):
-    """loss2 = sum_i <d loss / d wrt_i, v_i>, built on the joint graph; its gradient is H v."""
-    joint = support.ENGINE.differentiate(spec, wrt=tuple(wrt), loss="loss")
-    graph = joint.graph
-    inputs = tuple(InputSpec(n.name, n.shape, n.dtype) for n in graph.inputs)
-    nodes = [NodeSpec(n.name, n.op, n.inputs, dict(n.attrs)) for n in graph if not n.is_input]
-    terms = []
-    for name in wrt:
-        grad = graph.outputs[joint.grad_outputs[name]]
-        inputs += (InputSpec(f"v/{name}", graph[name].shape, graph[name].dtype),)
-        nodes += [
-            NodeSpec(f"gv/{name}", "mul", (grad, f"v/{name}")),
-            NodeSpec(f"s/{name}", "sum", (f"gv/{name}",)),
-        ]
-        terms.append(f"s/{name}")
-    nodes += [
-        NodeSpec(f"acc/{k}", "add", (f"acc/{k - 1}" if k > 1 else terms[0], terms[k]))
-        for k in range(1, len(terms))
-    ]
-    total = f"acc/{len(terms) - 1}" if len(terms) > 1 else terms[0]
-    return GraphSpec("hvp", inputs, tuple(nodes), (("loss2", total),))
-
-
-def _nonlinear_probe(op, inputs, attrs):
-    """loss = sum(tanh(op(...)) * R): curvature even where the op is linear."""
-    specs = tuple(InputSpec(k, a.shape, a.dtype.name) for k, a in inputs.items())
-    out = run_op(op, inputs, attrs)
-    weight = 0.5 + _rng(7).random(out.shape)  # away from 0, even for a scalar output
-    spec = GraphSpec(
-        "probe",
-        specs + (InputSpec("R", weight.shape, "float64"),),
-        (
-            NodeSpec("out", op, tuple(inputs), attrs),
-            NodeSpec("t", "tanh", ("out",)),
-            NodeSpec("tw", "mul", ("t", "R")),
-            NodeSpec("l", "sum", ("tw",)),
-        ),
-        (("loss", "l"),),
-    )
-    return spec, {**inputs, "R": weight}
-
-
 SECOND_ORDER = [
     "conv2d-stride-pad",
     "conv2d-dilation-asym",
@@ -239,8 +184,8 @@ SECOND_ORDER = [
     ids=[c[0] for c in CASES if c[0] in SECOND_ORDER],
 )
 def test_second_order_hessian_vector_products(case_id, op, inputs, attrs, wrt):
-    spec, feeds = _nonlinear_probe(op, inputs, attrs)
-    spec2 = _joint_hvp_spec(spec, wrt)
+    spec, feeds = support.nonlinear_probe(op, inputs, attrs)
+    spec2 = support.joint_hvp_spec(spec, wrt)
     directions = {
         f"v/{name}": normal(*inputs[name].shape, seed=11 + k) for k, name in enumerate(wrt)
     }
@@ -303,7 +248,7 @@ GEOMETRIES = [
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_conv2d_forward_matches_loop_reference(geometry):
     x, w = normal(2, 3, 6, 5), normal(4, 3, 3, 2, seed=1)
-    out = run_op("conv2d", {"x": x, "w": w}, geometry)
+    out = support.run_op("conv2d", {"x": x, "w": w}, geometry)
     np.testing.assert_allclose(out, conv2d_loop(x, w, **geometry), rtol=1e-12, atol=1e-12)
 
 
@@ -311,17 +256,19 @@ def test_conv2d_forward_matches_loop_reference(geometry):
 def test_unfold_layout_matches_loop_reference_and_fold_is_its_adjoint(geometry):
     x = normal(2, 3, 5, 6)
     attrs = {"kernel": (2, 3), **geometry}
-    cols = run_op("unfold", {"x": x}, attrs)
+    cols = support.run_op("unfold", {"x": x}, attrs)
     np.testing.assert_array_equal(cols, unfold_loop(x, **attrs))
     y = normal(*cols.shape, seed=5)
-    back = run_op("fold", {"cols": y}, {"output_size": (5, 6), **attrs})
+    back = support.run_op("fold", {"cols": y}, {"output_size": (5, 6), **attrs})
     assert back.shape == x.shape
     assert np.isclose(np.sum(cols * y), np.sum(x * back), rtol=1e-12)
 
 
 def test_unfold_pad_value():
     x = normal(1, 1, 2, 2)
-    cols = run_op("unfold", {"x": x}, {"kernel": (2, 2), "padding": (1, 1), "pad_value": -7.0})
+    cols = support.run_op(
+        "unfold", {"x": x}, {"kernel": (2, 2), "padding": (1, 1), "pad_value": -7.0}
+    )
     np.testing.assert_array_equal(cols, unfold_loop(x, (2, 2), padding=(1, 1), pad_value=-7.0))
 
 
@@ -337,11 +284,11 @@ def test_pools_match_loop_reference(attrs):
     x = normal(2, 3, 6, 7)
     full = {"stride": attrs["kernel"], "padding": (0, 0), **attrs}
     np.testing.assert_array_equal(
-        run_op("max_pool2d", {"x": x}, attrs),
+        support.run_op("max_pool2d", {"x": x}, attrs),
         pool_loop(x, **full, reduce=np.max, pad_value=-np.inf),
     )
     np.testing.assert_allclose(
-        run_op("avg_pool2d", {"x": x}, attrs),
+        support.run_op("avg_pool2d", {"x": x}, attrs),
         pool_loop(x, **full, reduce=np.mean, pad_value=0.0),
         rtol=1e-12,
     )
@@ -356,7 +303,7 @@ def test_max_pool2d_ties_share_the_gradient():
 
 def test_softmax_family_is_stable_and_matches_formula():
     x = normal(3, 4) + np.array([[1000.0], [-1000.0], [0.0]])
-    sm, lsm = run_op("softmax", {"x": x}), run_op("log_softmax", {"x": x})
+    sm, lsm = support.run_op("softmax", {"x": x}), support.run_op("log_softmax", {"x": x})
     shifted = x - x.max(axis=1, keepdims=True)
     expected = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(sm, expected, rtol=1e-13)
@@ -369,7 +316,7 @@ def test_cross_entropy_matches_formula():
     picked = np.take_along_axis(logits, y[..., None], -1)[..., 0]
     expected = np.mean(np.log(np.exp(logits).sum(-1)) - picked)
     assert np.isclose(
-        run_op("cross_entropy", {"logits": logits, "labels": y}), expected, rtol=1e-13
+        support.run_op("cross_entropy", {"logits": logits, "labels": y}), expected, rtol=1e-13
     )
 
 
@@ -378,12 +325,12 @@ def test_layer_norm_matches_formula():
     mu = x.mean(axis=(1, 2), keepdims=True)
     var = x.var(axis=(1, 2), keepdims=True)
     expected = (x - mu) / np.sqrt(var + 1e-5) * w + b
-    out = run_op("layer_norm", {"x": x, "weight": w, "bias": b})
+    out = support.run_op("layer_norm", {"x": x, "weight": w, "bias": b})
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_one_hot():
-    out = run_op(
+    out = support.run_op(
         "one_hot",
         {"i": np.array([[2, 0], [1, 2]], dtype=np.int32)},
         {"depth": 3, "dtype": "float64"},
@@ -471,18 +418,18 @@ def test_matches_torch(case_id, op, inputs, attrs, wrt):
     tensors = {k: torch.tensor(a, requires_grad=k in wrt) for k, a in inputs.items()}
     expected = _torch_call(torch, op, tensors, attrs)
     (expected * torch.tensor(weight)).sum().backward()
-    assert rel(out, expected.detach().numpy()) <= 1e-9
+    assert support.rel(out, expected.detach().numpy()) <= 1e-9
     for name in wrt:
-        assert rel(grads[name], tensors[name].grad.numpy()) <= 1e-9, name
+        assert support.rel(grads[name], tensors[name].grad.numpy()) <= 1e-9, name
 
 
 # --- dropout -------------------------------------------------------------------------------
 def test_dropout_mask_is_a_pure_function_of_seed_and_key():
     x = np.ones((50, 40))
-    first = run_op("dropout", {"x": x}, {"p": 0.5, "seed": 1, "key": "k"})
-    again = run_op("dropout", {"x": x}, {"p": 0.5, "seed": 1, "key": "k"}, name="other")
-    other_seed = run_op("dropout", {"x": x}, {"p": 0.5, "seed": 2, "key": "k"})
-    other_key = run_op("dropout", {"x": x}, {"p": 0.5, "seed": 1, "key": "k2"})
+    first = support.run_op("dropout", {"x": x}, {"p": 0.5, "seed": 1, "key": "k"})
+    again = support.run_op("dropout", {"x": x}, {"p": 0.5, "seed": 1, "key": "k"}, name="other")
+    other_seed = support.run_op("dropout", {"x": x}, {"p": 0.5, "seed": 2, "key": "k"})
+    other_key = support.run_op("dropout", {"x": x}, {"p": 0.5, "seed": 1, "key": "k2"})
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other_seed)
     assert not np.array_equal(first, other_key)
@@ -491,9 +438,9 @@ def test_dropout_mask_is_a_pure_function_of_seed_and_key():
 
 def test_dropout_key_defaults_to_the_node_name():
     x = np.ones((30, 30))
-    a = run_op("dropout", {"x": x}, {"seed": 4}, name="drop1")
-    b = run_op("dropout", {"x": x}, {"seed": 4}, name="drop2")
-    c = run_op("dropout", {"x": x}, {"seed": 4, "key": "drop1"}, name="drop2")
+    a = support.run_op("dropout", {"x": x}, {"seed": 4}, name="drop1")
+    b = support.run_op("dropout", {"x": x}, {"seed": 4}, name="drop2")
+    c = support.run_op("dropout", {"x": x}, {"seed": 4, "key": "drop1"}, name="drop2")
     assert not np.array_equal(a, b)
     np.testing.assert_array_equal(a, c)
 
@@ -501,7 +448,7 @@ def test_dropout_key_defaults_to_the_node_name():
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.75])
 def test_dropout_keep_fraction_and_scaling(p):
     x = np.full((200, 500), 2.0, dtype=np.float32)
-    out = run_op("dropout", {"x": x}, {"p": p, "seed": 9})
+    out = support.run_op("dropout", {"x": x}, {"p": p, "seed": 9})
     assert out.dtype == np.float32
     kept = out != 0
     assert abs(kept.mean() - (1 - p)) < 0.01
@@ -510,7 +457,7 @@ def test_dropout_keep_fraction_and_scaling(p):
 
 def test_dropout_p0_is_identity():
     x = normal(3, 4)
-    np.testing.assert_array_equal(run_op("dropout", {"x": x}, {"p": 0.0}), x)
+    np.testing.assert_array_equal(support.run_op("dropout", {"x": x}, {"p": 0.0}), x)
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -540,12 +487,12 @@ BAD = [
 @pytest.mark.parametrize("op, inputs, attrs, message", BAD, ids=[f"{b[0]}-{b[3]}" for b in BAD])
 def test_invalid_graphs_are_rejected_naming_the_node(op, inputs, attrs, message):
     with pytest.raises(InvalidArgument, match="node 'out'") as info:
-        run_op(op, inputs, attrs)
+        support.run_op(op, inputs, attrs)
     assert message in str(info.value)
 
 
 def test_out_of_range_labels_are_invalid_argument():
     with pytest.raises(InvalidArgument, match=r"node 'out'.*out of range"):
-        run_op("cross_entropy", {"l": normal(2, 3), "y": np.array([0, 3])})
+        support.run_op("cross_entropy", {"l": normal(2, 3), "y": np.array([0, 3])})
     with pytest.raises(InvalidArgument, match="node 'out'"):
-        run_op("cross_entropy", {"l": normal(2, 3), "y": np.array([-1, 0])})
+        support.run_op("cross_entropy", {"l": normal(2, 3), "y": np.array([-1, 0])})

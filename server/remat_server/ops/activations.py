@@ -1,0 +1,3 @@
+"""Activations: erf, gelu (exact and tanh forms), silu, clip, hardtanh, leaky_relu."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Fused scaled dot-product attention (mask, causal, scale, dropout)."""
+
+from __future__ import annotations

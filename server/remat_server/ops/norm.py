@@ -1,0 +1,3 @@
+"""Normalization ops: batch_norm (training and inference forms) and rms_norm."""
+
+from __future__ import annotations
