@@ -35,13 +35,19 @@ from remat_proto.v1 import graph_pb2
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-_BOOL_OPS = frozenset({"gt", "ge", "lt", "le", "eq"})
+_BOOL_OPS = frozenset(
+    {"gt", "ge", "lt", "le", "eq", "isnan", "isinf"}
+    | {"logical_not", "logical_and", "logical_or", "logical_xor"}
+)
+_INDEX_OPS = frozenset({"argmax", "argmin"})
 
 
 def result_dtype(op: str, attrs: dict, input_dtypes: list) -> str | None:
     """The dtype of an op's result, as far as the SDK needs it (for scalar constants)."""
     if op in _BOOL_OPS:
         return "bool"
+    if op in _INDEX_OPS:
+        return "int64"
     if op in ("cast", "one_hot"):
         return attrs.get("dtype", "float32")
     if op == "constant":
