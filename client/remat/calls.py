@@ -196,21 +196,34 @@ def start_in_process_server(config=None):
 # --- graphs ----------------------------------------------------------------------------------
 def with_graph(session: Session, graph: Graph, call) -> Flow:
     """`call(ref)`'s flow with the graph by id when this session has sent it, else
-    inline (which registers it); NOT_FOUND for an id resends it inline once."""
-    message, graph_id = graph.wire_form()
+    inline (which registers it); NOT_FOUND for an id resends it inline once. `graph`
+    is a `Graph` or an `OnnxModel`."""
+    graph_id = graph.graph_id
     if graph_id in session.sent:
         try:
             return (yield from call(executor_pb2.GraphRef(graph_id=graph_id)))
         except NotFoundError:
             session.sent.discard(graph_id)
-    result = yield from call(executor_pb2.GraphRef(graph=message))
+    result = yield from call(inline_ref(graph))
     session.sent.add(graph_id)
     return result
 
 
+def inline_ref(graph) -> executor_pb2.GraphRef:
+    """The graph itself as a reference: a Graph message, or an ONNX model's bytes."""
+    message, _ = graph.wire_form()
+    if isinstance(message, executor_pb2.OnnxModel):
+        return executor_pb2.GraphRef(onnx=message)
+    return executor_pb2.GraphRef(graph=message)
+
+
 def register(session: Session, graph: Graph) -> Flow:
-    message, graph_id = graph.wire_form()
-    response = yield Unary("RegisterGraph", executor_pb2.RegisterGraphRequest(graph=message))
+    message, _ = graph.wire_form()
+    if isinstance(message, executor_pb2.OnnxModel):
+        request = executor_pb2.RegisterGraphRequest(onnx=message)
+    else:
+        request = executor_pb2.RegisterGraphRequest(graph=message)
+    response = yield Unary("RegisterGraph", request)
     session.sent.add(response.graph_id)
     return response.graph_id
 
@@ -411,7 +424,7 @@ def compare_request(
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     chosen = compare.policy_list(policies)
     run_message, _ = run_request(
-        executor_pb2.GraphRef(graph=graph.wire_form()[0]),
+        inline_ref(graph),
         graph,
         inputs,
         wrt=list(wrt),

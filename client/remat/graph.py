@@ -193,8 +193,11 @@ class Graph:
         attrs: dict | None = None,
         name: str | None = None,
         dtype: str | None = None,
+        source: str | None = None,
     ) -> Node:
-        """Append a node running `op` (any op the server lists; see `remat ops`)."""
+        """Append a node running `op` (any op the server lists; see `remat ops`).
+        `source` says where the node came from in errors (default: the caller's
+        file:line; importers give the model's module path)."""
         handles = [self.lift(i) for i in inputs]
         for handle in handles:
             if handle.graph is not self:
@@ -204,7 +207,8 @@ class Graph:
         name = name or self._fresh(op)
         self._claim(name)
         attrs = {k: v for k, v in (attrs or {}).items() if v is not None}
-        self.nodes.append(NodeSpec(name, op, tuple(h.name for h in handles), attrs, _user_source()))
+        source = _user_source() if source is None else source
+        self.nodes.append(NodeSpec(name, op, tuple(h.name for h in handles), attrs, source))
         if dtype is None:
             dtype = result_dtype(op, attrs, [h.dtype for h in handles])
         return self._handle(name, op, dtype)

@@ -103,9 +103,11 @@ def relu(x, *, name=None):
     return op("relu", x, name=name)
 
 
-def gelu(x, *, name=None):
-    """GELU, tanh approximation (torch's approximate="tanh")."""
-    return op("gelu", x, name=name)
+def gelu(x, approximate: str = "tanh", *, name=None):
+    """GELU as torch.nn.functional.gelu: approximate="tanh" (the default here, unlike
+    torch's) or "none" for the exact x * Phi(x)."""
+    # The default is not sent: graphs built before the attr existed keep their bytes (id).
+    return op("gelu", x, approximate=None if approximate == "tanh" else approximate, name=name)
 
 
 def maximum(a, b, *, name=None):
@@ -246,15 +248,18 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, name=None):
     return op("layer_norm", x, weight, bias, eps=float(eps), name=name)
 
 
-def conv2d(x, w, stride=1, padding=0, dilation=1, *, name=None):
-    """2-D convolution, NCHW input and OIHW weight (add a bias by broadcasting)."""
+def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *, name=None):
+    """2-D convolution, NCHW input and (O, C / groups, kh, kw) weight, optional bias (O,);
+    torch.nn.functional.conv2d's argument order."""
     return op(
         "conv2d",
         x,
         w,
+        *([] if bias is None else [bias]),
         stride=_pair(stride),
         padding=_pair(padding),
         dilation=_pair(dilation),
+        groups=None if groups == 1 else int(groups),  # omitted: ungrouped graphs stay as they were
         name=name,
     )
 
@@ -289,24 +294,286 @@ def dropout(x, p: float = 0.5, seed: int = 0, *, name=None):
 
 
 # --- normalization ------------------------------------------------------------------------
+def batch_norm(x, weight, bias, running_mean, running_var, training=False, eps=1e-5, *, name=None):
+    """Per-channel normalization of x (N, C, *), then `* weight + bias` (all (C,)).
+    training=True uses the batch's mean and biased variance over every axis but 1 (and
+    differentiates through them); False uses running_mean/running_var. The running
+    statistics get no gradient and are not updated: see `batch_norm_running_stats`."""
+    return op(
+        "batch_norm",
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training=bool(training),
+        eps=float(eps),
+        name=name,
+    )
+
+
+def rms_norm(x, weight, eps=1e-6, *, name=None):
+    """x / sqrt(mean(x ** 2) + eps) * weight over the trailing weight.ndim axes."""
+    return op("rms_norm", x, weight, eps=float(eps), name=name)
+
+
+def batch_norm_running_stats(
+    x, running_mean, running_var, momentum=0.1, unbiased=True, *, name=None
+):
+    """The running statistics after one training-mode batch_norm step on x (N, C, *),
+    PyTorch's rule: new = (1 - momentum) * running + momentum * batch statistic, the
+    batch variance unbiased (n / (n - 1), n = x.size / C) when `unbiased`. Returns
+    (new_mean, new_var), named `<name>/mean` and `<name>/var` when `name` is given.
+
+        >>> import remat
+        >>> from remat.ops import batch_norm_running_stats
+        >>> g = remat.Graph()
+        >>> x = g.input("x", (8, 3, 4, 4), dtype="float64")
+        >>> mean = g.input("mean", (3,), dtype="float64")
+        >>> var = g.input("var", (3,), dtype="float64")
+        >>> new_mean, new_var = batch_norm_running_stats(x, mean, var, name="bn")
+        >>> new_var.name
+        'bn/var'
+    """
+    # The SDK knows no shapes, so the reduction over every axis but 1 is built without
+    # the rank: reversed, x is (*S, C, N) (S: the spatial axes reversed, maybe none);
+    # N sums away as the last axis and *S collapses into one axis of size 1 with a
+    # scatter_add at all-zero indices of shape S, taken from x itself.
+    xt = transpose(x)
+    first = take(xt, 0, axis=-2)  # (*S, N): channel 0
+    never = lt(first, first)  # all False, NaN included
+    count = sum(where(never, first, 1.0))  # n, values per channel
+    index = cast(take(never, 0, axis=-1), "int64")  # (*S) zeros
+
+    def channel_sum(v):  # (*S, C, N) -> (C,)
+        return sum(op("scatter_add", sum(v, axis=-1), index, axis=0, size=1), axis=0)
+
+    batch_mean = channel_sum(xt) / count
+    squares = channel_sum(square(xt - reshape(batch_mean, (-1, 1))))
+    batch_var = squares / (count - 1.0 if unbiased else count)
+    names = (None, None) if name is None else (f"{name}/mean", f"{name}/var")
+    return tuple(
+        add((1.0 - momentum) * running, momentum * batch, name=out)
+        for running, batch, out in zip((running_mean, running_var), (batch_mean, batch_var), names)
+    )
+
+
 # (end of normalization)
 
 
 # --- convolution (groups, bias, transposed) -----------------------------------------------
+def conv_transpose2d(
+    x, w, bias=None, stride=1, padding=0, output_padding=0, dilation=1, groups=1, *, name=None
+):
+    """Transposed convolution (conv2d's adjoint in x), torch.nn.functional.conv_transpose2d:
+    x (N, C_in, H, W), w (C_in, C_out / groups, kh, kw), optional bias (C_out,). Output
+    size (H - 1) * stride - 2 * padding + dilation * (kh - 1) + output_padding + 1.
+
+        >>> import remat
+        >>> g = remat.Graph()
+        >>> x, w = g.input("x", (1, 4, 8, 8)), g.input("w", (4, 2, 3, 3))
+        >>> remat.ops.conv_transpose2d(x, w, stride=2, padding=1, output_padding=1).op
+        'conv_transpose2d'
+    """
+    return op(
+        "conv_transpose2d",
+        x,
+        w,
+        *([] if bias is None else [bias]),
+        stride=_pair(stride),
+        padding=_pair(padding),
+        output_padding=_pair(output_padding),
+        dilation=_pair(dilation),
+        groups=int(groups),
+        name=name,
+    )
+
+
 # (end of convolution (groups, bias, transposed))
 
 
 # --- resizing and padding -----------------------------------------------------------------
+def upsample_nearest2d(x, size, *, name=None):
+    """Resize x (N, C, H, W) to `size` (an int or (H_out, W_out)) by copying the source
+    row floor(dst * in / out): F.interpolate(x, size, mode="nearest")."""
+    return op("upsample_nearest2d", x, size=_pair(size), name=name)
+
+
+def upsample_bilinear2d(x, size, align_corners=False, *, name=None):
+    """Bilinear resize of x (N, C, H, W) to `size` (an int or (H_out, W_out)), up or
+    down: F.interpolate(x, size, mode="bilinear", align_corners=align_corners).
+
+        >>> import remat
+        >>> g = remat.Graph()
+        >>> up = remat.ops.upsample_bilinear2d(g.input("x", (1, 3, 4, 4)), 8)
+        >>> g.nodes[-1].attrs
+        {'size': (8, 8), 'align_corners': False}
+    """
+    return op(
+        "upsample_bilinear2d", x, size=_pair(size), align_corners=bool(align_corners), name=name
+    )
+
+
+def pad(x, pads, mode="constant", value=0.0, *, name=None):
+    """Pad every axis of x by (begin, end) rows. `pads` is in ONNX order: all begins,
+    then all ends (2 * rank ints >= 0). mode "constant" fills with `value`, "reflect"
+    mirrors without repeating the edge (pad < size), "edge" repeats the edge row
+    (torch's "replicate"). torch's F.pad lists pairs from the last axis backwards:
+    F.pad(x, (1, 2)) on a 2-D x is pad(x, (0, 1, 0, 2)).
+
+        >>> import remat
+        >>> g = remat.Graph()
+        >>> padded = remat.ops.pad(g.input("x", (2, 3)), (0, 1, 0, 2), mode="reflect")
+        >>> g.nodes[-1].attrs["pads"]
+        (0, 1, 0, 2)
+    """
+    return op("pad", x, pads=tuple(int(p) for p in pads), mode=mode, value=float(value), name=name)
+
+
 # (end of resizing and padding)
 
 
 # --- activations --------------------------------------------------------------------------
+def erf(x, *, name=None):
+    """The error function (torch.erf, scipy.special.erf)."""
+    return op("erf", x, name=name)
+
+
+def silu(x, *, name=None):
+    """x * sigmoid(x) (SiLU, swish)."""
+    return op("silu", x, name=name)
+
+
+def clip(x, min: float | None = None, max: float | None = None, *, name=None):  # noqa: A002
+    """torch.clamp: bound x below by `min` and above by `max` (None: unbounded). The
+    gradient passes where min <= x <= max, bounds included.
+
+        >>> import remat
+        >>> g = remat.Graph()
+        >>> remat.ops.clip(g.input("x", (3,)), min=0.0).op
+        'clip'
+    """
+    return op(
+        "clip",
+        x,
+        min=None if min is None else float(min),
+        max=None if max is None else float(max),
+        name=name,
+    )
+
+
+def hardtanh(x, min_val: float = -1.0, max_val: float = 1.0, *, name=None):
+    """Clamp to [min_val, max_val]; the gradient passes only strictly inside (torch's
+    hardtanh). relu6 is hardtanh(x, 0.0, 6.0)."""
+    return op("hardtanh", x, min_val=float(min_val), max_val=float(max_val), name=name)
+
+
+def leaky_relu(x, negative_slope: float = 0.01, *, name=None):
+    """x where x > 0, else negative_slope * x (the gradient at 0 is negative_slope)."""
+    return op("leaky_relu", x, negative_slope=float(negative_slope), name=name)
+
+
 # (end of activations)
 
 
 # --- logical and arg reductions -----------------------------------------------------------
+def isnan(x, *, name=None):
+    """True where x is NaN (a bool tensor)."""
+    return op("isnan", x, name=name)
+
+
+def isinf(x, *, name=None):
+    """True where x is +inf or -inf (a bool tensor)."""
+    return op("isinf", x, name=name)
+
+
+def logical_not(x, *, name=None):
+    return op("logical_not", x, name=name)
+
+
+def logical_and(a, b, *, name=None):
+    """Elementwise and of two bool tensors, broadcasting."""
+    return op("logical_and", a, b, name=name)
+
+
+def logical_or(a, b, *, name=None):
+    return op("logical_or", a, b, name=name)
+
+
+def logical_xor(a, b, *, name=None):
+    return op("logical_xor", a, b, name=name)
+
+
+def min(x, axis=None, keepdims: bool = False, *, name=None):  # noqa: A001
+    """Minimum; tied minima share the gradient equally (like torch.amin)."""
+    return op("min", x, axes=_axes(axis), keepdims=keepdims, name=name)
+
+
+def argmax(x, axis: int, keepdims: bool = False, *, name=None):
+    """Index (int64) of the maximum along `axis`; ties give the first index, a NaN
+    counts as the maximum (torch.argmax, np.argmax).
+
+        >>> import remat
+        >>> g = remat.Graph()
+        >>> remat.ops.argmax(g.input("x", (2, 3)), axis=1).dtype
+        'int64'
+    """
+    return op("argmax", x, axis=axis, keepdims=keepdims, name=name)
+
+
+def argmin(x, axis: int, keepdims: bool = False, *, name=None):
+    """Index (int64) of the minimum along `axis`; ties give the first index, a NaN
+    counts as the minimum (torch.argmin, np.argmin)."""
+    return op("argmin", x, axis=axis, keepdims=keepdims, name=name)
+
+
 # (end of logical and arg reductions)
 
 
 # --- attention ----------------------------------------------------------------------------
+def scaled_dot_product_attention(
+    q,
+    k,
+    v,
+    mask=None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    *,
+    name=None,
+):
+    """softmax(scale * q @ k^T [masked]) @ v, fused: q (..., L, E), k (..., S, E),
+    v (..., S, Ev) -> (..., L, Ev), torch.nn.functional.scaled_dot_product_attention.
+
+    `mask` is bool (True = may attend) or float (added to the scores), broadcastable
+    to (..., L, S); `causal` lets query i attend keys j <= i; `scale` None means
+    1 / sqrt(E); dropout on the weights draws its mask from (seed, node name), so a
+    recomputation reproduces it. No (..., L, S) matrix is kept for the backward pass:
+    it recomputes the weights from q and k.
+
+        >>> import remat
+        >>> g = remat.Graph()
+        >>> q, k, v = g.input("q", (2, 4, 8)), g.input("k", (2, 6, 8)), g.input("v", (2, 6, 3))
+        >>> scaled_dot_product_attention(q, k, v, causal=True, name="attn").name
+        'attn'
+    """
+    inputs = [q, k, v]
+    if mask is not None:
+        import numpy as np  # only to keep a literal bool mask bool
+
+        like = next((x for x in inputs if isinstance(x, Node)), None)
+        bool_literal = not isinstance(mask, Node) and np.asarray(mask).dtype == np.bool_
+        inputs.append(_graph_of(*inputs, mask).lift(mask, like=None if bool_literal else like))
+    return op(
+        "scaled_dot_product_attention",
+        *inputs,
+        causal=bool(causal),
+        scale=0.0 if scale is None else float(scale),
+        dropout_p=float(dropout_p),
+        seed=int(seed),
+        name=name,
+    )
+
+
 # (end of attention)

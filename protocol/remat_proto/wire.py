@@ -214,9 +214,15 @@ def graph_from_proto(message: graph_pb2.Graph, tensor: TensorDecoder = _copy_ten
     return GraphSpec(message.name, inputs, nodes, outputs)
 
 
-def content_id(message: graph_pb2.Graph) -> str:
-    """A graph's id on every server: sha256 of its deterministic serialization."""
-    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+def content_id(message) -> str:
+    """The id every server knows a graph by: sha256 of its Graph message's deterministic
+    serialization. An OnnxModel's bytes are hashed after its type's name, so a model and
+    a graph can never share an id."""
+    data = message.SerializeToString(deterministic=True)
+    kind = message.DESCRIPTOR.full_name
+    if kind != "remat.v1.Graph":
+        data = kind.encode() + b"\0" + data
+    return hashlib.sha256(data).hexdigest()
 
 
 # --- policies --------------------------------------------------------------------------------

@@ -294,11 +294,31 @@ def test_pools_match_loop_reference(attrs):
     )
 
 
-def test_max_pool2d_ties_share_the_gradient():
-    x = np.ones((1, 1, 2, 2))
-    spec, feeds = support.op_graph("max_pool2d", {"x": x}, {"kernel": (2, 2)})
+@pytest.mark.parametrize(
+    "x, attrs",
+    [
+        (np.ones((1, 1, 2, 2)), {"kernel": (2, 2)}),  # all tied: the first tap takes it
+        # Overlapping windows with ties inside and across them, and padding.
+        (
+            np.array([[[[1.0, 3.0, 3.0], [3.0, 2.0, 3.0], [0.0, 3.0, 1.0]]]]),
+            {"kernel": (2, 2), "stride": (1, 1)},
+        ),
+        (
+            np.array([[[[2.0, 2.0, 1.0, 2.0], [2.0, 0.0, 2.0, 2.0]]]]),
+            {"kernel": (2, 2), "stride": (1, 2), "padding": (1, 1)},
+        ),
+    ],
+)
+def test_max_pool2d_ties_give_the_gradient_to_the_first_maximum_like_torch(x, attrs):
+    torch = pytest.importorskip("torch")
+    spec, feeds = support.op_graph("max_pool2d", {"x": x}, attrs)
     result = support.ENGINE.run(RunRequest(spec, feeds, wrt=("x",), loss="loss"))
-    np.testing.assert_allclose(result.grads["x"], np.full(x.shape, feeds["__weight"].item() / 4))
+    t = torch.tensor(x, requires_grad=True)
+    pooled = torch.nn.functional.max_pool2d(
+        t, attrs["kernel"], attrs.get("stride"), attrs.get("padding", 0)
+    )
+    (pooled * torch.tensor(feeds["__weight"])).sum().backward()
+    np.testing.assert_array_equal(result.grads["x"], t.grad.numpy())
 
 
 def test_softmax_family_is_stable_and_matches_formula():

@@ -9,18 +9,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GraphRef(_message.Message):
-    __slots__ = ("graph", "graph_id")
+    __slots__ = ("graph", "graph_id", "onnx")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    ONNX_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     graph_id: str
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ...) -> None: ...
+    onnx: OnnxModel
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., onnx: _Optional[_Union[OnnxModel, _Mapping]] = ...) -> None: ...
+
+class OnnxModel(_message.Message):
+    __slots__ = ("model", "dtype")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model: bytes
+    dtype: str
+    def __init__(self, model: _Optional[bytes] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class RegisterGraphRequest(_message.Message):
-    __slots__ = ("graph",)
+    __slots__ = ("graph", "onnx")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
+    ONNX_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ...) -> None: ...
+    onnx: OnnxModel
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., onnx: _Optional[_Union[OnnxModel, _Mapping]] = ...) -> None: ...
 
 class RegisterGraphResponse(_message.Message):
     __slots__ = ("graph_id",)

@@ -164,16 +164,16 @@ class GraphBuilder:
             ) from None
         if attrs:
             for attr_name, value in attrs.items():
-                # Every list attribute is per-axis, so the rank limit bounds its length;
-                # checked before any rule does arithmetic on a hostile list.
-                if isinstance(value, (tuple, list)) and len(value) > self.limits.max_rank:
+                # Every list attribute is per axis, or per axis and side (pad's begin and
+                # end pads), so the rank limit bounds its length; checked before any rule
+                # does arithmetic on a hostile list.
+                if isinstance(value, (tuple, list)) and len(value) > 2 * self.limits.max_rank:
                     raise self._invalid(
                         name,
                         op_name,
                         source,
-                        f"attribute '{attr_name}' has {len(value)} "
-                        f"entries; the rank limit is {self.limits.max_rank} (server flag "
-                        "--max-rank)",
+                        f"attribute '{attr_name}' has {len(value)} entries; at most twice the "
+                        f"rank limit {self.limits.max_rank} (server flag --max-rank)",
                     )
             full = complete_attrs(op, dict(attrs), name, _Label(name, op_name, source))
         elif op.attrs:
@@ -192,7 +192,7 @@ class GraphBuilder:
             check_shape(
                 op.workspace(*types, **full),
                 self.limits,
-                f"{_Label(name, op_name, source)}: its temporary (the padded input)",
+                f"{_Label(name, op_name, source)}: its largest temporary",
             )
         node = Node(
             name, op_name, inputs, MappingProxyType(full) if full else _NO_ATTRS, out, source

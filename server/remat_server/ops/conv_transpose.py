@@ -1,4 +1,192 @@
 """conv_transpose2d, the adjoint of conv2d: stride, padding, output_padding, dilation
-and groups as torch.nn.functional.conv_transpose2d."""
+and groups as torch.nn.functional.conv_transpose2d.
+
+conv2d gathers windows (unfold) and contracts them with the weight; its adjoint in x
+contracts with the weight's transpose and scatters back onto the windows (fold). So
+the forward is one GEMM per group and a fold onto the full, uncropped canvas, then a
+crop by `padding`; output_padding extends the far edges with rows and columns no
+window reaches (zeros, plus the bias). The VJP is conv2d for x and an unfold GEMM for w.
+"""
 
 from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import ShapeError
+from ..graph.ir import TensorType
+from . import rules
+from .conv import (
+    DILATION,
+    GROUPS,
+    NON_NEGATIVE,
+    PADDING,
+    STRIDE,
+    _batch_chunks,
+    _bias,
+    _bias_grad,
+    _fold,
+    _image,
+    _out_hw,
+    _pair,
+)
+from .registry import register
+
+
+def _geometry(hw, kernel, stride, padding, output_padding, dilation):
+    """(canvas, output) spatial sizes; the canvas holds every window uncropped."""
+    canvas = tuple(
+        (n - 1) * s + d * (k - 1) + 1 for n, k, s, d in zip(hw, kernel, stride, dilation)
+    )
+    out = tuple(c - 2 * p + e for c, p, e in zip(canvas, padding, output_padding))
+    return canvas, out
+
+
+def _infer(x, w, *bias, stride, padding, output_padding, dilation, groups):
+    _image(x)
+    rules.same_dtype(x, w)
+    if len(w.shape) != 4:
+        raise ShapeError(f"weight must be 4-D (C_in, C_out / groups, kh, kw), got shape {w.shape}")
+    if w.shape[0] != x.shape[1]:
+        raise ShapeError(
+            f"weight {w.shape} expects {w.shape[0]} input channels, "
+            f"the input {x.shape} has {x.shape[1]}"
+        )
+    if x.shape[1] % groups:
+        raise ShapeError(f"groups={groups} must divide the input channels ({x.shape[1]})")
+    if min(w.shape[2:]) < 1:
+        raise ShapeError(f"weight {w.shape} has an empty kernel")
+    if min(x.shape[2:]) < 1:
+        raise ShapeError(f"input {x.shape} has an empty spatial dimension")
+    if any(e >= max(s, d) for e, s, d in zip(output_padding, stride, dilation)):
+        raise ShapeError(
+            f"output padding must be smaller than either stride or dilation (per axis), "
+            f"got output_padding {tuple(output_padding)}, stride {tuple(stride)}, "
+            f"dilation {tuple(dilation)}"
+        )
+    c_out = w.shape[1] * groups
+    if bias:
+        _bias(bias[0], c_out, x)
+    _, out = _geometry(x.shape[2:], w.shape[2:], stride, padding, output_padding, dilation)
+    if min(out) < 1:
+        raise ShapeError(
+            f"input {x.shape} with kernel {w.shape[2:]}, stride {tuple(stride)}, dilation "
+            f"{tuple(dilation)} and padding {tuple(padding)}: output size would be {out}"
+        )
+    return TensorType((x.shape[0], c_out) + out, x.dtype)
+
+
+def _conv_transpose2d(x, w, *bias, stride, padding, output_padding, dilation, groups):
+    (n, c, h, wd), kernel = x.shape, w.shape[2:]
+    canvas_hw, out_hw = _geometry((h, wd), kernel, stride, padding, output_padding, dilation)
+    if c == groups:
+        canvas = _scatter_taps(x, w, canvas_hw, stride, dilation)
+    else:  # (G, C_out/G * K, C_in/G) @ (N, G, C_in/G, L): one batched GEMM, then col2im
+        cg, ogk = c // groups, math.prod(w.shape[1:])
+        wt = w.reshape(groups, cg, ogk).transpose(0, 2, 1)
+        cols = (wt @ x.reshape(n, groups, cg, h * wd)).reshape(n, groups * ogk, h * wd)
+        canvas = _fold(cols, canvas_hw, kernel, stride, (0, 0), dilation)
+    out = _crop(canvas, padding, out_hw)
+    if bias:
+        out += bias[0].reshape(-1, 1, 1)
+    return out
+
+
+def _scatter_taps(x, w, canvas_hw, stride, dilation):
+    """One input channel per group (depthwise): add each tap's scaled copy of x onto its
+    strided canvas positions; no kh*kw-times-the-output column matrix."""
+    (n, groups, h, wd), (og, kh, kw) = x.shape, w.shape[1:]
+    (sh, sw), (dh, dw) = stride, dilation
+    canvas = np.zeros((n, groups, og) + tuple(canvas_hw), dtype=x.dtype)
+    chunks = _batch_chunks(n, groups * og * h * wd)
+    tmp = np.empty((chunks[0].stop, groups, og, h, wd), dtype=x.dtype) if chunks else None
+    for rows in chunks:
+        part, xs = tmp[: rows.stop - rows.start], x[rows, :, None]
+        for i, j in np.ndindex(kh, kw):
+            np.multiply(xs, w[:, :, i, j, None, None], out=part)
+            canvas[
+                rows,
+                :,
+                :,
+                i * dh : i * dh + sh * (h - 1) + 1 : sh,
+                j * dw : j * dw + sw * (wd - 1) + 1 : sw,
+            ] += part
+    return canvas.reshape((n, groups * og) + tuple(canvas_hw))
+
+
+def _crop(canvas, padding, out_hw):
+    """Output rows p .. p + out of the canvas; rows past its end (output_padding beyond
+    padding) are zeros."""
+    (ph, pw), (ho, wo) = padding, out_hw
+    if (ph, pw) == (0, 0) and canvas.shape[2:] == (ho, wo):
+        return canvas
+    hh, ww = max(0, min(ho, canvas.shape[2] - ph)), max(0, min(wo, canvas.shape[3] - pw))
+    if (hh, ww) == (ho, wo):  # a copy, so the canvas is freed
+        return canvas[:, :, ph : ph + ho, pw : pw + wo].copy()
+    out = np.zeros(canvas.shape[:2] + (ho, wo), dtype=canvas.dtype)
+    out[:, :, :hh, :ww] = canvas[:, :, ph : ph + hh, pw : pw + ww]
+    return out
+
+
+def _workspace(x, w, *bias, stride, padding, output_padding, dilation, groups):
+    """The uncropped canvas, or the column matrix (N, C_out*kh*kw, H*W) when bigger."""
+    (n, c, h, wd), (_, og, kh, kw) = x.shape, w.shape
+    canvas_hw, _ = _geometry((h, wd), (kh, kw), stride, padding, output_padding, dilation)
+    canvas = (n, og * groups) + canvas_hw
+    if c == groups:  # taps scatter straight onto the canvas
+        return canvas
+    return max(canvas, (n, og * groups * kh * kw, h * wd), key=math.prod)
+
+
+def _vjp(e, g, out, x, w, *bias, stride, padding, output_padding, dilation, groups):
+    """dx = conv2d(g, w) over the same geometry; dw contracts x with unfold(g). When
+    output_padding >= stride (possible when dilation > stride), g has more windows than x
+    has pixels: the extra ones read only the zero rows output_padding added, so drop them."""
+    (n, c, h, wd), kernel = x.shape, w.shape[2:]
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    dx = _first_windows(e, e.conv2d(g, w, groups=groups, **geometry), (h, wd))
+    cols = e.unfold(g, kernel=kernel, **geometry)  # (N, C_out*K, windows)
+    ck = cols.shape[1]
+    windows = _out_hw(g.shape[2:], kernel, **geometry)
+    if windows != (h, wd):
+        cols = e.reshape(cols, shape=(n, ck) + windows)
+        cols = e.reshape(_first_windows(e, cols, (h, wd)), shape=(n, ck, h * wd))
+    xg = e.reshape(x, shape=(n, groups, c // groups, h * wd))
+    colsg = e.reshape(cols, shape=(n, groups, ck // groups, h * wd))
+    dw = e.sum(xg @ e.transpose(colsg, axes=(0, 1, 3, 2)), axes=(0,))  # (G, C_in/G, C_out/G*K)
+    return [dx, e.reshape(dw, shape=w.shape)] + [_bias_grad(e, g) for _ in bias]
+
+
+def _first_windows(e, t, hw):
+    """t (N, C, A, B) -> t[:, :, :hw[0], :hw[1]] when it has more."""
+    if tuple(t.shape[2:]) == tuple(hw):
+        return t
+    return e.slice(t, starts=(0, 0, 0, 0), stops=tuple(t.shape[:2]) + tuple(hw))
+
+
+def _cost(out, x, w, *bias, **attrs) -> int:
+    return 2 * x.size * math.prod(w.shape[1:]) + (out.size if bias else 0)
+
+
+register(
+    "conv_transpose2d",
+    family="conv",
+    inputs=(2, 3),
+    infer=_infer,
+    forward=_conv_transpose2d,
+    vjp=_vjp,
+    residuals="inputs",
+    cost=_cost,
+    workspace=_workspace,
+    attrs={
+        "stride": STRIDE,
+        "padding": PADDING,
+        "output_padding": _pair(rules.non_negative, NON_NEGATIVE, default=(0, 0)),
+        "dilation": DILATION,
+        "groups": GROUPS,
+    },
+    doc="Transposed convolution (conv2d's adjoint in x), x (N, C_in, H, W) with w "
+    "(C_in, C_out / groups, kh, kw), plus an optional bias (C_out,); "
+    "torch.nn.functional.conv_transpose2d.",
+)

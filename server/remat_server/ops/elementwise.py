@@ -152,24 +152,10 @@ def _select_grads(e, g, a, b, wins: str):
     return [g * a_share, g * (1.0 - a_share)]
 
 
-# --- transcendental and activations ---------------------------------------------
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
+# --- transcendental and activations (more in activations.py) -----------------------
 def _sigmoid(x):
     # tanh form: one transcendental, no overflow for large |x|.
     return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
-def _gelu(x):
-    # x * x * x, not x ** 3: NumPy's general power path is ~300x slower.
-    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * (x * x * x))))
-
-
-def _gelu_vjp(e, g, out, x):
-    t = e.tanh(_GELU_C * (x + 0.044715 * (x * x * x)))
-    dt = _GELU_C * (1.0 + (3 * 0.044715) * (x * x))
-    return [g * (0.5 * (1.0 + t) + (0.5 * x) * ((1.0 - t * t) * dt))]
 
 
 register(
@@ -225,16 +211,6 @@ register(
     vjp=lambda e, g, out, x: [g * e.cast(e.gt(x, e.const(0.0, x.dtype)), dtype=g.dtype)],
     residuals="inputs",
     cost=elementwise_cost(1),
-)
-register(
-    "gelu",
-    family="elementwise",
-    infer=rules.unary(FLOAT),
-    forward=_gelu,
-    vjp=_gelu_vjp,
-    residuals="inputs",
-    cost=elementwise_cost(20),
-    doc="GELU, tanh approximation.",
 )
 
 # --- selection, comparison, conversion, constants ---------------------------------

@@ -1,3 +1,192 @@
-"""Normalization ops: batch_norm (training and inference forms) and rms_norm."""
+"""Normalization ops: batch_norm (training and inference forms) and rms_norm.
+
+Both are native ops rather than composites: one node, one result buffer. The forwards
+reduce with `np.einsum`, which sums (and sums products) without materializing x * x,
+and finish the affine map in place in the result, so neither allocates a temporary of
+x's size. The VJPs recompute the per-channel (per-row) statistics from x with graph
+ops, so the backward pass differentiates again.
+
+Running-statistic updates are not part of batch_norm (one op, one output): the SDK's
+`batch_norm_running_stats` composite builds them from existing ops.
+"""
 
 from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from remat_proto import dtypes
+
+from ..errors import ShapeError
+from . import rules
+from .registry import Attr, elementwise_cost, register
+
+FLOAT = dtypes.FLOATS
+
+
+def _eps(default: float) -> Attr:
+    return Attr(
+        "float",
+        default=default,
+        check=lambda v: 0 <= v < math.inf,
+        requirement="must be finite and >= 0",
+        doc="Added to the variance (mean square) before the square root.",
+    )
+
+
+def _sum_except(a: np.ndarray, keep: list[int], b: np.ndarray | None = None) -> np.ndarray:
+    """sum(a) or sum(a * b) over every axis not in `keep`, with no temporary of a's size."""
+    axes = list(range(a.ndim))
+    return np.einsum(a, axes, keep) if b is None else np.einsum(a, axes, b, axes, keep)
+
+
+# --- batch_norm --------------------------------------------------------------------------
+# x (N, C, *) is normalized per channel (axis 1) over every other axis.
+def _bn_axes(ndim: int) -> tuple[int, ...]:
+    return (0, *range(2, ndim))
+
+
+def _per_channel(v, ndim: int):
+    """A (C,) vector as (1, C, 1, ...), broadcasting against x (NumPy array or Sym)."""
+    shape = (1, v.shape[0]) + (1,) * (ndim - 2)
+    return v.reshape(shape) if isinstance(v, np.ndarray) else v.e.reshape(v, shape=shape)
+
+
+def _batch_norm_infer(x, weight, bias, running_mean, running_var, training, eps):
+    rules.require_dtype(x, FLOAT)
+    rules.same_dtype(x, weight, bias, running_mean, running_var)
+    if len(x.shape) < 2:
+        raise ShapeError(f"x {x.shape} must have rank >= 2, laid out (N, C, *)")
+    channels = (x.shape[1],)
+    for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean)):
+        if t.shape != channels:
+            raise ShapeError(f"{what} {t.shape} must be (C,) = {channels} for x {x.shape}")
+    if running_var.shape != channels:
+        raise ShapeError(f"running_var {running_var.shape} must be (C,) = {channels}")
+    # torch.nn.functional.batch_norm refuses both: a batch variance can be 0.
+    if training and x.shape[1] and x.size == x.shape[1]:
+        raise ShapeError(f"expected more than 1 value per channel when training, got x {x.shape}")
+    if training and eps <= 0:
+        raise ShapeError(f"eps must be positive when training, got {eps}")
+    return x
+
+
+def _batch_norm(x, weight, bias, running_mean, running_var, training, eps):
+    if x.size == 0:
+        return np.empty(x.shape, dtype=x.dtype)
+    if not training:
+        # torch's transform: x * alpha + beta with per-channel alpha, beta.
+        alpha = weight / np.sqrt(running_var + eps)
+        out = np.multiply(x, _per_channel(alpha, x.ndim))
+        out += _per_channel(bias - running_mean * alpha, x.ndim)
+        return out
+    # Two passes, like torch's CPU kernel (one-pass sum/sum-of-squares cancels badly in
+    # float32 when var << mean^2): the mean reads x; the variance reads the centered
+    # values, which live in the result buffer and are then scaled and shifted in place.
+    n = x.size // x.shape[1]
+    out = np.subtract(x, _per_channel(_sum_except(x, [1]) / n, x.ndim))
+    var = _sum_except(out, [1], out) / n
+    out *= _per_channel(weight / np.sqrt(var + eps), x.ndim)
+    out += _per_channel(bias, x.ndim)
+    return out
+
+
+def _batch_norm_vjp(e, g, out, x, weight, bias, running_mean, running_var, training, eps):
+    axes = _bn_axes(x.ndim)
+
+    def mean(v):
+        return e.mean(v, axes=axes, keepdims=True)
+
+    if training:
+        xc = x - mean(x)
+        invstd = 1.0 / e.sqrt(mean(xc * xc) + eps)
+    else:
+        xc = x - _per_channel(running_mean, x.ndim)
+        invstd = 1.0 / e.sqrt(_per_channel(running_var, x.ndim) + eps)
+    xhat = xc * invstd
+    scale = _per_channel(weight, x.ndim) * invstd
+    # Training: the batch statistics depend on x, hence the two mean terms.
+    dx = scale * (g - mean(g) - xhat * mean(g * xhat)) if training else g * scale
+    # The gradients of the (C,) inputs reduce explicitly: C is axis 1, not a trailing
+    # axis, so autodiff's un-broadcasting could not find it.
+    return [dx, e.sum(g * xhat, axes=axes), e.sum(g, axes=axes), None, None]
+
+
+def _batch_norm_cost(out, *inputs, training, eps) -> int:
+    return (8 if training else 2) * out.size
+
+
+register(
+    "batch_norm",
+    family="norm",
+    inputs=5,
+    infer=_batch_norm_infer,
+    forward=_batch_norm,
+    vjp=_batch_norm_vjp,
+    # The per-channel mean and invstd are tiny, but they are not the op's result and
+    # the normalized x cannot be recovered from the output (it divides by weight, and
+    # zero-initialized weights are common), so the VJP recomputes them from x.
+    residuals="inputs",
+    cost=_batch_norm_cost,
+    no_grad=(3, 4),
+    attrs={
+        "training": Attr(
+            "bool",
+            default=False,
+            doc="Normalize with the batch's statistics (True) or the running ones (False).",
+        ),
+        "eps": _eps(1e-5),
+    },
+    doc="(x - mean) / sqrt(var + eps) * weight + bias per channel of x (N, C, *): the "
+    "batch's mean and biased variance when training, else running_mean/running_var.",
+)
+
+
+# --- rms_norm ----------------------------------------------------------------------------
+def _rms_norm_infer(x, weight, eps):
+    rules.require_dtype(x, FLOAT)
+    rules.same_dtype(x, weight)
+    k = len(weight.shape)
+    if k == 0 or k > len(x.shape) or x.shape[-k:] != weight.shape:
+        raise ShapeError(
+            f"weight {weight.shape} must be the trailing shape of x {x.shape} (rank >= 1)"
+        )
+    return x
+
+
+def _rms_norm(x, weight, eps):
+    keep = list(range(x.ndim - weight.ndim))
+    count = max(weight.size, 1)
+    ms = _sum_except(x, keep, x) / count
+    rstd = 1.0 / np.sqrt(ms + eps)
+    out = np.multiply(x, rstd.reshape(rstd.shape + (1,) * weight.ndim))
+    out *= weight
+    return out
+
+
+def _rms_norm_vjp(e, g, out, x, weight, eps):
+    axes = tuple(range(x.ndim - weight.ndim, x.ndim))
+
+    def mean(v):
+        return e.mean(v, axes=axes, keepdims=True)
+
+    rstd = 1.0 / e.sqrt(mean(x * x) + eps)
+    xhat = x * rstd
+    gw = g * weight
+    return [rstd * (gw - xhat * mean(gw * xhat)), g * xhat]  # autodiff sums weight's
+
+
+register(
+    "rms_norm",
+    family="norm",
+    inputs=2,
+    infer=_rms_norm_infer,
+    forward=_rms_norm,
+    vjp=_rms_norm_vjp,
+    residuals="inputs",  # as layer_norm: the VJP recomputes the mean square from x
+    cost=elementwise_cost(5),
+    attrs={"eps": _eps(1e-6)},
+    doc="x / sqrt(mean(x^2) + eps) * weight over the trailing weight.ndim axes "
+    "(torch.nn.functional.rms_norm with normalized_shape = weight.shape).",
+)

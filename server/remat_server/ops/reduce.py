@@ -57,8 +57,8 @@ def _mean_vjp(e, g, out, x, axes, keepdims):
     return [e.broadcast_to(_expand(e, g, x, axes) / float(max(count, 1)), shape=x.shape)]
 
 
-def _max_vjp(e, g, out, x, axes, keepdims):
-    # Ties share the gradient equally, as torch.amax does.
+def _extremum_vjp(e, g, out, x, axes, keepdims):
+    # max and min: ties share the gradient equally, as torch.amax and torch.amin do.
     mask = e.cast(e.eq(x, _expand(e, out, x, axes)), dtype=x.dtype)
     count = e.sum(mask, axes=axes, keepdims=True)
     return [mask * (_expand(e, g, x, axes) / count)]
@@ -103,9 +103,71 @@ register(
     infer=_infer(rules.NUMERIC, nonempty=True),
     normalize=_normalize,
     forward=lambda x, axes, keepdims: np.max(x, axis=axes, keepdims=keepdims),
-    vjp=_max_vjp,
+    vjp=_extremum_vjp,
     residuals="inputs+output",
     cost=_cost,
     attrs=AXES_ATTRS,
     doc="Maximum; tied maxima share the gradient equally (like torch.amax).",
 )
+register(
+    "min",
+    family="reduce",
+    infer=_infer(rules.NUMERIC, nonempty=True),
+    normalize=_normalize,
+    forward=lambda x, axes, keepdims: np.min(x, axis=axes, keepdims=keepdims),
+    vjp=_extremum_vjp,
+    residuals="inputs+output",
+    cost=_cost,
+    attrs=AXES_ATTRS,
+    doc="Minimum; tied minima share the gradient equally (like torch.amin).",
+)
+
+
+# --- argmax, argmin: int64 indices, no gradient ---------------------------------------
+# Ties give the first index, and a NaN counts as the extreme for both (the first NaN
+# wins): torch.argmax/argmin and np.argmax/argmin agree on both rules.
+ARG_ATTRS = {
+    "axis": Attr("int", doc="The axis searched; it is removed unless keepdims."),
+    "keepdims": Attr("bool", default=False),
+}
+
+
+def _arg_normalize(x: TensorType, axis, keepdims) -> dict:
+    # A 0-d tensor takes axis 0 or -1, as in torch (its only index is 0).
+    return {"axis": rules.normalize_axis(axis, max(len(x.shape), 1)), "keepdims": keepdims}
+
+
+def _arg_infer(x: TensorType, axis, keepdims) -> TensorType:
+    rules.require_dtype(x, rules.NUMERIC)
+    if not x.shape:
+        return TensorType((), "int64")
+    if x.shape[axis] == 0:
+        raise ShapeError(f"cannot search an empty axis {axis} of shape {x.shape}")
+    return TensorType(_reduced_shape(x.shape, (axis,), keepdims), "int64")
+
+
+def _arg(search):
+    def forward(x, axis, keepdims):
+        if x.ndim == 0:
+            return np.zeros((), np.int64)
+        return search(x, axis=axis, keepdims=keepdims).astype(np.int64, copy=False)
+
+    return forward
+
+
+for _name, _search, _extreme in (
+    ("argmax", np.argmax, "maximum"),
+    ("argmin", np.argmin, "minimum"),
+):
+    register(
+        _name,
+        family="reduce",
+        infer=_arg_infer,
+        normalize=_arg_normalize,
+        forward=_arg(_search),
+        vjp=None,
+        residuals="none",
+        cost=lambda out, x, axis, keepdims: x.size,
+        attrs=ARG_ATTRS,
+        doc=f"Index (int64) of the {_extreme} along `axis`; ties give the first index.",
+    )

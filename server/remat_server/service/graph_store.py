@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import threading
+import types
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import numpy as np
 
 from remat_proto.spec import GraphSpec
 
 from ..errors import NotFound
 
+NO_DEFAULTS: Mapping[str, np.ndarray] = types.MappingProxyType({})
+
+
+class Registered(NamedTuple):
+    """A graph the server knows: its content id, its spec and, for an ONNX model, the
+    values its initializer inputs take when a request does not send them."""
+
+    graph_id: str
+    spec: GraphSpec
+    defaults: Mapping[str, np.ndarray] = NO_DEFAULTS
+
 
 class GraphStore:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[GraphSpec, int]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[Registered, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._listeners: list[Callable[[int, int], None]] = []
@@ -28,12 +43,12 @@ class GraphStore:
             self._listeners.append(listener)
             listener(len(self._entries), self._bytes)
 
-    def put(self, graph_id: str, spec: GraphSpec, size: int) -> None:
+    def put(self, graph_id: str, entry: Registered, size: int) -> None:
         with self._lock:
             if graph_id in self._entries:
                 self._entries.move_to_end(graph_id)
                 return
-            self._entries[graph_id] = (spec, size)
+            self._entries[graph_id] = (entry, size)
             self._bytes += size
             while self._bytes > self.max_bytes and len(self._entries) > 1:
                 _, (_, evicted) = self._entries.popitem(last=False)
@@ -41,7 +56,7 @@ class GraphStore:
             for listener in self._listeners:
                 listener(len(self._entries), self._bytes)
 
-    def find(self, graph_id: str) -> GraphSpec | None:
+    def find(self, graph_id: str) -> Registered | None:
         """The graph under `graph_id` (now the most recently used), or None."""
         with self._lock:
             entry = self._entries.get(graph_id)
@@ -50,7 +65,7 @@ class GraphStore:
             self._entries.move_to_end(graph_id)
             return entry[0]
 
-    def get(self, graph_id: str) -> GraphSpec:
+    def get(self, graph_id: str) -> Registered:
         with self._lock:
             if graph_id not in self._entries:
                 raise NotFound(

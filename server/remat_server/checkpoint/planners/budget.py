@@ -44,7 +44,7 @@ from .heuristics import plan_every_k, plan_recompute_all, plan_save_ops, plan_sq
 from .revolve import plan_revolve
 from .store_all import plan_store_all
 
-EXPENSIVE_OPS = ("matmul", "conv2d")
+EXPENSIVE_OPS = ("matmul", "conv2d", "conv_transpose2d", "scaled_dot_product_attention")
 # Small joint graphs also get the exact MILP (policy Optimal) for a moment: there it
 # often finds schedules the structured searches miss (e.g. dropping an activation as
 # soon as its backward has read it), and its best incumbent is just one more candidate.
