@@ -194,7 +194,7 @@ CASES = [
     Case(
         "rank_over_limit_node",
         _one_node(node("r7", "reshape", ["x"], shape=ints(1, 1, 1, 1, 2, 3, 1))),
-        ("'r7'", "rank limit", "max-rank", SRC),
+        ("'r7'", "rank 7", "max-rank", SRC),
     ),
     # The tensor is decoded (and refused) before the graph is built.
     Case(

@@ -90,7 +90,7 @@ def test_ops_lists_matmul_and_conv2d():
     assert ops["matmul"]["gradient"] == "differentiable"
     assert ops["gt"]["gradient"] == "no gradient"
     assert ops["matmul"]["inputs"] == "2" and ops["concat"]["inputs"] == "1+"
-    assert ops["conv2d"]["attributes"] == "stride?, padding?, dilation?"
+    assert ops["conv2d"]["attributes"] == "stride?, padding?, dilation?, groups?"
     assert "attr? marks an optional attribute" in done.stdout
 
 
