@@ -30,6 +30,7 @@ from .errors import (
 )
 from .gradcheck import gradcheck, numeric_gradient
 from .graph import Graph, Node
+from .importers import from_torch
 from .ops import (
     abs,
     add,
@@ -122,7 +123,6 @@ __all__ = [
     "TLS",
     "AsyncClient",
     "from_torch",
-    "from_onnx",
     "Retry",
     "NO_RETRY",
     # errors
