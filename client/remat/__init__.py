@@ -31,6 +31,8 @@ from .errors import (
 from .gradcheck import gradcheck, numeric_gradient
 from .graph import Graph, Node
 from .importers import from_torch
+from .importers.onnx_model import from_onnx
+from .onnx_graph import OnnxModel
 from .ops import (
     abs,
     add,
@@ -109,6 +111,7 @@ __all__ = [
     # graphs and the client
     "Graph",
     "Node",
+    "OnnxModel",
     "Client",
     "RunResult",
     "Metrics",
@@ -123,6 +126,7 @@ __all__ = [
     "TLS",
     "AsyncClient",
     "from_torch",
+    "from_onnx",
     "Retry",
     "NO_RETRY",
     # errors

@@ -37,6 +37,8 @@ EXAMPLES = {
     "graph_refs": 300,
     "raw_streams": 500,
     "hostile_streams": 500,
+    "onnx_mutated": 600,
+    "onnx_models": 800,
 }
 CALL_TIMEOUT = 10.0  # seconds; a call that needs longer counts as a hang
 SLOW_CALL = 5.0  # no single hostile request may take this long (limits keep them small)
@@ -124,6 +126,31 @@ def _problem(outcome: Outcome) -> str:
     if outcome.seconds >= SLOW_CALL:
         return f"a slow answer ({outcome.seconds:.1f} s)"
     return ""
+
+
+# --- byte mutations ------------------------------------------------------------------------
+@st.composite
+def mutated(draw, seed: bytes) -> bytes:
+    """`seed` with one to four bytes flipped, set, cut, inserted, repeated or deleted:
+    most still parse, so they reach the checks behind the parser."""
+    data = bytearray(seed)
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["flip", "set", "cut", "insert", "repeat", "delete"]))
+        at = draw(st.integers(0, len(data)))
+        if kind == "flip" and at < len(data):
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set" and at < len(data):
+            data[at] = draw(st.sampled_from([0x00, 0x7F, 0x80, 0xFF, 0x0A, 0x12, 0x1A]))
+        elif kind == "cut":
+            del data[at:]
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=12))
+        elif kind == "repeat":
+            end = draw(st.integers(at, min(len(data), at + 64)))
+            data[at:at] = data[at:end]
+        elif kind == "delete":
+            del data[at : at + draw(st.integers(1, 8))]
+    return bytes(data)
 
 
 # --- the known-good request --------------------------------------------------------------

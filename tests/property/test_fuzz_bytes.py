@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from fuzz_support import Checkpointed, Tally, W, X, check_answer, fuzz_settings, mlp_graph, tensor
+from fuzz_support import (
+    Checkpointed,
+    Tally,
+    W,
+    X,
+    check_answer,
+    fuzz_settings,
+    mlp_graph,
+    mutated,
+    tensor,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -50,28 +60,6 @@ SEEDS = {
     ),
 }
 SEED_BYTES = {rpc: message.SerializeToString() for rpc, message in SEEDS.items()}
-
-
-@st.composite
-def mutated(draw, seed: bytes) -> bytes:
-    data = bytearray(seed)
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["flip", "set", "cut", "insert", "repeat", "delete"]))
-        at = draw(st.integers(0, len(data)))
-        if kind == "flip" and at < len(data):
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "set" and at < len(data):
-            data[at] = draw(st.sampled_from([0x00, 0x7F, 0x80, 0xFF, 0x0A, 0x12, 0x1A]))
-        elif kind == "cut":
-            del data[at:]
-        elif kind == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=12))
-        elif kind == "repeat":
-            end = draw(st.integers(at, min(len(data), at + 64)))
-            data[at:at] = data[at:end]
-        elif kind == "delete":
-            del data[at : at + draw(st.integers(1, 8))]
-    return bytes(data)
 
 
 @pytest.mark.parametrize("rpc", RPCS)

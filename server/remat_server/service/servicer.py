@@ -15,7 +15,6 @@ import grpc
 
 from remat_proto import metadata
 from remat_proto.policies import Auto, StoreAll, label
-from remat_proto.spec import GraphSpec
 from remat_proto.v1 import executor_pb2, executor_pb2_grpc
 
 from ..engine import Engine, RunRequest, gc_pause, max_abs_diff
@@ -23,9 +22,9 @@ from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, RematError, R
 from ..ops import REGISTRY
 from ..runtime import allocator
 from ..runtime.buffers import BufferPool
-from . import codec, streaming
+from . import codec, onnx_models, streaming
 from .admission import MemoryAdmission
-from .graph_store import GraphStore
+from .graph_store import GraphStore, Registered
 
 log = logging.getLogger(__name__)
 
@@ -99,54 +98,77 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self.max_message_bytes = max_message_bytes
         self.max_upload_seconds = max_upload_seconds
 
-    def _graph(self, ref: executor_pb2.GraphRef) -> tuple[str, GraphSpec]:
-        """(content id, spec) of the graph a request refers to."""
+    def _graph(self, ref: executor_pb2.GraphRef) -> Registered:
+        """The graph a request refers to: registered, inline or an ONNX model."""
         kind = ref.WhichOneof("kind")
         if kind == "graph_id":
             if not ref.graph_id:  # set but empty: a malformed request, not a missing graph
                 raise InvalidArgument("graph: graph_id is empty")
-            return ref.graph_id, self.store.get(ref.graph_id)
+            return self.store.get(ref.graph_id)
+        if kind == "onnx":
+            return self._store_onnx(ref.onnx)
         if kind is None:
-            raise InvalidArgument("graph: send a graph inline or a graph_id")
+            raise InvalidArgument("graph: send a graph inline, a graph_id or an ONNX model")
         return self._store(ref.graph)
 
-    def _store(self, message) -> tuple[str, GraphSpec]:
+    def _store(self, message) -> Registered:
         """Parse and validate a graph, and keep it in the registry under its content id:
         an inline graph registers itself, so a client that got NOT_FOUND from this
         replica (evicted, or registered on another one) resends it once, not once per
         call. A graph the registry already holds is neither parsed nor validated again."""
         graph_id = codec.content_id(message)
-        spec = self.store.find(graph_id)
-        if spec is None:
+        found = self.store.find(graph_id)
+        if found is None:
             with gc_pause.paused(len(message.nodes)):  # a few objects per node, no garbage
                 spec = codec.graph_from_proto(message, self.engine.limits)
             self.engine.validate(spec, graph_id)
-            self.store.put(graph_id, spec, message.ByteSize())
-        return graph_id, spec
+            found = Registered(graph_id, spec)
+            self.store.put(graph_id, found, message.ByteSize())
+        return found
+
+    def _store_onnx(self, message: executor_pb2.OnnxModel) -> Registered:
+        """Convert an ONNX model (limits checked before any work) and register it like
+        an inline graph, with its initializers' values as the inputs' defaults."""
+        graph_id = codec.content_id(message)
+        found = self.store.find(graph_id)
+        if found is None:
+            spec, defaults = onnx_models.convert(message, self.engine.limits)
+            self.engine.validate(spec, graph_id)
+            found = Registered(graph_id, spec, defaults)
+            self.store.put(graph_id, found, message.ByteSize())
+        return found
 
     @_status
     def RegisterGraph(self, request, context):
-        graph_id, _ = self._store(request.graph)
-        return executor_pb2.RegisterGraphResponse(graph_id=graph_id)
+        if request.HasField("onnx"):
+            if request.HasField("graph"):
+                raise InvalidArgument("RegisterGraph: send a graph or an ONNX model, not both")
+            registered = self._store_onnx(request.onnx)
+        else:
+            registered = self._store(request.graph)
+        return executor_pb2.RegisterGraphResponse(graph_id=registered.graph_id)
 
     def _run_request(
         self,
         request: executor_pb2.RunRequest,
         policy=None,
         tensors: tuple[dict, dict] | None = None,
-        graph: tuple[str, GraphSpec] | None = None,
+        graph: Registered | None = None,
     ) -> RunRequest:
-        """The domain request; `tensors` (inputs, cotangents) and `graph` (id, spec)
-        when already decoded."""
+        """The domain request; `tensors` (inputs, cotangents) and `graph` when already
+        decoded. Inputs the request leaves out take the graph's defaults (an ONNX
+        model's initializers)."""
         # The fields that are set, read in one call: on a freshly parsed message every
         # attribute access builds a wrapper (a few microseconds a request).
         fields = {f.name: value for f, value in request.ListFields()}
         limits = self.engine.limits
-        graph_id, spec = graph or self._graph(fields.get("graph", _NO_GRAPH))
+        graph_id, spec, defaults = graph or self._graph(fields.get("graph", _NO_GRAPH))
         inputs, cotangents = tensors or (
             codec.tensors_to_arrays(fields.get("inputs", {}), limits, "input"),
             codec.tensors_to_arrays(fields.get("cotangents", {}), limits, "cotangent"),
         )
+        if defaults:
+            inputs = {**{k: v for k, v in defaults.items() if k not in inputs}, **inputs}
         if policy is None:
             policy = codec.policy_from_proto(fields["policy"]) if "policy" in fields else _AUTO
         return RunRequest(
@@ -278,7 +300,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     @_status
     def Differentiate(self, request, context):
         shapes = {name: tuple(dims.values) for name, dims in request.input_shapes.items()}
-        graph_id, spec = self._graph(request.graph)
+        graph_id, spec, _ = self._graph(request.graph)
         joint = self.engine.differentiate(
             spec, tuple(request.wrt), request.loss, shapes, graph_id=graph_id
         )
@@ -289,7 +311,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     @_status
     def Plan(self, request, context):
         shapes = {name: tuple(dims.values) for name, dims in request.input_shapes.items()}
-        graph_id, spec = self._graph(request.graph)
+        graph_id, spec, _ = self._graph(request.graph)
         planned = self.engine.plan(
             spec,
             graph_id=graph_id,
