@@ -1,5 +1,5 @@
 """The ATen op table, continued: convolution, pooling, resizing, padding, normalization,
-softmax, attention and losses (registered into `aten_ops.HANDLERS` on import).
+softmax, attention and losses (registered into `aten_table.HANDLERS` on import).
 
 remat's max_pool2d sends a window's gradient to its first maximum, as torch does (ReLU
 before pooling makes ties common); only a pooling whose indices are used is imported
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .aten_ops import _dim, _out_shape, _reshape, aten
+from .aten_table import _dim, _out_shape, _reshape, aten
 from .torch_values import Tensor, Unsupported, remat_dtype
 
 

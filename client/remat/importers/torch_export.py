@@ -11,7 +11,7 @@ still whole ops) and its graph is walked node by node:
 - anything that depends on no input (arange, full, masks built from them, shape
   arithmetic, lifted tensor constants) is folded at import by running the ATen op
   itself, so its value is exactly torch's and none of it is sent as work;
-- every other node is mapped onto remat ops by the table in `aten_ops`, choosing the
+- every other node is mapped onto remat ops by the table in `aten_table`, choosing the
   mapping whose derivative follows PyTorch where the math leaves it open (first-index
   max pooling and torch.max(dim), clamp's inclusive bounds, ReLU at 0);
 - in-place ops rebind the value they mutate; buffers a training step mutates
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..graph import Graph, Node
-from . import aten_nn, aten_ops  # noqa: F401 - aten_nn registers its handlers
+from . import aten_math, aten_nn, aten_shape, aten_table  # noqa: F401 (registration)
 from .torch_values import Tensor, Unsupported, remat_dtype
 
 INSTALL_HINT = 'from_torch needs PyTorch: pip install "remat[torch]"'
@@ -137,7 +137,7 @@ def from_torch(module, args, kwargs=None, *, seed: int = 0, name: str | None = N
         args = (args,)
     exported = torch.export.export(module, tuple(args), dict(kwargs or {}))
     graph_name = name or type(module).__name__
-    return _Importer(torch, exported, aten_ops, seed, graph_name, type(module).__name__).run()
+    return _Importer(torch, exported, aten_table, seed, graph_name, type(module).__name__).run()
 
 
 class _Importer:

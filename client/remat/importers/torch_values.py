@@ -1,4 +1,4 @@
-"""The values `from_torch` passes between its walk and its op table (`aten_ops`,
+"""The values `from_torch` passes between its walk and its op table (`aten_table`,
 `aten_nn`): graph-computed tensors with torch's shape and dtype, and the exception a
 handler raises for a form of an op it cannot import."""
 
