@@ -5,8 +5,15 @@ REMAT_MEMORY_BUDGET_BYTES=1073741824 remat serve   # any serve flag, from the en
 remat health --target 127.0.0.1:50051               # exit 0 if SERVING (Docker HEALTHCHECK)
 remat demo
 remat compare --plot policies.png --trace policies.json
+remat compare --onnx model.onnx --batch 16          # your model, as an ONNX file
+remat compare --torch examples/resnet_factory.py:make_model  # or a PyTorch factory
 remat plan --policy sqrt
+remat plan --torch my_models:make_model --policy budget:0.5
 remat ops
+
+compare and plan run a sample model (--model), a saved graph (--graph FILE), an ONNX
+model (--onnx FILE) or the PyTorch module that FACTORY() returns with its example
+inputs (--torch MODULE:FACTORY); see `remat compare --help`.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 
 from remat_proto.arguments import positive
 
-from . import cli_compare, cli_health, cli_output
+from . import cli_compare, cli_health, cli_models, cli_output
 
 DEMO_LAYERS, DEMO_BATCH = cli_compare.MLP_LAYERS, cli_compare.MLP_BATCH
 DEMO_POLICIES = ("store_all", "sqrt", "revolve:4", "recompute_all")
@@ -91,7 +98,7 @@ def _plan(args) -> int:
 
     try:
         load = cli_compare.workload(args, args.parser)
-    except cli_compare.WorkloadError as error:
+    except cli_models.WorkloadError as error:
         print(f"remat plan: error: {error}", file=sys.stderr)
         return 1
     policy_label = remat.policies.label(args.policy)
@@ -204,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser(
         "plan",
-        help="dry-run a sample model under a policy: predicted "
-        "peak memory, FLOPs and recomputation, no tensors sent",
+        help="dry-run a model (a sample, a saved graph, an ONNX file or a PyTorch "
+        "module) under a policy: predicted peak memory, FLOPs and recomputation, no "
+        "tensors sent",
     )
     plan.add_argument(
         "--policy",

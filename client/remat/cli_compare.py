@@ -4,12 +4,12 @@
     remat compare --model unet --plot out.png --trace out.json
     remat compare --sweep                           # budget at fractions 0.9 ... 0.1
     remat compare --graph model.pb --loss loss --policies sqrt dtr:0.4
-    remat compare --json > rows.json
+    remat compare --onnx model.onnx --batch 16
+    remat compare --torch examples/resnet_factory.py:make_model --json > rows.json
 
-A workload is a sample model (`--model`) or a saved graph (`--graph FILE`, the
-`remat.v1.Graph` message in binary or JSON form, told apart by content). A saved graph
-runs on seeded random inputs of its declared shapes: float inputs standard normal,
-integer inputs zeros, bool inputs False, a leading -1 dimension bound to `--batch`.
+A workload is a sample model (`--model`) or the user's own: a saved graph (`--graph
+FILE`) or an ONNX model (`--onnx FILE`), see `cli_models`, or the PyTorch module a
+factory returns (`--torch MODULE:FACTORY`), see `cli_torch`.
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 
 from remat_proto.arguments import positive
 
+from . import cli_models, cli_torch
+from .cli_models import GRAPH_BATCH, Workload, WorkloadError
 from .cli_output import Progress, print_table
 
 MODELS = ("mlp", "transformer", "cnn", "unet")
 MLP_LAYERS, MLP_WIDTH, MLP_BATCH = 16, 64, 1024
 DEFAULT_BATCH = {"mlp": MLP_BATCH, "transformer": 4, "cnn": 8, "unet": 8}
-GRAPH_BATCH = 8  # a saved graph's leading -1 dimension, unless --batch
+OWN = ("graph", "onnx", "torch")  # the sources --wrt and --loss apply to
 DEFAULT_POLICIES = (
     "store_all",
     "sqrt",
@@ -43,19 +41,6 @@ DEFAULT_POLICIES = (
 SWEEP = (0.9, 0.7, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1)
 
 
-class WorkloadError(Exception):
-    """The workload cannot be built (unreadable graph file, no loss...): exit 1."""
-
-
-@dataclass
-class Workload:
-    graph: Any  # remat.Graph
-    inputs: dict[str, np.ndarray]
-    wrt: list[str]
-    loss: str
-    description: str
-
-
 # --- workloads -----------------------------------------------------------------------------
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
@@ -66,12 +51,27 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         help="a saved graph: the remat.v1.Graph message, binary "
         "(graph.to_proto().SerializeToString()) or JSON (graph.to_json())",
     )
+    source.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="an ONNX model (remat.from_onnx): its initializers keep their values, "
+        "the other inputs are seeded random",
+    )
+    source.add_argument(
+        "--torch",
+        metavar="MODULE:FACTORY",
+        type=cli_torch.factory_spec,
+        help="a PyTorch model (remat.from_torch): FACTORY() from MODULE (on sys.path or "
+        "in the current directory, or a file.py) returns (module, example_args) or "
+        "(module, example_args, example_kwargs)",
+    )
     parser.add_argument(
         "--batch",
         type=positive,
         metavar="N",
         help=f"batch size (default: mlp {MLP_BATCH}, transformer 4, cnn 8, unet 8; "
-        f"a saved graph's leading -1 dimension: {GRAPH_BATCH})",
+        f"a saved graph's leading -1 dimension or an ONNX model's dynamic batch "
+        f"dimension: {GRAPH_BATCH}; not --torch, whose example inputs fix it)",
     )
     parser.add_argument(
         "--layers", type=positive, metavar="N", help=f"mlp linear layers (default {MLP_LAYERS})"
@@ -80,13 +80,17 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         "--wrt",
         nargs="+",
         metavar="INPUT",
-        help="--graph: inputs to differentiate (default: every float input)",
+        help="--graph, --onnx, --torch: inputs to differentiate (default: every float "
+        "input; --torch: the parameters that require grad, not buffers, and the float "
+        "example inputs)",
     )
     parser.add_argument(
         "--loss",
         metavar="OUTPUT",
-        help="--graph: the scalar output to differentiate (default: the only "
-        "output, or the one named 'loss')",
+        help="--graph, --onnx, --torch: the scalar output to differentiate (default: "
+        "--graph: the only output, or the one named 'loss'; --onnx, --torch: the scalar "
+        "output named 'loss' or the only scalar one, else an added loss, the sum of "
+        "mean(output**2) over the float outputs)",
     )
 
 
@@ -100,104 +104,39 @@ def mlp(batch: int, layers: int = MLP_LAYERS, width: int = MLP_WIDTH):
 
 def workload(args, parser: argparse.ArgumentParser) -> Workload:
     """The graph, inputs, wrt and loss the arguments name; usage errors exit 2 through
-    `parser.error`, a bad graph file raises WorkloadError."""
-    import remat
-
-    if args.graph is None:
+    `parser.error`, a bad file or factory raises WorkloadError."""
+    own = next((flag for flag in OWN if getattr(args, flag) is not None), None)
+    if own is None:
         for flag in ("wrt", "loss"):
             if getattr(args, flag):
-                parser.error(f"--{flag} applies to --graph only")
-    model_name = args.model or "mlp"
-    if args.layers is not None and (args.graph or model_name != "mlp"):
+                parser.error(f"--{flag} applies to --graph, --onnx and --torch only")
+    if args.layers is not None and (own or (args.model or "mlp") != "mlp"):
         parser.error("--layers applies to --model mlp only")
-    if args.graph is not None:
-        return graph_workload(args.graph, batch=args.batch, wrt=args.wrt, loss=args.loss)
-    batch = args.batch or DEFAULT_BATCH[model_name]
-    if model_name == "mlp":
-        layers = args.layers or MLP_LAYERS
+    if own == "torch" and args.batch is not None:
+        parser.error("--batch does not apply to --torch: the factory's example inputs fix it")
+    if own == "graph":
+        return cli_models.graph_workload(args.graph, batch=args.batch, wrt=args.wrt, loss=args.loss)
+    if own == "onnx":
+        return cli_models.onnx_workload(args.onnx, batch=args.batch, wrt=args.wrt, loss=args.loss)
+    if own == "torch":
+        return cli_torch.torch_workload(args.torch, wrt=args.wrt, loss=args.loss)
+    return sample_workload(args.model or "mlp", args.batch, args.layers)
+
+
+def sample_workload(name: str, batch: int | None, layers: int | None) -> Workload:
+    import remat
+
+    batch = batch or DEFAULT_BATCH[name]
+    if name == "mlp":
+        layers = layers or MLP_LAYERS
         model, what = mlp(batch, layers), f"mlp ({layers} layers)"
-    elif model_name == "transformer":
+    elif name == "transformer":
         model, what = remat.models.transformer_block(batch=batch), "transformer block"
-    elif model_name == "cnn":
+    elif name == "cnn":
         model, what = remat.models.cnn(batch=batch), "cnn"
     else:
         model, what = remat.models.unet(batch=batch, image=32), "unet (3 levels, 32x32)"
     return Workload(model.graph, model.inputs, model.wrt, model.loss, f"{what}, batch {batch}")
-
-
-def load_graph(path: str):
-    """A remat.Graph from a file holding the Graph message, binary or JSON."""
-    from remat import wire
-
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as error:
-        raise WorkloadError(f"cannot read graph file {path}: {error.strerror}") from None
-    if not data.strip():
-        raise WorkloadError(f"graph file {path} is empty")
-    try:
-        return wire.graph_from_bytes(data)
-    except ValueError as error:
-        raise WorkloadError(f"{path} {error}") from None
-
-
-def random_inputs(graph, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs of the declared shapes: floats standard normal, integers zeros
-    (valid labels and indices), bools False; a leading -1 dimension is `batch`."""
-    rng = np.random.default_rng(seed)
-    inputs = {}
-    for item in graph.inputs:
-        shape = tuple(batch if (i == 0 and d == -1) else d for i, d in enumerate(item.shape))
-        if any(d < 0 for d in shape):
-            raise WorkloadError(
-                f"input {item.name!r} has shape {item.shape}: only a leading "
-                "-1 (batch) dimension can be bound"
-            )
-        if item.dtype.startswith("float"):
-            inputs[item.name] = rng.standard_normal(shape).astype(item.dtype)
-        else:
-            inputs[item.name] = np.zeros(shape, item.dtype)
-    return inputs
-
-
-def graph_workload(path: str, *, batch: int | None, wrt, loss) -> Workload:
-    graph = load_graph(path)
-    declared = {item.name: item.dtype for item in graph.inputs}
-    if wrt:
-        unknown = [name for name in wrt if name not in declared]
-        if unknown:
-            raise WorkloadError(
-                f"--wrt {', '.join(unknown)}: not an input of the graph "
-                f"(inputs: {', '.join(declared) or 'none'})"
-            )
-    else:
-        wrt = [name for name, dtype in declared.items() if dtype.startswith("float")]
-        if not wrt:
-            raise WorkloadError(f"graph {graph.name!r} has no float input to differentiate")
-    outputs = graph.output_names
-    if loss is None:
-        if len(outputs) == 1:
-            loss = outputs[0]
-        elif "loss" in outputs:
-            loss = "loss"
-        else:
-            raise WorkloadError(
-                f"graph {graph.name!r} has outputs {', '.join(outputs)}: "
-                "choose the loss with --loss"
-            )
-    elif loss not in outputs:
-        raise WorkloadError(
-            f"--loss {loss}: not an output of the graph (outputs: {', '.join(outputs)})"
-        )
-    batch = batch or GRAPH_BATCH
-    batched = any(item.shape[:1] == (-1,) for item in graph.inputs)
-    description = (
-        f"graph {graph.name!r} from {path} ({len(graph.nodes)} nodes"
-        + (f", batch {batch}" if batched else "")
-        + f"), loss {loss!r}"
-    )
-    return Workload(graph, random_inputs(graph, batch), list(wrt), loss, description)
 
 
 # --- remat compare -------------------------------------------------------------------------
@@ -318,7 +257,8 @@ def register(sub, policy_type) -> None:
 
     compare = sub.add_parser(
         "compare",
-        help="run a model (or a saved graph) under several checkpoint policies "
+        help="run a model (a sample, a saved graph, an ONNX file or a PyTorch module) "
+        "under several checkpoint policies "
         "and compare peak memory, recomputation and time",
         description="Run one workload under store_all (the baseline, always first) and "
         "each policy, on an in-process server unless --target. Prints a table (or "

@@ -80,6 +80,9 @@ POOL = {
     "img": ([1, 2, 5, 5], F64),
     "k": ([3, 2, 2, 2], F64),
     "cols": ([1, 8, 16], F64),
+    "kt": ([2, 3, 2, 2], F64),  # conv_transpose2d's (C_in, C_out / groups, kh, kw) for img
+    "ch": ([2], F64),  # per-channel statistics of img
+    "q": ([1, 2, 3, 4], F64),  # attention's (batch, heads, sequence, features)
 }
 POOL_NAMES = sorted(POOL)
 # Inputs that fit an op (else any from the pool, in the op's arity).
@@ -101,6 +104,13 @@ FITS = {
     "constant": [],
     "cast": ["x"],
     "concat": ["x", "f"],
+    "conv_transpose2d": ["img", "kt"],
+    "batch_norm": ["img", "ch", "ch", "ch", "ch"],
+    "rms_norm": ["x", "v"],
+    "scaled_dot_product_attention": ["q", "q", "q"],
+    "upsample_nearest2d": ["img"],
+    "upsample_bilinear2d": ["img"],
+    "pad": ["img"],
 }
 
 

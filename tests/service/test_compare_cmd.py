@@ -249,7 +249,7 @@ def test_usage_and_missing_file_errors(tmp_path):
         (("--plot", "out.txt"), "--plot FILE must end in"),
         (("--policies", "budget:lots"), "argument --policies"),
         (("--model", "mlp", "--graph", "g.pb"), "not allowed with"),
-        (("--loss", "loss"), "--loss applies to --graph only"),
+        (("--loss", "loss"), "--loss applies to --graph, --onnx and --torch only"),
     ]:
         done = run_cli("compare", *args)
         assert done.returncode == 2, (args, done.stderr)
