@@ -111,6 +111,19 @@ FITS = {
     "upsample_nearest2d": ["img"],
     "upsample_bilinear2d": ["img"],
     "pad": ["img"],
+    # The gradient ops VJPs emit (cotangent last), reachable by any client too.
+    **dict.fromkeys(
+        ["erf_grad", "gelu_grad", "leaky_relu_grad", "sigmoid_grad", "silu_grad", "tanh_grad"],
+        ["x", "x"],
+    ),
+    **dict.fromkeys(["softmax_grad", "log_softmax_grad"], ["x", "x"]),
+    **dict.fromkeys(["layer_norm_grad", "rms_norm_grad"], ["x", "v", "x"]),
+    **dict.fromkeys(["layer_norm_weight_grad", "rms_norm_weight_grad"], ["x", "x"]),
+    "batch_norm_grad": ["img", "ch", "img"],
+    "batch_norm_weight_grad": ["img", "ch", "ch", "img"],
+    "cross_entropy_grad": ["x", "i", "s"],
+    **dict.fromkeys(["conv2d_weight_grad", "max_pool2d_grad", "max_pool2d_gather"], ["img", "img"]),
+    "avg_pool2d_grad": ["img"],
 }
 
 

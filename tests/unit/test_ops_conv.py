@@ -234,25 +234,16 @@ def test_output_padding_equal_to_stride_is_allowed_below_dilation():
 
 
 # --- structure ---------------------------------------------------------------------------
-def test_ungrouped_conv2d_is_unchanged_bit_for_bit():
-    """Two inputs, no groups: the original GEMM forward and VJP, exactly."""
-    x, w = normal(2, 3, 6, 5), normal(4, 3, 3, 2, seed=1)
-    geometry = {"stride": (2, 1), "padding": (1, 1), "dilation": (1, 2)}
-    spec, feeds = support.op_graph("conv2d", {"x": x, "w": w}, geometry)
-    result = support.ENGINE.run(RunRequest(spec, feeds, wrt=("x", "w"), loss="loss"))
-    args = ((3, 2), geometry["stride"], geometry["padding"], geometry["dilation"])
-    cols = conv._unfold(x, *args)
-    out = w.reshape(4, -1) @ cols
-    np.testing.assert_array_equal(result.outputs["out"], out.reshape(result.outputs["out"].shape))
-    g3 = (1.0 * feeds["__weight"]).reshape(2, 4, -1)
-    np.testing.assert_array_equal(
-        result.grads["w"], np.sum(g3 @ cols.transpose(0, 2, 1), axis=0).reshape(w.shape)
-    )
-    dcols = w.reshape(4, -1).T @ g3
-    np.testing.assert_array_equal(result.grads["x"], conv._fold(dcols, (6, 5), *args))
-    joint = support.ENGINE.differentiate(spec, wrt=("x", "w"), loss="loss").graph
-    assert {n.op for n in joint if not n.is_input} >= {"unfold", "fold", "matmul"}
-    assert "conv_transpose2d" not in {n.op for n in joint}
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv2d_vjp_is_two_native_gradient_ops(groups):
+    """dx is conv_transpose2d, dw is conv2d_weight_grad, for every groups value: no
+    im2col column matrix (kh*kw times the input) enters the backward graph."""
+    x, w, b = normal(2, 4, 6, 5), normal(4, 4 // groups, 3, 2, seed=1), normal(4, seed=2)
+    attrs = {"stride": (2, 1), "padding": (1, 1), "dilation": (1, 2), "groups": groups}
+    spec, _ = support.op_graph("conv2d", {"x": x, "w": w, "b": b}, attrs)
+    joint = support.ENGINE.differentiate(spec, wrt=("x", "w", "b"), loss="loss").graph
+    emitted = sorted(n.op for n in joint if n.name.startswith("bwd/out/"))
+    assert emitted == ["conv2d_weight_grad", "conv_transpose2d", "sum"]
 
 
 @pytest.mark.parametrize(
@@ -282,11 +273,12 @@ def test_conv_transpose2d_is_the_adjoint_of_conv2d(attrs):
 
 
 def test_workspace_counts_the_largest_temporary():
-    """A temporary is a tensor too: conv2d's im2col matrix and conv_transpose2d's
+    """A temporary is a tensor too: conv2d's tap columns and conv_transpose2d's
     uncropped canvas are held to the per-tensor limit even when the result is small."""
     engine = Engine(Limits(max_elements=500))
     cases = [
-        ("conv2d", _conv(normal(1, 1, 10, 10), normal(1, 1, 8, 8)), {}),  # cols 64 x 9
+        # A block of the 64 tap rows over the 33 grid columns the 3 x 3 windows span.
+        ("conv2d", _conv(normal(1, 1, 10, 10), normal(1, 1, 8, 8)), {}),
         (
             "conv_transpose2d",
             _conv(normal(1, 1, 2, 2), normal(1, 1, 1, 1)),

@@ -4,6 +4,7 @@ Values and derivative conventions follow PyTorch, including at the kinks: clip p
 the gradient on its closed interval (torch.clamp), hardtanh only on the open one
 (hardtanh_backward), leaky_relu takes negative_slope at 0. A NaN input gets the
 gradient torch gives it (0 for clip, 1 for hardtanh, negative_slope for leaky_relu).
+The VJPs of erf, gelu, silu and leaky_relu are native gradient ops (activation_grad.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from .registry import Attr, elementwise_cost, register
 
 FLOAT = dtypes.FLOATS
 _float_unary = rules.unary(FLOAT)
-_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 _SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -39,10 +38,8 @@ def _scalar(value: float, dtype: np.dtype):
 
 
 # --- erf, gelu, silu -----------------------------------------------------------------
-def _erf_vjp(e, g, out, x):
-    return [g * (_TWO_OVER_SQRT_PI * e.exp(-(x * x)))]
-
-
+# Their VJPs are native ops (activation_grad.py: one value of x's size each, where
+# the composites emitted up to eight); the derivatives are defined in its table.
 def _gelu_tanh(x):
     # x * x * x, not x ** 3: NumPy's general power path is ~300x slower.
     return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * (x * x * x))))
@@ -56,32 +53,12 @@ def _gelu_exact(x):
 _GELU_FORWARD = {"tanh": _gelu_tanh, "none": _gelu_exact}
 
 
-def _gelu_tanh_grad(e, x):
-    t = e.tanh(_GELU_C * (x + 0.044715 * (x * x * x)))
-    dt = _GELU_C * (1.0 + (3 * 0.044715) * (x * x))
-    return 0.5 * (1.0 + t) + (0.5 * x) * ((1.0 - t * t) * dt)
-
-
-def _gelu_exact_grad(e, x):
-    # Phi(x) + x * phi(x): the normal CDF plus x times its density.
-    cdf = 0.5 * (1.0 + e.erf(x * _SQRT_HALF))
-    return cdf + x * (_INV_SQRT_2PI * e.exp(-0.5 * (x * x)))
-
-
-_GELU_GRAD = {"tanh": _gelu_tanh_grad, "none": _gelu_exact_grad}
-
-
-def _silu_vjp(e, g, out, x):
-    s = e.sigmoid(x)
-    return [g * (s * (1.0 + x * (1.0 - s)))]
-
-
 register(
     "erf",
     family="activation",
     infer=rules.unary(FLOAT),
     forward=special.erf,
-    vjp=_erf_vjp,
+    vjp=lambda e, g, out, x: [e.erf_grad(x, g)],
     residuals="inputs",
     cost=elementwise_cost(20),
     doc="The error function 2/sqrt(pi) * integral_0^x exp(-t^2) dt.",
@@ -91,7 +68,7 @@ register(
     family="activation",
     infer=rules.unary(FLOAT),
     forward=lambda x, approximate: _GELU_FORWARD[approximate](x),
-    vjp=lambda e, g, out, x, approximate: [g * _GELU_GRAD[approximate](e, x)],
+    vjp=lambda e, g, out, x, approximate: [e.gelu_grad(x, g, approximate=approximate)],
     residuals="inputs",
     cost=elementwise_cost(20),
     attrs={
@@ -112,7 +89,7 @@ register(
     infer=rules.unary(FLOAT),
     # sigmoid in its tanh form: one transcendental, no overflow for large |x|.
     forward=lambda x: x * (0.5 * (1.0 + np.tanh(0.5 * x))),
-    vjp=_silu_vjp,
+    vjp=lambda e, g, out, x: [e.silu_grad(x, g)],
     residuals="inputs",
     cost=elementwise_cost(14),
     doc="x * sigmoid(x) (SiLU, swish).",
@@ -150,7 +127,8 @@ def _leaky_relu(x, negative_slope):
 
 
 def _leaky_relu_vjp(e, g, out, x, negative_slope):
-    return [e.where(e.gt(x, e.const(0.0, x.dtype)), g, g * negative_slope)]
+    # One native op (activation_grad.py): the where form kept g * slope and the where.
+    return [e.leaky_relu_grad(x, g, negative_slope=negative_slope)]
 
 
 def _bound(default: float, doc: str) -> Attr:

@@ -129,7 +129,7 @@ def _swap(e, x):
 def _probabilities(e, q, k, mask, causal, scale):
     """P as graph nodes: the forward's masked, scaled softmax, fully masked rows 0."""
     neg_inf = e.const(-math.inf, q.dtype)
-    s = (q @ _swap(e, k)) * scale
+    s = (q * scale) @ _swap(e, k)  # scaling q, not the scores: one (..., L, S) value less
     if mask is not None:
         s = e.where(mask, s, neg_inf) if mask.dtype == "bool" else s + mask
     if causal:
@@ -153,7 +153,7 @@ def _vjp(e, g, out, q, k, v, mask=None, *, causal, scale, dropout_p, seed, key):
 
     dv = _swap(e, drop(p)) @ g
     dp = drop(g @ _swap(e, v))
-    ds = p * (dp - e.sum(dp * p, axes=(p.ndim - 1,), keepdims=True))  # softmax's VJP
+    ds = e.softmax_grad(p, dp, axis=-1)  # one (..., L, S) value, not three (nn_grad.py)
     dq = (ds @ k) * scale
     dk = (_swap(e, ds) @ q) * scale
     if mask is None:

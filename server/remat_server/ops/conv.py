@@ -1,9 +1,12 @@
-"""2-D convolution and pooling on NCHW tensors, built on unfold (im2col) and fold.
+"""2-D convolution on NCHW tensors: conv2d, and unfold (im2col) and fold (col2im).
 
-unfold and fold are each other's adjoints, so every VJP here is a few graph ops
-around them and differentiates again to the same family. Forwards view the padded
-input through `sliding_window_view` (no Python loop over pixels) and let BLAS do
-the contraction.
+conv2d's forward is blocked GEMMs over the kernel taps (conv_taps), or a few scaled
+window passes when depthwise. Its VJP is two native ops, conv_transpose2d for x and
+conv2d_weight_grad for w, each producing a value the size of x or w, not a
+kh*kw-times-the-input column matrix; those differentiate again to the same family.
+unfold and fold are each other's adjoints. The window helpers here (`_windows`,
+`_reduce_taps`) view the padded input through `sliding_window_view` (no Python loop
+over pixels); pooling (pool.py) uses them too.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from remat_proto import dtypes
 
 from ..errors import ShapeError
 from ..graph.ir import TensorType
-from . import rules
+from . import conv_taps, rules
 from .registry import Attr, free, register
 
 FLOAT = dtypes.FLOATS
@@ -104,10 +107,6 @@ def _fold(cols, output_size, kernel, stride, padding, dilation):
             ] += blocks[:, :, i, j]
     # Copy out of the padded buffer so it is freed (a view would keep it alive).
     return out[:, :, ph : ph + h, pw : pw + w].copy() if ph or pw else out
-
-
-def _window_cost(out, x, kernel, **attrs) -> int:
-    return out.size * kernel[0] * kernel[1]
 
 
 def _padded(x, *rest, padding, **attrs) -> tuple[int, ...]:
@@ -244,20 +243,17 @@ def _conv2d_infer(x, w, *bias, stride, padding, dilation, groups=1):
 
 
 def _conv2d(x, w, *bias, stride, padding, dilation, groups=1):
-    if groups == 1:
-        cols = _unfold(x, w.shape[2:], stride, padding, dilation)  # (N, CK, L)
-        out = w.reshape(w.shape[0], math.prod(w.shape[1:])) @ cols  # (N, O, L), a GEMM per image
-    elif w.shape[1] == 1:
+    out_hw = _out_hw(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    if groups > 1 and w.shape[1] == 1:
         out = _depthwise(x, w, stride, padding, dilation)
-    else:  # one batched GEMM over a (groups,) axis: (G, O/G, CK/G) @ (N, G, CK/G, L)
-        cols = _unfold(x, w.shape[2:], stride, padding, dilation)
-        n, ck, length = cols.shape
-        out = w.reshape(groups, w.shape[0] // groups, ck // groups) @ cols.reshape(
-            n, groups, ck // groups, length
-        )
-    out = out.reshape(
-        (x.shape[0], w.shape[0]) + _out_hw(x.shape[2:], w.shape[2:], stride, padding, dilation)
-    )
+    elif w.shape[2:] == (1, 1):  # one tap: im2col is a strided copy no bigger than x
+        cols = _unfold(x, (1, 1), stride, padding, dilation)  # (N, C, L)
+        n, c, length = cols.shape
+        wg = w.reshape(groups, w.shape[0] // groups, c // groups)
+        out = wg @ cols.reshape(n, groups, c // groups, length)
+    else:  # blocked GEMMs over the taps: no kh*kw-times-the-input column matrix
+        out = conv_taps.conv2d(x, w, stride, padding, dilation, groups, out_hw)
+    out = out.reshape(x.shape[:1] + w.shape[:1] + out_hw)
     if bias:
         out += bias[0].reshape(-1, 1, 1)
     return out
@@ -283,49 +279,39 @@ def _depthwise(x, w, stride, padding, dilation):
     return out
 
 
+def taps_workspace(x, kernel, stride, padding, dilation, c, o) -> tuple[int, ...]:
+    """Workspace of a conv_taps kernel over x's geometry (c channels gathered, o on the
+    output grid), at least the padded input: every path is held to the same limit on a
+    padding out of proportion to the image."""
+    out_hw = _out_hw(x.shape[2:], kernel, stride, padding, dilation)
+    taps = conv_taps.Taps(x.shape[2:], kernel, stride, padding, dilation, out_hw)
+    rows = kernel[0] * kernel[1] * c
+    elements = taps.workspace(c, o, x.shape[0], rows)
+    return max(_padded(x, padding=padding), (elements,), key=math.prod)
+
+
 def _conv2d_workspace(x, w, *bias, stride, padding, dilation, groups=1) -> tuple[int, ...]:
-    """The padded input, or the im2col matrix (N, C*kh*kw, Ho*Wo) when that is bigger."""
-    padded = _padded(x, padding=padding)
-    if groups > 1 and w.shape[1] == 1:  # depthwise: taps accumulate, no im2col copy
-        return padded
-    ho, wo = _out_hw(x.shape[2:], w.shape[2:], stride, padding, dilation)
-    cols = (x.shape[0], x.shape[1] * w.shape[2] * w.shape[3], ho * wo)
-    return max(padded, cols, key=math.prod)
+    if groups > 1 and w.shape[1] == 1:  # depthwise: taps accumulate on the padded input
+        return _padded(x, padding=padding)
+    return taps_workspace(x, w.shape[2:], stride, padding, dilation, x.shape[1], w.shape[0])
 
 
-def _dense_grads(e, g, x, w, stride, padding, dilation):
-    (n, c, h, wd), (o, _, kh, kw) = x.shape, w.shape
-    geometry = {"kernel": (kh, kw), "stride": stride, "padding": padding, "dilation": dilation}
-    g3 = e.reshape(g, shape=(n, o, g.shape[2] * g.shape[3]))
-    cols = e.unfold(x, **geometry)
-    dw = e.sum(g3 @ e.transpose(cols, axes=(0, 2, 1)), axes=(0,))
-    dcols = e.transpose(e.reshape(w, shape=(o, c * kh * kw)), axes=(1, 0)) @ g3
-    return [e.fold(dcols, output_size=(h, wd), **geometry), e.reshape(dw, shape=w.shape)]
-
-
-def _grouped_grads(e, g, x, w, stride, padding, dilation, groups):
-    """dx is conv_transpose2d (conv2d's adjoint in x; output_padding restores the rows
-    the stride skipped); dw is one unfold GEMM batched over a (groups,) axis."""
-    (n, _, h, wd), (o, cg, kh, kw) = x.shape, w.shape
-    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
-    skipped = tuple(
+def output_padding(hw, kernel, stride, padding, dilation) -> tuple[int, ...]:
+    """The rows and columns past the last window that conv2d's stride skipped: the
+    output_padding that makes conv_transpose2d (its adjoint in x) restore x's size."""
+    return tuple(
         (size + 2 * p - d * (k - 1) - 1) % s
-        for size, k, s, p, d in zip((h, wd), (kh, kw), stride, padding, dilation)
+        for size, k, s, p, d in zip(hw, kernel, stride, padding, dilation)
     )
-    dx = e.conv_transpose2d(g, w, output_padding=skipped, groups=groups, **geometry)
-    length, ck = g.shape[2] * g.shape[3], cg * kh * kw
-    g4 = e.reshape(g, shape=(n, groups, o // groups, length))
-    cols = e.reshape(e.unfold(x, kernel=(kh, kw), **geometry), shape=(n, groups, ck, length))
-    dw = e.sum(g4 @ e.transpose(cols, axes=(0, 1, 3, 2)), axes=(0,))  # (G, O/G, CK/G)
-    return [dx, e.reshape(dw, shape=w.shape)]
 
 
 def _conv2d_vjp(e, g, out, x, w, *bias, stride, padding, dilation, groups=1):
-    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
-    if groups == 1:  # the original rule, node for node: ungrouped graphs differentiate as before
-        dx, dw = _dense_grads(e, g, x, w, **geometry)
-    else:
-        dx, dw = _grouped_grads(e, g, x, w, groups=groups, **geometry)
+    """Both gradients are native ops whose values are the size of x and of w: no
+    kh*kw-times-the-input column matrix in the backward graph."""
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    skipped = output_padding(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    dx = e.conv_transpose2d(g, w, output_padding=skipped, **geometry)
+    dw = e.conv2d_weight_grad(x, g, kernel=w.shape[2:], **geometry)
     return [dx, dw] + [_bias_grad(e, g) for _ in bias]
 
 
@@ -348,111 +334,4 @@ register(
     attrs={"stride": STRIDE, "padding": PADDING, "dilation": DILATION, "groups": GROUPS},
     doc="Cross-correlation, x (N, C, H, W) with w (O, C / groups, kh, kw), plus an optional "
     "bias (O,); torch.nn.functional.conv2d.",
-)
-
-
-# --- pooling -------------------------------------------------------------------------
-def _pool_normalize(x, kernel, stride, padding, **attrs) -> dict:
-    return {
-        "kernel": kernel,
-        "stride": kernel if stride is None else stride,
-        "padding": padding,
-        **attrs,
-    }
-
-
-def _pool_infer(x, kernel, stride, padding, dilation=(1, 1), **attrs):
-    _image(x)
-    if any(p > k // 2 for p, k in zip(padding, kernel)):
-        raise ShapeError(f"padding {padding} must be at most half the kernel {kernel}")
-    ho, wo = _out_hw(x.shape[2:], kernel, stride, padding, dilation)
-    return TensorType(x.shape[:2] + (ho, wo), x.dtype)
-
-
-def _max_pool2d(x, kernel, stride, padding, dilation):
-    return _reduce_taps(_windows(x, kernel, stride, padding, dilation, -np.inf), np.maximum)
-
-
-def _max_pool2d_vjp(e, g, out, x, kernel, stride, padding, dilation):
-    n, c, h, w = x.shape
-    geometry = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation}
-    taps, length = kernel[0] * kernel[1], out.shape[2] * out.shape[3]
-    windows = e.reshape(e.unfold(x, pad_value=-math.inf, **geometry), shape=(n, c, taps, length))
-    # Each window's gradient goes to its first maximum in row-major tap order, as
-    # torch's max_pool2d does (its backward follows the argmax its forward recorded).
-    first = e.argmax(windows, axis=2)  # (n, c, length)
-    mask = e.transpose(e.one_hot(first, depth=taps, dtype=x.dtype), axes=(0, 1, 3, 2))
-    share = mask * e.reshape(g, shape=(n, c, 1, length))
-    return [e.fold(e.reshape(share, shape=(n, c * taps, length)), output_size=(h, w), **geometry)]
-
-
-POOL_ATTRS = {
-    "kernel": KERNEL,
-    "stride": _pair(rules.all_positive, POSITIVE, default=None),
-    "padding": PADDING,
-}
-register(
-    "max_pool2d",
-    family="conv",
-    infer=_pool_infer,
-    normalize=_pool_normalize,
-    forward=_max_pool2d,
-    vjp=_max_pool2d_vjp,
-    residuals="inputs",
-    workspace=_padded,
-    cost=_window_cost,
-    attrs={**POOL_ATTRS, "dilation": DILATION},
-    doc="Max over each window of x (N, C, H, W), padded with -inf; stride defaults to "
-    "the kernel; padding at most half the kernel (torch's rule). A window's gradient "
-    "goes to its first maximum (torch's rule).",
-)
-
-
-def _pool_divisor(hw, kernel, stride, padding, count_include_pad, dtype):
-    """Per-window divisor: the kernel size, or the number of non-padding elements."""
-    if count_include_pad:
-        return kernel[0] * kernel[1]
-    ones = np.ones((1, 1) + tuple(hw), dtype=dtypes.NUMPY[dtype])
-    return _reduce_taps(_windows(ones, kernel, stride, padding, (1, 1)), np.add)
-
-
-def _avg_pool2d(x, kernel, stride, padding, count_include_pad):
-    divisor = _pool_divisor(
-        x.shape[2:], kernel, stride, padding, count_include_pad, dtypes.of_array(x)
-    )
-    total = _reduce_taps(_windows(x, kernel, stride, padding, (1, 1)), np.add)
-    total /= divisor
-    return total
-
-
-def _avg_pool2d_vjp(e, g, out, x, kernel, stride, padding, count_include_pad):
-    n, c, h, w = x.shape
-    taps, length = kernel[0] * kernel[1], out.shape[2] * out.shape[3]
-    divisor = _pool_divisor((h, w), kernel, stride, padding, count_include_pad, x.dtype)
-    scaled = g / (float(divisor) if count_include_pad else e.constant(value=divisor))
-    spread = e.broadcast_to(e.reshape(scaled, shape=(n, c, 1, length)), shape=(n, c, taps, length))
-    return [
-        e.fold(
-            e.reshape(spread, shape=(n, c * taps, length)),
-            output_size=(h, w),
-            kernel=kernel,
-            stride=stride,
-            padding=padding,
-        )
-    ]
-
-
-register(
-    "avg_pool2d",
-    family="conv",
-    infer=_pool_infer,
-    normalize=_pool_normalize,
-    forward=_avg_pool2d,
-    vjp=_avg_pool2d_vjp,
-    residuals="none",
-    cost=_window_cost,
-    workspace=_padded,
-    attrs={**POOL_ATTRS, "count_include_pad": Attr("bool", default=True)},
-    doc="Mean over each window of x (N, C, H, W), zero-padded; stride defaults to the "
-    "kernel; count_include_pad=False divides by the non-padding count (as torch).",
 )

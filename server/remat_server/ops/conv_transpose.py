@@ -2,10 +2,11 @@
 and groups as torch.nn.functional.conv_transpose2d.
 
 conv2d gathers windows (unfold) and contracts them with the weight; its adjoint in x
-contracts with the weight's transpose and scatters back onto the windows (fold). So
-the forward is one GEMM per group and a fold onto the full, uncropped canvas, then a
-crop by `padding`; output_padding extends the far edges with rows and columns no
-window reaches (zeros, plus the bias). The VJP is conv2d for x and an unfold GEMM for w.
+contracts with the weight's transpose and scatters back onto the windows (col2im). So
+the forward is blocked GEMMs (conv_taps) scattered tap by tap onto the full, uncropped
+canvas, then a crop by `padding`; output_padding extends the far edges with rows and
+columns no window reaches (zeros, plus the bias). The VJP is conv2d for x and
+conv2d_weight_grad (roles swapped) for w: values the size of x and w only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..errors import ShapeError
 from ..graph.ir import TensorType
-from . import rules
+from . import conv_taps, rules
 from .conv import (
     DILATION,
     GROUPS,
@@ -26,7 +27,6 @@ from .conv import (
     _batch_chunks,
     _bias,
     _bias_grad,
-    _fold,
     _image,
     _out_hw,
     _pair,
@@ -78,16 +78,12 @@ def _infer(x, w, *bias, stride, padding, output_padding, dilation, groups):
 
 
 def _conv_transpose2d(x, w, *bias, stride, padding, output_padding, dilation, groups):
-    (n, c, h, wd), kernel = x.shape, w.shape[2:]
+    (c, h, wd), kernel = x.shape[1:], w.shape[2:]
     canvas_hw, out_hw = _geometry((h, wd), kernel, stride, padding, output_padding, dilation)
     if c == groups:
-        canvas = _scatter_taps(x, w, canvas_hw, stride, dilation)
-    else:  # (G, C_out/G * K, C_in/G) @ (N, G, C_in/G, L): one batched GEMM, then col2im
-        cg, ogk = c // groups, math.prod(w.shape[1:])
-        wt = w.reshape(groups, cg, ogk).transpose(0, 2, 1)
-        cols = (wt @ x.reshape(n, groups, cg, h * wd)).reshape(n, groups * ogk, h * wd)
-        canvas = _fold(cols, canvas_hw, kernel, stride, (0, 0), dilation)
-    out = _crop(canvas, padding, out_hw)
+        out = _crop(_scatter_taps(x, w, canvas_hw, stride, dilation), padding, out_hw)
+    else:  # blocked GEMMs scattered tap by tap: no C_out*kh*kw-row column matrix
+        out = conv_taps.conv_transpose2d(x, w, stride, dilation, groups, canvas_hw, padding, out_hw)
     if bias:
         out += bias[0].reshape(-1, 1, 1)
     return out
@@ -130,32 +126,30 @@ def _crop(canvas, padding, out_hw):
 
 
 def _workspace(x, w, *bias, stride, padding, output_padding, dilation, groups):
-    """The uncropped canvas, or the column matrix (N, C_out*kh*kw, H*W) when bigger."""
+    """The uncropped canvas (depthwise), else conv_taps' largest temporary."""
     (n, c, h, wd), (_, og, kh, kw) = x.shape, w.shape
     canvas_hw, _ = _geometry((h, wd), (kh, kw), stride, padding, output_padding, dilation)
     canvas = (n, og * groups) + canvas_hw
     if c == groups:  # taps scatter straight onto the canvas
         return canvas
-    return max(canvas, (n, og * groups * kh * kw, h * wd), key=math.prod)
+    taps = conv_taps.Taps(canvas_hw, (kh, kw), stride, (0, 0), dilation, (h, wd))
+    return max(canvas, (taps.workspace(og * groups, c, n, kh * kw * og * groups),), key=math.prod)
 
 
 def _vjp(e, g, out, x, w, *bias, stride, padding, output_padding, dilation, groups):
-    """dx = conv2d(g, w) over the same geometry; dw contracts x with unfold(g). When
-    output_padding >= stride (possible when dilation > stride), g has more windows than x
-    has pixels: the extra ones read only the zero rows output_padding added, so drop them."""
-    (n, c, h, wd), kernel = x.shape, w.shape[2:]
-    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
-    dx = _first_windows(e, e.conv2d(g, w, groups=groups, **geometry), (h, wd))
-    cols = e.unfold(g, kernel=kernel, **geometry)  # (N, C_out*K, windows)
-    ck = cols.shape[1]
-    windows = _out_hw(g.shape[2:], kernel, **geometry)
+    """dx = conv2d(g, w) over the same geometry; dw is conv2d_weight_grad with the roles
+    swapped (g is the image, x the windows' values), which has w's layout (C_in,
+    C_out / groups, kh, kw) as is. When output_padding >= stride (possible when dilation
+    > stride), g has more windows than x has pixels: the extra ones read only the zero
+    rows output_padding added; dx drops them, and x gets zeros there for dw."""
+    (h, wd), kernel = x.shape[2:], w.shape[2:]
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    dx = _first_windows(e, e.conv2d(g, w, **geometry), (h, wd))
+    windows = _out_hw(g.shape[2:], kernel, stride, padding, dilation)
     if windows != (h, wd):
-        cols = e.reshape(cols, shape=(n, ck) + windows)
-        cols = e.reshape(_first_windows(e, cols, (h, wd)), shape=(n, ck, h * wd))
-    xg = e.reshape(x, shape=(n, groups, c // groups, h * wd))
-    colsg = e.reshape(cols, shape=(n, groups, ck // groups, h * wd))
-    dw = e.sum(xg @ e.transpose(colsg, axes=(0, 1, 3, 2)), axes=(0,))  # (G, C_in/G, C_out/G*K)
-    return [dx, e.reshape(dw, shape=w.shape)] + [_bias_grad(e, g) for _ in bias]
+        x = e.pad(x, pads=(0, 0, 0, 0, 0, 0, windows[0] - h, windows[1] - wd))
+    dw = e.conv2d_weight_grad(g, x, kernel=kernel, **geometry)
+    return [dx, dw] + [_bias_grad(e, g) for _ in bias]
 
 
 def _first_windows(e, t, hw):

@@ -190,7 +190,7 @@ register(
     family="elementwise",
     infer=rules.unary(FLOAT),
     forward=np.tanh,
-    vjp=lambda e, g, out, x: [g * (1.0 - out * out)],
+    vjp=lambda e, g, out, x: [e.tanh_grad(out, g)],  # one fused value (activation_grad)
     residuals="output",
     cost=elementwise_cost(10),
 )
@@ -199,7 +199,7 @@ register(
     family="elementwise",
     infer=rules.unary(FLOAT),
     forward=_sigmoid,
-    vjp=lambda e, g, out, x: [g * (out * (1.0 - out))],
+    vjp=lambda e, g, out, x: [e.sigmoid_grad(out, g)],
     residuals="output",
     cost=elementwise_cost(12),
 )
@@ -208,7 +208,8 @@ register(
     family="elementwise",
     infer=rules.unary(FLOAT),
     forward=lambda x: np.maximum(x, 0).astype(x.dtype, copy=False),
-    vjp=lambda e, g, out, x: [g * e.cast(e.gt(x, e.const(0.0, x.dtype)), dtype=g.dtype)],
+    # where, not g * cast(mask): the mask stays bool (1 byte an element), no float copy.
+    vjp=lambda e, g, out, x: [e.where(e.gt(x, e.const(0.0, x.dtype)), g, e.const(0.0, g.dtype))],
     residuals="inputs",
     cost=elementwise_cost(1),
 )

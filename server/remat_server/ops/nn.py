@@ -1,7 +1,8 @@
 """Neural-network ops: softmax, log_softmax, cross_entropy, layer_norm, one_hot.
 
 Forwards are numerically stable (the max is subtracted before exponentiating); the
-VJPs are written with graph ops only, so they can be differentiated again.
+VJPs emit native gradient ops (nn_grad.py, norm_grad.py) whose own VJPs are graph
+ops, so the backward pass can be differentiated again.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ def _log_softmax(x, axis):
     return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
 
 
+# The VJPs are native gradient ops (nn_grad.py): the composites emitted three values
+# of x's size each (g * y, the difference, the product).
 def _softmax_vjp(e, g, y, x, axis):
-    return [y * (g - e.sum(g * y, axes=(axis,), keepdims=True))]
+    return [e.softmax_grad(y, g, axis=axis)]
 
 
 def _log_softmax_vjp(e, g, y, x, axis):
-    return [g - e.exp(y) * e.sum(g, axes=(axis,), keepdims=True)]
+    return [e.log_softmax_grad(y, g, axis=axis)]
 
 
 AXIS = {"axis": Attr("int", default=-1, doc="The axis normalized over.")}
@@ -134,9 +137,8 @@ def _cross_entropy(logits, labels):
 
 
 def _cross_entropy_vjp(e, g, out, logits, labels):
-    count = float(max(math.prod(labels.shape), 1))
-    target = e.one_hot(labels, depth=logits.shape[-1], dtype=logits.dtype)
-    return [(e.softmax(logits, axis=-1) - target) * (g / count), None]
+    # (softmax(logits) - one_hot(labels)) * g / count, as one native op (nn_grad.py).
+    return [e.cross_entropy_grad(logits, labels, g), None]
 
 
 register(
@@ -180,17 +182,13 @@ def _layer_norm(x, weight, bias, eps):
 
 
 def _layer_norm_vjp(e, g, out, x, weight, bias, eps):
-    axes = _norm_axes(x.ndim, weight.ndim)
-
-    def mean(v):
-        return e.mean(v, axes=axes, keepdims=True)
-
-    xc = x - mean(x)
-    rstd = 1.0 / e.sqrt(mean(xc * xc) + eps)
-    xhat = xc * rstd
-    gw = g * weight
-    dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat))
-    return [dx, g * xhat, g]  # autodiff sums the last two over the leading axes
+    # Native gradient ops (norm_grad.py): dx is the one value of x's size; the bias's
+    # gradient is g, which autodiff sums over the leading axes.
+    return [
+        e.layer_norm_grad(x, weight, g, eps=eps),
+        e.layer_norm_weight_grad(x, g, normalized_ndim=weight.ndim, eps=eps),
+        g,
+    ]
 
 
 register(

@@ -3,8 +3,9 @@
 Both are native ops rather than composites: one node, one result buffer. The forwards
 reduce with `np.einsum`, which sums (and sums products) without materializing x * x,
 and finish the affine map in place in the result, so neither allocates a temporary of
-x's size. The VJPs recompute the per-channel (per-row) statistics from x with graph
-ops, so the backward pass differentiates again.
+x's size. The VJPs emit native gradient ops (norm_grad.py: one value of x's size
+each), which recompute the per-channel (per-row) statistics from x and whose own VJPs
+are graph ops, so the backward pass differentiates again.
 
 Running-statistic updates are not part of batch_norm (one op, one output): the SDK's
 `batch_norm_running_stats` composite builds them from existing ops.
@@ -25,7 +26,7 @@ from .registry import Attr, elementwise_cost, register
 FLOAT = dtypes.FLOATS
 
 
-def _eps(default: float) -> Attr:
+def eps_attr(default: float) -> Attr:
     return Attr(
         "float",
         default=default,
@@ -35,19 +36,20 @@ def _eps(default: float) -> Attr:
     )
 
 
-def _sum_except(a: np.ndarray, keep: list[int], b: np.ndarray | None = None) -> np.ndarray:
-    """sum(a) or sum(a * b) over every axis not in `keep`, with no temporary of a's size."""
-    axes = list(range(a.ndim))
-    return np.einsum(a, axes, keep) if b is None else np.einsum(a, axes, b, axes, keep)
+def sum_except(keep: list[int], *operands: np.ndarray) -> np.ndarray:
+    """The sum of the operands' product over every axis not in `keep`, with no temporary
+    of their size (one einsum loop; equal ranks, size-1 axes broadcast)."""
+    axes = list(range(operands[0].ndim))
+    return np.einsum(*[item for a in operands for item in (a, axes)], keep)
 
 
 # --- batch_norm --------------------------------------------------------------------------
 # x (N, C, *) is normalized per channel (axis 1) over every other axis.
-def _bn_axes(ndim: int) -> tuple[int, ...]:
+def bn_axes(ndim: int) -> tuple[int, ...]:
     return (0, *range(2, ndim))
 
 
-def _per_channel(v, ndim: int):
+def per_channel(v, ndim: int):
     """A (C,) vector as (1, C, 1, ...), broadcasting against x (NumPy array or Sym)."""
     shape = (1, v.shape[0]) + (1,) * (ndim - 2)
     return v.reshape(shape) if isinstance(v, np.ndarray) else v.e.reshape(v, shape=shape)
@@ -78,39 +80,31 @@ def _batch_norm(x, weight, bias, running_mean, running_var, training, eps):
     if not training:
         # torch's transform: x * alpha + beta with per-channel alpha, beta.
         alpha = weight / np.sqrt(running_var + eps)
-        out = np.multiply(x, _per_channel(alpha, x.ndim))
-        out += _per_channel(bias - running_mean * alpha, x.ndim)
+        out = np.multiply(x, per_channel(alpha, x.ndim))
+        out += per_channel(bias - running_mean * alpha, x.ndim)
         return out
     # Two passes, like torch's CPU kernel (one-pass sum/sum-of-squares cancels badly in
     # float32 when var << mean^2): the mean reads x; the variance reads the centered
     # values, which live in the result buffer and are then scaled and shifted in place.
     n = x.size // x.shape[1]
-    out = np.subtract(x, _per_channel(_sum_except(x, [1]) / n, x.ndim))
-    var = _sum_except(out, [1], out) / n
-    out *= _per_channel(weight / np.sqrt(var + eps), x.ndim)
-    out += _per_channel(bias, x.ndim)
+    out = np.subtract(x, per_channel(sum_except([1], x) / n, x.ndim))
+    var = sum_except([1], out, out) / n
+    out *= per_channel(weight / np.sqrt(var + eps), x.ndim)
+    out += per_channel(bias, x.ndim)
     return out
 
 
 def _batch_norm_vjp(e, g, out, x, weight, bias, running_mean, running_var, training, eps):
-    axes = _bn_axes(x.ndim)
-
-    def mean(v):
-        return e.mean(v, axes=axes, keepdims=True)
-
-    if training:
-        xc = x - mean(x)
-        invstd = 1.0 / e.sqrt(mean(xc * xc) + eps)
+    # Native gradient ops (norm_grad.py): one value of x's size (dx), the (C,) ones
+    # reduce without any. The (C,) gradients reduce explicitly: C is axis 1, not a
+    # trailing axis, so autodiff's un-broadcasting could not find it.
+    dweight = e.batch_norm_weight_grad(x, running_mean, running_var, g, training=training, eps=eps)
+    dbias = e.sum(g, axes=bn_axes(x.ndim))
+    if training:  # the batch statistics depend on x
+        dx = e.batch_norm_grad(x, weight, g, eps=eps)
     else:
-        xc = x - _per_channel(running_mean, x.ndim)
-        invstd = 1.0 / e.sqrt(_per_channel(running_var, x.ndim) + eps)
-    xhat = xc * invstd
-    scale = _per_channel(weight, x.ndim) * invstd
-    # Training: the batch statistics depend on x, hence the two mean terms.
-    dx = scale * (g - mean(g) - xhat * mean(g * xhat)) if training else g * scale
-    # The gradients of the (C,) inputs reduce explicitly: C is axis 1, not a trailing
-    # axis, so autodiff's un-broadcasting could not find it.
-    return [dx, e.sum(g * xhat, axes=axes), e.sum(g, axes=axes), None, None]
+        dx = g * per_channel(weight / e.sqrt(running_var + eps), x.ndim)
+    return [dx, dweight, dbias, None, None]
 
 
 def _batch_norm_cost(out, *inputs, training, eps) -> int:
@@ -136,7 +130,7 @@ register(
             default=False,
             doc="Normalize with the batch's statistics (True) or the running ones (False).",
         ),
-        "eps": _eps(1e-5),
+        "eps": eps_attr(1e-5),
     },
     doc="(x - mean) / sqrt(var + eps) * weight + bias per channel of x (N, C, *): the "
     "batch's mean and biased variance when training, else running_mean/running_var.",
@@ -158,7 +152,7 @@ def _rms_norm_infer(x, weight, eps):
 def _rms_norm(x, weight, eps):
     keep = list(range(x.ndim - weight.ndim))
     count = max(weight.size, 1)
-    ms = _sum_except(x, keep, x) / count
+    ms = sum_except(keep, x, x) / count
     rstd = 1.0 / np.sqrt(ms + eps)
     out = np.multiply(x, rstd.reshape(rstd.shape + (1,) * weight.ndim))
     out *= weight
@@ -166,15 +160,11 @@ def _rms_norm(x, weight, eps):
 
 
 def _rms_norm_vjp(e, g, out, x, weight, eps):
-    axes = tuple(range(x.ndim - weight.ndim, x.ndim))
-
-    def mean(v):
-        return e.mean(v, axes=axes, keepdims=True)
-
-    rstd = 1.0 / e.sqrt(mean(x * x) + eps)
-    xhat = x * rstd
-    gw = g * weight
-    return [rstd * (gw - xhat * mean(gw * xhat)), g * xhat]  # autodiff sums weight's
+    k = weight.ndim  # native gradient ops (norm_grad.py): no composite x-sized values
+    return [
+        e.rms_norm_grad(x, weight, g, eps=eps),
+        e.rms_norm_weight_grad(x, g, normalized_ndim=k, eps=eps),
+    ]
 
 
 register(
@@ -186,7 +176,7 @@ register(
     vjp=_rms_norm_vjp,
     residuals="inputs",  # as layer_norm: the VJP recomputes the mean square from x
     cost=elementwise_cost(5),
-    attrs={"eps": _eps(1e-6)},
+    attrs={"eps": eps_attr(1e-6)},
     doc="x / sqrt(mean(x^2) + eps) * weight over the trailing weight.ndim axes "
     "(torch.nn.functional.rms_norm with normalized_shape = weight.shape).",
 )

@@ -1,0 +1,187 @@
+"""Native gradient ops of the activations: `<act>_grad(x, g) = g * act'(x)`.
+
+The composite VJPs emitted three to eight graph values of x's size each (gelu's tanh
+form: x*x, x*x*x, the tanh, 1 - t*t, ...), and the planner accounts every graph value.
+Each op here computes act'(x) in its result buffer, with at most one temporary of x's
+size (`workspace`), and multiplies by g in place: one value.
+
+One table defines each derivative once: the NumPy first derivative (the op's forward)
+and the second derivative as graph ops (its VJP in x). The op is linear in g, so its
+VJP in g is the same op again. tanh_grad and sigmoid_grad take the forward's OUTPUT y
+(their derivatives are 1 - y^2 and y (1 - y)), as the tanh and sigmoid VJPs keep it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special
+
+from remat_proto import dtypes
+
+from ..errors import ShapeError
+from . import elementwise, rules  # noqa: F401  (elementwise: tanh, sigmoid are registered)
+from .activations import _GELU_C, _SQRT_HALF
+from .registry import REGISTRY, elementwise_cost, register
+
+FLOAT = dtypes.FLOATS
+_A = 0.044715  # the cubic coefficient of gelu's tanh form
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class Derivative:
+    first: Callable  # (x, **attrs) -> f'(x): a fresh array (the result buffer)
+    second: Callable | None  # (e, x, **attrs) -> f''(x) as graph ops; None: 0 a.e.
+    flops: int
+    temporary: bool = False  # `first` allocates one more array of x's size
+    on_output: bool = False  # the first input is the forward's output y, not x
+
+
+# --- first derivatives, in place in the result --------------------------------------------
+def _erf_d(x):
+    out = np.multiply(x, x)
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    out *= _TWO_OVER_SQRT_PI
+    return out
+
+
+def _silu_d(x):
+    # sigmoid as 1 / (1 + exp(-x)) (torch's): the tanh form loses the far tail to
+    # cancellation in 1 + tanh. The temporary.
+    s = special.expit(x)
+    out = np.subtract(1.0, s)  # s (1 + x (1 - s))
+    out *= x
+    out += 1.0
+    out *= s
+    return out
+
+
+def _gelu_exact_d(x):
+    pdf = np.multiply(x, x)  # x phi(x): the temporary
+    pdf *= -0.5
+    np.exp(pdf, out=pdf)
+    pdf *= _INV_SQRT_2PI
+    pdf *= x
+    out = np.multiply(x, _SQRT_HALF)  # Phi(x) + x phi(x)
+    special.erf(out, out=out)
+    out += 1.0
+    out *= 0.5
+    out += pdf
+    return out
+
+
+def _gelu_tanh_d(x):
+    t = np.multiply(x, x)  # t = tanh(c (x + a x^3)): the temporary
+    t *= x
+    t *= _A
+    t += x
+    t *= _GELU_C
+    np.tanh(t, out=t)
+    out = np.multiply(x, x)  # 0.5 x u', u' = c (1 + 3 a x^2)
+    out *= 3 * _A
+    out += 1.0
+    out *= _GELU_C
+    out *= x
+    out *= 0.5
+    # 0.5 (1 + t) + 0.5 x u' (1 - t^2) = (1 + t) (0.5 x u' (1 - t) + 0.5), with t reused.
+    np.subtract(1.0, t, out=t)
+    out *= t
+    out += 0.5
+    np.subtract(2.0, t, out=t)
+    out *= t
+    return out
+
+
+def _leaky_relu_d(x, negative_slope):
+    out = np.full_like(x, negative_slope)
+    out[x > 0] = 1.0  # NaN is not > 0: it gets negative_slope, as torch
+    return out
+
+
+def _tanh_d(y):
+    out = np.multiply(y, y)
+    return np.subtract(1.0, out, out=out)
+
+
+def _sigmoid_d(y):
+    out = np.subtract(1.0, y)
+    out *= y
+    return out
+
+
+# --- second derivatives, as graph ops -------------------------------------------------------
+def _silu_dd(e, x):
+    s = e.sigmoid(x)
+    return (s * (1.0 - s)) * (2.0 + x * (1.0 - 2.0 * s))
+
+
+def _gelu_dd(e, x, approximate):
+    if approximate == "none":  # (x Phi)'' = phi (2 - x^2)
+        return (_INV_SQRT_2PI * e.exp(-0.5 * (x * x))) * (2.0 - x * x)
+    # (1 - t^2) (u' + 0.5 x (u'' - 2 t u'^2)), u = c (x + a x^3)
+    t = e.tanh(_GELU_C * (x + _A * (x * x * x)))
+    du = _GELU_C * (1.0 + (3 * _A) * (x * x))
+    return (1.0 - t * t) * (du + (0.5 * x) * ((6 * _A * _GELU_C) * x - 2.0 * (t * (du * du))))
+
+
+TABLE: dict[str, Derivative] = {
+    "erf": Derivative(_erf_d, lambda e, x: (-2.0 * _TWO_OVER_SQRT_PI) * (x * e.exp(-(x * x))), 5),
+    "silu": Derivative(_silu_d, lambda e, x: _silu_dd(e, x), 9, temporary=True),
+    "gelu": Derivative(
+        lambda x, approximate: (_gelu_exact_d if approximate == "none" else _gelu_tanh_d)(x),
+        _gelu_dd,
+        20,
+        temporary=True,
+    ),
+    "leaky_relu": Derivative(_leaky_relu_d, None, 2),
+    "tanh": Derivative(_tanh_d, lambda e, y: -2.0 * y, 3, on_output=True),
+    "sigmoid": Derivative(_sigmoid_d, lambda e, y: 1.0 - 2.0 * y, 3, on_output=True),
+}
+
+
+# --- one registration for every row ---------------------------------------------------------
+def _infer(x, g, **attrs):
+    rules.require_dtype(x, FLOAT, "x")
+    rules.same_dtype(x, g)
+    if g.shape != x.shape:
+        raise ShapeError(f"g {g.shape} must have x's shape {x.shape}")
+    return x
+
+
+def _register(name: str, d: Derivative) -> None:
+    op_name = f"{name}_grad"
+
+    def forward(x, g, **attrs):
+        out = d.first(np.atleast_1d(x), **attrs)  # 0-d: in-place ufuncs need an array
+        out *= np.atleast_1d(g)
+        return out.reshape(x.shape)
+
+    def vjp(e, c, out, x, g, **attrs):
+        dx = None if d.second is None else (c * g) * d.second(e, x, **attrs)
+        return [dx, e.op(op_name, x, c, **attrs)]
+
+    forward_op = REGISTRY[name]  # its attrs (gelu's approximate, ...) are defined there
+    register(
+        op_name,
+        family="activation",
+        inputs=2,
+        infer=_infer,
+        forward=forward,
+        vjp=vjp,
+        residuals="inputs",
+        cost=elementwise_cost(d.flops),
+        attrs=dict(forward_op.attrs),
+        workspace=(lambda x, g, **attrs: tuple(x.shape)) if d.temporary else None,
+        doc=f"{name}'s VJP: g * {name}'(x) for the cotangent g"
+        + (f", from {name}'s output y = {name}(x)." if d.on_output else "."),
+    )
+
+
+for _name, _derivative in TABLE.items():
+    _register(_name, _derivative)
