@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-ZOO = ("resnet", "unet", "gpt2", "bert", "llama_block")
+ZOO = ("resnet", "unet", "gpt2", "bert", "llama")
 OPSET = 17
 
 

@@ -395,14 +395,19 @@ def kind_of(policy: Policy) -> Kind:
 
 def resolve(policy: Policy | str | None) -> Policy:
     """A policy object from an object, the name of a parameterless policy
-    ("store_all", "recompute_all", "sqrt", "auto"), or None (auto, the server's default).
+    ("store_all", "recompute_all", "sqrt", "auto"), the command line's KIND:PARAMETER
+    form (see `parse`), or None (auto, the server's default).
 
         >>> resolve(None), resolve("recompute_all"), resolve(EveryK(2))
         (Auto(bytes=0), RecomputeAll(), EveryK(k=2))
+        >>> resolve("dtr:0.5")
+        DTR(bytes=0, fraction=0.5)
     """
     if policy is None:
         return Auto()
     if isinstance(policy, str):
+        if ":" in policy:
+            return parse(policy)
         if policy in PARAMETERLESS:
             return PARAMETERLESS[policy]()
         if policy in BY_NAME:

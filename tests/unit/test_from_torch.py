@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -133,22 +132,6 @@ def test_zoo_matches_torch_autograd(client, name, train):
 POLICY_BATCH = 16
 
 
-def tightest(client, graph, feeds, wrt, make):
-    """Run under `make(fraction=0.5)`; where the server proves no schedule fits (the
-    zoo's models are shallow, and the VJPs of conv2d and batch_norm keep several
-    activation-sized temporaries, so their floor can exceed half of store_all's
-    peak), under the floor itself: recompute_all's predicted peak."""
-    try:
-        return client.run(graph, feeds, wrt=wrt, loss="loss", policy=make(fraction=0.5))
-    except remat.ResourceExhaustedError:
-        floor = client.plan(graph, wrt=wrt, loss="loss", policy="recompute_all").peak_bytes
-        policy = make(bytes=int(floor * 1.02))
-        warnings.warn(
-            f"{graph.name}: {make(fraction=0.5)} does not fit; ran {policy}", stacklevel=2
-        )
-        return client.run(graph, feeds, wrt=wrt, loss="loss", policy=policy)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_zoo_policies_are_bit_identical_with_exact_peaks(client, name):
     module, args, kwargs = zoo.MODELS[name](torch.float64, batch=POLICY_BATCH)
@@ -163,8 +146,8 @@ def test_zoo_policies_are_bit_identical_with_exact_peaks(client, name):
     base = client.run(graph, feeds, wrt=wrt, loss="loss", policy="store_all")
     results = {
         "sqrt": client.run(graph, feeds, wrt=wrt, loss="loss", policy="sqrt"),
-        "budget": tightest(client, graph, feeds, wrt, remat.policies.Budget),
-        "dtr": tightest(client, graph, feeds, wrt, remat.policies.DTR),
+        "budget": client.run(graph, feeds, wrt=wrt, loss="loss", policy="budget:0.5"),
+        "dtr": client.run(graph, feeds, wrt=wrt, loss="loss", policy="dtr:0.5"),
     }
     assert base.metrics.peak_bytes == base.metrics.predicted_peak_bytes
     for policy, result in results.items():
@@ -172,7 +155,7 @@ def test_zoo_policies_are_bit_identical_with_exact_peaks(client, name):
         for grad in wrt:
             assert np.array_equal(result.grads[grad], base.grads[grad]), (policy, grad)
     for policy in ("budget", "dtr"):
-        assert results[policy].metrics.peak_bytes < base.metrics.peak_bytes, policy
+        assert results[policy].metrics.peak_bytes <= base.metrics.peak_bytes // 2, policy
 
 
 def test_params_inputs_and_buffers_are_named_as_in_pytorch():

@@ -1,0 +1,53 @@
+"""A scalar loss over a model's outputs, in remat and in torch: sum(output * R) per
+output, with a fixed random R per output (seeded), summed over the outputs.
+
+The same loss as tests/unit/test_from_torch.py's `add_loss` (same R values for the same
+seed and shapes), with the dtype a parameter instead of float64, so bench/models.py can
+run the zoo in float32; the tests can import this one (bench/ on sys.path) instead of
+keeping their own copy. A random R, not mean(out ** 2), so every output element gets a
+different, nonzero cotangent and the backward pass has no shortcut.
+
+    >>> import numpy as np, remat
+    >>> g = remat.Graph("y")
+    >>> _ = g.output("output", remat.relu(g.input("x", (2, 3), "float32")))
+    >>> feeds = add_loss(g, {"output": (2, 3)}, dtype="float32")
+    >>> sorted(feeds), feeds["R/output"].dtype, "loss" in g.output_names
+    (['R/output'], dtype('float32'), True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import remat
+
+
+def loss_weights(
+    outputs: dict[str, tuple[int, ...]], seed: int = 0, dtype: str = "float64"
+) -> dict[str, np.ndarray]:
+    """The R feed of each output (by name, in order): uniform(0.5, 1.5) with a random sign."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, shape in outputs.items():
+        weight = np.asarray(rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape))
+        feeds[f"R/{name}"] = weight.astype(dtype)
+    return feeds
+
+
+def add_loss(
+    graph: remat.Graph, outputs: dict[str, tuple[int, ...]], seed: int = 0, dtype: str = "float64"
+) -> dict[str, np.ndarray]:
+    """Add output "loss" = sum over `outputs` (name -> shape) of sum(output * R) to
+    `graph`, each R a new graph input "R/<name>"; returns the R feeds."""
+    feeds, total = loss_weights(outputs, seed, dtype), None
+    for name, shape in outputs.items():
+        term = remat.sum(graph[name] * graph.input(f"R/{name}", shape, dtype))
+        total = term if total is None else total + term
+    graph.output("loss", total)
+    return feeds
+
+
+def torch_loss(outputs: dict, feeds: dict):
+    """The same loss of torch outputs (name -> tensor), given add_loss's feeds as
+    tensors (name -> tensor)."""
+    return sum((value * feeds[f"R/{name}"]).sum() for name, value in outputs.items())
