@@ -1,7 +1,7 @@
 """A zoo model (tests/zoo.py) set up for bench/models.py: the same training step in
 torch eager, in torch with `torch.utils.checkpoint` around every block, and in remat.
 
-The loss is bench/_zoo_loss.py's: sum(output * R) over the model's float outputs. The
+The loss is tests/zoo_loss.py's: sum(output * R) over the model's float outputs. The
 step is the gradient of that loss with respect to every parameter and every float input
 of the model, in both frameworks (tests/unit/test_from_torch.py's `wrt`).
 
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _zoo_loss import add_loss, loss_weights, torch_loss  # bench/ is sys.path[0]
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,6 +28,7 @@ import remat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import zoo  # noqa: E402  (tests/zoo.py: plain PyTorch models, no test dependencies)
+from zoo_loss import add_loss, loss_weights, named_outputs, torch_loss  # noqa: E402
 
 # The submodules torch.utils.checkpoint wraps, one function per zoo model: ResNet's
 # BasicBlocks, U-Net's DoubleConv stages (the up-sampling convs and the 1x1 head stay
@@ -79,14 +79,9 @@ def describe_blocks(name: str) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in kinds.items())
 
 
-def named_outputs(out) -> dict[str, torch.Tensor]:
-    """torch's outputs under from_torch's names (a tensor: "output"; a tuple:
-    "output_<i>"; a dict: its keys), float ones only: the loss's terms."""
-    if isinstance(out, torch.Tensor):
-        out = {"output": out}
-    elif isinstance(out, (tuple, list)):
-        out = {f"output_{i}": o for i, o in enumerate(out)}
-    return {k: v for k, v in out.items() if v is not None and v.is_floating_point()}
+def float_outputs(out) -> dict[str, torch.Tensor]:
+    """torch's float outputs under from_torch's names: the loss's terms."""
+    return {k: v for k, v in named_outputs(out).items() if v.is_floating_point()}
 
 
 @dataclass
@@ -107,7 +102,7 @@ class Case:
         with torch.no_grad():  # output shapes, on a copy: the buffers stay as built
             shapes = {
                 k: tuple(v.shape)
-                for k, v in named_outputs(copy.deepcopy(module)(*args, **kwargs)).items()
+                for k, v in float_outputs(copy.deepcopy(module)(*args, **kwargs)).items()
             }
         return cls(name, batch, module, args, kwargs, loss_weights(shapes, dtype="float32"), shapes)
 
@@ -129,7 +124,7 @@ def torch_step(case: Case, checkpoint_blocks: bool = False) -> Callable[[], floa
     weights = {k: torch.from_numpy(v) for k, v in case.weights.items()}
 
     def step() -> float:
-        loss = torch_loss(named_outputs(module(*args, **case.kwargs)), weights)
+        loss = torch_loss(float_outputs(module(*args, **case.kwargs)), weights)
         torch.autograd.grad(loss, wrt)
         return loss.item()
 

@@ -78,3 +78,12 @@ def test_bring_your_model_commands_run(tmp_path):
         )
         assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
     assert (tmp_path / "resnet.png").stat().st_size > 0
+
+
+def test_the_ops_table_lists_every_registered_op():
+    from remat_server.ops import REGISTRY
+
+    match = re.search(r"^## Ops\n(.*?)(?=^## )", README.read_text(), re.S | re.M)
+    rows = [line for line in match.group(1).splitlines() if line.startswith("| ")]
+    listed = {word for row in rows for word in re.findall(r"[a-z][a-z0-9_]*", row.split("|")[2])}
+    assert sorted(set(REGISTRY) - listed) == []

@@ -1,11 +1,7 @@
-"""A scalar loss over a model's outputs, in remat and in torch: sum(output * R) per
-output, with a fixed random R per output (seeded), summed over the outputs.
-
-The same loss as tests/unit/test_from_torch.py's `add_loss` (same R values for the same
-seed and shapes), with the dtype a parameter instead of float64, so bench/models.py can
-run the zoo in float32; the tests can import this one (bench/ on sys.path) instead of
-keeping their own copy. A random R, not mean(out ** 2), so every output element gets a
-different, nonzero cotangent and the backward pass has no shortcut.
+"""A scalar loss over a zoo model's outputs, in remat and in torch (tests and
+bench/models.py share it): sum(output * R) per output, with a fixed random R per output
+(seeded), summed over the outputs. A random R, not mean(out ** 2), so every output
+element gets a different, nonzero cotangent and the backward pass has no shortcut.
 
     >>> import numpy as np, remat
     >>> g = remat.Graph("y")
@@ -45,6 +41,18 @@ def add_loss(
         total = term if total is None else total + term
     graph.output("loss", total)
     return feeds
+
+
+def named_outputs(out) -> dict:
+    """A torch module's outputs under from_torch's names: one tensor is "output", a
+    tuple "output_0", "output_1"..., a dict keeps its keys (None values dropped)."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return {"output": out}
+    if isinstance(out, (tuple, list)):
+        return {f"output_{i}": o for i, o in enumerate(out)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def torch_loss(outputs: dict, feeds: dict):
