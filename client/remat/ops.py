@@ -335,22 +335,8 @@ def batch_norm_running_stats(
         >>> new_var.name
         'bn/var'
     """
-    # The SDK knows no shapes, so the reduction over every axis but 1 is built without
-    # the rank: reversed, x is (*S, C, N) (S: the spatial axes reversed, maybe none);
-    # N sums away as the last axis and *S collapses into one axis of size 1 with a
-    # scatter_add at all-zero indices of shape S, taken from x itself.
-    xt = transpose(x)
-    first = take(xt, 0, axis=-2)  # (*S, N): channel 0
-    never = lt(first, first)  # all False, NaN included
-    count = sum(where(never, first, 1.0))  # n, values per channel
-    index = cast(take(never, 0, axis=-1), "int64")  # (*S) zeros
-
-    def channel_sum(v):  # (*S, C, N) -> (C,)
-        return sum(op("scatter_add", sum(v, axis=-1), index, axis=0, size=1), axis=0)
-
-    batch_mean = channel_sum(xt) / count
-    squares = channel_sum(square(xt - reshape(batch_mean, (-1, 1))))
-    batch_var = squares / (count - 1.0 if unbiased else count)
+    stats = op("batch_norm_stats", x, unbiased=unbiased)  # (2, C): mean, variance
+    batch_mean, batch_var = take(stats, 0, axis=0), take(stats, 1, axis=0)
     names = (None, None) if name is None else (f"{name}/mean", f"{name}/var")
     return tuple(
         add((1.0 - momentum) * running, momentum * batch, name=out)

@@ -359,3 +359,31 @@ def test_sdk_dtypes_match_the_server():
     np.testing.assert_array_equal(outs["argmin"], [[0, 0, 0]])  # the NaN wins column 1
     np.testing.assert_array_equal(outs["min_keep"], [[np.nan]])
     np.testing.assert_array_equal(outs["xor"], mv ^ np.isinf(xv))
+
+
+# --- where: a branch-free bitwise select, bit-identical to np.where ----------------------
+WHERE_SHAPES = [
+    ((64, 64), (64, 64), ()),  # a VJP's zero branch
+    ((64, 64), (64, 1), (1, 64)),  # every operand broadcast
+    ((64, 1), (64, 64), (64, 64)),
+    ((40, 40), (), (40, 40)),
+    ((2, 3), (2, 3), (2, 3)),  # below SELECT_MIN_ELEMENTS: np.where itself
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64"])
+@pytest.mark.parametrize("shapes", WHERE_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_where_is_bit_identical_to_numpy(dtype, shapes):
+    from remat_server.ops import REGISTRY
+
+    rng = np.random.default_rng(1)
+    cond = rng.random(shapes[0]) < 0.5
+    a = (rng.standard_normal(shapes[1]) * 10).astype(dtype)
+    b = (rng.standard_normal(shapes[2]) * 10).astype(dtype)
+    if a.dtype.kind == "f" and a.size > 3:
+        a.flat[:3] = [np.nan, -0.0, np.inf]  # bits, not values, are selected
+    zeros = [np.zeros((), dtype)] + ([np.array(-0.0, dtype)] if a.dtype.kind == "f" else [])
+    for other in [b, *zeros]:
+        got, want = REGISTRY["where"].forward(cond, a, other), np.where(cond, a, other)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes()

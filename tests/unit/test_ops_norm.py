@@ -88,6 +88,14 @@ CASES = [
         {},
         ["x", "weight"],
     ),
+    (
+        "stats-unbiased-4d",
+        "batch_norm_stats",
+        {"x": normal(3, 2, 2, 3, seed=96)},
+        {"unbiased": True},
+        ["x"],
+    ),
+    ("stats-biased-2d", "batch_norm_stats", {"x": normal(5, 3, seed=97, shift=2.0)}, {}, ["x"]),
 ]
 IDS = [case[0] for case in CASES]
 
@@ -144,6 +152,11 @@ def _torch_call(torch, op, t, attrs):
             momentum=0.0,
             eps=attrs.get("eps", 1e-5),
         )
+    if op == "batch_norm_stats":
+        x = t["x"]
+        axes = (0, *range(2, x.ndim))
+        correction = 1 if attrs.get("unbiased", False) else 0
+        return torch.stack([x.mean(axes), x.var(axes, correction=correction)])
     w = t["weight"]
     return F.rms_norm(t["x"], tuple(w.shape), w, attrs.get("eps", 1e-6))
 
@@ -236,6 +249,19 @@ def test_forward_allocates_only_its_result(op, inputs, attrs):
     assert peak < 1.1 * x.nbytes, f"peak {peak} bytes for a result of {x.nbytes}"
 
 
+def test_batch_norm_stats_allocate_a_chunk_of_x():
+    """The centered x is formed an eighth of the batch at a time (plus einsum's buffers)."""
+    x = normal(64, 8, 16, 16)
+    tracemalloc.start()
+    try:
+        out = REGISTRY["batch_norm_stats"].forward(x, unbiased=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (2, 8)
+    assert peak < 0.25 * x.nbytes, f"peak {peak} bytes for x of {x.nbytes}"
+
+
 # --- validation ----------------------------------------------------------------------------
 def _bn_with(**changes):
     inputs = bn_inputs(2, 3, 2)
@@ -256,6 +282,8 @@ BAD = [
     ("batch_norm", bn_inputs(2, 3), {"training": True, "eps": 0.0}, "positive when training"),
     ("batch_norm", bn_inputs(2, 3), {"eps": float("inf")}, "finite"),
     ("batch_norm", bn_inputs(2, 3), {"momentum": 0.1}, "unexpected attribute"),
+    ("batch_norm_stats", {"x": normal(3)}, {}, "rank >= 2"),
+    ("batch_norm_stats", {"x": normal(1, 3)}, {"unbiased": True}, "more than 1 value"),
     ("rms_norm", {"x": normal(2, 3), "w": normal(2)}, {}, "trailing shape"),
     ("rms_norm", {"x": normal(2, 3), "w": np.array(1.0)}, {}, "trailing shape"),
     ("rms_norm", {"x": normal(3), "w": normal(2, 3)}, {}, "trailing shape"),

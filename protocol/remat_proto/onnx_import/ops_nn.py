@@ -25,11 +25,13 @@ def _batch_norm(c: NodeCtx):
     y = c.b.emit("batch_norm", (x, scale, bias, mean, var), attrs, x.shape, x.dtype)
     outs: list = [y] + [Missing("a BatchNormalization output outside training mode")] * 4
     if training and any(c.used(k) for k in range(1, 5)):
-        axes = (0, *range(2, x.ndim))
-        current = c.b.reduce("mean", x, axes, False)
-        shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
-        centered = c.b.binary("sub", x, c.b.reshape(current, shape))
-        variance = c.b.reduce("mean", c.b.unary("square", centered), axes, False)  # biased
+        # The batch's mean and biased variance in one (2, C) value, no x-sized one.
+        channels = x.shape[1]
+        stats = c.b.emit("batch_norm_stats", (x,), {"unbiased": False}, (2, channels), x.dtype)
+        current, variance = (
+            c.b.reshape(c.b.slice(stats, (row, 0), (row + 1, channels), (1, 1)), (channels,))
+            for row in (0, 1)
+        )
         outs[1] = _momentum(c, mean, current, momentum)
         outs[2] = _momentum(c, var, variance, momentum)
         outs[3] = current  # BN-9's saved_mean

@@ -8,7 +8,8 @@ each), which recompute the per-channel (per-row) statistics from x and whose own
 are graph ops, so the backward pass differentiates again.
 
 Running-statistic updates are not part of batch_norm (one op, one output): the SDK's
-`batch_norm_running_stats` composite builds them from existing ops.
+`batch_norm_running_stats` composite (and the ONNX importer) builds them from
+`batch_norm_stats`, the batch's per-channel mean and variance in one (2, C) value.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from remat_proto import dtypes
 
 from ..errors import ShapeError
+from ..graph.ir import TensorType
 from . import rules
 from .registry import Attr, elementwise_cost, register
 
@@ -41,6 +43,18 @@ def sum_except(keep: list[int], *operands: np.ndarray) -> np.ndarray:
     of their size (one einsum loop; equal ranks, size-1 axes broadcast)."""
     axes = list(range(operands[0].ndim))
     return np.einsum(*[item for a in operands for item in (a, axes)], keep)
+
+
+_PARTS = 8  # products of two x-sized arrays are formed in 8 chunks of the leading axis
+
+
+def _blocks(n: int) -> list[slice]:
+    step = max(1, -(-n // _PARTS))
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+def _block_shape(shape) -> tuple[int, ...]:
+    return (max(1, -(-shape[0] // _PARTS)), *shape[1:])
 
 
 # --- batch_norm --------------------------------------------------------------------------
@@ -134,6 +148,67 @@ register(
     },
     doc="(x - mean) / sqrt(var + eps) * weight + bias per channel of x (N, C, *): the "
     "batch's mean and biased variance when training, else running_mean/running_var.",
+)
+
+
+# --- batch_norm_stats: what the running statistics are updated with ----------------------
+def _stats_infer(x, unbiased):
+    rules.require_dtype(x, FLOAT)
+    if len(x.shape) < 2:
+        raise ShapeError(f"x {x.shape} must have rank >= 2, laid out (N, C, *)")
+    if unbiased and x.shape[1] and x.size == x.shape[1]:
+        raise ShapeError(f"an unbiased variance needs more than 1 value per channel, got {x.shape}")
+    return TensorType((2, x.shape[1]), x.dtype)
+
+
+def _stats(x, unbiased):
+    """Two passes, as batch_norm's forward, the centered x formed a chunk at a time."""
+    channels = x.shape[1]
+    n = x.size // channels if channels else 0
+    out = np.zeros((2, channels), dtype=x.dtype)
+    if n == 0:
+        return out
+    out[0] = sum_except([1], x) / n
+    center = per_channel(out[0], x.ndim)
+    chunk = np.empty(_block_shape(x.shape), x.dtype)
+    for s in _blocks(x.shape[0]):
+        xc = np.subtract(x[s], center, out=chunk[: s.stop - s.start])
+        out[1] += sum_except([1], xc, xc)
+    out[1] /= n - 1 if unbiased else n
+    return out
+
+
+def _stats_vjp(e, g, out, x, unbiased):
+    # d mean / dx = 1/n; d var / dx = 2 (x - mean) / (n - 1 or n), per channel.
+    n, channels = math.prod(x.shape) // x.shape[1], x.shape[1]
+
+    def row(v, i: int):  # row i of a (2, C) value as (1, C, 1, ...)
+        picked = e.slice(v, starts=(i, 0), stops=(i + 1, channels), steps=(1, 1))
+        return e.reshape(picked, shape=(1, channels) + (1,) * (x.ndim - 2))
+
+    scale = 2.0 / (n - 1 if unbiased else n)
+    return [row(g, 0) / float(n) + (x - row(out, 0)) * (row(g, 1) * scale)]
+
+
+register(
+    "batch_norm_stats",
+    family="norm",
+    inputs=1,
+    infer=_stats_infer,
+    forward=_stats,
+    vjp=_stats_vjp,
+    residuals="inputs+output",
+    workspace=lambda x, **attrs: _block_shape(x.shape),
+    cost=lambda out, x, **attrs: 4 * x.size,
+    attrs={
+        "unbiased": Attr(
+            "bool",
+            default=False,
+            doc="Divide the squares by n - 1 (PyTorch's running_var) instead of n (ONNX's).",
+        )
+    },
+    doc="The per-channel mean (row 0) and variance (row 1) of x (N, C, *) over every axis "
+    "but 1: what batch_norm's running statistics are updated with.",
 )
 
 

@@ -29,20 +29,10 @@ from remat_proto import dtypes
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
-from .norm import bn_axes, eps_attr, per_channel, sum_except
+from .norm import _block_shape, _blocks, bn_axes, eps_attr, per_channel, sum_except
 from .registry import Attr, elementwise_cost, register
 
 FLOAT = dtypes.FLOATS
-_PARTS = 8  # products of two x-sized arrays are formed in 8 chunks of the leading axis
-
-
-def _blocks(n: int) -> list[slice]:
-    step = max(1, -(-n // _PARTS))
-    return [slice(i, i + step) for i in range(0, n, step)]
-
-
-def _block_shape(shape) -> tuple[int, ...]:
-    return (max(1, -(-shape[0] // _PARTS)), *shape[1:])
 
 
 def _add_product(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
