@@ -91,6 +91,14 @@ def sign(x, *, name=None):
     return op("sign", x, name=name)
 
 
+def sin(x, *, name=None):
+    return op("sin", x, name=name)
+
+
+def cos(x, *, name=None):
+    return op("cos", x, name=name)
+
+
 def tanh(x, *, name=None):
     return op("tanh", x, name=name)
 

@@ -40,10 +40,11 @@ class Case:
     """One zoo model imported in float64, with torch's reference results."""
 
     def __init__(self, name: str, train: bool = True):
-        module, args, kwargs = zoo.MODELS[name](torch.float64)
+        module, args, kwargs = MODELS[name](torch.float64)
         if not train:
             module.eval()
-        self.inputs = zoo.inputs(name, torch.float64)
+        input_names = INPUT_NAMES.get(name) or zoo.input_names(name)
+        self.inputs = {**dict(zip(input_names, args)), **kwargs}
         before = {k: v.clone() for k, v in module.state_dict().items()}
         self.graph, self.params = remat.from_torch(module, args, kwargs)
         for key, value in module.state_dict().items():  # importing changed nothing
@@ -59,7 +60,7 @@ class Case:
         loss.backward()
         self.loss = loss.item()
         self.grads = {n: p.grad.numpy() for n, p in ref.named_parameters()}
-        for input_name, value in zip(zoo.input_names(name), args):
+        for input_name, value in zip(input_names, args):
             if value.is_floating_point():
                 self.grads[input_name] = value.grad.numpy()
         self.buffers = {n: b.detach().numpy() for n, b in ref.named_buffers()}
@@ -67,6 +68,34 @@ class Case:
         self.wrt = list(self.grads)
 
 
+def transformers_llama(dtype):
+    """LLaMA as `transformers` writes it (rotary embeddings computed in forward with
+    cos and sin, grouped-query attention), tiny and seeded: outside the zoo, since
+    torch's ONNX exporter cannot export it (aten::diff)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=zoo.VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2 * zoo.SEQ,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    module = LlamaForCausalLM(config).to(dtype).train()
+    ids = torch.randint(0, zoo.VOCAB, (2, zoo.SEQ), generator=torch.Generator().manual_seed(5))
+    return module, (ids,), {}
+
+
+MODELS = {**zoo.MODELS, "transformers_llama": transformers_llama}
+# transformers computes the rotary tables in float32 whatever the model's dtype (it
+# casts with .float()): NumPy's and torch's float32 cos and sin differ in the last
+# bit, which bounds the agreement to float32's precision.
+TOLERANCE = {"transformers_llama": 1e-6}
+INPUT_NAMES = {"transformers_llama": ("input_ids",)}
 _CASES: dict = {}
 
 
@@ -76,26 +105,26 @@ def case(name: str, train: bool = True) -> Case:
     return _CASES[name, train]
 
 
-def assert_grads_close(actual: dict, expected: dict) -> None:
+def assert_grads_close(actual: dict, expected: dict, rtol: float = RTOL) -> None:
     # Structurally zero gradients (a key bias before softmax) are rounding noise in
     # both: they are held to an absolute floor set by the model's largest gradient.
-    floor = 1e-12 * max(float(np.max(np.abs(g))) for g in expected.values())
+    floor = 1e-3 * rtol * max(float(np.max(np.abs(g))) for g in expected.values())
     for name, want in expected.items():
         got = actual[name]
         assert got.shape == want.shape, name
         scale = float(np.max(np.abs(want), initial=0.0))
         error = float(np.max(np.abs(got - want), initial=0.0))
-        assert error <= RTOL * scale + floor, f"{name}: error {error:.3g}, scale {scale:.3g}"
+        assert error <= rtol * scale + floor, f"{name}: error {error:.3g}, scale {scale:.3g}"
 
 
-# --- every zoo model equals torch.autograd -------------------------------------------------
+# --- every zoo model (and transformers' LLaMA) equals torch.autograd -----------------------
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, "transformers_llama"])
 def test_zoo_matches_torch_autograd(client, name, train):
-    c = case(name, train)
+    c, rtol = case(name, train), TOLERANCE.get(name, RTOL)
     result = client.run(c.graph, c.feeds, wrt=c.wrt, loss="loss")
-    assert float(result.outputs["loss"]) == pytest.approx(c.loss, rel=RTOL, abs=1e-12)
-    assert_grads_close(result.grads, c.grads)
+    assert float(result.outputs["loss"]) == pytest.approx(c.loss, rel=rtol, abs=1e-12)
+    assert_grads_close(result.grads, c.grads, rtol)
     updated = {n[len("updated/") :] for n in c.graph.output_names if n.startswith("updated/")}
     if train and any(n.endswith("running_mean") for n in c.buffers):
         assert updated == {n for n in c.buffers if "running" in n or "num_batches" in n}
@@ -251,7 +280,7 @@ def test_padding_embedding_row_gets_no_gradient_from_padding(client):
 def test_unsupported_ops_are_listed_together():
     class Wave(torch.nn.Module):
         def forward(self, x):
-            return torch.cos(x)
+            return torch.atan(x)
 
     class Odd(torch.nn.Module):
         def __init__(self):
@@ -261,18 +290,18 @@ def test_unsupported_ops_are_listed_together():
 
         def forward(self, x):
             h = self.proj(x)
-            # sin's result is unimportable, so the add after it is skipped, not listed.
-            return torch.flip(h, dims=[0]) + self.wave(h) + torch.sin(x)
+            # sinh's result is unimportable, so the add after it is skipped, not listed.
+            return torch.flip(h, dims=[0]) + self.wave(h) + torch.sinh(x)
 
     with pytest.raises(UnsupportedTorchOpsError) as caught:
         remat.from_torch(Odd(), (torch.randn(2, 4),))
     message = str(caught.value)
-    for text in ("aten.cos.default", "aten.flip.default", "aten.sin.default", "cos (wave)"):
+    for text in ("aten.atan.default", "aten.flip.default", "aten.sinh.default", "atan (wave)"):
         assert text in message, message
     assert {op for _, op, _, _ in caught.value.problems} == {
-        "aten.cos.default",
+        "aten.atan.default",
         "aten.flip.default",
-        "aten.sin.default",
+        "aten.sinh.default",
     }
 
 

@@ -117,6 +117,8 @@ case("square", "square", {"x": normal(3, 4)})
 case("abs", "abs", {"x": nonzero(3, 4)})
 case("sign", "sign", {"x": nonzero(3, 4)})
 case("tanh", "tanh", {"x": normal(3, 4)})
+case("sin", "sin", {"x": normal(3, 4)})
+case("cos", "cos", {"x": normal(3, 4)})
 case("sigmoid", "sigmoid", {"x": 3 * normal(3, 4)})
 case("relu", "relu", {"x": nonzero(3, 4)})
 # gelu moved to the activation family (tests/unit/test_ops_activations.py); this slot,

@@ -132,6 +132,8 @@ UNARY = [
     "HardSigmoid",
     "Sqrt",
     "Log",
+    "Sin",
+    "Cos",
 ]
 
 

@@ -99,7 +99,7 @@ def test_every_unsupported_op_and_attribute_value_in_one_error():
         helper.make_node("Einsum", ["x", "x"], ["e"], name="einsum", equation="ij,ij->i"),
         helper.make_node("Resize", ["img", "roi", "scales"], ["r"], name="resize", mode="cubic"),
         helper.make_node("Pad", ["x", "pads"], ["p"], name="pad", mode="wrap"),
-        helper.make_node("Sin", ["x"], ["s"], name="sin"),
+        helper.make_node("Floor", ["x"], ["s"], name="floor"),
         helper.make_node("MaxPool", ["img"], ["m", "argmax"], name="pool", kernel_shape=[2, 2]),
         helper.make_node("Identity", ["argmax"], ["y"], name="uses_indices"),
     ]
@@ -119,7 +119,7 @@ def test_every_unsupported_op_and_attribute_value_in_one_error():
         "node 'einsum' (Einsum): op type 'Einsum'",
         "node 'resize' (Resize): unsupported mode 'cubic'",
         "node 'pad' (Pad): unsupported mode 'wrap'",
-        "node 'sin' (Sin): unsupported Sin is supported on constants only",
+        "node 'floor' (Floor): unsupported Floor is supported on constants only",
         "node 'uses_indices' (Identity): uses 'argmax': MaxPool's Indices output",
     ):
         assert expected in text, text

@@ -100,10 +100,12 @@ def _unary(op, **attrs):
     return handler
 
 
-for _op in ("neg", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "sign", "erf"):
+# ATen ops that are remat ops of the same name.
+for _op in (
+    *("neg", "exp", "log", "sqrt", "square", "sin", "cos", "tanh", "sigmoid", "relu", "silu"),
+    *("abs", "sign", "erf"),
+):
     aten(_op)(_unary(_op))
-aten("silu")(_unary("silu"))
-aten("square")(_unary("square"))
 aten("relu6")(_unary("hardtanh", min_val=0.0, max_val=6.0))
 
 

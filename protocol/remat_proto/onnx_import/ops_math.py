@@ -22,6 +22,8 @@ UNARY = {
     "Relu": "relu",
     "Neg": "neg",
     "Exp": "exp",
+    "Sin": "sin",
+    "Cos": "cos",
     "Log": "log",
     "Sqrt": "sqrt",
     "Abs": "abs",

@@ -186,6 +186,24 @@ register(
     cost=elementwise_cost(10),
 )
 register(
+    "sin",
+    family="elementwise",
+    infer=rules.unary(FLOAT),
+    forward=np.sin,
+    vjp=lambda e, g, out, x: [g * e.cos(x)],
+    residuals="inputs",
+    cost=elementwise_cost(10),
+)
+register(
+    "cos",
+    family="elementwise",
+    infer=rules.unary(FLOAT),
+    forward=np.cos,
+    vjp=lambda e, g, out, x: [-(g * e.sin(x))],
+    residuals="inputs",
+    cost=elementwise_cost(10),
+)
+register(
     "tanh",
     family="elementwise",
     infer=rules.unary(FLOAT),
