@@ -179,7 +179,7 @@ def test_plan_is_deterministic():
 
 
 def test_a_2000_node_graph_plans(capsys):
-    model = chain(700, 64)  # about 2,800 joint-graph nodes
+    model = chain(1100, 64)  # about 2,200 joint-graph nodes
     problem = problem_of(model, spec_of(model))
     assert len(problem.graph) > 2000
     start = time.perf_counter()
