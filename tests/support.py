@@ -156,3 +156,31 @@ def nonlinear_probe(op, inputs, attrs):
         (("loss", "l"),),
     )
     return spec, {**inputs, "R": weight}
+
+
+def check_hvp(op, inputs, attrs, wrt, seed: int = 11) -> None:
+    """Second order: Hessian-vector products of `op` (inside a nonlinear probe, so that
+    linear ops have curvature too) against centered differences of the first-order
+    joint graph, in random directions drawn from `seed`; and a nonzero one, so that the
+    check tests curvature rather than zeros."""
+    spec, feeds = nonlinear_probe(op, inputs, attrs)
+    spec2 = joint_hvp_spec(spec, wrt)
+    rng = np.random.default_rng(seed)
+    directions = {f"v/{name}": rng.standard_normal(inputs[name].shape) for name in wrt}
+    feeds2 = {**feeds, **directions}
+    check_grads(spec2, feeds2, wrt, loss="loss2", tol=1e-6)
+    hvp = ENGINE.run(RunRequest(spec2, feeds2, wrt=tuple(wrt), loss="loss2")).grads
+    assert max(np.max(np.abs(hvp[name])) for name in wrt) > 1e-2  # a real curvature test
+
+
+def run_float32(op, inputs, attrs, wrt):
+    """Run `op` on float32 copies of its float64 `inputs`; check that the output and every
+    gradient stay float32. Returns (the float32 result, the float64 output) for the
+    caller's tolerance."""
+    inputs32 = {k: a.astype(np.float32) if a.dtype == np.float64 else a for k, a in inputs.items()}
+    spec, feeds = op_graph(op, inputs32, attrs)
+    result = ENGINE.run(RunRequest(spec, feeds, wrt=tuple(wrt), loss="loss"))
+    assert result.outputs["out"].dtype == np.float32
+    for name in wrt:
+        assert result.grads[name].dtype == np.float32, name
+    return result, run_op(op, inputs, attrs)

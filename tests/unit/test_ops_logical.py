@@ -58,15 +58,8 @@ def test_gradients_match_centered_differences(case_id, op, inputs, attrs, wrt):
 
 @pytest.mark.parametrize("case_id, op, inputs, attrs, wrt", CASES, ids=IDS)
 def test_float32_keeps_dtype(case_id, op, inputs, attrs, wrt):
-    inputs32 = {k: a.astype(np.float32) for k, a in inputs.items()}
-    spec, feeds = support.op_graph(op, inputs32, attrs)
-    result = support.ENGINE.run(RunRequest(spec, feeds, wrt=tuple(wrt), loss="loss"))
-    assert result.outputs["out"].dtype == np.float32
-    np.testing.assert_array_equal(
-        result.outputs["out"], support.run_op(op, inputs, attrs).astype(np.float32)
-    )
-    for name in wrt:
-        assert result.grads[name].dtype == np.float32
+    result, expected = support.run_float32(op, inputs, attrs, wrt)
+    np.testing.assert_array_equal(result.outputs["out"], expected.astype(np.float32))
 
 
 @pytest.mark.parametrize(

@@ -158,69 +158,28 @@ def _sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-register(
-    "exp",
-    family="elementwise",
-    infer=rules.unary(FLOAT),
-    forward=np.exp,
-    vjp=lambda e, g, out, x: [g * out],
-    residuals="output",
-    cost=elementwise_cost(10),
-)
-register(
-    "log",
-    family="elementwise",
-    infer=rules.unary(FLOAT),
-    forward=np.log,
-    vjp=lambda e, g, out, x: [g / x],
-    residuals="inputs",
-    cost=elementwise_cost(10),
-)
-register(
-    "sqrt",
-    family="elementwise",
-    infer=rules.unary(FLOAT),
-    forward=np.sqrt,
-    vjp=lambda e, g, out, x: [g / (2.0 * out)],
-    residuals="output",
-    cost=elementwise_cost(10),
-)
-register(
-    "sin",
-    family="elementwise",
-    infer=rules.unary(FLOAT),
-    forward=np.sin,
-    vjp=lambda e, g, out, x: [g * e.cos(x)],
-    residuals="inputs",
-    cost=elementwise_cost(10),
-)
-register(
-    "cos",
-    family="elementwise",
-    infer=rules.unary(FLOAT),
-    forward=np.cos,
-    vjp=lambda e, g, out, x: [-(g * e.sin(x))],
-    residuals="inputs",
-    cost=elementwise_cost(10),
-)
-register(
-    "tanh",
-    family="elementwise",
-    infer=rules.unary(FLOAT),
-    forward=np.tanh,
-    vjp=lambda e, g, out, x: [e.tanh_grad(out, g)],  # one fused value (activation_grad)
-    residuals="output",
-    cost=elementwise_cost(10),
-)
-register(
-    "sigmoid",
-    family="elementwise",
-    infer=rules.unary(FLOAT),
-    forward=_sigmoid,
-    vjp=lambda e, g, out, x: [e.sigmoid_grad(out, g)],
-    residuals="output",
-    cost=elementwise_cost(12),
-)
+# Float unary ops: name -> (forward, VJP, what the VJP reads, FLOPs per element). The
+# VJPs read like a derivative table; tanh and sigmoid emit one fused value each
+# (activation_grad.py) instead of the three a composite 1 - y^2 or y (1 - y) would.
+FLOAT_UNARY = {
+    "exp": (np.exp, lambda e, g, out, x: [g * out], "output", 10),
+    "log": (np.log, lambda e, g, out, x: [g / x], "inputs", 10),
+    "sqrt": (np.sqrt, lambda e, g, out, x: [g / (2.0 * out)], "output", 10),
+    "sin": (np.sin, lambda e, g, out, x: [g * e.cos(x)], "inputs", 10),
+    "cos": (np.cos, lambda e, g, out, x: [-(g * e.sin(x))], "inputs", 10),
+    "tanh": (np.tanh, lambda e, g, out, x: [e.tanh_grad(out, g)], "output", 10),
+    "sigmoid": (_sigmoid, lambda e, g, out, x: [e.sigmoid_grad(out, g)], "output", 12),
+}
+for _name, (_forward, _vjp, _residuals, _flops) in FLOAT_UNARY.items():
+    register(
+        _name,
+        family="elementwise",
+        infer=rules.unary(FLOAT),
+        forward=_forward,
+        vjp=_vjp,
+        residuals=_residuals,
+        cost=elementwise_cost(_flops),
+    )
 register(
     "relu",
     family="elementwise",
