@@ -382,6 +382,9 @@ def test_max_abs_diff_sees_every_difference():
     assert max_abs_diff({"w": np.array([1.0, 2.5, np.nan])}, a) == 0.5
     assert max_abs_diff({"w": np.array([1.0, 2.0, 0.0])}, a) == float("inf")
     assert max_abs_diff({}, a) == float("inf")
+    infinities = {"w": np.array([np.inf, -np.inf])}
+    assert max_abs_diff(infinities, {"w": infinities["w"].copy()}) == 0.0  # equal infinities
+    assert max_abs_diff({"w": np.array([np.inf, np.inf])}, infinities) == float("inf")
 
 
 # --- parse -----------------------------------------------------------------------------------

@@ -463,8 +463,9 @@ def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def max_abs_diff(grads: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """The largest |a - b| over every element of every gradient (NaN where the
-    reference has NaN counts as equal; a missing gradient or a shape change as inf)."""
+    """The largest |a - b| over every element of every gradient (equal values, equal
+    infinities and NaN against NaN count as 0; a missing gradient or a shape change as
+    inf)."""
     worst = 0.0
     for name, ref in reference.items():
         value = grads.get(name)
@@ -473,6 +474,8 @@ def max_abs_diff(grads: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
         if value.size == 0:
             continue
         a, b = value.astype(np.float64), ref.astype(np.float64)
-        diff = np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b))
-        worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        with np.errstate(invalid="ignore"):  # inf - inf where the two differ in sign
+            diff = np.where(same, 0.0, np.abs(a - b))
+        worst = max(worst, float(np.nan_to_num(diff, nan=np.inf, posinf=np.inf).max()))
     return worst
