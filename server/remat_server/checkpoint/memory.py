@@ -21,6 +21,9 @@ class MemoryModel:
     owner: dict[str, str]  # value -> the value owning its buffer (itself when it allocates)
     nbytes: dict[str, int]  # buffer owner -> bytes it holds (0 for external values)
     source: dict[str, str] = field(default_factory=dict)  # view -> the value it views
+    # node -> bytes of the temporaries its forward holds at its peak (the op's declared
+    # `scratch`), besides its inputs and result; only nodes that have any.
+    scratch: dict[str, int] = field(default_factory=dict)
 
     def is_view(self, name: str) -> bool:
         return self.owner[name] != name
@@ -30,9 +33,18 @@ def memory_model(graph: Graph) -> MemoryModel:
     owner: dict[str, str] = {}
     nbytes: dict[str, int] = {}
     source: dict[str, str] = {}
+    scratch: dict[str, int] = {}
     contiguous: dict[str, bool] = {}
+    nodes = graph.nodes
     for node in graph:
-        kind = "new" if node.op == INPUT_OP else registry.REGISTRY[node.op].memory
+        definition = None if node.op == INPUT_OP else registry.REGISTRY[node.op]
+        kind = "new" if definition is None else definition.memory
+        if definition is not None and definition.scratch is not None:
+            held = definition.scratch(
+                node.type, *(nodes[i].type for i in node.inputs), **node.attrs
+            )
+            if held > 0:
+                scratch[node.name] = int(held)
         if kind == "view_if_contiguous":
             kind = "view" if contiguous[node.inputs[0]] else "new"
             contiguous[node.name] = True
@@ -44,7 +56,7 @@ def memory_model(graph: Graph) -> MemoryModel:
         else:
             owner[node.name] = node.name
             nbytes[node.name] = 0 if kind == "external" else node.type.nbytes
-    return MemoryModel(owner, nbytes, source)
+    return MemoryModel(owner, nbytes, source, scratch)
 
 
 class LiveBytes:
@@ -79,9 +91,11 @@ class LiveBytes:
         count = refs.get(buffer, 0)
         if count == 0:
             self.total += model.nbytes[buffer[0]]
-            if self.total > self.peak:
-                self.peak = self.total
         refs[buffer] = count + 1
+        # While `name` is computed, its temporaries sit on top of everything live.
+        transient = self.total + model.scratch.get(name, 0)
+        if transient > self.peak:
+            self.peak = transient
 
     def remove(self, name: str) -> None:
         buffer = self.held.pop(name)
@@ -101,7 +115,8 @@ class LiveBytes:
         return self.refs.get(self.held[name], 0) if name in self.held else 0
 
     def allocates(self, name: str) -> int:
-        """Bytes that computing `name` now would add."""
+        """Bytes that computing `name` now would add (its temporaries not included: see
+        `needs`)."""
         viewed = self.model.source.get(name)
         if viewed in self.held:
             return 0
@@ -109,3 +124,8 @@ class LiveBytes:
         if owner != name:  # a view whose source is not live: its owner's buffer, if gone
             return 0 if self.in_use(owner) else self.model.nbytes[owner]
         return self.model.nbytes[owner]
+
+    def needs(self, name: str) -> int:
+        """Bytes on top of the live ones while `name` is computed now: its result's new
+        buffer and its temporaries."""
+        return self.allocates(name) + self.model.scratch.get(name, 0)

@@ -24,7 +24,9 @@ class InvalidSchedule(RematError):
 @dataclass(frozen=True)
 class Simulation:
     peak_bytes: int
-    timeline: tuple[int, ...]  # live bytes after each step
+    # Bytes in use at each step: the live ones after it, plus, for a Compute, the
+    # temporaries of its op (so the peak is the timeline's maximum).
+    timeline: tuple[int, ...]
     flops: int
     recompute_flops: int
     evaluations: Counter = field(default_factory=Counter)  # node -> times computed
@@ -52,7 +54,9 @@ def simulate(
     """`flops`: each node's FLOPs when known (a Problem's `flops`), else computed here."""
     nodes = graph.nodes
     live = {node.name for node in graph.inputs}
-    accounting = LiveBytes(model or memory_model(graph), live)
+    model = model or memory_model(graph)
+    scratch = model.scratch
+    accounting = LiveBytes(model, live)
     add, remove = accounting.add, accounting.remove
     flops = {} if flops is None else flops
     timeline: list[int] = []
@@ -82,6 +86,8 @@ def simulate(
             evaluations[name] = count + 1
             live.add(name)
             add(name)
+            record(accounting.total + scratch.get(name, 0))
+            continue
         elif type(step) is Free:
             if name not in live:
                 raise InvalidSchedule(f"step {index}: freeing '{name}', which is not live")

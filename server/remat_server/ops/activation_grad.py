@@ -39,6 +39,7 @@ class Derivative:
     second: Callable | None  # (e, x, **attrs) -> f''(x) as graph ops; None: 0 a.e.
     flops: int
     temporary: bool = False  # `first` allocates one more array of x's size
+    mask: bool = False  # `first` allocates a bool mask of x's size
     on_output: bool = False  # the first input is the forward's output y, not x
 
 
@@ -100,7 +101,7 @@ def _gelu_tanh_d(x):
 
 def _leaky_relu_d(x, negative_slope):
     out = np.full_like(x, negative_slope)
-    out[x > 0] = 1.0  # NaN is not > 0: it gets negative_slope, as torch
+    out[x > 0] = 1.0  # the mask; NaN is not > 0: it gets negative_slope, as torch
     return out
 
 
@@ -139,7 +140,7 @@ TABLE: dict[str, Derivative] = {
         20,
         temporary=True,
     ),
-    "leaky_relu": Derivative(_leaky_relu_d, None, 2),
+    "leaky_relu": Derivative(_leaky_relu_d, None, 2, mask=True),
     "tanh": Derivative(_tanh_d, lambda e, y: -2.0 * y, 3, on_output=True),
     "sigmoid": Derivative(_sigmoid_d, lambda e, y: 1.0 - 2.0 * y, 3, on_output=True),
 }
@@ -166,6 +167,9 @@ def _register(name: str, d: Derivative) -> None:
         dx = None if d.second is None else (c * g) * d.second(e, x, **attrs)
         return [dx, e.op(op_name, x, c, **attrs)]
 
+    def scratch(out, x, g, **attrs) -> int:
+        return (x.nbytes if d.temporary else 0) + (x.size if d.mask else 0)
+
     forward_op = REGISTRY[name]  # its attrs (gelu's approximate, ...) are defined there
     register(
         op_name,
@@ -178,6 +182,7 @@ def _register(name: str, d: Derivative) -> None:
         cost=elementwise_cost(d.flops),
         attrs=dict(forward_op.attrs),
         workspace=(lambda x, g, **attrs: tuple(x.shape)) if d.temporary else None,
+        scratch=scratch,
         doc=f"{name}'s VJP: g * {name}'(x) for the cotangent g"
         + (f", from {name}'s output y = {name}(x)." if d.on_output else "."),
     )

@@ -40,14 +40,40 @@ def _scalar(value: float, dtype: np.dtype):
 # --- erf, gelu, silu -----------------------------------------------------------------
 # Their VJPs are native ops (activation_grad.py: one value of x's size each, where
 # the composites emitted up to eight); the derivatives are defined in its table.
+# Each in its result buffer (an array for a 0-d x too), no temporary. The closing
+# product is (0.5 (1 + t)) x, not (0.5 x) (1 + t): the same bits, as halving 1 + t (a
+# multiple of t's ulp in [0, 2]) is exact, and so is halving x unless x is subnormal,
+# where 1 + t is exactly 1.
 def _gelu_tanh(x):
     # x * x * x, not x ** 3: NumPy's general power path is ~300x slower.
-    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * (x * x * x))))
+    out = np.multiply(x, x, out=np.empty_like(x))  # 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
+    out *= x
+    out *= 0.044715
+    out += x
+    out *= _GELU_C
+    np.tanh(out, out=out)
+    return _half_one_plus_times(out, x)
 
 
 def _gelu_exact(x):
     # torch's order of operations: x * 0.5 * (1 + erf(x / sqrt(2))).
-    return x * 0.5 * (1.0 + special.erf(x * _SQRT_HALF))
+    out = np.multiply(x, _SQRT_HALF, out=np.empty_like(x))
+    special.erf(out, out=out)
+    return _half_one_plus_times(out, x)
+
+
+def _half_one_plus_times(t, x):
+    t += 1.0
+    t *= 0.5
+    t *= x
+    return t
+
+
+def _silu(x):
+    # sigmoid in its tanh form: one transcendental, no overflow for large |x|.
+    out = np.multiply(x, 0.5, out=np.empty_like(x))  # x * (0.5 * (1 + tanh(0.5 x)))
+    np.tanh(out, out=out)
+    return _half_one_plus_times(out, x)
 
 
 _GELU_FORWARD = {"tanh": _gelu_tanh, "none": _gelu_exact}
@@ -87,8 +113,7 @@ register(
     "silu",
     family="activation",
     infer=rules.unary(FLOAT),
-    # sigmoid in its tanh form: one transcendental, no overflow for large |x|.
-    forward=lambda x: x * (0.5 * (1.0 + np.tanh(0.5 * x))),
+    forward=_silu,
     vjp=lambda e, g, out, x: [e.silu_grad(x, g)],
     residuals="inputs",
     cost=elementwise_cost(14),
@@ -122,8 +147,13 @@ def _hardtanh_vjp(e, g, out, x, min_val, max_val):
 
 def _leaky_relu(x, negative_slope):
     out = np.multiply(x, _scalar(negative_slope, x.dtype), out=np.empty_like(x))
-    np.copyto(out, x, where=x > 0)
+    np.copyto(out, x, where=x > 0)  # the mask: one bool an element
     return out
+
+
+def bool_mask_scratch(x, *inputs, **attrs) -> int:
+    """`scratch` of a forward holding one bool mask of x's size."""
+    return x.size
 
 
 def _leaky_relu_vjp(e, g, out, x, negative_slope):
@@ -168,6 +198,7 @@ register(
     family="activation",
     infer=rules.unary(FLOAT),
     forward=_leaky_relu,
+    scratch=bool_mask_scratch,
     vjp=_leaky_relu_vjp,
     residuals="inputs",
     cost=elementwise_cost(2),

@@ -16,9 +16,12 @@ gradient of the scores.
 Memory model. The point of fusing is that nothing of size (..., L, S) outlives the op:
 - Forward: the scores, then in place the probabilities and their dropped-out version,
   live in one (..., L, S) buffer of the input dtype (`workspace`), freed when the op
-  returns. Besides it: the (L, S) bool causal mask, and with dropout the (..., L, S)
-  bool keep mask and the float64 uniforms `keep_mask` draws it from (as `dropout`).
-  Only the (..., L, Ev) output is kept.
+  returns. Besides it, one stage at a time, all before the output exists (`_scratch`,
+  exact): the negated bool mask, or NumPy's buffers adding a float mask; the (L, S)
+  bool causal mask; the softmax's per-row maxima and sums; with dropout the (..., L, S)
+  bool keep mask and the float64 uniforms `keep_mask` draws it from (as `dropout`;
+  drawing them in chunks would need random.py's generator). Only the (..., L, Ev)
+  output is kept.
 - Residuals are the inputs (q, k, v, mask), which a model keeps anyway. The VJP
   re-emits P from q, k (and the mask) as ordinary graph nodes, once, shared by the
   three gradients; the dropout mask is regenerated from (seed, key, shape), never
@@ -39,6 +42,7 @@ from remat_proto import dtypes
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
+from .conv_taps import ufunc_buffers, virtual
 from .random import keep_mask
 from .registry import NODE_NAME, Attr, register
 
@@ -87,8 +91,10 @@ def _check_mask(mask, dtype: str, scores: tuple[int, ...]) -> None:
 
 
 # --- forward ---------------------------------------------------------------------------
-def _causal_allowed(length: int, keys: int) -> np.ndarray:
-    return np.arange(length)[:, None] >= np.arange(keys)[None, :]
+def _causal_blocked(length: int, keys: int) -> np.ndarray:
+    """(L, S) bool: query i may not see key j > i. One array (not a mask and its
+    negation)."""
+    return np.less(np.arange(length)[:, None], np.arange(keys)[None, :])
 
 
 def _forward(q, k, v, mask=None, *, causal, scale, dropout_p, seed, key):
@@ -99,7 +105,7 @@ def _forward(q, k, v, mask=None, *, causal, scale, dropout_p, seed, key):
     elif mask is not None:
         s += mask
     if causal:
-        np.copyto(s, -np.inf, where=~_causal_allowed(*s.shape[-2:]))
+        np.copyto(s, -np.inf, where=_causal_blocked(*s.shape[-2:]))
     _safe_softmax_(s)
     if dropout_p:  # the dropout op's arithmetic, so the VJP's drop(P) is bit-identical
         s *= keep_mask(s.shape, dropout_p, seed, key)
@@ -168,6 +174,27 @@ def _cost(out, q, k, v, mask=None, *, dropout_p, **attrs) -> int:
     return scores * per_score
 
 
+def _scratch(out, q, k, v, mask=None, *, causal, dropout_p, **attrs) -> int:
+    """The scores, and the largest stage's temporaries (module doc). The stages run
+    before the output exists, so they count only past the output's bytes."""
+    itemsize, scores = dtypes.itemsize(q.dtype), _scores_shape(q, k)
+    count, rows = math.prod(scores), math.prod(scores[:-1])
+    s, per_row = virtual(scores, q.dtype), virtual(scores[:-1] + (1,), q.dtype)
+    # softmax: maxima, dead rows, sums, and NumPy's buffers of a per-row broadcast
+    stages = [rows * (2 * itemsize + 1) + ufunc_buffers(s, per_row, s)]
+    if mask is not None and mask.dtype == "bool":
+        stages.append(math.prod(mask.shape))  # ~mask
+    elif mask is not None:  # s += mask: NumPy's buffers of the broadcast mask
+        stages.append(ufunc_buffers(s, virtual(mask.shape, mask.dtype), s))
+    if causal:  # the (L, S) bool mask, the aranges it compares, NumPy's buffers of both
+        (length, keys), index = scores[-2:], np.dtype(np.intp).itemsize
+        compare = ufunc_buffers(virtual((length, 1), "int64"), virtual((1, keys), "int64"))
+        stages.append(length * keys + index * (length + keys) + compare)
+    if dropout_p:  # keep_mask's float64 uniforms and its bool result
+        stages.append(9 * count)
+    return count * itemsize + max(0, max(stages) - out.nbytes)
+
+
 def _workspace(q, k, v, mask=None, **attrs) -> tuple[int, ...]:
     """The (..., L, S) scores buffer (probabilities, dropped-out, in place)."""
     return _scores_shape(q, k)
@@ -183,6 +210,7 @@ register(
     residuals="inputs",
     cost=_cost,
     workspace=_workspace,
+    scratch=_scratch,
     attrs={
         "causal": Attr(
             "bool", default=False, doc="Query i attends keys j <= i (torch's is_causal)."

@@ -4,9 +4,17 @@ conv2d's forward is blocked GEMMs over the kernel taps (conv_taps), or a few sca
 window passes when depthwise. Its VJP is two native ops, conv_transpose2d for x and
 conv2d_weight_grad for w, each producing a value the size of x or w, not a
 kh*kw-times-the-input column matrix; those differentiate again to the same family.
-unfold and fold are each other's adjoints. The window helpers here (`_windows`,
-`_reduce_taps`) view the padded input through `sliding_window_view` (no Python loop
-over pixels); pooling (pool.py) uses them too.
+unfold and fold are each other's adjoints.
+
+Window helpers (no Python loop over pixels), shared with pooling (pool.py,
+pool_grad.py): `tap_spans` gives the box of windows each kernel tap reads inside x, so
+unfold, fold and the 1x1 conv copy or add tap by tap straight into their result, with
+no padded copy of x; the tap-accumulating loops (depthwise conv, pooling) reduce
+`windows` views of a padded copy that `padded_chunks` makes one chunk of images at a
+time, never for the whole batch (uniform strided views run those loops ~1.5x faster
+than per-tap boxes). Each op's `scratch` declares, exactly, the bytes of the
+temporaries its forward holds besides its inputs and its result, NumPy's ufunc buffers
+included (`conv_taps.ufunc_buffers`, replayed on `virtual` arrays).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from remat_proto import dtypes
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import conv_taps, rules
+from .conv_taps import ufunc_buffers, virtual
 from .registry import Attr, free, register
 
 FLOAT = dtypes.FLOATS
@@ -65,65 +74,151 @@ def _image(x: TensorType, what: str = "input") -> None:
         raise ShapeError(f"{what} must be 4-D (N, C, H, W), got shape {x.shape}")
 
 
-def _windows(x, kernel, stride, padding, dilation, pad_value=0.0):
-    """View of x (N, C, H, W) as (N, C, Ho, Wo, kh, kw) windows; copies only to pad."""
-    (ph, pw), (dh, dw), (sh, sw) = padding, dilation, stride
-    if ph or pw:
-        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
+def tap_spans(tap, out_hw, hw, stride, padding, dilation):
+    """Where tap (i, j) of the windows reads x (N, C, H, W) without its padding:
+    (window rows, window columns, x rows, x columns) as slices, or None when the tap
+    reads only padding. Tap by tap over these boxes, no padded copy of x is needed."""
+    spans = [
+        conv_taps.clip(0, count, s, t * d - p, size)
+        for count, size, s, p, d, t in zip(out_hw, hw, stride, padding, dilation, tap)
+    ]
+    if None in spans:
+        return None
+    (ys, yt), (xs, xt) = spans
+    return (slice(None), slice(None), ys, xs), (slice(None), slice(None), yt, xt)
+
+
+# --- padded chunks ---------------------------------------------------------------------
+def pad_chunks(shape, padding) -> list[slice]:
+    """Images per chunk of a padded copy of an (N, C, H, W) input: ~_CHUNK_ELEMENTS."""
+    n, c, h, w = shape
+    return _batch_chunks(n, c * (h + 2 * padding[0]) * (w + 2 * padding[1]))
+
+
+def padded_chunks(x, padding, pad_value, chunks):
+    """Yield (images, x[images] padded with pad_value): one chunk-sized buffer, reused
+    (its border is written once), so a padded copy never holds the whole batch; x's
+    own chunks when there is no padding."""
+    if not any(padding):
+        for images in chunks:
+            yield images, x[images]
+        return
+    (c, h, w), (ph, pw) = x.shape[1:], padding
+    k = chunks[0].stop if chunks else 0
+    buffer = np.full((k, c, h + 2 * ph, w + 2 * pw), pad_value, dtype=x.dtype)
+    for images in chunks:
+        chunk = buffer[: images.stop - images.start]
+        chunk[:, :, ph : ph + h, pw : pw + w] = x[images]
+        yield images, chunk
+
+
+def padded_chunk(x, padding) -> np.ndarray:
+    """The first (largest) chunk `padded_chunks` yields for x (a TensorType), virtual:
+    for scratch rules."""
+    (n, c, h, w), (ph, pw) = x.shape, padding
+    k = pad_chunks(x.shape, padding)[0].stop if n else 0
+    return virtual((k, c, h + 2 * ph, w + 2 * pw), x.dtype)
+
+
+def padded_chunk_shape(x, *rest, padding, **attrs) -> tuple[int, ...]:
+    """Workspace: `padded_chunks`' buffer for x (a TensorType)."""
+    return padded_chunk(x, padding).shape
+
+
+def padded_bytes(x, padding) -> int:
+    """Bytes of `padded_chunks`' buffer for x (a TensorType): none without padding."""
+    return padded_chunk(x, padding).nbytes if any(padding) else 0
+
+
+def windows(xp, kernel, stride, dilation):
+    """View of a padded xp (N, C, Hp, Wp) as (N, C, Ho, Wo, kh, kw) windows: no copy."""
+    (dh, dw), (sh, sw) = dilation, stride
     span = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
-    return sliding_window_view(x, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+    return sliding_window_view(xp, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
 
 
-def _reduce_taps(windows, ufunc):
-    """Reduce (N, C, Ho, Wo, kh, kw) windows over the taps, one tap at a time: a
+def reduce_windows(win, ufunc, out) -> None:
+    """Reduce (N, C, Ho, Wo, kh, kw) windows over the taps into out, one tap at a time: a
     contiguous accumulator is ~10x faster than reducing the strided view's last axes."""
-    out = windows[..., 0, 0].copy()
-    for i, j in np.ndindex(*windows.shape[4:]):
+    np.copyto(out, win[..., 0, 0])
+    for i, j in np.ndindex(*win.shape[4:]):
         if i or j:
-            ufunc(out, windows[..., i, j], out=out)
+            ufunc(out, win[..., i, j], out=out)
+
+
+def reduce_taps(x, kernel, stride, padding, dilation, ufunc, identity):
+    """ufunc-reduce each window of x (N, C, H, W), padded with `identity` (-inf for max,
+    0 for a sum), chunk by chunk of images into the result."""
+    out = np.empty(x.shape[:2] + _out_hw(x.shape[2:], kernel, stride, padding, dilation), x.dtype)
+    chunks = pad_chunks(x.shape, padding)
+    for images, xp in padded_chunks(x, padding, identity, chunks):
+        reduce_windows(windows(xp, kernel, stride, dilation), ufunc, out[images])
     return out
 
 
+def reduce_buffers(x, kernel, stride, padding, dilation) -> int:
+    """NumPy's buffers in `reduce_windows`' calls on the first chunk of x (a TensorType):
+    its taps are strided views."""
+    if not x.shape[0]:
+        return 0
+    win = windows(padded_chunk(x, padding), kernel, stride, dilation)
+    out = virtual(win.shape[:4], x.dtype)
+    taps = list(np.ndindex(*kernel))[1:]
+    return max((ufunc_buffers(out, win[..., i, j], out) for i, j in taps), default=0)
+
+
+def reduce_bytes(x, kernel, stride, padding, dilation) -> int:
+    """Scratch of `reduce_taps`: the padded chunk, and NumPy's buffers."""
+    return padded_bytes(x, padding) + reduce_buffers(x, kernel, stride, padding, dilation)
+
+
 def _unfold(x, kernel, stride, padding, dilation, pad_value=0.0):
-    win = _windows(x, kernel, stride, padding, dilation, pad_value)
-    n, c, ho, wo, kh, kw = win.shape
-    # torch.nn.functional.unfold layout: rows (c, i, j), columns (oh, ow), row-major.
-    return win.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
+    """torch.nn.functional.unfold's layout: rows (c, i, j), columns (oh, ow), row-major.
+    Each tap's box of x is copied straight into the result: no padded copy of x."""
+    (n, c), (kh, kw) = x.shape[:2], kernel
+    out_hw = _out_hw(x.shape[2:], kernel, stride, padding, dilation)
+    if any(padding):
+        out = np.full((n, c, kh, kw) + out_hw, pad_value, dtype=x.dtype)
+    else:
+        out = np.empty((n, c, kh, kw) + out_hw, dtype=x.dtype)
+    for i, j in np.ndindex(kh, kw):
+        spans = tap_spans((i, j), out_hw, x.shape[2:], stride, padding, dilation)
+        if spans is not None:
+            out[:, :, i, j][spans[0]] = x[spans[1]]
+    return out.reshape(n, c * kh * kw, out_hw[0] * out_hw[1])
 
 
 def _fold(cols, output_size, kernel, stride, padding, dilation):
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    (h, w), (ho, wo) = output_size, _out_hw(output_size, kernel, stride, padding, dilation)
+    """Each tap's column block added onto its box of the result (overlaps add, values
+    falling in the padding are dropped): no padded canvas, no crop copy."""
+    (kh, kw), out_hw = kernel, _out_hw(output_size, kernel, stride, padding, dilation)
     n, c = cols.shape[0], cols.shape[1] // (kh * kw)
-    blocks = cols.reshape(n, c, kh, kw, ho, wo)
-    out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
-    for i in range(kh):  # one strided add per kernel tap, overlaps summed
-        for j in range(kw):
-            out[
-                :,
-                :,
-                i * dh : i * dh + sh * (ho - 1) + 1 : sh,
-                j * dw : j * dw + sw * (wo - 1) + 1 : sw,
-            ] += blocks[:, :, i, j]
-    # Copy out of the padded buffer so it is freed (a view would keep it alive).
-    return out[:, :, ph : ph + h, pw : pw + w].copy() if ph or pw else out
+    blocks = cols.reshape(n, c, kh, kw, *out_hw)
+    out = np.zeros((n, c) + tuple(output_size), dtype=cols.dtype)
+    for i, j in np.ndindex(kh, kw):
+        spans = tap_spans((i, j), out_hw, output_size, stride, padding, dilation)
+        if spans is not None:
+            out[spans[1]] += blocks[:, :, i, j][spans[0]]
+    return out
+
+
+def _fold_scratch(out, cols, output_size, kernel, stride, padding, dilation) -> int:
+    """NumPy's buffers in fold's largest tap add (nothing else: it adds onto the result)."""
+    out_hw = _out_hw(output_size, kernel, stride, padding, dilation)
+    blocks = virtual(cols.shape, cols.dtype).reshape(out.shape[:2] + tuple(kernel) + out_hw)
+    target, buffers = virtual(out.shape, out.dtype), 0
+    for i, j in np.ndindex(*kernel):
+        spans = tap_spans((i, j), out_hw, output_size, stride, padding, dilation)
+        if spans is not None:
+            box = target[spans[1]]
+            buffers = max(buffers, ufunc_buffers(box, blocks[:, :, i, j][spans[0]], box))
+    return buffers
 
 
 def _padded(x, *rest, padding, **attrs) -> tuple[int, ...]:
     """Workspace: the zero-padded copy of x (N, C, H, W) that `_windows` makes."""
     n, c, h, w = x.shape
     return (n, c, h + 2 * padding[0], w + 2 * padding[1])
-
-
-def _fold_padded(cols, output_size, kernel, padding, **attrs) -> tuple[int, ...]:
-    """Workspace: fold's padded accumulator."""
-    n, ck, _ = cols.shape
-    return (
-        n,
-        ck // (kernel[0] * kernel[1]),
-        output_size[0] + 2 * padding[0],
-        output_size[1] + 2 * padding[1],
-    )
 
 
 # --- unfold, fold ----------------------------------------------------------------------
@@ -151,7 +246,7 @@ register(
     ],
     residuals="none",
     cost=free,
-    workspace=_padded,
+    scratch=None,  # each tap's box of x is copied straight into the result
     attrs={
         **WINDOW_ATTRS,
         "pad_value": Attr("float", default=0.0, doc="Value of the padding (-inf for max)"),
@@ -187,7 +282,7 @@ register(
     ],
     residuals="none",
     cost=lambda out, cols, **attrs: cols.size,
-    workspace=_fold_padded,
+    scratch=_fold_scratch,
     attrs={"output_size": _pair(rules.non_negative, NON_NEGATIVE, required=True), **WINDOW_ATTRS},
     doc="col2im, unfold's adjoint: sums each column back onto its window (overlaps add).",
 )
@@ -204,10 +299,14 @@ GROUPS = Attr(
 # Images per chunk of a tap-accumulating loop: the accumulator stays in cache across
 # the kh*kw passes (3x faster than whole-batch passes on a MobileNet block).
 _CHUNK_ELEMENTS = 1 << 18
+# A chunk is also at most an eighth of the batch, so a small batch's temporaries stay a
+# small share of its activations (they count in the memory model: `scratch`), while a
+# big batch's chunks stay big enough (_CHUNK_ELEMENTS) for NumPy's loops to be fast.
+_CHUNK_SHARE = 8
 
 
 def _batch_chunks(n: int, per_image: int) -> list[slice]:
-    step = max(1, _CHUNK_ELEMENTS // max(per_image, 1))
+    step = max(1, min(_CHUNK_ELEMENTS // max(per_image, 1), -(-n // _CHUNK_SHARE)))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -245,38 +344,97 @@ def _conv2d_infer(x, w, *bias, stride, padding, dilation, groups=1):
 def _conv2d(x, w, *bias, stride, padding, dilation, groups=1):
     out_hw = _out_hw(x.shape[2:], w.shape[2:], stride, padding, dilation)
     if groups > 1 and w.shape[1] == 1:
-        out = _depthwise(x, w, stride, padding, dilation)
-    elif w.shape[2:] == (1, 1):  # one tap: im2col is a strided copy no bigger than x
-        cols = _unfold(x, (1, 1), stride, padding, dilation)  # (N, C, L)
-        n, c, length = cols.shape
-        wg = w.reshape(groups, w.shape[0] // groups, c // groups)
-        out = wg @ cols.reshape(n, groups, c // groups, length)
+        out = _depthwise(x, w, stride, padding, dilation, out_hw)
+    elif w.shape[2:] == (1, 1):
+        out = _pointwise(x, w, stride, padding, groups, out_hw)
     else:  # blocked GEMMs over the taps: no kh*kw-times-the-input column matrix
         out = conv_taps.conv2d(x, w, stride, padding, dilation, groups, out_hw)
     out = out.reshape(x.shape[:1] + w.shape[:1] + out_hw)
-    if bias:
+    if bias:  # every temporary of the paths is freed by now
         out += bias[0].reshape(-1, 1, 1)
     return out
 
 
-def _depthwise(x, w, stride, padding, dilation):
+def _pointwise(x, w, stride, padding, groups, out_hw):
+    """A 1x1 kernel: one GEMM per image over the values it reads, which are x itself,
+    or (strided, padded) its box copied once into zeros: `_pointwise_bytes`."""
+    if tuple(stride) == (1, 1) and not any(padding):
+        cols = x
+    else:
+        cols = (np.zeros if any(padding) else np.empty)(x.shape[:2] + out_hw, dtype=x.dtype)
+        spans = tap_spans((0, 0), out_hw, x.shape[2:], stride, padding, (1, 1))
+        if spans is not None:
+            cols[spans[0]] = x[spans[1]]
+    (n, c), length = x.shape[:2], out_hw[0] * out_hw[1]
+    wg = w.reshape(groups, w.shape[0] // groups, c // groups)
+    return wg @ cols.reshape(n, groups, c // groups, length)
+
+
+def _pointwise_bytes(x, stride, padding, out_hw) -> int:
+    if tuple(stride) == (1, 1) and not any(padding):
+        return 0
+    return x.shape[0] * x.shape[1] * out_hw[0] * out_hw[1] * dtypes.itemsize(x.dtype)
+
+
+def _depthwise(x, w, stride, padding, dilation, out_hw):
     """One input channel per group: accumulate kh*kw scaled windows. A few image-sized
-    passes, instead of a kh*kw-times-the-input im2col copy and N*C tiny GEMMs."""
-    win = _windows(x, w.shape[2:], stride, padding, dilation)  # (N, G, Ho, Wo, kh, kw)
-    n, groups, ho, wo, kh, kw = win.shape
+    passes, instead of a kh*kw-times-the-input im2col copy and N*C tiny GEMMs; chunk by
+    chunk of images, so the padded copy and the products hold one chunk."""
+    (n, groups), (kh, kw) = x.shape[:2], w.shape[2:]
     taps = w.reshape(groups, w.shape[0] // groups, kh, kw)  # (G, O/G, kh, kw)
-    out = np.empty((n, groups, taps.shape[1], ho, wo), dtype=x.dtype)
+    out = np.empty((n, groups, taps.shape[1]) + out_hw, dtype=x.dtype)
     chunks = _batch_chunks(n, out[:1].size)
     tmp = np.empty_like(out[chunks[0]]) if chunks else None
-    for rows in chunks:
+    for rows, xp in padded_chunks(x, padding, 0.0, chunks):
+        win = windows(xp, (kh, kw), stride, dilation)  # (chunk, G, Ho, Wo, kh, kw)
         acc, part = out[rows], tmp[: rows.stop - rows.start]
         for t, (i, j) in enumerate(np.ndindex(kh, kw)):
             np.multiply(
-                win[rows, :, None, :, :, i, j], taps[:, :, i, j, None, None], out=part if t else acc
+                win[:, :, None, :, :, i, j], taps[:, :, i, j, None, None], out=part if t else acc
             )
             if t:
                 acc += part
     return out
+
+
+def _depthwise_bytes(x, w, stride, padding, dilation, out_hw) -> int:
+    """A chunk's padded copy and products, and NumPy's buffers of a tap's product."""
+    n, groups = x.shape[:2]
+    chunks = _batch_chunks(n, w.shape[0] * out_hw[0] * out_hw[1])
+    if not chunks:
+        return 0
+    k = chunks[0].stop
+    xp = virtual((k, groups) + tuple(s + 2 * p for s, p in zip(x.shape[2:], padding)), x.dtype)
+    win = windows(xp, w.shape[2:], stride, dilation)[:, :, None, :, :, 0, 0]
+    part = virtual((k, groups, w.shape[0] // groups) + tuple(out_hw), x.dtype)
+    scale = virtual((groups, w.shape[0] // groups, 1, 1), x.dtype)
+    padded = xp.nbytes if any(padding) else 0
+    return padded + part.nbytes + ufunc_buffers(win, scale, part)
+
+
+def bias_buffers(out) -> int:
+    """NumPy's buffers adding a (C,) bias onto out (N, C, H, W): the broadcast operand."""
+    return ufunc_buffers(virtual(out.shape, out.dtype), virtual((out.shape[1], 1, 1), out.dtype))
+
+
+def _chunk_bytes(n, per_image, itemsize) -> int:
+    """Bytes of a tap-accumulating loop's (chunk, ...) temporary."""
+    chunks = _batch_chunks(n, per_image)
+    return (chunks[0].stop if chunks else 0) * per_image * itemsize
+
+
+def _conv2d_scratch(out, x, w, *bias, stride, padding, dilation, groups=1) -> int:
+    """The path's temporaries (depthwise: a chunk of products; 1x1: the strided box,
+    unless x is read in place; else conv_taps' phases, weight copy and blocks), or the
+    bias add's buffers after them."""
+    out_hw = tuple(out.shape[2:])
+    if groups > 1 and w.shape[1] == 1:
+        path = _depthwise_bytes(x, w, stride, padding, dilation, out_hw)
+    elif tuple(w.shape[2:]) == (1, 1):
+        path = _pointwise_bytes(x, stride, padding, out_hw)
+    else:
+        path = conv_taps.conv2d_scratch(x, w, stride, padding, dilation, groups, out_hw)
+    return max(path, bias_buffers(out) if bias else 0)
 
 
 def taps_workspace(x, kernel, stride, padding, dilation, c, o) -> tuple[int, ...]:
@@ -291,8 +449,11 @@ def taps_workspace(x, kernel, stride, padding, dilation, c, o) -> tuple[int, ...
 
 
 def _conv2d_workspace(x, w, *bias, stride, padding, dilation, groups=1) -> tuple[int, ...]:
-    if groups > 1 and w.shape[1] == 1:  # depthwise: taps accumulate on the padded input
-        return _padded(x, padding=padding)
+    if groups > 1 and w.shape[1] == 1:  # depthwise: a chunk's padded copy
+        out_hw = _out_hw(x.shape[2:], w.shape[2:], stride, padding, dilation)
+        chunks = _batch_chunks(x.shape[0], w.shape[0] * out_hw[0] * out_hw[1])
+        k = chunks[0].stop if chunks else 0
+        return _padded(TensorType((k,) + tuple(x.shape[1:]), x.dtype), padding=padding)
     return taps_workspace(x, w.shape[2:], stride, padding, dilation, x.shape[1], w.shape[0])
 
 
@@ -328,6 +489,7 @@ register(
     vjp=_conv2d_vjp,
     residuals="inputs",
     workspace=_conv2d_workspace,
+    scratch=_conv2d_scratch,
     cost=lambda out, x, w, *bias, **attrs: (
         2 * out.size * math.prod(w.shape[1:]) + (out.size if bias else 0)
     ),

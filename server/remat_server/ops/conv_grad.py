@@ -50,6 +50,10 @@ def _vjp(e, wbar, out, x, g, kernel, stride, padding, dilation, groups):
     ]
 
 
+def _scratch(out, x, g, kernel, stride, padding, dilation, groups) -> int:
+    return conv_taps.weight_grad_scratch(x, g, kernel, stride, padding, dilation, groups)
+
+
 def _workspace(x, g, kernel, stride, padding, dilation, groups) -> tuple[int, ...]:
     return taps_workspace(x, kernel, stride, padding, dilation, x.shape[1], g.shape[1])
 
@@ -66,6 +70,7 @@ register(
         2 * g.size * (x.shape[1] // groups) * kernel[0] * kernel[1]
     ),
     workspace=_workspace,
+    scratch=_scratch,
     attrs={**WINDOW_ATTRS, "kernel": KERNEL, "groups": GROUPS},
     doc="conv2d's gradient in w: dw[o, c, i, j] = sum over n, Y, X of g[n, o, Y, X] * "
     "x_pad[n, g*C/G + c, Y*sh + i*dh, X*sw + j*dw] (o in group g), shape (O, C/groups, kh, kw).",

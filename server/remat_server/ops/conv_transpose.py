@@ -3,10 +3,13 @@ and groups as torch.nn.functional.conv_transpose2d.
 
 conv2d gathers windows (unfold) and contracts them with the weight; its adjoint in x
 contracts with the weight's transpose and scatters back onto the windows (col2im). So
-the forward is blocked GEMMs (conv_taps) scattered tap by tap onto the full, uncropped
-canvas, then a crop by `padding`; output_padding extends the far edges with rows and
-columns no window reaches (zeros, plus the bias). The VJP is conv2d for x and
-conv2d_weight_grad (roles swapped) for w: values the size of x and w only.
+the forward is blocked GEMMs (conv_taps) scattered tap by tap onto one chunk of images'
+canvas at a time, whose inside (the canvas cut at `padding`) is written straight into
+the result; the depthwise path adds each tap straight onto the result, dropping what
+falls in the padding (no whole-batch canvas, no crop copy either way). output_padding
+extends the far edges with rows and columns no window reaches (zeros, plus the bias).
+The VJP is conv2d for x and conv2d_weight_grad (roles swapped) for w: values the size
+of x and w only.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ from .conv import (
     _batch_chunks,
     _bias,
     _bias_grad,
+    _chunk_bytes,
     _image,
     _out_hw,
     _pair,
+    bias_buffers,
 )
+from .conv_taps import ufunc_buffers, virtual
 from .registry import register
 
 
@@ -81,7 +87,7 @@ def _conv_transpose2d(x, w, *bias, stride, padding, output_padding, dilation, gr
     (c, h, wd), kernel = x.shape[1:], w.shape[2:]
     canvas_hw, out_hw = _geometry((h, wd), kernel, stride, padding, output_padding, dilation)
     if c == groups:
-        out = _crop(_scatter_taps(x, w, canvas_hw, stride, dilation), padding, out_hw)
+        out = _scatter_taps(x, w, out_hw, stride, padding, dilation)
     else:  # blocked GEMMs scattered tap by tap: no C_out*kh*kw-row column matrix
         out = conv_taps.conv_transpose2d(x, w, stride, dilation, groups, canvas_hw, padding, out_hw)
     if bias:
@@ -89,51 +95,59 @@ def _conv_transpose2d(x, w, *bias, stride, padding, output_padding, dilation, gr
     return out
 
 
-def _scatter_taps(x, w, canvas_hw, stride, dilation):
+def _scatter_taps(x, w, out_hw, stride, padding, dilation, replay=False):
     """One input channel per group (depthwise): add each tap's scaled copy of x onto its
-    strided canvas positions; no kh*kw-times-the-output column matrix."""
+    strided positions of the result; no kh*kw-times-the-output column matrix. replay:
+    on virtual arrays, the bytes of the chunk of products and NumPy's largest buffers."""
     (n, groups, h, wd), (og, kh, kw) = x.shape, w.shape[1:]
-    (sh, sw), (dh, dw) = stride, dilation
-    canvas = np.zeros((n, groups, og) + tuple(canvas_hw), dtype=x.dtype)
     chunks = _batch_chunks(n, groups * og * h * wd)
-    tmp = np.empty((chunks[0].stop, groups, og, h, wd), dtype=x.dtype) if chunks else None
+    if replay:
+        out = virtual((n, groups * og) + tuple(out_hw), x.dtype)
+        tmp = virtual((chunks[0].stop, groups, og, h, wd), x.dtype) if chunks else None
+        chunks = chunks[:1]  # the widest chunk
+    else:
+        out = np.zeros((n, groups * og) + tuple(out_hw), dtype=x.dtype)
+        tmp = np.empty((chunks[0].stop, groups, og, h, wd), dtype=x.dtype) if chunks else None
+    buffers = 0
     for rows in chunks:
         part, xs = tmp[: rows.stop - rows.start], x[rows, :, None]
         for i, j in np.ndindex(kh, kw):
-            np.multiply(xs, w[:, :, i, j, None, None], out=part)
-            canvas[
-                rows,
-                :,
-                :,
-                i * dh : i * dh + sh * (h - 1) + 1 : sh,
-                j * dw : j * dw + sw * (wd - 1) + 1 : sw,
-            ] += part
-    return canvas.reshape((n, groups * og) + tuple(canvas_hw))
+            scale = w[:, :, i, j, None, None]
+            if replay:
+                buffers = max(buffers, ufunc_buffers(xs, scale, part))
+            else:
+                np.multiply(xs, scale, out=part)
+            added = conv_taps.scatter_tap(
+                out[rows], part, (0, 0), (i, j), stride, dilation, padding, groups, replay
+            )
+            buffers = max(buffers, added)
+    return (tmp.nbytes if tmp is not None else 0) + buffers if replay else out
 
 
-def _crop(canvas, padding, out_hw):
-    """Output rows p .. p + out of the canvas; rows past its end (output_padding beyond
-    padding) are zeros."""
-    (ph, pw), (ho, wo) = padding, out_hw
-    if (ph, pw) == (0, 0) and canvas.shape[2:] == (ho, wo):
-        return canvas
-    hh, ww = max(0, min(ho, canvas.shape[2] - ph)), max(0, min(wo, canvas.shape[3] - pw))
-    if (hh, ww) == (ho, wo):  # a copy, so the canvas is freed
-        return canvas[:, :, ph : ph + ho, pw : pw + wo].copy()
-    out = np.zeros(canvas.shape[:2] + (ho, wo), dtype=canvas.dtype)
-    out[:, :, :hh, :ww] = canvas[:, :, ph : ph + hh, pw : pw + ww]
-    return out
+def _scratch(out, x, w, *bias, stride, padding, output_padding, dilation, groups) -> int:
+    """The path's temporaries (depthwise: a chunk of products; else conv_taps' weight
+    copy and blocks) with NumPy's buffers, or the bias add's buffers after them."""
+    if x.shape[1] == groups:
+        xv, wv = virtual(x.shape, x.dtype), virtual(w.shape, w.dtype)
+        path = _scatter_taps(xv, wv, out.shape[2:], stride, padding, dilation, replay=True)
+    else:
+        canvas_hw, _ = _geometry(
+            x.shape[2:], w.shape[2:], stride, padding, output_padding, dilation
+        )
+        path = conv_taps.conv_transpose2d_scratch(x, w, stride, dilation, groups, canvas_hw)
+    return max(path, bias_buffers(out) if bias else 0)
 
 
 def _workspace(x, w, *bias, stride, padding, output_padding, dilation, groups):
-    """The uncropped canvas (depthwise), else conv_taps' largest temporary."""
+    """The largest temporary: one chunk of products (depthwise), else conv_taps' (a
+    chunk's canvas or coefficient grid, or one block)."""
     (n, c, h, wd), (_, og, kh, kw) = x.shape, w.shape
+    if c == groups:
+        per_image = og * groups * h * wd
+        return (_chunk_bytes(n, per_image, 1) // max(per_image, 1), og * groups, h, wd)
     canvas_hw, _ = _geometry((h, wd), (kh, kw), stride, padding, output_padding, dilation)
-    canvas = (n, og * groups) + canvas_hw
-    if c == groups:  # taps scatter straight onto the canvas
-        return canvas
     taps = conv_taps.Taps(canvas_hw, (kh, kw), stride, (0, 0), dilation, (h, wd))
-    return max(canvas, (taps.workspace(og * groups, c, n, kh * kw * og * groups),), key=math.prod)
+    return (taps.workspace(og * groups, c, n, kh * kw * og * groups),)
 
 
 def _vjp(e, g, out, x, w, *bias, stride, padding, output_padding, dilation, groups):
@@ -173,6 +187,7 @@ register(
     residuals="inputs",
     cost=_cost,
     workspace=_workspace,
+    scratch=_scratch,
     attrs={
         "stride": STRIDE,
         "padding": PADDING,

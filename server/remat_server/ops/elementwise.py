@@ -17,6 +17,54 @@ from .registry import Attr, elementwise_cost, free, register
 FLOAT, NUMERIC = dtypes.FLOATS, rules.NUMERIC
 ALL = frozenset(dtypes.NUMPY)
 
+
+# --- what NumPy allocates inside one ufunc call (the `scratch` rules build on it) -------
+BUFFER = 8192  # np.getbufsize(): elements per operand of a buffered ufunc loop
+
+
+def ufunc_buffers(out_shape, *operands: TensorType, cast: tuple[TensorType, ...] = ()) -> int:
+    """Bytes of the buffers NumPy's iterator (>= 2.3) allocates for one ufunc call over
+    C-contiguous operands broadcasting to `out_shape` (measured, not documented).
+
+    Axes (of size > 1) coalesce where every operand agrees on broadcasting them; the
+    innermost run of such axes is the core. The buffer holds as many whole cores as fit
+    in BUFFER elements, growing outward axis by axis. An operand broadcast along some
+    axes but not all gets one if it holds two cores or more; an operand cast to the
+    loop's dtype (`cast`, given as the type it is cast to) always gets one. Operands of
+    one element, full-size operands and the fresh result never do. A non-contiguous
+    operand may get one too: the memory model assumes contiguous ones.
+    """
+    if math.prod(out_shape) == 0:  # nothing to iterate
+        return 0
+    everyone = operands + tuple(cast)
+    axes = [i for i, d in enumerate(out_shape) if d != 1]
+    flags = []  # per operand: broadcast along each axis?
+    for t in everyone:
+        padded = (1,) * (len(out_shape) - len(t.shape)) + tuple(t.shape)
+        flags.append(tuple(padded[i] == 1 for i in axes))
+    pattern = [tuple(f[j] for f in flags) for j in range(len(axes))]
+    j = len(axes) - 1
+    while j >= 0 and pattern[j] == pattern[-1]:
+        j -= 1
+    core = span = math.prod(out_shape[i] for i in axes[j + 1 :])
+    for i in reversed(axes[: j + 1]):
+        if span * out_shape[i] > BUFFER:
+            span *= BUFFER // span
+            break
+        span *= out_shape[i]
+    total = 0
+    if j >= 0 and span >= 2 * core:  # several runs: broadcast operands are buffered
+        total += span * sum(
+            dtypes.itemsize(t.dtype) for t, f in zip(operands, flags) if any(f) and not all(f)
+        )
+    return total + min(max(span, core), BUFFER) * sum(dtypes.itemsize(t.dtype) for t in cast)
+
+
+def broadcast_scratch(out, *inputs, **attrs) -> int:
+    """`scratch` of an op that is one ufunc call over its inputs."""
+    return ufunc_buffers(out.shape, *inputs)
+
+
 # --- arithmetic -----------------------------------------------------------------
 register(
     "add",
@@ -24,6 +72,7 @@ register(
     inputs=2,
     infer=rules.binary(NUMERIC),
     forward=np.add,
+    scratch=broadcast_scratch,
     vjp=lambda e, g, out, a, b: [g, g],
     residuals="none",
     cost=elementwise_cost(1),
@@ -34,6 +83,7 @@ register(
     inputs=2,
     infer=rules.binary(NUMERIC),
     forward=np.subtract,
+    scratch=broadcast_scratch,
     vjp=lambda e, g, out, a, b: [g, -g],
     residuals="none",
     cost=elementwise_cost(1),
@@ -44,6 +94,7 @@ register(
     inputs=2,
     infer=rules.binary(NUMERIC),
     forward=np.multiply,
+    scratch=broadcast_scratch,
     vjp=lambda e, g, out, a, b: [g * b, g * a],
     residuals="inputs",
     cost=elementwise_cost(1),
@@ -54,6 +105,7 @@ register(
     inputs=2,
     infer=rules.binary(FLOAT),
     forward=np.divide,
+    scratch=broadcast_scratch,
     vjp=lambda e, g, out, a, b: [g / b, -(g * out) / b],
     residuals="inputs+output",
     cost=elementwise_cost(1),
@@ -69,16 +121,26 @@ register(
 )
 
 
+def _cube(x):  # in the result buffer, an array for a 0-d x too
+    out = np.multiply(x, x, out=np.empty_like(x))
+    return np.multiply(out, x, out=out)
+
+
+def _inverse_square(x):
+    out = np.multiply(x, x, out=np.empty_like(x))
+    return np.divide(1.0, out, out=out)
+
+
 def _pow(x, exponent):
     """x ** exponent, with the common exponents on fast paths (np.power's general
-    path costs ~60 ms per million float32 elements)."""
+    path costs ~60 ms per million float32 elements), each in its result buffer."""
     fast = {
         1.0: lambda: x.copy(),
         2.0: lambda: x * x,
-        3.0: lambda: x * x * x,
+        3.0: lambda: _cube(x),
         0.5: lambda: np.sqrt(x),
         -1.0: lambda: 1.0 / x,
-        -2.0: lambda: 1.0 / (x * x),
+        -2.0: lambda: _inverse_square(x),
     }
     return fast[exponent]() if exponent in fast else np.power(x, exponent)
 
@@ -128,6 +190,7 @@ register(
     inputs=2,
     infer=rules.binary(NUMERIC),
     forward=np.maximum,
+    scratch=broadcast_scratch,
     vjp=lambda e, g, out, a, b: _select_grads(e, g, a, b, "gt"),
     residuals="inputs",
     cost=elementwise_cost(1),
@@ -139,6 +202,7 @@ register(
     inputs=2,
     infer=rules.binary(NUMERIC),
     forward=np.minimum,
+    scratch=broadcast_scratch,
     vjp=lambda e, g, out, a, b: _select_grads(e, g, a, b, "lt"),
     residuals="inputs",
     cost=elementwise_cost(1),
@@ -154,8 +218,12 @@ def _select_grads(e, g, a, b, wins: str):
 
 # --- transcendental and activations (more in activations.py) -----------------------
 def _sigmoid(x):
-    # tanh form: one transcendental, no overflow for large |x|.
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    # tanh form: one transcendental, no overflow for large |x|; in the result buffer.
+    out = np.multiply(x, 0.5, out=np.empty_like(x))
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= 0.5
+    return out
 
 
 # Float unary ops: name -> (forward, VJP, what the VJP reads, FLOPs per element). The
@@ -206,26 +274,44 @@ def _where_vjp(e, g, out, cond, a, b):
 
 
 # np.where branches per element, and a mask such as relu's (random signs) mispredicts
-# half the branches: measured 18x slower (7.7 ms vs 0.42 ms on 2M float32) than ANDing
-# each side's bits with an all-ones or all-zeros mask. The select is exact: it moves
-# bits (NaNs, infinities and signed zeros included), never arithmetic.
+# half the branches: measured 18x slower (7.7 ms vs 0.42 ms on 2M float32) than a
+# select on the bits: ((a ^ b) * cond) ^ b is a where cond is 1 and b where it is 0,
+# three vectorized passes in the result buffer and no mask (faster than the former
+# all-ones/all-zeros mask, a temporary of the result's size). The select is exact: it
+# moves bits (NaNs, infinities and signed zeros included), never arithmetic.
 SELECT_MIN_ELEMENTS = 1024  # below, np.where's set-up cost is the smaller
 
 
-def _where(cond, a, b):
+def _bit_select(cond, a, b) -> bool:
     shape = np.broadcast_shapes(cond.shape, a.shape, b.shape)
-    if a.dtype != b.dtype or a.dtype.kind not in "fiu" or math.prod(shape) < SELECT_MIN_ELEMENTS:
+    return a.dtype == b.dtype and a.dtype.kind in "fiu" and math.prod(shape) >= SELECT_MIN_ELEMENTS
+
+
+def _where(cond, a, b):
+    if not _bit_select(cond, a, b):
         return np.where(cond, a, b)
     bits = np.dtype(f"i{a.itemsize}")
-    mask = np.empty(shape, bits)
-    mask[...] = cond  # 1 or 0
-    np.negative(mask, out=mask)  # all ones or all zeros
-    if b.size == 1 and not b.view(bits).any():  # b is +0 (a VJP's zero branch)
-        return np.bitwise_and(a.view(bits), mask, out=mask).view(a.dtype)
-    out = np.bitwise_and(a.view(bits), mask)
-    np.invert(mask, out=mask)
-    np.bitwise_or(out, np.bitwise_and(b.view(bits), mask, out=mask), out=out)
-    return out.view(a.dtype)
+    b_bits = b.view(bits)
+    shape = np.broadcast_shapes(cond.shape, a.shape, b.shape)
+    if b.size == 1 and not b_bits.any():  # b is +0 (a VJP's zero branch): one pass
+        return np.multiply(a.view(bits), cond).reshape(shape).view(a.dtype)
+    out = np.bitwise_xor(a.view(bits), b_bits, out=np.empty(shape, bits))
+    np.multiply(out, cond, out=out)  # 0 where cond is false
+    return np.bitwise_xor(out, b_bits, out=out).view(a.dtype)
+
+
+def _where_scratch(out, cond, a, b) -> int:
+    if dtypes.NUMPY[a.dtype].kind not in "fiu" or out.size < SELECT_MIN_ELEMENTS:
+        return ufunc_buffers(out.shape, cond, a, b)  # np.where
+    bits = TensorType(out.shape, f"int{8 * dtypes.itemsize(a.dtype)}")
+    cond_cast = (TensorType(cond.shape, bits.dtype),)  # cond, cast from bool to the bits
+    if b.size == 1:  # the upper bound: b's value decides on the one-pass form
+        return ufunc_buffers(out.shape, a, cast=cond_cast)
+    return max(  # each pass's buffers, one pass at a time
+        ufunc_buffers(out.shape, a, b),
+        ufunc_buffers(out.shape, bits, cast=cond_cast),
+        ufunc_buffers(out.shape, bits, b),
+    )
 
 
 register(
@@ -234,8 +320,7 @@ register(
     inputs=3,
     infer=_where_infer,
     forward=_where,
-    # The mask, a temporary of the result's size (none when b is zero).
-    workspace=lambda cond, a, b: tuple(rules.broadcast_shapes(cond.shape, a.shape, b.shape)),
+    scratch=_where_scratch,
     vjp=_where_vjp,
     residuals="inputs",
     cost=elementwise_cost(1),
@@ -256,6 +341,7 @@ for _name, _fn in (
         inputs=2,
         infer=rules.binary(ALL, out_dtype="bool"),
         forward=_fn,
+        scratch=broadcast_scratch,
         vjp=None,
         residuals="none",
         cost=elementwise_cost(1),

@@ -8,6 +8,7 @@ from remat_proto import dtypes
 
 from ..graph.ir import TensorType
 from . import rules
+from .elementwise import broadcast_scratch
 from .registry import elementwise_cost, register
 
 BOOL = frozenset({"bool"})
@@ -54,6 +55,7 @@ for _name, _fn in (
         inputs=2,
         infer=rules.binary(BOOL),
         forward=_fn,
+        scratch=broadcast_scratch,
         vjp=None,
         residuals="none",
         cost=elementwise_cost(1),

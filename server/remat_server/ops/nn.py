@@ -16,7 +16,11 @@ from remat_proto import dtypes
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
+from .elementwise import ufunc_buffers
+from .norm import _block_shape, _blocks, block_bytes, block_type, row_shape
+from .reduce import mean_buffers
 from .registry import Attr, elementwise_cost, register
+from .shape import along_axis_scratch
 
 FLOAT = dtypes.FLOATS
 
@@ -26,19 +30,75 @@ def _axis_normalize(x: TensorType, axis: int) -> dict:
     return {"axis": rules.normalize_axis(axis, len(x.shape))}
 
 
-def _shifted(x: np.ndarray, axis: int) -> np.ndarray:
+def _row_max(x: np.ndarray, axis: int) -> np.ndarray:
     # initial=-inf keeps an empty axis legal; an all -inf row gives NaN, as in torch.
-    return x - np.max(x, axis=axis, keepdims=True, initial=-np.inf)
+    return np.max(x, axis=axis, keepdims=True, initial=-np.inf)
 
 
+def _shifted(x: np.ndarray, axis: int) -> np.ndarray:
+    return np.subtract(x, _row_max(x, axis))
+
+
+# Both in the result buffer: the only other values are per row (`row_scratch`).
 def _softmax(x, axis):
-    ex = np.exp(_shifted(x, axis))
-    return ex / np.sum(ex, axis=axis, keepdims=True)
+    out = _shifted(x, axis)
+    np.exp(out, out=out)
+    out /= np.sum(out, axis=axis, keepdims=True)
+    return out
+
+
+def _cuts(ndim: int, axis: int) -> bool:
+    """Whether _log_sum_exp forms exp(z) a chunk of the leading axis at a time: unless
+    that axis is reduced, or x is a vector (cut along another axis, each chunk's z is
+    strided and the passes cost 15-25% more)."""
+    return ndim >= 2 and axis != 0
 
 
 def _log_softmax(x, axis):
-    z = _shifted(x, axis)
-    return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+    out = _shifted(x, axis)  # z = x - max, in the result
+    out -= _log_sum_exp(out, None, axis)
+    return out
+
+
+def _log_sum_exp(x, peak, axis):
+    """log(sum(exp(x - peak))) along `axis` (keepdims); x is already z = x - peak when
+    `peak` is None. exp(z) is formed a chunk at a time (the same sums: each row's
+    reduction is unchanged), so x (or z) stays."""
+    lse = np.empty(tuple(1 if a == axis else d for a, d in enumerate(x.shape)), x.dtype)
+    cuts = _cuts(x.ndim, axis)
+    chunk = np.empty(_block_shape(x.shape) if cuts else x.shape, x.dtype)
+    for s in _blocks(x.shape[0]) if cuts else [slice(None)]:
+        e = chunk[: len(x[s])]
+        if peak is None:
+            np.exp(x[s], out=e)
+        else:
+            np.exp(np.subtract(x[s], peak[s], out=e), out=e)
+        np.sum(e, axis=axis, keepdims=True, out=lse[s])
+    return np.log(lse, out=lse)
+
+
+def _reduced(x: TensorType, axis: int) -> TensorType:
+    return TensorType(tuple(1 if a == axis else d for a, d in enumerate(x.shape)), x.dtype)
+
+
+def row_scratch(x: TensorType, axis: int, rows: int) -> int:
+    """`rows` per-row values of x along `axis` (reduced with keepdims), and the buffers
+    of the ufuncs broadcasting one against x: the scratch of the softmax family."""
+    reduced = _reduced(x, axis)
+    return rows * reduced.nbytes + ufunc_buffers(x.shape, reduced)
+
+
+def _exp_chunk_scratch(x: TensorType, axis: int, shifted: bool) -> int:
+    """_log_sum_exp's chunk, with the buffers of the subtraction that forms it (unless
+    it exps z = x - max already)."""
+    cut = block_type(x) if _cuts(len(x.shape), axis) else x
+    return cut.nbytes + (0 if shifted else ufunc_buffers(cut.shape, _reduced(cut, axis)))
+
+
+def _log_softmax_scratch(out, x, axis) -> int:
+    # The max, then the log-sum, as x meets it; the log-sum and the chunk of exp(z).
+    rows = _reduced(x, axis).nbytes
+    return max(row_scratch(x, axis, 1), rows + _exp_chunk_scratch(x, axis, True))
 
 
 # The VJPs are native gradient ops (nn_grad.py): the composites emitted three values
@@ -58,6 +118,7 @@ register(
     infer=rules.unary(FLOAT),
     normalize=_axis_normalize,
     forward=_softmax,
+    scratch=lambda out, x, axis: row_scratch(x, axis, 1),
     vjp=_softmax_vjp,
     residuals="output",
     cost=elementwise_cost(14),
@@ -70,6 +131,7 @@ register(
     infer=rules.unary(FLOAT),
     normalize=_axis_normalize,
     forward=_log_softmax,
+    scratch=_log_softmax_scratch,
     vjp=_log_softmax_vjp,
     residuals="output",
     cost=elementwise_cost(14),
@@ -92,7 +154,9 @@ def _one_hot_infer(indices, depth, dtype):
 
 def _one_hot(indices, depth, dtype):
     _check_labels(indices, depth)
-    return (indices[..., None] == np.arange(depth)).astype(dtypes.NUMPY[dtype])
+    out = np.zeros(indices.shape + (depth,), dtypes.NUMPY[dtype])
+    np.put_along_axis(out, indices[..., None], 1, axis=-1)
+    return out
 
 
 register(
@@ -100,6 +164,9 @@ register(
     family="nn",
     infer=_one_hot_infer,
     forward=_one_hot,
+    scratch=lambda out, indices, depth, dtype: along_axis_scratch(
+        out.shape, TensorType(indices.shape + (1,), indices.dtype), -1
+    ),
     vjp=None,
     residuals="none",
     cost=elementwise_cost(1),
@@ -132,8 +199,30 @@ def _cross_entropy(logits, labels):
     _check_labels(labels, logits.shape[-1])
     if labels.size == 0:  # the mean of nothing, as torch
         return np.array(np.nan, dtype=logits.dtype)
-    picked = np.take_along_axis(_log_softmax(logits, -1), labels[..., None], axis=-1)
+    # log_softmax at the labels only: (x - max) - log(sum(exp(x - max))) per row, as
+    # _log_softmax computes it.
+    peak = _row_max(logits, -1)
+    lse = _log_sum_exp(logits, peak, logits.ndim - 1)
+    picked = np.take_along_axis(logits, labels[..., None], axis=-1)
+    picked -= peak
+    picked -= lse
     return np.asarray(-np.mean(picked, dtype=logits.dtype), dtype=logits.dtype)
+
+
+def _picked_scratch(logits: TensorType, labels: TensorType) -> int:
+    """np.take_along_axis / np.put_along_axis at the labels of (..., C) logits."""
+    return along_axis_scratch(logits.shape, TensorType(labels.shape + (1,), labels.dtype), -1)
+
+
+def _cross_entropy_scratch(out, logits, labels) -> int:
+    # The max and the log-sum with the chunk of exp(x - max); then with the logits
+    # picked at the labels while they are gathered.
+    if not labels.size:  # the mean of nothing, at once
+        return 0
+    last = len(logits.shape) - 1
+    rows = _reduced(logits, last).nbytes
+    exp_phase = 2 * rows + _exp_chunk_scratch(logits, last, False)
+    return max(exp_phase, 3 * rows + _picked_scratch(logits, labels))
 
 
 def _cross_entropy_vjp(e, g, out, logits, labels):
@@ -147,6 +236,7 @@ register(
     inputs=2,
     infer=_cross_entropy_infer,
     forward=_cross_entropy,
+    scratch=_cross_entropy_scratch,
     vjp=_cross_entropy_vjp,
     residuals="inputs",
     cost=lambda out, logits, labels: 16 * logits.size,
@@ -175,10 +265,41 @@ def _norm_axes(x_ndim: int, weight_ndim: int) -> tuple[int, ...]:
 
 
 def _layer_norm(x, weight, bias, eps):
-    axes = _norm_axes(x.ndim, weight.ndim)
-    xc = x - np.mean(x, axis=axes, keepdims=True)
-    var = np.mean(xc * xc, axis=axes, keepdims=True)
-    return xc / np.sqrt(var + eps) * weight + bias
+    k = weight.ndim
+    axes, lead = _norm_axes(x.ndim, k), x.ndim - k
+    out = np.subtract(x, np.mean(x, axis=axes, keepdims=True))  # xc, in the result
+    var = _mean_square(out, axes, lead)
+    var += eps  # xc / sqrt(var + eps) * weight + bias
+    np.sqrt(var, out=var)
+    out /= var
+    out *= weight
+    out += bias
+    return out
+
+
+def _mean_square(xc, axes, lead: int):
+    """np.mean(xc * xc) per row, xc * xc formed a chunk of the leading axis at a time
+    (the same sums: each row's reduction is unchanged); whole without leading axes."""
+    var = np.empty(xc.shape[:lead] + (1,) * len(axes), xc.dtype)
+    chunk = np.empty(_block_shape(xc.shape) if lead else xc.shape, xc.dtype)
+    for s in _blocks(xc.shape[0]) if lead else [slice(None)]:
+        square = chunk[: len(xc[s])]
+        np.multiply(xc[s], xc[s], out=square)
+        np.mean(square, axis=axes, keepdims=True, out=var[s])
+    return var
+
+
+def _layer_norm_scratch(out, x, weight, bias, eps) -> int:
+    k = len(weight.shape)
+    rows = TensorType(row_shape(x, k), x.dtype)
+    chunk = block_bytes(x) if len(x.shape) > k else x.nbytes
+    chunk_rows = TensorType(row_shape(TensorType(_block_shape(x.shape), x.dtype), k), x.dtype)
+    return max(
+        rows.nbytes + mean_buffers(rows),  # the mean; then as x meets it
+        rows.nbytes + ufunc_buffers(x.shape, rows),
+        chunk + rows.nbytes + mean_buffers(chunk_rows if len(x.shape) > k else rows),
+        rows.nbytes + max(ufunc_buffers(x.shape, weight), ufunc_buffers(x.shape, bias)),
+    )
 
 
 def _layer_norm_vjp(e, g, out, x, weight, bias, eps):
@@ -197,6 +318,7 @@ register(
     inputs=3,
     infer=_layer_norm_infer,
     forward=_layer_norm,
+    scratch=_layer_norm_scratch,
     vjp=_layer_norm_vjp,
     residuals="inputs",
     cost=elementwise_cost(10),

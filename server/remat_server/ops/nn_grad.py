@@ -21,7 +21,7 @@ from remat_proto import dtypes
 
 from ..errors import ShapeError
 from . import rules
-from .nn import _check_labels, _cross_entropy_infer, _shifted
+from .nn import _check_labels, _cross_entropy_infer, _picked_scratch, _shifted, row_scratch
 from .registry import Attr, elementwise_cost, register
 
 FLOAT = dtypes.FLOATS
@@ -77,6 +77,7 @@ register(
     infer=_pair_infer,
     normalize=_axis_normalize,
     forward=_softmax_grad,
+    scratch=lambda out, y, g, axis: row_scratch(y, axis, 1),
     vjp=_softmax_grad_vjp,
     residuals="inputs",
     cost=elementwise_cost(4),
@@ -90,6 +91,7 @@ register(
     infer=_pair_infer,
     normalize=_axis_normalize,
     forward=_log_softmax_grad,
+    scratch=lambda out, y, g, axis: row_scratch(y, axis, 1),
     vjp=_log_softmax_grad_vjp,
     residuals="inputs",
     cost=elementwise_cost(12),
@@ -117,9 +119,19 @@ def _cross_entropy_grad(logits, labels, g):
     np.exp(out, out=out)
     out /= np.sum(out, axis=-1, keepdims=True)
     picked = labels[..., None]
-    np.put_along_axis(out, picked, np.take_along_axis(out, picked, axis=-1) - 1, axis=-1)
+    at_labels = np.take_along_axis(out, picked, axis=-1)
+    at_labels -= 1
+    np.put_along_axis(out, picked, at_labels, axis=-1)
     out *= g / float(_count(labels))
     return out
+
+
+def _cross_entropy_grad_scratch(out, logits, labels, g) -> int:
+    # The row max (then the row sum) and their buffers; or the values at the labels
+    # while they are gathered and put back.
+    last = len(logits.shape) - 1
+    one = logits.nbytes // max(logits.shape[-1], 1)
+    return max(row_scratch(logits, last, 1), one + _picked_scratch(logits, labels))
 
 
 def _cross_entropy_grad_vjp(e, c, out, logits, labels, g):
@@ -136,6 +148,7 @@ register(
     inputs=3,
     infer=_cross_entropy_grad_infer,
     forward=_cross_entropy_grad,
+    scratch=_cross_entropy_grad_scratch,
     vjp=_cross_entropy_grad_vjp,
     residuals="inputs",
     cost=lambda out, logits, labels, g: 16 * logits.size,

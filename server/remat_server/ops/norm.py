@@ -23,6 +23,7 @@ from remat_proto import dtypes
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
+from .elementwise import ufunc_buffers
 from .registry import Attr, elementwise_cost, register
 
 FLOAT = dtypes.FLOATS
@@ -38,11 +39,12 @@ def eps_attr(default: float) -> Attr:
     )
 
 
-def sum_except(keep: list[int], *operands: np.ndarray) -> np.ndarray:
+def sum_except(keep: list[int], *operands: np.ndarray, out=None) -> np.ndarray:
     """The sum of the operands' product over every axis not in `keep`, with no temporary
-    of their size (one einsum loop; equal ranks, size-1 axes broadcast)."""
+    of their size (one einsum loop; equal ranks, size-1 axes broadcast). An array, 0-d
+    too (einsum's 0-d result is a scalar), so in-place ops can follow."""
     axes = list(range(operands[0].ndim))
-    return np.einsum(*[item for a in operands for item in (a, axes)], keep)
+    return np.asarray(np.einsum(*[item for a in operands for item in (a, axes)], keep, out=out))
 
 
 _PARTS = 8  # products of two x-sized arrays are formed in 8 chunks of the leading axis
@@ -55,6 +57,39 @@ def _blocks(n: int) -> list[slice]:
 
 def _block_shape(shape) -> tuple[int, ...]:
     return (max(1, -(-shape[0] // _PARTS)), *shape[1:])
+
+
+# --- scratch: the temporaries of the forwards below and of norm_grad.py's -------------------
+def nonempty(scratch):
+    """A `scratch` rule for a forward that returns at once when x (its first input) is
+    empty."""
+
+    def rule(out, x, *rest, **attrs) -> int:
+        return scratch(out, x, *rest, **attrs) if x.size else 0
+
+    return rule
+
+
+def block_type(x: TensorType) -> TensorType:
+    """One chunk of the leading axis (_block_shape) of x."""
+    return TensorType(_block_shape(x.shape), x.dtype)
+
+
+def block_bytes(x: TensorType) -> int:
+    return block_type(x).nbytes
+
+
+def group_scratch(x: TensorType, vectors: int, group_shape, *, block: bool = False) -> int:
+    """`vectors` per-group values (per channel or per row: `group_shape`, broadcasting
+    against x) alive at once, and the buffers of a ufunc broadcasting one against x (or
+    against one chunk of its leading axis)."""
+    group = TensorType(tuple(group_shape), x.dtype)
+    shape = _block_shape(x.shape) if block else x.shape
+    return vectors * group.nbytes + ufunc_buffers(shape, group)
+
+
+def channel_shape(x: TensorType) -> tuple[int, ...]:
+    return (1, x.shape[1]) + (1,) * (len(x.shape) - 2)
 
 
 # --- batch_norm --------------------------------------------------------------------------
@@ -95,7 +130,7 @@ def _batch_norm(x, weight, bias, running_mean, running_var, training, eps):
         # torch's transform: x * alpha + beta with per-channel alpha, beta.
         alpha = weight / np.sqrt(running_var + eps)
         out = np.multiply(x, per_channel(alpha, x.ndim))
-        out += per_channel(bias - running_mean * alpha, x.ndim)
+        out += per_channel(bias - running_mean * alpha, x.ndim)  # alpha, beta
         return out
     # Two passes, like torch's CPU kernel (one-pass sum/sum-of-squares cancels badly in
     # float32 when var << mean^2): the mean reads x; the variance reads the centered
@@ -103,9 +138,15 @@ def _batch_norm(x, weight, bias, running_mean, running_var, training, eps):
     n = x.size // x.shape[1]
     out = np.subtract(x, per_channel(sum_except([1], x) / n, x.ndim))
     var = sum_except([1], out, out) / n
-    out *= per_channel(weight / np.sqrt(var + eps), x.ndim)
+    out *= per_channel(weight / np.sqrt(var + eps), x.ndim)  # var, the scale
     out += per_channel(bias, x.ndim)
     return out
+
+
+def _batch_norm_scratch(out, x, *vectors, training, eps) -> int:
+    # Two (C,) values (see the comments) while a (1, C, 1, ...) one meets x; the
+    # transient third of the eval form's beta (a (C,) product) is smaller than the buffer.
+    return group_scratch(x, 2, channel_shape(x))
 
 
 def _batch_norm_vjp(e, g, out, x, weight, bias, running_mean, running_var, training, eps):
@@ -131,6 +172,7 @@ register(
     inputs=5,
     infer=_batch_norm_infer,
     forward=_batch_norm,
+    scratch=nonempty(_batch_norm_scratch),
     vjp=_batch_norm_vjp,
     # The per-channel mean and invstd are tiny, but they are not the op's result and
     # the normalized x cannot be recovered from the output (it divides by weight, and
@@ -178,6 +220,11 @@ def _stats(x, unbiased):
     return out
 
 
+def _stats_scratch(out, x, unbiased) -> int:
+    # The chunk, and the buffers of its centering (the einsum's (C,) sums are smaller).
+    return block_bytes(x) + group_scratch(x, 0, channel_shape(x), block=True)
+
+
 def _stats_vjp(e, g, out, x, unbiased):
     # d mean / dx = 1/n; d var / dx = 2 (x - mean) / (n - 1 or n), per channel.
     n, channels = math.prod(x.shape) // x.shape[1], x.shape[1]
@@ -199,6 +246,7 @@ register(
     vjp=_stats_vjp,
     residuals="inputs+output",
     workspace=lambda x, **attrs: _block_shape(x.shape),
+    scratch=nonempty(_stats_scratch),
     cost=lambda out, x, **attrs: 4 * x.size,
     attrs={
         "unbiased": Attr(
@@ -224,14 +272,30 @@ def _rms_norm_infer(x, weight, eps):
     return x
 
 
+def inverse_rms(total: np.ndarray, count: int, eps: float) -> np.ndarray:
+    """1 / sqrt(total / count + eps), in place in the per-row sums `total`."""
+    total /= count
+    total += eps
+    np.sqrt(total, out=total)
+    return np.divide(1.0, total, out=total)
+
+
 def _rms_norm(x, weight, eps):
     keep = list(range(x.ndim - weight.ndim))
-    count = max(weight.size, 1)
-    ms = sum_except(keep, x, x) / count
-    rstd = 1.0 / np.sqrt(ms + eps)
+    rstd = inverse_rms(sum_except(keep, x, x), max(weight.size, 1), eps)
     out = np.multiply(x, rstd.reshape(rstd.shape + (1,) * weight.ndim))
     out *= weight
     return out
+
+
+def row_shape(x: TensorType, k: int) -> tuple[int, ...]:
+    """Per-row values over the trailing k axes, as (..., 1, ..., 1)."""
+    return tuple(x.shape[: len(x.shape) - k]) + (1,) * k
+
+
+def _rms_norm_scratch(out, x, weight, eps) -> int:
+    rows = TensorType(row_shape(x, len(weight.shape)), x.dtype)  # rstd, as x meets it
+    return rows.nbytes + max(ufunc_buffers(x.shape, rows), ufunc_buffers(x.shape, weight))
 
 
 def _rms_norm_vjp(e, g, out, x, weight, eps):
@@ -248,6 +312,7 @@ register(
     inputs=2,
     infer=_rms_norm_infer,
     forward=_rms_norm,
+    scratch=_rms_norm_scratch,
     vjp=_rms_norm_vjp,
     residuals="inputs",  # as layer_norm: the VJP recomputes the mean square from x
     cost=elementwise_cost(5),

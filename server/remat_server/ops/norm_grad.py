@@ -29,7 +29,21 @@ from remat_proto import dtypes
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
-from .norm import _block_shape, _blocks, bn_axes, eps_attr, per_channel, sum_except
+from .elementwise import ufunc_buffers
+from .norm import (
+    _block_shape,
+    _blocks,
+    block_bytes,
+    bn_axes,
+    channel_shape,
+    eps_attr,
+    group_scratch,
+    inverse_rms,
+    nonempty,
+    per_channel,
+    row_shape,
+    sum_except,
+)
 from .registry import Attr, elementwise_cost, register
 
 FLOAT = dtypes.FLOATS
@@ -155,17 +169,34 @@ def _bn_weight_grad(x, running_mean, running_var, g, training, eps):
     return sgx / np.sqrt((sxx / m if training else running_var) + eps)
 
 
+# The per-row values of layer_norm_grad and rms_norm_grad are computed in place: with
+# narrow rows they are not small (x / 8 each for 8-element rows).
+def _scaled_square(r, keep, m, *operands):
+    """-(r * r) * sum_except(keep, *operands) / m, in one new per-row value."""
+    out = np.multiply(r, r, out=np.empty_like(r))  # an array, 0-d too
+    np.negative(out, out=out)
+    out *= sum_except(keep, *operands)
+    out /= m
+    return out
+
+
 def _ln_grad(x, weight, g, eps):
     if x.size == 0:
         return np.zeros(x.shape, x.dtype)
     k, m = weight.ndim, weight.size
     keep = list(range(x.ndim - k))
     w = weight.reshape((1,) * len(keep) + weight.shape)
-    out = np.subtract(x, _rows(sum_except(keep, x) / m, k))  # xc, in the result
-    r = 1.0 / np.sqrt(sum_except(keep, out, out) / m + eps)
+    mean = sum_except(keep, x)
+    mean /= m
+    out = np.subtract(x, _rows(mean, k))  # xc, in the result
+    del mean
+    r = inverse_rms(sum_except(keep, out, out), m, eps)
     # dx = r (g w - <g w> - xc r^2 <g w xc>)
-    out *= _rows(-(r * r) * sum_except(keep, g, w, out) / m, k)
-    out -= _rows(sum_except(keep, g, w) / m, k)
+    c = _scaled_square(r, keep, m, g, w, out)
+    out *= _rows(c, k)
+    np.divide(sum_except(keep, g, w), m, out=c)
+    out -= _rows(c, k)
+    del c
     _add_product(out, g, w)
     out *= _rows(r, k)
     return out
@@ -177,9 +208,11 @@ def _rms_grad(x, weight, g, eps):
     k, m = weight.ndim, weight.size
     keep = list(range(x.ndim - k))
     w = weight.reshape((1,) * len(keep) + weight.shape)
-    r = 1.0 / np.sqrt(sum_except(keep, x, x) / m + eps)
+    r = inverse_rms(sum_except(keep, x, x), m, eps)
     # dx = r (g w - x r^2 <g w x>)
-    out = np.multiply(x, _rows(-(r * r) * sum_except(keep, g, w, x) / m, k))
+    c = _scaled_square(r, keep, m, g, w, x)
+    out = np.multiply(x, _rows(c, k))
+    del c
     _add_product(out, g, w)
     out *= _rows(r, k)
     return out
@@ -195,11 +228,19 @@ def _ln_weight_grad(x, g, normalized_ndim, eps):
     m = math.prod(x.shape[lead:])
     # Whole rows a chunk at a time: xc of one chunk is the only temporary.
     chunk = np.empty(_block_shape(x.shape) if lead else x.shape, x.dtype)
-    for s in _blocks(x.shape[0]) if lead else [slice(0, x.shape[0])]:  # no lead: one row
-        xs = x[s]
-        xc = np.subtract(xs, _rows(sum_except(keep, xs) / m, k), out=chunk[: len(xs)])
-        r = 1.0 / np.sqrt(sum_except(keep, xc, xc) / m + eps)
-        total += sum_except(trailing, g[s], xc, _rows(r, k))
+    for i, s in enumerate(_blocks(x.shape[0]) if lead else [slice(0, x.shape[0])]):
+        xs = x[s]  # no lead: one row
+        mean = sum_except(keep, xs)
+        mean /= m
+        xc = np.subtract(xs, _rows(mean, k), out=chunk[: len(xs)])
+        del mean
+        r = _rows(inverse_rms(sum_except(keep, xc, xc), m, eps), k)
+        if i == 0:  # the first sum in place: 0 + s, as the zeros plus it (-0.0 included)
+            sum_except(trailing, g[s], xc, r, out=total)
+            total += 0.0
+        else:
+            total += sum_except(trailing, g[s], xc, r)
+        del r  # before the next chunk's mean
     return total
 
 
@@ -208,8 +249,48 @@ def _rms_weight_grad(x, g, normalized_ndim, eps):
     lead = x.ndim - k
     if x.size == 0:
         return np.zeros(x.shape[lead:], x.dtype)
-    r = 1.0 / np.sqrt(sum_except(list(range(lead)), x, x) / math.prod(x.shape[lead:]) + eps)
+    r = inverse_rms(sum_except(list(range(lead)), x, x), math.prod(x.shape[lead:]), eps)
     return sum_except(list(range(lead, x.ndim)), g, x, _rows(r, k))
+
+
+# --- scratch -------------------------------------------------------------------------------
+def _bn_grad_scratch(out, x, weight, g, eps) -> int:
+    return group_scratch(x, 2, channel_shape(x))  # r and one (C,) term as it meets x
+
+
+def _bn_weight_grad_scratch(out, x, running_mean, running_var, g, training, eps) -> int:
+    # The chunk; the sums (and the batch mean); the chunk's centering, or an einsum's sum.
+    vectors = 3 if training else 2
+    channel = TensorType((x.shape[1],), x.dtype)
+    buffers = group_scratch(x, 0, channel_shape(x), block=True)
+    return block_bytes(x) + vectors * channel.nbytes + max(buffers, channel.nbytes)
+
+
+def _row_grad_scratch(centered: bool):
+    def scratch(out, x, weight, g, eps) -> int:
+        # r, the scaled square and an einsum's sums (before the result exists in
+        # rms_norm_grad); r and the scaled square as one meets x; r while a chunk's
+        # g * w is formed (_add_product).
+        rows = TensorType(row_shape(x, len(weight.shape)), x.dtype)
+        sums = 3 * rows.nbytes - (0 if centered else out.nbytes)
+        product = block_bytes(x) + ufunc_buffers(_block_shape(x.shape), weight)
+        return max(sums, group_scratch(x, 2, rows.shape), rows.nbytes + product)
+
+    return scratch
+
+
+def _ln_weight_grad_scratch(out, x, g, normalized_ndim, eps) -> int:
+    # The chunk (x itself when there is no leading axis) and, per chunk, its mean or r,
+    # with its centering's buffers or (after the first chunk) the einsum's sums.
+    lead = len(x.shape) - normalized_ndim
+    chunk = TensorType(_block_shape(x.shape) if lead else x.shape, x.dtype)
+    rows = TensorType(row_shape(chunk, normalized_ndim), x.dtype)
+    later = out.nbytes if lead and x.shape[0] > 1 else 0
+    return chunk.nbytes + rows.nbytes + max(ufunc_buffers(chunk.shape, rows), later)
+
+
+def _rms_weight_grad_scratch(out, x, g, normalized_ndim, eps) -> int:
+    return TensorType(row_shape(x, normalized_ndim), x.dtype).nbytes  # r
 
 
 # --- VJPs (second order only: composite where it is simplest) -----------------------------
@@ -282,6 +363,7 @@ register(
     inputs=3,
     infer=_bn_grad_infer,
     forward=_bn_grad,
+    scratch=nonempty(_bn_grad_scratch),
     vjp=_bn_grad_vjp,
     residuals="inputs",
     cost=elementwise_cost(10),
@@ -294,6 +376,7 @@ register(
     inputs=4,
     infer=_bn_weight_grad_infer,
     forward=_bn_weight_grad,
+    scratch=nonempty(_bn_weight_grad_scratch),
     vjp=_bn_weight_grad_vjp,
     residuals="inputs",
     cost=elementwise_cost(6),
@@ -309,6 +392,7 @@ register(
     inputs=3,
     infer=_row_grad_infer,
     forward=_ln_grad,
+    scratch=nonempty(_row_grad_scratch(centered=True)),
     vjp=_row_grad_vjp(centered=True),
     residuals="inputs",
     cost=elementwise_cost(12),
@@ -322,6 +406,7 @@ register(
     inputs=3,
     infer=_row_grad_infer,
     forward=_rms_grad,
+    scratch=nonempty(_row_grad_scratch(centered=False)),
     vjp=_row_grad_vjp(centered=False),
     residuals="inputs",
     cost=elementwise_cost(8),
@@ -335,6 +420,7 @@ register(
     inputs=2,
     infer=_row_weight_grad_infer,
     forward=_ln_weight_grad,
+    scratch=nonempty(_ln_weight_grad_scratch),
     vjp=_ln_weight_grad_vjp,
     residuals="inputs",
     cost=elementwise_cost(8),
@@ -348,6 +434,7 @@ register(
     inputs=2,
     infer=_row_weight_grad_infer,
     forward=_rms_weight_grad,
+    scratch=nonempty(_rms_weight_grad_scratch),
     vjp=_rms_weight_grad_vjp,
     residuals="inputs",
     cost=elementwise_cost(4),

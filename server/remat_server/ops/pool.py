@@ -1,6 +1,7 @@
 """2-D max and average pooling on NCHW tensors (torch.nn.functional's conventions).
 
-Forwards reduce the windows of the padded input one kernel tap at a time. The VJPs
+Forwards reduce the windows one kernel tap at a time, chunk by chunk of images: the
+padded copy the windows are views of holds one chunk, never the batch. The VJPs
 are one native gradient op each (pool_grad.py), whose values are the size of x: the
 gradient scatters onto the input tap by tap, never through a taps-times-the-output
 column matrix or one-hot mask.
@@ -22,10 +23,14 @@ from .conv import (
     POSITIVE,
     _image,
     _out_hw,
-    _padded,
     _pair,
-    _reduce_taps,
-    _windows,
+    padded_bytes,
+    padded_chunk_shape,
+    reduce_buffers,
+    reduce_bytes,
+    reduce_taps,
+    ufunc_buffers,
+    virtual,
 )
 from .registry import Attr, register
 
@@ -55,23 +60,6 @@ def window_cost(out, x, *rest, kernel, **attrs) -> int:
     return out.size * kernel[0] * kernel[1]
 
 
-def tap_region(i, j, out_hw, stride, dilation) -> tuple[slice, ...]:
-    """The padded-input positions tap (i, j) of every window reads: (N, C, Ho, Wo)."""
-    (ho, wo), (sh, sw), (dh, dw) = out_hw, stride, dilation
-    return (
-        slice(None),
-        slice(None),
-        slice(i * dh, i * dh + sh * (ho - 1) + 1, sh),
-        slice(j * dw, j * dw + sw * (wo - 1) + 1, sw),
-    )
-
-
-def crop(canvas, padding, hw):
-    """The image inside a padded canvas; a copy, so the canvas is freed."""
-    (ph, pw), (h, w) = padding, hw
-    return canvas[:, :, ph : ph + h, pw : pw + w].copy() if ph or pw else canvas
-
-
 POOL_ATTRS = {
     "kernel": KERNEL,
     "stride": _pair(rules.all_positive, POSITIVE, default=None),
@@ -83,7 +71,7 @@ AVG_POOL_ATTRS = {**POOL_ATTRS, "count_include_pad": Attr("bool", default=True)}
 
 # --- max_pool2d ------------------------------------------------------------------------
 def _max_pool2d(x, kernel, stride, padding, dilation):
-    return _reduce_taps(_windows(x, kernel, stride, padding, dilation, -np.inf), np.maximum)
+    return reduce_taps(x, kernel, stride, padding, dilation, np.maximum, -np.inf)
 
 
 def _max_pool2d_vjp(e, g, out, x, kernel, stride, padding, dilation):
@@ -101,7 +89,8 @@ register(
     forward=_max_pool2d,
     vjp=_max_pool2d_vjp,
     residuals="inputs",
-    workspace=_padded,
+    workspace=padded_chunk_shape,
+    scratch=lambda out, x, **geometry: reduce_bytes(x, **geometry),
     cost=window_cost,
     attrs=MAX_POOL_ATTRS,
     doc="Max over each window of x (N, C, H, W), padded with -inf; stride defaults to "
@@ -112,18 +101,50 @@ register(
 
 # --- avg_pool2d ------------------------------------------------------------------------
 def pool_divisor(hw, kernel, stride, padding, count_include_pad, dtype):
-    """Per-window divisor: the kernel size, or the number of non-padding elements."""
+    """Per-window divisor: the kernel size, or the number of non-padding elements, an
+    (Ho, Wo) array: per axis, how many taps of a window fall inside the image."""
     if count_include_pad:
         return kernel[0] * kernel[1]
-    ones = np.ones((1, 1) + tuple(hw), dtype=dtypes.NUMPY[dtype])
-    return _reduce_taps(_windows(ones, kernel, stride, padding, (1, 1)), np.add)
+    counts = [
+        np.array(
+            [len(range(max(0, y * s - p), min(n, y * s - p + k))) for y in range(windows)],
+            dtype=dtypes.NUMPY[dtype],
+        )
+        for n, k, s, p, windows in zip(
+            hw, kernel, stride, padding, _out_hw(hw, kernel, stride, padding, (1, 1))
+        )
+    ]
+    return np.outer(*counts)
+
+
+def divisor_bytes(pooled, count_include_pad) -> int:
+    """Scratch of `pool_divisor` for windows of the pooled shape: the (Ho, Wo) counts."""
+    if count_include_pad:
+        return 0
+    return pooled.shape[2] * pooled.shape[3] * dtypes.itemsize(pooled.dtype)
+
+
+def divide_buffers(values, pooled, count_include_pad) -> int:
+    """NumPy's buffers dividing values of the pooled shape by the (Ho, Wo) divisor."""
+    if count_include_pad:
+        return 0
+    divisor = virtual(pooled.shape[2:], pooled.dtype)
+    return ufunc_buffers(virtual(values.shape, values.dtype), divisor)
+
+
+def _avg_pool2d_scratch(out, x, kernel, stride, padding, count_include_pad) -> int:
+    """The divisor, the padded chunk (freed before the division), and NumPy's buffers
+    of the largest tap or of the division."""
+    reduce = padded_bytes(x, padding) + reduce_buffers(x, kernel, stride, padding, (1, 1))
+    divide = divide_buffers(out, out, count_include_pad)
+    return divisor_bytes(out, count_include_pad) + max(reduce, divide)
 
 
 def _avg_pool2d(x, kernel, stride, padding, count_include_pad):
     divisor = pool_divisor(
         x.shape[2:], kernel, stride, padding, count_include_pad, dtypes.of_array(x)
     )
-    total = _reduce_taps(_windows(x, kernel, stride, padding, (1, 1)), np.add)
+    total = reduce_taps(x, kernel, stride, padding, (1, 1), np.add, 0.0)
     total /= divisor
     return total
 
@@ -150,7 +171,8 @@ register(
     vjp=_avg_pool2d_vjp,
     residuals="none",
     cost=window_cost,
-    workspace=_padded,
+    workspace=padded_chunk_shape,
+    scratch=_avg_pool2d_scratch,
     attrs=AVG_POOL_ATTRS,
     doc="Mean over each window of x (N, C, H, W), zero-padded; stride defaults to the "
     "kernel; count_include_pad=False divides by the non-padding count (as torch).",

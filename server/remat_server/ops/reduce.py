@@ -11,6 +11,7 @@ from remat_proto import dtypes
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
+from .elementwise import BUFFER
 from .registry import Attr, register
 
 AXES_ATTRS = {
@@ -64,6 +65,18 @@ def _extremum_vjp(e, g, out, x, axes, keepdims):
     return [mask * (_expand(e, g, x, axes) / count)]
 
 
+def mean_buffers(out: TensorType) -> int:
+    """np.mean divides the sum by an np.intp count, which NEP 50 promotes to float64:
+    below float64, the division casts its input and its output through two buffers."""
+    if out.dtype == "float64" or not out.shape:
+        return 0
+    return 2 * 8 * min(out.size, BUFFER)
+
+
+def _mean_scratch(out, x, axes, keepdims) -> int:
+    return mean_buffers(out)
+
+
 def _mean(x, axes, keepdims):
     """np.mean, except that a mean over nothing is NaN without NumPy's "Mean of empty
     slice" warning in the server log (the warnings module is process-global)."""
@@ -92,6 +105,7 @@ register(
     infer=_infer(dtypes.FLOATS),
     normalize=_normalize,
     forward=_mean,
+    scratch=_mean_scratch,
     vjp=_mean_vjp,
     residuals="none",
     cost=_cost,
@@ -146,6 +160,14 @@ def _arg_infer(x: TensorType, axis, keepdims) -> TensorType:
     return TensorType(_reduced_shape(x.shape, (axis,), keepdims), "int64")
 
 
+def _arg_scratch(out, x, axis, keepdims) -> int:
+    # np.argmax/argmin search the last axis of a C-contiguous array: another axis is
+    # moved last and the input copied, unless that leaves it contiguous.
+    if not x.shape or x.shape[axis] == 1 or math.prod(x.shape[axis + 1 :]) == 1:
+        return 0
+    return x.nbytes
+
+
 def _arg(search):
     def forward(x, axis, keepdims):
         if x.ndim == 0:
@@ -165,6 +187,7 @@ for _name, _search, _extreme in (
         infer=_arg_infer,
         normalize=_arg_normalize,
         forward=_arg(_search),
+        scratch=_arg_scratch,
         vjp=None,
         residuals="none",
         cost=lambda out, x, axis, keepdims: x.size,

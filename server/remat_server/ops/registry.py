@@ -24,6 +24,11 @@ bytes belong to the request). Planners, simulator and executor account by it.
 `workspace` gives the shape of the largest temporary a forward allocates besides its
 result (conv's zero-padded copy of the input); the graph builder holds it to the same
 per-tensor limits as every value, so a tiny request cannot make a huge temporary.
+
+`scratch(out, *input_types, **attrs) -> int` gives the bytes of every temporary the
+forward holds at its own peak, besides its inputs and its result: what the memory
+model adds, while the op runs, to the live bytes (issue 14: the predicted peak is the
+real one). A VJP's temporaries are those of the ops it emits. None means 0.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class OpDef:
     doc: str = ""
     memory: str = "new"
     workspace: Callable[..., tuple[int, ...]] | None = None
+    scratch: Callable[..., int] | None = None
 
     def differentiable(self, position: int) -> bool:
         return self.vjp is not None and position not in self.no_grad
@@ -98,6 +104,7 @@ def register(
     doc: str = "",
     memory: str = "new",
     workspace=None,
+    scratch=None,
 ) -> OpDef:
     """Add one op to the registry. `inputs` is an arity or (min, max); max -1 is variadic."""
     if name in REGISTRY:
@@ -126,6 +133,7 @@ def register(
         doc=doc,
         memory=memory,
         workspace=workspace,
+        scratch=scratch,
     )
     REGISTRY[name] = op
     return op

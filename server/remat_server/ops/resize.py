@@ -20,6 +20,7 @@ from remat_proto import dtypes
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
+from .conv_taps import ufunc_buffers, virtual
 from .registry import Attr, free, register
 
 FLOAT, NUMERIC = dtypes.FLOATS, rules.NUMERIC
@@ -113,6 +114,14 @@ def _upsample_nearest2d(x, size):
     return x if axes else x.copy()
 
 
+def _nearest_scratch(out, x, size) -> int:
+    """The first axis pass's result, when both axes are resampled (at most the larger of
+    the input and the output: `_axis_order`)."""
+    if len(_nearest_axes(x.shape, size)) < 2:
+        return 0
+    return _size(_intermediate(x, size)) * dtypes.itemsize(x.dtype)
+
+
 def _upsample_nearest2d_vjp(e, g, out, x, size):
     for axis in reversed(_nearest_axes(x.shape, size)):
         index = e.constant(value=_nearest_index(x.shape[axis], size[axis - 2]))
@@ -129,6 +138,7 @@ register(
     residuals="none",
     cost=free,
     workspace=_intermediate,
+    scratch=_nearest_scratch,
     attrs={"size": SIZE},
     doc="Nearest resize of x (N, C, H, W) to `size`, source row floor(dst * in / out) "
     '(F.interpolate(mode="nearest")).',
@@ -136,15 +146,42 @@ register(
 
 
 # --- upsample_bilinear2d -----------------------------------------------------------------
+# Elements of a chunk of the far taps' rows: `_lerp` holds one chunk of them, not a
+# second pass-sized array.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _lerp_chunks(shape) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(_size(shape[1:]), 1))
+    return [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+
+
 def _lerp(x, axis, index, weight):
-    """Linear interpolation along one axis: w0 * x[lo] + w1 * x[hi], row by row."""
+    """Linear interpolation along one axis: w0 * x[lo] + w1 * x[hi], row by row; the
+    far rows are taken a chunk of images at a time."""
     shape = _along(x.shape, axis)
     out = np.take(x, index[:, 0], axis=axis)
     out *= weight[:, 0].reshape(shape)
-    far = np.take(x, index[:, 1], axis=axis)
-    far *= weight[:, 1].reshape(shape)
-    out += far
+    chunks, near = _lerp_chunks(out.shape), weight[:, 1].reshape(shape)
+    far = np.empty((chunks[0].stop,) + out.shape[1:], dtype=out.dtype) if chunks else None
+    for images in chunks:
+        part = far[: images.stop - images.start]
+        np.take(x[images], index[:, 1], axis=axis, out=part, mode="clip")  # in range
+        part *= near
+        out[images] += part
     return out
+
+
+def _lerp_bytes(shape, axis, dtype) -> int:
+    """Scratch of one `_lerp` pass whose result has `shape`: its chunk of far rows, and
+    NumPy's buffers of a row weight broadcast over it."""
+    chunks = _lerp_chunks(shape)
+    if not chunks:
+        return 0
+    part = virtual((chunks[0].stop,) + tuple(shape[1:]), dtype)
+    row = virtual((shape[axis],) + (1,) * (len(shape) - 1 - axis), dtype)
+    near = virtual(shape, dtype)
+    return part.nbytes + max(ufunc_buffers(part, row, part), ufunc_buffers(near, row, near))
 
 
 def _lerp_adjoint(e, g, axis, index, weight, n_in):
@@ -169,6 +206,16 @@ def _upsample_bilinear2d(x, size, align_corners):
     return x
 
 
+def _bilinear_scratch(out, x, size, align_corners) -> int:
+    """The first pass's result (the second pass's input) and either pass's own scratch
+    (`_lerp_bytes`); the first pass runs before the result exists, so what it holds
+    counts only past the result's bytes."""
+    first, _ = _axis_order(x.shape, size)
+    middle = _size(_intermediate(x, size)) * dtypes.itemsize(x.dtype)
+    before = middle + _lerp_bytes(_intermediate(x, size), first, x.dtype) - out.nbytes
+    return max(before, middle + _lerp_bytes(out.shape, 5 - first, x.dtype))
+
+
 def _upsample_bilinear2d_vjp(e, g, out, x, size, align_corners):
     dtype = dtypes.NUMPY[x.dtype]
     for axis in reversed(_axis_order(x.shape, size)):
@@ -188,6 +235,7 @@ register(
     # Per axis pass: two products and a sum per element of that pass's result.
     cost=lambda out, x, size, align_corners: 3 * (out.size + _size(_intermediate(x, size))),
     workspace=_intermediate,
+    scratch=_bilinear_scratch,
     attrs={
         "size": SIZE,
         "align_corners": Attr(
@@ -243,6 +291,20 @@ def _pad(x, pads, mode, value):
     return np.pad(x, widths, mode=mode)
 
 
+def _pad_scratch(out, x, pads, mode, value) -> int:
+    """np.pad fills a constant border in place; a reflected or repeated one is assigned
+    from the padded array itself, which NumPy's overlap check copies first: the largest
+    border slab (axis k's width, the padded extent of the axes before k and the
+    original extent of those after, as np.pad's `_view_roi`)."""
+    if mode == "constant":
+        return 0
+    widths, largest = _widths(pads, len(x.shape)), 0
+    for k, (begin, end) in enumerate(widths):
+        rest = _size(out.shape[:k]) * _size(x.shape[k + 1 :])
+        largest = max(largest, max(begin, end) * rest)
+    return largest * dtypes.itemsize(x.dtype)
+
+
 def _unpad_axis(e, g, axis, n, begin, end, mode):
     """Adjoint of reflect/edge padding along one axis: the interior slice of g plus the
     border rows added back onto the rows they copy. The copies' sources come from
@@ -276,6 +338,7 @@ register(
     vjp=_pad_vjp,
     residuals="none",
     cost=free,
+    scratch=_pad_scratch,
     attrs={
         "pads": Attr(
             "ints",

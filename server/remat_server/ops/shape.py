@@ -9,6 +9,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
+from .elementwise import ufunc_buffers
 from .registry import Attr, elementwise_cost, free, register
 
 INTS = rules.dtypes.INTS
@@ -237,6 +238,34 @@ register(
 
 
 # --- gather and scatter ------------------------------------------------------------------
+def _intp_copy(indices: TensorType) -> int:
+    """NumPy indexes with intp (int64): other index dtypes are converted first."""
+    return 0 if indices.dtype == "int64" else indices.size * 8
+
+
+def along_axis_scratch(shape, indices: TensorType, axis: int, grids_of=None) -> int:
+    """What np.take_along_axis / np.put_along_axis (or np.add.at with the same open
+    mesh) hold besides the result: an int64 arange per other axis (every axis for
+    `grids_of="all"`), and the buffers of the iterator that broadcasts them against the
+    indices (cast to int64 unless they are)."""
+    ndim, axis = len(shape), axis % len(shape)
+    sizes = indices.shape
+
+    def grid(d):
+        return TensorType(tuple(sizes[d] if k == d else 1 for k in range(ndim)), "int64")
+
+    grids = [grid(d) for d in range(ndim) if d != axis]
+    made = sum(g.size for g in grids) + (sizes[axis] if grids_of == "all" else 0)
+    plain = indices.dtype == "int64"
+    buffers = ufunc_buffers(
+        sizes,
+        *grids,
+        *([indices] if plain else []),
+        cast=() if plain else (TensorType(sizes, "int64"),),
+    )
+    return 8 * made + buffers
+
+
 def _take_infer(x, indices, axis):
     rules.require_dtype(indices, INTS, "indices")
     ax = rules.normalize_axis(axis, len(x.shape))
@@ -249,6 +278,7 @@ register(
     inputs=2,
     infer=_take_infer,
     forward=lambda x, indices, axis: np.take(x, indices, axis=axis),
+    scratch=lambda out, x, indices, axis: _intp_copy(indices),
     vjp=lambda e, g, out, x, indices, axis: [
         e.scatter_add(g, indices, axis=axis % x.ndim, size=x.shape[axis]),
         None,
@@ -281,6 +311,7 @@ register(
     inputs=2,
     infer=_scatter_add_infer,
     forward=_scatter_add,
+    scratch=lambda out, src, indices, axis, size: _intp_copy(indices),
     vjp=lambda e, g, out, src, indices, axis, size: [e.take(g, indices, axis=axis), None],
     residuals="inputs",
     cost=elementwise_cost(1),
@@ -339,6 +370,7 @@ register(
     inputs=2,
     infer=_along_infer,
     forward=_take_along,
+    scratch=lambda out, x, indices, axis: along_axis_scratch(x.shape, indices, axis),
     vjp=lambda e, g, out, x, indices, axis: [
         e.scatter_add_along_axis(g, indices, axis=axis % x.ndim, size=x.shape[axis]),
         None,
@@ -358,6 +390,9 @@ register(
         _check_bounds(indices, size, axis),
         _scatter_along(src, indices, axis, size),
     )[1],
+    scratch=lambda out, src, indices, axis, size: along_axis_scratch(
+        out.shape, indices, axis, grids_of="all"
+    ),
     vjp=lambda e, g, out, src, indices, axis, size: [
         e.take_along_axis(g, indices, axis=axis),
         None,

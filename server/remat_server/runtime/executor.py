@@ -101,6 +101,7 @@ class Program:
                 computed.add(name)
         self.steps = steps
         self.results = tuple(schedule.results)
+        # The timeline counts each op's temporaries while it runs (checkpoint.simulate).
         self.peak_bytes = max(timeline, default=0)
         self.nodes_computed = sum(1 for step in schedule.steps if type(step) is Compute)
         self.recomputed_nodes = recomputed

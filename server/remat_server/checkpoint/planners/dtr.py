@@ -156,7 +156,7 @@ class _Replay:
                 self.last[source] = self.clock
 
     def compute(self, name: str) -> None:
-        while self.bytes.total + self.bytes.allocates(name) > self.budget:
+        while self.bytes.total + self.bytes.needs(name) > self.budget:
             victim = self.choose()
             if victim is None:
                 raise bounds.over_budget(

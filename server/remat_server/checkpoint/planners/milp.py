@@ -20,6 +20,7 @@ earlier node. Variables (binary except U):
                U[t,k] = U[t,k-1] + M_k R[t,k] - sum_{(i,k-1)} M_i FREE[t,(i,k-1)]
                FREE[t,(i,k)] = R[t,k] (1 - S[t+1,i]) prod_{users j of i, k<j<=t} (1 - R[t,j])
                0 <= U[t,k] <= budget - input bytes
+               U[t,k] + C_k R[t,k] <= budget - input bytes   (C_k: node k's temporaries)
 
 The product is linearised exactly (FREE <= each factor, FREE >= R - S - sum R): tighter
 for the LP relaxation than Checkmate's big-M hazard count. FREE exists only for t > k
@@ -245,6 +246,18 @@ class _Milp:
             ],
             0,
             0,
+        )
+        # Temporaries: while node k is computed its scratch sits on top of U[t,k]:
+        # U[t,k] + C_k R[t,k] <= the free bytes (C_k rounded up to whole units: safe).
+        scratch = np.array(
+            [-(-model.scratch.get(name, 0) // unit) for name in order], dtype=np.int64
+        )
+        held = scratch[k] > 0
+        rows.add(
+            int(held.sum()),
+            [(None, U(t, k)[held], 1), (None, R(t, k)[held], scratch[k][held])],
+            -np.inf,
+            free_bytes // unit,
         )
         # FREE[t,(i,k)] = R[t,k] (1 - S[t+1,i]) prod_j (1 - R[t,j]), users j of i, k < j <= t:
         # FREE <= each factor, FREE >= R[t,k] - S[t+1,i] - sum_j R[t,j].

@@ -1,0 +1,50 @@
+"""The predicted peak is the real one (issue 14): for every zoo model, under store_all,
+sqrt and budget:0.5, tracemalloc's peak over a run is within 5% of the simulator's
+predicted peak, op temporaries included (float32, batch 32). Under recompute_all three
+models still measure 5-12% over their prediction: issue 14 is open on it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import remat
+
+torch = pytest.importorskip("torch")
+zoo = pytest.importorskip("zoo")
+from zoo_loss import add_loss, named_outputs  # noqa: E402  (after the torch skip)
+
+BATCH = 32
+POLICIES = ("store_all", "sqrt", "budget:0.5")
+
+
+@pytest.fixture(scope="module")
+def client():
+    with remat.Client.in_process() as client:
+        yield client
+
+
+@pytest.fixture(scope="module", params=list(zoo.MODELS))
+def workload(request):
+    name = request.param
+    module, args, kwargs = zoo.MODELS[name](torch.float32, batch=BATCH)
+    graph, params = remat.from_torch(module, args, kwargs)
+    with torch.no_grad():
+        outputs = named_outputs(copy.deepcopy(module)(*args, **kwargs))
+    floats = {k: tuple(v.shape) for k, v in outputs.items() if v.is_floating_point()}
+    feeds = add_loss(graph, floats, dtype="float32")
+    feeds.update(params)
+    feeds.update({k: v.numpy() for k, v in zoo.inputs(name, torch.float32, BATCH).items()})
+    wrt = [n for n, _ in module.named_parameters()] + list(zoo.float_inputs(name))
+    return graph, feeds, wrt
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_measured_peak_is_the_predicted_one(client, workload, policy):
+    graph, feeds, wrt = workload
+    metrics = client.run(
+        graph, feeds, wrt=wrt, loss="loss", policy=policy, measure_memory=True
+    ).metrics
+    ratio = metrics.measured_peak_bytes / metrics.predicted_peak_bytes
+    assert 0.95 <= ratio <= 1.05, f"{graph.name} under {policy}: measured/predicted {ratio:.3f}"
