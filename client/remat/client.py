@@ -106,7 +106,8 @@ class Client(Connection):
         vector-Jacobian product. `policy` is a `remat.policies` object or the name of a
         parameterless one (default auto: store_all when it fits the server's memory
         limit, else the cheapest plan that does). `timeline=True` also returns the
-        live bytes after every schedule step; `trace=True` every executed step with
+        bytes in use at every schedule step (live values, plus the running op's
+        temporaries); `trace=True` every executed step with
         its timing; `measure_memory=True` measures the real peak allocation
         (`metrics.measured_peak_bytes`; such runs go one at a time).
         Returns `.outputs`, `.grads` (NumPy), `.metrics`, `.timeline` and `.trace`.

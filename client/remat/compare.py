@@ -40,7 +40,7 @@ class ComparisonRow:
     `max_grad_diff` is the largest absolute difference of any gradient element from
     store_all's: 0.0, since every policy computes bit-identical gradients.
     `measured_peak_bytes` is 0 unless the comparison measured memory. `timeline`
-    (live bytes after each step) and `trace` (the executed steps, timed) are filled
+    (bytes in use at each step) and `trace` (the executed steps, timed) are filled
     when the comparison asked for them. `error` is set, and the figures are zero,
     when this policy could not plan or run (say, a budget nothing fits): the other
     policies still run. `planner` is the budgeted planners' report.

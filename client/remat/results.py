@@ -42,7 +42,8 @@ class PlanResult:
     """A dry run's figures: what a Run under `policy` would cost, from the simulator.
 
     `node_evaluations` maps each computed node to how many times the schedule computes
-    it (more than once: recomputation); `timeline` is the live bytes after each step;
+    it (more than once: recomputation); `timeline` is the bytes in use at each step
+    (live values, plus the temporaries of the op a step runs);
     `schedule` is the steps themselves, ("compute" | "free", node) pairs, when the plan
     asked for `include_schedule=True`. `input_bytes` are live for the whole run and
     included in `peak_bytes`.

@@ -56,7 +56,7 @@ class RunRequest:
     cotangents: Mapping[str, np.ndarray] = field(default_factory=dict)
     # A policy object, or the name of a parameterless one ("store_all", "sqrt", ...).
     policy: policies.Policy | str = "auto"  # store_all when it fits the request limit
-    timeline: bool = False  # return live bytes after every schedule step
+    timeline: bool = False  # return the bytes in use at every schedule step
     measure_memory: bool = False  # also measure the real peak with tracemalloc
     trace: bool = False  # return every executed step with its timing
     # The graph's content id, when the caller knows it: the compile cache's key. Without

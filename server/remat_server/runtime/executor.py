@@ -71,7 +71,7 @@ class Program:
     ):
         nodes, owner, nbytes, ops = graph.nodes, model.owner, model.nbytes, registry.REGISTRY
         # One entry per node, shared by its steps: (name, node, forward, inputs, attrs,
-        # fresh). A step is then (phase, entry, live bytes after it).
+        # fresh). A step is then (phase, entry, bytes in use at it: the timeline).
         entries: dict[str, tuple] = {}
         steps, computed = [], set()
         append = steps.append
