@@ -2,10 +2,10 @@
 sqrt, budget:0.5 and recompute_all, tracemalloc's peak over a run is within 5% of the
 simulator's predicted peak, op temporaries included (float32, batch 128).
 
-What the model leaves out is the executor's own bookkeeping (its dict of values, which
-grows with a long schedule's churn: about 120 kB under recompute_all for a zoo model),
-so the batch is one where tensors, not Python objects, make the peak; at batch 32 the
-bookkeeping alone is 5-12% of recompute_all's prediction."""
+What the model leaves out is memory that grows with the length of a run, about 5
+bytes a step (some 120 kB over recompute_all's ~15,000 steps on a zoo model; not the
+executor's dict of values: slots instead changed nothing), so the batch is one where
+tensors make the peak; at batch 32 that growth is 5-12% of recompute_all's prediction."""
 
 from __future__ import annotations
 
