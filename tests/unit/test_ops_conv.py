@@ -11,7 +11,7 @@ import support
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument
 from remat_server.graph.limits import Limits
-from remat_server.ops import conv
+from remat_server.ops import windows
 
 
 def normal(*shape, seed=0):
@@ -206,7 +206,7 @@ def test_matches_torch(case_id, op, inputs, attrs, wrt):
     ids=["depthwise", "depthwise-multiplier", "transposed-depthwise"],
 )
 def test_depthwise_tap_loops_over_several_batch_chunks(monkeypatch, op, x, w, attrs):
-    monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", 64)  # one image per chunk
+    monkeypatch.setattr(windows, "_CHUNK_ELEMENTS", 64)  # one image per chunk
     out_channels = w[0] if op == "conv2d" else w[1] * attrs["groups"]
     inputs = _conv(normal(*x), normal(*w, seed=1), normal(out_channels, seed=2))
     _against_torch(op, inputs, attrs, ["x", "w", "b"])

@@ -13,8 +13,18 @@ from __future__ import annotations
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import conv_taps, rules
-from .conv import GROUPS, KERNEL, WINDOW_ATTRS, _image, _out_hw, output_padding, taps_workspace
+from .conv import (
+    GROUPS,
+    output_padding,
+    taps_workspace,
+)
 from .registry import register
+from .windows import (
+    KERNEL,
+    WINDOW_ATTRS,
+    _image,
+    _out_hw,
+)
 
 
 def _infer(x, g, kernel, stride, padding, dilation, groups):

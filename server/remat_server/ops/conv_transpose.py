@@ -22,22 +22,24 @@ from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import conv_taps, rules
 from .conv import (
-    DILATION,
     GROUPS,
-    NON_NEGATIVE,
-    PADDING,
-    STRIDE,
-    _batch_chunks,
     _bias,
     _bias_grad,
     _chunk_bytes,
-    _image,
-    _out_hw,
-    _pair,
     bias_buffers,
 )
 from .conv_taps import ufunc_buffers, virtual
 from .registry import register
+from .windows import (
+    DILATION,
+    NON_NEGATIVE,
+    PADDING,
+    STRIDE,
+    _batch_chunks,
+    _image,
+    _out_hw,
+    _pair,
+)
 
 
 def _geometry(hw, kernel, stride, padding, output_padding, dilation):

@@ -16,7 +16,9 @@ from remat_proto import dtypes
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
-from .conv import (
+from .conv_taps import ufunc_buffers, virtual
+from .registry import Attr, register
+from .windows import (
     DILATION,
     KERNEL,
     PADDING,
@@ -29,10 +31,7 @@ from .conv import (
     reduce_buffers,
     reduce_bytes,
     reduce_taps,
-    ufunc_buffers,
-    virtual,
 )
-from .registry import Attr, register
 
 
 def _pool_normalize(x, *rest, kernel, stride, padding, **attrs) -> dict:

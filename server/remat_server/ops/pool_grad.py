@@ -18,21 +18,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
-from .conv import (
-    _image,
-    _out_hw,
-    _pair,
-    pad_chunks,
-    padded_bytes,
-    padded_chunk,
-    padded_chunk_shape,
-    padded_chunks,
-    reduce_windows,
-    tap_spans,
-    ufunc_buffers,
-    virtual,
-    windows,
-)
+from .conv_taps import ufunc_buffers, virtual
 from .pool import (
     AVG_POOL_ATTRS,
     MAX_POOL_ATTRS,
@@ -44,6 +30,19 @@ from .pool import (
     pool_divisor,
 )
 from .registry import register
+from .windows import (
+    _image,
+    _out_hw,
+    _pair,
+    pad_chunks,
+    padded_bytes,
+    padded_chunk,
+    padded_chunk_shape,
+    padded_chunks,
+    reduce_windows,
+    tap_spans,
+    windows,
+)
 
 
 def _first_max_taps(win):
