@@ -29,12 +29,10 @@ import numpy as np
 
 from ..graph import Graph, Node
 from . import aten_math, aten_nn, aten_shape, aten_table  # noqa: F401 (registration)
+from .torch_context import ImportContext
 from .torch_values import Tensor, Unsupported, remat_dtype
 
 INSTALL_HINT = 'from_torch needs PyTorch: pip install "remat[torch]"'
-
-# Constants of these dtypes are widened so the graph can hold them.
-_WIDEN = {"uint8": "int64", "int8": "int64", "int16": "int64", "float16": "float32"}
 
 
 def import_torch():
@@ -140,7 +138,7 @@ def from_torch(module, args, kwargs=None, *, seed: int = 0, name: str | None = N
     return _Importer(torch, exported, aten_table, seed, graph_name, type(module).__name__).run()
 
 
-class _Importer:
+class _Importer(ImportContext):
     """One walk over an ExportedProgram's graph; also the context op handlers use."""
 
     def __init__(self, torch, exported, table, seed: int, name: str, root: str):
@@ -406,114 +404,8 @@ class _Importer:
     def _problem(self, fx, op: str, reason: str) -> None:
         self.problems.append((fx.name, op, _module_path(fx), reason))
 
-    # --- the handler API ------------------------------------------------------------
-    @property
-    def out(self):
-        """torch's (fake) value of the node being imported: shapes and dtypes."""
-        return self.fx.meta.get("val")
-
-    @property
-    def out_dtype(self):
-        val = self.out
-        return (val[0] if isinstance(val, (list, tuple)) else val).dtype
-
-    def op(self, op: str, inputs, **attrs) -> Node:
-        """Append a remat op, named after the ATen node (`<fx name>/<op>`)."""
-        return self.graph.add(op, inputs, attrs, name=self.fresh(op), source=self.source)
-
-    def fresh(self, label: str) -> str:
-        """An unused node name `<fx name>/<label>` (with a suffix when taken)."""
-        name = f"{self._prefix}/{label}"
-        if name in self.graph:
-            i = 1
-            while f"{name}_{i}" in self.graph:
-                i += 1
-            name = f"{name}_{i}"
-        return name
-
-    def node(self, value, dtype=None) -> Node:
-        """`value` as a graph node, cast to `dtype` (torch or remat name) when given:
-        a Tensor as is, a constant (tensor, number, bool) as a graph constant."""
-        want = None if dtype is None else _as_remat(dtype)
-        if isinstance(value, Tensor):
-            if want is not None and value.node.dtype != want:
-                return self.op("cast", [value.node], dtype=want)
-            return value.node
-        if isinstance(value, Node):
-            return value
-        return self.const(value, want)
-
-    def const(self, value, dtype: str | None = None) -> Node:
-        torch = self.torch
-        if isinstance(value, torch.Tensor):
-            key = (id(value), dtype)
-            if key not in self._constants:
-                array = value.detach().cpu()
-                name = str(array.dtype).removeprefix("torch.")
-                if name in _WIDEN:
-                    array = array.to(getattr(torch, _WIDEN[name]))
-                array = array.numpy()
-                if dtype is None:
-                    remat_dtype(array.dtype)  # raises for unsupported dtypes
-                else:
-                    array = array.astype(dtype)
-                self._keep.append(value)
-                self._constants[key] = self.op("constant", [], value=np.ascontiguousarray(array))
-            return self._constants[key]
-        if dtype is None:
-            dtype = (
-                "bool"
-                if isinstance(value, bool)
-                else "int64"
-                if isinstance(value, int)
-                else "float32"
-            )
-        key = ("scalar", repr(value), dtype)
-        if key not in self._constants:
-            self._constants[key] = self.op("constant", [], value=np.asarray(value, dtype=dtype))
-        return self._constants[key]
-
-    def dtype_of(self, value):
-        torch = self.torch
-        if isinstance(value, (Tensor, torch.Tensor)):
-            return value.dtype
-        return torch.tensor(value).dtype
-
-    def shape_of(self, value) -> tuple[int, ...]:
-        if isinstance(value, Tensor):
-            return value.shape
-        return tuple(getattr(value, "shape", ()))
-
-    def result_type(self, *values):
-        """torch's type promotion over tensors and Python scalars."""
-        torch = self.torch
-        stand_ins = [
-            torch.empty((1,) * v.ndim, dtype=v.dtype) if isinstance(v, Tensor) else v
-            for v in values
-        ]
-        result = stand_ins[0]
-        for other in stand_ins[1:]:
-            result = torch.empty((), dtype=torch.result_type(result, other))
-        return result.dtype if isinstance(result, torch.Tensor) else torch.tensor(result).dtype
-
-    def stop_gradient(self, node: Node, shape: tuple[int, ...], dtype) -> Node:
-        """node's value with no gradient: batch_norm in inference form treats its
-        running mean as a constant, and (0 - (-x)) / sqrt(1 + 0) * 1 + 0 is x exactly."""
-        size = int(np.prod(shape, dtype=np.int64))
-        name = remat_dtype(dtype)
-        flat = self.op("neg", [self.op("reshape", [node], shape=[size])])
-        zeros = self.const(self.torch.zeros(1, size, dtype=dtype), name)
-        ones = self.const(self.torch.ones(size, dtype=dtype), name)
-        bias = self.const(self.torch.zeros(size, dtype=dtype), name)
-        out = self.op("batch_norm", [zeros, ones, bias, flat, ones], training=False, eps=0.0)
-        return self.op("reshape", [out], shape=list(shape))
-
 
 # --- helpers -------------------------------------------------------------------------------
-def _as_remat(dtype) -> str:
-    return dtype if isinstance(dtype, str) else remat_dtype(dtype)
-
-
 def _storage_key(tensor):
     if tensor.numel() == 0:
         return None
