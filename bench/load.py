@@ -1,6 +1,7 @@
 """Load test: K concurrent clients for T seconds against one remat server process.
 
     python bench/load.py [--quick] [--clients 32] [--seconds 60] [--warmup 10] [--checks 3]
+                         [--solves W | --compare-solves] [--server-flag=--FLAG=VALUE ...]
 
 Each client is a thread with its own connection, in worker processes of up to 8 threads
 (so the clients are not all behind one GIL). Each loops, drawing with a seeded RNG
@@ -8,7 +9,10 @@ among valid requests (a small MLP's gradients, checked against the engine run
 in-process; a Plan; a 4 MiB tensor round trip through RunStream, checked exactly),
 invalid ones (INVALID_ARGUMENT expected) and slower requests that are cut short (a
 client deadline: DEADLINE_EXCEEDED; or `future.cancel()` on the raw stub: CANCELLED;
-either may also finish first). Every outcome is expected or unexpected.
+either may also finish first). Every outcome is expected or unexpected. `--solves W`
+adds exact solves and Budget searches at weight W (the others' weights sum to 1; see
+_load_solves.py); `--compare-solves` measures the mix without and with them, in
+alternating parts, against one server.
 
 The server's RSS (/proc/<pid>/status VmRSS) is sampled throughout. The clients run
 --warmup seconds and pause: the idle RSS then is the baseline. They run --seconds more,
@@ -24,6 +28,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -32,8 +37,9 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import _load_solves as solves  # bench/ is on sys.path as a script
 import numpy as np
-from transfer import REMAT_SERVER, read_ports, started  # bench/ is on sys.path as a script
+from transfer import REMAT_SERVER, read_ports, started
 
 MiB = 1 << 20
 THREADS_PER_PROCESS = 8
@@ -51,13 +57,16 @@ SMALL = dict(batch=16, widths=(32, 64, 64, 10))
 SLOW = dict(batch=128, widths=(256, 512, 512, 10))  # ~0.15-0.2 s of compute here, 1.7 MiB
 STREAM_SHAPE = (1024, 1024)  # float32: 4 MiB up, 8 MiB down (output and gradient)
 MAX_DETAILS = 20  # unexpected outcomes described per worker
+SOLVE = "solve"  # the kind `--solves` adds (its weight is the option's)
+EXPECTED = {**{kind: statuses for kind, (_, statuses) in KINDS.items()}, SOLVE: solves.EXPECTED}
+COMPARE_WEIGHT = 0.05  # --compare-solves without --solves
 
 
 # --- the client side (worker processes) -----------------------------------------------------
 class Workload:
     """The graphs, inputs and reference answers every client thread of a process shares."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, with_solves: bool = False):
         import remat
         from remat_server.engine import Engine, RunRequest
         from remat_server.graph.limits import Limits
@@ -101,6 +110,7 @@ class Workload:
             lambda c: c.run(tiny, {"x": np.ones(5, np.float32)}),  # wrong shape
             lambda c: c.plan(huge),  # shape over the limit
         ]
+        self.solve = solves.SolveWorkload() if with_solves else None
 
 
 def _check_small(work: Workload, result) -> str | None:
@@ -175,11 +185,11 @@ def _one(kind: str, work: Workload, client, stub, rng: random.Random) -> tuple[s
         if kind == "cancel":
             return _cancelled_call(work, stub, rng), None
     except remat.RematError as error:
-        return error.code, None if error.code in KINDS[kind][1] else f"{kind}: {error}"
+        return error.code, None if error.code in EXPECTED[kind] else f"{kind}: {error}"
     raise ValueError(f"unknown kind {kind}")
 
 
-def _client_loop(work: Workload, seed: str, seconds: float, out: list) -> None:
+def _client_loop(work: Workload, seed: str, seconds: float, out: list, solve: float) -> None:
     import grpc
 
     import remat
@@ -187,7 +197,9 @@ def _client_loop(work: Workload, seed: str, seconds: float, out: list) -> None:
 
     rng = random.Random(seed)
     kinds, weights = list(KINDS), [weight for weight, _ in KINDS.values()]
-    records, details = [], []
+    if solve > 0:
+        kinds, weights = [*kinds, SOLVE], [*weights, solve]
+    records, details, finished = [], [], Counter()  # finished: within `seconds`, per kind
     with (
         remat.Client(work.target, retry=remat.calls.NO_RETRY) as client,
         grpc.insecure_channel(work.target) as channel,
@@ -197,37 +209,44 @@ def _client_loop(work: Workload, seed: str, seconds: float, out: list) -> None:
         end = start + seconds
         while time.perf_counter() < end:
             kind = rng.choices(kinds, weights)[0]
-            began = time.perf_counter()
+            began, cached = time.perf_counter(), None
             try:
-                status, wrong = _one(kind, work, client, stub, rng)
+                if kind == SOLVE:
+                    status, wrong, cached = solves.one(work.solve, client, stub, rng)
+                else:
+                    status, wrong = _one(kind, work, client, stub, rng)
             except Exception as error:  # noqa: BLE001 - a client-side failure is an outcome too
                 status, wrong = f"CLIENT_{type(error).__name__}", f"{kind}: {error!r}"
-            if wrong is None and status not in KINDS[kind][1]:
-                wrong = f"{kind}: {status}, expected {'/'.join(sorted(KINDS[kind][1]))}"
-            records.append((kind, status, time.perf_counter() - began, wrong is None))
+            if wrong is None and status not in EXPECTED[kind]:
+                wrong = f"{kind}: {status}, expected {'/'.join(sorted(EXPECTED[kind]))}"
+            done = time.perf_counter()
+            finished[kind] += done <= end
+            record = (kind, status, done - began, wrong is None)
+            records.append(record if kind != SOLVE else (*record, bool(cached)))
             if wrong is not None and len(details) < MAX_DETAILS:
                 details.append(wrong[:300])
         elapsed = time.perf_counter() - start
-    out.append((records, details, elapsed))
+    out.append((records, details, elapsed, finished))
 
 
 def worker_main(config: str) -> None:
     """A worker process: import, read the server's address from stdin, set up, print
-    "ready"; then for each "run <seconds>" line on stdin run its client threads that
-    long and print their records as one JSON line."""
+    "ready"; then for each "run <seconds> [<solve weight>]" line on stdin run its client
+    threads that long and print their records as one JSON line."""
     import remat  # noqa: F401 - import while the server starts
     import remat_server.engine  # noqa: F401
 
     config = json.loads(config)
-    work = Workload(sys.stdin.readline().strip())
+    work = Workload(sys.stdin.readline().strip(), config.get("solves", False))
     print("ready", flush=True)
     for phase, line in enumerate(sys.stdin):
-        seconds = float(line.split()[1])
+        _, seconds, *solve = line.split()
+        seconds, solve = float(seconds), float(solve[0]) if solve else 0.0
         out: list = []
         threads = [
             threading.Thread(
                 target=_client_loop,
-                args=(work, f"{config['seed']}-{config['index']}-{i}-{phase}", seconds, out),
+                args=(work, f"{config['seed']}-{config['index']}-{i}-{phase}", seconds, out, solve),
             )
             for i in range(config["threads"])
         ]
@@ -238,9 +257,10 @@ def worker_main(config: str) -> None:
         print(
             json.dumps(
                 {
-                    "records": [r for records, _, _ in out for r in records],
-                    "details": [d for _, details, _ in out for d in details],
-                    "elapsed": max((e for *_, e in out), default=0.0),
+                    "records": [r for records, *_ in out for r in records],
+                    "details": [d for _, details, *_ in out for d in details],
+                    "elapsed": max((e for _, _, e, _ in out), default=0.0),
+                    "finished": sum((f for *_, f in out), Counter()),
                 }
             ),
             flush=True,
@@ -301,12 +321,18 @@ class RssSampler:
 class Workers:
     """The client processes: `clients` threads over ceil(clients / 8) processes."""
 
-    def __init__(self, clients: int, seed: int):
+    def __init__(self, clients: int, seed: int, with_solves: bool = False):
         processes = max(1, math.ceil(clients / THREADS_PER_PROCESS))
         shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+        config = dict(solves=True) if with_solves else {}
         self.procs = [
             subprocess.Popen(
-                [sys.executable, "-c", _WORKER, json.dumps(dict(seed=seed, index=i, threads=n))],
+                [
+                    sys.executable,
+                    "-c",
+                    _WORKER,
+                    json.dumps(dict(seed=seed, index=i, threads=n, **config)),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -324,9 +350,9 @@ class Workers:
                 self.close()
                 raise RuntimeError("a client process failed to start")
 
-    def run(self, seconds: float) -> dict:
+    def run(self, seconds: float, solve: float = 0.0) -> dict:
         for proc in self.procs:
-            proc.stdin.write(f"run {seconds}\n")
+            proc.stdin.write(f"run {seconds} {solve}\n" if solve > 0 else f"run {seconds}\n")
             proc.stdin.flush()
         outs = []
         for proc in self.procs:
@@ -338,6 +364,7 @@ class Workers:
             "records": [r for o in outs for r in o["records"]],
             "details": [d for o in outs for d in o["details"]],
             "elapsed": max(o["elapsed"] for o in outs),
+            "finished": sum((Counter(o["finished"]) for o in outs), Counter()),
         }
 
     def close(self) -> None:
@@ -357,28 +384,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def summarize(phase: dict) -> dict:
+def summarize(phase: dict, with_solves: bool = False) -> dict:
+    """Per kind (KINDS, and `solve` too `with_solves`): requests, statuses, unexpected
+    outcomes, p50/p99 latency; a solve's also how many plans came from the cache."""
     records = phase["records"]
     by_kind: dict[str, list] = defaultdict(list)
-    for kind, status, latency, expected in records:
-        by_kind[kind].append((status, latency, expected))
+    for kind, status, latency, expected, *cached in records:  # a solve's record has cached
+        by_kind[kind].append((status, latency, expected, *cached))
     kinds = {}
-    for kind in KINDS:
+    for kind in [*KINDS, SOLVE] if with_solves else KINDS:
         rows = by_kind.get(kind, [])
-        latencies = [latency for _, latency, _ in rows]
+        latencies = [latency for _, latency, *_ in rows]
         kinds[kind] = dict(
             requests=len(rows),
-            statuses=dict(Counter(status for status, _, _ in rows)),
-            unexpected=sum(not ok for *_, ok in rows),
+            statuses=dict(Counter(status for status, *_ in rows)),
+            unexpected=sum(not ok for _, _, ok, *_ in rows),
             p50_ms=percentile(latencies, 0.5) * 1e3 if rows else None,
             p99_ms=percentile(latencies, 0.99) * 1e3 if rows else None,
         )
+        if kind == SOLVE:
+            kinds[kind]["cached"] = sum(bool(rest and rest[0]) for _, _, _, *rest in rows)
     return dict(
         requests=len(records),
         seconds=phase["elapsed"],
         throughput=len(records) / phase["elapsed"] if phase["elapsed"] else 0.0,
-        statuses=dict(Counter(status for _, status, _, _ in records)),
-        unexpected=sum(not ok for *_, ok in records),
+        statuses=dict(Counter(status for _, status, *_ in records)),
+        unexpected=sum(not ok for _, _, _, ok, *_ in records),
         kinds=kinds,
         details=phase["details"],
     )
@@ -390,7 +421,7 @@ def table(summary: dict) -> str:
         "|---|---:|---:|---:|---|---:|",
     ]
     for kind, k in summary["kinds"].items():
-        statuses = ", ".join(f"{s} {n}" for s, n in sorted(k["statuses"].items()))
+        statuses = _statuses(k)
         p50 = "—" if k["p50_ms"] is None else f"{k['p50_ms']:.1f}"
         p99 = "—" if k["p99_ms"] is None else f"{k['p99_ms']:.1f}"
         lines.append(
@@ -401,7 +432,85 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def compared(by_mix: dict[str, dict], finished: dict[str, Counter], seconds: float) -> dict:
+    """Per mix: requests and run_small requests per second, counting those that finished
+    within the `seconds` the mix ran (at the end of each part the clients also wait for
+    the requests still in flight: long solves would stretch the time); run_small's
+    p50/p99 latency; with solves the solve kind's outcomes. `change`: with solves
+    against the standard mix."""
+    rows = {}
+    for name, mix in by_mix.items():
+        small = mix["kinds"]["run_small"]
+        rows[name] = dict(
+            throughput=sum(finished[name].values()) / seconds,
+            small_throughput=finished[name]["run_small"] / seconds,
+            small_p50_ms=small["p50_ms"],
+            small_p99_ms=small["p99_ms"],
+            seconds=mix["seconds"],
+            solve=mix["kinds"].get(SOLVE),
+        )
+    base, other = rows["standard"], rows["solves"]
+    change = {
+        key: other[key] / base[key] - 1 if base[key] and other[key] is not None else None
+        for key in ("throughput", "small_throughput", "small_p50_ms", "small_p99_ms")
+    }
+    return dict(rows=rows, change=change, seconds=seconds)
+
+
+def comparison(figures: dict) -> str:
+    """The side-by-side table of `compared`, and the change in words."""
+
+    def ms(value: float | None) -> str:
+        return "—" if value is None else f"{value:.1f}"
+
+    lines = [
+        "| mix | req/s | run_small req/s | run_small p50 ms | run_small p99 ms | "
+        "seconds (with the last requests) | solve outcomes |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, row in figures["rows"].items():
+        solve = row["solve"]
+        lines.append(
+            f"| {name} | {row['throughput']:.1f} | {row['small_throughput']:.1f} | "
+            f"{ms(row['small_p50_ms'])} | {ms(row['small_p99_ms'])} | "
+            f"{figures['seconds']:g} ({row['seconds']:.1f}) | "
+            f"{_statuses(solve) if solve else '—'} |"
+        )
+    words = {
+        "throughput": "req/s",
+        "small_throughput": "run_small req/s",
+        "small_p50_ms": "run_small p50",
+        "small_p99_ms": "run_small p99",
+    }
+    lines.append(
+        "\nwith solves: "
+        + ", ".join(
+            f"{words[key]} {'—' if value is None else f'{100 * value:+.0f}%'}"
+            for key, value in figures["change"].items()
+        )
+        + " (req/s: requests finished within the mix's seconds)"
+    )
+    return "\n".join(lines)
+
+
+def _statuses(k: dict) -> str:
+    """Each status and its count; a solve's OK also how many plans came from the cache."""
+    return ", ".join(
+        f"{s} {n}" + (f" ({k['cached']} cached)" if s == "OK" and "cached" in k else "")
+        for s, n in sorted(k["statuses"].items())
+    )
+
+
+def _merged(parts: list[dict]) -> dict:
+    return {
+        "records": [r for part in parts for r in part["records"]],
+        "details": [d for part in parts for d in part["details"]],
+        "elapsed": sum(part["elapsed"] for part in parts),
+        "finished": sum((part.get("finished", Counter()) for part in parts), Counter()),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="4 clients, 5 s after a 3 s warm-up (smoke test)"
@@ -437,55 +546,109 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="NAME=VALUE",
         help="set in the server's environment, e.g. MALLOC_ARENA_MAX=2 (repeatable)",
     )
+    parser.add_argument(
+        "--solves",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="add the `solve` kind (exact solves and Budget searches) at weight W; the "
+        "other kinds' weights sum to 1, so 0.05 makes about 5%% of the requests solves "
+        "(default 0: none)",
+    )
+    parser.add_argument(
+        "--compare-solves",
+        action="store_true",
+        help="measure --seconds of the standard mix and --seconds with solves (weight "
+        f"--solves, else {COMPARE_WEIGHT:g}), in alternating parts against one server, "
+        "and compare run_small's latency and throughput",
+    )
+    parser.add_argument(
+        "--server-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="start the server as `remat serve --host 127.0.0.1 --port 0 FLAG ...` "
+        "(repeatable; give it with '=', e.g. --server-flag=--max-concurrent-solves=2); "
+        "without any, a default ServerConfig in code (the same configuration)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.checks < 1:
         parser.error("--checks must be at least 1")
+    if not 0 <= args.solves < math.inf:
+        parser.error("--solves must be a weight >= 0")
+    flags = [word for flag in args.server_flag for word in shlex.split(flag)]
+    if any(flag.split("=")[0] == "--workers" for flag in flags):
+        parser.error("--server-flag=--workers: the bench measures one server process's RSS")
     clients = args.clients or (4 if args.quick else 32)
     seconds = args.seconds if args.seconds is not None else (5.0 if args.quick else 60.0)
     warmup = args.warmup if args.warmup is not None else (3.0 if args.quick else 10.0)
     env = dict(item.split("=", 1) for item in args.server_env)
+    solve = args.solves or (COMPARE_WEIGHT if args.compare_solves else 0.0)
+    # The measured mixes (name, solve weight), each run --checks times for its share.
+    mixes = [("standard", 0.0), ("solves", solve)] if args.compare_solves else [("", solve)]
+    warm_solve = 0.0 if args.compare_solves else solve
+    share = f"weight {solve:g}, {100 * solve / (1 + solve):.1f}% of requests"
 
     processes = math.ceil(clients / THREADS_PER_PROCESS)
-    print(
-        f"# load: {clients} clients ({processes} processes) for {seconds:g} s after a "
-        f"{warmup:g} s warm-up, seed {args.seed}\n"
-    )
+    if args.compare_solves:
+        print(
+            f"# load: {clients} clients ({processes} processes), {seconds:g} s of the "
+            f"standard mix and {seconds:g} s with solves ({share}), alternating in "
+            f"{args.checks} parts each, after a {warmup:g} s warm-up (standard mix), "
+            f"seed {args.seed}\n"
+        )
+    else:
+        print(
+            f"# load: {clients} clients ({processes} processes) for {seconds:g} s after a "
+            f"{warmup:g} s warm-up, seed {args.seed}"
+            + (f"; solves: {share}" if solve else "")
+            + "\n"
+        )
+    server_text = f"`{solves.command(flags)}`" if flags else "default ServerConfig (8 workers)"
     print(
         f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs "
         f"(clients and server share them; load average {os.getloadavg()[0]:.1f} at start); "
-        f"server: default ServerConfig (8 workers)"
+        f"server: {server_text}"
         + (f", {' '.join(f'{k}={v}' for k, v in env.items())}" if env else "")
         + "\n"
     )
-    with started(REMAT_SERVER, env) as server:
-        workers = Workers(clients, args.seed)  # they import while the server starts
+    if solve:
+        print(f"solve: {solves.DESCRIPTION}\n")
+    launch = solves.remat_serve(flags, env) if flags else started(REMAT_SERVER, env)
+    with launch as server:
+        # they import while the server starts
+        workers = Workers(clients, args.seed, with_solves=solve > 0)
         rss = RssSampler(server.pid)
         try:
-            (port,) = read_ports(server)
+            port = solves.serve_port(server) if flags else read_ports(server)[0]
             workers.connect(f"127.0.0.1:{port}")
             rss.start()
             rss_start = rss.idle(settle=0.0)
             rss.phase = "warmup"
-            warm = summarize(workers.run(warmup))
+            warm = summarize(workers.run(warmup, warm_solve), with_solves=warm_solve > 0)
             rss.phase = "idle"
             baseline = rss.idle(args.settle)
-            idle, parts = [baseline], []
+            idle, parts = [baseline], defaultdict(list)
             for _ in range(args.checks):  # idle readings along the way: a leak's trend
-                rss.phase = "measure"
-                parts.append(workers.run(seconds / args.checks))
-                rss.phase = "idle"
-                idle.append(rss.idle(args.settle))
+                for name, weight in mixes:
+                    rss.phase = "measure"
+                    parts[name].append(workers.run(seconds / args.checks, weight))
+                    rss.phase = "idle"
+                    idle.append(rss.idle(args.settle))
             final = idle[-1]
         finally:
             workers.close()
             rss.stop()
-    measured = summarize(
-        {
-            "records": [r for part in parts for r in part["records"]],
-            "details": [d for part in parts for d in part["details"]],
-            "elapsed": sum(part["elapsed"] for part in parts),
-        }
-    )
+    measured = summarize(_merged([p for name, _ in mixes for p in parts[name]]), solve > 0)
+    merged = {name: _merged(parts[name]) for name, _ in mixes}
+    by_mix = {name: summarize(merged[name], weight > 0) for name, weight in mixes}
+    if args.compare_solves:
+        figures = compared(by_mix, {n: m["finished"] for n, m in merged.items()}, seconds)
     loaded = rss.of("measure") or [final]
     window = max(1, len(loaded) // 10)
     memory = dict(
@@ -503,13 +666,28 @@ def main(argv: list[str] | None = None) -> dict:
     unexpected = warm["unexpected"] + measured["unexpected"]
     ok = unexpected == 0 and memory["growth"] < GROWTH_GOAL
 
-    print(table(measured))
-    print(
-        f"\n{measured['requests']} requests in {measured['seconds']:.1f} s: "
-        f"{measured['throughput']:.1f} req/s (warm-up: {warm['requests']} requests, "
-        f"{warm['unexpected']} unexpected)\n"
-    )
-    marks = "/".join(f"{seconds * (i + 1) / args.checks:.3g}" for i in range(args.checks))
+    warm_text = f"warm-up: {warm['requests']} requests, {warm['unexpected']} unexpected"
+    if args.compare_solves:
+        for (name, _), title in zip(mixes, ("standard mix", f"with solves ({share})")):
+            mix = by_mix[name]
+            print(f"## {title}\n\n{table(mix)}")
+            print(
+                f"\n{mix['requests']} requests in {mix['seconds']:.1f} s: "
+                f"{mix['throughput']:.1f} req/s\n"
+            )
+        print(f"## side by side ({warm_text})\n\n{comparison(figures)}\n")
+    else:
+        print(table(measured))
+        within = ""
+        if solve:  # long solves in flight at each part's end stretch the time
+            done = sum(merged[""]["finished"].values())
+            within = f"; {done} finished within the {seconds:g} s: {done / seconds:.1f} req/s"
+        print(
+            f"\n{measured['requests']} requests in {measured['seconds']:.1f} s: "
+            f"{measured['throughput']:.1f} req/s{within} ({warm_text})\n"
+        )
+    part = seconds / args.checks
+    marks = "/".join(f"{part * (i + 1):.3g}" for i in range(args.checks * len(mixes)))
     print(
         f"server RSS, idle (no request in flight): {rss_start / MiB:.1f} MiB at start, "
         f"{baseline / MiB:.1f} MiB after the warm-up (baseline), after {marks} s: "
@@ -525,7 +703,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{'PASS' if ok else 'FAIL'}: {unexpected} unexpected outcomes (goal 0); RSS growth "
         f"{100 * memory['growth']:+.1f}% (goal < {100 * GROWTH_GOAL:.0f}%)"
     )
-    return dict(
+    report = dict(
         clients=clients,
         seconds=seconds,
         warmup=warmup,
@@ -537,6 +715,11 @@ def main(argv: list[str] | None = None) -> dict:
         passed=ok,
         env=env,
     )
+    if solve or flags:
+        report.update(solves=solve, server_flags=flags)
+    if args.compare_solves:
+        report.update(mixes=by_mix, comparison=figures)
+    return report
 
 
 if __name__ == "__main__":

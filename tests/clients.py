@@ -207,46 +207,50 @@ class Recorder(grpc.ServerInterceptor):
             if refuse:
                 context.abort(self.code, f"injected {self.code.name} #{number}")
 
-        if handler.unary_unary is not None:
-            behaviour = handler.unary_unary
+        hold = self.hold.get(method, {}).get(number)
 
-            def unary_unary(request, context):
+        def held(responses, context):
+            """The responses, pausing after the `hold`-th until the client cancels."""
+            for sent, response in enumerate(responses, 1):
+                yield response
+                if sent == hold:
+                    deadline = time.monotonic() + self.HOLD_SECONDS
+                    while context.is_active() and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    if not context.is_active():
+                        return
+
+        def first(request, context):
+            """The request (of a streaming request, its first message: the header, or
+            the one message of a unary call the server takes as a stream), recorded."""
+            if not handler.request_streaming:
                 arrived(request, context)
-                return behaviour(request, context)
+                return request
+            requests = iter(request)
+            head = next(requests)
+            arrived(head, context)
 
-            return handler._replace(unary_unary=unary_unary)
-        if handler.unary_stream is not None:
-            behaviour = handler.unary_stream
+            def replay():
+                yield head
+                yield from requests
 
-            hold = self.hold.get(method, {}).get(number)
+            return replay()
 
-            def unary_stream(request, context):
-                arrived(request, context)
-                for sent, response in enumerate(behaviour(request, context), 1):
-                    yield response
-                    if sent == hold:
-                        deadline = time.monotonic() + self.HOLD_SECONDS
-                        while context.is_active() and time.monotonic() < deadline:
-                            time.sleep(0.005)
-                        if not context.is_active():
-                            return
+        kind = ("stream" if handler.request_streaming else "unary") + (
+            "_stream" if handler.response_streaming else "_unary"
+        )
+        behaviour = getattr(handler, kind)
+        if handler.response_streaming:
 
-            return handler._replace(unary_stream=unary_stream)
-        if handler.stream_stream is not None:
-            behaviour = handler.stream_stream
+            def streamed(request, context):
+                yield from held(behaviour(first(request, context), context), context)
 
-            def stream_stream(requests, context):
-                head = next(requests)  # the header: how the graph is referred to
-                arrived(head, context)
+            return handler._replace(**{kind: streamed})
 
-                def replay():
-                    yield head
-                    yield from requests
+        def answered(request, context):
+            return behaviour(first(request, context), context)
 
-                yield from behaviour(replay(), context)
-
-            return handler._replace(stream_stream=stream_stream)
-        return handler
+        return handler._replace(**{kind: answered})
 
 
 @contextlib.contextmanager

@@ -55,7 +55,8 @@ class AsyncClient(Connection):
 
     # --- lifecycle ------------------------------------------------------------------------
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._take_channels():
+            await channel.close()
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.stop(grace=None).wait)
@@ -67,7 +68,9 @@ class AsyncClient(Connection):
         await self.close()
 
     # --- the driver -----------------------------------------------------------------------
-    async def _drive(self, flow: calls.Flow, timeout: float | None):
+    async def _drive(
+        self, flow: calls.Flow, timeout: float | None, placement: calls.Placement | None = None
+    ):
         """`remat.Client._drive`, awaiting each RPC."""
         deadline = self._deadline(timeout)
         reply, error = None, None
@@ -77,23 +80,25 @@ class AsyncClient(Connection):
             except StopIteration as done:
                 return done.value
             try:
-                reply, error = await self._perform(op, deadline), None
+                reply, error = await self._perform(op, deadline, placement), None
             except RematError as exc:
                 reply, error = None, exc
 
-    async def _perform(self, op, deadline: float | None):
-        attempts = calls.Attempts(self.retry, deadline)
+    async def _perform(self, op, deadline: float | None, placement: calls.Placement | None):
+        attempts = calls.Attempts(self.retry, deadline, placement)
         while True:
             try:
                 if isinstance(op, calls.Stream):
-                    return await self._stream(op, attempts.left())
-                return await self._attempt(op, attempts.left())
+                    return await self._stream(op, attempts.left(), placement)
+                return await self._attempt(op, attempts.left(), placement)
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.delay_after(error))
 
-    async def _stream(self, op: calls.Stream, left: float | None):
+    async def _stream(
+        self, op: calls.Stream, left: float | None, placement: calls.Placement | None
+    ):
         download = streaming.Download(op.out)
-        call = self._run_stream_call(timeout=left)
+        call = self._endpoint(placement).run_stream(timeout=left)
         try:
             await self._upload(call, streaming.upload(op.request, op.chunked), op.chunked)
             async for message in call:
@@ -144,7 +149,8 @@ class AsyncClient(Connection):
         output_axes: Mapping[str, int | None] | None = None,
     ) -> RunResult:
         """`remat.Client.run`, awaitable. Big tensors go over RunStream, invisibly;
-        `shards=N` runs the shards concurrently (see `remat.sharding`)."""
+        `shards=N` runs the shards concurrently, placed on the replicas as
+        `remat.Client.run` places them (see `remat.sharding`)."""
         options = dict(
             wrt=wrt,
             loss=loss,
@@ -167,9 +173,16 @@ class AsyncClient(Connection):
                 reduction=reduction,
                 output_axes=output_axes,
             )
+            placements = self._shard_placements(len(runs))
             tasks = [
-                asyncio.ensure_future(self.run(graph, shard_inputs, timeout=timeout, **kwargs))
-                for shard_inputs, kwargs in runs
+                asyncio.ensure_future(
+                    self._drive(
+                        calls.run(self._session, graph, shard_inputs, **kwargs),
+                        timeout,
+                        placement,
+                    )
+                )
+                for (shard_inputs, kwargs), placement in zip(runs, placements)
             ]
             try:
                 return sharding.combine(plan, await asyncio.gather(*tasks))

@@ -14,7 +14,9 @@ reply, or has the call's `remat.RematError` thrown into it, which it may handle:
   `remat-use-stream` in its trailing metadata).
 
 Its return value is the call's result. A driver performs each RPC with retries on
-UNAVAILABLE (`Attempts`: backoff with jitter, all within the call's one deadline).
+UNAVAILABLE (`Attempts`: backoff with jitter, all within the call's one deadline), on
+the client's round-robin channel, or, for a shard of a sharded run, on the replica
+its `Placement` names (which moves on to the next replica when one fails).
 
     >>> import numpy as np, remat
     >>> g = remat.Graph("g")
@@ -117,21 +119,42 @@ def deadline_of(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
+@dataclass
+class Placement:
+    """Where a call's RPCs go: replica `replica` of the `count` whose addresses the
+    client knows (see `remat.targets`). A call retried after UNAVAILABLE (its replica
+    died, or is going) moves on to the next replica, and its later RPCs follow it.
+
+        >>> placed = Placement(replica=2, count=3)
+        >>> placed.move_on()
+        >>> placed.replica
+        0
+    """
+
+    replica: int
+    count: int
+
+    def move_on(self) -> None:
+        self.replica = (self.replica + 1) % self.count
+
+
 class Attempts:
     """The retry schedule of one RPC within a call's deadline. A driver tries,
     and after a failure waits `delay_after(error)` (which raises the remat exception
-    when the error is final) before trying again:
+    when the error is final, and moves `placement`, if any, on to the next replica
+    otherwise) before trying again:
 
-        attempts = Attempts(retry, deadline)
+        attempts = Attempts(retry, deadline, placement)
         while True:
             try:
-                return rpc(timeout=attempts.left())
+                return rpc(placement, timeout=attempts.left())
             except grpc.RpcError as error:
                 sleep(attempts.delay_after(error))
     """
 
-    def __init__(self, retry: Retry, deadline: float | None):
+    def __init__(self, retry: Retry, deadline: float | None, placement: Placement | None = None):
         self.deadline = deadline
+        self.placement = placement
         self._delays = retry.delays()
 
     def left(self) -> float | None:
@@ -144,6 +167,8 @@ class Attempts:
             self.deadline is not None and time.monotonic() + delay >= self.deadline
         ):
             raise from_rpc_error(error) from None
+        if self.placement is not None:
+            self.placement.move_on()
         return delay
 
 

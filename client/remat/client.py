@@ -34,7 +34,8 @@ class Client(Connection):
 
     # --- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._take_channels():
+            channel.close()
         if self._server is not None:
             server, self._server = self._server, None
             server.stop(grace=None).wait()
@@ -46,9 +47,12 @@ class Client(Connection):
         self.close()
 
     # --- the driver -----------------------------------------------------------------------
-    def _drive(self, flow: calls.Flow, timeout: float | None):
-        """Run a flow (see `remat.calls`): perform each RPC it yields, with retries, and
-        send back the reply or throw in the error; return what the flow returns."""
+    def _drive(
+        self, flow: calls.Flow, timeout: float | None, placement: calls.Placement | None = None
+    ):
+        """Run a flow (see `remat.calls`): perform each RPC it yields, with retries (on
+        `placement`'s replica, else round robin), and send back the reply or throw in
+        the error; return what the flow returns."""
         deadline = self._deadline(timeout)
         reply, error = None, None
         while True:
@@ -57,23 +61,23 @@ class Client(Connection):
             except StopIteration as done:
                 return done.value
             try:
-                reply, error = self._perform(op, deadline), None
+                reply, error = self._perform(op, deadline, placement), None
             except RematError as exc:
                 reply, error = None, exc
 
-    def _perform(self, op, deadline: float | None):
-        attempts = calls.Attempts(self.retry, deadline)
+    def _perform(self, op, deadline: float | None, placement: calls.Placement | None):
+        attempts = calls.Attempts(self.retry, deadline, placement)
         while True:
             try:
                 if isinstance(op, calls.Stream):
-                    return self._stream(op, attempts.left())
-                return self._attempt(op, attempts.left())
+                    return self._stream(op, attempts.left(), placement)
+                return self._attempt(op, attempts.left(), placement)
             except grpc.RpcError as error:
                 time.sleep(attempts.delay_after(error))
 
-    def _stream(self, op: calls.Stream, left: float | None):
+    def _stream(self, op: calls.Stream, left: float | None, placement: calls.Placement | None):
         download = streaming.Download(op.out)
-        for message in self._run_stream_call(
+        for message in self._endpoint(placement).run_stream(
             streaming.upload(op.request, op.chunked), timeout=left
         ):
             download.add(message)
@@ -122,11 +126,14 @@ class Client(Connection):
         the copy itself for big tensors). Its arrays must not be in use elsewhere.
 
         Data parallel: `shards=N` splits the inputs in `batch_axes` (name -> axis) into
-        N parts, runs them at once (spread over the replicas of a multi-address or
-        `dns:///` target) and combines the results exactly, given the loss's
+        N parts, runs them at once and combines the results exactly, given the loss's
         `reduction`, "mean" or "sum". Other scalar outputs are reduced the same way;
         `output_axes` says otherwise, per output: an axis to concatenate along (a
-        per-example output), "mean" or "sum". See `remat.sharding`.
+        per-example output), "mean" or "sum". See `remat.sharding`. With several
+        addresses, shard i runs on replica (i + offset) mod R, the offset moving on by N
+        with each sharded run, and a shard whose replica fails with UNAVAILABLE is
+        retried on the next one; behind a `dns:///` name, whose addresses only gRPC
+        knows, shards go round robin like any call (see `remat.targets`).
 
             >>> import numpy as np, remat
             >>> g = remat.Graph("least_squares")
@@ -163,10 +170,16 @@ class Client(Connection):
                 reduction=reduction,
                 output_axes=output_axes,
             )
+            placements = self._shard_placements(len(runs))
             with ThreadPoolExecutor(len(runs), thread_name_prefix="remat-shard") as pool:
                 futures = [
-                    pool.submit(self.run, graph, shard_inputs, timeout=timeout, **kwargs)
-                    for shard_inputs, kwargs in runs
+                    pool.submit(
+                        self._drive,
+                        calls.run(self._session, graph, shard_inputs, **kwargs),
+                        timeout,
+                        placement,
+                    )
+                    for (shard_inputs, kwargs), placement in zip(runs, placements)
                 ]
                 return sharding.combine(plan, [future.result() for future in futures])
         return self._drive(calls.run(self._session, graph, inputs, out=out, **options), timeout)

@@ -3,8 +3,10 @@
 `Client.run(..., shards=N, batch_axes={"x": 0, "y": 0}, reduction="mean")` splits
 every input named in `batch_axes` into N near-equal parts along its axis, sends each
 part (with the other inputs, the parameters, whole) as its own request, and combines
-what comes back. With a multi-address or `dns:///` target the requests spread over
-the replicas (round robin), and a request whose replica dies is retried on another.
+what comes back. With several addresses shard i goes to replica (i + offset) mod R
+(`placement`), and a shard whose replica dies is retried on the next one; behind a
+`dns:///` name, whose addresses only gRPC knows, the shards go round robin like any
+call (see `remat.targets`).
 
 Combining is exact because the loss is linear in the shards' losses. With shard i
 holding n_i of the n examples, and w_i = n_i / n for `reduction="mean"` (1 for "sum"):
@@ -91,6 +93,16 @@ def shard_runs(
     return plan, [
         (shard.inputs, {**options, "cotangents": shard.cotangents}) for shard in plan.shards
     ]
+
+
+def placement(shards: int, replicas: int, offset: int) -> list[int]:
+    """The replica of each shard: shard i goes to replica (i + offset) mod `replicas`,
+    so N shards land on min(N, R) replicas, each getting N // R of them or one more.
+
+        >>> placement(4, 3, offset=2)
+        [2, 0, 1, 2]
+    """
+    return [(i + offset) % replicas for i in range(shards)]
 
 
 def split(

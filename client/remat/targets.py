@@ -1,12 +1,25 @@
 """Where a client connects: one address, a gRPC target URI, or several replicas.
 
-Every channel balances its calls round robin over the addresses its target resolves
-to, so `Client("dns:///remat-headless:50051")` (a Kubernetes headless Service: one
-address per pod) and `Client(["10.0.0.1:50051", "10.0.0.2:50051"])` spread concurrent
-calls, the shards of a sharded run among them, over every replica, and a call retried
-after its replica went away goes to one that is up. gRPC re-resolves a `dns:///`
-name when a connection drops, so pods that come and go are picked up; a list of
-addresses is resolved once, here.
+A client's channel balances its calls round robin over the addresses its target
+resolves to, so `Client("dns:///remat-headless:50051")` (a Kubernetes headless
+Service: one address per pod) and `Client(["10.0.0.1:50051", "10.0.0.2:50051"])` spread
+concurrent calls over every replica, and a call retried after its replica went away
+goes to one that is up. gRPC re-resolves a `dns:///` name when a connection drops, so
+pods that come and go are picked up; a list of addresses is resolved once, here.
+
+Round robin spreads load, not a given set of calls: its picker uses only the
+connections that are up at that moment and starts at a random one, so the N shards of
+a sharded run (`Client.run(..., shards=N)`) could pile onto fewer replicas. So where
+the SDK knows the replicas' addresses (a list of addresses, a comma-separated string
+of them, or an `ipv4:`/`ipv6:` target; see `replica_targets`), it places the shards
+itself: shard i of a run goes to replica (i + offset) mod R, R being the number of
+addresses, over a channel to that address alone (opened on first use, with the
+client's credentials and options, closed with the client). The offset starts at 0 and
+moves on by N after each sharded run, so runs of fewer shards than replicas take
+turns. A shard whose replica fails with UNAVAILABLE (it died, or is going) is retried
+on the next replica. Behind a `dns:///` name the SDK does not know the addresses (gRPC
+resolves them, and they change), so there shards go round robin like every other call:
+spread in the long run, but not guaranteed one replica each.
 """
 
 from __future__ import annotations
@@ -48,6 +61,25 @@ def channel_target(target: str | Sequence[str]) -> str:
     scheme = f"ipv{resolved[0][0].version}"
     unique = dict.fromkeys(_format(ip, port) for ip, port in resolved)
     return f"{scheme}:{','.join(unique)}"
+
+
+def replica_targets(target: str) -> tuple[str, ...]:
+    """One gRPC target per replica of `target` (a `channel_target`) when the SDK knows
+    its addresses: an `ipv4:` or `ipv6:` target of several, which is what a list of
+    addresses becomes. Empty for one address, or a name gRPC resolves (`dns:///...`):
+    there calls, shards included, are placed by the round-robin channel alone.
+
+        >>> replica_targets("ipv4:10.0.0.1:1,10.0.0.2:1")
+        ('ipv4:10.0.0.1:1', 'ipv4:10.0.0.2:1')
+        >>> replica_targets("dns:///remat-headless:50051"), replica_targets("10.0.0.1:1")
+        ((), ())
+    """
+    scheme, _, addresses = target.partition(":")
+    if scheme not in ("ipv4", "ipv6") or addresses.startswith("/") or "," not in addresses:
+        return ()
+    unique = dict.fromkeys(address.strip() for address in addresses.split(","))
+    replicas = tuple(f"{scheme}:{address}" for address in unique if address)
+    return replicas if len(replicas) > 1 else ()
 
 
 def balancing_options(options: Iterable[tuple[str, object]]) -> list[tuple[str, object]]:

@@ -6,6 +6,7 @@ metrics a real server exposes. No cluster, no Docker engine: nothing is built.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from deploy_support import (
 )
 
 from remat.cli import build_parser as sdk_parser
+from remat_server.service import memory_budget
 from remat_server.service.flags import build_parser, serve_env_vars, server_config
 from remat_server.service.serve import KILL_AFTER_GRACE
 
@@ -57,12 +59,15 @@ def serve_args(argv: list[str], environ: dict[str, str]):
         pytest.fail(f"remat serve {argv} with {environ} does not parse ({error})")
 
 
-def memory_needed(args) -> int:
-    """What one `remat serve` needs at most: per worker process, the budget of running
-    requests' predicted peaks, the graph cache, idle upload buffers and one message
-    per handler thread."""
+def memory_needed(args, limit: int) -> int:
+    """What one `remat serve` needs at most in a container limited to `limit` bytes
+    (the default budget is decided from that limit): per worker process, the budget of
+    running requests' predicted peaks, the graph cache, idle upload buffers and one
+    message per handler thread."""
     config = server_config(args, environ={})
-    assert config.memory_budget_bytes > 0, "a memory limit needs a memory budget under it"
+    assert config.memory_budget_bytes != 0, "a memory limit needs a memory budget under it"
+    config = dataclasses.replace(config, machine_memory_bytes=limit)
+    config, _ = memory_budget.resolve(config, args.workers)
     per_worker = (
         config.memory_budget_bytes
         + config.graph_cache_bytes
@@ -317,7 +322,7 @@ def test_memory_limit_covers_the_budget_and_headroom(k8s, image):
     args = pod_serve_args(k8s, image)
     resources = container(k8s)["resources"]
     limit = quantity_bytes(resources["limits"]["memory"])
-    assert limit >= memory_needed(args), (limit, memory_needed(args))
+    assert limit >= memory_needed(args, limit), (limit, memory_needed(args, limit))
     # Request = limit: a pod using what it may use is not the first evicted.
     assert quantity_bytes(resources["requests"]["memory"]) == limit
     assert "cpu" in resources["requests"]  # the autoscaler's utilization is of it
@@ -461,7 +466,8 @@ def test_compose_replicas_parse_and_publish_their_grpc_port(image, name, host_po
     args = compose_serve_args(name, image)
     assert published(service) == {host_port: args.port}
     assert compose_seconds(service["stop_grace_period"]) > args.grace + KILL_AFTER_GRACE
-    assert compose_bytes(service["mem_limit"]) >= memory_needed(args)
+    limit = compose_bytes(service["mem_limit"])
+    assert limit >= memory_needed(args, limit)
     assert "healthcheck" not in service  # the image's `remat health`
 
 

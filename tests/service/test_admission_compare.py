@@ -3,7 +3,9 @@
 Admission: with a server budget that holds one request's predicted peak but not two,
 concurrent requests queue and are all served, one at a time (the admission's
 high-water mark never exceeds the budget); with no queue they are rejected with
-RESOURCE_EXHAUSTED naming the flag.
+RESOURCE_EXHAUSTED naming the flag. The budget is set by the flag, or left to the
+machine (the default) with the machine's memory overridden, so the default budget is
+shown to hold requests as it says.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import remat
 from remat_server import ServerConfig, create_server
@@ -53,10 +56,22 @@ def budget_server(monkeypatch):
 
     monkeypatch.setattr(app, "MemoryAdmission", Recording)
 
-    def start(budget: int, queued: int):
-        server, port = create_server(
-            ServerConfig(port=0, memory_budget_bytes=budget, max_queued_requests=queued)
-        )
+    def start(budget: int, queued: int, source: str = "flag"):
+        if source == "flag":
+            config = ServerConfig(port=0, memory_budget_bytes=budget, max_queued_requests=queued)
+        else:  # the default budget: half the machine's memory, less caches (none here)
+            config = ServerConfig(
+                port=0,
+                machine_memory_bytes=2 * budget,
+                memory_budget_fraction=0.5,
+                graph_cache_bytes=0,
+                compile_cache_bytes=0,
+                buffer_pool_bytes=0,
+                max_queued_requests=queued,
+            )
+        server, port = create_server(config)
+        assert server.config.memory_budget_bytes == budget
+        assert gauge(server, "remat_memory_budget_bytes") == budget
         server.start()
         client = remat.Client(f"127.0.0.1:{port}")
         started.append((server, client))
@@ -66,6 +81,12 @@ def budget_server(monkeypatch):
     for server, client in started:
         client.close()
         server.stop(grace=None).wait()
+
+
+def gauge(server, name: str) -> float:
+    text = server.metrics.exposition().decode()
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == name]
+    return family.samples[0].value
 
 
 def store_all_peak(client, m) -> int:
@@ -88,12 +109,16 @@ def run_concurrently(client, m, count: int):
         return list(pool.map(one, range(count)))
 
 
-def test_concurrent_requests_over_the_budget_queue_then_all_run(budget_server):
+BUDGET_SOURCES = ["flag", "machine"]
+
+
+@pytest.mark.parametrize("source", BUDGET_SOURCES)
+def test_concurrent_requests_over_the_budget_queue_then_all_run(budget_server, source):
     m = model()
     with remat.Client.in_process() as probe:
         peak = store_all_peak(probe, m)
         expected = probe.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss, policy="store_all")
-    client, admission = budget_server(budget=peak * 3 // 2, queued=8)
+    client, admission = budget_server(budget=peak * 3 // 2, queued=8, source=source)
     admission.hold_for = 3  # the first admitted waits until the three others queue
     results = run_concurrently(client, m, 4)
     assert all(isinstance(r, remat.RunResult) for r in results), results
@@ -106,11 +131,12 @@ def test_concurrent_requests_over_the_budget_queue_then_all_run(budget_server):
             assert np.array_equal(r.grads[name], grad)
 
 
-def test_without_a_queue_the_overflow_is_rejected_with_the_flag(budget_server):
+@pytest.mark.parametrize("source", BUDGET_SOURCES)
+def test_without_a_queue_the_overflow_is_rejected_with_the_flag(budget_server, source):
     m = model()
     with remat.Client.in_process() as probe:
         peak = store_all_peak(probe, m)
-    client, admission = budget_server(budget=peak * 3 // 2, queued=0)
+    client, admission = budget_server(budget=peak * 3 // 2, queued=0, source=source)
     results = run_concurrently(client, m, 6)
     served = [r for r in results if isinstance(r, remat.RunResult)]
     rejected = [r for r in results if not isinstance(r, remat.RunResult)]
@@ -132,6 +158,17 @@ def test_auto_plans_under_the_server_budget(budget_server):
     assert result.metrics.planner.status == "feasible" and result.metrics.planner.chosen
     with pytest.raises(remat.ResourceExhaustedError, match="--memory-budget-bytes"):
         client.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss, policy="store_all")
+
+
+@pytest.mark.parametrize("source", BUDGET_SOURCES)
+def test_one_request_over_the_whole_budget_is_refused_before_it_runs(budget_server, source):
+    m = model()
+    with remat.Client.in_process() as probe:
+        peak = store_all_peak(probe, m)
+    client, admission = budget_server(budget=peak - 1, queued=4, source=source)
+    with pytest.raises(remat.ResourceExhaustedError, match=f"{peak - 1:,}"):
+        client.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss, policy="store_all")
+    assert admission.peak_in_use == 0
 
 
 def test_auto_nothing_fits_is_resource_exhausted_with_the_minimum(budget_server):

@@ -126,6 +126,8 @@ def test_serve_on_port_zero_answers_then_exits_cleanly_on_sigterm():
         assert match, first
         port = int(match.group(1))
         assert port > 0
+        # With default flags the server has a memory budget, and says where it came from.
+        assert re.search(r"; memory budget [\d.]+ [KMG]iB: 50% of .*\((cgroup|physical)", first)
 
         g = remat.Graph("cli")
         x = g.input("x", (3,), "float64")
@@ -190,6 +192,9 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
         "graph_cache_bytes": ["--graph-cache-bytes", "1000"],
         "compile_cache_bytes": ["--compile-cache-bytes", "1000"],
         "memory_budget_bytes": ["--memory-budget-bytes", "123"],
+        "memory_budget_fraction": ["--memory-budget-fraction", "0.25"],
+        "machine_memory_bytes": ["--machine-memory-bytes", str(4 << 30)],
+        "max_concurrent_solves": ["--max-concurrent-solves", "3"],
         "max_upload_seconds": ["--max-upload-seconds", "7.5"],
         "max_queued_requests": ["--max-queued-requests", "5"],
         "buffer_pool_bytes": ["--buffer-pool-bytes", "0"],

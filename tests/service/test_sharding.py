@@ -1,21 +1,26 @@
 """Data-parallel runs (`Client.run(..., shards=N)`): sharded results equal the
 unsharded ones, for a mean and a summed loss, a vector-Jacobian product and
 per-example outputs; bad sharding arguments are refused before anything is sent; and
-a multi-address client spreads the shards over three replicas and survives one of
-them dying mid-run.
+a multi-address client places shard i on replica (i + offset) mod R, one shard per
+replica, and moves a shard whose replica dies mid-run on to the next one. Nothing
+here depends on timing or on the order of round robin.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import os
+import signal
 import time
 
+import grpc
 import numpy as np
 import pytest
 from served import Served
 
 import remat
-from remat import sharding, targets
+from remat import calls, sharding, targets
 
 RTOL = 1e-10
 
@@ -129,8 +134,6 @@ def test_a_negative_batch_axis_counts_from_the_end(client):
 
 
 def test_the_async_client_shards_too():
-    import asyncio
-
     g = regression()
 
     async def main():
@@ -184,7 +187,7 @@ def test_the_async_client_shards_too():
 )
 def test_bad_sharding_arguments_are_refused_before_sending(arguments, message):
     class Unreachable(remat.Client):
-        def _with_graph(self, *args, **kwargs):
+        def _drive(self, *args, **kwargs):
             raise AssertionError("a refused sharded run sent something")
 
     with Unreachable("127.0.0.1:1") as client, pytest.raises(ValueError, match=message):
@@ -267,18 +270,64 @@ def test_channels_balance_round_robin_unless_told_otherwise():
     assert targets.balancing_options([("grpc.lb_policy_name", "pick_first")]) == []
 
 
+# --- placement ----------------------------------------------------------------------------------
+ADDRESSES = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        (ADDRESSES, ("ipv4:127.0.0.1:1", "ipv4:127.0.0.1:2", "ipv4:127.0.0.1:3")),
+        ("127.0.0.1:1,127.0.0.1:2", ("ipv4:127.0.0.1:1", "ipv4:127.0.0.1:2")),
+        ("ipv6:[::1]:1,[::1]:2", ("ipv6:[::1]:1", "ipv6:[::1]:2")),
+        ("127.0.0.1:1", ()),
+        ("127.0.0.1:1,127.0.0.1:1", ()),
+        ("dns:///remat-headless:50051", ()),
+    ],
+)
+def test_the_sdk_knows_the_replicas_of_a_list_of_addresses_only(target, expected):
+    assert targets.replica_targets(targets.channel_target(target)) == expected
+
+
+def test_shard_i_goes_to_replica_i_plus_offset_and_the_offset_moves_on():
+    with remat.Client(ADDRESSES) as client:
+        runs = [[p.replica for p in client._shard_placements(n)] for n in (3, 2, 2, 4)]
+    assert runs == [[0, 1, 2], [0, 1], [2, 0], [1, 2, 0, 1]]
+
+
+def test_without_known_addresses_shards_go_round_robin():
+    with remat.Client("dns:///remat-headless:50051") as client:
+        assert client._shard_placements(3) == [None, None, None]
+        assert client._endpoint(None) is client._main
+
+
+def test_a_placed_call_moves_on_to_the_next_replica_after_unavailable():
+    placement = calls.Placement(replica=2, count=3)
+    attempts = calls.Attempts(remat.Retry(attempts=3), None, placement)
+    unavailable = grpc.RpcError()
+    unavailable.code = lambda: grpc.StatusCode.UNAVAILABLE
+    attempts.delay_after(unavailable)
+    assert placement.replica == 0
+    attempts.delay_after(unavailable)
+    assert placement.replica == 1
+    with pytest.raises(remat.RematError):  # the attempts are spent: it stays
+        attempts.delay_after(unavailable)
+    assert placement.replica == 1
+
+
+def test_replica_channels_open_on_first_use_and_close_with_the_client():
+    client = remat.Client(ADDRESSES)
+    assert client._replica_endpoints == {}
+    placements = client._shard_placements(4)
+    endpoints = [client._endpoint(p) for p in placements]
+    assert endpoints[0] is endpoints[3] and len({id(e) for e in endpoints}) == 3
+    assert client._main not in endpoints and client._endpoint(None) is client._main
+    client.close()
+    assert client._replica_endpoints == {}
+    assert client._endpoint(placements[1]) is client._main  # closed: no new channels
+
+
 # --- three replicas -----------------------------------------------------------------------------
-def connected_to_all(client: remat.Client, replicas: list[Served], timeout: float = 30) -> None:
-    """Call until every replica has answered one: round robin only uses connections
-    that are up, and a loaded machine may take a while to bring up the third."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        client.list_ops()
-        if all(answered(r, "ListOps") for r in replicas):
-            return
-    pytest.fail("the client did not reach every replica")
-
-
 def answered(replica: Served, *methods: str) -> float:
     """Calls of `methods` the replica answered OK."""
     samples = replica.metrics()
@@ -295,6 +344,18 @@ def ok_runs(replica: Served) -> float:
     return answered(replica, "Run", "RunStream")
 
 
+def runs_since(replicas: list[Served], before: list[float], total: int, timeout: float = 60):
+    """The runs each replica answered OK since `before`, read once they add up to
+    `total`. A replica records a call when its handler has ended, which can be after
+    the client got the response: one read could miss the last call."""
+    deadline = time.monotonic() + timeout
+    while True:
+        served = [ok_runs(r) - b for r, b in zip(replicas, before)]
+        if sum(served) >= total or time.monotonic() > deadline:
+            return served
+        time.sleep(0.05)
+
+
 @pytest.fixture()
 def replicas():
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -306,9 +367,8 @@ def replicas():
             replica.kill()
 
 
-def slow_regression(batch: int, width: int, layers: int):
-    """`layers` tanh layers of width `width` sharing one weight matrix: enough matmul
-    work that a shard is still running when the test kills its replica."""
+def deep_regression(batch: int = 96, width: int = 32, layers: int = 4):
+    """`layers` tanh layers of width `width` sharing one weight matrix."""
     g = remat.Graph("deep")
     h = g.input("x", (-1, width), "float64")
     y = g.input("y", (-1, width), "float64")
@@ -325,73 +385,97 @@ def slow_regression(batch: int, width: int, layers: int):
     return g, values
 
 
-def test_shards_spread_over_three_replicas_and_equal_the_single_request(replicas):
-    g, values = slow_regression(batch=96, width=32, layers=4)
-    address = [replica.target for replica in replicas]
-    # Every replica knows the graph, so each shard is one call (a replica that did not
-    # would answer NOT_FOUND, and the resend could land on another one).
-    for replica in replicas:
-        with remat.Client(replica.target, timeout=60) as one:
-            one.register(g)
-    with remat.Client(address, timeout=60) as client:
-        connected_to_all(client, replicas)
-        whole = client.run(g, values, wrt=["x", "w"], loss="loss")
-        before = [ok_runs(r) for r in replicas]
-        for _ in range(2):
-            sharded = client.run(
-                g,
-                values,
-                wrt=["x", "w"],
-                loss="loss",
-                shards=3,
-                batch_axes={"x": 0, "y": 0},
-                reduction="mean",
-            )
-            assert_same(sharded, whole)
-    served = [ok_runs(r) - b for r, b in zip(replicas, before)]
-    assert sum(served) == 6
-    assert all(count >= 1 for count in served), served  # round robin reached every replica
+SHARDED = dict(wrt=["x", "w"], loss="loss", shards=3, batch_axes={"x": 0, "y": 0}, reduction="mean")
 
 
-def test_a_shard_whose_replica_dies_mid_run_is_retried_on_another(replicas):
-    # About a second per shard on one BLAS thread.
-    g, values = slow_regression(batch=3 * 512, width=256, layers=120)
+def single_request(g, values) -> remat.RunResult:
     with remat.Client.in_process() as local:
-        whole = local.run(g, values, wrt=["w"], loss="loss")
+        return local.run(g, values, wrt=SHARDED["wrt"], loss=SHARDED["loss"])
+
+
+def sharded_runs(client_class, target, g, values, times: int) -> list[remat.RunResult]:
+    """`times` sharded runs, one after the other, on a new `client_class` client."""
+    if client_class is remat.Client:
+        with remat.Client(target, timeout=60) as client:
+            return [client.run(g, values, **SHARDED) for _ in range(times)]
+
+    async def main():
+        async with remat.AsyncClient(target, timeout=60) as client:
+            return [await client.run(g, values, **SHARDED) for _ in range(times)]
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("client_class", [remat.Client, remat.AsyncClient])
+def test_shards_spread_over_three_replicas_and_equal_the_single_request(replicas, client_class):
+    g, values = deep_regression()
+    whole = single_request(g, values)
     address = [replica.target for replica in replicas]
+    before = [ok_runs(r) for r in replicas]
+    # Shard i runs on replica i (the offset starts at 0, and moves on by 3 of 3), the
+    # graph going inline to each replica on its first run, by id on the second.
+    for sharded in sharded_runs(client_class, address, g, values, times=2):
+        assert_same(sharded, whole)
+    assert runs_since(replicas, before, total=6) == [2, 2, 2]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
+def test_a_shard_whose_replica_dies_mid_run_is_retried_on_another(replicas):
+    g, values = deep_regression()
+    whole = single_request(g, values)
+    address = [replica.target for replica in replicas]
+    victim, survivors = replicas[1], [replicas[0], replicas[2]]
+    before = [ok_runs(r) for r in survivors]
     with remat.Client(address, timeout=120) as client:
-        connected_to_all(client, replicas)
-        client.register(g)
-        before = [ok_runs(r) for r in replicas]
+        # Connected to every replica, each of which knows the graph; the offset is
+        # back at 0, so shard 1 goes to the victim.
+        client.run(g, values, **SHARDED)
+        assert runs_since(survivors, before, total=2) == [1, 1]
+        # A stopped replica holds its shard's call unanswered, however long the
+        # other shards take: it dies mid-run, without a race against the run. The
+        # stop is complete once waitpid reports it: until then, on a loaded machine,
+        # its threads may still run (and answer) for a while.
+        os.kill(victim.process.pid, signal.SIGSTOP)
+        _, status = os.waitpid(victim.process.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), status
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(
-                client.run,
-                g,
-                values,
-                wrt=["w"],
-                loss="loss",
-                shards=3,
-                batch_axes={"x": 0, "y": 0},
-                reduction="mean",
-            )
-            victim = busy_replica(replicas, pending)
+            pending = pool.submit(client.run, g, values, **SHARDED)
+            assert runs_since(survivors, before, total=4) == [2, 2]
+            assert not pending.done()  # shard 1 is still waiting for the victim
             victim.kill()
             sharded = pending.result(timeout=120)
     assert_same(sharded, whole)
-    survivors = [(r, b) for r, b in zip(replicas, before) if r is not victim]
-    # The victim's shard finished on a survivor: all three shards ran OK there.
-    assert sum(ok_runs(r) - b for r, b in survivors) == 3
+    # Shard 1 failed over to the next replica, replica 2.
+    assert runs_since(survivors, before, total=5) == [2, 3]
 
 
-def busy_replica(replicas: list[Served], pending, timeout: float = 60) -> Served:
-    """The first replica seen running a shard (an RPC in flight for 0.1 s: a run, not
-    the quick NOT_FOUND of a replica that has yet to learn the graph)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not pending.done():
-        for replica in replicas:
-            if replica.inflight() > 0:
-                time.sleep(0.1)
-                if replica.inflight() > 0:
-                    return replica
-        time.sleep(0.01)
-    pytest.fail("no replica was seen running a shard")
+@pytest.mark.parametrize("client_class", [remat.Client, remat.AsyncClient])
+def test_replica_channels_carry_the_clients_token(monkeypatch, client_class):
+    from remat_server import ServerConfig
+
+    servers, address = [], []
+    for _ in range(2):
+        server, target, _ = calls.start_in_process_server(ServerConfig(auth_tokens=("s3cret",)))
+        servers.append(server)
+        address.append(target)
+    g, values = deep_regression(batch=8, width=4, layers=2)
+    monkeypatch.setenv("REMAT_TOKEN", "s3cret")
+    try:
+        # The token is read once, with the client: replica channels opened later, one
+        # per shard, carry it too (without it each shard would be UNAUTHENTICATED).
+        if client_class is remat.Client:
+            with remat.Client(address, timeout=60) as client:
+                monkeypatch.delenv("REMAT_TOKEN")
+                sharded = client.run(g, values, **{**SHARDED, "shards": 2})
+        else:
+
+            async def main():
+                async with remat.AsyncClient(address, timeout=60) as client:
+                    monkeypatch.delenv("REMAT_TOKEN")
+                    return await client.run(g, values, **{**SHARDED, "shards": 2})
+
+            sharded = asyncio.run(main())
+    finally:
+        for server in servers:
+            server.stop(grace=None).wait()
+    assert_same(sharded, single_request(g, values))

@@ -8,8 +8,8 @@ graph or a solver that times out falls back to the budget planner.
 Budgets are fractions of store_all's peak that each graph can meet: on graphs this
 small the backward pass's working set (gradient, local derivative, the activation it
 reads) is most of the peak, so 0.4 of store_all is infeasible on all of them, and
-budgets near the minimum take HiGHS tens of seconds to prove optimal (an 8-layer
-chain at 0.6: not within 5 minutes). The budgets below solve in about a second each.
+budgets near the minimum can take HiGHS tens of seconds to prove optimal. The budgets
+below solve in about a second each.
 """
 
 from __future__ import annotations

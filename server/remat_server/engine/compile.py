@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -35,11 +36,12 @@ from remat_proto import dtypes, policies
 from remat_proto.spec import GraphSpec
 
 from ..autodiff import JointGraph, differentiate
+from ..checkpoint import control
 from ..checkpoint.planners import plan
 from ..checkpoint.problem import Problem
 from ..checkpoint.schedule import Schedule
 from ..checkpoint.simulate import Simulation, simulate
-from ..errors import InvalidArgument, RematError
+from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, RematError
 from ..graph.ir import Graph
 from ..graph.limits import Limits
 from ..graph.validate import build_graph
@@ -55,6 +57,8 @@ from . import gc_pause
 VALIDATED_NODE_BYTES = 250
 COMPILED_NODE_BYTES = 550
 STEP_BYTES = 250
+# How often a request waiting for another's plan checks whether it has itself ended.
+_POLL_SECONDS = 0.05
 
 
 class CompileKey(NamedTuple):
@@ -162,14 +166,19 @@ class Compiled:
             )
             with gc_pause.paused(len(self.graph)):
                 return _plan(problem, policy), False
-        with self._lock:
-            found = self._plans.get(policy)
+        while True:
+            with self._lock:
+                found = self._plans.get(policy)
+                if found is None:
+                    self._plans[policy] = future = Future()
+            if isinstance(found, Planned):
+                return found, True
             if found is None:
-                self._plans[policy] = future = Future()
-        if isinstance(found, Planned):
-            return found, True
-        if found is not None:  # another request is planning it
-            return found.result(), True
+                break
+            try:  # another request is planning it
+                return _await(found), True
+            except (Cancelled, DeadlineExceeded):
+                control.check()  # this request ended too; else the other one did: plan
         try:
             with gc_pause.paused(len(self.graph)):
                 planned = _plan(self.problem, policy)
@@ -182,6 +191,15 @@ class Compiled:
             self._plans[policy] = planned
         future.set_result(planned)
         return planned, False
+
+
+def _await(planning: Future) -> Planned:
+    """The plan another request is making, waiting only while this request lives."""
+    while True:
+        try:
+            return planning.result(timeout=_POLL_SECONDS)
+        except FutureTimeout:
+            control.check()
 
 
 def validate(

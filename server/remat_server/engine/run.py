@@ -32,6 +32,7 @@ from remat_proto.results import Metrics, TraceEvent
 from remat_proto.spec import GraphSpec
 
 from ..autodiff import JointGraph
+from ..checkpoint import control
 from ..checkpoint.memory import MemoryModel
 from ..checkpoint.schedule import Schedule
 from ..checkpoint.simulate import Simulation
@@ -91,17 +92,22 @@ class Plan:
 class Engine:
     """`memory_budget_bytes` is the server's budget for all requests at once (0: none);
     no single request may plan above it or above `limits.max_request_bytes`.
-    `cache_bytes` bounds the compiled requests kept (`LRUCache`; 0 keeps none)."""
+    `cache_bytes` bounds the compiled requests kept (`LRUCache`; 0 keeps none).
+    `solve_slots`, when given, is a limiter (`reserve(1, timeout=, cancelled=)`) that
+    exact solves and Budget searches hold while they plan, so that only so many run at
+    once; a request waits for one until its deadline."""
 
     def __init__(
         self,
         limits: Limits | None = None,
         memory_budget_bytes: int = 0,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        solve_slots=None,
     ):
         self.limits = limits or Limits()
         self.memory_budget_bytes = memory_budget_bytes
         self.cache = LRUCache(cache_bytes)
+        self.solve_slots = solve_slots
         self._auto = policies.Auto(self.request_limit)  # what plain `auto` means here
 
     @property
@@ -127,6 +133,21 @@ class Engine:
             asked = policy.time_limit or limit
             return replace(policy, time_limit=min(limit, asked))
         return policy
+
+    def _control(
+        self, should_stop: Callable[[], bool] | None, deadline: float | None
+    ) -> control.PlanControl:
+        """What planners may ask of the request: its end, and a solve slot."""
+        stop = should_stop or _never
+        exclusive = None
+        if self.solve_slots is not None:
+            slots = self.solve_slots
+
+            def exclusive():
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return slots.reserve(1, timeout=left, cancelled=stop)
+
+        return control.PlanControl(deadline, stop, exclusive)
 
     # --- compiling -----------------------------------------------------------------------
     def _graph_key(
@@ -212,8 +233,10 @@ class Engine:
         compiled: Compiled,
         policy: policies.Policy,
         feeds: Mapping[str, np.ndarray] | None = None,
+        plan_control: control.PlanControl | None = None,
     ) -> tuple[Planned, bool]:
-        planned, hit = compiled.plan(policy, feeds)
+        with control.controlled(plan_control or control.PlanControl()):
+            planned, hit = compiled.plan(policy, feeds)
         if not hit:
             self.cache.resize(compiled.key)  # it holds one more plan
         self._check_limit(planned)
@@ -267,9 +290,12 @@ class Engine:
         input_shapes: Mapping[str, tuple[int, ...]] | None = None,
         fetch: tuple[str, ...] = (),
         graph_id: str = "",
+        should_stop: Callable[[], bool] | None = None,
+        deadline: float | None = None,
     ) -> Plan:
         """Dry run: plan and simulate without any tensor (shapes come from the graph, or
-        `input_shapes` for -1 batch dimensions)."""
+        `input_shapes` for -1 batch dimensions). Planning stops once `should_stop()` or
+        past `deadline` (time.monotonic())."""
         start = time.perf_counter()
         policy = self.with_server_defaults(policy)
         compiled, hit = self.compile(
@@ -281,7 +307,9 @@ class Engine:
             cotangents=cotangent_outputs,
             fetch=fetch,
         )
-        planned, plan_hit = self._planned(compiled, policy)
+        planned, plan_hit = self._planned(
+            compiled, policy, plan_control=self._control(should_stop, deadline)
+        )
         return Plan(
             compiled.joint,
             planned.schedule,
@@ -299,8 +327,11 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
         admit: Callable[[int], AbstractContextManager] | None = None,
         max_response_bytes: int = 0,
+        deadline: float | None = None,
     ) -> RunResult:
-        """Compile (or find compiled), plan (or find planned) and execute.
+        """Compile (or find compiled), plan (or find planned) and execute; planning and
+        execution stop once `should_stop()`, planning also past `deadline`
+        (time.monotonic()).
         `admit(predicted_peak_bytes)`, when given, returns a context manager entered
         before execution (memory admission) that yields an object with
         `queue_seconds`, or None to run at once. With `max_response_bytes`,
@@ -334,7 +365,9 @@ class Engine:
                     fetch=request.fetch,
                 )
                 self._check_response(compiled, max_response_bytes)
-                planned, plan_hit = self._planned(compiled, policy, request.inputs)
+                planned, plan_hit = self._planned(
+                    compiled, policy, request.inputs, self._control(should_stop, deadline)
+                )
         else:
             self._check_response(compiled, max_response_bytes)
             self._check_limit(planned)
@@ -381,6 +414,10 @@ class Engine:
             simulation.timeline if request.timeline else (),
             tuple(run.trace or ()),
         )
+
+
+def _never() -> bool:
+    return False
 
 
 class _NotAdmitted:

@@ -123,6 +123,13 @@ class Trimmer:
             self._trim()
         return trim
 
+    def planned(self) -> None:
+        """A request planned without running (Plan): an exact solve or a search leaves
+        its model's memory in the heap, to give back once the server is idle."""
+        with self._lock:
+            self._last = time.monotonic()
+            self._ran = True
+
     def trim_if_idle(self, seconds: float) -> bool:
         """Trim if a request ran since the last trim and none started in the last
         `seconds` (whatever it left: concurrent requests of mixed sizes leave more than

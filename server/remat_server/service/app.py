@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from concurrent import futures
 
 import grpc
@@ -24,13 +25,15 @@ from remat_proto.v1 import executor_pb2, executor_pb2_grpc
 from ..engine import Engine
 from ..runtime import allocator
 from ..runtime.buffers import BufferPool
-from . import auth, streaming
-from .admission import MemoryAdmission
+from . import auth, memory_budget, streaming, work_slots
+from .admission import FifoLimiter, MemoryAdmission
 from .config import ServerConfig
 from .graph_store import GraphStore
 from .interceptors import Drain, tolerant
 from .metrics import ServerMetrics
 from .servicer import ExecutorServicer
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -48,6 +51,9 @@ class RematServer:
         store: GraphStore,
         drain: Drain,
         buffers: BufferPool,
+        config: ServerConfig,
+        budget: memory_budget.Budget | None,
+        engine: Engine,
     ):
         self._server = server
         self._drain = drain
@@ -55,6 +61,19 @@ class RematServer:
         self.metrics = metrics
         self.store = store
         self.buffers = buffers
+        self.config = config  # with its memory budget decided
+        self.budget = budget  # how the default budget was computed (None: a flag set it)
+        self.engine = engine  # its compile cache and solve slots, for tests and tools
+
+    def describe_budget(self) -> str:
+        """The memory budget, for the start log: its size and where it came from."""
+        if self.budget is not None:
+            return f"memory budget {self.budget.explain()}"
+        if self.config.memory_budget_bytes > 0:
+            return (
+                f"memory budget {self.config.memory_budget_bytes:,} bytes (--memory-budget-bytes)"
+            )
+        return "no memory budget (--memory-budget-bytes 0)"
 
     def start(self) -> None:
         self._server.start()
@@ -85,9 +104,10 @@ class _Handlers:
         self.handlers = handlers
 
 
-def _add_executor(servicer: ExecutorServicer, server: grpc.Server) -> None:
+def _add_executor(servicer: ExecutorServicer, server: grpc.Server, slots: FifoLimiter) -> None:
     """The generated handlers, tolerant of unparseable requests (INVALID_ARGUMENT, not
-    INTERNAL), except RunStream's, which frames chunks itself."""
+    INTERNAL), except RunStream's, which frames chunks itself; each runs holding one
+    of the work `slots`."""
     collected = _Handlers()
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, collected)
     service = executor_pb2.DESCRIPTOR.services_by_name["Executor"]
@@ -100,6 +120,7 @@ def _add_executor(servicer: ExecutorServicer, server: grpc.Server) -> None:
         request_deserializer=streaming.decode_request,
         response_serializer=streaming.encode_response,
     )
+    handlers = {name: work_slots.gated(handler, slots) for name, handler in handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
@@ -131,8 +152,12 @@ def _ms(seconds: float) -> int:
 
 
 def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]:
-    """Build (not start) a server bound to `config.address`; returns it and its port."""
-    config = config or ServerConfig()
+    """Build (not start) a server bound to `config.address`; returns it and its port.
+    A memory budget left to the machine (the default) is decided here, for one process
+    (`remat serve --workers N` decides it for N before it forks)."""
+    config, budget = memory_budget.resolve(config or ServerConfig())
+    if budget is not None:
+        log.info("remat server: memory budget %s", budget.explain())
     allocator.tune_for_serving(
         config.malloc_mmap_threshold_bytes, config.malloc_trim_threshold_bytes
     )
@@ -141,17 +166,33 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
     interceptors = [metrics.interceptor(), drain]
     if config.auth_tokens:
         interceptors.append(auth.TokenInterceptor(config.auth_tokens))
+    # Every admitted call gets a thread at once; executor calls then wait for one of
+    # `max_workers` work slots (`work_slots`), so health checks never queue behind them.
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="remat"),
+        futures.ThreadPoolExecutor(
+            max_workers=work_slots.pool_threads(config.max_concurrent_rpcs),
+            thread_name_prefix="remat",
+        ),
         interceptors=interceptors,
         options=server_options(config),
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+        maximum_concurrent_rpcs=work_slots.grpc_call_limit(config.max_concurrent_rpcs),
     )
     store = GraphStore(config.graph_cache_bytes)
     buffers = BufferPool(config.buffer_pool_bytes)
     metrics.track_cache(store)
-    engine = Engine(config.limits, config.memory_budget_bytes, config.compile_cache_bytes)
+    solves = work_slots.SolveSlots(
+        FifoLimiter(
+            config.max_concurrent_solves,
+            config.max_queued_requests,
+            "exact solves or budget searches",
+            "--max-concurrent-solves",
+        )
+    )
+    engine = Engine(
+        config.limits, config.memory_budget_bytes, config.compile_cache_bytes, solve_slots=solves
+    )
     metrics.track_compile_cache(engine.cache)
+    metrics.set_memory_budget(max(0, config.memory_budget_bytes))
     servicer = ExecutorServicer(
         engine,
         store,
@@ -162,7 +203,9 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
         max_upload_seconds=config.max_upload_seconds,
         buffers=buffers,
     )
-    _add_executor(servicer, server)
+    _add_executor(
+        servicer, server, work_slots.work_limiter(config.max_workers, config.max_concurrent_rpcs)
+    )
 
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
@@ -179,4 +222,7 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
         port = server.add_secure_port(config.address, credentials)
     if port == 0:
         raise OSError(f"could not bind {config.address}")
-    return RematServer(server, health_servicer, metrics, store, drain, buffers), port
+    remat = RematServer(
+        server, health_servicer, metrics, store, drain, buffers, config, budget, engine
+    )
+    return remat, port

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from ..graph.limits import Limits
 
 MiB = 1 << 20
+# memory_budget_bytes: decided at start from the machine (remat_server.service.memory_budget).
+AUTO = -1
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,19 @@ class ServerConfig:
     # Compiled requests kept (validated and joint graphs, plans, schedules): a repeated
     # request pays decoding, execution and encoding only. An LRU bounded in bytes.
     compile_cache_bytes: int = 256 * MiB
-    # Predicted peak bytes of all requests running at once (0: no shared budget);
-    # requests over it wait in a FIFO queue of at most `max_queued_requests`.
-    memory_budget_bytes: int = 0
+    # Predicted peak bytes of all requests running at once; requests over it wait in a
+    # FIFO queue of at most `max_queued_requests`. AUTO: `memory_budget_fraction` of
+    # the machine's memory (its cgroup limit, else physical; `machine_memory_bytes`
+    # overrides) less the caches and buffer pool, decided at start. 0: no shared
+    # budget, only when asked for.
+    memory_budget_bytes: int = AUTO
+    memory_budget_fraction: float = 0.5
+    machine_memory_bytes: int = 0
     max_queued_requests: int = 64
+    # Exact solves and Budget searches planning at once; others wait in a FIFO queue
+    # (at most `max_queued_requests`) until their deadline. Planning is pure CPU: more
+    # at once than cores only slows every request down.
+    max_concurrent_solves: int = 1
     # Idle RunStream upload buffers kept for reuse (0: none); fresh memory costs a page
     # fault per page on first write. See remat_server.buffers.
     buffer_pool_bytes: int = 1 << 30

@@ -19,7 +19,7 @@ from remat_proto.arguments import non_negative_int, non_negative_seconds, positi
 from ..graph.limits import Limits
 from ..runtime.allocator import MAX_MMAP_THRESHOLD_BYTES
 from .auth import with_security
-from .config import ServerConfig
+from .config import AUTO, ServerConfig
 
 
 def main(argv: list[str] | None = None, environ=None) -> int:
@@ -58,7 +58,10 @@ def server_config(args, environ=None):
         graph_cache_bytes=args.graph_cache_bytes,
         compile_cache_bytes=args.compile_cache_bytes,
         memory_budget_bytes=args.memory_budget_bytes,
+        memory_budget_fraction=args.memory_budget_fraction,
+        machine_memory_bytes=args.machine_memory_bytes,
         max_queued_requests=args.max_queued_requests,
+        max_concurrent_solves=args.max_concurrent_solves,
         buffer_pool_bytes=args.buffer_pool_bytes,
         malloc_mmap_threshold_bytes=args.malloc_mmap_threshold_bytes,
         malloc_trim_threshold_bytes=args.malloc_trim_threshold_bytes,
@@ -105,6 +108,23 @@ def mmap_threshold(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"expected at most {MAX_MMAP_THRESHOLD_BYTES} bytes (glibc's largest), got {text!r}"
         )
+    return value
+
+
+def budget_bytes(text: str) -> int:
+    """`--memory-budget-bytes`: "auto" (from the machine) or bytes (0: no budget)."""
+    if text.strip().lower() == "auto":
+        return AUTO
+    return non_negative_int(text)
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
     return value
 
 
@@ -214,7 +234,9 @@ def build_parser(environ) -> argparse.ArgumentParser:
         dest="threads",
         type=positive,
         default=8,
-        help="RPC handler threads per process (default 8; --workers-threads is a deprecated alias)",
+        help="executor calls doing work at once per process (default 8); others wait "
+        "for one, up to --max-concurrent-rpcs, while health checks and metrics answer at "
+        "once (--workers-threads is a deprecated alias)",
     )
     serve.add_argument(
         "--reuse-port",
@@ -315,16 +337,42 @@ def build_parser(environ) -> argparse.ArgumentParser:
         )
     serve.add_argument(
         "--memory-budget-bytes",
-        type=int,
+        type=budget_bytes,
+        default=AUTO,
+        help="predicted peak bytes of all running requests together; requests over it "
+        "queue or are rejected. Default auto: --memory-budget-fraction of the memory "
+        "this process may use (its cgroup limit, else the physical memory; "
+        "--machine-memory-bytes overrides), shared among --workers, less the graph and "
+        "compile caches and the buffer pool; printed at start. 0: no shared budget",
+    )
+    serve.add_argument(
+        "--memory-budget-fraction",
+        type=fraction,
+        default=ServerConfig.memory_budget_fraction,
+        help="share of the machine's memory the auto budget gives running requests "
+        f"(default {ServerConfig.memory_budget_fraction}); the rest is for the "
+        "interpreter, messages in flight and allocator slack",
+    )
+    serve.add_argument(
+        "--machine-memory-bytes",
+        type=non_negative_int,
         default=0,
-        help="predicted peak bytes of all running requests together; requests "
-        "over it queue or are rejected (default 0: no shared budget)",
+        help="the memory this process may use, for the auto budget (default 0: read "
+        "from the cgroup, else the physical memory)",
     )
     serve.add_argument(
         "--max-queued-requests",
         type=int,
         default=64,
-        help="requests that may wait for memory at once (default 64)",
+        help="requests that may wait for memory, or for a solve slot, at once (default 64)",
+    )
+    serve.add_argument(
+        "--max-concurrent-solves",
+        type=positive,
+        default=ServerConfig.max_concurrent_solves,
+        help="exact solves (policy optimal) and budget searches planning at once per "
+        f"process (default {ServerConfig.max_concurrent_solves}); others wait, until "
+        "their deadline, in a queue of at most --max-queued-requests",
     )
     serve.add_argument(
         "--buffer-pool-bytes",

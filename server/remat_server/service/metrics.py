@@ -165,6 +165,14 @@ class _Instruments:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.memory_budget = Gauge(
+            "remat_memory_budget_bytes",
+            "The shared memory budget: predicted peak bytes of all requests running at "
+            "once (0: none). Decided at start from the machine unless --memory-budget-bytes "
+            "sets it; summed over workers.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.compile_hits = Counter(
             "remat_compile_cache_hits_total",
             "Lookups the compile cache answered (a validated graph, a compiled request).",
@@ -267,6 +275,9 @@ class ServerMetrics:
             self._m.cache_bytes.set(nbytes)
 
         store.on_change(update)
+
+    def set_memory_budget(self, nbytes: int) -> None:
+        self._m.memory_budget.set(nbytes)
 
     def track_compile_cache(self, cache) -> None:
         """Count an engine `LRUCache`'s hits, misses and evictions, and follow its size."""

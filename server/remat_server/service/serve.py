@@ -40,6 +40,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 
+from . import memory_budget
 from .config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def _serve_one(
         if metrics_port is not None:
             bound = server.metrics.start_http_server(metrics_port, metrics_host)
             line += f"; metrics on http://{_url_host(metrics_host)}:{bound}/metrics"
+        line += f"; {server.describe_budget()}"
         if announce:
             print(line, flush=True)
         if ready is not None:
@@ -158,10 +160,14 @@ def _serve_workers(
         os.environ[MULTIPROC_ENV] = own_dir
     os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
     _prometheus_multiprocess_mode()
+    # The machine's memory is shared by the workers: decided here, once, for all of them.
+    config, budget = memory_budget.resolve(config, workers)
     try:
         with _reserve_port(config.host, config.port) as (port, reserved):
             config = dataclasses.replace(config, port=port, reuse_port=True)
-            return _supervise(config, workers, grace, metrics_port, metrics_host, ready, reserved)
+            return _supervise(
+                config, workers, grace, metrics_port, metrics_host, ready, reserved, budget
+            )
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
@@ -175,6 +181,7 @@ def _supervise(
     metrics_host: str,
     ready: Callable[[int], None] | None,
     reserved: socket.socket,
+    budget: memory_budget.Budget | None,
 ) -> int:
     live: set[int] = set()
     stopping: list[float] = []  # monotonic time of the first stop signal
@@ -232,6 +239,8 @@ def _supervise(
 
                 bound = start_multiprocess_http_server(metrics_port, metrics_host)
                 line += f"; metrics on http://{_url_host(metrics_host)}:{bound}/metrics"
+            if budget is not None:
+                line += f"; memory budget per worker {budget.explain()}"
             print(line, flush=True)
             if ready is not None:
                 ready(config.port)

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
 
 import grpc
 
@@ -190,11 +191,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         goes back to the OS when a request needs much less than is kept, or when idle
         (`allocator.Trimmer`)."""
         remaining = context.time_remaining()
-        # gRPC calls back when the call ends (cancelled, deadline passed): the executor
-        # then reads a flag between steps, not the call's state under its lock.
-        ended = _Flag()
-        if not context.add_callback(ended.set):
-            ended.set()  # it has ended already
+        ended, deadline = _call_end(context)
 
         def admit(nbytes: int):
             self.trimmer.before(nbytes)
@@ -206,6 +203,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 should_stop=ended,
                 admit=admit if self.admission.metered else self._at_once,
                 max_response_bytes=max_response_bytes,
+                deadline=deadline,
             )
         except Cancelled:
             left = context.time_remaining()
@@ -312,16 +310,22 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def Plan(self, request, context):
         shapes = {name: tuple(dims.values) for name, dims in request.input_shapes.items()}
         graph_id, spec, _ = self._graph(request.graph)
-        planned = self.engine.plan(
-            spec,
-            graph_id=graph_id,
-            wrt=tuple(request.wrt),
-            loss=request.loss,
-            cotangent_outputs=tuple(request.cotangent_outputs),
-            policy=codec.policy_from_proto(request.policy),
-            input_shapes=shapes,
-            fetch=tuple(request.fetch),
-        )
+        ended, deadline = _call_end(context)
+        try:
+            planned = self.engine.plan(
+                spec,
+                graph_id=graph_id,
+                wrt=tuple(request.wrt),
+                loss=request.loss,
+                cotangent_outputs=tuple(request.cotangent_outputs),
+                policy=codec.policy_from_proto(request.policy),
+                input_shapes=shapes,
+                fetch=tuple(request.fetch),
+                should_stop=ended,
+                deadline=deadline,
+            )
+        finally:  # a solve, even a stopped one, leaves memory to give back when idle
+            self.trimmer.planned()
         return codec.plan_to_proto(planned, request.include_schedule)
 
     @_status
@@ -344,6 +348,17 @@ class _Flag:
 
     def __call__(self) -> bool:
         return self.value
+
+
+def _call_end(context) -> tuple[_Flag, float | None]:
+    """A flag set when the call ends (cancelled, deadline passed) and its deadline
+    (time.monotonic(); None: none). gRPC calls back when the call ends: the executor
+    and planners then read a flag, not the call's state under its lock."""
+    remaining = context.time_remaining()
+    ended = _Flag()
+    if not context.add_callback(ended.set):
+        ended.set()  # it has ended already
+    return ended, None if remaining is None else time.monotonic() + remaining
 
 
 def _response_header(result) -> executor_pb2.RunResponse:

@@ -18,6 +18,9 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
 5. On small joint graphs (<= EXACT_MAX_NODES), the exact MILP's best schedule within
    EXACT_SECONDS.
 
+Once store_all does not fit, the search holds one of the server's solve slots
+(`control.expensive`) and stops between candidates when its request has ended.
+
     >>> from remat_proto.policies import Budget
     >>> Budget(fraction=0.5)
     Budget(bytes=0, fraction=0.5, profile=False)
@@ -34,6 +37,7 @@ from remat_proto.policies import DTR, Budget, EveryK, Revolve, SaveOps, label
 
 from ...errors import ResourceExhausted
 from ...ops import registry
+from .. import control
 from ..problem import Problem
 from ..recompute import schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
@@ -69,13 +73,15 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
             limit,
             f"{why + '; ' if why else ''}the inputs and results alone need {floor:,} bytes",
         )
-    found = _Candidates(problem, limit)
-    found.consider("store_all", lambda: plan_store_all(problem))
+    found = _Candidates(problem, limit, name)
+    # One cheap simulation that settles most requests: it polls nothing, takes no slot.
+    found.consider("store_all", lambda: plan_store_all(problem), check=False)
     if found.best is None:
-        found.chain()
-        found.keep_sets()
-        found.heuristics()
-        found.exact()
+        with control.expensive(name):
+            found.chain()
+            found.keep_sets()
+            found.heuristics()
+            found.exact()
     if found.best is None:
         raise over_budget(problem, name, limit, why)
     chosen, schedule, peak, cost = found.best
@@ -102,13 +108,15 @@ def _floor(problem: Problem) -> int:
 class _Candidates:
     """Simulates candidate schedules and keeps the cheapest that fits."""
 
-    def __init__(self, problem: Problem, limit: int):
-        self.problem, self.limit = problem, limit
+    def __init__(self, problem: Problem, limit: int, name: str):
+        self.problem, self.limit, self.name = problem, limit, name
         self.best: tuple[str, Schedule, int, float] | None = None
         self.tried = 0
 
-    def consider(self, name: str, make: Callable[[], Schedule]) -> bool:
-        """Simulate one candidate; True when it fits."""
+    def consider(self, name: str, make: Callable[[], Schedule], check: bool = True) -> bool:
+        """Simulate one candidate, unless the request has ended; True when it fits."""
+        if check:
+            control.check(self.name)
         try:
             schedule = make()
         except ResourceExhausted:  # a budgeted candidate that cannot meet the limit
@@ -173,7 +181,7 @@ class _Candidates:
         problem = self.problem
         if milp.size(problem) > EXACT_MAX_NODES:
             return
-        solution = milp.solve(problem, self.limit, EXACT_SECONDS, "milp")
+        solution = milp.solve(problem, self.limit, control.seconds_left(EXACT_SECONDS), self.name)
         if solution.schedule is not None:
             self.consider("milp", lambda: solution.schedule)
 

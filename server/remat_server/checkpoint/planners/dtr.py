@@ -41,11 +41,14 @@ from collections import Counter
 
 from remat_proto.policies import DTR, label
 
+from .. import control
 from ..memory import LiveBytes
 from ..problem import Problem
 from ..schedule import Compute, Free, PlannerReport, Schedule, Step
 from ..simulate import InvalidSchedule
 from . import bounds
+
+CHECK_EVERY = 1024  # computations between checks that the request is still alive
 
 
 def plan_dtr(problem: Problem, policy: DTR) -> Schedule:
@@ -175,6 +178,8 @@ class _Replay:
         self.live.add(name)
         self.bytes.add(name)
         self.clock += 1
+        if self.clock % CHECK_EVERY == 0:  # a huge replay stops when its request ends
+            control.check(self.name)
         self.last[name] = self.clock
         if name in self.evictable:
             self.resident.add(name)

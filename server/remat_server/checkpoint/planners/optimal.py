@@ -3,7 +3,10 @@
 Outcomes: store_all fits -> store_all (optimal, no solve); proven optimum ("optimal",
 mip_rel_gap 0); time limit with a schedule ("time_limit", the gap); more than
 `problem.milp_max_nodes` nodes or no schedule in time -> the budget planner
-("fallback"); proven infeasible -> RESOURCE_EXHAUSTED.
+("fallback"); proven infeasible -> RESOURCE_EXHAUSTED. The solve and its fallback hold
+one solve slot (`control.expensive`), its time limit ends at the request's deadline,
+and a request that ends during it gets Cancelled or DeadlineExceeded, never a
+fallback: nobody is waiting for the plan any more.
 
     >>> from remat_proto.policies import Optimal
     >>> Optimal(fraction=0.5)
@@ -17,6 +20,7 @@ from dataclasses import replace
 from remat_proto.policies import Optimal, label
 
 from ...errors import ResourceExhausted
+from .. import control
 from ..problem import Problem
 from ..schedule import PlannerReport, Schedule
 from . import milp
@@ -53,12 +57,20 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
         )
     if limit < problem.input_bytes:
         raise over_budget(problem, name, limit, "the graph inputs alone exceed it")
-    time_limit = policy.time_limit or DEFAULT_TIME_LIMIT
-    solution = milp.solve(problem, limit, time_limit, name)
-    if solution.infeasible:
-        raise over_budget(problem, name, limit, solution.why)
-    if solution.schedule is None:
-        return _fallback(problem, name, limit, solution.why)
+    with control.expensive(name):  # the fallback's search nests in it: one slot
+        time_limit = control.seconds_left(policy.time_limit or DEFAULT_TIME_LIMIT)
+        solution = milp.solve(problem, limit, time_limit, name)  # raises once stopped
+        if solution.infeasible:
+            raise over_budget(problem, name, limit, solution.why)
+        if solution.schedule is None:
+            return _fallback(problem, name, limit, solution.why)
+    detail = solution.size
+    if not solution.optimal:  # how far from the optimum the schedule may be
+        unit = "seconds" if problem.costs is not None else "FLOPs"
+        detail += (
+            f", stopped at {time_limit:g} s; the optimum recomputes at least "
+            f"{solution.bound:.4g} {unit}"
+        )
     return replace(
         solution.schedule,
         report=PlannerReport(
@@ -67,7 +79,7 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
             optimality_gap=solution.gap,
             solve_seconds=solution.seconds,
             chosen="milp",
-            detail=solution.size + ("" if solution.optimal else f", stopped at {time_limit:g} s"),
+            detail=detail,
         ),
     )
 
