@@ -115,3 +115,23 @@ def test_calls_waiting_for_a_solve_slot_lend_their_work_slot_to_small_requests(s
             with pytest.raises(remat.DeadlineExceededError):
                 solve.result(timeout=120)
         wait_for(lambda: slots.in_use == 0 and slots.queued == 0, "the slots were not freed")
+
+
+def test_calls_waiting_for_another_calls_plan_lend_their_work_slot_to_the_planner(server):
+    """Two work slots. A long solve holds the solve slot; a search waits for it; two
+    more requests for the same search wait for its plan. When the long solve ends, the
+    search takes the solve slot and needs a work slot back to finish: the two waiting
+    for its plan must have lent theirs, or all three would wait forever."""
+    srv, address = server(max_concurrent_solves=1, max_workers=2)
+    slots = srv.engine.solve_slots
+    with remat.Client(address) as client, ThreadPoolExecutor(4) as pool:
+        holding = pool.submit(plan, client, LONG, LONG_SOLVE, 5)
+        wait_for(lambda: slots.in_use == 1, "the long solve did not take the slot")
+        first = pool.submit(plan, client, SEARCH, SEARCH_POLICY, 120)
+        wait_for(lambda: slots.queued == 1, "the search did not wait for the solve slot")
+        same = [pool.submit(plan, client, SEARCH, SEARCH_POLICY, 120) for _ in range(2)]
+        with pytest.raises(remat.DeadlineExceededError):
+            holding.result(timeout=120)
+        plans = [future.result(timeout=120) for future in [first, *same]]
+        assert {p.peak_bytes for p in plans} == {plans[0].peak_bytes}
+        assert all(p.planner.status == "feasible" for p in plans)

@@ -48,6 +48,9 @@ class PlanControl:
     cancelled: Callable[[], bool] = _never  # True once the request has ended
     # A solve slot (e.g. a semaphore's context manager); None: unlimited.
     exclusive: Callable[[], AbstractContextManager] | None = None
+    # Entered while the request only waits (for another request's plan): the server
+    # lends the request's work slot out meanwhile. None: nothing to lend.
+    idle: Callable[[], AbstractContextManager] | None = None
 
 
 _current: ContextVar[PlanControl | None] = ContextVar("plan_control", default=None)
@@ -96,6 +99,17 @@ def seconds_left(limit: float) -> float:
     if control is None or control.deadline is None:
         return max(0.0, limit)
     return max(0.0, min(limit, control.deadline - time.monotonic()))
+
+
+@contextmanager
+def waiting() -> Iterator[None]:
+    """A block in which the current request only waits (see `PlanControl.idle`)."""
+    control = _current.get()
+    if control is None or control.idle is None:
+        yield
+        return
+    with control.idle():
+        yield
 
 
 @contextmanager

@@ -194,12 +194,14 @@ class Compiled:
 
 
 def _await(planning: Future) -> Planned:
-    """The plan another request is making, waiting only while this request lives."""
-    while True:
-        try:
-            return planning.result(timeout=_POLL_SECONDS)
-        except FutureTimeout:
-            control.check()
+    """The plan another request is making, waiting only while this request lives (and
+    not holding a work slot meanwhile: the planner may need one back to finish)."""
+    with control.waiting():
+        while True:
+            try:
+                return planning.result(timeout=_POLL_SECONDS)
+            except FutureTimeout:
+                control.check()
 
 
 def validate(

@@ -95,7 +95,8 @@ class Engine:
     `cache_bytes` bounds the compiled requests kept (`LRUCache`; 0 keeps none).
     `solve_slots`, when given, is a limiter (`reserve(1, timeout=, cancelled=)`) that
     exact solves and Budget searches hold while they plan, so that only so many run at
-    once; a request waits for one until its deadline."""
+    once; a request waits for one until its deadline. Its `lent()`, if any, is entered
+    while a request waits for another's plan."""
 
     def __init__(
         self,
@@ -139,7 +140,7 @@ class Engine:
     ) -> control.PlanControl:
         """What planners may ask of the request: its end, and a solve slot."""
         stop = should_stop or _never
-        exclusive = None
+        exclusive = idle = None
         if self.solve_slots is not None:
             slots = self.solve_slots
 
@@ -147,7 +148,8 @@ class Engine:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 return slots.reserve(1, timeout=left, cancelled=stop)
 
-        return control.PlanControl(deadline, stop, exclusive)
+            idle = getattr(slots, "lent", None)
+        return control.PlanControl(deadline, stop, exclusive, idle)
 
     # --- compiling -----------------------------------------------------------------------
     def _graph_key(

@@ -180,7 +180,7 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
     store = GraphStore(config.graph_cache_bytes)
     buffers = BufferPool(config.buffer_pool_bytes)
     metrics.track_cache(store)
-    solves = work_slots.SolveSlots(
+    solves = work_slots.Lending(
         FifoLimiter(
             config.max_concurrent_solves,
             config.max_queued_requests,
@@ -196,7 +196,7 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
     servicer = ExecutorServicer(
         engine,
         store,
-        MemoryAdmission(config.memory_budget_bytes, config.max_queued_requests),
+        work_slots.Lending(MemoryAdmission(config.memory_budget_bytes, config.max_queued_requests)),
         metrics=metrics,
         chunk_bytes=config.stream_chunk_bytes,
         max_message_bytes=config.max_message_bytes,

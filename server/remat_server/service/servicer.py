@@ -246,7 +246,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 pool=self.buffers,
                 # The header passed: the client may send chunks. (A refusal comes before
                 # this, so a client that waits for it never writes into an ended call.)
-                on_accepted=lambda: context.send_initial_metadata(()),
+                on_accepted=lambda: _accept(context),
             )
         finally:
             timer.cancel()
@@ -371,13 +371,29 @@ def _response_header(result) -> executor_pb2.RunResponse:
     )
 
 
+def _accept(context) -> None:
+    """Tell a RunStream client it may send its chunks (the initial metadata); a call
+    that ended meanwhile is the client's doing, not a server error to log."""
+    try:
+        context.send_initial_metadata(())
+    except (grpc.RpcError, ValueError):
+        if context.is_active():
+            raise
+        _ended_by_client(context)
+
+
 def _uploaded(request_iterator, context):
     """The client's messages; the call ending under us (cancelled, or its deadline
     passed) is the client's doing, not a server error to log."""
     try:
         yield from request_iterator
     except grpc.RpcError:
-        left = context.time_remaining()
-        if left is not None and left <= 0:
-            raise DeadlineExceeded("the deadline passed during the upload") from None
-        raise Cancelled("the client cancelled the upload") from None
+        _ended_by_client(context)
+
+
+def _ended_by_client(context) -> None:
+    """Raise what ended the call during an upload: its deadline, or the client."""
+    left = context.time_remaining()
+    if left is not None and left <= 0:
+        raise DeadlineExceeded("the deadline passed during the upload") from None
+    raise Cancelled("the client cancelled the upload") from None

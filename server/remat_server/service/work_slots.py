@@ -15,8 +15,9 @@ reads its request only once it holds a slot. Waiting honours the call's deadline
 cancellation; a call that finds `max_concurrent_rpcs` others running or waiting is
 refused with RESOURCE_EXHAUSTED, leaving gRPC's own limit (set `SPARE_THREADS` higher)
 to health checks. A call that waits for one of `--max-concurrent-solves` solve slots
-lends its work slot out meanwhile (`SolveSlots`), so queued solves do not stall small
-requests.
+(or for memory, or for another request's plan) lends its work slot out meanwhile
+(`Lending`), so queued solves do not stall small requests, and a planner that needs its
+slot back never waits for calls that wait for its plan.
 
     >>> pool_threads(max_concurrent_rpcs=256)
     264
@@ -107,20 +108,20 @@ def lent() -> Iterator[None]:
         held.take()  # FIFO behind the calls that came meanwhile; raises if the call ended
 
 
-class SolveSlots:
-    """Exact solves and Budget searches at once (`--max-concurrent-solves`), waited for
-    with the work slot lent out. The engine's `solve_slots`."""
+class Lending:
+    """A FIFO limiter waited for with the call's work slot lent out: the solve slots
+    (`--max-concurrent-solves`, the engine's `solve_slots`) and the memory budget. A
+    call that waits does no work, and must not keep small requests from working."""
 
     def __init__(self, limiter: FifoLimiter):
         self.limiter = limiter
 
-    @property
-    def in_use(self) -> int:
-        return self.limiter.in_use
+    def __getattr__(self, name: str):  # in_use, queued, metered, capacity, ...
+        return getattr(self.limiter, name)
 
-    @property
-    def queued(self) -> int:
-        return self.limiter.queued
+    @staticmethod
+    def lent():
+        return lent()
 
     @contextlib.contextmanager
     def reserve(self, amount: int = 1, *, timeout, cancelled) -> Iterator[Admission]:
@@ -129,7 +130,7 @@ class SolveSlots:
                 admitted = stack.enter_context(
                     self.limiter.reserve(amount, timeout=timeout, cancelled=cancelled)
                 )
-            yield admitted  # a solve slot and a work slot held
+            yield admitted  # what was reserved, and a work slot again
 
 
 def gated(handler: grpc.RpcMethodHandler, slots: FifoLimiter) -> grpc.RpcMethodHandler:
