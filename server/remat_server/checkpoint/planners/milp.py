@@ -42,13 +42,19 @@ the MILP's. `solve` only solves: what to do when it finds nothing (policy Optima
 falls back to Budget; Budget simply has one candidate fewer) is its caller's choice.
 
 HiGHS is driven through highspy rather than scipy.optimize.milp because a solve must
-stop when its request ends: interrupt callbacks ask `control.stopped()`, and a solve
-that was interrupted, or outlived its request, raises Cancelled or DeadlineExceeded
-(`control.check`). HiGHS polls the MIP interrupt between the steps of its branch and
-bound; its presolve and the LP solves inside the MIP poll nothing (HiGHS issue 1905),
-so on the largest models a stop lags by their length: about 5 s on a 115-node
-transformer block, 40 s on a 242-node MLP (HiGHS 1.16). The time limit, and so the
-deadline, does cut those LP solves short, but not presolve.
+stop when its request ends, and a solve that was stopped, or outlived its request,
+raises Cancelled or DeadlineExceeded (`control.check`). HiGHS polls its interrupt
+callback between the steps of its branch and bound only: its presolve and the LP
+solves inside the MIP poll nothing (HiGHS issue 1905), and presolve ignores the time
+limit. In process, a stop lags by their length: up to 2.7 s on a 16-layer tanh chain
+(2,647 variables), 8 s on a 115-node transformer block, a minute on a 242-node MLP
+(HiGHS 1.16). So models over IN_PROCESS_MAX_VARIABLES are solved in a child process
+(`highs_process`) that is killed within 50 ms of the stop, or at a hard wall limit
+past the time limit (a killed solve has no incumbent: it reports no schedule, like a
+time limit reached without one). The child also takes the solver's memory with it,
+which glibc would keep in the server's heap. Smaller models, whose stretches between
+polls are short (a cancel lands within 0.05 s), are solved in process with the
+interrupt callback: a child costs 15-25 ms more.
 """
 
 from __future__ import annotations
@@ -57,7 +63,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import highspy
 import numpy as np
 from scipy import sparse
 
@@ -65,6 +70,7 @@ from .. import control
 from ..problem import Problem
 from ..schedule import Compute, Free, Schedule, Step
 from ..simulate import InvalidSchedule
+from . import highs_process
 from .bounds import simulated
 
 
@@ -86,12 +92,14 @@ class Solution:
 
 def solve(problem: Problem, limit: int, time_limit: float, name: str) -> Solution:
     """The cheapest schedule with peak <= `limit` bytes, within `time_limit` seconds.
-    Raises Cancelled or DeadlineExceeded when the current request ends first."""
+    Raises Cancelled or DeadlineExceeded when the current request ends first, and
+    ResourceExhausted (killed, most likely out of memory) or RematError when a child
+    process solving it dies."""
     control.check(name)  # building a few hundred nodes' model takes a while
     order = _order(problem)
     model = _Milp(problem, order, limit - problem.input_bytes)
     start = time.perf_counter()
-    res = model.solve(time_limit)
+    res = model.solve(time_limit, name)
     seconds = time.perf_counter() - start
     control.check(name)  # interrupted, or stopped at a deadline-cut limit: moot anyway
     size = f"MILP with {model.variables} variables and {model.constraints} constraints"
@@ -334,19 +342,11 @@ class _Milp:
     def S(self, t, i):
         return self.s0 + t * (t - 1) // 2 + i
 
-    def solve(self, time_limit: float) -> _Result:
-        """Run HiGHS for at most `time_limit` seconds, or until `control.stopped()`."""
+    def solve(self, time_limit: float, name: str = "") -> _Result:
+        """Run HiGHS for at most `time_limit` seconds, or until `control.stopped()`: in
+        this process if the model is small, else in a child process (`highs_process`)."""
         A, lower, upper = self.rows
-        h = highspy.Highs()
-        for option, value in (*_OPTIONS, ("time_limit", float(time_limit))):
-            h.setOptionValue(option, value)
-        h.passModel(
-            self.variables,
-            A.shape[0],
-            A.nnz,
-            int(highspy.MatrixFormat.kRowwise),
-            int(highspy.ObjSense.kMinimize),
-            0.0,
+        model = highs_process.Model(
             self.cost,
             self.lb,
             self.ub,
@@ -357,18 +357,11 @@ class _Milp:
             A.data,
             self.integrality,
         )
-
-        def interrupt(_kind, _message, _out, data_in, _data) -> None:
-            if control.stopped():
-                data_in.user_interrupt = True
-
-        # The low-level callback API (highspy 1.7 on). A top-level LP solve (a model
-        # presolve left without integers) polls the simplex or IPM interrupt.
-        h.setCallback(interrupt, None)
-        for kind in _INTERRUPTS:
-            h.startCallback(kind)
-        h.run()
-        return _result(h)
+        options = {**dict(_OPTIONS), "time_limit": float(time_limit)}
+        if self.variables <= IN_PROCESS_MAX_VARIABLES or not highs_process.AVAILABLE:
+            return _result(highs_process.run(model, options, control.stopped))
+        wall = WALL_SLACK * float(time_limit) + WALL_GRACE_SECONDS
+        return _result(highs_process.run_in_child(model, options, control.stopped, wall, name))
 
     def steps(self, x: np.ndarray) -> tuple[Step, ...]:
         """The schedule of a solution; frees never later than the MILP's FREE."""
@@ -407,11 +400,14 @@ class _Milp:
 # Exact (mip_rel_gap 0: never lose to a heuristic), silent, and one thread: the server
 # bounds CPU use by how many solves run at once, not by HiGHS's scheduler.
 _OPTIONS = (("output_flag", False), ("mip_rel_gap", 0.0), ("threads", 1))
-_INTERRUPTS = (
-    highspy.cb.HighsCallbackType.kCallbackSimplexInterrupt,
-    highspy.cb.HighsCallbackType.kCallbackIpmInterrupt,
-    highspy.cb.HighsCallbackType.kCallbackMipInterrupt,
-)
+# Larger models are solved in a child process. Measured on tanh chains (HiGHS 1.16):
+# up to 10 layers (1,156 variables) no stretch without an interrupt poll passed 0.35 s
+# (a cancel landed within 0.05 s); from 12 layers (1,585) they reach 0.7-2.7 s.
+IN_PROCESS_MAX_VARIABLES = 1_200
+# A child is killed at WALL_SLACK * time_limit + WALL_GRACE_SECONDS: HiGHS stops itself
+# near its time limit (and keeps its incumbent), except in presolve, where it could
+# not have found one anyway.
+WALL_SLACK, WALL_GRACE_SECONDS = 1.25, 1.0
 # A run's status, in scipy.optimize.milp's codes (the ones this module always used),
 # by HighsModelStatus name (kHighsInterrupt is newer than highspy 1.7).
 OPTIMAL, LIMIT, INFEASIBLE, OTHER = 0, 1, 2, 4
@@ -440,13 +436,7 @@ class _Result:
     message: str
 
 
-def _result(h: highspy.Highs) -> _Result:
-    status, info = h.getModelStatus(), h.getInfo()
-    found = info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible
+def _result(outcome: highs_process.Outcome) -> _Result:
     return _Result(
-        _STATUS.get(status.name, OTHER),
-        np.array(h.getSolution().col_value) if found else None,
-        float(info.mip_gap),
-        float(info.mip_dual_bound),
-        h.modelStatusToString(status),
+        _STATUS.get(outcome.status, OTHER), outcome.x, outcome.gap, outcome.bound, outcome.message
     )
