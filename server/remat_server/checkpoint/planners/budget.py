@@ -35,7 +35,7 @@ from dataclasses import replace
 
 from remat_proto.policies import DTR, Budget, EveryK, Revolve, SaveOps, label
 
-from ...errors import ResourceExhausted
+from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
 from ...ops import registry
 from .. import control
 from ..problem import Problem
@@ -181,7 +181,14 @@ class _Candidates:
         problem = self.problem
         if milp.size(problem) > EXACT_MAX_NODES:
             return
-        solution = milp.solve(problem, self.limit, control.seconds_left(EXACT_SECONDS), self.name)
+        try:
+            solution = milp.solve(
+                problem, self.limit, control.seconds_left(EXACT_SECONDS), self.name
+            )
+        except (Cancelled, DeadlineExceeded):
+            raise  # the request ended: no more planning
+        except RematError:  # the solver's process died (out of memory): one candidate less
+            return
         if solution.schedule is not None:
             self.consider("milp", lambda: solution.schedule)
 
