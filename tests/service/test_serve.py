@@ -22,6 +22,10 @@ from served import CLI, LINUX_PROC, Served
 import remat
 from remat import calls
 
+# How long a multi-worker server may take to exit on a loaded machine (the tests check
+# its exit code; the single-process ones check promptness).
+EXIT_SECONDS = 30
+
 
 def client(served: Served, timeout: float = 30, **options) -> remat.Client:
     # No retries: a refusal must show up as the error it is, at once.
@@ -218,7 +222,7 @@ def test_workers_share_the_port_aggregate_metrics_and_stop_together():
         assert _rpc_counts(served.metrics(), "Run") == runs
 
         signalled = served.terminate()
-        assert served.wait(timeout=10) == 0, served.stderr
+        assert served.wait(timeout=EXIT_SECONDS) == 0, served.stderr
         assert time.monotonic() - signalled < 5
     for pid in served.worker_pids:
         with pytest.raises(ProcessLookupError):
@@ -237,7 +241,7 @@ def test_a_dead_worker_is_reported_the_rest_serve_and_the_exit_code_says_so():
         with client(served, timeout=10) as c:
             assert float(c.run(small_graph(), {"x": np.ones(3)}).outputs["loss"]) == 3.0
         served.terminate()
-        assert served.wait(timeout=10) == 1
+        assert served.wait(timeout=EXIT_SECONDS) == 1
     with pytest.raises(ProcessLookupError):
         os.kill(survivor, 0)
 
@@ -256,7 +260,7 @@ def test_ctrl_c_to_the_process_group_drains_workers_once():
             run["thread"].join(timeout=30)
         assert "error" not in run, run.get("error")
         np.testing.assert_allclose(run["value"].outputs["y"], expected, rtol=1e-12, atol=0)
-        assert served.wait(timeout=10) == 0, served.stderr
+        assert served.wait(timeout=EXIT_SECONDS) == 0, served.stderr
 
 
 def test_workers_drain_and_exit_when_the_parent_is_killed():
