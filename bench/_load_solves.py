@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 
 MODEL = dict(channels=(3, 8, 16, 16), image=8)
@@ -97,7 +98,6 @@ def _check_run(work: SolveWorkload, result) -> str | None:
 
 def _cancelled(work: SolveWorkload, stub, policy, run: bool, rng: random.Random) -> str:
     """A Plan or Run through the raw stub's future, cancelled after a random delay."""
-    import grpc
 
     from remat import calls
     from remat_proto.v1 import executor_pb2
@@ -115,7 +115,13 @@ def _cancelled(work: SolveWorkload, stub, policy, run: bool, rng: random.Random)
             graph=ref, wrt=list(m.wrt), loss=m.loss, policy=policy_to_proto(policy)
         )
         future = stub.Plan.future(request)
-    time.sleep(rng.uniform(*CANCEL_AFTER))
+    return cancelled_after(future, rng.uniform(*CANCEL_AFTER))
+
+
+def cancelled_after(future, seconds: float) -> str:
+    """The status of a call future cancelled `seconds` after it started (it may finish
+    first: then its own status)."""
+    time.sleep(seconds)
     future.cancel()
     try:
         future.result()

@@ -134,7 +134,6 @@ def _check_stream(work: Workload, result) -> str | None:
 
 def _cancelled_call(work: Workload, stub, rng: random.Random) -> str:
     """A Run through the raw stub's future, cancelled after a random delay."""
-    import grpc
 
     from remat import calls
     from remat_proto.v1 import executor_pb2
@@ -147,16 +146,7 @@ def _cancelled_call(work: Workload, stub, rng: random.Random) -> str:
         loss=work.slow.loss,
         stream=False,
     )
-    future = stub.Run.future(request)
-    time.sleep(rng.uniform(0.0, 0.3))
-    future.cancel()
-    try:
-        future.result()
-    except grpc.FutureCancelledError:
-        return "CANCELLED"
-    except grpc.RpcError as error:
-        return error.code().name
-    return "OK"
+    return solves.cancelled_after(stub.Run.future(request), rng.uniform(0.0, 0.3))
 
 
 def _one(kind: str, work: Workload, client, stub, rng: random.Random) -> tuple[str, str | None]:

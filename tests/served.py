@@ -122,3 +122,17 @@ class Served:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def slow_tanh_graph(name: str, side: int, steps: int):
+    """A graph of `steps` tanh over a (side, side) float32 broadcast of its (1, side)
+    input "x": seconds of work in steps of a millisecond, so a run can be cancelled,
+    timed out or kept busy between two of them."""
+    import remat
+
+    g = remat.Graph(name)
+    h = remat.broadcast_to(g.input("x", (1, side)), (side, side))
+    for _ in range(steps):
+        h = remat.tanh(h)
+    g.output("s", remat.sum(h))
+    return g

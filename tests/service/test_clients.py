@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from clients import KINDS, Recorder, connect, finished, in_process, serving, wait_until
+from served import slow_tanh_graph
 
 import remat
 from remat import calls, wire
@@ -338,13 +339,7 @@ SIDE, STEPS = 2048, 4000  # tanh steps on 16 MiB: seconds of work, in steps of a
 
 
 def slow_graph() -> remat.Graph:
-    g = remat.Graph("slow")
-    x = g.input("x", (1, SIDE))
-    h = remat.broadcast_to(x, (SIDE, SIDE))
-    for _ in range(STEPS):
-        h = remat.tanh(h)
-    g.output("s", remat.sum(h))
-    return g
+    return slow_tanh_graph("slow", SIDE, STEPS)
 
 
 def test_a_deadline_mid_run_ends_the_call_and_the_server_stops_the_run(kind):

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from served import Served
+from served import Served, slow_tanh_graph
 
 import remat
 
@@ -25,13 +25,7 @@ CHECK_DEADLINE = 2.0
 
 
 def slow_graph() -> remat.Graph:
-    g = remat.Graph("slow-liveness")
-    x = g.input("x", (1, SIDE))
-    h = remat.broadcast_to(x, (SIDE, SIDE))
-    for _ in range(STEPS):
-        h = remat.tanh(h)
-    g.output("s", remat.sum(h))
-    return g
+    return slow_tanh_graph("slow-liveness", SIDE, STEPS)
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
