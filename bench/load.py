@@ -39,6 +39,7 @@ from pathlib import Path
 
 import _load_solves as solves  # bench/ is on sys.path as a script
 import numpy as np
+from _procmem import rss_by_mapping, rss_bytes, status_field
 from transfer import REMAT_SERVER, read_ports, started
 
 MiB = 1 << 20
@@ -264,20 +265,14 @@ _WORKER = (
 
 
 # --- the server's memory ------------------------------------------------------------------------
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/{pid}/status has no VmRSS")
-
-
 class RssSampler:
     """VmRSS of `pid` every `interval` seconds, tagged with the current phase."""
 
     def __init__(self, pid: int, interval: float = 0.25):
         self.pid, self.interval, self.phase = pid, interval, "start"
         self.samples: list[tuple[str, float, int]] = []
+        self.threads: list[int] = []  # the server's threads at each idle reading
+        self.mappings: list[dict[str, int]] = []  # and its RSS by kind of mapping
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -297,6 +292,8 @@ class RssSampler:
     def idle(self, settle: float = 1.0, count: int = 5) -> int:
         """The median RSS over a quiet moment (no client running)."""
         time.sleep(settle)
+        self.threads.append(status_field("Threads", self.pid))
+        self.mappings.append(rss_by_mapping(self.pid))
         values = []
         for _ in range(count):
             values.append(rss_bytes(self.pid))
@@ -647,6 +644,8 @@ def main(argv: list[str] | None = None) -> dict:
         final=final,
         idle=idle,
         peak=max(loaded),
+        threads=rss.threads,
+        mappings=rss.mappings,
         growth=final / baseline - 1,
         peak_growth=max(loaded) / baseline - 1,
         loaded_first=int(statistics.median(loaded[:window])),
@@ -685,7 +684,14 @@ def main(argv: list[str] | None = None) -> dict:
         + f" MiB: growth {100 * memory['growth']:+.1f}%. Under load: peak "
         f"{memory['peak'] / MiB:.1f} MiB ({100 * memory['peak_growth']:+.1f}% of baseline); "
         f"median of the first / last 10% of samples {memory['loaded_first'] / MiB:.1f} / "
-        f"{memory['loaded_last'] / MiB:.1f} MiB ({100 * memory['loaded_growth']:+.1f}%)\n"
+        f"{memory['loaded_last'] / MiB:.1f} MiB ({100 * memory['loaded_growth']:+.1f}%). "
+        f"Server threads at those idle readings: {' / '.join(map(str, rss.threads))}. "
+        "Idle RSS by kind of mapping, baseline -> final (MiB): "
+        + ", ".join(
+            f"{kind} {rss.mappings[1][kind] / MiB:.1f} -> {rss.mappings[-1][kind] / MiB:.1f}"
+            for kind in rss.mappings[-1]
+        )
+        + "\n"
     )
     for detail in (warm["details"] + measured["details"])[:10]:
         print(f"- unexpected: {detail}")

@@ -16,11 +16,12 @@ run through `planners.budgeting.simulated`, the server's exact byte and FLOP acc
 * plan ms: wall time of `planners.plan(problem, policy)` alone (simulation not timed).
 
 Budgets are fractions of store_all's peak (default 50%, 30%, 15%). The budgeted policies
-(`Budget(fraction)`, `DTR(fraction)`, `Optimal(fraction, time_limit, max_nodes)`) are
+(`Budget(fraction)`, `DTR(fraction)`, `Optimal(fraction, time_limit)`) are
 planned per budget; they either return a schedule that fits or raise ResourceExhausted
 ("nothing fits"). The heuristics (sqrt, every_k(1..8), save_ops(matmul), save_ops(conv2d),
-revolve(1..8), recompute_all) ignore the budget: each is planned once per model and the
-"fits?" column says whether its peak is within the budget. Optimal solves Checkmate's MILP
+revolve(1..8), recompute_all) and `MinMemory(time_limit)` (the lowest peak, with its
+proven bound in the last column) ignore the budget: each is planned once per model and
+the "fits?" column says whether its peak is within the budget. Optimal solves Checkmate's MILP
 only on joint graphs of at most `--optimal-max-nodes` nodes; above that it falls back to
 Budget (status "fallback"). After each table, a summary compares Budget's recompute
 FLOPs with the best heuristic that fits (ratio <= 1 expected) and with Optimal when the
@@ -157,13 +158,15 @@ def model_specs(quick: bool) -> list[ModelSpec]:
     ]
 
 
-def problem_factory(model: models.Model) -> Callable[[], Problem]:
-    """Differentiate once; each call returns a fresh Problem over the same joint graph."""
+def problem_factory(model: models.Model, milp_max_nodes: int = 300) -> Callable[[], Problem]:
+    """Differentiate once; each call returns a fresh Problem over the same joint graph,
+    whose exact solver takes joint graphs of up to `milp_max_nodes` nodes (the server's
+    --optimal-max-nodes)."""
     spec = graph_from_proto(model.graph.to_proto(), Limits())
     planned = Engine().plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy="store_all")
     graph, results = planned.joint.graph, planned.schedule.results
     forward = planned.joint.forward_nodes
-    return lambda: Problem(graph, results, forward)
+    return lambda: Problem(graph, results, forward, milp_max_nodes=milp_max_nodes)
 
 
 # --- planning one policy ---------------------------------------------------------------------
@@ -220,8 +223,10 @@ def run_policy(make: Callable[[], Problem], policy: P.Policy) -> Outcome:
     return out
 
 
-def heuristics() -> list[P.Policy]:
+def heuristics(time_limit: float) -> list[P.Policy]:
+    """The policies planned once per model: the fixed heuristics and the least memory."""
     return [
+        P.MinMemory(time_limit=time_limit),
         P.Sqrt(),
         *(P.EveryK(k) for k in range(1, 9)),
         P.SaveOps(("matmul",)),
@@ -529,11 +534,15 @@ def main() -> int:
         if model is None:
             print(f"## {spec.name}: skipped (remat.models has no `{spec.name}` yet)\n")
             continue
-        make = problem_factory(model)
+        make = problem_factory(model, args.optimal_max_nodes)
         problem = make()
         base = run_policy(make, P.StoreAll())
         base_peak, base_flops = base.peak_bytes, base.flops
-        heur = [(run_policy(make, h), heuristic_note(problem, h)) for h in heuristics()]
+        heur = [
+            (o, o.detail if o.policy == "min_memory" else heuristic_note(problem, h))
+            for h in heuristics(time_limit)
+            for o in (run_policy(make, h),)
+        ]
         planned = [o for o, _ in heur if o.planned]
         lowest = min(planned, key=lambda o: o.peak_bytes, default=None)
         print(f"## {spec.name}: {spec.describe}\n")
@@ -561,7 +570,7 @@ def main() -> int:
                 "dtr": run_policy(make, P.DTR(fraction=f)),
                 "optimal": run_policy(
                     make,
-                    P.Optimal(fraction=f, time_limit=time_limit, max_nodes=args.optimal_max_nodes),
+                    P.Optimal(fraction=f, time_limit=time_limit),
                 ),
             }
             print(

@@ -41,6 +41,7 @@ __all__ = [
     "Optimal",
     "DTR",
     "Auto",
+    "MinMemory",
     "Policy",
     "KINDS",
     "BUDGETED",
@@ -61,8 +62,8 @@ class StoreAll:
 @dataclass(frozen=True)
 class RecomputeAll:
     """Keep only the graph inputs; recompute every forward value from them whenever
-    the backward pass reads it, then drop it. The lowest peak memory; the recompute
-    cost grows with depth (quadratically on a chain)."""
+    the backward pass reads it, then drop it. Low peak memory (MinMemory may go lower);
+    the recompute cost grows with depth (quadratically on a chain)."""
 
 
 @dataclass(frozen=True)
@@ -174,15 +175,38 @@ class Optimal(_Budgeted):
 
     def __post_init__(self):
         super().__post_init__()
-        if (
-            isinstance(self.time_limit, bool)
-            or not isinstance(self.time_limit, (int, float))
-            or not 0.0 <= self.time_limit < math.inf
-        ):  # HiGHS would run unbounded
-            raise ValueError(
-                "Optimal: time_limit must be finite and >= 0, in seconds "
-                f"(0: the server's --optimal-time-limit), got {self.time_limit!r}"
-            )
+        _check_time_limit("Optimal", self.time_limit)
+
+
+def _check_time_limit(cls: str, value) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0.0 <= value < math.inf
+    ):  # HiGHS would run unbounded
+        raise ValueError(
+            f"{cls}: time_limit must be finite and >= 0, in seconds "
+            f"(0: the server's --optimal-time-limit), got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class MinMemory:
+    """The schedule with the lowest peak memory, and among those the least
+    recomputation found: for "fit it at all", when no budget is known. On joint graphs
+    the exact MILP takes (the server's --optimal-max-nodes) it searches for the proven
+    minimum within `time_limit` seconds (0: the server's --optimal-time-limit); the
+    plan's `planner` report says whether the peak is proven minimal, else the proven
+    bound no schedule can go under.
+
+        >>> MinMemory()
+        MinMemory(time_limit=0.0)
+    """
+
+    time_limit: float = 0.0
+
+    def __post_init__(self):
+        _check_time_limit("MinMemory", self.time_limit)
 
 
 @dataclass(frozen=True)
@@ -199,7 +223,7 @@ class DTR(_Budgeted):
 class Auto:
     """The default: store_all when it fits `bytes` (0: the server's per-request
     limit), else the cheapest plan that fits; the server answers RESOURCE_EXHAUSTED,
-    with the lowest predicted peak, when nothing does."""
+    naming the least memory a schedule needs, when nothing does."""
 
     bytes: int = 0
 
@@ -224,6 +248,7 @@ Policy = (
     | Optimal
     | DTR
     | Auto
+    | MinMemory
 )
 BUDGETED = (Budget, Optimal, DTR)
 
@@ -376,6 +401,12 @@ KINDS = _kinds(
         wire_names={"time_limit": "time_limit_seconds"},
     ),
     Kind(DTR, "dtr", lambda p: f"dtr({_amount(p)})", _U["dtr"], _budget(DTR, _U["dtr"])),
+    Kind(
+        MinMemory,
+        "min_memory",
+        lambda p: "min_memory",
+        wire_names={"time_limit": "time_limit_seconds"},
+    ),
 )
 BY_NAME = {kind.name: kind for kind in KINDS.values()}
 for _kind in KINDS.values():  # `EveryK(4).name == "every_k"`, read off the table

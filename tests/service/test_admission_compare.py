@@ -174,7 +174,9 @@ def test_one_request_over_the_whole_budget_is_refused_before_it_runs(budget_serv
 def test_auto_nothing_fits_is_resource_exhausted_with_the_minimum(budget_server):
     m = model()
     client, admission = budget_server(budget=10_000, queued=4)
-    with pytest.raises(remat.ResourceExhaustedError, match="lowest predicted peak is"):
+    with pytest.raises(
+        remat.ResourceExhaustedError, match="the lowest peak (found|any schedule reaches) is"
+    ):
         client.run(m.graph, m.inputs, wrt=m.wrt, loss=m.loss)
     assert admission.peak_in_use == 0  # rejected before anything ran
 
@@ -206,6 +208,6 @@ def test_compare_streams_rows_in_order_with_budgets_and_errors(client):
         assert max(row.timeline) == row.peak_bytes == row.predicted_peak_bytes
     for row in rows[2:4]:
         assert row.peak_bytes <= 0.8 * base.peak_bytes and row.planner.budget_bytes
-    assert rows[4].error_code == "RESOURCE_EXHAUSTED" and "lowest predicted peak" in rows[4].error
+    assert rows[4].error_code == "RESOURCE_EXHAUSTED" and "the lowest peak" in rows[4].error
     phases = {e.phase for e in rows[2].trace}
     assert {"forward", "recompute", "backward", "free"} <= phases

@@ -200,6 +200,7 @@ def test_every_server_config_field_is_reachable_from_a_flag_or_documented_env_va
         "buffer_pool_bytes": ["--buffer-pool-bytes", "0"],
         "malloc_mmap_threshold_bytes": ["--malloc-mmap-threshold-bytes", str(32 << 20)],
         "malloc_trim_threshold_bytes": ["--malloc-trim-threshold-bytes", str(64 << 20)],
+        "malloc_arena_max": ["--malloc-arena-max", "0"],
         "limits": ["--max-nodes", "17"],
         "reuse_port": ["--reuse-port"],
         "max_connection_age_seconds": ["--max-connection-age-seconds", "300"],

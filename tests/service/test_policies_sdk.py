@@ -67,6 +67,7 @@ def plan(client, model, policy, **options) -> remat.PlanResult:
         (P.Revolve(3), "revolve", {"slots": 3}),
         (P.Checkpoints(("act0", "act2")), "checkpoints", {"names": ["act0", "act2"]}),
         (P.SaveOps(("matmul", "conv2d")), "save_ops", {"ops": ["matmul", "conv2d"]}),
+        (P.MinMemory(time_limit=5), "min_memory", {"time_limit_seconds": 5}),
     ],
 )
 def test_each_policy_is_its_oneof_on_the_wire(policy, kind, fields):
@@ -111,6 +112,23 @@ def test_names_resolve_to_the_same_plans_as_objects(client):
     assert P.resolve(P.Revolve(2)) == P.Revolve(2)
 
 
+def test_min_memory_by_name_plans_under_recompute_all_and_says_how_it_knows(client):
+    model = mlp()
+    floor = plan(client, model, "min_memory")
+    assert floor.policy == "min_memory" == P.label(P.MinMemory())
+    assert floor.peak_bytes <= plan(client, model, "recompute_all").peak_bytes
+    report = floor.planner
+    assert report.budget_bytes == floor.peak_bytes
+    assert report.status in ("optimal", "feasible")
+    assert ("proven minimum" in report.detail) == (report.status == "optimal")
+    assert "proven bound" in report.detail or report.status == "optimal"
+    result = run(client, model, P.MinMemory(time_limit=5))
+    assert result.metrics.peak_bytes == result.metrics.predicted_peak_bytes <= floor.peak_bytes
+    expected = run(client, model, "store_all")
+    for key, value in expected.grads.items():
+        assert np.array_equal(result.grads[key], value), key
+
+
 def test_public_namespace():
     for name in (
         "StoreAll",
@@ -120,6 +138,7 @@ def test_public_namespace():
         "Checkpoints",
         "SaveOps",
         "Revolve",
+        "MinMemory",
         "resolve",
         "parse",
         "label",

@@ -16,7 +16,7 @@ import support
 
 from remat import models
 from remat_proto import policies as P
-from remat_server.checkpoint.planners import bounds, chain_dp, plan
+from remat_server.checkpoint.planners import bounds, chain_dp, least_memory, plan
 from remat_server.checkpoint.planners.budget import search
 from remat_server.checkpoint.problem import Problem
 from remat_server.engine import Engine, RunRequest
@@ -87,9 +87,9 @@ def test_budget_fits_and_beats_every_heuristic_that_fits(name, fraction):
             spec, wrt=tuple(model.wrt), loss=model.loss, policy=P.Budget(fraction=fraction)
         )
     except ResourceExhausted as error:
-        assert "lowest predicted peak" in str(error)
+        assert "the lowest peak" in str(error)
         assert not fitting, f"Budget found nothing but {sorted(fitting)} fit"
-        lowest, _ = bounds.lowest_peak(problem)
+        lowest = least_memory.floor(problem, "test").peak
         assert lowest > limit
         return
     sim, report = planned.simulation, planned.schedule.report
@@ -204,8 +204,10 @@ def test_auto_plans_under_the_limit_when_store_all_does_not_fit():
 
 def test_auto_nothing_fits_names_the_minimum_before_running():
     _, _, _, problem = reference("mlp")
-    lowest, _ = bounds.lowest_peak(problem)
-    with pytest.raises(ResourceExhausted, match="lowest predicted peak is") as error:
+    lowest = least_memory.floor(problem, "test").peak
+    with pytest.raises(
+        ResourceExhausted, match="the lowest peak (found|any schedule reaches) is"
+    ) as error:
         run_auto(lowest // 2)
     assert f"{lowest:,}" in str(error.value) and "--max-request-bytes" in str(error.value)
 
@@ -242,14 +244,13 @@ def test_budget_is_within_ten_percent_of_every_proven_optimum():
     assert len(proven) >= 4, proven  # the comparison is not vacuous
 
 
-def test_a_budget_below_inputs_plus_results_is_refused_at_once():
-    """Every schedule ends with the inputs and all results live: that floor is a true
-    lower bound (no policy goes under it), and a budget below it fails before searching."""
-    from remat_server.checkpoint.planners.budget import _floor
-
+def test_a_budget_below_the_proven_bound_is_refused_at_once():
+    """While a node is computed its inputs and result are live, and every schedule ends
+    with the inputs and all results live: that bound holds for every policy, and a
+    budget below it fails before searching."""
     _, _, _, problem = reference("mlp")
-    floor = _floor(problem)
+    bound = least_memory.peak_lower_bound(problem)
     for policy in (P.StoreAll(), P.RecomputeAll(), P.Sqrt(), P.DTR(fraction=0.9)):
-        assert figures(problem, policy)[0] >= floor, P.label(policy)
-    with pytest.raises(ResourceExhausted, match="inputs and results alone need"):
-        search(problem, floor - 1, "budget")
+        assert figures(problem, policy)[0] >= bound, P.label(policy)
+    with pytest.raises(ResourceExhausted, match=f"under {bound:,} bytes|is {bound:,} bytes"):
+        search(problem, bound - 1, "budget")

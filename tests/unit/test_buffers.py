@@ -88,6 +88,25 @@ def test_idle_blocks_are_bounded_oldest_dropped_first():
     assert pool.idle_bytes() <= 10 * MiB
 
 
+def test_shrink_keeps_what_was_in_use_at_once_since_the_last_shrink():
+    """At an idle moment the pool keeps as many idle blocks as were in use together since
+    the previous one: a loop of uploads reuses its blocks, a past burst is given back."""
+    pool = BufferPool(256 * MiB)
+    burst = [pool.array((4 * MiB,), np.uint8) for _ in range(5)]
+    del burst
+    pool.shrink()
+    assert pool.idle_bytes() == 20 * MiB  # the burst was the peak: all kept
+    for _ in range(3):  # a loop of two uploads at a time
+        pair = [pool.array((4 * MiB,), np.uint8) for _ in range(2)]
+        del pair
+    assert pool.reused == 6
+    pool.shrink()
+    assert pool.idle_bytes() == 8 * MiB  # the burst's other blocks are unmapped
+    held = pool.array((4 * MiB,), np.uint8)
+    pool.shrink()  # a block still in use is never dropped, nor counted as idle
+    assert pool.idle_bytes() == 0 and held.nbytes == 4 * MiB
+
+
 def test_concurrent_users_never_share_a_block():
     pool = BufferPool(256 * MiB)
     errors = []

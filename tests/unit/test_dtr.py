@@ -153,11 +153,11 @@ def test_transformer_block_with_views_is_bit_identical(fraction):
 @pytest.mark.parametrize("policy", [DTR(fraction=0.05), DTR(bytes=1000)], ids=str)
 def test_budget_below_reach_is_resource_exhausted(policy):
     model, spec, _ = reference("chain")
-    with pytest.raises(ResourceExhausted, match="lowest predicted peak") as info:
+    with pytest.raises(ResourceExhausted, match="the lowest peak") as info:
         ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy=policy)
     assert info.value.code == "RESOURCE_EXHAUSTED"
     assert "policy dtr(" in str(info.value) and "nothing left to evict" in str(info.value)
-    with pytest.raises(ResourceExhausted, match="lowest predicted peak"):
+    with pytest.raises(ResourceExhausted, match="the lowest peak"):
         ENGINE.run(request(model, spec, policy))
 
 

@@ -40,13 +40,16 @@ def test_tune_for_serving_sets_the_thresholds_where_glibc_is():
         pytest.skip("not glibc")
     assert allocator.tune_for_serving() is True
     assert allocator.tune_for_serving(32 << 20, 64 << 20) is True  # the fast setting
+    assert allocator.tune_for_serving(arena_max=0) is True  # glibc's own arena count
     assert allocator.tune_for_serving() is True  # back to the default for other tests
 
 
-@pytest.mark.parametrize("mmap_bytes, trim_bytes", [(0, 1), ((32 << 20) + 1, 1), (1, -1)])
-def test_tune_for_serving_refuses_thresholds_glibc_would_not_take(mmap_bytes, trim_bytes):
-    with pytest.raises(ValueError, match="malloc thresholds"):
-        allocator.tune_for_serving(mmap_bytes, trim_bytes)
+@pytest.mark.parametrize(
+    "mmap_bytes, trim_bytes, arenas", [(0, 1, 1), ((32 << 20) + 1, 1, 1), (1, -1, 1), (1, 1, -1)]
+)
+def test_tune_for_serving_refuses_settings_glibc_would_not_take(mmap_bytes, trim_bytes, arenas):
+    with pytest.raises(ValueError, match="malloc settings"):
+        allocator.tune_for_serving(mmap_bytes, trim_bytes, arenas)
 
 
 def test_the_trimmer_keeps_memory_for_a_like_request_and_trims_for_a_smaller_one():
@@ -71,10 +74,16 @@ def test_the_trimmer_keeps_memory_for_a_like_request_and_trims_for_a_smaller_one
 
 def test_the_trimmer_trims_when_idle_and_not_while_busy():
     trims = []
-    trimmer = allocator.Trimmer(idle_seconds=0, trim=lambda: trims.append(1))
+    trimmer = allocator.Trimmer(
+        idle_seconds=0, trim=lambda: trims.append(1), on_idle=lambda: trims.append("idle")
+    )
     trimmer.before(64 << 20)
     assert not trimmer.trim_if_idle(seconds=3600)  # a request started just now
-    assert trimmer.trim_if_idle(seconds=0) and trims == [1] and trimmer.kept == 0
+    # Idle: the hook (a pool's shrink) first, so that the trim returns what it freed.
+    assert trimmer.trim_if_idle(seconds=0) and trims == ["idle", 1] and trimmer.kept == 0
     assert not trimmer.trim_if_idle(seconds=0)  # no request since: nothing to do
     trimmer.before(1)  # even a small request may leave memory (others ran beside it)
-    assert trimmer.trim_if_idle(seconds=0) and trims == [1, 1]
+    assert trimmer.trim_if_idle(seconds=0) and trims == ["idle", 1, "idle", 1]
+    # A trim before a smaller request is not an idle moment: no hook.
+    trimmer.before(64 << 20)
+    assert trimmer.before(1 << 20) and trims[-1] == 1

@@ -225,12 +225,12 @@ def test_store_all_fits_is_optimal_without_a_solve():
     ],
 )
 def test_impossible_budget_is_resource_exhausted(policy, why):
-    with pytest.raises(ResourceExhausted, match="lowest predicted peak") as info:
+    with pytest.raises(ResourceExhausted, match="the lowest peak") as info:
         plan_optimal(problem("chain6"), policy)
     assert info.value.code == "RESOURCE_EXHAUSTED"
     assert "policy optimal(" in str(info.value)
     assert re.search(why, str(info.value))
-    with pytest.raises(ResourceExhausted, match="lowest predicted peak"):
+    with pytest.raises(ResourceExhausted, match="the lowest peak"):
         ENGINE.plan(GRAPHS["chain6"][0](), wrt=("x",), loss="loss", policy=policy)
 
 

@@ -104,6 +104,12 @@ class DTR(_message.Message):
     fraction: float
     def __init__(self, bytes: _Optional[int] = ..., fraction: _Optional[float] = ...) -> None: ...
 
+class MinMemory(_message.Message):
+    __slots__ = ("time_limit_seconds",)
+    TIME_LIMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    time_limit_seconds: float
+    def __init__(self, time_limit_seconds: _Optional[float] = ...) -> None: ...
+
 class Auto(_message.Message):
     __slots__ = ("bytes",)
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -111,7 +117,7 @@ class Auto(_message.Message):
     def __init__(self, bytes: _Optional[int] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "store_all", "recompute_all", "every_k", "sqrt", "checkpoints", "save_ops", "revolve", "budget", "optimal", "dtr", "auto")
+    __slots__ = ("name", "store_all", "recompute_all", "every_k", "sqrt", "checkpoints", "save_ops", "revolve", "budget", "optimal", "dtr", "auto", "min_memory")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STORE_ALL_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_ALL_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +130,7 @@ class Policy(_message.Message):
     OPTIMAL_FIELD_NUMBER: _ClassVar[int]
     DTR_FIELD_NUMBER: _ClassVar[int]
     AUTO_FIELD_NUMBER: _ClassVar[int]
+    MIN_MEMORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     store_all: StoreAll
     recompute_all: RecomputeAll
@@ -136,7 +143,8 @@ class Policy(_message.Message):
     optimal: Optimal
     dtr: DTR
     auto: Auto
-    def __init__(self, name: _Optional[str] = ..., store_all: _Optional[_Union[StoreAll, _Mapping]] = ..., recompute_all: _Optional[_Union[RecomputeAll, _Mapping]] = ..., every_k: _Optional[_Union[EveryK, _Mapping]] = ..., sqrt: _Optional[_Union[Sqrt, _Mapping]] = ..., checkpoints: _Optional[_Union[Checkpoints, _Mapping]] = ..., save_ops: _Optional[_Union[SaveOps, _Mapping]] = ..., revolve: _Optional[_Union[Revolve, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., optimal: _Optional[_Union[Optimal, _Mapping]] = ..., dtr: _Optional[_Union[DTR, _Mapping]] = ..., auto: _Optional[_Union[Auto, _Mapping]] = ...) -> None: ...
+    min_memory: MinMemory
+    def __init__(self, name: _Optional[str] = ..., store_all: _Optional[_Union[StoreAll, _Mapping]] = ..., recompute_all: _Optional[_Union[RecomputeAll, _Mapping]] = ..., every_k: _Optional[_Union[EveryK, _Mapping]] = ..., sqrt: _Optional[_Union[Sqrt, _Mapping]] = ..., checkpoints: _Optional[_Union[Checkpoints, _Mapping]] = ..., save_ops: _Optional[_Union[SaveOps, _Mapping]] = ..., revolve: _Optional[_Union[Revolve, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., optimal: _Optional[_Union[Optimal, _Mapping]] = ..., dtr: _Optional[_Union[DTR, _Mapping]] = ..., auto: _Optional[_Union[Auto, _Mapping]] = ..., min_memory: _Optional[_Union[MinMemory, _Mapping]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("graph", "inputs", "fetch", "wrt", "loss", "cotangents", "policy", "timeline", "measure_memory", "trace")

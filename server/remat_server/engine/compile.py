@@ -138,7 +138,10 @@ class Compiled:
         """Approximate resident bytes, plans included (the cache's measure)."""
         with self._lock:
             plans = [p for p in self._plans.values() if isinstance(p, Planned)]
-        return self._base_bytes + sum(p.nbytes for p in plans)
+        # A refusal keeps the least-memory schedule it found (least_memory.floor).
+        floor = self.problem.memo.get("floor")
+        kept = STEP_BYTES * len(floor.schedule.steps) if floor is not None else 0
+        return self._base_bytes + kept + sum(p.nbytes for p in plans)
 
     def cached(self, policy: policies.Policy) -> Planned | None:
         """The plan for `policy` if it is made already (never a profiled Budget's)."""

@@ -129,7 +129,7 @@ class Engine:
             if self._auto.bytes != self.request_limit:
                 self._auto = policies.Auto(self.request_limit)
             return self._auto
-        if isinstance(policy, policies.Optimal):  # the server's limit is also the most it grants
+        if isinstance(policy, (policies.Optimal, policies.MinMemory)):  # the most it grants too
             limit = self.limits.optimal_time_limit
             asked = policy.time_limit or limit
             return replace(policy, time_limit=min(limit, asked))
@@ -237,8 +237,12 @@ class Engine:
         feeds: Mapping[str, np.ndarray] | None = None,
         plan_control: control.PlanControl | None = None,
     ) -> tuple[Planned, bool]:
-        with control.controlled(plan_control or control.PlanControl()):
-            planned, hit = compiled.plan(policy, feeds)
+        try:
+            with control.controlled(plan_control or control.PlanControl()):
+                planned, hit = compiled.plan(policy, feeds)
+        except ResourceExhausted:  # refused, but its least-memory schedule is kept
+            self.cache.resize(compiled.key)
+            raise
         if not hit:
             self.cache.resize(compiled.key)  # it holds one more plan
         self._check_limit(planned)

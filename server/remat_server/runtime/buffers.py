@@ -15,7 +15,11 @@ block is never handed out while an array over it lives.
 
 Idle blocks are kept up to `max_idle_bytes` (server flag --buffer-pool-bytes); the
 oldest go first beyond it. Blocks in use are the requests' memory, which the
-request limits and the memory budget already bound.
+request limits and the memory budget already bound. When the server goes idle
+(`shrink`, from the allocator's idle trimmer), idle blocks beyond the most that was in
+use at once since the last time are unmapped: a loop of uploads keeps its blocks, but
+a rare burst of concurrent uploads does not raise the idle memory for good (under
+bench/load.py's 32 clients it ratcheted up by 12 MiB over three minutes).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class BufferPool:
         self._blocks: list[np.ndarray] = []  # uint8 blocks, oldest first, in use or idle
         self._lock = threading.Lock()
         self.reused = 0  # arrays served from an idle block (for tests and benchmarks)
+        self._peak_in_use = 0  # most bytes of blocks in use at once since the last shrink
 
     def array(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -67,7 +72,30 @@ class BufferPool:
                 self._blocks.append(block)
             else:
                 self.reused += 1
-            return block[:nbytes].view(dtype).reshape(shape)
+            array = block[:nbytes].view(dtype).reshape(shape)
+            self._peak_in_use = max(self._peak_in_use, self._in_use_bytes())
+            return array
+
+    def shrink(self) -> None:
+        """Unmap idle blocks beyond the most bytes in use at once since the last shrink.
+
+        >>> pool = BufferPool(max_idle_bytes=64 << 20)
+        >>> a, b = pool.array((1 << 20,), np.uint8), pool.array((1 << 20,), np.uint8)
+        >>> del a, b
+        >>> pool.shrink(); pool.idle_bytes() >> 20  # two were in use at once: both kept
+        2
+        >>> c = pool.array((1 << 20,), np.uint8); del c
+        >>> pool.shrink(); pool.idle_bytes() >> 20  # one since: one kept
+        1
+        """
+        with self._lock:
+            in_use = self._in_use_bytes()
+            self._trim(max(0, self._peak_in_use - in_use))
+            self._peak_in_use = in_use
+
+    def _in_use_bytes(self) -> int:
+        idle = set(self._idle_indices())
+        return sum(b.nbytes for i, b in enumerate(self._blocks) if i not in idle)
 
     def idle_bytes(self) -> int:
         with self._lock:

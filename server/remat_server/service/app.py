@@ -159,7 +159,9 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
     if budget is not None:
         log.info("remat server: memory budget %s", budget.explain())
     allocator.tune_for_serving(
-        config.malloc_mmap_threshold_bytes, config.malloc_trim_threshold_bytes
+        config.malloc_mmap_threshold_bytes,
+        config.malloc_trim_threshold_bytes,
+        config.malloc_arena_max,
     )
     metrics = ServerMetrics()
     drain = Drain()

@@ -51,6 +51,9 @@ class ServerConfig:
     # step 1.4x faster) but a mixed load's idle RSS grows 10-20%.
     malloc_mmap_threshold_bytes: int = 4 * MiB
     malloc_trim_threshold_bytes: int = 4 * MiB
+    # glibc's arenas (0: its default, 8 per core): every thread that allocates gets one
+    # up to that, and each keeps its own fragments; see remat_server.runtime.allocator.
+    malloc_arena_max: int = 1
     limits: Limits = field(default_factory=Limits)
     # Several processes may bind the same port (remat serve --workers N).
     reuse_port: bool = False

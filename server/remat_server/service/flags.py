@@ -65,6 +65,7 @@ def server_config(args, environ=None):
         buffer_pool_bytes=args.buffer_pool_bytes,
         malloc_mmap_threshold_bytes=args.malloc_mmap_threshold_bytes,
         malloc_trim_threshold_bytes=args.malloc_trim_threshold_bytes,
+        malloc_arena_max=args.malloc_arena_max,
         limits=Limits(**{flag: getattr(args, flag) for flag in LIMIT_FLAGS}),
         reuse_port=args.reuse_port or args.workers > 1,
         max_connection_age_seconds=args.max_connection_age_seconds,
@@ -396,6 +397,14 @@ def build_parser(environ) -> argparse.ArgumentParser:
         type=non_negative_int,
         default=ServerConfig.malloc_trim_threshold_bytes,
         help="glibc returns a heap's free top to the OS beyond this (default 4 MiB)",
+    )
+    serve.add_argument(
+        "--malloc-arena-max",
+        type=non_negative_int,
+        default=ServerConfig.malloc_arena_max,
+        help="glibc arenas the server's threads share (default "
+        f"{ServerConfig.malloc_arena_max}: the least memory kept in fragments; 0: glibc's "
+        "default of 8 per core)",
     )
     serve.add_argument(
         "--max-connection-age-seconds",

@@ -91,7 +91,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     ):
         self.engine = engine
         self.buffers = buffers or BufferPool(0)
-        self.trimmer = trimmer or allocator.Trimmer()
+        self.trimmer = trimmer or allocator.Trimmer(on_idle=self.buffers.shrink)
         self.store = store
         self.admission = admission or MemoryAdmission(0, 0)
         self.metrics = metrics

@@ -12,6 +12,7 @@ from remat_proto.policies import (
     Budget,
     Checkpoints,
     EveryK,
+    MinMemory,
     Optimal,
     Policy,
     RecomputeAll,
@@ -27,6 +28,7 @@ from .auto import plan_auto
 from .budget import plan_budget
 from .dtr import plan_dtr
 from .heuristics import plan_checkpoints, plan_every_k, plan_recompute_all, plan_save_ops, plan_sqrt
+from .least_memory import plan_min_memory
 from .optimal import plan_optimal
 from .revolve import plan_revolve
 from .store_all import plan_store_all
@@ -43,6 +45,7 @@ PLANNERS = {
     Optimal: plan_optimal,
     DTR: plan_dtr,
     Auto: plan_auto,
+    MinMemory: plan_min_memory,
 }
 
 

@@ -1,6 +1,7 @@
 """Auto, the default policy: store_all when it fits the request's memory limit, else
 the cheapest plan that fits (the budget planner's search), else RESOURCE_EXHAUSTED
-before anything is allocated, naming the lowest peak any plan reaches.
+before anything is allocated, naming the least memory a schedule needs
+(`least_memory.floor`).
 
 The engine fills `Auto.bytes == 0` with the server's per-request limit, so a plain
 request never plans over what the server would admit.

@@ -17,6 +17,8 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
    never loses to one of them at the same budget.
 5. On small joint graphs (<= EXACT_MAX_NODES), the exact MILP's best schedule within
    EXACT_SECONDS.
+6. When nothing else fits, the lowest-peak schedule known (`least_memory.floor`, which
+   a refusal would name anyway).
 
 Once store_all does not fit, the search holds one of the server's solve slots
 (`control.expensive`) and stops between candidates when its request has ended.
@@ -42,9 +44,10 @@ from ..problem import Problem
 from ..recompute import schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
 from . import chain_dp, milp
-from .bounds import budget_bytes, over_budget, simulated
+from .bounds import budget_bytes, simulated
 from .dtr import plan_dtr
 from .heuristics import plan_every_k, plan_recompute_all, plan_save_ops, plan_sqrt
+from .least_memory import floor, over_budget, peak_lower_bound
 from .revolve import plan_revolve
 from .store_all import plan_store_all
 
@@ -65,14 +68,8 @@ def plan_budget(problem: Problem, policy: Budget) -> Schedule:
 def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
     """The cheapest schedule found whose peak is <= `limit`, labelled `name`."""
     start = time.perf_counter()
-    floor = _floor(problem)
-    if limit < floor:  # every schedule ends with the inputs and all results live
-        raise over_budget(
-            problem,
-            name,
-            limit,
-            f"{why + '; ' if why else ''}the inputs and results alone need {floor:,} bytes",
-        )
+    if limit < peak_lower_bound(problem):  # no search can succeed
+        raise over_budget(problem, name, limit, why)
     found = _Candidates(problem, limit, name)
     # One cheap simulation that settles most requests: it polls nothing, takes no slot.
     found.consider("store_all", lambda: plan_store_all(problem), check=False)
@@ -82,6 +79,9 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
             found.keep_sets()
             found.heuristics()
             found.exact()
+            if found.best is None:  # the lowest-peak schedule known, if it fits
+                least = floor(problem, name)
+                found.consider(least.by, lambda: least.schedule)
     if found.best is None:
         raise over_budget(problem, name, limit, why)
     chosen, schedule, peak, cost = found.best
@@ -95,14 +95,6 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
         f"{peak:,} bytes, recomputing {cost:.4g} {unit}",
     )
     return replace(schedule, policy=name, report=report)
-
-
-def _floor(problem: Problem) -> int:
-    """A lower bound on any schedule's peak: the inputs plus the results' own buffers,
-    all live together when the schedule ends."""
-    model, inputs = problem.model, {n.name for n in problem.graph.inputs}
-    owners = {model.owner[r] for r in problem.results} - inputs
-    return problem.input_bytes + sum(model.nbytes[o] for o in owners)
 
 
 class _Candidates:

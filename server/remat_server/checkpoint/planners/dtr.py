@@ -46,7 +46,7 @@ from ..memory import LiveBytes
 from ..problem import Problem
 from ..schedule import Compute, Free, PlannerReport, Schedule, Step
 from ..simulate import InvalidSchedule
-from . import bounds
+from . import bounds, least_memory
 
 CHECK_EVERY = 1024  # computations between checks that the request is still alive
 
@@ -56,7 +56,7 @@ def plan_dtr(problem: Problem, policy: DTR) -> Schedule:
     name = label(policy)
     budget = bounds.budget_bytes(problem, policy.bytes, policy.fraction)
     if problem.input_bytes > budget:  # the replay only checks when something is computed
-        raise bounds.over_budget(problem, name, budget, "the graph inputs alone exceed it")
+        raise least_memory.over_budget(problem, name, budget, "the graph inputs alone exceed it")
     replay = _Replay(problem, budget, name)
     replay.run()
     report = PlannerReport(
@@ -162,7 +162,7 @@ class _Replay:
         while self.bytes.total + self.bytes.needs(name) > self.budget:
             victim = self.choose()
             if victim is None:
-                raise bounds.over_budget(
+                raise least_memory.over_budget(
                     self.problem,
                     self.name,
                     self.budget,

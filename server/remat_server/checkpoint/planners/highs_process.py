@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -50,6 +51,29 @@ import highspy
 import numpy as np
 
 from ...errors import RematError, ResourceExhausted
+
+
+def _quiet_first_highs() -> None:
+    """HiGHS prints its banner on stdout when a process makes its first Highs object,
+    before any option can turn output off: make that one here, at import (the server
+    starts serving later), with stdout pointed at /dev/null for the moment."""
+    if sys.stdout is not None:
+        sys.stdout.flush()  # what Python holds goes out first, not into /dev/null
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at all: nothing to keep clean
+        highspy.Highs()
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+_quiet_first_highs()
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,13 @@ earlier node. Variables (binary except U):
                0 <= U[t,k] <= budget - input bytes
                U[t,k] + C_k R[t,k] <= budget - input bytes   (C_k: node k's temporaries)
 
+`least_memory` solves the same model with the peak P as a variable (U[t,k] <= P, and
+with the temporaries) and P alone as the objective: the least memory of any schedule
+the model expresses. That class is not every schedule: a stage computes in
+topological order, so no schedule recomputes a forward result (the loss) after the
+last backward node, which can hold the least peak (the floor's `_results_last` adds
+that); the model's bound is therefore not reported as a bound on every schedule.
+
 The product is linearised exactly (FREE <= each factor, FREE >= R - S - sum R): tighter
 for the LP relaxation than Checkmate's big-M hazard count. FREE exists only for t > k
 and M_i > 0 (a free after the frontier node changes no U). Bytes are counted in units
@@ -61,7 +68,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import sparse
@@ -98,21 +105,52 @@ def solve(problem: Problem, limit: int, time_limit: float, name: str) -> Solutio
     control.check(name)  # building a few hundred nodes' model takes a while
     order = _order(problem)
     model = _Milp(problem, order, limit - problem.input_bytes)
+    solution, res = _solved(problem, model, limit, time_limit, name)
+    if solution.infeasible or not np.isfinite(res.bound):
+        return solution
+    # Each node's first computation is in every schedule: the rest is recomputation.
+    base = sum(problem.cost(n) for n in order)
+    return replace(solution, bound=max(0.0, res.bound - base))
+
+
+def least_memory(
+    problem: Problem, upper: int, time_limit: float, name: str, lower: int = 0
+) -> Solution:
+    """The schedule with the lowest peak, at most `upper` bytes (a known schedule's
+    peak), within `time_limit` seconds; its `bound` is a proven lower bound, in bytes,
+    on the peak of every schedule the MILP can express (0 if none). `lower`, a peak no
+    schedule goes under, lets HiGHS stop as soon as it meets it. Raises as `solve`."""
+    control.check(name)
+    model = _Milp(problem, _order(problem), upper - problem.input_bytes, least_memory=True)
+    # A schedule's P * unit is at least its true peak less the inputs: P >= that / unit.
+    model.lb[model.peak] = max(0, -(-(lower - problem.input_bytes) // model.unit))
+    solution, res = _solved(problem, model, upper, time_limit, name)
+    if solution.infeasible or not np.isfinite(res.bound):
+        return solution
+    # P counts whole units and each temporary is rounded up to one: a schedule's true
+    # peak can sit up to a unit under its P, so the bound gives that unit back.
+    rounded = any(v % model.unit for v in problem.model.scratch.values())
+    units = math.ceil(res.bound - 1e-6)
+    bound = problem.input_bytes + max(0, units * model.unit - (model.unit - 1) * rounded)
+    return replace(solution, bound=float(bound))
+
+
+def _solved(
+    problem: Problem, model: _Milp, limit: int, time_limit: float, name: str
+) -> tuple[Solution, _Result]:
+    """Run `model`; its schedule, checked against `limit` by the simulator."""
     start = time.perf_counter()
     res = model.solve(time_limit, name)
     seconds = time.perf_counter() - start
     control.check(name)  # interrupted, or stopped at a deadline-cut limit: moot anyway
     size = f"MILP with {model.variables} variables and {model.constraints} constraints"
-    # Each node's first computation is in every schedule: the rest is recomputation.
-    base = sum(problem.cost(n) for n in order)
-    bound = max(0.0, res.bound - base) if np.isfinite(res.bound) else 0.0
     if res.status == INFEASIBLE:
-        return Solution(None, True, False, 0.0, seconds, size, f"the {size} is infeasible")
+        return Solution(None, True, False, 0.0, seconds, size, f"the {size} is infeasible"), res
     if res.x is None:  # time limit (or a solver failure) before any feasible schedule
         why = f"the {size} found no feasible schedule " + (
             f"within {time_limit:g} s" if res.status == LIMIT else f"({res.message})"
         )
-        return Solution(None, False, False, 0.0, seconds, size, why, bound)
+        return Solution(None, False, False, 0.0, seconds, size, why), res
     schedule = Schedule(model.steps(res.x), problem.results, name)
     peak = simulated(problem, schedule).peak_bytes
     if peak > limit:  # the accounting above is exact or conservative: a bug, never hidden
@@ -121,7 +159,7 @@ def solve(problem: Problem, limit: int, time_limit: float, name: str) -> Solutio
             f"over its budget of {limit:,}"
         )
     gap = res.gap if np.isfinite(res.gap) else 0.0
-    return Solution(schedule, False, res.status == OPTIMAL, gap, seconds, size, "", bound)
+    return Solution(schedule, False, res.status == OPTIMAL, gap, seconds, size), res
 
 
 def size(problem: Problem) -> int:
@@ -193,7 +231,13 @@ class _Rows:
 
 
 class _Milp:
-    def __init__(self, problem: Problem, order: list[str], free_bytes: int):
+    """The model. With `least_memory`, a variable P (the peak, inputs excluded, in units)
+    bounds every U[t,k] and U[t,k] + C_k R[t,k], and the objective is P alone: the
+    lowest peak any schedule reaches, at most `free_bytes`."""
+
+    def __init__(
+        self, problem: Problem, order: list[str], free_bytes: int, least_memory: bool = False
+    ):
         graph, model = problem.graph, problem.model
         self.order, n = order, len(order)
         index = {name: i for i, name in enumerate(order)}
@@ -232,7 +276,8 @@ class _Milp:
         ei, ek = _pairs([(i, k) for i in range(n) for k in self.users[i] if mem[i] > 0])
         fcount = n - 1 - ek
         fstart = f0 + np.cumsum(fcount) - fcount
-        self.variables = f0 + int(fcount.sum())
+        self.peak = f0 + int(fcount.sum())  # P's column, when least_memory
+        self.variables = self.peak + int(least_memory)
         R, S = self.R, self.S
         U = lambda t, k: u0 + t * (t + 1) // 2 + k  # noqa: E731
         rows = _Rows()
@@ -282,12 +327,16 @@ class _Milp:
             [-(-model.scratch.get(name, 0) // unit) for name in order], dtype=np.int64
         )
         held = scratch[k] > 0
+        # Under a budget: <= the free bytes; for the least memory: <= P (so P - ... >= 0).
+        peak = [(None, np.full(int(held.sum()), self.peak), -1)] if least_memory else []
         rows.add(
             int(held.sum()),
-            [(None, U(t, k)[held], 1), (None, R(t, k)[held], scratch[k][held])],
+            [(None, U(t, k)[held], 1), (None, R(t, k)[held], scratch[k][held]), *peak],
             -np.inf,
-            free_bytes // unit,
+            0 if least_memory else free_bytes // unit,
         )
+        if least_memory:  # U[t,k] <= P
+            rows.add(tri, [(None, U(t, k), 1), (None, np.full(tri, self.peak), -1)], -np.inf, 0)
         # FREE[t,(i,k)] = R[t,k] (1 - S[t+1,i]) prod_j (1 - R[t,j]), users j of i, k < j <= t:
         # FREE <= each factor, FREE >= R[t,k] - S[t+1,i] - sum_j R[t,j].
         fi, fk, m = ei[g], ek[g], len(ft)
@@ -331,10 +380,14 @@ class _Milp:
         self.lb[S(n, np.arange(n))] = self.ub[S(n, np.arange(n))] = end
         self.ub[u0:f0] = free_bytes // unit
         self.cost = np.zeros(self.variables)
-        t, i = np.tril_indices(n)
-        self.cost[R(t, i)] = np.array([problem.cost(name) for name in order], dtype=float)[i]
         self.integrality = np.ones(self.variables, dtype=np.int32)  # HighsVarType: 1 integer
         self.integrality[u0:f0] = 0
+        if least_memory:  # P is integral (so is every U): its proven bound rounds up
+            self.cost[self.peak] = 1
+            self.ub[self.peak] = free_bytes // unit
+        else:
+            t, i = np.tril_indices(n)
+            self.cost[R(t, i)] = np.array([problem.cost(name) for name in order], dtype=float)[i]
 
     def R(self, t, i):
         return self.r0 + t * (t + 1) // 2 + i

@@ -24,8 +24,9 @@ from .. import control
 from ..problem import Problem
 from ..schedule import PlannerReport, Schedule
 from . import milp
-from .bounds import budget_bytes, over_budget, store_all_peak
+from .bounds import budget_bytes, store_all_peak
 from .budget import search
+from .least_memory import over_budget
 from .store_all import plan_store_all
 
 DEFAULT_TIME_LIMIT = 60.0  # seconds; the engine passes the server's when the policy has 0

@@ -1,0 +1,248 @@
+"""The least memory a schedule can need: policy MinMemory, and the floor that
+RESOURCE_EXHAUSTED names when no schedule fits a budget.
+
+The floor is found in steps, each only as costly as it must be:
+
+1. the low-memory schedules the server knows (recompute_all; keep nothing and drop
+   every recomputed value after its read): the lowest peak found, and its schedule;
+2. a proven lower bound no schedule goes under (`peak_lower_bound`): while a node is
+   computed its inputs, its result and its temporaries are live, and at the end all
+   results are, the graph inputs always;
+3. on joint graphs the exact MILP takes (`--optimal-max-nodes`), within a time limit:
+   the MILP with the peak as its objective (`milp.least_memory`), whose schedule
+   replaces the found one when lower and whose proven bound raises the bound; then,
+   with the time left, the MILP under that peak for the least recomputation.
+
+The peak is the proven minimum when it meets the bound. A floor is kept in the
+problem's memo, so a request refused for its budget does not search twice.
+
+    >>> from remat_proto.policies import MinMemory
+    >>> MinMemory(time_limit=5)
+    MinMemory(time_limit=5)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from remat_proto.policies import MinMemory, label
+
+from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
+from .. import control
+from ..problem import Problem
+from ..recompute import schedule_with_checkpoints
+from ..schedule import Compute, Free, PlannerReport, Schedule
+from ..simulate import InvalidSchedule
+from . import milp
+from .bounds import simulated
+from .heuristics import plan_recompute_all
+
+DEFAULT_TIME_LIMIT = 60.0  # seconds; the engine passes the server's when the policy has 0
+# A refusal spends at most this long proving its floor, and only on joint graphs of at
+# most REFUSAL_MAX_NODES nodes (where HiGHS gets far in that time).
+REFUSAL_SECONDS, REFUSAL_MAX_NODES = 2.0, 80
+MIN_SOLVE_SECONDS = 0.05  # less left is not worth starting HiGHS
+PEAK_SHARE = 2 / 3
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The lowest-peak schedule found (`peak` bytes, planned by `by`) and a proven lower
+    bound on every schedule's peak; `proven` when they meet. `seconds` is how long the
+    search was given (a longer one may do better)."""
+
+    schedule: Schedule
+    peak: int
+    by: str
+    bound: int
+    seconds: float
+
+    @property
+    def proven(self) -> bool:
+        return self.peak <= self.bound
+
+    def describe(self) -> str:
+        if self.proven:
+            return (
+                f"the lowest peak any schedule reaches is {self.peak:,} bytes "
+                f"({self.by}, proven minimum)"
+            )
+        return (
+            f"the lowest peak found is {self.peak:,} bytes ({self.by}); none can peak "
+            f"under {self.bound:,} bytes (proven bound)"
+        )
+
+
+def plan_min_memory(problem: Problem, policy: MinMemory) -> Schedule:
+    name = label(policy)
+    start = time.perf_counter()
+    with control.expensive(name):
+        found = floor(problem, name, policy.time_limit or DEFAULT_TIME_LIMIT)
+    return replace(
+        found.schedule,
+        policy=name,
+        report=PlannerReport(
+            budget_bytes=found.peak,
+            status="optimal" if found.proven else "feasible",
+            solve_seconds=time.perf_counter() - start,
+            chosen=found.by,
+            detail=found.describe(),
+        ),
+    )
+
+
+def floor(problem: Problem, name: str, seconds: float = REFUSAL_SECONDS) -> Floor:
+    """The least memory found within `seconds` (see the module's doc); from the memo
+    when an earlier search had at least as long."""
+    known = problem.memo.get("floor")
+    if known is not None and (known.proven or known.seconds >= seconds):
+        return known
+    deadline = time.perf_counter() + seconds
+    best = _heuristic_floor(problem)
+    found = Floor(best[1], best[2], best[0], peak_lower_bound(problem), seconds)
+    exact_nodes = problem.milp_max_nodes if seconds > REFUSAL_SECONDS else REFUSAL_MAX_NODES
+    if not found.proven and milp.size(problem) <= exact_nodes:
+        found = _exact(problem, name, found, deadline)
+    found = _results_last(problem, found)
+    problem.memo["floor"] = found
+    return found
+
+
+def over_budget(problem: Problem, name: str, budget: int, why: str = "") -> ResourceExhausted:
+    """The error for a budget no schedule meets, naming the least memory one needs."""
+    with control.expensive(name):  # the floor's MILP, if any, is a solve like another
+        found = floor(problem, name)
+    reason = f" ({why})" if why else ""
+    return ResourceExhausted(
+        f"policy {name}: no schedule fits {budget:,} bytes{reason}; {found.describe()}, "
+        f"inputs included ({problem.input_bytes:,}); raise the budget, plan with "
+        "min_memory, or send a smaller batch"
+    )
+
+
+def _results_last(problem: Problem, found: Floor) -> Floor:
+    """`found`, or better: the same schedule with its forward results (the loss, fetched
+    activations) dropped after their last read and recomputed from the inputs at the
+    very end, if that lowers the peak. The MILP's stages compute in topological order,
+    so it cannot place them there; results otherwise sit on top of the backward pass."""
+    deferred = {r for r in problem.results if problem.is_forward(r)}
+    if not deferred:
+        return found
+    steps, graph = found.schedule.steps, problem.graph
+    # The last step that reads each deferred result, or computes it again (then the
+    # schedule frees it itself before).
+    last_use: dict[str, int] = {}
+    for j, step in enumerate(steps):
+        if type(step) is Compute:
+            for r in deferred.intersection(graph[step.node].inputs) | ({step.node} & deferred):
+                last_use[r] = j
+    out: list = []
+    live = {n.name for n in graph.inputs}
+    for j, step in enumerate(steps):
+        out.append(step)
+        if type(step) is Compute:
+            live.add(step.node)
+        else:
+            live.discard(step.node)
+        for r in sorted(deferred & live):
+            if last_use.get(r, -1) <= j:
+                out.append(Free(r))
+                live.discard(r)
+    missing = set(problem.results) - live
+    tail = _recompute(problem, missing, live)
+    schedule = replace(found.schedule, steps=tuple(out + tail))
+    try:
+        peak = simulated(problem, schedule).peak_bytes
+    except InvalidSchedule:  # a planner's bug would show here: keep what was checked
+        return found
+    if peak >= found.peak:
+        return found
+    return replace(found, schedule=schedule, peak=peak, by=f"{found.by}, results last")
+
+
+def _recompute(problem: Problem, wanted: set[str], live: set[str]) -> list:
+    """Steps that compute `wanted` from the `live` values, in topological order, each
+    value not wanted freed after its last use."""
+    graph, need, stack = problem.graph, set(), list(wanted)
+    while stack:
+        name = stack.pop()
+        if name not in need and name not in live:
+            need.add(name)
+            stack.extend(graph[name].inputs)
+    order = [n for n in graph.nodes if n in need]
+    last = {}
+    for name in order:
+        for source in graph[name].inputs:
+            last[source] = name
+    steps: list = []
+    for name in order:
+        steps.append(Compute(name))
+        inputs = dict.fromkeys(graph[name].inputs)  # an input read twice is freed once
+        steps += [Free(v) for v in inputs if last.get(v) == name and v in need - wanted]
+        if name not in wanted and name not in last:  # computed for nothing: never read
+            steps.append(Free(name))
+    return steps
+
+
+def _heuristic_floor(problem: Problem) -> tuple[str, Schedule, int]:
+    """(planner, schedule, peak) of the lowest-peak known schedule."""
+    makers = {
+        "recompute_all": lambda: plan_recompute_all(problem, None),
+        "keep_set(drop, 0 kept)": lambda: schedule_with_checkpoints(
+            problem, frozenset(), "", mode="drop"
+        ),
+    }
+    best = None
+    for by, make in makers.items():
+        schedule = make()
+        peak = simulated(problem, schedule).peak_bytes
+        if best is None or peak < best[2]:
+            best = (by, schedule, peak)
+    return best
+
+
+def _exact(problem: Problem, name: str, found: Floor, deadline: float) -> Floor:
+    """The MILP's least peak, then its least recomputation at that peak."""
+    if _left(deadline) <= MIN_SOLVE_SECONDS:
+        return found
+    try:
+        # The lowest peak gets PEAK_SHARE of the time, so that the least recomputation
+        # at that peak gets some.
+        seconds = PEAK_SHARE * _left(deadline)
+        low = milp.least_memory(problem, found.peak, seconds, name, lower=found.bound)
+        bound = max(found.bound, int(low.bound))
+        if low.schedule is not None:
+            peak = simulated(problem, low.schedule).peak_bytes
+            if peak < found.peak:
+                found = replace(found, schedule=low.schedule, peak=peak, by="milp")
+        found = replace(found, bound=bound)
+        if _left(deadline) > MIN_SOLVE_SECONDS:  # the same peak, less recomputation
+            cheap = milp.solve(problem, found.peak, _left(deadline), name)
+            if cheap.schedule is not None:
+                found = replace(found, schedule=cheap.schedule, by="milp")
+    except (Cancelled, DeadlineExceeded):
+        raise  # the request ended: no more planning
+    except (RematError, ResourceExhausted):  # the solver's process died: what we have
+        pass
+    return found
+
+
+def _left(deadline: float) -> float:
+    return control.seconds_left(max(0.0, deadline - time.perf_counter()))
+
+
+def peak_lower_bound(problem: Problem) -> int:
+    """Bytes every schedule's peak reaches: the graph inputs plus, at the end, every
+    result's buffer, and, while any needed node is computed, its inputs' buffers, its
+    own and its temporaries (views count their owner's buffer)."""
+    model, graph = problem.model, problem.graph
+    inputs = {n.name for n in graph.inputs}
+
+    def held(values) -> int:
+        return sum(model.nbytes[o] for o in {model.owner[v] for v in values} - inputs)
+
+    best = held(problem.results)
+    for name in problem.needed - inputs:
+        best = max(best, held((name, *graph[name].inputs)) + model.scratch.get(name, 0))
+    return problem.input_bytes + best
