@@ -34,6 +34,13 @@ def ufunc_buffers(out_shape, *operands: TensorType, cast: tuple[TensorType, ...]
     one element, full-size operands and the fresh result never do. A non-contiguous
     operand may get one too: the memory model assumes contiguous ones.
     """
+    out_shape = tuple(out_shape)
+    if not cast:  # the common case, answered without the walk below (a call per node)
+        for t in operands:
+            if t.shape != out_shape and math.prod(t.shape) != 1:
+                break
+        else:
+            return 0
     if math.prod(out_shape) == 0:  # nothing to iterate
         return 0
     everyone = operands + tuple(cast)
