@@ -43,6 +43,10 @@ DEFAULT_TIME_LIMIT = 60.0  # seconds; the engine passes the server's when the po
 # most REFUSAL_MAX_NODES nodes (where HiGHS gets far in that time).
 REFUSAL_SECONDS, REFUSAL_MAX_NODES = 2.0, 80
 MIN_SOLVE_SECONDS = 0.05  # less left is not worth starting HiGHS
+# recompute_all is quadratic on a chain (25 million steps, about 50 s, on 5,000 tanh):
+# past this many steps no other low-memory schedule is tried, nor the results-last
+# pass, which copies and simulates the schedule again.
+RESULTS_LAST_MAX_STEPS = 1_000_000
 PEAK_SHARE = 2 / 3
 
 
@@ -104,7 +108,8 @@ def floor(problem: Problem, name: str, seconds: float = REFUSAL_SECONDS) -> Floo
     exact_nodes = problem.milp_max_nodes if seconds > REFUSAL_SECONDS else REFUSAL_MAX_NODES
     if not found.proven and milp.size(problem) <= exact_nodes:
         found = _exact(problem, name, found, deadline)
-    found = _results_last(problem, found)
+    if len(found.schedule.steps) <= RESULTS_LAST_MAX_STEPS:
+        found = _results_last(problem, found)
     problem.memo["floor"] = found
     return found
 
@@ -175,11 +180,12 @@ def _recompute(problem: Problem, wanted: set[str], live: set[str]) -> list:
     for name in order:
         for source in graph[name].inputs:
             last[source] = name
+    droppable = need - wanted
     steps: list = []
     for name in order:
         steps.append(Compute(name))
         inputs = dict.fromkeys(graph[name].inputs)  # an input read twice is freed once
-        steps += [Free(v) for v in inputs if last.get(v) == name and v in need - wanted]
+        steps += [Free(v) for v in inputs if last.get(v) == name and v in droppable]
         if name not in wanted and name not in last:  # computed for nothing: never read
             steps.append(Free(name))
     return steps
@@ -195,10 +201,13 @@ def _heuristic_floor(problem: Problem) -> tuple[str, Schedule, int]:
     }
     best = None
     for by, make in makers.items():
+        control.check()  # each is a full schedule and simulation: stop when asked
         schedule = make()
         peak = simulated(problem, schedule).peak_bytes
         if best is None or peak < best[2]:
             best = (by, schedule, peak)
+        if len(schedule.steps) > RESULTS_LAST_MAX_STEPS:  # quadratic here: no more of them
+            break
     return best
 
 
