@@ -71,7 +71,6 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy import sparse
 
 from .. import control
 from ..problem import Problem
@@ -79,6 +78,7 @@ from ..schedule import Compute, Free, Schedule, Step
 from ..simulate import InvalidSchedule
 from . import highs_process
 from .bounds import simulated
+from .milp_rows import Rows, pairs, ranges
 
 
 @dataclass(frozen=True)
@@ -188,48 +188,6 @@ def _order(problem: Problem) -> list[str]:
     return order
 
 
-def _ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each group g, the integers lo[g] <= v < hi[g]: (group index, v) arrays."""
-    counts = np.maximum(hi - lo, 0)
-    group = np.repeat(np.arange(len(lo)), counts)
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    return group, np.repeat(lo, counts) + np.arange(counts.sum()) - starts
-
-
-def _pairs(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    a = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    return a[:, 0], a[:, 1]
-
-
-class _Rows:
-    """Constraint rows as COO triplets, appended block by block."""
-
-    def __init__(self):
-        self.rows, self.cols, self.coefs, self.lower, self.upper = [], [], [], [], []
-        self.count = 0
-
-    def add(self, count: int, terms, lower: float, upper: float) -> None:
-        """`count` rows lower <= sum coef * x[col] <= upper; terms are (row, col, coef)
-        arrays, row None meaning one row per element."""
-        for row, col, coef in terms:
-            self.rows.append((np.arange(count) if row is None else row) + self.count)
-            self.cols.append(col)
-            self.coefs.append(np.broadcast_to(np.asarray(coef, dtype=float), col.shape))
-        self.lower.append(np.full(count, lower, dtype=float))
-        self.upper.append(np.full(count, upper, dtype=float))
-        self.count += count
-
-    def build(self, variables: int) -> tuple[sparse.csr_array, np.ndarray, np.ndarray]:
-        """The matrix (rows compressed, duplicates summed) and the row bounds."""
-        A = sparse.coo_array(
-            (np.concatenate(self.coefs), (np.concatenate(self.rows), np.concatenate(self.cols))),
-            shape=(self.count, variables),
-        ).tocsr()
-        A.sum_duplicates()
-        A.eliminate_zeros()  # bytes-free nodes' coefficients: HiGHS would drop them
-        return A, np.concatenate(self.lower), np.concatenate(self.upper)
-
-
 class _Milp:
     """The model. With `least_memory`, a variable P (the peak, inputs excluded, in units)
     bounds every U[t,k] and U[t,k] + C_k R[t,k], and the objective is P alone: the
@@ -273,18 +231,18 @@ class _Milp:
         self.r0, self.s0 = 0, tri
         self.u0 = u0 = tri + (n + 1) * n // 2
         f0 = u0 + tri
-        ei, ek = _pairs([(i, k) for i in range(n) for k in self.users[i] if mem[i] > 0])
+        ei, ek = pairs([(i, k) for i in range(n) for k in self.users[i] if mem[i] > 0])
         fcount = n - 1 - ek
         fstart = f0 + np.cumsum(fcount) - fcount
         self.peak = f0 + int(fcount.sum())  # P's column, when least_memory
         self.variables = self.peak + int(least_memory)
         R, S = self.R, self.S
         U = lambda t, k: u0 + t * (t + 1) // 2 + k  # noqa: E731
-        rows = _Rows()
+        rows = Rows()
 
         # Inputs live: R[t,k] - R[t,i] - S[t,i] <= 0 for each real edge i -> k, t >= k.
-        di, dk = _pairs([(i, k) for k in range(n) for i in deps[k]])
-        g, t = _ranges(dk, np.full(len(dk), n))
+        di, dk = pairs([(i, k) for k in range(n) for i in deps[k]])
+        g, t = ranges(dk, np.full(len(dk), n))
         i, k = di[g], dk[g]
         rows.add(len(t), [(None, R(t, k), 1), (None, R(t, i), -1), (None, S(t, i), -1)], -np.inf, 0)
         # R[t,i] + S[t,i] <= 1; S[t+1,i] <= S[t,i] + R[t,i] (S[t,t] is 0: not a variable).
@@ -299,14 +257,14 @@ class _Milp:
         views = np.array(
             [v for v in range(n) if 0 <= owner[v] != v and mem[owner[v]] > 0], dtype=np.int64
         )
-        g, t = _ranges(views + 1, np.full(len(views), n + 1))
+        g, t = ranges(views + 1, np.full(len(views), n + 1))
         rows.add(len(t), [(None, S(t, views[g]), 1), (None, S(t, owner[views[g]]), -1)], -np.inf, 0)
         # Memory, one equality per U[t,k]: U[t,0] = M_0 R[t,0] + sum_i M_i S[t,i];
         # U[t,k] = U[t,k-1] + M_k R[t,k] - sum M_i FREE[t,(i,k-1)].
         t, k = np.tril_indices(n)
         first = t * (t + 1) // 2  # the row of U[t,0]
         st, si = np.tril_indices(n, -1)
-        g, ft = _ranges(ek + 1, np.full(len(ek), n))  # the FREE variables: (edge g, stage ft)
+        g, ft = ranges(ek + 1, np.full(len(ek), n))  # the FREE variables: (edge g, stage ft)
         fcol = fstart[g] + ft - ek[g] - 1
         later = k > 0
         rows.add(
@@ -342,8 +300,8 @@ class _Milp:
         fi, fk, m = ei[g], ek[g], len(ft)
         rows.add(m, [(None, fcol, 1), (None, R(ft, fk), -1)], -np.inf, 0)
         rows.add(m, [(None, fcol, 1), (None, S(ft + 1, fi), 1)], -np.inf, 1)
-        pe, pj = _pairs([(e, j) for e in range(len(ek)) for j in self.users[ei[e]] if j > ek[e]])
-        h, pt = _ranges(pj, np.full(len(pj), n))  # (pair h, stage pt) with j <= pt
+        pe, pj = pairs([(e, j) for e in range(len(ek)) for j in self.users[ei[e]] if j > ek[e]])
+        h, pt = ranges(pj, np.full(len(pj), n))  # (pair h, stage pt) with j <= pt
         pe, pj = pe[h], pj[h]
         pcol = fstart[pe] + pt - ek[pe] - 1
         rows.add(len(pt), [(None, pcol, 1), (None, R(pt, pj), 1)], -np.inf, 1)
@@ -374,7 +332,7 @@ class _Milp:
         # solver symmetric choices.
         free = np.flatnonzero((mem == 0) & ~np.isin(np.arange(n), views))
         end[free] = 1
-        g, t = _ranges(free + 1, np.full(len(free), n))
+        g, t = ranges(free + 1, np.full(len(free), n))
         self.lb[S(t, free[g])] = 1
         self.ub[R(t, free[g])] = 0
         self.lb[S(n, np.arange(n))] = self.ub[S(n, np.arange(n))] = end
