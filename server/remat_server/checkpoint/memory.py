@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..graph.ir import INPUT_OP, Graph
+from ..graph.ir import INPUT_OP, Graph, TensorType
 from ..ops import registry
 
 
@@ -35,28 +35,53 @@ def memory_model(graph: Graph) -> MemoryModel:
     source: dict[str, str] = {}
     scratch: dict[str, int] = {}
     contiguous: dict[str, bool] = {}
-    nodes = graph.nodes
+    nodes, ops = graph.nodes, registry.REGISTRY
+    # Graphs repeat a few signatures many times (a chain's adds, a model's layers), so
+    # each distinct (op, types, attrs) asks its scratch rule once and each type computes
+    # its bytes once: half of this function's time on a 100k-node chain otherwise.
+    scratch_of: dict[tuple, int] = {}
+    bytes_of: dict[TensorType, int] = {}
     for node in graph:
-        definition = None if node.op == INPUT_OP else registry.REGISTRY[node.op]
+        name, type_ = node.name, node.type
+        definition = None if node.op == INPUT_OP else ops[node.op]
         kind = "new" if definition is None else definition.memory
         if definition is not None and definition.scratch is not None:
-            held = definition.scratch(
-                node.type, *(nodes[i].type for i in node.inputs), **node.attrs
-            )
+            held = _scratch(definition, node, nodes, scratch_of)
             if held > 0:
-                scratch[node.name] = int(held)
+                scratch[name] = held
         if kind == "view_if_contiguous":
             kind = "view" if contiguous[node.inputs[0]] else "new"
-            contiguous[node.name] = True
+            contiguous[name] = True
         else:
-            contiguous[node.name] = kind != "view"
+            contiguous[name] = kind != "view"
         if kind == "view":
-            owner[node.name] = owner[node.inputs[0]]
-            source[node.name] = node.inputs[0]
+            owner[name] = owner[node.inputs[0]]
+            source[name] = node.inputs[0]
         else:
-            owner[node.name] = node.name
-            nbytes[node.name] = 0 if kind == "external" else node.type.nbytes
+            owner[name] = name
+            if kind == "external":
+                nbytes[name] = 0
+            else:
+                size = bytes_of.get(type_)
+                nbytes[name] = bytes_of[type_] = type_.nbytes if size is None else size
     return MemoryModel(owner, nbytes, source, scratch)
+
+
+def _scratch(definition, node, nodes, known: dict[tuple, int]) -> int:
+    """The op's declared temporaries for this node, looked up by signature in `known`
+    (attrs holding arrays do not hash: those nodes ask the rule directly)."""
+    types = tuple([nodes[i].type for i in node.inputs])
+    attrs = node.attrs
+    key = (
+        (node.op, node.type, types, tuple(attrs.items())) if attrs else (node.op, node.type, types)
+    )
+    try:
+        held = known.get(key)
+    except TypeError:  # an unhashable attr
+        return int(definition.scratch(node.type, *types, **node.attrs))
+    if held is None:
+        held = known[key] = int(definition.scratch(node.type, *types, **node.attrs))
+    return held
 
 
 class LiveBytes:
@@ -89,11 +114,12 @@ class LiveBytes:
                 self.generation[owner] = buffer[1]
         held[name] = buffer
         count = refs.get(buffer, 0)
+        total = self.total
         if count == 0:
-            self.total += model.nbytes[buffer[0]]
+            self.total = total = total + model.nbytes[buffer[0]]
         refs[buffer] = count + 1
         # While `name` is computed, its temporaries sit on top of everything live.
-        transient = self.total + model.scratch.get(name, 0)
+        transient = total + model.scratch.get(name, 0)
         if transient > self.peak:
             self.peak = transient
 

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ..graph.ir import Graph
+from ..graph.ir import INPUT_OP, Graph
+from ..ops import registry
 from .memory import MemoryModel, memory_model
 from .simulate import node_flops
 
@@ -44,10 +45,21 @@ class Problem:
     @cached_property
     def flops(self) -> dict[str, int]:
         """Every computed node's FLOPs, once for all the policies planned on it."""
-        graph = self.graph
-        return {
-            name: node_flops(graph, name) for name, node in graph.nodes.items() if not node.is_input
-        }
+        graph, ops = self.graph, registry.REGISTRY
+        flops: dict[str, int] = {}
+        # Ops priced per output element cost the same for the same (op, type): asked once.
+        per_element: dict[tuple, int] = {}
+        for name, node in graph.nodes.items():
+            if node.op == INPUT_OP:
+                continue
+            key = (node.op, node.type)
+            cost = per_element.get(key)
+            if cost is None:
+                cost = node_flops(graph, name)
+                if getattr(ops[node.op].cost, "per_element", None) is not None:
+                    per_element[key] = cost
+            flops[name] = cost
+        return flops
 
     @cached_property
     def input_bytes(self) -> int:

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from remat_proto.results import PlannerReport
 
 
-@dataclass(frozen=True, slots=True)
+# Steps are immutable by convention (hashable, never assigned to): `frozen=True` would
+# double the cost of making one, and planners make millions.
+@dataclass(slots=True, unsafe_hash=True)
 class Compute:
     node: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Free:
     node: str
 

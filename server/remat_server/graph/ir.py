@@ -35,7 +35,9 @@ class TensorType(NamedTuple):
         return self.size * dtypes.itemsize(self.dtype)
 
 
-@dataclass(frozen=True, slots=True)
+# Immutable by convention, not `frozen=True`: a frozen dataclass's __init__ costs four
+# times a plain one's (0.5 against 0.12 us), paid for every node validated or emitted.
+@dataclass(slots=True)
 class Node:
     name: str
     op: str
@@ -63,13 +65,14 @@ class Graph:
     Immutable by convention: `nodes` and `outputs` are read-only mappings.
     """
 
-    __slots__ = ("name", "nodes", "outputs", "_consumers")
+    __slots__ = ("name", "nodes", "outputs", "_consumers", "_inputs")
 
     def __init__(self, name: str, nodes: Mapping[str, Node], outputs: Mapping[str, str]):
         self.name = name
         self.nodes: Mapping[str, Node] = MappingProxyType(dict(nodes))
         self.outputs: Mapping[str, str] = MappingProxyType(dict(outputs))
         self._consumers: dict[str, tuple[str, ...]] | None = None
+        self._inputs: tuple[Node, ...] | None = None
 
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
@@ -85,7 +88,9 @@ class Graph:
 
     @property
     def inputs(self) -> list[Node]:
-        return [node for node in self.nodes.values() if node.is_input]
+        if self._inputs is None:  # a scan of every node, asked by every pipeline stage
+            self._inputs = tuple(node for node in self.nodes.values() if node.op == INPUT_OP)
+        return list(self._inputs)
 
     def consumers(self, name: str) -> tuple[str, ...]:
         """Nodes that read `name`, in topological order (one entry per use)."""

@@ -53,6 +53,10 @@ def binary(allowed: frozenset[str], out_dtype: str | None = None):
     """Rule for a broadcasting two-input op with matching dtypes."""
 
     def infer(a: TensorType, b: TensorType, **attrs) -> TensorType:
+        if a == b and a.dtype in allowed:  # the common case, answered without the checks
+            return (
+                a if out_dtype is None or out_dtype == a.dtype else TensorType(a.shape, out_dtype)
+            )
         dtype = same_dtype(a, b)
         require_dtype(a, allowed)
         return TensorType(broadcast_shapes(a.shape, b.shape), out_dtype or dtype)

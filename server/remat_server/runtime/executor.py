@@ -69,7 +69,7 @@ class Program:
         model: MemoryModel,
         timeline: tuple[int, ...],
     ):
-        nodes, owner, nbytes, ops = graph.nodes, model.owner, model.nbytes, registry.REGISTRY
+        nodes, nbytes, ops = graph.nodes, model.nbytes, registry.REGISTRY
         # One entry per node, shared by its steps: (name, node, forward, inputs, attrs,
         # fresh). A step is then (phase, entry, bytes in use at it: the timeline).
         entries: dict[str, tuple] = {}
@@ -87,7 +87,7 @@ class Program:
                     ops[node.op].forward,
                     node.inputs,
                     dict(node.attrs) if node.attrs else _NO_ATTRS,
-                    owner[name] == name and nbytes[name] > 0,
+                    nbytes.get(name, 0) > 0,  # owns a buffer (views are not in nbytes)
                 )
             if type(step) is not Compute:
                 append((FREE, entry, live))

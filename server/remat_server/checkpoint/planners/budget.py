@@ -68,11 +68,11 @@ def plan_budget(problem: Problem, policy: Budget) -> Schedule:
 def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
     """The cheapest schedule found whose peak is <= `limit`, labelled `name`."""
     start = time.perf_counter()
-    if limit < peak_lower_bound(problem):  # no search can succeed
-        raise over_budget(problem, name, limit, why)
     found = _Candidates(problem, limit, name)
     # One cheap simulation that settles most requests: it polls nothing, takes no slot.
     found.consider("store_all", lambda: plan_store_all(problem), check=False)
+    if found.best is None and limit < peak_lower_bound(problem):  # no search can succeed
+        raise over_budget(problem, name, limit, why)
     if found.best is None:
         with control.expensive(name):
             found.chain()

@@ -19,9 +19,10 @@ def plan_store_all(problem: Problem, policy=None) -> Schedule:
     for position, node in enumerate(order):
         for source in node.inputs:
             last_use[source] = position
+    kept = results | {node.name for node in problem.graph.inputs}  # never freed
     frees_after: dict[int, list[str]] = {}
     for name, position in last_use.items():
-        if name not in results and nodes[name].op != INPUT_OP:
+        if name not in kept:
             frees_after.setdefault(position, []).append(name)
     steps: list[Step] = []
     append = steps.append
