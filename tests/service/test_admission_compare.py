@@ -10,7 +10,6 @@ shown to hold requests as it says.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,14 +44,23 @@ def budget_server(monkeypatch):
             super().__init__(*args)
             made.append(self)
 
-        @contextlib.contextmanager
-        def reserve(self, nbytes, **kwargs):
-            with super().reserve(nbytes, **kwargs) as admitted:
-                holding, self.hold_for = self.hold_for, 0
-                deadline = time.monotonic() + 60  # only a failure waits this long
-                while holding and self.queued < holding and time.monotonic() < deadline:
-                    time.sleep(0.001)
-                yield admitted
+        # Both ways in: at once (`try_acquire`, the servicer's fast path) or queued.
+        def try_acquire(self, amount):
+            granted = super().try_acquire(amount)
+            if granted:
+                self._hold()
+            return granted
+
+        def acquire(self, amount, timeout, cancelled):
+            waited = super().acquire(amount, timeout, cancelled)
+            self._hold()
+            return waited
+
+        def _hold(self):
+            holding, self.hold_for = self.hold_for, 0
+            deadline = time.monotonic() + 60  # only a failure waits this long
+            while holding and self.queued < holding and time.monotonic() < deadline:
+                time.sleep(0.001)
 
     monkeypatch.setattr(app, "MemoryAdmission", Recording)
 

@@ -83,7 +83,12 @@ def differentiate(
             continue
         e.at(node)
         inputs = [Sym(e, nodes[name]) for name in node.inputs]
-        grads = op.vjp(e, g, Sym(e, node), *inputs, **node.attrs)
+        attrs = node.attrs  # `**` of an empty read-only mapping costs 0.14 us: skipped
+        grads = (
+            op.vjp(e, g, Sym(e, node), *inputs, **attrs)
+            if attrs
+            else op.vjp(e, g, Sym(e, node), *inputs)
+        )
         if len(grads) != len(node.inputs):
             raise Unimplemented(
                 f"{where(node.name, node.op)}: its VJP returned {len(grads)} "

@@ -126,6 +126,18 @@ class FifoLimiter:
             assert self._in_use >= 0, self._in_use
             self._cond.notify_all()
 
+    def try_acquire(self, amount: int) -> bool:
+        """Take `amount` if it fits now with nobody queued ahead (never waits)."""
+        if amount < 0:
+            raise ValueError(f"cannot reserve a negative amount ({amount})")
+        if 0 < self._budget < amount:
+            raise self._too_big(amount)
+        with self._cond:
+            if not self._queue and self._fits(amount):
+                self._take(amount)
+                return True
+        return False
+
     def acquire(self, amount: int, timeout: float | None, cancelled: Callable[[], bool]) -> float:
         """Wait (FIFO) until `amount` fits and take it; returns the seconds waited."""
         if 0 < self._budget < amount:

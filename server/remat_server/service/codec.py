@@ -44,8 +44,10 @@ def _invalid():
 # --- tensors ---------------------------------------------------------------------------
 def tensor_type(tensor: tensor_pb2.Tensor, limits: Limits, what: str) -> tuple[str, tuple, int]:
     """(dtype name, shape, bytes) of a tensor message, checked against the limits."""
-    with _invalid():
-        dtype = wire.dtype_name(tensor.dtype, what)
+    dtype = wire.ENUM_DTYPE.get(tensor.dtype)
+    if dtype is None:  # unsupported: the error, naming the field
+        with _invalid():
+            wire.dtype_name(tensor.dtype, what)
     shape = tuple(tensor.shape)
     check_shape(shape, limits, what)
     return dtype, shape, dtypes.itemsize(dtype) * math.prod(shape)

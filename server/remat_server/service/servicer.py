@@ -367,7 +367,7 @@ def _response_header(result) -> executor_pb2.RunResponse:
         metrics=codec.metrics_to_proto(result.metrics),
         warnings=result.warnings,
         timeline=result.timeline,
-        trace=codec.trace_to_proto(result.trace),
+        trace=codec.trace_to_proto(result.trace) if result.trace else (),
     )
 
 

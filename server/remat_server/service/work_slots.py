@@ -35,6 +35,8 @@ import grpc
 from ..errors import RematError
 from .admission import Admission, FifoLimiter
 
+_AT_ONCE = Admission(queue_seconds=0.0)
+
 # Threads (and gRPC call slots) kept beyond what executor calls may take: for health
 # checks and reflection.
 SPARE_THREADS = 8
@@ -125,6 +127,13 @@ class Lending:
 
     @contextlib.contextmanager
     def reserve(self, amount: int = 1, *, timeout, cancelled) -> Iterator[Admission]:
+        amount = int(amount)
+        if self.limiter.try_acquire(amount):  # no wait: the work slot is kept, not lent
+            try:
+                yield _AT_ONCE
+            finally:
+                self.limiter.release(amount)
+            return
         with contextlib.ExitStack() as stack:
             with lent():
                 admitted = stack.enter_context(
