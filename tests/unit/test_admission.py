@@ -133,6 +133,23 @@ def test_fifo_big_head_served_before_small_that_fits():
     assert "error" not in big_box and "error" not in small_box
 
 
+def test_try_acquire_takes_only_what_fits_with_nobody_ahead():
+    adm = MemoryAdmission(100, max_queued=4)
+    assert adm.try_acquire(60) and adm.in_use == 60
+    assert not adm.try_acquire(50) and adm.in_use == 60  # does not fit: nothing taken
+    thread, box = in_thread(reserve_and(adm, 80))
+    wait_until(lambda: adm.queued == 1)
+    assert not adm.try_acquire(30)  # fits, but a waiter is ahead (FIFO)
+    adm.release(60)
+    join(thread)
+    assert adm.try_acquire(100) and adm.in_use == 100
+    adm.release(100)
+    with pytest.raises(ResourceExhausted, match="--memory-budget-bytes"):
+        adm.try_acquire(101)
+    with pytest.raises(ValueError):
+        adm.try_acquire(-1)
+
+
 def test_timeout_raises_and_frees_the_queue_slot():
     adm = MemoryAdmission(100, max_queued=1)
     with adm.reserve(100, timeout=None):
@@ -206,3 +223,16 @@ def test_unlimited_budget_never_waits(budget):
         assert first.queue_seconds == second.queue_seconds == 0.0
         assert adm.in_use == 2 * 10**15 and adm.queued == 0
     assert adm.in_use == 0
+
+
+def test_lending_reserve_takes_at_once_or_waits_like_its_limiter():
+    from remat_server.service.admission import FifoLimiter
+    from remat_server.service.work_slots import Lending
+
+    solves = Lending(FifoLimiter(1, 4, "solves", "--max-concurrent-solves"))
+    with solves.reserve(1, timeout=None, cancelled=lambda: False) as granted:
+        assert granted.queue_seconds == 0.0 and solves.in_use == 1
+        with pytest.raises(DeadlineExceeded):  # full: the slow path, which waits
+            with solves.reserve(1, timeout=0.01, cancelled=lambda: False):
+                pass
+    assert solves.in_use == 0 and solves.queued == 0

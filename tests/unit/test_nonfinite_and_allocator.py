@@ -4,6 +4,7 @@ allocator tuning the server applies at start."""
 from __future__ import annotations
 
 import ctypes.util
+import warnings
 
 import numpy as np
 import pytest
@@ -24,8 +25,13 @@ BIG = np.finfo(np.float32).max
         ([], []),
     ],
 )
-def test_nonfinite_counts_exactly(values, expected):
-    assert list(nonfinite_warnings(output={"y": np.array(values, np.float32)})) == expected
+@pytest.mark.parametrize("repeat", [1, 5000])  # small arrays (isfinite) and big ones (a sum)
+def test_nonfinite_counts_exactly(values, expected, repeat):
+    array = np.tile(np.array(values, np.float32), repeat)
+    expected = [w.replace(" 2 ", f" {2 * repeat} ").replace(" 1 ", f" {repeat} ") for w in expected]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflowing sum must not warn either
+        assert list(nonfinite_warnings(output={"y": array})) == expected
 
 
 def test_integer_tensors_are_not_checked():
