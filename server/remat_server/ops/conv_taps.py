@@ -35,6 +35,8 @@ from numpy.lib.stride_tricks import as_strided
 
 from remat_proto import dtypes
 
+from .elementwise import BUFFER, MIN_BUFFERED_RUNS
+
 # Elements of a block's column matrix: ~1 MiB in float32, so a block's gather, GEMM and
 # accumulation stay in cache (measured: 2^16..2^18 are within a few percent).
 BLOCK_ELEMENTS = 1 << 18
@@ -72,9 +74,11 @@ def ufunc_buffers(*operands) -> int:
     """Bytes NumPy's ufunc iterator buffers during one call (operands in the loop's
     dtype, broadcast to the call's shape; an in-place target counts as input and as
     output), as NumPy 2.x sets it up: it walks the longest inner run over which every
-    operand keeps one stride; when at least 3 such runs fit in bufsize elements, it
-    gathers as many into a buffer per operand that is not C-contiguous (a box of a
-    bigger array, strided or broadcast), even with nothing to cast; else no buffer."""
+    operand keeps one stride; when at least `MIN_BUFFERED_RUNS` such runs fit in
+    bufsize elements, it gathers as many into a buffer per operand that is not
+    C-contiguous (a box of a bigger array, strided or broadcast), even with nothing to
+    cast; else no buffer. `elementwise.ufunc_buffers` is the same rule on C-contiguous
+    operands, answered from shapes alone (no views to build: a call per graph node)."""
     shape = np.broadcast_shapes(*(a.shape for a in operands))
     views = [np.broadcast_to(a, shape) for a in operands]
     size = math.prod(shape)
@@ -88,8 +92,8 @@ def ufunc_buffers(*operands) -> int:
         elif strides != [step * run for step in steps]:
             break
         run *= shape[axis]
-    runs = min(np.getbufsize() // run, size // run) if size else 0
-    if runs < 3:
+    runs = min(BUFFER // run, size // run) if size else 0
+    if runs < MIN_BUFFERED_RUNS:
         return 0
     return sum(runs * run * v.itemsize for v in views if not v.flags.c_contiguous)
 

@@ -20,6 +20,9 @@ ALL = frozenset(dtypes.NUMPY)
 
 # --- what NumPy allocates inside one ufunc call (the `scratch` rules build on it) -------
 BUFFER = 8192  # np.getbufsize(): elements per operand of a buffered ufunc loop
+# NumPy's iterator buffers an operand only when at least this many whole inner runs
+# (cores) fit in BUFFER elements; with one, it iterates the operand in place.
+MIN_BUFFERED_RUNS = 2
 
 
 def ufunc_buffers(out_shape, *operands: TensorType, cast: tuple[TensorType, ...] = ()) -> int:
@@ -60,7 +63,7 @@ def ufunc_buffers(out_shape, *operands: TensorType, cast: tuple[TensorType, ...]
             break
         span *= out_shape[i]
     total = 0
-    if j >= 0 and span >= 2 * core:  # several runs: broadcast operands are buffered
+    if j >= 0 and span >= MIN_BUFFERED_RUNS * core:  # several runs: broadcast operands are buffered
         total += span * sum(
             dtypes.itemsize(t.dtype) for t, f in zip(operands, flags) if any(f) and not all(f)
         )
