@@ -254,3 +254,42 @@ def test_a_budget_below_the_proven_bound_is_refused_at_once():
         assert figures(problem, policy)[0] >= bound, P.label(policy)
     with pytest.raises(ResourceExhausted, match=f"under {bound:,} bytes|is {bound:,} bytes"):
         search(problem, bound - 1, "budget")
+
+
+def _last_need_by_walking(problem: Problem, kept: frozenset[str]) -> dict[str, int]:
+    """The definition: each backward node needs the forward values it reads and,
+    through values that are not kept, what recomputing them reads (a walk per node)."""
+    found: dict[str, int] = {}
+    for position, node in enumerate(problem.backward):
+        stack = [i for i in problem.graph[node].inputs if problem.is_forward(i)]
+        seen: set[str] = set()
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in kept:
+                found[name] = position
+            else:
+                stack.extend(i for i in problem.graph[name].inputs if problem.is_forward(i))
+    return found
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_kept_values_are_held_until_their_last_recomputation(name):
+    """The one-pass `_last_need` equals walking every backward node's ancestors, for
+    keep sets from none to all (seeded)."""
+    from remat_server.checkpoint import recompute
+
+    problem = reference(name)[3]
+    forward = [n for n in problem.graph.nodes if problem.is_forward(n)]
+    last_read: dict[str, int] = {}
+    for position, node in enumerate(problem.backward):
+        for source in problem.graph[node].inputs:
+            last_read[source] = position
+    rng = np.random.default_rng(7)
+    for share in (0.0, 0.1, 0.5, 0.9, 1.0):
+        kept = frozenset(n for n in forward if rng.random() < share)
+        assert recompute._last_need(problem, kept, last_read) == _last_need_by_walking(
+            problem, kept
+        ), share

@@ -38,13 +38,10 @@ class _Builder:
         # last_read: last backward position reading a value directly (forward or backward).
         # last_need: for kept values, last position whose recomputation may start there.
         self.last_read: dict[str, int] = {}
-        self.last_need: dict[str, int] = {}
         for p, b in enumerate(problem.backward):
             for source in self.graph[b].inputs:
                 self.last_read[source] = p
-            for name in _closure(problem, b, kept):
-                if name in kept:
-                    self.last_need[name] = p
+        self.last_need = _last_need(problem, kept, self.last_read)
 
     def free(self, name: str) -> None:
         if name in self.live and name not in self.problem.results and not self.graph[name].is_input:
@@ -119,16 +116,24 @@ class _Builder:
         return order
 
 
-def _closure(problem: Problem, node: str, kept: frozenset[str]) -> set[str]:
-    """Forward values `node` reads, plus (through values that are not kept) what
-    recomputing them reads, up to kept values and inputs."""
-    graph, seen = problem.graph, set()
-    stack = [i for i in graph[node].inputs if problem.is_forward(i)]
-    while stack:
-        name = stack.pop()
-        if name in seen:
+def _last_need(problem: Problem, kept: frozenset[str], last_read: dict[str, int]) -> dict[str, int]:
+    """For each kept value, the last backward position whose recomputation may start
+    from it: a backward node needs the forward values it reads and, through values
+    that are not kept, what recomputing them reads, up to kept values.
+
+    One pass over the forward nodes, consumers first: a value is needed as late as its
+    last backward reader, or as late as any non-kept forward node reading it is needed
+    (linear in the graph; walking each backward node's ancestors was quadratic on
+    chains with few checkpoints)."""
+    graph, is_forward = problem.graph, problem.is_forward
+    need = {name: last_read[name] for name in last_read if is_forward(name)}
+    for name in reversed(graph.nodes):
+        if name in kept or not is_forward(name):
             continue
-        seen.add(name)
-        if name not in kept:
-            stack.extend(i for i in graph[name].inputs if problem.is_forward(i))
-    return seen
+        late = need.get(name, -1)
+        if late < 0:
+            continue
+        for source in graph[name].inputs:
+            if need.get(source, -1) < late and is_forward(source):
+                need[source] = late
+    return {name: p for name, p in need.items() if name in kept}
