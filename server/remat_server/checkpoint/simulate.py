@@ -21,6 +21,12 @@ class InvalidSchedule(RematError):
     """A planner produced a schedule that cannot run (a bug in the planner)."""
 
 
+class OverLimit(Exception):
+    """`simulate(..., peak_limit=N)` or `recompute_limit=F` stopped: the schedule's peak
+    goes over N bytes, or it recomputes more than F FLOPs (so a planner comparing
+    candidates skips the rest of one that cannot win)."""
+
+
 @dataclass(frozen=True)
 class Simulation:
     peak_bytes: int
@@ -50,8 +56,12 @@ def simulate(
     schedule: Schedule,
     model: MemoryModel | None = None,
     flops: Mapping[str, int] | None = None,
+    peak_limit: int | None = None,
+    recompute_limit: float | None = None,
 ) -> Simulation:
-    """`flops`: each node's FLOPs when known (a Problem's `flops`), else computed here."""
+    """`flops`: each node's FLOPs when known (a Problem's `flops`), else computed here.
+    Raises OverLimit as soon as the peak exceeds `peak_limit` or the recomputed FLOPs
+    exceed `recompute_limit`."""
     nodes = graph.nodes
     live = {node.name for node in graph.inputs}
     model = model or memory_model(graph)
@@ -83,10 +93,14 @@ def simulate(
             count = evaluations.get(name, 0)
             if count:
                 recompute_flops += cost
+                if recompute_limit is not None and recompute_flops > recompute_limit:
+                    raise OverLimit(f"recomputes over {recompute_limit} FLOPs by step {index}")
             evaluations[name] = count + 1
             live.add(name)
             add(name)
             record(accounting.total + scratch.get(name, 0))
+            if peak_limit is not None and accounting.peak > peak_limit:
+                raise OverLimit(f"peak {accounting.peak} bytes at step {index}")
             continue
         elif type(step) is Free:
             if name not in live:

@@ -13,8 +13,16 @@ from ..simulate import Simulation, simulate
 from .store_all import plan_store_all
 
 
-def simulated(problem: Problem, schedule: Schedule) -> Simulation:
-    return simulate(problem.graph, schedule, problem.model, problem.flops)
+def simulated(
+    problem: Problem,
+    schedule: Schedule,
+    peak_limit: int | None = None,
+    recompute_limit: float | None = None,
+) -> Simulation:
+    """The schedule simulated on the problem's memory model (OverLimit past the limits)."""
+    return simulate(
+        problem.graph, schedule, problem.model, problem.flops, peak_limit, recompute_limit
+    )
 
 
 def store_all_peak(problem: Problem) -> int:

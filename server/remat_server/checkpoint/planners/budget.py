@@ -43,6 +43,7 @@ from .. import control
 from ..problem import Problem
 from ..recompute import schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
+from ..simulate import OverLimit
 from . import chain_dp, milp
 from .bounds import budget_bytes, simulated
 from .dtr import plan_dtr
@@ -105,8 +106,13 @@ class _Candidates:
         self.best: tuple[str, Schedule, int, float] | None = None
         self.tried = 0
 
-    def consider(self, name: str, make: Callable[[], Schedule], check: bool = True) -> bool:
-        """Simulate one candidate, unless the request has ended; True when it fits."""
+    def consider(
+        self, name: str, make: Callable[[], Schedule], check: bool = True, steers: bool = False
+    ) -> bool:
+        """Simulate one candidate, unless the request has ended; True when it fits.
+        A candidate whose answer `steers` a search is simulated until its peak is known;
+        any other stops once it recomputes more FLOPs than the best so far (it cannot
+        win; its False then means only that)."""
         if check:
             control.check(self.name)
         try:
@@ -114,8 +120,12 @@ class _Candidates:
         except ResourceExhausted:  # a budgeted candidate that cannot meet the limit
             return False
         self.tried += 1
-        sim = simulated(self.problem, schedule)
-        if sim.peak_bytes > self.limit:
+        beaten = None
+        if not steers and self.best is not None and self.problem.costs is None:
+            beaten = self.best[3]
+        try:  # a candidate over the limit is dropped at the step that shows it
+            sim = simulated(self.problem, schedule, self.limit, beaten)
+        except OverLimit:
             return False
         cost = self.recompute_cost(sim.evaluations)
         if self.best is None or (cost, sim.peak_bytes) < (self.best[3], self.best[2]):
@@ -134,7 +144,9 @@ class _Candidates:
         if solution is None:
             return
         fits = lambda level: self.consider(  # noqa: E731
-            f"chain_dp(level {level}/{chain_dp.LEVELS})", lambda: solution.schedule(level, "")
+            f"chain_dp(level {level}/{chain_dp.LEVELS})",
+            lambda: solution.schedule(level, ""),
+            steers=True,
         )
         chain_dp.level_search(solution, fits)
 
@@ -163,7 +175,9 @@ class _Candidates:
                     break
                 mid = (lo + hi) // 2
                 if self.consider(
-                    f"keep_set({mode}, {len(ranked) - mid}/{len(ranked)} kept)", make(mid)
+                    f"keep_set({mode}, {len(ranked) - mid}/{len(ranked)} kept)",
+                    make(mid),
+                    steers=True,
                 ):
                     hi = mid - 1
                 else:
