@@ -89,6 +89,9 @@ class _Replay:
         self.clock, self.last = 0, {}  # last access, for staleness
         self.computed: set[str] = set()  # computed at least once: absent now means evicted
         self.dead: set[str] = set()  # live values no later step reads: freed at step end
+        # Dead values to try freeing at this step's end: the newly dead, and buffer
+        # owners whose view was just dropped (only that can make an owner releasable).
+        self.recheck: set[str] = set()
         self.resident: set[str] = set()  # live and evictable: the candidates
         self.evictions = self.remats = 0
         forward = [n for n in self.order if problem.is_forward(n)]
@@ -120,9 +123,18 @@ class _Replay:
                 self.uses[source] -= 1
                 if self.uses[source] == 0 and self.droppable(source):
                     self.dead.add(source)
-            # Latest first, so views go before the buffer owner they share with.
-            for name in sorted(self.dead, key=self.problem.position.__getitem__, reverse=True):
-                if self.releasable(name):
+                    self.recheck.add(source)
+            self.release_dead()
+
+    def release_dead(self) -> None:
+        """Free the dead values that can be: latest first, so views go before the buffer
+        owner they share with (an owner freed by that is tried again after)."""
+        position = self.problem.position.__getitem__
+        while self.recheck:
+            batch = sorted(self.recheck & self.dead, key=position, reverse=True)
+            self.recheck = set()
+            for name in batch:
+                if name in self.dead and self.releasable(name):
                     self.drop(name)
 
     def droppable(self, name: str) -> bool:
@@ -185,11 +197,15 @@ class _Replay:
             self.resident.add(name)
         if self.uses[name] == 0 and self.droppable(name):
             self.dead.add(name)  # a rematerialized intermediate: only this step needs it
+            self.recheck.add(name)
 
     def drop(self, name: str) -> None:
         self.steps.append(Free(name))
         self.live.discard(name)
         self.bytes.remove(name)
+        owner = self.model.owner[name]
+        if owner != name and owner in self.dead:  # the owner may be releasable now
+            self.recheck.add(owner)
         self.resident.discard(name)
         self.dead.discard(name)
         if name in self.cost:  # joins the evicted components around it
