@@ -271,3 +271,37 @@ def test_the_server_limit_is_the_default_and_the_most_a_client_gets(asked, grant
     assert (
         engine.with_server_defaults(Optimal(fraction=0.5, time_limit=asked)).time_limit == granted
     )
+
+
+def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(monkeypatch):
+    """Stopped at its time limit, the MILP's incumbent may recompute more than the budget
+    planner's schedule: Optimal then returns the cheaper one, with the MILP's bound."""
+    from remat_server.checkpoint.planners import milp, optimal
+
+    p = problem("chain8")
+    limit = int(0.75 * store_all_peak(p))
+    poor = plan_recompute_all(p, None)  # fits this budget, recomputing the most
+    assert simulated(p, poor).peak_bytes <= limit
+    stopped = milp.Solution(poor, False, False, 0.5, 0.1, "MILP (test)", bound=0.0)
+    monkeypatch.setattr(optimal.milp, "solve", lambda *args: stopped)
+    schedule = plan_optimal(p, Optimal(bytes=limit))
+    ours = simulated(p, schedule)
+    assert ours.peak_bytes <= limit
+    assert ours.recompute_flops < simulated(p, poor).recompute_flops
+    assert schedule.report.status == "time_limit" and schedule.report.chosen != "milp"
+    assert schedule.report.optimality_gap == 1.0  # bound 0: (cost - 0) / cost
+    assert "recomputes less than the MILP's incumbent" in schedule.report.detail
+
+
+def test_when_no_milp_schedule_fits_the_budget_planner_still_tries(monkeypatch):
+    """The MILP's stages cannot recompute results at the end, so its infeasibility is
+    not proof: the budget planner answers when it finds a schedule."""
+    from remat_server.checkpoint.planners import milp, optimal
+
+    p = problem("chain8")
+    refused = milp.Solution(None, True, False, 0.0, 0.1, "MILP (test)", why="infeasible (test)")
+    monkeypatch.setattr(optimal.milp, "solve", lambda *args: refused)
+    schedule = plan_optimal(p, Optimal(fraction=0.75))
+    assert schedule.report.status == "fallback"
+    assert schedule.report.detail.startswith("infeasible (test); planned by the budget planner")
+    assert simulated(p, schedule).peak_bytes <= schedule.report.budget_bytes

@@ -35,3 +35,15 @@ def budget_bytes(problem: Problem, bytes_: int, fraction: float) -> int:
     """The limit in bytes: `bytes_`, or `fraction` of store_all's peak (the policy's
     constructor checked that exactly one is set)."""
     return bytes_ or int(fraction * store_all_peak(problem))
+
+
+def recompute_cost(problem: Problem, schedule: Schedule) -> float:
+    """What `schedule` pays for recomputation, in the problem's prices (FLOPs, or
+    profiled seconds)."""
+    return evaluations_cost(problem, simulated(problem, schedule).evaluations)
+
+
+def evaluations_cost(problem: Problem, evaluations) -> float:
+    """The price of each evaluation of a node after its first (`evaluations`: node ->
+    times computed, a Simulation's)."""
+    return sum((count - 1) * problem.cost(node) for node, count in evaluations.items() if count > 1)

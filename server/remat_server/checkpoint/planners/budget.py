@@ -45,7 +45,7 @@ from ..recompute import schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
 from ..simulate import OverLimit
 from . import chain_dp, milp
-from .bounds import budget_bytes, simulated
+from .bounds import budget_bytes, evaluations_cost, simulated
 from .dtr import plan_dtr
 from .heuristics import plan_every_k, plan_recompute_all, plan_save_ops, plan_sqrt
 from .least_memory import floor, over_budget, peak_lower_bound
@@ -127,17 +127,10 @@ class _Candidates:
             sim = simulated(self.problem, schedule, self.limit, beaten)
         except OverLimit:
             return False
-        cost = self.recompute_cost(sim.evaluations)
+        cost = evaluations_cost(self.problem, sim.evaluations)
         if self.best is None or (cost, sim.peak_bytes) < (self.best[3], self.best[2]):
             self.best = (name, schedule, sim.peak_bytes, cost)
         return True
-
-    def recompute_cost(self, evaluations) -> float:
-        return sum(
-            (count - 1) * self.problem.cost(node)
-            for node, count in evaluations.items()
-            if count > 1
-        )
 
     def chain(self) -> None:
         solution = chain_dp.solve(self.problem, self.limit)

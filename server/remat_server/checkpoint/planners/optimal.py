@@ -1,9 +1,12 @@
 """Optimal: the exact optimum under a budget, from Checkmate's MILP (`milp`).
 
 Outcomes: store_all fits -> store_all (optimal, no solve); proven optimum ("optimal",
-mip_rel_gap 0); time limit with a schedule ("time_limit", the gap); more than
-`problem.milp_max_nodes` nodes or no schedule in time -> the budget planner
-("fallback"); proven infeasible -> RESOURCE_EXHAUSTED. The solve and its fallback hold
+mip_rel_gap 0); time limit with a schedule ("time_limit", the gap), or the budget
+planner's schedule when that recomputes less (so Optimal is never worse than Budget);
+more than `problem.milp_max_nodes` nodes or no schedule in time -> the budget planner
+("fallback"). When the MILP proves that none of its schedules fits, the budget planner
+still tries (its floor's results-last schedules are outside the MILP's class, see
+`milp`) before RESOURCE_EXHAUSTED, which names the proven bound. The solve and its fallback hold
 one solve slot (`control.expensive`), its time limit ends at the request's deadline,
 and a request that ends during it gets Cancelled or DeadlineExceeded, never a
 fallback: nobody is waiting for the plan any more.
@@ -24,7 +27,7 @@ from .. import control
 from ..problem import Problem
 from ..schedule import PlannerReport, Schedule
 from . import milp
-from .bounds import budget_bytes, store_all_peak
+from .bounds import budget_bytes, recompute_cost, store_all_peak
 from .budget import search
 from .least_memory import over_budget
 from .store_all import plan_store_all
@@ -61,10 +64,12 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
     with control.expensive(name):  # the fallback's search nests in it: one slot
         time_limit = control.seconds_left(policy.time_limit or DEFAULT_TIME_LIMIT)
         solution = milp.solve(problem, limit, time_limit, name)  # raises once stopped
-        if solution.infeasible:
-            raise over_budget(problem, name, limit, solution.why)
-        if solution.schedule is None:
+        if solution.schedule is None:  # none in time, or none of the MILP's class fits
             return _fallback(problem, name, limit, solution.why)
+        if not solution.optimal:  # the incumbent, or Budget's schedule if cheaper
+            better = _cheaper_search(problem, name, limit, solution)
+            if better is not None:
+                return better
     detail = solution.size
     if not solution.optimal:  # how far from the optimum the schedule may be
         unit = "seconds" if problem.costs is not None else "FLOPs"
@@ -81,6 +86,35 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
             solve_seconds=solution.seconds,
             chosen="milp",
             detail=detail,
+        ),
+    )
+
+
+def _cheaper_search(
+    problem: Problem, name: str, limit: int, solution: milp.Solution
+) -> Schedule | None:
+    """Budget's schedule when it recomputes less than the MILP's incumbent, reported
+    with the MILP's proven bound (None when the incumbent is at least as cheap)."""
+    try:
+        found = search(problem, limit, name)
+    except ResourceExhausted:
+        return None
+    ours = recompute_cost(problem, found)
+    if ours >= recompute_cost(problem, solution.schedule):
+        return None
+    unit = "seconds" if problem.costs is not None else "FLOPs"
+    chosen = found.report.chosen if found.report else found.policy
+    return replace(
+        found,
+        policy=name,
+        report=PlannerReport(
+            budget_bytes=limit,
+            status="time_limit",
+            optimality_gap=(ours - solution.bound) / ours if ours > 0 else 0.0,
+            solve_seconds=solution.seconds,
+            chosen=chosen,
+            detail=f"{solution.size}; the budget planner's {chosen} recomputes less than "
+            f"the MILP's incumbent; the optimum recomputes at least {solution.bound:.4g} {unit}",
         ),
     )
 
