@@ -1,6 +1,7 @@
 """Budgeted planners (budget, dtr, optimal) against the fixed heuristics, side by side.
 
-    python bench/planners.py [--quick] [--fractions 0.7,0.5,0.3] [--models a,b] [--json FILE]
+    python bench/planners.py [--quick] [--fractions 0.7,0.5,0.3] [--models a,b] [--zoo]
+                             [--json FILE]
 
 No tensor is computed: everything here is the server's planning and its simulator, at
 the engine level (no gRPC). For each sample model the joint graph (forward + backward)
@@ -15,7 +16,7 @@ run through `planners.budgeting.simulated`, the server's exact byte and FLOP acc
   percentage of one forward+backward's FLOPs (store_all's, which recomputes nothing);
 * plan ms: wall time of `planners.plan(problem, policy)` alone (simulation not timed).
 
-Budgets are fractions of store_all's peak (default 50%, 30%, 15%). The budgeted policies
+Budgets are fractions of store_all's peak (default 70%, 50%, 30%). The budgeted policies
 (`Budget(fraction)`, `DTR(fraction)`, `Optimal(fraction, time_limit)`) are
 planned per budget; they either return a schedule that fits or raise ResourceExhausted
 ("nothing fits"). The heuristics (sqrt, every_k(1..8), save_ops(matmul), save_ops(conv2d),
@@ -96,6 +97,35 @@ class ModelSpec:
     name: str
     describe: str
     build: Callable[[], models.Model | None]
+
+
+ZOO = ("resnet", "unet", "gpt2", "bert", "llama")  # tests/zoo.py, through remat.from_torch
+
+
+def zoo_model(name: str, quick: bool) -> models.Model | None:
+    """A tests/zoo.py model imported with `remat.from_torch` at bench/models.py's batch
+    (the same graph and loss as there: sum(output * R)); None without torch. Only
+    shapes matter here: no tensor of the model is computed by the planners."""
+    try:
+        import _zoo_case  # noqa: PLC0415  (imports torch: only for --zoo)
+        from models import BATCHES, QUICK_BATCHES  # noqa: PLC0415  (bench/models.py)
+    except ImportError:
+        return None
+    batch = (QUICK_BATCHES if quick else BATCHES)[name]
+    case = _zoo_case.RematCase.build(_zoo_case.Case.build(name, batch))
+    return models.Model(case.graph, case.feeds, case.wrt, "loss")
+
+
+def zoo_specs(quick: bool) -> list[ModelSpec]:
+    return [
+        ModelSpec(
+            f"zoo_{name}",
+            f"tests/zoo.py's {name} through remat.from_torch, at bench/models.py's batch "
+            "(its README table describes the model)",
+            lambda name=name: zoo_model(name, quick),
+        )
+        for name in ZOO
+    ]
 
 
 def model_specs(quick: bool) -> list[ModelSpec]:
@@ -502,6 +532,12 @@ def main() -> int:
         help="depth of the plan-time MLP (default 455: about 10,000 joint nodes)",
     )
     parser.add_argument("--no-plan-time", action="store_true", help="skip the plan-time benchmark")
+    parser.add_argument(
+        "--zoo",
+        action="store_true",
+        help="also the zoo (tests/zoo.py: " + ", ".join(f"zoo_{n}" for n in ZOO) + "; needs "
+        "the test extra); --models zoo_gpt2,... picks some",
+    )
     parser.add_argument("--json", type=Path, help="also write every outcome here")
     args = parser.parse_args()
     size = "quick" if args.quick else "full"
@@ -509,7 +545,7 @@ def main() -> int:
         tuple(float(f) for f in args.fractions.split(",")) if args.fractions else FRACTIONS[size]
     )
     time_limit = args.optimal_time_limit or OPTIMAL_TIME_LIMIT[size]
-    specs = model_specs(args.quick)
+    specs = model_specs(args.quick) + (zoo_specs(args.quick) if args.zoo else [])
     if args.models:
         wanted = args.models.split(",")
         unknown = sorted(set(wanted) - {s.name for s in specs})
@@ -532,7 +568,7 @@ def main() -> int:
     for spec in specs:
         model = spec.build()
         if model is None:
-            print(f"## {spec.name}: skipped (remat.models has no `{spec.name}` yet)\n")
+            print(f"## {spec.name}: skipped (remat.models has no `{spec.name}`, or no torch)\n")
             continue
         make = problem_factory(model, args.optimal_max_nodes)
         problem = make()
