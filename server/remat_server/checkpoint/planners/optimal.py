@@ -72,10 +72,9 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
                 return better
     detail = solution.size
     if not solution.optimal:  # how far from the optimum the schedule may be
-        unit = "seconds" if problem.costs is not None else "FLOPs"
         detail += (
             f", stopped at {time_limit:g} s; the optimum recomputes at least "
-            f"{solution.bound:.4g} {unit}"
+            f"{solution.bound:.4g} {_unit(problem)}"
         )
     return replace(
         solution.schedule,
@@ -102,20 +101,16 @@ def _cheaper_search(
     ours = recompute_cost(problem, found)
     if ours >= recompute_cost(problem, solution.schedule):
         return None
-    unit = "seconds" if problem.costs is not None else "FLOPs"
-    chosen = found.report.chosen if found.report else found.policy
-    return replace(
+    return _budgets(
         found,
-        policy=name,
-        report=PlannerReport(
-            budget_bytes=limit,
-            status="time_limit",
-            optimality_gap=(ours - solution.bound) / ours if ours > 0 else 0.0,
-            solve_seconds=solution.seconds,
-            chosen=chosen,
-            detail=f"{solution.size}; the budget planner's {chosen} recomputes less than "
-            f"the MILP's incumbent; the optimum recomputes at least {solution.bound:.4g} {unit}",
-        ),
+        name,
+        limit,
+        status="time_limit",
+        optimality_gap=(ours - solution.bound) / ours if ours > 0 else 0.0,
+        solve_seconds=solution.seconds,
+        detail=f"{solution.size}; the budget planner's schedule recomputes less than the "
+        f"MILP's incumbent; the optimum recomputes at least {solution.bound:.4g} "
+        f"{_unit(problem)}",
     )
 
 
@@ -124,15 +119,25 @@ def _fallback(problem: Problem, name: str, limit: int, why: str) -> Schedule:
         schedule = search(problem, limit, name)
     except ResourceExhausted:
         raise over_budget(problem, name, limit, why + "; no fallback schedule fits") from None
+    return _budgets(
+        schedule,
+        name,
+        limit,
+        status="fallback",
+        solve_seconds=schedule.report.solve_seconds if schedule.report else 0.0,
+        detail=f"{why}; planned by the budget planner instead",
+    )
+
+
+def _budgets(schedule: Schedule, name: str, limit: int, **report) -> Schedule:
+    """The budget planner's `schedule` as Optimal's answer (`report`: the rest of it)."""
     chosen = schedule.report.chosen if schedule.report else schedule.policy
     return replace(
         schedule,
         policy=name,
-        report=PlannerReport(
-            budget_bytes=limit,
-            status="fallback",
-            chosen=chosen,
-            solve_seconds=schedule.report.solve_seconds if schedule.report else 0.0,
-            detail=f"{why}; planned by the budget planner instead",
-        ),
+        report=PlannerReport(budget_bytes=limit, chosen=chosen, **report),
     )
+
+
+def _unit(problem: Problem) -> str:
+    return "seconds" if problem.costs is not None else "FLOPs"
