@@ -57,6 +57,9 @@ EXPENSIVE_OPS = ("matmul", "conv2d", "conv_transpose2d", "scaled_dot_product_att
 # often finds schedules the structured searches miss (e.g. dropping an activation as
 # soon as its backward has read it), and its best incumbent is just one more candidate.
 EXACT_MAX_NODES = 80
+# Revolve's schedules grow with the square of the chain's length: on chains up to this
+# many segments they are always candidates, on longer ones only when nothing else fits.
+REVOLVE_ALWAYS_MAX = 64
 EXACT_SECONDS = 2.0
 
 
@@ -205,10 +208,12 @@ class _Candidates:
                     f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,)))
                 )
         self.consider("dtr", lambda: plan_dtr(problem, DTR(bytes=self.limit)))
-        if self.best is None:  # the low-memory extremes: quadratic on long chains
-            if len(problem.boundaries) >= 2:
-                for slots in (4, 2):
-                    self.consider(
-                        f"revolve({slots})", lambda s=slots: plan_revolve(problem, Revolve(s))
-                    )
+        # The low-memory extremes, quadratic on long chains.
+        chain = len(problem.boundaries)
+        if chain >= 2 and (self.best is None or chain <= REVOLVE_ALWAYS_MAX):
+            for slots in (4, 2):
+                self.consider(
+                    f"revolve({slots})", lambda s=slots: plan_revolve(problem, Revolve(s))
+                )
+        if self.best is None:
             self.consider("recompute_all", lambda: plan_recompute_all(problem, None))
