@@ -181,3 +181,22 @@ def test_a_refusal_over_the_exact_solvers_reach_names_the_floor_without_a_solve(
     assert found.describe() in str(info.value)
     assert found.bound <= found.peak < recompute_all
     assert found.proven and found.by == "recompute_all, results last"
+
+
+def test_a_big_graph_under_its_proven_bound_is_refused_without_searching(monkeypatch):
+    """On a graph over QUICK_REFUSAL_NODES, a budget under the proven bound is refused
+    naming that bound, without the lowest-peak search (seconds on long chains); a
+    budget over the bound, or a floor already known, still gets the floor."""
+    monkeypatch.setattr(least_memory, "QUICK_REFUSAL_NODES", 10)
+    spec = support.tanh_chain(60, 64, "float64", loss=True)
+    planned = ENGINE.plan(spec, wrt=("x",), loss="loss")
+    p = Problem(planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes)
+    bound = least_memory.peak_lower_bound(p)
+    with pytest.raises(ResourceExhausted) as info:
+        plan(p, Budget(bytes=bound - 1))
+    assert f"no schedule can peak under {bound:,} bytes (proven bound)" in str(info.value)
+    assert "floor" not in p.memo  # nothing searched
+    found = least_memory.floor(p, "test")  # once known (min_memory), it is named
+    with pytest.raises(ResourceExhausted) as info:
+        plan(p, Budget(bytes=bound - 1))
+    assert found.describe() in str(info.value)

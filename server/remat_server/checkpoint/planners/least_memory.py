@@ -47,6 +47,9 @@ MIN_SOLVE_SECONDS = 0.05  # less left is not worth starting HiGHS
 # past this many steps no other low-memory schedule is tried, nor the results-last
 # pass, which copies and simulates the schedule again.
 RESULTS_LAST_MAX_STEPS = 1_000_000
+# A refusal under the proven bound names only that bound on joint graphs this big: the
+# lowest-peak search would take seconds there (9-10 s on a 9,904-node MLP).
+QUICK_REFUSAL_NODES = 2_000
 PEAK_SHARE = 2 / 3
 
 
@@ -115,12 +118,20 @@ def floor(problem: Problem, name: str, seconds: float = REFUSAL_SECONDS) -> Floo
 
 
 def over_budget(problem: Problem, name: str, budget: int, why: str = "") -> ResourceExhausted:
-    """The error for a budget no schedule meets, naming the least memory one needs."""
-    with control.expensive(name):  # the floor's MILP, if any, is a solve like another
-        found = floor(problem, name)
+    """The error for a budget no schedule meets, naming the least memory one needs: the
+    floor found, or, when the budget is under the proven bound on a graph whose
+    low-memory schedules take seconds to build (long chains are quadratic), that bound
+    alone (plan with min_memory for the schedule itself)."""
+    bound = peak_lower_bound(problem)
+    found = problem.memo.get("floor")
+    if found is not None or budget >= bound or len(problem.graph) <= QUICK_REFUSAL_NODES:
+        with control.expensive(name):  # the floor's MILP, if any, is a solve like another
+            lowest = floor(problem, name).describe()
+    else:
+        lowest = f"no schedule can peak under {bound:,} bytes (proven bound)"
     reason = f" ({why})" if why else ""
     return ResourceExhausted(
-        f"policy {name}: no schedule fits {budget:,} bytes{reason}; {found.describe()}, "
+        f"policy {name}: no schedule fits {budget:,} bytes{reason}; {lowest}, "
         f"inputs included ({problem.input_bytes:,}); raise the budget, plan with "
         "min_memory, or send a smaller batch"
     )
@@ -244,7 +255,13 @@ def _left(deadline: float) -> float:
 def peak_lower_bound(problem: Problem) -> int:
     """Bytes every schedule's peak reaches: the graph inputs plus, at the end, every
     result's buffer, and, while any needed node is computed, its inputs' buffers, its
-    own and its temporaries (views count their owner's buffer)."""
+    own and its temporaries (views count their owner's buffer). Memoised."""
+    if "peak_lower_bound" not in problem.memo:
+        problem.memo["peak_lower_bound"] = _peak_lower_bound(problem)
+    return problem.memo["peak_lower_bound"]
+
+
+def _peak_lower_bound(problem: Problem) -> int:
     model, graph = problem.model, problem.graph
     inputs = {n.name for n in graph.inputs}
 
