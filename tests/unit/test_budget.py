@@ -293,3 +293,16 @@ def test_kept_values_are_held_until_their_last_recomputation(name):
         assert recompute._last_need(problem, kept, last_read) == _last_need_by_walking(
             problem, kept
         ), share
+
+
+def test_dropping_a_value_is_priced_with_what_regrows_it():
+    """The keep-set search's second ranking prices a value with its forward ancestors
+    up to the values kept anyway (those the backward pass reads)."""
+    from remat_server.checkpoint.planners.budget import _regrowth
+
+    problem = reference("chain")[3]
+    chain = [n for n in problem.forward_order if problem.graph[n].op == "tanh"]
+    cost = problem.cost
+    assert _regrowth(problem, chain[5], {chain[2]}) == sum(cost(n) for n in chain[3:6])
+    assert _regrowth(problem, chain[5], {chain[4]}) == cost(chain[5])  # its input is kept
+    assert _regrowth(problem, chain[5], set()) >= sum(cost(n) for n in chain[:6])

@@ -152,32 +152,36 @@ class _Candidates:
             s for b in problem.backward for s in problem.graph[b].inputs if problem.is_forward(s)
         }
         owned = lambda n: model.nbytes[model.owner[n]]  # noqa: E731
-        ranked = sorted(
-            (n for n in read if owned(n) > 0),
-            key=lambda n: (problem.cost(n) / owned(n), problem.position[n]),
-        )
+        droppable = [n for n in read if owned(n) > 0]
+        orders = {}  # two rankings, cheapest to drop first; each gets its bisection
+        for price in (problem.cost, lambda n: _regrowth(problem, n, read)):
+            ranked = sorted(droppable, key=lambda n: (price(n) / owned(n), problem.position[n]))
+            orders.setdefault(tuple(ranked), None)
         for mode in ("hold", "drop"):
             if mode == "drop" and self.best is not None:
                 break  # dropping recomputes on every read: only when holding cannot fit
+            for ranked in orders:
+                self._bisect_keep_set(read, ranked, mode)
 
-            def make(j, mode=mode):
-                return lambda: schedule_with_checkpoints(
-                    problem, frozenset(read) - frozenset(ranked[:j]), "", mode=mode
-                )
+    def _bisect_keep_set(self, read: set[str], ranked: tuple[str, ...], mode: str) -> None:
+        """The shortest prefix of `ranked` whose dropping fits (the rest of `read` kept)."""
+        problem = self.problem
 
-            lo, hi = 0, len(ranked)
-            for _ in range(max(1, math.ceil(math.log2(len(ranked) + 1))) + 1):
-                if lo > hi:
-                    break
-                mid = (lo + hi) // 2
-                if self.consider(
-                    f"keep_set({mode}, {len(ranked) - mid}/{len(ranked)} kept)",
-                    make(mid),
-                    steers=True,
-                ):
-                    hi = mid - 1
-                else:
-                    lo = mid + 1
+        def make(j: int) -> Callable[[], Schedule]:
+            return lambda: schedule_with_checkpoints(
+                problem, frozenset(read) - frozenset(ranked[:j]), "", mode=mode
+            )
+
+        lo, hi = 0, len(ranked)
+        for _ in range(max(1, math.ceil(math.log2(len(ranked) + 1))) + 1):
+            if lo > hi:
+                break
+            mid = (lo + hi) // 2
+            kept = f"keep_set({mode}, {len(ranked) - mid}/{len(ranked)} kept)"
+            if self.consider(kept, make(mid), steers=True):
+                hi = mid - 1
+            else:
+                lo = mid + 1
 
     def exact(self) -> None:
         problem = self.problem
@@ -217,3 +221,25 @@ class _Candidates:
                 )
         if self.best is None:
             self.consider("recompute_all", lambda: plan_recompute_all(problem, None))
+
+
+# Walks that price a value's regrowth stop after this many nodes: a ranking needs an
+# estimate, and a capped walk keeps pricing every value linear in the graph.
+REGROWTH_WALK_MAX = 256
+
+
+def _regrowth(problem: Problem, name: str, read: set[str]) -> float:
+    """What recomputing `name` costs when the values the backward pass reads are kept:
+    its own cost plus that of its forward ancestors up to read ones (the region a keep
+    set drops with it; a better price of dropping it than its own cost alone)."""
+    total, stack, seen = 0.0, [name], set()
+    while stack and len(seen) < REGROWTH_WALK_MAX:
+        value = stack.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        total += problem.cost(value)
+        stack.extend(
+            i for i in problem.graph[value].inputs if problem.is_forward(i) and i not in read
+        )
+    return total
