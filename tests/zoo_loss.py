@@ -59,3 +59,23 @@ def torch_loss(outputs: dict, feeds: dict):
     """The same loss of torch outputs (name -> tensor), given add_loss's feeds as
     tensors (name -> tensor)."""
     return sum((value * feeds[f"R/{name}"]).sum() for name, value in outputs.items())
+
+
+def remat_workload(name: str, batch: int) -> tuple[remat.Graph, dict[str, np.ndarray], list[str]]:
+    """A zoo model (tests/zoo.py) through `remat.from_torch` with this loss, float32:
+    (graph, feeds: parameters, inputs and R, wrt: parameters and float inputs)."""
+    import copy
+
+    import torch
+    import zoo
+
+    module, args, kwargs = zoo.MODELS[name](torch.float32, batch=batch)
+    graph, params = remat.from_torch(module, args, kwargs)
+    with torch.no_grad():
+        outputs = named_outputs(copy.deepcopy(module)(*args, **kwargs))
+    floats = {k: tuple(v.shape) for k, v in outputs.items() if v.is_floating_point()}
+    feeds = add_loss(graph, floats, dtype="float32")
+    feeds.update(params)
+    feeds.update({k: v.numpy() for k, v in zoo.inputs(name, torch.float32, batch).items()})
+    wrt = [n for n, _ in module.named_parameters()] + list(zoo.float_inputs(name))
+    return graph, feeds, wrt

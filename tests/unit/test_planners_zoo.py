@@ -5,12 +5,9 @@ the floor or the proven bound, never a wrong plan."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 
-import remat
 from remat_proto import policies as P
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import ResourceExhausted
@@ -19,7 +16,7 @@ from remat_server.service.codec import graph_from_proto
 
 torch = pytest.importorskip("torch")
 zoo = pytest.importorskip("zoo")
-from zoo_loss import add_loss, named_outputs  # noqa: E402  (after the torch skip)
+from zoo_loss import remat_workload  # noqa: E402  (after the torch skip)
 
 BATCH = 64  # activations outweigh the parameters: the budgets need recomputation
 POLICIES = [
@@ -39,17 +36,9 @@ ENGINE = Engine()
 
 @pytest.fixture(scope="module", params=list(zoo.MODELS))
 def workload(request):
-    name = request.param
-    module, args, kwargs = zoo.MODELS[name](torch.float32, batch=BATCH)
-    graph, params = remat.from_torch(module, args, kwargs)
-    with torch.no_grad():
-        outputs = named_outputs(copy.deepcopy(module)(*args, **kwargs))
-    floats = {k: tuple(v.shape) for k, v in outputs.items() if v.is_floating_point()}
-    feeds = add_loss(graph, floats, dtype="float32")
-    feeds.update(params)
-    feeds.update({k: v.numpy() for k, v in zoo.inputs(name, torch.float32, BATCH).items()})
-    wrt = tuple(n for n, _ in module.named_parameters()) + tuple(zoo.float_inputs(name))
+    graph, feeds, wrt = remat_workload(request.param, BATCH)
     spec = graph_from_proto(graph.to_proto(), Limits())
+    wrt = tuple(wrt)
     reference = ENGINE.run(RunRequest(spec, feeds, wrt=wrt, loss="loss", policy="store_all"))
     return spec, feeds, wrt, reference
 

@@ -9,15 +9,13 @@ tensors make the peak; at batch 32 that growth is 5-12% of recompute_all's predi
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 import remat
 
 torch = pytest.importorskip("torch")
 zoo = pytest.importorskip("zoo")
-from zoo_loss import add_loss, named_outputs  # noqa: E402  (after the torch skip)
+from zoo_loss import remat_workload  # noqa: E402  (after the torch skip)
 
 BATCH = 128
 POLICIES = ("store_all", "sqrt", "budget:0.5", "recompute_all")
@@ -31,17 +29,7 @@ def client():
 
 @pytest.fixture(scope="module", params=list(zoo.MODELS))
 def workload(request):
-    name = request.param
-    module, args, kwargs = zoo.MODELS[name](torch.float32, batch=BATCH)
-    graph, params = remat.from_torch(module, args, kwargs)
-    with torch.no_grad():
-        outputs = named_outputs(copy.deepcopy(module)(*args, **kwargs))
-    floats = {k: tuple(v.shape) for k, v in outputs.items() if v.is_floating_point()}
-    feeds = add_loss(graph, floats, dtype="float32")
-    feeds.update(params)
-    feeds.update({k: v.numpy() for k, v in zoo.inputs(name, torch.float32, BATCH).items()})
-    wrt = [n for n, _ in module.named_parameters()] + list(zoo.float_inputs(name))
-    return graph, feeds, wrt
+    return remat_workload(request.param, BATCH)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
