@@ -74,6 +74,7 @@ import remat  # noqa: E402
 from remat import models  # noqa: E402
 from remat_server import ServerConfig  # noqa: E402
 from remat_server.engine import Engine, RunRequest  # noqa: E402
+from remat_server.engine import checks as checks_module  # noqa: E402
 from remat_server.engine import compile as compile_module  # noqa: E402
 from remat_server.engine import run as run_module  # noqa: E402
 from remat_server.graph.limits import Limits  # noqa: E402
@@ -257,7 +258,7 @@ def op_breakdown(engine: Engine, request: RunRequest) -> str:
         (run_module, "compile_request", "differentiate"),
         (compile_module, "_plan", "plan + simulate"),
         (executor_module.Program, "run", "execute"),
-        (run_module, "_nonfinite", "nonfinite"),
+        (checks_module, "_nonfinite", "nonfinite"),
     ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
     run_node = executor_module._run_node

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from remat_server.engine.run import nonfinite_warnings
+from remat_server.engine.checks import nonfinite_warnings
 from remat_server.runtime import allocator
 
 BIG = np.finfo(np.float32).max

@@ -4,8 +4,9 @@
 from remat_proto.results import Metrics
 
 from .cache import LRUCache
+from .checks import max_abs_diff
 from .compile import Compiled, CompileKey, Planned
-from .run import Engine, Plan, RunRequest, RunResult, max_abs_diff
+from .run import Engine, Plan, RunRequest, RunResult
 
 __all__ = [
     "Compiled",

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -42,6 +41,7 @@ from ..graph.validate import validate_shapeless
 from ..runtime import measure
 from . import gc_pause
 from .cache import LRUCache
+from .checks import nonfinite_warnings
 from .compile import Compiled, CompileKey, Planned, Validated, compile_request, validate
 
 DEFAULT_CACHE_BYTES = 256 << 20
@@ -476,61 +476,3 @@ def _cotangent_feeds(joint: JointGraph, cotangents: Mapping[str, np.ndarray]) ->
             )
         feeds[input_name] = array
     return feeds
-
-
-def nonfinite_warnings(**arrays_by_kind: Mapping[str, np.ndarray]) -> tuple[str, ...]:
-    """A warning for each array holding NaN or Inf, by kind ("input", "output", ...).
-
-    >>> nonfinite_warnings(output={"y": np.array([np.nan, 1.0])})
-    ("output 'y' has 1 NaN or Inf values",)
-    """
-    found: list[str] = []
-    for kind, arrays in arrays_by_kind.items():
-        if arrays:
-            found += _nonfinite(kind, arrays)
-    return tuple(found)
-
-
-# Arrays up to this many elements are checked with isfinite (a small bool array, and no
-# floating-point state to set up: 3 us a request); bigger ones with a sum.
-_SMALL_ELEMENTS = 4096
-
-
-def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:
-    found = []
-    for name, array in arrays.items():
-        if array.dtype.kind != "f":
-            continue
-        if array.size <= _SMALL_ELEMENTS:
-            if np.isfinite(array).all():
-                continue
-        else:
-            # A sum propagates NaN and infinities in one pass without allocating
-            # (isfinite would make a bool array the size of a 1 GiB tensor); only when
-            # it is not finite (or overflowed) are the bad values counted.
-            with np.errstate(over="ignore", invalid="ignore"):  # a finite sum may overflow
-                if math.isfinite(array.sum()):
-                    continue
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        if bad:
-            found.append(f"{kind} '{name}' has {bad} NaN or Inf values")
-    return found
-
-
-def max_abs_diff(grads: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """The largest |a - b| over every element of every gradient (equal values, equal
-    infinities and NaN against NaN count as 0; a missing gradient or a shape change as
-    inf)."""
-    worst = 0.0
-    for name, ref in reference.items():
-        value = grads.get(name)
-        if value is None or value.shape != ref.shape:
-            return float("inf")
-        if value.size == 0:
-            continue
-        a, b = value.astype(np.float64), ref.astype(np.float64)
-        same = (a == b) | (np.isnan(a) & np.isnan(b))
-        with np.errstate(invalid="ignore"):  # inf - inf where the two differ in sign
-            diff = np.where(same, 0.0, np.abs(a - b))
-        worst = max(worst, float(np.nan_to_num(diff, nan=np.inf, posinf=np.inf).max()))
-    return worst
