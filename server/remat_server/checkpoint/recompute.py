@@ -14,6 +14,13 @@ node reads are dropped as soon as the recomputation has used them. Then, in
 Kept values stay live until the last backward node whose recomputation could start
 from them. With every forward value kept, hold mode gives store-all's schedule.
 Graph inputs are never freed (the request message holds them anyway).
+
+With `hoist`, the backward nodes of `hoistable` (those that read only forward values
+and are smaller than what they read, such as ReLU's boolean mask, a quarter of its
+float input) run in the forward phase as soon as their inputs exist, so the forward
+value they read need not be kept or regrown for them: what a kept mask costs is a
+quarter of the activation. (Checkmate's stages cannot express this: its backward
+nodes come after the forward pass.)
 """
 
 from __future__ import annotations
@@ -24,23 +31,58 @@ from .simulate import InvalidSchedule
 
 
 def schedule_with_checkpoints(
-    problem: Problem, kept: frozenset[str], policy: str, mode: str = "hold"
+    problem: Problem, kept: frozenset[str], policy: str, mode: str = "hold", hoist: bool = False
 ) -> Schedule:
-    return _Builder(problem, kept, mode == "drop").build(policy)
+    return _Builder(problem, kept, mode == "drop", hoistable(problem) if hoist else {}).build(
+        policy
+    )
+
+
+def hoistable(problem: Problem) -> dict[str, int]:
+    """Backward nodes worth computing in the forward phase, each with the forward position
+    after which its inputs all exist (-1: before the first). A node qualifies when it
+    reads only forward values, graph inputs and constants, owns its buffer, and that
+    buffer is smaller than the largest forward value it reads (a ReLU mask); the
+    constants such nodes read come along, before the forward phase. Memoised."""
+    memo = problem.memo
+    if "hoistable" not in memo:
+        graph, model = problem.graph, problem.model
+        position = {name: i for i, name in enumerate(problem.forward_order)}
+        constants = {b for b in problem.backward if not graph[b].inputs}
+        early: dict[str, int] = {}
+        for b in problem.backward:
+            sources = graph[b].inputs
+            read = [s for s in sources if s in position]
+            if (
+                not read
+                or model.owner[b] != b
+                or any(
+                    s not in position and s not in constants and not graph[s].is_input
+                    for s in sources
+                )
+                or model.nbytes[b] >= max(model.nbytes[model.owner[s]] for s in read)
+            ):
+                continue
+            early[b] = max(position[s] for s in read)
+            early.update((s, -1) for s in sources if s in constants)
+        memo["hoistable"] = early
+    return memo["hoistable"]
 
 
 class _Builder:
-    def __init__(self, problem: Problem, kept: frozenset[str], drop: bool):
-        self.problem, self.kept, self.drop = problem, kept, drop
+    def __init__(self, problem: Problem, kept: frozenset[str], drop: bool, early: dict[str, int]):
+        self.problem, self.kept, self.drop, self.early = problem, kept, drop, early
         self.graph = problem.graph
         self.steps: list[Step] = []
         self.live = {node.name for node in self.graph.inputs}
         # last_read: last backward position reading a value directly (forward or backward).
         # last_need: for kept values, last position whose recomputation may start there.
+        # A hoisted node reads in the forward phase: its reads are not the backward's.
         self.last_read: dict[str, int] = {}
         for p, b in enumerate(problem.backward):
-            for source in self.graph[b].inputs:
-                self.last_read[source] = p
+            if b not in early:
+                for source in self.graph[b].inputs:
+                    self.last_read[source] = p
         self.last_need = _last_need(problem, kept, self.last_read)
 
     def free(self, name: str) -> None:
@@ -69,14 +111,29 @@ class _Builder:
                 if source in index:
                     last_forward_use[source] = i
         drop_after: dict[int, list[str]] = {}
+        hoisted_after: dict[int, list[str]] = {}
+        for b, i in self.early.items():  # in backward order: constants before their users
+            hoisted_after.setdefault(i, []).append(b)
+            for source in self.graph[b].inputs:
+                if source in index:
+                    last_forward_use[source] = max(last_forward_use[source], i)
         for name in order:  # only checkpoints survive the forward phase
             if not (name in self.kept and self.last_need.get(name, -1) >= 0):
                 drop_after.setdefault(last_forward_use[name], []).append(name)
+        for b in hoisted_after.get(-1, ()):
+            self.compute(b)
         for i, name in enumerate(order):  # forward phase
             self.compute(name)
+            for b in hoisted_after.get(i, ()):
+                self.compute(b)
             for done in drop_after.get(i, ()):
                 self.free(done)
+        for b in self.early:  # a constant only hoisted nodes read is done with
+            if b not in self.last_read:
+                self.free(b)
         for p, b in enumerate(self.problem.backward):  # backward phase
+            if b in self.early:
+                continue
             recomputed = self.recompute(self.graph[b].inputs, p)
             self.compute(b)
             for name in (*self.graph[b].inputs, *recomputed):

@@ -41,7 +41,7 @@ from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
 from ...ops import registry
 from .. import control
 from ..problem import Problem
-from ..recompute import schedule_with_checkpoints
+from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
 from ..simulate import OverLimit
 from . import chain_dp, milp
@@ -147,9 +147,21 @@ class _Candidates:
         chain_dp.level_search(solution, fits)
 
     def keep_sets(self) -> None:
+        for hoist in (False, True) if hoistable(self.problem) else (False,):
+            self._keep_sets(hoist)
+
+    def _keep_sets(self, hoist: bool) -> None:
+        """Rank the values the backward pass reads (with `hoist`, the hoisted nodes' reads
+        happen in the forward phase instead) and bisect each ranking for the shortest
+        dropped prefix that fits."""
         problem, model = self.problem, self.problem.model
+        early = hoistable(problem) if hoist else {}
         read = {
-            s for b in problem.backward for s in problem.graph[b].inputs if problem.is_forward(s)
+            s
+            for b in problem.backward
+            if b not in early
+            for s in problem.graph[b].inputs
+            if problem.is_forward(s)
         }
         owned = lambda n: model.nbytes[model.owner[n]]  # noqa: E731
         droppable = [n for n in read if owned(n) > 0]
@@ -161,23 +173,26 @@ class _Candidates:
             if mode == "drop" and self.best is not None:
                 break  # dropping recomputes on every read: only when holding cannot fit
             for ranked in orders:
-                self._bisect_keep_set(read, ranked, mode)
+                self._bisect_keep_set(read, ranked, mode, hoist)
 
-    def _bisect_keep_set(self, read: set[str], ranked: tuple[str, ...], mode: str) -> None:
+    def _bisect_keep_set(
+        self, read: set[str], ranked: tuple[str, ...], mode: str, hoist: bool
+    ) -> None:
         """The shortest prefix of `ranked` whose dropping fits (the rest of `read` kept)."""
         problem = self.problem
 
         def make(j: int) -> Callable[[], Schedule]:
             return lambda: schedule_with_checkpoints(
-                problem, frozenset(read) - frozenset(ranked[:j]), "", mode=mode
+                problem, frozenset(read) - frozenset(ranked[:j]), "", mode=mode, hoist=hoist
             )
 
         lo, hi = 0, len(ranked)
+        hoisted = ", hoisted" if hoist else ""
         for _ in range(max(1, math.ceil(math.log2(len(ranked) + 1))) + 1):
             if lo > hi:
                 break
             mid = (lo + hi) // 2
-            kept = f"keep_set({mode}, {len(ranked) - mid}/{len(ranked)} kept)"
+            kept = f"keep_set({mode}{hoisted}, {len(ranked) - mid}/{len(ranked)} kept)"
             if self.consider(kept, make(mid), steers=True):
                 hi = mid - 1
             else:

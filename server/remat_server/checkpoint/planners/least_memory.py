@@ -31,7 +31,7 @@ from remat_proto.policies import MinMemory, label
 from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
 from .. import control
 from ..problem import Problem
-from ..recompute import schedule_with_checkpoints
+from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import Compute, Free, PlannerReport, Schedule
 from ..simulate import InvalidSchedule
 from . import milp
@@ -210,6 +210,10 @@ def _heuristic_floor(problem: Problem) -> tuple[str, Schedule, int]:
             problem, frozenset(), "", mode="drop"
         ),
     }
+    if hoistable(problem):  # masks made in the forward phase: no regrowth for them
+        makers["keep_set(drop, hoisted, 0 kept)"] = lambda: schedule_with_checkpoints(
+            problem, frozenset(), "", mode="drop", hoist=True
+        )
     best = None
     for by, make in makers.items():
         control.check()  # each is a full schedule and simulation: stop when asked

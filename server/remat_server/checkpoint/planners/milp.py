@@ -1,9 +1,10 @@
 """Checkmate's MILP (Jain et al. 2020), solved exactly by HiGHS (highspy).
 
 The n needed non-input nodes are numbered 0..n-1 in a topological order: the forward
-values in `forward_order`, then the backward nodes (the order the heuristics first
-compute them in). Stage t computes node t for the first time and may recompute any
-earlier node. Variables (binary except U):
+values in `forward_order` with the hoistable backward nodes (ReLU masks) among them,
+then the other backward nodes (the order the heuristics first compute them in).
+Stage t computes node t for the first time and may recompute any earlier node.
+Variables (binary except U):
 
 * R[t,i], i <= t: node i is computed in stage t; R[t,t] = 1 (the frontier advances);
 * S[t,i], i < t: value i is live entering stage t. S[0] is empty (graph inputs are
@@ -74,6 +75,7 @@ import numpy as np
 
 from .. import control
 from ..problem import Problem
+from ..recompute import hoistable
 from ..schedule import Compute, Free, Schedule, Step
 from ..simulate import InvalidSchedule
 from . import highs_process
@@ -168,10 +170,16 @@ def size(problem: Problem) -> int:
 
 
 def _order(problem: Problem) -> list[str]:
-    """Forward values in forward_order, then the backward nodes (graph order if that is
-    not a topological order of the needed nodes)."""
-    graph = problem.graph
-    order = [*problem.forward_order, *problem.backward]
+    """Forward values in forward_order, each followed by the backward nodes hoisted to
+    it (`recompute.hoistable`: a ReLU's mask right after the ReLU's input, so its stage
+    can drop that input; a later stage may still recompute the mask), then the other
+    backward nodes (graph order if that is not a topological order of the needed
+    nodes)."""
+    graph, early = problem.graph, hoistable(problem)
+    order = [b for b, i in early.items() if i < 0]
+    for i, name in enumerate(problem.forward_order):
+        order += [name, *(b for b, j in early.items() if j == i)]
+    order += [b for b in problem.backward if b not in early]
     wanted = [n for n in graph.nodes if n in problem.needed and not graph[n].is_input]
     index = {name: i for i, name in enumerate(order)}
     if (
