@@ -23,7 +23,7 @@ from remat_server.checkpoint.planners.budget import search
 from remat_server.checkpoint.planners.milp import _order
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.recompute import hoistable, schedule_with_checkpoints
-from remat_server.checkpoint.schedule import Compute
+from remat_server.checkpoint.schedule import Compute, Schedule
 from remat_server.engine import Engine
 from remat_server.graph.limits import Limits
 from remat_server.runtime.executor import execute
@@ -116,3 +116,22 @@ def test_the_cnn_fits_70_percent_with_the_optimum_budget_within_10_percent_of_it
     structured = search(p, limit, "budget")
     assert "hoisted" in structured.report.chosen
     assert simulated(p, structured).peak_bytes <= limit
+
+
+def test_a_schedule_that_computes_the_masks_late_still_starts_the_milp():
+    """The MILP's order hoists the masks; a warm start that computes them in the
+    backward pass (store_all's) gets each computed, and dropped, at its hoisted stage
+    too: feasible, at the price of computing each mask twice."""
+    from remat_server.checkpoint.planners import milp, milp_start
+
+    _, p = problem()
+    start = plan(p, StoreAll())
+    limit = simulated(p, start).peak_bytes
+    model = milp._Milp(p, milp_start.order(p, start), limit - p.input_bytes)
+    index, value = milp_start.columns(model, start)
+    model.lb[index] = model.ub[index] = value
+    result = model.solve(60.0)
+    assert result.status == milp.OPTIMAL, result.message
+    read_back = simulated(p, Schedule(model.steps(result.x), p.results, "start"))
+    assert read_back.peak_bytes <= limit
+    assert read_back.recompute_flops == sum(p.flops[m] for m in masks(p))

@@ -247,8 +247,45 @@ def test_too_many_nodes_falls_back_to_the_budget_planner():
     assert simulated(p, schedule).peak_bytes <= report.budget_bytes
 
 
-def test_timeout_without_a_schedule_falls_back_to_the_budget_planner():
-    # A larger graph and a near-minimal budget: HiGHS finds no schedule in 10 ms.
+@pytest.mark.parametrize(
+    "name, fraction",
+    [
+        ("chain8", 0.75),
+        ("chain8", 0.5),
+        ("chain6", 0.7),  # DTR's schedule
+        ("views", 0.9),  # DTR's, with views pinning their owners
+        ("diamond", 0.8),
+        ("mlp4", 0.95),
+    ],
+)
+def test_the_budget_planners_schedule_is_a_feasible_start_for_the_milp(name, fraction):
+    """The warm start (`milp_start`): Budget's schedule in Checkmate's stages, with R
+    and S fixed to it, satisfies every row of the MILP, and the schedule HiGHS reads
+    back fits and recomputes no more than Budget's (plus the masks its order computes
+    twice, none here: no ReLU)."""
+    from remat_server.checkpoint.planners import milp, milp_start
+    from remat_server.checkpoint.planners.budget import search
+
+    p = problem(name) if name in GRAPHS else Problem(*_joint(mlp(layers=4, width=6)))
+    limit = int(fraction * store_all_peak(p))
+    known = search(p, limit, "budget", exact=False)
+    model = milp._Milp(p, milp_start.order(p, known), limit - p.input_bytes)
+    index, value = milp_start.columns(model, known)
+    model.lb[index] = model.ub[index] = value  # nothing left to choose but FREE and U
+    result = model.solve(60.0)
+    assert result.status == milp.OPTIMAL, result.message
+    schedule = Schedule(model.steps(result.x), p.results, "start")
+    ours, theirs = simulated(p, schedule), simulated(p, known)
+    assert ours.peak_bytes <= limit
+    assert ours.recompute_flops <= theirs.recompute_flops
+
+
+def test_timeout_without_a_schedule_falls_back_to_the_budget_planner(monkeypatch):
+    # A larger graph and a near-minimal budget: HiGHS finds no schedule in 10 ms, and
+    # here it has no start (as for a schedule the MILP's stages cannot express).
+    from remat_server.checkpoint.planners import milp_start
+
+    monkeypatch.setattr(milp_start, "columns", lambda model, schedule: None)
     p = Problem(*_joint(mlp(layers=4, width=6)))
     schedule = plan_optimal(p, Optimal(fraction=0.95, time_limit=0.01))
     report = schedule.report
@@ -283,7 +320,7 @@ def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(monkeypatc
     poor = plan_recompute_all(p, None)  # fits this budget, recomputing the most
     assert simulated(p, poor).peak_bytes <= limit
     stopped = milp.Solution(poor, False, False, 0.5, 0.1, "MILP (test)", bound=0.0)
-    monkeypatch.setattr(optimal.milp, "solve", lambda *args: stopped)
+    monkeypatch.setattr(optimal.milp, "solve", lambda *args, **kwargs: stopped)
     schedule = plan_optimal(p, Optimal(bytes=limit))
     ours = simulated(p, schedule)
     assert ours.peak_bytes <= limit
@@ -300,7 +337,7 @@ def test_when_no_milp_schedule_fits_the_budget_planner_still_tries(monkeypatch):
 
     p = problem("chain8")
     refused = milp.Solution(None, True, False, 0.0, 0.1, "MILP (test)", why="infeasible (test)")
-    monkeypatch.setattr(optimal.milp, "solve", lambda *args: refused)
+    monkeypatch.setattr(optimal.milp, "solve", lambda *args, **kwargs: refused)
     schedule = plan_optimal(p, Optimal(fraction=0.75))
     assert schedule.report.status == "fallback"
     assert schedule.report.detail.startswith("infeasible (test); planned by the budget planner")

@@ -142,13 +142,13 @@ def test_a_request_that_ends_while_waiting_for_a_slot_does_not_plan():
 # --- the planners under it -------------------------------------------------------------
 
 
-def test_optimals_fallback_to_budget_takes_a_single_slot():
-    # No schedule in 10 ms: Optimal falls back to Budget's search (its exact step
-    # included) inside the slot its own solve took.
+def test_optimal_and_its_budget_search_take_a_single_slot():
+    # Optimal runs Budget's search (the MILP's warm start, and its fallback) inside the
+    # slot its own solve takes.
     slot = Slot()
     with controlled(PlanControl(exclusive=slot)):
         schedule = plan(chain(12), Optimal(fraction=0.5, time_limit=0.01))
-    assert schedule.report.status == "fallback"
+    assert schedule.report.status in ("optimal", "time_limit", "fallback")
     assert slot.entries == 1
 
 

@@ -69,8 +69,9 @@ def plan_budget(problem: Problem, policy: Budget) -> Schedule:
     return search(problem, limit, name)
 
 
-def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
-    """The cheapest schedule found whose peak is <= `limit`, labelled `name`."""
+def search(problem: Problem, limit: int, name: str, why: str = "", exact: bool = True) -> Schedule:
+    """The cheapest schedule found whose peak is <= `limit`, labelled `name`; without
+    `exact`, no MILP run (Optimal runs its own, from this schedule)."""
     start = time.perf_counter()
     found = _Candidates(problem, limit, name)
     # One cheap simulation that settles most requests: it polls nothing, takes no slot.
@@ -82,7 +83,8 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
             found.chain()
             found.keep_sets()
             found.heuristics()
-            found.exact()
+            if exact:
+                found.exact()
             if found.best is None:  # the lowest-peak schedule known, if it fits
                 least = floor(problem, name)
                 found.consider(least.by, lambda: least.schedule)
@@ -203,8 +205,9 @@ class _Candidates:
         if milp.size(problem) > EXACT_MAX_NODES:
             return
         try:
+            start = self.best[1] if self.best is not None else None
             solution = milp.solve(
-                problem, self.limit, control.seconds_left(EXACT_SECONDS), self.name
+                problem, self.limit, control.seconds_left(EXACT_SECONDS), self.name, start
             )
         except (Cancelled, DeadlineExceeded):
             raise  # the request ended: no more planning

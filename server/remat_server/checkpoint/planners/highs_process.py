@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from multiprocessing import spawn
 from multiprocessing.connection import Connection, wait
 
@@ -90,6 +90,10 @@ class Model:
     index: np.ndarray
     value: np.ndarray
     integrality: np.ndarray
+    # A known solution's values for some columns (a warm start: HiGHS completes the
+    # rest, and keeps it as its first incumbent if feasible, else ignores it).
+    start_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    start_value: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ def run(
         model.value,
         model.integrality,
     )
+    if len(model.start_index):
+        h.setSolution(len(model.start_index), model.start_index, model.start_value)
     if interrupt is not None:
 
         def callback(_kind, _message, _out, data_in, _data) -> None:

@@ -78,7 +78,7 @@ from ..problem import Problem
 from ..recompute import hoistable
 from ..schedule import Compute, Free, Schedule, Step
 from ..simulate import InvalidSchedule
-from . import highs_process
+from . import highs_process, milp_start
 from .bounds import simulated
 from .milp_rows import Rows, pairs, ranges
 
@@ -99,14 +99,20 @@ class Solution:
     bound: float = 0.0
 
 
-def solve(problem: Problem, limit: int, time_limit: float, name: str) -> Solution:
-    """The cheapest schedule with peak <= `limit` bytes, within `time_limit` seconds.
-    Raises Cancelled or DeadlineExceeded when the current request ends first, and
+def solve(
+    problem: Problem, limit: int, time_limit: float, name: str, start: Schedule | None = None
+) -> Solution:
+    """The cheapest schedule with peak <= `limit` bytes, within `time_limit` seconds;
+    `start`, a schedule known to fit, is HiGHS's first incumbent when the MILP can
+    express it (`milp_start`), so the answer recomputes no more than it. Raises
+    Cancelled or DeadlineExceeded when the current request ends first, and
     ResourceExhausted (killed, most likely out of memory) or RematError when a child
     process solving it dies."""
     control.check(name)  # building a few hundred nodes' model takes a while
-    order = _order(problem)
+    order = (start and milp_start.order(problem, start)) or _order(problem)
     model = _Milp(problem, order, limit - problem.input_bytes)
+    if start is not None:
+        model.start = milp_start.columns(model, start)
     solution, res = _solved(problem, model, limit, time_limit, name)
     if solution.infeasible or not np.isfinite(res.bound):
         return solution
@@ -206,6 +212,8 @@ class _Milp:
     ):
         graph, model = problem.graph, problem.model
         self.order, n = order, len(order)
+        self.start: tuple[np.ndarray, np.ndarray] | None = None  # a warm start's columns
+        self.hoisted = hoistable(problem).keys()
         index = {name: i for i, name in enumerate(order)}
         # Bytes charged to each node: its buffer's if it owns one, 0 for a view.
         owner = np.array(
@@ -339,6 +347,7 @@ class _Milp:
         # is kept from its first computation on: that costs nothing and spares the
         # solver symmetric choices.
         free = np.flatnonzero((mem == 0) & ~np.isin(np.arange(n), views))
+        self.owner, self.views, self.free = owner, views, free  # for `milp_start`
         end[free] = 1
         g, t = ranges(free + 1, np.full(len(free), n))
         self.lb[S(t, free[g])] = 1
@@ -375,6 +384,7 @@ class _Milp:
             A.indices.astype(np.int32),
             A.data,
             self.integrality,
+            *(self.start or ()),
         )
         options = {**dict(_OPTIONS), "time_limit": float(time_limit)}
         if self.variables <= IN_PROCESS_MAX_VARIABLES or not highs_process.AVAILABLE:

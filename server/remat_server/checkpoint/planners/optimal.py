@@ -1,15 +1,20 @@
 """Optimal: the exact optimum under a budget, from Checkmate's MILP (`milp`).
 
-Outcomes: store_all fits -> store_all (optimal, no solve); proven optimum ("optimal",
-mip_rel_gap 0); time limit with a schedule ("time_limit", the gap), or the budget
-planner's schedule when that recomputes less (so Optimal is never worse than Budget);
-more than `problem.milp_max_nodes` nodes or no schedule in time -> the budget planner
-("fallback"). When the MILP proves that none of its schedules fits, the budget planner
-still tries (its floor's results-last schedules are outside the MILP's class, see
-`milp`) before RESOURCE_EXHAUSTED, which names the proven bound. The solve and its fallback hold
-one solve slot (`control.expensive`), its time limit ends at the request's deadline,
-and a request that ends during it gets Cancelled or DeadlineExceeded, never a
-fallback: nobody is waiting for the plan any more.
+First the budget planner's structured search (no MILP of its own) finds a schedule;
+the MILP starts from it (`milp_start`: HiGHS's first incumbent), so on a graph where
+HiGHS finds no schedule of its own in time Optimal still answers with one and, where
+HiGHS has a bound by then, with its gap. Outcomes: store_all fits -> store_all
+(optimal, no solve); proven optimum ("optimal", mip_rel_gap 0); time limit with a
+schedule ("time_limit", the gap), or the budget planner's schedule when that
+recomputes less (so Optimal is never worse than Budget); more than
+`problem.milp_max_nodes` nodes, or no schedule in time -> the budget planner's
+("fallback"). When the MILP proves that none of its schedules fits, the budget
+planner's schedule, if it found one, is the answer (its floor's results-last
+schedules are outside the MILP's class, see `milp`), else RESOURCE_EXHAUSTED names
+the proven bound. The search and the solve hold one solve slot (`control.expensive`),
+the time limit ends at the request's deadline, and a request that ends during it gets
+Cancelled or DeadlineExceeded, never a fallback: nobody is waiting for the plan any
+more.
 
     >>> from remat_proto.policies import Optimal
     >>> Optimal(fraction=0.5)
@@ -61,16 +66,21 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
         )
     if limit < problem.input_bytes:
         raise over_budget(problem, name, limit, "the graph inputs alone exceed it")
-    with control.expensive(name):  # the fallback's search nests in it: one slot
+    with control.expensive(name):  # Budget's search nests in it: one slot
+        known = _budget_schedule(problem, name, limit)
         time_limit = control.seconds_left(policy.time_limit or DEFAULT_TIME_LIMIT)
-        solution = milp.solve(problem, limit, time_limit, name)  # raises once stopped
+        solution = milp.solve(problem, limit, time_limit, name, start=known)  # raises once stopped
         if solution.schedule is None:  # none in time, or none of the MILP's class fits
-            return _fallback(problem, name, limit, solution.why)
-        if not solution.optimal:  # the incumbent, or Budget's schedule if cheaper
-            better = _cheaper_search(problem, name, limit, solution)
+            if known is None:  # and Budget's search had found none either
+                raise over_budget(problem, name, limit, solution.why + "; no fallback fits")
+            return _fallback(problem, name, limit, solution.why, known)
+        if not solution.optimal and known is not None:  # the cheaper of the two
+            better = _cheaper(problem, name, limit, solution, known)
             if better is not None:
                 return better
     detail = solution.size
+    if known is not None:
+        detail += ", started from the budget planner's schedule"
     if not solution.optimal:  # how far from the optimum the schedule may be
         detail += (
             f", stopped at {time_limit:g} s; the optimum recomputes at least "
@@ -89,15 +99,21 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
     )
 
 
-def _cheaper_search(
-    problem: Problem, name: str, limit: int, solution: milp.Solution
-) -> Schedule | None:
-    """Budget's schedule when it recomputes less than the MILP's incumbent, reported
-    with the MILP's proven bound (None when the incumbent is at least as cheap)."""
+def _budget_schedule(problem: Problem, name: str, limit: int) -> Schedule | None:
+    """Budget's structured search (not its own short MILP run): the MILP's warm start,
+    and the answer when the MILP finds nothing better. None when nothing fits."""
     try:
-        found = search(problem, limit, name)
+        return search(problem, limit, name, exact=False)
     except ResourceExhausted:
         return None
+
+
+def _cheaper(
+    problem: Problem, name: str, limit: int, solution: milp.Solution, found: Schedule
+) -> Schedule | None:
+    """Budget's schedule when it recomputes less than the MILP's incumbent (the MILP
+    prices the masks it computes twice for its order), reported with the MILP's proven
+    bound (None when the incumbent is at least as cheap)."""
     ours = recompute_cost(problem, found)
     if ours >= recompute_cost(problem, solution.schedule):
         return None
@@ -114,11 +130,16 @@ def _cheaper_search(
     )
 
 
-def _fallback(problem: Problem, name: str, limit: int, why: str) -> Schedule:
-    try:
-        schedule = search(problem, limit, name)
-    except ResourceExhausted:
-        raise over_budget(problem, name, limit, why + "; no fallback schedule fits") from None
+def _fallback(
+    problem: Problem, name: str, limit: int, why: str, known: Schedule | None = None
+) -> Schedule:
+    """Budget's schedule (`known`, else a search now) as Optimal's answer."""
+    schedule = known
+    if schedule is None:
+        try:
+            schedule = search(problem, limit, name)
+        except ResourceExhausted:
+            raise over_budget(problem, name, limit, why + "; no fallback schedule fits") from None
     return _budgets(
         schedule,
         name,
