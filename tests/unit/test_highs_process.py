@@ -30,7 +30,7 @@ import support
 from remat import models
 from remat_server.checkpoint import control
 from remat_server.checkpoint.control import PlanControl, controlled
-from remat_server.checkpoint.planners import highs_process, milp
+from remat_server.checkpoint.planners import highs_process, milp, milp_order
 from remat_server.checkpoint.planners.bounds import budget_bytes
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.schedule import Compute
@@ -108,7 +108,7 @@ def no_child_outlives_its_test():
 
 
 def variables(problem: Problem) -> int:
-    return milp._Milp(problem, milp._order(problem), 0).variables
+    return milp._Milp(problem, milp_order.default(problem), 0).variables
 
 
 def test_big_models_are_solved_in_a_child_small_ones_here():
@@ -229,7 +229,7 @@ def test_a_child_whose_parent_goes_away_exits():
     # The parent's end of the pipe closing (the server died) ends the child at once,
     # even in the middle of presolve.
     problem = transformer()
-    model = milp._Milp(problem, milp._order(problem), budget_bytes(problem, 0, 0.5))
+    model = milp._Milp(problem, milp_order.default(problem), budget_bytes(problem, 0, 0.5))
     A, lower, upper = model.rows
     arrays = highs_process.Model(
         model.cost, model.lb, model.ub, lower, upper,

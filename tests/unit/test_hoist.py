@@ -17,10 +17,9 @@ import pytest
 
 from remat import models
 from remat_proto.policies import Optimal, StoreAll
-from remat_server.checkpoint.planners import budget, plan
+from remat_server.checkpoint.planners import budget, milp_order, plan
 from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
 from remat_server.checkpoint.planners.budget import search
-from remat_server.checkpoint.planners.milp import _order
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.recompute import hoistable, schedule_with_checkpoints
 from remat_server.checkpoint.schedule import Compute, Schedule
@@ -102,7 +101,7 @@ def test_the_cnn_fits_70_percent_with_the_optimum_budget_within_10_percent_of_it
     short MILP run), and its structured search alone now fits."""
     _, p = problem(**BENCH_CNN)
     limit = int(0.7 * store_all_peak(p))
-    assert _order(p).index(masks(p)[-1]) < _order(p).index(p.backward[-1])
+    assert milp_order.default(p).index(masks(p)[-1]) < milp_order.default(p).index(p.backward[-1])
     exact = plan(p, Optimal(fraction=0.7, time_limit=60.0))
     assert exact.report.status == "optimal"
     optimum = simulated(p, exact).recompute_flops
@@ -127,7 +126,7 @@ def test_a_schedule_that_computes_the_masks_late_still_starts_the_milp():
     _, p = problem()
     start = plan(p, StoreAll())
     limit = simulated(p, start).peak_bytes
-    model = milp._Milp(p, milp_start.order(p, start), limit - p.input_bytes)
+    model = milp._Milp(p, milp_order.of_schedule(p, start), limit - p.input_bytes)
     index, value = milp_start.columns(model, start)
     model.lb[index] = model.ub[index] = value
     result = model.solve(60.0)

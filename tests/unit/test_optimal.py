@@ -24,10 +24,10 @@ import support
 
 import remat
 from remat_proto.policies import EveryK, Optimal, Revolve, StoreAll
-from remat_server.checkpoint.planners import plan
+from remat_server.checkpoint.planners import milp_order, plan
 from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
 from remat_server.checkpoint.planners.heuristics import plan_every_k, plan_recompute_all, plan_sqrt
-from remat_server.checkpoint.planners.milp import _Milp, _order
+from remat_server.checkpoint.planners.milp import _Milp
 from remat_server.checkpoint.planners.optimal import plan_optimal
 from remat_server.checkpoint.planners.revolve import plan_revolve
 from remat_server.checkpoint.problem import Problem
@@ -165,7 +165,7 @@ def test_the_milp_predicts_the_simulated_peak(name, fraction):
     # frees exactly where the MILP's FREE does (or earlier), so its peak is the MILP's.
     p = problem(name)
     schedule, sim = solved(name, fraction)
-    milp = _Milp(p, _order(p), schedule.report.budget_bytes - p.input_bytes)
+    milp = _Milp(p, milp_order.default(p), schedule.report.budget_bytes - p.input_bytes)
     res = milp.solve(30.0)
     assert res.status == 0
     u = res.x[milp.u0 : milp.u0 + len(milp.order) * (len(milp.order) + 1) // 2]
@@ -240,7 +240,7 @@ def test_too_many_nodes_falls_back_to_the_budget_planner():
     report = schedule.report
     assert report.status == "fallback" and report.chosen
     assert report.detail.startswith(
-        f"the joint graph has {len(_order(p))} nodes, over the MILP "
+        f"the joint graph has {len(milp_order.default(p))} nodes, over the MILP "
         "limit of 10 (server flag --optimal-max-nodes)"
     )
     assert schedule.policy == "optimal(0.9)"
@@ -269,7 +269,7 @@ def test_the_budget_planners_schedule_is_a_feasible_start_for_the_milp(name, fra
     p = problem(name) if name in GRAPHS else Problem(*_joint(mlp(layers=4, width=6)))
     limit = int(fraction * store_all_peak(p))
     known = search(p, limit, "budget", exact=False)
-    model = milp._Milp(p, milp_start.order(p, known), limit - p.input_bytes)
+    model = milp._Milp(p, milp_order.of_schedule(p, known), limit - p.input_bytes)
     index, value = milp_start.columns(model, known)
     model.lb[index] = model.ub[index] = value  # nothing left to choose but FREE and U
     result = model.solve(60.0)

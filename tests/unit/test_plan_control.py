@@ -25,7 +25,7 @@ import support
 from remat_proto.policies import DTR, Auto, Budget, Optimal
 from remat_server.checkpoint import control
 from remat_server.checkpoint.control import PlanControl, controlled
-from remat_server.checkpoint.planners import highs_process, milp, plan
+from remat_server.checkpoint.planners import highs_process, milp, milp_order, plan
 from remat_server.checkpoint.planners.bounds import store_all_peak
 from remat_server.checkpoint.problem import Problem
 from remat_server.engine import Engine
@@ -190,7 +190,7 @@ def solver_children() -> list:
 )
 def test_cancelling_interrupts_a_long_milp_solve(length, fraction, where):
     problem = chain(length)
-    variables = milp._Milp(problem, milp._order(problem), 0).variables
+    variables = milp._Milp(problem, milp_order.default(problem), 0).variables
     assert (variables <= milp.IN_PROCESS_MAX_VARIABLES) == (where == "this process")
     flag, timer = cancel_after(0.3)
     start = time.monotonic()

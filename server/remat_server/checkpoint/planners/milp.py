@@ -78,7 +78,7 @@ from ..problem import Problem
 from ..recompute import hoistable
 from ..schedule import Compute, Free, Schedule, Step
 from ..simulate import InvalidSchedule
-from . import highs_process, milp_start
+from . import highs_process, milp_order, milp_start
 from .bounds import simulated
 from .milp_rows import Rows, pairs, ranges
 
@@ -109,7 +109,7 @@ def solve(
     ResourceExhausted (killed, most likely out of memory) or RematError when a child
     process solving it dies."""
     control.check(name)  # building a few hundred nodes' model takes a while
-    order = (start and milp_start.order(problem, start)) or _order(problem)
+    order = (start and milp_order.of_schedule(problem, start)) or milp_order.default(problem)
     model = _Milp(problem, order, limit - problem.input_bytes)
     if start is not None:
         model.start = milp_start.columns(model, start)
@@ -129,7 +129,9 @@ def least_memory(
     on the peak of every schedule the MILP can express (0 if none). `lower`, a peak no
     schedule goes under, lets HiGHS stop as soon as it meets it. Raises as `solve`."""
     control.check(name)
-    model = _Milp(problem, _order(problem), upper - problem.input_bytes, least_memory=True)
+    model = _Milp(
+        problem, milp_order.default(problem), upper - problem.input_bytes, least_memory=True
+    )
     # A schedule's P * unit is at least its true peak less the inputs: P >= that / unit.
     model.lb[model.peak] = max(0, -(-(lower - problem.input_bytes) // model.unit))
     solution, res = _solved(problem, model, upper, time_limit, name)
@@ -172,34 +174,7 @@ def _solved(
 
 def size(problem: Problem) -> int:
     """Nodes the MILP numbers: the needed non-input nodes."""
-    return len(_order(problem))
-
-
-def _order(problem: Problem) -> list[str]:
-    """Forward values in forward_order, each followed by the backward nodes hoisted to
-    it (`recompute.hoistable`: a ReLU's mask right after the ReLU's input, so its stage
-    can drop that input; a later stage may still recompute the mask), then the other
-    backward nodes (graph order if that is not a topological order of the needed
-    nodes)."""
-    graph, early = problem.graph, hoistable(problem)
-    order = [b for b, i in early.items() if i < 0]
-    for i, name in enumerate(problem.forward_order):
-        order += [name, *(b for b, j in early.items() if j == i)]
-    order += [b for b in problem.backward if b not in early]
-    wanted = [n for n in graph.nodes if n in problem.needed and not graph[n].is_input]
-    index = {name: i for i, name in enumerate(order)}
-    if (
-        len(order) != len(wanted)
-        or set(order) != set(wanted)
-        or any(
-            index.get(s, -1) >= index[n]
-            for n in order
-            for s in graph[n].inputs
-            if not graph[s].is_input
-        )
-    ):
-        return wanted
-    return order
+    return len(milp_order.default(problem))
 
 
 class _Milp:

@@ -2,9 +2,9 @@
 
 Checkmate's stages (`milp`) describe a schedule by R[t,i] (node i computed in stage t)
 and S[t,i] (value i live entering stage t), in a fixed topological order. For a start,
-that order is the schedule's own order of first computations (`order`), with the
+that order is the schedule's own order of first computations (`milp_order`), with the
 hoistable nodes (ReLU masks, `recompute.hoistable`) moved right after their inputs as
-in `milp._order`. Then stage t is everything computed from the end of stage t-1
+in `milp_order.default`. Then stage t is everything computed from the end of stage t-1
 through node t's first computation, and S[t] is what is live when stage t starts. A
 mask the schedule computes later is also computed, and dropped, at its own stage (its
 input is live there: it was just computed); its real computation is a recomputation.
@@ -22,9 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..problem import Problem
-from ..recompute import hoistable
-from ..schedule import Compute, Free, Schedule
+from ..schedule import Free, Schedule
 
 if TYPE_CHECKING:  # milp imports this module
     from .milp import _Milp
@@ -46,29 +44,6 @@ def columns(model: _Milp, schedule: Schedule) -> tuple[np.ndarray, np.ndarray] |
     index = np.concatenate([model.R(t, i), model.S(st, si)]).astype(np.int32)
     value = np.concatenate([R[t, i], S[st, si]]).astype(float)
     return index, value
-
-
-def order(problem: Problem, schedule: Schedule) -> list[str] | None:
-    """The model's order for a start from `schedule`: its first computations of the
-    needed non-input nodes, hoistable ones moved up; None if it misses some."""
-    graph, early = problem.graph, hoistable(problem)
-    firsts = dict.fromkeys(
-        s.node
-        for s in schedule.steps
-        if isinstance(s, Compute) and s.node in problem.needed and not graph[s.node].is_input
-    )
-    if len(firsts) != sum(1 for n in problem.needed if not graph[n].is_input):
-        return None
-    moved = [b for b in early if early[b] < 0]
-    after: dict[str, list[str]] = {}
-    position = {name: i for i, name in enumerate(n for n in firsts if n not in early)}
-    for b, i in early.items():
-        if i >= 0:  # right after the last of its inputs in this order
-            last = max((s for s in graph[b].inputs if s in position), key=position.get)
-            after.setdefault(last, []).append(b)
-    for name in position:
-        moved += [name, *after.get(name, ())]
-    return moved
 
 
 def stages(model: _Milp, schedule: Schedule) -> tuple[np.ndarray, np.ndarray] | None:

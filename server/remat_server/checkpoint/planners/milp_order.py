@@ -1,0 +1,62 @@
+"""The topological orders Checkmate's MILP (`milp`) numbers its nodes in: its stage t
+first computes node t, so the order decides which schedules the MILP can express.
+
+    >>> # default(problem): forward values, masks hoisted, then the backward nodes
+    >>> # of_schedule(problem, schedule): a warm start's own order (`milp_start`)
+"""
+
+from __future__ import annotations
+
+from ..problem import Problem
+from ..recompute import hoistable
+from ..schedule import Compute, Schedule
+
+
+def default(problem: Problem) -> list[str]:
+    """Forward values in forward_order, each followed by the backward nodes hoisted to
+    it (`recompute.hoistable`: a ReLU's mask right after the ReLU's input, so its stage
+    can drop that input; a later stage may still recompute the mask), then the other
+    backward nodes (graph order if that is not a topological order of the needed
+    nodes)."""
+    graph, early = problem.graph, hoistable(problem)
+    order = [b for b, i in early.items() if i < 0]
+    for i, name in enumerate(problem.forward_order):
+        order += [name, *(b for b, j in early.items() if j == i)]
+    order += [b for b in problem.backward if b not in early]
+    wanted = [n for n in graph.nodes if n in problem.needed and not graph[n].is_input]
+    index = {name: i for i, name in enumerate(order)}
+    if (
+        len(order) != len(wanted)
+        or set(order) != set(wanted)
+        or any(
+            index.get(s, -1) >= index[n]
+            for n in order
+            for s in graph[n].inputs
+            if not graph[s].is_input
+        )
+    ):
+        return wanted
+    return order
+
+
+def of_schedule(problem: Problem, schedule: Schedule) -> list[str] | None:
+    """The model's order for a start from `schedule`: its first computations of the
+    needed non-input nodes, hoistable ones moved up; None if it misses some."""
+    graph, early = problem.graph, hoistable(problem)
+    firsts = dict.fromkeys(
+        s.node
+        for s in schedule.steps
+        if isinstance(s, Compute) and s.node in problem.needed and not graph[s.node].is_input
+    )
+    if len(firsts) != sum(1 for n in problem.needed if not graph[n].is_input):
+        return None
+    moved = [b for b in early if early[b] < 0]
+    after: dict[str, list[str]] = {}
+    position = {name: i for i, name in enumerate(n for n in firsts if n not in early)}
+    for b, i in early.items():
+        if i >= 0:  # right after the last of its inputs in this order
+            last = max((s for s in graph[b].inputs if s in position), key=position.get)
+            after.setdefault(last, []).append(b)
+    for name in position:
+        moved += [name, *after.get(name, ())]
+    return moved
