@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=None, help="comma-separated zoo models (default all)")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed repeats per step (default 3; --quick 1)"
+        "--repeats", type=int, default=5, help="timed repeats per step (default 5; --quick 1)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny batches: that it runs")
     parser.add_argument(
@@ -225,7 +225,8 @@ def torch_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> list[dict]:
+    """Measure, print the tables, return one result per model."""
     torch.set_num_threads(1)
     batches = QUICK_BATCHES if args.quick else BATCHES
     names = args.models.split(",") if args.models else list(batches)
@@ -249,6 +250,7 @@ def main(args: argparse.Namespace) -> None:
     print(torch_table(results) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

@@ -55,3 +55,27 @@ def test_budget_table_reports_does_not_fit_and_the_floor(bench):
     line = models.budget_table([row]).splitlines()[-1]
     assert line.startswith("| resnet | 2 BasicBlock | 120.0 | 1.20 | 20.0 | 0.50 | does not fit |")
     assert line.endswith("| 0.67 |")
+
+
+@pytest.mark.slow
+def test_zoo_planners_smoke(bench, capsys):
+    """bench/zoo_planners.py: every row's contenders fit their budget, each shown
+    schedule was timed, and torch's checkpointing has its row."""
+    zoo_planners = bench("zoo_planners")
+    args = zoo_planners.parse_args(["--quick", "--models", "llama", "--optimal-time-limit", "1"])
+    (result,) = zoo_planners.main(args)
+    base = result["store_all"]["peak"]
+    assert set(result["rows"]) >= {"70%", "50%", "30%", "min"}
+    for key, row in result["rows"].items():
+        if key == "torch":  # remat at torch's measured memory: one plan's figures
+            assert row["peak"] <= result["budget_at_torch"]
+            continue
+        for label, entry in row.items():
+            if key.endswith("%"):
+                assert entry["peak"] <= int(float(key[:-1]) / 100 * base), (key, label)
+            if "policy" in entry:
+                assert result["seconds"][entry["policy"]] > 0, (key, label)
+    assert sum(label.startswith("every_k") for label in result["rows"]["70%"]) <= 1
+    assert result["seconds"]["torch checkpoint"] > 0 and result["seconds"]["store_all"] > 0
+    out = capsys.readouterr().out
+    assert "| llama (" in out and "## torch.utils.checkpoint per block" in out
