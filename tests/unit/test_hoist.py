@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 
 from remat import models
-from remat_proto.policies import Optimal, StoreAll
+from remat_proto.policies import DTR, Optimal, StoreAll
 from remat_server.checkpoint.planners import budget, milp_order, plan
 from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
 from remat_server.checkpoint.planners.budget import search
+from remat_server.checkpoint.planners.dtr import plan_dtr
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.recompute import hoistable, schedule_with_checkpoints
 from remat_server.checkpoint.schedule import Compute, Schedule
 from remat_server.engine import Engine
+from remat_server.errors import ResourceExhausted
 from remat_server.graph.limits import Limits
 from remat_server.runtime.executor import execute
 from remat_server.service.codec import graph_from_proto
@@ -134,3 +136,21 @@ def test_a_schedule_that_computes_the_masks_late_still_starts_the_milp():
     read_back = simulated(p, Schedule(model.steps(result.x), p.results, "start"))
     assert read_back.peak_bytes <= limit
     assert read_back.recompute_flops == sum(p.flops[m] for m in masks(p))
+
+
+def test_dtr_replayed_with_the_masks_hoisted_fits_where_store_alls_order_cannot():
+    """DTR replays store_all's order; with the masks moved into the forward pass (what
+    Budget also tries) it fits the bench CNN at 70%, and its schedule computes every
+    value as store_all's does."""
+    _, p = problem(**BENCH_CNN)
+    limit = int(0.7 * store_all_peak(p))
+    with pytest.raises(ResourceExhausted, match="DTR found nothing left to evict"):
+        plan_dtr(p, DTR(bytes=limit))
+    schedule = plan_dtr(p, DTR(bytes=limit), hoist=True)
+    sim = simulated(p, schedule)
+    assert sim.peak_bytes <= limit and sim.recompute_flops > 0  # it evicted and regrew
+    model, _ = planned(**BENCH_CNN)
+    run = execute(p.graph, schedule, model.inputs, p.forward_nodes)
+    reference = execute(p.graph, plan(p, StoreAll()), model.inputs, p.forward_nodes)
+    for name, value in reference.values.items():
+        assert np.array_equal(run.values[name], value), name

@@ -69,6 +69,22 @@ def hoistable(problem: Problem) -> dict[str, int]:
     return memo["hoistable"]
 
 
+def hoisted(problem: Problem, order) -> list[str]:
+    """`order` (a topological order of nodes) with the `hoistable` nodes moved up: each
+    right after the last of its inputs, the constants they read first."""
+    graph, early = problem.graph, hoistable(problem)
+    moved = [b for b in early if early[b] < 0]
+    position = {name: i for i, name in enumerate(n for n in order if n not in early)}
+    after: dict[str, list[str]] = {}
+    for b, i in early.items():
+        if i >= 0:
+            last = max((s for s in graph[b].inputs if s in position), key=position.get)
+            after.setdefault(last, []).append(b)
+    for name in position:
+        moved += [name, *after.get(name, ())]
+    return moved
+
+
 class _Builder:
     def __init__(self, problem: Problem, kept: frozenset[str], drop: bool, early: dict[str, int]):
         self.problem, self.kept, self.drop, self.early = problem, kept, drop, early

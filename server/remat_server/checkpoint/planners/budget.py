@@ -230,6 +230,10 @@ class _Candidates:
                     f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,)))
                 )
         self.consider("dtr", lambda: plan_dtr(problem, DTR(bytes=self.limit)))
+        if hoistable(problem):  # ReLU masks in the forward pass: sometimes it fits only so
+            self.consider(
+                "dtr(hoisted)", lambda: plan_dtr(problem, DTR(bytes=self.limit), hoist=True)
+            )
         # The low-memory extremes, quadratic on long chains.
         chain = len(problem.boundaries)
         if chain >= 2 and (self.best is None or chain <= REVOLVE_ALWAYS_MAX):

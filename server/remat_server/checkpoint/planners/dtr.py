@@ -44,6 +44,7 @@ from remat_proto.policies import DTR, label
 from .. import control
 from ..memory import LiveBytes
 from ..problem import Problem
+from ..recompute import hoisted
 from ..schedule import Compute, Free, PlannerReport, Schedule, Step
 from ..simulate import InvalidSchedule
 from . import bounds, least_memory
@@ -51,13 +52,16 @@ from . import bounds, least_memory
 CHECK_EVERY = 1024  # computations between checks that the request is still alive
 
 
-def plan_dtr(problem: Problem, policy: DTR) -> Schedule:
+def plan_dtr(problem: Problem, policy: DTR, hoist: bool = False) -> Schedule:
+    """DTR's replay under `policy`'s budget; with `hoist`, in store-all's order with the
+    ReLU masks moved into the forward pass (`recompute.hoisted`), which Budget tries
+    besides."""
     start = time.perf_counter()
     name = label(policy)
     budget = bounds.budget_bytes(problem, policy.bytes, policy.fraction)
     if problem.input_bytes > budget:  # the replay only checks when something is computed
         raise least_memory.over_budget(problem, name, budget, "the graph inputs alone exceed it")
-    replay = _Replay(problem, budget, name)
+    replay = _Replay(problem, budget, name, hoist)
     replay.run()
     report = PlannerReport(
         budget_bytes=budget,
@@ -75,12 +79,14 @@ def plan_dtr(problem: Problem, policy: DTR) -> Schedule:
 
 
 class _Replay:
-    def __init__(self, problem: Problem, budget: int, name: str):
+    def __init__(self, problem: Problem, budget: int, name: str, hoist: bool = False):
         graph, model = problem.graph, problem.model
         self.problem, self.graph, self.model = problem, graph, model
         self.budget, self.name = budget, name
         # Store-all's order: every needed non-input node once, like an eager program.
         self.order = [n.name for n in graph if n.name in problem.needed and not n.is_input]
+        if hoist:
+            self.order = hoisted(problem, self.order)
         self.uses = Counter(s for n in self.order for s in graph[n].inputs)  # reads to come
         self.live = {n.name for n in graph.inputs}
         self.bytes = LiveBytes(model, self.live)

@@ -8,7 +8,7 @@ first computes node t, so the order decides which schedules the MILP can express
 from __future__ import annotations
 
 from ..problem import Problem
-from ..recompute import hoistable
+from ..recompute import hoistable, hoisted
 from ..schedule import Compute, Schedule
 
 
@@ -42,7 +42,7 @@ def default(problem: Problem) -> list[str]:
 def of_schedule(problem: Problem, schedule: Schedule) -> list[str] | None:
     """The model's order for a start from `schedule`: its first computations of the
     needed non-input nodes, hoistable ones moved up; None if it misses some."""
-    graph, early = problem.graph, hoistable(problem)
+    graph = problem.graph
     firsts = dict.fromkeys(
         s.node
         for s in schedule.steps
@@ -50,13 +50,4 @@ def of_schedule(problem: Problem, schedule: Schedule) -> list[str] | None:
     )
     if len(firsts) != sum(1 for n in problem.needed if not graph[n].is_input):
         return None
-    moved = [b for b in early if early[b] < 0]
-    after: dict[str, list[str]] = {}
-    position = {name: i for i, name in enumerate(n for n in firsts if n not in early)}
-    for b, i in early.items():
-        if i >= 0:  # right after the last of its inputs in this order
-            last = max((s for s in graph[b].inputs if s in position), key=position.get)
-            after.setdefault(last, []).append(b)
-    for name in position:
-        moved += [name, *after.get(name, ())]
-    return moved
+    return hoisted(problem, firsts)
