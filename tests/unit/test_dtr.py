@@ -8,7 +8,11 @@ budget recomputes nothing; a budget below what DTR can reach is RESOURCE_EXHAUST
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +195,39 @@ def test_a_2000_node_graph_plans(capsys):
         print(
             f"\nDTR planned {len(problem.graph)} nodes in {seconds:.3f}s ({schedule.report.detail})"
         )
+
+
+def test_sampled_evictions_are_valid_and_do_not_depend_on_string_hashing(monkeypatch):
+    """Past `SAMPLE` resident values an eviction ranks a seeded sample of them (and
+    every dead one). Forced here with a sample of 4: the schedule fits, gives store_all's
+    gradients, and is the same in processes with different hash seeds."""
+    from remat_server.checkpoint.planners import dtr
+
+    monkeypatch.setattr(dtr, "SAMPLE", 4)
+    model, spec, expected = reference("skip")
+    policy = DTR(fraction=0.4)
+    result = ENGINE.run(request(model, spec, policy))
+    assert 0 < result.metrics.peak_bytes <= int(0.4 * expected.metrics.peak_bytes)
+    for key, value in expected.grads.items():
+        assert np.array_equal(result.grads[key], value), key
+    script = (
+        "import sys, hashlib; sys.path[:0] = sys.argv[1:]\n"
+        "import test_dtr\n"
+        "from remat_server.checkpoint.planners import dtr\n"
+        "dtr.SAMPLE = 4\n"
+        "model, spec, _ = test_dtr.reference('skip')\n"
+        "steps = dtr.plan_dtr(test_dtr.problem_of(model, spec), dtr.DTR(fraction=0.4)).steps\n"
+        "print(hashlib.sha256(repr(steps).encode()).hexdigest())\n"
+    )
+    here = str(Path(__file__).parent)
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script, here, str(Path(here).parent)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(digests) == 1, digests

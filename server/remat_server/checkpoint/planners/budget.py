@@ -61,6 +61,9 @@ EXACT_MAX_NODES = 80
 # many segments they are always candidates, on longer ones only when nothing else fits.
 REVOLVE_ALWAYS_MAX = 64
 EXACT_SECONDS = 2.0
+# Past this many checkpoint candidates (about one per layer) Budget replays DTR with the
+# masks hoisted only when nothing else fits.
+HOISTED_DTR_MAX_CANDIDATES = 256
 
 
 def plan_budget(problem: Problem, policy: Budget) -> Schedule:
@@ -230,7 +233,9 @@ class _Candidates:
                     f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,)))
                 )
         self.consider("dtr", lambda: plan_dtr(problem, DTR(bytes=self.limit)))
-        if hoistable(problem):  # ReLU masks in the forward pass: sometimes it fits only so
+        # ReLU masks in the forward pass: sometimes it fits only so. DTR's replay is
+        # O(live) per eviction: on big graphs a second replay only when nothing fits.
+        if hoistable(problem) and (self.best is None or n <= HOISTED_DTR_MAX_CANDIDATES):
             self.consider(
                 "dtr(hoisted)", lambda: plan_dtr(problem, DTR(bytes=self.limit), hoist=True)
             )
