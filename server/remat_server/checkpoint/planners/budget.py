@@ -61,9 +61,12 @@ EXACT_MAX_NODES = 80
 # many segments they are always candidates, on longer ones only when nothing else fits.
 REVOLVE_ALWAYS_MAX = 64
 EXACT_SECONDS = 2.0
-# Past this many checkpoint candidates (about one per layer) Budget replays DTR with the
-# masks hoisted only when nothing else fits.
-HOISTED_DTR_MAX_CANDIDATES = 256
+# Up to this many checkpoint candidates (about one per layer), where ReLU masks can move
+# into the forward pass, Budget searches keep sets and replays DTR both ways. Past it,
+# the keep sets only with the masks moved (in hold mode a mask replaces its
+# pre-activation among the kept values: a quarter of the bytes, the same FLOPs), and
+# the moved replay only when nothing else fits: each way costs a second search.
+BOTH_ORDERS_MAX_CANDIDATES = 256
 
 
 def plan_budget(problem: Problem, policy: Budget) -> Schedule:
@@ -152,8 +155,13 @@ class _Candidates:
         chain_dp.level_search(solution, fits)
 
     def keep_sets(self) -> None:
-        for hoist in (False, True) if hoistable(self.problem) else (False,):
-            self._keep_sets(hoist)
+        problem = self.problem
+        if not hoistable(problem):
+            self._keep_sets(False)
+            return
+        if len(problem.candidates) <= BOTH_ORDERS_MAX_CANDIDATES:
+            self._keep_sets(False)
+        self._keep_sets(True)
 
     def _keep_sets(self, hoist: bool) -> None:
         """Rank the values the backward pass reads (with `hoist`, the hoisted nodes' reads
@@ -233,9 +241,8 @@ class _Candidates:
                     f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,)))
                 )
         self.consider("dtr", lambda: plan_dtr(problem, DTR(bytes=self.limit)))
-        # ReLU masks in the forward pass: sometimes it fits only so. DTR's replay is
-        # O(live) per eviction: on big graphs a second replay only when nothing fits.
-        if hoistable(problem) and (self.best is None or n <= HOISTED_DTR_MAX_CANDIDATES):
+        # ReLU masks in the forward pass: sometimes DTR fits only so.
+        if hoistable(problem) and (self.best is None or n <= BOTH_ORDERS_MAX_CANDIDATES):
             self.consider(
                 "dtr(hoisted)", lambda: plan_dtr(problem, DTR(bytes=self.limit), hoist=True)
             )
