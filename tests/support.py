@@ -214,3 +214,17 @@ def measured_scratch(op, inputs, attrs=None) -> tuple[int, int]:
     owned = result.nbytes if result.base is None or result.base.nbytes == result.nbytes else 0
     declared = definition.scratch(out_type, *types, **full) if definition.scratch else 0
     return max(peak - owned, 0), declared
+
+
+def assert_runs_as_store_all(problem, schedule, feeds) -> None:
+    """Executed, `schedule` computes every value store_all's schedule computes, bit for
+    bit (`problem`: a checkpoint.problem.Problem over the joint graph)."""
+    from remat_proto.policies import StoreAll
+    from remat_server.checkpoint.planners import plan
+    from remat_server.runtime.executor import execute
+
+    run = execute(problem.graph, schedule, feeds, problem.forward_nodes)
+    reference = execute(problem.graph, plan(problem, StoreAll()), feeds, problem.forward_nodes)
+    assert run.values.keys() == reference.values.keys()
+    for name, value in reference.values.items():
+        assert np.array_equal(run.values[name], value), name

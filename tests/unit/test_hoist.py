@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import pytest
+import support
 
 from remat import models
 from remat_proto.policies import DTR, Optimal, StoreAll
@@ -27,7 +27,6 @@ from remat_server.checkpoint.schedule import Compute, Schedule
 from remat_server.engine import Engine
 from remat_server.errors import ResourceExhausted
 from remat_server.graph.limits import Limits
-from remat_server.runtime.executor import execute
 from remat_server.service.codec import graph_from_proto
 
 ENGINE = Engine()
@@ -77,12 +76,7 @@ def test_hoisted_schedules_compute_every_value_bit_identical_to_store_all(mode, 
     first_gradient = min(steps.index(b) for b in p.backward if b not in hoistable(p))
     assert all(steps.index(m) < first_gradient for m in masks(p))  # in the forward phase
     simulated(p, schedule)  # valid: every read finds its value live
-    feeds = model.inputs
-    run = execute(p.graph, schedule, feeds, p.forward_nodes)
-    reference = execute(p.graph, plan(p, StoreAll()), feeds, p.forward_nodes)
-    assert run.values.keys() == reference.values.keys()
-    for name, value in reference.values.items():
-        assert np.array_equal(run.values[name], value), name
+    support.assert_runs_as_store_all(p, schedule, model.inputs)
 
 
 def test_hoisting_lowers_the_peak_of_the_same_keep_set():
@@ -150,7 +144,4 @@ def test_dtr_replayed_with_the_masks_hoisted_fits_where_store_alls_order_cannot(
     sim = simulated(p, schedule)
     assert sim.peak_bytes <= limit and sim.recompute_flops > 0  # it evicted and regrew
     model, _ = planned(**BENCH_CNN)
-    run = execute(p.graph, schedule, model.inputs, p.forward_nodes)
-    reference = execute(p.graph, plan(p, StoreAll()), model.inputs, p.forward_nodes)
-    for name, value in reference.values.items():
-        assert np.array_equal(run.values[name], value), name
+    support.assert_runs_as_store_all(p, schedule, model.inputs)

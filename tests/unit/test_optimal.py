@@ -23,8 +23,8 @@ import pytest
 import support
 
 import remat
-from remat_proto.policies import EveryK, Optimal, Revolve, StoreAll
-from remat_server.checkpoint.planners import milp_order, plan
+from remat_proto.policies import EveryK, Optimal, Revolve
+from remat_server.checkpoint.planners import milp_order
 from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
 from remat_server.checkpoint.planners.heuristics import plan_every_k, plan_recompute_all, plan_sqrt
 from remat_server.checkpoint.planners.milp import _Milp
@@ -36,7 +36,6 @@ from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument, ResourceExhausted
 from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 from remat_server.graph.limits import Limits
-from remat_server.runtime.executor import execute
 from remat_server.service.codec import graph_from_proto
 
 ENGINE = Engine()
@@ -203,11 +202,7 @@ def test_gradients_bit_identical_to_store_all(name, fraction, dtype):
     planned = ENGINE.plan(spec, wrt=wrt, loss="loss")
     p = Problem(planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes)
     schedule = plan_optimal(p, Optimal(fraction=fraction))
-    run = execute(p.graph, schedule, feeds, p.forward_nodes)
-    reference = execute(p.graph, plan(p, StoreAll()), feeds, p.forward_nodes)
-    assert run.values.keys() == reference.values.keys()
-    for key, value in reference.values.items():
-        assert np.array_equal(run.values[key], value), key
+    support.assert_runs_as_store_all(p, schedule, feeds)
 
 
 def test_store_all_fits_is_optimal_without_a_solve():

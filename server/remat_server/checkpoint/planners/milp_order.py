@@ -8,7 +8,7 @@ first computes node t, so the order decides which schedules the MILP can express
 from __future__ import annotations
 
 from ..problem import Problem
-from ..recompute import hoistable, hoisted
+from ..recompute import hoisted
 from ..schedule import Compute, Schedule
 
 
@@ -18,11 +18,8 @@ def default(problem: Problem) -> list[str]:
     can drop that input; a later stage may still recompute the mask), then the other
     backward nodes (graph order if that is not a topological order of the needed
     nodes)."""
-    graph, early = problem.graph, hoistable(problem)
-    order = [b for b, i in early.items() if i < 0]
-    for i, name in enumerate(problem.forward_order):
-        order += [name, *(b for b, j in early.items() if j == i)]
-    order += [b for b in problem.backward if b not in early]
+    graph = problem.graph
+    order = hoisted(problem, [*problem.forward_order, *problem.backward])
     wanted = [n for n in graph.nodes if n in problem.needed and not graph[n].is_input]
     index = {name: i for i, name in enumerate(order)}
     if (
