@@ -40,6 +40,7 @@ import grpc
 import numpy as np
 
 from remat_proto import metadata, policies, wire
+from remat_proto.results import Metrics
 from remat_proto.v1 import executor_pb2
 
 from . import compare, targets
@@ -304,19 +305,23 @@ def run_request(
     `stream=None` streams when the tensors total more than STREAM_THRESHOLD_BYTES;
     when streaming, tensors stay inline while they total at most `chunk_bytes`, and
     the rest (every tensor above `chunk_bytes` among them) are chunked."""
-    declared = {item.name: item.dtype for item in graph.inputs}
-    request = executor_pb2.RunRequest(
-        graph=ref,
-        fetch=list(fetch or ()),
-        wrt=list(wrt),
-        loss=loss or "",
-        policy=wire.policy_to_proto(policies.resolve(policy)),
-        timeline=timeline,
-        measure_memory=measure_memory,
-        trace=trace,
-    )
+    # Only the fields that differ from their defaults: each keyword costs a setter call,
+    # and this is every call's path.
+    fields = {"graph": ref}
+    for name, value in (
+        ("fetch", fetch),
+        ("wrt", wrt),
+        ("loss", loss),
+        ("timeline", timeline),
+        ("measure_memory", measure_memory),
+        ("trace", trace),
+    ):
+        if value:
+            fields[name] = list(value) if name in ("fetch", "wrt") else value
+    request = executor_pb2.RunRequest(**fields)
+    request.policy.MergeFromString(wire.policy_bytes(policies.resolve(policy)))
     tensors = [
-        (INPUT, request.inputs, name, wire.wire_array(value, _dtype_for(value, declared.get(name))))
+        (INPUT, request.inputs, name, wire.wire_array(value, _dtype_for(value, graph, name)))
         for name, value in inputs.items()
     ]
     tensors += [
@@ -346,27 +351,34 @@ def run_result(
 ) -> RunResult:
     """A RunResult from a Run response (or a RunStream's header plus its arrays); `out`'s
     arrays take the values where they fit (see `Client.run`)."""
+    # The set fields, read in one call (see `wire._names_by_field`); a plain Run's
+    # response has no warnings, timeline or trace to decode.
+    present = {f.name: value for f, value in response.ListFields()}
     if outputs is None:
         outputs = {
             k: wire.tensor_to_array(v, previous(out, OUTPUT, k))
-            for k, v in response.outputs.items()
+            for k, v in present.get("outputs", {}).items()
         }
         grads = {
-            k: wire.tensor_to_array(v, previous(out, GRAD, k)) for k, v in response.grads.items()
+            k: wire.tensor_to_array(v, previous(out, GRAD, k))
+            for k, v in present.get("grads", {}).items()
         }
+    metrics = present.get("metrics")
     return RunResult(
         outputs=outputs,
         grads=grads,
-        metrics=wire.metrics_from_proto(response.metrics),
-        warnings=tuple(response.warnings),
-        timeline=tuple(response.timeline),
-        trace=wire.trace_from_proto(response.trace),
+        metrics=Metrics() if metrics is None else wire.metrics_from_proto(metrics),
+        warnings=tuple(present.get("warnings", ())),
+        timeline=tuple(present.get("timeline", ())),
+        trace=wire.trace_from_proto(present.get("trace", ())),
     )
 
 
-def _dtype_for(value: Any, declared: str | None) -> str | None:
+def _dtype_for(value: Any, graph: Graph, name: str) -> str | None:
     """Python lists and scalars take the input's declared dtype; arrays keep theirs."""
-    return None if isinstance(value, np.ndarray) or hasattr(value, "dtype") else declared
+    if isinstance(value, np.ndarray) or hasattr(value, "dtype"):
+        return None
+    return next((item.dtype for item in graph.inputs if item.name == name), None)
 
 
 # --- Plan and Differentiate --------------------------------------------------------------

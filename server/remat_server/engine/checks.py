@@ -24,8 +24,10 @@ def nonfinite_warnings(**arrays_by_kind: Mapping[str, np.ndarray]) -> tuple[str,
 
 
 # Arrays up to this many elements are checked with isfinite (a small bool array, and no
-# floating-point state to set up: 3 us a request); bigger ones with a sum.
+# floating-point state to set up: 3 us a request); bigger ones with a sum. Up to
+# _TINY_ELEMENTS, in Python: a NumPy call costs more than reading a few floats.
 _SMALL_ELEMENTS = 4096
+_TINY_ELEMENTS = 8
 
 
 def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:
@@ -33,7 +35,10 @@ def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:
     for name, array in arrays.items():
         if array.dtype.kind != "f":
             continue
-        if array.size <= _SMALL_ELEMENTS:
+        if array.size <= _TINY_ELEMENTS:
+            if all(map(math.isfinite, array.flat)):
+                continue
+        elif array.size <= _SMALL_ELEMENTS:
             if np.isfinite(array).all():
                 continue
         else:

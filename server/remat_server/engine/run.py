@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from remat_proto import dtypes, policies
-from remat_proto.results import Metrics, TraceEvent
+from remat_proto.results import Metrics, TraceEvent, from_fields
 from remat_proto.spec import GraphSpec
 
 from ..autodiff import JointGraph
@@ -47,7 +47,9 @@ from .compile import Compiled, CompileKey, Planned, Validated, compile_request, 
 DEFAULT_CACHE_BYTES = 256 << 20
 
 
-@dataclass(frozen=True)
+# Plain slotted dataclasses, immutable by convention: every request builds one of each,
+# and a frozen dataclass's __init__ costs a setattr call per field.
+@dataclass(slots=True)
 class RunRequest:
     graph: GraphSpec
     inputs: Mapping[str, np.ndarray]
@@ -65,7 +67,7 @@ class RunRequest:
     graph_id: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RunResult:
     outputs: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
@@ -347,14 +349,14 @@ class Engine:
         spec = request.graph
         shapes = _input_shapes(spec, request.inputs)
         policy = self.with_server_defaults(request.policy)
-        key = self._key(
-            spec,
-            request.graph_id,
-            shapes,
-            request.wrt,
+        # What `_key` computes, built directly: the request's shapes are the inputs'
+        # (checked above), so this one lookup is all a repeated request pays to compile.
+        key = CompileKey(
+            ("validated", request.graph_id or ("object", id(spec)), tuple(shapes.values())),
+            tuple(request.wrt),
             request.loss,
             tuple(request.cotangents),
-            request.fetch,
+            tuple(request.fetch),
         )
         compiled = self.cache.get(key)
         planned = compiled.cached(policy) if compiled is not None else None
@@ -392,24 +394,30 @@ class Engine:
         graph = compiled.graph
         outputs = {name: run.values[node] for name, node in compiled.fetch.items()}
         grads = {w: run.values[graph.outputs[out]] for w, out in joint.grad_outputs.items()}
-        input_bytes = sum(array.nbytes for array in feeds.values())
-        metrics = Metrics(
-            peak_bytes=run.peak_bytes,
-            predicted_peak_bytes=simulation.peak_bytes,
-            forward_seconds=run.forward_seconds,
-            backward_seconds=run.backward_seconds,
-            recompute_seconds=run.recompute_seconds,
-            plan_seconds=plan_seconds,
-            total_seconds=time.perf_counter() - start,
-            nodes_computed=run.nodes_computed,
-            recomputed_nodes=run.recomputed_nodes,
-            flops=simulation.flops,
-            recompute_flops=simulation.recompute_flops,
-            policy=planned.label,
-            measured_peak_bytes=measured.peak + input_bytes if request.measure_memory else 0,
-            queue_seconds=admitted.queue_seconds,
-            planner=planned.schedule.report,
-            plan_cached=hit and plan_hit,
+        metrics = from_fields(
+            Metrics,
+            {
+                "peak_bytes": run.peak_bytes,
+                "predicted_peak_bytes": simulation.peak_bytes,
+                "forward_seconds": run.forward_seconds,
+                "backward_seconds": run.backward_seconds,
+                "recompute_seconds": run.recompute_seconds,
+                "plan_seconds": plan_seconds,
+                "total_seconds": time.perf_counter() - start,
+                "nodes_computed": run.nodes_computed,
+                "recomputed_nodes": run.recomputed_nodes,
+                "flops": simulation.flops,
+                "recompute_flops": simulation.recompute_flops,
+                "policy": planned.label,
+                "measured_peak_bytes": (
+                    measured.peak + sum(array.nbytes for array in feeds.values())
+                    if request.measure_memory
+                    else 0
+                ),
+                "queue_seconds": admitted.queue_seconds,
+                "planner": planned.schedule.report,
+                "plan_cached": hit and plan_hit,
+            },
         )
         warnings = nonfinite_warnings(input=request.inputs, output=outputs, gradient=grads)
         return RunResult(
@@ -447,22 +455,31 @@ def _paused(nodes: int, build, *args):
 
 
 def _input_shapes(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> dict:
-    """Every input's shape, once the request sends exactly the declared inputs, each of
-    its declared dtype."""
-    declared = {item.name for item in spec.inputs}
-    extra = sorted(set(inputs) - declared)
-    if extra:
-        raise InvalidArgument(f"inputs: '{extra[0]}' is not an input of the graph")
+    """Every input's shape in the graph's order, once the request sends exactly the
+    declared inputs (an unknown name is named first), each of its declared dtype."""
+    shapes = {}
     for item in spec.inputs:
         array = inputs.get(item.name)
         if array is None:
-            raise InvalidArgument(f"inputs: no tensor given for input '{item.name}'")
+            break
         expected = dtypes.NUMPY.get(item.dtype)  # an unknown dtype: validation names it
         if expected is not None and array.dtype != expected:
+            _refuse_unknown(spec, inputs)
             raise InvalidArgument(
                 f"inputs: '{item.name}' is declared {item.dtype} but the tensor is {array.dtype}"
             )
-    return {name: tuple(array.shape) for name, array in inputs.items()}
+        shapes[item.name] = array.shape
+    if len(shapes) != len(spec.inputs) or len(shapes) != len(inputs):
+        _refuse_unknown(spec, inputs)
+        missing = next(item.name for item in spec.inputs if item.name not in inputs)
+        raise InvalidArgument(f"inputs: no tensor given for input '{missing}'")
+    return shapes
+
+
+def _refuse_unknown(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> None:
+    extra = sorted(set(inputs) - {item.name for item in spec.inputs})
+    if extra:
+        raise InvalidArgument(f"inputs: '{extra[0]}' is not an input of the graph")
 
 
 def _cotangent_feeds(joint: JointGraph, cotangents: Mapping[str, np.ndarray]) -> dict:

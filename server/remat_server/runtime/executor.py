@@ -71,7 +71,8 @@ class Program:
     ):
         nodes, nbytes, ops = graph.nodes, model.nbytes, registry.REGISTRY
         # One entry per node, shared by its steps: (name, node, forward, inputs, attrs,
-        # fresh). A step is then (phase, entry, bytes in use at it: the timeline).
+        # fresh, (shape, NumPy dtype) of its result). A step is then (phase, entry, bytes
+        # in use at it: the timeline).
         entries: dict[str, tuple] = {}
         steps, computed = [], set()
         append = steps.append
@@ -88,6 +89,7 @@ class Program:
                     node.inputs,
                     dict(node.attrs) if node.attrs else _NO_ATTRS,
                     nbytes.get(name, 0) > 0,  # owns a buffer (views are not in nbytes)
+                    (node.type.shape, dtypes.NUMPY[node.type.dtype]),
                 )
             if type(step) is not Compute:
                 append((FREE, entry, live))
@@ -122,7 +124,7 @@ class Program:
         current, since = FORWARD, clock()
         done = 0
         with np.errstate(all="ignore"):  # NaN and Inf pass through; reported, not raised
-            for phase, (name, node, forward, inputs, attrs, fresh), _ in self.steps:
+            for phase, (name, node, forward, inputs, attrs, fresh, kind), _ in self.steps:
                 if should_stop is not None and should_stop():
                     raise Cancelled(
                         "the request was cancelled or its deadline passed; "
@@ -135,7 +137,9 @@ class Program:
                     now = clock()
                     seconds[current] += now - since
                     current, since = phase, now
-                values[name] = _run_node(node, forward, [values[i] for i in inputs], attrs, fresh)
+                values[name] = _run_node(
+                    node, forward, [values[i] for i in inputs], attrs, fresh, kind
+                )
                 done += 1
         seconds[current] += clock() - since
         return self._execution(values, seconds, None)
@@ -148,7 +152,7 @@ class Program:
         clock = time.perf_counter
         began = clock()
         with np.errstate(all="ignore"):
-            for done, (phase, (name, node, forward, inputs, attrs, fresh), live) in enumerate(
+            for done, (phase, (name, node, forward, inputs, attrs, fresh, kind), live) in enumerate(
                 self.steps
             ):
                 if should_stop is not None and should_stop():
@@ -161,7 +165,9 @@ class Program:
                     events.append(TraceEvent(name, node.op, "free", clock() - began, 0.0, live))
                     continue
                 start = clock()
-                values[name] = _run_node(node, forward, [values[i] for i in inputs], attrs, fresh)
+                values[name] = _run_node(
+                    node, forward, [values[i] for i in inputs], attrs, fresh, kind
+                )
                 took = clock() - start
                 seconds[phase] += took
                 events.append(TraceEvent(name, node.op, PHASES[phase], start - began, took, live))
@@ -195,7 +201,11 @@ def execute(
     return Program(graph, schedule, forward_nodes, model, timeline).run(inputs, should_stop, trace)
 
 
-def _run_node(node: Node, forward, arguments: list, attrs: dict, fresh: bool) -> np.ndarray:
+def _run_node(
+    node: Node, forward, arguments: list, attrs: dict, fresh: bool, kind: tuple
+) -> np.ndarray:
+    """Run one node; `kind` is its result's (shape, NumPy dtype), which the result must
+    have."""
     try:
         result = forward(*arguments, **attrs)
     except (IndexError, ValueError) as exc:  # data-dependent errors, e.g. an index out of range
@@ -207,7 +217,7 @@ def _run_node(node: Node, forward, arguments: list, attrs: dict, fresh: bool) ->
         ) from None
     if type(result) is not np.ndarray:  # ufuncs on 0-d arrays return NumPy scalars
         result = np.asarray(result)
-    if result.shape != node.type.shape or result.dtype != dtypes.NUMPY[node.type.dtype]:
+    if result.shape != kind[0] or result.dtype != kind[1]:
         raise RematError(
             f"{where(node.name, node.op)}: produced {result.dtype}{result.shape}, "
             f"but its shape rule says {node.dtype}{node.shape} (a bug in remat)"

@@ -58,7 +58,10 @@ class FifoLimiter:
         self._budget = int(capacity)
         self._max_queued = max(0, int(max_queued))
         self._unit, self._flags, self._queue_flag = unit, flag, queue_flag
-        self._cond = threading.Condition()
+        # Fast paths take the lock itself (`with self._lock`, in C); waiting uses the
+        # condition built on it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._in_use = 0
         self._peak = 0  # high-water mark of in_use: never above the capacity
         self._queue: deque[object] = deque()  # waiting tickets, head first
@@ -74,17 +77,17 @@ class FifoLimiter:
 
     @property
     def in_use(self) -> int:
-        with self._cond:
+        with self._lock:
             return self._in_use
 
     @property
     def peak_in_use(self) -> int:
-        with self._cond:
+        with self._lock:
             return self._peak
 
     @property
     def queued(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._queue)
 
     @contextlib.contextmanager
@@ -121,10 +124,11 @@ class FifoLimiter:
 
     def release(self, amount: int) -> None:
         """Give back what `acquire` took (`reserve` does both)."""
-        with self._cond:
+        with self._lock:
             self._in_use -= amount
             assert self._in_use >= 0, self._in_use
-            self._cond.notify_all()
+            if self._queue:  # every waiter is in the queue
+                self._cond.notify_all()
 
     def try_acquire(self, amount: int) -> bool:
         """Take `amount` if it fits now with nobody queued ahead (never waits)."""
@@ -132,7 +136,7 @@ class FifoLimiter:
             raise ValueError(f"cannot reserve a negative amount ({amount})")
         if 0 < self._budget < amount:
             raise self._too_big(amount)
-        with self._cond:
+        with self._lock:
             if not self._queue and self._fits(amount):
                 self._take(amount)
                 return True
@@ -142,7 +146,7 @@ class FifoLimiter:
         """Wait (FIFO) until `amount` fits and take it; returns the seconds waited."""
         if 0 < self._budget < amount:
             raise self._too_big(amount)
-        with self._cond:
+        with self._lock:  # `self._cond`'s lock, taken in C: the path without a wait
             if not self._queue and self._fits(amount):
                 self._take(amount)
                 return 0.0

@@ -9,6 +9,7 @@ tensors are wrapped zero-copy (np.frombuffer): a request's bytes are read, never
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import numpy as np
@@ -90,8 +91,24 @@ def graph_to_proto(graph: Graph):
 
 
 def policy_from_proto(message: executor_pb2.Policy) -> policies.Policy:
+    data = message.SerializeToString()
+    if len(data) <= _MEMO_POLICY_BYTES:  # a loop sends the same few policies
+        return _policy_from_bytes(data)
     with _invalid():
         return wire.policy_from_proto(message)
+
+
+# Policies whose wire form is at most this long are parsed once (a bounded memo: a
+# policy message is a few bytes, but its strings come from the client).
+_MEMO_POLICY_BYTES = 256
+
+
+@functools.lru_cache(maxsize=256)
+def _policy_from_bytes(data: bytes) -> policies.Policy:
+    """The policy of a serialized `Policy` (policies are immutable: shared safely). An
+    invalid one raises, and is not remembered."""
+    with _invalid():
+        return wire.policy_from_proto(executor_pb2.Policy.FromString(data))
 
 
 # --- responses ---------------------------------------------------------------------------

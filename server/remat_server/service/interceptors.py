@@ -166,18 +166,19 @@ class Drain(grpc.ServerInterceptor):
 
     def __init__(self):
         self._running = 0
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()  # taken directly (in C) on every call
+        self._changed = threading.Condition(self._lock)
         self.draining = False
         self._wrapped = WrappedHandlers()
         counter = self
 
         class Running:  # entered around every call: a counter, no per-call object
             def __enter__(self):
-                with counter._changed:
+                with counter._lock:
                     counter._running += 1
 
             def __exit__(self, *exc):
-                with counter._changed:
+                with counter._lock:
                     counter._running -= 1
                     if counter.draining:
                         counter._changed.notify_all()

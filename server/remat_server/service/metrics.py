@@ -264,7 +264,8 @@ class ServerMetrics:
         recompute.observe(metrics.recompute_seconds)
         queue.observe(metrics.queue_seconds)
         peak.observe(metrics.peak_bytes)
-        recomputed.inc(metrics.recomputed_nodes)
+        if metrics.recomputed_nodes:  # adding 0 changes nothing, and takes a lock
+            recomputed.inc(metrics.recomputed_nodes)
 
     def track_cache(self, store) -> None:
         """Follow a `GraphStore`'s size. Updated on change (not read at scrape time),

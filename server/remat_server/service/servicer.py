@@ -23,7 +23,7 @@ from ..errors import Cancelled, DeadlineExceeded, InvalidArgument, RematError, R
 from ..ops import REGISTRY
 from ..runtime import allocator
 from ..runtime.buffers import BufferPool
-from . import codec, onnx_models, streaming
+from . import codec, onnx_models, streaming, work_slots
 from .admission import MemoryAdmission
 from .graph_store import GraphStore, Registered
 
@@ -190,11 +190,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         """Run with memory admission (waiting at most until the deadline); freed memory
         goes back to the OS when a request needs much less than is kept, or when idle
         (`allocator.Trimmer`)."""
-        remaining = context.time_remaining()
-        ended, deadline = _call_end(context)
+        end = work_slots.call_end(context)
+        ended, deadline = end.ended, end.deadline
 
         def admit(nbytes: int):
             self.trimmer.before(nbytes)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             return self.admission.reserve(nbytes, timeout=remaining, cancelled=ended)
 
         try:
@@ -310,7 +311,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def Plan(self, request, context):
         shapes = {name: tuple(dims.values) for name, dims in request.input_shapes.items()}
         graph_id, spec, _ = self._graph(request.graph)
-        ended, deadline = _call_end(context)
+        end = work_slots.call_end(context)
         try:
             planned = self.engine.plan(
                 spec,
@@ -321,8 +322,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 policy=codec.policy_from_proto(request.policy),
                 input_shapes=shapes,
                 fetch=tuple(request.fetch),
-                should_stop=ended,
-                deadline=deadline,
+                should_stop=end.ended,
+                deadline=end.deadline,
             )
         finally:  # a solve, even a stopped one, leaves memory to give back when idle
             self.trimmer.planned()
@@ -332,33 +333,6 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def ListOps(self, request, context):
         ops = [codec.op_to_proto(op) for _, op in sorted(REGISTRY.items())]
         return executor_pb2.ListOpsResponse(ops=ops)
-
-
-class _Flag:
-    """Set once, read often: whether a call has ended (cheaper than threading.Event,
-    which builds a Condition; a bool's write is atomic under the GIL)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self):
-        self.value = False
-
-    def set(self) -> None:
-        self.value = True
-
-    def __call__(self) -> bool:
-        return self.value
-
-
-def _call_end(context) -> tuple[_Flag, float | None]:
-    """A flag set when the call ends (cancelled, deadline passed) and its deadline
-    (time.monotonic(); None: none). gRPC calls back when the call ends: the executor
-    and planners then read a flag, not the call's state under its lock."""
-    remaining = context.time_remaining()
-    ended = _Flag()
-    if not context.add_callback(ended.set):
-        ended.set()  # it has ended already
-    return ended, None if remaining is None else time.monotonic() + remaining
 
 
 def _response_header(result) -> executor_pb2.RunResponse:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 
 import grpc
@@ -68,27 +69,66 @@ def work_limiter(threads: int, max_concurrent_rpcs: int) -> FifoLimiter:
     )
 
 
-class _Held:
-    """The work slot a call holds: given back while the call only waits (`lent`)."""
+class CallEnd:
+    """When a call ends: `ended()` turns true once it is cancelled or past its deadline
+    (gRPC calls back; a bool's write is atomic under the GIL, and reading it is cheaper
+    than asking the call under its lock), and `deadline` (time.monotonic(); None: none).
+    Made once per call, by the work-slot gate, and shared with the handler."""
 
-    def __init__(self, slots: FifoLimiter, context):
-        self.slots, self.held = slots, False
+    __slots__ = ("deadline", "_ended")
+
+    def __init__(self, context):
         remaining = context.time_remaining()
         self.deadline = None if remaining is None else time.monotonic() + remaining
-        ended = []  # set when the call ends: waiting then stops
-        if not context.add_callback(lambda: ended.append(True)):
-            ended.append(True)
-        self.ended = lambda: bool(ended)
+        self._ended = False
+        if not context.add_callback(self._end):
+            self._ended = True  # it has ended already
+
+    def _end(self) -> None:
+        self._ended = True
+
+    def ended(self) -> bool:
+        return self._ended
+
+
+def call_end(context) -> CallEnd:
+    """The current call's `CallEnd`: the gate's, or a new one outside a gated call."""
+    held = _held.get()
+    return held.end if held is not None else CallEnd(context)
+
+
+class _Held:
+    """The work slot a call holds (a context manager around the handler): given back
+    while the call only waits (`lent`)."""
+
+    __slots__ = ("slots", "held", "end", "context", "_token")
+
+    def __init__(self, slots: FifoLimiter, context):
+        self.slots, self.held, self.context = slots, False, context
+        self.end = CallEnd(context)
 
     def take(self) -> None:
-        left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-        self.slots.acquire(1, left, self.ended)
+        deadline = self.end.deadline
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self.slots.acquire(1, left, self.end.ended)
         self.held = True
 
     def give(self) -> None:
         if self.held:
             self.held = False
             self.slots.release(1)
+
+    def __enter__(self) -> None:
+        try:
+            self.take()
+        except RematError as error:  # busy, cancelled or past its deadline while waiting
+            self.context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        self._token = _held.set(self)
+
+    def __exit__(self, *exc) -> bool:
+        _held.reset(self._token)
+        self.give()
+        return False
 
 
 _held: ContextVar[_Held | None] = ContextVar("work_slot", default=None)
@@ -125,21 +165,37 @@ class Lending:
     def lent():
         return lent()
 
-    @contextlib.contextmanager
-    def reserve(self, amount: int = 1, *, timeout, cancelled) -> Iterator[Admission]:
+    def reserve(self, amount: int = 1, *, timeout, cancelled) -> AbstractContextManager[Admission]:
         amount = int(amount)
         if self.limiter.try_acquire(amount):  # no wait: the work slot is kept, not lent
-            try:
-                yield _AT_ONCE
-            finally:
-                self.limiter.release(amount)
-            return
+            return _Taken(self.limiter, amount)
+        return self._waiting(amount, timeout, cancelled)
+
+    @contextlib.contextmanager
+    def _waiting(self, amount: int, timeout, cancelled) -> Iterator[Admission]:
         with contextlib.ExitStack() as stack:
             with lent():
                 admitted = stack.enter_context(
                     self.limiter.reserve(amount, timeout=timeout, cancelled=cancelled)
                 )
             yield admitted  # what was reserved, and a work slot again
+
+
+class _Taken:
+    """What `try_acquire` took, given back on exit (a class: this is every request's
+    path, and a generator context manager costs a few microseconds more)."""
+
+    __slots__ = ("limiter", "amount")
+
+    def __init__(self, limiter: FifoLimiter, amount: int):
+        self.limiter, self.amount = limiter, amount
+
+    def __enter__(self) -> Admission:
+        return _AT_ONCE
+
+    def __exit__(self, *exc) -> bool:
+        self.limiter.release(self.amount)
+        return False
 
 
 def gated(handler: grpc.RpcMethodHandler, slots: FifoLimiter) -> grpc.RpcMethodHandler:
@@ -158,24 +214,10 @@ def gated(handler: grpc.RpcMethodHandler, slots: FifoLimiter) -> grpc.RpcMethodH
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
         return request
 
-    @contextlib.contextmanager
-    def holding(context) -> Iterator[None]:
-        held = _Held(slots, context)
-        try:
-            held.take()
-        except RematError as error:  # busy, cancelled or past its deadline while waiting
-            context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        token = _held.set(held)
-        try:
-            yield
-        finally:
-            _held.reset(token)
-            held.give()
-
     if handler.response_streaming:
 
         def streaming(requests, context):
-            with holding(context):
+            with _Held(slots, context):
                 yield from behavior(read(requests, context), context)
 
         return grpc.stream_stream_rpc_method_handler(
@@ -185,7 +227,7 @@ def gated(handler: grpc.RpcMethodHandler, slots: FifoLimiter) -> grpc.RpcMethodH
         )
 
     def unary(requests, context):
-        with holding(context):
+        with _Held(slots, context):
             return behavior(read(requests, context), context)
 
     return grpc.stream_unary_rpc_method_handler(
