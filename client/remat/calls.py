@@ -156,13 +156,16 @@ class Attempts:
     def __init__(self, retry: Retry, deadline: float | None, placement: Placement | None = None):
         self.deadline = deadline
         self.placement = placement
-        self._delays = retry.delays()
+        self._retry = retry
+        self._delays: Iterator[float] | None = None  # made at the first failure
 
     def left(self) -> float | None:
         return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
 
     def delay_after(self, error: grpc.RpcError) -> float:
         retryable = getattr(error, "code", lambda: None)() == grpc.StatusCode.UNAVAILABLE
+        if retryable and self._delays is None:
+            self._delays = self._retry.delays()
         delay = next(self._delays, None) if retryable else None
         if delay is None or (
             self.deadline is not None and time.monotonic() + delay >= self.deadline
@@ -353,7 +356,8 @@ def run_result(
     arrays take the values where they fit (see `Client.run`)."""
     # The set fields, read in one call (see `wire._names_by_field`); a plain Run's
     # response has no warnings, timeline or trace to decode.
-    present = {f.name: value for f, value in response.ListFields()}
+    names = _RESPONSE_FIELDS
+    present = {names[f]: value for f, value in response.ListFields()}
     if outputs is None:
         outputs = {
             k: wire.tensor_to_array(v, previous(out, OUTPUT, k))
@@ -372,6 +376,10 @@ def run_result(
         timeline=tuple(present.get("timeline", ())),
         trace=wire.trace_from_proto(present.get("trace", ())),
     )
+
+
+# RunResponse's field descriptors -> names (a descriptor's `name` builds a new string).
+_RESPONSE_FIELDS = {f: f.name for f in executor_pb2.RunResponse.DESCRIPTOR.fields}
 
 
 def _dtype_for(value: Any, graph: Graph, name: str) -> str | None:

@@ -236,6 +236,8 @@ class Auto:
             raise ValueError(f"Auto: bytes must be an int >= 0, got {self.bytes!r}")
 
 
+_DEFAULT = Auto()  # what no policy means (policies are immutable: one object serves all)
+
 Policy = (
     StoreAll
     | RecomputeAll
@@ -435,7 +437,7 @@ def resolve(policy: Policy | str | None) -> Policy:
         DTR(bytes=0, fraction=0.5)
     """
     if policy is None:
-        return Auto()
+        return _DEFAULT
     if isinstance(policy, str):
         if ":" in policy:
             return parse(policy)

@@ -109,7 +109,7 @@ def tensor_view(tensor: tensor_pb2.Tensor, what: str = "tensor") -> np.ndarray:
             f"{what}: {len(data)} bytes of data, but {name} with shape "
             f"{list(shape)} needs {expected}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return np.ndarray(shape, dtype, data)  # one object over the bytes: read-only
 
 
 def reusable(array: np.ndarray | None, shape: tuple, dtype: np.dtype) -> bool:
@@ -318,6 +318,12 @@ def report_to_proto(report: PlannerReport | None) -> executor_pb2.PlannerReport 
     return None if report is None else executor_pb2.PlannerReport(**vars(report))
 
 
+@functools.lru_cache(maxsize=64)
+def _report_bytes(report: PlannerReport) -> bytes:
+    """A report's wire form, remembered: a cached plan sends the same one every run."""
+    return report_to_proto(report).SerializeToString()
+
+
 def report_from_proto(message, field: str = "planner") -> PlannerReport | None:
     """The PlannerReport in `message.<field>`, or None when it is not set."""
     if not message.HasField(field):
@@ -333,10 +339,21 @@ def _report(message: executor_pb2.PlannerReport) -> PlannerReport:
 
 
 def metrics_to_proto(metrics: Metrics) -> executor_pb2.Metrics:
-    # Only the fields that are set: a zero is not on the wire anyway, and each keyword
-    # costs a setter call (this is every response's path).
-    fields = {f: value for f in _METRIC_FIELDS if (value := getattr(metrics, f))}
-    return executor_pb2.Metrics(**fields, planner=report_to_proto(metrics.planner))
+    message = executor_pb2.Metrics()
+    fill_metrics(message, metrics)
+    return message
+
+
+def fill_metrics(message: executor_pb2.Metrics, metrics: Metrics) -> None:
+    """Write `metrics` into `message` in place (a response's own field: no message to
+    build and copy). Only the fields that are set: a zero is not on the wire anyway,
+    and this is every response's path."""
+    for name in _METRIC_FIELDS:
+        value = getattr(metrics, name)
+        if value:
+            setattr(message, name, value)
+    if metrics.planner is not None:
+        message.planner.MergeFromString(_report_bytes(metrics.planner))
 
 
 def metrics_from_proto(message: executor_pb2.Metrics) -> Metrics:
@@ -344,8 +361,16 @@ def metrics_from_proto(message: executor_pb2.Metrics) -> Metrics:
     values = {names[f]: value for f, value in message.ListFields() if f in names}
     planner = values.get("planner")
     if planner is not None:
-        values["planner"] = _report(planner)
+        data = planner.SerializeToString()
+        values["planner"] = _report_of(data) if len(data) <= 4096 else _report(planner)
     return from_fields(Metrics, values)
+
+
+@functools.lru_cache(maxsize=64)
+def _report_of(data: bytes) -> PlannerReport:
+    """The report a cached plan sends with every run, decoded once (reports are
+    immutable, so one object serves every result)."""
+    return _report(executor_pb2.PlannerReport.FromString(data))
 
 
 def trace_to_proto(events: Iterable[TraceEvent]) -> list[executor_pb2.TraceEvent]:

@@ -3,6 +3,7 @@ aggregation, and promtool's lint of the exposition."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import textwrap
 import time
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -70,6 +72,43 @@ def test_rpc_durations_by_method_and_code(served):
     assert (
         value(parsed, "remat_rpc_duration_seconds_bucket", method="Run", code="OK", le="+Inf") == 2
     )
+    assert value(parsed, "remat_inflight_requests") == 0
+
+
+@contextlib.contextmanager
+def _plain_server():
+    server, port = create_server(ServerConfig(host="127.0.0.1", port=0))
+    server.start()
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        server.stop(None).wait()
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["gated", "wrapped_by_later_interceptor"])
+def test_each_call_is_timed_once(wrapped):
+    """Executor handlers time themselves (the work-slot gate); an interceptor after ours
+    that wraps them (here the tests' Recorder) or refuses a call in their place must
+    leave one record per call, with its status."""
+    from clients import Recorder, serving
+
+    g = remat.Graph("timed_once")
+    g.output("y", g.input("x", (2,), "float32") * 2.0)
+    feed = {"x": np.ones(2, np.float32)}
+    refused = grpc.StatusCode.FAILED_PRECONDITION
+    serve = serving(Recorder(fail={"Run": [2]}, code=refused)) if wrapped else _plain_server()
+    with serve as (server, address), remat.Client(address) as client:
+        client.register(g)
+        client.run(g, feed)
+        if wrapped:  # the Recorder refuses the second Run before the gate sees it
+            with pytest.raises(remat.RematError):
+                client.run(g, feed)
+        client.run(g, feed)
+        parsed = samples(server.metrics.exposition())
+    count = "remat_rpc_duration_seconds_count"
+    assert value(parsed, count, method="Run", code="OK") == 2
+    assert value(parsed, count, method="RegisterGraph", code="OK") == 1
+    assert value(parsed, count, method="Run", code=refused.name) == (1 if wrapped else 0)
     assert value(parsed, "remat_inflight_requests") == 0
 
 

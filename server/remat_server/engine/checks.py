@@ -18,8 +18,11 @@ def nonfinite_warnings(**arrays_by_kind: Mapping[str, np.ndarray]) -> tuple[str,
     """
     found: list[str] = []
     for kind, arrays in arrays_by_kind.items():
-        if arrays:
-            found += _nonfinite(kind, arrays)
+        for name, array in arrays.items():
+            if array.dtype.kind == "f" and not _finite(array):
+                bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+                if bad:  # else a sum of finite values overflowed
+                    found.append(f"{kind} '{name}' has {bad} NaN or Inf values")
     return tuple(found)
 
 
@@ -30,28 +33,18 @@ _SMALL_ELEMENTS = 4096
 _TINY_ELEMENTS = 8
 
 
-def _nonfinite(kind: str, arrays: Mapping[str, np.ndarray]) -> list[str]:
-    found = []
-    for name, array in arrays.items():
-        if array.dtype.kind != "f":
-            continue
-        if array.size <= _TINY_ELEMENTS:
-            if all(map(math.isfinite, array.flat)):
-                continue
-        elif array.size <= _SMALL_ELEMENTS:
-            if np.isfinite(array).all():
-                continue
-        else:
-            # A sum propagates NaN and infinities in one pass without allocating
-            # (isfinite would make a bool array the size of a 1 GiB tensor); only when
-            # it is not finite (or overflowed) are the bad values counted.
-            with np.errstate(over="ignore", invalid="ignore"):  # a finite sum may overflow
-                if math.isfinite(array.sum()):
-                    continue
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        if bad:
-            found.append(f"{kind} '{name}' has {bad} NaN or Inf values")
-    return found
+def _finite(array: np.ndarray) -> bool:
+    """Whether every value of a float array is finite (False may also mean that a sum
+    of finite values overflowed: the caller counts)."""
+    size = array.size
+    if size <= _TINY_ELEMENTS:
+        return all(map(math.isfinite, array.flat))
+    if size <= _SMALL_ELEMENTS:
+        return bool(np.isfinite(array).all())
+    # A sum propagates NaN and infinities in one pass without allocating (isfinite
+    # would make a bool array the size of a 1 GiB tensor).
+    with np.errstate(over="ignore", invalid="ignore"):  # a finite sum may overflow
+        return math.isfinite(array.sum())
 
 
 def max_abs_diff(grads: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:

@@ -380,8 +380,9 @@ class Engine:
             self._check_response(compiled, max_response_bytes)
             self._check_limit(planned)
         joint = compiled.joint
-        feeds = dict(request.inputs)
-        feeds.update(_cotangent_feeds(joint, request.cotangents))
+        feeds = request.inputs  # the executor copies its feeds into its own values
+        if request.cotangents:
+            feeds = {**feeds, **_cotangent_feeds(joint, request.cotangents)}
         plan_seconds = time.perf_counter() - start
         simulation = planned.simulation
         admission = (admit(simulation.peak_bytes) if admit else None) or _NOT_ADMITTED

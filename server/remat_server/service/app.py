@@ -104,10 +104,17 @@ class _Handlers:
         self.handlers = handlers
 
 
-def _add_executor(servicer: ExecutorServicer, server: grpc.Server, slots: FifoLimiter) -> None:
+def _add_executor(
+    servicer: ExecutorServicer,
+    server: grpc.Server,
+    slots: FifoLimiter,
+    drain: Drain,
+    metrics: ServerMetrics,
+) -> None:
     """The generated handlers, tolerant of unparseable requests (INVALID_ARGUMENT, not
     INTERNAL), except RunStream's, which frames chunks itself; each runs holding one
-    of the work `slots`."""
+    of the work `slots`, counted by `drain` (and refused once it drains), and times
+    itself for `metrics` (one wrapper around every executor call, not three)."""
     collected = _Handlers()
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, collected)
     service = executor_pb2.DESCRIPTOR.services_by_name["Executor"]
@@ -120,7 +127,9 @@ def _add_executor(servicer: ExecutorServicer, server: grpc.Server, slots: FifoLi
         request_deserializer=streaming.decode_request,
         response_serializer=streaming.encode_response,
     )
-    handlers = {name: work_slots.gated(handler, slots) for name, handler in handlers.items()}
+    for name, handler in handlers.items():
+        handlers[name] = work_slots.gated(handler, slots, drain, metrics.call_timer(name))
+        metrics.times_itself(handlers[name])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
@@ -165,7 +174,7 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
     )
     metrics = ServerMetrics()
     drain = Drain()
-    interceptors = [metrics.interceptor(), drain]
+    interceptors = [metrics.interceptor()]
     if config.auth_tokens:
         interceptors.append(auth.TokenInterceptor(config.auth_tokens))
     # Every admitted call gets a thread at once; executor calls then wait for one of
@@ -206,7 +215,11 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
         buffers=buffers,
     )
     _add_executor(
-        servicer, server, work_slots.work_limiter(config.max_workers, config.max_concurrent_rpcs)
+        servicer,
+        server,
+        work_slots.work_limiter(config.max_workers, config.max_concurrent_rpcs),
+        drain,
+        metrics,
     )
 
     health_servicer = health.HealthServicer()

@@ -12,8 +12,6 @@ from typing import NamedTuple
 
 import grpc
 
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
-
 
 def wrap_handler(
     handler: grpc.RpcMethodHandler, around: Callable[[grpc.ServicerContext], AbstractContextManager]
@@ -79,54 +77,53 @@ class Malformed(NamedTuple):
     "Exception deserializing request!"."""
 
     reason: str
+    message: str = ""  # the request type's name, e.g. "RunRequest"
+
+
+def _parse_or_malformed(parse: Callable[[bytes], object], raw: bytes):
+    try:
+        return parse(raw)
+    except Exception as error:  # noqa: BLE001 - any parse failure is the client's
+        return Malformed(f"{type(error).__name__}: {error}")
 
 
 def tolerant_deserializer(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
-    def deserialize(raw: bytes):
-        try:
-            return parse(raw)
-        except Exception as error:  # noqa: BLE001 - any parse failure is the client's
-            return Malformed(f"{type(error).__name__}: {error}")
-
-    return deserialize
+    return lambda raw: _parse_or_malformed(parse, raw)
 
 
 def tolerant(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """`handler` (unary request) answering INVALID_ARGUMENT when the request bytes are
-    not a `message`."""
+    """`handler` (unary request) with a deserializer that hands unparseable bytes on as
+    `Malformed`; whoever reads the request (the work-slot gate, `work_slots.gated`)
+    answers INVALID_ARGUMENT with `refused_malformed`. The request type's name is
+    `message`."""
     if handler.request_streaming:
         return handler
+    parse = handler.request_deserializer
 
-    behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
-    make = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.response_streaming
-        else grpc.unary_unary_rpc_method_handler
-    )
-
-    def refuse(request, context):
-        context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the request is not a valid {message} ({request.reason})",
-        )
+    def deserialize(raw: bytes):
+        request = _parse_or_malformed(parse, raw)
+        if type(request) is Malformed:
+            return Malformed(request.reason, message)
+        return request
 
     if handler.response_streaming:
-
-        def guarded(request, context):
-            if isinstance(request, Malformed):
-                refuse(request, context)
-            yield from behavior(request, context)
-    else:
-
-        def guarded(request, context):
-            if isinstance(request, Malformed):
-                refuse(request, context)
-            return behavior(request, context)
-
-    return make(
-        guarded,
-        request_deserializer=tolerant_deserializer(handler.request_deserializer),
+        return grpc.unary_stream_rpc_method_handler(
+            handler.unary_stream,
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        handler.unary_unary,
+        request_deserializer=deserialize,
         response_serializer=handler.response_serializer,
+    )
+
+
+def refuse_malformed(request: Malformed, context) -> None:
+    """Answer a request `tolerant` could not parse with INVALID_ARGUMENT (raises)."""
+    context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request is not a valid {request.message or 'request'} ({request.reason})",
     )
 
 
@@ -158,53 +155,41 @@ def refusal(
     return grpc.stream_stream_rpc_method_handler(abort)
 
 
-class Drain(grpc.ServerInterceptor):
-    """Counts running calls; once `drain` starts, refuses new ones with UNAVAILABLE
-    (which clients retry, on another replica) instead of letting them race gRPC's own
+class Drain:
+    """Counts running executor calls (the work-slot gate reports each one's start and
+    end); once `drain` starts, the gate refuses new ones with UNAVAILABLE (which
+    clients retry, on another replica) instead of letting them race gRPC's own
     shutdown, which answers a call arriving at that moment with CANCELLED. Health
-    checks always pass, so probes see NOT_SERVING rather than an error."""
+    checks never pass the gate, so probes see NOT_SERVING rather than an error."""
+
+    REFUSAL = "the server is shutting down; retry (another replica will answer)"
 
     def __init__(self):
         self._running = 0
         self._lock = threading.Lock()  # taken directly (in C) on every call
         self._changed = threading.Condition(self._lock)
         self.draining = False
-        self._wrapped = WrappedHandlers()
-        counter = self
 
-        class Running:  # entered around every call: a counter, no per-call object
-            def __enter__(self):
-                with counter._lock:
-                    counter._running += 1
-
-            def __exit__(self, *exc):
-                with counter._lock:
-                    counter._running -= 1
-                    if counter.draining:
-                        counter._changed.notify_all()
+    def started(self) -> bool:
+        """Count a call in, unless draining (False: refuse it)."""
+        with self._lock:
+            if self.draining:
                 return False
+            self._running += 1
+            return True
 
-        running = Running()
-        self._around = lambda _context: running
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
-            return handler
-        if self.draining:
-            return refusal(
-                handler,
-                grpc.StatusCode.UNAVAILABLE,
-                "the server is shutting down; retry (another replica will answer)",
-            )
-        return self._wrapped.get(handler, None, self._around)
+    def ended(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if self.draining:
+                self._changed.notify_all()
 
     def drain(self, timeout: float) -> float:
         """Refuse new calls and wait up to `timeout` seconds for running ones to end;
         returns the seconds left."""
-        self.draining = True
         deadline = time.monotonic() + timeout
         with self._changed:
+            self.draining = True
             self._changed.wait_for(
                 lambda: self._running == 0, timeout=max(deadline - time.monotonic(), 0.0)
             )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import prometheus_client
@@ -240,12 +241,32 @@ class ServerMetrics:
         else:
             self._m = _Instruments(self.registry)
         self._http_servers: list = []
+        self._interceptor = _MetricsInterceptor(self._m)
         # Policy label -> its family's labelled metrics (label lookups take a lock).
         self._run_children: dict[str, tuple] = {}
 
     def interceptor(self) -> grpc.ServerInterceptor:
         """Put it first: it then also sees refusals made by later interceptors."""
-        return _MetricsInterceptor(self._m)
+        return self._interceptor
+
+    def call_timer(self, method: str) -> Callable[[object], _Call | None]:
+        """For a handler that times its calls itself (the work-slot gate: one wrapper
+        fewer on every executor call): the factory of `method`'s call timers, a context
+        manager per call, or None for a call the interceptor times already (a later
+        interceptor wrapped the handler). Name the handler with `times_itself`."""
+        m, label = self._m, self._interceptor.method_label(method)
+        timed = self._interceptor.timing
+
+        def timer(context) -> _Call | None:
+            return None if id(context) in timed else _Call(m, label, context)
+
+        return timer
+
+    def times_itself(self, handler: grpc.RpcMethodHandler) -> None:
+        """The interceptor passes `handler` through unwrapped (it uses `call_timer`); a
+        later interceptor's refusal in its place is timed as usual."""
+        self._interceptor.self_timed.add(id(handler))
+        self._interceptor.keep.append(handler)  # held: its id stays its own
 
     def observe_run(self, metrics) -> None:
         """Record one run's `remat_proto.results.Metrics`."""
@@ -339,14 +360,19 @@ def _serve(port: int, host: str, registry: CollectorRegistry):
 
 class _Call:
     """Times one RPC and records its status: a context manager around the handler
-    (around the whole iteration for streaming responses)."""
+    (around the whole iteration for streaming responses). With `timing`, the set of
+    calls the interceptor times (by id of their context), in which it stays meanwhile:
+    a self-timed handler inside (`ServerMetrics.call_timer`) then does not time the
+    call again."""
 
-    __slots__ = ("_m", "_method", "_context", "_start")
+    __slots__ = ("_m", "_method", "_context", "_start", "_timing")
 
-    def __init__(self, m: _Instruments, method: str, context):
-        self._m, self._method, self._context = m, method, context
+    def __init__(self, m: _Instruments, method: str, context, timing: set[int] | None = None):
+        self._m, self._method, self._context, self._timing = m, method, context, timing
 
     def __enter__(self):
+        if self._timing is not None:
+            self._timing.add(id(self._context))
         self._m.inflight.inc()
         self._start = time.perf_counter()
 
@@ -356,6 +382,8 @@ class _Call:
             _record(self._m, self._method, _status(self._context, exc_type), elapsed)
         finally:
             self._m.inflight.dec()
+            if self._timing is not None:
+                self._timing.discard(id(self._context))
         return False  # never swallow: grpc turns the exception into the status
 
 
@@ -392,9 +420,14 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         self._methods: set[str] = set()
         self._lock = threading.Lock()
         self._wrapped = WrappedHandlers()
+        self.self_timed: set[int] = set()  # ids of handlers that time themselves
+        self.keep: list = []  # ... held, so that their ids stay theirs
+        self.timing: set[int] = set()  # ids of the contexts of the calls it times now
 
-    def _method_label(self, path: str) -> str:
+    def method_label(self, path: str) -> str:
         name = path.rsplit("/", 1)[-1] or "unknown"  # "/remat.v1.Executor/Run" -> "Run"
+        if name in self._methods:  # known: no lock (a set read is atomic)
+            return name
         with self._lock:
             if name not in self._methods:
                 if len(self._methods) >= MAX_METHOD_LABELS:
@@ -409,5 +442,9 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
             # client's invention, so it does not become a label.
             _record(self._m, "unknown", grpc.StatusCode.UNIMPLEMENTED, 0.0)
             return None
-        method = self._method_label(handler_call_details.method)
-        return self._wrapped.get(handler, method, lambda context: _Call(self._m, method, context))
+        if id(handler) in self.self_timed:
+            return handler
+        method = self.method_label(handler_call_details.method)
+        return self._wrapped.get(
+            handler, method, lambda context: _Call(self._m, method, context, self.timing)
+        )

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
 
@@ -35,6 +35,7 @@ import grpc
 
 from ..errors import RematError
 from .admission import Admission, FifoLimiter
+from .interceptors import Drain, Malformed, refuse_malformed
 
 _AT_ONCE = Admission(queue_seconds=0.0)
 
@@ -98,13 +99,15 @@ def call_end(context) -> CallEnd:
 
 
 class _Held:
-    """The work slot a call holds (a context manager around the handler): given back
-    while the call only waits (`lent`)."""
+    """An executor call: timed (the metrics' call timer, when given), counted in by the
+    drain and holding a work slot; a context manager around the handler. The slot is
+    given back while the call only waits (`lent`)."""
 
-    __slots__ = ("slots", "held", "end", "context", "_token")
+    __slots__ = ("slots", "drain", "held", "end", "context", "timer", "_token")
 
-    def __init__(self, slots: FifoLimiter, context):
-        self.slots, self.held, self.context = slots, False, context
+    def __init__(self, slots: FifoLimiter, drain: Drain, context, timer=None):
+        self.slots, self.drain, self.held, self.context = slots, drain, False, context
+        self.timer = timer
         self.end = CallEnd(context)
 
     def take(self) -> None:
@@ -119,15 +122,31 @@ class _Held:
             self.slots.release(1)
 
     def __enter__(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            timer.__enter__()
         try:
-            self.take()
-        except RematError as error:  # busy, cancelled or past its deadline while waiting
-            self.context.abort(getattr(grpc.StatusCode, error.code), str(error))
+            if not self.drain.started():
+                self.context.abort(grpc.StatusCode.UNAVAILABLE, Drain.REFUSAL)
+            try:
+                self.take()
+            except RematError as error:  # busy, cancelled or past its deadline while waiting
+                self.drain.ended()
+                self.context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        except BaseException as error:  # refused: timed with the status it got
+            if timer is not None:
+                timer.__exit__(type(error), error, error.__traceback__)
+            raise
         self._token = _held.set(self)
 
     def __exit__(self, *exc) -> bool:
-        _held.reset(self._token)
-        self.give()
+        try:
+            _held.reset(self._token)
+            self.give()
+            self.drain.ended()
+        finally:
+            if self.timer is not None:
+                self.timer.__exit__(*exc)
         return False
 
 
@@ -198,8 +217,15 @@ class _Taken:
         return False
 
 
-def gated(handler: grpc.RpcMethodHandler, slots: FifoLimiter) -> grpc.RpcMethodHandler:
-    """`handler`, run only while it holds one of `slots`; its request is read after."""
+def gated(
+    handler: grpc.RpcMethodHandler,
+    slots: FifoLimiter,
+    drain: Drain,
+    timing: Callable[[object], AbstractContextManager] | None = None,
+) -> grpc.RpcMethodHandler:
+    """`handler`, run only while it holds one of `slots` (and counted by `drain`, and
+    timed by `timing(context)` when given); its request is read after, and one that
+    did not parse (`interceptors.tolerant`) is answered INVALID_ARGUMENT."""
     if handler.request_streaming:
         behavior = handler.stream_stream or handler.stream_unary
     else:
@@ -212,12 +238,17 @@ def gated(handler: grpc.RpcMethodHandler, slots: FifoLimiter) -> grpc.RpcMethodH
         request = next(iter(requests), None)
         if request is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+        if type(request) is Malformed:
+            refuse_malformed(request, context)
         return request
+
+    def held(context) -> _Held:
+        return _Held(slots, drain, context, None if timing is None else timing(context))
 
     if handler.response_streaming:
 
         def streaming(requests, context):
-            with _Held(slots, context):
+            with held(context):
                 yield from behavior(read(requests, context), context)
 
         return grpc.stream_stream_rpc_method_handler(
@@ -227,7 +258,7 @@ def gated(handler: grpc.RpcMethodHandler, slots: FifoLimiter) -> grpc.RpcMethodH
         )
 
     def unary(requests, context):
-        with _Held(slots, context):
+        with held(context):
             return behavior(read(requests, context), context)
 
     return grpc.stream_unary_rpc_method_handler(
