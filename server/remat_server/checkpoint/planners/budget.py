@@ -182,16 +182,18 @@ class _Candidates:
         for price in (problem.cost, lambda n: _regrowth(problem, n, read)):
             ranked = sorted(droppable, key=lambda n: (price(n) / owned(n), problem.position[n]))
             orders.setdefault(tuple(ranked), None)
-        for mode in ("hold", "drop"):
-            if mode == "drop" and self.best is not None:
-                break  # dropping recomputes on every read: only when holding cannot fit
+        held = False
+        for ranked in orders:
+            held |= self._bisect_keep_set(read, ranked, "hold", hoist)
+        if not held:  # dropping recomputes on every read: only when holding cannot fit
             for ranked in orders:
-                self._bisect_keep_set(read, ranked, mode, hoist)
+                self._bisect_keep_set(read, ranked, "drop", hoist)
 
     def _bisect_keep_set(
         self, read: set[str], ranked: tuple[str, ...], mode: str, hoist: bool
-    ) -> None:
-        """The shortest prefix of `ranked` whose dropping fits (the rest of `read` kept)."""
+    ) -> bool:
+        """The shortest prefix of `ranked` whose dropping fits (the rest of `read` kept);
+        whether any prefix tried fits."""
         problem = self.problem
 
         def make(j: int) -> Callable[[], Schedule]:
@@ -199,7 +201,7 @@ class _Candidates:
                 problem, frozenset(read) - frozenset(ranked[:j]), "", mode=mode, hoist=hoist
             )
 
-        lo, hi = 0, len(ranked)
+        lo, hi, fitted = 0, len(ranked), False
         hoisted = ", hoisted" if hoist else ""
         for _ in range(max(1, math.ceil(math.log2(len(ranked) + 1))) + 1):
             if lo > hi:
@@ -207,9 +209,10 @@ class _Candidates:
             mid = (lo + hi) // 2
             kept = f"keep_set({mode}{hoisted}, {len(ranked) - mid}/{len(ranked)} kept)"
             if self.consider(kept, make(mid), steers=True):
-                hi = mid - 1
+                hi, fitted = mid - 1, True
             else:
                 lo = mid + 1
+        return fitted
 
     def exact(self) -> None:
         problem = self.problem

@@ -128,32 +128,42 @@ class ChainEmitter:
         return any(source in self.graph[n].inputs for n in after) or source == segment[-1]
 
     def reverse(self, step: int) -> None:
-        self.record(step)
+        """Record a step and run its backward nodes at once. Its state is recorded only
+        when they read it: no later action starts from it (every step after it is
+        reversed already), and recording it anyway would recompute it for nothing
+        (a tanh chain's state, read by the next step's backward, not this one's)."""
+        self.record(step, with_state=False)
         self.backward(step)
 
-    def record(self, step: int) -> None:
-        """The recorded evaluation of a step: what its backward nodes read (and its
-        state), computing only what is not live already (a snapshot of the state may
-        be); intermediates go as soon as the recording is done with them."""
-        for name in self.recording(step, self.live):
+    def record(self, step: int, with_state: bool = True) -> None:
+        """The recorded evaluation of a step: what its backward nodes read (and, unless
+        `with_state` is False, its state: a later advance may start from it),
+        computing only what is not live already (a snapshot of the state may be);
+        intermediates go as soon as the recording is done with them."""
+        for name in self.recording(step, self.live, with_state):
             self.compute(name)
             for source in self.graph[name].inputs:
                 if self._last_local.get(source) == name:
                     self.free(source)
 
-    def recorded(self, step: int) -> set[str]:
-        """What a step's backward nodes read from it, plus its state."""
+    def recorded(self, step: int, with_state: bool = True) -> set[str]:
+        """What a step's backward nodes read from it, plus (`with_state`) its state, or
+        else its results."""
         segment = self.segments[step - 1]
         members = set(segment)
-        return {
+        read = {
             s for b in self.backward_of.get(step, ()) for s in self.graph[b].inputs if s in members
-        } | {segment[-1]}
+        }
+        if with_state:
+            return read | {segment[-1]}
+        # A result (the loss) is made while its step is at hand, not regrown at the end.
+        return read | (members & self.problem.results)
 
-    def recording(self, step: int, live) -> list[str]:
+    def recording(self, step: int, live, with_state: bool = True) -> list[str]:
         """The nodes `record(step)` computes given `live` values, in order; sets
         `_last_local` (intermediate -> the node after which it can go)."""
         graph, segment = self.graph, self.segments[step - 1]
-        members, keep = set(segment), self.recorded(step)
+        members, keep = set(segment), self.recorded(step, with_state)
         required, stack = set(), [n for n in keep if n not in live]
         while stack:
             name = stack.pop()
@@ -178,6 +188,9 @@ class ChainEmitter:
             source: b for b in mine for source in self.graph[b].inputs if source in members
         }
         for b in mine:
+            for source in self.graph[b].inputs:  # a constant pins no step: made on demand
+                if self.graph[source].op == "constant":
+                    self.compute(source)
             self.compute(b)
             for source in self.graph[b].inputs:
                 if (

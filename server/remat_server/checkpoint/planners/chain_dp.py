@@ -103,8 +103,11 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
     level = lambda b: np.ceil(np.asarray(b, dtype=float) / unit).astype(np.int64)  # noqa: E731
     rec, st = level(fig["recorded"]), level(fig["state"])
     need_c = np.maximum(level(fig["recorded"] + fig["backward"]), level(fig["transient"]))
-    need_d = np.maximum(need_c - st, 0)  # the state is counted outside
     need_f = level(fig["transient"])
+    # A single step is reversed at once (`ChainEmitter.reverse`): only what its backward
+    # reads is recorded, not its state (the state, if kept, is counted outside).
+    need_r = np.maximum(level(fig["reversed"] + fig["backward"]), need_f)
+    need_rd = np.maximum(level(fig["reversed_kept"] + fig["backward"]), need_f)
     # Results (weight gradients) stay live to the end: once steps s'..t are reversed,
     # what remains has their results' bytes less to work with.
     res_prefix = level(np.concatenate([[0.0], np.cumsum(fig["results"][1:])]))  # round once
@@ -119,7 +122,7 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
         "E": np.zeros(shape, np.bool_),
     }
     prefix = np.concatenate([[0.0], np.cumsum(fig["advance"][1:])])
-    f_rec, f_kept = fig["record"], fig["record_kept"]
+    f_rec = fig["record"]
 
     def shift(row: np.ndarray, by: int) -> np.ndarray:
         if by >= M:
@@ -133,8 +136,8 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
         C_sh[s, t], D_sh[s, t] = shift(C[s, t], st[s - 1]), shift(D[s, t], st[s - 1])
 
     for s in range(1, L + 1):
-        C[s, s] = np.where(levels >= need_c[s], f_rec[s], inf)
-        D[s, s] = np.where(levels >= need_d[s], f_kept[s], inf)
+        C[s, s] = np.where(levels >= need_r[s], fig["reverse"][s], inf)
+        D[s, s] = np.where(levels >= need_rd[s], fig["reverse_kept"][s], inf)
         finish(s, s)
     for d in range(1, L):
         for s in range(1, L - d + 1):
@@ -187,8 +190,10 @@ def _merged_steps(problem: Problem) -> list[list[str]]:
 
 def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndarray]:
     """Per step (1-indexed; state 0 is the inputs): the cost of advancing through it,
-    of recording it, and of recording it with its state live; its recorded and state
-    bytes, the transient bytes of advancing, and the backward's working bytes."""
+    of recording it (keeping its state, for what follows), and of reversing it at once
+    (recording only what its backward reads), from state i-1 and, "_kept", with its
+    own state live too; its recorded, reversed and state bytes, the transient bytes of
+    advancing, and the backward's working bytes."""
     graph, model = problem.graph, problem.model
     own = lambda names: sum(model.nbytes[o] for o in {model.owner[n] for n in names})  # noqa: E731
     emitter = ChainEmitter(problem, steps)
@@ -198,8 +203,11 @@ def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndar
         for key in (
             "advance",
             "record",
-            "record_kept",
+            "reverse",
+            "reverse_kept",
             "recorded",
+            "reversed",
+            "reversed_kept",
             "state",
             "transient",
             "backward",
@@ -211,10 +219,14 @@ def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndar
         before = inputs | ({steps[i - 2][-1]} if i > 1 else set())
         fig["advance"][i] = sum(problem.cost(n) for n in segment)
         fig["record"][i] = sum(problem.cost(n) for n in emitter.recording(i, before))
-        fig["record_kept"][i] = sum(
-            problem.cost(n) for n in emitter.recording(i, before | {segment[-1]})
+        fig["reverse"][i] = sum(problem.cost(n) for n in emitter.recording(i, before, False))
+        fig["reverse_kept"][i] = sum(
+            problem.cost(n) for n in emitter.recording(i, before | {segment[-1]}, False)
         )
         fig["recorded"][i] = own(emitter.recorded(i))
+        lean = emitter.recorded(i, with_state=False)
+        fig["reversed"][i] = own(lean)
+        fig["reversed_kept"][i] = own(lean - {segment[-1]})
         fig["state"][i] = own([segment[-1]])
         fig["transient"][i] = max(
             (own([n, *(s for s in graph[n].inputs if s in members)]) for n in segment), default=0
@@ -222,7 +234,16 @@ def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndar
         mine = emitter.backward_of.get(i, ())
         fig["results"][i] = own([b for b in mine if b in problem.results])
         sizes = sorted((own([b]) for b in mine if b not in problem.results), reverse=True)
-        fig["backward"][i] = sum(sizes[:3])  # a gradient in, one out, one temporary
+        # The gradients coming in (made by a later reversal, live as this one starts),
+        # then one gradient out and one temporary.
+        ours = set(mine)
+        incoming = {
+            s
+            for b in mine
+            for s in graph[b].inputs
+            if s not in ours and not problem.is_forward(s) and not graph[s].is_input
+        }
+        fig["backward"][i] = own(incoming) + sum(sizes[:2])
     return fig
 
 
