@@ -47,7 +47,15 @@ from ..simulate import OverLimit
 from . import chain_dp, milp
 from .bounds import budget_bytes, evaluations_cost, simulated
 from .dtr import plan_dtr
-from .heuristics import plan_every_k, plan_recompute_all, plan_save_ops, plan_sqrt
+from .heuristics import (
+    every_k_kept,
+    plan_every_k,
+    plan_recompute_all,
+    plan_save_ops,
+    plan_sqrt,
+    save_ops_kept,
+    sqrt_k,
+)
 from .least_memory import floor, over_budget, peak_lower_bound
 from .revolve import plan_revolve
 from .store_all import plan_store_all
@@ -103,7 +111,9 @@ def search(problem: Problem, limit: int, name: str, why: str = "", exact: bool =
         status="store_all_fits" if chosen == "store_all" else "feasible",
         solve_seconds=time.perf_counter() - start,
         chosen=chosen,
-        detail=f"{found.tried} candidate schedules simulated; {chosen} fits with peak "
+        detail=f"{found.tried} candidate schedules simulated"
+        + (f" ({found.skipped} ruled out unbuilt)" if found.skipped else "")
+        + f"; {chosen} fits with peak "
         f"{peak:,} bytes, recomputing {cost:.4g} {unit}",
     )
     return replace(schedule, policy=name, report=report)
@@ -116,6 +126,7 @@ class _Candidates:
         self.problem, self.limit, self.name = problem, limit, name
         self.best: tuple[str, Schedule, int, float] | None = None
         self.tried = 0
+        self.skipped = 0  # candidates a lower bound on their cost ruled out unbuilt
 
     def consider(
         self, name: str, make: Callable[[], Schedule], check: bool = True, steers: bool = False
@@ -185,7 +196,11 @@ class _Candidates:
         held = False
         for ranked in orders:
             held |= self._bisect_keep_set(read, ranked, "hold", hoist)
-        if not held:  # dropping recomputes on every read: only when holding cannot fit
+        # Dropping recomputes on every read: only when holding cannot fit, and past
+        # BOTH_ORDERS_MAX_CANDIDATES values (where each such schedule takes seconds to
+        # build and simulate) only when nothing else fits either.
+        small = len(self.problem.candidates) <= BOTH_ORDERS_MAX_CANDIDATES
+        if not held and (small or self.best is None):
             for ranked in orders:
                 self._bisect_keep_set(read, ranked, "drop", hoist)
 
@@ -230,16 +245,34 @@ class _Candidates:
         if solution.schedule is not None:
             self.consider("milp", lambda: solution.schedule)
 
+    def cannot_win(self, kept: frozenset[str]) -> bool:
+        """Whether a hold-mode keep set cannot win, before its schedule is built: each
+        value the backward reads that is not kept is freed in the forward phase and
+        recomputed at least once, which costs at least the best found so far."""
+        if self.best is None:
+            return False
+        read = _backward_reads(self.problem)
+        floor = sum(self.problem.cost(n) for n in read if n not in kept)
+        if floor >= self.best[3]:
+            self.skipped += 1
+            return True
+        return False
+
     def heuristics(self) -> None:
         problem = self.problem
         n = len(problem.candidates)
-        for k in sorted({1, 2, 3, 4, 6, 8, 12, 16, round(math.sqrt(n))}):
-            if 1 <= k <= n:
+        for k in sorted({1, 2, 3, 4, 6, 8, 12, 16, sqrt_k(problem)}):
+            if 1 <= k <= n and not self.cannot_win(every_k_kept(problem, k)):
                 self.consider(f"every_k({k})", lambda k=k: plan_every_k(problem, EveryK(k)))
-        self.consider("sqrt", lambda: plan_sqrt(problem, None))
+        if not self.cannot_win(every_k_kept(problem, sqrt_k(problem))):
+            self.consider("sqrt", lambda: plan_sqrt(problem, None))
         present = {problem.graph[f].op for f in problem.forward_order}
         for op in EXPENSIVE_OPS:
-            if op in present and registry.get(op) is not None:
+            if (
+                op in present
+                and registry.get(op) is not None
+                and not self.cannot_win(save_ops_kept(problem, (op,)))
+            ):
                 self.consider(
                     f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,)))
                 )
@@ -258,6 +291,24 @@ class _Candidates:
                 )
         if self.best is None:
             self.consider("recompute_all", lambda: plan_recompute_all(problem, None))
+
+
+def _backward_reads(problem: Problem) -> frozenset[str]:
+    """The forward values the backward pass reads that a hold-mode schedule frees when
+    it does not keep them (not the inputs, results or constants, which stay)."""
+    memo = problem.memo
+    if "backward_reads" not in memo:
+        graph = problem.graph
+        memo["backward_reads"] = frozenset(
+            s
+            for b in problem.backward
+            for s in graph[b].inputs
+            if problem.is_forward(s)
+            and s not in problem.results
+            and not graph[s].is_input
+            and graph[s].op != "constant"
+        )
+    return memo["backward_reads"]
 
 
 # Walks that price a value's regrowth stop after this many nodes: a ranking needs an

@@ -45,7 +45,12 @@ class ChainEmitter:
         self.live = {n.name for n in self.graph.inputs}
         self.segment_of = {n: i + 1 for i, seg in enumerate(segments) for n in seg}
         self.state = {i + 1: seg[-1] for i, seg in enumerate(segments)}  # step -> its output
-        self.backward_of = self._assign_backward()
+        # The same for every schedule over these segments (Budget emits several levels
+        # of the DP's): worked out once per problem and chain.
+        key = ("chain_backward", tuple(seg[-1] for seg in segments))
+        if key not in problem.memo:
+            problem.memo[key] = self._assign_backward()
+        self.backward_of = problem.memo[key]
         self.last_read = {}
         order = [b for i in range(len(segments), 0, -1) for b in self.backward_of.get(i, ())]
         for position, b in enumerate(order):

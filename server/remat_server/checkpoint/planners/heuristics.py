@@ -18,15 +18,23 @@ def plan_recompute_all(problem: Problem, policy) -> Schedule:
     return schedule_with_checkpoints(problem, frozenset(), "recompute_all", mode="drop")
 
 
+def every_k_kept(problem: Problem, k: int) -> frozenset[str]:
+    """The checkpoints every_k(k) keeps: every k-th candidate."""
+    return frozenset(problem.candidates[k - 1 :: k])
+
+
+def sqrt_k(problem: Problem) -> int:
+    return max(1, round(math.sqrt(len(problem.candidates))))
+
+
 def plan_every_k(problem: Problem, policy: EveryK) -> Schedule:
-    kept = frozenset(problem.candidates[policy.k - 1 :: policy.k])
-    return schedule_with_checkpoints(problem, kept, f"every_k({policy.k})")
+    return schedule_with_checkpoints(
+        problem, every_k_kept(problem, policy.k), f"every_k({policy.k})"
+    )
 
 
 def plan_sqrt(problem: Problem, policy) -> Schedule:
-    k = max(1, round(math.sqrt(len(problem.candidates))))
-    kept = frozenset(problem.candidates[k - 1 :: k])
-    return schedule_with_checkpoints(problem, kept, "sqrt")
+    return schedule_with_checkpoints(problem, every_k_kept(problem, sqrt_k(problem)), "sqrt")
 
 
 def plan_checkpoints(problem: Problem, policy: Checkpoints) -> Schedule:
@@ -44,6 +52,11 @@ def plan_save_ops(problem: Problem, policy: SaveOps) -> Schedule:
     unknown = [op for op in policy.ops if registry.get(op) is None]
     if unknown:
         raise InvalidArgument(f"policy save_ops: unknown op '{unknown[0]}'")
-    ops = set(policy.ops)
-    kept = frozenset(n for n in problem.forward_order if problem.graph[n].op in ops)
+    kept = save_ops_kept(problem, policy.ops)
     return schedule_with_checkpoints(problem, kept, f"save_ops({','.join(policy.ops)})")
+
+
+def save_ops_kept(problem: Problem, ops) -> frozenset[str]:
+    """The checkpoints save_ops(ops) keeps: every forward node of those ops."""
+    ops = set(ops)
+    return frozenset(n for n in problem.forward_order if problem.graph[n].op in ops)
