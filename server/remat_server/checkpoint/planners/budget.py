@@ -223,7 +223,10 @@ class _Candidates:
                 break
             mid = (lo + hi) // 2
             kept = f"keep_set({mode}{hoisted}, {len(ranked) - mid}/{len(ranked)} kept)"
-            if self.consider(kept, make(mid), steers=True):
+            # Dropping more costs more: a prefix that cannot win bounds the search.
+            if not hoist and self.cannot_win(frozenset(read) - frozenset(ranked[:mid])):
+                hi = mid - 1
+            elif self.consider(kept, make(mid), steers=True):
                 hi, fitted = mid - 1, True
             else:
                 lo = mid + 1
@@ -246,17 +249,15 @@ class _Candidates:
             self.consider("milp", lambda: solution.schedule)
 
     def cannot_win(self, kept: frozenset[str]) -> bool:
-        """Whether a hold-mode keep set cannot win, before its schedule is built: each
-        value the backward reads that is not kept is freed in the forward phase and
-        recomputed at least once, which costs at least the best found so far."""
-        if self.best is None:
+        """Whether a hold-mode keep set cannot win, before its schedule is built (a
+        walk of the graph, against building and simulating a schedule): every value
+        the backward reads that is not kept is freed in the forward phase, so it and
+        its forward ancestors up to kept values are recomputed at least once, which
+        costs at least the best found so far."""
+        if self.best is None or hold_floor(self.problem, kept) < self.best[3]:
             return False
-        read = _backward_reads(self.problem)
-        floor = sum(self.problem.cost(n) for n in read if n not in kept)
-        if floor >= self.best[3]:
-            self.skipped += 1
-            return True
-        return False
+        self.skipped += 1
+        return True
 
     def heuristics(self) -> None:
         problem = self.problem
@@ -293,20 +294,47 @@ class _Candidates:
             self.consider("recompute_all", lambda: plan_recompute_all(problem, None))
 
 
+def hold_floor(problem: Problem, kept: frozenset[str]) -> float:
+    """A lower bound on what keeping only `kept` recomputes (`schedule_with_checkpoints`
+    without hoisting, either mode): every value the backward reads that is not kept
+    was freed in the forward phase, so it and its forward ancestors up to kept values
+    are computed again at least once."""
+    graph, stays = problem.graph, _staying(problem)
+    stack = [n for n in _backward_reads(problem) if n not in kept]
+    regrown: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in regrown or name in kept or name in stays:
+            continue
+        regrown.add(name)
+        stack.extend(graph[name].inputs)
+    return sum(problem.cost(n) for n in regrown)
+
+
+def _staying(problem: Problem) -> frozenset[str]:
+    """What a hold-mode schedule never frees: inputs, results and constants."""
+    memo = problem.memo
+    if "staying" not in memo:
+        graph = problem.graph
+        memo["staying"] = frozenset(
+            n.name
+            for n in graph
+            if n.is_input
+            or n.op == "constant"
+            or n.name in problem.results
+            or not problem.is_forward(n.name)  # the backward's own: not regrown
+        )
+    return memo["staying"]
+
+
 def _backward_reads(problem: Problem) -> frozenset[str]:
     """The forward values the backward pass reads that a hold-mode schedule frees when
-    it does not keep them (not the inputs, results or constants, which stay)."""
+    it does not keep them."""
     memo = problem.memo
     if "backward_reads" not in memo:
-        graph = problem.graph
+        stays = _staying(problem)
         memo["backward_reads"] = frozenset(
-            s
-            for b in problem.backward
-            for s in graph[b].inputs
-            if problem.is_forward(s)
-            and s not in problem.results
-            and not graph[s].is_input
-            and graph[s].op != "constant"
+            s for b in problem.backward for s in problem.graph[b].inputs if s not in stays
         )
     return memo["backward_reads"]
 
