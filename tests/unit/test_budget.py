@@ -19,7 +19,7 @@ from remat_proto import policies as P
 from remat_server.checkpoint.planners import bounds, chain_dp, least_memory, plan
 from remat_server.checkpoint.planners.budget import _backward_reads, hold_floor, search
 from remat_server.checkpoint.problem import Problem
-from remat_server.checkpoint.recompute import schedule_with_checkpoints
+from remat_server.checkpoint.recompute import hoistable, schedule_with_checkpoints
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument, ResourceExhausted
 from remat_server.graph.ir import GraphSpec
@@ -314,17 +314,21 @@ def test_dropping_a_value_is_priced_with_what_regrows_it():
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("mode", ["hold", "drop"])
-def test_the_floor_that_rules_keep_sets_out_never_exceeds_their_cost(name, mode):
+@pytest.mark.parametrize("hoist", [False, True], ids=["in_order", "hoisted"])
+def test_the_floor_that_rules_keep_sets_out_never_exceeds_their_cost(name, mode, hoist):
     """Budget skips a keep set, unbuilt, when `hold_floor` already costs the best found:
     the floor must never exceed what the schedule really recomputes. Seeded random keep
     sets over the values the backward reads, from none to all."""
     _, _, _, problem = reference(name)
-    read = sorted(_backward_reads(problem))
+    if hoist and not hoistable(problem):
+        pytest.skip("nothing to hoist (no ReLU)")
+    read = sorted(_backward_reads(problem, hoist))
     rng = np.random.default_rng(len(read))
     for share in (0.0, 0.1, 0.3, 0.5, 0.8, 1.0):
         kept = frozenset(n for n in read if rng.random() < share)
-        schedule = schedule_with_checkpoints(problem, kept, "probe", mode=mode)
+        schedule = schedule_with_checkpoints(problem, kept, "probe", mode=mode, hoist=hoist)
         real = bounds.evaluations_cost(problem, bounds.simulated(problem, schedule).evaluations)
-        assert hold_floor(problem, kept) <= real + 1e-9, (share, hold_floor(problem, kept), real)
+        floor = hold_floor(problem, kept, hoist)
+        assert floor <= real + 1e-9, (share, floor, real)
         if not kept:  # nothing kept: the bound is no triviality
-            assert 0 < hold_floor(problem, kept) <= real
+            assert 0 < floor <= real

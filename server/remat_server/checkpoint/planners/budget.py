@@ -224,7 +224,7 @@ class _Candidates:
             mid = (lo + hi) // 2
             kept = f"keep_set({mode}{hoisted}, {len(ranked) - mid}/{len(ranked)} kept)"
             # Dropping more costs more: a prefix that cannot win bounds the search.
-            if not hoist and self.cannot_win(frozenset(read) - frozenset(ranked[:mid])):
+            if self.cannot_win(frozenset(read) - frozenset(ranked[:mid]), hoist):
                 hi = mid - 1
             elif self.consider(kept, make(mid), steers=True):
                 hi, fitted = mid - 1, True
@@ -248,13 +248,13 @@ class _Candidates:
         if solution.schedule is not None:
             self.consider("milp", lambda: solution.schedule)
 
-    def cannot_win(self, kept: frozenset[str]) -> bool:
+    def cannot_win(self, kept: frozenset[str], hoist: bool = False) -> bool:
         """Whether a hold-mode keep set cannot win, before its schedule is built (a
         walk of the graph, against building and simulating a schedule): every value
         the backward reads that is not kept is freed in the forward phase, so it and
         its forward ancestors up to kept values are recomputed at least once, which
         costs at least the best found so far."""
-        if self.best is None or hold_floor(self.problem, kept) < self.best[3]:
+        if self.best is None or hold_floor(self.problem, kept, hoist) < self.best[3]:
             return False
         self.skipped += 1
         return True
@@ -294,13 +294,13 @@ class _Candidates:
             self.consider("recompute_all", lambda: plan_recompute_all(problem, None))
 
 
-def hold_floor(problem: Problem, kept: frozenset[str]) -> float:
+def hold_floor(problem: Problem, kept: frozenset[str], hoist: bool = False) -> float:
     """A lower bound on what keeping only `kept` recomputes (`schedule_with_checkpoints`
-    without hoisting, either mode): every value the backward reads that is not kept
+    in either mode, `hoist` as there): every value the backward reads that is not kept
     was freed in the forward phase, so it and its forward ancestors up to kept values
-    are computed again at least once."""
+    are computed again at least once. (A hoisted node reads in the forward phase.)"""
     graph, stays = problem.graph, _staying(problem)
-    stack = [n for n in _backward_reads(problem) if n not in kept]
+    stack = [n for n in _backward_reads(problem, hoist) if n not in kept]
     regrown: set[str] = set()
     while stack:
         name = stack.pop()
@@ -327,16 +327,21 @@ def _staying(problem: Problem) -> frozenset[str]:
     return memo["staying"]
 
 
-def _backward_reads(problem: Problem) -> frozenset[str]:
-    """The forward values the backward pass reads that a hold-mode schedule frees when
-    it does not keep them."""
-    memo = problem.memo
-    if "backward_reads" not in memo:
-        stays = _staying(problem)
-        memo["backward_reads"] = frozenset(
-            s for b in problem.backward for s in problem.graph[b].inputs if s not in stays
+def _backward_reads(problem: Problem, hoist: bool = False) -> frozenset[str]:
+    """The forward values the backward pass reads (with `hoist`, leaving out the
+    hoisted nodes, which read in the forward phase) that a hold-mode schedule frees
+    when it does not keep them."""
+    memo, key = problem.memo, ("backward_reads", hoist)
+    if key not in memo:
+        stays, early = _staying(problem), hoistable(problem) if hoist else {}
+        memo[key] = frozenset(
+            s
+            for b in problem.backward
+            if b not in early
+            for s in problem.graph[b].inputs
+            if s not in stays
         )
-    return memo["backward_reads"]
+    return memo[key]
 
 
 # Walks that price a value's regrowth stop after this many nodes: a ranking needs an
