@@ -141,9 +141,9 @@ class _Held:
 
     def __exit__(self, *exc) -> bool:
         try:
-            _held.reset(self._token)
             self.give()
             self.drain.ended()
+            _held.reset(self._token)
         finally:
             if self.timer is not None:
                 self.timer.__exit__(*exc)
