@@ -19,6 +19,10 @@ to health checks. A call that waits for one of `--max-concurrent-solves` solve s
 (`Lending`), so queued solves do not stall small requests, and a planner that needs its
 slot back never waits for calls that wait for its plan.
 
+The gate is the one wrapper around every executor call (`gated`): besides the slot it
+counts the call for a graceful drain (`interceptors.Drain`), answers a request that did
+not parse, and times the call for the metrics, whose interceptor then leaves it alone.
+
     >>> pool_threads(max_concurrent_rpcs=256)
     264
 """
