@@ -192,7 +192,7 @@ def _client_loop(work: Workload, seed: str, seconds: float, out: list, solve: fl
         kinds, weights = [*kinds, SOLVE], [*weights, solve]
     records, details, finished = [], [], Counter()  # finished: within `seconds`, per kind
     with (
-        remat.Client(work.target, retry=remat.calls.NO_RETRY) as client,
+        remat.Client(work.target, retry=remat.retries.NO_RETRY) as client,
         grpc.insecure_channel(work.target) as channel,
     ):
         stub = executor_pb2_grpc.ExecutorStub(channel)

@@ -11,7 +11,6 @@
 
 from . import models, policies
 from .aio import AsyncClient
-from .calls import NO_RETRY, Retry
 from .client import Client
 from .compare import ComparisonRow, format_table
 from .credentials import TLS
@@ -106,6 +105,7 @@ from .ops import (
     where,
 )
 from .results import Metrics, OpInfo, PlanResult, RunResult
+from .retries import NO_RETRY, Retry
 
 __version__ = "0.1.0"
 

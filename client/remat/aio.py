@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from . import calls, sharding, streaming
+from . import calls, retries, sharding, streaming
 from . import compare as compare_module
 from .compare import ComparisonRow
 from .connection import Connection
@@ -69,7 +69,7 @@ class AsyncClient(Connection):
 
     # --- the driver -----------------------------------------------------------------------
     async def _drive(
-        self, flow: calls.Flow, timeout: float | None, placement: calls.Placement | None = None
+        self, flow: calls.Flow, timeout: float | None, placement: retries.Placement | None = None
     ):
         """`remat.Client._drive`, awaiting each RPC."""
         deadline = self._deadline(timeout)
@@ -84,8 +84,8 @@ class AsyncClient(Connection):
             except RematError as exc:
                 reply, error = None, exc
 
-    async def _perform(self, op, deadline: float | None, placement: calls.Placement | None):
-        attempts = calls.Attempts(self.retry, deadline, placement)
+    async def _perform(self, op, deadline: float | None, placement: retries.Placement | None):
+        attempts = retries.Attempts(self.retry, deadline, placement)
         while True:
             try:
                 if isinstance(op, calls.Stream):
@@ -95,7 +95,7 @@ class AsyncClient(Connection):
                 await asyncio.sleep(attempts.delay_after(error))
 
     async def _stream(
-        self, op: calls.Stream, left: float | None, placement: calls.Placement | None
+        self, op: calls.Stream, left: float | None, placement: retries.Placement | None
     ):
         download = streaming.Download(op.out)
         call = self._endpoint(placement).run_stream(timeout=left)
@@ -285,7 +285,7 @@ class AsyncClient(Connection):
             timeline=timeline,
             trace=trace,
         )
-        attempts = calls.Attempts(self.retry, self._deadline(timeout))
+        attempts = retries.Attempts(self.retry, self._deadline(timeout))
         while True:  # retried until the first row arrives: rows yielded are not replayed
             call = self._stub.Compare(request, timeout=attempts.left())
             try:

@@ -14,7 +14,7 @@ reply, or has the call's `remat.RematError` thrown into it, which it may handle:
   `remat-use-stream` in its trailing metadata).
 
 Its return value is the call's result. A driver performs each RPC with retries on
-UNAVAILABLE (`Attempts`: backoff with jitter, all within the call's one deadline), on
+UNAVAILABLE (`remat.retries`: backoff with jitter, all within the call's one deadline), on
 the client's round-robin channel, or, for a shard of a sharded run, on the replica
 its `Placement` names (which moves on to the next replica when one fails).
 
@@ -30,13 +30,10 @@ its `Placement` names (which moves on to the next replica when one fails).
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 
 from remat_proto import metadata, policies, wire
@@ -45,9 +42,10 @@ from remat_proto.v1 import executor_pb2
 
 from . import compare, targets
 from .compare import ComparisonRow
-from .errors import NotFoundError, ResourceExhaustedError, from_rpc_error
+from .errors import NotFoundError, ResourceExhaustedError
 from .graph import Graph
 from .results import RunResult
+from .retries import Retry
 from .streaming import COTANGENT, GRAD, INPUT, OUTPUT, previous
 from .wire import op_info_from_proto, plan_from_proto
 
@@ -84,96 +82,6 @@ class Session:
 
     def __init__(self):
         self.sent: set[str] = set()
-
-
-# --- retries ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Retry:
-    """Retry UNAVAILABLE with exponential backoff and full jitter.
-
-    `attempts` counts the first try; delays grow from `initial_backoff` by
-    `multiplier` up to `max_backoff`; never past the call's deadline.
-
-        >>> list(Retry(attempts=1).delays())
-        []
-        >>> len(list(Retry(attempts=4).delays()))
-        3
-    """
-
-    attempts: int = 4
-    initial_backoff: float = 0.1
-    max_backoff: float = 2.0
-    multiplier: float = 2.0
-
-    def delays(self) -> Iterator[float]:
-        ceiling = self.initial_backoff
-        for _ in range(self.attempts - 1):
-            yield random.uniform(0, ceiling)
-            ceiling = min(ceiling * self.multiplier, self.max_backoff)
-
-
-DEFAULT_RETRY = Retry()
-NO_RETRY = Retry(attempts=1)
-
-
-def deadline_of(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-@dataclass
-class Placement:
-    """Where a call's RPCs go: replica `replica` of the `count` whose addresses the
-    client knows (see `remat.targets`). A call retried after UNAVAILABLE (its replica
-    died, or is going) moves on to the next replica, and its later RPCs follow it.
-
-        >>> placed = Placement(replica=2, count=3)
-        >>> placed.move_on()
-        >>> placed.replica
-        0
-    """
-
-    replica: int
-    count: int
-
-    def move_on(self) -> None:
-        self.replica = (self.replica + 1) % self.count
-
-
-class Attempts:
-    """The retry schedule of one RPC within a call's deadline. A driver tries,
-    and after a failure waits `delay_after(error)` (which raises the remat exception
-    when the error is final, and moves `placement`, if any, on to the next replica
-    otherwise) before trying again:
-
-        attempts = Attempts(retry, deadline, placement)
-        while True:
-            try:
-                return rpc(placement, timeout=attempts.left())
-            except grpc.RpcError as error:
-                sleep(attempts.delay_after(error))
-    """
-
-    def __init__(self, retry: Retry, deadline: float | None, placement: Placement | None = None):
-        self.deadline = deadline
-        self.placement = placement
-        self._retry = retry
-        self._delays: Iterator[float] | None = None  # made at the first failure
-
-    def left(self) -> float | None:
-        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
-
-    def delay_after(self, error: grpc.RpcError) -> float:
-        retryable = getattr(error, "code", lambda: None)() == grpc.StatusCode.UNAVAILABLE
-        if retryable and self._delays is None:
-            self._delays = self._retry.delays()
-        delay = next(self._delays, None) if retryable else None
-        if delay is None or (
-            self.deadline is not None and time.monotonic() + delay >= self.deadline
-        ):
-            raise from_rpc_error(error) from None
-        if self.placement is not None:
-            self.placement.move_on()
-        return delay
 
 
 # --- channels --------------------------------------------------------------------------------
@@ -354,7 +262,7 @@ def run_result(
 ) -> RunResult:
     """A RunResult from a Run response (or a RunStream's header plus its arrays); `out`'s
     arrays take the values where they fit (see `Client.run`)."""
-    # The set fields, read in one call (see `wire._names_by_field`); a plain Run's
+    # The set fields, read in one call (see `wire.field_names`); a plain Run's
     # response has no warnings, timeline or trace to decode.
     names = _RESPONSE_FIELDS
     present = {names[f]: value for f, value in response.ListFields()}
@@ -378,8 +286,7 @@ def run_result(
     )
 
 
-# RunResponse's field descriptors -> names (a descriptor's `name` builds a new string).
-_RESPONSE_FIELDS = {f: f.name for f in executor_pb2.RunResponse.DESCRIPTOR.fields}
+_RESPONSE_FIELDS = wire.field_names(executor_pb2.RunResponse)
 
 
 def _dtype_for(value: Any, graph: Graph, name: str) -> str | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from . import calls, sharding, streaming
+from . import calls, retries, sharding, streaming
 from . import compare as compare_module
 from .compare import ComparisonRow
 from .connection import Connection
@@ -48,7 +48,7 @@ class Client(Connection):
 
     # --- the driver -----------------------------------------------------------------------
     def _drive(
-        self, flow: calls.Flow, timeout: float | None, placement: calls.Placement | None = None
+        self, flow: calls.Flow, timeout: float | None, placement: retries.Placement | None = None
     ):
         """Run a flow (see `remat.calls`): perform each RPC it yields, with retries (on
         `placement`'s replica, else round robin), and send back the reply or throw in
@@ -65,8 +65,8 @@ class Client(Connection):
             except RematError as exc:
                 reply, error = None, exc
 
-    def _perform(self, op, deadline: float | None, placement: calls.Placement | None):
-        attempts = calls.Attempts(self.retry, deadline, placement)
+    def _perform(self, op, deadline: float | None, placement: retries.Placement | None):
+        attempts = retries.Attempts(self.retry, deadline, placement)
         while True:
             try:
                 if isinstance(op, calls.Stream):
@@ -75,7 +75,7 @@ class Client(Connection):
             except grpc.RpcError as error:
                 time.sleep(attempts.delay_after(error))
 
-    def _stream(self, op: calls.Stream, left: float | None, placement: calls.Placement | None):
+    def _stream(self, op: calls.Stream, left: float | None, placement: retries.Placement | None):
         download = streaming.Download(op.out)
         for message in self._endpoint(placement).run_stream(
             streaming.upload(op.request, op.chunked), timeout=left
@@ -314,7 +314,7 @@ class Client(Connection):
             timeline=timeline,
             trace=trace,
         )
-        attempts = calls.Attempts(self.retry, self._deadline(timeout))
+        attempts = retries.Attempts(self.retry, self._deadline(timeout))
         while True:  # retried until the first row arrives: rows yielded are not replayed
             try:
                 results = self._stub.Compare(request, timeout=attempts.left())

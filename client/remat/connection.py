@@ -11,7 +11,7 @@ from typing import Any
 
 from remat_proto.v1 import executor_pb2_grpc
 
-from . import calls, sharding, streaming, targets
+from . import calls, retries, sharding, streaming, targets
 from .credentials import make_channel, resolve_tls, resolve_token
 
 
@@ -38,7 +38,7 @@ class Connection:
         options: Iterable[tuple[str, Any]] = (),
         tls=None,
         token: str | None = None,
-        retry: calls.Retry = calls.DEFAULT_RETRY,
+        retry: retries.Retry = retries.DEFAULT_RETRY,
     ):
         """`target`: "host:port", a gRPC URI such as "dns:///remat-headless:50051", or
         several addresses (a list, or comma-separated). Calls are balanced round robin
@@ -87,10 +87,10 @@ class Connection:
         return client
 
     def _deadline(self, timeout: float | None) -> float | None:
-        return calls.deadline_of(timeout or self.timeout)
+        return retries.deadline_of(timeout or self.timeout)
 
     # --- placement ------------------------------------------------------------------------
-    def _shard_placements(self, shards: int) -> list[calls.Placement | None]:
+    def _shard_placements(self, shards: int) -> list[retries.Placement | None]:
         """Where each shard of a sharded run goes: shard i to replica (i + offset) mod
         R when this client knows its R replicas' addresses, the offset moving on by
         `shards` with each run; else (None) the round-robin channel."""
@@ -99,9 +99,9 @@ class Connection:
             return [None] * shards
         with self._lock:
             offset, self._next_shard = self._next_shard, (self._next_shard + shards) % count
-        return [calls.Placement(r, count) for r in sharding.placement(shards, count, offset)]
+        return [retries.Placement(r, count) for r in sharding.placement(shards, count, offset)]
 
-    def _endpoint(self, placement: calls.Placement | None) -> Endpoint:
+    def _endpoint(self, placement: retries.Placement | None) -> Endpoint:
         """The channel of `placement`'s replica (opened on first use), or the
         round-robin channel for None. Once closed, only the latter, whose calls fail."""
         if placement is None:
@@ -122,6 +122,6 @@ class Connection:
             replicas, self._replica_endpoints = self._replica_endpoints, {}
         return [self._main.channel, *(endpoint.channel for endpoint in replicas.values())]
 
-    def _attempt(self, op, left: float | None, placement: calls.Placement | None = None):
+    def _attempt(self, op, left: float | None, placement: retries.Placement | None = None):
         """Start one attempt of a flow's unary RPC (a response, or an awaitable one)."""
         return getattr(self._endpoint(placement).stub, op.method)(op.request, timeout=left)

@@ -300,18 +300,24 @@ def _policy_error(name: str | None, text: str) -> str:
 _METRIC_FIELDS = tuple(f.name for f in dataclasses.fields(Metrics) if f.name != "planner")
 
 
-def _names_by_field(message_type, record) -> dict:
-    """A message's field descriptors -> the record's field names, for the fields both
-    have (a field the .proto gained and the record did not yet is left out). Decoding
-    reads a message's set fields with ListFields and maps them through this: on a
-    freshly parsed message every attribute access builds a wrapper, and a descriptor's
-    `name` is a new string each time."""
-    names = {f.name for f in dataclasses.fields(record)}
-    return {f: f.name for f in message_type.DESCRIPTOR.fields if f.name in names}
+def field_names(message_type, record=None) -> dict:
+    """A message type's field descriptors -> field names (with `record`, a dataclass,
+    only the fields it has too: a field the .proto gained and the record did not yet
+    is left out). Every request and response is read with one ListFields call mapped
+    through this: on a freshly parsed message every attribute access builds a wrapper,
+    and a descriptor's `name` is a new string each time.
+
+        >>> names = field_names(executor_pb2.RunRequest)
+        >>> request = executor_pb2.RunRequest(loss="loss")
+        >>> {names[f]: value for f, value in request.ListFields()}
+        {'loss': 'loss'}
+    """
+    keep = None if record is None else {f.name for f in dataclasses.fields(record)}
+    return {f: f.name for f in message_type.DESCRIPTOR.fields if keep is None or f.name in keep}
 
 
-_METRIC_NAMES = _names_by_field(executor_pb2.Metrics, Metrics)
-_REPORT_NAMES = _names_by_field(executor_pb2.PlannerReport, PlannerReport)
+_METRIC_NAMES = field_names(executor_pb2.Metrics, Metrics)
+_REPORT_NAMES = field_names(executor_pb2.PlannerReport, PlannerReport)
 
 
 def report_to_proto(report: PlannerReport | None) -> executor_pb2.PlannerReport | None:

@@ -20,7 +20,7 @@ import pytest
 from clients import KINDS, Recorder, connect, first, serving
 
 import remat
-from remat import calls
+from remat import calls, retries
 from remat_server import ServerConfig, create_server
 from remat_server.errors import NotFound
 
@@ -314,7 +314,7 @@ def at_cap(monkeypatch):
 @pytest.mark.parametrize("failures", [1, 3])
 def test_unavailable_is_retried_until_it_succeeds(kind, seeded, failures):
     seen = Recorder(fail={"Run": first(failures)})
-    retry = calls.Retry(attempts=failures + 1, initial_backoff=0.01)
+    retry = retries.Retry(attempts=failures + 1, initial_backoff=0.01)
     with serving(seen) as (_, address), connect(kind, address, retry=retry) as client:
         _run(client, _graph())
     assert seen.counts["Run"] == failures + 1
@@ -324,7 +324,7 @@ def test_unavailable_is_retried_until_it_succeeds(kind, seeded, failures):
 @pytest.mark.parametrize("failures", [1, 3])
 def test_too_few_attempts_give_unavailable_error(kind, seeded, failures):
     seen = Recorder(fail={"Run": first(failures)})
-    retry = calls.Retry(attempts=failures, initial_backoff=0.01)
+    retry = retries.Retry(attempts=failures, initial_backoff=0.01)
     with serving(seen) as (_, address), connect(kind, address, retry=retry) as client:
         with pytest.raises(remat.UnavailableError, match=f"injected UNAVAILABLE #{failures}"):
             client.run(_graph(), _inputs())
@@ -333,11 +333,11 @@ def test_too_few_attempts_give_unavailable_error(kind, seeded, failures):
 
 def test_no_retry_makes_one_attempt(kind, seeded):
     seen = Recorder(fail={"Run": [1]})
-    with serving(seen) as (_, address), connect(kind, address, retry=calls.NO_RETRY) as client:
+    with serving(seen) as (_, address), connect(kind, address, retry=retries.NO_RETRY) as client:
         with pytest.raises(remat.UnavailableError):
             client.run(_graph(), _inputs())
     assert seen.counts["Run"] == 1
-    assert calls.NO_RETRY is remat.NO_RETRY and remat.Retry is calls.Retry
+    assert retries.NO_RETRY is remat.NO_RETRY and remat.Retry is retries.Retry
 
 
 @pytest.mark.parametrize(
@@ -352,7 +352,7 @@ def test_no_retry_makes_one_attempt(kind, seeded):
 )
 def test_other_errors_are_never_retried(kind, seeded, code, error):
     seen = Recorder(fail={"Run": first(5)}, code=code)
-    retry = calls.Retry(attempts=6, initial_backoff=0.01)
+    retry = retries.Retry(attempts=6, initial_backoff=0.01)
     with serving(seen) as (_, address), connect(kind, address, retry=retry) as client:
         with pytest.raises(error, match="injected"):
             client.run(_graph(), _inputs())
@@ -361,7 +361,7 @@ def test_other_errors_are_never_retried(kind, seeded, code, error):
 
 def test_registration_is_retried_too(kind, seeded):
     seen = Recorder(fail={"RegisterGraph": first(2)})
-    retry = calls.Retry(attempts=3, initial_backoff=0.01)
+    retry = retries.Retry(attempts=3, initial_backoff=0.01)
     with serving(seen) as (_, address), connect(kind, address, retry=retry) as client:
         g = _graph()
         assert client.register(g) == g.graph_id
@@ -373,7 +373,7 @@ def test_the_deadline_bounds_retries(kind, at_cap):
     """Long backoffs and many attempts, but timeout=1: the call gives up when the next
     delay (2 s) would pass its deadline, instead of sleeping past it."""
     seen = Recorder(fail={"Run": first(1000)})
-    retry = calls.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0, multiplier=10.0)
+    retry = retries.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0, multiplier=10.0)
     with serving(seen) as (_, address), connect(kind, address, retry=retry) as client:
         start = time.monotonic()
         with pytest.raises(remat.UnavailableError, match="injected UNAVAILABLE #2"):
@@ -384,7 +384,7 @@ def test_the_deadline_bounds_retries(kind, at_cap):
 
 def test_client_timeout_also_bounds_retries(kind, at_cap):
     seen = Recorder(fail={"Run": first(1000)})
-    retry = calls.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0, multiplier=10.0)
+    retry = retries.Retry(attempts=1000, initial_backoff=0.2, max_backoff=5.0, multiplier=10.0)
     with serving(seen) as (_, address), connect(kind, address, retry=retry, timeout=1.0) as client:
         start = time.monotonic()
         with pytest.raises(remat.UnavailableError, match="injected UNAVAILABLE #2"):
@@ -437,7 +437,7 @@ def test_one_deadline_covers_every_rpc_of_a_call(kind, seeded, case):
     seen = make()
     g = _broadcast() if two == "RunStream" else _graph()
     feeds = {"x": np.arange(4, dtype=np.float32)} if two == "RunStream" else _inputs()
-    retry = calls.Retry(attempts=3, initial_backoff=0.01)
+    retry = retries.Retry(attempts=3, initial_backoff=0.01)
     with serving(seen, **config) as (_, address), connect(kind, address, retry=retry) as client:
         for _ in range(warmup):  # so that the timed call goes by id
             client.run(g, feeds, timeout=30)
@@ -456,11 +456,11 @@ def test_one_deadline_covers_every_rpc_of_a_call(kind, seeded, case):
 def test_retry_delays_are_full_jitter_under_the_cap(monkeypatch):
     monkeypatch.setattr(calls, "random", random.Random(99))
     for retry in [
-        calls.Retry(),
-        calls.Retry(attempts=1),
-        calls.Retry(attempts=2, initial_backoff=0.5),
-        calls.Retry(attempts=12, initial_backoff=0.01, max_backoff=0.3, multiplier=3.0),
-        calls.Retry(attempts=6, initial_backoff=1.0, max_backoff=1.0),
+        retries.Retry(),
+        retries.Retry(attempts=1),
+        retries.Retry(attempts=2, initial_backoff=0.5),
+        retries.Retry(attempts=12, initial_backoff=0.01, max_backoff=0.3, multiplier=3.0),
+        retries.Retry(attempts=6, initial_backoff=1.0, max_backoff=1.0),
     ]:
         caps = [
             min(retry.initial_backoff * retry.multiplier**k, retry.max_backoff)
@@ -474,16 +474,16 @@ def test_retry_delays_are_full_jitter_under_the_cap(monkeypatch):
             # Full jitter: spread over [0, cap], not bunched at the top or the bottom.
             assert min(column) < 0.1 * cap and max(column) > 0.9 * cap, retry
             assert 0.4 * cap < sum(column) / len(column) < 0.6 * cap, retry
-    assert list(calls.NO_RETRY.delays()) == []
+    assert list(retries.NO_RETRY.delays()) == []
 
 
 def test_reconnect_options_follow_the_retry_schedule():
-    assert dict(calls.reconnect_options(calls.Retry(initial_backoff=0.05, max_backoff=0.5))) == {
+    assert dict(calls.reconnect_options(retries.Retry(initial_backoff=0.05, max_backoff=0.5))) == {
         "grpc.initial_reconnect_backoff_ms": 50,
         "grpc.max_reconnect_backoff_ms": 500,
     }
     # Never zero, and the maximum never below the initial backoff.
-    assert dict(calls.reconnect_options(calls.Retry(initial_backoff=0.0, max_backoff=0.0))) == {
+    assert dict(calls.reconnect_options(retries.Retry(initial_backoff=0.0, max_backoff=0.0))) == {
         "grpc.initial_reconnect_backoff_ms": 1,
         "grpc.max_reconnect_backoff_ms": 1,
     }
@@ -502,7 +502,7 @@ def test_a_client_created_before_its_server_starts_reaches_it_within_the_retry_w
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     refused, started = threading.Event(), {}
-    real_delay_after = calls.Attempts.delay_after
+    real_delay_after = retries.Attempts.delay_after
 
     def delay_after(self, error):
         refused.set()
@@ -519,9 +519,9 @@ def test_a_client_created_before_its_server_starts_reaches_it_within_the_retry_w
         finally:
             probe.close()
 
-    monkeypatch.setattr(calls.Attempts, "delay_after", delay_after)
-    retry = calls.Retry(attempts=16, initial_backoff=0.02, max_backoff=0.05)
-    assert sum(calls.Retry.delays(retry)) == pytest.approx(0.71)
+    monkeypatch.setattr(retries.Attempts, "delay_after", delay_after)
+    retry = retries.Retry(attempts=16, initial_backoff=0.02, max_backoff=0.05)
+    assert sum(retries.Retry.delays(retry)) == pytest.approx(0.71)
     thread = threading.Thread(target=start_once_refused)
     with connect(kind, f"127.0.0.1:{port}", retry=retry) as client:
         thread.start()

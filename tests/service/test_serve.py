@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from served import CLI, LINUX_PROC, Served
 
 import remat
-from remat import calls
+from remat import retries
 
 # How long a multi-worker server may take to exit on a loaded machine (the tests check
 # its exit code; the single-process ones check promptness).
@@ -30,7 +30,7 @@ EXIT_SECONDS = 30
 def client(served: Served, timeout: float = 30, **options) -> remat.Client:
     # No retries: a refusal must show up as the error it is, at once.
     return remat.Client(
-        served.target, timeout=timeout, retry=calls.NO_RETRY, options=list(options.items())
+        served.target, timeout=timeout, retry=retries.NO_RETRY, options=list(options.items())
     )
 
 

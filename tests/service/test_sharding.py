@@ -20,7 +20,7 @@ import pytest
 from served import Served
 
 import remat
-from remat import calls, sharding, targets
+from remat import calls, retries, sharding, targets
 
 RTOL = 1e-10
 
@@ -302,8 +302,8 @@ def test_without_known_addresses_shards_go_round_robin():
 
 
 def test_a_placed_call_moves_on_to_the_next_replica_after_unavailable():
-    placement = calls.Placement(replica=2, count=3)
-    attempts = calls.Attempts(remat.Retry(attempts=3), None, placement)
+    placement = retries.Placement(replica=2, count=3)
+    attempts = retries.Attempts(remat.Retry(attempts=3), None, placement)
     unavailable = grpc.RpcError()
     unavailable.code = lambda: grpc.StatusCode.UNAVAILABLE
     attempts.delay_after(unavailable)

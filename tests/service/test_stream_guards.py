@@ -116,7 +116,7 @@ def test_a_deadline_passing_mid_run_is_deadline_exceeded(served):
         h = remat.tanh(h)
     g.output("y", h)
     x = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-    with remat.Client(address, retry=remat.calls.NO_RETRY) as client:
+    with remat.Client(address, retry=remat.retries.NO_RETRY) as client:
         client.register(g)
         before, cancelled = _runs(server, "DEADLINE_EXCEEDED"), _runs(server, "CANCELLED")
         with pytest.raises(remat.DeadlineExceededError):

@@ -1,6 +1,6 @@
-"""What the engine checks in a run's arrays: NaN and Inf (a warning per array, exact
-and allocation-free on big ones) and, for Compare, how far two runs' gradients are
-apart."""
+"""What the engine checks in a run's arrays: that they are the graph's inputs (names,
+dtypes) and cotangents (shapes, dtypes), NaN and Inf (a warning per array, exact and
+allocation-free on big ones) and, for Compare, how far two runs' gradients are apart."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+
+from remat_proto import dtypes
+from remat_proto.spec import GraphSpec
+
+from ..autodiff import JointGraph
+from ..errors import InvalidArgument
 
 
 def nonfinite_warnings(**arrays_by_kind: Mapping[str, np.ndarray]) -> tuple[str, ...]:
@@ -64,3 +70,46 @@ def max_abs_diff(grads: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
             diff = np.where(same, 0.0, np.abs(a - b))
         worst = max(worst, float(np.nan_to_num(diff, nan=np.inf, posinf=np.inf).max()))
     return worst
+
+
+def input_shapes(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> dict:
+    """Every input's shape in the graph's order, once the request sends exactly the
+    declared inputs (an unknown name is named first), each of its declared dtype."""
+    shapes = {}
+    for item in spec.inputs:
+        array = inputs.get(item.name)
+        if array is None:
+            break
+        expected = dtypes.NUMPY.get(item.dtype)  # an unknown dtype: validation names it
+        if expected is not None and array.dtype != expected:
+            _refuse_unknown(spec, inputs)
+            raise InvalidArgument(
+                f"inputs: '{item.name}' is declared {item.dtype} but the tensor is {array.dtype}"
+            )
+        shapes[item.name] = array.shape
+    if len(shapes) != len(spec.inputs) or len(shapes) != len(inputs):
+        _refuse_unknown(spec, inputs)
+        missing = next(item.name for item in spec.inputs if item.name not in inputs)
+        raise InvalidArgument(f"inputs: no tensor given for input '{missing}'")
+    return shapes
+
+
+def _refuse_unknown(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> None:
+    extra = sorted(set(inputs) - {item.name for item in spec.inputs})
+    if extra:
+        raise InvalidArgument(f"inputs: '{extra[0]}' is not an input of the graph")
+
+
+def cotangent_feeds(joint: JointGraph, cotangents: Mapping[str, np.ndarray]) -> dict:
+    """The joint graph's cotangent inputs fed from a request's cotangents, each of its
+    output's shape and dtype."""
+    feeds = {}
+    for out_name, input_name in joint.cotangent_inputs.items():  # names checked by autodiff
+        array, node = cotangents[out_name], joint.graph[input_name]
+        if array.shape != node.shape or array.dtype != dtypes.NUMPY[node.dtype]:
+            raise InvalidArgument(
+                f"cotangents: '{out_name}' must be {node.dtype}{list(node.shape)}"
+                f" like its output, got {array.dtype}{list(array.shape)}"
+            )
+        feeds[input_name] = array
+    return feeds

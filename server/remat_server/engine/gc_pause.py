@@ -72,3 +72,9 @@ def paused(nodes: int):
                     gc.freeze()
                 if _was_enabled:
                     gc.enable()
+
+
+def call(nodes: int, build, *args):
+    """`build(*args)` with the collector paused for a graph of `nodes` nodes."""
+    with paused(nodes):
+        return build(*args)

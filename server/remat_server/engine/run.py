@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from remat_proto import dtypes, policies
+from remat_proto import policies
 from remat_proto.results import Metrics, TraceEvent, from_fields
 from remat_proto.spec import GraphSpec
 
@@ -41,7 +41,7 @@ from ..graph.validate import validate_shapeless
 from ..runtime import measure
 from . import gc_pause
 from .cache import LRUCache
-from .checks import nonfinite_warnings
+from .checks import cotangent_feeds, input_shapes, nonfinite_warnings
 from .compile import Compiled, CompileKey, Planned, Validated, compile_request, validate
 
 DEFAULT_CACHE_BYTES = 256 << 20
@@ -172,7 +172,7 @@ class Engine:
         self, key: tuple, spec: GraphSpec, given: Mapping[str, tuple[int, ...]]
     ) -> Validated:
         validated, _ = self.cache.get_or_build(
-            key, lambda: _paused(len(spec.nodes), validate, spec, self.limits, given)
+            key, lambda: gc_pause.call(len(spec.nodes), validate, spec, self.limits, given)
         )
         if validated.spec is not spec and key[1][0] == "object":  # impossible while held
             raise AssertionError("compile cache: a spec's id was reused")
@@ -199,7 +199,7 @@ class Engine:
 
         def build() -> Compiled:
             validated = self._validated(key.graph, spec, given)
-            return _paused(
+            return gc_pause.call(
                 len(spec.nodes), compile_request, key, spec, self.limits, validated.graph, start
             )
 
@@ -347,7 +347,7 @@ class Engine:
         before anything is planned or run."""
         start = time.perf_counter()
         spec = request.graph
-        shapes = _input_shapes(spec, request.inputs)
+        shapes = input_shapes(spec, request.inputs)
         policy = self.with_server_defaults(request.policy)
         # What `_key` computes, built directly: the request's shapes are the inputs'
         # (checked above), so this one lookup is all a repeated request pays to compile.
@@ -382,7 +382,7 @@ class Engine:
         joint = compiled.joint
         feeds = request.inputs  # the executor copies its feeds into its own values
         if request.cotangents:
-            feeds = {**feeds, **_cotangent_feeds(joint, request.cotangents)}
+            feeds = {**feeds, **cotangent_feeds(joint, request.cotangents)}
         plan_seconds = time.perf_counter() - start
         simulation = planned.simulation
         admission = (admit(simulation.peak_bytes) if admit else None) or _NOT_ADMITTED
@@ -448,49 +448,3 @@ class _NotAdmitted:
 
 
 _NOT_ADMITTED = _NotAdmitted()
-
-
-def _paused(nodes: int, build, *args):
-    with gc_pause.paused(nodes):
-        return build(*args)
-
-
-def _input_shapes(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> dict:
-    """Every input's shape in the graph's order, once the request sends exactly the
-    declared inputs (an unknown name is named first), each of its declared dtype."""
-    shapes = {}
-    for item in spec.inputs:
-        array = inputs.get(item.name)
-        if array is None:
-            break
-        expected = dtypes.NUMPY.get(item.dtype)  # an unknown dtype: validation names it
-        if expected is not None and array.dtype != expected:
-            _refuse_unknown(spec, inputs)
-            raise InvalidArgument(
-                f"inputs: '{item.name}' is declared {item.dtype} but the tensor is {array.dtype}"
-            )
-        shapes[item.name] = array.shape
-    if len(shapes) != len(spec.inputs) or len(shapes) != len(inputs):
-        _refuse_unknown(spec, inputs)
-        missing = next(item.name for item in spec.inputs if item.name not in inputs)
-        raise InvalidArgument(f"inputs: no tensor given for input '{missing}'")
-    return shapes
-
-
-def _refuse_unknown(spec: GraphSpec, inputs: Mapping[str, np.ndarray]) -> None:
-    extra = sorted(set(inputs) - {item.name for item in spec.inputs})
-    if extra:
-        raise InvalidArgument(f"inputs: '{extra[0]}' is not an input of the graph")
-
-
-def _cotangent_feeds(joint: JointGraph, cotangents: Mapping[str, np.ndarray]) -> dict:
-    feeds = {}
-    for out_name, input_name in joint.cotangent_inputs.items():  # names checked by autodiff
-        array, node = cotangents[out_name], joint.graph[input_name]
-        if array.shape != node.shape or array.dtype != dtypes.NUMPY[node.dtype]:
-            raise InvalidArgument(
-                f"cotangents: '{out_name}' must be {node.dtype}{list(node.shape)}"
-                f" like its output, got {array.dtype}{list(array.shape)}"
-            )
-        feeds[input_name] = array
-    return feeds

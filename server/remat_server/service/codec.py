@@ -84,8 +84,8 @@ def tensors_to_arrays(tensors, limits: Limits, what: str) -> dict[str, np.ndarra
             kind is not None
             and len(shape) <= limits.max_rank
             and (not shape or (min(shape) >= 0 and max(shape) <= limits.max_dim))
-            and math.prod(shape) <= limits.max_elements
-            and len(data) == kind[1].itemsize * math.prod(shape)
+            and (elements := math.prod(shape)) <= limits.max_elements
+            and len(data) == kind[1].itemsize * elements
             and not tensor.chunked
         ):
             arrays[name] = np.ndarray(shape, kind[1], data)
