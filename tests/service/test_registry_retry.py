@@ -295,7 +295,7 @@ def test_attribute_order_does_not_change_the_id(kind):
 @pytest.fixture
 def seeded(monkeypatch):
     """Deterministic jitter."""
-    monkeypatch.setattr(calls, "random", random.Random(1234))
+    monkeypatch.setattr(retries, "random", random.Random(1234))
 
 
 class _AtTheCap:
@@ -308,7 +308,7 @@ class _AtTheCap:
 
 @pytest.fixture
 def at_cap(monkeypatch):
-    monkeypatch.setattr(calls, "random", _AtTheCap())
+    monkeypatch.setattr(retries, "random", _AtTheCap())
 
 
 @pytest.mark.parametrize("failures", [1, 3])
@@ -454,7 +454,7 @@ def test_one_deadline_covers_every_rpc_of_a_call(kind, seeded, case):
 
 
 def test_retry_delays_are_full_jitter_under_the_cap(monkeypatch):
-    monkeypatch.setattr(calls, "random", random.Random(99))
+    monkeypatch.setattr(retries, "random", random.Random(99))
     for retry in [
         retries.Retry(),
         retries.Retry(attempts=1),
