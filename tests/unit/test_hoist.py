@@ -102,6 +102,9 @@ def test_the_cnn_fits_70_percent_with_the_optimum_budget_within_10_percent_of_it
     assert exact.report.status == "optimal"
     optimum = simulated(p, exact).recompute_flops
     assert optimum < 1e6  # the pre-activations are not regrown (they cost 32 MFLOP)
+    # Budget's own MILP run stops once it proves its schedule optimal; its usual 2 s
+    # can run out on a loaded machine, so it gets the exact run's 60 s here.
+    monkeypatch.setattr(budget, "EXACT_SECONDS", 60.0)
     ours = simulated(p, search(p, limit, "budget"))
     assert ours.peak_bytes <= limit
     assert ours.recompute_flops <= 1.10 * optimum, (ours.recompute_flops, optimum)
