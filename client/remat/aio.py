@@ -85,13 +85,15 @@ class AsyncClient(Connection):
                 reply, error = None, exc
 
     async def _perform(self, op, deadline: float | None, placement: retries.Placement | None):
-        attempts = retries.Attempts(self.retry, deadline, placement)
+        attempts = None  # the retry schedule, made at the first failure
         while True:
             try:
-                if isinstance(op, calls.Stream):
-                    return await self._stream(op, attempts.left(), placement)
-                return await self._attempt(op, attempts.left(), placement)
+                left = retries.time_left(deadline)
+                if type(op) is calls.Stream:
+                    return await self._stream(op, left, placement)
+                return await self._attempt(op, left, placement)
             except grpc.RpcError as error:
+                attempts = attempts or retries.Attempts(self.retry, deadline, placement)
                 await asyncio.sleep(attempts.delay_after(error))
 
     async def _stream(

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from remat_proto import metadata, policies, wire
-from remat_proto.results import Metrics
+from remat_proto.results import Metrics, from_fields
 from remat_proto.v1 import executor_pb2
 
 from . import compare, targets
@@ -56,9 +56,8 @@ STREAM_THRESHOLD_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
 
 
-@dataclass(frozen=True)
-class Unary:
-    """A unary RPC: `method` of the Executor service."""
+class Unary(NamedTuple):
+    """A unary RPC: `method` of the Executor service (a tuple: every call yields one)."""
 
     method: str
     request: Any
@@ -179,7 +178,8 @@ def run(
     out: RunResult | None = None,
     **options,
 ) -> Flow:
-    """Run (or RunStream) `graph` on `inputs`; `options` as `Client.run`'s."""
+    """Run (or RunStream) `graph` on `inputs`; `options` as `Client.run`'s. (A plain
+    function returning `with_graph`'s flow: one generator fewer to resume.)"""
 
     def call(ref):
         request, chunked = run_request(ref, graph, inputs, **options)
@@ -192,7 +192,7 @@ def run(
             request, chunked = run_request(ref, graph, inputs, stream=True, **options)
         return run_result(*(yield Stream(request, chunked, out)))
 
-    return (yield from with_graph(session, graph, call))
+    return with_graph(session, graph, call)
 
 
 def run_request(
@@ -230,7 +230,8 @@ def run_request(
         if value:
             fields[name] = list(value) if name in ("fetch", "wrt") else value
     request = executor_pb2.RunRequest(**fields)
-    request.policy.MergeFromString(wire.policy_bytes(policies.resolve(policy)))
+    if policy is not None:  # unset means auto on the server (and `resolve(None)` here)
+        request.policy.MergeFromString(wire.policy_bytes(policies.resolve(policy)))
     tensors = [
         (INPUT, request.inputs, name, wire.wire_array(value, _dtype_for(value, graph, name)))
         for name, value in inputs.items()
@@ -276,14 +277,20 @@ def run_result(
             for k, v in present.get("grads", {}).items()
         }
     metrics = present.get("metrics")
-    return RunResult(
-        outputs=outputs,
-        grads=grads,
-        metrics=Metrics() if metrics is None else wire.metrics_from_proto(metrics),
-        warnings=tuple(present.get("warnings", ())),
-        timeline=tuple(present.get("timeline", ())),
-        trace=wire.trace_from_proto(present.get("trace", ())),
-    )
+    values = {
+        "outputs": outputs,
+        "grads": grads,
+        "metrics": _NO_METRICS if metrics is None else wire.metrics_from_proto(metrics),
+    }
+    for name in ("warnings", "timeline"):  # the rest take their defaults
+        if name in present:
+            values[name] = tuple(present[name])
+    if "trace" in present:
+        values["trace"] = wire.trace_from_proto(present["trace"])
+    return from_fields(RunResult, values)
+
+
+_NO_METRICS = Metrics()
 
 
 _RESPONSE_FIELDS = wire.field_names(executor_pb2.RunResponse)

@@ -66,13 +66,15 @@ class Client(Connection):
                 reply, error = None, exc
 
     def _perform(self, op, deadline: float | None, placement: retries.Placement | None):
-        attempts = retries.Attempts(self.retry, deadline, placement)
+        attempts = None  # the retry schedule, made at the first failure
         while True:
             try:
-                if isinstance(op, calls.Stream):
-                    return self._stream(op, attempts.left(), placement)
-                return self._attempt(op, attempts.left(), placement)
+                left = retries.time_left(deadline)
+                if type(op) is calls.Stream:
+                    return self._stream(op, left, placement)
+                return self._attempt(op, left, placement)
             except grpc.RpcError as error:
+                attempts = attempts or retries.Attempts(self.retry, deadline, placement)
                 time.sleep(attempts.delay_after(error))
 
     def _stream(self, op: calls.Stream, left: float | None, placement: retries.Placement | None):

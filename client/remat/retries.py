@@ -48,6 +48,11 @@ def deadline_of(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (time.monotonic()), at least 0; None: no deadline."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
 @dataclass
 class Placement:
     """Where a call's RPCs go: replica `replica` of the `count` whose addresses the
@@ -88,7 +93,7 @@ class Attempts:
         self._delays: Iterator[float] | None = None  # made at the first failure
 
     def left(self) -> float | None:
-        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+        return time_left(self.deadline)
 
     def delay_after(self, error: grpc.RpcError) -> float:
         retryable = getattr(error, "code", lambda: None)() == grpc.StatusCode.UNAVAILABLE

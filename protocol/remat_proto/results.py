@@ -69,24 +69,31 @@ class Metrics:
 
 
 def from_fields(cls: type[_Record], values: dict[str, Any]) -> _Record:
-    """`cls(**values)` for `Metrics` or `PlannerReport`, at a quarter of the cost: every
-    response builds and decodes them, and a frozen dataclass's __init__ sets each field
-    through object.__setattr__. `values` holds only field names (decoders and the
-    engine pass known ones); the rest take their defaults.
+    """`cls(**values)` for a frozen dataclass such as `Metrics`, `PlannerReport` or the
+    SDK's RunResult, at a quarter of the cost: every response builds and decodes them,
+    and a frozen dataclass's __init__ sets each field through object.__setattr__.
+    `values` holds only field names (decoders and the engine pass known ones) and every
+    field without a default; the rest take their defaults.
 
         >>> from_fields(Metrics, {"peak_bytes": 8}) == Metrics(peak_bytes=8)
         True
     """
     record = object.__new__(cls)
     fields = record.__dict__
-    fields.update(_defaults(cls))
+    defaults, count = _defaults(cls)
+    fields.update(defaults)
     fields.update(values)
+    if len(fields) != count:
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in fields]
+        raise TypeError(f"from_fields: {cls.__name__} needs {', '.join(missing)}")
     return record
 
 
 @functools.cache
-def _defaults(cls: type) -> dict[str, Any]:
+def _defaults(cls: type) -> tuple[dict[str, Any], int]:
+    """The plain defaults of `cls`'s fields, and how many fields it has."""
     fields = dataclasses.fields(cls)
-    if any(f.default is dataclasses.MISSING for f in fields):  # a factory, or required
-        raise TypeError(f"from_fields: every field of {cls.__name__} needs a plain default")
-    return {f.name: f.default for f in fields}
+    if any(f.default_factory is not dataclasses.MISSING for f in fields):
+        raise TypeError(f"from_fields: {cls.__name__} has a default factory")
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    return defaults, len(fields)

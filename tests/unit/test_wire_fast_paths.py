@@ -40,13 +40,25 @@ def test_from_fields_is_the_constructor(metrics):
             built.peak_bytes = 1
 
 
-def test_from_fields_refuses_a_record_without_defaults():
+def test_from_fields_needs_every_field_without_a_default():
     @dataclasses.dataclass(frozen=True)
     class Needs:
         value: int
+        other: int
+        label: str = "x"
 
-    with pytest.raises(TypeError, match="plain default"):
+    assert from_fields(Needs, {"value": 1, "other": 2}) == Needs(1, 2)
+    with pytest.raises(TypeError, match="needs other"):
         from_fields(Needs, {"value": 1})
+
+
+def test_from_fields_refuses_a_default_factory():
+    @dataclasses.dataclass(frozen=True)
+    class Made:
+        items: list = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match="default factory"):
+        from_fields(Made, {})
 
 
 @pytest.mark.parametrize("metrics", METRICS)
