@@ -118,19 +118,27 @@ class ChainEmitter:
         """Forward from state `start` to state `end`, keeping only state `end`."""
         for step in range(start + 1, end + 1):
             segment = self.segments[step - 1]
+            last = self._last_reader(step)
             for name in segment:
                 self.compute(name)
                 for source in self.graph[name].inputs:
-                    if self.segment_of.get(source) == step and not self._read_later(
-                        source, segment, name
-                    ):
+                    if last.get(source) == name:  # the state stays: it has no entry
                         self.free(source)
             if step > start + 1:
                 self.free(self.state[step - 1])
 
-    def _read_later(self, source: str, segment: list[str], current: str) -> bool:
-        after = segment[segment.index(current) + 1 :]
-        return any(source in self.graph[n].inputs for n in after) or source == segment[-1]
+    def _last_reader(self, step: int) -> dict[str, str]:
+        """The values of a step other than its state -> the last of its nodes that
+        reads each (worked out once per problem and step)."""
+        key = ("chain_last_reader", tuple(self.segments[step - 1]))
+        memo = self.problem.memo
+        if key not in memo:
+            segment = self.segments[step - 1]
+            members = set(segment)
+            last = {s: n for n in segment for s in self.graph[n].inputs if s in members}
+            last.pop(segment[-1], None)
+            memo[key] = last
+        return memo[key]
 
     def reverse(self, step: int) -> None:
         """Record a step and run its backward nodes at once. Its state is recorded only

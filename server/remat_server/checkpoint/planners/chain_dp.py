@@ -16,8 +16,10 @@ live and m bytes to spare. Either
 Record-everything is store-all; snapshots alone give revolve's binomial schedules, with
 heterogeneous costs and sizes. The table is vectorised over memory levels, so one solve
 gives the optimum for every level; the budget planner then emits schedules for a few
-levels and keeps the best one whose exact simulated peak fits (the DP's sizes are an
-estimate: the simulator, which counts views and gradients exactly, is the judge).
+levels and keeps the best one whose exact simulated peak fits. What one step's backward
+or reversal needs is measured by replaying the emitter's own actions on it (views,
+temporaries, values that die before others are born: `_working_bytes`); the rest is
+rounded to levels, so the simulator stays the judge.
 
     >>> # solution = solve(problem, budget_bytes); schedule = solution.schedule(level)
 """
@@ -28,8 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..memory import LiveBytes
 from ..problem import Problem
-from ..schedule import Schedule
+from ..schedule import Compute, Schedule
 from .chain import ChainEmitter, segments
 
 MAX_STEPS = 64  # keeps the O(L^3 M) table to about 0.2 s
@@ -48,6 +51,7 @@ class ChainSolution:
     recorded: np.ndarray  # in levels, per step (index 1..L)
     state: np.ndarray  # in levels, per state (index 0..L)
     results: np.ndarray  # in levels, results[i]: of steps 1..i's backward, cumulative
+    unit: float = 1.0  # bytes per level
 
     def feasible_levels(self) -> np.ndarray:
         return np.flatnonzero(np.isfinite(self.cost))
@@ -102,12 +106,14 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
     L, M = len(steps), int(HEADROOM * max(1, budget - problem.input_bytes) / unit) + 1
     level = lambda b: np.ceil(np.asarray(b, dtype=float) / unit).astype(np.int64)  # noqa: E731
     rec, st = level(fig["recorded"]), level(fig["state"])
-    need_c = np.maximum(level(fig["recorded"] + fig["backward"]), level(fig["transient"]))
-    need_f = level(fig["transient"])
-    # A single step is reversed at once (`ChainEmitter.reverse`): only what its backward
-    # reads is recorded, not its state (the state, if kept, is counted outside).
-    need_r = np.maximum(level(fig["reversed"] + fig["backward"]), need_f)
-    need_rd = np.maximum(level(fig["reversed_kept"] + fig["backward"]), need_f)
+    need_f, inc = level(fig["work_advance"]), level(fig["incoming"])
+    through = need_f + np.concatenate([[0], st[:-1]])  # through[i]: with state i-1 too
+    # The backward of a recorded step, and a single step reversed at once
+    # (`ChainEmitter.reverse`: only what its backward reads is recorded, not its state;
+    # the state, if kept, is counted outside), as the emitter runs them.
+    need_c = np.maximum(level(fig["work_backward"]), need_f)
+    need_r = np.maximum(level(fig["work_reverse"]), need_f)
+    need_rd = np.maximum(level(fig["work_reverse_kept"]), need_f)
     # Results (weight gradients) stay live to the end: once steps s'..t are reversed,
     # what remains has their results' bytes less to work with.
     res_prefix = level(np.concatenate([[0.0], np.cumsum(fig["results"][1:])]))  # round once
@@ -143,7 +149,10 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
         for s in range(1, L - d + 1):
             t = s + d
             advance = (prefix[s:t] - prefix[s - 1])[:, None]
-            too_small = levels[None, :] < np.maximum.accumulate(need_f[s:t])[:, None]
+            # Advancing (and recording) happens with the gradient into step t live.
+            # (state i-1 stays live through step i after the first step of an advance).
+            advancing = np.concatenate([need_f[s : s + 1], through[s + 1 : t]])
+            too_small = levels[None, :] < np.maximum.accumulate(advancing)[:, None] + inc[t]
             # Left part s..s'-1 runs after the right part s'..t left its results live.
             produced = (res_prefix[t] - res_prefix[s:t])[:, None]  # rows s' = s+1..t
             index = levels[None, :] - produced
@@ -151,7 +160,7 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
             after = res_prefix[t] - res_prefix[s]
             for table, right_sh, out in (("C", C_sh, C), ("D", D_sh, D)):
                 record = f_rec[s] + shift(out[s + 1, t], rec[s])
-                record[levels < need_c[s] + after] = inf
+                record[(levels < need_c[s] + after) | (levels < need_f[s] + inc[t])] = inf
                 options = advance + right_sh[s + 1 : t + 1, t] + left
                 options[too_small] = inf
                 best = np.argmin(options, axis=0)
@@ -160,7 +169,7 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
                 out[s, t] = np.where(use, snapshot, record)
                 choice[table][s, t] = np.where(use, best + s + 1, 0)
             finish(s, t)
-    return ChainSolution(problem, steps, C[1, L], choice, rec, st, res_prefix)
+    return ChainSolution(problem, steps, C[1, L], choice, rec, st, res_prefix, unit)
 
 
 def _unit(states: np.ndarray, rough: float) -> float:
@@ -192,8 +201,9 @@ def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndar
     """Per step (1-indexed; state 0 is the inputs): the cost of advancing through it,
     of recording it (keeping its state, for what follows), and of reversing it at once
     (recording only what its backward reads), from state i-1 and, "_kept", with its
-    own state live too; its recorded, reversed and state bytes, the transient bytes of
-    advancing, and the backward's working bytes."""
+    own state live too; its recorded and state bytes, its results' bytes, and the
+    working bytes of advancing through it, of its backward and of its reversals
+    (`_working_bytes`)."""
     graph, model = problem.graph, problem.model
     own = lambda names: sum(model.nbytes[o] for o in {model.owner[n] for n in names})  # noqa: E731
     emitter = ChainEmitter(problem, steps)
@@ -206,16 +216,11 @@ def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndar
             "reverse",
             "reverse_kept",
             "recorded",
-            "reversed",
-            "reversed_kept",
             "state",
-            "transient",
-            "backward",
             "results",
         )
     }
     for i, segment in enumerate(steps, start=1):
-        members = set(segment)
         before = inputs | ({steps[i - 2][-1]} if i > 1 else set())
         fig["advance"][i] = sum(problem.cost(n) for n in segment)
         fig["record"][i] = sum(problem.cost(n) for n in emitter.recording(i, before))
@@ -224,27 +229,82 @@ def _step_figures(problem: Problem, steps: list[list[str]]) -> dict[str, np.ndar
             problem.cost(n) for n in emitter.recording(i, before | {segment[-1]}, False)
         )
         fig["recorded"][i] = own(emitter.recorded(i))
-        lean = emitter.recorded(i, with_state=False)
-        fig["reversed"][i] = own(lean)
-        fig["reversed_kept"][i] = own(lean - {segment[-1]})
         fig["state"][i] = own([segment[-1]])
-        fig["transient"][i] = max(
-            (own([n, *(s for s in graph[n].inputs if s in members)]) for n in segment), default=0
-        )
+        # What stays live to the end once this step is reversed: its backward's results
+        # (a weight's gradient) and its forward ones (the loss).
         mine = emitter.backward_of.get(i, ())
-        fig["results"][i] = own([b for b in mine if b in problem.results])
-        sizes = sorted((own([b]) for b in mine if b not in problem.results), reverse=True)
-        # The gradients coming in (made by a later reversal, live as this one starts),
-        # then one gradient out and one temporary.
-        ours = set(mine)
+        fig["results"][i] = own([n for n in (*mine, *segment) if n in problem.results])
+    fig.update(_working_bytes(problem, steps, emitter))
+    return fig
+
+
+def _working_bytes(
+    problem: Problem, steps: list[list[str]], emitter: ChainEmitter
+) -> dict[str, np.ndarray]:
+    """Per step, the peak bytes the emitter's own actions on it reach, over what lies
+    outside it (the inputs and the earlier steps' states, which the program counts as
+    snapshots): advancing through it from its input state ("work_advance"), its
+    backward after it was recorded ("work_backward", the recorded values included),
+    and its reversal at once from its input state, without and with its own state kept
+    ("work_reverse", "work_reverse_kept"); and the bytes of the gradients coming into
+    it ("incoming", live while the steps before it advance). Each replays the step
+    alone through `LiveBytes`, with the gradients coming into it live for a backward:
+    a value goes at its last read, a view owns nothing and an op's temporaries count
+    while it runs, where a sum of sizes would count values that never meet."""
+    graph, model = problem.graph, problem.model
+    inputs = {n.name for n in graph.inputs}
+    figures = {key: np.zeros(len(steps) + 1) for key in (*_WORK, "incoming")}
+    later = 0  # backward nodes of the steps after this one: the emitter's position
+    for i in range(len(steps), 0, -1):
+        mine = emitter.backward_of.get(i, ())
+        members = set(steps[i - 1])
+        # The graph inputs this step reads (always live; a view of one uses its bytes),
+        # not all of them: a wide graph has thousands, and each replay counts its own.
+        read = {s for n in (*steps[i - 1], *mine) for s in graph[n].inputs}
+        outside = (inputs & read) | {
+            s for b in mine for s in graph[b].inputs if problem.is_forward(s) and s not in members
+        }
         incoming = {
             s
             for b in mine
             for s in graph[b].inputs
-            if s not in ours and not problem.is_forward(s) and not graph[s].is_input
+            if s not in mine and not problem.is_forward(s) and s not in inputs
         }
-        fig["backward"][i] = own(incoming) + sum(sizes[:2])
-    return fig
+        figures["incoming"][i] = LiveBytes(model, incoming).total
+        state = steps[i - 1][-1]
+        before = (inputs & read) | ({steps[i - 2][-1]} if i > 1 else set())  # state i-1
+        # key: (what is live at the start, what of it the program counts elsewhere)
+        replays = {
+            "work_advance": (before, before),
+            "work_backward": (outside | incoming | emitter.recorded(i), outside),
+            "work_reverse": (outside | incoming, outside),
+            "work_reverse_kept": (outside | incoming | {state}, outside | {state}),
+        }
+        for key, (initial, counted) in replays.items():
+            emitter.steps, emitter.live, emitter.position = [], set(initial), later
+            if key == "work_advance":
+                emitter.advance(i - 1, i)
+            elif key == "work_backward":
+                emitter.backward(i)
+            else:
+                emitter.reverse(i)
+            figures[key][i] = _replayed_peak(model, initial, emitter.steps, counted)
+        later += len(mine)
+    return figures
+
+
+_WORK = ("work_advance", "work_backward", "work_reverse", "work_reverse_kept")
+
+
+def _replayed_peak(model, initial: set[str], steps: list, counted: set[str]) -> int:
+    """The peak live bytes of `steps` from `initial`, less the bytes of `counted`."""
+    live = LiveBytes(model, initial)
+    for step in steps:
+        if type(step) is Compute:
+            live.add(step.node)
+        else:
+            live.remove(step.node)
+    return max(0, live.peak - LiveBytes(model, counted).total)
 
 
 def level_search(solution: ChainSolution, fits, probes: int = 10) -> int | None:

@@ -84,6 +84,8 @@ def stages(model: _Milp, schedule: Schedule) -> tuple[np.ndarray, np.ndarray] | 
             if firsts in kept:  # bytes-free (a constant): the model keeps it anyway
                 live.add(firsts)
             compute(firsts)  # else dropped at once
+        if firsts == n:  # computed after the last stage ended: not in stage form
+            return None
         compute(i)
         live.add(i)
     if firsts != n:
