@@ -13,8 +13,8 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
    byte, drop the cheapest ones first, and bisect for the shortest dropped prefix
    that fits, holding recomputed values (Chen) or dropping them (least memory).
 4. The fixed heuristics the user could have picked (every_k over a ladder of k, sqrt,
-   save_ops of the expensive ops present, revolve, DTR) and recompute_all, so Budget
-   never loses to one of them at the same budget.
+   save_ops of the expensive ops present, revolve with the most slots that fit, DTR)
+   and recompute_all, so Budget never loses to one of them at the same budget.
 5. On small joint graphs (<= EXACT_MAX_NODES), the exact MILP's best schedule within
    EXACT_SECONDS.
 6. When nothing else fits, the lowest-peak schedule known (`least_memory.floor`, which
@@ -68,6 +68,7 @@ EXACT_MAX_NODES = 80
 # Revolve's schedules grow with the square of the chain's length: on chains up to this
 # many segments they are always candidates, on longer ones only when nothing else fits.
 REVOLVE_ALWAYS_MAX = 64
+REVOLVE_MAX_SLOTS = 16  # beyond, snapshots cost about what keeping activations does
 EXACT_SECONDS = 2.0
 # Up to this many checkpoint candidates (about one per layer), where ReLU masks can move
 # into the forward pass, Budget searches keep sets and replays DTR both ways. Past it,
@@ -286,12 +287,23 @@ class _Candidates:
         # The low-memory extremes, quadratic on long chains.
         chain = len(problem.boundaries)
         if chain >= 2 and (self.best is None or chain <= REVOLVE_ALWAYS_MAX):
-            for slots in (4, 2):
-                self.consider(
-                    f"revolve({slots})", lambda s=slots: plan_revolve(problem, Revolve(s))
-                )
+            self.revolve(chain)
         if self.best is None:
             self.consider("recompute_all", lambda: plan_recompute_all(problem, None))
+
+    def revolve(self, steps: int) -> None:
+        """Revolve with the most slots that fit: more slots hold more snapshots (a
+        higher peak) and recompute less, so bisect the slot count (up to
+        REVOLVE_MAX_SLOTS) for the largest that fits, a few schedules in all."""
+        low, high = 1, min(steps, REVOLVE_MAX_SLOTS)
+        while low <= high:
+            slots = (low + high) // 2
+            fits = self.consider(
+                f"revolve({slots})",
+                lambda s=slots: plan_revolve(self.problem, Revolve(s)),
+                steers=True,
+            )
+            low, high = (slots + 1, high) if fits else (low, slots - 1)
 
 
 def hold_floor(problem: Problem, kept: frozenset[str], hoist: bool = False) -> float:
