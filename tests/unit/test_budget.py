@@ -45,6 +45,7 @@ HEURISTICS = [
     *(P.EveryK(k) for k in range(1, 9)),
     P.SaveOps(("matmul",)),
     P.SaveOps(("conv2d",)),
+    *(P.Revolve(slots) for slots in (1, 2, 3, 5, 8)),
 ]
 
 
