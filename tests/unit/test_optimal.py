@@ -215,7 +215,9 @@ def test_store_all_fits_is_optimal_without_a_solve():
 @pytest.mark.parametrize(
     "policy,why",
     [
-        (Optimal(fraction=0.3), "the MILP with .* is infeasible"),  # proven by HiGHS
+        # 79 bytes: under the bound every schedule's peak reaches (128, which the
+        # MILP's least-memory schedule meets), so refused before any solve
+        (Optimal(fraction=0.3), "under the proven bound"),
         (Optimal(bytes=16), "the graph inputs alone exceed it"),  # x alone is 32 bytes
     ],
 )
@@ -227,6 +229,15 @@ def test_impossible_budget_is_resource_exhausted(policy, why):
     assert re.search(why, str(info.value))
     with pytest.raises(ResourceExhausted, match="the lowest peak"):
         ENGINE.plan(GRAPHS["chain6"][0](), wrt=("x",), loss="loss", policy=policy)
+
+
+def test_a_budget_under_the_proven_bound_is_refused_without_a_solve(monkeypatch):
+    def solve(*args, **kwargs):
+        raise AssertionError("the MILP ran for a budget no schedule can meet")
+
+    monkeypatch.setattr("remat_server.checkpoint.planners.milp.solve", solve)
+    with pytest.raises(ResourceExhausted, match="under the proven bound"):
+        plan_optimal(problem("chain6"), Optimal(bytes=100))
 
 
 def test_too_many_nodes_falls_back_to_the_budget_planner():

@@ -34,7 +34,7 @@ from ..schedule import PlannerReport, Schedule
 from . import milp
 from .bounds import budget_bytes, recompute_cost, store_all_peak
 from .budget import search
-from .least_memory import over_budget
+from .least_memory import over_budget, peak_lower_bound
 from .store_all import plan_store_all
 
 DEFAULT_TIME_LIMIT = 60.0  # seconds; the engine passes the server's when the policy has 0
@@ -66,6 +66,8 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
         )
     if limit < problem.input_bytes:
         raise over_budget(problem, name, limit, "the graph inputs alone exceed it")
+    if limit < peak_lower_bound(problem):  # proven infeasible: no solve can change that
+        raise over_budget(problem, name, limit, "under the proven bound on every schedule's peak")
     with control.expensive(name):  # Budget's search nests in it: one slot
         known = _budget_schedule(problem, name, limit)
         time_limit = control.seconds_left(policy.time_limit or DEFAULT_TIME_LIMIT)
