@@ -1,4 +1,4 @@
-"""The single-process server's histograms (`metrics._Histogram`) expose what
+"""The single-process server's histograms (`histogram.LocalHistogram`) expose what
 prometheus_client's `Histogram` exposes for the same observations (but `_created`)."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from remat_server.service.metrics import BYTES_BUCKETS, SECONDS_BUCKETS, _Histogram
+from remat_server.service.histogram import LocalHistogram
+from remat_server.service.metrics import BYTES_BUCKETS, SECONDS_BUCKETS
 
 rng = random.Random(0)
 CASES = {
@@ -35,7 +36,7 @@ def test_same_exposition_as_prometheus_client(case):
     buckets, values = CASES[case]
     theirs, ours = CollectorRegistry(), CollectorRegistry()
     reference = Histogram("x", "X.", ["method", "code"], buckets=buckets, registry=theirs)
-    fast = _Histogram("x", "X.", ["method", "code"], buckets, ours)
+    fast = LocalHistogram("x", "X.", ["method", "code"], buckets, ours)
     for i, v in enumerate(values):
         labels = ("Run", "OK") if i % 3 else ("Plan", "INVALID_ARGUMENT")
         reference.labels(*labels).observe(v)
@@ -44,6 +45,6 @@ def test_same_exposition_as_prometheus_client(case):
 
 
 def test_refuses_the_wrong_number_of_labels():
-    fast = _Histogram("y", "Y.", ["policy"], SECONDS_BUCKETS, CollectorRegistry())
+    fast = LocalHistogram("y", "Y.", ["policy"], SECONDS_BUCKETS, CollectorRegistry())
     with pytest.raises(ValueError, match="labels"):
         fast.labels("a", "b")
