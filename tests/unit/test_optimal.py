@@ -24,6 +24,7 @@ import support
 
 import remat
 from remat_proto.policies import EveryK, Optimal, Revolve
+from remat_server.checkpoint.backward_order import memory_aware
 from remat_server.checkpoint.planners import milp_order
 from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
 from remat_server.checkpoint.planners.heuristics import plan_every_k, plan_recompute_all, plan_sqrt
@@ -140,7 +141,10 @@ def test_schedule_fits_and_is_proven_optimal(name, fraction):
     assert report.chosen == "milp" and report.detail.startswith("MILP with ")
     assert report.solve_seconds > 0
     assert schedule.policy == f"optimal({fraction:g})"
-    assert sim.recompute_flops > 0  # the budget is below store_all: something is recomputed
+    # Below store_all's peak in both of Budget's orders, something must be recomputed.
+    reordered = p.with_backward(memory_aware(p))
+    if store_all_peak(reordered) > report.budget_bytes:
+        assert sim.recompute_flops > 0
 
 
 @pytest.mark.parametrize("name,fraction", CASES, ids=[f"{n}-{f}" for n, f in CASES])
@@ -179,7 +183,8 @@ def test_the_milp_predicts_the_simulated_peak(name, fraction):
     [
         ("chain6", 0.7, "float64"),
         ("diamond", 0.8, "float32"),
-        ("views", 0.9, "float64"),
+        # (at 90% the memory-aware backward order fits without recomputing)
+        ("views", 0.8, "float64"),
         ("mlp", 0.9, "float32"),
     ],
 )

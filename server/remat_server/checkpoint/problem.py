@@ -11,13 +11,25 @@ every-k, sqrt and revolve checkpoint along.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from ..graph.ir import INPUT_OP, Graph
 from ..ops import registry
 from .memory import MemoryModel, memory_model
 from .simulate import node_flops
+
+# Cached figures that depend on the graph, never on the backward order.
+_ORDER_FREE = (
+    "model",
+    "flops",
+    "input_bytes",
+    "needed",
+    "position",
+    "forward_order",
+    "boundaries",
+    "candidates",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,6 +42,9 @@ class Problem:
     # The exact MILP's size limit (server flag --optimal-max-nodes); larger joint graphs
     # fall back to the budget planner.
     milp_max_nodes: int = 300
+    # The backward nodes in the order to run them (a topological order of `backward`);
+    # None: the joint graph's (autodiff's emission order). See `with_backward`.
+    backward_order: tuple[str, ...] | None = None
     # Figures planners share (e.g. store_all's peak), for every policy planned on it.
     memo: dict = field(default_factory=dict, repr=False)
 
@@ -84,12 +99,34 @@ class Problem:
 
     @cached_property
     def backward(self) -> tuple[str, ...]:
-        """Needed non-forward, non-input nodes, in topological order."""
+        """Needed non-forward, non-input nodes, in the topological order planners run
+        them in: `backward_order`, else the graph's."""
+        if self.backward_order is not None:
+            return self.backward_order
         return tuple(
             n
             for n in self.graph.nodes
             if n in self.needed and not self.is_forward(n) and not self.graph[n].is_input
         )
+
+    @cached_property
+    def eager_order(self) -> tuple[str, ...]:
+        """Every needed non-input node once, as an eager program runs them (store_all,
+        DTR): the forward nodes in graph order, then `backward`."""
+        graph, needed = self.graph, self.needed
+        if self.backward_order is None:  # the joint graph lists the forward nodes first
+            return tuple(n.name for n in graph if n.name in needed and not n.is_input)
+        forward = (n.name for n in graph if n.name in needed and self.is_forward(n.name))
+        return (*forward, *self.backward_order)
+
+    def with_backward(self, order: tuple[str, ...]) -> Problem:
+        """This problem with the backward pass run in `order` (a permutation of
+        `backward`): a fresh memo, and the figures no order changes carried over."""
+        other = replace(self, backward_order=tuple(order), memo={})
+        for name in _ORDER_FREE:
+            if name in self.__dict__:
+                other.__dict__[name] = self.__dict__[name]
+        return other
 
     @cached_property
     def forward_order(self) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from remat_proto.policies import DTR, Budget, EveryK, Revolve, SaveOps, label
 from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
 from ...ops import registry
 from .. import control
+from ..backward_order import memory_aware
 from ..problem import Problem
 from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
@@ -76,6 +77,8 @@ EXACT_SECONDS = 2.0
 # pre-activation among the kept values: a quarter of the bytes, the same FLOPs), and
 # the moved replay only when nothing else fits: each way costs a second search.
 BOTH_ORDERS_MAX_CANDIDATES = 256
+# Labels of the candidates planned with the backward pass in its memory-aware order.
+REORDERED = " in memory-aware order"
 
 
 def plan_budget(problem: Problem, policy: Budget) -> Schedule:
@@ -95,9 +98,8 @@ def search(problem: Problem, limit: int, name: str, why: str = "", exact: bool =
         raise over_budget(problem, name, limit, why)
     if found.best is None:
         with control.expensive(name):
-            found.chain()
-            found.keep_sets()
-            found.heuristics()
+            found.structured()
+            found = found.reordered() or found
             if exact:
                 found.exact()
             if found.best is None:  # the lowest-peak schedule known, if it fits
@@ -123,8 +125,9 @@ def search(problem: Problem, limit: int, name: str, why: str = "", exact: bool =
 class _Candidates:
     """Simulates candidate schedules and keeps the cheapest that fits."""
 
-    def __init__(self, problem: Problem, limit: int, name: str):
+    def __init__(self, problem: Problem, limit: int, name: str, suffix: str = ""):
         self.problem, self.limit, self.name = problem, limit, name
+        self.suffix = suffix  # the candidates' labels end with it
         self.best: tuple[str, Schedule, int, float] | None = None
         self.tried = 0
         self.skipped = 0  # candidates a lower bound on their cost ruled out unbuilt
@@ -152,8 +155,31 @@ class _Candidates:
             return False
         cost = evaluations_cost(self.problem, sim.evaluations)
         if self.best is None or (cost, sim.peak_bytes) < (self.best[3], self.best[2]):
-            self.best = (name, schedule, sim.peak_bytes, cost)
+            self.best = (name + self.suffix, schedule, sim.peak_bytes, cost)
         return True
+
+    def structured(self) -> None:
+        """Every candidate but the MILP's and the floor's."""
+        self.chain()
+        self.keep_sets()
+        self.heuristics()
+
+    def reordered(self) -> _Candidates | None:
+        """The search again with the backward pass in its memory-aware order
+        (`backward_order`), when that order differs, and the graph is small or nothing
+        fitted so far: candidates that continue this search's best (None: not run)."""
+        problem = self.problem
+        if self.best is not None and len(problem.candidates) > BOTH_ORDERS_MAX_CANDIDATES:
+            return None
+        order = memory_aware(problem)
+        if order == problem.backward:
+            return None
+        other = _Candidates(problem.with_backward(order), self.limit, self.name, REORDERED)
+        other.best, other.tried, other.skipped = self.best, self.tried, self.skipped
+        other.consider("store_all", lambda: plan_store_all(other.problem))
+        if other.best is None or other.best[3] > 0:  # nothing beats recomputing nothing
+            other.structured()
+        return other
 
     def chain(self) -> None:
         solution = chain_dp.solve(self.problem, self.limit)

@@ -94,7 +94,7 @@ class _Replay:
         self.problem, self.graph, self.model = problem, graph, model
         self.budget, self.name = budget, name
         # Store-all's order: every needed non-input node once, like an eager program.
-        self.order = [n.name for n in graph if n.name in problem.needed and not n.is_input]
+        self.order = list(problem.eager_order)
         if hoist:
             self.order = hoisted(problem, self.order)
         self.uses = Counter(s for n in self.order for s in graph[n].inputs)  # reads to come

@@ -30,12 +30,13 @@ from remat_proto.policies import MinMemory, label
 
 from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
 from .. import control
+from ..backward_order import memory_aware
 from ..problem import Problem
 from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import Compute, Free, PlannerReport, Schedule
 from ..simulate import InvalidSchedule
 from . import milp
-from .bounds import simulated
+from .bounds import recompute_cost, simulated
 from .heuristics import plan_recompute_all
 
 DEFAULT_TIME_LIMIT = 60.0  # seconds; the engine passes the server's when the policy has 0
@@ -241,10 +242,20 @@ def _exact(problem: Problem, name: str, found: Floor, deadline: float) -> Floor:
             if peak < found.peak:
                 found = replace(found, schedule=low.schedule, peak=peak, by="milp")
         found = replace(found, bound=bound)
-        if _left(deadline) > MIN_SOLVE_SECONDS:  # the same peak, less recomputation
-            cheap = milp.solve(problem, found.peak, _left(deadline), name)
+        # The same peak, less recomputation: the MILP in both of Budget's backward
+        # orders (its class depends on the order), half of the time left each.
+        reordered = problem.with_backward(memory_aware(problem))
+        cheapest = None
+        for share, ordered in ((2, problem), (1, reordered)):
+            if _left(deadline) <= MIN_SOLVE_SECONDS:
+                break
+            cheap = milp.solve(ordered, found.peak, _left(deadline) / share, name)
             if cheap.schedule is not None:
-                found = replace(found, schedule=cheap.schedule, by="milp")
+                cost = recompute_cost(problem, cheap.schedule)
+                if cheapest is None or cost < cheapest[0]:
+                    cheapest = (cost, cheap.schedule)
+        if cheapest is not None:
+            found = replace(found, schedule=cheapest[1], by="milp")
     except (Cancelled, DeadlineExceeded):
         raise  # the request ended: no more planning
     except (RematError, ResourceExhausted):  # the solver's process died: what we have

@@ -1,5 +1,6 @@
-"""Store-all: compute every needed node once, in topological order, and free each
-value right after its last use. The fastest schedule and the most memory.
+"""Store-all: compute every needed node once, in the problem's eager order (graph order
+unless the backward pass is reordered), and free each value right after its last use.
+The fastest schedule and the most memory.
 
 Graph inputs are never freed, by any planner: they live in the request message for
 the whole call, so dropping the executor's reference would not release them.
@@ -7,14 +8,13 @@ the whole call, so dropping the executor's reference would not release them.
 
 from __future__ import annotations
 
-from ...graph.ir import INPUT_OP
 from ..problem import Problem
 from ..schedule import Compute, Free, Schedule, Step
 
 
 def plan_store_all(problem: Problem, policy=None) -> Schedule:
-    nodes, results, needed = problem.graph.nodes, problem.results, problem.needed
-    order = [node for name, node in nodes.items() if name in needed and node.op != INPUT_OP]
+    nodes, results = problem.graph.nodes, problem.results
+    order = [nodes[name] for name in problem.eager_order]
     last_use: dict[str, int] = {}
     for position, node in enumerate(order):
         for source in node.inputs:
