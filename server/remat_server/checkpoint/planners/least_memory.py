@@ -3,8 +3,9 @@ RESOURCE_EXHAUSTED names when no schedule fits a budget.
 
 The floor is found in steps, each only as costly as it must be:
 
-1. the low-memory schedules the server knows (recompute_all; keep nothing and drop
-   every recomputed value after its read): the lowest peak found, and its schedule;
+1. the low-memory schedules the server knows (store_all in both backward orders,
+   recompute_all; keep nothing and drop every recomputed value after its read): the
+   lowest peak found, and its schedule;
 2. a proven lower bound no schedule goes under (`peak_lower_bound`): while a node is
    computed its inputs, its result and its temporaries are live, and at the end all
    results are, the graph inputs always;
@@ -38,6 +39,7 @@ from ..simulate import InvalidSchedule
 from . import milp
 from .bounds import recompute_cost, simulated
 from .heuristics import plan_recompute_all
+from .store_all import plan_store_all
 
 DEFAULT_TIME_LIMIT = 60.0  # seconds; the engine passes the server's when the policy has 0
 # A refusal spends at most this long proving its floor, and only on joint graphs of at
@@ -205,7 +207,14 @@ def _recompute(problem: Problem, wanted: set[str], live: set[str]) -> list:
 
 def _heuristic_floor(problem: Problem) -> tuple[str, Schedule, int]:
     """(planner, schedule, peak) of the lowest-peak known schedule."""
+    # Where activations weigh little, keeping everything can peak lowest, and the
+    # memory-aware backward order lower still (a small CNN: 7% under store_all). Those
+    # come first: linear, and on a tie the one that recomputes nothing wins.
     makers = {
+        "store_all": lambda: plan_store_all(problem),
+        "store_all in memory-aware order": lambda: plan_store_all(
+            problem.with_backward(memory_aware(problem))
+        ),
         "recompute_all": lambda: plan_recompute_all(problem, None),
         "keep_set(drop, 0 kept)": lambda: schedule_with_checkpoints(
             problem, frozenset(), "", mode="drop"
