@@ -10,7 +10,8 @@ allocates least net of the values it is the last reader of (ties: graph order).
 
 It is a heuristic, not an optimum: on the transformer blocks of the zoo it peaks 1-6%
 higher than the emitted order, on small U-Nets and CNNs 2-12% lower. So Budget plans
-under both orders and keeps the cheaper schedule (`Problem.with_backward`).
+under both orders where store_all peaks lower in this one, and keeps the cheaper
+schedule (`Problem.with_backward`).
 
     >>> # problem.with_backward(memory_aware(problem))
 """
