@@ -22,6 +22,9 @@ import heapq
 
 from .problem import Problem
 
+# How a planner's label says it ran the backward pass in this order.
+SUFFIX = " in memory-aware order"
+
 
 def memory_aware(problem: Problem) -> tuple[str, ...]:
     """The needed backward nodes in a topological order that greedily frees memory

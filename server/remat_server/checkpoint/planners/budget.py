@@ -40,7 +40,7 @@ from remat_proto.policies import DTR, Budget, EveryK, Revolve, SaveOps, label
 from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
 from ...ops import registry
 from .. import control
-from ..backward_order import memory_aware
+from ..backward_order import SUFFIX, memory_aware
 from ..problem import Problem
 from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
@@ -77,8 +77,6 @@ EXACT_SECONDS = 2.0
 # pre-activation among the kept values: a quarter of the bytes, the same FLOPs), and
 # the moved replay only when nothing else fits: each way costs a second search.
 BOTH_ORDERS_MAX_CANDIDATES = 256
-# Labels of the candidates planned with the backward pass in its memory-aware order.
-REORDERED = " in memory-aware order"
 
 
 def plan_budget(problem: Problem, policy: Budget) -> Schedule:
@@ -180,7 +178,7 @@ class _Candidates:
         # 1-6% more), its searches did not win on any sample or zoo graph: skipped.
         if store_all_peak(reordered) >= store_all_peak(problem):
             return None
-        other = _Candidates(reordered, self.limit, self.name, REORDERED)
+        other = _Candidates(reordered, self.limit, self.name, SUFFIX)
         other.best, other.tried, other.skipped = self.best, self.tried, self.skipped
         other.consider("store_all", lambda: plan_store_all(other.problem))
         if other.best is None or other.best[3] > 0:  # nothing beats recomputing nothing
