@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
-from ..graph.ir import INPUT_OP, Graph
+from ..graph.ir import INPUT_OP, Graph, Node
 from ..ops import registry
 from .memory import MemoryModel, memory_model
 from .simulate import node_flops
@@ -110,14 +110,14 @@ class Problem:
         )
 
     @cached_property
-    def eager_order(self) -> tuple[str, ...]:
+    def eager_order(self) -> tuple[Node, ...]:
         """Every needed non-input node once, as an eager program runs them (store_all,
         DTR): the forward nodes in graph order, then `backward`."""
-        graph, needed = self.graph, self.needed
+        nodes, needed = self.graph.nodes, self.needed
         if self.backward_order is None:  # the joint graph lists the forward nodes first
-            return tuple(n.name for n in graph if n.name in needed and not n.is_input)
-        forward = (n.name for n in graph if n.name in needed and self.is_forward(n.name))
-        return (*forward, *self.backward_order)
+            return tuple([node for n, node in nodes.items() if n in needed and node.op != INPUT_OP])
+        forward = [node for n, node in nodes.items() if n in needed and self.is_forward(n)]
+        return (*forward, *(nodes[n] for n in self.backward_order))
 
     def with_backward(self, order: tuple[str, ...]) -> Problem:
         """This problem with the backward pass run in `order` (a permutation of

@@ -94,7 +94,7 @@ class _Replay:
         self.problem, self.graph, self.model = problem, graph, model
         self.budget, self.name = budget, name
         # Store-all's order: every needed non-input node once, like an eager program.
-        self.order = list(problem.eager_order)
+        self.order = [node.name for node in problem.eager_order]
         if hoist:
             self.order = hoisted(problem, self.order)
         self.uses = Counter(s for n in self.order for s in graph[n].inputs)  # reads to come

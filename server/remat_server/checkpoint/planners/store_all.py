@@ -13,8 +13,7 @@ from ..schedule import Compute, Free, Schedule, Step
 
 
 def plan_store_all(problem: Problem, policy=None) -> Schedule:
-    nodes, results = problem.graph.nodes, problem.results
-    order = [nodes[name] for name in problem.eager_order]
+    results, order = problem.results, problem.eager_order
     last_use: dict[str, int] = {}
     for position, node in enumerate(order):
         for source in node.inputs:
