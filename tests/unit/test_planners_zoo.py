@@ -53,7 +53,9 @@ def test_every_planner_is_valid_within_budget_and_bit_identical(workload, policy
         assert "proven bound" in str(refused) or "lowest peak" in str(refused)
         return
     metrics = result.metrics
-    assert metrics.recompute_flops > 0  # a real schedule (activations dominate at BATCH)
+    # A real schedule (activations dominate at BATCH): it evaluates some node again. (On
+    # the U-Net at 70% only copies are, for free, in the memory-aware backward order.)
+    assert metrics.recomputed_nodes > 0
     report = metrics.planner
     if report is not None and report.budget_bytes:
         assert metrics.predicted_peak_bytes <= report.budget_bytes

@@ -234,28 +234,37 @@ class _Candidates:
         if not held and (small or self.best is None):
             for ranked in orders:
                 self._bisect_keep_set(read, ranked, "drop", hoist)
+        # Copies that cost nothing to make again (a concatenation) kept as their inputs.
+        if small and _swap_copies(problem, frozenset(read)) != read:
+            for ranked in orders:
+                self._bisect_keep_set(read, ranked, "hold", hoist, swap=True)
 
     def _bisect_keep_set(
-        self, read: set[str], ranked: tuple[str, ...], mode: str, hoist: bool
+        self, read: set[str], ranked: tuple[str, ...], mode: str, hoist: bool, swap: bool = False
     ) -> bool:
-        """The shortest prefix of `ranked` whose dropping fits (the rest of `read` kept);
-        whether any prefix tried fits."""
+        """The shortest prefix of `ranked` whose dropping fits (the rest of `read` kept,
+        with `swap` its free copies as their inputs: `_swap_copies`); whether any prefix
+        tried fits."""
         problem = self.problem
+
+        def keeping(j: int) -> frozenset[str]:
+            kept = frozenset(read) - frozenset(ranked[:j])
+            return _swap_copies(problem, kept) if swap else kept
 
         def make(j: int) -> Callable[[], Schedule]:
             return lambda: schedule_with_checkpoints(
-                problem, frozenset(read) - frozenset(ranked[:j]), "", mode=mode, hoist=hoist
+                problem, keeping(j), "", mode=mode, hoist=hoist
             )
 
         lo, hi, fitted = 0, len(ranked), False
-        hoisted = ", hoisted" if hoist else ""
+        how = (", hoisted" if hoist else "") + (", copies remade" if swap else "")
         for _ in range(max(1, math.ceil(math.log2(len(ranked) + 1))) + 1):
             if lo > hi:
                 break
             mid = (lo + hi) // 2
-            kept = f"keep_set({mode}{hoisted}, {len(ranked) - mid}/{len(ranked)} kept)"
+            kept = f"keep_set({mode}{how}, {len(ranked) - mid}/{len(ranked)} kept)"
             # Dropping more costs more: a prefix that cannot win bounds the search.
-            if self.cannot_win(frozenset(read) - frozenset(ranked[:mid]), hoist):
+            if self.cannot_win(keeping(mid), hoist):
                 hi = mid - 1
             elif self.consider(kept, make(mid), steers=True):
                 hi, fitted = mid - 1, True
@@ -351,6 +360,27 @@ def hold_floor(problem: Problem, kept: frozenset[str], hoist: bool = False) -> f
         regrown.add(name)
         stack.extend(graph[name].inputs)
     return sum(problem.cost(n) for n in regrown)
+
+
+def _swap_copies(problem: Problem, kept: frozenset[str]) -> frozenset[str]:
+    """`kept` with each kept copy that costs nothing to make again (a concatenation, a
+    reshape that copies) replaced by its forward inputs, where those not kept already
+    weigh less than it: the copy is then remade for its backward readers for free. On
+    a U-Net the concatenation is kept as the upsampled half alone (the skip half is
+    kept anyway), and the proven optimum at 80% of store_all needs exactly that."""
+    model, graph = problem.model, problem.graph
+    swapped = set(kept)
+    for value in sorted(kept, key=problem.position.__getitem__):
+        if problem.cost(value) != 0 or model.owner[value] != value:
+            continue  # a view holds no bytes of its own
+        sources = [s for s in dict.fromkeys(graph[value].inputs) if problem.is_forward(s)]
+        if any(model.owner[s] != s for s in sources):
+            continue  # keeping a view would pin its owner's whole buffer
+        extra = sum(model.nbytes[s] for s in sources if s not in swapped)
+        if extra < model.nbytes[value]:
+            swapped.discard(value)
+            swapped.update(sources)
+    return frozenset(swapped)
 
 
 def _staying(problem: Problem) -> frozenset[str]:
