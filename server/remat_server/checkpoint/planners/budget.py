@@ -11,7 +11,9 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
 3. Keep-set search on the whole DAG, for graphs whose chain has few segments (skip
    connections, U-Nets): rank the values the backward pass reads by recompute cost per
    byte, drop the cheapest ones first, and bisect for the shortest dropped prefix
-   that fits, holding recomputed values (Chen) or dropping them (least memory).
+   that fits, holding recomputed values (Chen) or dropping them (least memory); on
+   small graphs also with the kept copies that cost nothing to make (a concatenation)
+   kept as their inputs and made again (`_swap_copies`).
 4. The fixed heuristics the user could have picked (every_k over a ladder of k, sqrt,
    save_ops of the expensive ops present, revolve with the most slots that fit, DTR)
    and recompute_all, so Budget never loses to one of them at the same budget.
@@ -19,6 +21,10 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
    EXACT_SECONDS.
 6. When nothing else fits, the lowest-peak schedule known (`least_memory.floor`, which
    a refusal would name anyway).
+
+Where store_all peaks lower with the backward pass in its memory-aware order
+(`backward_order`), candidates 1-4 are searched again in that order (on graphs of up to
+BOTH_ORDERS_MAX_CANDIDATES candidates, or when nothing fitted), and the cheaper wins.
 
 Once store_all does not fit, the search holds one of the server's solve slots
 (`control.expensive`) and stops between candidates when its request has ended.
