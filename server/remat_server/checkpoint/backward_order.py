@@ -13,7 +13,7 @@ higher than the emitted order, on small U-Nets and CNNs 2-12% lower. So Budget p
 under both orders where store_all peaks lower in this one, and keeps the cheaper
 schedule (`Problem.with_backward`).
 
-    >>> # problem.with_backward(memory_aware(problem))
+    >>> # reordered(problem): that problem, or None when its order is this one already
 """
 
 from __future__ import annotations
@@ -70,3 +70,13 @@ def memory_aware(problem: Problem) -> tuple[str, ...]:
             if not waiting[reader]:
                 heapq.heappush(ready, (net_bytes(reader), position[reader], reader))
     return tuple(order)
+
+
+def reordered(problem: Problem) -> Problem | None:
+    """`problem` with its backward pass in the memory-aware order, None when that is its
+    order already. Memoised: Budget's search, the floor and MinMemory all ask for it."""
+    memo = problem.memo
+    if "memory_aware" not in memo:
+        order = memory_aware(problem)
+        memo["memory_aware"] = None if order == problem.backward else problem.with_backward(order)
+    return memo["memory_aware"]

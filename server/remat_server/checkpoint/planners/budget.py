@@ -46,7 +46,7 @@ from remat_proto.policies import DTR, Budget, EveryK, Revolve, SaveOps, label
 from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
 from ...ops import registry
 from .. import control
-from ..backward_order import SUFFIX, memory_aware
+from ..backward_order import SUFFIX, reordered
 from ..problem import Problem
 from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
@@ -176,15 +176,12 @@ class _Candidates:
         problem = self.problem
         if self.best is not None and len(problem.candidates) > BOTH_ORDERS_MAX_CANDIDATES:
             return None
-        order = memory_aware(problem)
-        if order == problem.backward:
-            return None
-        reordered = problem.with_backward(order)
+        other_order = reordered(problem)
         # Where the order holds no less even keeping everything (the zoo's transformers:
         # 1-6% more), its searches did not win on any sample or zoo graph: skipped.
-        if store_all_peak(reordered) >= store_all_peak(problem):
+        if other_order is None or store_all_peak(other_order) >= store_all_peak(problem):
             return None
-        other = _Candidates(reordered, self.limit, self.name, SUFFIX)
+        other = _Candidates(other_order, self.limit, self.name, SUFFIX)
         other.best, other.tried, other.skipped = self.best, self.tried, self.skipped
         other.consider("store_all", lambda: plan_store_all(other.problem))
         if other.best is None or other.best[3] > 0:  # nothing beats recomputing nothing
@@ -257,10 +254,8 @@ class _Candidates:
             kept = frozenset(read) - frozenset(ranked[:j])
             return _swap_copies(problem, kept) if swap else kept
 
-        def make(j: int) -> Callable[[], Schedule]:
-            return lambda: schedule_with_checkpoints(
-                problem, keeping(j), "", mode=mode, hoist=hoist
-            )
+        def make(kept: frozenset[str]) -> Callable[[], Schedule]:
+            return lambda: schedule_with_checkpoints(problem, kept, "", mode=mode, hoist=hoist)
 
         lo, hi, fitted = 0, len(ranked), False
         how = (", hoisted" if hoist else "") + (", copies remade" if swap else "")
@@ -268,11 +263,12 @@ class _Candidates:
             if lo > hi:
                 break
             mid = (lo + hi) // 2
-            kept = f"keep_set({mode}{how}, {len(ranked) - mid}/{len(ranked)} kept)"
+            label = f"keep_set({mode}{how}, {len(ranked) - mid}/{len(ranked)} kept)"
+            kept = keeping(mid)
             # Dropping more costs more: a prefix that cannot win bounds the search.
-            if self.cannot_win(keeping(mid), hoist):
+            if self.cannot_win(kept, hoist):
                 hi = mid - 1
-            elif self.consider(kept, make(mid), steers=True):
+            elif self.consider(label, make(kept), steers=True):
                 hi, fitted = mid - 1, True
             else:
                 lo = mid + 1

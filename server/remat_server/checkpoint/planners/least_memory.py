@@ -31,7 +31,7 @@ from remat_proto.policies import MinMemory, label
 
 from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
 from .. import control
-from ..backward_order import SUFFIX, memory_aware
+from ..backward_order import SUFFIX, reordered
 from ..problem import Problem
 from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import Compute, Free, PlannerReport, Schedule
@@ -212,9 +212,8 @@ def _heuristic_floor(problem: Problem) -> tuple[str, Schedule, int]:
     # Store_all first, where activations weigh little the lowest, and linear: on a tie
     # the one that recomputes nothing wins.
     orders = {"": problem}
-    order = memory_aware(problem)
-    if order != problem.backward:
-        orders[SUFFIX] = problem.with_backward(order)
+    if reordered(problem) is not None:
+        orders[SUFFIX] = reordered(problem)
     makers = {}
     for suffix, ordered in orders.items():
         makers[f"store_all{suffix}"] = lambda p=ordered: plan_store_all(p)
@@ -255,10 +254,11 @@ def _exact(problem: Problem, name: str, found: Floor, deadline: float) -> Floor:
                 found = replace(found, schedule=low.schedule, peak=peak, by="milp")
         found = replace(found, bound=bound)
         # The same peak, less recomputation: the MILP in both of Budget's backward
-        # orders (its class depends on the order), half of the time left each.
-        reordered = problem.with_backward(memory_aware(problem))
+        # orders where they differ (its class depends on the order), sharing the time.
+        other = reordered(problem)
+        runs = ((1, problem),) if other is None else ((2, problem), (1, other))
         cheapest = None
-        for share, ordered in ((2, problem), (1, reordered)):
+        for share, ordered in runs:
             if _left(deadline) <= MIN_SOLVE_SECONDS:
                 break
             cheap = milp.solve(ordered, found.peak, _left(deadline) / share, name)
