@@ -228,3 +228,27 @@ def assert_runs_as_store_all(problem, schedule, feeds) -> None:
     assert run.values.keys() == reference.values.keys()
     for name, value in reference.values.items():
         assert np.array_equal(run.values[name], value), name
+
+
+def residual_blocks(
+    blocks: int = 3, width: int = 4, batch: int = 4, image: int = 8, dtype="float32"
+):
+    """ResNet basic blocks without normalisation (conv3x3, relu, conv3x3, + skip, relu),
+    loss sum(out * R): a remat.models.Model whose weights w{b}_{k} are differentiated."""
+    import remat
+    from remat import models, ops
+
+    rng = np.random.default_rng(0)
+    g = remat.Graph("residual")
+    inputs = {"x": rng.standard_normal((batch, width, image, image)).astype(dtype)}
+    h = g.input("x", inputs["x"].shape, dtype)
+    for b in range(blocks):
+        skip = h
+        for k in range(2):
+            inputs[f"w{b}_{k}"] = (rng.standard_normal((width, width, 3, 3)) / 6).astype(dtype)
+            h = ops.conv2d(h, g.input(f"w{b}_{k}", (width, width, 3, 3), dtype), padding=1)
+            h = ops.relu(h, name=f"relu{b}") if k == 0 else h
+        h = ops.relu(ops.add(h, skip), name=f"out{b}")
+    inputs["r"] = rng.standard_normal(inputs["x"].shape).astype(dtype)
+    g.output("loss", ops.sum(h * g.input("r", inputs["r"].shape, dtype)))
+    return models.Model(g, inputs, [n for n in inputs if n.startswith("w")], "loss")
