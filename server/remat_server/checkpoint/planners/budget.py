@@ -54,7 +54,7 @@ from ..problem import Problem
 from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
 from ..simulate import OverLimit
-from . import chain_dp, milp
+from . import chain_dp, milp, remake
 from .bounds import budget_bytes, evaluations_cost, simulated, store_all_peak
 from .dtr import plan_dtr
 from .heuristics import (
@@ -67,7 +67,6 @@ from .heuristics import (
     sqrt_k,
 )
 from .least_memory import floor, over_budget, peak_lower_bound
-from .remake import repaired
 from .revolve import plan_revolve
 from .store_all import plan_store_all
 
@@ -87,12 +86,6 @@ EXACT_SECONDS = 2.0
 # pre-activation among the kept values: a quarter of the bytes, the same FLOPs), and
 # the moved replay only when nothing else fits: each way costs a second search.
 BOTH_ORDERS_MAX_CANDIDATES = 256
-# Joint graphs up to this many nodes also get `remake`'s repair of store_all, up to the
-# second also of every value kept. Each move of a repair simulates a few schedules: on
-# the zoo's 357-682-node graphs the store_all repair took Budget's plan from 0.1-0.5 s to
-# 0.2-1.6 s, and it wins on the U-Net at 50% (66.7 -> 23.1 MFLOP recomputed).
-REMAKE_MAX_NODES = 1000
-REMAKE_BOTH_MAX_NODES = 300
 
 
 def plan_budget(problem: Problem, policy: Budget) -> Schedule:
@@ -180,25 +173,14 @@ class _Candidates:
         self.remakes()
 
     def remakes(self) -> None:
-        """Store_all, and on small graphs every value kept (masks moved into the forward
-        pass where they can), each repaired by remaking values across its peak."""
-        problem = self.problem
-        graph = problem.graph
-        if len(graph) > REMAKE_MAX_NODES:
-            return
-        starts = {"store_all": lambda: plan_store_all(problem)}
-        if len(graph) <= REMAKE_BOTH_MAX_NODES:
-            read = frozenset(
-                s for b in problem.backward for s in graph[b].inputs if problem.is_forward(s)
-            )
-            starts["all kept"] = lambda: schedule_with_checkpoints(
-                problem, read, "", mode="hold", hoist=bool(hoistable(problem))
-            )
-        for start, make in starts.items():
+        """Schedules repaired by remaking values across their peak (`remake`)."""
+        for start, make in remake.starts(self.problem).items():
             ceiling = self.best[3] if self.best is not None else math.inf  # to beat
             self.consider(
                 f"remade({start})",
-                lambda make=make, ceiling=ceiling: _repaired(problem, make(), self.limit, ceiling),
+                lambda make=make, ceiling=ceiling: remake.fitted(
+                    self.problem, make(), self.limit, ceiling
+                ),
             )
 
     def reordered(self) -> _Candidates | None:
@@ -378,13 +360,6 @@ class _Candidates:
                 steers=True,
             )
             low, high = (slots + 1, high) if fits else (low, slots - 1)
-
-
-def _repaired(problem: Problem, schedule: Schedule, limit: int, ceiling: float) -> Schedule:
-    fitted = repaired(problem, schedule, limit, ceiling)
-    if fitted is None:
-        raise ResourceExhausted("no remade schedule fits")  # one candidate less
-    return fitted
 
 
 def hold_floor(problem: Problem, kept: frozenset[str], hoist: bool = False) -> float:
