@@ -130,7 +130,7 @@ class _Repair:
         cost = evaluations_cost(self.problem, sim.evaluations)
         for _ in range(MOVES_PER_NODE * len(self.problem.graph)):
             if sim.peak_bytes <= self.limit:
-                return replace(self.schedule, steps=tuple(steps))
+                return replace(self.schedule, steps=tuple(self.polished(steps)))
             best, lowered = None, 0
             for moved in self.moves(steps, sim):
                 try:  # a move that does not lower the peak is of no use
@@ -151,6 +151,30 @@ class _Repair:
             if cost >= self.ceiling:
                 return None
         return None
+
+    def polished(self, steps: list[Step]) -> list[Step]:
+        """Fitting `steps` with each remaking that is no longer needed undone (kept live
+        instead), dearest first: a greedy move made early can be spared by later ones."""
+        problem = self.problem
+        undone = True
+        while undone:
+            undone = False
+            events = self.events(steps)
+            again = [name for name, found in events.items() if len(found.computed) > 1]
+            for name in sorted(again, key=lambda n: (-problem.cost(n), problem.position[n])):
+                found = events[name]
+                for earlier, made in zip(found.computed, found.computed[1:]):
+                    freed = [f for f in found.freed if earlier < f < made]
+                    kept = _edited(steps, {*freed, made}, {}, {})
+                    try:
+                        self.simulated(kept, self.limit)
+                    except OverLimit:
+                        continue
+                    steps, undone = kept, True
+                    break
+                if undone:
+                    break
+        return steps
 
     def moves(self, steps: list[Step], sim: Simulation):
         """Each candidate's step list after its move (and the deferrals it allows)."""
