@@ -279,7 +279,7 @@ def test_the_budget_planners_schedule_is_a_feasible_start_for_the_milp(name, fra
 
     p = problem(name) if name in GRAPHS else Problem(*_joint(mlp(layers=4, width=6)))
     limit = int(fraction * store_all_peak(p))
-    known = search(p, limit, "budget", exact=False)
+    known = search(p, limit, "budget")
     model = milp._Milp(p, milp_order.of_schedule(p, known), limit - p.input_bytes)
     index, value = milp_start.columns(model, known)
     model.lb[index] = model.ub[index] = value  # nothing left to choose but FREE and U

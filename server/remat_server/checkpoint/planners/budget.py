@@ -94,9 +94,8 @@ def plan_budget(problem: Problem, policy: Budget) -> Schedule:
     return search(problem, limit, name)
 
 
-def search(problem: Problem, limit: int, name: str, why: str = "", exact: bool = True) -> Schedule:
-    """The cheapest schedule found whose peak is <= `limit`, labelled `name`; without
-    `exact`, no MILP run (Optimal runs its own, from this schedule)."""
+def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
+    """The cheapest schedule found whose peak is <= `limit`, labelled `name`."""
     start = time.perf_counter()
     found = _Candidates(problem, limit, name)
     # One cheap simulation that settles most requests: it polls nothing, takes no slot.
@@ -107,8 +106,7 @@ def search(problem: Problem, limit: int, name: str, why: str = "", exact: bool =
         with control.expensive(name):
             found.structured()
             found = found.reordered() or found
-            if exact:
-                found.exact()
+            found.exact()
             if found.best is None:  # the lowest-peak schedule known, if it fits
                 least = floor(problem, name)
                 found.consider(least.by, lambda: least.schedule)

@@ -1,9 +1,9 @@
 """Optimal: the exact optimum under a budget, from Checkmate's MILP (`milp`).
 
-First the budget planner's structured search (no MILP of its own) finds a schedule;
-the MILP starts from it (`milp_start`: HiGHS's first incumbent), so on a graph where
-HiGHS finds no schedule of its own in time Optimal still answers with one and, where
-HiGHS has a bound by then, with its gap. Outcomes: store_all fits -> store_all
+First the budget planner finds a schedule (with its own short MILP run on small
+graphs); the MILP starts from it (`milp_start`: HiGHS's first incumbent), in its order,
+so on a graph where HiGHS finds no schedule of its own in time Optimal still answers
+with one and, where HiGHS has a bound by then, with its gap. Outcomes: store_all fits -> store_all
 (optimal, no solve); proven optimum ("optimal", mip_rel_gap 0); time limit with a
 schedule ("time_limit", the gap), or the budget planner's schedule when that
 recomputes less (so Optimal is never worse than Budget); more than
@@ -102,10 +102,13 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
 
 
 def _budget_schedule(problem: Problem, name: str, limit: int) -> Schedule | None:
-    """Budget's structured search (not its own short MILP run): the MILP's warm start,
-    and the answer when the MILP finds nothing better. None when nothing fits."""
+    """Budget's schedule: the MILP's warm start (in that schedule's order), and the
+    answer when the MILP finds nothing better. None when nothing fits. Its own short
+    MILP run included: on small graphs it runs in the memory-aware order, where it can
+    find what this MILP, in the emitted order, does not (two small residual blocks at
+    80%: 2,688 FLOPs in its 2 s, against 7,360 in 20 s without it)."""
     try:
-        return search(problem, limit, name, exact=False)
+        return search(problem, limit, name)
     except ResourceExhausted:
         return None
 
