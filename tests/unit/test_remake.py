@@ -11,7 +11,8 @@ from remat_proto import policies as P
 from remat_server.checkpoint.backward_order import reordered
 from remat_server.checkpoint.planners import plan
 from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
-from remat_server.checkpoint.planners.remake import repaired
+from remat_server.checkpoint.planners.least_memory import floor
+from remat_server.checkpoint.planners.remake import lowest, repaired, starts
 from remat_server.checkpoint.planners.store_all import plan_store_all
 from remat_server.checkpoint.problem import Problem
 from remat_server.engine import Engine
@@ -95,3 +96,21 @@ def test_store_all_is_repaired_on_skip_connection_graphs(name, fraction):
         if ordered is not None
     ]
     assert any(schedule is not None for schedule in found)
+
+
+def test_the_floor_knows_the_repairs_lowest_peak():
+    """A refusal's floor (and MinMemory's start) includes the lowest peak the repair's
+    moves reach: on this CNN 77% of store_all's, where the other low-memory schedules
+    and a 2 s MILP stopped at 85%."""
+    model = models.cnn()
+    problem = problem_of(model)
+    found = floor(problem, "min_memory")
+    reached = min(
+        lowest(ordered, make())[1]
+        for ordered in (problem, reordered(problem))
+        if ordered is not None
+        for make in starts(ordered).values()
+    )
+    assert found.peak <= reached < 0.8 * store_all_peak(problem)
+    assert simulated(problem, found.schedule).peak_bytes == found.peak
+    support.assert_runs_as_store_all(problem, found.schedule, model.inputs)

@@ -16,6 +16,8 @@ On residual blocks this finds what keep sets cannot express: keep a convolution'
 output, free the ReLU of it, and remake the ReLU for the weight gradient that reads
 it, with the ReLU's mask made then too instead of kept.
 
+`lowest` makes the moves that take off most instead, for the floor a refusal names.
+
     >>> # fitted = repaired(problem, plan_store_all(problem), limit)  # None: no fit
 """
 
@@ -122,15 +124,34 @@ class _Repair:
 
     def run(self) -> Schedule | None:
         steps = list(self.schedule.steps)
-        sim = self.simulated(steps)
-        if sim.peak_bytes <= self.limit:
+        if self.simulated(steps).peak_bytes <= self.limit:
             return self.schedule
-        steps = self.deferred(steps)
-        sim = self.simulated(steps)
-        cost = evaluations_cost(self.problem, sim.evaluations)
-        for _ in range(MOVES_PER_NODE * len(self.problem.graph)):
+        for steps, sim, cost in self.descent(cheapest=True):
             if sim.peak_bytes <= self.limit:
                 return replace(self.schedule, steps=tuple(self.polished(steps)))
+            if cost >= self.ceiling:
+                return None
+        return None
+
+    def lowest(self) -> tuple[Schedule, int]:
+        """The lowest-peak schedule the moves reach (each move the one that lowers the
+        peak most, of the first few), and its peak."""
+        best = None
+        for steps, sim, _ in self.descent(cheapest=False):
+            if best is None or sim.peak_bytes < best[1]:
+                best = (steps, sim.peak_bytes)
+        return replace(self.schedule, steps=tuple(best[0])), best[1]
+
+    def descent(self, cheapest: bool):
+        """(steps, simulation, recompute cost) after each move, from the schedule with
+        its values made late: each move lowers the peak; with `cheapest` the one that
+        costs least per byte it takes off, else the one that takes off most. Ends when
+        no move lowers the peak."""
+        steps = self.deferred(list(self.schedule.steps))
+        sim = self.simulated(steps)
+        cost = evaluations_cost(self.problem, sim.evaluations)
+        yield steps, sim, cost
+        for _ in range(MOVES_PER_NODE * len(self.problem.graph)):
             best, lowered = None, 0
             for moved in self.moves(steps, sim):
                 try:  # a move that does not lower the peak is of no use
@@ -139,18 +160,17 @@ class _Repair:
                     continue
                 lowered += 1
                 extra = evaluations_cost(self.problem, after.evaluations) - cost
-                key = (extra / (sim.peak_bytes - after.peak_bytes), after.peak_bytes)
+                per_byte = extra / (sim.peak_bytes - after.peak_bytes)
+                key = (per_byte, after.peak_bytes) if cheapest else (after.peak_bytes, per_byte)
                 if best is None or key < best[0]:
                     best = (key, moved, after, extra)
                 if lowered == TRIALS:
                     break
             if best is None:
-                return None
+                return
             _, steps, sim, extra = best
             cost += extra
-            if cost >= self.ceiling:
-                return None
-        return None
+            yield steps, sim, cost
 
     def polished(self, steps: list[Step]) -> list[Step]:
         """Fitting `steps` with each remaking that is no longer needed undone (kept live
@@ -364,3 +384,9 @@ def fitted(problem: Problem, schedule: Schedule, limit: int, ceiling: float) -> 
     if found is None:
         raise ResourceExhausted("no remade schedule fits")
     return found
+
+
+def lowest(problem: Problem, schedule: Schedule) -> tuple[Schedule, int]:
+    """The lowest-peak schedule the repair's moves reach from `schedule`, and its peak
+    (`least_memory`'s floor tries it)."""
+    return _Repair(problem, schedule, -1, math.inf).lowest()
