@@ -114,3 +114,17 @@ def test_the_floor_knows_the_repairs_lowest_peak():
     assert found.peak <= reached < 0.8 * store_all_peak(problem)
     assert simulated(problem, found.schedule).peak_bytes == found.peak
     support.assert_runs_as_store_all(problem, found.schedule, model.inputs)
+
+
+def test_a_graph_with_nothing_to_compute_has_no_moves():
+    """An output that is an input: an empty schedule, found by the service tests (the
+    floor of a refusal called the repair on it)."""
+    from remat_proto.spec import GraphSpec, InputSpec
+
+    spec = GraphSpec("identity", [InputSpec("x", (4, 2), "float64")], [], [("o", "x")])
+    planned = Engine().plan(spec, policy="store_all")
+    problem = Problem(planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes)
+    schedule = plan_store_all(problem)
+    assert schedule.steps == ()
+    assert lowest(problem, schedule) == (schedule, problem.input_bytes)
+    assert repaired(problem, schedule, 1) is None

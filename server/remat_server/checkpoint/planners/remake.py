@@ -199,6 +199,8 @@ class _Repair:
     def moves(self, steps: list[Step], sim: Simulation):
         """Each candidate's step list after its move (and the deferrals it allows)."""
         timeline = sim.timeline
+        if not timeline:  # nothing to compute (an output that is an input)
+            return
         peak = max(range(len(timeline)), key=timeline.__getitem__)
         graph, events = self.problem.graph, self.events(steps)
         at_peak = steps[peak]
