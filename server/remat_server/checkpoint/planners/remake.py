@@ -32,8 +32,8 @@ from ...errors import ResourceExhausted
 from ..problem import Problem
 from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import Compute, Free, Schedule, Step
-from ..simulate import OverLimit, Simulation, simulate
-from .bounds import evaluations_cost
+from ..simulate import OverLimit, Simulation
+from .bounds import evaluations_cost, simulated
 from .store_all import plan_store_all
 
 # Joint graphs up to this many nodes get a repair of store_all, up to the second also
@@ -42,8 +42,8 @@ from .store_all import plan_store_all
 # wins on the U-Net at 50% of store_all (66.7 -> 23.1 MFLOP recomputed).
 MAX_NODES = 1000
 BOTH_STARTS_MAX_NODES = 300
-# A repair makes at most this many moves per graph node (each move is one pass of
-# simulations over the values live at the peak).
+# A repair makes at most this many moves per graph node (each move simulates the
+# candidates live at the peak until TRIALS of them lower it).
 MOVES_PER_NODE = 2
 # Of the moves that lower the peak, the best of the first few (tried cheapest per byte
 # first) is made: trying every value live at the peak took Budget on the zoo's 385-node
@@ -97,14 +97,7 @@ class _Repair:
         }
 
     def simulated(self, steps: list[Step], peak_limit: int | None = None) -> Simulation:
-        problem = self.problem
-        return simulate(
-            problem.graph,
-            replace(self.schedule, steps=tuple(steps)),
-            problem.model,
-            problem.flops,
-            peak_limit,
-        )
+        return simulated(self.problem, replace(self.schedule, steps=tuple(steps)), peak_limit)
 
     def events(self, steps: list[Step]) -> dict[str, _Events]:
         graph, events = self.problem.graph, {}
