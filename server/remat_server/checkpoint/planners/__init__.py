@@ -28,7 +28,7 @@ from .auto import plan_auto
 from .budget import plan_budget
 from .dtr import plan_dtr
 from .heuristics import plan_checkpoints, plan_every_k, plan_recompute_all, plan_save_ops, plan_sqrt
-from .least_memory import plan_min_memory
+from .min_memory import plan_min_memory
 from .optimal import plan_optimal
 from .revolve import plan_revolve
 from .store_all import plan_store_all

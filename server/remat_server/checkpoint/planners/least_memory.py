@@ -1,5 +1,5 @@
-"""The least memory a schedule can need: policy MinMemory, and the floor that
-RESOURCE_EXHAUSTED names when no schedule fits a budget.
+"""The least memory a schedule can need: the floor that RESOURCE_EXHAUSTED names when
+no schedule fits a budget, and where policy MinMemory (`min_memory`) starts.
 
 The floor is found in steps, each only as costly as it must be:
 
@@ -18,9 +18,7 @@ The floor is found in steps, each only as costly as it must be:
 The peak is the proven minimum when it meets the bound. A floor is kept in the
 problem's memo, so a request refused for its budget does not search twice.
 
-    >>> from remat_proto.policies import MinMemory
-    >>> MinMemory(time_limit=5)
-    MinMemory(time_limit=5)
+    >>> # found = floor(problem, "budget(0.5)")  # found.peak, found.schedule, found.bound
 """
 
 from __future__ import annotations
@@ -28,21 +26,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from remat_proto.policies import MinMemory, label
-
 from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
 from .. import control
 from ..backward_order import SUFFIX, reordered
 from ..problem import Problem
 from ..recompute import hoistable, schedule_with_checkpoints
-from ..schedule import Compute, Free, PlannerReport, Schedule
+from ..schedule import Compute, Free, Schedule
 from ..simulate import InvalidSchedule
 from . import milp, remake
 from .bounds import recompute_cost, simulated
 from .heuristics import plan_recompute_all
 from .store_all import plan_store_all
 
-DEFAULT_TIME_LIMIT = 60.0  # seconds; the engine passes the server's when the policy has 0
 # A refusal spends at most this long proving its floor, and only on joint graphs of at
 # most REFUSAL_MAX_NODES nodes (where HiGHS gets far in that time).
 REFUSAL_SECONDS, REFUSAL_MAX_NODES = 2.0, 80
@@ -84,24 +79,6 @@ class Floor:
             f"the lowest peak found is {self.peak:,} bytes ({self.by}); none can peak "
             f"under {self.bound:,} bytes (proven bound)"
         )
-
-
-def plan_min_memory(problem: Problem, policy: MinMemory) -> Schedule:
-    name = label(policy)
-    start = time.perf_counter()
-    with control.expensive(name):
-        found = floor(problem, name, policy.time_limit or DEFAULT_TIME_LIMIT)
-    return replace(
-        found.schedule,
-        policy=name,
-        report=PlannerReport(
-            budget_bytes=found.peak,
-            status="optimal" if found.proven else "feasible",
-            solve_seconds=time.perf_counter() - start,
-            chosen=found.by,
-            detail=found.describe(),
-        ),
-    )
 
 
 def floor(problem: Problem, name: str, seconds: float = REFUSAL_SECONDS) -> Floor:
