@@ -9,7 +9,7 @@ import support
 from remat import models
 from remat_proto import policies as P
 from remat_server.checkpoint.backward_order import memory_aware
-from remat_server.checkpoint.planners import budget, plan
+from remat_server.checkpoint.planners import budget, keep_sets, plan
 from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
 from remat_server.checkpoint.planners.least_memory import floor
 from remat_server.checkpoint.planners.store_all import plan_store_all
@@ -132,9 +132,9 @@ def test_a_free_copy_is_kept_as_its_inputs():
     problem = problem_of(models.unet(batch=4, channels=(2, 4), image=8, dtype="float64"))
     concat = next(n for n in problem.forward_order if problem.graph[n].op == "concat")
     kept = frozenset({concat, *problem.graph[concat].inputs[:1]})
-    swapped = budget._swap_copies(problem, kept)
+    swapped = keep_sets.swap_copies(problem, kept)
     assert concat not in swapped and set(problem.graph[concat].inputs) <= swapped
-    assert budget._swap_copies(problem, swapped) == swapped  # nothing left to swap
+    assert keep_sets.swap_copies(problem, swapped) == swapped  # nothing left to swap
 
 
 def test_budget_reaches_the_optimum_of_a_unet_at_80_percent():

@@ -17,7 +17,8 @@ import support
 from remat import models
 from remat_proto import policies as P
 from remat_server.checkpoint.planners import bounds, chain_dp, least_memory, plan
-from remat_server.checkpoint.planners.budget import _backward_reads, hold_floor, search
+from remat_server.checkpoint.planners.budget import search
+from remat_server.checkpoint.planners.keep_sets import backward_reads, hold_floor, regrowth
 from remat_server.checkpoint.problem import Problem
 from remat_server.checkpoint.recompute import hoistable, schedule_with_checkpoints
 from remat_server.engine import Engine, RunRequest
@@ -325,14 +326,12 @@ def test_kept_values_are_held_until_their_last_recomputation(name):
 def test_dropping_a_value_is_priced_with_what_regrows_it():
     """The keep-set search's second ranking prices a value with its forward ancestors
     up to the values kept anyway (those the backward pass reads)."""
-    from remat_server.checkpoint.planners.budget import _regrowth
-
     problem = reference("chain")[3]
     chain = [n for n in problem.forward_order if problem.graph[n].op == "tanh"]
     cost = problem.cost
-    assert _regrowth(problem, chain[5], {chain[2]}) == sum(cost(n) for n in chain[3:6])
-    assert _regrowth(problem, chain[5], {chain[4]}) == cost(chain[5])  # its input is kept
-    assert _regrowth(problem, chain[5], set()) >= sum(cost(n) for n in chain[:6])
+    assert regrowth(problem, chain[5], {chain[2]}) == sum(cost(n) for n in chain[3:6])
+    assert regrowth(problem, chain[5], {chain[4]}) == cost(chain[5])  # its input is kept
+    assert regrowth(problem, chain[5], set()) >= sum(cost(n) for n in chain[:6])
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -345,7 +344,7 @@ def test_the_floor_that_rules_keep_sets_out_never_exceeds_their_cost(name, mode,
     _, _, _, problem = reference(name)
     if hoist and not hoistable(problem):
         pytest.skip("nothing to hoist (no ReLU)")
-    read = sorted(_backward_reads(problem, hoist))
+    read = sorted(backward_reads(problem, hoist))
     rng = np.random.default_rng(len(read))
     for share in (0.0, 0.1, 0.3, 0.5, 0.8, 1.0):
         kept = frozenset(n for n in read if rng.random() < share)

@@ -13,7 +13,7 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
    byte, drop the cheapest ones first, and bisect for the shortest dropped prefix
    that fits, holding recomputed values (Chen) or dropping them (least memory); on
    small graphs also with the kept copies that cost nothing to make (a concatenation)
-   kept as their inputs and made again (`_swap_copies`).
+   kept as their inputs and made again (`keep_sets.swap_copies`).
 4. The fixed heuristics the user could have picked (every_k over a ladder of k, sqrt,
    save_ops of the expensive ops present, revolve with the most slots that fit, DTR)
    and recompute_all, so Budget never loses to one of them at the same budget.
@@ -28,6 +28,8 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
 Where store_all peaks lower with the backward pass in its memory-aware order
 (`backward_order`), candidates 1-4 are searched again in that order (on graphs of up to
 BOTH_ORDERS_MAX_CANDIDATES candidates, or when nothing fitted), and the cheaper wins.
+The winner is then tightened (`tighten`): the recomputations the budget leaves room to
+spare are undone (its label then ends with ", tightened").
 
 Once store_all does not fit, the search holds one of the server's solve slots
 (`control.expensive`) and stops between candidates when its request has ended.
@@ -66,9 +68,11 @@ from .heuristics import (
     save_ops_kept,
     sqrt_k,
 )
+from .keep_sets import hold_floor, regrowth, swap_copies
 from .least_memory import floor, over_budget, peak_lower_bound
 from .revolve import plan_revolve
 from .store_all import plan_store_all
+from .tighten import tightened
 
 EXPENSIVE_OPS = ("matmul", "conv2d", "conv_transpose2d", "scaled_dot_product_attention")
 # Small joint graphs also get the exact MILP (policy Optimal) for a moment: there it
@@ -113,6 +117,11 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
     if found.best is None:
         raise over_budget(problem, name, limit, why)
     chosen, schedule, peak, cost = found.best
+    if cost > 0:  # room left under the limit may spare some of its recomputations
+        tight = tightened(problem, schedule, limit)
+        sim = simulated(problem, tight)
+        if (spared := evaluations_cost(problem, sim.evaluations)) < cost:
+            chosen, schedule, peak, cost = f"{chosen}, tightened", tight, sim.peak_bytes, spared
     unit = "seconds" if problem.costs is not None else "FLOPs"
     report = PlannerReport(
         budget_bytes=limit,
@@ -237,7 +246,7 @@ class _Candidates:
         owned = lambda n: model.nbytes[model.owner[n]]  # noqa: E731
         droppable = [n for n in read if owned(n) > 0]
         orders = {}  # two rankings, cheapest to drop first; each gets its bisection
-        for price in (problem.cost, lambda n: _regrowth(problem, n, read)):
+        for price in (problem.cost, lambda n: regrowth(problem, n, read)):
             ranked = sorted(droppable, key=lambda n: (price(n) / owned(n), problem.position[n]))
             orders.setdefault(tuple(ranked), None)
         held = False
@@ -251,7 +260,7 @@ class _Candidates:
             for ranked in orders:
                 self._bisect_keep_set(read, ranked, "drop", hoist)
         # Copies that cost nothing to make again (a concatenation) kept as their inputs.
-        if small and _swap_copies(problem, frozenset(read)) != read:
+        if small and swap_copies(problem, frozenset(read)) != read:
             for ranked in orders:
                 self._bisect_keep_set(read, ranked, "hold", hoist, swap=True)
 
@@ -259,13 +268,13 @@ class _Candidates:
         self, read: set[str], ranked: tuple[str, ...], mode: str, hoist: bool, swap: bool = False
     ) -> bool:
         """The shortest prefix of `ranked` whose dropping fits (the rest of `read` kept,
-        with `swap` its free copies as their inputs: `_swap_copies`); whether any prefix
+        with `swap` its free copies as their inputs: `keep_sets.swap_copies`); whether any prefix
         tried fits."""
         problem = self.problem
 
         def keeping(j: int) -> frozenset[str]:
             kept = frozenset(read) - frozenset(ranked[:j])
-            return _swap_copies(problem, kept) if swap else kept
+            return swap_copies(problem, kept) if swap else kept
 
         def make(kept: frozenset[str]) -> Callable[[], Schedule]:
             return lambda: schedule_with_checkpoints(problem, kept, "", mode=mode, hoist=hoist)
@@ -358,96 +367,3 @@ class _Candidates:
                 steers=True,
             )
             low, high = (slots + 1, high) if fits else (low, slots - 1)
-
-
-def hold_floor(problem: Problem, kept: frozenset[str], hoist: bool = False) -> float:
-    """A lower bound on what keeping only `kept` recomputes (`schedule_with_checkpoints`
-    in either mode, `hoist` as there): every value the backward reads that is not kept
-    was freed in the forward phase, so it and its forward ancestors up to kept values
-    are computed again at least once. (A hoisted node reads in the forward phase.)"""
-    graph, stays = problem.graph, _staying(problem)
-    stack = [n for n in _backward_reads(problem, hoist) if n not in kept]
-    regrown: set[str] = set()
-    while stack:
-        name = stack.pop()
-        if name in regrown or name in kept or name in stays:
-            continue
-        regrown.add(name)
-        stack.extend(graph[name].inputs)
-    return sum(problem.cost(n) for n in regrown)
-
-
-def _swap_copies(problem: Problem, kept: frozenset[str]) -> frozenset[str]:
-    """`kept` with each kept copy that costs nothing to make again (a concatenation, a
-    reshape that copies) replaced by its forward inputs, where those not kept already
-    weigh less than it: the copy is then remade for its backward readers for free. On
-    a U-Net the concatenation is kept as the upsampled half alone (the skip half is
-    kept anyway), and the proven optimum at 80% of store_all needs exactly that."""
-    model, graph = problem.model, problem.graph
-    swapped = set(kept)
-    for value in sorted(kept, key=problem.position.__getitem__):
-        if problem.cost(value) != 0 or model.owner[value] != value:
-            continue  # a view holds no bytes of its own
-        sources = [s for s in dict.fromkeys(graph[value].inputs) if problem.is_forward(s)]
-        if any(model.owner[s] != s for s in sources):
-            continue  # keeping a view would pin its owner's whole buffer
-        extra = sum(model.nbytes[s] for s in sources if s not in swapped)
-        if extra < model.nbytes[value]:
-            swapped.discard(value)
-            swapped.update(sources)
-    return frozenset(swapped)
-
-
-def _staying(problem: Problem) -> frozenset[str]:
-    """What a hold-mode schedule never frees: inputs, results and constants."""
-    memo = problem.memo
-    if "staying" not in memo:
-        graph = problem.graph
-        memo["staying"] = frozenset(
-            n.name
-            for n in graph
-            if n.is_input
-            or n.op == "constant"
-            or n.name in problem.results
-            or not problem.is_forward(n.name)  # the backward's own: not regrown
-        )
-    return memo["staying"]
-
-
-def _backward_reads(problem: Problem, hoist: bool = False) -> frozenset[str]:
-    """The forward values the backward pass reads (with `hoist`, leaving out the
-    hoisted nodes, which read in the forward phase) that a hold-mode schedule frees
-    when it does not keep them."""
-    memo, key = problem.memo, ("backward_reads", hoist)
-    if key not in memo:
-        stays, early = _staying(problem), hoistable(problem) if hoist else {}
-        memo[key] = frozenset(
-            s
-            for b in problem.backward
-            if b not in early
-            for s in problem.graph[b].inputs
-            if s not in stays
-        )
-    return memo[key]
-
-
-# Walks that price a value's regrowth stop after this many nodes: a ranking needs an
-# estimate, and a capped walk keeps pricing every value linear in the graph.
-REGROWTH_WALK_MAX = 256
-
-
-def _regrowth(problem: Problem, name: str, read: set[str]) -> float:
-    """What recomputing `name` costs when the values the backward pass reads are kept:
-    its own cost plus that of its forward ancestors up to read ones (the region a keep
-    set drops with it; a better price of dropping it than its own cost alone)."""
-    total, stack, seen = 0.0, [name], set()
-    while stack and len(seen) < REGROWTH_WALK_MAX:
-        value = stack.pop()
-        if value in seen:
-            continue
-        seen.add(value)
-        total += problem.cost(value)
-        stack.extend(
-            i for i in problem.graph[value].inputs if problem.is_forward(i) and i not in read
-        )
-    return total

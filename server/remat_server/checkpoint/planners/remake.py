@@ -39,6 +39,7 @@ from ..schedule import Compute, Free, Schedule, Step
 from ..simulate import OverLimit, Simulation
 from .bounds import evaluations_cost, simulated
 from .store_all import plan_store_all
+from .tighten import Events, edited, events_of, spared
 
 # Joint graphs up to this many nodes get a repair of store_all, up to the second also
 # one of every value kept. Each move simulates a few schedules: on the zoo's 357-682-node
@@ -53,31 +54,6 @@ MOVES_PER_NODE = 2
 # first) is made: trying every value live at the peak took Budget on the zoo's 385-node
 # U-Net at 50% from 0.2 to 6.2 s; with the first four, 2.2 s for the same schedule.
 TRIALS = 4
-
-
-@dataclass
-class _Events:
-    """Where one value is computed, read and freed in a step list (ascending indices)."""
-
-    computed: list[int]
-    read: list[int]
-    freed: list[int]
-
-    def live_at(self, index: int) -> bool:
-        """Whether the value is live just before step `index`."""
-        made = bisect.bisect_left(self.computed, index) - 1
-        if made < 0:
-            return False
-        after = bisect.bisect_right(self.freed, self.computed[made])
-        return after >= len(self.freed) or self.freed[after] >= index
-
-    def last_computed_before(self, index: int) -> int | None:
-        made = bisect.bisect_left(self.computed, index) - 1
-        return self.computed[made] if made >= 0 else None
-
-    def first_read_after(self, index: int) -> int | None:
-        later = bisect.bisect_right(self.read, index)
-        return self.read[later] if later < len(self.read) else None
 
 
 @dataclass
@@ -122,21 +98,8 @@ class _Repair:
     def simulated(self, steps: list[Step], peak_limit: int | None = None) -> Simulation:
         return simulated(self.problem, replace(self.schedule, steps=tuple(steps)), peak_limit)
 
-    def events(self, steps: list[Step]) -> dict[str, _Events]:
-        graph, events = self.problem.graph, {}
-        for index, step in enumerate(steps):
-            name = step.node
-            if name not in events:
-                events[name] = _Events([], [], [])
-            if type(step) is Compute:
-                events[name].computed.append(index)
-                for source in dict.fromkeys(graph[name].inputs):
-                    if source not in events:
-                        events[source] = _Events([], [], [])
-                    events[source].read.append(index)
-            else:
-                events[name].freed.append(index)
-        return events
+    def events(self, steps: list[Step]) -> dict[str, Events]:
+        return events_of(self.problem.graph, steps)
 
     def run(self) -> Schedule | None:
         steps = list(self.schedule.steps)
@@ -144,7 +107,10 @@ class _Repair:
             return self.schedule
         for steps, sim, cost in self.descent(cheapest=True):
             if sim.peak_bytes <= self.limit:
-                return replace(self.schedule, steps=tuple(self.polished(steps)))
+                return replace(
+                    self.schedule,
+                    steps=tuple(spared(self.problem, self.schedule, steps, self.limit)),
+                )
             if cost >= self.ceiling:
                 return None
         return None
@@ -190,30 +156,6 @@ class _Repair:
             cost += extra
             yield steps, sim, cost
 
-    def polished(self, steps: list[Step]) -> list[Step]:
-        """Fitting `steps` with each remaking that is no longer needed undone (kept live
-        instead), dearest first: a greedy move made early can be spared by later ones."""
-        problem = self.problem
-        undone = True
-        while undone:
-            undone = False
-            events = self.events(steps)
-            again = [name for name, found in events.items() if len(found.computed) > 1]
-            for name in sorted(again, key=lambda n: (-problem.cost(n), problem.position[n])):
-                found = events[name]
-                for earlier, made in zip(found.computed, found.computed[1:]):
-                    freed = [f for f in found.freed if earlier < f < made]
-                    kept = _edited(steps, {*freed, made}, {}, {})
-                    try:
-                        self.simulated(kept, self.limit)
-                    except OverLimit:
-                        continue
-                    steps, undone = kept, True
-                    break
-                if undone:
-                    break
-        return steps
-
     def moves(self, steps: list[Step], sim: Simulation):
         """Each candidate's step list after its move (and the deferrals it allows), as
         a `_Trial`: with the inputs it needs kept, then, where that fails to lower the
@@ -255,7 +197,7 @@ class _Repair:
     def remade(
         self,
         steps: list[Step],
-        events: dict[str, _Events],
+        events: dict[str, Events],
         name: str,
         peak: int,
         remake_sources: bool = False,
@@ -304,12 +246,12 @@ class _Repair:
             Compute(name),
             *(Free(s) for s in again),  # once the reader has run
         ]
-        return _edited(steps, edit.drop, edit.before, edit.after), bool(sources)
+        return edited(steps, edit.drop, edit.before, edit.after), bool(sources)
 
     def kept_longer(
         self,
         steps: list[Step],
-        events: dict[str, _Events],
+        events: dict[str, Events],
         source: str,
         reader: str,
         until: int,
@@ -333,7 +275,7 @@ class _Repair:
     def derived_readers(
         self,
         steps: list[Step],
-        events: dict[str, _Events],
+        events: dict[str, Events],
         source: str,
         remade: str,
         made: int,
@@ -385,31 +327,7 @@ class _Repair:
         order = self.problem.position.__getitem__
         for waiting in before.values():  # several before one reader: in graph order
             waiting.sort(key=lambda step: order(step.node))
-        return _edited(steps, drop, before, {})
-
-
-def _edited(
-    steps: list[Step],
-    drop: set[int],
-    before: dict[int, list[Step]],
-    after: dict[int, list[Step]],
-) -> list[Step]:
-    """`steps` without the indices in `drop`, with `before[i]` inserted before step i
-    and `after[i]` after it (in that order: frees after, computes before)."""
-    result: list[Step] = []
-    append = result.append
-    edited = drop | before.keys() | after.keys()
-    for index, step in enumerate(steps):
-        if index not in edited:
-            append(step)
-            continue
-        inserted = before.get(index, ())
-        result.extend(s for s in inserted if type(s) is Compute)
-        if index not in drop:
-            append(step)
-        result.extend(s for s in inserted if type(s) is Free)  # once its reader has run
-        result.extend(after.get(index, ()))
-    return result
+        return edited(steps, drop, before, {})
 
 
 def repaired(
