@@ -110,22 +110,27 @@ def edited(
     return result
 
 
-def tightened(problem: Problem, schedule: Schedule, limit: int) -> Schedule:
+def tightened(problem: Problem, schedule: Schedule, limit: int, share: int = 1) -> Schedule:
     """`schedule` (whose peak is <= `limit`) with the recomputations it has room to
     spare undone and the computations nothing reads dropped: it still fits, computes
-    the same values and recomputes no more (unchanged past MAX_NODES nodes)."""
+    the same values and recomputes no more (unchanged past MAX_NODES nodes). With
+    `share`, a `1/share` part of the work limits (for one of several schedules)."""
     if len(problem.graph) > MAX_NODES:
         return schedule
-    steps = unread_dropped(problem, spared(problem, schedule, list(schedule.steps), limit))
+    steps = list(schedule.steps)
+    steps = unread_dropped(problem, spared(problem, schedule, steps, limit, share))
     return replace(schedule, steps=tuple(steps))
 
 
-def spared(problem: Problem, schedule: Schedule, steps: list[Step], limit: int) -> list[Step]:
+def spared(
+    problem: Problem, schedule: Schedule, steps: list[Step], limit: int, share: int = 1
+) -> list[Step]:
     """`steps` (of `schedule`) with each recomputation that fits undone (the value kept
     live from its previous computation instead), dearest first."""
     events = events_of(problem.graph, steps)
     again = [name for name, found in events.items() if len(found.computed) > 1]
-    trials, most = 0, min(MAX_TRIALS, MAX_SIMULATED_STEPS // max(len(steps), 1))
+    most = min(MAX_TRIALS, MAX_SIMULATED_STEPS // max(len(steps), 1)) // share
+    trials = 0
     for name in sorted(again, key=lambda n: (-problem.cost(n), problem.position[n])):
         index = 1
         while index < len(events[name].computed):
