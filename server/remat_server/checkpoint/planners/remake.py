@@ -5,9 +5,11 @@ A greedy repair, for graphs of up to a few hundred nodes. At the schedule's peak
 value that is live but not read there is a candidate: free it after its last reader
 before the peak and compute it again right before its first reader after it (a value
 not read since it was made is only made later, for nothing). Inputs of it that are no
-longer live there are kept until then, so a move can trade a value for its source; or
-(a second move for the same value) made again too, from their own inputs kept until
-then, so a move can trade a value for its source's sources.
+longer live there are kept until then, so a move can trade a value for its source.
+Where that fails to lower the peak, the same value is tried other ways (`WAYS`): with
+the other values made from those inputs freed too and made again with it; with the
+inputs made again too where what they read is live then; with every input made again,
+from their own inputs kept until then.
 After a move that keeps an input longer, values made from that input long before
 anything reads them are made at their first reader instead (a ReLU mask of a
 pre-activation that is now kept). Candidates are tried cheapest per byte first and
@@ -18,7 +20,10 @@ On residual blocks this finds what keep sets cannot express: keep a convolution'
 output, free the ReLU of it, and remake the ReLU for the weight gradient that reads
 it, with the ReLU's mask made then too instead of kept. On a three-level U-Net at 90%
 of store_all's peak, remaking a ReLU with the max-pool output it reads (both cheap)
-recomputes 1,024 FLOPs where DTR's 14,592 were the best before.
+recomputes 1,024 FLOPs where DTR's 14,592 were the best before. On three residual
+blocks at 80%, freeing the gradient entering the last block (made again from the loss's
+seed) and each ReLU with its mask (made again from the kept pre-activation) recomputes
+384 FLOPs, where the keep sets' best was 2,368 and the MILP's 640.
 
 `lowest` makes the moves that take off most instead, for the floor a refusal names.
 
@@ -54,6 +59,9 @@ MOVES_PER_NODE = 2
 # first) is made: trying every value live at the peak took Budget on the zoo's 385-node
 # U-Net at 50% from 0.2 to 6.2 s; with the first four, 2.2 s for the same schedule.
 TRIALS = 4
+# The ways a move makes a freed value again, tried in this order for each candidate
+# until one lowers the peak (see `_Repair.remade`).
+WAYS = ("keep", "siblings", "free", "all")
 
 
 @dataclass
@@ -176,8 +184,8 @@ class _Repair:
             and events[name].live_at(peak)
         ]
         for name in sorted(live, key=self.price):
-            for remake_sources in (False, True):
-                moved = self.remade(steps, events, name, peak, remake_sources)
+            for way in WAYS:
+                moved = self.remade(steps, events, name, peak, way)
                 if moved is None:
                     continue
                 moved, extended = moved
@@ -185,7 +193,7 @@ class _Repair:
                 trial = _Trial(self.deferred(moved) if extended else moved)
                 yield trial
                 if not trial.failed:
-                    break  # its inputs made again too only where keeping them fails
+                    break  # the next way only where this one fails
 
     def price(self, name: str) -> tuple:
         """What remaking `name` likely costs per byte it frees (the order moves are
@@ -195,58 +203,95 @@ class _Repair:
         return (problem.cost(name) / nbytes, problem.position[name])
 
     def remade(
-        self,
-        steps: list[Step],
-        events: dict[str, Events],
-        name: str,
-        peak: int,
-        remake_sources: bool = False,
+        self, steps: list[Step], events: dict[str, Events], name: str, peak: int, way: str
     ) -> tuple[list[Step], bool] | None:
         """`name` freed across `peak` and made again before its next reader (moved there
-        when nothing read it since it was made), keeping inputs live until then; and
-        whether any input was kept longer. With `remake_sources`, inputs no longer live
-        there are made again too (their own inputs kept until then), not kept: a
-        gradient freed across the peak is made again from its mask and the gradient
-        before it. None when no such input is."""
+        when nothing read it since it was made), and whether any input was kept longer.
+        Its inputs no longer live there are, by `way`:
+        - "keep": kept live until then, and as long as values made from them need (a
+          ReLU's mask made from a kept pre-activation at its reader, not kept);
+        - "siblings": kept live until then only, and the values made from them that are
+          live across the peak are freed too and made again with `name` (a ReLU and its
+          mask, both from the kept pre-activation);
+        - "free": made again too where what they read is live then (a gradient made
+          again from the loss's seed and an input), the others kept;
+        - "all": made again too where they can be, from their own inputs kept.
+        None when the way does not apply (or would repeat an earlier way's move)."""
         found = events[name]
         made = found.last_computed_before(peak)
         next_read = found.first_read_after(peak)
         if made is None or next_read is None:
             return None
-        between = range(peak + 1, next_read)
-        if any(i in between for i in (*found.computed, *found.freed)):
+        if any(peak < i < next_read for i in (*found.computed, *found.freed)):
             return None  # freed unread and made again before that reader: left alone
-        earlier = bisect.bisect_left(found.read, peak)
-        last_read = found.read[earlier - 1] if earlier else -1
         edit = _Edit()
-        if last_read > made:
-            edit.after[last_read] = [Free(name)]
-        else:  # not read since it was made: made later instead, for nothing
-            edit.drop.add(made)
-        graph = self.problem.graph
+        self.freed_across(found, made, peak, name, edit)
+        graph, model = self.problem.graph, self.problem.model
 
         def gone(source: str) -> bool:
             return source not in self.inputs and not events[source].live_at(next_read)
 
+        def free(source: str) -> bool:  # what it reads is live then, or weighs nothing
+            return not any(gone(i) and model.nbytes[model.owner[i]] for i in graph[source].inputs)
+
         sources = [s for s in dict.fromkeys(graph[name].inputs) if gone(s)]
-        again = []
-        if remake_sources:
+        again = []  # made again before `name`
+        if way in ("free", "all"):
             again = [s for s in sources if s in self.movable and events[s].computed]
-            if not again:
-                return None  # the same move as without
-            again.sort(key=self.problem.position.__getitem__)
+            freely = [s for s in again if free(s)]
+            if way == "free":
+                again = freely
+            if not again or (way == "all" and again == freely):
+                return None  # the same move as an earlier way's
+            again.sort(key=self.problem.position.__getitem__)  # in graph order
             inner = (s for source in again for s in graph[source].inputs)
-            sources = [s for s in sources if s not in again]
-            sources += [s for s in dict.fromkeys(inner) if gone(s) and s not in again]
-        for source in dict.fromkeys(sources):
-            if not self.kept_longer(steps, events, source, name, next_read, edit):
+            sources = [s for s in dict.fromkeys((*sources, *inner)) if gone(s) and s not in again]
+        along = []  # made again with `name` (siblings)
+        for source in sources:
+            if way == "siblings":
+                if not self.held(events, source, next_read, next_read, edit):
+                    return None
+                along += self.siblings(steps, events, source, name, peak, next_read, edit)
+            elif not self.kept_longer(steps, events, source, name, next_read, edit):
                 return None
+        if way == "siblings" and not along:
+            return None  # the same move as "keep"
         edit.before[next_read] = [
             *(Compute(s) for s in again),
             Compute(name),
+            *(Compute(s) for s in dict.fromkeys(along)),
             *(Free(s) for s in again),  # once the reader has run
         ]
         return edited(steps, edit.drop, edit.before, edit.after), bool(sources)
+
+    @staticmethod
+    def freed_across(found: Events, made: int, peak: int, name: str, edit: _Edit) -> None:
+        """Add to `edit` freeing `name` (made at step `made`) after its last reader before
+        `peak`, or not making it there when nothing read it since."""
+        earlier = bisect.bisect_left(found.read, peak)
+        last_read = found.read[earlier - 1] if earlier else -1
+        if last_read > made:
+            edit.after.setdefault(last_read, []).append(Free(name))
+        else:  # not read since it was made: made later instead, for nothing
+            edit.drop.add(made)
+
+    def held(
+        self, events: dict[str, Events], source: str, until: int, last: int, edit: _Edit
+    ) -> bool:
+        """Add to `edit` keeping `source`, live at some step before `until`, live until
+        step `last` (>= until) instead of freeing it; False when it is made again
+        before then."""
+        kept = events[source]
+        source_made = kept.last_computed_before(until)
+        if source_made is None:
+            return False
+        freed = kept.freed[bisect.bisect_right(kept.freed, source_made)]
+        remade_at = kept.computed[bisect.bisect_right(kept.computed, freed) :]
+        if remade_at and remade_at[0] <= last:
+            return False  # it is made again before then: a longer life would clash
+        edit.drop.add(freed)
+        edit.after.setdefault(last, []).append(Free(source))
+        return True
 
     def kept_longer(
         self,
@@ -264,13 +309,49 @@ class _Repair:
         if source_made is None:
             return False
         freed = kept.freed[bisect.bisect_right(kept.freed, source_made)]
-        edit.drop.add(freed)  # kept until the remade value has read it, and what else
         last = max(until, self.derived_readers(steps, events, source, reader, source_made, freed))
-        remade_at = kept.computed[bisect.bisect_right(kept.computed, freed) :]
-        if remade_at and remade_at[0] <= last:
-            return False  # it is made again before then: a longer life would clash
-        edit.after.setdefault(last, []).append(Free(source))
-        return True
+        return self.held(events, source, until, last, edit)
+
+    def siblings(
+        self,
+        steps: list[Step],
+        events: dict[str, Events],
+        source: str,
+        remade: str,
+        peak: int,
+        until: int,
+        edit: _Edit,
+    ) -> list[str]:
+        """The values made from `source` (besides `remade`) that are live across `peak`
+        and first read after `until`, where their other inputs are live: added to `edit`
+        freed across the peak, for `remade`'s move to make them again at `until`."""
+        kept = events[source]
+        source_made = kept.last_computed_before(until)
+        freed = kept.freed[bisect.bisect_right(kept.freed, source_made)]
+        graph, found = self.problem.graph, []
+        for index in range(source_made + 1, freed):
+            step = steps[index]
+            name = step.node
+            if type(step) is not Compute or name == remade or name not in self.movable:
+                continue
+            inputs = graph[name].inputs
+            sibling = events[name]
+            if source not in inputs or sibling.last_computed_before(peak) != index:
+                continue
+            next_read = sibling.first_read_after(peak)
+            if (
+                next_read is None
+                or next_read <= until
+                or not sibling.live_at(peak)
+                or any(peak < i < next_read for i in (*sibling.computed, *sibling.freed))
+                or not all(
+                    s == source or s in self.inputs or events[s].live_at(until) for s in inputs
+                )
+            ):
+                continue
+            self.freed_across(sibling, index, peak, name, edit)
+            found.append(name)
+        return found
 
     def derived_readers(
         self,
