@@ -321,24 +321,33 @@ def test_the_server_limit_is_the_default_and_the_most_a_client_gets(asked, grant
     )
 
 
-def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(monkeypatch):
+@pytest.mark.parametrize("bound_above_budget", [False, True])
+def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(
+    monkeypatch, bound_above_budget
+):
     """Stopped at its time limit, the MILP's incumbent may recompute more than the budget
-    planner's schedule: Optimal then returns the cheaper one, with the MILP's bound."""
+    planner's schedule: Optimal then returns the cheaper one, with the MILP's bound.
+    That bound covers the MILP's class only; Budget's schedules come from outside it
+    (a ReLU's mask made once, in the backward pass) and may be under it, and then no
+    bound is claimed."""
     from remat_server.checkpoint.planners import milp, optimal
 
     p = problem("chain8")
     limit = int(0.75 * store_all_peak(p))
     poor = plan_recompute_all(p, None)  # fits this budget, recomputing the most
     assert simulated(p, poor).peak_bytes <= limit
-    stopped = milp.Solution(poor, False, False, 0.5, 0.1, "MILP (test)", bound=0.0)
+    bound = simulated(p, poor).recompute_flops - 1 if bound_above_budget else 0.0
+    stopped = milp.Solution(poor, False, False, 0.5, 0.1, "MILP (test)", bound=bound)
     monkeypatch.setattr(optimal.milp, "solve", lambda *args, **kwargs: stopped)
     schedule = plan_optimal(p, Optimal(bytes=limit))
     ours = simulated(p, schedule)
     assert ours.peak_bytes <= limit
     assert ours.recompute_flops < simulated(p, poor).recompute_flops
     assert schedule.report.status == "time_limit" and schedule.report.chosen != "milp"
-    assert schedule.report.optimality_gap == 1.0  # bound 0: (cost - 0) / cost
+    assert schedule.report.optimality_gap == 1.0  # no bound above 0: (cost - 0) / cost
     assert "recomputes less than the MILP's incumbent" in schedule.report.detail
+    claimed = "every schedule of its class recomputes at least"
+    assert (claimed in schedule.report.detail) != bound_above_budget, schedule.report.detail
 
 
 def test_when_no_milp_schedule_fits_the_budget_planner_still_tries(monkeypatch):
