@@ -362,3 +362,27 @@ def test_when_no_milp_schedule_fits_the_budget_planner_still_tries(monkeypatch):
     assert schedule.report.status == "fallback"
     assert schedule.report.detail.startswith("infeasible (test); planned by the budget planner")
     assert simulated(p, schedule).peak_bytes <= schedule.report.budget_bytes
+
+
+@pytest.mark.parametrize("bound_above_base", [0.0, 100.0, None])
+def test_a_stopped_solves_gap_is_over_the_recomputation(monkeypatch, bound_above_base):
+    """HiGHS's relative gap counts every computation, the forward and backward passes
+    included, so a large recomputation gap looked small: the gap reported is
+    (recompute cost - proven bound on it) / recompute cost, and 1 without a bound."""
+    from remat_server.checkpoint.planners import milp
+
+    p = problem("chain8")
+    limit = int(0.75 * store_all_peak(p))
+    poor = plan_recompute_all(p, None)
+    cost = simulated(p, poor).recompute_flops
+    order = milp_order.default(p)
+    base = sum(p.cost(n) for n in order)
+    bound = -np.inf if bound_above_base is None else base + bound_above_base
+    stopped = milp.Solution(poor, False, False, 0.01, 0.1, "MILP (test)")
+    result = milp._Result(milp.LIMIT, None, 0.01, bound, "time limit")
+    monkeypatch.setattr(milp, "_solved", lambda *args, **kwargs: (stopped, result))
+    monkeypatch.setattr(milp_order, "default", lambda problem: order)
+    solution = milp.solve(p, limit, 1.0, "optimal(test)")
+    proven = bound_above_base or 0.0
+    assert solution.bound == proven
+    assert solution.gap == pytest.approx((cost - proven) / cost)

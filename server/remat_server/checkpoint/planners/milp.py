@@ -79,7 +79,7 @@ from ..recompute import hoistable
 from ..schedule import Compute, Free, Schedule, Step
 from ..simulate import InvalidSchedule
 from . import highs_process, milp_order, milp_start
-from .bounds import simulated
+from .bounds import recompute_cost, simulated
 from .milp_rows import Rows, pairs, ranges
 
 
@@ -114,11 +114,15 @@ def solve(
     if start is not None:
         model.start = milp_start.columns(model, start)
     solution, res = _solved(problem, model, limit, time_limit, name)
-    if solution.infeasible or not np.isfinite(res.bound):
+    if solution.schedule is None or solution.optimal:
         return solution
     # Each node's first computation is in every schedule: the rest is recomputation.
+    # HiGHS's gap is over all of them; the one reported is over the recomputation.
     base = sum(problem.cost(n) for n in order)
-    return replace(solution, bound=max(0.0, res.bound - base))
+    bound = max(0.0, res.bound - base) if np.isfinite(res.bound) else 0.0
+    cost = recompute_cost(problem, solution.schedule)
+    gap = max(0.0, (cost - bound) / cost) if cost > 0 else 0.0
+    return replace(solution, bound=bound, gap=gap)
 
 
 def least_memory(
