@@ -186,6 +186,8 @@ class _Candidates:
         for (name, schedule, _, cost), share in tries:
             control.check(self.name)
             tight = tightened(problem, schedule, limit, share)
+            if tight is schedule:  # nothing to undo: its figures are known
+                continue
             sim = simulated(problem, tight)
             spared = evaluations_cost(problem, sim.evaluations)
             if spared < cost and (spared, sim.peak_bytes) < (best[3], best[2]):

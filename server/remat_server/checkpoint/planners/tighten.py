@@ -113,13 +113,15 @@ def edited(
 def tightened(problem: Problem, schedule: Schedule, limit: int, share: int = 1) -> Schedule:
     """`schedule` (whose peak is <= `limit`) with the recomputations it has room to
     spare undone and the computations nothing reads dropped: it still fits, computes
-    the same values and recomputes no more (unchanged past MAX_NODES nodes). With
+    the same values and recomputes no more (`schedule` itself when nothing changes, as
+    past MAX_NODES nodes). With
     `share`, a `1/share` part of the work limits (for one of several schedules)."""
     if len(problem.graph) > MAX_NODES:
         return schedule
-    steps = list(schedule.steps)
-    steps = unread_dropped(problem, spared(problem, schedule, steps, limit, share))
-    return replace(schedule, steps=tuple(steps))
+    steps = tuple(
+        unread_dropped(problem, spared(problem, schedule, list(schedule.steps), limit, share))
+    )
+    return schedule if steps == schedule.steps else replace(schedule, steps=steps)
 
 
 def spared(
