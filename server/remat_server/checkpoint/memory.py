@@ -84,6 +84,14 @@ def _scratch(definition, node, nodes, known: dict[tuple, int]) -> int:
     return held
 
 
+def _view_depth(model: MemoryModel, name: str) -> int:
+    """0 for a value that owns its buffer (or is external), else 1 + its source's."""
+    depth, source = 0, model.source
+    while name in source:
+        name, depth = source[name], depth + 1
+    return depth
+
+
 class LiveBytes:
     """Live bytes under a schedule: a buffer counts while any value using it is live.
 
@@ -98,8 +106,12 @@ class LiveBytes:
         self.model, self.refs, self.total, self.peak = model, {}, 0, 0
         self.generation: dict[str, int] = {}  # owner -> its current buffer's generation
         self.held: dict[str, tuple[str, int]] = {}  # live value -> the buffer it uses
-        for name in initial:
+        # Each value after the one it views: a view added before its source would count
+        # the buffer twice (the source would take a new generation of it), so the total
+        # would depend on the order of `initial`, a set's (the string hash's) order.
+        for name in sorted(initial, key=lambda n: _view_depth(model, n)):
             self.add(name)
+        self.peak = self.total  # they are live already: none is computed, with temporaries
 
     def add(self, name: str) -> None:
         model, held, refs = self.model, self.held, self.refs
