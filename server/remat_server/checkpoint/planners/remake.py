@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ...errors import ResourceExhausted
 from ..problem import Problem
@@ -43,6 +43,7 @@ from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import Compute, Free, Schedule, Step
 from ..simulate import OverLimit, Simulation
 from .bounds import evaluations_cost, simulated
+from .remake_edits import Edit, MoveEdits
 from .store_all import plan_store_all
 from .tighten import Events, edited, events_of, spared
 
@@ -73,17 +74,7 @@ class _Trial:
     failed: bool = False
 
 
-@dataclass
-class _Edit:
-    """A move's changes to a step list: indices dropped, steps inserted before and
-    after indices (see `_edited`)."""
-
-    drop: set[int] = field(default_factory=set)
-    before: dict[int, list[Step]] = field(default_factory=dict)
-    after: dict[int, list[Step]] = field(default_factory=dict)
-
-
-class _Repair:
+class _Repair(MoveEdits):
     def __init__(self, problem: Problem, schedule: Schedule, limit: int, ceiling: float):
         self.problem, self.schedule, self.limit = problem, schedule, limit
         self.ceiling = ceiling  # a repair that recomputes this much has lost: it stops
@@ -224,7 +215,7 @@ class _Repair:
             return None
         if any(peak < i < next_read for i in (*found.computed, *found.freed)):
             return None  # freed unread and made again before that reader: left alone
-        edit = _Edit()
+        edit = Edit()
         self.freed_across(found, made, peak, name, edit)
         graph, model = self.problem.graph, self.problem.model
 
@@ -263,124 +254,6 @@ class _Repair:
             *(Free(s) for s in again),  # once the reader has run
         ]
         return edited(steps, edit.drop, edit.before, edit.after), bool(sources)
-
-    @staticmethod
-    def freed_across(found: Events, made: int, peak: int, name: str, edit: _Edit) -> None:
-        """Add to `edit` freeing `name` (made at step `made`) after its last reader before
-        `peak`, or not making it there when nothing read it since."""
-        earlier = bisect.bisect_left(found.read, peak)
-        last_read = found.read[earlier - 1] if earlier else -1
-        if last_read > made:
-            edit.after.setdefault(last_read, []).append(Free(name))
-        else:  # not read since it was made: made later instead, for nothing
-            edit.drop.add(made)
-
-    def held(
-        self, events: dict[str, Events], source: str, until: int, last: int, edit: _Edit
-    ) -> bool:
-        """Add to `edit` keeping `source`, live at some step before `until`, live until
-        step `last` (>= until) instead of freeing it; False when it is made again
-        before then."""
-        kept = events[source]
-        source_made = kept.last_computed_before(until)
-        if source_made is None:
-            return False
-        freed = kept.freed[bisect.bisect_right(kept.freed, source_made)]
-        remade_at = kept.computed[bisect.bisect_right(kept.computed, freed) :]
-        if remade_at and remade_at[0] <= last:
-            return False  # it is made again before then: a longer life would clash
-        edit.drop.add(freed)
-        edit.after.setdefault(last, []).append(Free(source))
-        return True
-
-    def kept_longer(
-        self,
-        steps: list[Step],
-        events: dict[str, Events],
-        source: str,
-        reader: str,
-        until: int,
-        edit: _Edit,
-    ) -> bool:
-        """Add to `edit` keeping `source` live until step `until` (and its derived
-        readers); False when it is made again before then."""
-        kept = events[source]
-        source_made = kept.last_computed_before(until)
-        if source_made is None:
-            return False
-        freed = kept.freed[bisect.bisect_right(kept.freed, source_made)]
-        last = max(until, self.derived_readers(steps, events, source, reader, source_made, freed))
-        return self.held(events, source, until, last, edit)
-
-    def siblings(
-        self,
-        steps: list[Step],
-        events: dict[str, Events],
-        source: str,
-        remade: str,
-        peak: int,
-        until: int,
-        edit: _Edit,
-    ) -> list[str]:
-        """The values made from `source` (besides `remade`) that are live across `peak`
-        and first read after `until`, where their other inputs are live: added to `edit`
-        freed across the peak, for `remade`'s move to make them again at `until`."""
-        kept = events[source]
-        source_made = kept.last_computed_before(until)
-        freed = kept.freed[bisect.bisect_right(kept.freed, source_made)]
-        graph, found = self.problem.graph, []
-        for index in range(source_made + 1, freed):
-            step = steps[index]
-            name = step.node
-            if type(step) is not Compute or name == remade or name not in self.movable:
-                continue
-            inputs = graph[name].inputs
-            sibling = events[name]
-            if source not in inputs or sibling.last_computed_before(peak) != index:
-                continue
-            next_read = sibling.first_read_after(peak)
-            if (
-                next_read is None
-                or next_read <= until
-                or not sibling.live_at(peak)
-                or any(peak < i < next_read for i in (*sibling.computed, *sibling.freed))
-                or not all(
-                    s == source or s in self.inputs or events[s].live_at(until) for s in inputs
-                )
-            ):
-                continue
-            self.freed_across(sibling, index, peak, name, edit)
-            found.append(name)
-        return found
-
-    def derived_readers(
-        self,
-        steps: list[Step],
-        events: dict[str, Events],
-        source: str,
-        remade: str,
-        made: int,
-        freed: int,
-    ) -> int:
-        """The last first-reader of the values made from `source` (besides `remade`)
-        between its making and freeing whose other inputs are live there: kept that
-        long, `source` lets the deferral pass make them there (a ReLU's mask made
-        from the kept pre-activation in the backward pass, not kept itself)."""
-        graph, latest = self.problem.graph, -1
-        for index in range(made + 1, freed):
-            step = steps[index]
-            name = step.node
-            if type(step) is not Compute or name == remade or name not in self.movable:
-                continue
-            inputs = graph[name].inputs
-            if source not in inputs:
-                continue
-            reader = events[name].first_read_after(index)
-            if reader is not None and all(
-                s == source or s in self.inputs or events[s].live_at(reader) for s in inputs
-            ):
-                latest = max(latest, reader)
-        return latest
 
     def deferred(self, steps: list[Step]) -> list[Step]:
         """Steps with each movable value made no earlier than its first reader needs it,
