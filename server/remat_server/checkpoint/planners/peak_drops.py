@@ -21,9 +21,9 @@ import math
 from .. import control
 from ..problem import Problem
 from ..recompute import schedule_with_checkpoints
-from ..schedule import Compute, Schedule
+from ..schedule import Schedule
 from .bounds import evaluations_cost, simulated
-from .tighten import events_of
+from .tighten import live_across_peak
 
 # The values live at the peak simulated per drop (cheapest per byte first), and the
 # most drops made before giving up.
@@ -50,26 +50,9 @@ def fitted_by_drops(
         if sim.peak_bytes <= limit:
             return schedule, kept
         control.check(name)
-        timeline = sim.timeline
-        peak = max(range(len(timeline)), key=timeline.__getitem__)
-        events, at_peak = events_of(graph, list(schedule.steps)), schedule.steps[peak]
-        reading = set(graph[at_peak.node].inputs) if type(at_peak) is Compute else set()
-        live = [  # what owns bytes (dropping a view frees nothing while its owner lives)
-            n
-            for n in kept
-            if model.owner[n] == n
-            and model.nbytes[n]
-            and n in events
-            and n not in reading
-            and n != at_peak.node
-            and events[n].live_at(peak)
-        ]
-        live.sort(
-            key=lambda n: (
-                problem.cost(n) / (model.nbytes[model.owner[n]] or 1),
-                problem.position[n],
-            )
-        )
+        owning = (n for n in kept if model.owner[n] == n and model.nbytes[n])  # not views
+        _, _, live = live_across_peak(graph, list(schedule.steps), sim.timeline, owning)
+        live.sort(key=lambda n: (problem.cost(n) / model.nbytes[n], problem.position[n]))
         best = None
         for value in live[:TRIALS]:
             trial = made(kept - {value})

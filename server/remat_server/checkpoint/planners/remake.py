@@ -45,7 +45,7 @@ from ..simulate import OverLimit, Simulation
 from .bounds import evaluations_cost, simulated
 from .remake_edits import Edit, MoveEdits
 from .store_all import plan_store_all
-from .tighten import Events, edited, events_of, spared
+from .tighten import Events, edited, events_of, live_across_peak, spared
 
 # Joint graphs up to this many nodes get a repair of store_all, up to the second also
 # one of every value kept. Each move simulates a few schedules: on the zoo's 357-682-node
@@ -162,18 +162,7 @@ class _Repair(MoveEdits):
         timeline = sim.timeline
         if not timeline:  # nothing to compute (an output that is an input)
             return
-        peak = max(range(len(timeline)), key=timeline.__getitem__)
-        graph, events = self.problem.graph, self.events(steps)
-        at_peak = steps[peak]
-        reading = set(graph[at_peak.node].inputs) if type(at_peak) is Compute else set()
-        live = [
-            name
-            for name in self.movable
-            if name in events
-            and name not in reading
-            and name != at_peak.node
-            and events[name].live_at(peak)
-        ]
+        peak, events, live = live_across_peak(self.problem.graph, steps, timeline, self.movable)
         for name in sorted(live, key=self.price):
             for way in WAYS:
                 moved = self.remade(steps, events, name, peak, way)

@@ -86,6 +86,26 @@ def events_of(graph: Graph, steps: list[Step]) -> dict[str, Events]:
     return events
 
 
+def live_across_peak(
+    graph: Graph, steps: list[Step], timeline, candidates
+) -> tuple[int, dict[str, Events], list[str]]:
+    """The step where `timeline` (a simulation of `steps`) peaks, the events of `steps`,
+    and the `candidates` live there that the step neither reads nor computes: what
+    freeing across the peak can take off it."""
+    peak = max(range(len(timeline)), key=timeline.__getitem__)
+    events, at_peak = events_of(graph, steps), steps[peak]
+    reading = set(graph[at_peak.node].inputs) if type(at_peak) is Compute else set()
+    live = [
+        name
+        for name in candidates
+        if name in events
+        and name not in reading
+        and name != at_peak.node
+        and events[name].live_at(peak)
+    ]
+    return peak, events, live
+
+
 def edited(
     steps: list[Step],
     drop: set[int],
