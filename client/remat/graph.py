@@ -59,18 +59,31 @@ def result_dtype(op: str, attrs: dict, input_dtypes: list) -> str | None:
 
 def _user_source() -> str:
     """file:line of the innermost caller outside the remat package."""
-    frame = sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+    frame, shown = sys._getframe(1), _SHOWN_PATHS
+    while frame is not None:
+        path = frame.f_code.co_filename
+        display = shown.get(path)
+        if display is None:
+            display = shown[path] = _display_path(path)
+        if display:  # outside the package
+            return f"{display}:{frame.f_lineno}"
         frame = frame.f_back
-    if frame is None:
+    return ""
+
+
+# co_filename -> how a source location shows it ("" inside the package): asked once per
+# file, since resolving paths on every node was most of building a graph (20 us a node).
+_SHOWN_PATHS: dict[str, str] = {}
+
+
+def _display_path(path: str) -> str:
+    if os.path.abspath(path).startswith(_PACKAGE_DIR):
         return ""
-    path = frame.f_code.co_filename
     try:
         relative = os.path.relpath(path)
-        path = relative if not relative.startswith("..") else os.path.basename(path)
+        return relative if not relative.startswith("..") else os.path.basename(path)
     except ValueError:  # another drive on Windows
-        path = os.path.basename(path)
-    return f"{path}:{frame.f_lineno}"
+        return os.path.basename(path)
 
 
 class Node:

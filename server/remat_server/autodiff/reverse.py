@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -111,7 +112,7 @@ def differentiate(
         outputs[out_name] = g.name
         grad_outputs[name] = out_name
     return JointGraph(
-        _prune(builder.graph(outputs), graph),
+        _pruned(builder, outputs, graph),
         frozenset(graph.nodes),
         grad_outputs,
         cotangent_inputs,
@@ -186,16 +187,24 @@ def _fit(e: Emitter, g: Sym, target: TensorType) -> Sym:
     return g if g.dtype == target.dtype else e.cast(g, dtype=target.dtype)
 
 
-def _prune(joint: Graph, original: Graph) -> Graph:
-    """Drop backward nodes no output reads (a VJP rule emits gradients for every input,
-    even those not in `wrt`); the original graph's nodes and all inputs stay."""
-    keep = joint.ancestors(set(joint.outputs.values()))
-    nodes = {
-        name: node
-        for name, node in joint.nodes.items()
-        if name in keep or name in original or node.is_input
-    }
-    return Graph(joint.name, nodes, joint.outputs)
+def _pruned(builder: GraphBuilder, outputs: dict[str, str], original: Graph) -> Graph:
+    """The joint graph without the backward nodes no output reads (a VJP rule emits
+    gradients for every input, even those not in `wrt`); the original graph's nodes
+    and all inputs stay. Only the backward nodes are swept (they follow the original
+    ones): the forward half of a joint graph never needs it."""
+    nodes = builder.nodes
+    backward = len(nodes) - len(original)
+    read = set(outputs.values())
+    dropped = []
+    for node in itertools.islice(reversed(nodes.values()), backward):
+        if node.name in read:
+            read.update(node.inputs)
+        elif not node.is_input:  # a cotangent input stays, read or not
+            dropped.append(node.name)
+    if dropped:
+        dropped = set(dropped)
+        nodes = {name: node for name, node in nodes.items() if name not in dropped}
+    return Graph(builder.name, nodes, outputs)
 
 
 def _free_output_name(outputs: dict[str, str], name: str) -> str:
