@@ -171,6 +171,33 @@ def test_repeated_runs_give_bit_identical_gradients():
         assert a.grads[name].tobytes() == b.grads[name].tobytes(), name
 
 
+def test_backward_nodes_no_output_reads_are_pruned():
+    """A VJP rule emits a gradient for every input (mul's for both x and w), so with
+    wrt=x only, w's is dropped; the original nodes (an unread one too) all stay."""
+    spec = spec_of(
+        {"x": ((3,), "float64"), "w": ((3,), "float64")},
+        [N("xw", "mul", "x", "w"), N("unread", "exp", "w"), N("s", "sum", "xw")],
+        [("loss", "s")],
+    )
+    joint = Engine().differentiate(spec, wrt=("x",), loss="loss").graph
+    read = joint.ancestors(set(joint.outputs.values()))
+    backward = [n.name for n in joint if n.name not in {"x", "w", "xw", "unread", "s"}]
+    assert backward and all(name in read for name in backward), backward
+    assert {"x", "w", "xw", "unread", "s"} <= set(joint.nodes)
+    full = Engine().differentiate(spec, wrt=("x", "w"), loss="loss").graph
+    assert len(joint) < len(full)  # w's gradient was emitted for wrt=x too, and pruned
+
+
+def test_pruning_keeps_every_cotangent_input():
+    spec = spec_of(
+        {"x": ((2,), "float64"), "y": ((2,), "float64")},
+        [N("a", "tanh", "x"), N("b", "tanh", "y")],  # b's cotangent reaches no wrt input
+        [("a", "a"), ("b", "b")],
+    )
+    joint = Engine().differentiate(spec, wrt=("x",)).graph
+    assert {"cotangent/a", "cotangent/b"} <= {n.name for n in joint if n.is_input}
+
+
 # --- dtypes ------------------------------------------------------------------------------
 def test_float32_gradients_stay_float32_and_match_float64():
     wrt = ("x", "w1", "b1", "w2")
