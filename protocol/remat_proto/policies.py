@@ -149,7 +149,8 @@ class _Budgeted:
 class Budget(_Budgeted):
     """The least recomputation whose peak memory fits a budget, on any graph: `bytes`,
     or `fraction` of store_all's peak. Recomputation is priced in FLOPs, or, with
-    `profile=True`, in op times measured by a timed forward pass on the server.
+    `profile=True`, in op times measured by a timed forward pass on the server (on
+    the first Run's inputs; the plan is then cached like any other).
 
         >>> Budget(fraction=0.5)
         Budget(bytes=0, fraction=0.5, profile=False)

@@ -201,8 +201,12 @@ def test_profile_prices_recomputation_in_seconds_and_needs_inputs():
     assert result.metrics.peak_bytes <= 0.6 * expected.metrics.peak_bytes
     for key, value in expected.grads.items():
         assert np.array_equal(result.grads[key], value)
-    with pytest.raises(InvalidArgument, match="Run, not Plan"):
-        ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy=policy)
+    # Plan has no inputs to time: it returns the plan a Run made, or says to Run first.
+    fresh = P.Budget(fraction=0.65, profile=True)
+    with pytest.raises(InvalidArgument, match="Run with it first"):
+        ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy=fresh)
+    planned = ENGINE.plan(spec, wrt=tuple(model.wrt), loss=model.loss, policy=policy)
+    assert planned.cached and planned.simulation.peak_bytes == result.metrics.predicted_peak_bytes
 
 
 # --- auto ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import gc
 import threading
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -147,12 +148,23 @@ def test_cached_and_uncached_results_are_bit_identical(policy):
         assert again.metrics.predicted_peak_bytes == cold.metrics.predicted_peak_bytes
 
 
-def test_a_profiled_budget_is_planned_per_request():
+def test_a_profiled_budget_is_profiled_and_planned_once():
+    """The first Run times the ops on its inputs; later ones, whatever their values,
+    reuse that plan (a training loop must not profile every step)."""
     engine = Engine()
     request, _ = mlp_request(policy=policies.Budget(fraction=0.7, profile=True))
-    results = [engine.run(request) for _ in range(2)]
-    assert [r.metrics.plan_cached for r in results] == [False, False]
-    assert_same(results[0], results[1])
+    first = engine.run(request)
+    scaled = replace(
+        request,
+        inputs={k: v * 2 if v.dtype.kind == "f" else v for k, v in request.inputs.items()},
+    )
+    again = [engine.run(request), engine.run(scaled)]
+    assert [r.metrics.plan_cached for r in (first, *again)] == [False, True, True]
+    assert "seconds" in again[0].metrics.planner.detail  # priced by time, not FLOPs
+    assert_same(again[0], first)
+    # A profiled plan is its own: the same fraction by FLOPs is planned apart.
+    by_flops = engine.run(replace(request, policy=policies.Budget(fraction=0.7)))
+    assert not by_flops.metrics.plan_cached
 
 
 def test_plan_and_run_share_the_compiled_request():
