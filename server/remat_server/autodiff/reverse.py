@@ -63,12 +63,10 @@ def differentiate(
     for name, g in seeds:
         total[name] = g
     nodes, floats = graph.nodes, dtypes.FLOATS
-    # Gradients flow only through float values on a path from a wrt input to a seed.
-    relevant = {
-        name
-        for name in graph.descendants(set(wrt)) & graph.ancestors({name for name, _ in seeds})
-        if nodes[name].type.dtype in floats
-    }
+    # Gradients flow only through float values on a path from a wrt input to a seed. A
+    # node the loop below differentiates has a gradient, so it and its inputs lead to a
+    # seed already: only the wrt side needs a set.
+    relevant = {name for name in graph.descendants(set(wrt)) if nodes[name].type.dtype in floats}
 
     ops = registry.REGISTRY
     for node in reversed(nodes.values()):
