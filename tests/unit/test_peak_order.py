@@ -1,0 +1,85 @@
+"""`planners.peak_order`: the backward node a schedule's peak serves, run earlier.
+
+On the sample U-Net, autodiff emits each convolution's input gradient before its weight
+gradient, so recompute_all makes the weight gradient's input again while the input
+gradient is live; moved first, the weight gradient peaks lower.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from remat import models
+from remat_server.checkpoint.planners import least_memory, peak_order
+from remat_server.checkpoint.planners.bounds import simulated
+from remat_server.checkpoint.planners.heuristics import plan_recompute_all
+from remat_server.checkpoint.planners.store_all import plan_store_all
+from remat_server.checkpoint.problem import Problem
+from remat_server.engine import Engine
+from remat_server.runtime.executor import execute
+
+
+@functools.cache
+def unet() -> tuple[Problem, dict]:
+    model = models.unet()
+    planned = Engine().plan(model.graph.spec(), wrt=tuple(model.wrt), loss=model.loss)
+    joint = planned.joint
+    return Problem(joint.graph, planned.schedule.results, joint.forward_nodes), model.inputs
+
+
+def recompute_all(problem: Problem):
+    return plan_recompute_all(problem, None)
+
+
+def test_reordering_lowers_recompute_alls_peak_and_keeps_the_gradients():
+    problem, feeds = unet()
+    emitted = simulated(problem, recompute_all(problem)).peak_bytes
+    ordered, schedule, peak = peak_order.lowered(problem, recompute_all)
+    assert peak < 0.95 * emitted  # 0.636 -> 0.586 of store_all's peak when written
+    assert simulated(problem, schedule).peak_bytes == peak
+    assert sorted(ordered.backward) == sorted(problem.backward) != list(ordered.backward)
+    graph, forward = problem.graph, problem.forward_nodes
+    expected = execute(graph, plan_store_all(problem), feeds, forward).values
+    got = execute(graph, schedule, feeds, forward).values
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
+
+
+def test_every_move_keeps_the_backward_pass_topological():
+    problem, _ = unet()
+    graph = problem.graph
+    for serving in problem.backward:
+        for order in peak_order._moves(problem, serving):
+            seen = set()
+            for name in order:
+                assert name not in seen
+                early = [s for s in graph[name].inputs if s in problem.backward and s not in seen]
+                assert not early, f"{name} runs before its input {early[0]}"
+                seen.add(name)
+
+
+@pytest.mark.parametrize("evaluations", [1, 2])
+def test_the_search_stops_at_its_evaluation_limit(monkeypatch, evaluations):
+    problem, _ = unet()
+    calls = []
+    monkeypatch.setattr(peak_order, "MAX_EVALUATIONS", evaluations)
+
+    def counted(p):
+        calls.append(p)
+        return recompute_all(p)
+
+    peak_order.lowered(problem, counted)
+    assert len(calls) == evaluations
+
+
+def test_the_floor_takes_the_reordered_schedule():
+    problem, _ = unet()
+    fresh = Problem(problem.graph, problem.results, problem.forward_nodes)
+    found = least_memory.floor(fresh, "min_memory")
+    _, _, reordered_peak = peak_order.lowered(fresh, recompute_all)
+    assert found.peak <= reordered_peak
+    assert "reordered at its peak" in found.by
