@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from remat import models
+from remat_proto.policies import Budget
 from remat_server.checkpoint.planners import least_memory, peak_order
 from remat_server.checkpoint.planners.bounds import simulated
 from remat_server.checkpoint.planners.heuristics import plan_recompute_all
 from remat_server.checkpoint.planners.store_all import plan_store_all
 from remat_server.checkpoint.problem import Problem
-from remat_server.engine import Engine
+from remat_server.engine import Engine, RunRequest
 from remat_server.runtime.executor import execute
 
 
@@ -77,9 +78,40 @@ def test_the_search_stops_at_its_evaluation_limit(monkeypatch, evaluations):
 
 
 def test_the_floor_takes_the_reordered_schedule():
-    problem, _ = unet()
-    fresh = Problem(problem.graph, problem.results, problem.forward_nodes)
+    fresh = unet_problem_fresh()
     found = least_memory.floor(fresh, "min_memory")
     _, _, reordered_peak = peak_order.lowered(fresh, recompute_all)
     assert found.peak <= reordered_peak
     assert "reordered at its peak" in found.by
+
+
+def test_budget_searches_the_floors_order_when_nothing_else_fits():
+    """At 60% of store_all's peak no schedule in the emitted or memory-aware order fits
+    the sample U-Net (the lowest peaked at 60.5%); in the floor's order a keep set does,
+    recomputing less than the floor's own schedule."""
+    model = models.unet()
+    engine = Engine()
+    store_all = engine.run(
+        RunRequest(model.graph.spec(), model.inputs, wrt=tuple(model.wrt), loss=model.loss)
+    )
+    result = engine.run(
+        RunRequest(
+            model.graph.spec(),
+            model.inputs,
+            wrt=tuple(model.wrt),
+            loss=model.loss,
+            policy=Budget(fraction=0.6),
+        )
+    )
+    report = result.metrics.planner
+    assert "in the floor's order" in report.chosen
+    assert result.metrics.peak_bytes <= report.budget_bytes
+    floor = least_memory.floor(unet_problem_fresh(), "test")
+    assert result.metrics.recompute_flops < simulated(unet()[0], floor.schedule).recompute_flops
+    for name, value in store_all.grads.items():
+        assert np.array_equal(result.grads[name], value), name
+
+
+def unet_problem_fresh() -> Problem:
+    problem, _ = unet()
+    return Problem(problem.graph, problem.results, problem.forward_nodes)

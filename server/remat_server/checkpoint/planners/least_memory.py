@@ -67,6 +67,9 @@ class Floor:
     by: str
     bound: int
     seconds: float
+    # The backward order `schedule` runs in when a search found one (`peak_order`):
+    # Budget searches it too when nothing else fits.
+    order: tuple[str, ...] | None = None
 
     @property
     def proven(self) -> bool:
@@ -92,7 +95,8 @@ def floor(problem: Problem, name: str, seconds: float = REFUSAL_SECONDS) -> Floo
         return known
     deadline = time.perf_counter() + seconds
     best = _heuristic_floor(problem, deadline)
-    found = Floor(best[1], best[2], best[0], peak_lower_bound(problem), seconds)
+    by, schedule, peak, order = best
+    found = Floor(schedule, peak, by, peak_lower_bound(problem), seconds, order)
     exact_nodes = problem.milp_max_nodes if seconds > REFUSAL_SECONDS else REFUSAL_MAX_NODES
     if not found.proven and milp.size(problem) <= exact_nodes:
         found = _exact(problem, name, found, deadline)
@@ -187,9 +191,12 @@ def _recompute(problem: Problem, wanted: set[str], live: set[str]) -> list:
     return steps
 
 
-def _heuristic_floor(problem: Problem, deadline: float) -> tuple[str, Schedule, int]:
-    """(planner, schedule, peak) of the lowest-peak known schedule (the searches that
-    can take long stop at `deadline`, time.perf_counter())."""
+def _heuristic_floor(
+    problem: Problem, deadline: float
+) -> tuple[str, Schedule, int, tuple[str, ...] | None]:
+    """(planner, schedule, peak, backward order if a search found it) of the lowest-peak
+    known schedule (the searches that can take long stop at `deadline`,
+    time.perf_counter())."""
     # Each in the emitted backward order and, where it differs, the memory-aware one
     # (on a U-Net a schedule there can peak lower: 50% of store_all's against 52.7%).
     # Store_all first, where activations weigh little the lowest, and linear: on a tie
@@ -217,7 +224,7 @@ def _heuristic_floor(problem: Problem, deadline: float) -> tuple[str, Schedule, 
         peak = simulated(problem, schedule).peak_bytes
         peaks[by] = (peak, len(schedule.steps))
         if best is None or peak < best[2]:
-            best = (by, schedule, peak)
+            best = (by, schedule, peak, None)
         if len(schedule.steps) > RESULTS_LAST_MAX_STEPS:  # quadratic here: no more of them
             return best
     # recompute_all again with the backward node its peak serves run earlier, while
@@ -228,11 +235,16 @@ def _heuristic_floor(problem: Problem, deadline: float) -> tuple[str, Schedule, 
         peak, steps = peaks[f"recompute_all{suffix}"]
         if peak > REORDER_WITHIN * best[2] or steps > REORDER_MAX_STEPS:
             continue
-        _, schedule, peak = peak_order.lowered(
+        lowest, schedule, peak = peak_order.lowered(
             ordered, lambda p: plan_recompute_all(p, None), deadline
         )
         if peak < best[2]:
-            best = (f"recompute_all{suffix}, reordered at its peak", schedule, peak)
+            best = (
+                f"recompute_all{suffix}, reordered at its peak",
+                schedule,
+                peak,
+                lowest.backward,
+            )
     # The repair's moves, taking off the most bytes each (a CNN: 77% of store_all's
     # peak against the 2 s MILP's 85%), on small graphs: on the zoo's none went lower
     # than recompute_all, and they took the floor from 0.05-0.33 s to 0.55-0.68 s.
@@ -243,7 +255,7 @@ def _heuristic_floor(problem: Problem, deadline: float) -> tuple[str, Schedule, 
             control.check()
             schedule, peak = remake.lowest(ordered, make())
             if peak < best[2]:
-                best = (f"remade({start}){suffix}", schedule, peak)
+                best = (f"remade({start}){suffix}", schedule, peak, None)
     return best
 
 
@@ -260,7 +272,7 @@ def _exact(problem: Problem, name: str, found: Floor, deadline: float) -> Floor:
         if low.schedule is not None:
             peak = simulated(problem, low.schedule).peak_bytes
             if peak < found.peak:
-                found = replace(found, schedule=low.schedule, peak=peak, by="milp")
+                found = replace(found, schedule=low.schedule, peak=peak, by="milp", order=None)
         found = replace(found, bound=bound)
         # The same peak, less recomputation: the MILP in both of Budget's backward
         # orders where they differ (its class depends on the order), sharing the time.
@@ -276,7 +288,7 @@ def _exact(problem: Problem, name: str, found: Floor, deadline: float) -> Floor:
                 if cheapest is None or cost < cheapest[0]:
                     cheapest = (cost, cheap.schedule)
         if cheapest is not None:
-            found = replace(found, schedule=cheapest[1], by="milp")
+            found = replace(found, schedule=cheapest[1], by="milp", order=None)
     except (Cancelled, DeadlineExceeded):
         raise  # the request ended: no more planning
     except (RematError, ResourceExhausted):  # the solver's process died: what we have
