@@ -89,20 +89,13 @@ def test_budget_searches_the_floors_order_when_nothing_else_fits():
     """At 60% of store_all's peak no schedule in the emitted or memory-aware order fits
     the sample U-Net (the lowest peaked at 60.5%); in the floor's order a keep set does,
     recomputing less than the floor's own schedule."""
-    model = models.unet()
-    engine = Engine()
-    store_all = engine.run(
-        RunRequest(model.graph.spec(), model.inputs, wrt=tuple(model.wrt), loss=model.loss)
-    )
-    result = engine.run(
-        RunRequest(
-            model.graph.spec(),
-            model.inputs,
-            wrt=tuple(model.wrt),
-            loss=model.loss,
-            policy=Budget(fraction=0.6),
-        )
-    )
+    model, engine = models.unet(), Engine()
+
+    def run(policy):
+        spec, wrt = model.graph.spec(), tuple(model.wrt)
+        return engine.run(RunRequest(spec, model.inputs, wrt=wrt, loss=model.loss, policy=policy))
+
+    store_all, result = run("store_all"), run(Budget(fraction=0.6))
     report = result.metrics.planner
     assert "in the floor's order" in report.chosen
     assert result.metrics.peak_bytes <= report.budget_bytes
