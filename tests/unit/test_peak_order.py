@@ -20,6 +20,7 @@ from remat_server.checkpoint.planners.heuristics import plan_recompute_all
 from remat_server.checkpoint.planners.store_all import plan_store_all
 from remat_server.checkpoint.problem import Problem
 from remat_server.engine import Engine, RunRequest
+from remat_server.graph.ir import INPUT_OP, Graph, Node, TensorType
 from remat_server.runtime.executor import execute
 
 
@@ -108,3 +109,11 @@ def test_budget_searches_the_floors_order_when_nothing_else_fits():
 def unet_problem_fresh() -> Problem:
     problem, _ = unet()
     return Problem(problem.graph, problem.results, problem.forward_nodes)
+
+
+def test_a_schedule_with_nothing_to_compute_is_its_own_lowest():
+    """A graph whose only result is an input: no step, the inputs are the peak."""
+    x = Node("x", INPUT_OP, (), {}, TensorType((3,), "float32"))
+    problem = Problem(Graph("g", {"x": x}, {"y": "x"}), frozenset({"x"}), frozenset())
+    ordered, schedule, peak = peak_order.lowered(problem, recompute_all)
+    assert ordered is problem and schedule.steps == () and peak == 12

@@ -67,13 +67,16 @@ def lowered(
 def _judged(problem: Problem, make) -> tuple[Problem, Schedule, int, str | None]:
     """(problem, its schedule, the peak, the backward node computed at or after it)."""
     schedule = make(problem)
-    timeline = simulated(problem, schedule).timeline
+    simulation = simulated(problem, schedule)
+    timeline = simulation.timeline
+    if not timeline:  # nothing to compute: the inputs are the peak
+        return problem, schedule, simulation.peak_bytes, None
     at = max(range(len(timeline)), key=timeline.__getitem__)
     backward = set(problem.backward)
     serving = next(
         (s.node for s in schedule.steps[at:] if type(s) is Compute and s.node in backward), None
     )
-    return problem, schedule, timeline[at], serving
+    return problem, schedule, simulation.peak_bytes, serving
 
 
 def _moves(problem: Problem, serving: str):
