@@ -79,6 +79,18 @@ CASES = [
         (bad("reshape", "x", shape=(2.0, 6)),),
         ("attribute 'shape'", "expected ints"),
     ),
+    # A valid twin first: the builder reuses a checked signature's result, and True
+    # and 1 (or 2.0 and 2) are equal keys, so the reuse must tell them apart.
+    Case(
+        "mistyped-attr-bool-for-int-after-a-valid-twin",
+        (ok("twin", "take", "x", "i", axis=1), bad("take", "x", "i", axis=True)),
+        ("attribute 'axis'", "expected int, got bool"),
+    ),
+    Case(
+        "mistyped-attr-float-for-ints-after-a-valid-twin",
+        (ok("twin", "reshape", "x", shape=(2, 6)), bad("reshape", "x", shape=(2.0, 6))),
+        ("attribute 'shape'", "expected ints"),
+    ),
     Case(
         "attr-check-fails",
         (bad("pow", "x", exponent=float("inf")),),

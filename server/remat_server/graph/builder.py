@@ -7,7 +7,7 @@ same checks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -100,6 +100,22 @@ class _Label:
 _NO_ATTRS = MappingProxyType({})
 
 
+def _signature(op_name: str, types: list[TensorType], attrs: dict[str, Any] | None) -> tuple:
+    """What a node's checks depend on. Each attr's Python type (a tuple's, its items')
+    is part of it: `True` and `1.0` equal `1`, yet an int attribute refuses both. A
+    list or an array does not hash: such a node is checked in full."""
+    if not attrs:
+        return (op_name, *types)
+    return (
+        op_name,
+        *types,
+        *[
+            (k, tuple, v, *map(type, v)) if type(v) is tuple else (k, type(v), v)
+            for k, v in attrs.items()
+        ],
+    )
+
+
 class GraphBuilder:
     """An ordered, growing set of validated nodes."""
 
@@ -108,6 +124,11 @@ class GraphBuilder:
         self.limits = limits
         self.nodes: dict[str, Node] = dict(base.nodes) if base is not None else {}
         self._suffix: dict[str, int] = {}
+        # (op, input types, attrs as given) -> (complete attrs, result type) of a node
+        # that passed every check: graphs repeat a few signatures many times (a chain's
+        # adds, a model's layers, autodiff's gradient sums), and the checks and the
+        # shape rule depend on nothing else (the limits are the builder's).
+        self._signatures: dict[tuple, tuple[Mapping[str, Any], TensorType]] = {}
 
     def fresh_name(self, base: str) -> str:
         """`base`, or `base.1`, `base.2`... whichever is not taken yet (deterministic)."""
@@ -140,6 +161,15 @@ class GraphBuilder:
     ) -> Node:
         """Validate and append one node; its inputs must already be present."""
         inputs = tuple(inputs)
+        nodes = self.nodes
+        try:
+            key = _signature(op_name, [nodes[i].type for i in inputs], attrs)
+            known = self._signatures.get(key)
+        except (KeyError, TypeError):  # an unknown input, an attr that does not hash
+            key = known = None
+        if known is not None:
+            node = nodes[name] = Node(name, op_name, inputs, known[0], known[1], source)
+            return node
         op = registry.REGISTRY.get(op_name)
         if op is None:
             raise self._invalid(
@@ -155,7 +185,6 @@ class GraphBuilder:
                 else f"{op.min_inputs} to {op.max_inputs}"
             )
             raise self._invalid(name, op_name, source, f"takes {expected} inputs, got {count}")
-        nodes = self.nodes
         try:
             types = [nodes[i].type for i in inputs]
         except KeyError as missing:
@@ -194,10 +223,10 @@ class GraphBuilder:
                 self.limits,
                 f"{_Label(name, op_name, source)}: its largest temporary",
             )
-        node = Node(
-            name, op_name, inputs, MappingProxyType(full) if full else _NO_ATTRS, out, source
-        )
-        nodes[name] = node
+        full = MappingProxyType(full) if full else _NO_ATTRS
+        if key is not None and not op.names_itself:  # its attrs hold the node's name
+            self._signatures[key] = (full, out)
+        node = nodes[name] = Node(name, op_name, inputs, full, out, source)
         return node
 
     @staticmethod

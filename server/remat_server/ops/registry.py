@@ -79,6 +79,11 @@ class OpDef:
     workspace: Callable[..., tuple[int, ...]] | None = None
     scratch: Callable[..., int] | None = None
 
+    @property
+    def names_itself(self) -> bool:
+        """Whether an attr defaults to the node's own name (a random stream's)."""
+        return any(attr.default is NODE_NAME for attr in self.attrs.values())
+
     def differentiable(self, position: int) -> bool:
         return self.vjp is not None and position not in self.no_grad
 
