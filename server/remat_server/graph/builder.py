@@ -100,20 +100,26 @@ class _Label:
 _NO_ATTRS = MappingProxyType({})
 
 
+# A tuple attr longer than this is checked in full, unkeyed: the checks refuse lists
+# longer than twice the rank limit before any work proportional to their length.
+_KEYED_TUPLE_ITEMS = 16
+
+
 def _signature(op_name: str, types: list[TensorType], attrs: dict[str, Any] | None) -> tuple:
     """What a node's checks depend on. Each attr's Python type (a tuple's, its items')
     is part of it: `True` and `1.0` equal `1`, yet an int attribute refuses both. A
-    list or an array does not hash: such a node is checked in full."""
+    list, an array or a long tuple raises TypeError: such a node is checked in full."""
     if not attrs:
         return (op_name, *types)
-    return (
-        op_name,
-        *types,
-        *[
-            (k, tuple, v, *map(type, v)) if type(v) is tuple else (k, type(v), v)
-            for k, v in attrs.items()
-        ],
-    )
+    key = [op_name, *types]
+    for name, value in attrs.items():
+        if type(value) is tuple:
+            if len(value) > _KEYED_TUPLE_ITEMS:
+                raise TypeError(name)
+            key.append((name, tuple, value, *map(type, value)))
+        else:
+            key.append((name, type(value), value))
+    return tuple(key)
 
 
 class GraphBuilder:
