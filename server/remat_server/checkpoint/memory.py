@@ -24,6 +24,9 @@ class MemoryModel:
     # node -> bytes of the temporaries its forward holds at its peak (the op's declared
     # `scratch`), besides its inputs and result; only nodes that have any.
     scratch: dict[str, int] = field(default_factory=dict)
+    # The values whose buffer another value may hold: every view and every owner of one
+    # (the simulator counts the others' bytes directly, without tracking buffers).
+    shared: frozenset[str] = frozenset()
 
     def is_view(self, name: str) -> bool:
         return self.owner[name] != name
@@ -64,7 +67,8 @@ def memory_model(graph: Graph) -> MemoryModel:
             else:
                 size = bytes_of.get(type_)
                 nbytes[name] = bytes_of[type_] = type_.nbytes if size is None else size
-    return MemoryModel(owner, nbytes, source, scratch)
+    shared = frozenset(source).union(owner[view] for view in source)
+    return MemoryModel(owner, nbytes, source, scratch, shared)
 
 
 def _scratch(definition, node, nodes, known: dict[tuple, int]) -> int:

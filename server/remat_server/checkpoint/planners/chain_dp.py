@@ -130,46 +130,57 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
     prefix = np.concatenate([[0.0], np.cumsum(fig["advance"][1:])])
     f_rec = fig["record"]
 
-    def shift(row: np.ndarray, by: int) -> np.ndarray:
-        if by >= M:
-            return np.full(M, inf)
-        return np.concatenate([np.full(by, inf), row[: M - by]]) if by > 0 else row
-
-    def finish(s: int, t: int) -> None:
-        keep = shift(D[s, t], st[t])
+    def finish(s: np.ndarray, t: np.ndarray) -> None:
+        keep = _shifted(D[s, t], st[t])
         choice["E"][s, t] = keep < C[s, t]
         E[s, t] = np.minimum(C[s, t], keep)
-        C_sh[s, t], D_sh[s, t] = shift(C[s, t], st[s - 1]), shift(D[s, t], st[s - 1])
+        C_sh[s, t], D_sh[s, t] = _shifted(C[s, t], st[s - 1]), _shifted(D[s, t], st[s - 1])
 
-    for s in range(1, L + 1):
-        C[s, s] = np.where(levels >= need_r[s], fig["reverse"][s], inf)
-        D[s, s] = np.where(levels >= need_rd[s], fig["reverse_kept"][s], inf)
-        finish(s, s)
+    first = np.arange(1, L + 1)
+    C[first, first] = np.where(levels >= need_r[first, None], fig["reverse"][first, None], inf)
+    D[first, first] = np.where(
+        levels >= need_rd[first, None], fig["reverse_kept"][first, None], inf
+    )
+    finish(first, first)
+    # Every (s, t = s + d) of one diagonal d at once: each reads only shorter spans.
+    # Axes: [s, k, m], k indexing the split s' = s + 1 + k (k < d), m the level.
     for d in range(1, L):
-        for s in range(1, L - d + 1):
-            t = s + d
-            advance = (prefix[s:t] - prefix[s - 1])[:, None]
-            # Advancing (and recording) happens with the gradient into step t live.
-            # (state i-1 stays live through step i after the first step of an advance).
-            advancing = np.concatenate([need_f[s : s + 1], through[s + 1 : t]])
-            too_small = levels[None, :] < np.maximum.accumulate(advancing)[:, None] + inc[t]
-            # Left part s..s'-1 runs after the right part s'..t left its results live.
-            produced = (res_prefix[t] - res_prefix[s:t])[:, None]  # rows s' = s+1..t
-            index = levels[None, :] - produced
-            left = np.where(index >= 0, np.take_along_axis(E[s, s:t], index.clip(0), 1), inf)
-            after = res_prefix[t] - res_prefix[s]
-            for table, right_sh, out in (("C", C_sh, C), ("D", D_sh, D)):
-                record = f_rec[s] + shift(out[s + 1, t], rec[s])
-                record[(levels < need_c[s] + after) | (levels < need_f[s] + inc[t])] = inf
-                options = advance + right_sh[s + 1 : t + 1, t] + left
-                options[too_small] = inf
-                best = np.argmin(options, axis=0)
-                snapshot = options[best, levels]
-                use = snapshot < record
-                out[s, t] = np.where(use, snapshot, record)
-                choice[table][s, t] = np.where(use, best + s + 1, 0)
-            finish(s, t)
+        s = np.arange(1, L - d + 1)
+        t = s + d
+        k = np.arange(d)
+        split = s[:, None] + 1 + k  # s'
+        advance = (prefix[split - 1] - prefix[s - 1, None])[:, :, None]
+        # Advancing (and recording) happens with the gradient into step t live.
+        # (state i-1 stays live through step i after the first step of an advance).
+        advancing = np.where(k == 0, need_f[s, None], through[split - 1])
+        reach = np.maximum.accumulate(advancing, axis=1) + inc[t, None]
+        too_small = levels < reach[:, :, None]
+        # Left part s..s'-1 runs after the right part s'..t left its results live.
+        produced = res_prefix[t, None] - res_prefix[split - 1]
+        index = levels - produced[:, :, None]
+        lefts = E[s[:, None], split - 1]
+        left = np.where(index >= 0, np.take_along_axis(lefts, index.clip(0), 2), inf)
+        after = res_prefix[t] - res_prefix[s]
+        refused = (levels < (need_c[s] + after)[:, None]) | (levels < (need_f[s] + inc[t])[:, None])
+        for table, right_sh, out in (("C", C_sh, C), ("D", D_sh, D)):
+            record = f_rec[s, None] + _shifted(out[s + 1, t], rec[s])
+            record[refused] = inf
+            options = advance + right_sh[split, t[:, None]] + left
+            options[too_small] = inf
+            best = np.argmin(options, axis=1)
+            snapshot = np.take_along_axis(options, best[:, None, :], 1)[:, 0, :]
+            use = snapshot < record
+            out[s, t] = np.where(use, snapshot, record)
+            choice[table][s, t] = np.where(use, best + s[:, None] + 1, 0)
+        finish(s, t)
     return ChainSolution(problem, steps, C[1, L], choice, rec, st, res_prefix, unit)
+
+
+def _shifted(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
+    """Each row moved `by` of its levels up (rows[i][m - by[i]] at m; inf below): the
+    same table entry with that many levels fewer to spare."""
+    index = np.arange(rows.shape[-1]) - np.asarray(by)[:, None]
+    return np.where(index >= 0, np.take_along_axis(rows, index.clip(0), 1), np.inf)
 
 
 def _unit(states: np.ndarray, rough: float) -> float:
