@@ -175,6 +175,61 @@ def test_chain_dp_never_underestimates_a_level(name, fraction):
         assert sim.peak_bytes - problem.input_bytes <= level * solution.unit, level
 
 
+def _span_by_span(z: chain_dp.Sizes) -> dict[str, np.ndarray]:
+    """Rotor's recurrence as written (see chain_dp's module doc), one span (s, t) and one
+    level m at a time: the reference `chain_dp.tables` computes in arrays."""
+    L, M, inf = z.steps, z.levels, np.inf
+    C, D, E = (np.full((L + 2, L + 2, M), inf) for _ in range(3))
+
+    def at(table, s, t, m):
+        return table[s, t, m] if m >= 0 else inf
+
+    for s in range(1, L + 1):
+        for m in range(M):
+            C[s, s, m] = z.reverse[s] if m >= z.need_r[s] else inf
+            D[s, s, m] = z.reverse_kept[s] if m >= z.need_rd[s] else inf
+            E[s, s, m] = min(C[s, s, m], at(D, s, s, m - z.st[s]))
+    for d in range(1, L):
+        for s in range(1, L - d + 1):
+            t = s + d
+            after = z.res_prefix[t] - z.res_prefix[s]
+            for m in range(M):
+                for out in (C, D):
+                    record = z.record[s] + at(out, s + 1, t, m - z.rec[s])
+                    if m < z.need_c[s] + after or m < z.need_f[s] + z.inc[t]:
+                        record = inf
+                    best, reach = inf, 0
+                    for split in range(s + 1, t + 1):  # advance s..split-1, keep a snapshot
+                        reach = max(reach, z.need_f[s] if split == s + 1 else z.through[split - 1])
+                        if m < reach + z.inc[t]:
+                            continue
+                        produced = z.res_prefix[t] - z.res_prefix[split - 1]
+                        option = (
+                            z.prefix[split - 1]
+                            - z.prefix[s - 1]
+                            + at(out, split, t, m - z.st[split - 1])
+                            + at(E, s, split - 1, m - produced)
+                        )
+                        best = min(best, option)
+                    out[s, t, m] = min(best, record)
+                E[s, t, m] = min(C[s, t, m], at(D, s, t, m - z.st[t]))
+    return {"C": C, "D": D, "E": E}
+
+
+@pytest.mark.parametrize("name, fraction", [("chain", 0.4), ("mlp", 0.5)])
+def test_chain_dp_tables_follow_the_recurrence(name, fraction):
+    """The arrays, a diagonal of spans at a time, hold what the recurrence span by span
+    gives: every level of every table."""
+    _, _, _, problem = reference(name)
+    peak = bounds.simulated(problem, plan(problem, P.StoreAll())).peak_bytes
+    steps = chain_dp._merged_steps(problem)
+    z = chain_dp.sizes(chain_dp._step_figures(problem, steps), int(fraction * peak))
+    tables, _ = chain_dp.tables(z)
+    expected = _span_by_span(z)
+    for name in "CDE":
+        assert np.array_equal(tables[name], expected[name]), name
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -101,22 +101,73 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
     steps = _merged_steps(problem)
     if len(steps) < 2:
         return None
-    fig = _step_figures(problem, steps)
-    unit = _unit(fig["state"][1:], HEADROOM * max(1, budget - problem.input_bytes) / LEVELS)
-    L, M = len(steps), int(HEADROOM * max(1, budget - problem.input_bytes) / unit) + 1
+    z = sizes(_step_figures(problem, steps), max(1, budget - problem.input_bytes))
+    table, choice = tables(z)
+    cost = table["C"][1, z.steps]
+    return ChainSolution(problem, steps, cost, choice, z.rec, z.st, z.res_prefix, z.unit)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What the DP reads, per step i = 1..steps (index 0: the inputs' state): sizes in
+    levels of `unit` bytes, `levels` of them in all; costs as they are."""
+
+    steps: int
+    levels: int
+    unit: float
+    rec: np.ndarray  # what recording step i keeps (what its backward reads)
+    st: np.ndarray  # state i: the step's last value, what a snapshot holds
+    need_f: np.ndarray  # working bytes of advancing through step i
+    inc: np.ndarray  # the gradients coming into step i
+    through: np.ndarray  # need_f with state i-1 live too
+    need_c: np.ndarray  # the backward of a recorded step
+    need_r: np.ndarray  # step i reversed at once
+    need_rd: np.ndarray  # the same, its own state kept
+    res_prefix: np.ndarray  # results of steps 1..i's backward, cumulative
+    prefix: np.ndarray  # forward cost of advancing through steps 1..i, cumulative
+    record: np.ndarray  # forward cost of recording step i
+    reverse: np.ndarray  # of reversing step i at once
+    reverse_kept: np.ndarray  # the same, its own state kept
+
+
+def sizes(fig: dict[str, np.ndarray], spare: int) -> Sizes:
+    """`_step_figures`' figures in levels, for a table spanning HEADROOM x `spare` bytes
+    (the budget over the graph inputs)."""
+    unit = _unit(fig["state"][1:], HEADROOM * spare / LEVELS)
     level = lambda b: np.ceil(np.asarray(b, dtype=float) / unit).astype(np.int64)  # noqa: E731
-    rec, st = level(fig["recorded"]), level(fig["state"])
-    need_f, inc = level(fig["work_advance"]), level(fig["incoming"])
-    through = need_f + np.concatenate([[0], st[:-1]])  # through[i]: with state i-1 too
-    # The backward of a recorded step, and a single step reversed at once
-    # (`ChainEmitter.reverse`: only what its backward reads is recorded, not its state;
-    # the state, if kept, is counted outside), as the emitter runs them.
-    need_c = np.maximum(level(fig["work_backward"]), need_f)
-    need_r = np.maximum(level(fig["work_reverse"]), need_f)
-    need_rd = np.maximum(level(fig["work_reverse_kept"]), need_f)
-    # Results (weight gradients) stay live to the end: once steps s'..t are reversed,
-    # what remains has their results' bytes less to work with.
-    res_prefix = level(np.concatenate([[0.0], np.cumsum(fig["results"][1:])]))  # round once
+    st, need_f = level(fig["state"]), level(fig["work_advance"])
+    return Sizes(
+        steps=len(st) - 1,
+        levels=int(HEADROOM * spare / unit) + 1,
+        unit=unit,
+        rec=level(fig["recorded"]),
+        st=st,
+        need_f=need_f,
+        inc=level(fig["incoming"]),
+        through=need_f + np.concatenate([[0], st[:-1]]),
+        # The backward of a recorded step, and a single step reversed at once
+        # (`ChainEmitter.reverse`: only what its backward reads is recorded, not its
+        # state; the state, if kept, is counted outside), as the emitter runs them.
+        need_c=np.maximum(level(fig["work_backward"]), need_f),
+        need_r=np.maximum(level(fig["work_reverse"]), need_f),
+        need_rd=np.maximum(level(fig["work_reverse_kept"]), need_f),
+        # Results (weight gradients) stay live to the end: once steps s'..t are
+        # reversed, what remains has their results' bytes less to work with.
+        res_prefix=level(np.concatenate([[0.0], np.cumsum(fig["results"][1:])])),  # round once
+        prefix=np.concatenate([[0.0], np.cumsum(fig["advance"][1:])]),
+        record=fig["record"],
+        reverse=fig["reverse"],
+        reverse_kept=fig["reverse_kept"],
+    )
+
+
+def tables(z: Sizes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The tables C, D and E over [s, t, level], and their choices (see
+    `ChainSolution.actions`), by name."""
+    L, M = z.steps, z.levels
+    rec, st, need_f, inc, through = z.rec, z.st, z.need_f, z.inc, z.through
+    need_c, need_r, need_rd = z.need_c, z.need_r, z.need_rd
+    res_prefix, prefix, f_rec = z.res_prefix, z.prefix, z.record
     levels = np.arange(M)
     inf = np.inf
     shape = (L + 2, L + 2, M)
@@ -127,8 +178,6 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
         "D": np.zeros(shape, np.int16),
         "E": np.zeros(shape, np.bool_),
     }
-    prefix = np.concatenate([[0.0], np.cumsum(fig["advance"][1:])])
-    f_rec = fig["record"]
 
     def finish(s: np.ndarray, t: np.ndarray) -> None:
         keep = _shifted(D[s, t], st[t])
@@ -137,10 +186,8 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
         C_sh[s, t], D_sh[s, t] = _shifted(C[s, t], st[s - 1]), _shifted(D[s, t], st[s - 1])
 
     first = np.arange(1, L + 1)
-    C[first, first] = np.where(levels >= need_r[first, None], fig["reverse"][first, None], inf)
-    D[first, first] = np.where(
-        levels >= need_rd[first, None], fig["reverse_kept"][first, None], inf
-    )
+    C[first, first] = np.where(levels >= need_r[first, None], z.reverse[first, None], inf)
+    D[first, first] = np.where(levels >= need_rd[first, None], z.reverse_kept[first, None], inf)
     finish(first, first)
     # Every (s, t = s + d) of one diagonal d at once: each reads only shorter spans.
     # Axes: [s, k, m], k indexing the split s' = s + 1 + k (k < d), m the level.
@@ -173,7 +220,7 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
             out[s, t] = np.where(use, snapshot, record)
             choice[table][s, t] = np.where(use, best + s[:, None] + 1, 0)
         finish(s, t)
-    return ChainSolution(problem, steps, C[1, L], choice, rec, st, res_prefix, unit)
+    return {"C": C, "D": D, "E": E}, choice
 
 
 def _shifted(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
