@@ -156,9 +156,10 @@ def test_chain_dp_reaches_revolve_at_its_peak():
 def test_chain_dp_never_underestimates_a_level(name, fraction):
     """Every schedule the DP emits fits the bytes of the level it was planned for (its
     sizes are the emitter's own actions replayed, rounded up), so the highest level
-    that fits is the best the DP can do. Underestimates made it trust levels whose
-    schedules did not fit: the loss held from the first reversal, the gradient coming
-    into a range live while it advances, a state live through the next step."""
+    that fits is the best the DP can do, and the levels up to `sure` fit the budget.
+    Underestimates made it trust levels whose schedules did not fit: the loss held from
+    the first reversal, the gradient coming into a range live while it advances, a
+    state live through the next step."""
     if name == "wide_mlp":  # batch 1024, width 16: activations outweigh weights
         model = models.mlp(batch=1024, widths=(16,) * 8 + (10,), dtype="float32")
         planned = ENGINE.plan(spec_of(model), wrt=tuple(model.wrt), loss=model.loss)
@@ -168,11 +169,15 @@ def test_chain_dp_never_underestimates_a_level(name, fraction):
     else:
         _, _, _, problem = reference(name)
     peak = bounds.simulated(problem, plan(problem, P.StoreAll())).peak_bytes
-    solution = chain_dp.solve(problem, int(fraction * peak))
+    budget = int(fraction * peak)
+    solution = chain_dp.solve(problem, budget)
     assert len(solution.feasible_levels()) > 0
+    assert 0 <= solution.sure < solution.feasible_levels()[-1]  # some levels need a probe
     for level in solution.feasible_levels():
         sim = bounds.simulated(problem, solution.schedule(int(level), "dp"))
         assert sim.peak_bytes - problem.input_bytes <= level * solution.unit, level
+        if level <= solution.sure:  # the level search trusts these without a probe
+            assert sim.peak_bytes <= budget, level
 
 
 def _span_by_span(z: chain_dp.Sizes) -> dict[str, np.ndarray]:
@@ -214,6 +219,40 @@ def _span_by_span(z: chain_dp.Sizes) -> dict[str, np.ndarray]:
                     out[s, t, m] = min(best, record)
                 E[s, t, m] = min(C[s, t, m], at(D, s, t, m - z.st[t]))
     return {"C": C, "D": D, "E": E}
+
+
+class _Levels:
+    """A chain solution as `level_search` sees it: levels 0..99 feasible, 0..sure sure."""
+
+    def __init__(self, sure: int):
+        self.sure = sure
+
+    def feasible_levels(self) -> np.ndarray:
+        return np.arange(100)
+
+
+@pytest.mark.parametrize(
+    "sure, highest_fitting, expected, most_probes",
+    [
+        (60, 80, 80, 6),  # above the sure levels: bisected there only
+        (60, 60, 60, 7),  # nothing above fits: the sure level, once
+        (60, 40, 40, 13),  # the sure level does not fit after all: bisected below it
+        (-1, 30, 30, 7),  # none sure: the plain bisection
+    ],
+)
+def test_level_search_probes_only_levels_not_sure_to_fit(
+    sure, highest_fitting, expected, most_probes
+):
+    probed = []
+
+    def fits(level: int) -> bool:
+        probed.append(level)
+        return level <= highest_fitting
+
+    found = chain_dp.level_search(_Levels(sure), fits, probes=16)
+    assert found == expected and len(probed) <= most_probes, probed
+    if expected >= sure:  # below the sure level only when it did not fit
+        assert min(probed) >= sure, probed
 
 
 @pytest.mark.parametrize("name, fraction", [("chain", 0.4), ("mlp", 0.5)])

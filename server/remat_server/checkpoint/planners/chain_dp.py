@@ -26,6 +26,7 @@ rounded to levels, so the simulator stays the judge.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,10 @@ class ChainSolution:
     state: np.ndarray  # in levels, per state (index 0..L)
     results: np.ndarray  # in levels, results[i]: of steps 1..i's backward, cumulative
     unit: float = 1.0  # bytes per level
+    # The highest level sure to fit the budget: its schedules peak within level x unit
+    # bytes over the graph inputs (the DP never underestimates a level), and this one's
+    # does within the budget. -1: none is.
+    sure: int = -1
 
     def feasible_levels(self) -> np.ndarray:
         return np.flatnonzero(np.isfinite(self.cost))
@@ -101,10 +106,11 @@ def solve(problem: Problem, budget: int) -> ChainSolution | None:
     steps = _merged_steps(problem)
     if len(steps) < 2:
         return None
-    z = sizes(_step_figures(problem, steps), max(1, budget - problem.input_bytes))
+    spare = budget - problem.input_bytes
+    z = sizes(_step_figures(problem, steps), max(1, spare))
     table, choice = tables(z)
-    cost = table["C"][1, z.steps]
-    return ChainSolution(problem, steps, cost, choice, z.rec, z.st, z.res_prefix, z.unit)
+    cost, sure = table["C"][1, z.steps], math.floor(spare / z.unit) if spare >= 0 else -1
+    return ChainSolution(problem, steps, cost, choice, z.rec, z.st, z.res_prefix, z.unit, sure)
 
 
 @dataclass(frozen=True)
@@ -367,17 +373,30 @@ def _replayed_peak(model, initial: set[str], steps: list, counted: set[str]) -> 
 
 def level_search(solution: ChainSolution, fits, probes: int = 10) -> int | None:
     """The highest feasible level whose schedule `fits` (bisection: higher levels keep
-    more and simulate higher), or None."""
+    more and simulate higher), or None. Levels up to `solution.sure` fit by
+    construction, so the bisection runs above them; only when none there fits is the
+    highest sure level tried (and, should it not fit after all, the ones below it)."""
     feasible = solution.feasible_levels()
     if feasible.size == 0:
         return None
-    lo, hi, best = 0, feasible.size - 1, None
-    for _ in range(probes):
-        if lo > hi:
-            break
+    sure = int(np.searchsorted(feasible, solution.sure, side="right")) - 1  # its index
+    best, probes = _bisect(feasible, sure + 1, feasible.size - 1, fits, probes)
+    if best is None and sure >= 0:
+        if fits(int(feasible[sure])):
+            return int(feasible[sure])
+        best, _ = _bisect(feasible, 0, sure - 1, fits, probes - 1)
+    return best
+
+
+def _bisect(feasible: np.ndarray, lo: int, hi: int, fits, probes: int) -> tuple[int | None, int]:
+    """The highest of feasible[lo..hi] that fits, by bisection in at most `probes`
+    tries; and the tries left."""
+    best = None
+    while probes > 0 and lo <= hi:
+        probes -= 1
         mid = (lo + hi) // 2
         if fits(int(feasible[mid])):
             best, lo = int(feasible[mid]), mid + 1
         else:
             hi = mid - 1
-    return best
+    return best, probes
