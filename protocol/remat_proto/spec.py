@@ -12,7 +12,7 @@ here; nothing downstream of validation sees a spec.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,17 @@ class GraphSpec:
     nodes: tuple[NodeSpec, ...]
     # (output name, node name) pairs, in declaration order.
     outputs: tuple[tuple[str, str], ...]
+
+
+def array_bytes(nodes: Iterable[NodeSpec]) -> int:
+    """Bytes of the arrays (constants) the nodes' attributes hold; takes any nodes with
+    `attrs`, a spec's or the server's IR's.
+
+    >>> import numpy as np
+    >>> array_bytes([NodeSpec("c", "constant", (), {"value": np.zeros(4)})])
+    32
+    """
+    return sum(getattr(value, "nbytes", 0) for node in nodes for value in node.attrs.values())
 
 
 def where(name: str, op: str = "", source: str = "") -> str:

@@ -77,7 +77,10 @@ class Emitter:
         self.builder = builder
         self.prefix = "bwd"
         self.source = ""
-        self._constants: dict[tuple[str, float], Sym] = {}
+        # The constants' nodes, not Syms: a Sym refers to its emitter, and a cycle here
+        # would keep the whole joint graph (the builder's nodes) alive once the garbage
+        # collector has frozen it (`engine.gc_pause`): a leak per big compile evicted.
+        self._constants: dict[tuple[str, float], Node] = {}
 
     def at(self, node: Node) -> Emitter:
         """Name and attribute the next nodes to the forward node `node`."""
@@ -101,12 +104,12 @@ class Emitter:
     def const(self, value: float, dtype: str) -> Sym:
         """A scalar constant; shared across the graph (one node per value and dtype)."""
         key = (dtype, float(value))
-        if key not in self._constants:
+        node = self._constants.get(key)
+        if node is None:
             array = np.asarray(value, dtype=dtypes.NUMPY[dtype])
             name = self.builder.fresh_name(f"const/{dtype}/{float(value)!r}")
-            node = self.builder.add("constant", (), {"value": array}, name)
-            self._constants[key] = Sym(self, node)
-        return self._constants[key]
+            node = self._constants[key] = self.builder.add("constant", (), {"value": array}, name)
+        return Sym(self, node)
 
     def zeros(self, shape: tuple[int, ...], dtype: str) -> Sym:
         return self.op("broadcast_to", self.const(0.0, dtype), shape=tuple(shape))

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from remat_proto import dtypes, policies
-from remat_proto.spec import GraphSpec
+from remat_proto.spec import GraphSpec, array_bytes
 
 from ..autodiff import JointGraph, differentiate
 from ..checkpoint import control
@@ -267,9 +267,4 @@ def _plan(problem: Problem, policy: policies.Policy) -> Planned:
 
 def _constant_bytes(graph) -> int:
     """Bytes of the arrays graph attributes hold (constants)."""
-    total = 0
-    for node in graph:
-        for value in node.attrs.values():
-            if isinstance(value, np.ndarray):
-                total += value.nbytes
-    return total + sys.getsizeof(graph.name)
+    return array_bytes(graph) + sys.getsizeof(graph.name)

@@ -10,11 +10,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from remat_proto.spec import GraphSpec
+from remat_proto.spec import GraphSpec, array_bytes
 
 from ..errors import NotFound
 
 NO_DEFAULTS: Mapping[str, np.ndarray] = types.MappingProxyType({})
+# Resident bytes per node (or input) of a decoded spec: its name, op, input tuple,
+# attrs and source, measured with tracemalloc on a chain, an MLP and a transformer block
+# (427-464; tests/unit/test_graph_store.py holds the estimate to within 2x). A spec
+# weighs 8-10x its Graph message, so the message's size let a store bounded at 256 MiB
+# hold gigabytes.
+SPEC_NODE_BYTES = 450
 
 
 class Registered(NamedTuple):
@@ -24,6 +30,16 @@ class Registered(NamedTuple):
     graph_id: str
     spec: GraphSpec
     defaults: Mapping[str, np.ndarray] = NO_DEFAULTS
+
+    @property
+    def nbytes(self) -> int:
+        """About what keeping it holds: the spec, its constants and the defaults."""
+        spec = self.spec
+        return (
+            SPEC_NODE_BYTES * (len(spec.nodes) + len(spec.inputs))
+            + array_bytes(spec.nodes)
+            + sum(array.nbytes for array in self.defaults.values())
+        )
 
 
 class GraphStore:

@@ -126,7 +126,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 spec = codec.graph_from_proto(message, self.engine.limits)
             self.engine.validate(spec, graph_id)
             found = Registered(graph_id, spec)
-            self.store.put(graph_id, found, message.ByteSize())
+            self.store.put(graph_id, found, found.nbytes)
         return found
 
     def _store_onnx(self, message: executor_pb2.OnnxModel) -> Registered:
@@ -138,7 +138,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             spec, defaults = onnx_models.convert(message, self.engine.limits)
             self.engine.validate(spec, graph_id)
             found = Registered(graph_id, spec, defaults)
-            self.store.put(graph_id, found, message.ByteSize())
+            self.store.put(graph_id, found, found.nbytes)
         return found
 
     @_status
