@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import threading
 import tracemalloc
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -17,7 +18,7 @@ import pytest
 from remat import models
 from remat_proto import policies
 from remat_proto.spec import GraphSpec, InputSpec, NodeSpec
-from remat_server.engine import Engine, LRUCache, RunRequest
+from remat_server.engine import Engine, LRUCache, RunRequest, gc_pause
 from remat_server.engine import compile as compile_module
 from remat_server.engine import run as run_module
 from remat_server.graph.limits import Limits
@@ -285,6 +286,38 @@ def test_an_evicted_big_compile_is_freed_though_its_objects_were_frozen():
         frozen.append(gc.get_freeze_count())
     assert frozen[0] > before + 10_000  # the first compile's objects were frozen
     assert frozen[2] - frozen[0] < 1_000, frozen  # and the evicted ones' freed
+
+
+def test_cyclic_garbage_frozen_with_a_big_compile_is_reclaimed_later(monkeypatch):
+    """A freeze takes every object alive, the caller's too (an in-process client's SDK
+    graph is a cycle: its nodes refer to it). Once the frozen objects have doubled since
+    the last full collection, the next freeze thaws and collects them first."""
+
+    class Cycle:
+        pass
+
+    def run(k: int) -> None:
+        request = RunRequest(
+            chain(20_000, f"cycle{k}"),
+            {"x": np.ones(1, np.float32)},
+            wrt=("x",),
+            loss="loss",
+            policy="store_all",
+        )
+        engine.run(request)
+
+    engine = Engine(cache_bytes=1)
+    garbage = Cycle()
+    garbage.itself = garbage
+    alive = weakref.ref(garbage)
+    run(0)  # freezes `garbage` with the compile's objects
+    assert gc.get_freeze_count() > 10_000
+    del garbage
+    gc.collect()
+    assert alive() is not None  # frozen: the collector does not see it
+    monkeypatch.setattr(gc_pause, "_collected_at", 0)  # as if the frozen set had doubled
+    run(1)
+    assert alive() is None
 
 
 # --- concurrency -----------------------------------------------------------------------------

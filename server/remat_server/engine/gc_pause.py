@@ -13,9 +13,12 @@ took 0.15 s, and every full collection after it as long again. So after a pause 
 allocated more than `FREEZE_AFTER` objects, they are frozen (`gc.freeze`, as servers
 that preload their code do): the collector no longer traverses them, while reference
 counting still frees them when the cache evicts them (no compiled structure holds a
-reference cycle). The cost: garbage cycles made by other threads during that pause
-(an exception's traceback, say) are frozen too and never reclaimed; the collector
-runs first (the young generation only) to keep that to the pause itself.
+reference cycle: tests/unit/test_compile_cache.py checks). A freeze takes every object
+alive, though, not only the compile's: what later becomes cyclic garbage (an
+exception's traceback, or, with an in-process client, the caller's SDK graphs, whose
+nodes and graph refer to each other) would never be reclaimed. So once the frozen
+objects have doubled since the last full collection, a freeze first thaws them and
+collects (a full collection's cost, once per doubling: constant per object frozen).
 
 The collector is process-wide: the pause is reference-counted, so concurrent compiles
 on several handler threads nest, and it is only re-enabled if it was enabled before.
@@ -47,6 +50,7 @@ FREEZE_AFTER = 50_000
 _lock = threading.Lock()
 _depth = 0
 _was_enabled = False
+_collected_at = 0  # objects frozen right after the last full collection
 
 
 @contextlib.contextmanager
@@ -69,9 +73,22 @@ def paused(nodes: int):
             _depth -= 1
             if _depth == 0:
                 if gc.get_count()[0] > FREEZE_AFTER:
-                    gc.freeze()
+                    _freeze()
                 if _was_enabled:
                     gc.enable()
+
+
+def _freeze() -> None:
+    """Freeze what is alive, after a full collection if the frozen objects have doubled
+    since the last one (the cyclic garbage among them is reclaimed)."""
+    global _collected_at
+    if gc.get_freeze_count() > 2 * _collected_at:
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        _collected_at = gc.get_freeze_count()
+    else:
+        gc.freeze()
 
 
 def call(nodes: int, build, *args):
