@@ -252,3 +252,13 @@ def residual_blocks(
     inputs["r"] = rng.standard_normal(inputs["x"].shape).astype(dtype)
     g.output("loss", ops.sum(h * g.input("r", inputs["r"].shape, dtype)))
     return models.Model(g, inputs, [n for n in inputs if n.startswith("w")], "loss")
+
+
+def stored_bytes(message) -> int:
+    """What the server's graph store counts for a `remat.v1.Graph` message: its decoded
+    spec's estimate (`graph_store.Registered.nbytes`), not the message's size."""
+    from remat_server.graph.limits import Limits
+    from remat_server.service.codec import graph_from_proto
+    from remat_server.service.graph_store import Registered
+
+    return Registered("", graph_from_proto(message, Limits())).nbytes

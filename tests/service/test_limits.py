@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
+import support
 
 import remat
 from remat_proto.v1 import executor_pb2, executor_pb2_grpc, graph_pb2, tensor_pb2
@@ -803,7 +804,7 @@ def _run_by_id(stub, graph_id: str, output: str) -> float:
 @pytest.fixture
 def cache_of_two():
     """A server whose graph cache holds two of `_named`'s graphs but not three."""
-    size = _named("a").ByteSize()
+    size = support.stored_bytes(_named("a"))
     config = ServerConfig(host="127.0.0.1", port=0, graph_cache_bytes=2 * size + size // 2)
     with serving(config) as (stub, _):
         yield stub

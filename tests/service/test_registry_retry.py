@@ -17,15 +17,13 @@ import time
 import grpc
 import numpy as np
 import pytest
+import support
 from clients import KINDS, Recorder, connect, first, serving
 
 import remat
 from remat import calls, retries
 from remat_server import ServerConfig, create_server
 from remat_server.errors import NotFound
-from remat_server.graph.limits import Limits
-from remat_server.service.codec import graph_from_proto
-from remat_server.service.graph_store import Registered
 
 MiB = 1 << 20
 INLINE, BY_ID = "graph", "graph_id"
@@ -37,11 +35,6 @@ def _graph(name="g", scale=2.0, n=3):
     g.output("y", x * scale)
     g.output("loss", remat.sum(x * x))
     return g
-
-
-def _stored_bytes(g: remat.Graph) -> int:
-    """What the server's graph store counts for `g`: its decoded spec's estimate."""
-    return Registered("", graph_from_proto(g.to_proto(), Limits())).nbytes
 
 
 def _check(result, scale=2.0, n=3):
@@ -210,8 +203,8 @@ def test_an_evicted_graph_is_sent_again_over_run_stream(kind):
 def test_the_cache_evicts_the_least_recently_used_graph(kind):
     seen = Recorder()
     a, b, c = _graph("a", 2.0), _graph("b", 3.0), _graph("c", 4.0)
-    size = _stored_bytes(a)
-    assert _stored_bytes(b) == _stored_bytes(c) == size
+    size = support.stored_bytes(a.to_proto())
+    assert support.stored_bytes(b.to_proto()) == support.stored_bytes(c.to_proto()) == size
     with (
         serving(seen, graph_cache_bytes=2 * size) as (server, address),
         connect(kind, address) as client,
