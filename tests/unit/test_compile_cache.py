@@ -264,6 +264,19 @@ def test_estimates_are_within_a_factor_of_two_of_what_is_retained():
         assert retained / 2 <= engine.cache.nbytes <= retained * 2, (retained, engine.cache.nbytes)
 
 
+def big_chain_request(name: str) -> RunRequest:
+    """A store_all gradient of a 20k-node chain: big enough for its compile's objects to
+    be frozen (`gc_pause.FREEZE_AFTER`)."""
+    return RunRequest(
+        chain(20_000, name),
+        {"x": np.ones(1, np.float32)},
+        wrt=("x",),
+        loss="loss",
+        policy="store_all",
+        graph_id=name,
+    )
+
+
 def test_an_evicted_big_compile_is_freed_though_its_objects_were_frozen():
     """A big compile pauses the garbage collector and freezes what it built
     (`engine.gc_pause`); only reference counting frees it once evicted, so nothing it
@@ -274,15 +287,7 @@ def test_an_evicted_big_compile_is_freed_though_its_objects_were_frozen():
     before = gc.get_freeze_count()
     frozen = []
     for k in range(3):
-        request = RunRequest(
-            chain(20_000, f"chain{k}"),
-            {"x": np.ones(1, np.float32)},
-            wrt=("x",),
-            loss="loss",
-            policy="store_all",
-            graph_id=f"chain{k}",
-        )
-        engine.run(request)
+        engine.run(big_chain_request(f"chain{k}"))
         frozen.append(gc.get_freeze_count())
     assert frozen[0] > before + 10_000  # the first compile's objects were frozen
     assert frozen[2] - frozen[0] < 1_000, frozen  # and the evicted ones' freed
@@ -297,14 +302,7 @@ def test_cyclic_garbage_frozen_with_a_big_compile_is_reclaimed_later(monkeypatch
         pass
 
     def run(k: int) -> None:
-        request = RunRequest(
-            chain(20_000, f"cycle{k}"),
-            {"x": np.ones(1, np.float32)},
-            wrt=("x",),
-            loss="loss",
-            policy="store_all",
-        )
-        engine.run(request)
+        engine.run(big_chain_request(f"cycle{k}"))
 
     engine = Engine(cache_bytes=1)
     garbage = Cycle()
