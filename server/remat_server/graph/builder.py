@@ -169,9 +169,13 @@ class GraphBuilder:
         inputs = tuple(inputs)
         nodes = self.nodes
         try:
-            key = _signature(op_name, [nodes[i].type for i in inputs], attrs)
-            known = self._signatures.get(key)
-        except (KeyError, TypeError):  # an unknown input, an attr that does not hash
+            types = [nodes[i].type for i in inputs]
+        except KeyError:  # an unknown input: named below, after the op and arity checks
+            types = None
+        try:
+            key = None if types is None else _signature(op_name, types, attrs)
+            known = None if key is None else self._signatures.get(key)
+        except TypeError:  # an attr that does not hash
             key = known = None
         if known is not None:
             node = nodes[name] = Node(name, op_name, inputs, known[0], known[1], source)
@@ -191,12 +195,11 @@ class GraphBuilder:
                 else f"{op.min_inputs} to {op.max_inputs}"
             )
             raise self._invalid(name, op_name, source, f"takes {expected} inputs, got {count}")
-        try:
-            types = [nodes[i].type for i in inputs]
-        except KeyError as missing:
+        if types is None:
+            missing = next(i for i in inputs if i not in nodes)
             raise self._invalid(
-                name, op_name, source, f"input '{missing.args[0]}' is not defined in the graph"
-            ) from None
+                name, op_name, source, f"input '{missing}' is not defined in the graph"
+            )
         if attrs:
             for attr_name, value in attrs.items():
                 # Every list attribute is per axis, or per axis and side (pad's begin and
