@@ -12,6 +12,10 @@ from remat_server.engine import Engine, RunRequest
 from remat_server.graph.ir import GraphSpec, InputSpec, NodeSpec
 
 ENGINE = Engine()
+# A call to a test server that has not answered in this long is taken as hung. It is
+# generous on purpose: CI machines are shared, and a 10 s deadline once expired on a
+# request that answers in 8 ms (tests/property, 17,000 calls on a loaded machine).
+HANG_SECONDS = 60.0
 
 
 def op_graph(

@@ -12,13 +12,13 @@ CANCELLED mean the server stopped answering.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from support import HANG_SECONDS
 
 from remat_proto.v1 import executor_pb2, graph_pb2, tensor_pb2
 from remat_server.ops import REGISTRY
@@ -40,8 +40,11 @@ EXAMPLES = {
     "onnx_mutated": 600,
     "onnx_models": 800,
 }
-CALL_TIMEOUT = 10.0  # seconds; a call that needs longer counts as a hang
-SLOW_CALL = 5.0  # no single hostile request may take this long (limits keep them small)
+# A call that needs longer counts as a hang. There is no wall-clock bound below that:
+# on a shared machine a request that answers in 8 ms once took over 10 s, so what
+# keeps hostile requests cheap is checked deterministically instead (the limits refuse
+# them before work starts, and `no_big_allocation` guards the memory).
+CALL_TIMEOUT = HANG_SECONDS
 CHECK_EVERY = 250  # examples between two known-good Runs
 COUNTS = {"cases": 0, "calls": 0}  # generated cases and calls made, for the summary
 
@@ -76,7 +79,6 @@ class Outcome:
     code: grpc.StatusCode
     details: str = ""
     response: object = None
-    seconds: float = 0.0
 
 
 @dataclass
@@ -96,7 +98,6 @@ def check_answer(callable_, request, *, stream: bool = False, what: str = "") ->
     """Send `request`, and assert the answer is OK or a clear, expected status. `what`
     names the call; the request itself is printed only when the check fails."""
     COUNTS["calls"] += 1
-    start = time.perf_counter()
     try:
         response = callable_(request, timeout=CALL_TIMEOUT)
         if stream:
@@ -104,7 +105,6 @@ def check_answer(callable_, request, *, stream: bool = False, what: str = "") ->
         outcome = Outcome(grpc.StatusCode.OK, "", response)
     except grpc.RpcError as error:
         outcome = Outcome(error.code(), error.details() or "")
-    outcome.seconds = time.perf_counter() - start
     problem = _problem(outcome)
     if problem:
         shown = repr(request)[:2000] if isinstance(request, (bytes, list)) else str(request)
@@ -123,8 +123,6 @@ def _problem(outcome: Outcome) -> str:
         return "a status without a message"
     if "internal error" in outcome.details:
         return "an internal error"
-    if outcome.seconds >= SLOW_CALL:
-        return f"a slow answer ({outcome.seconds:.1f} s)"
     return ""
 
 

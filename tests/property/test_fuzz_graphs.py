@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from fuzz_support import (
+    CALL_TIMEOUT,
     OP_NAMES,
     POLICY_KINDS,
     Checkpointed,
@@ -270,7 +271,7 @@ def test_graph_references_register_run_and_evict(fuzz_stub):
     registered gives NOT_FOUND naming it; an empty id gives INVALID_ARGUMENT."""
     tally, check = Tally(), Checkpointed(fuzz_stub)
     valid_id = fuzz_stub.RegisterGraph(
-        executor_pb2.RegisterGraphRequest(graph=mlp_graph()), timeout=10
+        executor_pb2.RegisterGraphRequest(graph=mlp_graph()), timeout=CALL_TIMEOUT
     ).graph_id
 
     @fuzz_settings("graph_refs")
@@ -307,11 +308,11 @@ def test_graph_references_register_run_and_evict(fuzz_stub):
                 assert graph_id in outcome.details
         else:
             fuzz_stub.RegisterGraph(
-                executor_pb2.RegisterGraphRequest(graph=mlp_graph()), timeout=10
+                executor_pb2.RegisterGraphRequest(graph=mlp_graph()), timeout=CALL_TIMEOUT
             )
             request = _mlp_run(None)
             request.graph.CopyFrom(executor_pb2.GraphRef(graph_id=valid_id))
-            response = fuzz_stub.Run(request, timeout=10)
+            response = fuzz_stub.Run(request, timeout=CALL_TIMEOUT)
             np.testing.assert_allclose(array_of(response.outputs["h"]), X @ W, rtol=1e-12)
             tally.calls += 1
         check.tick()

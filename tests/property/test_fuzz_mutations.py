@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from fuzz_support import (
+    CALL_TIMEOUT,
     EDGE_DIMS,
     INT64_MAX,
     INT64_MIN,
@@ -259,7 +260,7 @@ def test_unmutated_seed_runs(seed, fuzz_stub):
         request.inputs["labels"].data = bytes(8)  # label 0 of 27 classes
     if seed == "shape":
         request.inputs["idx"].data = bytes(16)
-    response = fuzz_stub.Run(request, timeout=10)
+    response = fuzz_stub.Run(request, timeout=CALL_TIMEOUT)
     assert set(response.grads) == set(wrt)
 
 
@@ -323,7 +324,7 @@ def test_revolve_recomputes_what_an_output_off_the_loss_path_reads(slots, fuzz_s
         )
         request.inputs["x"].CopyFrom(tensor(np.arange(12.0).reshape(3, 4) / 10))
         request.inputs["idx"].CopyFrom(tensor(np.array([2, 0])))
-        return fuzz_stub.Run(request, timeout=10)
+        return fuzz_stub.Run(request, timeout=CALL_TIMEOUT)
 
     expected = run(executor_pb2.Policy(name="store_all"))
     got = run(executor_pb2.Policy(revolve=executor_pb2.Revolve(slots=slots)))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
+from support import HANG_SECONDS
 
 from remat_proto.v1 import executor_pb2, graph_pb2, tensor_pb2
 
@@ -451,7 +452,9 @@ CASES = [
 
 def assert_still_serving(stub) -> None:
     """A valid Run on the same server gives the right numbers."""
-    response = stub.Run(run(mlp_graph(), XW_FEEDS, wrt=["x", "w"], loss="loss"), timeout=10)
+    response = stub.Run(
+        run(mlp_graph(), XW_FEEDS, wrt=["x", "w"], loss="loss"), timeout=HANG_SECONDS
+    )
     h = X @ W
     out = {
         k: np.frombuffer(v.data, np.float64).reshape(tuple(v.shape))
@@ -472,7 +475,7 @@ def test_bad_request_is_rejected_and_server_keeps_serving(stub, case):
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     start = time.perf_counter()
     with pytest.raises(grpc.RpcError) as info:
-        getattr(stub, case.rpc)(case.request, timeout=10)
+        getattr(stub, case.rpc)(case.request, timeout=HANG_SECONDS)
     elapsed = time.perf_counter() - start
     error = info.value
     assert error.code() == case.code, error.details()
@@ -493,7 +496,7 @@ def test_cycle_message_shows_the_path(stub):
         graph(XW_INPUTS, [node("a", "neg", ["b"]), node("b", "neg", ["a"])], {"out": "a"}), XW_FEEDS
     )
     with pytest.raises(grpc.RpcError) as info:
-        stub.Run(request, timeout=10)
+        stub.Run(request, timeout=HANG_SECONDS)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "a -> b -> a" in info.value.details() or "b -> a -> b" in info.value.details()
     assert_still_serving(stub)
@@ -502,7 +505,9 @@ def test_cycle_message_shows_the_path(stub):
 def test_nan_and_inf_inputs_pass_through_with_a_warning(stub):
     bad = X.copy()
     bad[0, 0], bad[1, 2] = np.nan, np.inf
-    response = stub.Run(run(mlp_graph(), {"x": bad, "w": W}, wrt=["w"], loss="loss"), timeout=10)
+    response = stub.Run(
+        run(mlp_graph(), {"x": bad, "w": W}, wrt=["w"], loss="loss"), timeout=HANG_SECONDS
+    )
     h = np.frombuffer(response.outputs["h"].data, np.float64).reshape(2, 4)
     assert np.isnan(h[0]).all() or not np.isfinite(h[0]).all()
     assert not np.isfinite(np.frombuffer(response.outputs["loss"].data, np.float64)).all()

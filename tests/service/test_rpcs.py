@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import HANG_SECONDS
 
 import remat
 from remat_proto import wire
@@ -88,7 +89,7 @@ def test_run_by_graph_id_matches_numpy_for_batch_2_and_5(stub):
             run_request(
                 executor_pb2.GraphRef(graph_id=graph_id), values, wrt=["x", "w", "b"], loss="loss"
             ),
-            timeout=10,
+            timeout=HANG_SECONDS,
         )
         loss, grads = reference(values)
         assert array(response.outputs["h"]).shape == (batch, 4)
@@ -117,7 +118,7 @@ def differentiate(stub, graph: graph_pb2.Graph, wrt, loss="loss", shapes=None):
     )
     for name, shape in (shapes or {}).items():
         request.input_shapes[name].values.extend(shape)
-    return stub.Differentiate(request, timeout=10)
+    return stub.Differentiate(request, timeout=HANG_SECONDS)
 
 
 def test_differentiate_returns_a_runnable_joint_graph(stub):
@@ -127,12 +128,14 @@ def test_differentiate_returns_a_runnable_joint_graph(stub):
     assert outputs == ["h", "loss", "grad/x", "grad/w"]
     assert dict(joint.grad_outputs) == {"x": "grad/x", "w": "grad/w"}
     # The joint graph is made of ordinary ops: run it forward only, as any graph.
-    response = stub.Run(run_request(executor_pb2.GraphRef(graph=joint.graph), values), timeout=10)
+    response = stub.Run(
+        run_request(executor_pb2.GraphRef(graph=joint.graph), values), timeout=HANG_SECONDS
+    )
     with_wrt = stub.Run(
         run_request(
             executor_pb2.GraphRef(graph=tanh_mlp().to_proto()), values, wrt=["x", "w"], loss="loss"
         ),
-        timeout=10,
+        timeout=HANG_SECONDS,
     )
     for name in ("x", "w"):
         np.testing.assert_array_equal(
@@ -165,7 +168,9 @@ def test_differentiate_without_loss_adds_cotangent_inputs(stub):
 
 # --- ListOps -----------------------------------------------------------------------------
 def test_list_ops_describes_every_op(stub):
-    ops = {op.name: op for op in stub.ListOps(executor_pb2.ListOpsRequest(), timeout=10).ops}
+    ops = {
+        op.name: op for op in stub.ListOps(executor_pb2.ListOpsRequest(), timeout=HANG_SECONDS).ops
+    }
     assert set(ops) == set(REGISTRY)
     for name, op in ops.items():
         assert op.family, name
@@ -190,7 +195,7 @@ def test_list_ops_describes_every_op(stub):
 
 
 def test_sdk_list_ops_agrees(client, stub):
-    raw = stub.ListOps(executor_pb2.ListOpsRequest(), timeout=10).ops
+    raw = stub.ListOps(executor_pb2.ListOpsRequest(), timeout=HANG_SECONDS).ops
     infos = {op.name: op for op in client.list_ops()}
     assert set(infos) == {op.name for op in raw}
     assert infos["take"].differentiable == (True, False)
@@ -272,6 +277,6 @@ def test_deadline_exceeded_then_the_server_serves_the_next_request(client, stub)
         run_request(
             executor_pb2.GraphRef(graph=tanh_mlp().to_proto()), small, wrt=["b"], loss="loss"
         ),
-        timeout=10,
+        timeout=HANG_SECONDS,
     )
     np.testing.assert_allclose(array(response.grads["b"]), reference(small)[1]["b"], rtol=1e-10)

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import HANG_SECONDS
 
 import remat
 from remat.credentials import make_channel, resolve_token
@@ -35,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 TOKEN, OTHER_TOKEN = "tok-3f9a1c", "tok-second"
-TIMEOUT = 5.0
+TIMEOUT = HANG_SECONDS
 
 
 # --- certificates ---------------------------------------------------------------------------
