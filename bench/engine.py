@@ -74,7 +74,6 @@ import remat  # noqa: E402
 from remat import models  # noqa: E402
 from remat_server import ServerConfig  # noqa: E402
 from remat_server.engine import Engine, RunRequest  # noqa: E402
-from remat_server.engine import checks as checks_module  # noqa: E402
 from remat_server.engine import compile as compile_module  # noqa: E402
 from remat_server.engine import run as run_module  # noqa: E402
 from remat_server.graph.limits import Limits  # noqa: E402
@@ -245,7 +244,6 @@ def torch_chain(n: int) -> Callable[[], float]:
 
 
 # --- profiling ------------------------------------------------------------------------------
-# Module-level functions Engine.run calls, timed as its stages (those that exist).
 def op_breakdown(engine: Engine, request: RunRequest) -> str:
     """Where one Engine.run spends its time: per pipeline stage, and per (op, phase)
     inside the executor, by wrapping the engine's and the executor's functions. The
@@ -258,7 +256,7 @@ def op_breakdown(engine: Engine, request: RunRequest) -> str:
         (run_module, "compile_request", "differentiate"),
         (compile_module, "_plan", "plan + simulate"),
         (executor_module.Program, "run", "execute"),
-        (checks_module, "_nonfinite", "nonfinite"),
+        (run_module, "nonfinite_warnings", "nonfinite"),
     ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
     run_node = executor_module._run_node
