@@ -26,6 +26,7 @@ from typing import Any
 from unittest import mock
 
 import grpc
+from support import HANG_SECONDS
 
 import remat
 from remat_proto.v1 import executor_pb2
@@ -278,7 +279,7 @@ def finished(server, method: str, code: str = "OK") -> int:
     return int(value or 0)
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "the condition") -> None:
+def wait_until(predicate, timeout: float = HANG_SECONDS, what: str = "the condition") -> None:
     """Poll `predicate` until it holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():

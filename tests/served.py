@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import HANG_SECONDS
 
 CLI = [sys.executable, "-m", "remat.cli"]
 # One BLAS thread per server: the machine is shared, and run times stay predictable.
@@ -30,7 +31,7 @@ LINUX_PROC = os.path.isdir("/proc/self/fd")
 class Served:
     """`remat serve --port 0 ARGS` in a subprocess, up once its "listening" line is out."""
 
-    def __init__(self, *args: str, env: dict | None = None, startup: float = 30):
+    def __init__(self, *args: str, env: dict | None = None, startup: float = HANG_SECONDS):
         # Its own session: a process group to signal like a terminal's Ctrl-C does.
         self.process = subprocess.Popen(
             [*CLI, "serve", "--port", "0", *args],
@@ -77,7 +78,7 @@ class Served:
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """Every sample of the /metrics exposition: (name, sorted labels) -> value."""
         with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=HANG_SECONDS
         ) as response:
             text = response.read().decode()
         return {
@@ -89,7 +90,7 @@ class Served:
     def inflight(self) -> float:
         return self.metrics()[("remat_inflight_requests", ())]
 
-    def wait_until_busy(self, baseline: float, timeout: float = 15) -> None:
+    def wait_until_busy(self, baseline: float, timeout: float = HANG_SECONDS) -> None:
         """Until one more RPC than `baseline` is in flight (and still is 0.3 s later:
         the run, not the quick inline first call before it)."""
         deadline = time.monotonic() + timeout

@@ -6,6 +6,9 @@ distinct weight and a wrong gradient cannot hide behind symmetry.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 
 from remat_server.engine import Engine, RunRequest
@@ -16,6 +19,26 @@ ENGINE = Engine()
 # generous on purpose: CI machines are shared, and a 10 s deadline once expired on a
 # request that answers in 8 ms (tests/property, 17,000 calls on a loaded machine).
 HANG_SECONDS = 60.0
+
+
+@contextlib.contextmanager
+def evaluated_nodes() -> Iterator[list[str]]:
+    """The names of the nodes the executor evaluates in this process while the block
+    runs (any run: a server's in this process, a profiling pass): a request that a
+    server here refuses "before anything runs" leaves the list empty."""
+    from unittest import mock
+
+    from remat_server.runtime import executor
+
+    names: list[str] = []
+    real = executor._run_node
+
+    def counted(node, *args):
+        names.append(node.name)
+        return real(node, *args)
+
+    with mock.patch.object(executor, "_run_node", counted):
+        yield names
 
 
 def op_graph(

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import HANG_SECONDS
 
 import remat
 from remat import calls, streaming
@@ -201,7 +202,7 @@ def test_only_the_output_is_big_run_is_refused_and_the_sdk_streams(client, serve
         executor_pb2.GraphRef(graph=g.to_proto()), g, {"x": x[None]}, stream=False
     )
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Run(request, timeout=10)
+        stub.Run(request, timeout=HANG_SECONDS)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "RunStream" in caught.value.details()
     assert (metadata.USE_STREAM, "1") in tuple(caught.value.trailing_metadata())
@@ -264,7 +265,9 @@ def test_server_chunk_size_is_honoured_even_when_it_does_not_divide_the_tensor()
                 request_serializer=chunks.encode,
                 response_deserializer=streaming.decode_response,
             )
-            messages = list(call(streaming.upload(request, big, chunk_bytes=65_537), timeout=30))
+            messages = list(
+                call(streaming.upload(request, big, chunk_bytes=65_537), timeout=HANG_SECONDS)
+            )
         header, *rest = messages
         assert header.WhichOneof("part") == "header"
         assert header.header.outputs["y"].chunked and header.header.grads["x"].chunked
@@ -413,7 +416,7 @@ HOSTILE = {
 def test_hostile_stream_is_refused_and_the_server_keeps_serving(run_stream, client, case):
     messages, code, fragments = HOSTILE[case]
     with pytest.raises(grpc.RpcError) as caught:
-        list(run_stream(iter(messages), timeout=10))
+        list(run_stream(iter(messages), timeout=HANG_SECONDS))
     assert caught.value.code() == code, caught.value.details()
     for fragment in fragments:
         assert fragment in caught.value.details()
@@ -438,7 +441,7 @@ def test_a_valid_hand_built_stream_is_accepted(run_stream):
         chunks.encode_chunk(INPUT, "x", xd[3001:]),
     ]
     download = streaming.Download()
-    for message in run_stream(iter(messages), timeout=10):
+    for message in run_stream(iter(messages), timeout=HANG_SECONDS):
         download.add(message)
     _, outputs, _ = download.finish()
     assert np.array_equal(outputs["y"], x * 2)
@@ -476,11 +479,11 @@ def test_declared_total_over_max_request_bytes_is_refused_before_allocating(
     header = _header(shape=shapes["x"], **extra)
     total = sum(4 * math.prod(shape) for shape in shapes.values())
     rss = _rss_bytes()
-    start = time.monotonic()
     # Chunks follow the header, as a real client would send them, but are never read.
     with pytest.raises(grpc.RpcError) as caught:
-        list(run_stream(iter([header, _chunk()]), timeout=10))
-    assert time.monotonic() - start < 2.0
+        list(run_stream(iter([header, _chunk()]), timeout=HANG_SECONDS))
+    # Refused from the declared sizes, before any buffer was made: `allocated` shows it
+    # (not a wall-clock bound, which on a loaded machine is scheduling luck).
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = caught.value.details()
     assert "--max-request-bytes" in details and f"{total:,}" in details
@@ -492,7 +495,7 @@ def test_declared_total_over_max_request_bytes_is_refused_before_allocating(
 def test_chunked_flag_in_unary_run_is_invalid(channel, client):
     stub = executor_pb2_grpc.ExecutorStub(channel)
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Run(_header().header, timeout=10)
+        stub.Run(_header().header, timeout=HANG_SECONDS)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 'x'" in caught.value.details()
     assert "RunStream" in caught.value.details()
