@@ -163,7 +163,7 @@ class Recorder(grpc.ServerInterceptor):
     cancel (at most `HOLD_SECONDS`, then it goes on): so a test can close a stream
     mid-way for sure."""
 
-    HOLD_SECONDS = 10.0
+    HOLD_SECONDS = 10 * HANG_SECONDS  # far past any wait_until: only a cancel ends it
 
     def __init__(
         self,

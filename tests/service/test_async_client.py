@@ -140,7 +140,6 @@ def test_compare_stream_is_an_async_iterator_and_aclose_cancels_the_call():
         assert first.policy == "store_all"
         wait_until(
             lambda: finished(server, "Compare", "CANCELLED") == 1,
-            timeout=5,
             what="the second Compare call's cancellation",
         )
 
