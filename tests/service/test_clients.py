@@ -177,7 +177,8 @@ def test_compare_and_compare_stream_match_the_raw_rpc(any_client, stub):
 
 def test_closing_compare_stream_early_cancels_the_call(kind):
     """The server holds after the first row until the client goes: closing the stream
-    must cancel the call (else the hold ends only after Recorder.HOLD_SECONDS, and the call ends OK)."""
+    must cancel the call (else the hold ends only after Recorder.HOLD_SECONDS, and the
+    call ends OK)."""
     model = mlp()
     with (
         serving(Recorder(hold={"Compare": {1: 1}})) as (server, address),
