@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from support import HANG_SECONDS
 
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import InvalidArgument
@@ -420,7 +421,7 @@ def test_huge_shapes_are_rejected_fast_without_allocating(shape):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 0.5
+    assert elapsed < HANG_SECONDS  # not a loop over the elements (no tighter bet on time)
     assert peak < 1 << 20  # well under a MiB: nothing shaped like the request was allocated
 
 
@@ -434,7 +435,7 @@ def test_huge_input_declaration_is_rejected_before_reading_tensors():
     start = time.perf_counter()
     with pytest.raises(InvalidArgument, match="node 'x' .*model.py:12.*exceeds the limit"):
         Engine().differentiate(spec, wrt=("x",), input_shapes={"x": (2**62, 2**62)})
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < HANG_SECONDS
 
 
 # --- the -1 batch dimension --------------------------------------------------------------------
