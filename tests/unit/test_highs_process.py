@@ -317,3 +317,23 @@ def test_the_forkserver_starts_from_a_grpc_server_with_threads(tmp_path: Path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "solved True True", done.stdout + done.stderr
+
+
+def test_a_run_asking_for_another_thread_count_leaves_every_solve_working():
+    """HiGHS sizes its thread pool once per process; a run asking for another size
+    failed ("Not Set"), and so did every MILP solve after one that asked first."""
+    toy = highs_process.Model(  # minimise x0 + x1 such that x0 + x1 >= 1, x binary
+        cost=np.ones(2),
+        lb=np.zeros(2),
+        ub=np.ones(2),
+        lower=np.ones(1),
+        upper=np.full(1, np.inf),
+        starts=np.array([0, 2], dtype=np.int32),
+        index=np.array([0, 1], dtype=np.int32),
+        value=np.ones(2),
+        integrality=np.ones(2, dtype=np.int32),
+    )
+    assert highs_process.run(toy, {"output_flag": False, "threads": 2}).status == "kOptimal"
+    problem = chain(4)
+    solution = milp.solve(problem, budget_bytes(problem, 0, 0.8), 30.0, "optimal(0.8)")
+    assert solution.schedule is not None and solution.optimal, solution.why

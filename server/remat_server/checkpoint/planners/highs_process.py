@@ -113,7 +113,7 @@ def run(
 ) -> Outcome:
     """Solve in this process; HiGHS stops where it polls once `interrupt()` is true."""
     h = highspy.Highs()
-    for option, value in options.items():
+    for option, value in {**options, "threads": THREADS}.items():
         h.setOptionValue(option, value)
     h.passModel(
         len(model.cost),
@@ -226,6 +226,11 @@ def _send(conn: Connection, message: bytes) -> None:
         pass
 
 
+# HiGHS's thread pool is process-wide and sized by the first run in a process: a later
+# run asking for another size fails before it starts (model status "Not Set"). So every
+# run here asks for this one (a doctest that left the default once made every MILP
+# solve after it in the process fail).
+THREADS = 1
 # Where there is no forkserver (Windows), callers solve in process.
 AVAILABLE = "forkserver" in multiprocessing.get_all_start_methods()
 CHILD_NAME = "remat-highs"

@@ -407,7 +407,7 @@ class _Milp:
 # --- HiGHS -------------------------------------------------------------------------
 # Exact (mip_rel_gap 0: never lose to a heuristic), silent, and one thread: the server
 # bounds CPU use by how many solves run at once, not by HiGHS's scheduler.
-_OPTIONS = (("output_flag", False), ("mip_rel_gap", 0.0), ("threads", 1))
+_OPTIONS = (("output_flag", False), ("mip_rel_gap", 0.0))  # one thread: highs_process
 # Larger models are solved in a child process. Measured on tanh chains (HiGHS 1.16):
 # up to 10 layers (1,156 variables) no stretch without an interrupt poll passed 0.35 s
 # (a cancel landed within 0.05 s); from 12 layers (1,585) they reach 0.7-2.7 s.
