@@ -299,8 +299,8 @@ def status_cell(o: Outcome, note: str = "") -> str:
         cell = o.status
         if o.status == "time_limit":
             cell += f", gap {o.gap:.3f}"
-        elif o.status == "fallback":
-            cell += f" → {o.chosen} ({o.detail.split(';')[0][:90]})"
+        elif o.status == "fallback":  # its gap: over the moment bound
+            cell += f" → {o.chosen}, gap {o.gap:.3f} ({o.detail.split(';')[0][:90]})"
         return cell
     return f"{o.status}: {o.chosen}" if o.chosen else o.status
 

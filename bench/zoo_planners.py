@@ -163,7 +163,8 @@ def cell(r: dict, row: dict | None, label: str, seconds: dict) -> str:
     base = r["store_all"]
     step = seconds.get(row["policy"]) if "policy" in row else None
     time_x = f"{step / seconds['store_all']:.2f}x" if step else "—"
-    gap = f", gap {row['gap']:.0%}" if label == "optimal" and row["status"] == "time_limit" else ""
+    stopped = row["status"] in ("time_limit", "fallback")  # a fallback's: over the moment bound
+    gap = f", gap {row['gap']:.0%}" if label == "optimal" and stopped else ""
     status = f" ({row['status']})" if label == "optimal" else ""
     return (
         f"{row['peak'] / base['peak']:.0%}, {row['recompute_flops'] / base['flops']:.1%}, "

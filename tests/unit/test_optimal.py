@@ -334,9 +334,10 @@ def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(
     """Stopped at its time limit, the MILP's incumbent may recompute more than the budget
     planner's schedule: Optimal then returns the cheaper one, with the MILP's bound.
     That bound covers the MILP's class only; Budget's schedules come from outside it
-    (a ReLU's mask made once, in the backward pass) and may be under it, and then no
-    bound is claimed."""
+    (a ReLU's mask made once, in the backward pass) and may be under it, and then the
+    gap is over the bound every schedule has (`moment_bound`)."""
     from remat_server.checkpoint.planners import optimal
+    from remat_server.checkpoint.planners.moment_bound import recompute_lower_bound
 
     p = problem("chain8")
     limit = int(0.75 * store_all_peak(p))
@@ -350,10 +351,17 @@ def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(
     assert ours.peak_bytes <= limit
     assert ours.recompute_flops < simulated(p, poor).recompute_flops
     assert schedule.report.status == "time_limit" and schedule.report.chosen != "milp"
-    assert schedule.report.optimality_gap == 1.0  # no bound above 0: (cost - 0) / cost
     assert "recomputes less than the MILP's incumbent" in schedule.report.detail
     claimed = "every schedule of its class recomputes at least"
     assert (claimed in schedule.report.detail) != bound_above_budget, schedule.report.detail
+    if bound_above_budget:  # the bound of every schedule, above 0 here
+        moment = recompute_lower_bound(p, limit).cost
+        assert 0 < moment <= ours.recompute_flops
+        gap = (ours.recompute_flops - moment) / ours.recompute_flops
+        assert "(the moment bound)" in schedule.report.detail
+    else:  # the MILP's bound, 0: (cost - 0) / cost
+        gap = 1.0
+    assert schedule.report.optimality_gap == pytest.approx(gap)
 
 
 def test_when_no_milp_schedule_fits_the_budget_planner_still_tries(monkeypatch):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from remat_proto import policies as P
+from remat_server.checkpoint.planners.moment_bound import recompute_lower_bound
+from remat_server.checkpoint.problem import Problem
 from remat_server.engine import Engine, RunRequest
 from remat_server.errors import ResourceExhausted
 from remat_server.graph.limits import Limits
@@ -59,6 +61,12 @@ def test_every_planner_is_valid_within_budget_and_bit_identical(workload, policy
     report = metrics.planner
     if report is not None and report.budget_bytes:
         assert metrics.predicted_peak_bytes <= report.budget_bytes
+        # No schedule within a limit recomputes less than the moment bound.
+        planned = ENGINE.plan(spec, wrt=wrt, loss="loss", policy=policy)
+        joint = planned.joint
+        problem = Problem(joint.graph, planned.schedule.results, joint.forward_nodes)
+        bound = recompute_lower_bound(problem, report.budget_bytes).cost
+        assert metrics.recompute_flops >= bound, (spec.name, P.label(policy), bound)
     assert metrics.peak_bytes == metrics.predicted_peak_bytes  # the executor's accounting
     for name, grad in reference.grads.items():
         assert np.array_equal(result.grads[name], grad), (spec.name, P.label(policy), name)

@@ -1,0 +1,144 @@
+"""The moment bound (`planners.moment_bound`): a lower bound on every schedule's
+recomputation under a byte limit. No schedule any planner emits within the limit
+recomputes less (Optimal's proven optima included); it is 0 where store_all fits,
+above 0 where the limit forces recomputation, infinite where nothing fits; and Optimal
+reports its gap against it when the budget planner answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import support
+
+import remat
+from remat_proto import policies as P
+from remat_server.checkpoint.planners import plan
+from remat_server.checkpoint.planners.bounds import (
+    budget_bytes,
+    recompute_cost,
+    simulated,
+    store_all_peak,
+)
+from remat_server.checkpoint.planners.moment_bound import recompute_lower_bound
+from remat_server.checkpoint.problem import Problem
+from remat_server.engine import Engine
+from remat_server.errors import ResourceExhausted
+from remat_server.graph.limits import Limits
+from remat_server.service.codec import graph_from_proto
+
+ENGINE = Engine()
+
+
+def _spec(g: remat.Graph):
+    return graph_from_proto(g.to_proto(), Limits())
+
+
+def skip() -> remat.Graph:
+    """A value read by its successor and, through a skip connection, three ops later."""
+    g = remat.Graph("skip")
+    x = g.input("x", (4, 4), "float64")
+    a = remat.tanh(x, name="a")
+    b = remat.tanh(a, name="b")
+    c = remat.tanh(b, name="c")
+    d = remat.tanh(c, name="d")
+    g.output("loss", remat.sum(d * a, name="loss"))
+    return g
+
+
+def mlp() -> remat.Graph:
+    """Three ReLU layers (their masks are backward nodes a schedule may make early)."""
+    g = remat.Graph("mlp")
+    h = g.input("x", (8, 6), "float64")
+    for k in range(3):
+        h = remat.relu(remat.matmul(h, g.input(f"w{k}", (6, 6), "float64")), name=f"r{k}")
+    g.output("loss", remat.sum(h * h, name="loss"))
+    return g
+
+
+GRAPHS = {  # name -> (spec, wrt)
+    "chain8": (lambda: support.tanh_chain(8, 4, "float64", loss=True), ("x",)),
+    "skip": (lambda: _spec(skip()), ("x",)),
+    "mlp": (lambda: _spec(mlp()), ("x", "w0", "w1", "w2")),
+}
+# (graph, fraction of store_all's peak) where some planner's schedule fits
+CASES = [
+    *(("chain8", f) for f in (0.9, 0.75, 0.6, 0.5)),
+    *(("skip", f) for f in (0.9, 0.75, 0.6)),
+    *(("mlp", f) for f in (0.9, 0.8, 0.75)),
+]
+
+
+def problem(name: str, milp_max_nodes: int = 300) -> Problem:
+    build, wrt = GRAPHS[name]
+    planned = ENGINE.plan(build(), wrt=wrt, loss="loss")
+    return Problem(
+        planned.joint.graph,
+        planned.schedule.results,
+        planned.joint.forward_nodes,
+        milp_max_nodes=milp_max_nodes,
+    )
+
+
+def schedules_within(name: str, fraction: float) -> dict[str, float]:
+    """label -> recompute cost of every planner's schedule that keeps to the limit."""
+    policies = [P.StoreAll(), P.RecomputeAll(), P.Sqrt(), *(P.EveryK(k) for k in range(1, 5))]
+    policies += [P.DTR(fraction=fraction), P.Budget(fraction=fraction)]
+    policies += [P.Optimal(fraction=fraction, time_limit=2.0)]
+    limit = budget_bytes(problem(name), 0, fraction)
+    found = {}
+    for policy in policies:
+        p = problem(name)
+        try:
+            schedule = plan(p, policy)
+        except ResourceExhausted:
+            continue
+        if simulated(p, schedule).peak_bytes <= limit:
+            found[P.label(policy)] = recompute_cost(p, schedule)
+    return found
+
+
+@pytest.mark.parametrize("name, fraction", CASES)
+def test_no_schedule_within_the_limit_recomputes_less(name, fraction):
+    p = problem(name)
+    bound = recompute_lower_bound(p, budget_bytes(p, 0, fraction)).cost
+    found = schedules_within(name, fraction)
+    assert found, "no planner fits: the case tests nothing"
+    below = {label: cost for label, cost in found.items() if cost < bound}
+    assert not below, (bound, below)
+
+
+def test_the_bound_is_above_0_where_the_limit_forces_recomputation():
+    """chain8 at 75%: Optimal proves its optimum; the bound is above 0 and under it."""
+    p = problem("chain8")
+    limit = budget_bytes(p, 0, 0.75)
+    bound = recompute_lower_bound(p, limit)
+    optimal = plan(problem("chain8"), P.Optimal(fraction=0.75, time_limit=5.0))
+    assert optimal.report.status == "optimal"
+    assert 0 < bound.cost <= recompute_cost(p, optimal)
+    assert bound.anchor is not None and not p.is_forward(bound.anchor)
+
+
+def test_the_bound_is_0_where_store_all_fits():
+    p = problem("mlp")
+    assert recompute_lower_bound(p, store_all_peak(p)).cost == 0.0
+
+
+def test_a_limit_under_the_inputs_is_proven_infeasible():
+    p = problem("skip")
+    assert math.isinf(recompute_lower_bound(p, p.input_bytes - 1).cost)
+
+
+def test_optimal_reports_its_gap_against_the_bound_when_budget_answers():
+    """Over the MILP's node limit, Optimal answers with the budget planner's schedule,
+    and its gap is over the moment bound (before, a fallback reported a gap of 0)."""
+    p = problem("chain8", milp_max_nodes=0)
+    limit = budget_bytes(p, 0, 0.6)
+    schedule = plan(p, P.Optimal(fraction=0.6))
+    report = schedule.report
+    assert report.status == "fallback"
+    cost = recompute_cost(p, schedule)
+    bound = recompute_lower_bound(p, limit).cost
+    assert 0 < bound <= cost
+    assert report.optimality_gap == pytest.approx((cost - bound) / cost)
+    assert "(the moment bound)" in report.detail
