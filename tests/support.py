@@ -128,6 +128,18 @@ def tanh_chain(
     return GraphSpec("chain", (InputSpec("x", (width,), dtype),), tuple(nodes), outputs)
 
 
+def skip_chain(length: int, width: int = 4) -> GraphSpec:
+    """x -> t1 = tanh(x) -> ... -> t<length>, and loss = sum(t<length> * t1): t1 is read
+    by its successor and, through the skip connection, again at the end."""
+    nodes = [NodeSpec("t1", "tanh", ("x",))]
+    for i in range(2, length + 1):
+        nodes.append(NodeSpec(f"t{i}", "tanh", (f"t{i - 1}",)))
+    nodes.append(NodeSpec("skip", "mul", (f"t{length}", "t1")))
+    nodes.append(NodeSpec("loss", "sum", ("skip",)))
+    x = InputSpec("x", (width, width), "float64")
+    return GraphSpec("skip", (x,), tuple(nodes), (("loss", "loss"),))
+
+
 def run_op(op, inputs, attrs=None, name="out"):
     """The output of one `op` node on `inputs` (no gradient)."""
     specs = tuple(InputSpec(k, a.shape, a.dtype.name) for k, a in inputs.items())

@@ -28,17 +28,6 @@ def _spec(g: remat.Graph):
     return graph_from_proto(g.to_proto(), Limits())
 
 
-def skip() -> remat.Graph:
-    """A value read by its successor and, through a skip connection, two ops later."""
-    g = remat.Graph("skip")
-    x = g.input("x", (4, 4), "float64")
-    a = remat.tanh(x, name="a")
-    b = remat.tanh(a, name="b")
-    c = remat.tanh(b, name="c")
-    g.output("loss", remat.sum(c * a, name="loss"))
-    return g
-
-
 def wide() -> remat.Graph:
     """Two branches of different sizes joined at the end."""
     g = remat.Graph("wide")
@@ -51,7 +40,7 @@ def wide() -> remat.Graph:
 
 GRAPHS = {  # name -> (spec, wrt)
     "chain3": (lambda: support.tanh_chain(3, 4, "float64", loss=True), ("x",)),
-    "skip": (lambda: _spec(skip()), ("x",)),
+    "skip": (lambda: support.skip_chain(3), ("x",)),
     "wide": (lambda: _spec(wide()), ("x",)),
 }
 

@@ -30,22 +30,6 @@ from remat_server.service.codec import graph_from_proto
 ENGINE = Engine()
 
 
-def _spec(g: remat.Graph):
-    return graph_from_proto(g.to_proto(), Limits())
-
-
-def skip() -> remat.Graph:
-    """A value read by its successor and, through a skip connection, three ops later."""
-    g = remat.Graph("skip")
-    x = g.input("x", (4, 4), "float64")
-    a = remat.tanh(x, name="a")
-    b = remat.tanh(a, name="b")
-    c = remat.tanh(b, name="c")
-    d = remat.tanh(c, name="d")
-    g.output("loss", remat.sum(d * a, name="loss"))
-    return g
-
-
 def mlp() -> remat.Graph:
     """Three ReLU layers (their masks are backward nodes a schedule may make early)."""
     g = remat.Graph("mlp")
@@ -58,8 +42,8 @@ def mlp() -> remat.Graph:
 
 GRAPHS = {  # name -> (spec, wrt)
     "chain8": (lambda: support.tanh_chain(8, 4, "float64", loss=True), ("x",)),
-    "skip": (lambda: _spec(skip()), ("x",)),
-    "mlp": (lambda: _spec(mlp()), ("x", "w0", "w1", "w2")),
+    "skip": (lambda: support.skip_chain(4), ("x",)),
+    "mlp": (lambda: graph_from_proto(mlp().to_proto(), Limits()), ("x", "w0", "w1", "w2")),
 }
 # (graph, fraction of store_all's peak) where some planner's schedule fits
 CASES = [
