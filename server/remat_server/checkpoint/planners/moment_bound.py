@@ -49,15 +49,18 @@ class MomentBound:
 def recompute_lower_bound(
     problem: Problem, limit: int, anchors: int = DEFAULT_ANCHORS
 ) -> MomentBound:
-    """The highest moment bound over `anchors` backward nodes (see the module doc)."""
+    """The highest moment bound over `anchors` backward nodes (see the module doc). Its
+    LPs are solves like the MILP's: they hold a solve slot (`control.expensive`, taken
+    only if the caller holds none), and stop between anchors once the request ends."""
     best = MomentBound(0.0, None)
-    for anchor in _anchors(problem, anchors):
-        control.check()
-        cost = _moment(problem, limit, anchor)
-        if cost > best.cost:
-            best = MomentBound(cost, anchor)
-            if math.isinf(cost):
-                break
+    with control.expensive():
+        for anchor in _anchors(problem, anchors):
+            control.check()
+            cost = _moment(problem, limit, anchor)
+            if cost > best.cost:
+                best = MomentBound(cost, anchor)
+                if math.isinf(cost):
+                    break
     return best
 
 
