@@ -104,7 +104,7 @@ def test_a_stalled_upload_is_cancelled_after_max_upload_seconds(served, caplog):
         yield _header(executor_pb2.GraphRef(graph_id=graph_id), MiB // 4)
         over.wait(HANG_SECONDS)  # never sends the data while the call lasts
 
-    ended = _runs(server, None)
+    ended, cancelled = _runs(server, None), _runs(server, "CANCELLED")
     start = time.monotonic()
     try:
         with pytest.raises(grpc.RpcError) as caught:
@@ -121,6 +121,8 @@ def test_a_stalled_upload_is_cancelled_after_max_upload_seconds(served, caplog):
     assert took >= MAX_UPLOAD_SECONDS
     # The handler notices after the client does: wait until the server has ended it.
     wait_until(lambda: _runs(server, None) > ended, HANG_SECONDS, "the end of the handler")
+    # Its metrics say what the client got (not a refusal of the request).
+    assert _runs(server, "CANCELLED") == cancelled + 1
     errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("remat")]
     assert not errors, "a cancelled upload is the client's doing, not a server error"
     with remat.Client(address) as client:  # and the server still serves

@@ -92,6 +92,11 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
             f", stopped at {time_limit:g} s; every schedule of its class recomputes at "
             f"least {solution.bound:.4g} {_unit(problem)}"
         )
+    else:  # proven for the MILP's class, which is not every schedule (see `milp`)
+        detail += (
+            "; optimal among the schedules of its class (one fixed order, the results "
+            "computed with the forward pass)"
+        )
     return replace(
         solution.schedule,
         report=PlannerReport(
