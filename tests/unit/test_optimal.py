@@ -374,7 +374,9 @@ def test_when_no_milp_schedule_fits_the_budget_planner_still_tries(monkeypatch):
     monkeypatch.setattr(optimal.milp, "solve", lambda *args, **kwargs: refused)
     schedule = plan_optimal(p, Optimal(fraction=0.75))
     assert schedule.report.status == "fallback"
-    assert schedule.report.detail.startswith("infeasible (test); planned by the budget planner")
+    detail = schedule.report.detail  # both of the MILP's classes (`milp_classes`) refused
+    assert detail.startswith("infeasible (test); in the results-last order, infeasible (test)")
+    assert "; planned by the budget planner" in detail
     assert simulated(p, schedule).peak_bytes <= schedule.report.budget_bytes
 
 

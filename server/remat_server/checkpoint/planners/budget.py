@@ -21,7 +21,8 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
    across its peak and making them again for their next reader (`remake`): on
    residual blocks, a ReLU made again from its kept pre-activation.
 5. On small joint graphs (<= EXACT_MAX_NODES), the exact MILP's best schedule within
-   EXACT_SECONDS.
+   EXACT_SECONDS (`milp_classes`: the results computed with the forward pass, and,
+   with the time the first class leaves, last).
 6. When nothing else fits, the lowest-peak schedule known (`least_memory.floor`, which
    a refusal would name anyway), and, where the floor's search found a backward order
    that lowers recompute_all's peak (`peak_order`), candidates 1-4 in that order (the
@@ -60,7 +61,7 @@ from ..problem import Problem
 from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import PlannerReport, Schedule
 from ..simulate import OverLimit
-from . import chain_dp, milp, peak_drops, remake
+from . import chain_dp, milp, milp_classes, peak_drops, remake
 from .bounds import budget_bytes, evaluations_cost, simulated, store_all_peak
 from .dtr import plan_dtr
 from .heuristics import (
@@ -370,7 +371,7 @@ class _Candidates:
             return
         try:
             start = self.best[1] if self.best is not None else None
-            solution = milp.solve(
+            solution = milp_classes.solve(
                 problem, self.limit, control.seconds_left(EXACT_SECONDS), self.name, start
             )
         except (Cancelled, DeadlineExceeded):

@@ -97,19 +97,28 @@ class Solution:
     why: str = ""
     # HiGHS's proven lower bound on the recompute cost (problem.cost's units); 0 if none.
     bound: float = 0.0
+    orders: int = 1  # the classes solved (`milp_classes`: 2 with the results last too)
 
 
 def solve(
-    problem: Problem, limit: int, time_limit: float, name: str, start: Schedule | None = None
+    problem: Problem,
+    limit: int,
+    time_limit: float,
+    name: str,
+    start: Schedule | None = None,
+    results_last: bool = False,
 ) -> Solution:
     """The cheapest schedule with peak <= `limit` bytes, within `time_limit` seconds;
     `start`, a schedule known to fit, is HiGHS's first incumbent when the MILP can
-    express it (`milp_start`), so the answer recomputes no more than it. Raises
-    Cancelled or DeadlineExceeded when the current request ends first, and
-    ResourceExhausted (killed, most likely out of memory) or RematError when a child
-    process solving it dies."""
+    express it (`milp_start`), so the answer recomputes no more than it. With
+    `results_last`, the class of schedules that compute the results nothing reads
+    last (`milp_order.results_last`). Raises Cancelled or DeadlineExceeded when the
+    current request ends first, and ResourceExhausted (killed, most likely out of
+    memory) or RematError when a child process solving it dies."""
     control.check(name)  # building a few hundred nodes' model takes a while
     order = (start and milp_order.of_schedule(problem, start)) or milp_order.default(problem)
+    if results_last:
+        order = milp_order.results_last(problem, order)
     model = _Milp(problem, order, limit - problem.input_bytes)
     if start is not None:
         model.start = milp_start.columns(model, start)

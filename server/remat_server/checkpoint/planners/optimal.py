@@ -32,7 +32,7 @@ from ...errors import ResourceExhausted
 from .. import control
 from ..problem import Problem
 from ..schedule import PlannerReport, Schedule
-from . import milp
+from . import milp, milp_classes
 from .bounds import budget_bytes, recompute_cost, store_all_peak
 from .budget import search
 from .least_memory import over_budget, peak_lower_bound
@@ -75,7 +75,9 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
     with control.expensive(name):  # Budget's search nests in it: one slot
         known = _budget_schedule(problem, name, limit)
         time_limit = control.seconds_left(policy.time_limit or DEFAULT_TIME_LIMIT)
-        solution = milp.solve(problem, limit, time_limit, name, start=known)  # raises once stopped
+        solution = milp_classes.solve(
+            problem, limit, time_limit, name, known
+        )  # raises once stopped
         if solution.schedule is None:  # none in time, or none of the MILP's class fits
             if known is None:  # and Budget's search had found none either
                 raise over_budget(problem, name, limit, solution.why + "; no fallback fits")
@@ -92,10 +94,11 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
             f", stopped at {time_limit:g} s; every schedule of its class recomputes at "
             f"least {solution.bound:.4g} {_unit(problem)}"
         )
-    else:  # proven for the MILP's class, which is not every schedule (see `milp`)
-        detail += (
-            "; optimal among the schedules of its class (one fixed order, the results "
-            "computed with the forward pass)"
+    else:  # proven for the MILP's classes, which are not every schedule (`milp_classes`)
+        detail += "; optimal among the schedules of its class" + (
+            "es (one fixed order, with the results computed with the forward pass or last)"
+            if solution.orders == 2
+            else " (one fixed order)"
         )
     return replace(
         solution.schedule,
