@@ -241,8 +241,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def RunStream(self, request_iterator, context):
         """Run with tensors in chunks both ways (see `streaming`)."""
         graph = []  # resolved from the header, before any tensor arrives
-        timer = threading.Timer(self.max_upload_seconds, context.cancel)
-        timer.start()  # a client that never finishes its upload must not hold a thread
+        overdue = threading.Event()
+
+        def cut_off() -> None:  # a client that never finishes its upload must not hold a thread
+            overdue.set()
+            context.cancel()
+
+        timer = threading.Timer(self.max_upload_seconds, cut_off)
+        timer.start()
         try:
             upload = streaming.receive(
                 _uploaded(request_iterator, context),
@@ -253,9 +259,19 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 # this, so a client that waits for it never writes into an ended call.)
                 on_accepted=lambda: _accept(context),
             )
+            tensors = upload.finish()
+        except RematError:
+            # Cut off, the upload may end as if the client had stopped sending (data
+            # missing: INVALID_ARGUMENT): the call is CANCELLED, as its client sees it.
+            if overdue.is_set():
+                raise Cancelled(
+                    f"the upload did not finish within {self.max_upload_seconds:g} s "
+                    "(--max-upload-seconds)"
+                ) from None
+            raise
         finally:
             timer.cancel()
-        run = self._run_request(upload.header, tensors=upload.finish(), graph=graph[0])
+        run = self._run_request(upload.header, tensors=tensors, graph=graph[0])
         del upload  # the arrays live on in `run` only, so the executor can free them
         result = self._execute(run, context)
         del run
