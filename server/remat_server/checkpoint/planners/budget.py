@@ -371,8 +371,10 @@ class _Candidates:
             return
         try:
             start = self.best[1] if self.best is not None else None
+            seconds = control.seconds_left(EXACT_SECONDS)
+            # With nothing found, the limit is near the least peak: the results last first.
             solution = milp_classes.solve(
-                problem, self.limit, control.seconds_left(EXACT_SECONDS), self.name, start
+                problem, self.limit, seconds, self.name, start, results_last_first=start is None
             )
         except (Cancelled, DeadlineExceeded):
             raise  # the request ended: no more planning

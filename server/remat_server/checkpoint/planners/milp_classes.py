@@ -10,12 +10,13 @@ graphs each has the optimum over every schedule (`tests/brute_force.py`) where t
 other misses it: a chain of four tanh at 80% of store_all's peak recomputes 84 FLOPs
 in the first, 80 in the second, and at 65% has a schedule in the second only.
 
-The default order is solved first, within the whole time limit; the results-last one
-with what it leaves, but no longer than the first took (or SECOND_MIN_SECONDS): a plan
-takes at most about twice as long as before, and where the first runs to its limit the
-answer is the first's. The union's answer is the cheaper schedule, proven optimal
-over both classes when neither can hold a cheaper one; a first optimum the second did
-not match or rule out in its time is reported optimal over the first class alone.
+The default order is solved first (the results-last one, when asked: Budget with no
+schedule found yet), within the whole time limit; the other with what it leaves, but
+no longer than the first took (or SECOND_MIN_SECONDS): a plan takes at most about
+twice as long as before, and where the first runs to its limit the answer is the
+first's. The union's answer is the cheaper schedule, proven optimal over both classes
+when neither can hold a cheaper one; a first optimum the second did not match or rule
+out in its time is reported optimal over the first class alone.
 
     >>> # solution = solve(problem, limit, time_limit, "optimal(0.5)", start)
 """
@@ -33,24 +34,37 @@ from .bounds import recompute_cost
 
 MIN_SECONDS = 0.05  # less left than this is not worth starting HiGHS again
 SECOND_MIN_SECONDS = 1.0  # the second class gets at least this long, when left
+_ORDERS = ("default order", "results-last order")  # by results_last
 
 
 def solve(
-    problem: Problem, limit: int, time_limit: float, name: str, start: Schedule | None = None
+    problem: Problem,
+    limit: int,
+    time_limit: float,
+    name: str,
+    start: Schedule | None = None,
+    results_last_first: bool = False,
 ) -> milp.Solution:
-    """`milp.solve` over both classes (see the module doc); raises as it does."""
-    first = milp.solve(problem, limit, time_limit, name, start)
+    """`milp.solve` over both classes (see the module doc); raises as it does. With
+    `results_last_first`, the results-last class is solved first: where no schedule is
+    known the budget is near the least peak, where that class is the one that fits (a
+    residual block at its least peak: the default class takes 1.5 s to prove empty)."""
     default = milp_order.default(problem)
+    if milp_order.results_last(problem, default) == default:  # one class: the same
+        return milp.solve(problem, limit, time_limit, name, start)
+    first = milp.solve(problem, limit, time_limit, name, start, results_last_first)
     left = control.seconds_left(time_limit - first.seconds)
     left = min(left, max(first.seconds, SECOND_MIN_SECONDS))
-    if milp_order.results_last(problem, default) == default or left <= MIN_SECONDS:
+    if left <= MIN_SECONDS:
         return first
     known = first.schedule if first.schedule is not None else start
-    second = milp.solve(problem, limit, left, name, known, results_last=True)
-    return _union(problem, first, second)
+    second = milp.solve(problem, limit, left, name, known, not results_last_first)
+    return _union(problem, first, second, results_last_first)
 
 
-def _union(problem: Problem, first: milp.Solution, second: milp.Solution) -> milp.Solution:
+def _union(
+    problem: Problem, first: milp.Solution, second: milp.Solution, results_last_first: bool
+) -> milp.Solution:
     """The cheaper schedule of the two classes and what is proven of it: optimal over
     both when neither class holds a cheaper schedule (each solved, or proven empty, or
     bounded above it); else, for the first's optimum, over its class alone (as before the
@@ -64,21 +78,21 @@ def _union(problem: Problem, first: milp.Solution, second: milp.Solution) -> mil
     best, cost = min(zip(solutions, costs), key=lambda pair: pair[1])
     if best.schedule is None:
         infeasible = first.infeasible and second.infeasible
-        why = f"{first.why}; in the results-last order, {second.why}"
+        why = f"{first.why}; in the {_ORDERS[not results_last_first]}, {second.why}"
         return replace(first, infeasible=infeasible, seconds=seconds, why=why, orders=2)
     bound = min(_class_bound(s, c) for s, c in zip(solutions, costs))
     if bound < cost and best is first and first.optimal:
         return replace(first, seconds=seconds)
     optimal = bound >= cost
     gap = 0.0 if optimal or cost <= 0 else max(0.0, (cost - bound) / cost)
-    order = "the results-last order" if best is second else "the default order"
+    order = _ORDERS[(best is second) != results_last_first]
     return replace(
         best,
         optimal=optimal,
         gap=gap,
         bound=min(bound, cost),
         seconds=seconds,
-        size=f"{best.size} ({order}; the other order solved too)",
+        size=f"{best.size} (the {order}; the other order solved too)",
         orders=2,
     )
 
