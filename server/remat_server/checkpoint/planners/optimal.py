@@ -75,9 +75,8 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
     with control.expensive(name):  # Budget's search nests in it: one slot
         known = _budget_schedule(problem, name, limit)
         time_limit = control.seconds_left(policy.time_limit or DEFAULT_TIME_LIMIT)
-        solution = milp_classes.solve(
-            problem, limit, time_limit, name, known
-        )  # raises once stopped
+        # (raises once the request has ended)
+        solution = milp_classes.solve(problem, limit, time_limit, name, known)
         if solution.schedule is None:  # none in time, or none of the MILP's class fits
             if known is None:  # and Budget's search had found none either
                 raise over_budget(problem, name, limit, solution.why + "; no fallback fits")
@@ -94,12 +93,13 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
             f", stopped at {time_limit:g} s; every schedule of its class recomputes at "
             f"least {solution.bound:.4g} {_unit(problem)}"
         )
-    else:  # proven for the MILP's classes, which are not every schedule (`milp_classes`)
-        detail += "; optimal among the schedules of its class" + (
-            "es (one fixed order, with the results computed with the forward pass or last)"
-            if solution.orders == 2
-            else " (one fixed order)"
+    elif solution.orders == 2:  # proven for the MILP's classes, not every schedule
+        detail += (
+            "; optimal among the schedules of its classes (one fixed order, with the "
+            "results computed with the forward pass or last)"
         )
+    else:
+        detail += "; optimal among the schedules of its class (one fixed order)"
     return replace(
         solution.schedule,
         report=PlannerReport(
