@@ -370,6 +370,22 @@ def test_budget_is_within_ten_percent_of_every_proven_optimum():
     assert len(proven) >= 4, proven  # the comparison is not vacuous
 
 
+def test_a_small_unet_is_searched_in_the_order_that_lowers_its_floor():
+    """A 2-level U-Net at 80% of store_all's peak: with the backward node each
+    recompute_all peak serves run earlier (the floor's order, `peak_order`), keeping
+    every value fits, so the optimum recomputes nothing. Searched only in the emitted
+    and memory-aware orders, Budget recomputed 45,056 FLOPs there."""
+    model = models.unet(batch=4, channels=(2, 4), image=16, classes=2, dtype="float64")
+    planned = ENGINE.plan(spec_of(model), wrt=tuple(model.wrt), loss=model.loss)
+    problem = Problem(planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes)
+    limit = bounds.budget_bytes(problem, 0, 0.8)
+    schedule = search(problem, limit, "budget(0.8)")
+    simulation = bounds.simulated(problem, schedule)
+    assert simulation.peak_bytes <= limit
+    assert simulation.recompute_flops == 0, schedule.report.chosen
+    assert schedule.report.chosen.endswith("in the floor's order"), schedule.report.chosen
+
+
 def test_a_budget_below_the_proven_bound_is_refused_at_once():
     """While a node is computed its inputs and result are live, and every schedule ends
     with the inputs and all results live: that bound holds for every policy, and a

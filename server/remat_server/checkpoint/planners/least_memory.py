@@ -249,9 +249,7 @@ def _heuristic_floor(
         peak, steps = peaks[f"recompute_all{suffix}"]
         if peak > REORDER_WITHIN * best[2] or steps > REORDER_MAX_STEPS:
             continue
-        lowest, schedule, peak = peak_order.lowered(
-            ordered, lambda p: plan_recompute_all(p, None), deadline
-        )
+        lowest, schedule, peak = peak_order.recompute_all_lowered(ordered, deadline)
         if peak < best[2]:
             best = (
                 f"recompute_all{suffix}, reordered at its peak",

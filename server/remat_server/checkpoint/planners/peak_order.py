@@ -27,6 +27,7 @@ from .. import control
 from ..problem import Problem
 from ..schedule import Compute, Schedule
 from .bounds import simulated
+from .heuristics import plan_recompute_all
 
 # How far earlier the peak's backward node may move in one step, and how many
 # schedules one search simulates at most (each is a full plan and simulation: 5-60 ms
@@ -62,6 +63,20 @@ def lowered(
             break
         best = improved
     return best[0], best[1], best[2]
+
+
+def recompute_all_lowered(
+    problem: Problem, deadline: float | None = None
+) -> tuple[Problem, Schedule, int]:
+    """`lowered` for recompute_all from `problem`'s order, memoised on `problem`: the
+    floor's search and Budget's both ask for it (a search stopped by `deadline` is
+    remembered as it stopped)."""
+    memo = problem.memo
+    if "recompute_all_lowered" not in memo:
+        memo["recompute_all_lowered"] = lowered(
+            problem, lambda p: plan_recompute_all(p, None), deadline
+        )
+    return memo["recompute_all_lowered"]
 
 
 def _judged(problem: Problem, make) -> tuple[Problem, Schedule, int, str | None]:
