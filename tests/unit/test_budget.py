@@ -16,7 +16,7 @@ import support
 
 from remat import models
 from remat_proto import policies as P
-from remat_server.checkpoint.planners import bounds, chain_dp, least_memory, plan
+from remat_server.checkpoint.planners import bounds, budget, chain_dp, least_memory, plan
 from remat_server.checkpoint.planners.budget import search
 from remat_server.checkpoint.planners.keep_sets import backward_reads, hold_floor, regrowth
 from remat_server.checkpoint.problem import Problem
@@ -384,6 +384,28 @@ def test_a_small_unet_is_searched_in_the_order_that_lowers_its_floor():
     assert simulation.peak_bytes <= limit
     assert simulation.recompute_flops == 0, schedule.report.chosen
     assert schedule.report.chosen.endswith("in the floor's order"), schedule.report.chosen
+
+
+def test_a_refusal_searches_the_floor_once(monkeypatch):
+    """Budget tries DTR in each backward order it searches (three on a U-Net). DTR as
+    a policy names the floor when nothing fits; as Budget's candidate it must not: each
+    order's problem has its own memo, so that was a floor search per order (the
+    sample CNN at 60% was refused after 8.5 s, 6.3 s of it three floors)."""
+    searches = []
+    heuristic_floor = least_memory._heuristic_floor
+    monkeypatch.setattr(
+        least_memory,
+        "_heuristic_floor",
+        lambda *args: searches.append(args) or heuristic_floor(*args),
+    )
+    monkeypatch.setattr(budget, "EXACT_MAX_NODES", 0)  # no MILP: the structured search alone
+    model = models.unet(batch=4, channels=(2, 4), image=16, classes=2, dtype="float64")
+    planned = ENGINE.plan(spec_of(model), wrt=tuple(model.wrt), loss=model.loss)
+    problem = Problem(planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes)
+    limit = least_memory.peak_lower_bound(problem)  # under the lowest peak found: refused
+    with pytest.raises(ResourceExhausted, match="the lowest peak found"):
+        search(problem, limit, "budget")
+    assert len(searches) == 1
 
 
 def test_a_budget_below_the_proven_bound_is_refused_at_once():

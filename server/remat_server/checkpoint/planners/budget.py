@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from remat_proto.policies import DTR, Budget, EveryK, Revolve, SaveOps, label
+from remat_proto.policies import Budget, EveryK, Revolve, SaveOps, label
 
 from ...errors import Cancelled, DeadlineExceeded, RematError, ResourceExhausted
 from ...ops import registry
@@ -66,7 +66,7 @@ from ..schedule import PlannerReport, Schedule
 from ..simulate import OverLimit
 from . import chain_dp, milp, milp_classes, peak_drops, peak_order, remake
 from .bounds import budget_bytes, evaluations_cost, simulated, store_all_peak
-from .dtr import plan_dtr
+from .dtr import dtr_schedule
 from .heuristics import (
     every_k_kept,
     plan_every_k,
@@ -438,11 +438,11 @@ class _Candidates:
                 self.consider(
                     f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,)))
                 )
-        self.consider("dtr", lambda: plan_dtr(problem, DTR(bytes=self.limit)))
+        self.consider("dtr", lambda: dtr_schedule(problem, self.limit, "dtr"))
         # ReLU masks in the forward pass: sometimes DTR fits only so.
         if hoistable(problem) and (self.best is None or n <= BOTH_ORDERS_MAX_CANDIDATES):
             self.consider(
-                "dtr(hoisted)", lambda: plan_dtr(problem, DTR(bytes=self.limit), hoist=True)
+                "dtr(hoisted)", lambda: dtr_schedule(problem, self.limit, "dtr", hoist=True)
             )
         # The low-memory extremes, quadratic on long chains.
         chain = len(problem.boundaries)

@@ -47,6 +47,7 @@ from collections import Counter
 
 from remat_proto.policies import DTR, label
 
+from ...errors import ResourceExhausted
 from .. import control
 from ..memory import LiveBytes
 from ..problem import Problem
@@ -62,15 +63,30 @@ CHECK_EVERY = 1024
 SAMPLE = 128  # computations between checks that the request is still alive
 
 
+class NothingToEvict(ResourceExhausted):
+    """DTR's replay cannot go on within its budget. Budget, for which DTR is one
+    candidate among many, moves on; policy DTR names the floor instead (a search of
+    seconds on small graphs, which Budget made once per backward order it tried)."""
+
+
 def plan_dtr(problem: Problem, policy: DTR, hoist: bool = False) -> Schedule:
-    """DTR's replay under `policy`'s budget; with `hoist`, in store-all's order with the
-    ReLU masks moved into the forward pass (`recompute.hoisted`), which Budget tries
-    besides."""
-    start = time.perf_counter()
+    """DTR's replay under `policy`'s budget; when nothing fits, the error names the
+    least memory a schedule needs (`least_memory.over_budget`)."""
     name = label(policy)
     budget = bounds.budget_bytes(problem, policy.bytes, policy.fraction)
+    try:
+        return dtr_schedule(problem, budget, name, hoist)
+    except NothingToEvict as why:
+        raise least_memory.over_budget(problem, name, budget, str(why)) from None
+
+
+def dtr_schedule(problem: Problem, budget: int, name: str, hoist: bool = False) -> Schedule:
+    """DTR's replay within `budget` bytes, labelled `name`; with `hoist`, in store-all's
+    order with the ReLU masks moved into the forward pass (`recompute.hoisted`), which
+    Budget tries besides. Raises NothingToEvict when it cannot fit."""
+    start = time.perf_counter()
     if problem.input_bytes > budget:  # the replay only checks when something is computed
-        raise least_memory.over_budget(problem, name, budget, "the graph inputs alone exceed it")
+        raise NothingToEvict("the graph inputs alone exceed it")
     replay = _Replay(problem, budget, name, hoist)
     replay.run()
     report = PlannerReport(
@@ -193,12 +209,7 @@ class _Replay:
         while self.bytes.total + self.bytes.needs(name) > self.budget:
             victim = self.choose()
             if victim is None:
-                raise least_memory.over_budget(
-                    self.problem,
-                    self.name,
-                    self.budget,
-                    f"DTR found nothing left to evict before '{name}'",
-                )
+                raise NothingToEvict(f"DTR found nothing left to evict before '{name}'")
             self.evictions += victim not in self.dead  # dead ones are only freed early
             self.drop(victim)
         if name in self.computed:  # a rematerialization: its component loses its cost
