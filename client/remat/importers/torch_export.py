@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..graph import Graph, Node
-from . import aten_math, aten_nn, aten_shape, aten_table  # noqa: F401 (registration)
+from . import aten_math, aten_nn, aten_shape, aten_table, torch_fusions  # noqa: F401 (registration)
 from .torch_context import ImportContext
 from .torch_values import Tensor, Unsupported, remat_dtype
 
@@ -78,7 +78,9 @@ class Args(dict):
         return self.get(name)
 
 
-def from_torch(module, args, kwargs=None, *, seed: int = 0, name: str | None = None):
+def from_torch(
+    module, args, kwargs=None, *, seed: int = 0, name: str | None = None, fuse: bool = True
+):
     """Import a PyTorch module: returns `(graph, params)`.
 
     The module is exported with `torch.export.export(module, args, kwargs)` and mapped
@@ -93,6 +95,9 @@ def from_torch(module, args, kwargs=None, *, seed: int = 0, name: str | None = N
     `updated/<buffer>` outputs (num_batches_tracked too); dropout is active, its masks
     drawn from `seed` and the node's name (so they differ from torch's). A module in
     eval() mode imports inference semantics. Shapes are those of the example inputs.
+    A formula remat has one op for is imported as that op (`torch_fusions`: GPT-2's
+    GELU, written out in eight ops, becomes `gelu(approximate="tanh")`, whose backward
+    holds a quarter of the memory); `fuse=False` imports op by op.
 
         >>> import numpy as np, torch, remat
         >>> class Net(torch.nn.Module):
@@ -134,6 +139,8 @@ def from_torch(module, args, kwargs=None, *, seed: int = 0, name: str | None = N
     if not isinstance(args, (tuple, list)):
         args = (args,)
     exported = torch.export.export(module, tuple(args), dict(kwargs or {}))
+    if fuse:
+        torch_fusions.fuse(torch, exported)
     graph_name = name or type(module).__name__
     return _Importer(torch, exported, aten_table, seed, graph_name, type(module).__name__).run()
 
