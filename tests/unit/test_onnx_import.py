@@ -795,3 +795,60 @@ def test_zoo_float32_export_imported_in_float64(name, exported):
     """dtype="float64" on the float32 file: only its float32-rounded constants
     (GELU's coefficients, BatchNorm's epsilon) separate it from torch's float64."""
     _compare_with_torch(name, exported(name), tol=1e-7)
+
+
+# --- fusions -----------------------------------------------------------------------------------
+def gelu_formula(swap: bool = False, half: float = 0.5, leak: str | None = None, init=False):
+    """GPT-2's GELU as its ONNX export writes it (x -> y), constants second (`swap`:
+    first); `leak` names an intermediate also made a graph output; `init`: the 0.5 is
+    an initializer, not a Constant node."""
+    constants = {"c_half": half, "c_three": 3.0, "c_cubic": 0.044715, "c_scale": 0.7978846}
+    constants["c_one"] = 1.0
+    nodes = [
+        node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.float32)))
+        for name, v in constants.items()
+        if not (init and name == "c_half")
+    ]
+
+    def binary(op, a, b, out):
+        return node(op, [b, a] if swap else [a, b], [out])
+
+    nodes += [
+        binary("Mul", "x", "c_half", "half"),
+        node("Pow", ["x", "c_three"], ["cube"]),
+        binary("Mul", "cube", "c_cubic", "cubic"),
+        binary("Add", "x", "cubic", "inner"),
+        binary("Mul", "inner", "c_scale", "scaled"),
+        node("Tanh", ["scaled"], ["t"]),
+        binary("Add", "t", "c_one", "one_plus"),
+        binary("Mul", "half", "one_plus", "y"),
+    ]
+    inits = {"c_half": np.array(half, np.float32)} if init else None
+    return make(nodes, {"x": f32(3, 5)}, ["y", *([leak] if leak else [])], inits)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_the_gelu_formula_is_one_gelu_op(swap):
+    """Its backward would read four values of x's size; remat's gelu reads x alone."""
+    model = gelu_formula(swap)
+    assert spec_ops(model) == ["gelu"]
+    feeds = {"x": f32(3, 5, low=-4.0, high=4.0)}
+    got = check_forward(model, feeds, rtol=1e-6, atol=1e-6)
+    assert list(got) == ["y"]
+    check_grads(model, feeds, ["x"])
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"leak": "t"},  # an intermediate is an output: it must be computed
+        {"half": 0.6},  # not the formula
+        {"init": True},  # a parameter, not a constant: the caller may change it
+    ],
+    ids=["intermediate_output", "other_constant", "initializer_constant"],
+)
+def test_no_fusion_where_the_formula_is_not_exactly_there(variant):
+    model = gelu_formula(**variant)
+    ops = spec_ops(model)
+    assert "gelu" not in ops and "tanh" in ops
+    check_forward(model, {"x": f32(3, 5)}, rtol=1e-6, atol=1e-6)

@@ -16,6 +16,8 @@ allow_external_data=True, input_shapes=None) -> Imported(spec, params)`:
   may be read where an op needs a static value (a Reshape target, Slice bounds).
 - BatchNormalization with training_mode=1 and Dropout with training_mode=true keep
   their training behaviour (`ops_nn.py`).
+- GELU's tanh formula written out in eight nodes (GPT-2's) becomes one remat `gelu`,
+  whose backward holds a quarter of the memory (`fusions.py`).
 - Every limit (`OnnxLimits`) is checked before the work it bounds; nothing from the
   model is executed; external data is read only from inside `base_dir`.
 - Anything unsupported raises one `OnnxImportError` listing every unsupported node

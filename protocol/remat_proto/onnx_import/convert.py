@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from ..spec import GraphSpec
+from . import fusions
 from .context import Init, Missing, NodeCtx, parse_attrs
 from .emit import Builder, ShapeProblem, Sym
 from .errors import OnnxImportError, Unsupported
@@ -65,6 +66,7 @@ class _Converter:
         self.initializer_values: dict[str, np.ndarray] = {}
         self.materialized: dict[str, Sym] = {}
         self.uses: Counter = Counter()
+        self.fused: set[int] = set()  # ids of the nodes `fusions` made
         self.builder = Builder(self._names())
 
     def _names(self) -> set[str]:
@@ -82,7 +84,8 @@ class _Converter:
     def run(self) -> Imported:
         self._inputs()
         self._initializers()
-        nodes = list(self.graph.node)
+        graph_outputs = {item.name for item in self.graph.output}
+        nodes, self.fused = fusions.gelu_tanh(list(self.graph.node), graph_outputs)
         attrs = [self._precheck(i, node) for i, node in enumerate(nodes)]
         for index in self._order(nodes):
             self._convert(index, nodes[index], attrs[index])
@@ -196,7 +199,8 @@ class _Converter:
                 (node.op_type, f"{label}: op type '{node.op_type}' is not supported")
             )
             return None
-        found = schema_problems(node, self.opset)
+        # A fused Gelu is remat's, checked by its own table, not by the model's opset.
+        found = [] if id(node) in self.fused else schema_problems(node, self.opset)
         attrs = parse_attrs(node, self.reader, label)
         check = CHECKS.get(node.op_type)
         found += check(attrs, self.opset) if check and not found else []
