@@ -137,8 +137,9 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
             found = found.reordered() or found
             found.exact()
             lowered = None
-            if found.best is None or found.best[3] > 0:
-                lowered = _lowered_order(problem)
+            small = len(problem.graph) <= LOWERED_ORDER_MAX_NODES
+            if small and (found.best is None or found.best[3] > 0):
+                lowered = peak_order.lowered_order(problem)
                 if lowered is not None:
                     found = found.in_order(lowered, PEAK_SUFFIX)
             if found.best is None:  # the lowest-peak schedule known, if it fits
@@ -162,16 +163,6 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
         f"{peak:,} bytes, recomputing {cost:.4g} {unit}",
     )
     return replace(schedule, policy=name, report=report)
-
-
-def _lowered_order(problem: Problem) -> Problem | None:
-    """On joint graphs of up to LOWERED_ORDER_MAX_NODES nodes, `problem` in the backward
-    order where recompute_all peaks lowest (`peak_order`: the order the floor's search
-    finds), None where no move lowers that peak."""
-    if len(problem.graph) > LOWERED_ORDER_MAX_NODES:
-        return None
-    ordered, _, _ = peak_order.recompute_all_lowered(problem)
-    return None if ordered.backward == problem.backward else ordered
 
 
 class _Candidates:

@@ -79,6 +79,13 @@ def recompute_all_lowered(
     return memo["recompute_all_lowered"]
 
 
+def lowered_order(problem: Problem) -> Problem | None:
+    """`problem` in the backward order where recompute_all peaks lowest (the order the
+    floor's search finds), None where no move lowers that peak."""
+    ordered, _, _ = recompute_all_lowered(problem)
+    return None if ordered.backward == problem.backward else ordered
+
+
 def _judged(problem: Problem, make) -> tuple[Problem, Schedule, int, str | None]:
     """(problem, its schedule, the peak, the backward node computed at or after it)."""
     schedule = make(problem)
