@@ -23,9 +23,10 @@ wins (recompute cost priced by `problem.cost`: FLOPs, or profiled seconds):
 5. On small joint graphs (<= EXACT_MAX_NODES), the exact MILP's best schedule within
    EXACT_SECONDS (`milp_classes`: the results computed with the forward pass, and,
    with the time the first class leaves, last).
-6. On small joint graphs (<= LOWERED_ORDER_MAX_NODES), candidates 1-4 again with the
-   backward pass in the order that lowers recompute_all's peak (`peak_order`), the
-   order the floor's search finds: on U-Nets the skip connections hold less there.
+6. On small joint graphs (<= LOWERED_ORDER_MAX_NODES), unless a schedule recomputing
+   nothing fits, candidates 1-4 again with the backward pass in the order that lowers
+   recompute_all's peak (`peak_order`), the order the floor's search finds: on U-Nets
+   the skip connections hold less there.
 7. When nothing else fits, the lowest-peak schedule known (`least_memory.floor`, which
    a refusal would name anyway), and, where the floor's search found a backward order
    that lowers recompute_all's peak, candidates 1-4 in that order if 6 did not search
