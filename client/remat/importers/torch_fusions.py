@@ -10,7 +10,7 @@ MLP. So the formula is replaced by `aten.gelu` before the walk, where nothing el
 reads its intermediate values (`torch.fx.subgraph_rewriter` matches only such
 subgraphs, with the literals equal). The results agree with the formula to rounding.
 
-    >>> # count = fuse(exported)   # -> how many formulas were replaced
+    >>> # fuse(torch, exported)   # -> {"gelu (tanh form)": 4} on the zoo's GPT-2
 """
 
 from __future__ import annotations
