@@ -23,7 +23,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-from unittest import mock
 
 import grpc
 from support import HANG_SECONDS
@@ -257,13 +256,9 @@ class Recorder(grpc.ServerInterceptor):
 @contextlib.contextmanager
 def serving(recorder: Recorder, **config: Any):
     """(server, address) of a real server with `recorder` after its own interceptors."""
-    real = grpc.server
-
-    def with_recorder(*args, interceptors=(), **kwargs):
-        return real(*args, interceptors=[*interceptors, recorder], **kwargs)
-
-    with mock.patch.object(grpc, "server", with_recorder):
-        server, port = create_server(ServerConfig(host="127.0.0.1", **{"port": 0, **config}))
+    server, port = create_server(
+        ServerConfig(host="127.0.0.1", **{"port": 0, **config}), interceptors=[recorder]
+    )
     server.start()
     try:
         yield server, f"127.0.0.1:{port}"

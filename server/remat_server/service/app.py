@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
@@ -95,13 +96,31 @@ class RematServer:
 
 
 class _Handlers:
-    """Stands in for a server to collect the generated code's method handlers."""
+    """Stands in for a server to collect the generated code's method handlers (of one
+    service)."""
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         pass
 
     def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self.handlers = handlers
+        self.service, self.handlers = service, handlers
+
+
+def _register(server: grpc.Server, service: str, handlers: dict) -> None:
+    """What the generated `add_..._to_server` does with a service's handlers."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def _add_timed(add_to, server: grpc.Server, metrics: ServerMetrics) -> None:
+    """The service `add_to(server)` adds, each of its handlers timing its calls."""
+    collected = _Handlers()
+    add_to(collected)
+    _register(
+        server,
+        collected.service,
+        {name: metrics.timed(name, handler) for name, handler in collected.handlers.items()},
+    )
 
 
 def _add_executor(
@@ -130,8 +149,7 @@ def _add_executor(
     for name, handler in handlers.items():
         handlers[name] = work_slots.gated(handler, slots, drain, metrics.call_timer(name))
         metrics.times_itself(handlers[name])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    _register(server, SERVICE_NAME, handlers)
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -160,10 +178,14 @@ def _ms(seconds: float) -> int:
     return min(max(1, round(seconds * 1000)), 2**31 - 1)
 
 
-def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]:
+def create_server(
+    config: ServerConfig | None = None, interceptors: Sequence[grpc.ServerInterceptor] = ()
+) -> tuple[RematServer, int]:
     """Build (not start) a server bound to `config.address`; returns it and its port.
     A memory budget left to the machine (the default) is decided here, for one process
-    (`remat serve --workers N` decides it for N before it forks)."""
+    (`remat serve --workers N` decides it for N before it forks). `interceptors` run
+    after remat's own (token checks), in order; the calls they refuse are in the
+    metrics too."""
     config, budget = memory_budget.resolve(config or ServerConfig())
     if budget is not None:
         log.info("remat server: memory budget %s", budget.explain())
@@ -174,9 +196,10 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
     )
     metrics = ServerMetrics()
     drain = Drain()
-    interceptors = [metrics.interceptor()]
-    if config.auth_tokens:
-        interceptors.append(auth.TokenInterceptor(config.auth_tokens))
+    # Handlers time themselves (`metrics.timed`): an interceptor costs every call, so
+    # the metrics one is there only to time the refusals of later ones.
+    later = [auth.TokenInterceptor(config.auth_tokens)] if config.auth_tokens else []
+    later += interceptors
     # Every admitted call gets a thread at once; executor calls then wait for one of
     # `max_workers` work slots (`work_slots`), so health checks never queue behind them.
     server = grpc.server(
@@ -184,7 +207,7 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
             max_workers=work_slots.pool_threads(config.max_concurrent_rpcs),
             thread_name_prefix="remat",
         ),
-        interceptors=interceptors,
+        interceptors=[metrics.interceptor(), *later] if later else [],
         options=server_options(config),
         maximum_concurrent_rpcs=work_slots.grpc_call_limit(config.max_concurrent_rpcs),
     )
@@ -225,11 +248,19 @@ def create_server(config: ServerConfig | None = None) -> tuple[RematServer, int]
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+    _add_timed(
+        lambda to: health_pb2_grpc.add_HealthServicer_to_server(health_servicer, to),
+        server,
+        metrics,
     )
+    _add_timed(
+        lambda to: reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), to
+        ),
+        server,
+        metrics,
+    )
+    server.add_generic_rpc_handlers((metrics.unknown_methods(),))  # last: the fallback
     credentials = auth.server_credentials(config)
     if credentials is None:
         port = server.add_insecure_port(config.address)
