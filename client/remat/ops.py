@@ -190,6 +190,25 @@ def matmul(a, b, *, name=None):
     return op("matmul", a, b, name=name)
 
 
+def linear(x, w, b, *, name=None):
+    """x @ w + b as one op (matmul's rules; b broadcasts to the product). It holds one
+    buffer where `matmul(x, w) + b` holds the product and the sum at once.
+
+        >>> import numpy as np, remat
+        >>> g = Graph("affine")
+        >>> y = linear(g.input("x", (8, 4)), g.input("w", (4, 3)), g.input("b", (3,)))
+        >>> _ = g.output("y", y)
+        >>> y.op
+        'linear'
+        >>> with remat.Client.in_process() as client:
+        ...     feeds = {"x": np.ones((8, 4)), "w": np.ones((4, 3)), "b": np.arange(3.0)}
+        ...     feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
+        ...     client.run(g, feeds).outputs["y"][0]
+        array([4., 5., 6.], dtype=float32)
+    """
+    return op("linear", x, w, b, name=name)
+
+
 def transpose(x, axes: Sequence[int] | None = None, *, name=None):
     return op("transpose", x, axes=None if axes is None else list(axes), name=name)
 

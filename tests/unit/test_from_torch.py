@@ -359,6 +359,25 @@ def test_constants_are_folded():
     assert sorted({n.op for n in graph.nodes}) == ["add", "constant", "where"]
 
 
+@pytest.mark.parametrize(
+    "fn, ops",
+    [
+        (lambda m, x: F.linear(x, m.w, m.b), {"linear", "transpose"}),
+        (lambda m, x: torch.addmm(m.b, x, m.w.t()), {"linear", "transpose"}),
+        (
+            lambda m, x: torch.addmm(m.b, x, m.w.t(), beta=2.0),
+            {"matmul", "add", "mul", "transpose"},
+        ),
+    ],
+    ids=["linear", "addmm", "addmm_beta"],
+)
+def test_an_affine_layer_is_one_linear_op(fn, ops):
+    """x @ w + b as one buffer (matmul then add hold the product and the sum at once);
+    a scaled bias keeps the ops (gradients: `test_aten_op`'s addmm)."""
+    graph, _ = remat.from_torch(Fn(fn, w=randn(6, 4), b=randn(6)), (randn(3, 4),))
+    assert {n.op for n in graph.nodes} - {"constant"} == ops
+
+
 def test_import_remat_does_not_import_torch():
     code = "import sys, remat; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -413,6 +432,12 @@ OPS = {
         Fn(lambda m, x: torch.addmm(m.b, x, m.w, beta=0.5, alpha=2.0), w=M, b=randn(6)),
         randn(3, 4),
     ),
+    "addmm_affine": (Fn(lambda m, x: torch.addmm(m.b, x, m.w), w=M, b=randn(6)), randn(3, 4)),
+    "baddbmm_affine": (
+        Fn(lambda m, x: torch.baddbmm(m.b, x, m.w), w=randn(2, 5, 3), b=randn(4, 1)),
+        randn(2, 4, 5),
+    ),
+    "linear_no_bias": (Fn(lambda m, x: F.linear(x, m.w), w=randn(6, 5)), X),
     "mm_t": (Fn(lambda m, x: torch.mm(x, m.w.t()), w=randn(6, 4)), randn(3, 4)),
     "bmm": (Fn(lambda m, x: torch.bmm(x, m.w), w=randn(2, 5, 3)), randn(2, 4, 5)),
     "matmul": (Fn(lambda m, x: x @ m.w, w=randn(5, 2)), X),

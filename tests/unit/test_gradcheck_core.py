@@ -172,6 +172,21 @@ for _tag, _sa, _sb in (
 ):
     case(f"matmul-{_tag}", "matmul", {"a": normal(*_sa), "b": normal(*_sb)})
 
+# linear: x @ w + b, the bias as a row, a full product, a column, a scalar.
+for _tag, _sx, _sw, _sbias in (
+    ("2d-row", (2, 3), (3, 4), (4,)),
+    ("batched-x-2d-row", (2, 2, 3), (3, 4), (4,)),
+    ("batched-full", (2, 2, 3), (2, 3, 4), (2, 2, 4)),
+    ("2d-column", (2, 3), (3, 4), (2, 1)),
+    ("2d-x-1d-scalar", (2, 3), (3,), ()),
+    ("1d-x-1d", (3,), (3,), ()),
+):
+    case(
+        f"linear-{_tag}",
+        "linear",
+        {"x": normal(*_sx), "w": normal(*_sw), "b": normal(*_sbias)},
+    )
+
 # --- shape ops ---------------------------------------------------------------------------
 case("transpose-default", "transpose", {"x": normal(2, 3, 4)})
 case("transpose-explicit", "transpose", {"x": normal(2, 3, 4)}, {"axes": (1, 2, 0)})

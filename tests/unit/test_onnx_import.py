@@ -852,3 +852,53 @@ def test_no_fusion_where_the_formula_is_not_exactly_there(variant):
     ops = spec_ops(model)
     assert "gelu" not in ops and "tanh" in ops
     check_forward(model, {"x": f32(3, 5)}, rtol=1e-6, atol=1e-6)
+
+
+def affine_model(bias_shape=(4,), first="product", leak=False, reader=False):
+    """x (2, 3, 5) @ w (5, 4) + b: MatMul then Add (`first`: which operand the product
+    is); `leak`: the product is also a graph output; `reader`: another node reads it."""
+    nodes = [node("MatMul", ["x", "w"], ["p"])]
+    nodes.append(node("Add", ["p", "b"] if first == "product" else ["b", "p"], ["y"]))
+    outputs = ["y"]
+    if reader:
+        nodes.append(node("Relu", ["p"], ["r"]))
+        outputs.append("r")
+    if leak:
+        outputs.append("p")
+    inits = {"w": f32(5, 4), "b": f32(*bias_shape)}
+    return make(nodes, {"x": f32(2, 3, 5)}, outputs, inits)
+
+
+@pytest.mark.parametrize(
+    "variant, ops",
+    [
+        ({}, ["linear"]),
+        ({"first": "bias"}, ["linear"]),
+        ({"bias_shape": (3, 1)}, ["linear"]),
+        ({"bias_shape": (2, 1, 1, 4)}, ["matmul", "add"]),  # the bias widens the product
+        ({"leak": True}, ["matmul", "add"]),  # the product is an output
+        ({"reader": True}, ["matmul", "add", "relu"]),  # and read elsewhere
+    ],
+    ids=["product_first", "bias_first", "column_bias", "wider_bias", "output", "read_twice"],
+)
+def test_matmul_then_add_is_one_linear_op(variant, ops):
+    """One buffer where the pair holds the product and the sum at once; only where
+    nothing else needs the product."""
+    model = affine_model(**variant)
+    assert spec_ops(model) == ops
+    feeds = {"x": f32(2, 3, 5)}
+    check_forward(model, feeds)
+    check_grads(model, feeds, ["x", "w", "b"])
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_gemm_with_a_bias_is_one_linear_op(beta):
+    model = make(
+        [node("Gemm", ["x", "w", "c"], ["y"], transB=1, beta=beta)],
+        {"x": f32(3, 5)},
+        ["y"],
+        {"w": f32(4, 5), "c": f32(4)},
+    )
+    assert spec_ops(model)[-1] == "linear"
+    check_forward(model, {"x": f32(3, 5)})
+    check_grads(model, {"x": f32(3, 5)}, ["x", "w", "c"])

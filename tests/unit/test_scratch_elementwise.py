@@ -255,6 +255,20 @@ SCRATCH_CASES = [
     ("matmul-vec-mat", "matmul", pair((1024,), (1024, 256)), {}),
     ("matmul-mat-vec", "matmul", pair((256, 1024), (1024,)), {}),
     ("matmul-int64", "matmul", {"a": labels(64, 128, depth=9), "b": labels(128, 512, depth=9)}, {}),
+    # linear: the bias goes into the product's buffer (no temporary of its size)
+    *[
+        (
+            f"linear-{tag}",
+            "linear",
+            {"x": normal(*x), "w": normal(*w, seed=1), "bias": normal(*b)},
+            {},
+        )
+        for tag, x, w, b in (
+            ("row-bias", (256, 512), (512, 512), (512,)),
+            ("batched-x-2d", (8, 128, 256), (256, 512), (512,)),
+            ("full-bias", (256, 512), (512, 256), (256, 256)),
+        )
+    ],
     # --- logical ---
     ("isnan-f32", "isnan", rows(), {}),
     ("isinf-f64", "isinf", rows(F64, (128, 1024)), {}),

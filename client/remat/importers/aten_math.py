@@ -364,14 +364,44 @@ def _logsumexp(cx, a):
 
 
 # --- linear algebra -------------------------------------------------------------------
+# x @ w + b becomes remat's `linear`: one buffer, where matmul then add hold the
+# product and the sum at once (at GPT-2's least peak, that pair was the peak).
 @aten("linear")
 def _linear(cx, a):
-    x, w = a.input, a.weight
-    wt = cx.op("transpose", [cx.node(w)]) if cx.shape_of(w) and len(cx.shape_of(w)) == 2 else w
-    out = cx.op("matmul", [cx.node(x), cx.node(wt)])
-    if a.bias is not None:
-        out = cx.op("add", [out, cx.node(a.bias, cx.out_dtype)])
-    return out
+    x, w, shape = a.input, cx.node(a.weight), cx.shape_of(a.weight)
+    if len(shape) == 2:
+        w, shape = cx.op("transpose", [w]), shape[::-1]
+    return _affine(cx, (cx.node(x), cx.shape_of(x)), (w, shape), a.bias, cx.out_dtype)
+
+
+def _affine(cx, x, w, bias, dtype):
+    """x @ w (+ bias), `x` and `w` each a (node, shape): one `linear` node when the
+    bias broadcasts to the product."""
+    (x, x_shape), (w, w_shape) = x, w
+    if bias is None:
+        return cx.op("matmul", [x, w])
+    if _broadcasts_to(cx.shape_of(bias), _matmul_shape(x_shape, w_shape)):
+        return cx.op("linear", [x, w, cx.node(bias, dtype)])
+    return cx.op("add", [cx.op("matmul", [x, w]), cx.node(bias, dtype)])
+
+
+def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """np.matmul's result shape."""
+    a2 = a if len(a) > 1 else (1, *a)
+    b2 = b if len(b) > 1 else (*b, 1)
+    batch = _broadcast(a2[:-2], b2[:-2])
+    return (*batch, *a2[-2:-1][: len(a) > 1], *b2[-1:][: len(b) > 1])
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    return len(shape) <= len(target) and _broadcast(shape, target) == target
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    if len(a) < len(b):
+        a, b = b, a
+    b = (1,) * (len(a) - len(b)) + tuple(b)
+    return tuple(x if y == 1 else y for x, y in zip(a, b))
 
 
 @aten("matmul", "mm", "bmm", "mv")
@@ -386,6 +416,14 @@ def _addmm(cx, a):
     dt = cx.out_dtype
     first = a.mat1 if a.mat1 is not None else a.batch1 if a.batch1 is not None else a.mat
     second = a.mat2 if a.mat2 is not None else a.batch2 if a.batch2 is not None else a.vec
+    if a.alpha in (None, 1) and a.beta in (None, 1):
+        return _affine(
+            cx,
+            (cx.node(first, dt), cx.shape_of(first)),
+            (cx.node(second, dt), cx.shape_of(second)),
+            a.self,
+            dt,
+        )
     product = cx.op("matmul", [cx.node(first, dt), cx.node(second, dt)])
     product = _times(cx, Tensor(product, (), dt), a.alpha, dt)
     if a.beta == 0:

@@ -92,10 +92,12 @@ class _Converter:
         outputs = self._outputs()
         if self.problems:
             raise OnnxImportError(_summary(self.problems))
+        roots = {node for _, node in outputs}
+        nodes = _live(self.builder.nodes, roots)
         spec = GraphSpec(
             self.graph.name or "onnx",
             tuple(self.builder.inputs),
-            tuple(_live(self.builder.nodes, [node for _, node in outputs])),
+            tuple(fusions.linear(nodes, roots, self.builder.shapes)),
             tuple(outputs),
         )
         return Imported(spec, self.params)
@@ -309,6 +311,9 @@ class _Converter:
             ):
                 mapping[value.name] = name
         if mapping:
+            shapes = self.builder.shapes
+            for old, new in mapping.items():
+                shapes[new] = shapes.pop(old)
             for k in range(start, len(nodes)):
                 node = nodes[k]
                 nodes[k] = replace(

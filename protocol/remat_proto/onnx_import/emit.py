@@ -70,6 +70,7 @@ class Builder:
     def __init__(self, reserved: Iterable[str]):
         self.inputs: list[InputSpec] = []
         self.nodes: list[NodeSpec] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}  # every input's and node's shape
         self.reserved = set(reserved)  # ONNX value names: fresh names avoid them
         self.taken: set[str] = set()
         self.hint = "onnx"  # prefix of fresh names: the ONNX value being converted
@@ -97,6 +98,7 @@ class Builder:
     def add_input(self, name: str, shape: tuple[int, ...], dtype: str) -> Sym:
         self.taken.add(name)
         self.inputs.append(InputSpec(name, tuple(shape), dtype, self.source))
+        self.shapes[name] = tuple(shape)
         return Sym(name, tuple(shape), dtype)
 
     def emit(
@@ -110,7 +112,8 @@ class Builder:
     ) -> Sym:
         name = name if name is not None and self.claim(name) else self.fresh(op)
         self.nodes.append(NodeSpec(name, op, tuple(i.name for i in inputs), attrs, self.source))
-        return Sym(name, tuple(int(d) for d in shape), dtype)
+        shape = self.shapes[name] = tuple(int(d) for d in shape)
+        return Sym(name, shape, dtype)
 
     def constant(self, array: np.ndarray, name: str | None = None) -> Sym:
         dtype = name_of(array.dtype)

@@ -1,5 +1,10 @@
 """Formulas the ONNX importer converts as one remat op (the ONNX side of the SDK's
-`importers/torch_fusions.py`).
+`importers/torch_fusions.py` and of `from_torch`'s linear layers).
+
+A linear layer (MatMul then Add, or Gemm with a bias) becomes remat's `linear` after
+the conversion (`linear`): one buffer, where matmul then add hold the product and the
+sum at once. Only where the product has the add as its one reader, is not a graph
+output, and the bias broadcasts to the product's shape.
 
 GPT-2's GELU, as `transformers` writes it and any exporter keeps it, is eight ONNX
 nodes: `0.5 x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))`. Their backward pass
@@ -11,6 +16,10 @@ as its one reader and is not a graph output, and the constants are `Constant` no
 equal to the formula's in float32 (an initializer is a parameter the caller may set).
 
     >>> # nodes, fused = gelu_tanh(nodes, graph_outputs)   # fused: the new nodes' ids
+    >>> from remat_proto.spec import NodeSpec
+    >>> nodes = [NodeSpec("h", "matmul", ("x", "w"), {}), NodeSpec("y", "add", ("b", "h"), {})]
+    >>> linear(nodes, {"y"}, {"x": (2, 3), "w": (3, 4), "b": (4,), "h": (2, 4), "y": (2, 4)})
+    [NodeSpec(name='y', op='linear', inputs=('x', 'w', 'b'), attrs={}, source='')]
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ from collections import Counter
 
 import numpy as np
 import onnx
+
+from ..spec import NodeSpec
+from .emit import ShapeProblem, broadcast
 
 _HALF, _CUBIC, _SCALE, _THREE, _ONE = 0.5, 0.044715, math.sqrt(2.0 / math.pi), 3.0, 1.0
 
@@ -157,3 +169,34 @@ def _scalar(node) -> float | None:
 def _near(value: float | None, expected: float) -> bool:
     """Equal in float32, the precision exporters write the formula's constants in."""
     return value is not None and np.float32(value) == np.float32(expected)
+
+
+def linear(nodes: list, outputs: set[str], shapes: dict[str, tuple[int, ...]]) -> list:
+    """`nodes` (remat NodeSpecs, in order) with each add(matmul(x, w), b) that can be
+    one `linear(x, w, b)` so: named and placed as the add, the matmul gone. `outputs`:
+    the nodes the graph outputs name; `shapes`: every value's shape."""
+    readers = Counter(name for node in nodes for name in node.inputs)
+    readers.update(outputs)
+    matmuls = {node.name: node for node in nodes if node.op == "matmul"}
+    replaced, fused = {}, set()
+    for node in nodes:
+        if node.op != "add":
+            continue
+        for product, bias in (node.inputs, node.inputs[::-1]):
+            matmul = matmuls.get(product)
+            if matmul is not None and readers[product] == 1 and _into(shapes, bias, product):
+                replaced[node.name] = NodeSpec(
+                    node.name, "linear", (*matmul.inputs, bias), {}, node.source
+                )
+                fused.add(product)
+                break
+    return [replaced.get(node.name, node) for node in nodes if node.name not in fused]
+
+
+def _into(shapes: dict[str, tuple[int, ...]], bias: str, product: str) -> bool:
+    """Whether `bias` broadcasts to `product`'s shape."""
+    target = shapes[product]
+    try:
+        return len(shapes[bias]) <= len(target) and broadcast(shapes[bias], target) == target
+    except ShapeProblem:
+        return False

@@ -1,4 +1,5 @@
-"""Matrix multiplication, batched and broadcasting exactly as np.matmul."""
+"""Matrix multiplication, batched and broadcasting exactly as np.matmul, and the
+affine map x @ w + b as one op (`linear`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..graph.ir import TensorType
 from . import rules
+from .elementwise import ufunc_buffers
 from .registry import register
 
 
@@ -66,4 +68,48 @@ register(
     residuals="inputs",
     cost=_matmul_cost,
     doc="Matrix product with np.matmul's batching, broadcasting and 1-D rules.",
+)
+
+
+def _linear_infer(x: TensorType, w: TensorType, b: TensorType) -> TensorType:
+    out = _matmul_infer(x, w)
+    rules.same_dtype(out, b)
+    if rules.broadcast_shapes(out.shape, b.shape) != out.shape:
+        raise ShapeError(f"bias of shape {b.shape} does not broadcast to x @ w's {out.shape}")
+    return out
+
+
+def _linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out = np.matmul(x, w)
+    if type(out) is not np.ndarray:  # 1-D @ 1-D: a NumPy scalar
+        return np.asarray(out + b)
+    out += b  # in place: the product's buffer is the result
+    return out
+
+
+def _linear_cost(out, x, w, b) -> int:
+    return _matmul_cost(out, x, w) + out.size
+
+
+def _linear_scratch(out, x, w, b) -> int:
+    """NumPy's buffer for a broadcast bias in the in-place add (matmul allocates none)."""
+    return ufunc_buffers(out.shape, b)
+
+
+def _linear_vjp(e, g, out, x, w, b):
+    return [*_matmul_vjp(e, g, out, x, w), e.sum_to(g, b.shape)]
+
+
+register(
+    "linear",
+    family="linalg",
+    inputs=3,
+    infer=_linear_infer,
+    forward=_linear_forward,
+    vjp=_linear_vjp,
+    residuals="inputs",
+    cost=_linear_cost,
+    scratch=_linear_scratch,
+    doc="x @ w + b (np.matmul's rules; b broadcasts to the product) in one buffer: "
+    "matmul then add hold the product and the sum at once.",
 )
