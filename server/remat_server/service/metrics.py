@@ -2,10 +2,10 @@
 
 Every handler times its own calls, wrapped once when it is registered (`timed`,
 `unknown_methods`, and the work-slot gate's `call_timer`): a gRPC server interceptor
-runs Python on every call, one of every call path's biggest costs (the smallest Run
-was 5% slower with a pass-through interceptor than with none). The interceptor
-remains for what comes before the handlers: when another interceptor (auth) may
-refuse a call, the metrics one goes first and times those refusals.
+runs Python on every call (a gRPC echo behind the metrics interceptor took 1.05-1.09x
+a bare echo's time). The interceptor (`rpc_timing`) remains for what comes before the
+handlers: when another interceptor (auth) may refuse a call, the metrics one goes first
+and times those refusals.
 
 Two modes, chosen by prometheus_client when it is first imported:
 - single process: each `ServerMetrics` owns a `CollectorRegistry`, so many servers in
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections.abc import Callable
 
 import grpc
@@ -40,7 +39,8 @@ from prometheus_client import (
 )
 
 from .histogram import LocalHistogram
-from .interceptors import WrappedHandlers, refusal, wrap_handler
+from .interceptors import wrap_handler
+from .rpc_timing import REJECTED_CODES, UNTIMED, Call, MetricsInterceptor, UnknownMethods
 
 # ~0.5 ms (a health check) to 60 s (a big recompute_all run).
 SECONDS_BUCKETS = (
@@ -64,22 +64,6 @@ SECONDS_BUCKETS = (
 # Powers of 4 from 1 KiB to 64 GiB.
 BYTES_BUCKETS = tuple(float(1024 * 4**k) for k in range(14))
 
-# Requests refused because of what the client sent or may do; reason = lower-case name.
-REJECTED_CODES = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)
-
-# Method names come from the request path. Unknown methods are labelled "unknown", but
-# an interceptor placed after ours may answer any path (auth refusing it), so cap the
-# label set as a safety net against a client inventing paths.
-MAX_METHOD_LABELS = 64
 # Policy labels ("every_k(4)") whose metric children are memoized.
 MAX_POLICY_LABELS = 256
 
@@ -253,7 +237,7 @@ class ServerMetrics:
         else:
             self._m = _Instruments(self.registry)
         self._http_servers: list = []
-        self._interceptor = _MetricsInterceptor(self._m)
+        self._interceptor = MetricsInterceptor(self._m)
         # Policy label -> its family's labelled metrics (label lookups take a lock).
         self._run_children: dict[str, tuple] = {}
 
@@ -261,7 +245,7 @@ class ServerMetrics:
         """Put it first: it then also sees refusals made by later interceptors."""
         return self._interceptor
 
-    def call_timer(self, method: str) -> Callable[[object], _Call | None]:
+    def call_timer(self, method: str) -> Callable[[object], Call | None]:
         """For a handler that times its calls itself (the work-slot gate: one wrapper
         fewer on every executor call): the factory of `method`'s call timers, a context
         manager per call, or None for a call the interceptor times already (a later
@@ -269,15 +253,15 @@ class ServerMetrics:
         m, label = self._m, self._interceptor.method_label(method)
         timed = self._interceptor.timing
 
-        def timer(context) -> _Call | None:
-            return None if id(context) in timed else _Call(m, label, context)
+        def timer(context) -> Call | None:
+            return None if id(context) in timed else Call(m, label, context)
 
         return timer
 
     def timed(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """`handler`, timing its own calls as `method` (a short name, e.g. "Check")."""
         timer = self.call_timer(method)
-        wrapped = wrap_handler(handler, lambda context: timer(context) or _UNTIMED)
+        wrapped = wrap_handler(handler, lambda context: timer(context) or UNTIMED)
         self.times_itself(wrapped)
         return wrapped
 
@@ -285,7 +269,9 @@ class ServerMetrics:
         """Register it last: it answers every method no service has with UNIMPLEMENTED,
         recorded as method "unknown" (the path is the client's invention). gRPC would
         answer those without calling any handler."""
-        return _UnknownMethods(self)
+        unknown = UnknownMethods(self._m)
+        self.times_itself(unknown.refuse)
+        return unknown
 
     def times_itself(self, handler: grpc.RpcMethodHandler) -> None:
         """The interceptor passes `handler` through unwrapped (it uses `call_timer`); a
@@ -381,119 +367,3 @@ def _serve(port: int, host: str, registry: CollectorRegistry):
     if not isinstance(started, tuple):
         raise RuntimeError("prometheus_client >= 0.19 is required to learn the bound port")
     return started[0]
-
-
-class _Call:
-    """Times one RPC and records its status: a context manager around the handler
-    (around the whole iteration for streaming responses). With `timing`, the set of
-    calls the interceptor times (by id of their context), in which it stays meanwhile:
-    a self-timed handler inside (`ServerMetrics.call_timer`) then does not time the
-    call again."""
-
-    __slots__ = ("_m", "_method", "_context", "_start", "_timing")
-
-    def __init__(self, m: _Instruments, method: str, context, timing: set[int] | None = None):
-        self._m, self._method, self._context, self._timing = m, method, context, timing
-
-    def __enter__(self):
-        if self._timing is not None:
-            self._timing.add(id(self._context))
-        self._m.inflight.inc()
-        self._start = time.perf_counter()
-
-    def __exit__(self, exc_type, exc, tb):
-        elapsed = time.perf_counter() - self._start
-        try:
-            _record(self._m, self._method, _status(self._context, exc_type), elapsed)
-        finally:
-            self._m.inflight.dec()
-            if self._timing is not None:
-                self._timing.discard(id(self._context))
-        return False  # never swallow: grpc turns the exception into the status
-
-
-def _status(context, exc_type) -> grpc.StatusCode:
-    """The status the client will get. `abort()` and `set_code()` store it on the
-    context; otherwise it follows from how the handler ended."""
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if not context.is_active():  # the client went away (or its deadline passed)
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
-    if exc_type is None:
-        return grpc.StatusCode.OK
-    if issubclass(exc_type, GeneratorExit):  # grpc dropped the response stream
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN  # grpc's status for an uncaught exception
-
-
-def _record(m: _Instruments, method: str, code: grpc.StatusCode, seconds: float) -> None:
-    child = m.durations.get((method, code))
-    if child is None:  # label lookups take a lock: memoized (methods are bounded)
-        child = m.durations[method, code] = m.rpc_duration.labels(method, code.name)
-    child.observe(seconds)
-    if code in REJECTED_CODES:
-        m.rejected.labels(code.name.lower()).inc()
-
-
-class _Untimed:
-    """The timer of a call the interceptor times already."""
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_UNTIMED = _Untimed()
-
-
-class _UnknownMethods(grpc.GenericRpcHandler):
-    def __init__(self, metrics: ServerMetrics):
-        self._m = metrics._m
-        self._refuse = refusal(None, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-        metrics.times_itself(self._refuse)
-
-    def service(self, handler_call_details):
-        _record(self._m, "unknown", grpc.StatusCode.UNIMPLEMENTED, 0.0)
-        return self._refuse
-
-
-class _MetricsInterceptor(grpc.ServerInterceptor):
-    def __init__(self, m: _Instruments):
-        self._m = m
-        self._methods: set[str] = set()
-        self._lock = threading.Lock()
-        self._wrapped = WrappedHandlers()
-        self.self_timed: set[int] = set()  # ids of handlers that time themselves
-        self.keep: list = []  # ... held, so that their ids stay theirs
-        self.timing: set[int] = set()  # ids of the contexts of the calls it times now
-
-    def method_label(self, path: str) -> str:
-        name = path.rsplit("/", 1)[-1] or "unknown"  # "/remat.v1.Executor/Run" -> "Run"
-        if name in self._methods:  # known: no lock (a set read is atomic)
-            return name
-        with self._lock:
-            if name not in self._methods:
-                if len(self._methods) >= MAX_METHOD_LABELS:
-                    return "other"
-                self._methods.add(name)
-        return name
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            # grpc answers UNIMPLEMENTED without calling anything; the path is the
-            # client's invention, so it does not become a label.
-            _record(self._m, "unknown", grpc.StatusCode.UNIMPLEMENTED, 0.0)
-            return None
-        if id(handler) in self.self_timed:
-            return handler
-        method = self.method_label(handler_call_details.method)
-        return self._wrapped.get(
-            handler, method, lambda context: _Call(self._m, method, context, self.timing)
-        )
