@@ -138,6 +138,18 @@ CASES = [
         ("inner dimensions differ", "(3, 4) @ (3, 4)"),
     ),
     Case("matmul-scalar", (ok("s", "sum", "x"), bad("matmul", "s", "y")), ("rank >= 1",)),
+    Case(
+        "linear-bias-widens-the-product",
+        (bad("linear", "x", "y", "b"),),
+        ("bias of shape (2, 1, 5)", "(3, 5)"),
+        inputs=INPUTS + (InputSpec("b", (2, 1, 5), "float64"),),
+    ),
+    Case(
+        "linear-bias-dtype",
+        (bad("linear", "x", "y", "b"),),
+        ("dtype mismatch",),
+        inputs=INPUTS + (InputSpec("b", (5,), "float32"),),
+    ),
     Case("broadcast-failure", (bad("add", "x", "y"),), ("cannot be broadcast", "(3, 4)", "(4, 5)")),
     Case("broadcast_to-failure", (bad("broadcast_to", "x", shape=(4, 3)),), ("cannot broadcast",)),
     Case(
