@@ -405,3 +405,20 @@ def test_keeping_every_forward_value_is_store_all(name):
     assert sim.peak_bytes == plan.simulation.peak_bytes
     assert sim.recomputed_nodes == 0
     assert sim.evaluations == plan.simulation.evaluations
+
+
+def test_save_ops_matmul_keeps_linear_layers():
+    """A linear layer is a matrix product with its bias added in place: save_ops(matmul)
+    keeps it, as it kept the product when the importers wrote matmul then add."""
+    g = remat.Graph("two_layers")
+    x = g.input("x", (4, 8), "float32")
+    w1, b1 = g.input("w1", (8, 8), "float32"), g.input("b1", (8,), "float32")
+    w2, b2 = g.input("w2", (8, 8), "float32"), g.input("b2", (8,), "float32")
+    h = remat.tanh(remat.linear(x, w1, b1, name="h1"), name="t1")
+    y = remat.tanh(remat.linear(h, w2, b2, name="h2"), name="t2")
+    g.output("loss", remat.sum(y * y))
+    spec = graph_from_proto(g.to_proto(), Limits())
+    plan = ENGINE.plan(spec, wrt=("w1", "w2"), loss="loss", policy=SaveOps(("matmul",)))
+    evaluations = plan.simulation.evaluations
+    assert evaluations["h1"] == evaluations["h2"] == 1  # kept
+    assert evaluations["t1"] == 2  # made again from h1 for the backward

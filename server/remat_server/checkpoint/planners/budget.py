@@ -83,14 +83,8 @@ from .revolve import plan_revolve
 from .store_all import plan_store_all
 from .tighten import tightened
 
-# The expensive op kinds, each group one save_ops candidate (an imported linear layer is
-# a `linear`, the rest of a model's products `matmul`s).
-EXPENSIVE_OPS = (
-    ("matmul", "linear"),
-    ("conv2d",),
-    ("conv_transpose2d",),
-    ("scaled_dot_product_attention",),
-)
+# Each a save_ops candidate (save_ops(matmul) keeps the linear layers too).
+EXPENSIVE_OPS = ("matmul", "linear", "conv2d", "conv_transpose2d", "scaled_dot_product_attention")
 # Small joint graphs also get the exact MILP (policy Optimal) for a moment: there it
 # often finds schedules the structured searches miss (e.g. dropping an activation as
 # soon as its backward has read it), and its best incumbent is just one more candidate.
@@ -428,11 +422,15 @@ class _Candidates:
         if not self.cannot_win(every_k_kept(problem, sqrt_k(problem))):
             self.consider("sqrt", lambda: plan_sqrt(problem, None))
         present = {problem.graph[f].op for f in problem.forward_order}
-        for group in EXPENSIVE_OPS:
-            ops = tuple(op for op in group if op in present and registry.get(op) is not None)
-            if ops and not self.cannot_win(save_ops_kept(problem, ops)):
-                policy = SaveOps(ops)
-                self.consider(label(policy), lambda p=policy: plan_save_ops(problem, p))
+        for op in EXPENSIVE_OPS:
+            if (
+                op in present
+                and registry.get(op) is not None
+                and not self.cannot_win(save_ops_kept(problem, (op,)))
+            ):
+                self.consider(
+                    f"save_ops({op})", lambda op=op: plan_save_ops(problem, SaveOps((op,)))
+                )
         self.consider("dtr", lambda: dtr_schedule(problem, self.limit, "dtr"))
         # ReLU masks in the forward pass: sometimes DTR fits only so.
         if hoistable(problem) and (self.best is None or n <= BOTH_ORDERS_MAX_CANDIDATES):

@@ -56,7 +56,14 @@ def plan_save_ops(problem: Problem, policy: SaveOps) -> Schedule:
     return schedule_with_checkpoints(problem, kept, f"save_ops({','.join(policy.ops)})")
 
 
+# Op kinds save_ops counts as another's: a linear layer is a matrix product with its
+# bias added in place, so save_ops(matmul) keeps linear layers as it did when the
+# importers wrote them as matmul then add.
+SAVED_WITH = {"matmul": ("linear",)}
+
+
 def save_ops_kept(problem: Problem, ops) -> frozenset[str]:
-    """The checkpoints save_ops(ops) keeps: every forward node of those ops."""
-    ops = set(ops)
+    """The checkpoints save_ops(ops) keeps: every forward node of those ops (and of the
+    kinds `SAVED_WITH` them)."""
+    ops = set(ops).union(*(SAVED_WITH.get(op, ()) for op in ops))
     return frozenset(n for n in problem.forward_order if problem.graph[n].op in ops)
