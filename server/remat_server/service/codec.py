@@ -50,7 +50,7 @@ def tensor_type(tensor: tensor_pb2.Tensor, limits: Limits, what: str) -> tuple[s
     if dtype is None:  # unsupported: the error, naming the field
         with _invalid():
             wire.dtype_name(tensor.dtype, what)
-    shape = tuple(tensor.shape)
+    shape = tuple(tensor.shape[:])  # see wire.tensor_view
     check_shape(shape, limits, what)
     return dtype, shape, dtypes.itemsize(dtype) * math.prod(shape)
 
@@ -78,7 +78,7 @@ def tensors_to_arrays(tensors, limits: Limits, what: str) -> dict[str, np.ndarra
     arrays = {}
     for name, tensor in tensors.items():
         kind = wire.ENUM_NUMPY.get(tensor.dtype)
-        shape = tuple(tensor.shape)
+        shape = tuple(tensor.shape[:])
         data = tensor.data
         if (
             kind is not None
