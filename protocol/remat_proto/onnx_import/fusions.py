@@ -194,9 +194,12 @@ def linear(nodes: list, outputs: set[str], shapes: dict[str, tuple[int, ...]]) -
 
 
 def _into(shapes: dict[str, tuple[int, ...]], bias: str, product: str) -> bool:
-    """Whether `bias` broadcasts to `product`'s shape."""
-    target = shapes[product]
+    """Whether `bias` broadcasts to `product`'s shape (False for a value whose shape is
+    not known: then nothing is fused)."""
+    target, shape = shapes.get(product), shapes.get(bias)
+    if target is None or shape is None or len(shape) > len(target):
+        return False
     try:
-        return len(shapes[bias]) <= len(target) and broadcast(shapes[bias], target) == target
+        return broadcast(shape, target) == target
     except ShapeProblem:
         return False
