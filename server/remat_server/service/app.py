@@ -116,6 +116,9 @@ def _add_timed(add_to, server: grpc.Server, metrics: ServerMetrics) -> None:
     """The service `add_to(server)` adds, each of its handlers timing its calls."""
     collected = _Handlers()
     add_to(collected)
+    if not hasattr(collected, "handlers"):  # generated code of another kind: untimed
+        add_to(server)
+        return
     _register(
         server,
         collected.service,
