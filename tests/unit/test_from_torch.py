@@ -378,6 +378,16 @@ def test_an_affine_layer_is_one_linear_op(fn, ops):
     assert {n.op for n in graph.nodes} - {"constant"} == ops
 
 
+@pytest.mark.parametrize(
+    "bias, product, fuses",
+    [((4,), (2, 4), True), ((2, 1), (2, 4), True), ((3,), (4,), False), ((2, 1, 4), (3, 4), False)],
+)
+def test_a_bias_fuses_only_when_it_broadcasts_into_the_product(bias, product, fuses):
+    from remat.importers.aten_math import _broadcasts_to
+
+    assert _broadcasts_to(bias, product) is fuses
+
+
 def test_import_remat_does_not_import_torch():
     code = "import sys, remat; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

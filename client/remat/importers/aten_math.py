@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .aten_table import _dim, _dims, _out_shape, _reshape, _scalar, aten
 from .torch_values import Tensor, Unsupported
 
@@ -389,19 +391,15 @@ def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     """np.matmul's result shape."""
     a2 = a if len(a) > 1 else (1, *a)
     b2 = b if len(b) > 1 else (*b, 1)
-    batch = _broadcast(a2[:-2], b2[:-2])
+    batch = np.broadcast_shapes(a2[:-2], b2[:-2])
     return (*batch, *a2[-2:-1][: len(a) > 1], *b2[-1:][: len(b) > 1])
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    return len(shape) <= len(target) and _broadcast(shape, target) == target
-
-
-def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    if len(a) < len(b):
-        a, b = b, a
-    b = (1,) * (len(a) - len(b)) + tuple(b)
-    return tuple(x if y == 1 else y for x, y in zip(a, b))
+    try:
+        return np.broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:  # they do not broadcast at all
+        return False
 
 
 @aten("matmul", "mm", "bmm", "mv")
