@@ -2,7 +2,8 @@
 recomputation under a byte limit. No schedule any planner emits within the limit
 recomputes less (Optimal's proven optima included); it is 0 where store_all fits,
 above 0 where the limit forces recomputation, infinite where nothing fits; and Optimal
-reports its gap against it when the budget planner answers."""
+reports its gap against it when the budget planner answers. On small transformer blocks
+it proves Budget's schedules optimal (among all schedules, not a MILP's class)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,21 @@ def mlp() -> remat.Graph:
     return g
 
 
+def block(batch: int, seq: int) -> remat.models.Model:
+    """A small transformer block: attention, layer norms, a GELU MLP (128 joint nodes)."""
+    return remat.models.transformer_block(
+        batch=batch, seq=seq, d_model=8, heads=2, d_ff=16, dtype="float64"
+    )
+
+
+BLOCK_WRT = tuple(block(1, 1).wrt)  # its parameters
+
 GRAPHS = {  # name -> (spec, wrt)
     "chain8": (lambda: support.tanh_chain(8, 4, "float64", loss=True), ("x",)),
     "skip": (lambda: support.skip_chain(4), ("x",)),
     "mlp": (lambda: graph_from_proto(mlp().to_proto(), Limits()), ("x", "w0", "w1", "w2")),
+    "block16": (lambda: graph_from_proto(block(4, 16).graph.to_proto(), Limits()), BLOCK_WRT),
+    "block8": (lambda: graph_from_proto(block(2, 8).graph.to_proto(), Limits()), BLOCK_WRT),
 }
 # (graph, fraction of store_all's peak) where some planner's schedule fits
 CASES = [
@@ -126,3 +138,47 @@ def test_optimal_reports_its_gap_against_the_bound_when_budget_answers():
     assert 0 < bound <= cost
     assert report.optimality_gap == pytest.approx((cost - bound) / cost)
     assert "(the moment bound)" in report.detail
+
+
+# (block, fraction) where the limit forces recomputation and Budget finds a schedule.
+BLOCK_CASES = [
+    *(("block16", f) for f in (0.97, 0.95, 0.92, 0.9)),
+    *(("block8", f) for f in (0.9, 0.8)),
+]
+
+
+@pytest.mark.parametrize("name, fraction", BLOCK_CASES)
+def test_budget_is_within_ten_percent_of_the_bound_on_transformer_blocks(name, fraction):
+    """Issue 14's goal, against a bound on every schedule: the MILP's LP bound is 0 on
+    these blocks and its 20 s runs prove nothing. Today Budget reaches the bound (its
+    schedules are optimal); 10% is what the planner promises."""
+    p = problem(name)
+    limit = budget_bytes(p, 0, fraction)
+    bound = recompute_lower_bound(p, limit).cost
+    ours = recompute_cost(p, plan(problem(name), P.Budget(fraction=fraction)))
+    assert 0 < bound <= ours <= 1.10 * bound, (bound, ours)
+
+
+def test_optimal_proves_budgets_schedule_on_a_transformer_block_without_its_milp(monkeypatch):
+    from remat_server.checkpoint.planners import optimal
+
+    def no_milp(*args, **kwargs):
+        raise AssertionError("the MILP ran although the moment bound proved the optimum")
+
+    monkeypatch.setattr(optimal.milp_classes, "solve", no_milp)
+    p = problem("block16")
+    schedule = plan(p, P.Optimal(fraction=0.95))
+    assert schedule.report.status == "optimal" and schedule.report.optimality_gap == 0.0
+    assert "(the moment bound, at bwd/attn/softmax_grad)" in schedule.report.detail
+    assert simulated(p, schedule).peak_bytes <= schedule.report.budget_bytes
+
+
+def test_an_anchor_limit_and_a_time_limit_only_weaken_the_bound():
+    p = problem("block16")
+    limit = budget_bytes(p, 0, 0.95)
+    full = recompute_lower_bound(p, limit)
+    assert full.solved == full.binding > 0  # every anchor solved, in well under 10 s
+    assert recompute_lower_bound(p, limit, anchors=1).solved == 1
+    assert recompute_lower_bound(p, limit, anchors=1).cost <= full.cost
+    nothing = recompute_lower_bound(p, limit, seconds=0.0)
+    assert (nothing.cost, nothing.solved, nothing.binding) == (0.0, 0, full.binding)

@@ -29,6 +29,7 @@ from remat_server.checkpoint.planners import milp, milp_order
 from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
 from remat_server.checkpoint.planners.heuristics import plan_every_k, plan_recompute_all, plan_sqrt
 from remat_server.checkpoint.planners.milp import _Milp
+from remat_server.checkpoint.planners.moment_bound import recompute_lower_bound
 from remat_server.checkpoint.planners.optimal import plan_optimal
 from remat_server.checkpoint.planners.revolve import plan_revolve
 from remat_server.checkpoint.problem import Problem
@@ -138,7 +139,11 @@ def test_schedule_fits_and_is_proven_optimal(name, fraction):
     assert report.budget_bytes == int(fraction * store_all_peak(p))
     assert sim.peak_bytes <= report.budget_bytes < store_all_peak(p)
     assert report.status == "optimal" and report.optimality_gap == 0.0
-    assert report.chosen == "milp" and report.detail.startswith("MILP with ")
+    # Proven by the MILP, or by Budget's schedule reaching the moment bound (no MILP).
+    by_milp = report.chosen == "milp" and report.detail.startswith("MILP with ")
+    assert by_milp or "what every schedule within the budget must (the moment bound" in (
+        report.detail
+    ), report.detail
     assert report.solve_seconds > 0
     assert schedule.policy == f"optimal({fraction:g})"
     # Below store_all's peak in both of Budget's orders, something must be recomputed.
@@ -251,7 +256,22 @@ def test_a_budget_under_the_proven_bound_is_refused_without_a_solve(monkeypatch)
         plan_optimal(problem("chain6"), Optimal(bytes=100))
 
 
-def test_too_many_nodes_falls_back_to_the_budget_planner():
+def test_over_the_node_limit_a_schedule_at_the_moment_bound_is_proven_optimal():
+    """No MILP runs, yet Budget's schedule is the optimum of every schedule: it
+    recomputes what the moment bound proves every schedule within the budget must."""
+    p = dataclasses.replace(problem("chain8"), milp_max_nodes=10)
+    schedule = plan_optimal(p, Optimal(fraction=0.9))
+    report = schedule.report
+    assert report.status == "optimal" and report.optimality_gap == 0.0
+    assert "what every schedule within the budget must (the moment bound" in report.detail
+    cost = simulated(p, schedule).recompute_flops
+    bound = recompute_lower_bound(p, report.budget_bytes).cost
+    assert 0 < bound <= cost <= bound * (1 + 1e-5)
+    assert simulated(p, schedule).peak_bytes <= report.budget_bytes
+
+
+def test_too_many_nodes_falls_back_to_the_budget_planner(monkeypatch):
+    without_moment_bound(monkeypatch)
     p = dataclasses.replace(problem("chain8"), milp_max_nodes=10)
     schedule = plan_optimal(p, Optimal(fraction=0.9))
     report = schedule.report
@@ -297,12 +317,27 @@ def test_the_budget_planners_schedule_is_a_feasible_start_for_the_milp(name, fra
     assert ours.recompute_flops <= theirs.recompute_flops
 
 
+def without_moment_bound(monkeypatch, scale: float = 0.0) -> None:
+    """Optimal with the moment bound scaled by `scale` (0: none above 0): otherwise it
+    proves Budget's schedule optimal on these graphs before the MILP runs."""
+    from remat_server.checkpoint.planners import optimal
+
+    real = optimal.recompute_lower_bound
+
+    def scaled(problem, limit, **kwargs):
+        bound = real(problem, limit, **kwargs)
+        return dataclasses.replace(bound, cost=bound.cost * scale)
+
+    monkeypatch.setattr(optimal, "recompute_lower_bound", scaled)
+
+
 def test_timeout_without_a_schedule_falls_back_to_the_budget_planner(monkeypatch):
     # A larger graph and a near-minimal budget: HiGHS finds no schedule in 10 ms, and
     # here it has no start (as for a schedule the MILP's stages cannot express).
     from remat_server.checkpoint.planners import milp_start
 
     monkeypatch.setattr(milp_start, "columns", lambda model, schedule: None)
+    without_moment_bound(monkeypatch)
     p = Problem(*_joint(mlp(layers=4, width=6)))
     schedule = plan_optimal(p, Optimal(fraction=0.95, time_limit=0.01))
     report = schedule.report
@@ -337,7 +372,6 @@ def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(
     (a ReLU's mask made once, in the backward pass) and may be under it, and then the
     gap is over the bound every schedule has (`moment_bound`)."""
     from remat_server.checkpoint.planners import optimal
-    from remat_server.checkpoint.planners.moment_bound import recompute_lower_bound
 
     p = problem("chain8")
     limit = int(0.75 * store_all_peak(p))
@@ -346,6 +380,8 @@ def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(
     bound = simulated(p, poor).recompute_flops - 1 if bound_above_budget else 0.0
     stopped = milp.Solution(poor, False, False, 0.5, 0.1, "MILP (test)", bound=bound)
     monkeypatch.setattr(optimal.milp, "solve", lambda *args, **kwargs: stopped)
+    # (the moment bound would prove Budget's schedule optimal, and no MILP would run)
+    without_moment_bound(monkeypatch, scale=0.5 if bound_above_budget else 0.0)
     schedule = plan_optimal(p, Optimal(bytes=limit))
     ours = simulated(p, schedule)
     assert ours.peak_bytes <= limit
@@ -355,7 +391,7 @@ def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(
     claimed = "every schedule of its class recomputes at least"
     assert (claimed in schedule.report.detail) != bound_above_budget, schedule.report.detail
     if bound_above_budget:  # the bound of every schedule, above 0 here
-        moment = recompute_lower_bound(p, limit).cost
+        moment = recompute_lower_bound(p, limit).cost * 0.5
         assert 0 < moment <= ours.recompute_flops
         gap = (ours.recompute_flops - moment) / ours.recompute_flops
         assert "(the moment bound)" in schedule.report.detail
@@ -372,6 +408,7 @@ def test_when_no_milp_schedule_fits_the_budget_planner_still_tries(monkeypatch):
     p = problem("chain8")
     refused = milp.Solution(None, True, False, 0.0, 0.1, "MILP (test)", why="infeasible (test)")
     monkeypatch.setattr(optimal.milp, "solve", lambda *args, **kwargs: refused)
+    without_moment_bound(monkeypatch)  # (it proves Budget's schedule optimal here)
     schedule = plan_optimal(p, Optimal(fraction=0.75))
     assert schedule.report.status == "fallback"
     detail = schedule.report.detail  # both of the MILP's classes (`milp_classes`) refused

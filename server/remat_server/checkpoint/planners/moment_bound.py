@@ -11,22 +11,30 @@ then and `after` those computed after:
 - the buffers of the live values (a view's is its owner's) fit what the limit leaves;
 - an ancestor of X in `after` is computed again: its cost at least, once.
 The least such cost, over 0/1 choices of `live` and `after`, is a lower bound on every
-schedule's recomputation; this module solves its LP relaxation (HiGHS, through scipy),
-a lower bound still, for a few anchors along the backward pass, and keeps the highest.
-It holds for every schedule, not only a planner's class (the MILP's bound does not),
-so a schedule at that cost is optimal, and an anchor whose LP has no solution proves
-that no schedule fits at all.
+schedule's recomputation. This module solves that integer program (HiGHS, through
+scipy) for the backward nodes where the limit binds, in backward order, and keeps the
+highest: the first backward nodes, which find the most forward values still to be
+read, give the highest bounds (on the zoo's GPT-2 at 50%, its 26th of 279). Where a
+solve stops at its time limit, HiGHS's proven dual bound stands in for its optimum (a
+lower bound still). It holds for every schedule, not only a planner's class (the
+MILP's bound does not), so a schedule at that cost is optimal, and an anchor whose
+program has no solution proves that no schedule fits at all.
 
-It sees a single moment, so it is weak where memory binds at many (a transformer's
-backward pass): the gap it reports is an upper bound on the true one.
+Its LP relaxation, solved instead until this bound was made integer, was 5-60x under
+the best known schedules: a fractional `live` keeps part of a buffer. The integer
+program equals Budget's recomputation on the small transformer block (which proves
+those schedules optimal) and is within 1.10x of it on the zoo's BERT at 50% and 30%
+(bench/README.md). It still sees one moment at a time, so it is weaker where memory
+binds at many, and the gap it gives is an upper bound on the true one.
 
-    >>> # bound = recompute_lower_bound(problem, limit)
+    >>> # bound = recompute_lower_bound(problem, limit, seconds=10.0)
     >>> # bound.cost: FLOPs (or profiled seconds); math.inf: no schedule fits
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,44 +44,94 @@ from scipy.sparse import coo_matrix
 from .. import control
 from ..problem import Problem
 
-# Anchors tried, spread evenly along the backward pass (each is one LP).
-DEFAULT_ANCHORS = 24
+# Seconds for all of a bound's solves together (each anchor's is one small integer
+# program: 20-80 ms on the zoo's transformers, whose 300-450 anchors take 16-35 s).
+DEFAULT_SECONDS = 10.0
+# HiGHS's tolerances must not turn a bound into a claim above it.
+TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
 class MomentBound:
     cost: float  # every schedule within the limit recomputes at least this much
     anchor: str | None  # the node whose first computation gave it (None: no bound above 0)
+    solved: int = 0  # anchors solved (in `seconds`)
+    binding: int = 0  # backward nodes at which the limit binds (each could give a bound)
+    seconds: float = 0.0  # spent finding it
+
+
+@dataclass(frozen=True)
+class _Moment:
+    """What one anchor's program needs to know about its moment."""
+
+    anchor: str
+    before: frozenset[str]  # ancestors of the anchor: computed once already
+    later: frozenset[str]  # the anchor and its (needed) descendants: not computed yet
+    room: int  # bytes the limit leaves for live values then (< 0: nothing fits)
 
 
 def recompute_lower_bound(
-    problem: Problem, limit: int, anchors: int = DEFAULT_ANCHORS
+    problem: Problem,
+    limit: int,
+    anchors: int | None = None,
+    seconds: float = DEFAULT_SECONDS,
 ) -> MomentBound:
-    """The highest moment bound over `anchors` backward nodes (see the module doc). Its
-    LPs are solves like the MILP's: they hold a solve slot (`control.expensive`, taken
-    only if the caller holds none), and stop between anchors once the request ends."""
-    best = MomentBound(0.0, None)
+    """The highest moment bound (see the module doc) over the backward nodes at which
+    `limit` binds, in backward order: at most `anchors` of them (None: all), within
+    `seconds` (and the request's deadline). Its solves are like the MILP's: they hold a
+    solve slot (`control.expensive`, taken only if the caller holds none), and stop
+    between anchors once the request ends."""
+    start = time.monotonic()
+    moments = _binding(problem, limit)
+    for moment in moments:
+        if moment.room < 0:  # the inputs, its result and its temporaries alone exceed it
+            return MomentBound(math.inf, moment.anchor, 0, len(moments), time.monotonic() - start)
+    chosen = moments if anchors is None else moments[:anchors]
+    cost, anchor, solved = 0.0, None, 0
+    deadline = start + control.seconds_left(seconds)
     with control.expensive():
-        for anchor in _anchors(problem, anchors):
+        for moment in chosen:
             control.check()
-            cost = _moment(problem, limit, anchor)
-            if cost > best.cost:
-                best = MomentBound(cost, anchor)
-                if math.isinf(cost):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            found = _solve(problem, moment, left)
+            solved += 1
+            if found > cost:
+                cost, anchor = found, moment.anchor
+                if math.isinf(found):
                     break
-    return best
+    return MomentBound(cost, anchor, solved, len(moments), time.monotonic() - start)
 
 
-def _anchors(problem: Problem, count: int) -> list[str]:
-    backward = problem.backward
-    if len(backward) <= count:
-        return list(backward)
-    step = (len(backward) - 1) / (count - 1)
-    return list(dict.fromkeys(backward[round(k * step)] for k in range(count)))
+def _binding(problem: Problem, limit: int) -> list[_Moment]:
+    """The backward nodes, in backward order, at whose first computation the values
+    computed before it that a node not computed yet reads (and the results) outweigh
+    what the limit leaves. Elsewhere the bound is 0: keeping those values live, and
+    computing every node that is not an ancestor afterwards, fits at no cost."""
+    graph, model = problem.graph, problem.model
+    inputs = {n.name for n in graph.inputs}
+    results = set(problem.results)
+    needed = problem.needed
+    moments = []
+    for anchor in problem.backward:
+        before = frozenset(graph.ancestors({anchor}) - {anchor})
+        own = model.nbytes[anchor] if model.owner[anchor] == anchor else 0
+        room = limit - problem.input_bytes - own - model.scratch.get(anchor, 0)
+        read_on = {
+            model.owner[v]
+            for v in before & needed
+            if v in results or any(c in needed and c not in before for c in graph.consumers(v))
+        } - inputs
+        if sum(model.nbytes[o] for o in read_on) > room:
+            later = frozenset((graph.descendants({anchor}) | {anchor}) & needed)
+            moments.append(_Moment(anchor, before, later, room))
+    return moments
 
 
-def _moment(problem: Problem, limit: int, anchor: str) -> float:
-    """The LP bound at `anchor`'s first computation; math.inf when nothing fits then."""
+def _solve(problem: Problem, moment: _Moment, seconds: float) -> float:
+    """The least recomputation at `moment` (a proven lower bound on it when the solve
+    stops at `seconds`); math.inf when nothing fits then."""
     graph, model = problem.graph, problem.model
     inputs = {n.name for n in graph.inputs}
     values = [n for n in graph.nodes if n in problem.needed and n not in inputs]
@@ -81,8 +139,6 @@ def _moment(problem: Problem, limit: int, anchor: str) -> float:
     n = len(values)  # variables: live[0:n], after[n:2n], then one per buffer owner
     owners = sorted({model.owner[v] for v in values} - inputs)
     buffer = {o: 2 * n + k for k, o in enumerate(owners)}
-    before = graph.ancestors({anchor}) - {anchor}
-    later = (graph.descendants({anchor}) | {anchor}) & problem.needed
     low, high = np.zeros(2 * n + len(owners)), np.ones(2 * n + len(owners))
     rows: list[dict[int, float]] = []
     floors: list[float] = []
@@ -94,7 +150,7 @@ def _moment(problem: Problem, limit: int, anchor: str) -> float:
         ceilings.append(ceiling)
 
     for v in values:
-        if v in later:  # computed after the moment, and not live at it
+        if v in moment.later:  # computed after the moment, and not live at it
             low[n + index[v]], high[index[v]] = 1, 0
         for i in graph[v].inputs:  # computed after: each input live then, or after too
             if i in index:
@@ -103,18 +159,14 @@ def _moment(problem: Problem, limit: int, anchor: str) -> float:
         if owner not in inputs:  # a live value keeps its buffer
             row({buffer[owner]: 1, index[v]: -1}, 0)
     for v in problem.results:
-        if v in index and v not in later:
+        if v in index and v not in moment.later:
             row({index[v]: 1, n + index[v]: 1}, 1)
-    for i in graph[anchor].inputs:
+    for i in graph[moment.anchor].inputs:
         if i in index:
             low[index[i]] = 1
-    own = model.nbytes[anchor] if model.owner[anchor] == anchor else 0
-    room = limit - problem.input_bytes - own - model.scratch.get(anchor, 0)
-    if room < 0:
-        return math.inf
-    row({buffer[o]: model.nbytes[o] for o in owners}, -math.inf, room)
+    row({buffer[o]: model.nbytes[o] for o in owners}, -math.inf, moment.room)
     cost = np.zeros(2 * n + len(owners))
-    for v in before:
+    for v in moment.before:
         if v in index:
             cost[n + index[v]] = problem.cost(v)
     coords = [(k, j, c) for k, coefs in enumerate(rows) for j, c in coefs.items()]
@@ -123,11 +175,16 @@ def _moment(problem: Problem, limit: int, anchor: str) -> float:
         shape=(len(rows), len(cost)),
     ).tocsr()
     result = milp(
-        cost, constraints=LinearConstraint(matrix, floors, ceilings), bounds=Bounds(low, high)
+        cost,
+        constraints=LinearConstraint(matrix, floors, ceilings),
+        bounds=Bounds(low, high),
+        integrality=np.ones(len(cost)),
+        options={"time_limit": max(seconds, 0.01)},
     )
     if result.status == 2:  # infeasible: no live set fits at this moment
         return math.inf
-    if result.status != 0:  # no answer from the solver: no bound claimed
-        return 0.0
-    # (less a hair: HiGHS's tolerances must not turn a bound into a claim above it)
-    return max(0.0, float(result.fun) * (1 - 1e-6))
+    # Optimal (to HiGHS's gap) or stopped: its dual bound is proven either way.
+    proven = getattr(result, "mip_dual_bound", None)
+    if result.status not in (0, 1) or proven is None or not math.isfinite(proven):
+        return 0.0  # no answer from the solver: no bound claimed
+    return max(0.0, float(proven) * (1 - TOLERANCE))

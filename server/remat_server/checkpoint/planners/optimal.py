@@ -1,7 +1,10 @@
 """Optimal: the exact optimum under a budget, from Checkmate's MILP (`milp`).
 
 First the budget planner finds a schedule (with its own short MILP run on small
-graphs); the MILP starts from it (`milp_start`: HiGHS's first incumbent), in its order,
+graphs). Where it recomputes no more than the moment bound (`moment_bound`: what every
+schedule within the budget recomputes, proven by one small integer program per backward
+node), it is optimal among all schedules, and Optimal answers with it without a MILP.
+Otherwise the MILP starts from it (`milp_start`: HiGHS's first incumbent), in its order,
 so on a graph where HiGHS finds no schedule of its own in time Optimal still answers
 with one and, where HiGHS has a bound by then, with its gap. Outcomes: store_all fits -> store_all
 (optimal, no solve); proven optimum ("optimal", mip_rel_gap 0); time limit with a
@@ -36,12 +39,15 @@ from . import milp, milp_classes
 from .bounds import budget_bytes, recompute_cost, store_all_peak
 from .budget import search
 from .least_memory import over_budget, peak_lower_bound
-from .moment_bound import recompute_lower_bound
+from .moment_bound import DEFAULT_SECONDS, TOLERANCE, MomentBound, recompute_lower_bound
 from .store_all import plan_store_all
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIME_LIMIT = 60.0  # seconds; the engine passes the server's when the policy has 0
+# The moment bound's share of the time limit (at most its own default): it proves
+# Budget's schedule optimal in well under a second on graphs the MILP can hold.
+BOUND_SHARE = 0.25
 
 
 def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
@@ -67,6 +73,7 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
             f"the joint graph has {nodes} nodes, over the "
             f"MILP limit of {problem.milp_max_nodes} (server flag "
             "--optimal-max-nodes)",
+            policy,
         )
     if limit < problem.input_bytes:
         raise over_budget(problem, name, limit, "the graph inputs alone exceed it")
@@ -75,24 +82,31 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
     with control.expensive(name):  # Budget's search nests in it: one slot
         known = _budget_schedule(problem, name, limit)
         time_limit = control.seconds_left(policy.time_limit or DEFAULT_TIME_LIMIT)
+        bound = recompute_lower_bound(problem, limit, seconds=_bound_seconds(policy))
+        if known is not None and _reaches(problem, known, bound):
+            return _proven(problem, name, limit, known, bound)
         # (raises once the request has ended)
         solution = milp_classes.solve(problem, limit, time_limit, name, known)
         if solution.schedule is None:  # none in time, or none of the MILP's class fits
             if known is None:  # and Budget's search had found none either
                 raise over_budget(problem, name, limit, solution.why + "; no fallback fits")
-            return _fallback(problem, name, limit, solution.why, known)
+            return _fallback(problem, name, limit, solution.why, policy, known, bound)
         if not solution.optimal and known is not None:  # the cheaper of the two
-            better = _cheaper(problem, name, limit, solution, known)
+            better = _cheaper(problem, name, limit, solution, known, bound)
             if better is not None:
                 return better
     detail = solution.size
     if known is not None:
         detail += ", started from the budget planner's schedule"
+    gap = solution.gap
     if not solution.optimal:  # how far from the optimum the schedule may be
         detail += (
             f", stopped at {time_limit:g} s; every schedule of its class recomputes at "
             f"least {solution.bound:.4g} {_unit(problem)}"
         )
+        if bound.cost > solution.bound:  # the bound every schedule has is higher
+            gap, words = _moment_gap(problem, recompute_cost(problem, solution.schedule), bound)
+            detail += f"; {words}"
     elif solution.orders == 2:  # proven for the MILP's classes, not every schedule
         detail += (
             "; optimal among the schedules of its classes (one fixed order, with the "
@@ -105,7 +119,7 @@ def plan_optimal(problem: Problem, policy: Optimal) -> Schedule:
         report=PlannerReport(
             budget_bytes=limit,
             status="optimal" if solution.optimal else "time_limit",
-            optimality_gap=solution.gap,
+            optimality_gap=gap,
             solve_seconds=solution.seconds,
             chosen="milp",
             detail=detail,
@@ -126,26 +140,32 @@ def _budget_schedule(problem: Problem, name: str, limit: int) -> Schedule | None
 
 
 def _cheaper(
-    problem: Problem, name: str, limit: int, solution: milp.Solution, found: Schedule
+    problem: Problem,
+    name: str,
+    limit: int,
+    solution: milp.Solution,
+    found: Schedule,
+    moment: MomentBound,
 ) -> Schedule | None:
     """Budget's schedule when it recomputes less than the MILP's incumbent (the MILP
     prices the masks it computes twice for its order), reported with the MILP's proven
     bound (None when the incumbent is at least as cheap). That bound holds for the
-    MILP's class only: where Budget's schedule, from outside it, is under it, no bound
-    above 0 is proven, and the gap is 1."""
+    MILP's class only: where Budget's schedule, from outside it, is under it, the moment
+    bound, which every schedule has, is the one reported."""
     ours = recompute_cost(problem, found)
     if ours >= recompute_cost(problem, solution.schedule):
         return None
     unit = _unit(problem)
-    if solution.bound <= ours:
+    if moment.cost <= solution.bound <= ours:
         gap = (ours - solution.bound) / ours if ours > 0 else 0.0
         bound = f"every schedule of its class recomputes at least {solution.bound:.4g} {unit}"
-    else:  # the MILP's bound is not this schedule's: the one every schedule has
-        gap, bound = _moment_gap(problem, limit, ours)
-        bound = (
-            f"it is under the bound of {solution.bound:.4g} {unit} the MILP proved for "
-            f"its class, which does not contain it; {bound}"
-        )
+    else:  # the moment bound: higher, or the MILP's is not this schedule's
+        gap, bound = _moment_gap(problem, ours, moment)
+        if solution.bound > ours:
+            bound = (
+                f"it is under the bound of {solution.bound:.4g} {unit} the MILP proved for "
+                f"its class, which does not contain it; {bound}"
+            )
     return _budgets(
         found,
         name,
@@ -159,16 +179,27 @@ def _cheaper(
 
 
 def _fallback(
-    problem: Problem, name: str, limit: int, why: str, known: Schedule | None = None
+    problem: Problem,
+    name: str,
+    limit: int,
+    why: str,
+    policy: Optimal,
+    known: Schedule | None = None,
+    moment: MomentBound | None = None,
 ) -> Schedule:
-    """Budget's schedule (`known`, else a search now) as Optimal's answer."""
+    """Budget's schedule (`known`, else a search now) as Optimal's answer, with its gap
+    over the moment bound (`moment`, else solved now): proven optimal if it reaches it."""
     schedule = known
     if schedule is None:
         try:
             schedule = search(problem, limit, name)
         except ResourceExhausted:
             raise over_budget(problem, name, limit, why + "; no fallback schedule fits") from None
-    gap, bound = _moment_gap(problem, limit, recompute_cost(problem, schedule))
+    if moment is None:
+        moment = recompute_lower_bound(problem, limit, seconds=_bound_seconds(policy))
+    if _reaches(problem, schedule, moment):
+        return _proven(problem, name, limit, schedule, moment)
+    gap, bound = _moment_gap(problem, recompute_cost(problem, schedule), moment)
     return _budgets(
         schedule,
         name,
@@ -180,17 +211,48 @@ def _fallback(
     )
 
 
-def _moment_gap(problem: Problem, limit: int, cost: float) -> tuple[float, str]:
+def _proven(
+    problem: Problem, name: str, limit: int, schedule: Schedule, moment: MomentBound
+) -> Schedule:
+    """Budget's `schedule`, which recomputes no more than every schedule within the
+    budget must (`moment`): optimal among all schedules, no MILP needed."""
+    return _budgets(
+        schedule,
+        name,
+        limit,
+        status="optimal",
+        optimality_gap=0.0,
+        solve_seconds=moment.seconds,
+        detail=f"the budget planner's schedule recomputes {recompute_cost(problem, schedule):.4g} "
+        f"{_unit(problem)}, what every schedule within the budget must (the moment bound, "
+        f"at {moment.anchor}): optimal among all schedules",
+    )
+
+
+def _bound_seconds(policy: Optimal) -> float:
+    """The moment bound's time: its share of the policy's time limit, at most its own
+    default, and never past the request's deadline."""
+    share = BOUND_SHARE * (policy.time_limit or DEFAULT_TIME_LIMIT)
+    return control.seconds_left(min(DEFAULT_SECONDS, share))
+
+
+def _reaches(problem: Problem, schedule: Schedule, moment: MomentBound) -> bool:
+    """True when `schedule` recomputes no more than the moment bound proves every
+    schedule must: the bound is HiGHS's, lowered by TOLERANCE against its own, so a
+    schedule at the true optimum may be that much over it."""
+    return recompute_cost(problem, schedule) * (1 - TOLERANCE) <= moment.cost * (1 + 1e-9)
+
+
+def _moment_gap(problem: Problem, cost: float, moment: MomentBound) -> tuple[float, str]:
     """(gap, in words) of a schedule recomputing `cost` against the bound every
-    schedule within `limit` has (`moment_bound`): an upper bound on its true gap."""
-    bound = recompute_lower_bound(problem, limit)
+    schedule within the budget has (`moment`): an upper bound on its true gap."""
     unit = _unit(problem)
-    if bound.cost > cost:  # cannot be, for a schedule within the limit: claim nothing
-        log.error("moment bound %.6g over a schedule's cost %.6g", bound.cost, cost)
+    if moment.cost > cost:  # cannot be, for a schedule within the limit: claim nothing
+        log.error("moment bound %.6g over a schedule's cost %.6g", moment.cost, cost)
         return 1.0, "no lower bound on its recomputation is proven"
-    gap = (cost - bound.cost) / cost if cost > 0 else 0.0
+    gap = (cost - moment.cost) / cost if cost > 0 else 0.0
     return gap, (
-        f"every schedule within the budget recomputes at least {bound.cost:.4g} {unit} "
+        f"every schedule within the budget recomputes at least {moment.cost:.4g} {unit} "
         f"(the moment bound), so this one is within {gap:.1%} of the optimum"
     )
 
