@@ -7,6 +7,7 @@ distinct weight and a wrong gradient cannot hide behind symmetry.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -301,3 +302,18 @@ def stored_bytes(message) -> int:
     from remat_server.service.graph_store import Registered
 
     return Registered("", graph_from_proto(message, Limits())).nbytes
+
+
+def without_moment_bound(monkeypatch, scale: float = 0.0) -> None:
+    """Optimal with the moment bound scaled by `scale` (0: none above 0). Otherwise it
+    proves Budget's schedule optimal on small graphs before the MILP runs, and a test
+    of the MILP's own path would test nothing."""
+    from remat_server.checkpoint.planners import optimal  # noqa: PLC0415
+
+    real = optimal.recompute_lower_bound
+
+    def scaled(problem, limit, **kwargs):
+        bound = real(problem, limit, **kwargs)
+        return dataclasses.replace(bound, cost=bound.cost * scale)
+
+    monkeypatch.setattr(optimal, "recompute_lower_bound", scaled)

@@ -271,7 +271,7 @@ def test_over_the_node_limit_a_schedule_at_the_moment_bound_is_proven_optimal():
 
 
 def test_too_many_nodes_falls_back_to_the_budget_planner(monkeypatch):
-    without_moment_bound(monkeypatch)
+    support.without_moment_bound(monkeypatch)
     p = dataclasses.replace(problem("chain8"), milp_max_nodes=10)
     schedule = plan_optimal(p, Optimal(fraction=0.9))
     report = schedule.report
@@ -317,27 +317,13 @@ def test_the_budget_planners_schedule_is_a_feasible_start_for_the_milp(name, fra
     assert ours.recompute_flops <= theirs.recompute_flops
 
 
-def without_moment_bound(monkeypatch, scale: float = 0.0) -> None:
-    """Optimal with the moment bound scaled by `scale` (0: none above 0): otherwise it
-    proves Budget's schedule optimal on these graphs before the MILP runs."""
-    from remat_server.checkpoint.planners import optimal
-
-    real = optimal.recompute_lower_bound
-
-    def scaled(problem, limit, **kwargs):
-        bound = real(problem, limit, **kwargs)
-        return dataclasses.replace(bound, cost=bound.cost * scale)
-
-    monkeypatch.setattr(optimal, "recompute_lower_bound", scaled)
-
-
 def test_timeout_without_a_schedule_falls_back_to_the_budget_planner(monkeypatch):
     # A larger graph and a near-minimal budget: HiGHS finds no schedule in 10 ms, and
     # here it has no start (as for a schedule the MILP's stages cannot express).
     from remat_server.checkpoint.planners import milp_start
 
     monkeypatch.setattr(milp_start, "columns", lambda model, schedule: None)
-    without_moment_bound(monkeypatch)
+    support.without_moment_bound(monkeypatch)
     p = Problem(*_joint(mlp(layers=4, width=6)))
     schedule = plan_optimal(p, Optimal(fraction=0.95, time_limit=0.01))
     report = schedule.report
@@ -381,7 +367,7 @@ def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(
     stopped = milp.Solution(poor, False, False, 0.5, 0.1, "MILP (test)", bound=bound)
     monkeypatch.setattr(optimal.milp, "solve", lambda *args, **kwargs: stopped)
     # (the moment bound would prove Budget's schedule optimal, and no MILP would run)
-    without_moment_bound(monkeypatch, scale=0.5 if bound_above_budget else 0.0)
+    support.without_moment_bound(monkeypatch, scale=0.5 if bound_above_budget else 0.0)
     schedule = plan_optimal(p, Optimal(bytes=limit))
     ours = simulated(p, schedule)
     assert ours.peak_bytes <= limit
@@ -408,7 +394,7 @@ def test_when_no_milp_schedule_fits_the_budget_planner_still_tries(monkeypatch):
     p = problem("chain8")
     refused = milp.Solution(None, True, False, 0.0, 0.1, "MILP (test)", why="infeasible (test)")
     monkeypatch.setattr(optimal.milp, "solve", lambda *args, **kwargs: refused)
-    without_moment_bound(monkeypatch)  # (it proves Budget's schedule optimal here)
+    support.without_moment_bound(monkeypatch)  # (it proves Budget's schedule optimal here)
     schedule = plan_optimal(p, Optimal(fraction=0.75))
     assert schedule.report.status == "fallback"
     detail = schedule.report.detail  # both of the MILP's classes (`milp_classes`) refused
