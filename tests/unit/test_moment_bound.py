@@ -181,4 +181,4 @@ def test_an_anchor_limit_and_a_time_limit_only_weaken_the_bound():
     assert recompute_lower_bound(p, limit, anchors=1).solved == 1
     assert recompute_lower_bound(p, limit, anchors=1).cost <= full.cost
     nothing = recompute_lower_bound(p, limit, seconds=0.0)
-    assert (nothing.cost, nothing.solved, nothing.binding) == (0.0, 0, full.binding)
+    assert (nothing.cost, nothing.anchor, nothing.solved) == (0.0, None, 0)

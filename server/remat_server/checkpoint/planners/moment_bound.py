@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +57,7 @@ class MomentBound:
     cost: float  # every schedule within the limit recomputes at least this much
     anchor: str | None  # the node whose first computation gave it (None: no bound above 0)
     solved: int = 0  # anchors solved (in `seconds`)
-    binding: int = 0  # backward nodes at which the limit binds (each could give a bound)
+    binding: int = 0  # backward nodes found to bind before it stopped (each may give one)
     seconds: float = 0.0  # spent finding it
 
 
@@ -78,55 +79,62 @@ def recompute_lower_bound(
 ) -> MomentBound:
     """The highest moment bound (see the module doc) over the backward nodes at which
     `limit` binds, in backward order: at most `anchors` of them (None: all), within
-    `seconds` (and the request's deadline). Its solves are like the MILP's: they hold a
-    solve slot (`control.expensive`, taken only if the caller holds none), and stop
-    between anchors once the request ends."""
+    `seconds` (and the request's deadline). Finding the binding nodes is linear in the
+    graph for each, so that search keeps to the time limit too. Its solves are like the
+    MILP's: they hold a solve slot (`control.expensive`, taken only if the caller holds
+    none), and stop between anchors once the request ends."""
     start = time.monotonic()
-    moments = _binding(problem, limit)
-    for moment in moments:
-        if moment.room < 0:  # the inputs, its result and its temporaries alone exceed it
-            return MomentBound(math.inf, moment.anchor, 0, len(moments), time.monotonic() - start)
-    chosen = moments if anchors is None else moments[:anchors]
-    cost, anchor, solved = 0.0, None, 0
     deadline = start + control.seconds_left(seconds)
+    for name in problem.backward:  # the inputs, its result and temporaries alone exceed it
+        if _room(problem, limit, name) < 0:
+            return MomentBound(math.inf, name, 0, 0, time.monotonic() - start)
+    cost, anchor, solved, binding = 0.0, None, 0, 0
     with control.expensive():
-        for moment in chosen:
+        for moment in _moments(problem, limit):
             control.check()
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if time.monotonic() >= deadline or (anchors is not None and solved >= anchors):
                 break
-            found = _solve(problem, moment, left)
+            if moment is None:  # the limit does not bind there
+                continue
+            binding += 1
+            found = _solve(problem, moment, deadline - time.monotonic())
             solved += 1
             if found > cost:
                 cost, anchor = found, moment.anchor
-                if math.isinf(found):
+                if math.isinf(found):  # no schedule fits: nothing can be higher
                     break
-    return MomentBound(cost, anchor, solved, len(moments), time.monotonic() - start)
+    return MomentBound(cost, anchor, solved, binding, time.monotonic() - start)
 
 
-def _binding(problem: Problem, limit: int) -> list[_Moment]:
-    """The backward nodes, in backward order, at whose first computation the values
-    computed before it that a node not computed yet reads (and the results) outweigh
-    what the limit leaves. Elsewhere the bound is 0: keeping those values live, and
-    computing every node that is not an ancestor afterwards, fits at no cost."""
+def _room(problem: Problem, limit: int, anchor: str) -> int:
+    """Bytes the limit leaves for live values while `anchor` is computed."""
+    model = problem.model
+    own = model.nbytes[anchor] if model.owner[anchor] == anchor else 0
+    return limit - problem.input_bytes - own - model.scratch.get(anchor, 0)
+
+
+def _moments(problem: Problem, limit: int) -> Iterator[_Moment | None]:
+    """Each backward node's moment, in backward order; None where the limit does not
+    bind: where the values computed before it that a node not computed yet reads (and
+    the results) fit, the bound is 0 (keep them live, and compute every node that is not
+    an ancestor afterwards)."""
     graph, model = problem.graph, problem.model
     inputs = {n.name for n in graph.inputs}
     results = set(problem.results)
     needed = problem.needed
-    moments = []
     for anchor in problem.backward:
         before = frozenset(graph.ancestors({anchor}) - {anchor})
-        own = model.nbytes[anchor] if model.owner[anchor] == anchor else 0
-        room = limit - problem.input_bytes - own - model.scratch.get(anchor, 0)
+        room = _room(problem, limit, anchor)
         read_on = {
             model.owner[v]
             for v in before & needed
             if v in results or any(c in needed and c not in before for c in graph.consumers(v))
         } - inputs
-        if sum(model.nbytes[o] for o in read_on) > room:
-            later = frozenset((graph.descendants({anchor}) | {anchor}) & needed)
-            moments.append(_Moment(anchor, before, later, room))
-    return moments
+        if sum(model.nbytes[o] for o in read_on) <= room:
+            yield None
+            continue
+        later = frozenset((graph.descendants({anchor}) | {anchor}) & needed)
+        yield _Moment(anchor, before, later, room)
 
 
 def _solve(problem: Problem, moment: _Moment, seconds: float) -> float:
