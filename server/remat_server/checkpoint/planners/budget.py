@@ -67,6 +67,7 @@ from ..schedule import PlannerReport, Schedule
 from ..simulate import OverLimit
 from . import chain_dp, milp, milp_classes, peak_drops, peak_order, remake
 from .bounds import budget_bytes, evaluations_cost, simulated, store_all_peak
+from .deferred_results import deferred
 from .dtr import dtr_schedule
 from .heuristics import (
     every_k_kept,
@@ -130,7 +131,11 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
     start = time.perf_counter()
     found = _Candidates(problem, limit, name)
     # One cheap simulation that settles most requests: it polls nothing, takes no slot.
-    found.consider("store_all", lambda: plan_store_all(problem), check=False)
+    every = plan_store_all(problem)
+    if not found.consider("store_all", lambda: every, check=False):
+        moved = deferred(problem, every)  # the results nothing reads computed last
+        if moved is not None:
+            found.consider("store_all, results last", lambda: moved, check=False)
     if found.best is None and limit < peak_lower_bound(problem):  # no search can succeed
         raise over_budget(problem, name, limit, why)
     if found.best is None:
@@ -221,6 +226,10 @@ class _Candidates:
         problem, limit = self.problem, self.limit
         tries = [(best, 1), *((b, 2) for b in self.beaten[::-1][:TIGHTENED_RUNNERS_UP])]
         tries += [(d, 2) for d in self.dropped if all(d[1] is not b[1] for b, _ in tries)]
+        # The best with its results computed last has room the others lack (`deferred`).
+        moved = deferred(problem, best[1])
+        if moved is not None:
+            tries.insert(1, ((f"{best[0]}, results last", moved, best[2], best[3]), 1))
         for (name, schedule, _, cost), share in tries:
             control.check(self.name)
             tight = tightened(problem, schedule, limit, share)
