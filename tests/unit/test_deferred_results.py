@@ -58,7 +58,7 @@ def test_logits_nobody_reads_move_to_the_end_and_lower_the_peak():
     spec, _ = classifier()
     p = problem_of(spec)
     base = plan_store_all(p)
-    moved = deferred(p, base)
+    moved = deferred(p, base, store_all_peak(p))
     assert moved is not None
     assert computations(moved) == computations(base)  # moved, not added
     assert simulated(p, moved).peak_bytes < simulated(p, base).peak_bytes
@@ -71,7 +71,7 @@ def test_a_result_the_backward_reads_stays_where_it_is():
     spec, _ = classifier(logits_read_by_backward=True)
     p = problem_of(spec)
     base = plan_store_all(p)
-    moved = deferred(p, base) or base
+    moved = deferred(p, base, store_all_peak(p)) or base
     assert moved.steps.index(Compute("logits")) == base.steps.index(Compute("logits"))
 
 
@@ -80,7 +80,7 @@ def test_budget_fits_without_recomputing_and_runs_as_store_all():
     nothing, and the run's outputs and gradients are store_all's, bit for bit."""
     spec, feeds = classifier()
     p = problem_of(spec)
-    low = simulated(p, deferred(p, plan_store_all(p))).peak_bytes
+    low = simulated(p, deferred(p, plan_store_all(p), store_all_peak(p))).peak_bytes
     limit = (low + store_all_peak(p)) // 2
     assert low <= limit < store_all_peak(p)
     schedule = plan(problem_of(spec), P.Budget(bytes=limit))

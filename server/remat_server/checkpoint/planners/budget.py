@@ -82,6 +82,7 @@ from .keep_sets import hold_floor, regrowth, swap_copies
 from .least_memory import floor, over_budget, peak_lower_bound
 from .revolve import plan_revolve
 from .store_all import plan_store_all
+from .tighten import MAX_NODES as TIGHTENED_MAX_NODES
 from .tighten import tightened
 
 # Each a save_ops candidate (save_ops(matmul) keeps the linear layers too).
@@ -133,7 +134,7 @@ def search(problem: Problem, limit: int, name: str, why: str = "") -> Schedule:
     # One cheap simulation that settles most requests: it polls nothing, takes no slot.
     every = plan_store_all(problem)
     if not found.consider("store_all", lambda: every, check=False):
-        moved = deferred(problem, every)  # the results nothing reads computed last
+        moved = deferred(problem, every, store_all_peak(problem))  # unread results last
         if moved is not None:
             found.consider("store_all, results last", lambda: moved, check=False)
     if found.best is None and limit < peak_lower_bound(problem):  # no search can succeed
@@ -226,8 +227,10 @@ class _Candidates:
         problem, limit = self.problem, self.limit
         tries = [(best, 1), *((b, 2) for b in self.beaten[::-1][:TIGHTENED_RUNNERS_UP])]
         tries += [(d, 2) for d in self.dropped if all(d[1] is not b[1] for b, _ in tries)]
-        # The best with its results computed last has room the others lack (`deferred`).
-        moved = deferred(problem, best[1])
+        # The best with its results computed last has room the others lack (`deferred`),
+        # for tightening (which leaves larger graphs as they are).
+        small = len(problem.graph) <= TIGHTENED_MAX_NODES
+        moved = deferred(problem, best[1], best[2]) if small else None
         if moved is not None:
             tries.insert(1, ((f"{best[0]}, results last", moved, best[2], best[3]), 1))
         for (name, schedule, _, cost), share in tries:

@@ -10,7 +10,7 @@ tightens it in the room it made (on GPT-2 at 70% of store_all's peak, down to th
 moment bound: proven optimal). The floor's `least_memory._results_last` recomputes the
 results from what is live at the end instead, for the least peak at any cost.
 
-    >>> # moved = deferred(problem, schedule)  # None: nothing to move, or no lower peak
+    >>> # moved = deferred(problem, schedule, peak)  # None: nothing moves, or no lower peak
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from ..simulate import InvalidSchedule
 from .bounds import simulated
 
 
-def deferred(problem: Problem, schedule: Schedule) -> Schedule | None:
-    """`schedule` with its movable results computed last (see the module doc), when
-    that lowers its peak; else None."""
+def deferred(problem: Problem, schedule: Schedule, peak: int) -> Schedule | None:
+    """`schedule` (whose peak is `peak` bytes) with its movable results computed last
+    (see the module doc), when that lowers its peak; else None."""
     moved = _movable(problem)
     if not moved:
         return None
@@ -56,7 +56,7 @@ def deferred(problem: Problem, schedule: Schedule) -> Schedule | None:
     tail += [Free(v) for v in sorted(frontier | moved) if v not in results]
     candidate = replace(schedule, steps=tuple(kept + tail))
     try:
-        lower = simulated(problem, candidate).peak_bytes < simulated(problem, schedule).peak_bytes
+        lower = simulated(problem, candidate).peak_bytes < peak
     except InvalidSchedule:  # a case this move does not handle: keep what was checked
         return None
     return candidate if lower else None
@@ -64,42 +64,19 @@ def deferred(problem: Problem, schedule: Schedule) -> Schedule | None:
 
 def _movable(problem: Problem) -> frozenset[str]:
     """The forward results no backward node reads, with the forward values only they
-    read (the loss's product with the logits): computed last, they hold nothing
-    through the backward pass."""
+    read (the loss's product with the logits; a weight decay's squares): computed last,
+    they hold nothing through the backward pass. One sweep in reverse topological order,
+    so each value's readers are settled before it."""
     memo = problem.memo
     if "deferred_results" not in memo:
-        graph, needed = problem.graph, problem.needed
-
-        def readers(name: str) -> list[str]:
-            return [c for c in graph.consumers(name) if c in needed]
-
-        moved = {
-            r
-            for r in problem.results
-            if problem.is_forward(r)
-            and not graph[r].is_input
-            and all(problem.is_forward(c) for c in readers(r))
-        }
-        grown = True
-        while grown:  # values read only by moved ones (and not by the backward)
-            grown = False
-            for name in needed:
-                read_by = readers(name)
-                if (
-                    name not in moved
-                    and not graph[name].is_input
-                    and problem.is_forward(name)
-                    and read_by
-                    and all(c in moved for c in read_by)
-                ):
-                    moved.add(name)
-                    grown = True
-        shrunk = True
-        while shrunk:  # a moved value's readers move too, or they would miss it
-            shrunk = False
-            for name in list(moved):
-                if any(c not in moved for c in readers(name)):
-                    moved.discard(name)
-                    shrunk = True
+        graph, needed, results = problem.graph, problem.needed, problem.results
+        moved: set[str] = set()
+        for node in reversed(graph.nodes.values()):
+            name = node.name
+            if name not in needed or node.is_input or not problem.is_forward(name):
+                continue
+            readers = [c for c in graph.consumers(name) if c in needed]
+            if (readers or name in results) and all(c in moved for c in readers):
+                moved.add(name)
         memo["deferred_results"] = frozenset(moved)
     return memo["deferred_results"]
