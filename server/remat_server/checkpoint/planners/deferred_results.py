@@ -50,16 +50,27 @@ def deferred(problem: Problem, schedule: Schedule, peak: int) -> Schedule | None
         if type(s) is Free and s.node in frontier and j > last_made[s.node]
     }
     kept = [s for j, s in enumerate(steps) if j not in drop]
-    order = sorted(moved, key=problem.position.__getitem__)
-    tail: list[Step] = [Compute(m) for m in order]
-    results = set(problem.results)
-    tail += [Free(v) for v in sorted(frontier | moved) if v not in results]
-    candidate = replace(schedule, steps=tuple(kept + tail))
+    candidate = replace(schedule, steps=tuple(kept + _tail(problem, moved, frontier)))
     try:
         lower = simulated(problem, candidate).peak_bytes < peak
     except InvalidSchedule:  # a case this move does not handle: keep what was checked
         return None
     return candidate if lower else None
+
+
+def _tail(problem: Problem, moved: frozenset[str], frontier: set[str]) -> list[Step]:
+    """The moved computations in topological order, each value that is not a result
+    freed once its last reader there has run."""
+    graph, results = problem.graph, problem.results
+    order = sorted(moved, key=problem.position.__getitem__)
+    last_reader = {i: m for m in order for i in graph[m].inputs if i in moved or i in frontier}
+    tail: list[Step] = []
+    for m in order:
+        tail.append(Compute(m))
+        for i in dict.fromkeys(graph[m].inputs):
+            if last_reader.get(i) == m and i not in results:
+                tail.append(Free(i))
+    return tail
 
 
 def _movable(problem: Problem) -> frozenset[str]:
