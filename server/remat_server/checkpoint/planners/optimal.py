@@ -27,6 +27,7 @@ more.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 
 from remat_proto.policies import Optimal, label
@@ -240,6 +241,8 @@ def _reaches(problem: Problem, schedule: Schedule, moment: MomentBound) -> bool:
     """True when `schedule` recomputes no more than the moment bound proves every
     schedule must: the bound is HiGHS's, lowered by TOLERANCE against its own, so a
     schedule at the true optimum may be that much over it."""
+    if math.isinf(moment.cost):  # no schedule fits: `schedule` cannot, claim nothing
+        return False
     return recompute_cost(problem, schedule) * (1 - TOLERANCE) <= moment.cost * (1 + 1e-9)
 
 
