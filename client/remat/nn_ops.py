@@ -50,20 +50,18 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *, name=N
 
 
 def max_pool2d(x, kernel, stride=None, padding=0, *, name=None):
-    return op(
-        "max_pool2d",
-        x,
-        kernel=_pair(kernel),
-        stride=_pair(stride if stride is not None else kernel),
-        padding=_pair(padding),
-        name=name,
-    )
+    return _pool2d("max_pool2d", x, kernel, stride, padding, name)
 
 
 def avg_pool2d(x, kernel, stride=None, padding=0, *, name=None):
     """Average pooling; padding counts toward the divisor (torch's default)."""
+    return _pool2d("avg_pool2d", x, kernel, stride, padding, name)
+
+
+def _pool2d(kind: str, x, kernel, stride, padding, name):
+    """A pooling op's node: the stride defaults to the kernel, as in torch."""
     return op(
-        "avg_pool2d",
+        kind,
         x,
         kernel=_pair(kernel),
         stride=_pair(stride if stride is not None else kernel),
