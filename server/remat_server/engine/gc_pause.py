@@ -19,6 +19,10 @@ exception's traceback, or, with an in-process client, the caller's SDK graphs, w
 nodes and graph refer to each other) would never be reclaimed. So once the frozen
 objects have doubled since the last full collection, a freeze first thaws them and
 collects (a full collection's cost, once per doubling: constant per object frozen).
+`gc.get_freeze_count()` walks the whole frozen list (20-70 ms per call once a few
+100k-node compiles are frozen), so it is asked only when the objects frozen since the
+last collection (the collector's young count at each freeze, which a freeze resets: an
+upper bound on the growth, since frozen objects are still freed) could have doubled it.
 
 The collector is process-wide: the pause is reference-counted, so concurrent compiles
 on several handler threads nest, and it is only re-enabled if it was enabled before.
@@ -51,6 +55,7 @@ _lock = threading.Lock()
 _depth = 0
 _was_enabled = False
 _collected_at = 0  # objects frozen right after the last full collection
+_frozen_since = 0  # objects frozen since then (young-generation counts at each freeze)
 
 
 @contextlib.contextmanager
@@ -81,14 +86,18 @@ def paused(nodes: int):
 def _freeze() -> None:
     """Freeze what is alive, after a full collection if the frozen objects have doubled
     since the last one (the cyclic garbage among them is reclaimed)."""
-    global _collected_at
-    if gc.get_freeze_count() > 2 * _collected_at:
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
-        _collected_at = gc.get_freeze_count()
-    else:
-        gc.freeze()
+    global _collected_at, _frozen_since
+    _frozen_since += gc.get_count()[0]
+    if _frozen_since > _collected_at:  # it may have doubled: count
+        frozen = gc.get_freeze_count()
+        if frozen > 2 * _collected_at:
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            _collected_at, _frozen_since = gc.get_freeze_count(), 0
+            return
+        _frozen_since = frozen - _collected_at
+    gc.freeze()
 
 
 def call(nodes: int, build, *args):
