@@ -348,32 +348,42 @@ def test_the_server_limit_is_the_default_and_the_most_a_client_gets(asked, grant
     )
 
 
-@pytest.mark.parametrize("bound_above_budget", [False, True])
-def test_an_incumbent_worse_than_budget_gives_way_to_budgets_schedule(
-    monkeypatch, bound_above_budget
+@pytest.mark.parametrize(
+    "bound_above_budget, proven",
+    [(False, False), (True, False), (True, True)],
+    ids=["stopped, bound 0", "stopped, bound above Budget's", "optimal in its class"],
+)
+def test_a_milp_schedule_worse_than_budget_gives_way_to_budgets_schedule(
+    monkeypatch, bound_above_budget, proven
 ):
     """Stopped at its time limit, the MILP's incumbent may recompute more than the budget
     planner's schedule: Optimal then returns the cheaper one, with the MILP's bound.
     That bound covers the MILP's class only; Budget's schedules come from outside it
     (a ReLU's mask made once, in the backward pass) and may be under it, and then the
-    gap is over the bound every schedule has (`moment_bound`)."""
+    gap is over the bound every schedule has (`moment_bound`). The same holds for a
+    schedule the MILP proved optimal in its class: Optimal returned it, 'optimal' with
+    gap 0, on three small residual blocks where Budget's recomputes 384 FLOPs to its 640."""
     from remat_server.checkpoint.planners import optimal
 
     p = problem("chain8")
     limit = int(0.75 * store_all_peak(p))
     poor = plan_recompute_all(p, None)  # fits this budget, recomputing the most
     assert simulated(p, poor).peak_bytes <= limit
-    bound = simulated(p, poor).recompute_flops - 1 if bound_above_budget else 0.0
-    stopped = milp.Solution(poor, False, False, 0.5, 0.1, "MILP (test)", bound=bound)
-    monkeypatch.setattr(optimal.milp, "solve", lambda *args, **kwargs: stopped)
+    poor_cost = simulated(p, poor).recompute_flops
+    bound = (poor_cost if proven else poor_cost - 1) if bound_above_budget else 0.0
+    solved = milp.Solution(
+        poor, False, proven, 0.0 if proven else 0.5, 0.1, "MILP (test)", bound=bound
+    )
+    monkeypatch.setattr(optimal.milp, "solve", lambda *args, **kwargs: solved)
     # (the moment bound would prove Budget's schedule optimal, and no MILP would run)
     support.without_moment_bound(monkeypatch, scale=0.5 if bound_above_budget else 0.0)
     schedule = plan_optimal(p, Optimal(bytes=limit))
     ours = simulated(p, schedule)
     assert ours.peak_bytes <= limit
-    assert ours.recompute_flops < simulated(p, poor).recompute_flops
-    assert schedule.report.status == "time_limit" and schedule.report.chosen != "milp"
-    assert "recomputes less than the MILP's incumbent" in schedule.report.detail
+    assert ours.recompute_flops < poor_cost
+    status, milps = ("feasible", "optimum in its class") if proven else ("time_limit", "incumbent")
+    assert schedule.report.status == status and schedule.report.chosen != "milp"
+    assert f"recomputes less than the MILP's {milps}" in schedule.report.detail
     claimed = "every schedule of its class recomputes at least"
     assert (claimed in schedule.report.detail) != bound_above_budget, schedule.report.detail
     if bound_above_budget:  # the bound of every schedule, above 0 here
