@@ -318,6 +318,39 @@ def test_cyclic_garbage_frozen_with_a_big_compile_is_reclaimed_later(monkeypatch
     assert alive() is None
 
 
+def test_the_frozen_objects_are_counted_only_when_they_may_have_doubled(monkeypatch):
+    """`gc.get_freeze_count()` walks every frozen object (20-70 ms once a few 100k-node
+    compiles are frozen), so a freeze asks it only when the objects frozen since the
+    last full collection could have doubled the frozen set: not while they total less
+    than what that collection left, and then once, to decide."""
+    counted = []
+    real = gc.get_freeze_count
+
+    class CountingGc:
+        def __getattr__(self, name):
+            return getattr(gc, name)
+
+        def get_freeze_count(self):
+            counted.append(1)
+            return real()
+
+    monkeypatch.setattr(gc_pause, "gc", CountingGc())
+    monkeypatch.setattr(gc_pause, "_collected_at", 10**9)  # as if a big set was frozen
+    monkeypatch.setattr(gc_pause, "_frozen_since", 0)
+    kept = []
+    for _ in range(3):
+        with gc_pause.paused(gc_pause.PAUSE_AFTER_NODES):
+            kept.append([[i] for i in range(gc_pause.FREEZE_AFTER + 1000)])
+    assert counted == [] and gc_pause._frozen_since >= 3 * gc_pause.FREEZE_AFTER
+    # Now they may have: as many frozen since as the last collection left (the frozen
+    # set as it is; so it has not doubled, and no collection follows).
+    monkeypatch.setattr(gc_pause, "_collected_at", real())
+    monkeypatch.setattr(gc_pause, "_frozen_since", real())
+    with gc_pause.paused(gc_pause.PAUSE_AFTER_NODES):
+        kept.append([[i] for i in range(gc_pause.FREEZE_AFTER + 1000)])
+    assert counted == [1]
+
+
 # --- concurrency -----------------------------------------------------------------------------
 def test_concurrent_first_requests_compile_and_plan_once(monkeypatch):
     request, _ = mlp_request(policy="sqrt")
