@@ -277,19 +277,30 @@ def big_chain_request(name: str) -> RunRequest:
     )
 
 
-def test_an_evicted_big_compile_is_freed_though_its_objects_were_frozen():
+def test_an_evicted_big_compile_is_freed_though_its_objects_were_frozen(monkeypatch):
     """A big compile pauses the garbage collector and freezes what it built
     (`engine.gc_pause`); only reference counting frees it once evicted, so nothing it
     holds may form a cycle. Autodiff's emitter once did (its constants' handles referred
     back to it, and through its builder to every node): each evicted 20k-node compile
     left 60,000 objects frozen for good."""
     engine = Engine(cache_bytes=1)  # keeps nothing: each compile is evicted at once
-    before = gc.get_freeze_count()
+    # No full collection meanwhile (what earlier tests froze could have doubled the
+    # frozen set): it would thaw, collect and freeze again, and move the counts.
+    monkeypatch.setattr(gc_pause, "_collected_at", 10**12)
+    grown = []  # objects each freeze took
+    freeze = gc_pause._freeze
+
+    def counted_freeze():
+        before = gc.get_freeze_count()
+        freeze()
+        grown.append(gc.get_freeze_count() - before)
+
+    monkeypatch.setattr(gc_pause, "_freeze", counted_freeze)
     frozen = []
     for k in range(3):
         engine.run(big_chain_request(f"chain{k}"))
         frozen.append(gc.get_freeze_count())
-    assert frozen[0] > before + 10_000  # the first compile's objects were frozen
+    assert len(grown) == 3 and min(grown) > 10_000, grown  # each compile's objects frozen
     assert frozen[2] - frozen[0] < 1_000, frozen  # and the evicted ones' freed
 
 

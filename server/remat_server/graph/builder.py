@@ -178,7 +178,7 @@ class GraphBuilder:
         except TypeError:  # an attr that does not hash
             key = known = None
         if known is not None:
-            node = nodes[name] = Node(name, op_name, inputs, known[0], known[1], source)
+            node = nodes[name] = Node(name, op_name, inputs, known[0], known[1], source, key)
             return node
         op = registry.REGISTRY.get(op_name)
         if op is None:
@@ -235,7 +235,7 @@ class GraphBuilder:
         full = MappingProxyType(full) if full else _NO_ATTRS
         if key is not None and not op.names_itself:  # its attrs hold the node's name
             self._signatures[key] = (full, out)
-        node = nodes[name] = Node(name, op_name, inputs, full, out, source)
+        node = nodes[name] = Node(name, op_name, inputs, full, out, source, key)
         return node
 
     @staticmethod

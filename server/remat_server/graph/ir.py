@@ -45,6 +45,11 @@ class Node:
     attrs: Mapping[str, Any]
     type: TensorType
     source: str = ""
+    # What the node's checks, attrs and type follow from (op, input types, attrs as
+    # given: `builder._signature`), shared by the nodes built alike; None when an attr
+    # does not hash. Figures that depend on nothing else (an op's temporaries) are
+    # looked up by it instead of building a key per node.
+    signature: tuple | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
