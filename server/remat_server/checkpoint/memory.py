@@ -41,9 +41,9 @@ def memory_model(graph: Graph) -> MemoryModel:
     nodes, ops = graph.nodes, registry.REGISTRY
     # Graphs repeat a few signatures many times (a chain's adds, a model's layers), so
     # each distinct (op, types, attrs) asks its scratch rule once and each type computes
-    # its bytes once: half of this function's time on a 100k-node chain otherwise.
-    # A node's signature (`ir.Node.signature`) keys its scratch directly: building the
-    # key from its types was half of this function's time on a 100k-node chain.
+    # its bytes once. The builder's signature on the node (`ir.Node.signature`) is that
+    # key, ready made: building it from the input types here took half of this
+    # function's time on a 100k-node chain. Nodes without one build it (`_scratch`).
     scratch_of: dict[tuple, int] = {}
     scratch_by_signature: dict[tuple, int] = {}
     bytes_of: dict[TensorType, int] = {}
