@@ -7,7 +7,8 @@ least any schedule needs.
   Optimal finds the optimum: on these graphs one of its MILP's two classes
   (`milp_classes`) holds it. Budget recomputes at most 10% more.
 - Where none fits, both refuse it (RESOURCE_EXHAUSTED).
-- The moment bound never exceeds the optimum.
+- The moment bound, and the bound over a chain of moments, never exceed the optimum;
+  on chains the chain's bound reaches it where one moment's does not.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from remat_proto.policies import Budget, Optimal
 from remat_server.checkpoint.planners import plan
 from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
 from remat_server.checkpoint.planners.moment_bound import recompute_lower_bound
+from remat_server.checkpoint.planners.moment_chain import chain_lower_bound
 from remat_server.checkpoint.problem import Problem
 from remat_server.engine import Engine
 from remat_server.errors import ResourceExhausted
@@ -108,6 +110,7 @@ def test_planners_and_bounds_against_every_schedule(name, budget):
     replay = simulated(problem(name), schedule)
     assert replay.peak_bytes <= limit and replay.recompute_flops == optimum
     assert recompute_lower_bound(problem(name), limit).cost <= optimum * (1 + 1e-9)
+    assert chain_lower_bound(problem(name), limit).cost <= optimum * (1 + 1e-9)
     costs = {}
     for planner, make in PLANNERS.items():
         sim = simulated(problem(name), plan(problem(name), make(limit)))
@@ -116,6 +119,18 @@ def test_planners_and_bounds_against_every_schedule(name, budget):
         costs[planner] = sim.recompute_flops
     assert costs["optimal"] == optimum
     assert costs["budget"] <= 1.10 * optimum, costs
+
+
+@pytest.mark.parametrize("name,budget", [("chain3", 0.8), ("chain4", 0.7), ("chain4", "floor")])
+def test_a_chain_of_moments_proves_the_optimum_where_one_moment_does_not(name, budget):
+    """Each moment of a tanh chain's backward pass pays for one value made again."""
+    limit = limit_of(name, budget)
+    optimum, _ = search(name, budget)
+    single = recompute_lower_bound(problem(name), limit).cost
+    chained = chain_lower_bound(problem(name), limit)
+    assert single < 0.9 * optimum
+    assert optimum * (1 - 1e-5) <= chained.cost <= optimum
+    assert chained.single == single and len(chained.anchors) > 1
 
 
 def test_the_cases_reach_down_to_the_floor_where_recomputation_is_forced():

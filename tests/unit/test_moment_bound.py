@@ -1,9 +1,10 @@
 """The moment bound (`planners.moment_bound`): a lower bound on every schedule's
-recomputation under a byte limit. No schedule any planner emits within the limit
-recomputes less (Optimal's proven optima included); it is 0 where store_all fits,
-above 0 where the limit forces recomputation, infinite where nothing fits; and Optimal
-reports its gap against it when the budget planner answers. On small transformer blocks
-it proves Budget's schedules optimal (among all schedules, not a MILP's class)."""
+recomputation under a byte limit, alone and over a chain of moments
+(`planners.moment_chain`). No schedule any planner emits within the limit recomputes
+less (Optimal's proven optima included); it is 0 where store_all fits, above 0 where
+the limit forces recomputation, infinite where nothing fits; and Optimal reports its
+gap against it when the budget planner answers. On small transformer blocks it proves
+Budget's schedules optimal (among all schedules, not a MILP's class)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ from remat_server.checkpoint.planners.bounds import (
     simulated,
     store_all_peak,
 )
-from remat_server.checkpoint.planners.moment_bound import recompute_lower_bound
+from remat_server.checkpoint.planners.moment_bound import moment_costs, recompute_lower_bound
+from remat_server.checkpoint.planners.moment_chain import (
+    chain_cost,
+    chain_lower_bound,
+    stretch_anchors,
+)
 from remat_server.checkpoint.problem import Problem
 from remat_server.engine import Engine
 from remat_server.errors import ResourceExhausted
@@ -97,11 +103,14 @@ def schedules_within(name: str, fraction: float) -> dict[str, float]:
 @pytest.mark.parametrize("name, fraction", CASES)
 def test_no_schedule_within_the_limit_recomputes_less(name, fraction):
     p = problem(name)
-    bound = recompute_lower_bound(p, budget_bytes(p, 0, fraction)).cost
+    limit = budget_bytes(p, 0, fraction)
+    bound = recompute_lower_bound(p, limit).cost
+    chained = chain_lower_bound(problem(name), limit).cost
+    assert chained >= bound
     found = schedules_within(name, fraction)
     assert found, "no planner fits: the case tests nothing"
-    below = {label: cost for label, cost in found.items() if cost < bound}
-    assert not below, (bound, below)
+    below = {label: cost for label, cost in found.items() if cost < chained}
+    assert not below, (bound, chained, below)
 
 
 def test_the_bound_is_above_0_where_the_limit_forces_recomputation():
@@ -182,3 +191,33 @@ def test_an_anchor_limit_and_a_time_limit_only_weaken_the_bound():
     assert recompute_lower_bound(p, limit, anchors=1).cost <= full.cost
     nothing = recompute_lower_bound(p, limit, seconds=0.0)
     assert (nothing.cost, nothing.anchor, nothing.solved) == (0.0, None, 0)
+
+
+@pytest.mark.parametrize("name, fraction", [("chain8", 0.6), ("skip", 0.6), ("block8", 0.8)])
+def test_a_chain_of_one_anchor_is_that_anchors_moment_bound(name, fraction):
+    p = problem(name)
+    limit = budget_bytes(p, 0, fraction)
+    scored = list(moment_costs(p, limit, deadline=math.inf))
+    assert scored and any(cost > 0 for _, cost in scored)
+    # The chain's objective counts every computation, so HiGHS's relative tolerance
+    # applies to all of them (its bound is lowered by that much, never raised).
+    slack = 2e-6 * sum(p.flops.values())
+    for anchor, cost in scored:
+        assert chain_cost(p, limit, [anchor], 30.0) == pytest.approx(cost, abs=slack)
+
+
+def test_the_chains_anchors_are_each_an_ancestor_of_the_next():
+    p = problem("block16")
+    scored = list(moment_costs(p, budget_bytes(p, 0, 0.9), deadline=math.inf))
+    chain = stretch_anchors(p, scored, 4)
+    assert len(chain) > 1
+    for earlier, later in zip(chain, chain[1:]):
+        assert earlier in p.graph.ancestors({later}) and earlier != later
+
+
+def test_a_chain_with_a_moment_nothing_fits_proves_infeasibility():
+    p = problem("chain8")
+    scored = list(moment_costs(p, budget_bytes(p, 0, 0.6), deadline=math.inf))
+    chain = stretch_anchors(p, scored, 3)
+    assert math.isinf(chain_cost(p, p.input_bytes - 1, chain, 5.0))
+    assert chain_lower_bound(problem("mlp"), store_all_peak(problem("mlp"))).cost == 0.0

@@ -38,18 +38,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_matrix
-
 from .. import control
 from ..problem import Problem
+from .zero_one import ZeroOneProgram
 
 # Seconds for all of a bound's solves together (each anchor's is one small integer
 # program: 20-80 ms on the zoo's transformers, whose 300-450 anchors take 16-35 s).
 DEFAULT_SECONDS = 10.0
-# HiGHS's tolerances must not turn a bound into a claim above it.
-TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -88,22 +83,32 @@ def recompute_lower_bound(
     for name in problem.backward:  # the inputs, its result and temporaries alone exceed it
         if _room(problem, limit, name) < 0:
             return MomentBound(math.inf, name, 0, 0, time.monotonic() - start)
-    cost, anchor, solved, binding = 0.0, None, 0, 0
+    cost, anchor, solved = 0.0, None, 0
     with control.expensive():
-        for moment in _moments(problem, limit):
-            control.check()
-            if time.monotonic() >= deadline or (anchors is not None and solved >= anchors):
-                break
-            if moment is None:  # the limit does not bind there
-                continue
-            binding += 1
-            found = _solve(problem, moment, deadline - time.monotonic())
+        for at, found in moment_costs(problem, limit, deadline, anchors):
             solved += 1
             if found > cost:
-                cost, anchor = found, moment.anchor
+                cost, anchor = found, at
                 if math.isinf(found):  # no schedule fits: nothing can be higher
                     break
-    return MomentBound(cost, anchor, solved, binding, time.monotonic() - start)
+    return MomentBound(cost, anchor, solved, solved, time.monotonic() - start)
+
+
+def moment_costs(
+    problem: Problem, limit: int, deadline: float, anchors: int | None = None
+) -> Iterator[tuple[str, float]]:
+    """(anchor, its moment's bound) for the backward nodes at which `limit` binds, in
+    backward order, until `deadline` (`time.monotonic()`), at most `anchors` of them.
+    The caller holds a solve slot; this stops between anchors once the request ends."""
+    solved = 0
+    for moment in _moments(problem, limit):
+        control.check()
+        if time.monotonic() >= deadline or (anchors is not None and solved >= anchors):
+            return
+        if moment is None:  # the limit does not bind there
+            continue
+        yield moment.anchor, _solve(problem, moment, deadline - time.monotonic())
+        solved += 1
 
 
 def _room(problem: Problem, limit: int, anchor: str) -> int:
@@ -147,16 +152,8 @@ def _solve(problem: Problem, moment: _Moment, seconds: float) -> float:
     n = len(values)  # variables: live[0:n], after[n:2n], then one per buffer owner
     owners = sorted({model.owner[v] for v in values} - inputs)
     buffer = {o: 2 * n + k for k, o in enumerate(owners)}
-    low, high = np.zeros(2 * n + len(owners)), np.ones(2 * n + len(owners))
-    rows: list[dict[int, float]] = []
-    floors: list[float] = []
-    ceilings: list[float] = []
-
-    def row(coefs: dict[int, float], floor: float, ceiling: float = math.inf) -> None:
-        rows.append(coefs)
-        floors.append(floor)
-        ceilings.append(ceiling)
-
+    program = ZeroOneProgram(2 * n + len(owners))
+    low, high, row = program.low, program.high, program.row
     for v in values:
         if v in moment.later:  # computed after the moment, and not live at it
             low[n + index[v]], high[index[v]] = 1, 0
@@ -173,26 +170,7 @@ def _solve(problem: Problem, moment: _Moment, seconds: float) -> float:
         if i in index:
             low[index[i]] = 1
     row({buffer[o]: model.nbytes[o] for o in owners}, -math.inf, moment.room)
-    cost = np.zeros(2 * n + len(owners))
     for v in moment.before:
         if v in index:
-            cost[n + index[v]] = problem.cost(v)
-    coords = [(k, j, c) for k, coefs in enumerate(rows) for j, c in coefs.items()]
-    matrix = coo_matrix(
-        ([c for *_, c in coords], ([k for k, *_ in coords], [j for _, j, _ in coords])),
-        shape=(len(rows), len(cost)),
-    ).tocsr()
-    result = milp(
-        cost,
-        constraints=LinearConstraint(matrix, floors, ceilings),
-        bounds=Bounds(low, high),
-        integrality=np.ones(len(cost)),
-        options={"time_limit": max(seconds, 0.01)},
-    )
-    if result.status == 2:  # infeasible: no live set fits at this moment
-        return math.inf
-    # Optimal (to HiGHS's gap) or stopped: its dual bound is proven either way.
-    proven = getattr(result, "mip_dual_bound", None)
-    if result.status not in (0, 1) or proven is None or not math.isfinite(proven):
-        return 0.0  # no answer from the solver: no bound claimed
-    return max(0.0, float(proven) * (1 - TOLERANCE))
+            program.cost[n + index[v]] = problem.cost(v)
+    return program.dual_bound(seconds)

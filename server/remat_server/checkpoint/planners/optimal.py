@@ -41,8 +41,9 @@ from . import milp, milp_classes
 from .bounds import budget_bytes, recompute_cost, store_all_peak
 from .budget import search
 from .least_memory import over_budget, peak_lower_bound
-from .moment_bound import DEFAULT_SECONDS, TOLERANCE, MomentBound, recompute_lower_bound
+from .moment_bound import DEFAULT_SECONDS, MomentBound, recompute_lower_bound
 from .store_all import plan_store_all
+from .zero_one import TOLERANCE
 
 log = logging.getLogger(__name__)
 
