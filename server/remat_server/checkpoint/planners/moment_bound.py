@@ -52,7 +52,6 @@ class MomentBound:
     cost: float  # every schedule within the limit recomputes at least this much
     anchor: str | None  # the node whose first computation gave it (None: no bound above 0)
     solved: int = 0  # anchors solved (in `seconds`)
-    binding: int = 0  # backward nodes found to bind before it stopped (each may give one)
     seconds: float = 0.0  # spent finding it
 
 
@@ -82,7 +81,7 @@ def recompute_lower_bound(
     deadline = start + control.seconds_left(seconds)
     for name in problem.backward:  # the inputs, its result and temporaries alone exceed it
         if _room(problem, limit, name) < 0:
-            return MomentBound(math.inf, name, 0, 0, time.monotonic() - start)
+            return MomentBound(math.inf, name, 0, time.monotonic() - start)
     cost, anchor, solved = 0.0, None, 0
     with control.expensive():
         for at, found in moment_costs(problem, limit, deadline, anchors):
@@ -91,7 +90,7 @@ def recompute_lower_bound(
                 cost, anchor = found, at
                 if math.isinf(found):  # no schedule fits: nothing can be higher
                     break
-    return MomentBound(cost, anchor, solved, solved, time.monotonic() - start)
+    return MomentBound(cost, anchor, solved, time.monotonic() - start)
 
 
 def moment_costs(
