@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from ..errors import InvalidArgument, where
 from ..ops import registry
 from .builder import GraphBuilder
-from .ir import Graph, GraphSpec, TensorType
+from .ir import Graph, GraphSpec, NodeSpec, TensorType
 from .limits import Limits
 
 
@@ -27,17 +27,14 @@ def build_graph(
     a given shape must match the declared one wherever the declaration is not -1.
     """
     _check_counts(spec, limits)
-    sources = _index_names(spec)
-    order = _topological_order(spec, sources)
+    _index_names(spec)
+    ordered = _topological_order(spec)
     builder = GraphBuilder(spec.name, limits)
-    specs = {n.name: n for n in spec.nodes}
     for item in spec.inputs:
         shape = _bind_shape(item.name, item.shape, (input_shapes or {}).get(item.name), item.source)
         builder.add_input(item.name, TensorType(shape, item.dtype), item.source)
-    for name in order:
-        node = specs.get(name)
-        if node is not None:
-            builder.add(node.op, node.inputs, dict(node.attrs), node.name, node.source)
+    for node in ordered:
+        builder.add(node.op, node.inputs, dict(node.attrs), node.name, node.source)
     outputs: dict[str, str] = {}
     for out_name, node_name in spec.outputs:
         if not out_name:
@@ -56,7 +53,8 @@ def validate_shapeless(spec: GraphSpec, limits: Limits) -> None:
     """What can be checked before a -1 batch dimension is bound: counts, names, edges,
     cycles and ops."""
     _check_counts(spec, limits)
-    _topological_order(spec, _index_names(spec))
+    _index_names(spec)
+    _topological_order(spec)
     for node in spec.nodes:
         if registry.get(node.op) is None:
             raise InvalidArgument(
@@ -80,48 +78,51 @@ def _check_counts(spec: GraphSpec, limits: Limits) -> None:
         )
 
 
-def _index_names(spec: GraphSpec) -> dict[str, str]:
-    """Map every defined name to its source location; reject empty or duplicate names."""
-    sources: dict[str, str] = {}
+def _index_names(spec: GraphSpec) -> None:
+    """Reject empty or duplicate names."""
+    defined: set[str] = set()
     for item in (*spec.inputs, *spec.nodes):
         if not item.name:
             raise InvalidArgument(
                 "a node or input has an empty name"
                 + (f" (built at {item.source})" if item.source else "")
             )
-        if item.name in sources:
+        if item.name in defined:
             raise InvalidArgument(f"{where(item.name, '', item.source)}: the name is defined twice")
-        sources[item.name] = item.source
-    for node in spec.nodes:
-        for source_name in node.inputs:
-            if source_name not in sources:
-                raise InvalidArgument(
-                    f"{where(node.name, node.op, node.source)}: input "
-                    f"'{source_name}' is not defined in the graph"
-                )
-    return sources
+        defined.add(item.name)
 
 
-def _topological_order(spec: GraphSpec, sources: dict[str, str]) -> list[str]:
-    """The declaration order when it is already topological (it is what the user wrote,
-    and store-all's memory depends on it), else graphlib's order (iterative, so
-    100k-node chains are fine), which also finds cycles."""
+def _topological_order(spec: GraphSpec) -> list[NodeSpec]:
+    """The nodes in declaration order when it is already topological (it is what the
+    user wrote, and store-all's memory depends on it: one pass, which also proves every
+    input defined), else graphlib's order (iterative, so 100k-node chains are fine),
+    which also finds cycles, once every input is known to be defined."""
     defined = {item.name for item in spec.inputs}
     for node in spec.nodes:
         if not all(name in defined for name in node.inputs):
             break
         defined.add(node.name)
     else:
-        return [node.name for node in spec.nodes]
+        return list(spec.nodes)
+    defined.update(node.name for node in spec.nodes)
+    for node in spec.nodes:
+        for source_name in node.inputs:
+            if source_name not in defined:
+                raise InvalidArgument(
+                    f"{where(node.name, node.op, node.source)}: input "
+                    f"'{source_name}' is not defined in the graph"
+                )
     sorter = graphlib.TopologicalSorter({n.name: n.inputs for n in spec.nodes})
     try:
-        return list(sorter.static_order())
+        order = list(sorter.static_order())
     except graphlib.CycleError as exc:
         cycle = exc.args[1]
         first = next((n for n in spec.nodes if n.name == cycle[0]), None)
         path = " -> ".join(cycle)
         label = where(cycle[0], first.op if first else "", first.source if first else "")
         raise InvalidArgument(f"{label}: the graph has a cycle: {path}") from None
+    specs = {n.name: n for n in spec.nodes}
+    return [specs[name] for name in order if name in specs]  # inputs are in the order too
 
 
 def _bind_shape(name: str, declared: tuple[int, ...], given, source: str) -> tuple[int, ...]:
