@@ -44,7 +44,8 @@ def row(make, name: str, fraction: float, anchors: int, seconds: float) -> dict:
     except ResourceExhausted:
         budget = None
     budget_seconds = time.perf_counter() - start
-    bound = chain_lower_bound(make(), limit, anchors=anchors, seconds=seconds)
+    scores: list[tuple[str, float]] = []
+    bound = chain_lower_bound(make(), limit, anchors=anchors, seconds=seconds, scores=scores)
     best = bound.cost
     if budget is None:
         verdict = "infeasible" if math.isinf(best) else "open: nothing found, nothing proven"
@@ -58,9 +59,9 @@ def row(make, name: str, fraction: float, anchors: int, seconds: float) -> dict:
         limit=limit,
         budget=budget,
         budget_seconds=budget_seconds,
-        moment=bound.single,
+        moment=max((cost for _, cost in scores), default=math.inf if math.isinf(best) else 0.0),
         chain=bound.cost,
-        anchors=list(bound.anchors),
+        anchors=list(bound.chain) or ([bound.anchor] if bound.anchor else []),
         bound_seconds=bound.seconds,
         verdict=verdict,
     )

@@ -305,15 +305,15 @@ def stored_bytes(message) -> int:
 
 
 def without_moment_bound(monkeypatch, scale: float = 0.0) -> None:
-    """Optimal with the moment bound scaled by `scale` (0: none above 0). Otherwise it
-    proves Budget's schedule optimal on small graphs before the MILP runs, and a test
-    of the MILP's own path would test nothing."""
+    """Optimal with its lower bound (one moment's or a chain's) scaled by `scale` (0: none
+    above 0). Otherwise it proves Budget's schedule optimal on small graphs before the
+    MILP runs, and a test of the MILP's own path would test nothing."""
     from remat_server.checkpoint.planners import optimal  # noqa: PLC0415
 
-    real = optimal.recompute_lower_bound
+    real = optimal.chain_lower_bound
 
     def scaled(problem, limit, **kwargs):
         bound = real(problem, limit, **kwargs)
         return dataclasses.replace(bound, cost=bound.cost * scale)
 
-    monkeypatch.setattr(optimal, "recompute_lower_bound", scaled)
+    monkeypatch.setattr(optimal, "chain_lower_bound", scaled)

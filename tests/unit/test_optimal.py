@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import types
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from remat_server.checkpoint.planners.bounds import simulated, store_all_peak
 from remat_server.checkpoint.planners.heuristics import plan_every_k, plan_recompute_all, plan_sqrt
 from remat_server.checkpoint.planners.milp import _Milp
 from remat_server.checkpoint.planners.moment_bound import recompute_lower_bound
+from remat_server.checkpoint.planners.moment_chain import chain_lower_bound
 from remat_server.checkpoint.planners.optimal import plan_optimal
 from remat_server.checkpoint.planners.revolve import plan_revolve
 from remat_server.checkpoint.problem import Problem
@@ -139,11 +141,15 @@ def test_schedule_fits_and_is_proven_optimal(name, fraction):
     assert report.budget_bytes == int(fraction * store_all_peak(p))
     assert sim.peak_bytes <= report.budget_bytes < store_all_peak(p)
     assert report.status == "optimal" and report.optimality_gap == 0.0
-    # Proven by the MILP, or by Budget's schedule reaching the moment bound (no MILP).
+    # Proven by the MILP, or by Budget's schedule reaching the bound of one moment or of
+    # a chain of them (no MILP).
     by_milp = report.chosen == "milp" and report.detail.startswith("MILP with ")
-    assert by_milp or "what every schedule within the budget must (the moment bound" in (
-        report.detail
-    ), report.detail
+    by_bound = re.search(
+        r"what every schedule within the budget must \((the moment bound|the bound over "
+        r"\d+ moments), at ",
+        report.detail,
+    )
+    assert by_milp or by_bound, report.detail
     assert report.solve_seconds > 0
     assert schedule.policy == f"optimal({fraction:g})"
     # Below store_all's peak in both of Budget's orders, something must be recomputed.
@@ -387,10 +393,11 @@ def test_a_milp_schedule_worse_than_budget_gives_way_to_budgets_schedule(
     claimed = "every schedule of its class recomputes at least"
     assert (claimed in schedule.report.detail) != bound_above_budget, schedule.report.detail
     if bound_above_budget:  # the bound of every schedule, above 0 here
-        moment = recompute_lower_bound(p, limit).cost * 0.5
+        every = chain_lower_bound(p, limit, enough=ours.recompute_flops)
+        moment = every.cost * 0.5
         assert 0 < moment <= ours.recompute_flops
         gap = (ours.recompute_flops - moment) / ours.recompute_flops
-        assert "(the moment bound)" in schedule.report.detail
+        assert f"({every.name})" in schedule.report.detail
     else:  # the MILP's bound, 0: (cost - 0) / cost
         gap = 1.0
     assert schedule.report.optimality_gap == pytest.approx(gap)
@@ -434,3 +441,36 @@ def test_a_stopped_solves_gap_is_over_the_recomputation(monkeypatch, bound_above
     proven = bound_above_base or 0.0
     assert solution.bound == proven
     assert solution.gap == pytest.approx((cost - proven) / cost)
+
+
+@pytest.mark.parametrize(
+    "shape, fraction, flops",
+    [(dict(width=2, batch=2, image=4), 0.8, 384), (dict(), 0.6, 149_504)],
+    ids=["width 2 at 80%", "width 4 at 60%"],
+)
+def test_a_chain_of_moments_proves_budgets_schedule_optimal_on_residual_blocks(
+    monkeypatch, shape, fraction, flops
+):
+    """Three residual blocks: one moment's bound is half of Budget's recomputation
+    (192 and 78,848 FLOPs), and the MILP took 123 s to prove a worse schedule (640)
+    optimal in its class. The bound over a chain of moments reaches Budget's: optimal
+    among all schedules, and no MILP runs."""
+    from remat_server.checkpoint.planners import optimal
+
+    def no_milp(*args, **kwargs):
+        raise AssertionError("the MILP ran although a bound proved the optimum")
+
+    # Optimal's own MILP only: Budget's search runs a short one on graphs this small.
+    monkeypatch.setattr(optimal, "milp_classes", types.SimpleNamespace(solve=no_milp))
+    model = support.residual_blocks(3, dtype="float64", **shape)
+    planned = ENGINE.plan(
+        graph_from_proto(model.graph.to_proto(), Limits()), wrt=tuple(model.wrt), loss="loss"
+    )
+    p = Problem(planned.joint.graph, planned.schedule.results, planned.joint.forward_nodes)
+    schedule = plan_optimal(p, Optimal(fraction=fraction, time_limit=60))
+    report = schedule.report
+    assert report.status == "optimal" and report.optimality_gap == 0.0, report.detail
+    assert re.search(r"\(the bound over \d+ moments, at ", report.detail), report.detail
+    sim = simulated(p, schedule)
+    assert sim.recompute_flops == flops and sim.peak_bytes <= report.budget_bytes
+    assert recompute_lower_bound(p, report.budget_bytes).cost < 0.55 * flops

@@ -53,6 +53,18 @@ class MomentBound:
     anchor: str | None  # the node whose first computation gave it (None: no bound above 0)
     solved: int = 0  # anchors solved (in `seconds`)
     seconds: float = 0.0  # spent finding it
+    # The anchors of the chain of moments that gave `cost` (`moment_chain`); empty: one.
+    chain: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """What gave it, in words: "the moment bound" or "the bound over 3 moments"."""
+        return f"the bound over {len(self.chain)} moments" if self.chain else "the moment bound"
+
+    @property
+    def at(self) -> str:
+        """Where: the anchor, or the chain's first and last anchors."""
+        return f"{self.chain[0]} to {self.chain[-1]}" if self.chain else str(self.anchor)
 
 
 @dataclass(frozen=True)
@@ -70,13 +82,15 @@ def recompute_lower_bound(
     limit: int,
     anchors: int | None = None,
     seconds: float = DEFAULT_SECONDS,
+    scores: list[tuple[str, float]] | None = None,
 ) -> MomentBound:
     """The highest moment bound (see the module doc) over the backward nodes at which
     `limit` binds, in backward order: at most `anchors` of them (None: all), within
-    `seconds` (and the request's deadline). Finding the binding nodes is linear in the
-    graph for each, so that search keeps to the time limit too. Its solves are like the
-    MILP's: they hold a solve slot (`control.expensive`, taken only if the caller holds
-    none), and stop between anchors once the request ends."""
+    `seconds` (and the request's deadline); each anchor's own bound is appended to
+    `scores` when given. Finding the binding nodes is linear in the graph for each, so
+    that search keeps to the time limit too. Its solves are like the MILP's: they hold a
+    solve slot (`control.expensive`, taken only if the caller holds none), and stop
+    between anchors once the request ends."""
     start = time.monotonic()
     deadline = start + control.seconds_left(seconds)
     for name in problem.backward:  # the inputs, its result and temporaries alone exceed it
@@ -86,6 +100,8 @@ def recompute_lower_bound(
     with control.expensive():
         for at, found in moment_costs(problem, limit, deadline, anchors):
             solved += 1
+            if scores is not None:
+                scores.append((at, found))
             if found > cost:
                 cost, anchor = found, at
                 if math.isinf(found):  # no schedule fits: nothing can be higher

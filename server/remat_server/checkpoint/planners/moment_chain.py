@@ -28,7 +28,7 @@ the bound from 34.08 to 50.86 MFLOP (bench/README.md); on most rows it adds noth
 and it takes minutes, so it is the benchmark's and the patient caller's, not Optimal's.
 
     >>> # bound = chain_lower_bound(problem, limit, anchors=8, seconds=120.0)
-    >>> # bound.cost >= recompute_lower_bound(problem, limit).cost
+    >>> # bound.cost >= recompute_lower_bound(problem, limit).cost; bound.chain: its anchors
 """
 
 from __future__ import annotations
@@ -36,22 +36,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 
 from .. import control
 from ..problem import Problem
-from .moment_bound import _room, moment_costs
-from .zero_one import ZeroOneProgram
+from .moment_bound import MomentBound, _room, recompute_lower_bound
+from .zero_one import TOLERANCE, ZeroOneProgram
 
 DEFAULT_ANCHORS = 8
-
-
-@dataclass(frozen=True)
-class ChainBound:
-    cost: float  # every schedule within the limit recomputes at least this much
-    anchors: tuple[str, ...]  # the chain whose program gave it (one: the moment bound)
-    single: float  # the highest moment bound alone
-    seconds: float  # spent finding it
 
 
 def chain_lower_bound(
@@ -59,21 +51,29 @@ def chain_lower_bound(
     limit: int,
     anchors: int = DEFAULT_ANCHORS,
     seconds: float = 120.0,
-) -> ChainBound:
+    enough: float = math.inf,
+    scores: list[tuple[str, float]] | None = None,
+) -> MomentBound:
     """The higher of the moment bound and the bound of a chain of up to `anchors`
     moments (see the module doc), within `seconds` (and the request's deadline): the
-    moment bounds of every binding anchor first, then the chain's program."""
+    moment bounds of every binding anchor first (appended to `scores` when given), then,
+    with the time left, the chain's program, unless one moment already proves a
+    schedule recomputing `enough` optimal."""
     start = time.monotonic()
     deadline = start + control.seconds_left(seconds)
+    scored = [] if scores is None else scores
+    single = recompute_lower_bound(problem, limit, seconds=seconds, scores=scored)
+    if math.isinf(single.cost) or enough * (1 - TOLERANCE) <= single.cost * (1 + 1e-9):
+        return single
     with control.expensive():
-        scored = list(moment_costs(problem, limit, deadline))
-        single = max((cost for _, cost in scored), default=0.0)
         chain = stretch_anchors(problem, scored, anchors)
-        cost = single
-        if len(chain) > 1 and not math.isinf(single):
-            cost = max(cost, chain_cost(problem, limit, chain, deadline - time.monotonic()))
-    best = chain if cost > single else tuple(a for a, c in scored if c == single)[:1]
-    return ChainBound(cost, tuple(best), single, time.monotonic() - start)
+        left = deadline - time.monotonic()
+        if len(chain) < 2 or left <= 0:
+            return single
+        cost = chain_cost(problem, limit, chain, left)
+    if cost <= single.cost:
+        return replace(single, seconds=time.monotonic() - start)
+    return MomentBound(cost, chain[0], single.solved, time.monotonic() - start, chain)
 
 
 def stretch_anchors(

@@ -5,7 +5,7 @@ HiGHS's proven dual bound, which holds whether or not the solve finished in time
     >>> program = ZeroOneProgram(2)
     >>> program.cost[:] = (3.0, 5.0)
     >>> program.row({0: 1, 1: 1}, 1)  # at least one of the two
-    >>> round(program.dual_bound(seconds=5.0), 4)  # lowered by TOLERANCE, never raised
+    >>> program.dual_bound(seconds=5.0)  # integer costs: rounded up to the next integer
     3.0
 """
 
@@ -66,4 +66,9 @@ class ZeroOneProgram:
         proven = getattr(result, "mip_dual_bound", None)
         if result.status not in (0, 1) or proven is None or not math.isfinite(proven):
             return 0.0
-        return max(0.0, float(proven) * (1 - TOLERANCE) + constant)
+        # The margin is relative to the bound itself (not to the objective with the
+        # constant: a chain's counts every computation, ten times its recomputation).
+        bound = max(0.0, (float(proven) + constant) * (1 - TOLERANCE))
+        if float(constant).is_integer() and np.array_equal(self.cost, np.round(self.cost)):
+            bound = float(math.ceil(bound))  # integer costs (FLOPs): so is the optimum
+        return bound
