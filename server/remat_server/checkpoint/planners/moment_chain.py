@@ -23,9 +23,11 @@ schedule's recomputation. With one anchor it equals that anchor's moment bound.
 The program has K + 1 copies of the graph's values, so it is solved for one chain: the
 anchors where the moment bound binds, cut in backward order into K stretches, the one
 with the highest moment bound from each (skipping those not comparable with the
-anchors already chosen). On the zoo's ResNet at 50% of store_all's peak, K = 8 lifts
-the bound from 34.08 to 50.86 MFLOP (bench/README.md); on most rows it adds nothing,
-and it takes minutes, so it is the benchmark's and the patient caller's, not Optimal's.
+anchors already chosen). On three small residual blocks it proves Budget's schedules
+optimal in about a second, where one moment gives half their recomputation; Optimal
+runs it with what its bound's share of time leaves (`optimal._lower_bound`). On the
+zoo's ResNet at 50% of store_all's peak, K = 8 lifts the bound from 34.08 to 50.85
+MFLOP, in minutes (`bench/bounds.py`); on most zoo rows it adds nothing.
 
     >>> # bound = chain_lower_bound(problem, limit, anchors=8, seconds=120.0)
     >>> # bound.cost >= recompute_lower_bound(problem, limit).cost; bound.chain: its anchors
