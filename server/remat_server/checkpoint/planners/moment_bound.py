@@ -37,6 +37,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import control
 from ..problem import Problem
@@ -157,15 +158,34 @@ def _moments(problem: Problem, limit: int) -> Iterator[_Moment | None]:
         yield _Moment(anchor, before, later, room)
 
 
+class _Values(NamedTuple):
+    """What a bound's program has variables for, the same at every anchor."""
+
+    inputs: frozenset[str]  # the graph inputs: live throughout, in `input_bytes`
+    values: list[str]  # the needed values a schedule computes, in graph order
+    index: dict[str, int]  # value -> its position in `values`
+    owners: list[str]  # the buffers those values live in (a view's is its owner's)
+
+
+def _values(problem: Problem) -> _Values:
+    """The problem's `_Values`, built once per problem (hundreds of anchors use them)."""
+    found = problem.memo.get("bound_values")
+    if found is None:
+        inputs = frozenset(n.name for n in problem.graph.inputs)
+        values = [n for n in problem.graph.nodes if n in problem.needed and n not in inputs]
+        owners = sorted({problem.model.owner[v] for v in values} - inputs)
+        found = problem.memo["bound_values"] = _Values(
+            inputs, values, {v: k for k, v in enumerate(values)}, owners
+        )
+    return found
+
+
 def _solve(problem: Problem, moment: _Moment, seconds: float) -> float:
     """The least recomputation at `moment` (a proven lower bound on it when the solve
     stops at `seconds`); math.inf when nothing fits then."""
     graph, model = problem.graph, problem.model
-    inputs = {n.name for n in graph.inputs}
-    values = [n for n in graph.nodes if n in problem.needed and n not in inputs]
-    index = {v: k for k, v in enumerate(values)}
+    inputs, values, index, owners = _values(problem)
     n = len(values)  # variables: live[0:n], after[n:2n], then one per buffer owner
-    owners = sorted({model.owner[v] for v in values} - inputs)
     buffer = {o: 2 * n + k for k, o in enumerate(owners)}
     program = ZeroOneProgram(2 * n + len(owners))
     low, high, row = program.low, program.high, program.row

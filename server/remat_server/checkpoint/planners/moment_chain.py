@@ -42,7 +42,7 @@ from dataclasses import replace
 
 from .. import control
 from ..problem import Problem
-from .moment_bound import MomentBound, _room, recompute_lower_bound
+from .moment_bound import MomentBound, _room, _values, recompute_lower_bound
 from .zero_one import TOLERANCE, ZeroOneProgram
 
 DEFAULT_ANCHORS = 8
@@ -113,11 +113,8 @@ def chain_cost(problem: Problem, limit: int, chain: Sequence[str], seconds: floa
     rooms = [_room(problem, limit, anchor) for anchor in chain]
     if min(rooms) < 0:
         return math.inf
-    inputs = {n.name for n in graph.inputs}
-    values = [n for n in graph.nodes if n in problem.needed and n not in inputs]
+    inputs, values, index, owners = _values(problem)
     n, moments = len(values), len(chain)
-    index = {v: k for k, v in enumerate(values)}
-    owners = sorted({model.owner[v] for v in values} - inputs)
     owner_index = {o: k for k, o in enumerate(owners)}
     intervals = moments + 1
 
