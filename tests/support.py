@@ -306,8 +306,9 @@ def stored_bytes(message) -> int:
 
 def without_moment_bound(monkeypatch, scale: float = 0.0) -> None:
     """Optimal with its lower bound (one moment's or a chain's) scaled by `scale` (0: none
-    above 0). Otherwise it proves Budget's schedule optimal on small graphs before the
-    MILP runs, and a test of the MILP's own path would test nothing."""
+    above 0), and no moment search. Otherwise they prove Budget's schedule, or the
+    search's, optimal on small graphs before the MILP runs, and a test of the MILP's
+    own path would test nothing."""
     from remat_server.checkpoint.planners import optimal  # noqa: PLC0415
 
     real = optimal.chain_lower_bound
@@ -317,3 +318,5 @@ def without_moment_bound(monkeypatch, scale: float = 0.0) -> None:
         return dataclasses.replace(bound, cost=bound.cost * scale)
 
     monkeypatch.setattr(optimal, "chain_lower_bound", scaled)
+    # The moment search from the bound's anchors would answer before the MILP too.
+    monkeypatch.setattr(optimal, "moment_schedule", lambda *args, **kwargs: None)

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 from .. import control
 from ..problem import Problem
@@ -109,10 +110,56 @@ def chain_cost(problem: Problem, limit: int, chain: Sequence[str], seconds: floa
     """The least recomputation over the chain's moments (a proven lower bound on it when
     the solve stops at `seconds`); math.inf when nothing fits at one of them. `chain`:
     anchors, each an ancestor of the next."""
+    built = _program(problem, limit, chain)
+    if built is None:
+        return math.inf
+    program, constant, _, _ = built
+    return program.dual_bound(seconds, constant)
+
+
+class ChainSolution(NamedTuple):
+    """The chain program's bound (proven for every schedule when its anchors form a
+    chain) and the best choices found: the values made in each interval (K + 1) and
+    those live at each moment (K)."""
+
+    bound: float
+    made: list[frozenset[str]]
+    live: list[frozenset[str]]
+
+
+def chain_solution(
+    problem: Problem, limit: int, anchors: Sequence[str], seconds: float
+) -> ChainSolution | None:
+    """The chain program over `anchors` taken in that order (`moment_schedule` makes
+    its choices a schedule; anchors that are not each an ancestor of the next restrict
+    it to the schedules meeting them in that order), within `seconds`. None when
+    nothing fits at one of the moments or HiGHS found no choices in time."""
+    built = _program(problem, limit, anchors)
+    if built is None:
+        return None
+    program, constant, made, live = built
+    solved = program.solve(seconds, constant)
+    if solved.x is None:
+        return None
+    values = _values(problem).values
+    x = solved.x
+    return ChainSolution(
+        solved.bound,
+        [frozenset(v for v in values if x[made(k, v)]) for k in range(len(anchors) + 1)],
+        [frozenset(v for v in values if x[live(k, v)]) for k in range(len(anchors))],
+    )
+
+
+def _program(
+    problem: Problem, limit: int, chain: Sequence[str]
+) -> tuple[ZeroOneProgram, float, Callable[[int, str], int], Callable[[int, str], int]] | None:
+    """The chain's program, the constant of its objective and its `made` and `live`
+    variables (interval or moment, value -> index); None when nothing fits at one of
+    the moments (their rooms alone are negative)."""
     graph, model = problem.graph, problem.model
     rooms = [_room(problem, limit, anchor) for anchor in chain]
-    if min(rooms) < 0:
-        return math.inf
+    if any(room < 0 for room in rooms):
+        return None
     inputs, values, index, owners = _values(problem)
     n, moments = len(values), len(chain)
     owner_index = {o: k for k, o in enumerate(owners)}
@@ -163,4 +210,4 @@ def chain_cost(problem: Problem, limit: int, chain: Sequence[str], seconds: floa
     for r in problem.results:
         if r in index:
             row({live(moments - 1, r): 1, made(moments, r): 1}, 1)
-    return program.dual_bound(seconds, constant)
+    return program, constant, made, live

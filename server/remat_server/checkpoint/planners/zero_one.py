@@ -12,6 +12,7 @@ HiGHS's proven dual bound, which holds whether or not the solve finished in time
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -19,6 +20,14 @@ from scipy.sparse import coo_matrix
 
 # HiGHS's tolerances must not turn a bound into a claim above it.
 TOLERANCE = 1e-6
+
+
+class Solved(NamedTuple):
+    """A solve's proven lower bound (see `ZeroOneProgram.dual_bound`) and the best
+    0/1 vector found (None: none in time)."""
+
+    bound: float
+    x: np.ndarray | None
 
 
 class ZeroOneProgram:
@@ -45,6 +54,10 @@ class ZeroOneProgram:
         `x` satisfies the rows, 0.0 when the solver gives no answer (nothing claimed).
         With a `constant`, the solve runs to a tight relative gap: HiGHS's default gap
         applies to the objective without it, which may be far larger than the bound."""
+        return self.solve(seconds, constant).bound
+
+    def solve(self, seconds: float, constant: float = 0.0) -> Solved:
+        """`dual_bound`'s bound, and the best 0/1 vector HiGHS found by then (None: none)."""
         coords = [(k, j, c) for k, coefs in enumerate(self._rows) for j, c in coefs.items()]
         matrix = coo_matrix(
             ([c for *_, c in coords], ([k for k, *_ in coords], [j for _, j, _ in coords])),
@@ -61,14 +74,15 @@ class ZeroOneProgram:
             options=options,
         )
         if result.status == 2:  # infeasible
-            return math.inf
+            return Solved(math.inf, None)
+        found = None if result.x is None else np.round(result.x).astype(bool)
         # Optimal (to HiGHS's gap) or stopped: its dual bound is proven either way.
         proven = getattr(result, "mip_dual_bound", None)
         if result.status not in (0, 1) or proven is None or not math.isfinite(proven):
-            return 0.0
+            return Solved(0.0, found)
         # The margin is relative to the bound itself (not to the objective with the
         # constant: a chain's counts every computation, ten times its recomputation).
         bound = max(0.0, (float(proven) + constant) * (1 - TOLERANCE))
         if float(constant).is_integer() and np.array_equal(self.cost, np.round(self.cost)):
             bound = float(math.ceil(bound))  # integer costs (FLOPs): so is the optimum
-        return bound
+        return Solved(bound, found)
