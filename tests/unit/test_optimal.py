@@ -146,7 +146,7 @@ def test_schedule_fits_and_is_proven_optimal(name, fraction):
     by_milp = report.chosen == "milp" and report.detail.startswith("MILP with ")
     by_bound = re.search(
         r"what every schedule within the budget must \((the moment bound|the bound over "
-        r"\d+ moments), at ",
+        r"\d+ moments)(, at |\))",
         report.detail,
     )
     assert by_milp or by_bound, report.detail

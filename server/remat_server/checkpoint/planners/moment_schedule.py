@@ -11,9 +11,10 @@ into steps, with one more anchor wherever the steps still peak over the limit.
    reads it and the next moment does not hold it; what the moment before held and
    the interval does not read goes right after the anchor.
 3. The program checks memory at its moments only. Where the schedule peaks over the
-   limit, the first value first computed at or after that step becomes one more anchor
-   (in the schedule's order), and the program is solved again, for a few rounds. When
-   none fits, the last schedule is repaired by `remake`.
+   limit, it is repaired by `remake` (a candidate), and the first value first computed
+   at or after that step becomes one more anchor (in the schedule's order) for the
+   next round, until a round's schedule fits or the rounds or the time run out. The
+   cheapest schedule found wins.
 
 The anchors need not form a chain (each an ancestor of the next): the program then
 covers the schedules that meet them in that order only, which is all a heuristic
@@ -49,8 +50,9 @@ LABEL = "moments"
 
 @dataclass(frozen=True)
 class Found:
-    """A schedule within the limit, what it recomputes, and the bound of the program
-    that gave it when its anchors form a chain (proven for every schedule; else None)."""
+    """A schedule within the limit, what it recomputes, and the highest bound of the
+    search's programs whose anchors formed a chain (proven for every schedule; None:
+    none did)."""
 
     schedule: Schedule
     cost: float
@@ -66,42 +68,63 @@ def moment_schedule(
     ceiling: float = math.inf,
 ) -> Found | None:
     """The search in the module doc from `anchors`, within `seconds` (and the request's
-    deadline): a schedule within `limit` recomputing less than `ceiling`, or None. The
-    caller holds a solve slot (`control.expensive`)."""
+    deadline): a schedule within `limit` recomputing less than `ceiling`, or None. Its
+    solves hold a solve slot (`control.expensive`, taken only if the caller holds none),
+    and it stops between them once the request ends."""
+    with control.expensive():
+        return _search(problem, limit, anchors, seconds, rounds, ceiling)
+
+
+def _search(
+    problem: Problem,
+    limit: int,
+    anchors: Sequence[str],
+    seconds: float,
+    rounds: int,
+    ceiling: float,
+) -> Found | None:
     start = time.monotonic()
     deadline = start + control.seconds_left(seconds)
     chain = list(anchors)
-    schedule = None
+    best: tuple[Schedule, float] | None = None
+    proven: MomentBound | None = None  # the highest bound of a program over a chain
     for _ in range(rounds):
         control.check()
         left = deadline - time.monotonic()
         if left <= 0:
             break
         solution = chain_solution(problem, limit, chain, left)
-        if solution is None:
-            break
-        schedule = realised(problem, chain, solution)
+        schedule = None if solution is None else realised(problem, chain, solution)
         if schedule is None:
             break
+        if _is_chain(problem, chain) and solution.bound > (proven.cost if proven else 0.0):
+            spent = time.monotonic() - start
+            proven = MomentBound(solution.bound, chain[0], 0, spent, tuple(chain))
         sim = simulated(problem, schedule)
-        if sim.peak_bytes <= limit:
+        if sim.peak_bytes <= limit:  # the program's choices fit: more anchors add nothing
             cost = evaluations_cost(problem, sim.evaluations)
-            if cost >= ceiling:
-                return None
-            bound = None
-            if _is_chain(problem, chain) and solution.bound > 0:
-                seconds_spent = time.monotonic() - start
-                bound = MomentBound(solution.bound, chain[0], 0, seconds_spent, tuple(chain))
-            return Found(schedule, cost, bound)
+            if cost < ceiling:
+                best = (schedule, cost)
+            break
+        # Over the limit: repaired, it may still beat the best so far (each round's
+        # schedule is another start for `remake`).
+        fitted = _repaired(problem, schedule, limit, ceiling)
+        if fitted is not None:
+            ceiling = evaluations_cost(problem, simulated(problem, fitted).evaluations)
+            best = (fitted, ceiling)
         chain = _with_peak_anchor(problem, chain, schedule, sim.timeline)
         if chain is None:
             break
-    if schedule is None:
+    return None if best is None else Found(*best, proven)
+
+
+def _repaired(problem: Problem, schedule: Schedule, limit: int, ceiling: float) -> Schedule | None:
+    """`remake.repaired`, or None where its edits break the schedule: its moves and
+    deferrals were made for starts that compute each value once (store_all, a keep set)."""
+    try:
+        return remake.repaired(problem, schedule, limit, ceiling)
+    except InvalidSchedule:
         return None
-    fitted = remake.repaired(problem, schedule, limit, ceiling)
-    if fitted is None:
-        return None
-    return Found(fitted, evaluations_cost(problem, simulated(problem, fitted).evaluations), None)
 
 
 def realised(problem: Problem, anchors: Sequence[str], solution: ChainSolution) -> Schedule | None:

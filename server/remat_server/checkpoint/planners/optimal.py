@@ -247,8 +247,9 @@ def _proven(
         solve_seconds=moment.seconds,
         detail=f"{_planner(schedule)}'s schedule recomputes "
         f"{recompute_cost(problem, schedule):.4g} "
-        f"{_unit(problem)}, what every schedule within the budget must ({moment.name}, "
-        f"at {moment.at}): optimal among all schedules",
+        f"{_unit(problem)}, what every schedule within the budget must ({moment.name}"
+        + (f", at {moment.at}" if moment.anchor is not None else "")
+        + "): optimal among all schedules",
     )
 
 

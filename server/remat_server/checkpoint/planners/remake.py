@@ -41,7 +41,7 @@ from ...errors import ResourceExhausted
 from ..problem import Problem
 from ..recompute import hoistable, schedule_with_checkpoints
 from ..schedule import Compute, Free, Schedule, Step
-from ..simulate import OverLimit, Simulation
+from ..simulate import InvalidSchedule, OverLimit, Simulation
 from .bounds import evaluations_cost, simulated
 from .remake_edits import Edit, MoveEdits
 from .store_all import plan_store_all
@@ -138,7 +138,9 @@ class _Repair(MoveEdits):
                 moved = trial.steps
                 try:  # a move that does not lower the peak is of no use
                     after = self.simulated(moved, sim.peak_bytes - 1)
-                except OverLimit:
+                except (OverLimit, InvalidSchedule):  # (or that breaks the schedule:
+                    # on a start computing a value more than once, moving one of its
+                    # computations can leave a reader without it)
                     trial.failed = True  # the value's next way to move is tried
                     continue
                 lowered += 1
