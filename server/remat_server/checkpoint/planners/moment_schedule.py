@@ -42,6 +42,7 @@ from . import remake
 from .bounds import evaluations_cost, simulated
 from .moment_bound import MomentBound
 from .moment_chain import ChainSolution, chain_solution
+from .zero_one import TOLERANCE
 
 # Programs solved per search (each adds one anchor where the last schedule peaked).
 ROUNDS = 8
@@ -66,13 +67,16 @@ def moment_schedule(
     seconds: float,
     rounds: int = ROUNDS,
     ceiling: float = math.inf,
+    floor: float = 0.0,
 ) -> Found | None:
     """The search in the module doc from `anchors`, within `seconds` (and the request's
-    deadline): a schedule within `limit` recomputing less than `ceiling`, or None. Its
-    solves hold a solve slot (`control.expensive`, taken only if the caller holds none),
-    and it stops between them once the request ends."""
+    deadline): a schedule within `limit` recomputing less than `ceiling`, or None. It
+    stops once a schedule recomputes no more than `floor` (a proven bound) or than the
+    bound of one of its programs. Its solves hold a solve slot (`control.expensive`,
+    taken only if the caller holds none), and it stops between them once the request
+    ends."""
     with control.expensive():
-        return _search(problem, limit, anchors, seconds, rounds, ceiling)
+        return _search(problem, limit, anchors, seconds, rounds, ceiling, floor)
 
 
 def _search(
@@ -82,6 +86,7 @@ def _search(
     seconds: float,
     rounds: int,
     ceiling: float,
+    floor: float,
 ) -> Found | None:
     start = time.monotonic()
     deadline = start + control.seconds_left(seconds)
@@ -112,10 +117,18 @@ def _search(
         if fitted is not None:
             ceiling = evaluations_cost(problem, simulated(problem, fitted).evaluations)
             best = (fitted, ceiling)
+        if best is not None and _reached(best[1], max(floor, proven.cost if proven else 0.0)):
+            break  # no schedule recomputes less
         chain = _with_peak_anchor(problem, chain, schedule, sim.timeline)
         if chain is None:
             break
     return None if best is None else Found(*best, proven)
+
+
+def _reached(cost: float, bound: float) -> bool:
+    """Whether a schedule recomputing `cost` is at a proven `bound` (HiGHS's bounds are
+    lowered by TOLERANCE against its own tolerances)."""
+    return cost * (1 - TOLERANCE) <= bound * (1 + 1e-9)
 
 
 def _repaired(problem: Problem, schedule: Schedule, limit: int, ceiling: float) -> Schedule | None:

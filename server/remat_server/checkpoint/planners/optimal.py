@@ -276,7 +276,9 @@ def _by_moments(
         return known, bound
     ceiling = math.inf if known is None else recompute_cost(problem, known)
     share = MOMENTS_SHARE * (policy.time_limit or DEFAULT_TIME_LIMIT)
-    found = moment_schedule(problem, limit, anchors, control.seconds_left(share), ceiling=ceiling)
+    found = moment_schedule(
+        problem, limit, anchors, control.seconds_left(share), ceiling=ceiling, floor=bound.cost
+    )
     if found is None:
         return known, bound
     if found.bound is not None and found.bound.cost > bound.cost:
