@@ -162,4 +162,6 @@ def test_the_moment_search_against_every_schedule():
         assert sim.peak_bytes <= limit and sim.recompute_flops == found.cost >= optimum
         assert found.bound is None or found.bound.cost <= optimum * (1 + 1e-9)
         reached += found.cost == optimum
+        cheaper = moment_schedule(problem(name), limit, anchors, seconds=10.0, ceiling=found.cost)
+        assert cheaper is None or cheaper.cost < found.cost
     assert reached >= 8, reached  # 9 of the 13 cases where the limit binds, today

@@ -39,7 +39,7 @@ from ..problem import Problem
 from ..schedule import Compute, Free, Schedule, Step
 from ..simulate import InvalidSchedule
 from . import remake
-from .bounds import evaluations_cost, simulated
+from .bounds import evaluations_cost, recompute_cost, simulated
 from .moment_bound import MomentBound
 from .moment_chain import ChainSolution, chain_solution
 from .zero_one import TOLERANCE
@@ -114,9 +114,9 @@ def _search(
         # Over the limit: repaired, it may still beat the best so far (each round's
         # schedule is another start for `remake`).
         fitted = _repaired(problem, schedule, limit, ceiling)
-        if fitted is not None:
-            ceiling = evaluations_cost(problem, simulated(problem, fitted).evaluations)
-            best = (fitted, ceiling)
+        cost = math.inf if fitted is None else recompute_cost(problem, fitted)
+        if cost < ceiling:  # (a repair may end over the ceiling it was given)
+            best, ceiling = (fitted, cost), cost
         if best is not None and _reached(best[1], max(floor, proven.cost if proven else 0.0)):
             break  # no schedule recomputes less
         chain = _with_peak_anchor(problem, chain, schedule, sim.timeline)

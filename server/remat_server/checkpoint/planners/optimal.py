@@ -279,7 +279,7 @@ def _by_moments(
     found = moment_schedule(
         problem, limit, anchors, control.seconds_left(share), ceiling=ceiling, floor=bound.cost
     )
-    if found is None:
+    if found is None or found.cost >= ceiling:  # never worse than Budget's
         return known, bound
     if found.bound is not None and found.bound.cost > bound.cost:
         bound = found.bound
