@@ -83,15 +83,18 @@ def test_zoo_planners_smoke(bench, capsys):
 
 @pytest.mark.slow
 def test_bounds_smoke(bench, capsys):
-    """bench/bounds.py: both bounds hold for Budget's schedule, the chain's is the
-    higher, and the verdict follows the ratio."""
+    """bench/bounds.py: both bounds hold for Budget's schedule and Optimal's, the
+    chain's is the higher, Optimal recomputes no more than Budget, and the verdict
+    follows the ratio."""
     bounds = bench("bounds")
     rows = bounds.main(
         ["--quick", "--models", "resnet", "--fractions", "0.9,0.7", "--seconds", "2"]
+        + ["--optimal", "2"]
     )
     assert [(r["model"], r["fraction"]) for r in rows] == [("resnet", 0.9), ("resnet", 0.7)]
     for r in rows:
         assert r["budget"] is not None and 0 <= r["moment"] <= r["chain"] <= r["budget"]
+        assert r["chain"] <= r["optimal"] <= r["budget"]
         proven = r["budget"] == 0 or r["budget"] <= bounds.GOAL * r["chain"]
         assert r["verdict"] == ("proven" if proven else "open")
     assert "| resnet | 70% |" in capsys.readouterr().out
