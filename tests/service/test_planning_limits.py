@@ -10,16 +10,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import support
 
 import remat
 from remat.policies import Budget, Optimal
 from remat_server import ServerConfig, create_server
 
-# Its moment search and exact MILP run for minutes at 60% of store_all's peak (at 70%
-# the moment search proves its optimum in seconds): it holds its slot until its
-# request ends.
+# Its exact MILP runs for minutes at 70% of store_all's peak: it holds its slot until
+# its request ends. (The server's lower bounds and moment search, which prove its
+# optimum in seconds at 60-70%, are off here: `server`.)
 LONG = remat.models.unet()
-LONG_SOLVE = Optimal(fraction=0.6, time_limit=600)
+LONG_SOLVE = Optimal(fraction=0.7, time_limit=600)
+# Its request's deadline, in seconds: the other requests of a test are made and checked
+# before it (on a loaded machine, 15 s was not always enough), then it ends the solve.
+LONG_TIMEOUT = 30
 SMALL = remat.models.mlp(batch=4, widths=(8, 8, 2), dtype="float64")
 # A Budget search that fits (store_all does not): it needs a slot, and plans in a moment.
 SEARCH = remat.models.mlp(batch=64, widths=(32,) * 16 + (4,), dtype="float64")
@@ -27,7 +31,8 @@ SEARCH_POLICY = Budget(fraction=0.8)
 
 
 @pytest.fixture
-def server():
+def server(monkeypatch):
+    support.without_moment_bound(monkeypatch)  # the in-process server's Optimal
     started = []
 
     def start(**config):
@@ -72,7 +77,7 @@ def test_a_solve_waits_for_a_slot_or_is_refused_while_small_requests_flow(server
     srv, address = server(max_concurrent_solves=1, max_queued_requests=queued)
     slots = srv.engine.solve_slots
     with remat.Client(address) as client, ThreadPoolExecutor(2) as pool:
-        holding = pool.submit(plan, client, LONG, LONG_SOLVE, 15)
+        holding = pool.submit(plan, client, LONG, LONG_SOLVE, LONG_TIMEOUT)
         wait_for(lambda: slots.in_use == 1, "the long solve did not take the slot")
         # Small requests run meanwhile (store_all plans without a search).
         m = SMALL
@@ -98,11 +103,11 @@ def test_a_solve_waits_for_a_slot_or_is_refused_while_small_requests_flow(server
 def test_calls_waiting_for_a_solve_slot_lend_their_work_slot_to_small_requests(server):
     """Two work slots: one solve holds one, two more solves wait for the solve slot.
     Were they to keep their work slots while waiting, a small run would have none
-    until a solve ended (here: 15 s)."""
+    until a solve ended (here: 30 s)."""
     srv, address = server(max_concurrent_solves=1, max_workers=2)
     slots = srv.engine.solve_slots
     with remat.Client(address) as client, ThreadPoolExecutor(3) as pool:
-        solves = [pool.submit(plan, client, LONG, LONG_SOLVE, 15)]
+        solves = [pool.submit(plan, client, LONG, LONG_SOLVE, LONG_TIMEOUT)]
         wait_for(lambda: slots.in_use == 1, "the long solve did not take the slot")
         # Two different budgets: the same one would wait for the first's plan instead.
         solves += [pool.submit(plan, client, SEARCH, Budget(fraction=f), 15) for f in (0.8, 0.85)]
