@@ -44,7 +44,7 @@ from typing import NamedTuple
 from .. import control
 from ..problem import Problem
 from .moment_bound import MomentBound, _room, _values, recompute_lower_bound
-from .zero_one import TOLERANCE, ZeroOneProgram
+from .zero_one import ZeroOneProgram, at_bound
 
 DEFAULT_ANCHORS = 8
 
@@ -66,7 +66,7 @@ def chain_lower_bound(
     deadline = start + control.seconds_left(seconds)
     scored = [] if scores is None else scores
     single = recompute_lower_bound(problem, limit, seconds=seconds, scores=scored)
-    if math.isinf(single.cost) or enough * (1 - TOLERANCE) <= single.cost * (1 + 1e-9):
+    if math.isinf(single.cost) or at_bound(enough, single.cost):
         return single
     with control.expensive():
         chain = stretch_anchors(problem, scored, anchors)

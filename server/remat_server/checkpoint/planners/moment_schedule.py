@@ -20,8 +20,9 @@ The anchors need not form a chain (each an ancestor of the next): the program th
 covers the schedules that meet them in that order only, which is all a heuristic
 needs. When they do, its bound holds for every schedule, and a schedule at it is
 optimal. On the zoo's ResNet at 70% of store_all's peak, from the moment bound's
-anchor, a stem ReLU and a residual add added as anchors give a schedule recomputing
-6.55 MFLOP (Budget's search: 9.70), which the program over those anchors proves optimal.
+anchor, a residual add and a convolution's input gradient added as anchors give a
+schedule recomputing 6.55 MFLOP (Budget's search: 9.70), which the program over those
+three anchors proves optimal.
 
     >>> # found = moment_schedule(problem, limit, ("bwd/relu_3/relu/where",), seconds=30)
     >>> # found.schedule fits `limit`; found.bound: a MomentBound, or None (not proven)
@@ -42,7 +43,7 @@ from . import remake
 from .bounds import evaluations_cost, recompute_cost, simulated
 from .moment_bound import MomentBound
 from .moment_chain import ChainSolution, chain_solution
-from .zero_one import TOLERANCE
+from .zero_one import at_bound
 
 # Programs solved per search (each adds one anchor where the last schedule peaked).
 ROUNDS = 8
@@ -102,10 +103,13 @@ def _search(
         schedule = None if solution is None else realised(problem, chain, solution)
         if schedule is None:
             break
+        try:
+            sim = simulated(problem, schedule)
+        except InvalidSchedule:  # choices HiGHS's tolerances left inconsistent
+            break
         if _is_chain(problem, chain) and solution.bound > (proven.cost if proven else 0.0):
             spent = time.monotonic() - start
             proven = MomentBound(solution.bound, chain[0], 0, spent, tuple(chain))
-        sim = simulated(problem, schedule)
         if sim.peak_bytes <= limit:  # the program's choices fit: more anchors add nothing
             cost = evaluations_cost(problem, sim.evaluations)
             if cost < ceiling:
@@ -117,18 +121,12 @@ def _search(
         cost = math.inf if fitted is None else recompute_cost(problem, fitted)
         if cost < ceiling:  # (a repair may end over the ceiling it was given)
             best, ceiling = (fitted, cost), cost
-        if best is not None and _reached(best[1], max(floor, proven.cost if proven else 0.0)):
+        if best is not None and at_bound(best[1], max(floor, proven.cost if proven else 0.0)):
             break  # no schedule recomputes less
         chain = _with_peak_anchor(problem, chain, schedule, sim.timeline)
         if chain is None:
             break
     return None if best is None else Found(*best, proven)
-
-
-def _reached(cost: float, bound: float) -> bool:
-    """Whether a schedule recomputing `cost` is at a proven `bound` (HiGHS's bounds are
-    lowered by TOLERANCE against its own tolerances)."""
-    return cost * (1 - TOLERANCE) <= bound * (1 + 1e-9)
 
 
 def _repaired(problem: Problem, schedule: Schedule, limit: int, ceiling: float) -> Schedule | None:
@@ -142,20 +140,15 @@ def _repaired(problem: Problem, schedule: Schedule, limit: int, ceiling: float) 
 
 def realised(problem: Problem, anchors: Sequence[str], solution: ChainSolution) -> Schedule | None:
     """The chain program's `solution` over `anchors` as steps (see the module doc);
-    None where its choices do not make one (HiGHS's tolerances), which the caller
-    treats as no schedule."""
+    None where its choices do not make an order (HiGHS's tolerances), which the caller
+    treats as no schedule. Not simulated: the caller does."""
     steps = _Steps(problem)
     last = len(anchors)
     for k, made in enumerate(solution.made):
         held = solution.live[k] if k < last else problem.results
         if not steps.interval(made, held, anchors[k - 1] if k else None):
             return None
-    schedule = Schedule(tuple(steps.steps), problem.results, LABEL)
-    try:
-        simulated(problem, schedule)
-    except InvalidSchedule:
-        return None
-    return schedule
+    return Schedule(tuple(steps.steps), problem.results, LABEL)
 
 
 class _Steps:

@@ -51,7 +51,7 @@ from .moment_chain import chain_lower_bound
 from .moment_schedule import LABEL as MOMENTS
 from .moment_schedule import moment_schedule
 from .store_all import plan_store_all
-from .zero_one import TOLERANCE
+from .zero_one import at_bound
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +300,8 @@ def _bound_seconds(policy: Optimal) -> float:
 
 def _reaches(problem: Problem, schedule: Schedule, moment: MomentBound) -> bool:
     """True when `schedule` recomputes no more than the moment bound proves every
-    schedule must: the bound is HiGHS's, lowered by TOLERANCE against its own, so a
-    schedule at the true optimum may be that much over it."""
-    if math.isinf(moment.cost):  # no schedule fits: `schedule` cannot, claim nothing
-        return False
-    return recompute_cost(problem, schedule) * (1 - TOLERANCE) <= moment.cost * (1 + 1e-9)
+    schedule must (`zero_one.at_bound`)."""
+    return at_bound(recompute_cost(problem, schedule), moment.cost)
 
 
 def _moment_gap(problem: Problem, cost: float, moment: MomentBound) -> tuple[float, str]:

@@ -22,6 +22,13 @@ from scipy.sparse import coo_matrix
 TOLERANCE = 1e-6
 
 
+def at_bound(cost: float, bound: float) -> bool:
+    """Whether a schedule recomputing `cost` is at a proven `bound` (optimal): the bound
+    is HiGHS's, lowered by TOLERANCE against its own, so a schedule at the true optimum
+    may be that much over it. Never where no schedule fits (an infinite bound)."""
+    return not math.isinf(bound) and cost * (1 - TOLERANCE) <= bound * (1 + 1e-9)
+
+
 class Solved(NamedTuple):
     """A solve's proven lower bound (see `ZeroOneProgram.dual_bound`) and the best
     0/1 vector found (None: none in time)."""
