@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from remat_proto import metadata
+
 from . import calls, retries, sharding, streaming
 from . import compare as compare_module
 from .compare import ComparisonRow
@@ -113,12 +115,14 @@ class AsyncClient(Connection):
     @staticmethod
     async def _upload(call, messages, chunked: dict) -> None:
         """Write the header, and the chunks only once the server has accepted it (its
-        initial metadata): grpc.aio, writing into a call the server has already
-        refused, reports INTERNAL instead of the server's status (grpc/grpc#36066).
-        Writes stop if the call ends meanwhile; reading it then raises its status."""
+        initial metadata carries `metadata.ACCEPTED`): grpc.aio, writing into a call
+        the server has already refused, reports INTERNAL instead of the server's status
+        (grpc/grpc#36066). A refusal's initial metadata arrives empty, with its status,
+        and `call.done()` may not say so yet. Writes stop if the call ends meanwhile;
+        reading it then raises its status."""
         await call.write(next(messages))
-        if chunked:
-            await call.initial_metadata()
+        if chunked and metadata.ACCEPTED not in dict(await call.initial_metadata()):
+            return  # refused: reading the call raises the server's status
         for message in messages:
             if call.done():
                 return

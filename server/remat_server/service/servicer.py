@@ -373,7 +373,7 @@ def _accept(context) -> None:
     """Tell a RunStream client it may send its chunks (the initial metadata); a call
     that ended meanwhile is the client's doing, not a server error to log."""
     try:
-        context.send_initial_metadata(())
+        context.send_initial_metadata(((metadata.ACCEPTED, "1"),))
     except (grpc.RpcError, ValueError):
         if context.is_active():
             raise
