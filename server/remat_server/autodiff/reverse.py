@@ -65,8 +65,9 @@ def differentiate(
     nodes, floats = graph.nodes, dtypes.FLOATS
     # Gradients flow only through float values on a path from a wrt input to a seed. A
     # node the loop below differentiates has a gradient, so it and its inputs lead to a
-    # seed already: only the wrt side needs a set.
-    relevant = {name for name in graph.descendants(set(wrt)) if nodes[name].type.dtype in floats}
+    # seed already: only the wrt side needs a set (the float test is made where an
+    # input is looked up anyway, below).
+    descendants = graph.descendants(set(wrt))
 
     ops = registry.REGISTRY
     for node in reversed(nodes.values()):
@@ -77,11 +78,16 @@ def differentiate(
         if op.vjp is None:
             continue
         no_grad = op.no_grad
-        targets = [i for i, name in enumerate(node.inputs) if name in relevant and i not in no_grad]
+        sources = [nodes[name] for name in node.inputs]
+        targets = [
+            i
+            for i, source in enumerate(sources)
+            if source.name in descendants and source.type.dtype in floats and i not in no_grad
+        ]
         if not targets:
             continue
         e.at(node)
-        inputs = [Sym(e, nodes[name]) for name in node.inputs]
+        inputs = [Sym(e, source) for source in sources]
         attrs = node.attrs  # `**` of an empty read-only mapping costs 0.14 us: skipped
         grads = (
             op.vjp(e, g, Sym(e, node), *inputs, **attrs)
@@ -95,7 +101,7 @@ def differentiate(
             )
         for i in targets:
             if grads[i] is not None:
-                source = nodes[node.inputs[i]]
+                source = sources[i]
                 contribution = _fit(e, grads[i], source.type)
                 previous = total.get(source.name)
                 total[source.name] = contribution if previous is None else previous + contribution

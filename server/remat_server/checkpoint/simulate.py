@@ -82,10 +82,10 @@ def simulate(
     evaluations: dict[str, int] = {}
     for index, step in enumerate(schedule.steps):
         name = step.node
-        node = nodes.get(name)
-        if node is None:
-            raise InvalidSchedule(f"step {index}: unknown node '{name}'")
         if type(step) is Compute:
+            node = nodes.get(name)
+            if node is None:
+                raise InvalidSchedule(f"step {index}: unknown node '{name}'")
             for source in node.inputs:
                 if source not in live:
                     raise InvalidSchedule(
@@ -117,8 +117,10 @@ def simulate(
                     raise OverLimit(f"peak {peak} bytes at step {index}")
             continue
         elif type(step) is Free:
+            # Only a node's value is ever live: a free needs no lookup of the node.
             if name not in live:
-                raise InvalidSchedule(f"step {index}: freeing '{name}', which is not live")
+                what = "which is not live" if name in nodes else "an unknown node"
+                raise InvalidSchedule(f"step {index}: freeing '{name}', {what}")
             live.discard(name)
             if name in shared:
                 remove(name)

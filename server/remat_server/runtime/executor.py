@@ -59,7 +59,15 @@ class Program:
     timeline)`, then `run(feeds)` as often as needed (thread-safe: it keeps no state
     between runs)."""
 
-    __slots__ = ("steps", "results", "peak_bytes", "nodes_computed", "recomputed_nodes")
+    __slots__ = (
+        "phases",
+        "entries",
+        "timeline",
+        "results",
+        "peak_bytes",
+        "nodes_computed",
+        "recomputed_nodes",
+    )
 
     def __init__(
         self,
@@ -70,42 +78,49 @@ class Program:
         timeline: tuple[int, ...],
     ):
         nodes, nbytes, ops = graph.nodes, model.nbytes, registry.REGISTRY
-        # One entry per node, shared by its steps: (name, node, forward, inputs, attrs,
-        # fresh, (shape, NumPy dtype) of its result). A step is then (phase, entry, bytes
-        # in use at it: the timeline).
-        entries: dict[str, tuple] = {}
-        steps, computed = [], set()
-        append = steps.append
+        # Step i is (phases[i], entries[i], timeline[i]): three parallel sequences, not
+        # a tuple per step (a 100,000-node graph has 400,000 steps). An entry is one per
+        # node, shared by its steps: (name, node, forward, inputs, attrs, fresh, (shape,
+        # NumPy dtype) of its result, shared by the nodes of one type).
+        by_name: dict[str, tuple] = {}
+        kinds: dict = {}
+        phases = bytearray(len(schedule.steps))
+        entries = [None] * len(schedule.steps)
+        computed = set()
         recomputed = 0
-        for step, live in zip(schedule.steps, timeline):
+        for index, step in enumerate(schedule.steps):
             name = step.node
-            entry = entries.get(name)
+            entry = by_name.get(name)
             if entry is None:
                 node = nodes[name]
-                entry = entries[name] = (
+                type_ = node.type
+                kind = kinds.get(type_)
+                if kind is None:
+                    kind = kinds[type_] = (type_.shape, dtypes.NUMPY[type_.dtype])
+                entry = by_name[name] = (
                     name,
                     node,
                     ops[node.op].forward,
                     node.inputs,
                     dict(node.attrs) if node.attrs else _NO_ATTRS,
                     nbytes.get(name, 0) > 0,  # owns a buffer (views are not in nbytes)
-                    (node.type.shape, dtypes.NUMPY[node.type.dtype]),
+                    kind,
                 )
+            entries[index] = entry
             if type(step) is not Compute:
-                append((FREE, entry, live))
+                phases[index] = FREE
             elif name not in forward_nodes:
-                append((BACKWARD, entry, live))
+                phases[index] = BACKWARD
             elif name in computed:
-                append((RECOMPUTE, entry, live))
+                phases[index] = RECOMPUTE
                 recomputed += 1
-            else:
-                append((FORWARD, entry, live))
+            else:  # FORWARD is 0, the bytearray's initial value
                 computed.add(name)
-        self.steps = steps
+        self.phases, self.entries, self.timeline = bytes(phases), entries, timeline
         self.results = tuple(schedule.results)
         # The timeline counts each op's temporaries while it runs (checkpoint.simulate).
         self.peak_bytes = max(timeline, default=0)
-        self.nodes_computed = sum(1 for step in schedule.steps if type(step) is Compute)
+        self.nodes_computed = len(phases) - phases.count(FREE)
         self.recomputed_nodes = recomputed
 
     def run(
@@ -124,7 +139,9 @@ class Program:
         current, since = FORWARD, clock()
         done = 0
         with np.errstate(all="ignore"):  # NaN and Inf pass through; reported, not raised
-            for phase, (name, node, forward, inputs, attrs, fresh, kind), _ in self.steps:
+            for phase, (name, node, forward, inputs, attrs, fresh, kind) in zip(
+                self.phases, self.entries
+            ):
                 if should_stop is not None and should_stop():
                     raise Cancelled(
                         "the request was cancelled or its deadline passed; "
@@ -153,7 +170,7 @@ class Program:
         began = clock()
         with np.errstate(all="ignore"):
             for done, (phase, (name, node, forward, inputs, attrs, fresh, kind), live) in enumerate(
-                self.steps
+                zip(self.phases, self.entries, self.timeline)
             ):
                 if should_stop is not None and should_stop():
                     raise Cancelled(
