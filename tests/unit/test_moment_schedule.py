@@ -59,7 +59,9 @@ def test_optimal_over_the_milp_limit_answers_with_the_moment_search_and_proves_i
     p = chain8(milp_max_nodes=0)  # no MILP: Optimal would otherwise fall back to Budget
     schedule = plan(p, P.Optimal(bytes=limit))
     report = schedule.report
-    assert (budgets, recompute_cost(p, schedule)) == (244, 240)
+    # (Budget's 244 comes from its exact MILP candidate, which has 2 s: under load it
+    # may return its chain schedule's 280 instead, so only the order is asserted.)
+    assert budgets > recompute_cost(p, schedule) == 240
     assert (report.status, report.optimality_gap, report.chosen) == ("optimal", 0.0, "moments")
     assert report.detail.startswith("the moment search's schedule recomputes 240 FLOPs")
     assert simulated(p, schedule).peak_bytes <= limit
