@@ -329,6 +329,33 @@ def test_cyclic_garbage_frozen_with_a_big_compile_is_reclaimed_later(monkeypatch
     assert alive() is None
 
 
+def test_a_doubling_leaves_the_full_collection_to_an_idle_moment(monkeypatch):
+    """Frozen objects doubled since the last full collection make one owed: the request
+    path does not pay it (until they grow fourfold); an idle server does, through
+    `collect_if_owed`, which reclaims the cyclic garbage frozen meanwhile."""
+
+    class Cycle:
+        pass
+
+    engine = Engine(cache_bytes=1)
+    garbage = Cycle()
+    garbage.itself = garbage
+    alive = weakref.ref(garbage)
+    engine.run(big_chain_request("owed0"))  # freezes `garbage` with the compile's objects
+    del garbage
+    frozen = gc.get_freeze_count()
+    # As if the last full collection had left a third of what is frozen now: the next
+    # freeze finds them grown about threefold, over OWED_AFTER, under DUE_AFTER.
+    monkeypatch.setattr(gc_pause, "_collected_at", frozen // 3)
+    monkeypatch.setattr(gc_pause, "_frozen_since", frozen)
+    monkeypatch.setattr(gc_pause, "_owed", False)
+    engine.run(big_chain_request("owed1"))
+    assert gc_pause._owed and alive() is not None  # owed, not paid on the request path
+    assert gc_pause.collect_if_owed()
+    assert alive() is None and not gc_pause._owed
+    assert not gc_pause.collect_if_owed()  # paid: nothing owed
+
+
 def test_the_frozen_objects_are_counted_only_when_they_may_have_doubled(monkeypatch):
     """`gc.get_freeze_count()` walks every frozen object (20-70 ms once a few 100k-node
     compiles are frozen), so a freeze asks it only when the objects frozen since the
@@ -346,6 +373,7 @@ def test_the_frozen_objects_are_counted_only_when_they_may_have_doubled(monkeypa
             return real()
 
     monkeypatch.setattr(gc_pause, "gc", CountingGc())
+    monkeypatch.setattr(gc_pause, "_owed", False)
     monkeypatch.setattr(gc_pause, "_collected_at", 10**9)  # as if a big set was frozen
     monkeypatch.setattr(gc_pause, "_frozen_since", 0)
     kept = []

@@ -24,6 +24,12 @@ collects (a full collection's cost, once per doubling: constant per object froze
 last collection (the collector's young count at each freeze, which a freeze resets: an
 upper bound on the growth, since frozen objects are still freed) could have doubled it.
 
+That full collection costs a traversal of everything alive: 0.75 s once three 100k-node
+chains were frozen, a quarter of the request it landed on. So a doubling only makes it
+owed, and an idle server pays it (`collect_if_owed`, which the servicer's trimmer calls
+once no request has started for half a second); a request pays it only if the frozen
+objects have grown fourfold meanwhile (a server never idle), or on the first freeze.
+
 The collector is process-wide: the pause is reference-counted, so concurrent compiles
 on several handler threads nest, and it is only re-enabled if it was enabled before.
 That is why only graphs of `PAUSE_AFTER_NODES` nodes or more pause it: a small compile
@@ -56,6 +62,10 @@ _depth = 0
 _was_enabled = False
 _collected_at = 0  # objects frozen right after the last full collection
 _frozen_since = 0  # objects frozen since then (young-generation counts at each freeze)
+_owed = False  # the frozen objects have doubled since the last full collection
+# The growth of the frozen objects since the last full collection that makes one owed
+# (an idle server pays it), and the growth at which the next freeze pays it itself.
+OWED_AFTER, DUE_AFTER = 2, 4
 
 
 @contextlib.contextmanager
@@ -84,20 +94,39 @@ def paused(nodes: int):
 
 
 def _freeze() -> None:
-    """Freeze what is alive, after a full collection if the frozen objects have doubled
-    since the last one (the cyclic garbage among them is reclaimed)."""
-    global _collected_at, _frozen_since
+    """Freeze what is alive, after a full collection if the frozen objects have grown
+    DUE_AFTER-fold since the last one (the cyclic garbage among them is reclaimed); a
+    collection is owed from OWED_AFTER-fold on (`collect_if_owed`). Under `_lock`."""
+    global _frozen_since, _owed
     _frozen_since += gc.get_count()[0]
-    if _frozen_since > _collected_at:  # it may have doubled: count
+    growth = DUE_AFTER if _owed else OWED_AFTER  # the next growth that matters
+    if _frozen_since > (growth - 1) * _collected_at:  # it may have grown so: count
         frozen = gc.get_freeze_count()
-        if frozen > 2 * _collected_at:
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
-            _collected_at, _frozen_since = gc.get_freeze_count(), 0
+        if frozen > DUE_AFTER * _collected_at:
+            _collect()
             return
+        _owed = _owed or frozen > OWED_AFTER * _collected_at
         _frozen_since = frozen - _collected_at
     gc.freeze()
+
+
+def _collect() -> None:
+    """Thaw, collect everything and freeze again (under `_lock`, no compile paused)."""
+    global _collected_at, _frozen_since, _owed
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    _collected_at, _frozen_since, _owed = gc.get_freeze_count(), 0, False
+
+
+def collect_if_owed() -> bool:
+    """Make the full collection a freeze left owed, unless a compile is paused now
+    (it will freeze, and decide, when it ends); for an idle server. True if it did."""
+    with _lock:
+        if not _owed or _depth:
+            return False
+        _collect()
+        return True
 
 
 def call(nodes: int, build, *args):
