@@ -10,6 +10,7 @@ test_async_client.py."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from unittest import mock
 
 import grpc
@@ -244,6 +245,37 @@ def test_the_server_compiles_a_request_once_whether_its_graph_comes_inline_or_by
         assert planned == [False, True]
         with connect(kind, client.target) as another:
             assert another.run(model.graph, model.inputs, **args).metrics.plan_cached
+
+
+# What each run measures anew; every other field a plan fixes.
+MEASURED = (
+    "forward_seconds",
+    "backward_seconds",
+    "recompute_seconds",
+    "plan_seconds",
+    "total_seconds",
+    "queue_seconds",
+    "measured_peak_bytes",
+)
+
+
+@pytest.mark.parametrize("policy", [None, "sqrt", remat.policies.Budget(fraction=0.95)])
+def test_a_repeated_run_reports_what_its_first_run_reported(kind, policy):
+    """A repeated (cached) Run's response carries the figures the first, compiling, run
+    reported (its plan's: peaks, counts, FLOPs, policy, planner report); timings and
+    `plan_cached` aside."""
+    model = mlp()
+    args = dict(wrt=model.wrt, loss=model.loss, policy=policy)
+    with in_process(kind) as client:
+        first, *again = (client.run(model.graph, model.inputs, **args) for _ in range(3))
+    fixed = {name: None for name in MEASURED} | {"plan_cached": None}
+    assert not first.metrics.plan_cached and all(r.metrics.plan_cached for r in again)
+    for result in again:
+        assert replace(result.metrics, **fixed) == replace(first.metrics, **fixed)
+        assert result.warnings == first.warnings
+        for name, array in first.grads.items():
+            np.testing.assert_array_equal(result.grads[name], array)
+    assert first.metrics.peak_bytes == first.metrics.predicted_peak_bytes > 0
 
 
 # --- big tensors -----------------------------------------------------------------------------

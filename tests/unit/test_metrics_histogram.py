@@ -1,13 +1,15 @@
-"""The single-process server's histograms (`histogram.LocalHistogram`) expose what
-prometheus_client's `Histogram` exposes for the same observations (but `_created`)."""
+"""The single-process server's histograms (`histogram.LocalHistogram`), counters and
+gauges (`counters.LocalCounter`, `LocalGauge`) expose what prometheus_client's
+`Histogram`, `Counter` and `Gauge` expose for the same observations (but `_created`)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from remat_server.service.counters import LocalCounter, LocalGauge
 from remat_server.service.histogram import LocalHistogram
 from remat_server.service.metrics import BYTES_BUCKETS, SECONDS_BUCKETS
 
@@ -48,3 +50,26 @@ def test_refuses_the_wrong_number_of_labels():
     fast = LocalHistogram("y", "Y.", ["policy"], SECONDS_BUCKETS, CollectorRegistry())
     with pytest.raises(ValueError, match="labels"):
         fast.labels("a", "b")
+
+
+def test_local_counter_exposition_as_prometheus_client():
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Counter("hits_total", "Hits.", registry=theirs)
+    fast = LocalCounter("hits_total", "Hits.", ours)
+    for amount in (1, 1, 2.5, 0):
+        reference.inc(amount)
+        fast.inc(amount)
+    assert exposition(ours) == exposition(theirs)
+    with pytest.raises(ValueError):
+        fast.inc(-1)
+
+
+def test_local_gauge_exposition_as_prometheus_client():
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Gauge("inflight", "In flight.", registry=theirs)
+    fast = LocalGauge("inflight", "In flight.", ours)
+    for gauge in (reference, fast):
+        gauge.inc()
+        gauge.inc(2)
+        gauge.dec()
+    assert exposition(ours) == exposition(theirs)

@@ -34,7 +34,8 @@ def nonfinite_warnings(**arrays_by_kind: Mapping[str, np.ndarray]) -> tuple[str,
 
 # Arrays up to this many elements are checked with isfinite (a small bool array, and no
 # floating-point state to set up: 3 us a request); bigger ones with a sum. Up to
-# _TINY_ELEMENTS, in Python: a NumPy call costs more than reading a few floats.
+# _TINY_ELEMENTS, in Python: a NumPy call costs more than reading a few floats, read as
+# Python floats in one call (`tolist`; iterating makes a NumPy scalar of each).
 _SMALL_ELEMENTS = 4096
 _TINY_ELEMENTS = 8
 
@@ -43,8 +44,10 @@ def _finite(array: np.ndarray) -> bool:
     """Whether every value of a float array is finite (False may also mean that a sum
     of finite values overflowed: the caller counts)."""
     size = array.size
+    if size == 1:  # a scalar, a loss: the commonest tiny array
+        return math.isfinite(array.item())
     if size <= _TINY_ELEMENTS:
-        return all(map(math.isfinite, array.flat))
+        return all(map(math.isfinite, array.ravel().tolist()))
     if size <= _SMALL_ELEMENTS:
         return bool(np.isfinite(array).all())
     # A sum propagates NaN and infinities in one pass without allocating (isfinite

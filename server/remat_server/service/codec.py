@@ -76,7 +76,9 @@ def tensors_to_arrays(tensors, limits: Limits, what: str) -> dict[str, np.ndarra
     limit takes the short way, the same checks in fewer steps (every request's path);
     any other goes through `tensor_to_array`, which names what is wrong."""
     arrays = {}
-    for name, tensor in tensors.items():
+    # By key, not `items()`: a protobuf map's items() is collections.abc's, in Python.
+    for name in tensors:
+        tensor = tensors[name]
         kind = wire.ENUM_NUMPY.get(tensor.dtype)
         shape = tuple(tensor.shape[:])
         data = tensor.data

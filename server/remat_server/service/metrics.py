@@ -38,6 +38,7 @@ from prometheus_client import (
     values,
 )
 
+from .counters import LocalCounter, LocalGauge
 from .histogram import LocalHistogram
 from .interceptors import wrap_handler
 from .rpc_timing import REJECTED_CODES, UNTIMED, Call, MetricsInterceptor, UnknownMethods
@@ -85,13 +86,27 @@ def policy_family(policy: str) -> str:
 
 class _Instruments:
     """The metric objects; `registry=None` registers nowhere (multiprocess mode, whose
-    histograms are prometheus_client's; a single process's are `LocalHistogram`s)."""
+    histograms and counters are prometheus_client's; a single process's are
+    `LocalHistogram`s, and `LocalCounter`s and `LocalGauge`s for those updated on every
+    request)."""
 
     def __init__(self, registry: CollectorRegistry | None):
+        local = registry is not None and not multiprocess_mode()
+
         def hist(name, doc, labels, buckets=SECONDS_BUCKETS):
-            if registry is None or multiprocess_mode():
+            if not local:
                 return Histogram(name, doc, labels, buckets=buckets, registry=registry)
             return LocalHistogram(name, doc, labels, buckets, registry)
+
+        def counter(name, doc):  # unlabelled, counted on every request
+            if not local:
+                return Counter(name, doc, registry=registry)
+            return LocalCounter(name, doc, registry)
+
+        def gauge(name, doc):  # unlabelled, moved by every RPC
+            if not local:
+                return Gauge(name, doc, registry=registry, multiprocess_mode="livesum")
+            return LocalGauge(name, doc, registry)
 
         self.rpc_duration = hist(
             "remat_rpc_duration_seconds",
@@ -100,12 +115,7 @@ class _Instruments:
             ["method", "code"],
         )
         self.durations: dict[tuple, object] = {}  # (method, code) -> rpc_duration's child
-        self.inflight = Gauge(
-            "remat_inflight_requests",
-            "RPCs being handled now.",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
+        self.inflight = gauge("remat_inflight_requests", "RPCs being handled now.")
         self.rejected = Counter(
             "remat_rejected_requests_total",
             "RPCs refused with a client-side status code "
@@ -168,20 +178,17 @@ class _Instruments:
             registry=registry,
             multiprocess_mode="livesum",
         )
-        self.compile_hits = Counter(
+        self.compile_hits = counter(
             "remat_compile_cache_hits_total",
             "Lookups the compile cache answered (a validated graph, a compiled request).",
-            registry=registry,
         )
-        self.compile_misses = Counter(
+        self.compile_misses = counter(
             "remat_compile_cache_misses_total",
             "Lookups that compiled (validated, differentiated).",
-            registry=registry,
         )
-        self.compile_evictions = Counter(
+        self.compile_evictions = counter(
             "remat_compile_cache_evictions_total",
             "Entries the compile cache dropped to stay within --compile-cache-bytes.",
-            registry=registry,
         )
         self.compile_entries = Gauge(
             "remat_compile_cache_entries",

@@ -93,13 +93,25 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     ):
         self.engine = engine
         self.buffers = buffers or BufferPool(0)
-        self.trimmer = trimmer or allocator.Trimmer(on_idle=self.buffers.shrink)
+        self.trimmer = trimmer or allocator.Trimmer(on_idle=self._on_idle)
         self.store = store
         self.admission = admission or MemoryAdmission(0, 0)
+        self._metered = self.admission.metered  # its capacity is fixed: read once
         self.metrics = metrics
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
+        # What a Run's outputs and gradients may weigh: one message, less the rest of it.
+        self._max_response_bytes = max_message_bytes - min(
+            _RESPONSE_HEADROOM, max_message_bytes // 4
+        )
         self.max_upload_seconds = max_upload_seconds
+
+    def _on_idle(self) -> None:
+        """Once no request has started for a while: the full garbage collection a big
+        compile left owed (`gc_pause`, off the requests' path), and the upload buffers
+        given back; the trimmer then returns the memory both freed."""
+        gc_pause.collect_if_owed()
+        self.buffers.shrink()
 
     def _graph(self, ref: executor_pb2.GraphRef) -> Registered:
         """The graph a request refers to: registered, inline or an ONNX model."""
@@ -206,7 +218,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             result = self.engine.run(
                 run,
                 should_stop=ended,
-                admit=admit if self.admission.metered else self._at_once,
+                admit=admit if self._metered else self._at_once,
                 max_response_bytes=max_response_bytes,
                 deadline=deadline,
             )
@@ -228,8 +240,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
 
     @_status
     def Run(self, request, context):
-        limit = self.max_message_bytes - min(_RESPONSE_HEADROOM, self.max_message_bytes // 4)
-        result = self._execute(self._run_request(request), context, max_response_bytes=limit)
+        result = self._execute(self._run_request(request), context, self._max_response_bytes)
         response = _response_header(result)
         for name, array in result.outputs.items():
             codec.fill_tensor(response.outputs[name], array)
